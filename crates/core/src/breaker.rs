@@ -1,0 +1,377 @@
+//! The per-instance [`CircuitBreaker`]: `Closed` → `Open` → `HalfOpen` →
+//! `Closed`, in textbook vocabulary (`Open` = no traffic).
+//!
+//! ## Trip conditions (Closed → Open)
+//!
+//! - `error_threshold` consecutive failures (default 3): catches a dead
+//!   instance quickly, even at low traffic; or
+//! - a failure rate ≥ `failure_rate_threshold` (default 50 %) over a tumbling
+//!   `failure_rate_window` (10 s) holding at least
+//!   `failure_rate_min_requests` (20) outcomes: catches an instance that fails
+//!   often but not consecutively, without tripping on two errors out of
+//!   three at low volume.
+//!
+//! ## Open window
+//!
+//! The n-th consecutive trip opens for `min(open_base × 2^(n−1), open_max)`
+//! (5 s, 10 s, 20 s … capped at 120 s), shortened by a uniform random fraction
+//! in `[0, open_jitter)` (20 %), so the window lies in
+//! `[nominal × (1 − open_jitter), nominal]`: it never exceeds the cap and
+//! instances that tripped together do not all probe at once. The trip count
+//! returns to zero once the breaker has stayed closed for `open_max`.
+//!
+//! ## Recovery (Open → HalfOpen → Closed)
+//!
+//! When the window has elapsed the next admission moves the breaker to
+//! `HalfOpen`, which admits at most `half_open_max_probes` requests at once.
+//! `recovery_threshold` consecutive successes (default 2) close it; any
+//! failure reopens it with the next, longer window.
+//!
+//! Every method that changes the state returns the [`Transition`], so the
+//! caller can log and count it; the breaker itself does no I/O.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::config::{BreakerConfig, LoadBalancerConfig};
+
+/// The state of a circuit breaker. The numeric encoding is that of the
+/// `datapunk_lb_circuit_state` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Traffic flows. Encoded 0.
+    Closed,
+    /// A limited number of probes flow. Encoded 1.
+    HalfOpen,
+    /// No traffic until the open window elapses. Encoded 2.
+    Open,
+}
+
+/// Why a breaker changed state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TransitionReason {
+    /// `n` consecutive failures reached `error_threshold`.
+    ConsecutiveFailures(u32),
+    /// `failures` of `total` outcomes in the window reached the rate threshold.
+    FailureRate {
+        /// Failures in the window.
+        failures: u32,
+        /// Outcomes in the window.
+        total: u32,
+    },
+    /// The open window elapsed; probing starts.
+    OpenWindowElapsed,
+    /// A probe failed while half-open.
+    ProbeFailed,
+    /// `n` consecutive probes succeeded.
+    ProbesSucceeded(u32),
+}
+
+/// A state change of a breaker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transition {
+    /// State before.
+    pub from: CircuitState,
+    /// State after.
+    pub to: CircuitState,
+    /// Why.
+    pub reason: TransitionReason,
+    /// When the breaker is `Open`: how long it stays open.
+    pub open_for: Option<Duration>,
+}
+
+/// Whether a request may go to the instance now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Admission {
+    /// Closed: admitted.
+    Admitted,
+    /// Half-open: admitted as a probe; the caller must call
+    /// [`CircuitBreaker::release_probe`] when it finishes. Carries the
+    /// Open → HalfOpen transition if this admission caused it.
+    Probe(Option<Transition>),
+    /// Open, or half-open with every probe slot taken.
+    Rejected,
+}
+
+/// One instance's circuit breaker. Not synchronised: the owner holds it
+/// under a lock and publishes what the selection path needs.
+#[derive(Debug, Clone)]
+pub struct CircuitBreaker {
+    state: CircuitState,
+    consecutive_failures: u32,
+    consecutive_successes: u32,
+    window_start: Option<Timestamp>,
+    window_total: u32,
+    window_failures: u32,
+    /// Consecutive trips without a long enough closed spell in between.
+    trips: u32,
+    open_until: Timestamp,
+    closed_since: Option<Timestamp>,
+    probes_in_flight: u32,
+}
+
+// === impl CircuitState ===
+
+impl CircuitState {
+    /// The metric encoding: 0 closed, 1 half-open, 2 open.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::HalfOpen => 1,
+            CircuitState::Open => 2,
+        }
+    }
+
+    /// Inverse of [`as_u8`](Self::as_u8); unknown values read as `Open`.
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            0 => CircuitState::Closed,
+            1 => CircuitState::HalfOpen,
+            _ => CircuitState::Open,
+        }
+    }
+
+    /// `closed`, `half_open` or `open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::HalfOpen => "half_open",
+            CircuitState::Open => "open",
+        }
+    }
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for TransitionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransitionReason::ConsecutiveFailures(n) => write!(f, "{n} consecutive failures"),
+            TransitionReason::FailureRate { failures, total } => {
+                write!(f, "{failures} of {total} requests failed in the window")
+            }
+            TransitionReason::OpenWindowElapsed => f.write_str("open window elapsed"),
+            TransitionReason::ProbeFailed => f.write_str("half-open probe failed"),
+            TransitionReason::ProbesSucceeded(n) => write!(f, "{n} consecutive probes succeeded"),
+        }
+    }
+}
+
+// === impl CircuitBreaker ===
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CircuitBreaker {
+    /// A closed breaker.
+    pub fn new() -> Self {
+        Self {
+            state: CircuitState::Closed,
+            consecutive_failures: 0,
+            consecutive_successes: 0,
+            window_start: None,
+            window_total: 0,
+            window_failures: 0,
+            trips: 0,
+            open_until: Timestamp::default(),
+            closed_since: None,
+            probes_in_flight: 0,
+        }
+    }
+
+    /// The current state (an elapsed `Open` stays `Open` until the next
+    /// admission or outcome moves it).
+    pub fn state(&self) -> CircuitState {
+        self.state
+    }
+
+    /// End of the current open window (meaningful when `Open`).
+    pub fn open_until(&self) -> Timestamp {
+        self.open_until
+    }
+
+    /// Probes currently admitted in half-open.
+    pub fn probes_in_flight(&self) -> u32 {
+        self.probes_in_flight
+    }
+
+    /// Consecutive trips so far (the exponent of the open window).
+    pub fn trips(&self) -> u32 {
+        self.trips
+    }
+
+    /// The nominal (un-jittered) open window for the `trips`-th trip.
+    pub fn nominal_open_window(trips: u32, cfg: &BreakerConfig) -> Duration {
+        let shift = trips.saturating_sub(1).min(31);
+        cfg.open_base
+            .checked_mul(1u32 << shift)
+            .unwrap_or(cfg.open_max)
+            .min(cfg.open_max)
+    }
+
+    /// Asks to send a request now.
+    pub fn try_admit(&mut self, now: Timestamp, cfg: &LoadBalancerConfig) -> Admission {
+        let mut transition = None;
+        if self.state == CircuitState::Open {
+            if now < self.open_until {
+                return Admission::Rejected;
+            }
+            transition = Some(self.to_half_open());
+        }
+        match self.state {
+            CircuitState::Closed => Admission::Admitted,
+            CircuitState::HalfOpen if self.probes_in_flight < cfg.breaker.half_open_max_probes => {
+                self.probes_in_flight += 1;
+                Admission::Probe(transition)
+            }
+            _ => Admission::Rejected,
+        }
+    }
+
+    /// Gives back a probe slot taken by [`Admission::Probe`].
+    pub fn release_probe(&mut self) {
+        self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+    }
+
+    /// Records a success at `now`.
+    pub fn on_success(&mut self, now: Timestamp, cfg: &LoadBalancerConfig) -> Option<Transition> {
+        self.count_in_window(now, false, cfg);
+        self.consecutive_failures = 0;
+        match self.state {
+            CircuitState::Closed => {
+                if let Some(since) = self.closed_since {
+                    if now.saturating_since(since) >= cfg.breaker.open_max {
+                        self.trips = 0;
+                    }
+                }
+                None
+            }
+            CircuitState::Open if now < self.open_until => None, // a late response
+            CircuitState::Open | CircuitState::HalfOpen => {
+                let mut first = None;
+                if self.state == CircuitState::Open {
+                    first = Some(self.to_half_open());
+                }
+                self.consecutive_successes += 1;
+                if self.consecutive_successes >= cfg.recovery_threshold {
+                    let n = self.consecutive_successes;
+                    self.state = CircuitState::Closed;
+                    self.consecutive_successes = 0;
+                    self.closed_since = Some(now);
+                    self.reset_window(now);
+                    return Some(Transition {
+                        from: first.map_or(CircuitState::HalfOpen, |t| t.from),
+                        to: CircuitState::Closed,
+                        reason: TransitionReason::ProbesSucceeded(n),
+                        open_for: None,
+                    });
+                }
+                first
+            }
+        }
+    }
+
+    /// Records a failure at `now`. `jitter` is a uniform random number in
+    /// `[0, 1)` used if this failure opens the breaker.
+    pub fn on_failure(
+        &mut self,
+        now: Timestamp,
+        cfg: &LoadBalancerConfig,
+        jitter: f64,
+    ) -> Option<Transition> {
+        self.count_in_window(now, true, cfg);
+        self.consecutive_successes = 0;
+        match self.state {
+            CircuitState::Open => None, // a late response from before the trip
+            CircuitState::HalfOpen => Some(self.open(now, TransitionReason::ProbeFailed, cfg, jitter)),
+            CircuitState::Closed => {
+                self.consecutive_failures += 1;
+                let b = &cfg.breaker;
+                let reason = if self.consecutive_failures >= cfg.error_threshold {
+                    Some(TransitionReason::ConsecutiveFailures(self.consecutive_failures))
+                } else if self.window_total >= b.failure_rate_min_requests
+                    && f64::from(self.window_failures)
+                        >= b.failure_rate_threshold * f64::from(self.window_total)
+                {
+                    Some(TransitionReason::FailureRate {
+                        failures: self.window_failures,
+                        total: self.window_total,
+                    })
+                } else {
+                    None
+                };
+                reason.map(|r| {
+                    if let Some(since) = self.closed_since {
+                        if now.saturating_since(since) >= b.open_max {
+                            self.trips = 0;
+                        }
+                    }
+                    self.open(now, r, cfg, jitter)
+                })
+            }
+        }
+    }
+
+    fn open(
+        &mut self,
+        now: Timestamp,
+        reason: TransitionReason,
+        cfg: &LoadBalancerConfig,
+        jitter: f64,
+    ) -> Transition {
+        let from = self.state;
+        self.trips = self.trips.saturating_add(1);
+        let nominal = Self::nominal_open_window(self.trips, &cfg.breaker);
+        let jitter = jitter.clamp(0.0, 1.0) * cfg.breaker.open_jitter;
+        let window = nominal.mul_f64(1.0 - jitter);
+        self.state = CircuitState::Open;
+        self.open_until = now + window;
+        self.consecutive_failures = 0;
+        self.consecutive_successes = 0;
+        self.closed_since = None;
+        self.reset_window(now);
+        Transition {
+            from,
+            to: CircuitState::Open,
+            reason,
+            open_for: Some(window),
+        }
+    }
+
+    fn to_half_open(&mut self) -> Transition {
+        self.state = CircuitState::HalfOpen;
+        self.consecutive_successes = 0;
+        Transition {
+            from: CircuitState::Open,
+            to: CircuitState::HalfOpen,
+            reason: TransitionReason::OpenWindowElapsed,
+            open_for: None,
+        }
+    }
+
+    fn count_in_window(&mut self, now: Timestamp, failed: bool, cfg: &LoadBalancerConfig) {
+        match self.window_start {
+            Some(start) if now.saturating_since(start) < cfg.breaker.failure_rate_window => {}
+            _ => self.reset_window(now),
+        }
+        self.window_total = self.window_total.saturating_add(1);
+        if failed {
+            self.window_failures = self.window_failures.saturating_add(1);
+        }
+    }
+
+    fn reset_window(&mut self, now: Timestamp) {
+        self.window_start = Some(now);
+        self.window_total = 0;
+        self.window_failures = 0;
+    }
+}

@@ -1,0 +1,465 @@
+//! Instances: what an instance *is* ([`ServiceInstance`], validated
+//! [`InstanceId`] and [`Weight`]), and what is *happening* to it
+//! ([`InstanceState`], shared live state in atomics), joined in a [`Member`].
+//!
+//! ## Why two halves
+//!
+//! The description is immutable and replaced wholesale when an instance is
+//! re-registered (new address, weight or tags). The live state — active
+//! connections, request counts, health score, breaker, latency EWMA, slow
+//! start — sits behind an `Arc` that the registry carries over to the new
+//! `Member` with the same id, so a reload or re-registration keeps history.
+//!
+//! The selection path reads the live state only through atomics
+//! (`admits_traffic`, `effective_weight`, `active_connections`). The health
+//! tracker and breaker change under a small per-instance lock when an
+//! outcome is recorded, and publish what selection needs to those atomics.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::breaker::{CircuitBreaker, CircuitState};
+use crate::clock::Timestamp;
+use crate::error::InstanceError;
+use crate::ewma::{self, PeakEwma};
+use crate::health::{HealthScore, HealthTracker};
+use crate::slow_start;
+
+/// Longest instance id accepted, in bytes (a DNS name's limit).
+pub const MAX_ID_LEN: usize = 253;
+
+/// "No timestamp" in the atomics.
+const NONE: u64 = u64::MAX;
+
+/// An instance id: non-empty, at most [`MAX_ID_LEN`] bytes. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceId(Arc<str>);
+
+/// An instance's configured weight, `1..=1000` (default 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Weight(u16);
+
+/// The description of one instance of a service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceInstance {
+    id: InstanceId,
+    address: Arc<str>,
+    port: u16,
+    weight: Weight,
+    zone: Option<Arc<str>>,
+    tags: Vec<Arc<str>>,
+}
+
+/// A registered instance: its description plus its shared live state.
+#[derive(Debug)]
+pub struct Member {
+    instance: ServiceInstance,
+    state: Arc<InstanceState>,
+}
+
+/// Live state of one instance, shared by every snapshot that lists it and by
+/// every [`Selection`](crate::Selection) on it.
+#[derive(Debug)]
+pub struct InstanceState {
+    pub(crate) active: AtomicU32,
+    pub(crate) requests: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) last_used: AtomicU64,
+    health_bits: AtomicU64,
+    breaker_state: AtomicU8,
+    open_until: AtomicU64,
+    probes: AtomicU32,
+    slow_start_began: AtomicU64,
+    ewma_bits: AtomicU64,
+    ewma_at: AtomicU64,
+    draining: AtomicBool,
+    pub(crate) removed: AtomicBool,
+    pub(crate) inner: Mutex<InstanceInner>,
+}
+
+/// The parts of the live state that change together, under the lock.
+#[derive(Debug)]
+pub(crate) struct InstanceInner {
+    pub(crate) health: HealthTracker,
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) ewma: PeakEwma,
+    /// Whether the service's `unavailable` counter currently counts us.
+    pub(crate) counted_unavailable: bool,
+    /// Whether the service's `draining` counter currently counts us.
+    pub(crate) counted_draining: bool,
+    pub(crate) drain_deadline: Option<Timestamp>,
+}
+
+/// A point-in-time report of one instance, for the admin API and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStatus {
+    /// The description.
+    pub instance: ServiceInstance,
+    /// Effective weight = weight × health score × slow-start factor.
+    pub effective_weight: f64,
+    /// Current health score.
+    pub health_score: f64,
+    /// Breaker state.
+    pub circuit_state: CircuitState,
+    /// Requests currently holding a [`Selection`](crate::Selection).
+    pub active_connections: u32,
+    /// Whether the instance is draining.
+    pub draining: bool,
+    /// Outcomes recorded.
+    pub requests: u64,
+    /// Failures recorded.
+    pub failures: u64,
+    /// Peak-EWMA latency as of the last sample.
+    pub latency_ewma: Duration,
+    /// Slow-start factor now, in `[0, 1]`.
+    pub slow_start_factor: f64,
+    /// Time of the last selection, if any.
+    pub last_used: Option<Timestamp>,
+    /// Whether selection may choose the instance now (outside panic mode).
+    pub eligible: bool,
+}
+
+// === impl InstanceId ===
+
+impl InstanceId {
+    /// Validates an id.
+    pub fn try_new(id: &str) -> Result<Self, InstanceError> {
+        if id.is_empty() {
+            return Err(InstanceError::EmptyId);
+        }
+        if id.len() > MAX_ID_LEN {
+            return Err(InstanceError::IdTooLong(id.len()));
+        }
+        Ok(Self(Arc::from(id)))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for InstanceId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+// === impl Weight ===
+
+impl Weight {
+    /// The default weight, 1.
+    pub const DEFAULT: Weight = Weight(1);
+    /// The largest weight, 1000.
+    pub const MAX: Weight = Weight(1000);
+
+    /// Validates a weight.
+    pub fn try_new(w: u64) -> Result<Self, InstanceError> {
+        match u16::try_from(w) {
+            Ok(v @ 1..=1000) => Ok(Self(v)),
+            _ => Err(InstanceError::InvalidWeight(w)),
+        }
+    }
+
+    /// The weight as a number.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl Default for Weight {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+// === impl ServiceInstance ===
+
+impl ServiceInstance {
+    /// Validates and builds an instance with weight 1 and no metadata.
+    pub fn try_new(id: &str, address: &str, port: u16) -> Result<Self, InstanceError> {
+        let id = InstanceId::try_new(id)?;
+        if address.is_empty() {
+            return Err(InstanceError::EmptyAddress);
+        }
+        if port == 0 {
+            return Err(InstanceError::ZeroPort);
+        }
+        Ok(Self {
+            id,
+            address: Arc::from(address),
+            port,
+            weight: Weight::DEFAULT,
+            zone: None,
+            tags: Vec::new(),
+        })
+    }
+
+    /// Sets the weight.
+    pub fn with_weight(mut self, weight: Weight) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// Sets the zone (metadata; not used for selection yet).
+    pub fn with_zone(mut self, zone: impl Into<Arc<str>>) -> Self {
+        self.zone = Some(zone.into());
+        self
+    }
+
+    /// Sets the tags (metadata).
+    pub fn with_tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<Arc<str>>,
+    {
+        self.tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The id.
+    pub fn id(&self) -> &InstanceId {
+        &self.id
+    }
+    /// The address (host name or IP) to connect to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+    /// The port to connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// The configured weight.
+    pub fn weight(&self) -> Weight {
+        self.weight
+    }
+    /// The zone, if set.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+    /// The tags.
+    pub fn tags(&self) -> impl Iterator<Item = &str> {
+        self.tags.iter().map(|t| &**t)
+    }
+}
+
+// === impl Member ===
+
+impl Member {
+    pub(crate) fn new(instance: ServiceInstance, state: Arc<InstanceState>) -> Self {
+        Self { instance, state }
+    }
+
+    /// The description.
+    pub fn instance(&self) -> &ServiceInstance {
+        &self.instance
+    }
+
+    pub(crate) fn state(&self) -> &Arc<InstanceState> {
+        &self.state
+    }
+
+    /// Requests currently holding a selection on this instance. Exact.
+    pub fn active_connections(&self) -> u32 {
+        self.state.active.load(Ordering::Relaxed)
+    }
+
+    /// Current health score.
+    pub fn health_score(&self) -> f64 {
+        self.state.health()
+    }
+
+    /// Current breaker state as last published.
+    pub fn circuit_state(&self) -> CircuitState {
+        CircuitState::from_u8(self.state.breaker_state.load(Ordering::Acquire))
+    }
+
+    /// Whether the instance is draining.
+    pub fn is_draining(&self) -> bool {
+        self.state.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether normal (non-panic) selection may choose this instance at
+    /// `now`: not draining or removed, health above 0, and a breaker that is
+    /// closed, open past its window (the pick will turn it half-open), or
+    /// half-open with a free probe slot. Reads atomics only.
+    pub fn admits_traffic(&self, now: Timestamp, max_probes: u32) -> bool {
+        let s = &self.state;
+        if s.draining.load(Ordering::Acquire) || s.removed.load(Ordering::Acquire) {
+            return false;
+        }
+        if s.health() <= 0.0 {
+            return false;
+        }
+        match CircuitState::from_u8(s.breaker_state.load(Ordering::Acquire)) {
+            CircuitState::Closed => true,
+            CircuitState::Open => now.as_nanos() >= s.open_until.load(Ordering::Acquire),
+            CircuitState::HalfOpen => s.probes.load(Ordering::Acquire) < max_probes,
+        }
+    }
+
+    /// Whether panic-mode selection may choose this instance: anything not
+    /// draining or removed (panic ignores health and breakers, not drains).
+    pub fn admits_panic_traffic(&self) -> bool {
+        let s = &self.state;
+        !s.draining.load(Ordering::Acquire) && !s.removed.load(Ordering::Acquire)
+    }
+
+    /// Slow-start factor at `now` for a ramp of `window`.
+    pub fn slow_start_factor(&self, now: Timestamp, window: Duration) -> f64 {
+        let began = self.state.slow_start_began.load(Ordering::Acquire);
+        let began = (began != NONE).then(|| Timestamp::from_nanos(began));
+        slow_start::factor(began, now, window)
+    }
+
+    /// Health score × slow-start factor: the share of the configured weight
+    /// the instance carries now, in `[0, 1]`.
+    pub fn weight_factor(&self, now: Timestamp, slow_start: Duration) -> f64 {
+        self.health_score() * self.slow_start_factor(now, slow_start)
+    }
+
+    /// Effective weight = weight × health score × slow-start factor.
+    pub fn effective_weight(&self, now: Timestamp, slow_start: Duration) -> f64 {
+        f64::from(self.instance.weight.get()) * self.weight_factor(now, slow_start)
+    }
+
+    /// Peak-EWMA latency estimate in nanoseconds, decayed to `now`.
+    pub fn latency_estimate_ns(&self, now: Timestamp) -> f64 {
+        let e = f64::from_bits(self.state.ewma_bits.load(Ordering::Relaxed));
+        let at = Timestamp::from_nanos(self.state.ewma_at.load(Ordering::Relaxed));
+        e * ewma::decay_weight(at, now)
+    }
+
+    /// Peak-EWMA latency as of the last sample, undecayed.
+    pub fn latency_ewma_ns(&self) -> f64 {
+        f64::from_bits(self.state.ewma_bits.load(Ordering::Relaxed))
+    }
+
+    /// A report of this instance at `now`.
+    pub fn status(&self, now: Timestamp, slow_start: Duration, max_probes: u32) -> InstanceStatus {
+        let s = &self.state;
+        let last = s.last_used.load(Ordering::Relaxed);
+        InstanceStatus {
+            instance: self.instance.clone(),
+            effective_weight: self.effective_weight(now, slow_start),
+            health_score: self.health_score(),
+            circuit_state: self.circuit_state(),
+            active_connections: self.active_connections(),
+            draining: self.is_draining(),
+            requests: s.requests.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+            latency_ewma: Duration::from_nanos(self.latency_ewma_ns() as u64),
+            slow_start_factor: self.slow_start_factor(now, slow_start),
+            last_used: (last != NONE).then(|| Timestamp::from_nanos(last)),
+            eligible: self.admits_traffic(now, max_probes),
+        }
+    }
+}
+
+// === impl InstanceState ===
+
+impl InstanceState {
+    /// Fresh state at `now`; `slow_start` starts a ramp now.
+    pub(crate) fn new(now: Timestamp, slow_start: bool) -> Self {
+        let ewma = PeakEwma::new(now);
+        Self {
+            active: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_used: AtomicU64::new(NONE),
+            health_bits: AtomicU64::new(1.0f64.to_bits()),
+            breaker_state: AtomicU8::new(CircuitState::Closed.as_u8()),
+            open_until: AtomicU64::new(0),
+            probes: AtomicU32::new(0),
+            slow_start_began: AtomicU64::new(if slow_start { now.as_nanos() } else { NONE }),
+            ewma_bits: AtomicU64::new(ewma.last_estimate_ns().to_bits()),
+            ewma_at: AtomicU64::new(now.as_nanos()),
+            draining: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            inner: Mutex::new(InstanceInner {
+                health: HealthTracker::new(),
+                breaker: CircuitBreaker::new(),
+                ewma,
+                counted_unavailable: false,
+                counted_draining: false,
+                drain_deadline: None,
+            }),
+        }
+    }
+
+    pub(crate) fn health(&self) -> f64 {
+        f64::from_bits(self.health_bits.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+    }
+
+    pub(crate) fn start_slow_start(&self, now: Timestamp) {
+        self.slow_start_began.store(now.as_nanos(), Ordering::Release);
+    }
+
+    /// Publishes what the selection path reads. Call with `inner` locked.
+    pub(crate) fn publish(&self, inner: &InstanceInner) {
+        self.health_bits
+            .store(inner.health.score().get().to_bits(), Ordering::Release);
+        self.open_until
+            .store(inner.breaker.open_until().as_nanos(), Ordering::Release);
+        self.probes
+            .store(inner.breaker.probes_in_flight(), Ordering::Release);
+        self.breaker_state
+            .store(inner.breaker.state().as_u8(), Ordering::Release);
+        self.ewma_bits
+            .store(inner.ewma.last_estimate_ns().to_bits(), Ordering::Relaxed);
+        self.ewma_at
+            .store(inner.ewma.updated_at().as_nanos(), Ordering::Relaxed);
+    }
+
+    /// Whether the service should count this instance as unavailable:
+    /// not draining, and ejected (health 0) or breaker open.
+    pub(crate) fn is_unavailable(&self, inner: &InstanceInner) -> bool {
+        !self.draining.load(Ordering::Acquire)
+            && (inner.health.score() == HealthScore::EJECTED
+                || inner.breaker.state() == CircuitState::Open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_are_validated() {
+        assert_eq!(ServiceInstance::try_new("", "h", 1).unwrap_err(), InstanceError::EmptyId);
+        assert_eq!(ServiceInstance::try_new("a", "", 1).unwrap_err(), InstanceError::EmptyAddress);
+        assert_eq!(ServiceInstance::try_new("a", "h", 0).unwrap_err(), InstanceError::ZeroPort);
+        let long = "x".repeat(254);
+        assert_eq!(InstanceId::try_new(&long).unwrap_err(), InstanceError::IdTooLong(254));
+        for w in [0, 1001, 65_536 + 1] {
+            assert_eq!(Weight::try_new(w).unwrap_err(), InstanceError::InvalidWeight(w));
+        }
+        assert_eq!(Weight::try_new(1000).unwrap().get(), 1000);
+        let i = ServiceInstance::try_new("a", "10.0.0.1", 80)
+            .unwrap()
+            .with_zone("eu-1")
+            .with_tags(["canary"]);
+        assert_eq!(i.zone(), Some("eu-1"));
+        assert_eq!(i.tags().collect::<Vec<_>>(), ["canary"]);
+    }
+}

@@ -1,0 +1,95 @@
+//! # datapunk-lb-core
+//!
+//! The health-aware balancing model of datapunk-lb: which instance of a
+//! service gets the next request, and how failures and recoveries change
+//! that. No sockets, no async runtime, no wall clock: time comes from a
+//! [`Clock`], randomness from a seed, and every state change comes back to the
+//! caller as an [`Event`].
+//!
+//! ## The model in one paragraph
+//!
+//! A [`Registry`] holds services; a service holds [`ServiceInstance`]s. To
+//! send a request, call [`Registry::get_instance`]: a [`Strategy`] picks an
+//! eligible instance and you get a [`Selection`], a guard that counts the
+//! connection until it is dropped. Report how the request went with
+//! [`Selection::success`] or [`Selection::failure`]: that feeds the
+//! instance's [`HealthTracker`] (asymmetric, time-based), its
+//! [`CircuitBreaker`] (closed → open → half-open) and its latency EWMA.
+//! Effective weight = weight × health score × slow-start factor. When too
+//! few instances are eligible the service enters panic mode and spreads load
+//! over all of them.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use datapunk_lb_core::{FailureKind, ManualClock, Registry, ServiceInstance, StrategyKind};
+//!
+//! let clock = Arc::new(ManualClock::new());
+//! let registry = Registry::builder().clock(clock.clone()).seed(7).build()?;
+//! registry.register_instance("api", ServiceInstance::try_new("api-1", "10.0.0.1", 8080)?)?;
+//! registry.register_instance("api", ServiceInstance::try_new("api-2", "10.0.0.2", 8080)?)?;
+//! registry.set_strategy("api", StrategyKind::RoundRobin)?;
+//!
+//! // Three failures in a row open api-1's breaker...
+//! for _ in 0..3 {
+//!     let s = loop {
+//!         let s = registry.get_instance("api").unwrap();
+//!         if s.instance().id().as_str() == "api-1" { break s; }
+//!     };
+//!     s.failure(FailureKind::Connect);
+//!     clock.advance(Duration::from_millis(10));
+//! }
+//! // ...so every request now goes to api-2.
+//! for _ in 0..10 {
+//!     let s = registry.get_instance("api").unwrap();
+//!     assert_eq!(s.instance().id().as_str(), "api-2");
+//!     s.success(Duration::from_millis(2));
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Modules
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`clock`] | `Clock`, `SystemClock`, `ManualClock`, `Timestamp` |
+//! | [`instance`] | `ServiceInstance`, `InstanceId`, `Weight`, live `InstanceState`, `Member` |
+//! | [`registry`] | `Registry`, `Service`, snapshots, eligibility, draining, panic mode |
+//! | [`selection`] | the `Selection` guard, `Outcome`, `FailureKind` |
+//! | [`strategy`] | the `Strategy` trait and the nine strategies, one file each |
+//! | [`health`] | `HealthScore`, `HealthTracker` |
+//! | [`breaker`] | `CircuitBreaker`, `CircuitState`, `Transition` |
+//! | [`slow_start`] | the linear ramp |
+//! | [`ewma`] | peak-EWMA latency |
+//! | [`members`] | the chunked copy-on-write member list |
+//! | [`config`] | `LoadBalancerConfig`, `BreakerConfig`, defaults |
+//! | [`event`] | `Event`, the state changes reported to the caller |
+//! | [`error`] | error enums |
+
+#![warn(missing_docs)]
+
+pub mod breaker;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod ewma;
+pub mod health;
+pub mod instance;
+pub mod members;
+pub mod registry;
+pub mod selection;
+pub mod slow_start;
+pub mod strategy;
+
+pub use breaker::{CircuitBreaker, CircuitState, Transition, TransitionReason};
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use config::{BreakerConfig, LoadBalancerConfig};
+pub use error::{ConfigError, HealthScoreError, InstanceError, RegistryError};
+pub use event::Event;
+pub use health::{HealthScore, HealthTracker};
+pub use instance::{InstanceId, InstanceStatus, Member, ServiceInstance, Weight};
+pub use members::Members;
+pub use registry::{Registered, Registry, RegistryBuilder, Service, ServiceStatus};
+pub use selection::{FailureKind, Outcome, Selection};
+pub use strategy::{AdaptiveStatus, Strategy, StrategyKind};

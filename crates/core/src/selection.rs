@@ -1,0 +1,165 @@
+//! [`Selection`]: the RAII guard for one request on one instance, and the
+//! [`Outcome`] it reports.
+//!
+//! ## Rule
+//!
+//! A `Selection` counts one active connection on its instance (and one
+//! in-flight request on its service) from the moment it is created until it
+//! is dropped. [`success`](Selection::success) and
+//! [`failure`](Selection::failure) take `self`, so an outcome is recorded at
+//! most once; they feed the health score, the circuit breaker and the
+//! latency EWMA, then drop the guard. Dropping a `Selection` without an
+//! outcome (a cancelled request) only releases the connection. The counts are
+//! therefore exact at every moment, as with tower's pending-request handles
+//! and Pingora's inflight guard.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::event::Event;
+use crate::instance::{Member, ServiceInstance};
+use crate::registry::Service;
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response that counts as success, with its latency.
+    Success(Duration),
+    /// A failure of the given kind.
+    Failure(FailureKind),
+}
+
+/// Why a request failed. Every kind counts against health and breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The connection could not be established.
+    Connect,
+    /// No response within the timeout.
+    Timeout,
+    /// The connection was reset or closed mid-request.
+    Reset,
+    /// The instance answered with a server error (5xx).
+    ServerError,
+    /// The instance broke the protocol.
+    Protocol,
+    /// An active health check failed.
+    HealthCheck,
+}
+
+/// One request's claim on one instance. See the module doc.
+#[must_use = "dropping a Selection at once releases the connection it counts"]
+pub struct Selection {
+    service: Arc<Service>,
+    member: Arc<Member>,
+    started: Timestamp,
+    probe: bool,
+    events: Vec<Event>,
+}
+
+impl FailureKind {
+    /// A short lower-case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Reset => "reset",
+            FailureKind::ServerError => "server_error",
+            FailureKind::Protocol => "protocol",
+            FailureKind::HealthCheck => "health_check",
+        }
+    }
+}
+
+impl Selection {
+    pub(crate) fn new(
+        service: Arc<Service>,
+        member: Arc<Member>,
+        now: Timestamp,
+        probe: bool,
+        events: Vec<Event>,
+    ) -> Self {
+        let st = member.state();
+        st.active.fetch_add(1, Ordering::AcqRel);
+        st.last_used.store(now.as_nanos(), Ordering::Relaxed);
+        service.stats().inflight.fetch_add(1, Ordering::AcqRel);
+        Self {
+            service,
+            member,
+            started: now,
+            probe,
+            events,
+        }
+    }
+
+    /// The chosen instance.
+    pub fn instance(&self) -> &ServiceInstance {
+        self.member.instance()
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        self.service.name()
+    }
+
+    /// Whether this request is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// When the selection was made (on the registry's clock).
+    pub fn started(&self) -> Timestamp {
+        self.started
+    }
+
+    /// Events the pick caused (panic mode, breaker half-open, strategy
+    /// switch).
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// Takes the events the pick caused.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Records a success with its latency and releases the connection.
+    pub fn success(self, latency: Duration) -> Vec<Event> {
+        self.service
+            .record(&self.member, Outcome::Success(latency))
+    }
+
+    /// Records a success, measuring latency on the registry's clock.
+    pub fn success_now(self) -> Vec<Event> {
+        let latency = self.service.clock().now().saturating_since(self.started);
+        self.success(latency)
+    }
+
+    /// Records a failure and releases the connection.
+    pub fn failure(self, kind: FailureKind) -> Vec<Event> {
+        self.service.record(&self.member, Outcome::Failure(kind))
+    }
+}
+
+impl Drop for Selection {
+    fn drop(&mut self) {
+        let st = self.member.state();
+        st.active.fetch_sub(1, Ordering::AcqRel);
+        self.service.stats().inflight.fetch_sub(1, Ordering::AcqRel);
+        if self.probe {
+            self.service.release_probe(&self.member);
+        }
+    }
+}
+
+impl fmt::Debug for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Selection")
+            .field("service", &self.service.name())
+            .field("instance", self.member.instance().id())
+            .field("probe", &self.probe)
+            .finish()
+    }
+}

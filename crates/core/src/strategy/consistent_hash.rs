@@ -1,0 +1,171 @@
+//! `consistent_hash`: Maglev hashing (Eisenbud et al., NSDI 2016) on a key
+//! the caller supplies (a header, a cookie, the client IP).
+//!
+//! ## Rule
+//!
+//! A lookup table of `M` slots (`M` prime, at least 65,537 and at least ten
+//! slots per instance) is filled by letting every instance claim slots in the
+//! order of its own permutation `(offset + j·skip) mod M`, taking turns, so
+//! each instance owns `⌊M/N⌋` or `⌈M/N⌉` slots. A key maps to
+//! `table[hash(key) mod M]`. Adding or removing one of N instances moves
+//! about 1/N of the keys (slightly more than a ring hash's minimum, in
+//! exchange for near-perfect balance and an O(1) lookup).
+//!
+//! If the key's instance is not eligible the lookup walks to the following
+//! slots (owned by effectively random other instances, so the displaced keys
+//! spread out) for up to 8 slots, then falls back to a random instance. A
+//! pick without a key is random.
+//!
+//! ## Cost
+//!
+//! The table is rebuilt on membership change, in [`Strategy::prepare`], off
+//! the request path: O(M log M); at 100,000 instances `M` = 1,048,573 slots,
+//! 4 MiB, and the rebuild takes tens of milliseconds (see
+//! `docs/benchmarks.md`). The table keeps its own member list so a table one
+//! generation old still names valid members while the next is built.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+
+use super::{PickContext, Strategy, StrategyKind};
+use crate::instance::Member;
+use crate::members::Members;
+
+/// Candidate table sizes: primes, smallest first.
+const TABLE_SIZES: [u64; 8] = [
+    65_537, 131_071, 262_139, 524_287, 1_048_573, 2_097_143, 4_194_301, 8_388_593,
+];
+/// Slots walked past an ineligible instance before falling back to random.
+const MAX_WALK: u64 = 8;
+
+/// Maglev consistent hashing.
+#[derive(Debug, Default)]
+pub struct ConsistentHash {
+    table: ArcSwapOption<Table>,
+}
+
+#[derive(Debug)]
+struct Table {
+    generation: u64,
+    members: Vec<Arc<Member>>,
+    slots: Vec<u32>,
+}
+
+/// A stable 64-bit hash (FNV-1a, then a SplitMix64 finaliser for avalanche).
+/// Stable across processes and releases, so every balancer node maps a key
+/// the same way.
+pub fn key_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Table {
+    fn build(members: &Members, generation: u64) -> Self {
+        let members: Vec<Arc<Member>> = members.iter().cloned().collect();
+        let n = members.len() as u64;
+        let want = n.saturating_mul(10);
+        let m = TABLE_SIZES
+            .iter()
+            .copied()
+            .find(|&s| s >= want)
+            .unwrap_or(TABLE_SIZES[TABLE_SIZES.len() - 1]);
+        let mut slots = vec![u32::MAX; m as usize];
+        if n == 0 {
+            return Table {
+                generation,
+                members,
+                slots: Vec::new(),
+            };
+        }
+        let perms: Vec<(u64, u64)> = members
+            .iter()
+            .map(|mem| {
+                let h = key_hash(mem.instance().id().as_str().as_bytes());
+                let offset = h % m;
+                let skip = mix(h ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; members.len()];
+        let mut filled = 0u64;
+        'fill: loop {
+            for (i, &(offset, skip)) in perms.iter().enumerate() {
+                // Bounded by M: a permutation visits every slot once.
+                loop {
+                    let c = ((offset + next[i] * skip) % m) as usize;
+                    next[i] += 1;
+                    if slots[c] == u32::MAX {
+                        slots[c] = i as u32;
+                        break;
+                    }
+                }
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        Table {
+            generation,
+            members,
+            slots,
+        }
+    }
+
+    fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Arc<Member>> {
+        let m = self.slots.len() as u64;
+        if m == 0 {
+            return None;
+        }
+        for step in 0..MAX_WALK {
+            let slot = ((hash % m + step) % m) as usize;
+            let member = self.members.get(self.slots[slot] as usize)?;
+            if cx.is_eligible(member) {
+                return Some(member.clone());
+            }
+        }
+        None
+    }
+}
+
+impl Strategy for ConsistentHash {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::ConsistentHash
+    }
+
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        let Some(key) = cx.key else {
+            return cx.random_eligible();
+        };
+        let hash = key_hash(key);
+        let mut table = self.table.load_full();
+        if table.is_none() {
+            // First pick before any prepare(): build once, here.
+            self.prepare(cx.members, cx.generation);
+            table = self.table.load_full();
+        }
+        table
+            .and_then(|t| t.lookup(hash, cx))
+            .or_else(|| cx.random_eligible())
+    }
+
+    fn prepare(&self, members: &Members, generation: u64) {
+        let current = self.table.load();
+        if current.as_ref().is_some_and(|t| t.generation >= generation) {
+            return;
+        }
+        self.table
+            .store(Some(Arc::new(Table::build(members, generation))));
+    }
+}

@@ -1,0 +1,312 @@
+//! Selection strategies: one small [`Strategy`] trait, one file per strategy.
+//!
+//! | name | rule | structure per pick at 100,000 instances |
+//! | --- | --- | --- |
+//! | `round_robin` | rotation over eligible instances | atomic counter, O(1) |
+//! | `least_connections` | fewest active connections, ties broken at random | exact scan up to 256 instances; above, best of 8 random samples |
+//! | `weighted` | smooth weighted round robin (WF²Q): exactly `wᵢ` picks in every window of `Σw` | binary heaps, O(log n) |
+//! | `random` | uniform | rejection sampling, O(1) expected |
+//! | `weighted_random` | proportional to effective weight | two binary searches over prefix sums, O(log n) |
+//! | `p2c` | two random instances, fewer `(active + 1) / effective weight` wins | O(1) |
+//! | `peak_ewma` | two random instances, lower `peak-EWMA latency × (active + 1) / effective weight` wins | O(1) |
+//! | `consistent_hash` | Maglev table on the caller's key; one instance moving remaps ≈ 1/N of keys | table lookup, O(1) |
+//! | `adaptive` (default) | picks one of `weighted`, `p2c`, `peak_ewma` from latency spread, concurrency and error rate, with hysteresis | O(1) + the chosen one |
+//!
+//! ## Eligibility without scanning
+//!
+//! Strategies never build a filtered candidate list: that would be an O(n)
+//! scan per pick. They pick from all members and check the one they picked
+//! with [`PickContext::is_eligible`] (a few atomic loads), trying again if
+//! it is not. Outside panic mode at least `min_healthy_percent` of instances
+//! are eligible, so a random draw succeeds within two tries on average; after
+//! [`MAX_DRAWS`] misses the pick falls back to one scan from a random offset,
+//! which only happens when nearly every instance is out and panic mode is
+//! disabled.
+//!
+//! ## Weights
+//!
+//! *Effective weight* = configured weight × health score × slow-start factor.
+//! Structures built on membership change (prefix sums, the WF²Q schedule) use
+//! the configured weight; the dynamic part (`weight_factor`, in `[0, 1]`) is
+//! applied per pick by accepting the structure's choice with that
+//! probability. The result is proportional to effective weight without a
+//! rebuild whenever a health score moves.
+
+pub mod adaptive;
+pub mod consistent_hash;
+pub mod least_connections;
+pub mod p2c;
+pub mod peak_ewma;
+pub mod random;
+pub mod round_robin;
+pub mod weighted;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::adaptive::{Adaptive, AdaptiveStatus, Signals};
+pub use self::consistent_hash::{key_hash, ConsistentHash};
+pub use self::least_connections::LeastConnections;
+pub use self::p2c::P2c;
+pub use self::peak_ewma::PeakEwma;
+pub use self::random::{Random, WeightedRandom};
+pub use self::round_robin::RoundRobin;
+pub use self::weighted::Weighted;
+
+use crate::clock::Timestamp;
+use crate::event::Event;
+use crate::instance::Member;
+use crate::members::Members;
+use crate::registry::ServiceStats;
+
+/// Random draws before a pick falls back to a scan.
+pub const MAX_DRAWS: usize = 32;
+
+/// Chooses one instance of a service.
+pub trait Strategy: Send + Sync + fmt::Debug {
+    /// Which strategy this is.
+    fn kind(&self) -> StrategyKind;
+
+    /// Picks an eligible member, or `None` if there is none.
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>>;
+
+    /// Called after the member list changed (off the request path), so
+    /// table-based strategies can rebuild. `generation` grows with every
+    /// change.
+    fn prepare(&self, _members: &Members, _generation: u64) {}
+
+    /// For `adaptive`: the strategy in use and why.
+    fn adaptive_status(&self) -> Option<AdaptiveStatus> {
+        None
+    }
+}
+
+/// The name of a strategy, as written in config (`strategy = "p2c"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyKind {
+    /// Rotation over eligible instances.
+    RoundRobin,
+    /// Fewest active connections.
+    LeastConnections,
+    /// Smooth weighted round robin.
+    Weighted,
+    /// Uniform random.
+    Random,
+    /// Random by effective weight.
+    WeightedRandom,
+    /// Power of two choices on connections / weight.
+    P2c,
+    /// Power of two choices on peak-EWMA latency.
+    PeakEwma,
+    /// Maglev consistent hashing on a request key.
+    ConsistentHash,
+    /// Chooses among the others by observed load.
+    Adaptive,
+}
+
+/// An unknown strategy name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown strategy {0:?}; expected one of {list}", list = StrategyKind::NAMES.join(", "))]
+pub struct UnknownStrategy(pub String);
+
+/// What a strategy may read while picking.
+pub struct PickContext<'a> {
+    /// The members of the snapshot being picked from.
+    pub members: &'a Members,
+    /// Generation of `members`.
+    pub generation: u64,
+    /// The request key for `consistent_hash`, if the caller has one.
+    pub key: Option<&'a [u8]>,
+    /// Randomness for this pick (seeded from the registry's seed).
+    pub rng: &'a mut fastrand::Rng,
+    /// Now.
+    pub now: Timestamp,
+    pub(crate) panic: bool,
+    pub(crate) slow_start: Duration,
+    pub(crate) max_probes: u32,
+    pub(crate) stats: &'a ServiceStats,
+    pub(crate) service: &'a Arc<str>,
+    pub(crate) events: &'a mut Vec<Event>,
+}
+
+// === impl StrategyKind ===
+
+impl StrategyKind {
+    /// Every kind, in the order of the SPEC's table.
+    pub const ALL: [StrategyKind; 9] = [
+        StrategyKind::RoundRobin,
+        StrategyKind::LeastConnections,
+        StrategyKind::Weighted,
+        StrategyKind::Random,
+        StrategyKind::WeightedRandom,
+        StrategyKind::P2c,
+        StrategyKind::PeakEwma,
+        StrategyKind::ConsistentHash,
+        StrategyKind::Adaptive,
+    ];
+
+    const NAMES: [&'static str; 9] = [
+        "round_robin",
+        "least_connections",
+        "weighted",
+        "random",
+        "weighted_random",
+        "p2c",
+        "peak_ewma",
+        "consistent_hash",
+        "adaptive",
+    ];
+
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        let i = Self::ALL.iter().position(|k| *k == self).unwrap_or(0);
+        Self::NAMES[i]
+    }
+
+    /// A fresh strategy of this kind.
+    pub fn build(self) -> Arc<dyn Strategy> {
+        match self {
+            StrategyKind::RoundRobin => Arc::new(RoundRobin::default()),
+            StrategyKind::LeastConnections => Arc::new(LeastConnections),
+            StrategyKind::Weighted => Arc::new(Weighted::default()),
+            StrategyKind::Random => Arc::new(Random),
+            StrategyKind::WeightedRandom => Arc::new(WeightedRandom),
+            StrategyKind::P2c => Arc::new(P2c),
+            StrategyKind::PeakEwma => Arc::new(PeakEwma),
+            StrategyKind::ConsistentHash => Arc::new(ConsistentHash::default()),
+            StrategyKind::Adaptive => Arc::new(Adaptive::default()),
+        }
+    }
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StrategyKind {
+    type Err = UnknownStrategy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::NAMES
+            .iter()
+            .position(|n| *n == s)
+            .map(|i| Self::ALL[i])
+            .ok_or_else(|| UnknownStrategy(s.to_owned()))
+    }
+}
+
+// === impl PickContext ===
+
+impl PickContext<'_> {
+    /// Whether `m` may be picked now (in panic mode: anything not draining).
+    pub fn is_eligible(&self, m: &Member) -> bool {
+        if self.panic {
+            m.admits_panic_traffic()
+        } else {
+            m.admits_traffic(self.now, self.max_probes)
+        }
+    }
+
+    /// Whether the service is in panic mode for this pick.
+    pub fn in_panic(&self) -> bool {
+        self.panic
+    }
+
+    /// Health × slow-start factor of `m`, in `[0, 1]`. In panic mode every
+    /// instance counts fully, so the load spreads across all of them.
+    pub fn weight_factor(&self, m: &Member) -> f64 {
+        if self.panic {
+            1.0
+        } else {
+            m.weight_factor(self.now, self.slow_start)
+        }
+    }
+
+    /// Effective weight of `m` (see [`weight_factor`](Self::weight_factor)).
+    pub fn effective_weight(&self, m: &Member) -> f64 {
+        f64::from(m.instance().weight().get()) * self.weight_factor(m)
+    }
+
+    /// Accepts a structural choice with probability `factor`.
+    pub fn accept(&mut self, factor: f64) -> bool {
+        factor >= 1.0 || self.rng.f64() < factor
+    }
+
+    /// A uniformly random eligible member: rejection sampling, then a scan
+    /// from a random offset after [`MAX_DRAWS`] misses.
+    pub fn random_eligible(&mut self) -> Option<Arc<Member>> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        for _ in 0..MAX_DRAWS {
+            let m = self.members.get(self.rng.usize(..n))?;
+            if self.is_eligible(m) {
+                return Some(m.clone());
+            }
+        }
+        let start = self.rng.usize(..n);
+        self.scan_from(start)
+    }
+
+    /// The first eligible member at or after `start`, wrapping around.
+    pub fn scan_from(&self, start: usize) -> Option<Arc<Member>> {
+        let n = self.members.len();
+        (0..n)
+            .filter_map(|i| self.members.get((start + i) % n))
+            .find(|m| self.is_eligible(m))
+            .cloned()
+    }
+
+    /// Two distinct eligible members at random (the second is `None` if only
+    /// one could be found), for power-of-two-choices.
+    pub fn random_pair(&mut self) -> Option<(Arc<Member>, Option<Arc<Member>>)> {
+        let a = self.random_eligible()?;
+        for _ in 0..8 {
+            let b = self.random_eligible()?;
+            if !Arc::ptr_eq(&a, &b) {
+                return Some((a, Some(b)));
+            }
+        }
+        Some((a, None))
+    }
+
+    /// Of two members, the one with the lower cost; ties go to `a`, which the
+    /// caller drew at random.
+    pub fn cheaper(
+        &self,
+        a: Arc<Member>,
+        b: Option<Arc<Member>>,
+        cost: impl Fn(&Self, &Member) -> f64,
+    ) -> Arc<Member> {
+        match b {
+            Some(b) if cost(self, &b) < cost(self, &a) => b,
+            _ => a,
+        }
+    }
+}
+
+/// Divides by an effective weight that may be 0 (start of slow start).
+pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
+    load / effective_weight.max(1e-9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for k in StrategyKind::ALL {
+            assert_eq!(k.as_str().parse::<StrategyKind>().unwrap(), k);
+            assert_eq!(k.build().kind(), k);
+        }
+        let err = "fastest".parse::<StrategyKind>().unwrap_err();
+        assert!(err.to_string().contains("round_robin"), "{err}");
+    }
+}

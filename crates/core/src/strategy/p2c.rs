@@ -1,0 +1,34 @@
+//! `p2c`: power of two choices on active connections per unit of weight.
+//!
+//! Draw two distinct eligible instances at random; send to the one with the
+//! lower `(active + 1) / effective weight`. Mitzenmacher's result: two random
+//! choices cut the maximum load from `O(log n / log log n)` to
+//! `O(log log n)` while costing O(1) per pick, and unlike an exact minimum
+//! it does not stampede the single least-loaded instance. The `+ 1` makes an
+//! idle heavy instance preferable to an idle light one; dividing by effective
+//! weight makes unhealthy and slow-starting instances look more loaded.
+
+use std::sync::Arc;
+
+use super::{per_weight, PickContext, Strategy, StrategyKind};
+use crate::instance::Member;
+
+/// Power of two choices on connections / weight.
+#[derive(Debug, Default)]
+pub struct P2c;
+
+/// The p2c cost of `m`.
+pub(crate) fn load_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
+    per_weight(f64::from(m.active_connections()) + 1.0, cx.effective_weight(m))
+}
+
+impl Strategy for P2c {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::P2c
+    }
+
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        let (a, b) = cx.random_pair()?;
+        Some(cx.cheaper(a, b, load_cost))
+    }
+}

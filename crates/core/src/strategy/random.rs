@@ -1,0 +1,62 @@
+//! `random` and `weighted_random`.
+//!
+//! `random` draws uniformly among eligible instances by rejection sampling
+//! (see the module doc of [`strategy`](super)). `weighted_random` draws a
+//! point in `[0, Σ configured weights)`, finds its owner by binary search over
+//! the member list's prefix sums (O(log n), no per-pick scan), and accepts it
+//! with probability health × slow-start factor, so the expected share of each
+//! eligible instance is proportional to its effective weight.
+
+use std::sync::Arc;
+
+use super::{PickContext, Strategy, StrategyKind, MAX_DRAWS};
+use crate::instance::Member;
+
+/// Uniform random.
+#[derive(Debug, Default)]
+pub struct Random;
+
+/// Random by effective weight.
+#[derive(Debug, Default)]
+pub struct WeightedRandom;
+
+impl Strategy for Random {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::Random
+    }
+
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        cx.random_eligible()
+    }
+}
+
+impl Strategy for WeightedRandom {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::WeightedRandom
+    }
+
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        let total = cx.members.total_weight();
+        if total == 0 {
+            return None;
+        }
+        let mut fallback: Option<(f64, Arc<Member>)> = None;
+        for _ in 0..MAX_DRAWS {
+            let point = cx.rng.u64(..total);
+            let Some(m) = cx.members.index_by_weight(point).and_then(|i| cx.members.get(i)) else {
+                continue;
+            };
+            if !cx.is_eligible(m) {
+                continue;
+            }
+            let f = cx.weight_factor(m);
+            if cx.accept(f) {
+                return Some(m.clone());
+            }
+            if fallback.as_ref().is_none_or(|(best, _)| f > *best) {
+                fallback = Some((f, m.clone()));
+            }
+        }
+        fallback.map(|(_, m)| m).or_else(|| cx.random_eligible())
+    }
+}

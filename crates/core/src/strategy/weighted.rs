@@ -1,0 +1,261 @@
+//! `weighted`: smooth weighted round robin.
+//!
+//! ## Rule
+//!
+//! Over any window of `W = Σ weights` consecutive picks, each instance gets
+//! exactly its weight's worth of picks, spread out rather than in runs:
+//! weights {5, 1, 1} give `a b a a c a a`, repeating, never two light picks
+//! in a row (nginx's smooth WRR has the same property but costs O(n) per
+//! pick).
+//!
+//! ## Structure: WF²Q, O(log n) per pick
+//!
+//! The schedule is Worst-case Fair Weighted Fair Queueing (Bennett & Zhang,
+//! 1996) in exact integer arithmetic. Within a period of `W` picks, instance
+//! `i`'s `k`-th pick has start `(k−1)·W/wᵢ` and finish `k·W/wᵢ`; pick `t`
+//! goes to the instance with the earliest finish among those whose start is
+//! `≤ t`. One heap orders the waiting instances by start, another the
+//! eligible ones by finish. Some instance is always eligible (the starts of
+//! the `t` picks made so far sum to at most `t`), and an instance that has
+//! had `wᵢ` picks waits for the next period, so a period holds exactly `wᵢ`
+//! picks of each instance; since the period ends in the state it began in,
+//! the sequence repeats and *every* window of `W` picks is exact. Cross
+//! multiplication keeps it exact: no floating point drift.
+//!
+//! When all configured weights are equal the schedule is a plain rotation and
+//! no heap is built.
+//!
+//! ## Dynamic weight
+//!
+//! The schedule follows configured weights. Health score and slow start
+//! (in `[0, 1]`) act per pick: the scheduled instance is accepted with that
+//! probability, otherwise the schedule moves on. With every instance
+//! healthy the sequence is exactly the WF²Q one.
+//!
+//! The schedule is rebuilt when the member list changes (in
+//! [`Strategy::prepare`], off the request path): O(n), measured in
+//! `docs/benchmarks.md`.
+
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{PickContext, Strategy, StrategyKind};
+use crate::instance::Member;
+use crate::members::Members;
+
+/// Scheduled instances tried per pick before the best of them is taken.
+const MAX_TRIES: usize = 16;
+
+/// Smooth weighted round robin.
+#[derive(Debug, Default)]
+pub struct Weighted {
+    rotation: AtomicUsize,
+    schedule: Mutex<Option<Schedule>>,
+}
+
+/// A WF²Q schedule over its own copy of the member list, so that a schedule
+/// one generation old still names valid (if perhaps removed) members.
+#[derive(Debug)]
+struct Schedule {
+    generation: u64,
+    members: Vec<Arc<Member>>,
+    weights: Vec<u64>,
+    /// Picks of each member in the current period.
+    picks: Vec<u64>,
+    total: u64,
+    /// Picks made in the current period.
+    t: u64,
+    eligible: BinaryHeap<Reverse<Finish>>,
+    waiting: BinaryHeap<Reverse<Start>>,
+}
+
+/// Orders by finish `(k+1)/w`, then index.
+#[derive(Debug, PartialEq, Eq)]
+struct Finish {
+    next: u64,
+    w: u64,
+    idx: u32,
+}
+
+/// Orders by start `k/w`, then index.
+#[derive(Debug, PartialEq, Eq)]
+struct Start {
+    k: u64,
+    w: u64,
+    idx: u32,
+}
+
+impl Ord for Finish {
+    fn cmp(&self, o: &Self) -> CmpOrdering {
+        (self.next * o.w)
+            .cmp(&(o.next * self.w))
+            .then(self.idx.cmp(&o.idx))
+    }
+}
+impl PartialOrd for Finish {
+    fn partial_cmp(&self, o: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Start {
+    fn cmp(&self, o: &Self) -> CmpOrdering {
+        (self.k * o.w).cmp(&(o.k * self.w)).then(self.idx.cmp(&o.idx))
+    }
+}
+impl PartialOrd for Start {
+    fn partial_cmp(&self, o: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Schedule {
+    fn build(members: &Members, generation: u64) -> Self {
+        let members: Vec<Arc<Member>> = members.iter().cloned().collect();
+        let weights: Vec<u64> = members
+            .iter()
+            .map(|m| u64::from(m.instance().weight().get()))
+            .collect();
+        let mut s = Schedule {
+            generation,
+            picks: vec![0; members.len()],
+            total: weights.iter().sum(),
+            members,
+            weights,
+            t: 0,
+            eligible: BinaryHeap::new(),
+            waiting: BinaryHeap::new(),
+        };
+        s.restart_period();
+        s
+    }
+
+    fn restart_period(&mut self) {
+        self.t = 0;
+        self.picks.iter_mut().for_each(|p| *p = 0);
+        self.waiting.clear();
+        let v: Vec<_> = self
+            .weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                Reverse(Finish {
+                    next: 1,
+                    w,
+                    idx: i as u32,
+                })
+            })
+            .collect();
+        self.eligible = BinaryHeap::from(v);
+    }
+
+    /// The next member in the schedule.
+    fn next(&mut self) -> Option<&Arc<Member>> {
+        if self.members.is_empty() {
+            return None;
+        }
+        if self.t >= self.total {
+            self.restart_period();
+        }
+        while let Some(Reverse(s)) = self.waiting.peek() {
+            // Eligible once its start k·W/w ≤ t.
+            if s.k * self.total > self.t * s.w {
+                break;
+            }
+            let Reverse(s) = self.waiting.pop()?;
+            self.eligible.push(Reverse(Finish {
+                next: s.k + 1,
+                w: s.w,
+                idx: s.idx,
+            }));
+        }
+        let Reverse(f) = self.eligible.pop()?;
+        let i = f.idx as usize;
+        self.picks[i] += 1;
+        self.waiting.push(Reverse(Start {
+            k: self.picks[i],
+            w: f.w,
+            idx: f.idx,
+        }));
+        self.t += 1;
+        self.members.get(i)
+    }
+}
+
+impl Weighted {
+    fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        let n = cx.members.len();
+        let mut best: Option<(f64, Arc<Member>)> = None;
+        for _ in 0..MAX_TRIES.min(n.max(1) * 2) {
+            let i = self.rotation.fetch_add(1, Ordering::Relaxed) % n.max(1);
+            let Some(m) = cx.members.get(i) else { continue };
+            if !cx.is_eligible(m) {
+                continue;
+            }
+            let f = cx.weight_factor(m);
+            if cx.accept(f) {
+                return Some(m.clone());
+            }
+            if best.as_ref().is_none_or(|(b, _)| f > *b) {
+                best = Some((f, m.clone()));
+            }
+        }
+        best.map(|(_, m)| m).or_else(|| cx.random_eligible())
+    }
+
+    fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        let mut guard = self.schedule.lock();
+        let stale = guard.as_ref().is_none_or(|s| s.generation < cx.generation);
+        if stale {
+            *guard = Some(Schedule::build(cx.members, cx.generation));
+        }
+        let sched = guard.as_mut()?;
+        let mut best: Option<(f64, Arc<Member>)> = None;
+        for _ in 0..MAX_TRIES {
+            let Some(m) = sched.next() else { break };
+            if !cx.is_eligible(m) {
+                continue;
+            }
+            let f = cx.weight_factor(m);
+            if cx.accept(f) {
+                return Some(m.clone());
+            }
+            if best.as_ref().is_none_or(|(b, _)| f > *b) {
+                best = Some((f, m.clone()));
+            }
+        }
+        drop(guard);
+        best.map(|(_, m)| m).or_else(|| cx.random_eligible())
+    }
+}
+
+impl Strategy for Weighted {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::Weighted
+    }
+
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        if cx.members.is_empty() {
+            return None;
+        }
+        if cx.members.uniform_weights() {
+            self.pick_rotation(cx)
+        } else {
+            self.pick_schedule(cx)
+        }
+    }
+
+    fn prepare(&self, members: &Members, generation: u64) {
+        let mut guard = self.schedule.lock();
+        if members.uniform_weights() {
+            *guard = None; // the rotation needs no schedule
+            return;
+        }
+        if guard.as_ref().is_none_or(|s| s.generation < generation) {
+            *guard = Some(Schedule::build(members, generation));
+        }
+    }
+}
