@@ -225,7 +225,7 @@ impl CircuitBreaker {
             if now < self.open_until {
                 return Admission::Rejected;
             }
-            transition = Some(self.to_half_open());
+            transition = Some(self.enter_half_open());
         }
         match self.state {
             CircuitState::Closed => Admission::Admitted,
@@ -259,7 +259,7 @@ impl CircuitBreaker {
             CircuitState::Open | CircuitState::HalfOpen => {
                 let mut first = None;
                 if self.state == CircuitState::Open {
-                    first = Some(self.to_half_open());
+                    first = Some(self.enter_half_open());
                 }
                 self.consecutive_successes += 1;
                 if self.consecutive_successes >= cfg.recovery_threshold {
@@ -292,12 +292,16 @@ impl CircuitBreaker {
         self.consecutive_successes = 0;
         match self.state {
             CircuitState::Open => None, // a late response from before the trip
-            CircuitState::HalfOpen => Some(self.open(now, TransitionReason::ProbeFailed, cfg, jitter)),
+            CircuitState::HalfOpen => {
+                Some(self.open(now, TransitionReason::ProbeFailed, cfg, jitter))
+            }
             CircuitState::Closed => {
                 self.consecutive_failures += 1;
                 let b = &cfg.breaker;
                 let reason = if self.consecutive_failures >= cfg.error_threshold {
-                    Some(TransitionReason::ConsecutiveFailures(self.consecutive_failures))
+                    Some(TransitionReason::ConsecutiveFailures(
+                        self.consecutive_failures,
+                    ))
                 } else if self.window_total >= b.failure_rate_min_requests
                     && f64::from(self.window_failures)
                         >= b.failure_rate_threshold * f64::from(self.window_total)
@@ -347,7 +351,7 @@ impl CircuitBreaker {
         }
     }
 
-    fn to_half_open(&mut self) -> Transition {
+    fn enter_half_open(&mut self) -> Transition {
         self.state = CircuitState::HalfOpen;
         self.consecutive_successes = 0;
         Transition {

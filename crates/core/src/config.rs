@@ -182,7 +182,10 @@ impl BreakerConfig {
         }
         let j = self.open_jitter;
         if !(j.is_finite() && (0.0..1.0).contains(&j)) {
-            return Err(invalid("open_jitter", format!("must be in [0, 1), got {j}")));
+            return Err(invalid(
+                "open_jitter",
+                format!("must be in [0, 1), got {j}"),
+            ));
         }
         if self.half_open_max_probes == 0 {
             return Err(invalid("half_open_max_probes", "must be at least 1"));
@@ -211,10 +214,14 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut LoadBalancerConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut LoadBalancerConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("error_threshold", Box::new(|c| c.error_threshold = 0)),
             ("recovery_threshold", Box::new(|c| c.recovery_threshold = 0)),
-            ("min_healthy_percent", Box::new(|c| c.min_healthy_percent = 101)),
+            (
+                "min_healthy_percent",
+                Box::new(|c| c.min_healthy_percent = 101),
+            ),
             (
                 "health_check.timeout",
                 Box::new(|c| c.health_check_timeout = Duration::from_secs(6)),

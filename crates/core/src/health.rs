@@ -164,12 +164,21 @@ mod tests {
     #[test]
     fn score_rejects_bad_values() {
         for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
-            assert!(matches!(HealthScore::try_from(v), Err(HealthScoreError::NotFinite(_))));
+            assert!(matches!(
+                HealthScore::try_from(v),
+                Err(HealthScoreError::NotFinite(_))
+            ));
         }
         for v in [-0.1, 1.1, -1e-9, 1.0 + 1e-9] {
-            assert!(matches!(HealthScore::try_from(v), Err(HealthScoreError::OutOfRange(_))));
+            assert!(matches!(
+                HealthScore::try_from(v),
+                Err(HealthScoreError::OutOfRange(_))
+            ));
         }
-        assert_eq!(HealthScore::try_from(-0.0).unwrap().get().to_bits(), 0.0f64.to_bits());
+        assert_eq!(
+            HealthScore::try_from(-0.0).unwrap().get().to_bits(),
+            0.0f64.to_bits()
+        );
         assert_eq!(HealthScore::try_from(0.5).unwrap().get(), 0.5);
     }
 
@@ -196,7 +205,11 @@ mod tests {
             spaced.score().get()
         );
         // The documented bound: a 1 s burst costs at most two full penalties.
-        assert!(burst.score().get() >= 0.25 - 1e-12, "{}", burst.score().get());
+        assert!(
+            burst.score().get() >= 0.25 - 1e-12,
+            "{}",
+            burst.score().get()
+        );
         assert!((spaced.score().get() - 0.125).abs() < 1e-12);
     }
 
@@ -215,11 +228,20 @@ mod tests {
         let mut prev = s;
         for i in 1..=50 {
             let now = h.on_success(at(80_000 + i * 100)).get();
-            assert!(now - prev <= 0.01 + 1e-9, "one success may add at most 0.01 here");
-            assert!(now <= s + 0.1 * (i as f64 * 0.1) + 1e-9, "bound: +0.1 per second");
+            assert!(
+                now - prev <= 0.01 + 1e-9,
+                "one success may add at most 0.01 here"
+            );
+            assert!(
+                now <= s + 0.1 * (i as f64 * 0.1) + 1e-9,
+                "bound: +0.1 per second"
+            );
             prev = now;
         }
-        assert!((prev - (s + 0.5)).abs() < 1e-9, "5 s of successes add 0.5, got {prev}");
+        assert!(
+            (prev - (s + 0.5)).abs() < 1e-9,
+            "5 s of successes add 0.5, got {prev}"
+        );
         // And it caps at 1.0.
         for i in 0..100 {
             h.on_success(at(90_000 + i * 1000));

@@ -412,7 +412,8 @@ impl InstanceState {
     }
 
     pub(crate) fn start_slow_start(&self, now: Timestamp) {
-        self.slow_start_began.store(now.as_nanos(), Ordering::Release);
+        self.slow_start_began
+            .store(now.as_nanos(), Ordering::Release);
     }
 
     /// Publishes what the selection path reads. Call with `inner` locked.
@@ -446,13 +447,28 @@ mod tests {
 
     #[test]
     fn descriptions_are_validated() {
-        assert_eq!(ServiceInstance::try_new("", "h", 1).unwrap_err(), InstanceError::EmptyId);
-        assert_eq!(ServiceInstance::try_new("a", "", 1).unwrap_err(), InstanceError::EmptyAddress);
-        assert_eq!(ServiceInstance::try_new("a", "h", 0).unwrap_err(), InstanceError::ZeroPort);
+        assert_eq!(
+            ServiceInstance::try_new("", "h", 1).unwrap_err(),
+            InstanceError::EmptyId
+        );
+        assert_eq!(
+            ServiceInstance::try_new("a", "", 1).unwrap_err(),
+            InstanceError::EmptyAddress
+        );
+        assert_eq!(
+            ServiceInstance::try_new("a", "h", 0).unwrap_err(),
+            InstanceError::ZeroPort
+        );
         let long = "x".repeat(254);
-        assert_eq!(InstanceId::try_new(&long).unwrap_err(), InstanceError::IdTooLong(254));
+        assert_eq!(
+            InstanceId::try_new(&long).unwrap_err(),
+            InstanceError::IdTooLong(254)
+        );
         for w in [0, 1001, 65_536 + 1] {
-            assert_eq!(Weight::try_new(w).unwrap_err(), InstanceError::InvalidWeight(w));
+            assert_eq!(
+                Weight::try_new(w).unwrap_err(),
+                InstanceError::InvalidWeight(w)
+            );
         }
         assert_eq!(Weight::try_new(1000).unwrap().get(), 1000);
         let i = ServiceInstance::try_new("a", "10.0.0.1", 80)

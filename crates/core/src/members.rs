@@ -181,7 +181,10 @@ mod tests {
         let inst = ServiceInstance::try_new(&format!("m{i}"), "h", 1)
             .unwrap()
             .with_weight(Weight::try_new(w).unwrap());
-        Arc::new(Member::new(inst, Arc::new(InstanceState::new(Timestamp::default(), false))))
+        Arc::new(Member::new(
+            inst,
+            Arc::new(InstanceState::new(Timestamp::default(), false)),
+        ))
     }
 
     #[test]

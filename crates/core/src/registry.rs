@@ -46,7 +46,9 @@ use crate::config::LoadBalancerConfig;
 use crate::error::{ConfigError, RegistryError};
 use crate::event::Event;
 use crate::health::HealthScore;
-use crate::instance::{InstanceInner, InstanceState, InstanceStatus, Member, ServiceInstance, Weight};
+use crate::instance::{
+    InstanceInner, InstanceState, InstanceStatus, Member, ServiceInstance, Weight,
+};
 use crate::members::Members;
 use crate::selection::{Outcome, Selection};
 use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind};
@@ -254,7 +256,9 @@ impl Registry {
         if let Some(s) = map.get(name) {
             return Ok(s.clone());
         }
-        let seed = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        let seed = self
+            .seed
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         let svc = Arc::new(Service::new(
             Arc::from(name),
             self.clock.clone(),
@@ -364,8 +368,14 @@ impl Registry {
         let now = self.clock.now();
         let mut w = svc.writer.lock();
         let snap = svc.snapshot.load();
-        let idx = *w.index.get(id).ok_or_else(|| unknown_instance(service, id))?;
-        let member = snap.members.get(idx).ok_or_else(|| unknown_instance(service, id))?;
+        let idx = *w
+            .index
+            .get(id)
+            .ok_or_else(|| unknown_instance(service, id))?;
+        let member = snap
+            .members
+            .get(idx)
+            .ok_or_else(|| unknown_instance(service, id))?;
         let st = member.state();
         let mut events = Vec::new();
         {
@@ -390,13 +400,16 @@ impl Registry {
         Ok(events)
     }
 
-    /// Removes drained instances whose connections reached zero or whose
-    /// drain timeout passed. Call it periodically (the server does, every
-    /// 100 ms).
+    /// Periodic upkeep, off the request path; call it every 100 ms or so
+    /// (the server does). Removes drained instances whose connections
+    /// reached zero or whose drain timeout passed, and rebuilds strategy
+    /// tables left stale by changes to large services.
     pub fn maintain(&self) -> Vec<Event> {
         let now = self.clock.now();
         let mut events = Vec::new();
         for svc in self.services.load().values() {
+            let snap = svc.snapshot.load_full();
+            snap.strategy.maintain(&snap.members, snap.generation, now);
             if svc.writer.lock().draining.is_empty() {
                 continue;
             }
@@ -451,7 +464,9 @@ impl Registry {
     ) -> Result<Vec<Event>, RegistryError> {
         let score = HealthScore::try_from(score)?;
         let svc = self.known(service)?;
-        let member = svc.member(id).ok_or_else(|| unknown_instance(service, id))?;
+        let member = svc
+            .member(id)
+            .ok_or_else(|| unknown_instance(service, id))?;
         let now = self.clock.now();
         let mut events = Vec::new();
         {
@@ -478,7 +493,9 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let weight = Weight::try_new(weight)?;
         let svc = self.known(service)?;
-        let member = svc.member(id).ok_or_else(|| unknown_instance(service, id))?;
+        let member = svc
+            .member(id)
+            .ok_or_else(|| unknown_instance(service, id))?;
         let inst = member.instance().clone().with_weight(weight);
         self.register_instance(service, inst).map(|_| ())
     }
@@ -491,7 +508,9 @@ impl Registry {
         outcome: Outcome,
     ) -> Result<Vec<Event>, RegistryError> {
         let svc = self.known(service)?;
-        let member = svc.member(id).ok_or_else(|| unknown_instance(service, id))?;
+        let member = svc
+            .member(id)
+            .ok_or_else(|| unknown_instance(service, id))?;
         Ok(svc.record(&member, outcome))
     }
 
@@ -510,9 +529,15 @@ impl Registry {
     /// A report of one instance.
     pub fn instance(&self, service: &str, id: &str) -> Result<InstanceStatus, RegistryError> {
         let svc = self.known(service)?;
-        let m = svc.member(id).ok_or_else(|| unknown_instance(service, id))?;
+        let m = svc
+            .member(id)
+            .ok_or_else(|| unknown_instance(service, id))?;
         let cfg = svc.config.load();
-        Ok(m.status(self.clock.now(), cfg.slow_start, cfg.breaker.half_open_max_probes))
+        Ok(m.status(
+            self.clock.now(),
+            cfg.slow_start,
+            cfg.breaker.half_open_max_probes,
+        ))
     }
 }
 
@@ -748,7 +773,9 @@ impl Service {
     fn check_panic(&self, cfg: &LoadBalancerConfig, events: &mut Vec<Event>) -> bool {
         let (total, eligible) = self.stats.counted();
         let panic = total > 0 && eligible * 100 < usize::from(cfg.min_healthy_percent) * total;
-        if self.panic.load(Ordering::Relaxed) != panic && self.panic.swap(panic, Ordering::AcqRel) != panic {
+        if self.panic.load(Ordering::Relaxed) != panic
+            && self.panic.swap(panic, Ordering::AcqRel) != panic
+        {
             events.push(Event::Panic {
                 service: self.name.clone(),
                 entered: panic,
@@ -784,12 +811,16 @@ impl Service {
     /// Runs `f` on a copy of the member list under the writer lock, then
     /// publishes the result as the next snapshot. `f` gets the config only
     /// if new instances should slow-start.
-    fn write(&self, f: impl FnOnce(&mut Writer, &mut Members, Timestamp, Option<&LoadBalancerConfig>)) {
+    fn write(
+        &self,
+        f: impl FnOnce(&mut Writer, &mut Members, Timestamp, Option<&LoadBalancerConfig>),
+    ) {
         let mut w = self.writer.lock();
         let old = self.snapshot.load_full();
         let mut members = old.members.clone();
         let now = self.clock.now();
-        let slow = (!old.config.slow_start.is_zero() && !members.is_empty()).then_some(&*old.config);
+        let slow =
+            (!old.config.slow_start.is_zero() && !members.is_empty()).then_some(&*old.config);
         f(&mut w, &mut members, now, slow);
         w.generation += 1;
         let generation = w.generation;
@@ -866,7 +897,12 @@ impl Writer {
     }
 
     /// Removes `id`; returns its description if it was there.
-    fn remove(&mut self, members: &mut Members, id: &str, stats: &ServiceStats) -> Option<ServiceInstance> {
+    fn remove(
+        &mut self,
+        members: &mut Members,
+        id: &str,
+        stats: &ServiceStats,
+    ) -> Option<ServiceInstance> {
         let idx = self.index.remove(id)?;
         self.draining.remove(id);
         let removed = members.swap_remove(idx)?;

@@ -127,8 +127,7 @@ impl Selection {
 
     /// Records a success with its latency and releases the connection.
     pub fn success(self, latency: Duration) -> Vec<Event> {
-        self.service
-            .record(&self.member, Outcome::Success(latency))
+        self.service.record(&self.member, Outcome::Success(latency))
     }
 
     /// Records a success, measuring latency on the registry's clock.

@@ -44,7 +44,10 @@ mod tests {
         let w = Duration::from_secs(10);
         for (pct, expect) in [(0u64, 0.0), (25, 0.25), (50, 0.5), (100, 1.0), (150, 1.0)] {
             let now = began + Duration::from_millis(pct * 100);
-            assert!((factor(Some(began), now, w) - expect).abs() < 1e-9, "{pct}%");
+            assert!(
+                (factor(Some(began), now, w) - expect).abs() < 1e-9,
+                "{pct}%"
+            );
         }
         assert_eq!(factor(None, began, w), 1.0);
         assert_eq!(factor(Some(began), began, Duration::ZERO), 1.0);

@@ -177,7 +177,11 @@ impl Adaptive {
         let mut samples: Vec<f64> = Vec::with_capacity(SPREAD_SAMPLE);
         let draws = if n <= SPREAD_SAMPLE { n } else { SPREAD_SAMPLE };
         for j in 0..draws {
-            let i = if n <= SPREAD_SAMPLE { j } else { cx.rng.usize(..n) };
+            let i = if n <= SPREAD_SAMPLE {
+                j
+            } else {
+                cx.rng.usize(..n)
+            };
             let Some(m) = cx.members.get(i) else { continue };
             if m.state().requests.load(Ordering::Relaxed) > 0 && cx.is_eligible(m) {
                 samples.push(m.latency_ewma_ns());
@@ -194,7 +198,12 @@ impl Adaptive {
     fn evaluate(&self, st: &mut State, cx: &mut PickContext<'_>) {
         let s = self.measure(st, cx);
         st.signals = s;
-        trigger(&mut st.spread_high, s.latency_spread, SPREAD_ENTER, SPREAD_LEAVE);
+        trigger(
+            &mut st.spread_high,
+            s.latency_spread,
+            SPREAD_ENTER,
+            SPREAD_LEAVE,
+        );
         trigger(&mut st.errors_high, s.error_rate, ERROR_ENTER, ERROR_LEAVE);
         trigger(
             &mut st.concurrency_high,
@@ -205,17 +214,27 @@ impl Adaptive {
         let (want, reason) = if st.spread_high {
             (
                 StrategyKind::PeakEwma,
-                format!("latency spread {:.2}x (enter at {SPREAD_ENTER}x)", s.latency_spread),
+                format!(
+                    "latency spread {:.2}x (enter at {SPREAD_ENTER}x)",
+                    s.latency_spread
+                ),
             )
         } else if st.errors_high {
             (
                 StrategyKind::P2c,
-                format!("error rate {:.1}% (enter at {:.0}%)", s.error_rate * 100.0, ERROR_ENTER * 100.0),
+                format!(
+                    "error rate {:.1}% (enter at {:.0}%)",
+                    s.error_rate * 100.0,
+                    ERROR_ENTER * 100.0
+                ),
             )
         } else if st.concurrency_high {
             (
                 StrategyKind::P2c,
-                format!("{:.2} requests in flight per instance (enter at {CONCURRENCY_ENTER})", s.concurrency),
+                format!(
+                    "{:.2} requests in flight per instance (enter at {CONCURRENCY_ENTER})",
+                    s.concurrency
+                ),
             )
         } else {
             (
@@ -275,6 +294,12 @@ impl Strategy for Adaptive {
     fn prepare(&self, members: &Members, generation: u64) {
         if self.mode() == StrategyKind::Weighted {
             self.weighted.prepare(members, generation);
+        }
+    }
+
+    fn maintain(&self, members: &Members, generation: u64, now: Timestamp) {
+        if self.mode() == StrategyKind::Weighted {
+            self.weighted.maintain(members, generation, now);
         }
     }
 

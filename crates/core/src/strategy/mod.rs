@@ -63,6 +63,21 @@ use crate::registry::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
 pub const MAX_DRAWS: usize = 32;
+/// Largest member list whose tables are rebuilt at once on a change.
+pub const EAGER_REBUILD_LIMIT: usize = 10_000;
+/// Shortest time between two rebuilds of a stale table on the request path.
+pub const INLINE_REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether a table built at `built_at` for `built_gen` must be rebuilt on a
+/// pick of generation `generation` at `now`.
+pub(crate) fn rebuild_inline(
+    built_gen: u64,
+    built_at: Timestamp,
+    generation: u64,
+    now: Timestamp,
+) -> bool {
+    built_gen < generation && now.saturating_since(built_at) >= INLINE_REBUILD_INTERVAL
+}
 
 /// Chooses one instance of a service.
 pub trait Strategy: Send + Sync + fmt::Debug {
@@ -72,10 +87,17 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// Picks an eligible member, or `None` if there is none.
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>>;
 
-    /// Called after the member list changed (off the request path), so
-    /// table-based strategies can rebuild. `generation` grows with every
-    /// change.
+    /// Called by the writer after the member list changed. Table-based
+    /// strategies rebuild here when that is cheap (at most
+    /// [`EAGER_REBUILD_LIMIT`] members); larger tables wait for
+    /// [`maintain`](Self::maintain). `generation` grows with every change.
     fn prepare(&self, _members: &Members, _generation: u64) {}
+
+    /// Called periodically off the request path
+    /// ([`Registry::maintain`](crate::Registry::maintain)): rebuild whatever
+    /// is stale. If nobody calls it, a pick rebuilds a stale table inline,
+    /// at most once per [`INLINE_REBUILD_INTERVAL`].
+    fn maintain(&self, _members: &Members, _generation: u64, _now: Timestamp) {}
 
     /// For `adaptive`: the strategy in use and why.
     fn adaptive_status(&self) -> Option<AdaptiveStatus> {

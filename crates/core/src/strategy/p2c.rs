@@ -19,7 +19,10 @@ pub struct P2c;
 
 /// The p2c cost of `m`.
 pub(crate) fn load_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
-    per_weight(f64::from(m.active_connections()) + 1.0, cx.effective_weight(m))
+    per_weight(
+        f64::from(m.active_connections()) + 1.0,
+        cx.effective_weight(m),
+    )
 }
 
 impl Strategy for P2c {

@@ -21,7 +21,10 @@ pub struct PeakEwma;
 /// The peak-EWMA cost of `m`.
 pub(crate) fn latency_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
     let queue = f64::from(m.active_connections()) + 1.0;
-    per_weight(m.latency_estimate_ns(cx.now) * queue, cx.effective_weight(m))
+    per_weight(
+        m.latency_estimate_ns(cx.now) * queue,
+        cx.effective_weight(m),
+    )
 }
 
 impl Strategy for PeakEwma {

@@ -43,7 +43,11 @@ impl Strategy for WeightedRandom {
         let mut fallback: Option<(f64, Arc<Member>)> = None;
         for _ in 0..MAX_DRAWS {
             let point = cx.rng.u64(..total);
-            let Some(m) = cx.members.index_by_weight(point).and_then(|i| cx.members.get(i)) else {
+            let Some(m) = cx
+                .members
+                .index_by_weight(point)
+                .and_then(|i| cx.members.get(i))
+            else {
                 continue;
             };
             if !cx.is_eligible(m) {

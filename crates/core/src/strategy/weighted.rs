@@ -32,9 +32,13 @@
 //! probability, otherwise the schedule moves on. With every instance
 //! healthy the sequence is exactly the WF²Q one.
 //!
-//! The schedule is rebuilt when the member list changes (in
-//! [`Strategy::prepare`], off the request path): O(n), measured in
-//! `docs/benchmarks.md`.
+//! The schedule is rebuilt when the member list changes: O(n), measured in
+//! `docs/benchmarks.md`. Up to 10,000 members that happens at once, in
+//! [`Strategy::prepare`]; above, in [`Strategy::maintain`] or, failing that,
+//! inline on a pick at most once a second, so a burst of registrations into
+//! a large service is not O(n²). Until then the previous schedule serves
+//! (removed members are skipped; new ones wait, as slow start would make
+//! them anyway).
 
 use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::BinaryHeap;
@@ -43,7 +47,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{PickContext, Strategy, StrategyKind};
+use super::{rebuild_inline, PickContext, Strategy, StrategyKind, EAGER_REBUILD_LIMIT};
+use crate::clock::Timestamp;
 use crate::instance::Member;
 use crate::members::Members;
 
@@ -62,6 +67,7 @@ pub struct Weighted {
 #[derive(Debug)]
 struct Schedule {
     generation: u64,
+    built_at: Timestamp,
     members: Vec<Arc<Member>>,
     weights: Vec<u64>,
     /// Picks of each member in the current period.
@@ -103,7 +109,9 @@ impl PartialOrd for Finish {
 }
 impl Ord for Start {
     fn cmp(&self, o: &Self) -> CmpOrdering {
-        (self.k * o.w).cmp(&(o.k * self.w)).then(self.idx.cmp(&o.idx))
+        (self.k * o.w)
+            .cmp(&(o.k * self.w))
+            .then(self.idx.cmp(&o.idx))
     }
 }
 impl PartialOrd for Start {
@@ -113,7 +121,7 @@ impl PartialOrd for Start {
 }
 
 impl Schedule {
-    fn build(members: &Members, generation: u64) -> Self {
+    fn build(members: &Members, generation: u64, built_at: Timestamp) -> Self {
         let members: Vec<Arc<Member>> = members.iter().cloned().collect();
         let weights: Vec<u64> = members
             .iter()
@@ -121,6 +129,7 @@ impl Schedule {
             .collect();
         let mut s = Schedule {
             generation,
+            built_at,
             picks: vec![0; members.len()],
             total: weights.iter().sum(),
             members,
@@ -186,6 +195,19 @@ impl Schedule {
 }
 
 impl Weighted {
+    fn rebuild_if_stale(&self, members: &Members, generation: u64, now: Timestamp) {
+        let mut guard = self.schedule.lock();
+        if members.uniform_weights() {
+            *guard = None; // the rotation needs no schedule
+            return;
+        }
+        if guard.as_ref().is_none_or(|s| s.generation < generation) {
+            // built_at is only used to rate-limit inline rebuilds; a rebuild
+            // here keeps the schedule fresh so none is needed.
+            *guard = Some(Schedule::build(members, generation, now));
+        }
+    }
+
     fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
         let n = cx.members.len();
         let mut best: Option<(f64, Arc<Member>)> = None;
@@ -208,9 +230,11 @@ impl Weighted {
 
     fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
         let mut guard = self.schedule.lock();
-        let stale = guard.as_ref().is_none_or(|s| s.generation < cx.generation);
-        if stale {
-            *guard = Some(Schedule::build(cx.members, cx.generation));
+        let rebuild = guard
+            .as_ref()
+            .is_none_or(|s| rebuild_inline(s.generation, s.built_at, cx.generation, cx.now));
+        if rebuild {
+            *guard = Some(Schedule::build(cx.members, cx.generation, cx.now));
         }
         let sched = guard.as_mut()?;
         let mut best: Option<(f64, Arc<Member>)> = None;
@@ -249,13 +273,12 @@ impl Strategy for Weighted {
     }
 
     fn prepare(&self, members: &Members, generation: u64) {
-        let mut guard = self.schedule.lock();
-        if members.uniform_weights() {
-            *guard = None; // the rotation needs no schedule
-            return;
+        if members.len() <= EAGER_REBUILD_LIMIT {
+            self.rebuild_if_stale(members, generation, Timestamp::default());
         }
-        if guard.as_ref().is_none_or(|s| s.generation < generation) {
-            *guard = Some(Schedule::build(members, generation));
-        }
+    }
+
+    fn maintain(&self, members: &Members, generation: u64, now: Timestamp) {
+        self.rebuild_if_stale(members, generation, now);
     }
 }

@@ -1,0 +1,17 @@
+//! Integration tests of the core: one test binary (one link step), one
+//! module per area, shared helpers in `support`.
+
+// Test helpers outside #[test] functions: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod adaptive;
+mod bad_input;
+mod breaker_lifecycle;
+mod consistent_hash;
+mod counts;
+mod health;
+mod panic_mode;
+mod scale;
+mod shares;
+mod slow_start;
+mod support;
