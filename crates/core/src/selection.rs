@@ -104,6 +104,11 @@ impl Selection {
         self.service.name()
     }
 
+    /// Active connections on the chosen instance, this one included.
+    pub fn active_connections(&self) -> u32 {
+        self.member.active_connections()
+    }
+
     /// Whether this request is a half-open probe.
     pub fn is_probe(&self) -> bool {
         self.probe

@@ -1,0 +1,101 @@
+//! The config file as written: strict serde structs (`deny_unknown_fields`),
+//! with `Spanned` values wherever validation needs to point at a line.
+//!
+//! Nothing here is checked beyond TOML types; [`super::Config::from_file`]
+//! turns a [`FileConfig`] into validated domain types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub drain_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub listener: Vec<FileListener>,
+    #[serde(default)]
+    pub service: BTreeMap<String, Spanned<FileService>>,
+    pub discovery: Option<FileDiscovery>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub listen: Option<Spanned<String>>,
+    pub token_file: Option<String>,
+    pub token_env: Option<String>,
+    pub state_file: Option<String>,
+    pub metrics_auth: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDiscovery {
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    pub name: Spanned<String>,
+    pub listen: Spanned<String>,
+    pub protocol: Option<Spanned<String>>,
+    /// For `protocol = "tcp"`: the service every connection goes to.
+    pub service: Option<Spanned<String>>,
+    #[serde(default)]
+    pub route: Vec<FileRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub host: Option<String>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub service: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileService {
+    pub strategy: Option<Spanned<String>>,
+    pub error_threshold: Option<Spanned<i64>>,
+    pub recovery_threshold: Option<Spanned<i64>>,
+    pub min_healthy_percent: Option<Spanned<i64>>,
+    pub slow_start: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub request_timeout: Option<Spanned<String>>,
+    pub retries: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub health_check: Option<FileHealthCheck>,
+    #[serde(default)]
+    pub instance: Vec<Spanned<FileInstance>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    pub kind: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInstance {
+    pub id: Spanned<String>,
+    pub address: Spanned<String>,
+    pub port: Spanned<i64>,
+    pub weight: Option<Spanned<i64>>,
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}

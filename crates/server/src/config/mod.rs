@@ -1,0 +1,749 @@
+//! Configuration: the TOML file of SPEC §3, parsed strictly
+//! ([`file`]) and validated into the domain types below.
+//!
+//! `datapunk-lb check`, start-up and SIGHUP reload all go through
+//! [`Config::load`] / [`Config::parse`], so a file that `check` accepts is
+//! exactly one that `run` and reload accept, and a rejected reload changes
+//! nothing. Every error names the key and its line.
+//!
+//! ## Defaults (every field but listeners, routes and services has one)
+//!
+//! | key | default |
+//! | --- | --- |
+//! | `drain_timeout` | 30 s |
+//! | `admin.listen` | `127.0.0.1:9901` |
+//! | `listener.protocol` | `http` |
+//! | `route.path_prefix` | `/` |
+//! | `service.strategy` | `adaptive` |
+//! | `service.error_threshold` / `recovery_threshold` | 3 / 2 |
+//! | `service.min_healthy_percent` | 50 |
+//! | `service.slow_start` | 10 s |
+//! | `service.connect_timeout` / `request_timeout` | 1 s / 30 s |
+//! | `service.retries` | 2 |
+//! | `service.max_connections` | 10,000 per instance |
+//! | `health_check.kind` | `http` (`tcp`, `none`) |
+//! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
+//! | `instance.weight` | 1 |
+
+pub mod file;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use datapunk_lb_core::{LoadBalancerConfig, ServiceInstance, StrategyKind, Weight};
+use toml::Spanned;
+
+use self::file::{FileConfig, FileService};
+
+/// Default drain timeout: 30 s.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default admin listen address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Default connect timeout: 1 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default request timeout: 30 s.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default retries to another instance: 2.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Default per-instance connection limit: 10,000.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default health check path.
+pub const DEFAULT_HEALTH_PATH: &str = "/health";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// The admin endpoint.
+    pub admin: AdminConfig,
+    /// Listeners, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Services by name.
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Where the admin API listens.
+    pub listen: SocketAddr,
+    /// File holding the bearer token.
+    pub token_file: Option<String>,
+    /// Environment variable holding the bearer token.
+    pub token_env: Option<String>,
+    /// Where dynamic state is kept across restarts.
+    pub state_file: Option<String>,
+    /// Whether `/metrics` needs the token.
+    pub metrics_auth: bool,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 (h2c with prior knowledge) on one port.
+    Http,
+    /// Raw TCP: bytes both ways.
+    Tcp,
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// Name, unique among listeners.
+    pub name: String,
+    /// Address to bind (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// HTTP routes, first match wins.
+    pub routes: Vec<Route>,
+    /// TCP: the service.
+    pub service: Option<String>,
+}
+
+/// `[[listener.route]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Host to match (without port), case-insensitive; any if `None`.
+    pub host: Option<String>,
+    /// Path prefix to match.
+    pub path_prefix: String,
+    /// Service the request goes to.
+    pub service: String,
+}
+
+/// `[service.NAME]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// Balancing and health rules for the core.
+    pub balancing: LoadBalancerConfig,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Whole-request timeout (to response headers).
+    pub request_timeout: Duration,
+    /// Retries to a different instance.
+    pub retries: u32,
+    /// Per-instance connection limit.
+    pub max_connections: u32,
+    /// Active health check.
+    pub health_check: HealthCheck,
+    /// Static instances.
+    pub instances: Vec<ServiceInstance>,
+}
+
+/// How instances are actively checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// `GET path` must answer 2xx.
+    Http {
+        /// Request path.
+        path: String,
+    },
+    /// A TCP connect must succeed.
+    Tcp,
+    /// No active checks (passive only).
+    None,
+}
+
+/// `[service.NAME.health_check]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Kind.
+    pub kind: HealthCheckKind,
+    /// Period for a healthy instance.
+    pub interval: Duration,
+    /// Per-probe timeout.
+    pub timeout: Duration,
+}
+
+/// One problem in a config file, with the key and line it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The key, dotted (`service.api.instance[1].port`).
+    pub key: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Why a config file was rejected: every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigIssue>);
+
+// === impl ConfigIssue / ConfigErrors ===
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+// === impl Config ===
+
+/// Collects issues while validating, with the source for line numbers.
+struct Checker<'a> {
+    src: &'a str,
+    issues: Vec<ConfigIssue>,
+}
+
+impl Checker<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.src
+            .get(..offset.min(self.src.len()))
+            .map_or(0, |s| s.bytes().filter(|b| *b == b'\n').count())
+            + 1
+    }
+
+    fn issue<T>(&mut self, key: impl Into<String>, at: &Spanned<T>, message: impl Into<String>) {
+        let line = Some(self.line_of(at.span().start));
+        self.issues.push(ConfigIssue {
+            key: key.into(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, v: &Option<Spanned<String>>, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.issue(key, v, format!("invalid duration {:?}: {e}", v.get_ref()));
+                default
+            }
+        }
+    }
+
+    fn int(
+        &mut self,
+        key: &str,
+        v: &Option<Spanned<i64>>,
+        range: std::ops::RangeInclusive<i64>,
+        default: i64,
+    ) -> i64 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if range.contains(&n) {
+            n
+        } else {
+            self.issue(
+                key,
+                v,
+                format!("must be in {}..={}, got {n}", range.start(), range.end()),
+            );
+            default
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let src = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigIssue {
+                key: path.display().to_string(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::parse(&src)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
+        let file: FileConfig = toml::from_str(src).map_err(|e| {
+            let line = e.span().map(|s| {
+                src.get(..s.start.min(src.len()))
+                    .map_or(0, |p| p.bytes().filter(|b| *b == b'\n').count())
+                    + 1
+            });
+            let message = e.message().to_owned();
+            // serde names the unknown key in its message; point at it.
+            let key = message
+                .split('`')
+                .nth(1)
+                .filter(|_| {
+                    message.starts_with("unknown field") || message.starts_with("missing field")
+                })
+                .unwrap_or("toml")
+                .to_owned();
+            ConfigErrors(vec![ConfigIssue { key, line, message }])
+        })?;
+        let mut ck = Checker {
+            src,
+            issues: Vec::new(),
+        };
+        let config = Self::from_file(file, &mut ck);
+        if ck.issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(ck.issues))
+        }
+    }
+
+    fn from_file(file: FileConfig, ck: &mut Checker<'_>) -> Config {
+        let drain_timeout =
+            ck.duration("drain_timeout", &file.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        let admin = admin(file.admin, ck);
+        if let Some(d) = &file.discovery {
+            match d.kind.get_ref().as_str() {
+                "static" => {}
+                "etcd" => ck.issue(
+                    "discovery.kind",
+                    &d.kind,
+                    "etcd discovery is not available in this build yet",
+                ),
+                other => ck.issue(
+                    "discovery.kind",
+                    &d.kind,
+                    format!("unknown kind {other:?}; expected \"static\" or \"etcd\""),
+                ),
+            }
+        }
+
+        let mut services = BTreeMap::new();
+        for (name, svc) in &file.service {
+            if let Some(cfg) = service(name, svc, ck) {
+                services.insert(name.clone(), cfg);
+            }
+        }
+
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        for (i, l) in file.listener.iter().enumerate() {
+            let key = format!("listener[{i}]");
+            if !names.insert(l.name.get_ref().clone()) {
+                ck.issue(
+                    format!("{key}.name"),
+                    &l.name,
+                    format!("duplicate listener name {:?}", l.name.get_ref()),
+                );
+            }
+            let listen = match l.listen.get_ref().parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    ck.issue(
+                        format!("{key}.listen"),
+                        &l.listen,
+                        format!("{:?} is not an address:port", l.listen.get_ref()),
+                    );
+                    SocketAddr::from(([127, 0, 0, 1], 0))
+                }
+            };
+            let protocol = match l.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+                None | Some("http") => Protocol::Http,
+                Some("tcp") => Protocol::Tcp,
+                Some(other) => {
+                    if let Some(p) = &l.protocol {
+                        ck.issue(
+                            format!("{key}.protocol"),
+                            p,
+                            format!("unknown protocol {other:?}; expected \"http\" or \"tcp\""),
+                        );
+                    }
+                    Protocol::Http
+                }
+            };
+            let known = |ck: &mut Checker<'_>, k: String, s: &Spanned<String>| {
+                if !file.service.contains_key(s.get_ref()) {
+                    ck.issue(
+                        k,
+                        s,
+                        format!("route to undefined service {:?}", s.get_ref()),
+                    );
+                }
+            };
+            let mut routes = Vec::new();
+            let mut service = None;
+            match protocol {
+                Protocol::Http => {
+                    if let Some(s) = &l.service {
+                        ck.issue(
+                            format!("{key}.service"),
+                            s,
+                            "an http listener routes with [[listener.route]], not service",
+                        );
+                    }
+                    if l.route.is_empty() {
+                        ck.issue(
+                            format!("{key}.route"),
+                            &l.name,
+                            "an http listener needs at least one [[listener.route]]",
+                        );
+                    }
+                    for (j, r) in l.route.iter().enumerate() {
+                        let rk = format!("{key}.route[{j}]");
+                        known(ck, format!("{rk}.service"), &r.service);
+                        let path_prefix = match &r.path_prefix {
+                            Some(p) if !p.get_ref().starts_with('/') => {
+                                ck.issue(format!("{rk}.path_prefix"), p, "must start with '/'");
+                                "/".to_owned()
+                            }
+                            Some(p) => p.get_ref().clone(),
+                            None => "/".to_owned(),
+                        };
+                        routes.push(Route {
+                            host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                            path_prefix,
+                            service: r.service.get_ref().clone(),
+                        });
+                    }
+                }
+                Protocol::Tcp => {
+                    if !l.route.is_empty() {
+                        ck.issue(
+                            format!("{key}.route"),
+                            &l.name,
+                            "a tcp listener takes service = \"…\", not routes",
+                        );
+                    }
+                    match &l.service {
+                        Some(s) => {
+                            known(ck, format!("{key}.service"), s);
+                            service = Some(s.get_ref().clone());
+                        }
+                        None => ck.issue(
+                            format!("{key}.service"),
+                            &l.name,
+                            "a tcp listener needs service = \"…\"",
+                        ),
+                    }
+                }
+            }
+            listeners.push(ListenerConfig {
+                name: l.name.get_ref().clone(),
+                listen,
+                protocol,
+                routes,
+                service,
+            });
+        }
+        if listeners.is_empty() {
+            ck.issues.push(ConfigIssue {
+                key: "listener".into(),
+                line: None,
+                message: "at least one [[listener]] is required".into(),
+            });
+        }
+        Config {
+            drain_timeout,
+            admin,
+            listeners,
+            services,
+        }
+    }
+
+    /// A human-readable summary, for `check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "drain_timeout: {}",
+            humantime::format_duration(self.drain_timeout)
+        );
+        let _ = writeln!(s, "admin: {}", self.admin.listen);
+        for l in &self.listeners {
+            match l.protocol {
+                Protocol::Http => {
+                    let _ = writeln!(s, "listener {} on {} (http/1.1 + h2c)", l.name, l.listen);
+                    for r in &l.routes {
+                        let _ = writeln!(
+                            s,
+                            "  route host={} path_prefix={} -> {}",
+                            r.host.as_deref().unwrap_or("*"),
+                            r.path_prefix,
+                            r.service
+                        );
+                    }
+                }
+                Protocol::Tcp => {
+                    let _ = writeln!(
+                        s,
+                        "listener {} on {} (tcp) -> {}",
+                        l.name,
+                        l.listen,
+                        l.service.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        for (name, svc) in &self.services {
+            let hc = match &svc.health_check.kind {
+                HealthCheckKind::Http { path } => format!("http {path}"),
+                HealthCheckKind::Tcp => "tcp".into(),
+                HealthCheckKind::None => "none".into(),
+            };
+            let _ = writeln!(
+                s,
+                "service {name}: strategy {}, {} instance(s), health check {hc} every {}, retries {}, timeouts connect {} / request {}",
+                svc.balancing.strategy,
+                svc.instances.len(),
+                humantime::format_duration(svc.health_check.interval),
+                svc.retries,
+                humantime::format_duration(svc.connect_timeout),
+                humantime::format_duration(svc.request_timeout),
+            );
+            for i in &svc.instances {
+                let _ = writeln!(
+                    s,
+                    "  instance {} {}:{} weight {}",
+                    i.id(),
+                    i.address(),
+                    i.port(),
+                    i.weight().get()
+                );
+            }
+        }
+        s
+    }
+}
+
+fn admin(a: Option<file::FileAdmin>, ck: &mut Checker<'_>) -> AdminConfig {
+    let default_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9901));
+    let Some(a) = a else {
+        return AdminConfig {
+            listen: default_listen,
+            token_file: None,
+            token_env: None,
+            state_file: None,
+            metrics_auth: false,
+        };
+    };
+    let listen = match &a.listen {
+        None => default_listen,
+        Some(l) => l.get_ref().parse().unwrap_or_else(|_| {
+            ck.issue(
+                "admin.listen",
+                l,
+                format!("{:?} is not an address:port", l.get_ref()),
+            );
+            default_listen
+        }),
+    };
+    AdminConfig {
+        listen,
+        token_file: a.token_file,
+        token_env: a.token_env,
+        state_file: a.state_file,
+        metrics_auth: a.metrics_auth.unwrap_or(false),
+    }
+}
+
+fn service(
+    name: &str,
+    spanned: &Spanned<FileService>,
+    ck: &mut Checker<'_>,
+) -> Option<ServiceConfig> {
+    let s = spanned.get_ref();
+    let key = format!("service.{name}");
+    let before = ck.issues.len();
+    if name.is_empty() {
+        ck.issue(key.clone(), spanned, "service name must not be empty");
+    }
+    let mut lb = LoadBalancerConfig::default();
+    if let Some(st) = &s.strategy {
+        match st.get_ref().parse::<StrategyKind>() {
+            Ok(k) => lb.strategy = k,
+            Err(e) => ck.issue(format!("{key}.strategy"), st, e.to_string()),
+        }
+    }
+    lb.error_threshold = ck.int(
+        &format!("{key}.error_threshold"),
+        &s.error_threshold,
+        1..=1000,
+        3,
+    ) as u32;
+    lb.recovery_threshold = ck.int(
+        &format!("{key}.recovery_threshold"),
+        &s.recovery_threshold,
+        1..=1000,
+        2,
+    ) as u32;
+    lb.min_healthy_percent = ck.int(
+        &format!("{key}.min_healthy_percent"),
+        &s.min_healthy_percent,
+        0..=100,
+        50,
+    ) as u8;
+    lb.slow_start = ck.duration(&format!("{key}.slow_start"), &s.slow_start, lb.slow_start);
+    let connect_timeout = ck.duration(
+        &format!("{key}.connect_timeout"),
+        &s.connect_timeout,
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let request_timeout = ck.duration(
+        &format!("{key}.request_timeout"),
+        &s.request_timeout,
+        DEFAULT_REQUEST_TIMEOUT,
+    );
+    for (k, d, v) in [
+        ("connect_timeout", connect_timeout, &s.connect_timeout),
+        ("request_timeout", request_timeout, &s.request_timeout),
+    ] {
+        if d.is_zero() {
+            if let Some(v) = v {
+                ck.issue(format!("{key}.{k}"), v, "must be greater than 0");
+            }
+        }
+    }
+    let retries = ck.int(
+        &format!("{key}.retries"),
+        &s.retries,
+        0..=10,
+        i64::from(DEFAULT_RETRIES),
+    ) as u32;
+    let max_connections = ck.int(
+        &format!("{key}.max_connections"),
+        &s.max_connections,
+        1..=10_000_000,
+        i64::from(DEFAULT_MAX_CONNECTIONS),
+    ) as u32;
+
+    let hk = format!("{key}.health_check");
+    let mut health_check = HealthCheck {
+        kind: HealthCheckKind::Http {
+            path: DEFAULT_HEALTH_PATH.to_owned(),
+        },
+        interval: lb.health_check_interval,
+        timeout: lb.health_check_timeout,
+    };
+    if let Some(h) = &s.health_check {
+        let path = match &h.path {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                ck.issue(format!("{hk}.path"), p, "must start with '/'");
+                DEFAULT_HEALTH_PATH.to_owned()
+            }
+            Some(p) => p.get_ref().clone(),
+            None => DEFAULT_HEALTH_PATH.to_owned(),
+        };
+        health_check.kind = match h.kind.as_ref().map(|k| k.get_ref().as_str()) {
+            None | Some("http") => HealthCheckKind::Http { path },
+            Some("tcp") => HealthCheckKind::Tcp,
+            Some("none") => HealthCheckKind::None,
+            Some(other) => {
+                if let Some(k) = &h.kind {
+                    ck.issue(
+                        format!("{hk}.kind"),
+                        k,
+                        format!("unknown kind {other:?}; expected \"http\", \"tcp\" or \"none\""),
+                    );
+                }
+                HealthCheckKind::None
+            }
+        };
+        health_check.interval = ck.duration(
+            &format!("{hk}.interval"),
+            &h.interval,
+            health_check.interval,
+        );
+        health_check.timeout =
+            ck.duration(&format!("{hk}.timeout"), &h.timeout, health_check.timeout);
+        lb.health_check_interval = health_check.interval;
+        lb.health_check_timeout = health_check.timeout;
+        if let Err(e) = lb.validate() {
+            let at = h.timeout.as_ref().or(h.interval.as_ref());
+            match at {
+                Some(at) => ck.issue(format!("{key}.{}", e.field), at, e.reason),
+                None => ck.issue(format!("{key}.{}", e.field), spanned, e.reason),
+            }
+        }
+    }
+
+    let mut instances = Vec::new();
+    let mut ids = HashSet::new();
+    for (i, inst) in s.instance.iter().enumerate() {
+        let ik = format!("{key}.instance[{i}]");
+        let f = inst.get_ref();
+        if !ids.insert(f.id.get_ref().clone()) {
+            ck.issue(
+                format!("{ik}.id"),
+                &f.id,
+                format!("duplicate instance id {:?}", f.id.get_ref()),
+            );
+            continue;
+        }
+        let port = *f.port.get_ref();
+        if !(1..=65535).contains(&port) {
+            ck.issue(
+                format!("{ik}.port"),
+                &f.port,
+                format!("must be in 1..=65535, got {port}"),
+            );
+            continue;
+        }
+        let mut built =
+            match ServiceInstance::try_new(f.id.get_ref(), f.address.get_ref(), port as u16) {
+                Ok(b) => b,
+                Err(e) => {
+                    let at = if f.id.get_ref().is_empty() || f.id.get_ref().len() > 253 {
+                        &f.id
+                    } else {
+                        &f.address
+                    };
+                    let field = if std::ptr::eq(at, &f.id) {
+                        "id"
+                    } else {
+                        "address"
+                    };
+                    ck.issue(format!("{ik}.{field}"), at, e.to_string());
+                    continue;
+                }
+            };
+        if let Some(w) = &f.weight {
+            match u64::try_from(*w.get_ref())
+                .map_err(|_| ())
+                .and_then(|w| Weight::try_new(w).map_err(|_| ()))
+            {
+                Ok(w) => built = built.with_weight(w),
+                Err(()) => {
+                    ck.issue(
+                        format!("{ik}.weight"),
+                        w,
+                        format!("must be in 1..=1000, got {}", w.get_ref()),
+                    );
+                    continue;
+                }
+            }
+        }
+        if let Some(z) = &f.zone {
+            built = built.with_zone(z.as_str());
+        }
+        if !f.tags.is_empty() {
+            built = built.with_tags(f.tags.iter().map(String::as_str));
+        }
+        instances.push(built);
+    }
+    if ck.issues.len() > before {
+        return None;
+    }
+    Some(ServiceConfig {
+        balancing: lb,
+        connect_timeout,
+        request_timeout,
+        retries,
+        max_connections,
+        health_check,
+        instances,
+    })
+}

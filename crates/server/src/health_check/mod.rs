@@ -1,0 +1,223 @@
+//! Active health checks: `http` (GET `path` must answer 2xx) and `tcp`
+//! (connect), per service `interval` and `timeout`, feeding the same core
+//! health model as real traffic (`Registry::report_outcome`), so rise and
+//! fall follow `recovery_threshold` and `error_threshold`.
+//!
+//! ## Schedule
+//!
+//! - **Spread**: each instance's first probe waits a random fraction of the
+//!   interval, so N instances are not probed at once.
+//! - **Backoff**: after `k` consecutive failed probes an instance is next
+//!   probed after `interval × 2^k`, capped at [`MAX_BACKOFF_FACTOR`] ×
+//!   interval (and at 60 s), with ±20 % jitter. A dead instance costs little;
+//!   a recovered one is found within the cap.
+//! - **Bound**: at most [`MAX_IN_FLIGHT`] probes run at once across all
+//!   services.
+//!
+//! Each service's checker reads the current member list every tick, so
+//! instances added at runtime are probed too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use datapunk_lb_core::{FailureKind, Outcome, Registry};
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::config::{Config, HealthCheck, HealthCheckKind};
+
+/// Probes in flight at once, across all services.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Backoff cap, as a multiple of the interval.
+pub const MAX_BACKOFF_FACTOR: u32 = 8;
+/// Absolute backoff cap.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The running checkers; dropping it stops them.
+#[derive(Debug, Default)]
+pub struct HealthChecker {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// When to probe an instance next after `fails` consecutive failures.
+pub fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Duration {
+    let factor = 2u32.saturating_pow(fails.min(16)).min(MAX_BACKOFF_FACTOR);
+    let base = if fails == 0 {
+        check.interval
+    } else {
+        (check.interval * factor).min(MAX_BACKOFF.max(check.interval))
+    };
+    // ±20 % jitter, so probes of many instances drift apart.
+    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
+impl HealthChecker {
+    /// Starts a checker per service of `config` that has a check.
+    pub fn start(registry: Arc<Registry>, config: &Config) -> Self {
+        let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0) // a probe should test a fresh connection
+            .build(conn);
+        let tasks = config
+            .services
+            .iter()
+            .filter(|(_, s)| s.health_check.kind != HealthCheckKind::None)
+            .map(|(name, s)| {
+                tokio::spawn(run_service(
+                    registry.clone(),
+                    name.clone(),
+                    s.health_check.clone(),
+                    limit.clone(),
+                    client.clone(),
+                ))
+            })
+            .collect();
+        Self { tasks }
+    }
+}
+
+struct ProbeState {
+    next_at: Instant,
+    fails: u32,
+    in_flight: bool,
+}
+
+async fn run_service(
+    registry: Arc<Registry>,
+    service: String,
+    check: HealthCheck,
+    limit: Arc<Semaphore>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
+    let mut states: HashMap<String, ProbeState> = HashMap::new();
+    let tick = (check.interval / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    loop {
+        while let Ok((id, ok)) = rx.try_recv() {
+            if let Some(st) = states.get_mut(&id) {
+                st.in_flight = false;
+                st.fails = if ok { 0 } else { st.fails.saturating_add(1) };
+                st.next_at = Instant::now() + next_delay(&check, st.fails, fastrand::f64());
+            }
+        }
+        let Some(svc) = registry.service(&service) else {
+            tokio::time::sleep(tick).await;
+            continue;
+        };
+        let members = svc.members();
+        let now = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        for m in members.iter() {
+            let inst = m.instance();
+            let id = inst.id().as_str();
+            seen.insert(id.to_owned());
+            let st = states.entry(id.to_owned()).or_insert_with(|| ProbeState {
+                next_at: now + check.interval.mul_f64(fastrand::f64()),
+                fails: 0,
+                in_flight: false,
+            });
+            if st.in_flight || st.next_at > now {
+                continue;
+            }
+            st.in_flight = true;
+            let (registry, service, id) = (registry.clone(), service.clone(), id.to_owned());
+            let (addr, port) = (inst.address().to_owned(), inst.port());
+            let (check, limit, client, tx) =
+                (check.clone(), limit.clone(), client.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _permit = limit.acquire().await;
+                let started = Instant::now();
+                let ok = probe(&check, &client, &addr, port).await;
+                let outcome = if ok {
+                    Outcome::Success(started.elapsed())
+                } else {
+                    Outcome::Failure(FailureKind::HealthCheck)
+                };
+                debug!(
+                    service = service.as_str(),
+                    instance = id.as_str(),
+                    ok,
+                    "health check"
+                );
+                if let Ok(events) = registry.report_outcome(&service, &id, outcome) {
+                    crate::telemetry::events(events);
+                }
+                let _ = tx.send((id, ok));
+            });
+        }
+        states.retain(|id, _| seen.contains(id));
+        tokio::time::sleep(tick).await;
+    }
+}
+
+async fn probe(
+    check: &HealthCheck,
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    addr: &str,
+    port: u16,
+) -> bool {
+    let authority = if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    };
+    match &check.kind {
+        HealthCheckKind::None => true,
+        HealthCheckKind::Tcp => matches!(
+            tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(authority)).await,
+            Ok(Ok(_))
+        ),
+        HealthCheckKind::Http { path } => {
+            let Ok(uri) = format!("http://{authority}{path}").parse::<http::Uri>() else {
+                return false;
+            };
+            match tokio::time::timeout(check.timeout, client.get(uri)).await {
+                Ok(Ok(resp)) => resp.status().is_success(),
+                _ => false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let check = HealthCheck {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+        };
+        assert_eq!(next_delay(&check, 0, 0.5), Duration::from_secs(1));
+        assert_eq!(next_delay(&check, 1, 0.5), Duration::from_secs(2));
+        assert_eq!(next_delay(&check, 2, 0.5), Duration::from_secs(4));
+        assert_eq!(next_delay(&check, 3, 0.5), Duration::from_secs(8));
+        assert_eq!(
+            next_delay(&check, 10, 0.5),
+            Duration::from_secs(8),
+            "capped at 8 × interval"
+        );
+        assert_eq!(next_delay(&check, 3, 0.0), Duration::from_secs_f64(6.4));
+        assert_eq!(next_delay(&check, 3, 1.0), Duration::from_secs_f64(9.6));
+    }
+}

@@ -1,0 +1,23 @@
+//! # datapunk-lb
+//!
+//! The `datapunk-lb` binary as a library, so integration tests and the demo
+//! can start a server in-process. The balancing rules live in
+//! `datapunk-lb-core`; this crate moves bytes and reports outcomes.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`cli`] | the command line |
+//! | [`config`] | the TOML file: strict parsing, validation with key and line |
+//! | [`server`] | start, reload (SIGHUP), drain (SIGTERM) |
+//! | [`proxy`] | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
+//! | [`health_check`] | active HTTP/TCP checks with spread, backoff and a bound |
+//! | [`telemetry`] | tracing setup; core events as structured log lines |
+//! | [`demo`] | `datapunk-lb demo` |
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod health_check;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,78 @@
+//! Response bodies that carry the [`Selection`] until the last byte, so the
+//! connection count covers the whole response and the outcome (success with
+//! latency, or a reset mid-body) is recorded when the body ends.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use datapunk_lb_core::{FailureKind, Selection};
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::BoxError;
+
+/// An upstream response body tracked by its selection.
+pub struct TrackedBody<B> {
+    inner: B,
+    selection: Option<Selection>,
+    started: Instant,
+}
+
+impl<B> TrackedBody<B> {
+    /// Wraps `inner`; `selection` is finished when the body ends.
+    pub fn new(inner: B, selection: Selection, started: Instant) -> Self {
+        Self {
+            inner,
+            selection: Some(selection),
+            started,
+        }
+    }
+}
+
+impl<B> Body for TrackedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                if let Some(s) = this.selection.take() {
+                    crate::telemetry::events(s.success(this.started.elapsed()));
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(s) = this.selection.take() {
+                    crate::telemetry::events(s.failure(FailureKind::Reset));
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    if let Some(s) = this.selection.take() {
+                        crate::telemetry::events(s.success(this.started.elapsed()));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,505 @@
+//! HTTP listeners: HTTP/1.1 and HTTP/2 (h2c with prior knowledge) on one
+//! port, proxied over pooled keep-alive upstream connections.
+//!
+//! ## Per request
+//!
+//! 1. Route by host and path prefix (first match wins); none → 404.
+//! 2. Select an instance from the core; none → 503. An instance at its
+//!    `max_connections` is skipped; all at the limit → 503.
+//! 3. Forward with the inbound HTTP version: HTTP/2 requests (gRPC) go to
+//!    the upstream as h2c, HTTP/1.1 as HTTP/1.1. Hop-by-hop headers are
+//!    dropped, `x-forwarded-for` is appended, trailers pass through.
+//! 4. Report the outcome to the core: a connect error, a reset or a timeout
+//!    is a failure; a 5xx is a failure; anything else is a success with its
+//!    latency, recorded when the response body ends (the selection rides
+//!    along in the body, so the connection count covers streaming).
+//!
+//! ## Retries
+//!
+//! A connect error is always retried; an idempotent request (GET, HEAD,
+//! OPTIONS, TRACE, PUT, DELETE) is also retried on a reset or a 502/503/504.
+//! Each retry goes to a different instance, at most `retries` times, and only
+//! while the service's [`RetryBudget`](super::RetryBudget) allows. A request
+//! body is replayable when it is empty or up to 64 KiB with a known length
+//! (it is buffered); a larger or streaming body is sent once.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use datapunk_lb_core::{FailureKind, InstanceId, Selection};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::body::TrackedBody;
+use super::{BoxError, ProxyError, Routing, Upstream};
+
+/// Largest request body buffered for retries.
+pub const MAX_REPLAY_BODY: usize = 64 * 1024;
+/// Largest request head accepted (HTTP/1.1); larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The body type the proxy answers with.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+type UpstreamBody = BoxBody<Bytes, BoxError>;
+
+/// Tracks open client connections for a drain: each holds a permit, and
+/// the drain flag asks them to finish.
+#[derive(Debug, Clone)]
+pub struct ConnTracker {
+    permits: Arc<tokio::sync::Semaphore>,
+    drain: watch::Sender<bool>,
+}
+
+/// Connections tracked at most (a drain acquires all permits).
+const MAX_TRACKED: u32 = 1 << 20;
+
+impl Default for ConnTracker {
+    fn default() -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_TRACKED as usize)),
+            drain: watch::channel(false).0,
+        }
+    }
+}
+
+impl ConnTracker {
+    /// Registers a connection; `None` once draining.
+    pub fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if *self.drain.borrow() {
+            return None;
+        }
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// A receiver that turns true when the drain begins.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.drain.subscribe()
+    }
+
+    /// Starts the drain and waits until every tracked connection closed.
+    pub async fn drain(&self) {
+        let _ = self.drain.send(true);
+        let _ = self.permits.acquire_many(MAX_TRACKED).await;
+    }
+}
+
+/// Pooled upstream clients of one service.
+#[derive(Debug, Clone)]
+pub struct UpstreamClients {
+    h1: Client<HttpConnector, UpstreamBody>,
+    h2: Client<HttpConnector, UpstreamBody>,
+}
+
+impl UpstreamClients {
+    /// Clients with `connect_timeout`, TCP_NODELAY and keep-alive pools.
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(connect_timeout));
+        conn.set_keepalive(Some(Duration::from_secs(60)));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(conn.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(conn);
+        Self { h1, h2 }
+    }
+}
+
+/// What an HTTP listener needs.
+#[derive(Debug)]
+pub struct HttpContext {
+    /// Listener name (routes are looked up under it).
+    pub listener: Arc<str>,
+    /// Current routing; swapped on reload.
+    pub routing: Arc<ArcSwap<Routing>>,
+}
+
+/// Accepts connections until `stop` turns true. Each connection holds a
+/// permit of `tracker` so a drain can wait for them, and shuts down
+/// gracefully (finishing in-flight requests) when the drain begins.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<HttpContext>,
+    mut stop: watch::Receiver<bool>,
+    tracker: ConnTracker,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(128)
+        .keep_alive(true);
+    builder.http2().max_concurrent_streams(1024);
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(listener = &*ctx.listener, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
+        });
+        let builder = builder.clone();
+        let tracker = tracker.clone();
+        tokio::spawn(async move {
+            let Some(_permit) = tracker.enter() else {
+                return;
+            };
+            let mut draining = tracker.draining();
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { let _ = draining.wait_for(|d| *d).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+}
+
+/// A short plain-text response.
+pub fn text(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+    text(e.status(), &e.to_string())
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The request body: replayable bytes, or the stream (sent once).
+enum ReqBody {
+    Replayable(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Option<UpstreamBody> {
+        match self {
+            ReqBody::Replayable(b) if b.is_empty() => {
+                Some(Empty::new().map_err(|never| match never {}).boxed())
+            }
+            ReqBody::Replayable(b) => {
+                Some(Full::new(b.clone()).map_err(|never| match never {}).boxed())
+            }
+            ReqBody::Stream(s) => s.take().map(|b| b.map_err(BoxError::from).boxed()),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Replayable(_))
+    }
+}
+
+async fn read_body(
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<ReqBody, Response<ProxyBody>> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Ok(ReqBody::Replayable(Bytes::new()));
+    }
+    let len = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match len {
+        Some(n) if n <= MAX_REPLAY_BODY => {
+            match Limited::new(body, MAX_REPLAY_BODY).collect().await {
+                Ok(c) => Ok(ReqBody::Replayable(c.to_bytes())),
+                Err(_) => Err(text(StatusCode::BAD_REQUEST, "invalid request body")),
+            }
+        }
+        _ => Ok(ReqBody::Stream(Some(body))),
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let keep_te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if keep_te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Serves one request.
+pub async fn handle(
+    req: Request<Incoming>,
+    ctx: &HttpContext,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let routing = ctx.routing.load_full();
+    let host = req.uri().host().map(str::to_owned).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    });
+    let Some(up) = routing
+        .route(&ctx.listener, host.as_deref(), req.uri().path())
+        .cloned()
+    else {
+        return error_response(&ProxyError::NoRoute);
+    };
+    drop(routing);
+    match proxy(req, &up, peer).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            debug!(
+                service = up.name.as_str(),
+                outcome = e.outcome(),
+                "request failed"
+            );
+            error_response(&e)
+        }
+    }
+}
+
+async fn proxy(
+    req: Request<Incoming>,
+    up: &Upstream,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let deadline = tokio::time::Instant::now() + up.request_timeout;
+    let (mut parts, body) = req.into_parts();
+    let mut body = match read_body(&parts, body).await {
+        Ok(b) => b,
+        Err(resp) => return Ok(resp),
+    };
+    let http2 = parts.version == Version::HTTP_2;
+    let idempotent = is_idempotent(&parts.method);
+    strip_hop_by_hop(&mut parts.headers);
+    append_forwarded_for(&mut parts.headers, peer);
+    up.budget.deposit();
+
+    let mut tried: Vec<InstanceId> = Vec::new();
+    let mut last_error = ProxyError::Unreachable(up.name.clone());
+    let mut last_response: Option<Response<ProxyBody>> = None;
+    for attempt in 0..=up.retries {
+        if attempt > 0 && !up.budget.try_withdraw() {
+            break;
+        }
+        let selection = match select_fresh(up, &tried) {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing new to try: report the earlier failure if any.
+                if attempt == 0 {
+                    return Err(e);
+                }
+                break;
+            }
+        };
+        let Some(req_body) = body.take() else { break };
+        tried.push(selection.instance().id().clone());
+        let uri = upstream_uri(
+            selection.instance().address(),
+            selection.instance().port(),
+            &parts.uri,
+        );
+        let Ok(uri) = uri else {
+            return Err(ProxyError::Unreachable(up.name.clone()));
+        };
+        let mut out = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .version(if http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            })
+            .body(req_body)
+            .map_err(|_| ProxyError::Unreachable(up.name.clone()))?;
+        *out.headers_mut() = parts.headers.clone();
+        if http2 {
+            // h2 carries the authority in the URI; a stale Host would conflict.
+            out.headers_mut().remove(header::HOST);
+        }
+        let started = Instant::now();
+        let client = if http2 {
+            &up.clients.h2
+        } else {
+            &up.clients.h1
+        };
+        let sent = tokio::time::timeout_at(deadline, client.request(out)).await;
+        let resp = match sent {
+            Err(_) => {
+                crate::telemetry::events(selection.failure(FailureKind::Timeout));
+                return Err(ProxyError::Timeout(up.name.clone()));
+            }
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let connect = e.is_connect();
+                let kind = if connect {
+                    FailureKind::Connect
+                } else {
+                    FailureKind::Reset
+                };
+                debug!(service = up.name.as_str(), error = %e, connect, "upstream attempt failed");
+                crate::telemetry::events(selection.failure(kind));
+                last_error = ProxyError::Unreachable(up.name.clone());
+                last_response = None;
+                if body.replayable() && (connect || idempotent) {
+                    continue;
+                }
+                break;
+            }
+        };
+        let status = resp.status();
+        if !status.is_server_error() {
+            return Ok(finish_response(resp, Some(selection), started));
+        }
+        crate::telemetry::events(selection.failure(FailureKind::ServerError));
+        let retry_status = matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        );
+        let resp = finish_response(resp, None, started);
+        if !(retry_status && idempotent && body.replayable() && attempt < up.retries) {
+            return Ok(resp);
+        }
+        last_response = Some(resp);
+    }
+    match last_response {
+        Some(r) => Ok(r),
+        None => Err(last_error),
+    }
+}
+
+/// Selects an instance not tried yet and under its connection limit.
+fn select_fresh(up: &Upstream, tried: &[InstanceId]) -> Result<Selection, ProxyError> {
+    let mut over_limit = false;
+    for _ in 0..4 {
+        let Some(s) = up.service.select(None) else {
+            break;
+        };
+        if tried.contains(s.instance().id()) {
+            continue;
+        }
+        // The count includes this selection.
+        if s.active_connections() > up.max_connections {
+            over_limit = true;
+            continue;
+        }
+        return Ok(s);
+    }
+    if over_limit {
+        Err(ProxyError::OverLimit(up.name.clone()))
+    } else {
+        Err(ProxyError::NoEligibleInstance(up.name.clone()))
+    }
+}
+
+fn upstream_uri(address: &str, port: u16, original: &Uri) -> Result<Uri, http::Error> {
+    let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
+    let authority = if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    };
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+fn finish_response(
+    resp: Response<Incoming>,
+    selection: Option<Selection>,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body: ProxyBody = match selection {
+        Some(s) => TrackedBody::new(body, s, started).boxed(),
+        None => body.map_err(BoxError::from).boxed(),
+    };
+    Response::from_parts(parts, body)
+}

@@ -1,0 +1,126 @@
+//! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]), TCP listeners
+//! ([`tcp`]), routing, retries ([`retry`]) and the errors clients see
+//! ([`error`]).
+//!
+//! Request path: listener → [`Routing::route`] (host, then path prefix,
+//! first match wins) → the service's core `Service::select` → upstream →
+//! outcome back to the core, which moves health scores and breakers.
+
+pub mod body;
+pub mod error;
+pub mod http;
+pub mod retry;
+pub mod tcp;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datapunk_lb_core::Service;
+
+use crate::config::{Config, ListenerConfig};
+
+pub use self::error::ProxyError;
+pub use self::retry::RetryBudget;
+
+/// Boxed error for bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Per-service proxy settings and handles, resolved once per config.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The service name.
+    pub name: String,
+    /// The core service (selection, outcomes).
+    pub service: Arc<Service>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Deadline for the response headers, over all attempts.
+    pub request_timeout: Duration,
+    /// Retries to a different instance.
+    pub retries: u32,
+    /// Per-instance connection limit.
+    pub max_connections: u32,
+    /// Retry budget, kept across reloads.
+    pub budget: Arc<RetryBudget>,
+    /// Pooled upstream clients.
+    pub clients: http::UpstreamClients,
+}
+
+/// Routes of every listener plus the upstreams: one immutable value swapped
+/// whole on reload.
+#[derive(Debug, Default)]
+pub struct Routing {
+    listeners: HashMap<String, ListenerConfig>,
+    upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl Routing {
+    /// Builds routing for `config`; `upstreams` must hold every service.
+    pub fn new(config: &Config, upstreams: HashMap<String, Arc<Upstream>>) -> Self {
+        Self {
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.clone()))
+                .collect(),
+            upstreams,
+        }
+    }
+
+    /// The upstream for a request to `listener` with `host` and `path`.
+    pub fn route(&self, listener: &str, host: Option<&str>, path: &str) -> Option<&Arc<Upstream>> {
+        let l = self.listeners.get(listener)?;
+        let host = host.map(|h| strip_port(h).to_ascii_lowercase());
+        let r = l.routes.iter().find(|r| {
+            let host_ok = match (&r.host, &host) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want == got,
+                (Some(_), None) => false,
+            };
+            host_ok && path.starts_with(&r.path_prefix)
+        })?;
+        self.upstreams.get(&r.service)
+    }
+
+    /// The upstream of a TCP listener.
+    pub fn tcp_upstream(&self, listener: &str) -> Option<&Arc<Upstream>> {
+        let l = self.listeners.get(listener)?;
+        self.upstreams.get(l.service.as_deref()?)
+    }
+
+    /// Every upstream by service name.
+    pub fn upstreams(&self) -> &HashMap<String, Arc<Upstream>> {
+        &self.upstreams
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host
+            .split(']')
+            .next()
+            .map_or(host, |h| h)
+            .trim_start_matches('[');
+    }
+    host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("api.example:8080"), "api.example");
+        assert_eq!(strip_port("api.example"), "api.example");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}
