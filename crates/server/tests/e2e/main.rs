@@ -1,1 +1,11 @@
-fn main() {}
+//! End-to-end tests: the real `datapunk-lb` binary on real sockets
+//! (127.0.0.1:0), real backends, one test binary, helpers in `support`.
+
+// Test helpers outside #[test] functions: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod config;
+mod failover;
+mod lifecycle;
+mod proxy;
+mod support;

@@ -1,0 +1,253 @@
+//! Proxying: shares, HTTP/2 and gRPC, TCP, error statuses, bad requests.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_splits_exactly_and_weights_hold() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let lb = Lb::start(&http_config(
+        "strategy = \"round_robin\"",
+        &[&a, &b, &c],
+        &[1, 1, 1],
+    ));
+    let client = client();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let (status, body) = get(&client, lb.addr("web"), "/x").await.unwrap();
+        assert_eq!(status, 200);
+        *counts.entry(body).or_default() += 1;
+    }
+    assert_eq!(
+        counts,
+        HashMap::from([("a".into(), 100), ("b".into(), 100), ("c".into(), 100)])
+    );
+
+    let (d, e) = (Backend::start("d").await, Backend::start("e").await);
+    let lb = Lb::start(&http_config("strategy = \"weighted\"", &[&d, &e], &[3, 1]));
+    let mut d_count = 0;
+    let n = 400;
+    for _ in 0..n {
+        let (_, body) = get(&client, lb.addr("web"), "/").await.unwrap();
+        d_count += usize::from(body == "d");
+    }
+    let share = d_count as f64 / n as f64;
+    assert!((share - 0.75).abs() <= 0.03, "weights 3:1 gave {share}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_reaches_the_backend_as_http2() {
+    let a = Backend::start("a").await;
+    let lb = Lb::start(&http_config("", &[&a], &[1]));
+    let (status, body) = get(&h2_client(), lb.addr("web"), "/h2").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "a"));
+    let versions = a.state.versions.lock().clone();
+    assert!(
+        versions.contains(&hyper::Version::HTTP_2),
+        "backend saw {versions:?}"
+    );
+    // And HTTP/1.1 stays HTTP/1.1.
+    get(&client(), lb.addr("web"), "/h1").await.unwrap();
+    assert_eq!(
+        a.state.versions.lock().last(),
+        Some(&hyper::Version::HTTP_11)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_call_passes_status_trailers() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let (mut reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("datapunk.Ok", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let config = format!(
+        r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+[[listener.route]]
+service = "grpc"
+[service.grpc]
+[service.grpc.health_check]
+kind = "tcp"
+[[service.grpc.instance]]
+id = "g1"
+address = "127.0.0.1"
+port = {port}
+"#
+    );
+    let lb = Lb::start(&config);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", lb.addr("web")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let ok = client
+        .check(HealthCheckRequest {
+            service: "datapunk.Ok".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().status, ServingStatus::Serving as i32);
+    let err = client
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::NotFound,
+        "grpc-status from the backend's trailers: {err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listener_echoes_one_mebibyte_intact() {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let config = format!(
+        r#"[[listener]]
+name = "raw"
+listen = "127.0.0.1:0"
+protocol = "tcp"
+service = "echo"
+[service.echo]
+[service.echo.health_check]
+kind = "tcp"
+[[service.echo.instance]]
+id = "e1"
+address = "127.0.0.1"
+port = {port}
+"#
+    );
+    let lb = Lb::start(&config);
+    let data: Vec<u8> = (0..1024 * 1024).map(|i| (i * 31 % 251) as u8).collect();
+    let stream = TcpStream::connect(lb.addr("raw")).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let payload = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "echoed bytes differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_unreachable_and_limits_get_504_502_503() {
+    let slow = Backend::start("slow").await;
+    slow.set_delay(Duration::from_secs(3));
+    let extra = "request_timeout = \"300ms\"\nretries = 0\nmax_connections = 1";
+    let lb = Lb::start(&http_config(extra, &[&slow], &[1]));
+    let c = client();
+    let t = Instant::now();
+    let (status, body) = get(&c, lb.addr("web"), "/").await.unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "504 took {:?}",
+        t.elapsed()
+    );
+
+    // max_connections = 1: the second concurrent request gets 503 at once.
+    slow.set_delay(Duration::from_millis(250));
+    let addr = lb.addr("web");
+    let first = tokio::spawn(async move { get(&client(), addr, "/first").await });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let t = Instant::now();
+    let (status, body) = get(&c, addr, "/second").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "503 took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(first.await.unwrap().unwrap().0, 200);
+
+    // All instances down → 502 (before the breaker opens) or 503 (after).
+    let gone = Backend::start("gone").await;
+    gone.kill().await;
+    let lb = Lb::start(&http_config("", &[&gone], &[1]));
+    let (status, body) = get(&c, lb.addr("web"), "/").await.unwrap();
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("could be reached"), "{body}");
+}
+
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_400_or_431_and_the_proxy_keeps_serving() {
+    let a = Backend::start("a").await;
+    let lb = Lb::start(&http_config("", &[&a], &[1]));
+    let addr = lb.addr("web");
+    let r = raw(addr, b"GARBAGE\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 400"),
+        "malformed request line: {r:?}"
+    );
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let r = raw(addr, huge.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "oversized headers: {r:?}");
+    let r = raw(
+        addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 400"),
+        "invalid chunked encoding: {r:?}"
+    );
+    let (status, body) = get(&client(), addr, "/").await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "a"),
+        "the proxy keeps serving"
+    );
+}

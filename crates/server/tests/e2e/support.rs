@@ -1,0 +1,327 @@
+//! Helpers shared by the end-to-end tests: real backends on 127.0.0.1:0, the
+//! real `datapunk-lb` binary as a child process, and clients.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A scriptable HTTP backend: answers every path with its name, `/health`
+/// with 200 (or `status` when set), after `delay_ms`.
+pub(crate) struct Backend {
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) state: Arc<BackendState>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+pub(crate) struct BackendState {
+    pub(crate) delay_ms: AtomicU64,
+    /// 0 = normal; otherwise every response gets this status.
+    pub(crate) status: AtomicU16,
+    pub(crate) hits: AtomicUsize,
+    pub(crate) versions: Mutex<Vec<hyper::Version>>,
+}
+
+impl Backend {
+    pub(crate) async fn start(name: &str) -> Arc<Backend> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let b = Arc::new(Backend {
+            name: name.to_owned(),
+            addr,
+            state: Arc::new(BackendState::default()),
+            task: Mutex::new(None),
+        });
+        b.serve(listener);
+        b
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (name, state) = (self.name.clone(), self.state.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (name, state) = (name.clone(), state.clone());
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (name, state) = (name.clone(), state.clone());
+                        async move { Ok::<_, Infallible>(respond(&name, &state, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            // (the JoinSet is dropped with the task: aborting every connection)
+        });
+        *self.task.lock() = Some(task);
+    }
+
+    /// Closes the listener and every open connection (a crash).
+    pub(crate) async fn kill(&self) {
+        let task = self.task.lock().take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub(crate) async fn restart(&self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+
+    pub(crate) fn set_delay(&self, d: Duration) {
+        self.state
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+async fn respond(
+    name: &str,
+    state: &BackendState,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    state.versions.lock().push(req.version());
+    let is_health = req.uri().path() == "/health";
+    if !is_health {
+        state.hits.fetch_add(1, Ordering::SeqCst);
+    }
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 && !is_health {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    // Drain the request body.
+    let _ = req.into_body().collect().await;
+    let mut r = Response::new(Full::new(Bytes::from(name.to_owned())));
+    let status = state.status.load(Ordering::SeqCst);
+    if status != 0 {
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    }
+    r
+}
+
+/// The `datapunk-lb run` child process.
+pub(crate) struct Lb {
+    pub(crate) child: Child,
+    pub(crate) addrs: HashMap<String, SocketAddr>,
+    pub(crate) config_path: std::path::PathBuf,
+    pub(crate) log: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+pub(crate) fn temp_path(name: &str) -> std::path::PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    std::env::temp_dir().join(format!(
+        "datapunk-lb-test-{}-{n}-{name}",
+        std::process::id()
+    ))
+}
+
+impl Lb {
+    /// Writes `config` to a file and runs the binary on it; waits until
+    /// every listener logged its address.
+    pub(crate) fn start(config: &str) -> Lb {
+        let config_path = temp_path("lb.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let listeners = config.matches("[[listener]]").count();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    eprintln!("lb: {line}");
+                    continue;
+                };
+                if v["message"] == "listening" {
+                    let _ = tx.send((
+                        v["listener"].as_str().unwrap_or("").to_owned(),
+                        v["addr"]
+                            .as_str()
+                            .unwrap_or("")
+                            .parse::<SocketAddr>()
+                            .unwrap(),
+                    ));
+                }
+                log2.lock().push(v);
+            }
+        });
+        let mut addrs = HashMap::new();
+        while addrs.len() < listeners {
+            let (name, addr) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("datapunk-lb did not report its listeners");
+            addrs.insert(name, addr);
+        }
+        Lb {
+            child,
+            addrs,
+            config_path,
+            log,
+        }
+    }
+
+    pub(crate) fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs[listener]
+    }
+
+    pub(crate) fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits until a log line matching `pred` appears.
+    pub(crate) async fn wait_log(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.log.lock().iter().any(&pred) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no log line for {what} within {timeout:?}");
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "datapunk-lb did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub(crate) fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub(crate) fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// GET `path` on `addr`; returns status and body.
+pub(crate) async fn get(
+    c: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let uri = format!("http://{addr}{path}");
+    let resp = c
+        .get(uri.parse().unwrap())
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// An `[[service.NAME.instance]]` block per backend.
+pub(crate) fn instances(service: &str, backends: &[&Arc<Backend>], weights: &[u32]) -> String {
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            format!(
+                "[[service.{service}.instance]]\nid = \"{}\"\naddress = \"127.0.0.1\"\nport = {}\nweight = {}\n",
+                b.name,
+                b.addr.port(),
+                weights.get(i).copied().unwrap_or(1)
+            )
+        })
+        .collect()
+}
+
+/// A config with one http listener `web` routing `/` to `api`.
+pub(crate) fn http_config(
+    service_extra: &str,
+    backends: &[&Arc<Backend>],
+    weights: &[u32],
+) -> String {
+    format!(
+        r#"drain_timeout = "5s"
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+protocol = "http"
+[[listener.route]]
+path_prefix = "/"
+service = "api"
+
+[service.api]
+{service_extra}
+[service.api.health_check]
+kind = "http"
+path = "/health"
+interval = "100ms"
+timeout = "100ms"
+
+{}"#,
+        instances("api", backends, weights)
+    )
+}
