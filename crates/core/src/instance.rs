@@ -68,6 +68,7 @@ pub struct InstanceState {
     pub(crate) active: AtomicU32,
     pub(crate) requests: AtomicU64,
     pub(crate) failures: AtomicU64,
+    pub(crate) failures_by_kind: [AtomicU64; 6],
     pub(crate) last_used: AtomicU64,
     health_bits: AtomicU64,
     breaker_state: AtomicU8,
@@ -109,10 +110,12 @@ pub struct InstanceStatus {
     pub active_connections: u32,
     /// Whether the instance is draining.
     pub draining: bool,
-    /// Outcomes recorded.
+    /// Request outcomes recorded (active health checks are not requests).
     pub requests: u64,
     /// Failures recorded.
     pub failures: u64,
+    /// Failures by kind, indexed by [`FailureKind::index`](crate::FailureKind::index).
+    pub failures_by_kind: [u64; 6],
     /// Peak-EWMA latency as of the last sample.
     pub latency_ewma: Duration,
     /// Slow-start factor now, in `[0, 1]`.
@@ -364,6 +367,9 @@ impl Member {
             draining: self.is_draining(),
             requests: s.requests.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
+            failures_by_kind: std::array::from_fn(|i| {
+                s.failures_by_kind[i].load(Ordering::Relaxed)
+            }),
             latency_ewma: Duration::from_nanos(self.latency_ewma_ns() as u64),
             slow_start_factor: self.slow_start_factor(now, slow_start),
             last_used: (last != NONE).then(|| Timestamp::from_nanos(last)),
@@ -382,6 +388,7 @@ impl InstanceState {
             active: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            failures_by_kind: Default::default(),
             last_used: AtomicU64::new(NONE),
             health_bits: AtomicU64::new(1.0f64.to_bits()),
             breaker_state: AtomicU8::new(CircuitState::Closed.as_u8()),

@@ -126,6 +126,15 @@ pub struct ServiceStats {
     unavailable: AtomicUsize,
 }
 
+/// Where an outcome came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A request through a `Selection`: counted, feeds the EWMA.
+    Request,
+    /// An active health check: moves health and breaker only.
+    Probe,
+}
+
 /// Whether a registration added an instance or updated one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registered {
@@ -501,6 +510,9 @@ impl Registry {
     }
 
     /// Records an outcome not tied to a selection (an active health check).
+    /// It moves the health score and the breaker like a request's outcome,
+    /// but is not counted as a request and does not feed the latency EWMA
+    /// (a probe's latency says little about a real request's).
     pub fn report_outcome(
         &self,
         service: &str,
@@ -511,7 +523,7 @@ impl Registry {
         let member = svc
             .member(id)
             .ok_or_else(|| unknown_instance(service, id))?;
-        Ok(svc.record(&member, outcome))
+        Ok(svc.record(&member, outcome, Source::Probe))
     }
 
     /// A report of every service, sorted by name.
@@ -641,15 +653,37 @@ impl Service {
                 events: &mut events,
             };
             let member = snap.strategy.pick(&mut cx)?;
+            let kind = snap.strategy.effective_kind();
             if panic {
-                return Some(Selection::new(self.clone(), member, now, false, events));
+                return Some(Selection::new(
+                    self.clone(),
+                    member,
+                    now,
+                    false,
+                    kind,
+                    events,
+                ));
             }
             match self.admit(&member, now, &snap.config, &mut events) {
                 Admission::Admitted => {
-                    return Some(Selection::new(self.clone(), member, now, false, events))
+                    return Some(Selection::new(
+                        self.clone(),
+                        member,
+                        now,
+                        false,
+                        kind,
+                        events,
+                    ))
                 }
                 Admission::Probe(_) => {
-                    return Some(Selection::new(self.clone(), member, now, true, events))
+                    return Some(Selection::new(
+                        self.clone(),
+                        member,
+                        now,
+                        true,
+                        kind,
+                        events,
+                    ))
                 }
                 Admission::Rejected => {}
             }
@@ -690,12 +724,15 @@ impl Service {
     }
 
     /// Records an outcome on `member` and returns the events it caused.
-    pub(crate) fn record(&self, member: &Member, outcome: Outcome) -> Vec<Event> {
+    pub(crate) fn record(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event> {
         let now = self.clock.now();
         let cfg = self.config.load();
         let st = member.state();
-        st.requests.fetch_add(1, Ordering::Relaxed);
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let request = source == Source::Request;
+        if request {
+            st.requests.fetch_add(1, Ordering::Relaxed);
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        }
         let jitter = (self.next_seed() >> 11) as f64 / (1u64 << 53) as f64;
         let mut events = Vec::new();
         {
@@ -703,12 +740,17 @@ impl Service {
             let transition = match outcome {
                 Outcome::Success(latency) => {
                     inner.health.on_success(now);
-                    inner.ewma.observe(latency, now);
+                    if request {
+                        inner.ewma.observe(latency, now);
+                    }
                     inner.breaker.on_success(now, &cfg)
                 }
-                Outcome::Failure(_) => {
-                    st.failures.fetch_add(1, Ordering::Relaxed);
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                Outcome::Failure(kind) => {
+                    if request {
+                        st.failures.fetch_add(1, Ordering::Relaxed);
+                        st.failures_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    }
                     inner.health.on_failure(now);
                     inner.breaker.on_failure(now, &cfg, jitter)
                 }

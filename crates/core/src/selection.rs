@@ -21,7 +21,8 @@ use std::time::Duration;
 use crate::clock::Timestamp;
 use crate::event::Event;
 use crate::instance::{Member, ServiceInstance};
-use crate::registry::Service;
+use crate::registry::{Service, Source};
+use crate::strategy::StrategyKind;
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,10 +57,26 @@ pub struct Selection {
     member: Arc<Member>,
     started: Timestamp,
     probe: bool,
+    strategy: StrategyKind,
     events: Vec<Event>,
 }
 
 impl FailureKind {
+    /// Every kind, in [`index`](Self::index) order.
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::Connect,
+        FailureKind::Timeout,
+        FailureKind::Reset,
+        FailureKind::ServerError,
+        FailureKind::Protocol,
+        FailureKind::HealthCheck,
+    ];
+
+    /// Position in [`ALL`](Self::ALL).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// A short lower-case name, for logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -79,6 +96,7 @@ impl Selection {
         member: Arc<Member>,
         now: Timestamp,
         probe: bool,
+        strategy: StrategyKind,
         events: Vec<Event>,
     ) -> Self {
         let st = member.state();
@@ -90,6 +108,7 @@ impl Selection {
             member,
             started: now,
             probe,
+            strategy,
             events,
         }
     }
@@ -107,6 +126,11 @@ impl Selection {
     /// Active connections on the chosen instance, this one included.
     pub fn active_connections(&self) -> u32 {
         self.member.active_connections()
+    }
+
+    /// The strategy that made the pick (for `adaptive`: the one in use).
+    pub fn strategy(&self) -> StrategyKind {
+        self.strategy
     }
 
     /// Whether this request is a half-open probe.
@@ -132,7 +156,8 @@ impl Selection {
 
     /// Records a success with its latency and releases the connection.
     pub fn success(self, latency: Duration) -> Vec<Event> {
-        self.service.record(&self.member, Outcome::Success(latency))
+        self.service
+            .record(&self.member, Outcome::Success(latency), Source::Request)
     }
 
     /// Records a success, measuring latency on the registry's clock.
@@ -143,7 +168,8 @@ impl Selection {
 
     /// Records a failure and releases the connection.
     pub fn failure(self, kind: FailureKind) -> Vec<Event> {
-        self.service.record(&self.member, Outcome::Failure(kind))
+        self.service
+            .record(&self.member, Outcome::Failure(kind), Source::Request)
     }
 }
 

@@ -303,6 +303,10 @@ impl Strategy for Adaptive {
         }
     }
 
+    fn effective_kind(&self) -> StrategyKind {
+        self.mode()
+    }
+
     fn adaptive_status(&self) -> Option<AdaptiveStatus> {
         let st = self.state.lock();
         Some(AdaptiveStatus {

@@ -99,6 +99,12 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// at most once per [`INLINE_REBUILD_INTERVAL`].
     fn maintain(&self, _members: &Members, _generation: u64, _now: Timestamp) {}
 
+    /// The strategy that picks now: `kind()`, except for `adaptive`, which
+    /// reports the one it uses. Cheap (an atomic load at most).
+    fn effective_kind(&self) -> StrategyKind {
+        self.kind()
+    }
+
     /// For `adaptive`: the strategy in use and why.
     fn adaptive_status(&self) -> Option<AdaptiveStatus> {
         None
