@@ -6,18 +6,24 @@
 //!
 //! | module | owns |
 //! | --- | --- |
+//! | [`admin`] | the admin API, `/metrics`, the status page, health endpoints |
 //! | [`cli`] | the command line |
 //! | [`config`] | the TOML file: strict parsing, validation with key and line |
 //! | [`server`] | start, reload (SIGHUP), drain (SIGTERM) |
 //! | [`proxy`] | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
 //! | [`health_check`] | active HTTP/TCP checks with spread, backoff and a bound |
+//! | [`metrics`] | every Prometheus metric of the SPEC |
+//! | [`state`] | dynamic state that survives restarts |
 //! | [`telemetry`] | tracing setup; core events as structured log lines |
 //! | [`demo`] | `datapunk-lb demo` |
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod health_check;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod state;
 pub mod telemetry;

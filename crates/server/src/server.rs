@@ -23,17 +23,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use datapunk_lb_core::Registry;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use datapunk_lb_core::{Event, Registry, RegistryError, StrategyKind};
 use parking_lot::Mutex;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::admin::{AdminError, AdminState};
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::health_check::HealthChecker;
+use crate::metrics::Metrics;
 use crate::proxy::http::{ConnTracker, HttpContext, UpstreamClients};
 use crate::proxy::{RetryBudget, Routing, Upstream};
+use crate::state::{DynamicState, InstanceSpec};
 
 /// Why the server could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The admin token could not be read.
+    #[error("admin token: {0}")]
+    Token(String),
     /// The core refused a service or instance.
     #[error("service {service}: {source}")]
     Registry {
@@ -76,6 +84,13 @@ pub struct Server {
     health: Mutex<HealthChecker>,
     connections: ConnTracker,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    metrics: Arc<Metrics>,
+    dynamic: tokio::sync::Mutex<DynamicState>,
+    state_file: Option<PathBuf>,
+    token: ArcSwapOption<String>,
+    metrics_auth: AtomicBool,
+    ready: AtomicBool,
+    admin: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -96,6 +111,23 @@ impl Server {
         config: Config,
         registry: Arc<Registry>,
     ) -> Result<Arc<Server>, ServerError> {
+        let state_file = config.admin.state_file.as_ref().map(PathBuf::from);
+        let dynamic = match &state_file {
+            None => DynamicState::default(),
+            Some(path) => match DynamicState::load(path) {
+                Ok(s) => {
+                    if !s.services.is_empty() {
+                        info!(state_file = %path.display(), services = s.services.len(), "restored dynamic state");
+                    }
+                    s
+                }
+                Err(e) => {
+                    error!(state_file = %path.display(), error = %e, "state file unusable; starting from the config alone");
+                    DynamicState::default()
+                }
+            },
+        };
+        let metrics = Arc::new(Metrics::new(registry.clone()));
         let server = Arc::new(Server {
             registry,
             routing: Arc::new(ArcSwap::from_pointee(Routing::default())),
@@ -104,14 +136,24 @@ impl Server {
             health: Mutex::new(HealthChecker::default()),
             connections: ConnTracker::default(),
             budgets: Mutex::new(HashMap::new()),
+            metrics,
+            dynamic: tokio::sync::Mutex::new(dynamic),
+            state_file,
+            token: ArcSwapOption::empty(),
+            metrics_auth: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            admin: Mutex::new(None),
         });
-        server.apply(config, true).await?;
+        server.apply(config.clone(), true).await?;
+        server.start_admin(&config).await?;
+        // Static discovery: the first sync is the config itself.
+        server.ready.store(true, Ordering::Release);
         let s = server.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                crate::telemetry::events(s.registry.maintain());
+                s.metrics.report(s.registry.maintain());
             }
         });
         Ok(server)
@@ -133,10 +175,186 @@ impl Server {
 
     /// Validates and applies a new config; on error nothing changed.
     pub async fn reload(&self, config: Config) -> Result<(), ServerError> {
-        self.apply(config, false).await
+        let r = self.apply(config, false).await;
+        self.metrics.reload(r.is_ok());
+        r
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The admin token, if one is configured.
+    pub fn admin_token(&self) -> Option<Arc<String>> {
+        self.token.load_full()
+    }
+
+    /// Whether `/metrics` needs the token.
+    pub fn metrics_auth(&self) -> bool {
+        self.metrics_auth.load(Ordering::Relaxed)
+    }
+
+    /// Ready: listeners bound and the first discovery sync done.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The admin endpoint's bound address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.lock().as_ref().map(|(a, _)| *a)
+    }
+
+    /// Logs and counts core events.
+    pub fn report(&self, events: Vec<Event>) {
+        self.metrics.report(events);
+    }
+
+    fn read_token(config: &Config) -> Result<Option<Arc<String>>, ServerError> {
+        if let Some(path) = &config.admin.token_file {
+            let t = std::fs::read_to_string(path)
+                .map_err(|e| ServerError::Token(format!("{path}: {e}")))?;
+            let t = t.trim();
+            if t.is_empty() {
+                return Err(ServerError::Token(format!("{path} is empty")));
+            }
+            return Ok(Some(Arc::new(t.to_owned())));
+        }
+        if let Some(var) = &config.admin.token_env {
+            let t = std::env::var(var).map_err(|_| {
+                ServerError::Token(format!("environment variable {var} is not set"))
+            })?;
+            let t = t.trim();
+            if t.is_empty() {
+                return Err(ServerError::Token(format!(
+                    "environment variable {var} is empty"
+                )));
+            }
+            return Ok(Some(Arc::new(t.to_owned())));
+        }
+        Ok(None)
+    }
+
+    async fn start_admin(self: &Arc<Self>, config: &Config) -> Result<(), ServerError> {
+        let listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                name: "admin".into(),
+                addr: config.admin.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().unwrap_or(config.admin.listen);
+        if self.token.load().is_none() {
+            warn!(addr = %addr, "admin API has no token: open to local processes (loopback only)");
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(crate::admin::serve(
+            listener,
+            AdminState {
+                server: self.clone(),
+            },
+            stop_rx,
+        ));
+        info!(listener = "admin", addr = %addr, protocol = "http", "listening");
+        *self.admin.lock() = Some((addr, stop));
+        Ok(())
+    }
+
+    async fn persist(&self, state: &DynamicState) -> Result<(), AdminError> {
+        let Some(path) = self.state_file.clone() else {
+            return Ok(());
+        };
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.save(&path))
+            .await
+            .map_err(|e| AdminError::Internal(e.to_string()))?
+            .map_err(|e| AdminError::Internal(e.to_string()))
+    }
+
+    fn configured(&self, service: &str) -> Result<(), AdminError> {
+        if self.config.lock().services.contains_key(service) {
+            Ok(())
+        } else {
+            Err(AdminError::NotFound(format!("unknown service {service:?}")))
+        }
+    }
+
+    /// Registers or updates an instance through the admin API; returns
+    /// whether it was new. Persisted with the state file.
+    pub async fn register_dynamic(
+        &self,
+        service: &str,
+        id: &str,
+        spec: InstanceSpec,
+    ) -> Result<bool, AdminError> {
+        self.configured(service)?;
+        let instance = spec.to_instance(id).map_err(RegistryError::from)?;
+        let mut dynamic = self.dynamic.lock().await;
+        let registered = self.registry.register_instance(service, instance)?;
+        let svc = dynamic.service_mut(service);
+        svc.removed.remove(id);
+        svc.instances.insert(id.to_owned(), spec.clone());
+        info!(
+            service,
+            instance = id,
+            address = spec.address.as_str(),
+            port = spec.port,
+            weight = spec.weight,
+            from = "absent",
+            to = "registered",
+            reason = "admin API",
+            "instance registered"
+        );
+        self.persist(&dynamic).await?;
+        Ok(registered == datapunk_lb_core::Registered::Added)
+    }
+
+    /// Drains then removes an instance (at once for a zero drain).
+    pub async fn remove_dynamic(
+        &self,
+        service: &str,
+        id: &str,
+        drain: Duration,
+    ) -> Result<(), AdminError> {
+        let mut dynamic = self.dynamic.lock().await;
+        if drain.is_zero() {
+            self.registry.deregister_instance(service, id)?;
+        } else {
+            let events = self.registry.drain_instance(service, id, drain)?;
+            self.report(events);
+        }
+        info!(service, instance = id, from = "registered", to = "draining", reason = "admin API", drain = ?drain, "instance drain");
+        let svc = dynamic.service_mut(service);
+        if svc.instances.remove(id).is_none() {
+            svc.removed.insert(id.to_owned());
+        }
+        self.persist(&dynamic).await
+    }
+
+    /// Changes a service's strategy through the admin API.
+    pub async fn set_strategy_dynamic(
+        &self,
+        service: &str,
+        kind: StrategyKind,
+    ) -> Result<(), AdminError> {
+        self.configured(service)?;
+        let mut dynamic = self.dynamic.lock().await;
+        let from = self.registry.service(service).map(|s| s.config().strategy);
+        self.registry.set_strategy(service, kind)?;
+        info!(
+            service,
+            from = from.map(|k| k.as_str()),
+            to = kind.as_str(),
+            reason = "admin API",
+            "strategy changed"
+        );
+        dynamic.service_mut(service).strategy = Some(kind.as_str().to_owned());
+        self.persist(&dynamic).await
     }
 
     async fn apply(&self, config: Config, first: bool) -> Result<(), ServerError> {
+        let token = Self::read_token(&config)?;
+        let dynamic = self.dynamic.lock().await.clone();
         // 1. Bind new or changed listeners first: failing here changes nothing.
         let mut bound = Vec::new();
         {
@@ -173,19 +391,50 @@ impl Server {
                     service: name.clone(),
                     source,
                 };
+                let overlay = dynamic.services.get(name);
+                let mut balancing = svc.balancing.clone();
+                if let Some(k) = overlay
+                    .and_then(|o| o.strategy.as_deref())
+                    .and_then(|k| k.parse().ok())
+                {
+                    balancing.strategy = k;
+                }
+                // The config's instances, minus API removals, plus API
+                // registrations (which win on the same id).
+                let mut desired: Vec<datapunk_lb_core::ServiceInstance> = svc
+                    .instances
+                    .iter()
+                    .filter(|i| {
+                        overlay.is_none_or(|o| {
+                            !o.removed.contains(i.id().as_str())
+                                && !o.instances.contains_key(i.id().as_str())
+                        })
+                    })
+                    .cloned()
+                    .collect();
+                if let Some(o) = overlay {
+                    for (id, spec) in &o.instances {
+                        match spec.to_instance(id) {
+                            Ok(i) => desired.push(i),
+                            Err(e) => {
+                                warn!(service = name.as_str(), instance = id.as_str(), error = %e, "skipping invalid saved instance")
+                            }
+                        }
+                    }
+                }
                 self.registry
-                    .configure_service(name, svc.balancing.clone())
+                    .configure_service(name, balancing)
                     .map_err(err)?;
                 self.registry
-                    .register_instances(name, svc.instances.iter().cloned())
+                    .register_instances(name, desired.iter().cloned())
                     .map_err(err)?;
                 let service = self.registry.service(name).ok_or_else(|| {
                     err(datapunk_lb_core::RegistryError::UnknownService(
                         name.clone(),
                     ))
                 })?;
-                // Static instances no longer in the file leave.
-                let keep: HashSet<&str> = svc.instances.iter().map(|i| i.id().as_str()).collect();
+                // Instances no longer wanted leave.
+                let keep: HashSet<&str> = desired.iter().map(|i| i.id().as_str()).collect();
                 let gone: Vec<String> = service
                     .members()
                     .iter()
@@ -215,6 +464,7 @@ impl Server {
                         max_connections: svc.max_connections,
                         budget,
                         clients: UpstreamClients::new(svc.connect_timeout),
+                        metrics: self.metrics.service(name, svc.balancing.metrics_enabled),
                     }),
                 );
             }
@@ -289,7 +539,13 @@ impl Server {
         }
 
         // 5. Health checks on the new schedule.
-        *self.health.lock() = HealthChecker::start(self.registry.clone(), &config);
+        *self.health.lock() =
+            HealthChecker::start(self.registry.clone(), &config, self.metrics.clone());
+        self.metrics
+            .retain_services(&|s| config.services.contains_key(s));
+        self.token.store(token);
+        self.metrics_auth
+            .store(config.admin.metrics_auth, Ordering::Relaxed);
         if !first {
             info!(
                 services = config.services.len(),
@@ -310,7 +566,12 @@ impl Server {
             info!(listener = name.as_str(), "listener stopped for drain");
         }
         *self.health.lock() = HealthChecker::default();
-        match tokio::time::timeout(timeout, self.connections.drain()).await {
+        self.ready.store(false, Ordering::Release);
+        let drained = tokio::time::timeout(timeout, self.connections.drain()).await;
+        if let Some((_, stop)) = self.admin.lock().take() {
+            let _ = stop.send(true);
+        }
+        match drained {
             Ok(()) => {
                 info!("drained: every request finished");
                 true

@@ -74,6 +74,7 @@ pub struct FileService {
     pub request_timeout: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub metrics_enabled: Option<bool>,
     pub health_check: Option<FileHealthCheck>,
     #[serde(default)]
     pub instance: Vec<Spanned<FileInstance>>,

@@ -21,6 +21,7 @@
 //! | `service.connect_timeout` / `request_timeout` | 1 s / 30 s |
 //! | `service.retries` | 2 |
 //! | `service.max_connections` | 10,000 per instance |
+//! | `service.metrics_enabled` | true |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
 //! | `instance.weight` | 1 |
@@ -541,6 +542,15 @@ fn admin(a: Option<file::FileAdmin>, ck: &mut Checker<'_>) -> AdminConfig {
             default_listen
         }),
     };
+    if !listen.ip().is_loopback() && a.token_file.is_none() && a.token_env.is_none() {
+        if let Some(l) = &a.listen {
+            ck.issue(
+                "admin.listen",
+                l,
+                format!("{listen} is not a loopback address: set admin.token_file or admin.token_env, or the admin API (which can change instances) would be open to the network"),
+            );
+        }
+    }
     AdminConfig {
         listen,
         token_file: a.token_file,
@@ -587,6 +597,7 @@ fn service(
         50,
     ) as u8;
     lb.slow_start = ck.duration(&format!("{key}.slow_start"), &s.slow_start, lb.slow_start);
+    lb.metrics_enabled = s.metrics_enabled.unwrap_or(true);
     let connect_timeout = ck.duration(
         &format!("{key}.connect_timeout"),
         &s.connect_timeout,

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::{Config, HealthCheck, HealthCheckKind};
+use crate::metrics::Metrics;
 
 /// Probes in flight at once, across all services.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -69,7 +70,7 @@ pub fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Duration {
 
 impl HealthChecker {
     /// Starts a checker per service of `config` that has a check.
-    pub fn start(registry: Arc<Registry>, config: &Config) -> Self {
+    pub fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
@@ -83,6 +84,7 @@ impl HealthChecker {
             .map(|(name, s)| {
                 tokio::spawn(run_service(
                     registry.clone(),
+                    metrics.clone(),
                     name.clone(),
                     s.health_check.clone(),
                     limit.clone(),
@@ -102,6 +104,7 @@ struct ProbeState {
 
 async fn run_service(
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     service: String,
     check: HealthCheck,
     limit: Arc<Semaphore>,
@@ -138,7 +141,12 @@ async fn run_service(
                 continue;
             }
             st.in_flight = true;
-            let (registry, service, id) = (registry.clone(), service.clone(), id.to_owned());
+            let (registry, metrics, service, id) = (
+                registry.clone(),
+                metrics.clone(),
+                service.clone(),
+                id.to_owned(),
+            );
             let (addr, port) = (inst.address().to_owned(), inst.port());
             let (check, limit, client, tx) =
                 (check.clone(), limit.clone(), client.clone(), tx.clone());
@@ -157,8 +165,9 @@ async fn run_service(
                     ok,
                     "health check"
                 );
+                metrics.health_check(&service, ok);
                 if let Ok(events) = registry.report_outcome(&service, &id, outcome) {
-                    crate::telemetry::events(events);
+                    metrics.report(events);
                 }
                 let _ = tx.send((id, ok));
             });

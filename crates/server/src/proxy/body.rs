@@ -11,20 +11,23 @@ use datapunk_lb_core::{FailureKind, Selection};
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::BoxError;
+use crate::metrics::ServiceMetrics;
 
 /// An upstream response body tracked by its selection.
 pub struct TrackedBody<B> {
     inner: B,
     selection: Option<Selection>,
+    metrics: ServiceMetrics,
     started: Instant,
 }
 
 impl<B> TrackedBody<B> {
     /// Wraps `inner`; `selection` is finished when the body ends.
-    pub fn new(inner: B, selection: Selection, started: Instant) -> Self {
+    pub fn new(inner: B, selection: Selection, metrics: ServiceMetrics, started: Instant) -> Self {
         Self {
             inner,
             selection: Some(selection),
+            metrics,
             started,
         }
     }
@@ -46,20 +49,20 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 if let Some(s) = this.selection.take() {
-                    crate::telemetry::events(s.success(this.started.elapsed()));
+                    this.metrics.report(s.success(this.started.elapsed()));
                 }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
                 if let Some(s) = this.selection.take() {
-                    crate::telemetry::events(s.failure(FailureKind::Reset));
+                    this.metrics.report(s.failure(FailureKind::Reset));
                 }
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if this.inner.is_end_stream() {
                     if let Some(s) = this.selection.take() {
-                        crate::telemetry::events(s.success(this.started.elapsed()));
+                        this.metrics.report(s.success(this.started.elapsed()));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

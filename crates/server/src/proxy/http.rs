@@ -407,12 +407,19 @@ async fn proxy(
     let mut last_error = ProxyError::Unreachable(up.name.clone());
     let mut last_response: Option<Response<ProxyBody>> = None;
     for attempt in 0..=up.retries {
-        if attempt > 0 && !up.budget.try_withdraw() {
-            break;
+        if attempt > 0 {
+            if !up.budget.try_withdraw() {
+                break;
+            }
+            up.metrics.retried();
         }
-        let selection = match select_fresh(up, &tried) {
+        let mut selection = match select_fresh(up, &tried) {
             Ok(s) => s,
             Err(e) => {
+                match e {
+                    ProxyError::OverLimit(_) => up.metrics.over_limit(),
+                    _ => up.metrics.no_instance(),
+                }
                 // Nothing new to try: report the earlier failure if any.
                 if attempt == 0 {
                     return Err(e);
@@ -420,6 +427,8 @@ async fn proxy(
                 break;
             }
         };
+        up.metrics.selected(selection.strategy());
+        up.metrics.report(selection.take_events());
         let Some(req_body) = body.take() else { break };
         tried.push(selection.instance().id().clone());
         let uri = upstream_uri(
@@ -454,7 +463,7 @@ async fn proxy(
         let sent = tokio::time::timeout_at(deadline, client.request(out)).await;
         let resp = match sent {
             Err(_) => {
-                crate::telemetry::events(selection.failure(FailureKind::Timeout));
+                up.metrics.report(selection.failure(FailureKind::Timeout));
                 return Err(ProxyError::Timeout(up.name.clone()));
             }
             Ok(Ok(resp)) => resp,
@@ -466,7 +475,7 @@ async fn proxy(
                     FailureKind::Reset
                 };
                 debug!(service = up.name.as_str(), error = %e, connect, "upstream attempt failed");
-                crate::telemetry::events(selection.failure(kind));
+                up.metrics.report(selection.failure(kind));
                 last_error = ProxyError::Unreachable(up.name.clone());
                 last_response = None;
                 if body.replayable() && (connect || idempotent) {
@@ -475,11 +484,17 @@ async fn proxy(
                 break;
             }
         };
+        up.metrics.observe(started.elapsed().as_secs_f64());
         let status = resp.status();
         if !status.is_server_error() {
-            return Ok(finish_response(resp, Some(selection), started));
+            return Ok(finish_response(
+                resp,
+                Some((selection, up.metrics.clone())),
+                started,
+            ));
         }
-        crate::telemetry::events(selection.failure(FailureKind::ServerError));
+        up.metrics
+            .report(selection.failure(FailureKind::ServerError));
         let retry_status = matches!(
             status,
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
@@ -547,13 +562,13 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 
 fn finish_response(
     resp: Response<Incoming>,
-    selection: Option<Selection>,
+    selection: Option<(Selection, crate::metrics::ServiceMetrics)>,
     started: Instant,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body: ProxyBody = match selection {
-        Some(s) => TrackedBody::new(body, s, started).boxed(),
+        Some((s, m)) => TrackedBody::new(body, s, m, started).boxed(),
         None => body.map_err(BoxError::from).boxed(),
     };
     Response::from_parts(parts, body)

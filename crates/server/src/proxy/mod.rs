@@ -45,6 +45,8 @@ pub struct Upstream {
     pub budget: Arc<RetryBudget>,
     /// Pooled upstream clients.
     pub clients: http::UpstreamClients,
+    /// Metric handles, resolved once.
+    pub metrics: crate::metrics::ServiceMetrics,
 }
 
 /// Routes of every listener plus the upstreams: one immutable value swapped

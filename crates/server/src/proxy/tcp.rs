@@ -79,11 +79,11 @@ async fn proxy(
                 let connect_time = started.elapsed();
                 let _ = upstream.set_nodelay(true);
                 let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                crate::telemetry::events(sel.success(connect_time));
+                up.metrics.report(sel.success(connect_time));
                 return r.map(|_| ());
             }
-            Ok(Err(_)) => crate::telemetry::events(sel.failure(FailureKind::Connect)),
-            Err(_) => crate::telemetry::events(sel.failure(FailureKind::Timeout)),
+            Ok(Err(_)) => up.metrics.report(sel.failure(FailureKind::Connect)),
+            Err(_) => up.metrics.report(sel.failure(FailureKind::Timeout)),
         }
     }
     Ok(())

@@ -124,6 +124,16 @@ async fn respond(
     r
 }
 
+/// Adds `[admin] listen = "127.0.0.1:0"` unless the config has an
+/// `[admin]` table, so parallel tests never share the default admin port.
+pub(crate) fn with_free_admin(config: &str) -> String {
+    if config.contains("[admin]") {
+        config.to_owned()
+    } else {
+        format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+    }
+}
+
 /// The `datapunk-lb run` child process.
 pub(crate) struct Lb {
     pub(crate) child: Child,
@@ -146,7 +156,8 @@ impl Lb {
     /// every listener logged its address.
     pub(crate) fn start(config: &str) -> Lb {
         let config_path = temp_path("lb.toml");
-        std::fs::write(&config_path, config).unwrap();
+        let config = with_free_admin(config);
+        std::fs::write(&config_path, &config).unwrap();
         let listeners = config.matches("[[listener]]").count();
         let mut child = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
             .args(["--log-format", "json", "run", "--config"])

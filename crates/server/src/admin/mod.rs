@@ -1,0 +1,95 @@
+//! The admin endpoint (axum, on `admin.listen`, loopback by default):
+//! the `/v1` JSON API, `/metrics`, the `/status` page, `/healthz` and
+//! `/readyz`.
+//!
+//! | method and path | does |
+//! | --- | --- |
+//! | `GET /v1/services` | every service: strategy, adaptive mode in use and why, counts, panic mode |
+//! | `GET /v1/services/{svc}` | the service and its instances with live state |
+//! | `PUT /v1/services/{svc}/instances/{id}` | register or update `{address, port, weight?, zone?, tags?}` |
+//! | `DELETE /v1/services/{svc}/instances/{id}?drain=30s` | drain (default 30 s; `0s` removes at once), then remove |
+//! | `POST /v1/services/{svc}/instances/{id}/health` | `{health_score}` in 0..=1 |
+//! | `PUT /v1/services/{svc}/strategy` | `{strategy}` |
+//! | `GET /metrics` | Prometheus (OpenMetrics) text; needs the token if `admin.metrics_auth` |
+//! | `GET /status`, `GET /status/data` | the live status page and the JSON it polls |
+//! | `GET /healthz`, `GET /readyz` | liveness; readiness (listeners bound, first discovery sync done) |
+//!
+//! Every `/v1` request needs `Authorization: Bearer <token>` (constant-time
+//! compare); 401 otherwise, with nothing changed. Bodies over 64 KiB get
+//! 413; invalid JSON or fields get 400 naming the field. Changes apply to the
+//! next request and, with `admin.state_file`, survive restarts.
+
+pub mod auth;
+pub mod error;
+pub mod handlers;
+pub mod status_page;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use self::error::AdminError;
+use crate::server::Server;
+
+/// Largest admin request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What every admin handler gets.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The running balancer.
+    pub server: Arc<Server>,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/services", get(handlers::list_services))
+        .route("/v1/services/{svc}", get(handlers::get_service))
+        .route(
+            "/v1/services/{svc}/instances/{id}",
+            put(handlers::put_instance).delete(handlers::delete_instance),
+        )
+        .route(
+            "/v1/services/{svc}/instances/{id}/health",
+            post(handlers::post_health),
+        )
+        .route("/v1/services/{svc}/strategy", put(handlers::put_strategy))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/metrics", get(handlers::metrics))
+        .route("/status", get(status_page::page))
+        .route("/status/data", get(status_page::data))
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves the admin endpoint on `listener` until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Receiver<bool>) {
+    let app = router(state);
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "admin endpoint failed");
+    }
+}
+
+/// Whether `addr` is a loopback address.
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}

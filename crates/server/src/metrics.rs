@@ -1,0 +1,425 @@
+//! Every Prometheus metric of SPEC §3, in one place.
+//!
+//! ## Two kinds of metric, zero lookups per request
+//!
+//! - **Derived at scrape** from the core's own exact counters and state (a
+//!   [`Collector`]): `datapunk_lb_requests_total`, `active_connections`,
+//!   `instance_health_score`, `circuit_state`, `panic_mode`, `instances`.
+//!   The request path pays nothing extra for them, and an instance that is
+//!   deleted simply stops appearing: no stale series.
+//! - **Counted by the server** with handles resolved once per service when
+//!   the config is applied ([`ServiceMetrics`]): the duration histogram,
+//!   selections by strategy, retries; and, off the request path, health
+//!   checks, breaker transitions and reloads.
+//!
+//! Output is the OpenMetrics text format that `prometheus-client` writes
+//! (counters carry the `_total` suffix on their samples).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use datapunk_lb_core::{CircuitState, Event, FailureKind, Registry as CoreRegistry, StrategyKind};
+use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The metrics of one process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    durations: Family<Labels, Histogram>,
+    selections: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    health_checks: Family<Labels, Counter>,
+    transitions: Family<Labels, Counter>,
+    reloads: Family<Labels, Counter>,
+    errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
+}
+
+/// Handles for one service, resolved when the config is applied.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    enabled: bool,
+    duration: Histogram,
+    selections: [Counter; 9],
+    retries: Counter,
+    errors: Arc<ServiceErrors>,
+    transitions: Family<Labels, Counter>,
+}
+
+/// Requests that failed before reaching an instance.
+#[derive(Debug, Default)]
+pub struct ServiceErrors {
+    no_instance: AtomicU64,
+    over_limit: AtomicU64,
+}
+
+/// Reads the core registry at scrape time.
+#[derive(Debug)]
+struct CoreCollector {
+    core: Arc<CoreRegistry>,
+    errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
+}
+
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    /// Registers every family; `core` is read at each scrape.
+    pub fn new(core: Arc<CoreRegistry>) -> Self {
+        let mut registry = Registry::default();
+        let durations =
+            Family::<Labels, Histogram>::new_with_constructor(
+                || Histogram::new(duration_buckets()),
+            );
+        registry.register(
+            "datapunk_lb_request_duration_seconds",
+            "Time from request to upstream response headers, by service",
+            durations.clone(),
+        );
+        let selections = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_selections",
+            "Instance selections by service and strategy in use",
+            selections.clone(),
+        );
+        let retries = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_retries",
+            "Retries to another instance, by service",
+            retries.clone(),
+        );
+        let health_checks = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_health_checks",
+            "Active health checks by service and result",
+            health_checks.clone(),
+        );
+        let transitions = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_circuit_transitions",
+            "Circuit breaker transitions by service, from and to state",
+            transitions.clone(),
+        );
+        let reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_config_reloads",
+            "Config reloads by result",
+            reloads.clone(),
+        );
+        let errors = Arc::new(Mutex::new(HashMap::new()));
+        registry.register_collector(Box::new(CoreCollector {
+            core,
+            errors: errors.clone(),
+        }));
+        Self {
+            registry,
+            durations,
+            selections,
+            retries,
+            health_checks,
+            transitions,
+            reloads,
+            errors,
+        }
+    }
+
+    /// Handles for `service`.
+    pub fn service(&self, service: &str, enabled: bool) -> ServiceMetrics {
+        let svc = || vec![("service", service.to_owned())];
+        let selections = std::array::from_fn(|i| {
+            let kind = StrategyKind::ALL[i];
+            let mut l = svc();
+            l.push(("strategy", kind.as_str().to_owned()));
+            self.selections.get_or_create(&l).clone()
+        });
+        let errors = self
+            .errors
+            .lock()
+            .entry(service.to_owned())
+            .or_default()
+            .clone();
+        ServiceMetrics {
+            enabled,
+            duration: self.durations.get_or_create(&svc()).clone(),
+            selections,
+            retries: self.retries.get_or_create(&svc()).clone(),
+            errors,
+            transitions: self.transitions.clone(),
+        }
+    }
+
+    /// Drops per-service series of services no longer configured.
+    pub fn retain_services(&self, keep: &dyn Fn(&str) -> bool) {
+        self.errors.lock().retain(|k, _| keep(k));
+    }
+
+    /// Counts an active health check.
+    pub fn health_check(&self, service: &str, ok: bool) {
+        let l = vec![
+            ("service", service.to_owned()),
+            ("result", if ok { "success" } else { "failure" }.to_owned()),
+        ];
+        self.health_checks.get_or_create(&l).inc();
+    }
+
+    /// Counts a config reload.
+    pub fn reload(&self, ok: bool) {
+        let l = vec![("result", if ok { "success" } else { "failure" }.to_owned())];
+        self.reloads.get_or_create(&l).inc();
+    }
+
+    /// Logs what the core reported and counts breaker transitions.
+    pub fn report(&self, events: Vec<Event>) {
+        count_transitions(&self.transitions, &events);
+        crate::telemetry::events(events);
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl ServiceMetrics {
+    /// Handles that record nothing (metrics disabled, tests).
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            duration: Histogram::new(duration_buckets()),
+            selections: Default::default(),
+            retries: Counter::default(),
+            errors: Arc::default(),
+            transitions: Family::default(),
+        }
+    }
+
+    /// Logs what the core reported and counts breaker transitions.
+    pub fn report(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        count_transitions(&self.transitions, &events);
+        crate::telemetry::events(events);
+    }
+
+    /// A selection by `strategy`.
+    pub fn selected(&self, strategy: StrategyKind) {
+        if self.enabled {
+            let i = StrategyKind::ALL
+                .iter()
+                .position(|k| *k == strategy)
+                .unwrap_or(0);
+            self.selections[i].inc();
+        }
+    }
+
+    /// Time to response headers.
+    pub fn observe(&self, seconds: f64) {
+        if self.enabled {
+            self.duration.observe(seconds);
+        }
+    }
+
+    /// A retry.
+    pub fn retried(&self) {
+        if self.enabled {
+            self.retries.inc();
+        }
+    }
+
+    /// No eligible instance.
+    pub fn no_instance(&self) {
+        self.errors.no_instance.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every instance at its connection limit.
+    pub fn over_limit(&self) {
+        self.errors.over_limit.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn count_transitions(family: &Family<Labels, Counter>, events: &[Event]) {
+    for e in events {
+        if let Event::Breaker {
+            service,
+            transition,
+            ..
+        } = e
+        {
+            let l = vec![
+                ("service", service.to_string()),
+                ("from", transition.from.as_str().to_owned()),
+                ("to", transition.to.as_str().to_owned()),
+            ];
+            family.get_or_create(&l).inc();
+        }
+    }
+}
+
+impl Collector for CoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let services = self.core.services();
+        let instances: Vec<(String, Vec<datapunk_lb_core::InstanceStatus>)> = services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    self.core.instances(&s.name).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let labels =
+            |svc: &str, id: &str| vec![("service", svc.to_owned()), ("instance", id.to_owned())];
+
+        {
+            let c = ConstCounter::new(0u64);
+            let mut m = encoder.encode_descriptor(
+                "datapunk_lb_requests",
+                "Requests by service, instance and outcome (success or the failure kind; no_instance and over_limit never reached an instance)",
+                None,
+                c.metric_type(),
+            )?;
+            for (svc, list) in &instances {
+                for st in list {
+                    let id = st.instance.id().as_str();
+                    let mut l = labels(svc, id);
+                    l.push(("outcome", "success".into()));
+                    ConstCounter::new(st.requests.saturating_sub(st.failures))
+                        .encode(m.encode_family(&l)?)?;
+                    for kind in FailureKind::ALL {
+                        let n = st.failures_by_kind[kind.index()];
+                        if n > 0 {
+                            let mut l = labels(svc, id);
+                            l.push(("outcome", kind.as_str().into()));
+                            ConstCounter::new(n).encode(m.encode_family(&l)?)?;
+                        }
+                    }
+                }
+            }
+            for (svc, e) in self.errors.lock().iter() {
+                for (outcome, v) in [
+                    ("no_instance", &e.no_instance),
+                    ("over_limit", &e.over_limit),
+                ] {
+                    let n = v.load(Ordering::Relaxed);
+                    if n > 0 {
+                        let l = vec![
+                            ("service", svc.clone()),
+                            ("instance", String::new()),
+                            ("outcome", outcome.to_owned()),
+                        ];
+                        ConstCounter::new(n).encode(m.encode_family(&l)?)?;
+                    }
+                }
+            }
+        }
+        let gauge = |encoder: &mut DescriptorEncoder<'_>,
+                     name: &'static str,
+                     help: &str,
+                     rows: Vec<(Labels, f64)>|
+         -> Result<(), std::fmt::Error> {
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstGauge::new(0.0f64).metric_type(),
+            )?;
+            for (l, v) in rows {
+                ConstGauge::new(v).encode(m.encode_family(&l)?)?;
+            }
+            Ok(())
+        };
+        let per_instance = |f: &dyn Fn(&datapunk_lb_core::InstanceStatus) -> f64| {
+            instances
+                .iter()
+                .flat_map(|(svc, list)| {
+                    list.iter()
+                        .map(move |st| (labels(svc, st.instance.id().as_str()), f(st)))
+                })
+                .collect::<Vec<_>>()
+        };
+        gauge(
+            &mut encoder,
+            "datapunk_lb_active_connections",
+            "Requests holding a connection to the instance now",
+            per_instance(&|st| f64::from(st.active_connections)),
+        )?;
+        gauge(
+            &mut encoder,
+            "datapunk_lb_instance_health_score",
+            "Health score of the instance, 0 to 1",
+            per_instance(&|st| st.health_score),
+        )?;
+        gauge(
+            &mut encoder,
+            "datapunk_lb_circuit_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            per_instance(&|st| f64::from(st.circuit_state.as_u8())),
+        )?;
+        gauge(
+            &mut encoder,
+            "datapunk_lb_panic_mode",
+            "1 while the service selects across all instances because too few are eligible",
+            services
+                .iter()
+                .map(|s| {
+                    (
+                        vec![("service", s.name.clone())],
+                        if s.panic { 1.0 } else { 0.0 },
+                    )
+                })
+                .collect(),
+        )?;
+        let mut rows = Vec::new();
+        for (svc, list) in &instances {
+            let mut counts: [(&str, usize); 4] = [
+                ("eligible", 0),
+                ("half_open", 0),
+                ("ejected", 0),
+                ("draining", 0),
+            ];
+            for st in list {
+                let i = if st.draining {
+                    3
+                } else if st.circuit_state == CircuitState::Open || st.health_score <= 0.0 {
+                    2
+                } else if st.circuit_state == CircuitState::HalfOpen {
+                    1
+                } else {
+                    0
+                };
+                counts[i].1 += 1;
+            }
+            for (state, n) in counts {
+                rows.push((
+                    vec![("service", svc.clone()), ("state", state.to_owned())],
+                    n as f64,
+                ));
+            }
+        }
+        gauge(
+            &mut encoder,
+            "datapunk_lb_instances",
+            "Instances by service and state",
+            rows,
+        )?;
+        Ok(())
+    }
+}
