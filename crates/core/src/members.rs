@@ -95,10 +95,28 @@ impl Members {
             self.chunks.push(Arc::new(Chunk::default()));
             self.chunk_cum.push(0);
         }
+        // O(1): only the last chunk and the last prefix sum change.
         let c = self.chunks.len() - 1;
-        Arc::make_mut(&mut self.chunks[c]).members.push(member);
+        let w = member.instance().weight().get();
+        let before = if c == 0 { 0 } else { self.chunk_cum[c - 1] };
+        let chunk = Arc::make_mut(&mut self.chunks[c]);
+        let sum = chunk.cum.last().copied().unwrap_or(0) + u64::from(w);
+        chunk.members.push(member);
+        chunk.cum.push(sum);
+        chunk.min_weight = if chunk.members.len() == 1 {
+            w
+        } else {
+            chunk.min_weight.min(w)
+        };
+        chunk.max_weight = chunk.max_weight.max(w);
+        self.chunk_cum[c] = before + sum;
+        self.min_weight = if self.len == 0 {
+            w
+        } else {
+            self.min_weight.min(w)
+        };
+        self.max_weight = self.max_weight.max(w);
         self.len += 1;
-        self.refresh(&[c]);
         self.len - 1
     }
 

@@ -47,7 +47,7 @@ use crate::error::{ConfigError, RegistryError};
 use crate::event::Event;
 use crate::health::HealthScore;
 use crate::instance::{
-    InstanceInner, InstanceState, InstanceStatus, Member, ServiceInstance, Weight,
+    InstanceId, InstanceInner, InstanceState, InstanceStatus, Member, ServiceInstance, Weight,
 };
 use crate::members::Members;
 use crate::selection::{Outcome, Selection};
@@ -110,8 +110,8 @@ pub struct Snapshot {
 
 #[derive(Debug, Default)]
 struct Writer {
-    index: HashMap<Arc<str>, usize>,
-    draining: HashSet<Arc<str>>,
+    index: HashMap<InstanceId, usize>,
+    draining: HashSet<InstanceId>,
     generation: u64,
 }
 
@@ -403,7 +403,7 @@ impl Registry {
             }
             svc.refresh_availability(member, &mut inner, now, &mut events);
         }
-        w.draining.insert(Arc::from(id));
+        w.draining.insert(member.instance().id().clone());
         drop(w);
         svc.check_panic(&svc.config.load(), &mut events);
         Ok(events)
@@ -423,7 +423,7 @@ impl Registry {
                 continue;
             }
             svc.write(|w, members, _, _| {
-                let ids: Vec<Arc<str>> = w.draining.iter().cloned().collect();
+                let ids: Vec<InstanceId> = w.draining.iter().cloned().collect();
                 for id in ids {
                     let Some(m) = w.index.get(&id).and_then(|&i| members.get(i)) else {
                         w.draining.remove(&id);
@@ -437,7 +437,7 @@ impl Registry {
                     } else {
                         continue;
                     };
-                    if let Some(inst) = w.remove(members, &id, &svc.stats) {
+                    if let Some(inst) = w.remove(members, id.as_str(), &svc.stats) {
                         events.push(Event::Removed {
                             service: svc.name.clone(),
                             instance: inst.id().clone(),
@@ -847,7 +847,7 @@ impl Service {
         };
         let members = snap.members.clone();
         self.snapshot.store(Arc::new(snap));
-        strategy.prepare(&members, w.generation);
+        strategy.prepare(&members, w.generation, self.clock.now());
     }
 
     /// Runs `f` on a copy of the member list under the writer lock, then
@@ -873,7 +873,7 @@ impl Service {
             config: old.config.clone(),
         }));
         drop(w);
-        old.strategy.prepare(&members, generation);
+        old.strategy.prepare(&members, generation, now);
     }
 
     fn mark_all_removed(&self) {
@@ -930,7 +930,7 @@ impl Writer {
                 return Registered::Updated;
             }
         }
-        let id: Arc<str> = Arc::from(instance.id().as_str());
+        let id = instance.id().clone();
         let state = Arc::new(InstanceState::new(now, slow.is_some()));
         let idx = members.push(Arc::new(Member::new(instance, state)));
         self.index.insert(id, idx);

@@ -291,9 +291,9 @@ impl Strategy for Adaptive {
         self.strategy(self.mode()).pick(cx)
     }
 
-    fn prepare(&self, members: &Members, generation: u64) {
+    fn prepare(&self, members: &Members, generation: u64, now: Timestamp) {
         if self.mode() == StrategyKind::Weighted {
-            self.weighted.prepare(members, generation);
+            self.weighted.prepare(members, generation, now);
         }
     }
 

@@ -3,15 +3,15 @@
 //!
 //! ## Rule
 //!
-//! A lookup table of `M` slots (`M` prime: about 1,000 slots per instance,
-//! at least 65,537, and above a million slots only ten per instance) is filled by letting every instance claim slots in the
+//! A lookup table of `M` slots (`M` prime: at least 100 slots per instance
+//! and at least 65,537; above a million slots, ten per instance) is filled by letting every instance claim slots in the
 //! order of its own permutation `(offset + j·skip) mod M`, taking turns, so
 //! each instance owns `⌊M/N⌋` or `⌈M/N⌉` slots. A key maps to
 //! `table[hash(key) mod M]`. Adding or removing one of N instances moves
 //! about 1/N of the keys to or from it, plus some churn between the other
-//! instances that a ring hash would not have (measured: 2.5 % extra at
-//! N = 10, about 40 % extra at N = 100, total still under 1.4/N), in exchange
-//! for near-perfect balance and an O(1) lookup.
+//! instances that a ring hash would not have (measured with 100,000 keys:
+//! 2.5 % extra at N = 10, about 55 % extra at N = 100, total still under
+//! 2/N), in exchange for near-perfect balance and an O(1) lookup.
 //!
 //! If the key's instance is not eligible the lookup walks to the following
 //! slots (owned by effectively random other instances, so the displaced keys
@@ -22,18 +22,20 @@
 //!
 //! The table is rebuilt on membership change: O(M log M); at 100,000
 //! instances `M` = 1,048,573 slots, 4 MiB, and a rebuild takes tens of
-//! milliseconds (see `docs/benchmarks.md`). Up to 10,000 members it happens
-//! at once in [`Strategy::prepare`]; above, in [`Strategy::maintain`] (the
-//! server's periodic `Registry::maintain`) or, failing that, inline on a pick
-//! at most once a second, so a burst of registrations is not O(n·M). The
-//! table keeps its own member list so a stale table still names valid
-//! members (removed ones are skipped like ineligible ones).
+//! milliseconds (see `docs/benchmarks.md`). Up to 1,000 members (`M` =
+//! 65,537) it happens at once in [`Strategy::prepare`]; above, in
+//! [`Strategy::maintain`] (the server's periodic `Registry::maintain`) or,
+//! failing that, inline on a pick at most once a second. One rebuild runs at
+//! a time (others keep using the previous table), and a rebuild never
+//! replaces a newer table. The table keeps its own member list so a stale
+//! table still names valid members (removed ones are skipped like
+//! ineligible ones).
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 
-use super::{rebuild_inline, PickContext, Strategy, StrategyKind, EAGER_REBUILD_LIMIT};
+use super::{rebuild_inline, PickContext, Strategy, StrategyKind};
 use crate::clock::Timestamp;
 use crate::instance::Member;
 use crate::members::Members;
@@ -49,7 +51,12 @@ const MAX_WALK: u64 = 8;
 #[derive(Debug, Default)]
 pub struct ConsistentHash {
     table: ArcSwapOption<Table>,
+    /// Held while a rebuild runs, so concurrent picks do not all rebuild.
+    rebuilding: parking_lot::Mutex<()>,
 }
+
+/// Largest member list whose table is rebuilt inside the registration.
+const EAGER_LIMIT: usize = 1_000;
 
 #[derive(Debug)]
 struct Table {
@@ -153,7 +160,9 @@ impl Table {
 }
 
 impl ConsistentHash {
-    fn rebuild_if_stale(&self, members: &Members, generation: u64, now: Timestamp) {
+    /// Rebuilds unless the table is at least as new; call with `rebuilding`
+    /// held, so the check and the store cannot interleave with another.
+    fn rebuild_locked(&self, members: &Members, generation: u64, now: Timestamp) {
         let current = self.table.load();
         if current.as_ref().is_some_and(|t| t.generation >= generation) {
             return;
@@ -174,25 +183,31 @@ impl Strategy for ConsistentHash {
         };
         let hash = key_hash(key);
         let mut table = self.table.load_full();
-        let rebuild = table
-            .as_ref()
-            .is_none_or(|t| rebuild_inline(t.generation, t.built_at, cx.generation, cx.now));
+        let rebuild = table.as_ref().is_none_or(|t| {
+            (t.members.is_empty() && t.generation < cx.generation)
+                || rebuild_inline(t.generation, t.built_at, cx.generation, cx.now)
+        });
         if rebuild {
-            self.rebuild_if_stale(cx.members, cx.generation, cx.now);
-            table = self.table.load_full();
+            // One rebuild at a time; the others keep the table they have.
+            if let Some(_guard) = self.rebuilding.try_lock() {
+                self.rebuild_locked(cx.members, cx.generation, cx.now);
+                table = self.table.load_full();
+            }
         }
         table
             .and_then(|t| t.lookup(hash, cx))
             .or_else(|| cx.random_eligible())
     }
 
-    fn prepare(&self, members: &Members, generation: u64) {
-        if members.len() <= EAGER_REBUILD_LIMIT {
-            self.rebuild_if_stale(members, generation, Timestamp::default());
+    fn prepare(&self, members: &Members, generation: u64, now: Timestamp) {
+        if members.len() <= EAGER_LIMIT {
+            let _guard = self.rebuilding.lock();
+            self.rebuild_locked(members, generation, now);
         }
     }
 
     fn maintain(&self, members: &Members, generation: u64, now: Timestamp) {
-        self.rebuild_if_stale(members, generation, now);
+        let _guard = self.rebuilding.lock();
+        self.rebuild_locked(members, generation, now);
     }
 }

@@ -91,7 +91,7 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// strategies rebuild here when that is cheap (at most
     /// [`EAGER_REBUILD_LIMIT`] members); larger tables wait for
     /// [`maintain`](Self::maintain). `generation` grows with every change.
-    fn prepare(&self, _members: &Members, _generation: u64) {}
+    fn prepare(&self, _members: &Members, _generation: u64, _now: Timestamp) {}
 
     /// Called periodically off the request path
     /// ([`Registry::maintain`](crate::Registry::maintain)): rebuild whatever

@@ -20,7 +20,8 @@
 //! had `wᵢ` picks waits for the next period, so a period holds exactly `wᵢ`
 //! picks of each instance; since the period ends in the state it began in,
 //! the sequence repeats and *every* window of `W` picks is exact. Cross
-//! multiplication keeps it exact: no floating point drift.
+//! multiplication (in `u128`) keeps it exact: no floating point drift, and no
+//! periodic reset is needed, so no pick pays an O(n) rebuild.
 //!
 //! When all configured weights are equal the schedule is a plain rotation and
 //! no heap is built.
@@ -70,10 +71,10 @@ struct Schedule {
     built_at: Timestamp,
     members: Vec<Arc<Member>>,
     weights: Vec<u64>,
-    /// Picks of each member in the current period.
+    /// Picks of each member since the schedule was built.
     picks: Vec<u64>,
     total: u64,
-    /// Picks made in the current period.
+    /// Picks made since the schedule was built.
     t: u64,
     eligible: BinaryHeap<Reverse<Finish>>,
     waiting: BinaryHeap<Reverse<Start>>,
@@ -95,10 +96,12 @@ struct Start {
     idx: u32,
 }
 
+// Products in u128: `k` and `t` grow without bound (no period reset, so no
+// O(n) rebuild every Σw picks) and u128 cannot overflow in practice.
 impl Ord for Finish {
     fn cmp(&self, o: &Self) -> CmpOrdering {
-        (self.next * o.w)
-            .cmp(&(o.next * self.w))
+        (u128::from(self.next) * u128::from(o.w))
+            .cmp(&(u128::from(o.next) * u128::from(self.w)))
             .then(self.idx.cmp(&o.idx))
     }
 }
@@ -166,12 +169,9 @@ impl Schedule {
         if self.members.is_empty() {
             return None;
         }
-        if self.t >= self.total {
-            self.restart_period();
-        }
         while let Some(Reverse(s)) = self.waiting.peek() {
             // Eligible once its start k·W/w ≤ t.
-            if s.k * self.total > self.t * s.w {
+            if u128::from(s.k) * u128::from(self.total) > u128::from(self.t) * u128::from(s.w) {
                 break;
             }
             let Reverse(s) = self.waiting.pop()?;
@@ -272,9 +272,9 @@ impl Strategy for Weighted {
         }
     }
 
-    fn prepare(&self, members: &Members, generation: u64) {
+    fn prepare(&self, members: &Members, generation: u64, now: Timestamp) {
         if members.len() <= EAGER_REBUILD_LIMIT {
-            self.rebuild_if_stale(members, generation, Timestamp::default());
+            self.rebuild_if_stale(members, generation, now);
         }
     }
 
