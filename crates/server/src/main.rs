@@ -71,10 +71,13 @@ async fn serve(path: std::path::PathBuf, cfg: Config) -> anyhow::Result<ExitCode
             _ = hup.recv() => {
                 match Config::load(&path) {
                     Ok(new) => match server.reload(new).await {
-                        Ok(()) => info!(config = %path.display(), result = "success", "reload"),
-                        Err(e) => error!(config = %path.display(), result = "failure", error = %e, "reload rejected; the old config keeps serving"),
+                        Ok(()) => info!(config = %path.display(), result = "success", from = "previous config", to = "new config", reason = "SIGHUP", "reload"),
+                        Err(e) => error!(config = %path.display(), result = "failure", from = "previous config", to = "previous config", reason = %e, "reload rejected; the old config keeps serving"),
                     },
-                    Err(e) => error!(config = %path.display(), result = "failure", error = %e, "reload rejected; the old config keeps serving"),
+                    Err(e) => {
+                        server.metrics().reload(false);
+                        error!(config = %path.display(), result = "failure", from = "previous config", to = "previous config", reason = %e, "reload rejected; the old config keeps serving");
+                    }
                 }
             }
         }
