@@ -349,6 +349,11 @@ impl Member {
         e * ewma::decay_weight(at, now)
     }
 
+    /// When the latency estimate last took a sample (or was created).
+    pub fn latency_updated_at(&self) -> Timestamp {
+        Timestamp::from_nanos(self.state.ewma_at.load(Ordering::Relaxed))
+    }
+
     /// Peak-EWMA latency as of the last sample, undecayed.
     pub fn latency_ewma_ns(&self) -> f64 {
         f64::from_bits(self.state.ewma_bits.load(Ordering::Relaxed))

@@ -4,7 +4,10 @@
 //! ## Signals (evaluated at most once per second, from O(1) state)
 //!
 //! - **latency spread**: slowest ÷ median peak-EWMA latency over up to 32
-//!   randomly sampled eligible instances that have served traffic;
+//!   randomly sampled instances whose breaker is closed and whose estimate
+//!   took a sample within the last 30 s (an instance that `peak_ewma` has
+//!   stopped sending to drops out, so the service returns to calm and the
+//!   instance is tried again rather than being avoided forever);
 //! - **error rate**: failures ÷ outcomes since the last evaluation (only when
 //!   at least 20 outcomes were seen; otherwise the previous verdict stands);
 //! - **concurrency**: requests in flight per eligible instance.
@@ -51,6 +54,11 @@ pub const ERROR_LEAVE: f64 = 0.02;
 pub const CONCURRENCY_ENTER: f64 = 2.0;
 /// See [`CONCURRENCY_ENTER`].
 pub const CONCURRENCY_LEAVE: f64 = 1.0;
+/// Latency estimates older than this are left out of the spread: three
+/// decay constants (30 s). `peak_ewma` retries an instance `X` times slower
+/// than its peers after `τ·ln X` (23 s for 10×), so only instances it has
+/// given up on drop out.
+const SAMPLE_MAX_AGE: Duration = Duration::from_secs(30);
 /// Instances sampled for the latency spread.
 const SPREAD_SAMPLE: usize = 32;
 /// Outcomes needed in a period to judge the error rate.
@@ -183,15 +191,25 @@ impl Adaptive {
                 cx.rng.usize(..n)
             };
             let Some(m) = cx.members.get(i) else { continue };
-            if m.state().requests.load(Ordering::Relaxed) > 0 && cx.is_eligible(m) {
+            // Only closed instances with a recent sample: an instance that is
+            // out (or avoided) says nothing about the current spread, and
+            // letting its old peak count would keep `peak_ewma` on forever.
+            let recent = cx.now.saturating_since(m.latency_updated_at()) < SAMPLE_MAX_AGE;
+            if recent
+                && m.state().requests.load(Ordering::Relaxed) > 0
+                && m.circuit_state() == crate::breaker::CircuitState::Closed
+                && cx.is_eligible(m)
+            {
                 samples.push(m.latency_ewma_ns());
             }
         }
-        if samples.len() >= 2 {
+        signals.latency_spread = if samples.len() >= 2 {
             samples.sort_by(f64::total_cmp);
             let median = samples[(samples.len() - 1) / 2].max(1.0);
-            signals.latency_spread = samples[samples.len() - 1] / median;
-        }
+            samples[samples.len() - 1] / median
+        } else {
+            1.0
+        };
         signals
     }
 
@@ -215,7 +233,7 @@ impl Adaptive {
             (
                 StrategyKind::PeakEwma,
                 format!(
-                    "latency spread {:.2}x (enter at {SPREAD_ENTER}x)",
+                    "latency spread {:.2}x (on at {SPREAD_ENTER}x, off below {SPREAD_LEAVE}x)",
                     s.latency_spread
                 ),
             )
@@ -223,7 +241,7 @@ impl Adaptive {
             (
                 StrategyKind::P2c,
                 format!(
-                    "error rate {:.1}% (enter at {:.0}%)",
+                    "error rate {:.1}% (on at {:.0}%, off below 2%)",
                     s.error_rate * 100.0,
                     ERROR_ENTER * 100.0
                 ),
@@ -232,7 +250,7 @@ impl Adaptive {
             (
                 StrategyKind::P2c,
                 format!(
-                    "{:.2} requests in flight per instance (enter at {CONCURRENCY_ENTER})",
+                    "{:.2} requests in flight per instance (on at {CONCURRENCY_ENTER}, off below {CONCURRENCY_LEAVE})",
                     s.concurrency
                 ),
             )
