@@ -148,11 +148,13 @@ impl Server {
         server.start_admin(&config).await?;
         // Static discovery: the first sync is the config itself.
         server.ready.store(true, Ordering::Release);
-        let s = server.clone();
+        // Periodic upkeep; holds only a weak reference, so it ends with the server.
+        let weak = Arc::downgrade(&server);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
+                let Some(s) = weak.upgrade() else { break };
                 s.metrics.report(s.registry.maintain());
             }
         });
