@@ -8,4 +8,5 @@ mod config;
 mod failover;
 mod lifecycle;
 mod proxy;
+mod status_page;
 mod support;

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -158,7 +159,8 @@ impl Lb {
         let config_path = temp_path("lb.toml");
         let config = with_free_admin(config);
         std::fs::write(&config_path, &config).unwrap();
-        let listeners = config.matches("[[listener]]").count();
+        // Every `[[listener]]`, then the admin endpoint (always started, last).
+        let listeners = config.matches("[[listener]]").count() + 1;
         let mut child = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
@@ -335,4 +337,39 @@ timeout = "100ms"
 {}"#,
         instances("api", backends, weights)
     )
+}
+
+/// Finds an external program a test needs: `path` if it is an executable
+/// file, else `tool` on `PATH`. When it is missing the test should return
+/// early: this says why on the terminal (past the test harness's capture)
+/// and returns `None` — unless `DATAPUNK_LB_REQUIRE_ALL=1`, where a missing
+/// tool fails the test instead (CI, where every tool must be installed).
+///
+/// `install` says how to get it, e.g. `"chromium and chromium-driver"`.
+pub(crate) fn require(tool: &str, path: &str, install: &str) -> Option<PathBuf> {
+    let found = std::iter::once(PathBuf::from(path))
+        .chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|dir| dir.join(tool)),
+        )
+        .find(|p| is_executable(p));
+    if found.is_some() {
+        return found;
+    }
+    let reason = format!("{tool} not found at {path} or on PATH (install {install})");
+    if std::env::var("DATAPUNK_LB_REQUIRE_ALL").as_deref() == Ok("1") {
+        panic!("{reason}; DATAPUNK_LB_REQUIRE_ALL=1 forbids skipping");
+    }
+    // Written to the real stderr, not through eprintln!, which the harness
+    // swallows for passing tests: a skip must be visible.
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    let _ = writeln!(std::io::stderr(), "{test}: skipping: {reason}");
+    None
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -1,0 +1,335 @@
+//! The status page in a real headless Chromium, driven over WebDriver
+//! (chromedriver): it lists every instance and shows a breaker opening
+//! live, without a reload.
+//!
+//! Skipped (saying why) when chromium or chromedriver is missing, unless
+//! `DATAPUNK_LB_REQUIRE_ALL=1`. With `DATAPUNK_LB_SCREENSHOT=1` it also
+//! writes `docs/status.png`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const INSTALL: &str = "chromium and chromium-driver";
+
+/// The chromedriver child process and the throwaway Chromium profile;
+/// dropping it kills chromedriver and removes the profile.
+struct Driver {
+    child: Child,
+    addr: SocketAddr,
+    profile: PathBuf,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// One headless Chromium session. Dropping it without [`Browser::close`]
+/// (a failed test) still ends the session, so no Chromium outlives the test.
+struct Browser {
+    client: Client,
+    session: Option<String>,
+    // Dropped after `Browser::drop` has ended the session.
+    driver: Driver,
+}
+
+impl Browser {
+    async fn start(chromium: &Path, chromedriver: &Path) -> Browser {
+        let profile = temp_path("chromium-profile");
+        std::fs::create_dir_all(&profile).unwrap();
+        let (child, addr) = spawn_chromedriver(chromedriver).await;
+        let driver = Driver {
+            child,
+            addr,
+            profile,
+        };
+        let mut caps = fantoccini::wd::Capabilities::new();
+        caps.insert("browserName".into(), json!("chrome"));
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium,
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    format!("--user-data-dir={}", driver.profile.display()),
+                ],
+            }),
+        );
+        let client = ClientBuilder::new(HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://{addr}"))
+            .await
+            .unwrap_or_else(|e| panic!("no Chromium session from chromedriver: {e}"));
+        let session = client.session_id().await.unwrap();
+        Browser {
+            client,
+            session,
+            driver,
+        }
+    }
+
+    /// Ends the session cleanly (Chromium exits).
+    async fn close(mut self) {
+        if self.session.take().is_some() {
+            let _ = self.client.clone().close().await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Reached with a session only when the test failed, maybe with the
+        // runtime gone: end the session with a blocking request of our own.
+        if let Some(id) = self.session.take() {
+            delete_session_blocking(self.driver.addr, &id);
+        }
+    }
+}
+
+/// Runs `chromedriver --port=N` on a free port; waits until it answers.
+async fn spawn_chromedriver(chromedriver: &Path) -> (Child, SocketAddr) {
+    for _ in 0..3 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut child = Command::new(chromedriver)
+            .arg(format!("--port={}", addr.port()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if child.try_wait().unwrap().is_some() {
+                break; // port taken meanwhile, most likely: try another
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return (child, addr);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("chromedriver did not start");
+}
+
+fn delete_session_blocking(driver: SocketAddr, id: &str) {
+    let Ok(mut s) = TcpStream::connect_timeout(&driver, Duration::from_secs(2)) else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        s,
+        "DELETE /session/{id} HTTP/1.1\r\nHost: {driver}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    // chromedriver answers once Chromium has quit (and may keep the
+    // connection open): the response head is all we wait for.
+    let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+        if got.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+}
+
+/// `(instance, breaker cell class)` of every row on the page, read in one
+/// script call, so a redraw between reads cannot mix two polls.
+async fn rows(c: &Client) -> Vec<(String, String)> {
+    let v = c
+        .execute(
+            "return Array.from(document.querySelectorAll('tr[data-instance]'), r => {
+               const b = r.querySelector('td.breaker');
+               return [r.dataset.instance, b ? b.className : ''];
+             });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(v).unwrap()
+}
+
+/// Polls the page until `pred` holds for its rows; returns them and when.
+async fn wait_rows(
+    c: &Client,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let start = Instant::now();
+    loop {
+        let r = rows(c).await;
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "the page did not show {what} within {timeout:?}; it shows {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn breaker<'a>(rows: &'a [(String, String)], id: &str) -> Option<&'a str> {
+    rows.iter()
+        .find(|(i, _)| i == id)
+        .map(|(_, class)| class.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_a_breaker_opening_live() {
+    let Some(chromedriver) = require("chromedriver", CHROMEDRIVER, INSTALL) else {
+        return;
+    };
+    let Some(chromium) = require("chromium", CHROMIUM, INSTALL) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let ids = ["api-1", "api-2", "api-3"];
+    let backends = [
+        Backend::start(ids[0]).await,
+        Backend::start(ids[1]).await,
+        Backend::start(ids[2]).await,
+    ];
+    let lb = Lb::start(&http_config(
+        "",
+        &[&backends[0], &backends[1], &backends[2]],
+        &[2, 1, 1],
+    ));
+    let (web, admin) = (lb.addr("web"), lb.addr("admin"));
+
+    let browser = Browser::start(&chromium, &chromedriver).await;
+    let c = browser.client.clone();
+    c.set_window_size(1180, 400).await.unwrap();
+    c.goto(&format!("http://{admin}/status")).await.unwrap();
+    assert_eq!(c.title().await.unwrap(), "datapunk-lb status");
+
+    let all_closed = wait_rows(&c, "three closed breakers", Duration::from_secs(10), |r| {
+        r.len() == 3 && r.iter().all(|(_, class)| class == "breaker closed")
+    })
+    .await;
+    let mut listed: Vec<&str> = all_closed.iter().map(|(i, _)| i.as_str()).collect();
+    listed.sort_unstable();
+    assert_eq!(listed, ids);
+
+    // Traffic, so passive health sees the dead instance at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                let _ = get(&c, web, "/").await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // Let the page draw a few rates before the kill.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Marks this document: a reload would lose it.
+    c.execute("window.datapunkNoReload = 1;", vec![])
+        .await
+        .unwrap();
+    let victim = ids[2];
+    backends[2].kill().await;
+    let killed = Instant::now();
+    let shown = wait_rows(
+        &c,
+        "the killed instance's breaker open",
+        Duration::from_secs(3),
+        |r| breaker(r, victim) == Some("breaker open"),
+    )
+    .await;
+    let seen_after = killed.elapsed();
+    eprintln!("breaker shown open {seen_after:?} after the kill");
+    assert!(seen_after <= Duration::from_secs(3), "{seen_after:?}");
+    for id in &ids[..2] {
+        assert_eq!(breaker(&shown, id), Some("breaker closed"), "{shown:?}");
+    }
+    let same_document = c
+        .execute("return window.datapunkNoReload === 1;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(same_document, Value::Bool(true), "the page was reloaded");
+
+    if std::env::var("DATAPUNK_LB_SCREENSHOT").as_deref() == Ok("1") {
+        // Fit the window to the page, so the picture has no scroll bar.
+        let fit = c
+            .execute(
+                "return window.outerHeight - window.innerHeight
+                        + document.documentElement.scrollHeight;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        c.set_window_size(1180, fit.as_u64().unwrap() as u32)
+            .await
+            .unwrap();
+        let png = c.screenshot().await.unwrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/status.png");
+        std::fs::write(&path, png).unwrap();
+        eprintln!("wrote {}", path.display());
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+
+    // Ids (like addresses and zones) are text from the admin API or
+    // discovery: the page must show them, not run them.
+    let hostile = r#"<img src=x onerror="window.datapunkPwned=1">"#;
+    let req = hyper::Request::put(format!(
+        "http://{admin}/v1/services/api/instances/%3Cimg%20src%3Dx%20onerror%3D%22window.datapunkPwned%3D1%22%3E"
+    ))
+    .header("content-type", "application/json")
+    .body(http_body_util::Full::new(bytes::Bytes::from(
+        r#"{"address": "127.0.0.1", "port": 9, "zone": "<b>z</b>"}"#,
+    )))
+    .unwrap();
+    let status = client().request(req).await.unwrap().status();
+    assert!(status.is_success(), "{status}");
+    wait_rows(&c, "the hostile id as text", Duration::from_secs(3), |r| {
+        breaker(r, hostile).is_some()
+    })
+    .await;
+    let injected = c
+        .execute(
+            "return [window.datapunkPwned === undefined,
+                     document.querySelectorAll('#services img, #services b').length];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        injected,
+        json!([true, 0]),
+        "markup from the data was rendered"
+    );
+    browser.close().await;
+    eprintln!("status page test took {:?}", t0.elapsed());
+}
