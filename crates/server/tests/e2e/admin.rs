@@ -1,0 +1,492 @@
+//! The admin API over real HTTP: auth, validation, registration, drain,
+//! metrics, state that survives restarts.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const TOKEN: &str = "s3cret-token";
+
+/// A config with an admin token file and optional state file.
+fn config(
+    backends: &[&std::sync::Arc<Backend>],
+    state_file: Option<&std::path::Path>,
+) -> (String, std::path::PathBuf) {
+    let token_file = temp_path("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let state = state_file.map_or(String::new(), |p| {
+        format!("state_file = \"{}\"\n", p.display())
+    });
+    let cfg = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n{state}",
+        http_config("strategy = \"round_robin\"", backends, &[1, 1, 1]),
+        token_file.display()
+    );
+    (cfg, token_file)
+}
+
+async fn service(admin_addr: std::net::SocketAddr) -> Value {
+    let (status, body) = admin(admin_addr, "GET", "/v1/services/api", Some(TOKEN), None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Removes an instance without draining.
+async fn remove_now(adm: std::net::SocketAddr, id: &str) {
+    let path = format!("/v1/services/api/instances/{id}?drain=0s");
+    let (status, body) = admin(adm, "DELETE", &path, Some(TOKEN), None).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+/// What a refused request must not change.
+fn essence(v: &Value) -> Value {
+    let instances: Vec<Value> = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            serde_json::json!([
+                i["id"],
+                i["port"],
+                i["weight"],
+                i["health_score"],
+                i["draining"]
+            ])
+        })
+        .collect();
+    serde_json::json!({ "strategy": v["strategy"], "instances": instances })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mutating_route_needs_the_token_and_validates() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (cfg, _token) = config(&[&a], None);
+    let lb = Lb::start(&cfg);
+    let adm = lb.addr("admin");
+    let put_b = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, b.addr.port());
+    let routes: Vec<(&str, String, Option<String>)> = vec![
+        (
+            "PUT",
+            "/v1/services/api/instances/b".into(),
+            Some(put_b.clone()),
+        ),
+        (
+            "DELETE",
+            "/v1/services/api/instances/a?drain=0s".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/services/api/instances/a/health".into(),
+            Some(r#"{"health_score":0.5}"#.into()),
+        ),
+        (
+            "PUT",
+            "/v1/services/api/strategy".into(),
+            Some(r#"{"strategy":"p2c"}"#.into()),
+        ),
+    ];
+    let before = essence(&service(adm).await);
+    for (method, path, body) in &routes {
+        for token in [None, Some("wrong-token"), Some("s3cret-token-")] {
+            let (status, resp) = admin(adm, method, path, token, body.clone()).await;
+            assert_eq!(status, 401, "{method} {path} with {token:?}: {resp}");
+            assert_eq!(
+                essence(&service(adm).await),
+                before,
+                "{method} {path} with {token:?} changed state"
+            );
+        }
+    }
+    // Reads need the token too.
+    assert_eq!(admin(adm, "GET", "/v1/services", None, None).await.0, 401);
+
+    // Validation: 400 naming the field, and nothing changes.
+    let bad: Vec<(&str, &str, String, &str)> = vec![
+        (
+            "PUT",
+            "/v1/services/api/instances/x",
+            "{not json".into(),
+            "invalid JSON",
+        ),
+        (
+            "PUT",
+            "/v1/services/api/instances/x",
+            r#"{"address":"127.0.0.1"}"#.into(),
+            "port",
+        ),
+        (
+            "PUT",
+            "/v1/services/api/instances/x",
+            r#"{"address":"127.0.0.1","port":0}"#.into(),
+            "port",
+        ),
+        (
+            "PUT",
+            "/v1/services/api/instances/x",
+            r#"{"address":"127.0.0.1","port":80,"weight":5000}"#.into(),
+            "weight",
+        ),
+        (
+            "POST",
+            "/v1/services/api/instances/a/health",
+            r#"{"health_score":1.5}"#.into(),
+            "health_score",
+        ),
+        (
+            "PUT",
+            "/v1/services/api/strategy",
+            r#"{"strategy":"fastest"}"#.into(),
+            "strategy",
+        ),
+    ];
+    for (method, path, body, field) in bad {
+        let (status, resp) = admin(adm, method, path, Some(TOKEN), Some(body.clone())).await;
+        assert_eq!(status, 400, "{body}: {resp}");
+        let v: Value = serde_json::from_str(&resp).unwrap();
+        if field == "invalid JSON" {
+            assert!(v["error"].as_str().unwrap().contains(field), "{resp}");
+        } else {
+            assert_eq!(v["field"], field, "{body}: {resp}");
+        }
+        assert_eq!(essence(&service(adm).await), before);
+    }
+    let big = format!(r#"{{"address":"{}","port":80}}"#, "a".repeat(65 * 1024));
+    let (status, _) = admin(
+        adm,
+        "PUT",
+        "/v1/services/api/instances/x",
+        Some(TOKEN),
+        Some(big),
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        admin(adm, "GET", "/v1/services/nope", Some(TOKEN), None)
+            .await
+            .0,
+        404
+    );
+
+    // With the token: each route works and takes effect on the next request.
+    let (status, resp) = admin(
+        adm,
+        "PUT",
+        "/v1/services/api/instances/b",
+        Some(TOKEN),
+        Some(put_b),
+    )
+    .await;
+    assert_eq!(status, 201, "{resp}");
+    let c = client();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        seen.insert(get(&c, lb.addr("web"), "/").await.unwrap().1);
+    }
+    assert!(
+        seen.contains("b"),
+        "a registered instance gets the next requests: {seen:?}"
+    );
+    let (status, _) = admin(
+        adm,
+        "POST",
+        "/v1/services/api/instances/a/health",
+        Some(TOKEN),
+        Some(r#"{"health_score":0.5}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = admin(
+        adm,
+        "PUT",
+        "/v1/services/api/strategy",
+        Some(TOKEN),
+        Some(r#"{"strategy":"p2c"}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v = service(adm).await;
+    assert_eq!(v["strategy"], "p2c");
+    let a_row = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "a")
+        .unwrap()
+        .clone();
+    assert_eq!(a_row["health_score"], 0.5);
+    let (status, list) = admin(adm, "GET", "/v1/services", Some(TOKEN), None).await;
+    assert_eq!(status, 200);
+    assert!(list.contains("\"panic\""), "{list}");
+    remove_now(adm, "b").await;
+    assert_eq!(service(adm).await["instances"].as_array().unwrap().len(), 1);
+    assert_eq!(admin(adm, "GET", "/healthz", None, None).await.0, 200);
+    assert_eq!(admin(adm, "GET", "/readyz", None, None).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_with_drain_lets_in_flight_requests_finish() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (cfg, _token) = config(&[&a, &b], None);
+    let lb = Lb::start(&cfg);
+    let (adm, web) = (lb.addr("admin"), lb.addr("web"));
+    b.set_delay(Duration::from_millis(800));
+    // Round robin: one of two requests lands on the slow b.
+    let reqs: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get(&client(), web, "/").await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (status, resp) = admin(
+        adm,
+        "DELETE",
+        "/v1/services/api/instances/b?drain=5s",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{resp}");
+    // While draining, new requests go to a only.
+    for _ in 0..4 {
+        assert_eq!(get(&client(), web, "/").await.unwrap().1, "a");
+    }
+    let mut bodies: Vec<String> = Vec::new();
+    for r in reqs {
+        let (status, body) = r.await.unwrap().unwrap();
+        assert_eq!(
+            status, 200,
+            "an in-flight request on the draining instance failed"
+        );
+        bodies.push(body);
+    }
+    assert!(bodies.contains(&"b".to_owned()), "{bodies:?}");
+    // Removed once idle (maintain runs every 100 ms).
+    let t = Instant::now();
+    loop {
+        let ids: Vec<Value> = service(adm).await["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].clone())
+            .collect();
+        if ids == [Value::from("a")] {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "b not removed after its drain: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn metric_value(
+    samples: &[prometheus_parse::Sample],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+async fn scrape(adm: std::net::SocketAddr) -> Vec<prometheus_parse::Sample> {
+    let (status, text) = admin(adm, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines)
+        .expect("valid Prometheus text")
+        .samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_parseable_complete_and_move() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (cfg, _token) = config(&[&a, &b], None);
+    let lb = Lb::start(&cfg);
+    let (adm, web) = (lb.addr("admin"), lb.addr("web"));
+    let c = client();
+    for _ in 0..10 {
+        get(&c, web, "/").await.unwrap();
+    }
+    let samples = scrape(adm).await;
+    let names: std::collections::HashSet<&str> =
+        samples.iter().map(|s| s.metric.as_str()).collect();
+    for family in [
+        "datapunk_lb_requests_total",
+        "datapunk_lb_request_duration_seconds",
+        "datapunk_lb_active_connections",
+        "datapunk_lb_instance_health_score",
+        "datapunk_lb_circuit_state",
+        "datapunk_lb_selections_total",
+        "datapunk_lb_panic_mode",
+        "datapunk_lb_instances",
+    ] {
+        assert!(names.contains(family), "{family} missing from {names:?}");
+    }
+    let ok_a = metric_value(
+        &samples,
+        "datapunk_lb_requests_total",
+        &[("instance", "a"), ("outcome", "success")],
+    )
+    .unwrap();
+    assert_eq!(ok_a, 5.0, "round robin sent 5 of 10 to a");
+    assert_eq!(
+        metric_value(&samples, "datapunk_lb_circuit_state", &[("instance", "b")]),
+        Some(0.0)
+    );
+
+    // b dies; traffic trips its breaker: state 2 and a counted transition.
+    b.kill().await;
+    for _ in 0..10 {
+        let _ = get(&c, web, "/").await;
+    }
+    let samples = scrape(adm).await;
+    assert_eq!(
+        metric_value(&samples, "datapunk_lb_circuit_state", &[("instance", "b")]),
+        Some(2.0)
+    );
+    let trips = metric_value(
+        &samples,
+        "datapunk_lb_circuit_transitions_total",
+        &[("from", "closed"), ("to", "open")],
+    )
+    .unwrap();
+    assert!(trips >= 1.0);
+    assert!(
+        metric_value(&samples, "datapunk_lb_retries_total", &[("service", "api")]).unwrap() >= 1.0
+    );
+    // Active checks (every 100 ms) are counted by result; b's now fail.
+    let t = Instant::now();
+    loop {
+        let samples = scrape(adm).await;
+        let failed = metric_value(
+            &samples,
+            "datapunk_lb_health_checks_total",
+            &[("result", "failure")],
+        )
+        .unwrap_or(0.0);
+        let passed = metric_value(
+            &samples,
+            "datapunk_lb_health_checks_total",
+            &[("result", "success")],
+        )
+        .unwrap_or(0.0);
+        if failed >= 1.0 && passed >= 1.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "health checks not counted: {failed} failed, {passed} passed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connect_errors = metric_value(
+        &samples,
+        "datapunk_lb_requests_total",
+        &[("instance", "b"), ("outcome", "connect")],
+    )
+    .unwrap();
+    assert!(connect_errors >= 1.0);
+    // A removed instance leaves no series behind.
+    remove_now(adm, "b").await;
+    let samples = scrape(adm).await;
+    assert!(
+        samples
+            .iter()
+            .all(|s| s.labels.get("instance") != Some("b")),
+        "stale series for b"
+    );
+    // Reloads are counted.
+    lb.signal("HUP");
+    lb.wait_log("reload", Duration::from_secs(5), |v| {
+        v["result"] == "success"
+    })
+    .await;
+    let samples = scrape(adm).await;
+    assert_eq!(
+        metric_value(
+            &samples,
+            "datapunk_lb_config_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_survive_restarts_and_corrupt_state_is_moved_aside() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let state = temp_path("state.json");
+    let (cfg, _token) = config(&[&a], Some(&state));
+    {
+        let lb = Lb::start(&cfg);
+        let body = format!(
+            r#"{{"address":"127.0.0.1","port":{},"weight":3}}"#,
+            b.addr.port()
+        );
+        let (status, resp) = admin(
+            lb.addr("admin"),
+            "PUT",
+            "/v1/services/api/instances/b",
+            Some(TOKEN),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 201, "{resp}");
+        let (status, _) = admin(
+            lb.addr("admin"),
+            "PUT",
+            "/v1/services/api/strategy",
+            Some(TOKEN),
+            Some(r#"{"strategy":"weighted"}"#.into()),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let lb = Lb::start(&cfg);
+    let v = service(lb.addr("admin")).await;
+    assert_eq!(
+        v["strategy"], "weighted",
+        "strategy change survives a restart"
+    );
+    let b_row = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "b")
+        .cloned();
+    assert_eq!(b_row.expect("b survives a restart")["weight"], 3);
+    drop(lb);
+
+    std::fs::write(&state, "{ this is not json").unwrap();
+    let lb = Lb::start(&cfg);
+    lb.wait_log("corrupt state report", Duration::from_secs(5), |v| {
+        v["error"].as_str().is_some_and(|e| e.contains("corrupt"))
+    })
+    .await;
+    let v = service(lb.addr("admin")).await;
+    assert_eq!(
+        v["instances"].as_array().unwrap().len(),
+        1,
+        "starts from the config alone"
+    );
+    let dir = state.parent().unwrap();
+    let name = state.file_name().unwrap().to_string_lossy().into_owned();
+    let moved = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}.corrupt-"))
+        });
+    assert!(moved, "the corrupt file is moved aside, not deleted");
+}
