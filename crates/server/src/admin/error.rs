@@ -13,6 +13,9 @@ pub enum AdminError {
     /// Missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A body that is not declared as JSON.
+    #[error("the body must be sent with Content-Type: application/json")]
+    UnsupportedMediaType,
     /// A field is missing or invalid.
     #[error("{field}: {message}")]
     BadField {
@@ -71,6 +74,7 @@ impl IntoResponse for AdminError {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::BadField { .. } | AdminError::BadJson(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

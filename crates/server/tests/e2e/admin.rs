@@ -100,6 +100,18 @@ async fn every_mutating_route_needs_the_token_and_validates() {
             );
         }
     }
+    // A body not declared as JSON is refused (no cross-site text/plain POST).
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{adm}/v1/services/api/instances/a/health"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "text/plain")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"health_score":0.1}"#,
+        )))
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), 415);
+    assert_eq!(essence(&service(adm).await), before);
     // Reads need the token too.
     assert_eq!(admin(adm, "GET", "/v1/services", None, None).await.0, 401);
 
