@@ -1,8 +1,9 @@
-//! Command line: `datapunk-lb run | check | demo`.
+//! Command line: `datapunk-lb run | check | demo | register`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
 
@@ -43,4 +44,45 @@ pub enum Command {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// Sidecar: register an instance in etcd under a lease and keep it
+    /// alive; SIGTERM/SIGINT revoke the lease (the instance leaves every
+    /// balancer node at once) and exit 0.
+    Register(RegisterArgs),
+}
+
+/// `datapunk-lb register`.
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// etcd client endpoints, `host:port` or `http://host:port`;
+    /// comma-separated or repeated.
+    #[arg(long = "etcd", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    /// Key prefix (as the balancers' `[discovery] prefix`).
+    #[arg(long, default_value = crate::config::DEFAULT_ETCD_PREFIX)]
+    pub prefix: String,
+    /// Service name.
+    #[arg(long)]
+    pub service: String,
+    /// Instance id, unique within the service.
+    #[arg(long)]
+    pub id: String,
+    /// Address the balancers connect to.
+    #[arg(long)]
+    pub address: String,
+    /// Port.
+    #[arg(long)]
+    pub port: u16,
+    /// Weight, 1..=1000.
+    #[arg(long, default_value_t = 1)]
+    pub weight: u16,
+    /// Zone.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Tags (repeat the flag for several).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Lease TTL: how long the instance stays after the sidecar dies without
+    /// revoking (SIGKILL, crash). Whole seconds, at least 1 s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
 }

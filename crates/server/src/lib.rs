@@ -9,6 +9,7 @@
 //! | [`admin`] | the admin API, `/metrics`, the status page, health endpoints |
 //! | [`cli`] | the command line |
 //! | [`config`] | the TOML file: strict parsing, validation with key and line |
+//! | [`discovery`] | etcd discovery: list, watch, resync; the `register` sidecar |
 //! | [`server`] | start, reload (SIGHUP), drain (SIGTERM) |
 //! | [`proxy`] | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
 //! | [`health_check`] | active HTTP/TCP checks with spread, backoff and a bound |
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod health_check;
 pub mod metrics;
 pub mod proxy;

@@ -55,7 +55,77 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime(threads)?.block_on(serve(path, cfg))
         }
         Command::Demo { seconds } => runtime(None)?.block_on(datapunk_lb::demo::run(seconds)),
+        Command::Register(args) => register(args),
     }
+}
+
+#[cfg(not(feature = "etcd"))]
+fn register(_: datapunk_lb::cli::RegisterArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("register: this build of datapunk-lb lacks etcd support (built without the `etcd` cargo feature)")
+}
+
+#[cfg(feature = "etcd")]
+fn register(args: datapunk_lb::cli::RegisterArgs) -> anyhow::Result<ExitCode> {
+    use datapunk_lb::config::etcd_endpoint;
+    use datapunk_lb::discovery::etcd::{register, Registration};
+    use datapunk_lb::state::InstanceSpec;
+
+    let mut problems = Vec::new();
+    let endpoints: Vec<String> = args
+        .etcd
+        .iter()
+        .filter_map(|e| match etcd_endpoint(e) {
+            Ok(u) => Some(u),
+            Err(why) => {
+                problems.push(format!("--etcd: {why}"));
+                None
+            }
+        })
+        .collect();
+    if !args.prefix.ends_with('/') {
+        problems.push(format!("--prefix {:?}: must end with '/'", args.prefix));
+    }
+    for (flag, v) in [("--service", &args.service), ("--id", &args.id)] {
+        if v.is_empty() || v.contains('/') {
+            problems.push(format!("{flag} {v:?}: must be non-empty, without '/'"));
+        }
+    }
+    let spec = InstanceSpec {
+        address: args.address.clone(),
+        port: args.port,
+        weight: args.weight,
+        zone: args.zone.clone(),
+        tags: args.tags.clone(),
+    };
+    if let Err(e) = spec.to_instance(&args.id) {
+        problems.push(e.to_string());
+    }
+    if args.ttl < std::time::Duration::from_secs(1) {
+        problems.push(format!("--ttl {:?}: must be at least 1s", args.ttl));
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("register: {}", problems.join("; "));
+    }
+    let reg = Registration {
+        endpoints,
+        prefix: args.prefix,
+        service: args.service,
+        id: args.id,
+        spec,
+        ttl: args.ttl,
+    };
+    runtime(Some(1))?.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        };
+        register(reg, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 async fn serve(path: std::path::PathBuf, cfg: Config) -> anyhow::Result<ExitCode> {

@@ -11,6 +11,12 @@
 //!   the config is applied ([`ServiceMetrics`]): the duration histogram,
 //!   selections by strategy, retries; and, off the request path, health
 //!   checks, breaker transitions and reloads.
+//! - **Discovery** (etcd, see [`crate::discovery`]):
+//!   `datapunk_lb_discovery_stale` (1 while the node serves the last set it
+//!   saw because etcd is unreachable or the watch broke, 0 when in sync),
+//!   `datapunk_lb_discovery_syncs_total{result}` (full re-lists, `success` or
+//!   `failure`) and `datapunk_lb_discovery_invalid_values_total` (values
+//!   under the prefix that were skipped).
 //!
 //! Output is the OpenMetrics text format that `prometheus-client` writes
 //! (counters carry the `_total` suffix on their samples).
@@ -25,7 +31,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -41,6 +47,9 @@ pub struct Metrics {
     health_checks: Family<Labels, Counter>,
     transitions: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
+    discovery_stale: Gauge,
+    discovery_syncs: Family<Labels, Counter>,
+    discovery_invalid: Counter,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
 }
 
@@ -119,6 +128,24 @@ impl Metrics {
             "Config reloads by result",
             reloads.clone(),
         );
+        let discovery_stale = Gauge::default();
+        registry.register(
+            "datapunk_lb_discovery_stale",
+            "1 while discovery is stale (etcd unreachable or the watch broken): the node serves the last instance set it saw",
+            discovery_stale.clone(),
+        );
+        let discovery_syncs = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_discovery_syncs",
+            "Full discovery syncs (list of the etcd prefix) by result",
+            discovery_syncs.clone(),
+        );
+        let discovery_invalid = Counter::default();
+        registry.register(
+            "datapunk_lb_discovery_invalid_values",
+            "Discovery values skipped as invalid (bad JSON, fields or key shape)",
+            discovery_invalid.clone(),
+        );
         let errors = Arc::new(Mutex::new(HashMap::new()));
         registry.register_collector(Box::new(CoreCollector {
             core,
@@ -132,6 +159,9 @@ impl Metrics {
             health_checks,
             transitions,
             reloads,
+            discovery_stale,
+            discovery_syncs,
+            discovery_invalid,
             errors,
         }
     }
@@ -179,6 +209,22 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let l = vec![("result", if ok { "success" } else { "failure" }.to_owned())];
         self.reloads.get_or_create(&l).inc();
+    }
+
+    /// Sets whether discovery is stale.
+    pub fn discovery_stale(&self, stale: bool) {
+        self.discovery_stale.set(i64::from(stale));
+    }
+
+    /// Counts a full discovery sync.
+    pub fn discovery_sync(&self, ok: bool) {
+        let l = vec![("result", if ok { "success" } else { "failure" }.to_owned())];
+        self.discovery_syncs.get_or_create(&l).inc();
+    }
+
+    /// Counts a skipped discovery value.
+    pub fn discovery_invalid(&self) {
+        self.discovery_invalid.inc();
     }
 
     /// Logs what the core reported and counts breaker transitions.

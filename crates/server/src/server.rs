@@ -13,6 +13,16 @@
 //! finish); listeners no longer in the file stop accepting; health checks
 //! restart on the new schedule.
 //!
+//! ## Discovery
+//!
+//! With `[discovery] kind = "etcd"` the node also keeps the instances it
+//! discovers ([`crate::discovery`]): they are registered next to the
+//! config's (a discovered id overrides a config instance with the same id),
+//! kept across reloads, and `/readyz` waits for the first etcd sync. Admin
+//! API registrations and removals on such a node are written to etcd, so
+//! every node applies them; the answer comes once this node has applied its
+//! own write (or after 2 s, applying it locally then).
+//!
 //! ## Drain (SIGTERM, SIGINT)
 //!
 //! Listeners stop accepting at once; in-flight requests and open TCP
@@ -20,7 +30,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -33,7 +43,8 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::admin::{AdminError, AdminState};
-use crate::config::{Config, ListenerConfig, Protocol};
+use crate::config::{Config, DiscoveryConfig, ListenerConfig, Protocol};
+use crate::discovery::{Applied, Batch, Discovered};
 use crate::health_check::HealthChecker;
 use crate::metrics::Metrics;
 use crate::proxy::http::{ConnTracker, HttpContext, UpstreamClients};
@@ -91,7 +102,20 @@ pub struct Server {
     metrics_auth: AtomicBool,
     ready: AtomicBool,
     admin: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    me: Weak<Server>,
+    /// Discovered instances; also held by `apply` so a reload and a
+    /// discovery batch never interleave.
+    discovered: Mutex<Discovered>,
+    discovery: Mutex<Option<crate::discovery::Running>>,
+    /// The etcd revision this node has applied.
+    discovery_rev: watch::Sender<i64>,
 }
+
+/// How long an admin API write on an etcd-backed node waits for this node's
+/// watch to deliver it before applying it locally.
+#[cfg(feature = "etcd")]
+const OWN_WRITE_WAIT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +152,7 @@ impl Server {
             },
         };
         let metrics = Arc::new(Metrics::new(registry.clone()));
-        let server = Arc::new(Server {
+        let server = Arc::new_cyclic(|me| Server {
             registry,
             routing: Arc::new(ArcSwap::from_pointee(Routing::default())),
             config: Mutex::new(config.clone()),
@@ -143,11 +167,20 @@ impl Server {
             metrics_auth: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             admin: Mutex::new(None),
+            me: me.clone(),
+            discovered: Mutex::new(Discovered::default()),
+            discovery: Mutex::new(None),
+            discovery_rev: watch::Sender::new(0),
         });
         server.apply(config.clone(), true).await?;
         server.start_admin(&config).await?;
-        // Static discovery: the first sync is the config itself.
-        server.ready.store(true, Ordering::Release);
+        if config.discovery == DiscoveryConfig::Static {
+            // Static discovery: the first sync is the config itself.
+            server.ready.store(true, Ordering::Release);
+        } else {
+            // Ready after the first sync (`discovery_ready`).
+            server.sync_discovery(&config.discovery);
+        }
         // Periodic upkeep; holds only a weak reference, so it ends with the server.
         let weak = Arc::downgrade(&server);
         tokio::spawn(async move {
@@ -177,9 +210,108 @@ impl Server {
 
     /// Validates and applies a new config; on error nothing changed.
     pub async fn reload(&self, config: Config) -> Result<(), ServerError> {
+        let discovery = config.discovery.clone();
         let r = self.apply(config, false).await;
         self.metrics.reload(r.is_ok());
+        if r.is_ok() {
+            self.sync_discovery(&discovery);
+        }
         r
+    }
+
+    /// Starts, restarts or stops discovery to match `wanted`.
+    fn sync_discovery(&self, wanted: &DiscoveryConfig) {
+        let mut running = self.discovery.lock();
+        let current = running
+            .as_ref()
+            .map_or(DiscoveryConfig::Static, crate::discovery::running_config);
+        if current == *wanted {
+            return;
+        }
+        // Dropping the old one stops it.
+        *running = None;
+        match wanted {
+            DiscoveryConfig::Static => {
+                drop(running);
+                // Every discovered instance leaves (config ones are restored).
+                self.apply_discovery(
+                    Batch::Full {
+                        entries: Vec::new(),
+                        invalid: Vec::new(),
+                    },
+                    None,
+                );
+                info!(
+                    from = "etcd",
+                    to = "static",
+                    reason = "config reload",
+                    "discovery changed"
+                );
+            }
+            #[cfg(feature = "etcd")]
+            DiscoveryConfig::Etcd(c) => {
+                self.discovery_rev.send_replace(0);
+                *running = Some(crate::discovery::etcd::EtcdDiscovery::start(
+                    self.me.clone(),
+                    c.clone(),
+                ));
+            }
+            #[cfg(not(feature = "etcd"))]
+            DiscoveryConfig::Etcd(_) => {
+                // Refused by the config check in this build.
+                error!("etcd discovery requested from a build without the etcd feature");
+            }
+        }
+    }
+
+    /// Applies a discovery batch (see [`crate::discovery`]); `revision` is
+    /// the etcd revision it brings the node to.
+    pub fn apply_discovery(&self, batch: Batch, revision: Option<i64>) -> Applied {
+        let applied = {
+            let mut discovered = self.discovered.lock();
+            let config = self.config.lock();
+            discovered.apply(batch, &self.registry, &config.services, &self.metrics)
+        };
+        if let Some(r) = revision {
+            self.discovery_revision(r);
+        }
+        applied
+    }
+
+    /// Notes that this node has seen etcd up to `revision`.
+    pub fn discovery_revision(&self, revision: i64) {
+        self.discovery_rev.send_if_modified(|cur| {
+            let newer = revision > *cur;
+            if newer {
+                *cur = revision;
+            }
+            newer
+        });
+    }
+
+    /// The first discovery sync is done: the node is ready (unless draining).
+    pub fn discovery_ready(&self) {
+        if !self.listeners.lock().is_empty() {
+            self.ready.store(true, Ordering::Release);
+        }
+    }
+
+    /// Number of discovered instances.
+    pub fn discovered_len(&self) -> usize {
+        self.discovered.lock().len()
+    }
+
+    /// Waits until this node has applied etcd `revision`.
+    #[cfg(feature = "etcd")]
+    async fn applied_revision(&self, revision: i64) -> bool {
+        let mut rx = self.discovery_rev.subscribe();
+        let waited = tokio::time::timeout(OWN_WRITE_WAIT, rx.wait_for(|r| *r >= revision)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
+    #[cfg(feature = "etcd")]
+    fn etcd_writer(&self) -> Option<crate::discovery::etcd::EtcdWriter> {
+        self.discovery.lock().as_ref().map(|d| d.writer().clone())
     }
 
     /// The metrics.
@@ -291,6 +423,10 @@ impl Server {
     ) -> Result<bool, AdminError> {
         self.configured(service)?;
         let instance = spec.to_instance(id).map_err(RegistryError::from)?;
+        #[cfg(feature = "etcd")]
+        if let Some(writer) = self.etcd_writer() {
+            return self.register_etcd(&writer, service, id, spec).await;
+        }
         let mut dynamic = self.dynamic.lock().await;
         let registered = self.registry.register_instance(service, instance)?;
         let svc = dynamic.service_mut(service);
@@ -311,13 +447,121 @@ impl Server {
         Ok(registered == datapunk_lb_core::Registered::Added)
     }
 
-    /// Drains then removes an instance (at once for a zero drain).
+    /// etcd-backed node: writes the registration to etcd (no lease: it stays
+    /// until deleted) and waits for this node to apply it.
+    #[cfg(feature = "etcd")]
+    async fn register_etcd(
+        &self,
+        writer: &crate::discovery::etcd::EtcdWriter,
+        service: &str,
+        id: &str,
+        spec: InstanceSpec,
+    ) -> Result<bool, AdminError> {
+        let (revision, created) = writer
+            .put(service, id, &spec)
+            .await
+            .map_err(|e| AdminError::Internal(e.to_string()))?;
+        info!(
+            service,
+            instance = id,
+            address = spec.address.as_str(),
+            port = spec.port,
+            weight = spec.weight,
+            from = if created { "absent" } else { "registered" },
+            to = "registered",
+            reason = "admin API, written to etcd",
+            key = writer.key(service, id),
+            revision,
+            "instance written to etcd"
+        );
+        if !self.applied_revision(revision).await {
+            warn!(
+                service,
+                instance = id,
+                revision,
+                "discovery watch is behind: applying this node's own etcd write locally"
+            );
+            self.apply_discovery(
+                Batch::Delta(vec![crate::discovery::Change::Put {
+                    service: service.to_owned(),
+                    id: id.to_owned(),
+                    spec,
+                }]),
+                None,
+            );
+        }
+        Ok(created)
+    }
+
+    /// etcd-backed node: deletes the key (every node drains the instance;
+    /// this one for `drain`, the others for [`crate::discovery::DRAIN`]).
+    /// `Ok(false)` when there was no such key.
+    #[cfg(feature = "etcd")]
+    async fn remove_etcd(
+        &self,
+        writer: &crate::discovery::etcd::EtcdWriter,
+        service: &str,
+        id: &str,
+        drain: Duration,
+    ) -> Result<bool, AdminError> {
+        self.discovered
+            .lock()
+            .set_drain_override(service, id, drain);
+        let revision = match writer.delete(service, id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.discovered.lock().clear_drain_override(service, id);
+                return Ok(false);
+            }
+            Err(e) => {
+                self.discovered.lock().clear_drain_override(service, id);
+                return Err(AdminError::Internal(e.to_string()));
+            }
+        };
+        info!(
+            service,
+            instance = id,
+            from = "registered",
+            to = "draining",
+            reason = "admin API, deleted from etcd",
+            key = writer.key(service, id),
+            revision,
+            drain = ?drain,
+            "instance deleted from etcd"
+        );
+        if !self.applied_revision(revision).await {
+            warn!(
+                service,
+                instance = id,
+                revision,
+                "discovery watch is behind: applying this node's own etcd delete locally"
+            );
+            self.apply_discovery(
+                Batch::Delta(vec![crate::discovery::Change::Delete {
+                    service: service.to_owned(),
+                    id: id.to_owned(),
+                }]),
+                None,
+            );
+        }
+        Ok(true)
+    }
+
+    /// Drains then removes an instance (at once for a zero drain). On an
+    /// etcd-backed node an instance that has a key in etcd is deleted there;
+    /// others (config instances) are removed locally.
     pub async fn remove_dynamic(
         &self,
         service: &str,
         id: &str,
         drain: Duration,
     ) -> Result<(), AdminError> {
+        #[cfg(feature = "etcd")]
+        if let Some(writer) = self.etcd_writer() {
+            if self.remove_etcd(&writer, service, id, drain).await? {
+                return Ok(());
+            }
+        }
         let mut dynamic = self.dynamic.lock().await;
         if drain.is_zero() {
             self.registry.deregister_instance(service, id)?;
@@ -384,7 +628,9 @@ impl Server {
             sockets.push((l, socket));
         }
 
-        // 2. Services and instances, kept by id.
+        // 2. Services and instances, kept by id. Discovery batches wait
+        // until the new config is in place.
+        let discovered = self.discovered.lock();
         let mut upstreams = HashMap::new();
         {
             let mut budgets = self.budgets.lock();
@@ -421,6 +667,15 @@ impl Server {
                             Err(e) => {
                                 warn!(service = name.as_str(), instance = id.as_str(), error = %e, "skipping invalid saved instance")
                             }
+                        }
+                    }
+                }
+                // Discovered instances win over both on the same id.
+                if !discovered.is_empty() {
+                    desired.retain(|i| !discovered.contains(name, i.id().as_str()));
+                    for (id, spec) in discovered.instances(name) {
+                        if let Ok(i) = spec.to_instance(id) {
+                            desired.push(i);
                         }
                     }
                 }
@@ -556,6 +811,7 @@ impl Server {
             );
         }
         *self.config.lock() = config;
+        drop(discovered);
         Ok(())
     }
 
@@ -569,6 +825,8 @@ impl Server {
         }
         *self.health.lock() = HealthChecker::default();
         self.ready.store(false, Ordering::Release);
+        // Stop following discovery: nothing new is served.
+        self.discovery.lock().take();
         let drained = tokio::time::timeout(timeout, self.connections.drain()).await;
         if let Some((_, stop)) = self.admin.lock().take() {
             let _ = stop.send(true);

@@ -37,9 +37,8 @@ pub struct FileAdmin {
 #[serde(deny_unknown_fields)]
 pub struct FileDiscovery {
     pub kind: Spanned<String>,
-    #[serde(default)]
-    pub endpoints: Vec<String>,
-    pub prefix: Option<String>,
+    pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    pub prefix: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -25,6 +25,8 @@
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
 //! | `instance.weight` | 1 |
+//! | `discovery.kind` | `static` (`etcd`) |
+//! | `discovery.prefix` | `/datapunk/services/` |
 
 pub mod file;
 
@@ -53,6 +55,8 @@ pub const DEFAULT_RETRIES: u32 = 2;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// Default health check path.
 pub const DEFAULT_HEALTH_PATH: &str = "/health";
+/// Default etcd key prefix: instances live at `{prefix}{service}/{id}`.
+pub const DEFAULT_ETCD_PREFIX: &str = "/datapunk/services/";
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +69,27 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Services by name.
     pub services: BTreeMap<String, ServiceConfig>,
+    /// Where instances come from besides the config and the admin API.
+    pub discovery: DiscoveryConfig,
+}
+
+/// `[discovery]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DiscoveryConfig {
+    /// The config's instances and the admin API only (the default).
+    #[default]
+    Static,
+    /// Instances under a prefix in etcd, watched (see [`crate::discovery`]).
+    Etcd(EtcdConfig),
+}
+
+/// `[discovery] kind = "etcd"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs, normalised to `http://host:port`; never empty.
+    pub endpoints: Vec<String>,
+    /// Key prefix, ending with `/`.
+    pub prefix: String,
 }
 
 /// `[admin]`.
@@ -306,21 +331,10 @@ impl Config {
         let drain_timeout =
             ck.duration("drain_timeout", &file.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         let admin = admin(file.admin, ck);
-        if let Some(d) = &file.discovery {
-            match d.kind.get_ref().as_str() {
-                "static" => {}
-                "etcd" => ck.issue(
-                    "discovery.kind",
-                    &d.kind,
-                    "etcd discovery is not available in this build yet",
-                ),
-                other => ck.issue(
-                    "discovery.kind",
-                    &d.kind,
-                    format!("unknown kind {other:?}; expected \"static\" or \"etcd\""),
-                ),
-            }
-        }
+        let discovery = file
+            .discovery
+            .as_ref()
+            .map_or(DiscoveryConfig::Static, |d| discovery(d, ck));
 
         let mut services = BTreeMap::new();
         for (name, svc) in &file.service {
@@ -451,6 +465,7 @@ impl Config {
             admin,
             listeners,
             services,
+            discovery,
         }
     }
 
@@ -464,6 +479,19 @@ impl Config {
             humantime::format_duration(self.drain_timeout)
         );
         let _ = writeln!(s, "admin: {}", self.admin.listen);
+        match &self.discovery {
+            DiscoveryConfig::Static => {
+                let _ = writeln!(s, "discovery: static");
+            }
+            DiscoveryConfig::Etcd(e) => {
+                let _ = writeln!(
+                    s,
+                    "discovery: etcd {} prefix {}",
+                    e.endpoints.join(","),
+                    e.prefix
+                );
+            }
+        }
         for l in &self.listeners {
             match l.protocol {
                 Protocol::Http => {
@@ -518,6 +546,96 @@ impl Config {
         }
         s
     }
+}
+
+fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
+    match d.kind.get_ref().as_str() {
+        "static" => {
+            if let Some(e) = &d.endpoints {
+                ck.issue("discovery.endpoints", e, "only for kind = \"etcd\"");
+            }
+            if let Some(p) = &d.prefix {
+                ck.issue("discovery.prefix", p, "only for kind = \"etcd\"");
+            }
+            DiscoveryConfig::Static
+        }
+        "etcd" if !cfg!(feature = "etcd") => {
+            ck.issue(
+                "discovery.kind",
+                &d.kind,
+                "this build of datapunk-lb lacks etcd support (built without the `etcd` cargo feature)",
+            );
+            DiscoveryConfig::Static
+        }
+        "etcd" => {
+            let mut endpoints = Vec::new();
+            match &d.endpoints {
+                None => ck.issue(
+                    "discovery.endpoints",
+                    &d.kind,
+                    "missing: kind = \"etcd\" needs endpoints = [\"host:port\", ...]",
+                ),
+                Some(list) if list.get_ref().is_empty() => {
+                    ck.issue("discovery.endpoints", list, "must not be empty")
+                }
+                Some(list) => {
+                    for (i, e) in list.get_ref().iter().enumerate() {
+                        match etcd_endpoint(e.get_ref()) {
+                            Ok(url) => endpoints.push(url),
+                            Err(why) => ck.issue(format!("discovery.endpoints[{i}]"), e, why),
+                        }
+                    }
+                }
+            }
+            let prefix = match &d.prefix {
+                None => DEFAULT_ETCD_PREFIX.to_owned(),
+                Some(p) if !p.get_ref().ends_with('/') || p.get_ref().len() < 2 => {
+                    ck.issue(
+                        "discovery.prefix",
+                        p,
+                        format!(
+                            "{:?} must end with '/' (e.g. \"{DEFAULT_ETCD_PREFIX}\")",
+                            p.get_ref()
+                        ),
+                    );
+                    DEFAULT_ETCD_PREFIX.to_owned()
+                }
+                Some(p) => p.get_ref().clone(),
+            };
+            DiscoveryConfig::Etcd(EtcdConfig { endpoints, prefix })
+        }
+        other => {
+            ck.issue(
+                "discovery.kind",
+                &d.kind,
+                format!("unknown kind {other:?}; expected \"static\" or \"etcd\""),
+            );
+            DiscoveryConfig::Static
+        }
+    }
+}
+
+/// An etcd client endpoint, `host:port` or `http://host:port`, as a URL.
+pub fn etcd_endpoint(e: &str) -> Result<String, String> {
+    let rest = if let Some(r) = e.strip_prefix("http://") {
+        r
+    } else if e.starts_with("https://") {
+        return Err(format!(
+            "{e:?}: https endpoints are not supported (this build has no TLS for etcd)"
+        ));
+    } else if e.contains("://") {
+        return Err(format!("{e:?}: expected host:port or http://host:port"));
+    } else {
+        e
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let bad = || format!("{e:?} is not host:port or http://host:port");
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains('/') || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok(format!("http://{host}:{port}"))
 }
 
 fn admin(a: Option<file::FileAdmin>, ck: &mut Checker<'_>) -> AdminConfig {

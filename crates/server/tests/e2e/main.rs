@@ -6,6 +6,8 @@
 
 mod admin;
 mod config;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod failover;
 mod lifecycle;
 mod proxy;

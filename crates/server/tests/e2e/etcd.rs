@@ -1,0 +1,891 @@
+//! etcd discovery with a real etcd server (started here on free ports with a
+//! temp data dir, stopped by pid) and two real balancer nodes: shared
+//! registrations (sidecar and admin API), lease expiry, SIGTERM revocation,
+//! an etcd outage with changes made meanwhile, bad values. Without etcd
+//! installed these tests skip with a printed reason (they fail instead under
+//! `DATAPUNK_LB_REQUIRE_ALL=1`).
+//!
+//! Two `#[ignore]`d measurements feed `docs/benchmarks.md` ("etcd
+//! discovery"); run them on a release build:
+//!
+//! ```sh
+//! cargo test --release -p datapunk-lb --test e2e -- --ignored --nocapture etcd_bench
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use crate::support::*;
+
+const PREFIX: &str = "/datapunk/services/";
+
+fn etcd_bin() -> Option<PathBuf> {
+    require(
+        "etcd",
+        "/usr/bin/etcd",
+        "etcd-server: apt-get install etcd-server",
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A single-member etcd: its data dir, ports and process.
+struct Etcd {
+    bin: PathBuf,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// A new member on free ports and a fresh data dir.
+    async fn start(bin: &Path) -> Etcd {
+        let dir = temp_path("etcd");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut e = Etcd {
+            bin: bin.to_owned(),
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+        };
+        e.start_again().await;
+        e
+    }
+
+    /// Starts (again) on the same data dir and ports.
+    async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "etcd already running");
+        self.child = Some(spawn_etcd(
+            &self.bin,
+            &self.dir,
+            self.client_port,
+            self.peer_port,
+        ));
+        wait_healthy(self.client_port).await;
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// SIGTERM by pid, then waits for the exit.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_by_pid(&mut c);
+        }
+    }
+
+    /// Runs the same member (same data dir, same peer port) on another
+    /// client port, which the balancers do not know: a way to change etcd
+    /// while they cannot see it. Stopped by the returned guard's `stop`.
+    async fn same_data_other_port(&self) -> (Child, u16) {
+        assert!(self.child.is_none(), "stop the original first");
+        let port = free_port();
+        let c = spawn_etcd(&self.bin, &self.dir, port, self.peer_port);
+        wait_healthy(port).await;
+        (c, port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn_etcd(bin: &Path, dir: &Path, client: u16, peer: u16) -> Child {
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let client_url = format!("http://127.0.0.1:{client}");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))
+        .unwrap();
+    Command::new(bin)
+        .arg("--name=t")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=t={peer_url}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn stop_by_pid(c: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+async fn wait_healthy(port: u16) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let c = client();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if let Ok((200, body)) = get(&c, addr, "/health").await {
+            if body.contains("true") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("etcd on port {port} did not become healthy");
+}
+
+async fn etcd_client(url: &str) -> Client {
+    Client::connect([url], None).await.unwrap()
+}
+
+fn value(b: &Backend, weight: u32) -> String {
+    format!(
+        r#"{{"address":"127.0.0.1","port":{},"weight":{weight}}}"#,
+        b.addr.port()
+    )
+}
+
+/// A node: an http listener `web` routing `/` to `api` (round robin, no
+/// active checks), one static instance `base`, etcd discovery.
+fn node_config(base: &Backend, etcd_url: &str) -> String {
+    format!(
+        r#"drain_timeout = "2s"
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+[[listener.route]]
+path_prefix = "/"
+service = "api"
+
+[service.api]
+strategy = "round_robin"
+slow_start = "0s"
+[service.api.health_check]
+kind = "none"
+[[service.api.instance]]
+id = "base"
+address = "127.0.0.1"
+port = {}
+
+[discovery]
+kind = "etcd"
+endpoints = ["{etcd_url}"]
+prefix = "{PREFIX}"
+"#,
+        base.addr.port()
+    )
+}
+
+async fn start_node(base: &Backend, etcd_url: &str) -> Lb {
+    let lb = Lb::start(&node_config(base, etcd_url));
+    let t = Instant::now();
+    while admin(lb.addr("admin"), "GET", "/readyz", None, None)
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "node not ready after its first sync"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lb
+}
+
+/// The backends `n` requests through `lb` reached.
+async fn bodies(c: &HttpClient, lb: &Lb, n: usize) -> Vec<String> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        match get(c, lb.addr("web"), "/").await {
+            Ok((200, body)) => v.push(body),
+            other => v.push(format!("{other:?}")),
+        }
+    }
+    v
+}
+
+/// Polls until some request through `lb` reaches `who` (or never does,
+/// when `present` is false: then `n` requests in a row miss it). Returns
+/// the time it took, or panics after `limit`.
+async fn until_routes(lb: &Lb, who: &str, present: bool, limit: Duration) -> Duration {
+    let c = client();
+    let t = Instant::now();
+    loop {
+        let seen = bodies(&c, lb, if present { 2 } else { 8 }).await;
+        let hit = seen.iter().any(|b| b == who);
+        if hit == present {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "{}: {who} still {} after {limit:?} (last: {seen:?})",
+            lb.addr("web"),
+            if present { "not routed" } else { "routed" },
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `(id, draining)` of the node's `api` instances.
+async fn instances(lb: &Lb) -> Vec<(String, bool)> {
+    let (status, body) = admin(lb.addr("admin"), "GET", "/v1/services/api", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let mut out: Vec<(String, bool)> = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_owned(),
+                i["draining"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Live ids (not draining).
+async fn live(lb: &Lb) -> Vec<String> {
+    instances(lb)
+        .await
+        .into_iter()
+        .filter(|(_, d)| !d)
+        .map(|(id, _)| id)
+        .collect()
+}
+
+async fn metric(lb: &Lb, name: &str) -> Option<f64> {
+    let (_, text) = admin(lb.addr("admin"), "GET", "/metrics", None, None).await;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The `datapunk-lb register` sidecar as a child process, JSON logs kept.
+struct Sidecar {
+    child: Child,
+    log: Arc<Mutex<Vec<(Instant, Value)>>>,
+}
+
+impl Sidecar {
+    fn start(etcd_url: &str, id: &str, backend: &Backend, ttl: &str) -> Sidecar {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
+            .args(["--log-format", "json", "register", "--etcd", etcd_url])
+            .args(["--service", "api", "--id", id, "--address", "127.0.0.1"])
+            .args(["--port", &backend.addr.port().to_string(), "--ttl", ttl])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => log2.lock().push((Instant::now(), v)),
+                    Err(_) => eprintln!("register: {line}"),
+                }
+            }
+        });
+        Sidecar { child, log }
+    }
+
+    /// When the sidecar logged that its key is in etcd.
+    async fn registered(&self) -> Instant {
+        let t = Instant::now();
+        loop {
+            if let Some((at, _)) = self
+                .log
+                .lock()
+                .iter()
+                .find(|(_, v)| v["message"] == "register: instance registered")
+            {
+                return *at;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "sidecar did not register"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "sidecar did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `id` is gone from (or draining on) both nodes; returns when.
+async fn until_gone(nodes: [&Lb; 2], id: &str, limit: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let mut gone = true;
+        for n in nodes {
+            gone &= !live(n).await.iter().any(|i| i == id);
+        }
+        if gone {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < limit, "{id} still live after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_two_nodes_share_sidecar_and_admin_registrations() {
+    let Some(bin) = etcd_bin() else { return };
+    let etcd = Etcd::start(&bin).await;
+    let base = Backend::start("base").await;
+    let (s1, s2, adm) = (
+        Backend::start("side-1").await,
+        Backend::start("side-2").await,
+        Backend::start("adm").await,
+    );
+    let n1 = start_node(&base, &etcd.url()).await;
+    let n2 = start_node(&base, &etcd.url()).await;
+
+    // 1. A sidecar registration reaches both nodes within 1 s of the put.
+    let side1 = Sidecar::start(&etcd.url(), "side-1", &s1, "2s");
+    let put_at = side1.registered().await;
+    for n in [&n1, &n2] {
+        until_routes(n, "side-1", true, Duration::from_secs(5)).await;
+        let took = put_at.elapsed();
+        assert!(took < Duration::from_secs(1), "proxied after {took:?}");
+    }
+
+    // 2. SIGKILL: nothing revokes the lease; it expires within the TTL (2 s)
+    // and the instance leaves both nodes by TTL + 1 s, not at once.
+    side1.signal("KILL");
+    let killed = Instant::now();
+    until_gone([&n1, &n2], "side-1", Duration::from_secs(3)).await;
+    let took = killed.elapsed();
+    assert!(
+        took > Duration::from_millis(500) && took < Duration::from_secs(3),
+        "lease expiry after {took:?}"
+    );
+    for n in [&n1, &n2] {
+        until_routes(n, "side-1", false, Duration::from_secs(1)).await;
+    }
+
+    // 3. SIGTERM: the sidecar revokes its lease (TTL 30 s): gone at once, exit 0.
+    let mut side2 = Sidecar::start(&etcd.url(), "side-2", &s2, "30s");
+    side2.registered().await;
+    for n in [&n1, &n2] {
+        until_routes(n, "side-2", true, Duration::from_secs(1)).await;
+    }
+    side2.signal("TERM");
+    let termed = Instant::now();
+    until_gone([&n1, &n2], "side-2", Duration::from_secs(1)).await;
+    for n in [&n1, &n2] {
+        until_routes(n, "side-2", false, Duration::from_secs(1)).await;
+    }
+    let took = termed.elapsed();
+    assert!(took < Duration::from_secs(1), "revocation took {took:?}");
+    assert!(side2.wait_exit().success());
+    assert!(side2
+        .log
+        .lock()
+        .iter()
+        .any(|(_, v)| v["message"] == "register: lease revoked; instance deregistered"));
+
+    // 4. The admin API of one node writes to etcd: both nodes serve it.
+    let put = Instant::now();
+    let (status, body) = admin(
+        n1.addr("admin"),
+        "PUT",
+        "/v1/services/api/instances/adm",
+        None,
+        Some(value(&adm, 2)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    for n in [&n1, &n2] {
+        until_routes(n, "adm", true, Duration::from_secs(1)).await;
+    }
+    assert!(put.elapsed() < Duration::from_secs(1));
+    let mut etcd_c = etcd_client(&etcd.url()).await;
+    let kv = etcd_c.get(format!("{PREFIX}api/adm"), None).await.unwrap();
+    let stored: Value = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
+    assert_eq!(
+        (stored["port"].as_u64(), stored["weight"].as_u64()),
+        (Some(u64::from(adm.addr.port())), Some(2))
+    );
+    assert_eq!(kv.kvs()[0].lease(), 0, "admin registrations have no lease");
+    // Updating keeps the id (200, not 201); deleting through the other node
+    // removes it from both.
+    let (status, _) = admin(
+        n2.addr("admin"),
+        "PUT",
+        "/v1/services/api/instances/adm",
+        None,
+        Some(value(&adm, 3)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = admin(
+        n2.addr("admin"),
+        "DELETE",
+        "/v1/services/api/instances/adm?drain=0s",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    until_gone([&n1, &n2], "adm", Duration::from_secs(1)).await;
+    assert!(etcd_c
+        .get(format!("{PREFIX}api/adm"), None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty());
+    // The static instance never moved.
+    for n in [&n1, &n2] {
+        assert_eq!(live(n).await, vec!["base".to_owned()]);
+        assert_eq!(metric(n, "datapunk_lb_discovery_stale").await, Some(0.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_keeps_the_last_set_and_resyncs_every_change() {
+    let Some(bin) = etcd_bin() else { return };
+    let mut etcd = Etcd::start(&bin).await;
+    let base = Backend::start("base").await;
+    let (b1, b2, b3) = (
+        Backend::start("x-1").await,
+        Backend::start("x-2").await,
+        Backend::start("x-3").await,
+    );
+    {
+        let mut c = etcd_client(&etcd.url()).await;
+        c.put(format!("{PREFIX}api/x-1"), value(&b1, 1), None)
+            .await
+            .unwrap();
+        c.put(format!("{PREFIX}api/x-2"), value(&b2, 1), None)
+            .await
+            .unwrap();
+    }
+    let n1 = start_node(&base, &etcd.url()).await;
+    let n2 = start_node(&base, &etcd.url()).await;
+    for n in [&n1, &n2] {
+        assert_eq!(live(n).await, vec!["base", "x-1", "x-2"]);
+    }
+
+    // etcd goes away: both nodes say so and keep serving the last set.
+    etcd.stop();
+    for n in [&n1, &n2] {
+        n.wait_log("discovery stale", Duration::from_secs(10), |v| {
+            v["message"] == "discovery stale: serving the last instance set seen"
+                && v["to"] == "stale"
+        })
+        .await;
+        assert_eq!(metric(n, "datapunk_lb_discovery_stale").await, Some(1.0));
+        assert_eq!(
+            admin(n.addr("admin"), "GET", "/readyz", None, None).await.0,
+            200,
+            "ready stays ready through an outage"
+        );
+    }
+    let c = client();
+    for n in [&n1, &n2] {
+        let seen = bodies(&c, n, 30).await;
+        for who in ["base", "x-1", "x-2"] {
+            assert!(seen.iter().any(|b| b == who), "{who} not served: {seen:?}");
+        }
+        assert!(
+            seen.iter()
+                .all(|b| ["base", "x-1", "x-2"].contains(&b.as_str())),
+            "{seen:?}"
+        );
+    }
+
+    // Meanwhile etcd changes where the nodes cannot see it: the same member
+    // (same data dir) on a client port they do not know.
+    {
+        let (mut other, port) = etcd.same_data_other_port().await;
+        let mut c = etcd_client(&format!("http://127.0.0.1:{port}")).await;
+        c.delete(format!("{PREFIX}api/x-1"), None).await.unwrap();
+        c.put(format!("{PREFIX}api/x-2"), value(&b2, 7), None)
+            .await
+            .unwrap();
+        c.put(format!("{PREFIX}api/x-3"), value(&b3, 1), None)
+            .await
+            .unwrap();
+        drop(c);
+        stop_by_pid(&mut other);
+    }
+    // Still the old set while etcd is away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in [&n1, &n2] {
+        assert_eq!(live(n).await, vec!["base", "x-1", "x-2"]);
+    }
+
+    // etcd returns: both nodes converge to the new set.
+    etcd.start_again().await;
+    let back = Instant::now();
+    for n in [&n1, &n2] {
+        n.wait_log("discovery resynced", Duration::from_secs(15), |v| {
+            v["message"] == "discovery resynced"
+        })
+        .await;
+        let t = Instant::now();
+        while live(n).await != vec!["base", "x-2", "x-3"] {
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", live(n).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        until_routes(n, "x-3", true, Duration::from_secs(2)).await;
+        until_routes(n, "x-1", false, Duration::from_secs(2)).await;
+        let (_, body) = admin(n.addr("admin"), "GET", "/v1/services/api", None, None).await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let x2 = v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == "x-2")
+            .unwrap();
+        assert_eq!(x2["weight"], 7, "the update made during the outage");
+        assert_eq!(metric(n, "datapunk_lb_discovery_stale").await, Some(0.0));
+    }
+    eprintln!("converged {:?} after etcd came back", back.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_bad_values_are_skipped_and_reported() {
+    let Some(bin) = etcd_bin() else { return };
+    let etcd = Etcd::start(&bin).await;
+    let base = Backend::start("base").await;
+    let good = Backend::start("good").await;
+    let mut c = etcd_client(&etcd.url()).await;
+    // Bad entries already there at the first list ...
+    let at_list = [
+        ("api/not-json", "{not json".to_owned()),
+        (
+            "api/port-0",
+            r#"{"address":"127.0.0.1","port":0}"#.to_owned(),
+        ),
+    ];
+    c.put(format!("{PREFIX}api/good"), value(&good, 1), None)
+        .await
+        .unwrap();
+    for (k, v) in &at_list {
+        c.put(format!("{PREFIX}{k}"), v.clone(), None)
+            .await
+            .unwrap();
+    }
+    let n = start_node(&base, &etcd.url()).await;
+    assert_eq!(live(&n).await, vec!["base", "good"]);
+    // ... and arriving through the watch, including a bad overwrite of a
+    // good key, a key of the wrong shape and a service not in the config.
+    let watched = [
+        (
+            "api/heavy",
+            format!(
+                r#"{{"address":"127.0.0.1","port":{},"weight":5000}}"#,
+                good.addr.port()
+            ),
+        ),
+        ("api/a/b", value(&good, 1)),
+        ("api/good", "[1, 2]".to_owned()),
+        (
+            "api/typo",
+            r#"{"address":"127.0.0.1","prot":80}"#.to_owned(),
+        ),
+    ];
+    for (k, v) in &watched {
+        c.put(format!("{PREFIX}{k}"), v.clone(), None)
+            .await
+            .unwrap();
+    }
+    c.put(format!("{PREFIX}other/x"), value(&good, 1), None)
+        .await
+        .unwrap();
+    for (k, _) in at_list.iter().chain(watched.iter()) {
+        let key = format!("{PREFIX}{k}");
+        n.wait_log(
+            &format!("invalid value at {key}"),
+            Duration::from_secs(5),
+            |v| {
+                v["message"] == "discovery: skipping invalid etcd entry" && v["key"] == key.as_str()
+            },
+        )
+        .await;
+    }
+    n.wait_log("unknown service", Duration::from_secs(5), |v| {
+        v["service"] == "other" && v["reason"] == "service not in the config"
+    })
+    .await;
+    assert_eq!(
+        metric(&n, "datapunk_lb_discovery_invalid_values_total").await,
+        Some(6.0)
+    );
+    // The valid instances keep serving, `good` with its last valid value.
+    assert_eq!(live(&n).await, vec!["base", "good"]);
+    let seen = bodies(&client(), &n, 10).await;
+    assert_eq!(seen.iter().filter(|b| *b == "good").count(), 5, "{seen:?}");
+    assert_eq!(seen.iter().filter(|b| *b == "base").count(), 5, "{seen:?}");
+    // A fixed value is picked up.
+    c.put(format!("{PREFIX}api/port-0"), value(&good, 1), None)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    while live(&n).await != vec!["base", "good", "port-0"] {
+        assert!(t.elapsed() < Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn etcd_discovery_config_is_validated() {
+    use datapunk_lb::config::{Config, DiscoveryConfig};
+    let base = "[[listener]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nservice = \"api\"\n[service.api]\n";
+    let parse = |d: &str| Config::parse(&format!("{base}[discovery]\n{d}"));
+    let c = parse("kind = \"etcd\"\nendpoints = [\"127.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n")
+        .unwrap();
+    match &c.discovery {
+        DiscoveryConfig::Etcd(e) => {
+            assert_eq!(
+                e.endpoints,
+                ["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
+            );
+            assert_eq!(e.prefix, PREFIX);
+        }
+        other => panic!("{other:?}"),
+    }
+    for (d, want) in [
+        ("kind = \"etcd\"\n", "line 8: discovery.endpoints: missing"),
+        (
+            "kind = \"etcd\"\nendpoints = []\n",
+            "line 9: discovery.endpoints: must not be empty",
+        ),
+        (
+            "kind = \"etcd\"\nendpoints = [\"nohost\"]\n",
+            "discovery.endpoints[0]",
+        ),
+        ("kind = \"etcd\"\nendpoints = [\"https://a:1\"]\n", "https"),
+        (
+            "kind = \"etcd\"\nendpoints = [\"a:1\"]\nprefix = \"/x\"\n",
+            "line 10: discovery.prefix",
+        ),
+        (
+            "kind = \"consul\"\n",
+            "line 8: discovery.kind: unknown kind",
+        ),
+        (
+            "kind = \"static\"\nendpoints = [\"a:1\"]\n",
+            "discovery.endpoints: only for kind",
+        ),
+        ("kind = \"etcd\"\nendpoint = [\"a:1\"]\n", "endpoint"),
+    ] {
+        let e = parse(d).unwrap_err().to_string();
+        assert!(e.contains(want), "{d:?}: {e:?} lacks {want:?}");
+    }
+}
+
+// === measurements (ignored; run with --release --ignored) ===
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Time from an etcd put to the first proxied request reaching the new
+/// instance, at each of two nodes, over 100 changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for docs/benchmarks.md; run with --release --ignored"]
+async fn etcd_bench_put_to_first_request() {
+    let Some(bin) = etcd_bin() else { return };
+    let etcd = Etcd::start(&bin).await;
+    let base = Backend::start("base").await;
+    let target = Backend::start("target").await;
+    let n1 = start_node(&base, &etcd.url()).await;
+    let n2 = start_node(&base, &etcd.url()).await;
+    let mut c = etcd_client(&etcd.url()).await;
+    let mut took: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let changes = 100;
+    // Requests back to back (no pause) until one reaches `target`.
+    let first_hit = |lb: &Lb| {
+        let addr = lb.addr("web");
+        async move {
+            let c = client();
+            let t = Instant::now();
+            loop {
+                if let Ok((200, body)) = get(&c, addr, "/").await {
+                    if body == "target" {
+                        return Instant::now();
+                    }
+                }
+                assert!(t.elapsed() < Duration::from_secs(5), "target never routed");
+            }
+        }
+    };
+    for k in 0..changes {
+        let key = format!("{PREFIX}api/t-{k}");
+        let t0 = Instant::now();
+        let (a, b, put) = tokio::join!(first_hit(&n1), first_hit(&n2), async {
+            c.put(key.as_str(), value(&target, 1), None).await
+        });
+        put.unwrap();
+        took[0].push(a - t0);
+        took[1].push(b - t0);
+        c.delete(key.as_str(), None).await.unwrap();
+        until_routes(&n1, "target", false, Duration::from_secs(5)).await;
+        until_routes(&n2, "target", false, Duration::from_secs(5)).await;
+    }
+    for (i, t) in took.iter_mut().enumerate() {
+        let max = *t.iter().max().unwrap();
+        eprintln!(
+            "node {}: put -> first proxied request over {changes} changes: median {:?}, p90 {:?}, max {max:?}",
+            i + 1,
+            percentile(t, 0.5),
+            percentile(t, 0.9),
+        );
+    }
+}
+
+/// Applying a batch of 10,000 changes (5,000 updates, 2,500 new, 2,500
+/// deletes) to a discovered service of 100,000 instances.
+#[test]
+#[ignore = "measurement for docs/benchmarks.md; run with --release --ignored"]
+fn etcd_bench_apply_10k_changes_to_100k() {
+    use datapunk_lb::config::Config;
+    use datapunk_lb::discovery::{parse_key, parse_put, Batch, Change, Discovered};
+    use datapunk_lb::metrics::Metrics;
+    use datapunk_lb_core::Registry;
+
+    let config = Config::parse(
+        "[[listener]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nservice = \"api\"\n[service.api]\nstrategy = \"weighted\"\n",
+    )
+    .unwrap();
+    let key = |i: usize| format!("{PREFIX}api/i-{i}");
+    let json = |i: usize, w: usize| {
+        format!(
+            r#"{{"address":"10.{}.{}.{}","port":8080,"weight":{w}}}"#,
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255
+        )
+    };
+    let mut samples = Vec::new();
+    let mut parse_samples = Vec::new();
+    let mut first = Vec::new();
+    for round in 0..7 {
+        let registry = Arc::new(Registry::new());
+        let metrics = Metrics::new(registry.clone());
+        let mut d = Discovered::default();
+        let t = Instant::now();
+        let entries: Vec<Change> = (0..100_000)
+            .map(|i| parse_put(PREFIX, key(i).as_bytes(), json(i, 1).as_bytes()).unwrap())
+            .collect();
+        d.apply(
+            Batch::Full {
+                entries,
+                invalid: Vec::new(),
+            },
+            &registry,
+            &config.services,
+            &metrics,
+        );
+        first.push(t.elapsed());
+        assert_eq!(registry.instances("api").unwrap().len(), 100_000);
+        // The watch batch as raw etcd events: parse, then apply.
+        let raw: Vec<(String, Option<String>)> = (0..5_000)
+            .map(|i| (key(i * 20), Some(json(i * 20, 2 + round))))
+            .chain((0..2_500).map(|i| (key(100_000 + i), Some(json(100_000 + i, 1)))))
+            .chain((0..2_500).map(|i| (key(i * 40 + 7), None)))
+            .collect();
+        let t = Instant::now();
+        let changes: Vec<Change> = raw
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => parse_put(PREFIX, k.as_bytes(), v.as_bytes()).unwrap(),
+                None => {
+                    let (service, id) = parse_key(PREFIX, k.as_bytes()).unwrap();
+                    Change::Delete { service, id }
+                }
+            })
+            .collect();
+        let parsed = t.elapsed();
+        let applied = d.apply(Batch::Delta(changes), &registry, &config.services, &metrics);
+        let total = t.elapsed();
+        assert_eq!(
+            (applied.updated, applied.added, applied.removed),
+            (5_000, 2_500, 2_500)
+        );
+        if round > 0 {
+            samples.push(total);
+            parse_samples.push(parsed);
+        }
+    }
+    eprintln!(
+        "first sync of 100,000 (parse + apply): median {:?}",
+        percentile(&mut first, 0.5)
+    );
+    eprintln!(
+        "batch of 10,000 changes to 100,000 (parse + apply), {} runs: median {:?}, max {:?}; of which JSON parsing median {:?}",
+        samples.len(),
+        percentile(&mut samples, 0.5),
+        samples.iter().max().unwrap(),
+        percentile(&mut parse_samples, 0.5),
+    );
+}
