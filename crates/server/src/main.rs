@@ -27,11 +27,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime: `--threads 1` gets a single-threaded scheduler (no
+/// work-stealing or cross-thread wake-ups, as one NGINX worker or one
+/// HAProxy thread); otherwise a multi-threaded one, one worker per core by
+/// default.
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        b.worker_threads(n.max(1));
-    }
+    let mut b = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build().context("starting the tokio runtime")
 }
 

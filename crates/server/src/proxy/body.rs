@@ -3,6 +3,7 @@
 //! latency, or a reset mid-body) is recorded when the body ends.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -17,13 +18,18 @@ use crate::metrics::ServiceMetrics;
 pub struct TrackedBody<B> {
     inner: B,
     selection: Option<Selection>,
-    metrics: ServiceMetrics,
+    metrics: Arc<ServiceMetrics>,
     started: Instant,
 }
 
 impl<B> TrackedBody<B> {
     /// Wraps `inner`; `selection` is finished when the body ends.
-    pub fn new(inner: B, selection: Selection, metrics: ServiceMetrics, started: Instant) -> Self {
+    pub fn new(
+        inner: B,
+        selection: Selection,
+        metrics: Arc<ServiceMetrics>,
+        started: Instant,
+    ) -> Self {
         Self {
             inner,
             selection: Some(selection),

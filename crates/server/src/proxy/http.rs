@@ -404,7 +404,7 @@ async fn proxy(
     up.budget.deposit();
 
     let mut tried: Vec<InstanceId> = Vec::new();
-    let mut last_error = ProxyError::Unreachable(up.name.clone());
+    // A 5xx kept in case every retry fails too (a timeout returns at once).
     let mut last_response: Option<Response<ProxyBody>> = None;
     for attempt in 0..=up.retries {
         if attempt > 0 {
@@ -476,7 +476,6 @@ async fn proxy(
                 };
                 debug!(service = up.name.as_str(), error = %e, connect, "upstream attempt failed");
                 up.metrics.report(selection.failure(kind));
-                last_error = ProxyError::Unreachable(up.name.clone());
                 last_response = None;
                 if body.replayable() && (connect || idempotent) {
                     continue;
@@ -507,7 +506,7 @@ async fn proxy(
     }
     match last_response {
         Some(r) => Ok(r),
-        None => Err(last_error),
+        None => Err(ProxyError::Unreachable(up.name.clone())),
     }
 }
 
@@ -562,7 +561,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 
 fn finish_response(
     resp: Response<Incoming>,
-    selection: Option<(Selection, crate::metrics::ServiceMetrics)>,
+    selection: Option<(Selection, Arc<crate::metrics::ServiceMetrics>)>,
     started: Instant,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();

@@ -46,7 +46,7 @@ pub struct Upstream {
     /// Pooled upstream clients.
     pub clients: http::UpstreamClients,
     /// Metric handles, resolved once.
-    pub metrics: crate::metrics::ServiceMetrics,
+    pub metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
 /// Routes of every listener plus the upstreams: one immutable value swapped
