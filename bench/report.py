@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Parses wrk output and summarises bench results (standard library only).
+
+    report.py parse WRK_OUTPUT
+        prints: rps mean_ms p50_ms p99_ms requests non2xx socket_errors
+    report.py summarize RESULTS_TSV META_FILE
+        prints the Markdown summary (medians over rounds, ratios)
+
+RESULTS_TSV columns (header line first): round scenario variant rps mean_ms
+p50_ms p99_ms requests non2xx sock_errors proxy_cpu_s elapsed_s cpu0 cpu1
+slow_requests (-1 outside the degraded scenario).
+"""
+
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def to_ms(v: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", v)
+    if not m:
+        raise ValueError(f"latency {v!r}")
+    return float(m.group(1)) * UNITS_MS[m.group(2)]
+
+
+def parse(path: str) -> None:
+    text = open(path, encoding="utf-8", errors="replace").read()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not rps:
+        raise SystemExit(f"{path}: no Requests/sec line:\n{text}")
+    mean = re.search(r"^\s+Latency\s+(\S+)", text, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", text, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", text, re.M)
+    reqs = re.search(r"(\d+) requests in", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    errors = sum(int(x) for x in sock.groups()) if sock else 0
+    print(
+        f"{float(rps.group(1)):.1f}",
+        f"{to_ms(mean.group(1)):.3f}" if mean else "nan",
+        f"{to_ms(p50.group(1)):.3f}" if p50 else "nan",
+        f"{to_ms(p99.group(1)):.3f}" if p99 else "nan",
+        reqs.group(1) if reqs else "0",
+        non2xx.group(1) if non2xx else "0",
+        errors,
+    )
+
+
+# --- summary ---
+
+LABELS = {
+    "haproxy-roundrobin": "HAProxy `roundrobin`",
+    "haproxy-leastconn": "HAProxy `leastconn`",
+    "nginx-round_robin": "NGINX round robin",
+    "nginx-least_conn": "NGINX `least_conn`",
+    "datapunk-adaptive": "datapunk-lb `adaptive`",
+    "datapunk-round_robin": "datapunk-lb `round_robin`",
+    "datapunk-peak_ewma": "datapunk-lb `peak_ewma`",
+    "datapunk-adaptive-nometrics": "datapunk-lb `adaptive`, metrics off",
+}
+
+
+def label(v: str) -> str:
+    return LABELS.get(v, v)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_rps(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def fmt_ms(x: float) -> str:
+    if x != x:
+        return "n/a"
+    return f"{x:.2f} ms" if x < 10 else f"{x:.1f} ms"
+
+
+def load(path: str):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().split()
+        for line in f:
+            if not line.strip():
+                continue
+            r = dict(zip(header, line.split()))
+            for k in header:
+                if k not in ("scenario", "variant"):
+                    r[k] = float(r[k])
+            r["proxy_cpu"] = 100 * r["proxy_cpu_s"] / r["elapsed_s"] if r["elapsed_s"] else float("nan")
+            r["cpu_us"] = 1e6 * r["proxy_cpu_s"] / r["requests"] if r["requests"] else float("nan")
+            rows.append(r)
+    return rows
+
+
+def by_variant(rows, scenario):
+    out = defaultdict(list)
+    for r in rows:
+        if r["scenario"] == scenario:
+            out[r["variant"]].append(r)
+    return out
+
+
+def table(groups, slow=False):
+    head = "| proxy | req/s, median (min–max) | mean latency | p50 | p99 | proxy CPU | proxy CPU per request |"
+    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if slow:
+        head += " to the slow backend |"
+        sep += " ---: |"
+    lines = [head, sep]
+    for v, rs in groups.items():
+        rps = [r["rps"] for r in rs]
+        line = (
+            f"| {label(v)} | {fmt_rps(med(rps))} ({fmt_rps(min(rps))}–{fmt_rps(max(rps))}) "
+            f"| {fmt_ms(med([r['mean_ms'] for r in rs]))} "
+            f"| {fmt_ms(med([r['p50_ms'] for r in rs]))} | {fmt_ms(med([r['p99_ms'] for r in rs]))} "
+            f"| {med([r['proxy_cpu'] for r in rs]):.0f} % | {med([r['cpu_us'] for r in rs]):.1f} µs |"
+        )
+        if slow:
+            share = [100 * r["slow_requests"] / r["requests"] for r in rs if r["requests"] > 0]
+            line += f" {med(share):.2f} % |"
+        lines.append(line)
+    return lines
+
+
+def paired_ratio(rows, scenario, a, b, key):
+    """Median over rounds of a/b, both from the same round."""
+    per = defaultdict(dict)
+    for r in rows:
+        if r["scenario"] == scenario:
+            per[r["round"]][r["variant"]] = r[key]
+    ratios = [p[a] / p[b] for p in per.values() if a in p and b in p and p[b] > 0]
+    return med(ratios), ratios
+
+
+def ratio_lines(rows, scenario, groups, dp_variants, others):
+    lines = [
+        "| ratio | req/s (median of medians) | req/s (median of per-round ratios) | p99 | mean latency | proxy CPU per request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for d in dp_variants:
+        for o in others:
+            if d not in groups or o not in groups:
+                continue
+            rps = med([r["rps"] for r in groups[d]]) / med([r["rps"] for r in groups[o]])
+            p99 = med([r["p99_ms"] for r in groups[d]]) / med([r["p99_ms"] for r in groups[o]])
+            mean = med([r["mean_ms"] for r in groups[d]]) / med([r["mean_ms"] for r in groups[o]])
+            cpu = med([r["cpu_us"] for r in groups[d]]) / med([r["cpu_us"] for r in groups[o]])
+            pr, _ = paired_ratio(rows, scenario, d, o, "rps")
+            lines.append(f"| {label(d)} / {label(o)} | {rps:.2f} | {pr:.2f} | {p99:.2f} | {mean:.2f} | {cpu:.2f} |")
+    return lines
+
+
+def summarize(tsv: str, meta: str) -> None:
+    rows = load(tsv)
+    out = ["# datapunk-lb vs HAProxy and NGINX", ""]
+    out += [line.rstrip("\n") for line in open(meta, encoding="utf-8")]
+    rounds = int(max(r["round"] for r in rows)) if rows else 0
+    out += ["", f"Medians over {rounds} interleaved rounds. Proxy CPU: the proxy's own user+system time over the measured run, as a share of one core.", ""]
+
+    steady = by_variant(rows, "steady")
+    if steady:
+        out += ["## steady: three healthy backends", ""] + table(steady) + [""]
+        out += ratio_lines(rows, "steady", steady, ["datapunk-adaptive", "datapunk-round_robin"],
+                           ["haproxy-roundrobin", "nginx-round_robin"]) + [""]
+    for scen, title in (("metrics", "metrics on vs off (datapunk-lb `adaptive`, steady setup, ABBA pairs)"),
+                        ("steady", "metrics on vs off (datapunk-lb `adaptive`, steady)")):
+        g = by_variant(rows, scen)
+        if "datapunk-adaptive" not in g or "datapunk-adaptive-nometrics" not in g:
+            continue
+        on_name, off_name = "datapunk-adaptive", "datapunk-adaptive-nometrics"
+        per = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r["scenario"] == scen and r["variant"] in (on_name, off_name):
+                per[r["round"]][r["variant"]].append(r)
+        rps_ratios, cpu_ratios = [], []
+        for rnd in sorted(per):
+            on, off = per[rnd][on_name], per[rnd][off_name]
+            if on and off:
+                rps_ratios.append(statistics.mean(x["rps"] for x in on) / statistics.mean(x["rps"] for x in off))
+                cpu_ratios.append(statistics.mean(x["cpu_us"] for x in on) / statistics.mean(x["cpu_us"] for x in off))
+        on_rps, off_rps = med([r["rps"] for r in g[on_name]]), med([r["rps"] for r in g[off_name]])
+        on_cpu, off_cpu = med([r["cpu_us"] for r in g[on_name]]), med([r["cpu_us"] for r in g[off_name]])
+        out += [
+            f"## {title}",
+            "",
+            "| | metrics on | metrics off | on / off |",
+            "| --- | ---: | ---: | ---: |",
+            f"| req/s, median of {len(g[on_name])} / {len(g[off_name])} runs | {fmt_rps(on_rps)} | {fmt_rps(off_rps)} | {on_rps / off_rps:.3f} |",
+            f"| proxy CPU per request, median | {on_cpu:.1f} µs | {off_cpu:.1f} µs | {on_cpu / off_cpu:.3f} |",
+            f"| req/s, median of per-round ratios | | | {med(rps_ratios):.3f} |",
+            f"| CPU per request, median of per-round ratios | | | {med(cpu_ratios):.3f} |",
+            "",
+            f"Per-round req/s ratios on/off: {', '.join(f'{x:.3f}' for x in rps_ratios)}; "
+            f"CPU per request: {', '.join(f'{x:.3f}' for x in cpu_ratios)}.",
+            "",
+        ]
+        break
+
+    degraded = by_variant(rows, "degraded")
+    if degraded:
+        out += ["## degraded: one of three backends 50 ms slower", ""] + table(degraded, slow=True) + [""]
+        out += ratio_lines(rows, "degraded", degraded, ["datapunk-adaptive", "datapunk-peak_ewma"],
+                           ["haproxy-leastconn", "nginx-least_conn"]) + [""]
+
+    kill = by_variant(rows, "kill")
+    if kill:
+        out += ["## kill: one backend SIGKILLed at 3 s, restarted at 6 s", ""]
+        out += [
+            "| proxy | failed requests per round (non-2xx + socket errors) | total failed | req/s, median | p99 |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for v, rs in kill.items():
+            per = [int(r["non2xx"] + r["sock_errors"]) for r in sorted(rs, key=lambda r: r["round"])]
+            detail = ", ".join(
+                f"{int(r['non2xx'])}+{int(r['sock_errors'])}" for r in sorted(rs, key=lambda r: r["round"])
+            )
+            out.append(
+                f"| {label(v)} | {detail} | {sum(per)} | {fmt_rps(med([r['rps'] for r in rs]))} "
+                f"| {fmt_ms(med([r['p99_ms'] for r in rs]))} |"
+            )
+        out.append("")
+
+    out += ["## all runs", "", "| round | scenario | proxy | req/s | mean | p50 | p99 | non-2xx | socket errors | proxy CPU | CPU/req | core 0 busy | core 1 busy | slow backend requests |",
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(
+            f"| {int(r['round'])} | {r['scenario']} | {label(r['variant'])} | {fmt_rps(r['rps'])} "
+            f"| {fmt_ms(r['mean_ms'])} | {fmt_ms(r['p50_ms'])} | {fmt_ms(r['p99_ms'])} | {int(r['non2xx'])} | {int(r['sock_errors'])} "
+            f"| {r['proxy_cpu']:.0f} % | {r['cpu_us']:.1f} µs | {r['cpu0']:.0f} % | {r['cpu1']:.0f} % "
+            f"| {int(r['slow_requests']) if r['slow_requests'] >= 0 else '–'} |"
+        )
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "parse":
+        parse(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "summarize":
+        summarize(sys.argv[2], sys.argv[3])
+    else:
+        raise SystemExit(__doc__)
