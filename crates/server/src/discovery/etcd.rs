@@ -6,11 +6,14 @@
 //! The node follows the rule in [`crate::discovery`]: list the prefix at
 //! revision `R`, watch from `R + 1`, and on any error mark discovery stale,
 //! back off (200 ms doubling to 5 s, each delay jittered to 50–100 %),
-//! reconnect with a fresh client, re-list and re-watch. A watch that is
-//! quiet for [`PROGRESS_EVERY`] gets a progress request; no answer within
-//! another [`PROGRESS_EVERY`] counts as a broken watch (a half-open TCP
-//! connection is detected, not waited on forever). Every call to etcd has a
-//! deadline ([`CALL_TIMEOUT`]).
+//! reconnect with a fresh client to the next member, re-list and re-watch.
+//! Each attempt talks to one member (the first one chosen at random, so
+//! nodes spread over the cluster). A watch that is quiet for
+//! [`PROGRESS_EVERY`] gets a progress request and the member a linearizable
+//! read: a failed read (the member lost the quorum, so its watch would miss
+//! changes) or no progress answer within another [`PROGRESS_EVERY`] (a dead
+//! stream or half-open connection) counts as a broken watch. Every call to
+//! etcd has a deadline ([`CALL_TIMEOUT`]); HTTP/2 keep-alives run every 5 s.
 //!
 //! Each attempt runs in its own task: a panic inside the etcd client (it
 //! asserts on some server answers) becomes one more error to back off from,
@@ -231,7 +234,7 @@ struct Status {
 }
 
 impl Status {
-    fn synced(&self, server: &Server, revision: i64, instances: usize) {
+    fn synced(&self, server: &Server, endpoint: &str, revision: i64, instances: usize) {
         server.metrics().discovery_sync(true);
         server.metrics().discovery_stale(false);
         if !self.synced_once.swap(true, Ordering::AcqRel) {
@@ -241,6 +244,7 @@ impl Status {
                 from = "starting",
                 to = "synced",
                 reason = "first etcd list",
+                endpoint,
                 revision,
                 instances,
                 "discovery synced; ready"
@@ -250,6 +254,7 @@ impl Status {
                 from = "stale",
                 to = "synced",
                 reason = "etcd list after reconnect",
+                endpoint,
                 revision,
                 instances,
                 "discovery resynced"
@@ -291,12 +296,22 @@ async fn run(server: Weak<Server>, config: EtcdConfig) {
         prefix = config.prefix.as_str(),
         "discovery: watching etcd"
     );
+    // One member per attempt, starting at a random one (nodes spread over
+    // the cluster), moving to the next after a failure.
+    let mut member = fastrand::usize(..config.endpoints.len().max(1));
     loop {
         let started = Instant::now();
         let listed = Arc::new(AtomicBool::new(false));
+        let endpoint = config
+            .endpoints
+            .get(member % config.endpoints.len().max(1))
+            .cloned()
+            .unwrap_or_default();
+        member = member.wrapping_add(1);
         let r = isolated(session(
             server.clone(),
-            config.clone(),
+            config.prefix.clone(),
+            endpoint,
             status.clone(),
             listed.clone(),
         ))
@@ -317,18 +332,20 @@ async fn run(server: Weak<Server>, config: EtcdConfig) {
     }
 }
 
-/// One connection: list, then watch until something breaks. `Ok` only when
-/// the server is gone.
+/// One connection to one member: list, then watch until something breaks.
+/// `Ok` only when the server is gone.
 async fn session(
     server: Weak<Server>,
-    config: EtcdConfig,
+    prefix: String,
+    endpoint: String,
     status: Arc<Status>,
     listed: Arc<AtomicBool>,
 ) -> Result<(), DiscoveryError> {
-    let calls = Calls::new(&config.endpoints);
+    let members = [endpoint];
+    let calls = Calls::new(&members);
     let endpoints = calls.endpoints.to_string();
-    let prefix = config.prefix.as_str();
-    let mut client = calls.connect(&config.endpoints).await?;
+    let prefix = prefix.as_str();
+    let mut client = calls.connect(&members).await?;
     let resp = calls
         .call(
             "list",
@@ -357,7 +374,7 @@ async fn session(
         let n = entries.len();
         server.apply_discovery(Batch::Full { entries, invalid }, Some(revision));
         listed.store(true, Ordering::Release);
-        status.synced(&server, revision, n);
+        status.synced(&server, &endpoints, revision, n);
     }
 
     let (mut watcher, mut stream) = calls
@@ -388,8 +405,15 @@ async fn session(
                 })
             }
             Err(_) => {
+                // Quiet: is the watch alive (progress request), and does this
+                // member still have a leader (a linearizable read fails on a
+                // member cut off from the quorum, whose watch would silently
+                // miss changes)?
                 calls
                     .call("watch progress request", watcher.request_progress())
+                    .await?;
+                calls
+                    .call("linearizable read", client.get(prefix, None))
                     .await?;
                 awaiting_progress = true;
                 continue;

@@ -102,6 +102,17 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// `(service, id)`.
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            Change::Put { service, id, .. } | Change::Delete { service, id } => {
+                (service.as_str(), id.as_str())
+            }
+        }
+    }
+}
+
 /// What to apply.
 #[derive(Debug, Clone)]
 pub enum Batch {
@@ -222,6 +233,26 @@ pub struct Discovered {
     drain_override: HashMap<(String, String), Duration>,
 }
 
+/// The last change of each key, in batch order.
+fn last_per_key(changes: Vec<Change>) -> Vec<(String, String, Option<InstanceSpec>)> {
+    let mut last = vec![false; changes.len()];
+    {
+        let mut seen = HashSet::with_capacity(changes.len());
+        for (i, c) in changes.iter().enumerate().rev() {
+            last[i] = seen.insert(c.key());
+        }
+    }
+    changes
+        .into_iter()
+        .zip(last)
+        .filter(|(_, last)| *last)
+        .map(|(c, _)| match c {
+            Change::Put { service, id, spec } => (service, id, Some(spec)),
+            Change::Delete { service, id } => (service, id, None),
+        })
+        .collect()
+}
+
 enum Action {
     Put {
         id: String,
@@ -318,43 +349,34 @@ impl Discovered {
         out
     }
 
-    /// Updates the set; returns per-service actions and the unchanged count.
+    /// Updates the set; returns per-service actions (in batch order) and
+    /// the unchanged count.
     fn plan(&mut self, batch: Batch) -> (BTreeMap<String, Vec<Action>>, Applied) {
         let mut out = Applied::default();
         let mut plan: BTreeMap<String, Vec<Action>> = BTreeMap::new();
-        // The wanted value of every key the batch touches (last one wins).
-        let mut wanted: HashMap<(String, String), Option<InstanceSpec>> = HashMap::new();
-        match batch {
-            Batch::Delta(changes) => {
-                for c in changes {
-                    match c {
-                        Change::Put { service, id, spec } => {
-                            wanted.insert((service, id), Some(spec));
-                        }
-                        Change::Delete { service, id } => {
-                            wanted.insert((service, id), None);
-                        }
-                    }
-                }
-            }
+        // Every key the batch touches, once, with its final value.
+        let wanted = match batch {
+            Batch::Delta(changes) => last_per_key(changes),
             Batch::Full { entries, invalid } => {
-                for c in entries {
-                    if let Change::Put { service, id, spec } = c {
-                        wanted.insert((service, id), Some(spec));
-                    }
-                }
-                let keep: HashSet<(String, String)> = invalid.into_iter().collect();
-                for (service, ids) in &self.services {
-                    for id in ids.keys() {
-                        let k = (service.clone(), id.clone());
-                        if !wanted.contains_key(&k) && !keep.contains(&k) {
-                            wanted.insert(k, None);
-                        }
-                    }
-                }
+                let mut wanted = last_per_key(entries);
+                let gone: Vec<(String, String, Option<InstanceSpec>)> = {
+                    let listed: HashSet<(&str, &str)> = wanted
+                        .iter()
+                        .map(|(s, i, _)| (s.as_str(), i.as_str()))
+                        .chain(invalid.iter().map(|(s, i)| (s.as_str(), i.as_str())))
+                        .collect();
+                    self.services
+                        .iter()
+                        .flat_map(|(s, ids)| ids.keys().map(move |i| (s, i)))
+                        .filter(|(s, i)| !listed.contains(&(s.as_str(), i.as_str())))
+                        .map(|(s, i)| (s.clone(), i.clone(), None))
+                        .collect()
+                };
+                wanted.extend(gone);
+                wanted
             }
-        }
-        for ((service, id), spec) in wanted {
+        };
+        for (service, id, spec) in wanted {
             let current = self.services.get(&service).and_then(|m| m.get(&id));
             match spec {
                 Some(spec) => {
@@ -421,10 +443,11 @@ impl Discovered {
                     };
                     // An id still draining from an earlier delete comes back
                     // as a fresh instance, not as a draining one.
-                    if self
-                        .draining
-                        .remove(&(service.to_owned(), id.clone()))
-                        .is_some()
+                    if !self.draining.is_empty()
+                        && self
+                            .draining
+                            .remove(&(service.to_owned(), id.clone()))
+                            .is_some()
                         && registry.instance(service, &id).is_ok_and(|st| st.draining)
                     {
                         let _ = registry.deregister_instance(service, &id);

@@ -829,6 +829,7 @@ fn etcd_bench_apply_10k_changes_to_100k() {
     let mut samples = Vec::new();
     let mut parse_samples = Vec::new();
     let mut first = Vec::new();
+    let mut core_samples = Vec::new();
     for round in 0..7 {
         let registry = Arc::new(Registry::new());
         let metrics = Metrics::new(registry.clone());
@@ -872,9 +873,49 @@ fn etcd_bench_apply_10k_changes_to_100k() {
             (applied.updated, applied.added, applied.removed),
             (5_000, 2_500, 2_500)
         );
+        // The core's share: the same changes straight to a registry of
+        // 100,000 (one register_instances, then the drains).
+        let core = Registry::new();
+        core.register_instances(
+            "api",
+            (0..100_000).map(|i| {
+                datapunk_lb::state::InstanceSpec {
+                    address: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                    port: 8080,
+                    weight: 1,
+                    zone: None,
+                    tags: Vec::new(),
+                }
+                .to_instance(&format!("i-{i}"))
+                .unwrap()
+            }),
+        )
+        .unwrap();
+        let puts: Vec<_> = raw
+            .iter()
+            .filter_map(|(k, v)| {
+                let (_, id) = parse_key(PREFIX, k.as_bytes()).unwrap();
+                let v = v.as_ref()?;
+                let spec: datapunk_lb::state::InstanceSpec = serde_json::from_str(v).unwrap();
+                Some(spec.to_instance(&id).unwrap())
+            })
+            .collect();
+        let deletes: Vec<String> = raw
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| parse_key(PREFIX, k.as_bytes()).unwrap().1)
+            .collect();
+        let t = Instant::now();
+        core.register_instances("api", puts).unwrap();
+        for id in &deletes {
+            core.drain_instance("api", id, Duration::from_secs(5))
+                .unwrap();
+        }
+        let core_took = t.elapsed();
         if round > 0 {
             samples.push(total);
             parse_samples.push(parsed);
+            core_samples.push(core_took);
         }
     }
     eprintln!(
@@ -887,5 +928,9 @@ fn etcd_bench_apply_10k_changes_to_100k() {
         percentile(&mut samples, 0.5),
         samples.iter().max().unwrap(),
         percentile(&mut parse_samples, 0.5),
+    );
+    eprintln!(
+        "the same changes straight to the core (register_instances + drain_instance): median {:?}",
+        percentile(&mut core_samples, 0.5),
     );
 }
