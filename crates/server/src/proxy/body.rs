@@ -1,11 +1,13 @@
 //! Response bodies that carry the [`Selection`] until the last byte, so the
-//! connection count covers the whole response and the outcome (success with
-//! latency, or a reset mid-body) is recorded when the body ends.
+//! connection count covers the whole response and the outcome (success, or a
+//! reset mid-body) is recorded when the body ends. The latency reported is
+//! the time to the response headers, measured when they arrived: the body's
+//! length and the client's reading speed say nothing about the instance.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::Duration;
 
 use bytes::Bytes;
 use datapunk_lb_core::{FailureKind, Selection};
@@ -19,7 +21,7 @@ pub struct TrackedBody<B> {
     inner: B,
     selection: Option<Selection>,
     metrics: Arc<ServiceMetrics>,
-    started: Instant,
+    latency: Duration,
 }
 
 impl<B> TrackedBody<B> {
@@ -28,13 +30,13 @@ impl<B> TrackedBody<B> {
         inner: B,
         selection: Selection,
         metrics: Arc<ServiceMetrics>,
-        started: Instant,
+        latency: Duration,
     ) -> Self {
         Self {
             inner,
             selection: Some(selection),
             metrics,
-            started,
+            latency,
         }
     }
 }
@@ -55,7 +57,7 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 if let Some(s) = this.selection.take() {
-                    this.metrics.report(s.success(this.started.elapsed()));
+                    this.metrics.report(s.success(this.latency));
                 }
                 Poll::Ready(None)
             }
@@ -68,7 +70,7 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if this.inner.is_end_stream() {
                     if let Some(s) = this.selection.take() {
-                        this.metrics.report(s.success(this.started.elapsed()));
+                        this.metrics.report(s.success(this.latency));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -567,7 +567,7 @@ fn finish_response(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body: ProxyBody = match selection {
-        Some((s, m)) => TrackedBody::new(body, s, m, started).boxed(),
+        Some((s, m)) => TrackedBody::new(body, s, m, started.elapsed()).boxed(),
         None => body.map_err(BoxError::from).boxed(),
     };
     Response::from_parts(parts, body)
