@@ -1,7 +1,7 @@
 //! The config file as written: strict serde structs (`deny_unknown_fields`),
 //! with `Spanned` values wherever validation needs to point at a line.
 //!
-//! Nothing here is checked beyond TOML types; [`super::Config::from_file`]
+//! Nothing here is checked beyond TOML types; `Config::from_file`
 //! turns a [`FileConfig`] into validated domain types.
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! Configuration: the TOML file of SPEC §3, parsed strictly
-//! ([`file`]) and validated into the domain types below.
+//! ([`file`](mod@file)) and validated into the domain types below.
 //!
 //! `datapunk-lb check`, start-up and SIGHUP reload all go through
 //! [`Config::load`] / [`Config::parse`], so a file that `check` accepts is
