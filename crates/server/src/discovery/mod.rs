@@ -2,8 +2,9 @@
 //! admin API (SPEC §3 "Discovery").
 //!
 //! - **Static** (the default): the config's instances plus the admin API.
-//! - **etcd** (`[discovery] kind = "etcd"`, [`etcd`]): every node watches
-//!   one prefix, so many balancer nodes share one instance set.
+//! - **etcd** (`[discovery] kind = "etcd"`; the `etcd` submodule, built with
+//!   the `etcd` cargo feature): every node watches one prefix, so many
+//!   balancer nodes share one instance set.
 //!
 //! ## The etcd rule
 //!
