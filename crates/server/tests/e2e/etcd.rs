@@ -695,6 +695,82 @@ async fn etcd_bad_values_are_skipped_and_reported() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reload_keeps_discovered_instances_and_follows_discovery_changes() {
+    let Some(bin) = etcd_bin() else { return };
+    let etcd = Etcd::start(&bin).await;
+    let base = Backend::start("base").await;
+    let d1 = Backend::start("d-1").await;
+    etcd_client(&etcd.url())
+        .await
+        .put(format!("{PREFIX}api/d-1"), value(&d1, 1), None)
+        .await
+        .unwrap();
+    let config = node_config(&base, &etcd.url());
+    let n = start_node(&base, &etcd.url()).await;
+    assert_eq!(live(&n).await, vec!["base", "d-1"]);
+    let (status, body) = admin(
+        n.addr("admin"),
+        "POST",
+        "/v1/services/api/instances/d-1/health",
+        None,
+        Some(r#"{"health_score":0.5}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let health = |v: &Value| {
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == "d-1")
+            .map(|i| i["health_score"].as_f64().unwrap())
+    };
+    let reload = |text: String| {
+        std::fs::write(&n.config_path, with_free_admin(&text)).unwrap();
+        n.signal("HUP");
+    };
+    let reloads = |n: &Lb| {
+        n.log
+            .lock()
+            .iter()
+            .filter(|v| v["message"] == "reload" && v["result"] == "success")
+            .count()
+    };
+
+    // A reload that changes something else keeps the discovered instance,
+    // with its live state.
+    reload(config.replace("round_robin", "weighted"));
+    n.wait_log("reload 1", Duration::from_secs(5), |v| {
+        v["message"] == "reload" && v["result"] == "success"
+    })
+    .await;
+    assert_eq!(live(&n).await, vec!["base", "d-1"]);
+    let (_, body) = admin(n.addr("admin"), "GET", "/v1/services/api", None, None).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["strategy"], "weighted");
+    assert!(health(&v).unwrap() < 0.9, "live state lost: {body}");
+
+    // Without [discovery]: the discovered instance leaves; etcd keeps the key.
+    let static_only = config.split("[discovery]").next().unwrap().to_owned();
+    reload(static_only);
+    let t = Instant::now();
+    while live(&n).await != vec!["base"] {
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", live(&n).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reloads(&n), 2);
+
+    // And back to etcd: listed again.
+    reload(config);
+    let t = Instant::now();
+    while live(&n).await != vec!["base", "d-1"] {
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", live(&n).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_routes(&n, "d-1", true, Duration::from_secs(1)).await;
+}
+
 #[test]
 fn etcd_discovery_config_is_validated() {
     use datapunk_lb::config::{Config, DiscoveryConfig};
