@@ -55,17 +55,22 @@ struct Etcd {
 impl Etcd {
     /// A new member on free ports and a fresh data dir.
     async fn start(bin: &Path) -> Etcd {
+        let mut e = Etcd::not_started(bin);
+        e.start_again().await;
+        e
+    }
+
+    /// Ports and data dir chosen, nothing running yet.
+    fn not_started(bin: &Path) -> Etcd {
         let dir = temp_path("etcd");
         std::fs::create_dir_all(&dir).unwrap();
-        let mut e = Etcd {
+        Etcd {
             bin: bin.to_owned(),
             dir,
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
-        };
-        e.start_again().await;
-        e
+        }
     }
 
     /// Starts (again) on the same data dir and ports.
@@ -769,6 +774,35 @@ async fn etcd_reload_keeps_discovered_instances_and_follows_discovery_changes() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     until_routes(&n, "d-1", true, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_node_started_before_etcd_is_not_ready_until_its_first_sync() {
+    let Some(bin) = etcd_bin() else { return };
+    let mut etcd = Etcd::not_started(&bin);
+    let base = Backend::start("base").await;
+    let n = Lb::start(&node_config(&base, &etcd.url()));
+    // Serving the config's instances, but not ready, and saying why.
+    n.wait_log("stale from the start", Duration::from_secs(10), |v| {
+        v["to"] == "stale" && v["from"] == "starting"
+    })
+    .await;
+    assert_eq!(
+        admin(n.addr("admin"), "GET", "/readyz", None, None).await.0,
+        503
+    );
+    assert_eq!(metric(&n, "datapunk_lb_discovery_stale").await, Some(1.0));
+    assert_eq!(
+        bodies(&client(), &n, 2).await,
+        vec!["base".to_owned(), "base".to_owned()]
+    );
+    etcd.start_again().await;
+    let t = Instant::now();
+    while admin(n.addr("admin"), "GET", "/readyz", None, None).await.0 != 200 {
+        assert!(t.elapsed() < Duration::from_secs(10), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&n, "datapunk_lb_discovery_stale").await, Some(0.0));
 }
 
 #[test]
