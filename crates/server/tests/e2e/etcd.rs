@@ -115,6 +115,7 @@ impl Drop for Etcd {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.dir.with_extension("log"));
     }
 }
 
