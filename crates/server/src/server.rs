@@ -301,6 +301,22 @@ impl Server {
         self.discovered.lock().len()
     }
 
+    /// Waits for this node's watch to apply its own write at `revision`; if
+    /// the watch is behind, applies `change` locally so the API's answer
+    /// holds on this node at once.
+    #[cfg(feature = "etcd")]
+    async fn ensure_applied(&self, revision: i64, change: crate::discovery::Change) {
+        if self.applied_revision(revision).await {
+            return;
+        }
+        warn!(
+            revision,
+            change = ?change,
+            "discovery watch is behind: applying this node's own etcd write locally"
+        );
+        self.apply_discovery(Batch::Delta(vec![change]), None);
+    }
+
     /// Waits until this node has applied etcd `revision`.
     #[cfg(feature = "etcd")]
     async fn applied_revision(&self, revision: i64) -> bool {
@@ -474,22 +490,15 @@ impl Server {
             revision,
             "instance written to etcd"
         );
-        if !self.applied_revision(revision).await {
-            warn!(
-                service,
-                instance = id,
-                revision,
-                "discovery watch is behind: applying this node's own etcd write locally"
-            );
-            self.apply_discovery(
-                Batch::Delta(vec![crate::discovery::Change::Put {
-                    service: service.to_owned(),
-                    id: id.to_owned(),
-                    spec,
-                }]),
-                None,
-            );
-        }
+        self.ensure_applied(
+            revision,
+            crate::discovery::Change::Put {
+                service: service.to_owned(),
+                id: id.to_owned(),
+                spec,
+            },
+        )
+        .await;
         Ok(created)
     }
 
@@ -529,21 +538,14 @@ impl Server {
             drain = ?drain,
             "instance deleted from etcd"
         );
-        if !self.applied_revision(revision).await {
-            warn!(
-                service,
-                instance = id,
-                revision,
-                "discovery watch is behind: applying this node's own etcd delete locally"
-            );
-            self.apply_discovery(
-                Batch::Delta(vec![crate::discovery::Change::Delete {
-                    service: service.to_owned(),
-                    id: id.to_owned(),
-                }]),
-                None,
-            );
-        }
+        self.ensure_applied(
+            revision,
+            crate::discovery::Change::Delete {
+                service: service.to_owned(),
+                id: id.to_owned(),
+            },
+        )
+        .await;
         Ok(true)
     }
 

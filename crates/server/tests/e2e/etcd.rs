@@ -765,7 +765,16 @@ async fn etcd_reload_keeps_discovered_instances_and_follows_discovery_changes() 
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", live(&n).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(reloads(&n), 2);
+    // The "reload" log line follows the apply; wait for the reader to see it.
+    let t = Instant::now();
+    while reloads(&n) != 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} reloads logged",
+            reloads(&n)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // And back to etcd: listed again.
     reload(config);
