@@ -654,39 +654,24 @@ impl Service {
             };
             let member = snap.strategy.pick(&mut cx)?;
             let kind = snap.strategy.effective_kind();
-            if panic {
-                return Some(Selection::new(
-                    self.clone(),
-                    member,
-                    now,
-                    false,
-                    kind,
-                    events,
-                ));
-            }
-            match self.admit(&member, now, &snap.config, &mut events) {
-                Admission::Admitted => {
-                    return Some(Selection::new(
-                        self.clone(),
-                        member,
-                        now,
-                        false,
-                        kind,
-                        events,
-                    ))
+            // Panic mode ignores breakers, so it takes no probe slot.
+            let probe = if panic {
+                false
+            } else {
+                match self.admit(&member, now, &snap.config, &mut events) {
+                    Admission::Admitted => false,
+                    Admission::Probe(_) => true,
+                    Admission::Rejected => continue,
                 }
-                Admission::Probe(_) => {
-                    return Some(Selection::new(
-                        self.clone(),
-                        member,
-                        now,
-                        true,
-                        kind,
-                        events,
-                    ))
-                }
-                Admission::Rejected => {}
-            }
+            };
+            return Some(Selection::new(
+                self.clone(),
+                member,
+                now,
+                probe,
+                kind,
+                events,
+            ));
         }
         None
     }

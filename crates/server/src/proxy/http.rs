@@ -359,20 +359,19 @@ pub async fn handle(
     ctx: &HttpContext,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
-    let routing = ctx.routing.load_full();
-    let host = req.uri().host().map(str::to_owned).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-    });
-    let Some(up) = routing
-        .route(&ctx.listener, host.as_deref(), req.uri().path())
-        .cloned()
-    else {
-        return error_response(&ProxyError::NoRoute);
+    // Route with borrowed host and path: no allocation per request.
+    let up = {
+        let routing = ctx.routing.load();
+        let host = req.uri().host().or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        match routing.route(&ctx.listener, host, req.uri().path()) {
+            Some(up) => up.clone(),
+            None => return error_response(&ProxyError::NoRoute),
+        }
     };
-    drop(routing);
     match proxy(req, &up, peer).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -403,6 +402,8 @@ async fn proxy(
     append_forwarded_for(&mut parts.headers, peer);
     up.budget.deposit();
 
+    // Instances that failed this request; filled only on failure, so a
+    // request that succeeds at once allocates nothing here.
     let mut tried: Vec<InstanceId> = Vec::new();
     // A 5xx kept in case every retry fails too (a timeout returns at once).
     let mut last_response: Option<Response<ProxyBody>> = None;
@@ -430,7 +431,6 @@ async fn proxy(
         up.metrics.selected(selection.strategy());
         up.metrics.report(selection.take_events());
         let Some(req_body) = body.take() else { break };
-        tried.push(selection.instance().id().clone());
         let uri = upstream_uri(
             selection.instance().address(),
             selection.instance().port(),
@@ -475,6 +475,7 @@ async fn proxy(
                     FailureKind::Reset
                 };
                 debug!(service = up.name.as_str(), error = %e, connect, "upstream attempt failed");
+                tried.push(selection.instance().id().clone());
                 up.metrics.report(selection.failure(kind));
                 last_response = None;
                 if body.replayable() && (connect || idempotent) {
@@ -492,6 +493,7 @@ async fn proxy(
                 started,
             ));
         }
+        tried.push(selection.instance().id().clone());
         up.metrics
             .report(selection.failure(FailureKind::ServerError));
         let retry_status = matches!(
