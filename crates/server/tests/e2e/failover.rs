@@ -2,10 +2,7 @@
 //! recovery through active checks, slow-start ramp.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -23,28 +20,8 @@ async fn killed_backend_costs_no_requests_and_ramps_back() {
         &[1, 1, 1],
     ));
     let addr = lb.addr("web");
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicUsize::new(0));
-    // (elapsed ms, backend) of every response.
-    let seen: Arc<Mutex<Vec<(u128, String)>>> = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, failed, seen) = (stop.clone(), failed.clone(), seen.clone());
-        load.push(tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::Relaxed) {
-                match get(&c, addr, "/").await {
-                    Ok((200, body)) => seen.lock().push((t0.elapsed().as_millis(), body)),
-                    other => {
-                        eprintln!("failed request: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    let load = Load::start(addr, 4, Duration::from_millis(2));
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.kill().await;
     let killed_at = t0.elapsed().as_millis();
@@ -61,17 +38,9 @@ async fn killed_backend_costs_no_requests_and_ramps_back() {
     .await;
     let closed_at = t0.elapsed().as_millis();
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "retries must hide the dead instance"
-    );
+    let (seen, failed) = load.stop().await;
+    assert_eq!(failed, 0, "retries must hide the dead instance");
 
-    let seen = seen.lock();
     let served_by_c_while_down = seen
         .iter()
         .filter(|(t, who)| *t > killed_at + 50 && *t < closed_at.saturating_sub(3000) && who == "c")

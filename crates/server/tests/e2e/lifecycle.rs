@@ -1,10 +1,5 @@
 //! SIGHUP reload and SIGTERM drain of the real process.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -14,27 +9,7 @@ async fn sighup_rejects_bad_files_and_applies_good_ones_without_failures() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let lb = Lb::start(&http_config("strategy = \"round_robin\"", &[&a], &[1]));
     let addr = lb.addr("web");
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, failed, seen) = (stop.clone(), failed.clone(), seen.clone());
-        load.push(tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::Relaxed) {
-                match get(&c, addr, "/").await {
-                    Ok((200, body)) => {
-                        seen.lock().insert(body);
-                    }
-                    other => {
-                        eprintln!("failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
+    let load = Load::start(addr, 4, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // An invalid file: rejected, the old routes keep answering.
@@ -62,7 +37,7 @@ async fn sighup_rejects_bad_files_and_applies_good_ones_without_failures() {
     })
     .await;
     let t = Instant::now();
-    while !seen.lock().contains("b") {
+    while !load.has_seen("b") {
         assert!(
             t.elapsed() < Duration::from_secs(5),
             "b never got traffic after the reload"
@@ -70,15 +45,8 @@ async fn sighup_rejects_bad_files_and_applies_good_ones_without_failures() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "no request may fail across reloads"
-    );
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no request may fail across reloads");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

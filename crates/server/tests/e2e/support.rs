@@ -400,3 +400,63 @@ pub(crate) async fn admin(
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// Continuous load: `clients` tasks sending `GET /` back to back (with
+/// `pause` between requests), recording who answered and what failed.
+pub(crate) struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    failed: Arc<AtomicUsize>,
+    /// (ms since start, body) of every 200.
+    seen: Arc<Mutex<Vec<(u128, String)>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    pub(crate) fn start(addr: SocketAddr, clients: usize, pause: Duration) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, failed, seen) = (stop.clone(), failed.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(&c, addr, "/").await {
+                            Ok((200, body)) => seen.lock().push((t0.elapsed().as_millis(), body)),
+                            other => {
+                                eprintln!("failed request: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failed,
+            seen,
+            tasks,
+        }
+    }
+
+    /// Whether `body` has answered a request so far.
+    pub(crate) fn has_seen(&self, body: &str) -> bool {
+        self.seen.lock().iter().any(|(_, b)| b == body)
+    }
+
+    /// Stops the load; returns every 200 (time, body) and the failure count.
+    pub(crate) async fn stop(self) -> (Vec<(u128, String)>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let seen = std::mem::take(&mut *self.seen.lock());
+        (seen, self.failed.load(Ordering::Relaxed))
+    }
+}
