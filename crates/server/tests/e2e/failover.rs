@@ -2,7 +2,6 @@
 //! recovery through active checks, slow-start ramp.
 
 use std::collections::HashMap;
-
 use std::time::{Duration, Instant};
 
 use crate::support::*;
