@@ -1,42 +1,32 @@
-//! Response bodies that carry the [`Selection`] until the last byte, so the
-//! connection count covers the whole response and the outcome (success, or a
-//! reset mid-body) is recorded when the body ends. The latency reported is
-//! the time to the response headers, measured when they arrived: the body's
-//! length and the client's reading speed say nothing about the instance.
+//! Response bodies that carry the attempt's [`Held`] claim until the last
+//! byte, so the connection count covers the whole response and the outcome
+//! (success, or a reset mid-body) is recorded when the body ends. The latency
+//! reported is the time to the response headers, measured when they arrived:
+//! the body's length and the client's reading speed say nothing about the
+//! instance.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
-use datapunk_lb_core::{FailureKind, Selection};
+use datapunk_lb_core::FailureKind;
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::attempt::Held;
 use super::BoxError;
-use crate::metrics::ServiceMetrics;
 
-/// An upstream response body tracked by its selection.
+/// An upstream response body tracked by its attempt's claim.
 pub struct TrackedBody<B> {
     inner: B,
-    selection: Option<Selection>,
-    metrics: Arc<ServiceMetrics>,
-    latency: Duration,
+    held: Option<Held>,
 }
 
 impl<B> TrackedBody<B> {
-    /// Wraps `inner`; `selection` is finished when the body ends.
-    pub fn new(
-        inner: B,
-        selection: Selection,
-        metrics: Arc<ServiceMetrics>,
-        latency: Duration,
-    ) -> Self {
+    /// Wraps `inner`; `held` is ended when the body ends.
+    pub fn new(inner: B, held: Held) -> Self {
         Self {
             inner,
-            selection: Some(selection),
-            metrics,
-            latency,
+            held: Some(held),
         }
     }
 }
@@ -56,21 +46,21 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                if let Some(s) = this.selection.take() {
-                    this.metrics.report(s.success(this.latency));
+                if let Some(h) = this.held.take() {
+                    h.succeed();
                 }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                if let Some(s) = this.selection.take() {
-                    this.metrics.report(s.failure(FailureKind::Reset));
+                if let Some(h) = this.held.take() {
+                    h.fail(FailureKind::Reset);
                 }
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if this.inner.is_end_stream() {
-                    if let Some(s) = this.selection.take() {
-                        this.metrics.report(s.success(this.latency));
+                    if let Some(h) = this.held.take() {
+                        h.succeed();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

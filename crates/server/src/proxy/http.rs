@@ -26,11 +26,11 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use datapunk_lb_core::{FailureKind, InstanceId, Selection};
+use datapunk_lb_core::ServiceInstance;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
@@ -43,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use super::attempt::{self, Attempt, Class, Ended, Held, NoAnswer, Replay, Step};
 use super::body::TrackedBody;
 use super::{BoxError, ProxyError, Routing, Upstream};
 
@@ -392,147 +393,107 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + up.request_timeout;
     let (mut parts, body) = req.into_parts();
-    let mut body = match read_body(&parts, body).await {
+    let body = match read_body(&parts, body).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
     };
-    let http2 = parts.version == Version::HTTP_2;
-    let idempotent = is_idempotent(&parts.method);
+    let replay = Replay {
+        idempotent: is_idempotent(&parts.method),
+        replayable: body.replayable(),
+    };
     strip_hop_by_hop(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, peer);
-    up.budget.deposit();
+    let mut step = HttpStep {
+        http2: parts.version == Version::HTTP_2,
+        parts,
+        body,
+        replay,
+        may_resend: up.retries > 0 && replay.replayable,
+        deadline,
+        clients: &up.clients,
+        service: &up.name,
+    };
+    Ok(match attempt::run(up, &mut step).await? {
+        Ended::Success(held, resp) => finish_response(resp, Some(held)),
+        Ended::Failed(resp) => finish_response(resp, None),
+    })
+}
 
-    // Instances that failed this request; filled only on failure, so a
-    // request that succeeds at once allocates nothing here.
-    let mut tried: Vec<InstanceId> = Vec::new();
-    // A 5xx kept in case every retry fails too (a timeout returns at once).
-    let mut last_response: Option<Response<ProxyBody>> = None;
-    for attempt in 0..=up.retries {
-        if attempt > 0 {
-            if !up.budget.try_withdraw() {
-                break;
-            }
-            up.metrics.retried();
-        }
-        let mut selection = match select_fresh(up, &tried) {
-            Ok(s) => s,
-            Err(e) => {
-                match e {
-                    ProxyError::OverLimit(_) => up.metrics.over_limit(),
-                    _ => up.metrics.no_instance(),
-                }
-                // Nothing new to try: report the earlier failure if any.
-                if attempt == 0 {
-                    return Err(e);
-                }
-                break;
-            }
+/// One HTTP attempt: send the request, await the response headers.
+struct HttpStep<'a> {
+    /// The request head, hop-by-hop headers stripped.
+    parts: http::request::Parts,
+    body: ReqBody,
+    http2: bool,
+    replay: Replay,
+    /// Whether a second attempt may follow: if not, the only attempt takes
+    /// the headers instead of cloning them.
+    may_resend: bool,
+    /// `request_timeout` over all attempts.
+    deadline: tokio::time::Instant,
+    clients: &'a UpstreamClients,
+    service: &'a str,
+}
+
+impl Step for HttpStep<'_> {
+    type Answer = Response<Incoming>;
+
+    fn replay(&self) -> Replay {
+        self.replay
+    }
+
+    async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<Response<Incoming>> {
+        let unsendable = || Attempt::Unsendable(ProxyError::Unreachable(self.service.to_owned()));
+        let Ok(uri) = upstream_uri(instance.address(), instance.port(), &self.parts.uri) else {
+            return unsendable();
         };
-        up.metrics.selected(selection.strategy());
-        up.metrics.report(selection.take_events());
-        let Some(req_body) = body.take() else { break };
-        let uri = upstream_uri(
-            selection.instance().address(),
-            selection.instance().port(),
-            &parts.uri,
-        );
-        let Ok(uri) = uri else {
-            return Err(ProxyError::Unreachable(up.name.clone()));
+        // Always there: a streamed body is never resent (not replayable).
+        let Some(body) = self.body.take() else {
+            return unsendable();
         };
-        let mut out = Request::builder()
-            .method(parts.method.clone())
+        let Ok(mut out) = Request::builder()
+            .method(self.parts.method.clone())
             .uri(uri)
-            .version(if http2 {
+            .version(if self.http2 {
                 Version::HTTP_2
             } else {
                 Version::HTTP_11
             })
-            .body(req_body)
-            .map_err(|_| ProxyError::Unreachable(up.name.clone()))?;
-        *out.headers_mut() = parts.headers.clone();
-        if http2 {
+            .body(body)
+        else {
+            return unsendable();
+        };
+        *out.headers_mut() = if self.may_resend {
+            self.parts.headers.clone()
+        } else {
+            std::mem::take(&mut self.parts.headers)
+        };
+        if self.http2 {
             // h2 carries the authority in the URI; a stale Host would conflict.
             out.headers_mut().remove(header::HOST);
         }
-        let started = Instant::now();
-        let client = if http2 {
-            &up.clients.h2
+        let client = if self.http2 {
+            &self.clients.h2
         } else {
-            &up.clients.h1
+            &self.clients.h1
         };
-        let sent = tokio::time::timeout_at(deadline, client.request(out)).await;
-        let resp = match sent {
-            Err(_) => {
-                up.metrics.report(selection.failure(FailureKind::Timeout));
-                return Err(ProxyError::Timeout(up.name.clone()));
-            }
-            Ok(Ok(resp)) => resp,
+        match tokio::time::timeout_at(self.deadline, client.request(out)).await {
+            Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
+            Ok(Ok(resp)) => Attempt::Answer(resp),
             Ok(Err(e)) => {
                 let connect = e.is_connect();
-                let kind = if connect {
-                    FailureKind::Connect
+                debug!(service = self.service, error = %e, connect, "upstream attempt failed");
+                Attempt::NoAnswer(if connect {
+                    NoAnswer::ConnectFailed
                 } else {
-                    FailureKind::Reset
-                };
-                debug!(service = up.name.as_str(), error = %e, connect, "upstream attempt failed");
-                tried.push(selection.instance().id().clone());
-                up.metrics.report(selection.failure(kind));
-                last_response = None;
-                if body.replayable() && (connect || idempotent) {
-                    continue;
-                }
-                break;
+                    NoAnswer::Reset
+                })
             }
-        };
-        up.metrics.observe(started.elapsed().as_secs_f64());
-        let status = resp.status();
-        if !status.is_server_error() {
-            return Ok(finish_response(
-                resp,
-                Some((selection, up.metrics.clone())),
-                started,
-            ));
         }
-        tried.push(selection.instance().id().clone());
-        up.metrics
-            .report(selection.failure(FailureKind::ServerError));
-        let retry_status = matches!(
-            status,
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-        );
-        let resp = finish_response(resp, None, started);
-        if !(retry_status && idempotent && body.replayable() && attempt < up.retries) {
-            return Ok(resp);
-        }
-        last_response = Some(resp);
     }
-    match last_response {
-        Some(r) => Ok(r),
-        None => Err(ProxyError::Unreachable(up.name.clone())),
-    }
-}
 
-/// Selects an instance not tried yet and under its connection limit.
-fn select_fresh(up: &Upstream, tried: &[InstanceId]) -> Result<Selection, ProxyError> {
-    let mut over_limit = false;
-    for _ in 0..4 {
-        let Some(s) = up.service.select(None) else {
-            break;
-        };
-        if tried.contains(s.instance().id()) {
-            continue;
-        }
-        // The count includes this selection.
-        if s.active_connections() > up.max_connections {
-            over_limit = true;
-            continue;
-        }
-        return Ok(s);
-    }
-    if over_limit {
-        Err(ProxyError::OverLimit(up.name.clone()))
-    } else {
-        Err(ProxyError::NoEligibleInstance(up.name.clone()))
+    fn classify(resp: &Response<Incoming>) -> Class {
+        Class::of_status(resp.status())
     }
 }
 
@@ -561,15 +522,13 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     }
 }
 
-fn finish_response(
-    resp: Response<Incoming>,
-    selection: Option<(Selection, Arc<crate::metrics::ServiceMetrics>)>,
-    started: Instant,
-) -> Response<ProxyBody> {
+/// The response for the client; `held` (a success) rides in the body until
+/// it ends.
+fn finish_response(resp: Response<Incoming>, held: Option<Held>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body: ProxyBody = match selection {
-        Some((s, m)) => TrackedBody::new(body, s, m, started.elapsed()).boxed(),
+    let body: ProxyBody = match held {
+        Some(held) => TrackedBody::new(body, held).boxed(),
         None => body.map_err(BoxError::from).boxed(),
     };
     Response::from_parts(parts, body)

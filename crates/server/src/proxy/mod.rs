@@ -6,6 +6,7 @@
 //! first match wins) → the service's core `Service::select` → upstream →
 //! outcome back to the core, which moves health scores and breakers.
 
+pub mod attempt;
 pub mod body;
 pub mod error;
 pub mod http;

@@ -6,16 +6,17 @@
 //! covers its whole life.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use datapunk_lb_core::{FailureKind, InstanceId};
+use datapunk_lb_core::ServiceInstance;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use super::attempt::{self, Attempt, Class, Ended, NoAnswer, Replay, Step};
 use super::http::ConnTracker;
-use super::Routing;
+use super::{ProxyError, Routing};
 
 /// Accepts connections until `stop` turns true; open connections are
 /// tracked by `tracker` so a drain can wait for them (a TCP stream has no
@@ -59,32 +60,63 @@ async fn proxy(
     mut client: TcpStream,
     name: &str,
     routing: &ArcSwap<Routing>,
-) -> std::io::Result<()> {
+) -> Result<(), TcpError> {
     let Some(up) = routing.load().tcp_upstream(name).cloned() else {
         return Ok(());
     };
-    let mut tried: Vec<InstanceId> = Vec::new();
-    for _ in 0..=up.retries {
-        let Some(sel) = up.service.select(None) else {
-            break;
-        };
-        if tried.contains(sel.instance().id()) {
-            continue;
+    let mut step = TcpConnect {
+        timeout: up.connect_timeout,
+    };
+    match attempt::run(&up, &mut step).await? {
+        Ended::Success(held, mut upstream) => {
+            let _ = upstream.set_nodelay(true);
+            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            // The instance answered; how the stream ends is the peers' affair.
+            held.succeed();
+            copied.map(|_| ()).map_err(TcpError::Io)
         }
-        tried.push(sel.instance().id().clone());
-        let addr = (sel.instance().address().to_owned(), sel.instance().port());
-        let started = Instant::now();
-        match tokio::time::timeout(up.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(mut upstream)) => {
-                let connect_time = started.elapsed();
-                let _ = upstream.set_nodelay(true);
-                let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                up.metrics.report(sel.success(connect_time));
-                return r.map(|_| ());
-            }
-            Ok(Err(_)) => up.metrics.report(sel.failure(FailureKind::Connect)),
-            Err(_) => up.metrics.report(sel.failure(FailureKind::Timeout)),
+        // A connect has no failed answer; dropping closes the client.
+        Ended::Failed(_) => Ok(()),
+    }
+}
+
+/// Why a TCP connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum TcpError {
+    /// No instance took the connection.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// Copying between the peers failed.
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+/// One TCP attempt: connect within `connect_timeout`.
+struct TcpConnect {
+    timeout: Duration,
+}
+
+impl Step for TcpConnect {
+    type Answer = TcpStream;
+
+    fn replay(&self) -> Replay {
+        // Nothing of the client's stream is read before the connect.
+        Replay {
+            idempotent: false,
+            replayable: true,
         }
     }
-    Ok(())
+
+    async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<TcpStream> {
+        let addr = (instance.address(), instance.port());
+        match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => Attempt::Answer(stream),
+            Ok(Err(_)) => Attempt::NoAnswer(NoAnswer::ConnectFailed),
+            Err(_) => Attempt::NoAnswer(NoAnswer::ConnectTimedOut),
+        }
+    }
+
+    fn classify(_: &TcpStream) -> Class {
+        Class::Success
+    }
 }
