@@ -462,6 +462,18 @@ impl Registry {
         self.service(service)?.select(Some(key))
     }
 
+    /// Like [`get_instance_with_key`](Self::get_instance_with_key) (`key`
+    /// optional), choosing only among instances `accept` accepts; see
+    /// [`Service::select_with`].
+    pub fn get_instance_with(
+        &self,
+        service: &str,
+        key: Option<&[u8]>,
+        accept: impl Fn(&Member) -> bool,
+    ) -> Option<Selection> {
+        self.service(service)?.select_with(key, accept)
+    }
+
     /// Sets an instance's health score. Rejects NaN, infinities and values
     /// outside `0..=1`; 0 removes the instance from selection, and raising it
     /// from 0 starts slow start.
@@ -628,8 +640,48 @@ impl Service {
         self.snapshot.load().members.get(idx).cloned()
     }
 
-    /// Selects an instance; see [`Registry::get_instance`].
+    /// Selects an instance; see [`Registry::get_instance`]. The same as
+    /// [`select_with`](Self::select_with) with a filter that accepts all.
     pub fn select(self: &Arc<Self>, key: Option<&[u8]>) -> Option<Selection> {
+        self.pick(key, None)
+    }
+
+    /// Selects an instance that `accept` accepts, or `None` if no eligible
+    /// instance is acceptable.
+    ///
+    /// `accept` is consulted inside the pick, like eligibility: the strategy
+    /// skips refused members, so the caller never re-draws (Pingora's
+    /// `select_with`). Use it for "not an instance this request already
+    /// tried" or "under its connection limit". Round robin moves past a
+    /// refused instance in its rotation; `consistent_hash` falls over to the
+    /// next instance in its table order for the key, the same one every
+    /// time; panic mode and half-open probe limits apply as in
+    /// [`select`](Self::select).
+    ///
+    /// ```
+    /// use datapunk_lb_core::{Registry, ServiceInstance};
+    ///
+    /// let registry = Registry::new();
+    /// registry.register_instance("api", ServiceInstance::try_new("api-1", "10.0.0.1", 80)?)?;
+    /// registry.register_instance("api", ServiceInstance::try_new("api-2", "10.0.0.2", 80)?)?;
+    /// let svc = registry.service("api").expect("registered");
+    /// let s = svc.select_with(None, |m| m.instance().id().as_str() != "api-1").expect("api-2");
+    /// assert_eq!(s.instance().id().as_str(), "api-2");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn select_with(
+        self: &Arc<Self>,
+        key: Option<&[u8]>,
+        accept: impl Fn(&Member) -> bool,
+    ) -> Option<Selection> {
+        self.pick(key, Some(&accept))
+    }
+
+    fn pick(
+        self: &Arc<Self>,
+        key: Option<&[u8]>,
+        accept: Option<&dyn Fn(&Member) -> bool>,
+    ) -> Option<Selection> {
         let snap = self.snapshot.load();
         if snap.members.is_empty() {
             return None;
@@ -651,6 +703,7 @@ impl Service {
                 stats: &self.stats,
                 service: &self.name,
                 events: &mut events,
+                accept,
             };
             let member = snap.strategy.pick(&mut cx)?;
             let kind = snap.strategy.effective_kind();

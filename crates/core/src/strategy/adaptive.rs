@@ -198,7 +198,7 @@ impl Adaptive {
             if recent
                 && m.state().requests.load(Ordering::Relaxed) > 0
                 && m.circuit_state() == crate::breaker::CircuitState::Closed
-                && cx.is_eligible(m)
+                && cx.admits(m)
             {
                 samples.push(m.latency_ewma_ns());
             }

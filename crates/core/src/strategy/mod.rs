@@ -158,6 +158,9 @@ pub struct PickContext<'a> {
     pub(crate) stats: &'a ServiceStats,
     pub(crate) service: &'a Arc<str>,
     pub(crate) events: &'a mut Vec<Event>,
+    /// The caller's filter from [`Service::select_with`](crate::Service::select_with);
+    /// `None` accepts every member, so a plain `select` pays one branch.
+    pub(crate) accept: Option<&'a dyn Fn(&Member) -> bool>,
 }
 
 // === impl StrategyKind ===
@@ -231,8 +234,17 @@ impl FromStr for StrategyKind {
 // === impl PickContext ===
 
 impl PickContext<'_> {
-    /// Whether `m` may be picked now (in panic mode: anything not draining).
+    /// Whether `m` may be picked now: [`admits`](Self::admits) it and the
+    /// caller's filter accepts it. Strategies check this on every member
+    /// they consider, so a refused member is skipped inside the pick like an
+    /// ineligible one and the caller never re-draws.
     pub fn is_eligible(&self, m: &Member) -> bool {
+        self.admits(m) && self.accept.is_none_or(|accept| accept(m))
+    }
+
+    /// Whether the service's rules let `m` take traffic now, ignoring the
+    /// caller's filter (in panic mode: anything not draining).
+    pub fn admits(&self, m: &Member) -> bool {
         if self.panic {
             m.admits_panic_traffic()
         } else {
