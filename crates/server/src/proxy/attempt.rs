@@ -286,7 +286,7 @@ fn select(up: &Upstream, tried: &[InstanceId]) -> Result<Selection, ProxyError> 
         }
         true
     };
-    if let Some(s) = select_with(&up.service, None, accept) {
+    if let Some(s) = up.service.select_with(None, accept) {
         return Ok(s);
     }
     if over_limit.get() {
@@ -296,26 +296,4 @@ fn select(up: &Upstream, tried: &[InstanceId]) -> Result<Selection, ProxyError> 
         up.metrics.no_instance();
         Err(ProxyError::NoEligibleInstance(up.name.clone()))
     }
-}
-
-// TEMPORARY: stands in for the core's `Service::select_with` (branch
-// `core`) until it is merged; same signature.
-fn select_with(
-    service: &Arc<datapunk_lb_core::Service>,
-    key: Option<&[u8]>,
-    accept: impl Fn(&Member) -> bool,
-) -> Option<Selection> {
-    let accepted: Vec<InstanceId> = service
-        .members()
-        .iter()
-        .filter(|m| accept(m))
-        .map(|m| m.instance().id().clone())
-        .collect();
-    for _ in 0..4 {
-        let s = service.select(key)?;
-        if accepted.contains(s.instance().id()) {
-            return Some(s);
-        }
-    }
-    None
 }
