@@ -297,3 +297,337 @@ fn select(up: &Upstream, tried: &[InstanceId]) -> Result<Selection, ProxyError> 
         Err(ProxyError::NoEligibleInstance(up.name.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use datapunk_lb_core::{ManualClock, Registry, StrategyKind};
+
+    use super::*;
+    use crate::proxy::http::UpstreamClients;
+    use crate::proxy::RetryBudget;
+
+    const GET: Replay = Replay {
+        idempotent: true,
+        replayable: true,
+    };
+    const POST: Replay = Replay {
+        idempotent: false,
+        replayable: true,
+    };
+
+    fn status(code: u16) -> StatusCode {
+        StatusCode::from_u16(code).unwrap()
+    }
+
+    fn no_answer(why: NoAnswer) -> Class {
+        Class::NoAnswer(why)
+    }
+
+    #[test]
+    fn statuses_below_500_are_successes_and_5xx_server_errors() {
+        for (code, class) in [
+            (200, Class::Success),
+            (204, Class::Success),
+            (304, Class::Success),
+            (404, Class::Success),
+            (499, Class::Success),
+            (500, Class::ServerError(status(500))),
+            (502, Class::ServerError(status(502))),
+            (503, Class::ServerError(status(503))),
+            (504, Class::ServerError(status(504))),
+            (599, Class::ServerError(status(599))),
+        ] {
+            assert_eq!(Class::of_status(status(code)), class, "status {code}");
+        }
+    }
+
+    #[test]
+    fn each_class_maps_to_one_core_outcome() {
+        for (class, kind) in [
+            (Class::Success, None),
+            (
+                no_answer(NoAnswer::ConnectFailed),
+                Some(FailureKind::Connect),
+            ),
+            (
+                no_answer(NoAnswer::ConnectTimedOut),
+                Some(FailureKind::Timeout),
+            ),
+            (no_answer(NoAnswer::Reset), Some(FailureKind::Reset)),
+            (
+                no_answer(NoAnswer::DeadlineExceeded),
+                Some(FailureKind::Timeout),
+            ),
+            (
+                Class::ServerError(status(500)),
+                Some(FailureKind::ServerError),
+            ),
+            (
+                Class::ServerError(status(503)),
+                Some(FailureKind::ServerError),
+            ),
+        ] {
+            assert_eq!(class.failure_kind(), kind, "{class:?}");
+        }
+    }
+
+    /// Which requests each class may retry, by (idempotent, replayable) in
+    /// the order (no, no), (no, yes), (yes, no), (yes, yes).
+    fn class_rules() -> Vec<(Class, [bool; 4])> {
+        let connect = [false, true, false, true];
+        let idempotent_and_replayable = [false, false, false, true];
+        let never = [false; 4];
+        vec![
+            (Class::Success, never),
+            (no_answer(NoAnswer::ConnectFailed), connect),
+            (no_answer(NoAnswer::ConnectTimedOut), connect),
+            (no_answer(NoAnswer::Reset), idempotent_and_replayable),
+            (no_answer(NoAnswer::DeadlineExceeded), never),
+            (Class::ServerError(status(500)), never),
+            (Class::ServerError(status(501)), never),
+            (Class::ServerError(status(502)), idempotent_and_replayable),
+            (Class::ServerError(status(503)), idempotent_and_replayable),
+            (Class::ServerError(status(504)), idempotent_and_replayable),
+            (Class::ServerError(status(505)), never),
+        ]
+    }
+
+    #[test]
+    fn retry_decision_over_every_class_request_budget_and_attempt() {
+        let requests = [(false, false), (false, true), (true, false), (true, true)];
+        // (attempt, retries, a retry is left)
+        let counts = [
+            (0, 0, false),
+            (0, 1, true),
+            (1, 1, false),
+            (1, 2, true),
+            (2, 2, false),
+        ];
+        for (class, allowed) in class_rules() {
+            for (i, (idempotent, replayable)) in requests.into_iter().enumerate() {
+                let replay = Replay {
+                    idempotent,
+                    replayable,
+                };
+                for (attempt, retries, left) in counts {
+                    for granted in [false, true] {
+                        let asked = Cell::new(false);
+                        let got = retry(class, replay, attempt, retries, || {
+                            asked.set(true);
+                            granted
+                        });
+                        let case = format!(
+                            "{class:?} {replay:?} attempt {attempt} of retries {retries}, budget {granted}"
+                        );
+                        assert_eq!(got, allowed[i] && left && granted, "{case}");
+                        // The budget is asked only when all else allows: a
+                        // refused retry spends no token.
+                        assert_eq!(asked.get(), allowed[i] && left, "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_budget_that_refuses_stops_the_retry_of_a_connect_failure() {
+        let budget = RetryBudget::default();
+        while budget.try_withdraw() {}
+        let class = no_answer(NoAnswer::ConnectFailed);
+        assert!(!retry(class, GET, 0, 2, || budget.try_withdraw()));
+        assert!(retry(class, GET, 0, 2, || true));
+    }
+
+    /// A step that answers from a script by instance id, recording each
+    /// instance it was sent to: no sockets.
+    struct Scripted {
+        replay: Replay,
+        script: fn(&str) -> Attempt<StatusCode>,
+        sent_to: Vec<String>,
+    }
+
+    impl Step for Scripted {
+        type Answer = StatusCode;
+
+        fn replay(&self) -> Replay {
+            self.replay
+        }
+
+        async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<StatusCode> {
+            self.sent_to.push(instance.id().as_str().to_owned());
+            (self.script)(instance.id().as_str())
+        }
+
+        fn classify(answer: &StatusCode) -> Class {
+            Class::of_status(*answer)
+        }
+    }
+
+    fn scripted(replay: Replay, script: fn(&str) -> Attempt<StatusCode>) -> Scripted {
+        Scripted {
+            replay,
+            script,
+            sent_to: Vec::new(),
+        }
+    }
+
+    /// Service `api` with instances `ids` (round robin, in order).
+    fn upstream(ids: &[&str], retries: u32, max_connections: u32) -> (Registry, Upstream) {
+        let registry = Registry::builder()
+            .clock(Arc::new(ManualClock::new()))
+            .build()
+            .unwrap();
+        for id in ids {
+            registry
+                .register_instance("api", ServiceInstance::try_new(id, "127.0.0.1", 9).unwrap())
+                .unwrap();
+        }
+        registry
+            .set_strategy("api", StrategyKind::RoundRobin)
+            .unwrap();
+        let up = Upstream {
+            name: "api".to_owned(),
+            service: registry.service("api").unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            retries,
+            max_connections,
+            budget: Arc::new(RetryBudget::default()),
+            clients: UpstreamClients::new(Duration::from_secs(1)),
+            metrics: Arc::new(ServiceMetrics::disabled()),
+        };
+        (registry, up)
+    }
+
+    /// Failures the core recorded for instance `id`, by kind.
+    fn failures(registry: &Registry, id: &str) -> Vec<FailureKind> {
+        let st = registry.instance("api", id).unwrap();
+        FailureKind::ALL
+            .into_iter()
+            .flat_map(|k| std::iter::repeat_n(k, st.failures_by_kind[k.index()] as usize))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_failure_moves_to_an_untried_instance_and_is_reported_once() {
+        let (registry, up) = upstream(&["a", "b", "c"], 2, 100);
+        let mut step = scripted(POST, |id| match id {
+            "a" => Attempt::NoAnswer(NoAnswer::ConnectFailed),
+            _ => Attempt::Answer(StatusCode::OK),
+        });
+        let Ok(Ended::Success(held, answer)) = run(&up, &mut step).await else {
+            panic!("b answers");
+        };
+        assert_eq!(answer, StatusCode::OK);
+        assert_eq!(step.sent_to, ["a", "b"]);
+        assert_eq!(failures(&registry, "a"), [FailureKind::Connect]);
+        // The success is held: b counts the connection until it ends.
+        assert_eq!(registry.instance("api", "b").unwrap().active_connections, 1);
+        assert_eq!(registry.instance("api", "b").unwrap().requests, 0);
+        held.succeed();
+        let b = registry.instance("api", "b").unwrap();
+        assert_eq!((b.active_connections, b.requests, b.failures), (0, 1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retried_503s_stop_after_retries_and_the_last_one_is_forwarded() {
+        let (registry, up) = upstream(&["a", "b", "c", "d"], 2, 100);
+        let mut step = scripted(GET, |_| Attempt::Answer(StatusCode::SERVICE_UNAVAILABLE));
+        let Ok(Ended::Failed(answer)) = run(&up, &mut step).await else {
+            panic!("the last 503 is forwarded");
+        };
+        assert_eq!(answer, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(step.sent_to, ["a", "b", "c"], "first attempt + 2 retries");
+        for id in ["a", "b", "c"] {
+            assert_eq!(failures(&registry, id), [FailureKind::ServerError], "{id}");
+        }
+        assert_eq!(failures(&registry, "d"), []);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_503_to_a_post_is_forwarded_without_a_retry() {
+        let (_registry, up) = upstream(&["a", "b"], 2, 100);
+        let mut step = scripted(POST, |_| Attempt::Answer(StatusCode::SERVICE_UNAVAILABLE));
+        let Ok(Ended::Failed(answer)) = run(&up, &mut step).await else {
+            panic!("the 503 is forwarded");
+        };
+        assert_eq!(answer, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(step.sent_to, ["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_503_whose_retry_finds_no_untried_instance_is_forwarded() {
+        let (_registry, up) = upstream(&["a"], 2, 100);
+        let mut step = scripted(GET, |_| Attempt::Answer(StatusCode::BAD_GATEWAY));
+        let Ok(Ended::Failed(answer)) = run(&up, &mut step).await else {
+            panic!("the 502 is forwarded");
+        };
+        assert_eq!(answer, StatusCode::BAD_GATEWAY);
+        assert_eq!(step.sent_to, ["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_the_request_with_a_timeout_and_no_retry() {
+        let (registry, up) = upstream(&["a", "b"], 2, 100);
+        let mut step = scripted(GET, |_| Attempt::NoAnswer(NoAnswer::DeadlineExceeded));
+        let r = run(&up, &mut step).await;
+        assert_eq!(r.err(), Some(ProxyError::Timeout("api".into())));
+        assert_eq!(step.sent_to, ["a"]);
+        assert_eq!(failures(&registry, "a"), [FailureKind::Timeout]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_failures_everywhere_end_unreachable() {
+        let (registry, up) = upstream(&["a", "b"], 5, 100);
+        let mut step = scripted(POST, |_| Attempt::NoAnswer(NoAnswer::ConnectTimedOut));
+        let r = run(&up, &mut step).await;
+        assert_eq!(r.err(), Some(ProxyError::Unreachable("api".into())));
+        assert_eq!(step.sent_to, ["a", "b"], "each instance once");
+        assert_eq!(failures(&registry, "b"), [FailureKind::Timeout]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_budget_stops_retries() {
+        let (registry, up) = upstream(&["a", "b"], 2, 100);
+        while up.budget.try_withdraw() {}
+        let mut step = scripted(GET, |_| Attempt::NoAnswer(NoAnswer::ConnectFailed));
+        let r = run(&up, &mut step).await;
+        assert_eq!(r.err(), Some(ProxyError::Unreachable("api".into())));
+        assert_eq!(step.sent_to, ["a"]);
+        assert_eq!(failures(&registry, "b"), []);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_at_max_connections_are_skipped_and_all_full_is_over_limit() {
+        let (registry, up) = upstream(&["a", "b"], 0, 1);
+        let mut step = scripted(GET, |_| Attempt::Answer(StatusCode::OK));
+        let Ok(Ended::Success(first, _)) = run(&up, &mut step).await else {
+            panic!("a answers");
+        };
+        let Ok(Ended::Success(second, _)) = run(&up, &mut step).await else {
+            panic!("b answers: a is at its limit");
+        };
+        assert_eq!(step.sent_to, ["a", "b"]);
+        let r = run(&up, &mut step).await;
+        assert_eq!(r.err(), Some(ProxyError::OverLimit("api".into())));
+        assert_eq!(step.sent_to.len(), 2, "nothing sent over the limit");
+        first.succeed();
+        second.succeed();
+        assert_eq!(registry.instance("api", "a").unwrap().requests, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsendable_request_ends_at_once_and_blames_no_instance() {
+        let (registry, up) = upstream(&["a", "b"], 2, 100);
+        let mut step = scripted(GET, |_| {
+            Attempt::Unsendable(ProxyError::Unreachable("api".into()))
+        });
+        let r = run(&up, &mut step).await;
+        assert_eq!(r.err(), Some(ProxyError::Unreachable("api".into())));
+        assert_eq!(step.sent_to, ["a"]);
+        assert_eq!(failures(&registry, "a"), []);
+        assert_eq!(registry.instance("api", "a").unwrap().active_connections, 0);
+    }
+}
