@@ -210,22 +210,15 @@ pub async fn run<S: Step>(up: &Upstream, step: &mut S) -> Result<Ended<S::Answer
     up.budget.deposit();
     // Instances that failed this request; filled only before a retry.
     let mut tried: Vec<InstanceId> = Vec::new();
-    // The answer of the failed attempt before a retry (a 5xx), forwarded
-    // when the retry finds no instance.
-    let mut last: Option<S::Answer> = None;
+    // The failed attempt before a retry: how the request ends if the retry
+    // finds no instance.
+    let mut last: Option<(Class, Option<S::Answer>)> = None;
     let mut attempt = 0;
     loop {
-        let mut selection = match select(up, &tried) {
-            Ok(s) => s,
-            // Nothing new to try: the first attempt says why; a retry ends
-            // with the failure before it.
-            Err(e) if attempt == 0 => return Err(e),
-            Err(_) => {
-                return match last {
-                    Some(answer) => Ok(Ended::Failed(answer)),
-                    None => Err(ProxyError::Unreachable(up.name.clone())),
-                }
-            }
+        let mut selection = match (select(up, &tried), last) {
+            (Ok(s), _) => s,
+            (Err(e), None) => return Err(e),
+            (Err(_), Some((class, answer))) => return give_up(up, class, answer),
         };
         up.metrics.selected(selection.strategy());
         up.metrics.report(selection.take_events());
@@ -251,24 +244,31 @@ pub async fn run<S: Step>(up: &Upstream, step: &mut S) -> Result<Ended<S::Answer
         let retrying = retry(class, replay, attempt, up.retries, || {
             up.budget.try_withdraw()
         });
-        if retrying {
-            tried.push(selection.instance().id().clone());
-        }
+        let failed = retrying.then(|| selection.instance().id().clone());
+        // Always a failure here: a success returned above.
         if let Some(kind) = class.failure_kind() {
             up.metrics.report(selection.failure(kind));
         }
-        if !retrying {
-            return match answer {
-                Some(answer) => Ok(Ended::Failed(answer)),
-                None if class == Class::NoAnswer(NoAnswer::DeadlineExceeded) => {
-                    Err(ProxyError::Timeout(up.name.clone()))
-                }
-                None => Err(ProxyError::Unreachable(up.name.clone())),
-            };
-        }
+        let Some(failed) = failed else {
+            return give_up(up, class, answer);
+        };
         up.metrics.retried();
-        last = answer;
+        tried.push(failed);
+        last = Some((class, answer));
         attempt += 1;
+    }
+}
+
+/// How a request ends after its last failed attempt, of `class`: its
+/// answer (a 5xx) as it is, else a timeout after the deadline, else
+/// unreachable.
+fn give_up<A>(up: &Upstream, class: Class, answer: Option<A>) -> Result<Ended<A>, ProxyError> {
+    match answer {
+        Some(answer) => Ok(Ended::Failed(answer)),
+        None if class == Class::NoAnswer(NoAnswer::DeadlineExceeded) => {
+            Err(ProxyError::Timeout(up.name.clone()))
+        }
+        None => Err(ProxyError::Unreachable(up.name.clone())),
     }
 }
 

@@ -4,24 +4,30 @@
 //! ## Per request
 //!
 //! 1. Route by host and path prefix (first match wins); none → 404.
-//! 2. Select an instance from the core; none → 503. An instance at its
-//!    `max_connections` is skipped; all at the limit → 503.
-//! 3. Forward with the inbound HTTP version: HTTP/2 requests (gRPC) go to
-//!    the upstream as h2c, HTTP/1.1 as HTTP/1.1. Hop-by-hop headers are
-//!    dropped, `x-forwarded-for` is appended, trailers pass through.
-//! 4. Report the outcome to the core: a connect error, a reset or a timeout
-//!    is a failure; a 5xx is a failure; anything else is a success with its
-//!    latency, recorded when the response body ends (the selection rides
-//!    along in the body, so the connection count covers streaming).
+//! 2. Read the body: up to 64 KiB with a known length (or HTTP/1.1 chunked
+//!    that ends within 64 KiB) is buffered and so replayable; a larger or
+//!    streaming body is sent once. Hop-by-hop headers are dropped,
+//!    `x-forwarded-for` is appended.
+//! 3. Run the [attempt loop](super::attempt), whose step here sends the
+//!    request with the inbound HTTP version (HTTP/2 and gRPC as h2c,
+//!    HTTP/1.1 as HTTP/1.1; trailers pass through) and awaits the response
+//!    headers before `request_timeout`, one deadline over all attempts. The
+//!    loop answers: no instance → 503; every instance at `max_connections`
+//!    → 503; a status below 500 → forwarded, the success recorded when the
+//!    response body ends (the claim rides in the body, so the connection
+//!    count covers streaming; the latency is the time to the headers); a
+//!    5xx → forwarded as it is unless retried; the deadline → 504; no
+//!    instance reached → 502.
 //!
-//! ## Retries
+//! ## Retries (the rule of [`attempt`])
 //!
-//! A connect error is always retried; an idempotent request (GET, HEAD,
-//! OPTIONS, TRACE, PUT, DELETE) is also retried on a reset or a 502/503/504.
-//! Each retry goes to a different instance, at most `retries` times, and only
-//! while the service's [`RetryBudget`](super::RetryBudget) allows. A request
-//! body is replayable when it is empty or up to 64 KiB with a known length
-//! (it is buffered); a larger or streaming body is sent once.
+//! A connect error is retried when the body is replayable; an idempotent
+//! request (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) with a replayable body is
+//! also retried on a reset or a 502/503/504. Never after the deadline. Each
+//! retry goes to an instance this request has not tried, at most `retries`
+//! times, and only while the service's [`RetryBudget`](super::RetryBudget)
+//! allows. When no retry can follow, the only attempt takes the request
+//! head instead of cloning it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,10 +1,15 @@
 //! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]), TCP listeners
-//! ([`tcp`]), routing, retries ([`retry`]) and the errors clients see
-//! ([`error`]).
+//! ([`tcp`]), routing, the one attempt loop both use ([`attempt`]), the retry
+//! budget ([`retry`]) and the errors clients see ([`error`]).
 //!
 //! Request path: listener → [`Routing::route`] (host, then path prefix,
-//! first match wins) → the service's core `Service::select` → upstream →
-//! outcome back to the core, which moves health scores and breakers.
+//! first match wins; a TCP listener has one service) → [`attempt::run`]:
+//! select inside the core (`Service::select_with`: an instance not tried by
+//! this request, under `max_connections`) → one attempt through the
+//! protocol's step (HTTP: request to response headers; TCP: connect) → one
+//! classification, one retry decision, one report to the core (health
+//! scores, breakers) and to metrics. The rule, with its table, is the doc of
+//! [`attempt`]: HTTP and TCP differ only in their step.
 
 pub mod attempt;
 pub mod body;

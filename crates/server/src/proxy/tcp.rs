@@ -1,9 +1,17 @@
-//! TCP listeners: bytes both ways, one instance chosen per connection.
+//! TCP listeners: bytes both ways, one instance chosen per connection by the
+//! [attempt loop](super::attempt), whose step here is the connect.
 //!
-//! A connect failure is reported to the core and the next instance is tried
-//! (up to `retries`); a successful connect is a success whose latency is the
-//! connect time, recorded when the connection closes so the connection count
-//! covers its whole life.
+//! - A connect that fails, or does not finish within `connect_timeout`, is
+//!   reported to the core and retried on an instance not tried yet, at most
+//!   `retries` times and while the service's
+//!   [`RetryBudget`](super::RetryBudget) allows, as for HTTP. Nothing of the
+//!   client's stream is read before the connect, so it is always replayable.
+//! - Every instance at `max_connections`, or no instance at all: the client
+//!   connection is closed at once, counted `over_limit` / `no_instance` as
+//!   HTTP counts its 503.
+//! - A connect is a success whose latency is the connect time, recorded when
+//!   the connection closes, so the instance's connection count covers the
+//!   connection's whole life.
 
 use std::sync::Arc;
 use std::time::Duration;
