@@ -444,7 +444,7 @@ mod tests {
     /// instance it was sent to: no sockets.
     struct Scripted {
         replay: Replay,
-        script: fn(&str) -> Attempt<StatusCode>,
+        script: Box<dyn Fn(&str) -> Attempt<StatusCode> + Send + Sync>,
         sent_to: Vec<String>,
     }
 
@@ -465,10 +465,13 @@ mod tests {
         }
     }
 
-    fn scripted(replay: Replay, script: fn(&str) -> Attempt<StatusCode>) -> Scripted {
+    fn scripted(
+        replay: Replay,
+        script: impl Fn(&str) -> Attempt<StatusCode> + Send + Sync + 'static,
+    ) -> Scripted {
         Scripted {
             replay,
-            script,
+            script: Box::new(script),
             sent_to: Vec::new(),
         }
     }
@@ -531,15 +534,23 @@ mod tests {
         assert_eq!((b.active_connections, b.requests, b.failures), (0, 1, 0));
     }
 
+    /// Sends a `replay` request whose every attempt is answered `status`;
+    /// asserts that the last answer is forwarded and returns the instances
+    /// it was sent to.
+    async fn forwarded(up: &Upstream, replay: Replay, status: StatusCode) -> Vec<String> {
+        let mut step = scripted(replay, move |_| Attempt::Answer(status));
+        match run(up, &mut step).await {
+            Ok(Ended::Failed(answer)) => assert_eq!(answer, status),
+            other => panic!("{status} must be forwarded, got {other:?}"),
+        }
+        step.sent_to
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retried_503s_stop_after_retries_and_the_last_one_is_forwarded() {
         let (registry, up) = upstream(&["a", "b", "c", "d"], 2, 100);
-        let mut step = scripted(GET, |_| Attempt::Answer(StatusCode::SERVICE_UNAVAILABLE));
-        let Ok(Ended::Failed(answer)) = run(&up, &mut step).await else {
-            panic!("the last 503 is forwarded");
-        };
-        assert_eq!(answer, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(step.sent_to, ["a", "b", "c"], "first attempt + 2 retries");
+        let sent_to = forwarded(&up, GET, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert_eq!(sent_to, ["a", "b", "c"], "first attempt + 2 retries");
         for id in ["a", "b", "c"] {
             assert_eq!(failures(&registry, id), [FailureKind::ServerError], "{id}");
         }
@@ -547,25 +558,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_503_to_a_post_is_forwarded_without_a_retry() {
+    async fn a_503_to_a_post_and_a_500_to_a_get_are_forwarded_without_a_retry() {
         let (_registry, up) = upstream(&["a", "b"], 2, 100);
-        let mut step = scripted(POST, |_| Attempt::Answer(StatusCode::SERVICE_UNAVAILABLE));
-        let Ok(Ended::Failed(answer)) = run(&up, &mut step).await else {
-            panic!("the 503 is forwarded");
-        };
-        assert_eq!(answer, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(step.sent_to, ["a"]);
+        let sent_to = forwarded(&up, POST, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert_eq!(sent_to, ["a"]);
+        let sent_to = forwarded(&up, GET, StatusCode::INTERNAL_SERVER_ERROR).await;
+        assert_eq!(sent_to, ["b"]);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_503_whose_retry_finds_no_untried_instance_is_forwarded() {
+    async fn a_502_whose_retry_finds_no_untried_instance_is_forwarded() {
         let (_registry, up) = upstream(&["a"], 2, 100);
-        let mut step = scripted(GET, |_| Attempt::Answer(StatusCode::BAD_GATEWAY));
-        let Ok(Ended::Failed(answer)) = run(&up, &mut step).await else {
-            panic!("the 502 is forwarded");
-        };
-        assert_eq!(answer, StatusCode::BAD_GATEWAY);
-        assert_eq!(step.sent_to, ["a"]);
+        let sent_to = forwarded(&up, GET, StatusCode::BAD_GATEWAY).await;
+        assert_eq!(sent_to, ["a"]);
     }
 
     #[tokio::test(start_paused = true)]
