@@ -440,11 +440,14 @@ mod tests {
         assert!(retry(class, GET, 0, 2, || true));
     }
 
+    /// What the scripted instance with an id answers.
+    type Script = dyn Fn(&str) -> Attempt<StatusCode> + Send + Sync;
+
     /// A step that answers from a script by instance id, recording each
     /// instance it was sent to: no sockets.
     struct Scripted {
         replay: Replay,
-        script: Box<dyn Fn(&str) -> Attempt<StatusCode> + Send + Sync>,
+        script: Box<Script>,
         sent_to: Vec<String>,
     }
 
