@@ -9,18 +9,20 @@
 //! | [`admin`] | the admin API, `/metrics`, the status page, health endpoints |
 //! | [`cli`] | the command line |
 //! | [`config`] | the TOML file: strict parsing, validation with key and line |
-//! | [`discovery`] | etcd discovery: list, watch, resync; the `register` sidecar |
-//! | [`server`] | start, reload (SIGHUP), drain (SIGTERM) |
+//! | [`control`] | the desired state (config < admin API < etcd), its one precedence rule, and the task that applies every change |
+//! | [`discovery`] | etcd discovery: list, watch, resync, sent to [`control`]; the `register` sidecar |
+//! | [`server`] | lifecycle: listeners, start, reload (SIGHUP), drain (SIGTERM), readiness |
 //! | [`proxy`] | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
 //! | [`health_check`] | active HTTP/TCP checks with spread, backoff and a bound |
 //! | [`metrics`] | every Prometheus metric of the SPEC |
-//! | [`state`] | dynamic state that survives restarts |
+//! | [`state`] | the state file: admin API changes that survive restarts |
 //! | [`telemetry`] | tracing setup; core events as structured log lines |
 //! | [`demo`] | `datapunk-lb demo` |
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod health_check;

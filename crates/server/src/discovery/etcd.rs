@@ -29,7 +29,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -38,9 +38,12 @@ use etcd_client::{
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use tokio::sync::watch;
+
 use super::{parse_key, parse_put, BadEntry, Batch, Change};
 use crate::config::EtcdConfig;
-use crate::server::Server;
+use crate::control::{ControlHandle, DiscoveryStatus, SharedStore, StoreFuture, Update};
+use crate::metrics::Metrics;
 use crate::state::InstanceSpec;
 
 /// Deadline of every unary call to etcd (connect, get, put, grant, …).
@@ -204,10 +207,22 @@ impl Drop for EtcdDiscovery {
     }
 }
 
+/// Where discovery reports: updates to the control task, counters to the
+/// metrics, its status on a `watch` channel.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// The control task.
+    pub control: ControlHandle,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Where the status is published (kept across restarts of discovery).
+    pub status: Arc<watch::Sender<DiscoveryStatus>>,
+}
+
 impl EtcdDiscovery {
-    /// Starts watching for `server`. Must run inside a tokio runtime.
-    pub fn start(server: Weak<Server>, config: EtcdConfig) -> Self {
-        let task = tokio::spawn(run(server, config.clone()));
+    /// Starts watching, reporting to `link`. Must run inside a tokio runtime.
+    pub fn start(link: Link, config: EtcdConfig) -> Self {
+        let task = tokio::spawn(run(link, config.clone()));
         Self {
             writer: EtcdWriter::new(config.clone()),
             config,
@@ -234,12 +249,15 @@ struct Status {
 }
 
 impl Status {
-    fn synced(&self, server: &Server, endpoint: &str, revision: i64, instances: usize) {
-        server.metrics().discovery_sync(true);
-        server.metrics().discovery_stale(false);
+    fn synced(&self, link: &Link, endpoint: &str, revision: i64, instances: usize) {
+        link.metrics.discovery_sync(true);
+        link.metrics.discovery_stale(false);
+        link.status.send_replace(DiscoveryStatus {
+            synced: true,
+            stale: false,
+        });
         if !self.synced_once.swap(true, Ordering::AcqRel) {
             self.stale.store(false, Ordering::Release);
-            server.discovery_ready();
             info!(
                 from = "starting",
                 to = "synced",
@@ -262,11 +280,12 @@ impl Status {
         }
     }
 
-    fn failed(&self, server: &Server, error: &DiscoveryError, listed: bool, retry_in: Duration) {
+    fn failed(&self, link: &Link, error: &DiscoveryError, listed: bool, retry_in: Duration) {
         if !listed {
-            server.metrics().discovery_sync(false);
+            link.metrics.discovery_sync(false);
         }
-        server.metrics().discovery_stale(true);
+        link.metrics.discovery_stale(true);
+        link.status.send_modify(|s| s.stale = true);
         if !self.stale.swap(true, Ordering::AcqRel) {
             let from = if self.synced_once.load(Ordering::Acquire) {
                 "synced"
@@ -278,7 +297,7 @@ impl Status {
                 to = "stale",
                 reason = %error,
                 retry_in = ?retry_in,
-                instances = server.discovered_len(),
+                instances = link.control.status().discovered,
                 "discovery stale: serving the last instance set seen"
             );
         } else {
@@ -287,7 +306,7 @@ impl Status {
     }
 }
 
-async fn run(server: Weak<Server>, config: EtcdConfig) {
+async fn run(link: Link, config: EtcdConfig) {
     let status = Arc::new(Status::default());
     let mut backoff = Backoff::default();
     let endpoints = config.endpoints.join(",");
@@ -309,7 +328,7 @@ async fn run(server: Weak<Server>, config: EtcdConfig) {
             .unwrap_or_default();
         member = member.wrapping_add(1);
         let r = isolated(session(
-            server.clone(),
+            link.clone(),
             config.prefix.clone(),
             endpoint,
             status.clone(),
@@ -318,24 +337,22 @@ async fn run(server: Weak<Server>, config: EtcdConfig) {
         .await;
         let listed = listed.load(Ordering::Acquire);
         let error = match r {
-            Ok(()) => return, // the server is gone
+            Ok(()) => return, // the control task is gone
             Err(e) => e,
         };
         if listed && started.elapsed() >= HEALTHY_SESSION {
             backoff.reset();
         }
         let delay = backoff.delay();
-        let Some(s) = server.upgrade() else { return };
-        status.failed(&s, &error, listed, delay);
-        drop(s);
+        status.failed(&link, &error, listed, delay);
         tokio::time::sleep(delay).await;
     }
 }
 
 /// One connection to one member: list, then watch until something breaks.
-/// `Ok` only when the server is gone.
+/// `Ok` only when the control task is gone.
 async fn session(
-    server: Weak<Server>,
+    link: Link,
     prefix: String,
     endpoint: String,
     status: Arc<Status>,
@@ -356,9 +373,6 @@ async fn session(
     let mut entries = Vec::with_capacity(resp.kvs().len());
     let mut invalid = Vec::new();
     {
-        let Some(server) = server.upgrade() else {
-            return Ok(());
-        };
         for kv in resp.kvs() {
             match parse_put(prefix, kv.key(), kv.value()) {
                 Ok(c) => entries.push(c),
@@ -366,15 +380,21 @@ async fn session(
                     if let BadEntry::Value { service, id, .. } = &e {
                         invalid.push((service.clone(), id.clone()));
                     }
-                    report_bad(&server, &e);
+                    report_bad(&link, &e);
                 }
             }
         }
         drop(resp);
         let n = entries.len();
-        server.apply_discovery(Batch::Full { entries, invalid }, Some(revision));
+        let update = Update {
+            batch: Batch::Full { entries, invalid },
+            revision: Some(revision),
+        };
+        if link.control.discover(update).await.is_err() {
+            return Ok(());
+        }
         listed.store(true, Ordering::Release);
-        status.synced(&server, &endpoints, revision, n);
+        status.synced(&link, &endpoints, revision, n);
     }
 
     let (mut watcher, mut stream) = calls
@@ -443,22 +463,13 @@ async fn session(
             )));
         }
         let revision = msg.header().map(|h| h.revision());
-        let Some(server) = server.upgrade() else {
-            return Ok(());
-        };
-        if msg.events().is_empty() {
-            if let Some(r) = revision {
-                server.discovery_revision(r);
-            }
-            continue;
-        }
         let mut changes = Vec::with_capacity(msg.events().len());
         for ev in msg.events() {
             let Some(kv) = ev.kv() else { continue };
             match ev.event_type() {
                 EventType::Put => match parse_put(prefix, kv.key(), kv.value()) {
                     Ok(c) => changes.push(c),
-                    Err(e) => report_bad(&server, &e),
+                    Err(e) => report_bad(&link, &e),
                 },
                 EventType::Delete => {
                     // A deleted bad key was never applied: nothing to do.
@@ -468,12 +479,19 @@ async fn session(
                 }
             }
         }
-        server.apply_discovery(Batch::Delta(changes), revision);
+        // A progress answer (no events) still moves the revision on.
+        let update = Update {
+            batch: Batch::Delta(changes),
+            revision,
+        };
+        if link.control.discover(update).await.is_err() {
+            return Ok(());
+        }
     }
 }
 
-fn report_bad(server: &Server, e: &BadEntry) {
-    server.metrics().discovery_invalid();
+fn report_bad(link: &Link, e: &BadEntry) {
+    link.metrics.discovery_invalid();
     warn!(key = e.key(), error = %e, reason = "invalid value", "discovery: skipping invalid etcd entry");
 }
 
@@ -569,6 +587,25 @@ impl EtcdWriter {
             Ok((r.deleted() > 0).then(|| r.header().map_or(0, |h| h.revision())))
         })
         .await
+    }
+}
+
+impl SharedStore for EtcdWriter {
+    fn key(&self, service: &str, id: &str) -> String {
+        EtcdWriter::key(self, service, id)
+    }
+
+    fn put<'a>(
+        &'a self,
+        service: &'a str,
+        id: &'a str,
+        spec: &'a InstanceSpec,
+    ) -> StoreFuture<'a, (i64, bool)> {
+        Box::pin(async move { Ok(EtcdWriter::put(self, service, id, spec).await?) })
+    }
+
+    fn delete<'a>(&'a self, service: &'a str, id: &'a str) -> StoreFuture<'a, Option<i64>> {
+        Box::pin(async move { Ok(EtcdWriter::delete(self, service, id).await?) })
     }
 }
 
