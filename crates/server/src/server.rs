@@ -118,7 +118,7 @@ impl Server {
 
     /// Starts serving `config` on a given registry (the demo and tests use
     /// this to watch the registry).
-    pub async fn start_with(
+    pub(crate) async fn start_with(
         config: Config,
         registry: Arc<Registry>,
     ) -> Result<Arc<Server>, ServerError> {
@@ -166,7 +166,7 @@ impl Server {
     }
 
     /// Bound address of each listener, by name.
-    pub fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
+    pub(crate) fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
         self.listeners
             .lock()
             .iter()
@@ -256,7 +256,7 @@ impl Server {
     }
 
     /// The admin endpoint's bound address.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.lock().as_ref().map(|(a, _)| *a)
     }
 

@@ -24,7 +24,6 @@ pub mod error;
 pub mod handlers;
 pub mod status_page;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -123,9 +122,4 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
     {
         tracing::error!(error = %e, "admin endpoint failed");
     }
-}
-
-/// Whether `addr` is a loopback address.
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
 }

@@ -22,12 +22,12 @@ use crate::metrics::Metrics;
 use crate::state::InstanceSpec;
 
 /// How long an instance whose key left keeps finishing in-flight requests.
-pub const DRAIN: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN: Duration = Duration::from_secs(5);
 
 /// Above this many instance changes in one batch, each change is logged at
 /// debug and the batch as one info line (a first sync of 100,000 instances
 /// should not print 100,000 lines).
-pub const LOG_EACH_LIMIT: usize = 1000;
+pub(crate) const LOG_EACH_LIMIT: usize = 1000;
 
 /// One key's change, as the watch reports it.
 #[derive(Debug, Clone, PartialEq)]

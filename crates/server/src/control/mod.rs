@@ -54,7 +54,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use self::discovered::Tracking;
-pub use self::discovered::{Applied, Batch, Change, Discovered, DRAIN, LOG_EACH_LIMIT};
+pub use self::discovered::{Applied, Batch, Change, Discovered};
 pub(crate) use self::layers::Layers;
 use self::layers::Source;
 use crate::config::Config;
@@ -63,7 +63,7 @@ use crate::state::{DynamicState, InstanceSpec};
 
 /// How long an admin write on an etcd-backed node waits for this node's
 /// watch to deliver it before applying it locally.
-pub const OWN_WRITE_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const OWN_WRITE_WAIT: Duration = Duration::from_secs(2);
 
 /// Commands waiting for the task; a full queue makes senders wait.
 const QUEUE: usize = 64;
@@ -97,14 +97,15 @@ pub enum ControlError {
 }
 
 /// An error from a [`SharedStore`].
-pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type StoreError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a [`SharedStore`] call returns.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+pub(crate) type StoreFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Where admin writes go on a node whose instances are discovered (etcd):
 /// every node follows it, so a write there reaches all of them.
-pub trait SharedStore: Send + Sync + std::fmt::Debug {
+pub(crate) trait SharedStore: Send + Sync + std::fmt::Debug {
     /// The key of `service/id` (for log lines).
     fn key(&self, service: &str, id: &str) -> String;
     /// Writes `service/id`; returns the store's revision of the write and
@@ -122,7 +123,7 @@ pub trait SharedStore: Send + Sync + std::fmt::Debug {
 
 /// A discovery update and the etcd revision it brings the node to.
 #[derive(Debug, Clone)]
-pub struct Update {
+pub(crate) struct Update {
     /// What changed.
     pub batch: Batch,
     /// The revision, when known.
@@ -131,7 +132,7 @@ pub struct Update {
 
 /// An admin API registration or removal.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Write {
+pub(crate) enum Write {
     /// Register or update `service/id`.
     Register {
         /// Service name.
@@ -154,7 +155,7 @@ pub enum Write {
 
 /// A change to the desired state.
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// A new, validated config (its services; listeners are the server's).
     Reload(Box<Config>),
     /// A discovery update.
@@ -196,7 +197,7 @@ pub enum Command {
 
 /// What an applied command did.
 #[derive(Debug)]
-pub enum Reply {
+pub(crate) enum Reply {
     /// Applied.
     Done,
     /// A write applied here; `true` when it added an instance.
@@ -209,7 +210,7 @@ pub enum Reply {
 
 /// What the control task publishes after each command.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ControlStatus {
+pub(crate) struct ControlStatus {
     /// The etcd revision this node has applied.
     pub revision: i64,
     /// Discovered instances, every service.
@@ -218,7 +219,7 @@ pub struct ControlStatus {
 
 /// What discovery publishes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DiscoveryStatus {
+pub(crate) struct DiscoveryStatus {
     /// The first full listing was applied (stays true through outages).
     pub synced: bool,
     /// The last attempt failed: serving the last set seen.
@@ -228,7 +229,7 @@ pub struct DiscoveryStatus {
 /// Whether the node takes traffic (`/readyz`): listeners bound, not
 /// draining, and, with dynamic discovery, the first listing applied.
 #[derive(Debug, Clone)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     serving: Arc<AtomicBool>,
     needs_sync: Arc<AtomicBool>,
     discovery: watch::Receiver<DiscoveryStatus>,
@@ -237,7 +238,7 @@ pub struct Readiness {
 impl Readiness {
     /// Not ready until [`serving`](Self::serving); then waits for
     /// `discovery` to sync if `needs_sync`.
-    pub fn new(discovery: watch::Receiver<DiscoveryStatus>) -> Self {
+    pub(crate) fn new(discovery: watch::Receiver<DiscoveryStatus>) -> Self {
         Self {
             serving: Arc::new(AtomicBool::new(false)),
             needs_sync: Arc::new(AtomicBool::new(false)),
@@ -246,24 +247,24 @@ impl Readiness {
     }
 
     /// Listeners bound (`true`) or draining (`false`).
-    pub fn serving(&self, serving: bool) {
+    pub(crate) fn serving(&self, serving: bool) {
         self.serving.store(serving, Ordering::Release);
     }
 
     /// Whether readiness waits for discovery's first listing.
-    pub fn needs_sync(&self, needs: bool) {
+    pub(crate) fn needs_sync(&self, needs: bool) {
         self.needs_sync.store(needs, Ordering::Release);
     }
 
     /// Ready now.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.serving.load(Ordering::Acquire)
             && (!self.needs_sync.load(Ordering::Acquire) || self.discovery.borrow().synced)
     }
 }
 
 /// The desired state and what applies it: owned by the control task.
-pub struct Control {
+pub(crate) struct Control {
     layers: Layers,
     tracking: Tracking,
     registry: Arc<Registry>,
@@ -283,7 +284,7 @@ impl Control {
     /// The control of `registry`, with the dynamic overrides of
     /// `state_file` (an unusable file is reported and moved aside; the node
     /// starts from its config alone).
-    pub fn new(
+    pub(crate) fn new(
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         state_file: Option<PathBuf>,
@@ -316,7 +317,7 @@ impl Control {
 
     /// Starts the task that applies commands; it ends when every handle is
     /// dropped.
-    pub fn spawn(mut self) -> ControlHandle {
+    pub(crate) fn spawn(mut self) -> ControlHandle {
         let (tx, mut rx) = mpsc::channel::<Request>(QUEUE);
         let status = self.status.subscribe();
         tokio::spawn(async move {
@@ -330,7 +331,7 @@ impl Control {
     }
 
     /// Applies one command.
-    pub async fn apply(&mut self, command: Command) -> Result<Reply, ControlError> {
+    pub(crate) async fn apply(&mut self, command: Command) -> Result<Reply, ControlError> {
         match command {
             Command::Reload(config) => self.reload(*config).map(|()| Reply::Done),
             Command::Discovery(update) => Ok(Reply::Applied(self.discover(update))),
@@ -624,14 +625,14 @@ type Request = (Command, oneshot::Sender<Result<Reply, ControlError>>);
 
 /// Sends commands to the control task and awaits their replies.
 #[derive(Debug, Clone)]
-pub struct ControlHandle {
+pub(crate) struct ControlHandle {
     tx: mpsc::Sender<Request>,
     status: watch::Receiver<ControlStatus>,
 }
 
 impl ControlHandle {
     /// Sends `command` and waits until it is applied.
-    pub async fn request(&self, command: Command) -> Result<Reply, ControlError> {
+    pub(crate) async fn request(&self, command: Command) -> Result<Reply, ControlError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send((command, tx))
@@ -641,19 +642,20 @@ impl ControlHandle {
     }
 
     /// The task's last published status.
-    pub fn status(&self) -> ControlStatus {
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn status(&self) -> ControlStatus {
         *self.status.borrow()
     }
 
     /// Applies a new config's services.
-    pub async fn reload(&self, config: Config) -> Result<(), ControlError> {
+    pub(crate) async fn reload(&self, config: Config) -> Result<(), ControlError> {
         self.request(Command::Reload(Box::new(config)))
             .await
             .map(drop)
     }
 
     /// Applies a discovery update.
-    pub async fn discover(&self, update: Update) -> Result<Applied, ControlError> {
+    pub(crate) async fn discover(&self, update: Update) -> Result<Applied, ControlError> {
         match self.request(Command::Discovery(update)).await? {
             Reply::Applied(a) => Ok(a),
             _ => Ok(Applied::default()),
@@ -661,12 +663,15 @@ impl ControlHandle {
     }
 
     /// Sends admin writes to `store` from now on (`None`: apply them here).
-    pub async fn use_store(&self, store: Option<Arc<dyn SharedStore>>) -> Result<(), ControlError> {
+    pub(crate) async fn use_store(
+        &self,
+        store: Option<Arc<dyn SharedStore>>,
+    ) -> Result<(), ControlError> {
         self.request(Command::UseStore(store)).await.map(drop)
     }
 
     /// Registers or updates an instance; `true` when it is new.
-    pub async fn register(
+    pub(crate) async fn register(
         &self,
         service: &str,
         id: &str,
@@ -681,7 +686,7 @@ impl ControlHandle {
     }
 
     /// Drains then removes an instance (at once for a zero drain).
-    pub async fn remove(
+    pub(crate) async fn remove(
         &self,
         service: &str,
         id: &str,
@@ -697,7 +702,7 @@ impl ControlHandle {
     }
 
     /// Changes a service's strategy.
-    pub async fn set_strategy(
+    pub(crate) async fn set_strategy(
         &self,
         service: &str,
         kind: StrategyKind,
@@ -711,7 +716,7 @@ impl ControlHandle {
     }
 
     /// Sets an instance's health score.
-    pub async fn set_health(
+    pub(crate) async fn set_health(
         &self,
         service: &str,
         id: &str,

@@ -47,13 +47,13 @@ use crate::metrics::Metrics;
 use crate::state::InstanceSpec;
 
 /// Deadline of every unary call to etcd (connect, get, put, grant, …).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// A watch quiet this long gets a progress request.
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// First retry delay after an error.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Largest retry delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A session that lasted this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
@@ -147,7 +147,7 @@ impl Calls {
 
 /// Exponential backoff with jitter.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -160,14 +160,14 @@ impl Default for Backoff {
 impl Backoff {
     /// The next delay: the current step jittered to 50–100 %, then the step
     /// doubles (up to [`BACKOFF_MAX`]).
-    pub fn delay(&mut self) -> Duration {
+    pub(crate) fn delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         d.mul_f64(0.5 + 0.5 * fastrand::f64())
     }
 
     /// Back to the first step.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = BACKOFF_MIN;
     }
 }
@@ -195,7 +195,7 @@ async fn isolated<T: Send + 'static>(
 /// A node's etcd discovery: the watch task (stopped when this is dropped)
 /// and the writer for the admin API.
 #[derive(Debug)]
-pub struct EtcdDiscovery {
+pub(crate) struct EtcdDiscovery {
     config: EtcdConfig,
     writer: EtcdWriter,
     task: JoinHandle<()>,
@@ -210,7 +210,7 @@ impl Drop for EtcdDiscovery {
 /// Where discovery reports: updates to the control task, counters to the
 /// metrics, its status on a `watch` channel.
 #[derive(Debug, Clone)]
-pub struct Link {
+pub(crate) struct Link {
     /// The control task.
     pub control: ControlHandle,
     /// The metrics.
@@ -221,7 +221,7 @@ pub struct Link {
 
 impl EtcdDiscovery {
     /// Starts watching, reporting to `link`. Must run inside a tokio runtime.
-    pub fn start(link: Link, config: EtcdConfig) -> Self {
+    pub(crate) fn start(link: Link, config: EtcdConfig) -> Self {
         let task = tokio::spawn(run(link, config.clone()));
         Self {
             writer: EtcdWriter::new(config.clone()),
@@ -231,12 +231,12 @@ impl EtcdDiscovery {
     }
 
     /// The config it runs.
-    pub fn config(&self) -> &EtcdConfig {
+    pub(crate) fn config(&self) -> &EtcdConfig {
         &self.config
     }
 
     /// Writes for the admin API.
-    pub fn writer(&self) -> &EtcdWriter {
+    pub(crate) fn writer(&self) -> &EtcdWriter {
         &self.writer
     }
 }
@@ -499,7 +499,7 @@ fn report_bad(link: &Link, e: &BadEntry) {
 /// it writes have no lease: they stay until deleted (through the admin API
 /// of any node, or `etcdctl del`).
 #[derive(Clone)]
-pub struct EtcdWriter {
+pub(crate) struct EtcdWriter {
     config: EtcdConfig,
     client: Arc<tokio::sync::Mutex<Option<Client>>>,
 }
@@ -514,7 +514,7 @@ impl std::fmt::Debug for EtcdWriter {
 
 impl EtcdWriter {
     /// A writer for `config`; connects on first use.
-    pub fn new(config: EtcdConfig) -> Self {
+    pub(crate) fn new(config: EtcdConfig) -> Self {
         Self {
             config,
             client: Arc::default(),
@@ -522,7 +522,7 @@ impl EtcdWriter {
     }
 
     /// The key of `service/id`.
-    pub fn key(&self, service: &str, id: &str) -> String {
+    pub(crate) fn key(&self, service: &str, id: &str) -> String {
         format!("{}{service}/{id}", self.config.prefix)
     }
 
@@ -552,7 +552,7 @@ impl EtcdWriter {
 
     /// Puts `service/id` (no lease). Returns the revision of the write and
     /// whether the key is new.
-    pub async fn put(
+    pub(crate) async fn put(
         &self,
         service: &str,
         id: &str,
@@ -578,7 +578,11 @@ impl EtcdWriter {
 
     /// Deletes `service/id`. Returns the revision of the delete, or `None`
     /// if there was no such key.
-    pub async fn delete(&self, service: &str, id: &str) -> Result<Option<i64>, DiscoveryError> {
+    pub(crate) async fn delete(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Result<Option<i64>, DiscoveryError> {
         let key = self.key(service, id);
         self.with_client(|mut c, calls| async move {
             let r = calls

@@ -20,7 +20,7 @@
 //!    [`Batch::Delta`] (one snapshot rebuild per service per batch). A put
 //!    registers or updates by id — an existing id keeps its live state
 //!    (health, breaker, connection counts, slow start); a delete drains the
-//!    instance for [`DRAIN`] (in-flight requests finish), then the core
+//!    instance for [`crate::control::DRAIN`] (in-flight requests finish), then the core
 //!    removes it.
 //! 3. **On any error** (connect, list, watch creation, a broken or cancelled
 //!    watch, a compacted revision, no answer to a progress request): the
@@ -59,19 +59,19 @@ pub mod etcd;
 use crate::config::DiscoveryConfig;
 use crate::state::InstanceSpec;
 
-pub use crate::control::{Applied, Batch, Change, Discovered, DRAIN, LOG_EACH_LIMIT};
+pub use crate::control::{Applied, Batch, Change, Discovered};
 
 /// A node's running dynamic discovery (stopped when dropped).
 #[cfg(feature = "etcd")]
-pub type Running = etcd::EtcdDiscovery;
+pub(crate) type Running = etcd::EtcdDiscovery;
 
 /// A node's running dynamic discovery: none in a build without etcd.
 #[cfg(not(feature = "etcd"))]
 #[derive(Debug)]
-pub enum Running {}
+pub(crate) enum Running {}
 
 /// The config a running discovery follows.
-pub fn running_config(r: &Running) -> DiscoveryConfig {
+pub(crate) fn running_config(r: &Running) -> DiscoveryConfig {
     #[cfg(feature = "etcd")]
     {
         DiscoveryConfig::Etcd(r.config().clone())
