@@ -46,7 +46,7 @@ use tracing::{error, info, warn};
 use crate::admin::{AdminAccess, AdminState};
 use crate::config::{Config, DiscoveryConfig, ListenerConfig, Protocol};
 use crate::control::{
-    Batch, Control, ControlError, ControlHandle, DiscoveryStatus, Readiness, Update,
+    Batch, Command, Control, ControlError, ControlHandle, DiscoveryStatus, Readiness, Update,
 };
 use crate::health_check::HealthChecker;
 use crate::metrics::Metrics;
@@ -204,7 +204,7 @@ impl Server {
                 // Admin writes apply here again; every discovered instance
                 // leaves (what the layers below hold comes back).
                 let r = async {
-                    control.use_store(None).await?;
+                    control.send(Command::UseStore(None)).await?;
                     let batch = Batch::Full {
                         entries: Vec::new(),
                         invalid: Vec::new(),
@@ -236,7 +236,7 @@ impl Server {
                 let running = EtcdDiscovery::start(link, c.clone());
                 let store = Arc::new(running.writer().clone());
                 *self.discovery.lock() = Some(running);
-                control.use_store(Some(store)).await
+                control.send(Command::UseStore(Some(store))).await
             }
             #[cfg(not(feature = "etcd"))]
             DiscoveryConfig::Etcd(_) => {
@@ -342,7 +342,9 @@ impl Server {
 
         // 2. Services and instances: the control task's, applied whole
         // (no discovery batch interleaves).
-        self.control.reload(config.clone()).await?;
+        self.control
+            .send(Command::Reload(Box::new(config.clone())))
+            .await?;
 
         // 3. Routing in one store.
         let mut upstreams = HashMap::new();

@@ -105,6 +105,20 @@ impl InstanceSpec {
     }
 }
 
+#[cfg(test)]
+impl InstanceSpec {
+    /// `127.0.0.1:port`, weight 1: the instance unit tests use.
+    pub(crate) fn local(port: u16) -> Self {
+        Self {
+            address: "127.0.0.1".into(),
+            port,
+            weight: 1,
+            zone: None,
+            tags: vec![],
+        }
+    }
+}
+
 impl DynamicState {
     /// Loads `path`. A missing file is an empty state; a corrupt one is moved
     /// aside and reported as [`StateError::Corrupt`].

@@ -13,7 +13,7 @@ use datapunk_lb_core::{InstanceStatus, ServiceStatus, StrategyKind};
 use serde_json::{json, Map, Value};
 
 use super::{AdminError, AdminState};
-use crate::control::ControlError;
+use crate::control::{Command, ControlError, Write};
 use crate::state::InstanceSpec;
 
 /// Default drain for `DELETE` without `?drain=`.
@@ -183,7 +183,12 @@ pub async fn put_instance(
     let spec = parse_spec(&body)?;
     spec.to_instance(&id)
         .map_err(datapunk_lb_core::RegistryError::from)?;
-    let added = s.control.register(&svc, &id, spec).await?;
+    let write = Write::Register {
+        service: svc.clone(),
+        id: id.clone(),
+        spec,
+    };
+    let added = s.control.write(write).await?;
     let status = if added {
         StatusCode::CREATED
     } else {
@@ -204,7 +209,12 @@ pub async fn delete_instance(
         Some(d) => humantime::parse_duration(d)
             .map_err(|e| AdminError::field("drain", format!("invalid duration {d:?}: {e}")))?,
     };
-    s.control.remove(&svc, &id, drain).await?;
+    let write = Write::Remove {
+        service: svc.clone(),
+        id: id.clone(),
+        drain,
+    };
+    s.control.write(write).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(
@@ -228,7 +238,13 @@ pub async fn post_health(
             .ok_or_else(|| AdminError::field("health_score", "must be a number in 0..=1"))?,
         None => return Err(AdminError::field("health_score", "missing field")),
     };
-    s.control.set_health(&svc, &id, score).await?;
+    s.control
+        .send(Command::SetHealth {
+            service: svc.clone(),
+            id: id.clone(),
+            score,
+        })
+        .await?;
     let st = s.registry.instance(&svc, &id)?;
     Ok(Json(instance_json(&st)))
 }
@@ -248,7 +264,12 @@ pub async fn put_strategy(
         Some(_) => return Err(AdminError::field("strategy", "must be a string")),
         None => return Err(AdminError::field("strategy", "missing field")),
     };
-    s.control.set_strategy(&svc, kind).await?;
+    s.control
+        .send(Command::SetStrategy {
+            service: svc.clone(),
+            kind,
+        })
+        .await?;
     Ok(Json(json!({ "service": svc, "strategy": kind.as_str() })))
 }
 

@@ -96,6 +96,13 @@ impl Layers {
         self.config.contains_key(service)
     }
 
+    /// Whether the config file has `service/id`.
+    pub(crate) fn in_config(&self, service: &str, id: &str) -> bool {
+        self.config_index
+            .get(service)
+            .is_some_and(|ids| ids.contains_key(id))
+    }
+
     /// The rule: what `service/id` should be in the registry, and from which
     /// layer; `None` when no layer wants it.
     pub(crate) fn resolve(&self, service: &str, id: &str) -> Option<(Source, ServiceInstance)> {
@@ -168,16 +175,6 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    pub(crate) fn spec(port: u16) -> InstanceSpec {
-        InstanceSpec {
-            address: "127.0.0.1".into(),
-            port,
-            weight: 1,
-            zone: None,
-            tags: vec![],
-        }
-    }
-
     fn layers() -> Layers {
         let c = Config::parse(
             "[[listener]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nservice = \"api\"\n[service.api]\n[[service.api.instance]]\nid = \"a\"\naddress = \"127.0.0.1\"\nport = 1\n[[service.api.instance]]\nid = \"b\"\naddress = \"127.0.0.1\"\nport = 2\n",
@@ -199,12 +196,12 @@ mod tests {
         l.dynamic
             .service_mut("api")
             .instances
-            .insert("a".into(), spec(10));
+            .insert("a".into(), InstanceSpec::local(10));
         assert_eq!(port(&l, "a"), Some((Source::Dynamic, 10)));
         l.discovered
             .entry("api".into())
             .or_default()
-            .insert("a".into(), spec(20));
+            .insert("a".into(), InstanceSpec::local(20));
         assert_eq!(port(&l, "a"), Some((Source::Discovered, 20)));
         // The key leaves: the override comes back, not the config's version.
         l.discovered.clear();
@@ -221,7 +218,7 @@ mod tests {
         l.discovered
             .entry("api".into())
             .or_default()
-            .insert("b".into(), spec(30));
+            .insert("b".into(), InstanceSpec::local(30));
         assert_eq!(port(&l, "b"), Some((Source::Discovered, 30)));
         l.discovered.clear();
         assert_eq!(port(&l, "b"), None, "the key left: the removal holds");

@@ -153,6 +153,60 @@ pub(crate) enum Write {
     },
 }
 
+impl Write {
+    /// `(service, id)`.
+    pub(crate) fn key(&self) -> (&str, &str) {
+        match self {
+            Write::Register { service, id, .. } | Write::Remove { service, id, .. } => {
+                (service.as_str(), id.as_str())
+            }
+        }
+    }
+}
+
+/// Logs an applied admin write: here, or in the shared store with its key
+/// and revision.
+fn log_write(write: &Write, added: bool, stored: Option<(String, i64)>) {
+    let (key, revision) = stored.map_or((None, None), |(k, r)| (Some(k), Some(r)));
+    let in_store = key.is_some();
+    match write {
+        Write::Register { service, id, spec } => info!(
+            service = service.as_str(),
+            instance = id.as_str(),
+            address = spec.address.as_str(),
+            port = spec.port,
+            weight = spec.weight,
+            from = if added { "absent" } else { "registered" },
+            to = "registered",
+            reason = if in_store {
+                "admin API, written to etcd"
+            } else {
+                "admin API"
+            },
+            key,
+            revision,
+            "{}",
+            if in_store {
+                "instance written to etcd"
+            } else {
+                "instance registered"
+            }
+        ),
+        Write::Remove { service, id, drain } => info!(
+            service = service.as_str(),
+            instance = id.as_str(),
+            from = "registered",
+            to = drained_to(*drain),
+            reason = if in_store { "admin API, deleted from etcd" } else { "admin API" },
+            key,
+            revision,
+            drain = ?drain,
+            "{}",
+            if in_store { "instance deleted from etcd" } else { "instance drain" }
+        ),
+    }
+}
+
 /// A change to the desired state.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -481,32 +535,16 @@ impl Control {
                 let svc = self.layers.dynamic.service_mut(service);
                 svc.removed.remove(id);
                 svc.instances.insert(id.clone(), spec.clone());
-                let added = match self.converge(service, id, Duration::ZERO)? {
+                match self.converge(service, id, Duration::ZERO)? {
                     Converged::Registered(r) => r == Registered::Added,
                     Converged::Drained(_) => false,
-                };
-                info!(
-                    service = service.as_str(),
-                    instance = id.as_str(),
-                    address = spec.address.as_str(),
-                    port = spec.port,
-                    weight = spec.weight,
-                    from = if added { "absent" } else { "registered" },
-                    to = "registered",
-                    reason = "admin API",
-                    "instance registered"
-                );
-                added
+                }
             }
             Write::Remove { service, id, drain } => {
                 // Unknown here: 404, nothing changed.
                 self.registry.instance(service, id)?;
                 self.tracking.clear_drain_override(service, id);
-                let in_config = self
-                    .layers
-                    .config()
-                    .get(service)
-                    .is_some_and(|s| s.instances.iter().any(|i| i.id().as_str() == id));
+                let in_config = self.layers.in_config(service, id);
                 let svc = self.layers.dynamic.service_mut(service);
                 svc.instances.remove(id);
                 if in_config {
@@ -515,10 +553,10 @@ impl Control {
                 if let Converged::Drained(events) = self.converge(service, id, *drain)? {
                     self.metrics.report(events);
                 }
-                info!(service = service.as_str(), instance = id.as_str(), from = "registered", to = "draining", reason = "admin API", drain = ?drain, "instance drain");
                 false
             }
         };
+        log_write(&write, added, None);
         self.persist().await?;
         Ok(added)
     }
@@ -647,11 +685,10 @@ impl ControlHandle {
         *self.status.borrow()
     }
 
-    /// Applies a new config's services.
-    pub(crate) async fn reload(&self, config: Config) -> Result<(), ControlError> {
-        self.request(Command::Reload(Box::new(config)))
-            .await
-            .map(drop)
+    /// Sends `command` and waits until it is applied, for commands whose
+    /// reply carries nothing.
+    pub(crate) async fn send(&self, command: Command) -> Result<(), ControlError> {
+        self.request(command).await.map(drop)
     }
 
     /// Applies a discovery update.
@@ -662,78 +699,9 @@ impl ControlHandle {
         }
     }
 
-    /// Sends admin writes to `store` from now on (`None`: apply them here).
-    pub(crate) async fn use_store(
-        &self,
-        store: Option<Arc<dyn SharedStore>>,
-    ) -> Result<(), ControlError> {
-        self.request(Command::UseStore(store)).await.map(drop)
-    }
-
-    /// Registers or updates an instance; `true` when it is new.
-    pub(crate) async fn register(
-        &self,
-        service: &str,
-        id: &str,
-        spec: InstanceSpec,
-    ) -> Result<bool, ControlError> {
-        self.write(Write::Register {
-            service: service.to_owned(),
-            id: id.to_owned(),
-            spec,
-        })
-        .await
-    }
-
-    /// Drains then removes an instance (at once for a zero drain).
-    pub(crate) async fn remove(
-        &self,
-        service: &str,
-        id: &str,
-        drain: Duration,
-    ) -> Result<(), ControlError> {
-        self.write(Write::Remove {
-            service: service.to_owned(),
-            id: id.to_owned(),
-            drain,
-        })
-        .await
-        .map(drop)
-    }
-
-    /// Changes a service's strategy.
-    pub(crate) async fn set_strategy(
-        &self,
-        service: &str,
-        kind: StrategyKind,
-    ) -> Result<(), ControlError> {
-        self.request(Command::SetStrategy {
-            service: service.to_owned(),
-            kind,
-        })
-        .await
-        .map(drop)
-    }
-
-    /// Sets an instance's health score.
-    pub(crate) async fn set_health(
-        &self,
-        service: &str,
-        id: &str,
-        score: f64,
-    ) -> Result<(), ControlError> {
-        self.request(Command::SetHealth {
-            service: service.to_owned(),
-            id: id.to_owned(),
-            score,
-        })
-        .await
-        .map(drop)
-    }
-
     /// An admin write: applied by the task, or delegated to the shared store
-    /// (the task decides).
-    async fn write(&self, write: Write) -> Result<bool, ControlError> {
+    /// (the task decides); `true` when it added an instance.
+    pub(crate) async fn write(&self, write: Write) -> Result<bool, ControlError> {
         let command = Command::Write {
             write: write.clone(),
             local: false,
@@ -751,56 +719,33 @@ impl ControlHandle {
         store: &dyn SharedStore,
         write: Write,
     ) -> Result<bool, ControlError> {
-        let (revision, change, created) = match write {
-            Write::Register { service, id, spec } => {
-                let (revision, created) = store
-                    .put(&service, &id, &spec)
-                    .await
-                    .map_err(ControlError::Store)?;
-                info!(
-                    service = service.as_str(),
-                    instance = id.as_str(),
-                    address = spec.address.as_str(),
-                    port = spec.port,
-                    weight = spec.weight,
-                    from = if created { "absent" } else { "registered" },
-                    to = "registered",
-                    reason = "admin API, written to etcd",
-                    key = store.key(&service, &id),
-                    revision,
-                    "instance written to etcd"
-                );
-                (revision, Change::Put { service, id, spec }, created)
-            }
-            Write::Remove { service, id, drain } => {
-                let revision = match store.delete(&service, &id).await {
-                    Ok(Some(r)) => r,
-                    // No key: a config or admin API instance of this node.
-                    Ok(None) => {
-                        let write = Write::Remove { service, id, drain };
-                        return match self.request(Command::Write { write, local: true }).await? {
-                            Reply::Written(added) => Ok(added),
-                            _ => Ok(false),
-                        };
-                    }
-                    Err(e) => {
-                        self.request(Command::CancelDrain { service, id }).await?;
-                        return Err(ControlError::Store(e));
-                    }
-                };
-                info!(
-                    service = service.as_str(),
-                    instance = id.as_str(),
-                    from = "registered",
-                    to = "draining",
-                    reason = "admin API, deleted from etcd",
-                    key = store.key(&service, &id),
-                    revision,
-                    drain = ?drain,
-                    "instance deleted from etcd"
-                );
-                (revision, Change::Delete { service, id }, false)
-            }
+        let (revision, created) = match &write {
+            Write::Register { service, id, spec } => store
+                .put(service, id, spec)
+                .await
+                .map_err(ControlError::Store)?,
+            Write::Remove { service, id, .. } => match store.delete(service, id).await {
+                Ok(Some(revision)) => (revision, false),
+                // No key: a config or admin API instance of this node.
+                Ok(None) => {
+                    let local = Command::Write { write, local: true };
+                    return match self.request(local).await? {
+                        Reply::Written(added) => Ok(added),
+                        _ => Ok(false),
+                    };
+                }
+                Err(e) => {
+                    let (service, id) = (service.clone(), id.clone());
+                    self.request(Command::CancelDrain { service, id }).await?;
+                    return Err(ControlError::Store(e));
+                }
+            },
+        };
+        let (service, id) = write.key();
+        log_write(&write, created, Some((store.key(service, id), revision)));
+        let change = match write {
+            Write::Register { service, id, spec } => Change::Put { service, id, spec },
+            Write::Remove { service, id, .. } => Change::Delete { service, id },
         };
         self.ensure_applied(revision, change).await?;
         Ok(created)

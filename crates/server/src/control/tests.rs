@@ -15,21 +15,11 @@ fn config(text: &str) -> Config {
     Config::parse(text).unwrap()
 }
 
-fn spec(port: u16) -> InstanceSpec {
-    InstanceSpec {
-        address: "127.0.0.1".into(),
-        port,
-        weight: 1,
-        zone: None,
-        tags: vec![],
-    }
-}
-
 fn put(id: &str, port: u16) -> Change {
     Change::Put {
         service: "api".into(),
         id: id.into(),
-        spec: spec(port),
+        spec: InstanceSpec::local(port),
     }
 }
 
@@ -62,7 +52,7 @@ fn register(id: &str, port: u16) -> Command {
         write: Write::Register {
             service: "api".into(),
             id: id.into(),
-            spec: spec(port),
+            spec: InstanceSpec::local(port),
         },
         local: false,
     }
@@ -247,7 +237,7 @@ async fn refusals_are_typed() {
         write: Write::Register {
             service: "nope".into(),
             id: "x".into(),
-            spec: spec(1),
+            spec: InstanceSpec::local(1),
         },
         local: false,
     };
@@ -319,17 +309,30 @@ async fn with_a_store_admin_writes_go_there_and_apply_here_when_the_watch_is_beh
     let (c, reg) = control().await;
     let handle = c.spawn();
     let store = Arc::new(Behind::default());
-    handle.use_store(Some(store.clone())).await.unwrap();
+    handle
+        .send(Command::UseStore(Some(store.clone())))
+        .await
+        .unwrap();
 
     // Written to the store; the watch never delivers it, so after
     // OWN_WRITE_WAIT it is applied here as a discovered instance.
-    assert!(handle.register("api", "n", spec(9)).await.unwrap());
+    let n = Write::Register {
+        service: "api".into(),
+        id: "n".into(),
+        spec: InstanceSpec::local(9),
+    };
+    assert!(handle.write(n).await.unwrap());
     assert_eq!(store.writes.lock().as_slice(), ["put api/n"]);
     assert_eq!(serving_port(&reg, "n"), Some(9));
     assert_eq!(handle.status().discovered, 1);
 
     // A removal with no key in the store is applied here.
-    handle.remove("api", "a", Duration::ZERO).await.unwrap();
+    let a = Write::Remove {
+        service: "api".into(),
+        id: "a".into(),
+        drain: Duration::ZERO,
+    };
+    handle.write(a).await.unwrap();
     assert_eq!(
         store.writes.lock().as_slice(),
         ["put api/n", "delete api/a"]
@@ -337,8 +340,13 @@ async fn with_a_store_admin_writes_go_there_and_apply_here_when_the_watch_is_beh
     assert!(reg.instance("api", "a").is_err());
 
     // Back to no store: writes apply here at once.
-    handle.use_store(None).await.unwrap();
-    assert!(handle.register("api", "m", spec(3)).await.unwrap());
+    handle.send(Command::UseStore(None)).await.unwrap();
+    let m = Write::Register {
+        service: "api".into(),
+        id: "m".into(),
+        spec: InstanceSpec::local(3),
+    };
+    assert!(handle.write(m).await.unwrap());
     assert_eq!(store.writes.lock().len(), 2);
     assert_eq!(serving_port(&reg, "m"), Some(3));
 }
@@ -347,13 +355,11 @@ async fn with_a_store_admin_writes_go_there_and_apply_here_when_the_watch_is_beh
 async fn a_store_removal_drains_for_the_admin_time_when_the_key_leaves() {
     let (c, reg) = control().await;
     let handle = c.spawn();
-    handle
-        .use_store(Some(Arc::new(Behind {
-            has_key: true,
-            ..Behind::default()
-        })))
-        .await
-        .unwrap();
+    let store = Arc::new(Behind {
+        has_key: true,
+        ..Behind::default()
+    });
+    handle.send(Command::UseStore(Some(store))).await.unwrap();
     handle
         .discover(Update {
             batch: Batch::Delta(vec![put("k", 4)]),
@@ -364,6 +370,11 @@ async fn a_store_removal_drains_for_the_admin_time_when_the_key_leaves() {
     assert_eq!(handle.status().revision, 5);
     // The delete's revision (8) never arrives: applied here with the
     // admin's zero drain, not DRAIN.
-    handle.remove("api", "k", Duration::ZERO).await.unwrap();
+    let k = Write::Remove {
+        service: "api".into(),
+        id: "k".into(),
+        drain: Duration::ZERO,
+    };
+    handle.write(k).await.unwrap();
     assert!(reg.instance("api", "k").is_err(), "removed at once");
 }

@@ -158,16 +158,6 @@ mod tests {
 
     const P: &str = "/datapunk/services/";
 
-    fn spec(port: u16) -> InstanceSpec {
-        InstanceSpec {
-            address: "127.0.0.1".into(),
-            port,
-            weight: 1,
-            zone: None,
-            tags: vec![],
-        }
-    }
-
     #[test]
     fn keys_and_values_are_checked() {
         assert_eq!(
@@ -220,7 +210,7 @@ mod tests {
         Change::Put {
             service: "api".into(),
             id: id.into(),
-            spec: spec(port),
+            spec: InstanceSpec::local(port),
         }
     }
 
@@ -287,7 +277,7 @@ mod tests {
             Batch::Delta(vec![Change::Put {
                 service: "nope".into(),
                 id: "x".into(),
-                spec: spec(1),
+                spec: InstanceSpec::local(1),
             }]),
             &reg,
             &svcs,
