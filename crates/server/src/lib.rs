@@ -6,14 +6,14 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`admin`] | the admin API, `/metrics`, the status page, health endpoints |
+//! | `admin` | the admin API, `/metrics`, the status page, health endpoints |
 //! | [`cli`] | the command line |
 //! | [`config`] | the TOML file: strict parsing, validation with key and line |
-//! | [`control`] | the desired state (config < admin API < etcd), its one precedence rule, and the task that applies every change |
-//! | [`discovery`] | etcd discovery: list, watch, resync, sent to [`control`]; the `register` sidecar |
+//! | `control` | the desired state (config < admin API < etcd), its one precedence rule, and the task that applies every change |
+//! | [`discovery`] | etcd discovery: list, watch, resync, sent to `control`; the `register` sidecar |
 //! | [`server`] | lifecycle: listeners, start, reload (SIGHUP), drain (SIGTERM), readiness |
-//! | [`proxy`] | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
-//! | [`health_check`] | active HTTP/TCP checks with spread, backoff and a bound |
+//! | `proxy` | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
+//! | `health_check` | active HTTP/TCP checks with spread, backoff and a bound |
 //! | [`metrics`] | every Prometheus metric of the SPEC |
 //! | [`state`] | the state file: admin API changes that survive restarts |
 //! | [`telemetry`] | tracing setup; core events as structured log lines |

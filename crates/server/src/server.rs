@@ -1,7 +1,7 @@
 //! The running balancer's lifecycle: binds listeners, starts the control
 //! task, the admin endpoint and discovery, reloads, and drains. It changes
 //! no instance itself: every change to the desired state is a command to
-//! [`crate::control`].
+//! `crate::control`.
 //!
 //! ## Reload (SIGHUP)
 //!
@@ -21,7 +21,7 @@
 //! ([`crate::discovery`]), which sends what it sees to the control task;
 //! `/readyz` waits for its first sync. What the registry holds, and the
 //! precedence of the config, the admin API and etcd, is the control
-//! module's ([`crate::control`]); so is where admin writes go on an
+//! module's (`crate::control`); so is where admin writes go on an
 //! etcd-backed node.
 //!
 //! ## Drain (SIGTERM, SIGINT)

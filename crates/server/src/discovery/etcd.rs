@@ -1,6 +1,6 @@
 //! etcd discovery (built with the `etcd` cargo feature, on by default): the
-//! watch loop of a balancer node ([`EtcdDiscovery`]), the writes of the
-//! admin API on an etcd-backed node ([`EtcdWriter`]) and the
+//! watch loop of a balancer node (`EtcdDiscovery`), the writes of the
+//! admin API on an etcd-backed node (`EtcdWriter`) and the
 //! `datapunk-lb register` sidecar ([`register`]).
 //!
 //! The node follows the rule in [`crate::discovery`]: list the prefix at
@@ -9,11 +9,11 @@
 //! reconnect with a fresh client to the next member, re-list and re-watch.
 //! Each attempt talks to one member (the first one chosen at random, so
 //! nodes spread over the cluster). A watch that is quiet for
-//! [`PROGRESS_EVERY`] gets a progress request and the member a linearizable
+//! `PROGRESS_EVERY` gets a progress request and the member a linearizable
 //! read: a failed read (the member lost the quorum, so its watch would miss
-//! changes) or no progress answer within another [`PROGRESS_EVERY`] (a dead
+//! changes) or no progress answer within another `PROGRESS_EVERY` (a dead
 //! stream or half-open connection) counts as a broken watch. Every call to
-//! etcd has a deadline ([`CALL_TIMEOUT`]); HTTP/2 keep-alives run every 5 s.
+//! etcd has a deadline (`CALL_TIMEOUT`); HTTP/2 keep-alives run every 5 s.
 //!
 //! Each attempt runs in its own task: a panic inside the etcd client (it
 //! asserts on some server answers) becomes one more error to back off from,
@@ -115,7 +115,7 @@ impl Calls {
         }
     }
 
-    /// Runs an etcd call with [`CALL_TIMEOUT`].
+    /// Runs an etcd call with `CALL_TIMEOUT`.
     async fn call<T>(
         &self,
         what: &'static str,

@@ -20,7 +20,7 @@
 //!    [`Batch::Delta`] (one snapshot rebuild per service per batch). A put
 //!    registers or updates by id — an existing id keeps its live state
 //!    (health, breaker, connection counts, slow start); a delete drains the
-//!    instance for [`crate::control::DRAIN`] (in-flight requests finish), then the core
+//!    instance for `crate::control::DRAIN` (in-flight requests finish), then the core
 //!    removes it.
 //! 3. **On any error** (connect, list, watch creation, a broken or cancelled
 //!    watch, a compacted revision, no answer to a progress request): the
@@ -40,7 +40,7 @@
 //! Readiness (`/readyz`) waits for the first successful list, then stays
 //! ready through outages. An instance with the id of a config or admin API
 //! instance overrides it while its key exists; when the key goes, what the
-//! layers below say comes back (see [`crate::control`]): the admin API's
+//! layers below say comes back (see `crate::control`): the admin API's
 //! registration, else the config's instance unless the admin API removed
 //! it, else the instance drains.
 //!
@@ -48,10 +48,10 @@
 //!
 //! Discovery only reads etcd and reports: it parses keys and values here,
 //! sends each listing or watch response to the control task as a
-//! [`crate::control::Update`] (with the etcd revision) and publishes its
-//! [`crate::control::DiscoveryStatus`]. It never touches the registry or
+//! `crate::control::Update` (with the etcd revision) and publishes its
+//! `crate::control::DiscoveryStatus`. It never touches the registry or
 //! the server; the discovered set and how it merges with the config and
-//! the admin API live in [`crate::control`].
+//! the admin API live in `crate::control`.
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
