@@ -227,16 +227,18 @@ impl Server {
             }
             #[cfg(feature = "etcd")]
             DiscoveryConfig::Etcd(c) => {
-                use crate::discovery::etcd::{EtcdDiscovery, Link};
+                use crate::discovery::etcd::{EtcdDiscovery, EtcdWriter, Link};
+                // The store first: its revision starts at 0 before the new
+                // watch's first listing can move it.
+                let store = Arc::new(EtcdWriter::new(c.clone()));
+                let r = control.send(Command::UseStore(Some(store))).await;
                 let link = Link {
                     control: control.clone(),
                     metrics: self.metrics.clone(),
                     status: self.discovery_status.clone(),
                 };
-                let running = EtcdDiscovery::start(link, c.clone());
-                let store = Arc::new(running.writer().clone());
-                *self.discovery.lock() = Some(running);
-                control.send(Command::UseStore(Some(store))).await
+                *self.discovery.lock() = Some(EtcdDiscovery::start(link, c.clone()));
+                r
             }
             #[cfg(not(feature = "etcd"))]
             DiscoveryConfig::Etcd(_) => {

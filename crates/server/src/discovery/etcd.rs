@@ -1,7 +1,7 @@
 //! etcd discovery (built with the `etcd` cargo feature, on by default): the
 //! watch loop of a balancer node (`EtcdDiscovery`), the writes of the
-//! admin API on an etcd-backed node (`EtcdWriter`) and the
-//! `datapunk-lb register` sidecar ([`register`]).
+//! admin API on an etcd-backed node (`EtcdWriter`, the control module's
+//! shared store) and the `datapunk-lb register` sidecar ([`register`]).
 //!
 //! The node follows the rule in [`crate::discovery`]: list the prefix at
 //! revision `R`, watch from `R + 1`, and on any error mark discovery stale,
@@ -192,12 +192,10 @@ async fn isolated<T: Send + 'static>(
     }
 }
 
-/// A node's etcd discovery: the watch task (stopped when this is dropped)
-/// and the writer for the admin API.
+/// A node's etcd discovery: the watch task (stopped when this is dropped).
 #[derive(Debug)]
 pub(crate) struct EtcdDiscovery {
     config: EtcdConfig,
-    writer: EtcdWriter,
     task: JoinHandle<()>,
 }
 
@@ -212,32 +210,23 @@ impl Drop for EtcdDiscovery {
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
     /// The control task.
-    pub control: ControlHandle,
+    pub(crate) control: ControlHandle,
     /// The metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Where the status is published (kept across restarts of discovery).
-    pub status: Arc<watch::Sender<DiscoveryStatus>>,
+    pub(crate) status: Arc<watch::Sender<DiscoveryStatus>>,
 }
 
 impl EtcdDiscovery {
     /// Starts watching, reporting to `link`. Must run inside a tokio runtime.
     pub(crate) fn start(link: Link, config: EtcdConfig) -> Self {
         let task = tokio::spawn(run(link, config.clone()));
-        Self {
-            writer: EtcdWriter::new(config.clone()),
-            config,
-            task,
-        }
+        Self { config, task }
     }
 
     /// The config it runs.
     pub(crate) fn config(&self) -> &EtcdConfig {
         &self.config
-    }
-
-    /// Writes for the admin API.
-    pub(crate) fn writer(&self) -> &EtcdWriter {
-        &self.writer
     }
 }
 
