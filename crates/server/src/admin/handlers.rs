@@ -46,7 +46,8 @@ impl From<ControlError> for AdminError {
             ControlError::Service { .. }
             | ControlError::Persist(_)
             | ControlError::Store(_)
-            | ControlError::Stopped => AdminError::Internal(e.to_string()),
+            | ControlError::Stopped
+            | ControlError::Panicked(_) => AdminError::Internal(e.to_string()),
         }
     }
 }

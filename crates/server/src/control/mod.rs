@@ -94,6 +94,9 @@ pub enum ControlError {
     /// The control task has stopped (the server is shutting down).
     #[error("the control task has stopped")]
     Stopped,
+    /// Applying the command panicked (a bug; the task goes on).
+    #[error("applying the change panicked: {0}")]
+    Panicked(String),
 }
 
 /// An error from a [`SharedStore`].
@@ -376,7 +379,14 @@ impl Control {
         let status = self.status.subscribe();
         tokio::spawn(async move {
             while let Some((command, reply)) = rx.recv().await {
-                let r = self.apply(command).await;
+                // A panic fails this command, not the task: discovery,
+                // reloads and the admin API keep going.
+                let r = CatchPanic(Box::pin(self.apply(command)))
+                    .await
+                    .unwrap_or_else(|panic| {
+                        error!(panic = panic.as_str(), "control command panicked");
+                        Err(ControlError::Panicked(panic))
+                    });
                 // The sender may have stopped waiting; the change stands.
                 let _ = reply.send(r);
             }
@@ -656,6 +666,32 @@ fn drained_to(drain: Duration) -> &'static str {
         "removed"
     } else {
         "draining"
+    }
+}
+
+/// Polls a future, turning a panic into `Err` with its message.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                std::task::Poll::Ready(Err(message))
+            }
+        }
     }
 }
 

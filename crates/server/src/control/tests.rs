@@ -378,3 +378,15 @@ async fn a_store_removal_drains_for_the_admin_time_when_the_key_leaves() {
     handle.write(k).await.unwrap();
     assert!(reg.instance("api", "k").is_err(), "removed at once");
 }
+
+#[tokio::test]
+async fn a_panic_while_applying_becomes_an_error() {
+    let ok = CatchPanic(Box::pin(async { 7 })).await;
+    assert_eq!(ok, Ok(7));
+    let failed = CatchPanic(Box::pin(async {
+        tokio::task::yield_now().await;
+        panic!("boom")
+    }))
+    .await;
+    assert_eq!(failed, Err::<(), _>("boom".to_owned()));
+}
