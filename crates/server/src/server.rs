@@ -1,27 +1,28 @@
-//! The running balancer: binds listeners, keeps routing and the registry
-//! in step with the config, reloads, and drains.
+//! The running balancer's lifecycle: binds listeners, starts the control
+//! task, the admin endpoint and discovery, reloads, and drains. It changes
+//! no instance itself: every change to the desired state is a command to
+//! `crate::control`.
 //!
 //! ## Reload (SIGHUP)
 //!
 //! A new file is validated first ([`Config::load`]); an invalid one is
 //! rejected with its reasons and nothing changes. A valid one is applied in
 //! an order that never drops a request: new listeners are bound (if any bind
-//! fails, the reload is rejected before anything else changed); services are
-//! configured and instances registered by id, so health, breakers and
-//! connection counts carry over; routing is swapped in one store; instances
-//! and services no longer in the file are removed (requests in flight on them
-//! finish); listeners no longer in the file stop accepting; health checks
-//! restart on the new schedule.
+//! fails, the reload is rejected before anything else changed); the control
+//! task configures services and registers instances by id, so health,
+//! breakers and connection counts carry over, and removes instances and
+//! services no longer wanted (requests in flight on them finish); routing is
+//! swapped in one store; listeners no longer in the file stop accepting;
+//! health checks restart on the new schedule.
 //!
 //! ## Discovery
 //!
-//! With `[discovery] kind = "etcd"` the node also keeps the instances it
-//! discovers ([`crate::discovery`]): they are registered next to the
-//! config's (a discovered id overrides a config instance with the same id),
-//! kept across reloads, and `/readyz` waits for the first etcd sync. Admin
-//! API registrations and removals on such a node are written to etcd, so
-//! every node applies them; the answer comes once this node has applied its
-//! own write (or after 2 s, applying it locally then).
+//! With `[discovery] kind = "etcd"` the server starts discovery
+//! ([`crate::discovery`]), which sends what it sees to the control task;
+//! `/readyz` waits for its first sync. What the registry holds, and the
+//! precedence of the config, the admin API and etcd, is the control
+//! module's (`crate::control`); so is where admin writes go on an
+//! etcd-backed node.
 //!
 //! ## Drain (SIGTERM, SIGINT)
 //!
@@ -30,26 +31,27 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
-use datapunk_lb_core::{Event, Registry, RegistryError, StrategyKind};
+use arc_swap::ArcSwap;
+use datapunk_lb_core::Registry;
 use parking_lot::Mutex;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::admin::{AdminError, AdminState};
+use crate::admin::{AdminAccess, AdminState};
 use crate::config::{Config, DiscoveryConfig, ListenerConfig, Protocol};
-use crate::discovery::{Applied, Batch, Discovered};
+use crate::control::{
+    Batch, Command, Control, ControlError, ControlHandle, DiscoveryStatus, Readiness, Update,
+};
 use crate::health_check::HealthChecker;
 use crate::metrics::Metrics;
 use crate::proxy::http::{ConnTracker, HttpContext, UpstreamClients};
 use crate::proxy::{RetryBudget, Routing, Upstream};
-use crate::state::{DynamicState, InstanceSpec};
 
 /// Why the server could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -70,14 +72,9 @@ pub enum ServerError {
     /// The admin token could not be read.
     #[error("admin token: {0}")]
     Token(String),
-    /// The core refused a service or instance.
-    #[error("service {service}: {source}")]
-    Registry {
-        /// Service name.
-        service: String,
-        /// The core's error.
-        source: datapunk_lb_core::RegistryError,
-    },
+    /// The control task refused the config.
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 struct RunningListener {
@@ -89,6 +86,7 @@ struct RunningListener {
 /// A running balancer.
 pub struct Server {
     registry: Arc<Registry>,
+    control: ControlHandle,
     routing: Arc<ArcSwap<Routing>>,
     config: Mutex<Config>,
     listeners: Mutex<HashMap<String, RunningListener>>,
@@ -96,26 +94,15 @@ pub struct Server {
     connections: ConnTracker,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     metrics: Arc<Metrics>,
-    dynamic: tokio::sync::Mutex<DynamicState>,
-    state_file: Option<PathBuf>,
-    token: ArcSwapOption<String>,
-    metrics_auth: AtomicBool,
-    ready: AtomicBool,
+    access: Arc<AdminAccess>,
+    readiness: Readiness,
     admin: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    me: Weak<Server>,
-    /// Discovered instances; also held by `apply` so a reload and a
-    /// discovery batch never interleave.
-    discovered: Mutex<Discovered>,
     discovery: Mutex<Option<crate::discovery::Running>>,
-    /// The etcd revision this node has applied.
-    discovery_rev: watch::Sender<i64>,
+    /// Where discovery publishes its status; kept across its restarts, so a
+    /// node stays ready while a changed discovery reconnects.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    discovery_status: Arc<watch::Sender<DiscoveryStatus>>,
 }
-
-/// How long an admin API write on an etcd-backed node waits for this node's
-/// watch to deliver it before applying it locally.
-#[cfg(feature = "etcd")]
-const OWN_WRITE_WAIT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -131,29 +118,18 @@ impl Server {
 
     /// Starts serving `config` on a given registry (the demo and tests use
     /// this to watch the registry).
-    pub async fn start_with(
+    pub(crate) async fn start_with(
         config: Config,
         registry: Arc<Registry>,
     ) -> Result<Arc<Server>, ServerError> {
         let state_file = config.admin.state_file.as_ref().map(PathBuf::from);
-        let dynamic = match &state_file {
-            None => DynamicState::default(),
-            Some(path) => match DynamicState::load(path) {
-                Ok(s) => {
-                    if !s.services.is_empty() {
-                        info!(state_file = %path.display(), services = s.services.len(), "restored dynamic state");
-                    }
-                    s
-                }
-                Err(e) => {
-                    error!(state_file = %path.display(), error = %e, "state file unusable; starting from the config alone");
-                    DynamicState::default()
-                }
-            },
-        };
         let metrics = Arc::new(Metrics::new(registry.clone()));
-        let server = Arc::new_cyclic(|me| Server {
+        let control = Control::new(registry.clone(), metrics.clone(), state_file).spawn();
+        let discovery_status = Arc::new(watch::Sender::new(DiscoveryStatus::default()));
+        let readiness = Readiness::new(discovery_status.subscribe());
+        let server = Arc::new(Server {
             registry,
+            control,
             routing: Arc::new(ArcSwap::from_pointee(Routing::default())),
             config: Mutex::new(config.clone()),
             listeners: Mutex::new(HashMap::new()),
@@ -161,26 +137,21 @@ impl Server {
             connections: ConnTracker::default(),
             budgets: Mutex::new(HashMap::new()),
             metrics,
-            dynamic: tokio::sync::Mutex::new(dynamic),
-            state_file,
-            token: ArcSwapOption::empty(),
-            metrics_auth: AtomicBool::new(false),
-            ready: AtomicBool::new(false),
+            access: Arc::new(AdminAccess::default()),
+            readiness,
             admin: Mutex::new(None),
-            me: me.clone(),
-            discovered: Mutex::new(Discovered::default()),
             discovery: Mutex::new(None),
-            discovery_rev: watch::Sender::new(0),
+            discovery_status,
         });
         server.apply(config.clone(), true).await?;
         server.start_admin(&config).await?;
-        if config.discovery == DiscoveryConfig::Static {
-            // Static discovery: the first sync is the config itself.
-            server.ready.store(true, Ordering::Release);
-        } else {
-            // Ready after the first sync (`discovery_ready`).
-            server.sync_discovery(&config.discovery);
-        }
+        // Static discovery: the first sync is the config itself; otherwise
+        // ready after discovery's first sync.
+        server
+            .readiness
+            .needs_sync(config.discovery != DiscoveryConfig::Static);
+        server.readiness.serving(true);
+        server.sync_discovery(&config.discovery).await;
         // Periodic upkeep; holds only a weak reference, so it ends with the server.
         let weak = Arc::downgrade(&server);
         tokio::spawn(async move {
@@ -194,13 +165,8 @@ impl Server {
         Ok(server)
     }
 
-    /// The core registry.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
     /// Bound address of each listener, by name.
-    pub fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
+    pub(crate) fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
         self.listeners
             .lock()
             .iter()
@@ -214,120 +180,76 @@ impl Server {
         let r = self.apply(config, false).await;
         self.metrics.reload(r.is_ok());
         if r.is_ok() {
-            self.sync_discovery(&discovery);
+            self.sync_discovery(&discovery).await;
         }
         r
     }
 
     /// Starts, restarts or stops discovery to match `wanted`.
-    fn sync_discovery(&self, wanted: &DiscoveryConfig) {
-        let mut running = self.discovery.lock();
-        let current = running
+    async fn sync_discovery(&self, wanted: &DiscoveryConfig) {
+        let current = self
+            .discovery
+            .lock()
             .as_ref()
             .map_or(DiscoveryConfig::Static, crate::discovery::running_config);
         if current == *wanted {
             return;
         }
         // Dropping the old one stops it.
-        *running = None;
-        match wanted {
+        *self.discovery.lock() = None;
+        let control = &self.control;
+        let r = match wanted {
             DiscoveryConfig::Static => {
-                drop(running);
-                // Every discovered instance leaves (config ones are restored).
-                self.apply_discovery(
-                    Batch::Full {
+                self.readiness.needs_sync(false);
+                // Admin writes apply here again; every discovered instance
+                // leaves (what the layers below hold comes back).
+                let r = async {
+                    control.send(Command::UseStore(None)).await?;
+                    let batch = Batch::Full {
                         entries: Vec::new(),
                         invalid: Vec::new(),
-                    },
-                    None,
-                );
+                    };
+                    control
+                        .discover(Update {
+                            batch,
+                            revision: None,
+                        })
+                        .await
+                }
+                .await;
                 info!(
                     from = "etcd",
                     to = "static",
                     reason = "config reload",
                     "discovery changed"
                 );
+                r.map(drop)
             }
             #[cfg(feature = "etcd")]
             DiscoveryConfig::Etcd(c) => {
-                self.discovery_rev.send_replace(0);
-                *running = Some(crate::discovery::etcd::EtcdDiscovery::start(
-                    self.me.clone(),
-                    c.clone(),
-                ));
+                use crate::discovery::etcd::{EtcdDiscovery, EtcdWriter, Link};
+                // The store first: its revision starts at 0 before the new
+                // watch's first listing can move it.
+                let store = Arc::new(EtcdWriter::new(c.clone()));
+                let r = control.send(Command::UseStore(Some(store))).await;
+                let link = Link {
+                    control: control.clone(),
+                    metrics: self.metrics.clone(),
+                    status: self.discovery_status.clone(),
+                };
+                *self.discovery.lock() = Some(EtcdDiscovery::start(link, c.clone()));
+                r
             }
             #[cfg(not(feature = "etcd"))]
             DiscoveryConfig::Etcd(_) => {
                 // Refused by the config check in this build.
                 error!("etcd discovery requested from a build without the etcd feature");
+                Ok(())
             }
-        }
-    }
-
-    /// Applies a discovery batch (see [`crate::discovery`]); `revision` is
-    /// the etcd revision it brings the node to.
-    pub fn apply_discovery(&self, batch: Batch, revision: Option<i64>) -> Applied {
-        let applied = {
-            let mut discovered = self.discovered.lock();
-            let config = self.config.lock();
-            discovered.apply(batch, &self.registry, &config.services, &self.metrics)
         };
-        if let Some(r) = revision {
-            self.discovery_revision(r);
+        if let Err(e) = r {
+            error!(error = %e, "discovery change not applied");
         }
-        applied
-    }
-
-    /// Notes that this node has seen etcd up to `revision`.
-    pub fn discovery_revision(&self, revision: i64) {
-        self.discovery_rev.send_if_modified(|cur| {
-            let newer = revision > *cur;
-            if newer {
-                *cur = revision;
-            }
-            newer
-        });
-    }
-
-    /// The first discovery sync is done: the node is ready (unless draining).
-    pub fn discovery_ready(&self) {
-        if !self.listeners.lock().is_empty() {
-            self.ready.store(true, Ordering::Release);
-        }
-    }
-
-    /// Number of discovered instances.
-    pub fn discovered_len(&self) -> usize {
-        self.discovered.lock().len()
-    }
-
-    /// Waits for this node's watch to apply its own write at `revision`; if
-    /// the watch is behind, applies `change` locally so the API's answer
-    /// holds on this node at once.
-    #[cfg(feature = "etcd")]
-    async fn ensure_applied(&self, revision: i64, change: crate::discovery::Change) {
-        if self.applied_revision(revision).await {
-            return;
-        }
-        warn!(
-            revision,
-            change = ?change,
-            "discovery watch is behind: applying this node's own etcd write locally"
-        );
-        self.apply_discovery(Batch::Delta(vec![change]), None);
-    }
-
-    /// Waits until this node has applied etcd `revision`.
-    #[cfg(feature = "etcd")]
-    async fn applied_revision(&self, revision: i64) -> bool {
-        let mut rx = self.discovery_rev.subscribe();
-        let waited = tokio::time::timeout(OWN_WRITE_WAIT, rx.wait_for(|r| *r >= revision)).await;
-        matches!(waited, Ok(Ok(_)))
-    }
-
-    #[cfg(feature = "etcd")]
-    fn etcd_writer(&self) -> Option<crate::discovery::etcd::EtcdWriter> {
-        self.discovery.lock().as_ref().map(|d| d.writer().clone())
     }
 
     /// The metrics.
@@ -335,29 +257,9 @@ impl Server {
         &self.metrics
     }
 
-    /// The admin token, if one is configured.
-    pub fn admin_token(&self) -> Option<Arc<String>> {
-        self.token.load_full()
-    }
-
-    /// Whether `/metrics` needs the token.
-    pub fn metrics_auth(&self) -> bool {
-        self.metrics_auth.load(Ordering::Relaxed)
-    }
-
-    /// Ready: listeners bound and the first discovery sync done.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
     /// The admin endpoint's bound address.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.lock().as_ref().map(|(a, _)| *a)
-    }
-
-    /// Logs and counts core events.
-    pub fn report(&self, events: Vec<Event>) {
-        self.metrics.report(events);
     }
 
     fn read_token(config: &Config) -> Result<Option<Arc<String>>, ServerError> {
@@ -385,7 +287,7 @@ impl Server {
         Ok(None)
     }
 
-    async fn start_admin(self: &Arc<Self>, config: &Config) -> Result<(), ServerError> {
+    async fn start_admin(&self, config: &Config) -> Result<(), ServerError> {
         let listener = TcpListener::bind(config.admin.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -394,215 +296,25 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr().unwrap_or(config.admin.listen);
-        if self.token.load().is_none() {
+        if self.access.token.load().is_none() {
             warn!(addr = %addr, "admin API has no token: open to local processes (loopback only)");
         }
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(crate::admin::serve(
-            listener,
-            AdminState {
-                server: self.clone(),
-            },
-            stop_rx,
-        ));
+        let state = AdminState {
+            control: self.control.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            readiness: self.readiness.clone(),
+            access: self.access.clone(),
+        };
+        tokio::spawn(crate::admin::serve(listener, state, stop_rx));
         info!(listener = "admin", addr = %addr, protocol = "http", "listening");
         *self.admin.lock() = Some((addr, stop));
         Ok(())
     }
 
-    async fn persist(&self, state: &DynamicState) -> Result<(), AdminError> {
-        let Some(path) = self.state_file.clone() else {
-            return Ok(());
-        };
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || state.save(&path))
-            .await
-            .map_err(|e| AdminError::Internal(e.to_string()))?
-            .map_err(|e| AdminError::Internal(e.to_string()))
-    }
-
-    fn configured(&self, service: &str) -> Result<(), AdminError> {
-        if self.config.lock().services.contains_key(service) {
-            Ok(())
-        } else {
-            Err(AdminError::NotFound(format!("unknown service {service:?}")))
-        }
-    }
-
-    /// Registers or updates an instance through the admin API; returns
-    /// whether it was new. Persisted with the state file.
-    pub async fn register_dynamic(
-        &self,
-        service: &str,
-        id: &str,
-        spec: InstanceSpec,
-    ) -> Result<bool, AdminError> {
-        self.configured(service)?;
-        let instance = spec.to_instance(id).map_err(RegistryError::from)?;
-        #[cfg(feature = "etcd")]
-        if let Some(writer) = self.etcd_writer() {
-            return self.register_etcd(&writer, service, id, spec).await;
-        }
-        let mut dynamic = self.dynamic.lock().await;
-        let registered = self.registry.register_instance(service, instance)?;
-        let svc = dynamic.service_mut(service);
-        svc.removed.remove(id);
-        svc.instances.insert(id.to_owned(), spec.clone());
-        info!(
-            service,
-            instance = id,
-            address = spec.address.as_str(),
-            port = spec.port,
-            weight = spec.weight,
-            from = "absent",
-            to = "registered",
-            reason = "admin API",
-            "instance registered"
-        );
-        self.persist(&dynamic).await?;
-        Ok(registered == datapunk_lb_core::Registered::Added)
-    }
-
-    /// etcd-backed node: writes the registration to etcd (no lease: it stays
-    /// until deleted) and waits for this node to apply it.
-    #[cfg(feature = "etcd")]
-    async fn register_etcd(
-        &self,
-        writer: &crate::discovery::etcd::EtcdWriter,
-        service: &str,
-        id: &str,
-        spec: InstanceSpec,
-    ) -> Result<bool, AdminError> {
-        let (revision, created) = writer
-            .put(service, id, &spec)
-            .await
-            .map_err(|e| AdminError::Internal(e.to_string()))?;
-        info!(
-            service,
-            instance = id,
-            address = spec.address.as_str(),
-            port = spec.port,
-            weight = spec.weight,
-            from = if created { "absent" } else { "registered" },
-            to = "registered",
-            reason = "admin API, written to etcd",
-            key = writer.key(service, id),
-            revision,
-            "instance written to etcd"
-        );
-        self.ensure_applied(
-            revision,
-            crate::discovery::Change::Put {
-                service: service.to_owned(),
-                id: id.to_owned(),
-                spec,
-            },
-        )
-        .await;
-        Ok(created)
-    }
-
-    /// etcd-backed node: deletes the key (every node drains the instance;
-    /// this one for `drain`, the others for [`crate::discovery::DRAIN`]).
-    /// `Ok(false)` when there was no such key.
-    #[cfg(feature = "etcd")]
-    async fn remove_etcd(
-        &self,
-        writer: &crate::discovery::etcd::EtcdWriter,
-        service: &str,
-        id: &str,
-        drain: Duration,
-    ) -> Result<bool, AdminError> {
-        self.discovered
-            .lock()
-            .set_drain_override(service, id, drain);
-        let revision = match writer.delete(service, id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                self.discovered.lock().clear_drain_override(service, id);
-                return Ok(false);
-            }
-            Err(e) => {
-                self.discovered.lock().clear_drain_override(service, id);
-                return Err(AdminError::Internal(e.to_string()));
-            }
-        };
-        info!(
-            service,
-            instance = id,
-            from = "registered",
-            to = "draining",
-            reason = "admin API, deleted from etcd",
-            key = writer.key(service, id),
-            revision,
-            drain = ?drain,
-            "instance deleted from etcd"
-        );
-        self.ensure_applied(
-            revision,
-            crate::discovery::Change::Delete {
-                service: service.to_owned(),
-                id: id.to_owned(),
-            },
-        )
-        .await;
-        Ok(true)
-    }
-
-    /// Drains then removes an instance (at once for a zero drain). On an
-    /// etcd-backed node an instance that has a key in etcd is deleted there;
-    /// others (config instances) are removed locally.
-    pub async fn remove_dynamic(
-        &self,
-        service: &str,
-        id: &str,
-        drain: Duration,
-    ) -> Result<(), AdminError> {
-        #[cfg(feature = "etcd")]
-        if let Some(writer) = self.etcd_writer() {
-            if self.remove_etcd(&writer, service, id, drain).await? {
-                return Ok(());
-            }
-        }
-        let mut dynamic = self.dynamic.lock().await;
-        if drain.is_zero() {
-            self.registry.deregister_instance(service, id)?;
-        } else {
-            let events = self.registry.drain_instance(service, id, drain)?;
-            self.report(events);
-        }
-        info!(service, instance = id, from = "registered", to = "draining", reason = "admin API", drain = ?drain, "instance drain");
-        let svc = dynamic.service_mut(service);
-        if svc.instances.remove(id).is_none() {
-            svc.removed.insert(id.to_owned());
-        }
-        self.persist(&dynamic).await
-    }
-
-    /// Changes a service's strategy through the admin API.
-    pub async fn set_strategy_dynamic(
-        &self,
-        service: &str,
-        kind: StrategyKind,
-    ) -> Result<(), AdminError> {
-        self.configured(service)?;
-        let mut dynamic = self.dynamic.lock().await;
-        let from = self.registry.service(service).map(|s| s.config().strategy);
-        self.registry.set_strategy(service, kind)?;
-        info!(
-            service,
-            from = from.map(|k| k.as_str()),
-            to = kind.as_str(),
-            reason = "admin API",
-            "strategy changed"
-        );
-        dynamic.service_mut(service).strategy = Some(kind.as_str().to_owned());
-        self.persist(&dynamic).await
-    }
-
     async fn apply(&self, config: Config, first: bool) -> Result<(), ServerError> {
         let token = Self::read_token(&config)?;
-        let dynamic = self.dynamic.lock().await.clone();
         // 1. Bind new or changed listeners first: failing here changes nothing.
         let mut bound = Vec::new();
         {
@@ -630,87 +342,20 @@ impl Server {
             sockets.push((l, socket));
         }
 
-        // 2. Services and instances, kept by id. Discovery batches wait
-        // until the new config is in place.
-        let discovered = self.discovered.lock();
+        // 2. Services and instances: the control task's, applied whole
+        // (no discovery batch interleaves).
+        self.control
+            .send(Command::Reload(Box::new(config.clone())))
+            .await?;
+
+        // 3. Routing in one store.
         let mut upstreams = HashMap::new();
         {
             let mut budgets = self.budgets.lock();
             for (name, svc) in &config.services {
-                let err = |source| ServerError::Registry {
-                    service: name.clone(),
-                    source,
+                let Some(service) = self.registry.service(name) else {
+                    continue;
                 };
-                let overlay = dynamic.services.get(name);
-                let mut balancing = svc.balancing.clone();
-                if let Some(k) = overlay
-                    .and_then(|o| o.strategy.as_deref())
-                    .and_then(|k| k.parse().ok())
-                {
-                    balancing.strategy = k;
-                }
-                // The config's instances, minus API removals, plus API
-                // registrations (which win on the same id).
-                let mut desired: Vec<datapunk_lb_core::ServiceInstance> = svc
-                    .instances
-                    .iter()
-                    .filter(|i| {
-                        overlay.is_none_or(|o| {
-                            !o.removed.contains(i.id().as_str())
-                                && !o.instances.contains_key(i.id().as_str())
-                        })
-                    })
-                    .cloned()
-                    .collect();
-                if let Some(o) = overlay {
-                    for (id, spec) in &o.instances {
-                        match spec.to_instance(id) {
-                            Ok(i) => desired.push(i),
-                            Err(e) => {
-                                warn!(service = name.as_str(), instance = id.as_str(), error = %e, "skipping invalid saved instance")
-                            }
-                        }
-                    }
-                }
-                // Discovered instances win over both on the same id.
-                if !discovered.is_empty() {
-                    desired.retain(|i| !discovered.contains(name, i.id().as_str()));
-                    for (id, spec) in discovered.instances(name) {
-                        if let Ok(i) = spec.to_instance(id) {
-                            desired.push(i);
-                        }
-                    }
-                }
-                self.registry
-                    .configure_service(name, balancing)
-                    .map_err(err)?;
-                self.registry
-                    .register_instances(name, desired.iter().cloned())
-                    .map_err(err)?;
-                let service = self.registry.service(name).ok_or_else(|| {
-                    err(datapunk_lb_core::RegistryError::UnknownService(
-                        name.clone(),
-                    ))
-                })?;
-                // Instances no longer wanted leave.
-                let keep: HashSet<&str> = desired.iter().map(|i| i.id().as_str()).collect();
-                let gone: Vec<String> = service
-                    .members()
-                    .iter()
-                    .map(|m| m.instance().id().to_string())
-                    .filter(|id| !keep.contains(id.as_str()))
-                    .collect();
-                for id in gone {
-                    let _ = self.registry.deregister_instance(name, &id);
-                    info!(
-                        service = name.as_str(),
-                        instance = id.as_str(),
-                        from = "registered",
-                        to = "removed",
-                        reason = "not in config",
-                        "instance removed"
-                    );
-                }
                 let budget = budgets.entry(name.clone()).or_default().clone();
                 upstreams.insert(
                     name.clone(),
@@ -731,22 +376,8 @@ impl Server {
             }
             budgets.retain(|k, _| config.services.contains_key(k));
         }
-
-        // 3. Routing in one store.
         self.routing
             .store(Arc::new(Routing::new(&config, upstreams)));
-        for name in self.registry.service_names() {
-            if !config.services.contains_key(&name) {
-                let _ = self.registry.remove_service(&name);
-                info!(
-                    service = name.as_str(),
-                    from = "configured",
-                    to = "removed",
-                    reason = "not in config",
-                    "service removed"
-                );
-            }
-        }
 
         // 4. Listeners: start the new, stop the gone or changed.
         {
@@ -804,8 +435,9 @@ impl Server {
             HealthChecker::start(self.registry.clone(), &config, self.metrics.clone());
         self.metrics
             .retain_services(&|s| config.services.contains_key(s));
-        self.token.store(token);
-        self.metrics_auth
+        self.access.token.store(token);
+        self.access
+            .metrics_auth
             .store(config.admin.metrics_auth, Ordering::Relaxed);
         if !first {
             info!(
@@ -815,7 +447,6 @@ impl Server {
             );
         }
         *self.config.lock() = config;
-        drop(discovered);
         Ok(())
     }
 
@@ -828,7 +459,7 @@ impl Server {
             info!(listener = name.as_str(), "listener stopped for drain");
         }
         *self.health.lock() = HealthChecker::default();
-        self.ready.store(false, Ordering::Release);
+        self.readiness.serving(false);
         // Stop following discovery: nothing new is served.
         self.discovery.lock().take();
         let drained = tokio::time::timeout(timeout, self.connections.drain()).await;

@@ -15,12 +15,12 @@ use datapunk_lb_core::{InstanceError, ServiceInstance, Weight};
 use serde::{Deserialize, Serialize};
 
 /// Current file format version.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// Everything changed at runtime, by service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DynamicState {
+pub(crate) struct DynamicState {
     /// Format version.
     pub version: u32,
     /// Per service.
@@ -31,7 +31,7 @@ pub struct DynamicState {
 /// Runtime changes of one service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServiceState {
+pub(crate) struct ServiceState {
     /// Strategy set through the API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
@@ -69,7 +69,7 @@ fn default_weight() -> u16 {
 
 /// Why the state file could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     /// Reading or writing failed.
     #[error("state file {path}: {source}")]
     Io {
@@ -105,10 +105,24 @@ impl InstanceSpec {
     }
 }
 
+#[cfg(test)]
+impl InstanceSpec {
+    /// `127.0.0.1:port`, weight 1: the instance unit tests use.
+    pub(crate) fn local(port: u16) -> Self {
+        Self {
+            address: "127.0.0.1".into(),
+            port,
+            weight: 1,
+            zone: None,
+            tags: vec![],
+        }
+    }
+}
+
 impl DynamicState {
     /// Loads `path`. A missing file is an empty state; a corrupt one is moved
     /// aside and reported as [`StateError::Corrupt`].
-    pub fn load(path: &Path) -> Result<DynamicState, StateError> {
+    pub(crate) fn load(path: &Path) -> Result<DynamicState, StateError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -164,7 +178,7 @@ impl DynamicState {
     }
 
     /// Writes the state atomically to `path`.
-    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+    pub(crate) fn save(&self, path: &Path) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: path.to_owned(),
             source,
@@ -192,7 +206,7 @@ impl DynamicState {
     }
 
     /// The service's entry, created if missing.
-    pub fn service_mut(&mut self, name: &str) -> &mut ServiceState {
+    pub(crate) fn service_mut(&mut self, name: &str) -> &mut ServiceState {
         self.services.entry(name.to_owned()).or_default()
     }
 }

@@ -51,7 +51,7 @@ pub async fn require_token(State(state): State<AdminState>, req: Request, next: 
             return AdminError::UnsupportedMediaType.into_response();
         }
     }
-    if let Some(token) = state.server.admin_token() {
+    if let Some(token) = state.admin_token() {
         let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
         if !authorized(header, &token) {
             return AdminError::Unauthorized.into_response();

@@ -1,5 +1,5 @@
-//! The admin API's handlers: parse and validate, call the server, answer
-//! JSON.
+//! The admin API's handlers: parse and validate, send the change to the
+//! control task and await its reply, answer JSON. Reads go to the registry.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use datapunk_lb_core::{InstanceStatus, ServiceStatus, StrategyKind};
 use serde_json::{json, Map, Value};
 
 use super::{AdminError, AdminState};
+use crate::control::{Command, ControlError, Write};
 use crate::state::InstanceSpec;
 
 /// Default drain for `DELETE` without `?drain=`.
@@ -35,6 +36,20 @@ fn service_json(s: &ServiceStatus) -> Value {
         "panic": s.panic,
         "in_flight": s.in_flight,
     })
+}
+
+impl From<ControlError> for AdminError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::UnknownService(_) => AdminError::NotFound(e.to_string()),
+            ControlError::Registry(r) => r.into(),
+            ControlError::Service { .. }
+            | ControlError::Persist(_)
+            | ControlError::Store(_)
+            | ControlError::Stopped
+            | ControlError::Panicked(_) => AdminError::Internal(e.to_string()),
+        }
+    }
 }
 
 /// One instance as JSON.
@@ -62,13 +77,7 @@ pub fn instance_json(st: &InstanceStatus) -> Value {
 
 /// `GET /v1/services`.
 pub async fn list_services(State(s): State<AdminState>) -> Json<Value> {
-    let list: Vec<Value> = s
-        .server
-        .registry()
-        .services()
-        .iter()
-        .map(service_json)
-        .collect();
+    let list: Vec<Value> = s.registry.services().iter().map(service_json).collect();
     Json(json!({ "services": list }))
 }
 
@@ -77,7 +86,7 @@ pub async fn get_service(
     State(s): State<AdminState>,
     Path(svc): Path<String>,
 ) -> Result<Json<Value>, AdminError> {
-    let reg = s.server.registry();
+    let reg = &s.registry;
     let status = reg
         .service(&svc)
         .map(|x| x.status())
@@ -175,13 +184,18 @@ pub async fn put_instance(
     let spec = parse_spec(&body)?;
     spec.to_instance(&id)
         .map_err(datapunk_lb_core::RegistryError::from)?;
-    let added = s.server.register_dynamic(&svc, &id, spec).await?;
+    let write = Write::Register {
+        service: svc.clone(),
+        id: id.clone(),
+        spec,
+    };
+    let added = s.control.write(write).await?;
     let status = if added {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let st = s.server.registry().instance(&svc, &id)?;
+    let st = s.registry.instance(&svc, &id)?;
     Ok((status, Json(instance_json(&st))).into_response())
 }
 
@@ -196,7 +210,12 @@ pub async fn delete_instance(
         Some(d) => humantime::parse_duration(d)
             .map_err(|e| AdminError::field("drain", format!("invalid duration {d:?}: {e}")))?,
     };
-    s.server.remove_dynamic(&svc, &id, drain).await?;
+    let write = Write::Remove {
+        service: svc.clone(),
+        id: id.clone(),
+        drain,
+    };
+    s.control.write(write).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(
@@ -220,12 +239,14 @@ pub async fn post_health(
             .ok_or_else(|| AdminError::field("health_score", "must be a number in 0..=1"))?,
         None => return Err(AdminError::field("health_score", "missing field")),
     };
-    let events = s
-        .server
-        .registry()
-        .update_instance_health(&svc, &id, score)?;
-    s.server.report(events);
-    let st = s.server.registry().instance(&svc, &id)?;
+    s.control
+        .send(Command::SetHealth {
+            service: svc.clone(),
+            id: id.clone(),
+            score,
+        })
+        .await?;
+    let st = s.registry.instance(&svc, &id)?;
     Ok(Json(instance_json(&st)))
 }
 
@@ -244,7 +265,12 @@ pub async fn put_strategy(
         Some(_) => return Err(AdminError::field("strategy", "must be a string")),
         None => return Err(AdminError::field("strategy", "missing field")),
     };
-    s.server.set_strategy_dynamic(&svc, kind).await?;
+    s.control
+        .send(Command::SetStrategy {
+            service: svc.clone(),
+            kind,
+        })
+        .await?;
     Ok(Json(json!({ "service": svc, "strategy": kind.as_str() })))
 }
 
@@ -253,15 +279,15 @@ pub async fn metrics(
     State(s): State<AdminState>,
     headers: HeaderMap,
 ) -> Result<Response, AdminError> {
-    if s.server.metrics_auth() {
-        if let Some(token) = s.server.admin_token() {
+    if s.metrics_auth() {
+        if let Some(token) = s.admin_token() {
             let h = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
             if !super::auth::authorized(h, &token) {
                 return Err(AdminError::Unauthorized);
             }
         }
     }
-    let body = s.server.metrics().encode();
+    let body = s.metrics.encode();
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -279,7 +305,7 @@ pub async fn healthz() -> &'static str {
 
 /// `GET /readyz`: listeners bound and first discovery sync done.
 pub async fn readyz(State(s): State<AdminState>) -> Response {
-    if s.server.is_ready() {
+    if s.readiness.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()

@@ -24,7 +24,6 @@ pub mod error;
 pub mod handlers;
 pub mod status_page;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -33,17 +32,53 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use arc_swap::ArcSwapOption;
+use datapunk_lb_core::Registry;
+
 pub use self::error::AdminError;
-use crate::server::Server;
+use crate::control::{ControlHandle, Readiness};
+use crate::metrics::Metrics;
 
 /// Largest admin request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// What every admin handler gets.
+/// What every admin handler gets: the control handle for changes, and
+/// read-only views for everything else.
 #[derive(Clone)]
 pub struct AdminState {
-    /// The running balancer.
-    pub server: Arc<Server>,
+    /// Where changes go.
+    pub control: ControlHandle,
+    /// The core registry, for reads.
+    pub registry: Arc<Registry>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// `/readyz`.
+    pub readiness: Readiness,
+    /// Token and `/metrics` auth, as the last applied config set them.
+    pub access: Arc<AdminAccess>,
+}
+
+/// Who may use the admin endpoint; the server updates it on each reload.
+#[derive(Debug, Default)]
+pub struct AdminAccess {
+    /// The admin token, if one is configured.
+    pub token: ArcSwapOption<String>,
+    /// Whether `/metrics` needs the token.
+    pub metrics_auth: std::sync::atomic::AtomicBool,
+}
+
+impl AdminState {
+    /// The admin token, if one is configured.
+    pub fn admin_token(&self) -> Option<Arc<String>> {
+        self.access.token.load_full()
+    }
+
+    /// Whether `/metrics` needs the token.
+    pub fn metrics_auth(&self) -> bool {
+        self.access
+            .metrics_auth
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The admin router.
@@ -87,9 +122,4 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
     {
         tracing::error!(error = %e, "admin endpoint failed");
     }
-}
-
-/// Whether `addr` is a loopback address.
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
 }

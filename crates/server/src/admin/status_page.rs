@@ -20,7 +20,7 @@ pub async fn page() -> Response {
 
 /// `GET /status/data`: every service with its instances.
 pub async fn data(State(s): State<AdminState>) -> Json<Value> {
-    let reg = s.server.registry();
+    let reg = &s.registry;
     let services: Vec<Value> = reg
         .services()
         .iter()

@@ -1,7 +1,7 @@
 //! etcd discovery (built with the `etcd` cargo feature, on by default): the
-//! watch loop of a balancer node ([`EtcdDiscovery`]), the writes of the
-//! admin API on an etcd-backed node ([`EtcdWriter`]) and the
-//! `datapunk-lb register` sidecar ([`register`]).
+//! watch loop of a balancer node (`EtcdDiscovery`), the writes of the
+//! admin API on an etcd-backed node (`EtcdWriter`, the control module's
+//! shared store) and the `datapunk-lb register` sidecar ([`register`]).
 //!
 //! The node follows the rule in [`crate::discovery`]: list the prefix at
 //! revision `R`, watch from `R + 1`, and on any error mark discovery stale,
@@ -9,11 +9,11 @@
 //! reconnect with a fresh client to the next member, re-list and re-watch.
 //! Each attempt talks to one member (the first one chosen at random, so
 //! nodes spread over the cluster). A watch that is quiet for
-//! [`PROGRESS_EVERY`] gets a progress request and the member a linearizable
+//! `PROGRESS_EVERY` gets a progress request and the member a linearizable
 //! read: a failed read (the member lost the quorum, so its watch would miss
-//! changes) or no progress answer within another [`PROGRESS_EVERY`] (a dead
+//! changes) or no progress answer within another `PROGRESS_EVERY` (a dead
 //! stream or half-open connection) counts as a broken watch. Every call to
-//! etcd has a deadline ([`CALL_TIMEOUT`]); HTTP/2 keep-alives run every 5 s.
+//! etcd has a deadline (`CALL_TIMEOUT`); HTTP/2 keep-alives run every 5 s.
 //!
 //! Each attempt runs in its own task: a panic inside the etcd client (it
 //! asserts on some server answers) becomes one more error to back off from,
@@ -29,7 +29,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -38,19 +38,22 @@ use etcd_client::{
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use tokio::sync::watch;
+
 use super::{parse_key, parse_put, BadEntry, Batch, Change};
 use crate::config::EtcdConfig;
-use crate::server::Server;
+use crate::control::{ControlHandle, DiscoveryStatus, SharedStore, StoreFuture, Update};
+use crate::metrics::Metrics;
 use crate::state::InstanceSpec;
 
 /// Deadline of every unary call to etcd (connect, get, put, grant, …).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// A watch quiet this long gets a progress request.
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// First retry delay after an error.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Largest retry delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A session that lasted this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
@@ -112,7 +115,7 @@ impl Calls {
         }
     }
 
-    /// Runs an etcd call with [`CALL_TIMEOUT`].
+    /// Runs an etcd call with `CALL_TIMEOUT`.
     async fn call<T>(
         &self,
         what: &'static str,
@@ -144,7 +147,7 @@ impl Calls {
 
 /// Exponential backoff with jitter.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -157,14 +160,14 @@ impl Default for Backoff {
 impl Backoff {
     /// The next delay: the current step jittered to 50–100 %, then the step
     /// doubles (up to [`BACKOFF_MAX`]).
-    pub fn delay(&mut self) -> Duration {
+    pub(crate) fn delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         d.mul_f64(0.5 + 0.5 * fastrand::f64())
     }
 
     /// Back to the first step.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = BACKOFF_MIN;
     }
 }
@@ -189,12 +192,10 @@ async fn isolated<T: Send + 'static>(
     }
 }
 
-/// A node's etcd discovery: the watch task (stopped when this is dropped)
-/// and the writer for the admin API.
+/// A node's etcd discovery: the watch task (stopped when this is dropped).
 #[derive(Debug)]
-pub struct EtcdDiscovery {
+pub(crate) struct EtcdDiscovery {
     config: EtcdConfig,
-    writer: EtcdWriter,
     task: JoinHandle<()>,
 }
 
@@ -204,25 +205,28 @@ impl Drop for EtcdDiscovery {
     }
 }
 
+/// Where discovery reports: updates to the control task, counters to the
+/// metrics, its status on a `watch` channel.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    /// The control task.
+    pub(crate) control: ControlHandle,
+    /// The metrics.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Where the status is published (kept across restarts of discovery).
+    pub(crate) status: Arc<watch::Sender<DiscoveryStatus>>,
+}
+
 impl EtcdDiscovery {
-    /// Starts watching for `server`. Must run inside a tokio runtime.
-    pub fn start(server: Weak<Server>, config: EtcdConfig) -> Self {
-        let task = tokio::spawn(run(server, config.clone()));
-        Self {
-            writer: EtcdWriter::new(config.clone()),
-            config,
-            task,
-        }
+    /// Starts watching, reporting to `link`. Must run inside a tokio runtime.
+    pub(crate) fn start(link: Link, config: EtcdConfig) -> Self {
+        let task = tokio::spawn(run(link, config.clone()));
+        Self { config, task }
     }
 
     /// The config it runs.
-    pub fn config(&self) -> &EtcdConfig {
+    pub(crate) fn config(&self) -> &EtcdConfig {
         &self.config
-    }
-
-    /// Writes for the admin API.
-    pub fn writer(&self) -> &EtcdWriter {
-        &self.writer
     }
 }
 
@@ -234,12 +238,15 @@ struct Status {
 }
 
 impl Status {
-    fn synced(&self, server: &Server, endpoint: &str, revision: i64, instances: usize) {
-        server.metrics().discovery_sync(true);
-        server.metrics().discovery_stale(false);
+    fn synced(&self, link: &Link, endpoint: &str, revision: i64, instances: usize) {
+        link.metrics.discovery_sync(true);
+        link.metrics.discovery_stale(false);
+        link.status.send_replace(DiscoveryStatus {
+            synced: true,
+            stale: false,
+        });
         if !self.synced_once.swap(true, Ordering::AcqRel) {
             self.stale.store(false, Ordering::Release);
-            server.discovery_ready();
             info!(
                 from = "starting",
                 to = "synced",
@@ -262,11 +269,12 @@ impl Status {
         }
     }
 
-    fn failed(&self, server: &Server, error: &DiscoveryError, listed: bool, retry_in: Duration) {
+    fn failed(&self, link: &Link, error: &DiscoveryError, listed: bool, retry_in: Duration) {
         if !listed {
-            server.metrics().discovery_sync(false);
+            link.metrics.discovery_sync(false);
         }
-        server.metrics().discovery_stale(true);
+        link.metrics.discovery_stale(true);
+        link.status.send_modify(|s| s.stale = true);
         if !self.stale.swap(true, Ordering::AcqRel) {
             let from = if self.synced_once.load(Ordering::Acquire) {
                 "synced"
@@ -278,7 +286,7 @@ impl Status {
                 to = "stale",
                 reason = %error,
                 retry_in = ?retry_in,
-                instances = server.discovered_len(),
+                instances = link.control.status().discovered,
                 "discovery stale: serving the last instance set seen"
             );
         } else {
@@ -287,7 +295,7 @@ impl Status {
     }
 }
 
-async fn run(server: Weak<Server>, config: EtcdConfig) {
+async fn run(link: Link, config: EtcdConfig) {
     let status = Arc::new(Status::default());
     let mut backoff = Backoff::default();
     let endpoints = config.endpoints.join(",");
@@ -309,7 +317,7 @@ async fn run(server: Weak<Server>, config: EtcdConfig) {
             .unwrap_or_default();
         member = member.wrapping_add(1);
         let r = isolated(session(
-            server.clone(),
+            link.clone(),
             config.prefix.clone(),
             endpoint,
             status.clone(),
@@ -318,24 +326,22 @@ async fn run(server: Weak<Server>, config: EtcdConfig) {
         .await;
         let listed = listed.load(Ordering::Acquire);
         let error = match r {
-            Ok(()) => return, // the server is gone
+            Ok(()) => return, // the control task is gone
             Err(e) => e,
         };
         if listed && started.elapsed() >= HEALTHY_SESSION {
             backoff.reset();
         }
         let delay = backoff.delay();
-        let Some(s) = server.upgrade() else { return };
-        status.failed(&s, &error, listed, delay);
-        drop(s);
+        status.failed(&link, &error, listed, delay);
         tokio::time::sleep(delay).await;
     }
 }
 
 /// One connection to one member: list, then watch until something breaks.
-/// `Ok` only when the server is gone.
+/// `Ok` only when the control task is gone.
 async fn session(
-    server: Weak<Server>,
+    link: Link,
     prefix: String,
     endpoint: String,
     status: Arc<Status>,
@@ -356,9 +362,6 @@ async fn session(
     let mut entries = Vec::with_capacity(resp.kvs().len());
     let mut invalid = Vec::new();
     {
-        let Some(server) = server.upgrade() else {
-            return Ok(());
-        };
         for kv in resp.kvs() {
             match parse_put(prefix, kv.key(), kv.value()) {
                 Ok(c) => entries.push(c),
@@ -366,15 +369,21 @@ async fn session(
                     if let BadEntry::Value { service, id, .. } = &e {
                         invalid.push((service.clone(), id.clone()));
                     }
-                    report_bad(&server, &e);
+                    report_bad(&link, &e);
                 }
             }
         }
         drop(resp);
         let n = entries.len();
-        server.apply_discovery(Batch::Full { entries, invalid }, Some(revision));
+        let update = Update {
+            batch: Batch::Full { entries, invalid },
+            revision: Some(revision),
+        };
+        if link.control.discover(update).await.is_err() {
+            return Ok(());
+        }
         listed.store(true, Ordering::Release);
-        status.synced(&server, &endpoints, revision, n);
+        status.synced(&link, &endpoints, revision, n);
     }
 
     let (mut watcher, mut stream) = calls
@@ -443,22 +452,13 @@ async fn session(
             )));
         }
         let revision = msg.header().map(|h| h.revision());
-        let Some(server) = server.upgrade() else {
-            return Ok(());
-        };
-        if msg.events().is_empty() {
-            if let Some(r) = revision {
-                server.discovery_revision(r);
-            }
-            continue;
-        }
         let mut changes = Vec::with_capacity(msg.events().len());
         for ev in msg.events() {
             let Some(kv) = ev.kv() else { continue };
             match ev.event_type() {
                 EventType::Put => match parse_put(prefix, kv.key(), kv.value()) {
                     Ok(c) => changes.push(c),
-                    Err(e) => report_bad(&server, &e),
+                    Err(e) => report_bad(&link, &e),
                 },
                 EventType::Delete => {
                     // A deleted bad key was never applied: nothing to do.
@@ -468,12 +468,19 @@ async fn session(
                 }
             }
         }
-        server.apply_discovery(Batch::Delta(changes), revision);
+        // A progress answer (no events) still moves the revision on.
+        let update = Update {
+            batch: Batch::Delta(changes),
+            revision,
+        };
+        if link.control.discover(update).await.is_err() {
+            return Ok(());
+        }
     }
 }
 
-fn report_bad(server: &Server, e: &BadEntry) {
-    server.metrics().discovery_invalid();
+fn report_bad(link: &Link, e: &BadEntry) {
+    link.metrics.discovery_invalid();
     warn!(key = e.key(), error = %e, reason = "invalid value", "discovery: skipping invalid etcd entry");
 }
 
@@ -481,7 +488,7 @@ fn report_bad(server: &Server, e: &BadEntry) {
 /// it writes have no lease: they stay until deleted (through the admin API
 /// of any node, or `etcdctl del`).
 #[derive(Clone)]
-pub struct EtcdWriter {
+pub(crate) struct EtcdWriter {
     config: EtcdConfig,
     client: Arc<tokio::sync::Mutex<Option<Client>>>,
 }
@@ -496,7 +503,7 @@ impl std::fmt::Debug for EtcdWriter {
 
 impl EtcdWriter {
     /// A writer for `config`; connects on first use.
-    pub fn new(config: EtcdConfig) -> Self {
+    pub(crate) fn new(config: EtcdConfig) -> Self {
         Self {
             config,
             client: Arc::default(),
@@ -504,7 +511,7 @@ impl EtcdWriter {
     }
 
     /// The key of `service/id`.
-    pub fn key(&self, service: &str, id: &str) -> String {
+    pub(crate) fn key(&self, service: &str, id: &str) -> String {
         format!("{}{service}/{id}", self.config.prefix)
     }
 
@@ -534,7 +541,7 @@ impl EtcdWriter {
 
     /// Puts `service/id` (no lease). Returns the revision of the write and
     /// whether the key is new.
-    pub async fn put(
+    pub(crate) async fn put(
         &self,
         service: &str,
         id: &str,
@@ -560,7 +567,11 @@ impl EtcdWriter {
 
     /// Deletes `service/id`. Returns the revision of the delete, or `None`
     /// if there was no such key.
-    pub async fn delete(&self, service: &str, id: &str) -> Result<Option<i64>, DiscoveryError> {
+    pub(crate) async fn delete(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Result<Option<i64>, DiscoveryError> {
         let key = self.key(service, id);
         self.with_client(|mut c, calls| async move {
             let r = calls
@@ -569,6 +580,25 @@ impl EtcdWriter {
             Ok((r.deleted() > 0).then(|| r.header().map_or(0, |h| h.revision())))
         })
         .await
+    }
+}
+
+impl SharedStore for EtcdWriter {
+    fn key(&self, service: &str, id: &str) -> String {
+        EtcdWriter::key(self, service, id)
+    }
+
+    fn put<'a>(
+        &'a self,
+        service: &'a str,
+        id: &'a str,
+        spec: &'a InstanceSpec,
+    ) -> StoreFuture<'a, (i64, bool)> {
+        Box::pin(async move { Ok(EtcdWriter::put(self, service, id, spec).await?) })
+    }
+
+    fn delete<'a>(&'a self, service: &'a str, id: &'a str) -> StoreFuture<'a, Option<i64>> {
+        Box::pin(async move { Ok(EtcdWriter::delete(self, service, id).await?) })
     }
 }
 

@@ -20,7 +20,7 @@
 //!    [`Batch::Delta`] (one snapshot rebuild per service per batch). A put
 //!    registers or updates by id — an existing id keeps its live state
 //!    (health, breaker, connection counts, slow start); a delete drains the
-//!    instance for [`DRAIN`] (in-flight requests finish), then the core
+//!    instance for `crate::control::DRAIN` (in-flight requests finish), then the core
 //!    removes it.
 //! 3. **On any error** (connect, list, watch creation, a broken or cancelled
 //!    watch, a compacted revision, no answer to a progress request): the
@@ -38,96 +38,46 @@
 //!    logged once.
 //!
 //! Readiness (`/readyz`) waits for the first successful list, then stays
-//! ready through outages. An instance with the id of a config instance
-//! overrides it while its key exists; when the key goes the config's
-//! instance is restored rather than drained.
+//! ready through outages. An instance with the id of a config or admin API
+//! instance overrides it while its key exists; when the key goes, what the
+//! layers below say comes back (see `crate::control`): the admin API's
+//! registration, else the config's instance unless the admin API removed
+//! it, else the instance drains.
+//!
+//! ## Shape
+//!
+//! Discovery only reads etcd and reports: it parses keys and values here,
+//! sends each listing or watch response to the control task as a
+//! `crate::control::Update` (with the etcd revision) and publishes its
+//! `crate::control::DiscoveryStatus`. It never touches the registry or
+//! the server; the discovered set and how it merges with the config and
+//! the admin API live in `crate::control`.
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant};
-
-use datapunk_lb_core::{Registry, ServiceInstance};
-use tracing::{debug, info, warn};
-
-use crate::config::{DiscoveryConfig, ServiceConfig};
-use crate::metrics::Metrics;
+use crate::config::DiscoveryConfig;
 use crate::state::InstanceSpec;
+
+pub use crate::control::{Applied, Batch, Change, Discovered};
 
 /// A node's running dynamic discovery (stopped when dropped).
 #[cfg(feature = "etcd")]
-pub type Running = etcd::EtcdDiscovery;
+pub(crate) type Running = etcd::EtcdDiscovery;
 
 /// A node's running dynamic discovery: none in a build without etcd.
 #[cfg(not(feature = "etcd"))]
 #[derive(Debug)]
-pub enum Running {}
+pub(crate) enum Running {}
 
 /// The config a running discovery follows.
-pub fn running_config(r: &Running) -> DiscoveryConfig {
+pub(crate) fn running_config(r: &Running) -> DiscoveryConfig {
     #[cfg(feature = "etcd")]
     {
         DiscoveryConfig::Etcd(r.config().clone())
     }
     #[cfg(not(feature = "etcd"))]
     match *r {}
-}
-
-/// How long an instance whose key left keeps finishing in-flight requests.
-pub const DRAIN: Duration = Duration::from_secs(5);
-
-/// Above this many instance changes in one batch, each change is logged at
-/// debug and the batch as one info line (a first sync of 100,000 instances
-/// should not print 100,000 lines).
-pub const LOG_EACH_LIMIT: usize = 1000;
-
-/// One key's change, as the watch reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    /// The key was written with a valid value.
-    Put {
-        /// Service name.
-        service: String,
-        /// Instance id.
-        id: String,
-        /// The instance.
-        spec: InstanceSpec,
-    },
-    /// The key was deleted (or its lease expired).
-    Delete {
-        /// Service name.
-        service: String,
-        /// Instance id.
-        id: String,
-    },
-}
-
-impl Change {
-    /// `(service, id)`.
-    pub fn key(&self) -> (&str, &str) {
-        match self {
-            Change::Put { service, id, .. } | Change::Delete { service, id } => {
-                (service.as_str(), id.as_str())
-            }
-        }
-    }
-}
-
-/// What to apply.
-#[derive(Debug, Clone)]
-pub enum Batch {
-    /// Every valid key under the prefix at one revision: replaces the set.
-    /// `invalid` holds the `(service, id)` of keys listed with a bad value:
-    /// their last valid value, if any, is kept.
-    Full {
-        /// Valid entries (only [`Change::Put`]s are meaningful here).
-        entries: Vec<Change>,
-        /// Keys present with a bad value.
-        invalid: Vec<(String, String)>,
-    },
-    /// Changes from one watch response, in order (the last one per key wins).
-    Delta(Vec<Change>),
 }
 
 /// Why a key or value under the prefix was skipped.
@@ -195,376 +145,18 @@ pub fn parse_put(prefix: &str, key: &[u8], value: &[u8]) -> Result<Change, BadEn
     Ok(Change::Put { service, id, spec })
 }
 
-/// What one batch did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
-    /// New instances registered.
-    pub added: usize,
-    /// Existing instances whose description changed (live state kept).
-    pub updated: usize,
-    /// Instances drained (or removed at once) because their key left.
-    pub removed: usize,
-    /// Config instances restored because the key overriding them left.
-    pub restored: usize,
-    /// Keys whose value did not change.
-    pub unchanged: usize,
-    /// Changes for services not in the config (kept, not routed).
-    pub unrouted: usize,
-}
-
-impl Applied {
-    /// Instance changes made to the registry.
-    pub fn changes(&self) -> usize {
-        self.added + self.updated + self.removed + self.restored
-    }
-}
-
-/// Every valid instance this node has seen under the prefix, by service and
-/// id, and what it is draining. The server owns one, behind the lock that
-/// also serialises config reloads.
-#[derive(Debug, Default)]
-pub struct Discovered {
-    services: HashMap<String, HashMap<String, InstanceSpec>>,
-    /// Services not in the config already reported.
-    warned: HashSet<String>,
-    /// Instances drained because their key left, with the drain deadline: a
-    /// put of the same id before removal starts a fresh instance.
-    draining: HashMap<(String, String), Instant>,
-    /// Drain for the next delete of a key, set by the admin API on this node.
-    drain_override: HashMap<(String, String), Duration>,
-}
-
-/// The last change of each key, in batch order.
-fn last_per_key(changes: Vec<Change>) -> Vec<(String, String, Option<InstanceSpec>)> {
-    let mut last = vec![false; changes.len()];
-    {
-        let mut seen = HashSet::with_capacity(changes.len());
-        for (i, c) in changes.iter().enumerate().rev() {
-            last[i] = seen.insert(c.key());
-        }
-    }
-    changes
-        .into_iter()
-        .zip(last)
-        .filter(|(_, last)| *last)
-        .map(|(c, _)| match c {
-            Change::Put { service, id, spec } => (service, id, Some(spec)),
-            Change::Delete { service, id } => (service, id, None),
-        })
-        .collect()
-}
-
-enum Action {
-    Put {
-        id: String,
-        spec: InstanceSpec,
-        new: bool,
-    },
-    Delete {
-        id: String,
-    },
-}
-
-impl Discovered {
-    /// The discovered instances of `service`.
-    pub fn instances(&self, service: &str) -> impl Iterator<Item = (&String, &InstanceSpec)> {
-        self.services
-            .get(service)
-            .into_iter()
-            .flat_map(|m| m.iter())
-    }
-
-    /// Whether `service/id` is discovered.
-    pub fn contains(&self, service: &str, id: &str) -> bool {
-        self.services
-            .get(service)
-            .is_some_and(|m| m.contains_key(id))
-    }
-
-    /// Number of discovered instances, every service.
-    pub fn len(&self) -> usize {
-        self.services.values().map(HashMap::len).sum()
-    }
-
-    /// Whether nothing is discovered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The drain this node uses when the key of `service/id` next leaves.
-    pub fn set_drain_override(&mut self, service: &str, id: &str, drain: Duration) {
-        self.drain_override
-            .insert((service.to_owned(), id.to_owned()), drain);
-    }
-
-    /// Forgets a drain override (the delete did not happen).
-    pub fn clear_drain_override(&mut self, service: &str, id: &str) {
-        self.drain_override
-            .remove(&(service.to_owned(), id.to_owned()));
-    }
-
-    /// Applies a batch to the set and to `registry` (services in `services`
-    /// only): puts in one `register_instances` per service, deletes as
-    /// drains. Logs each change (see [`LOG_EACH_LIMIT`]).
-    pub fn apply(
-        &mut self,
-        batch: Batch,
-        registry: &Registry,
-        services: &BTreeMap<String, ServiceConfig>,
-        metrics: &Metrics,
-    ) -> Applied {
-        let full = matches!(batch, Batch::Full { .. });
-        let (plan, mut out) = self.plan(batch);
-        let log_each = plan.values().map(Vec::len).sum::<usize>() <= LOG_EACH_LIMIT;
-        let now = Instant::now();
-        self.draining
-            .retain(|_, deadline| *deadline + Duration::from_secs(10) > now);
-        for (service, actions) in plan {
-            let Some(config) = services.get(&service) else {
-                out.unrouted += actions.len();
-                if self.warned.insert(service.clone()) {
-                    warn!(
-                        service = service.as_str(),
-                        instances = self.services.get(&service).map_or(0, HashMap::len),
-                        reason = "service not in the config",
-                        "discovery: skipping instances of an unknown service (no route reaches them)"
-                    );
-                }
-                continue;
-            };
-            self.apply_service(
-                &service, actions, config, registry, metrics, full, log_each, &mut out,
-            );
-        }
-        if !log_each {
-            info!(
-                added = out.added,
-                updated = out.updated,
-                removed = out.removed,
-                restored = out.restored,
-                unchanged = out.unchanged,
-                reason = if full { "etcd sync" } else { "etcd watch" },
-                "discovery: batch applied"
-            );
-        }
-        out
-    }
-
-    /// Updates the set; returns per-service actions (in batch order) and
-    /// the unchanged count.
-    fn plan(&mut self, batch: Batch) -> (BTreeMap<String, Vec<Action>>, Applied) {
-        let mut out = Applied::default();
-        let mut plan: BTreeMap<String, Vec<Action>> = BTreeMap::new();
-        // Every key the batch touches, once, with its final value.
-        let wanted = match batch {
-            Batch::Delta(changes) => last_per_key(changes),
-            Batch::Full { entries, invalid } => {
-                let mut wanted = last_per_key(entries);
-                let gone: Vec<(String, String, Option<InstanceSpec>)> = {
-                    let listed: HashSet<(&str, &str)> = wanted
-                        .iter()
-                        .map(|(s, i, _)| (s.as_str(), i.as_str()))
-                        .chain(invalid.iter().map(|(s, i)| (s.as_str(), i.as_str())))
-                        .collect();
-                    self.services
-                        .iter()
-                        .flat_map(|(s, ids)| ids.keys().map(move |i| (s, i)))
-                        .filter(|(s, i)| !listed.contains(&(s.as_str(), i.as_str())))
-                        .map(|(s, i)| (s.clone(), i.clone(), None))
-                        .collect()
-                };
-                wanted.extend(gone);
-                wanted
-            }
-        };
-        for (service, id, spec) in wanted {
-            let current = self.services.get(&service).and_then(|m| m.get(&id));
-            match spec {
-                Some(spec) => {
-                    if current == Some(&spec) {
-                        out.unchanged += 1;
-                        continue;
-                    }
-                    let new = current.is_none();
-                    self.services
-                        .entry(service.clone())
-                        .or_default()
-                        .insert(id.clone(), spec.clone());
-                    plan.entry(service)
-                        .or_default()
-                        .push(Action::Put { id, spec, new });
-                }
-                None => {
-                    if current.is_none() {
-                        continue;
-                    }
-                    if let Some(m) = self.services.get_mut(&service) {
-                        m.remove(&id);
-                        if m.is_empty() {
-                            self.services.remove(&service);
-                        }
-                    }
-                    plan.entry(service).or_default().push(Action::Delete { id });
-                }
-            }
-        }
-        (plan, out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn apply_service(
-        &mut self,
-        service: &str,
-        actions: Vec<Action>,
-        config: &ServiceConfig,
-        registry: &Registry,
-        metrics: &Metrics,
-        full: bool,
-        log_each: bool,
-        out: &mut Applied,
-    ) {
-        let reason_put = if full { "etcd sync" } else { "etcd put" };
-        let reason_delete = if full {
-            "gone from etcd at sync"
-        } else {
-            "etcd key deleted"
-        };
-        let mut puts: Vec<ServiceInstance> = Vec::new();
-        let mut deletes = Vec::new();
-        for a in actions {
-            match a {
-                Action::Put { id, spec, new } => {
-                    let instance = match spec.to_instance(&id) {
-                        Ok(i) => i,
-                        Err(e) => {
-                            // Validated when parsed; kept as a guard.
-                            warn!(service, instance = id.as_str(), error = %e, "discovery: invalid instance skipped");
-                            continue;
-                        }
-                    };
-                    // An id still draining from an earlier delete comes back
-                    // as a fresh instance, not as a draining one.
-                    if !self.draining.is_empty()
-                        && self
-                            .draining
-                            .remove(&(service.to_owned(), id.clone()))
-                            .is_some()
-                        && registry.instance(service, &id).is_ok_and(|st| st.draining)
-                    {
-                        let _ = registry.deregister_instance(service, &id);
-                    }
-                    let from = if new { "absent" } else { "registered" };
-                    if new {
-                        out.added += 1;
-                    } else {
-                        out.updated += 1;
-                    }
-                    if log_each {
-                        info!(
-                            service,
-                            instance = id.as_str(),
-                            address = spec.address.as_str(),
-                            port = spec.port,
-                            weight = spec.weight,
-                            from,
-                            to = "registered",
-                            reason = reason_put,
-                            "instance {}",
-                            if new { "registered" } else { "updated" }
-                        );
-                    } else {
-                        debug!(
-                            service,
-                            instance = id.as_str(),
-                            from,
-                            to = "registered",
-                            reason = reason_put,
-                            "instance registered"
-                        );
-                    }
-                    puts.push(instance);
-                }
-                Action::Delete { id } => deletes.push(id),
-            }
-        }
-        if !puts.is_empty() {
-            if let Err(e) = registry.register_instances(service, puts) {
-                warn!(service, error = %e, "discovery: registering instances failed");
-            }
-        }
-        for id in deletes {
-            let key = (service.to_owned(), id.clone());
-            let drain = self.drain_override.remove(&key).unwrap_or(DRAIN);
-            if let Some(i) = config.instances.iter().find(|i| i.id().as_str() == id) {
-                let _ = registry.register_instance(service, i.clone());
-                out.restored += 1;
-                if log_each {
-                    info!(
-                        service,
-                        instance = id.as_str(),
-                        from = "discovered",
-                        to = "registered",
-                        reason = "etcd key left; config instance restored",
-                        "instance restored"
-                    );
-                }
-                continue;
-            }
-            let result = if drain.is_zero() {
-                registry
-                    .deregister_instance(service, &id)
-                    .map(|_| Vec::new())
-            } else {
-                registry.drain_instance(service, &id, drain)
-            };
-            match result {
-                Ok(events) => {
-                    metrics.report(events);
-                    if !drain.is_zero() {
-                        self.draining.insert(key, Instant::now() + drain);
-                    }
-                    out.removed += 1;
-                    let to = if drain.is_zero() {
-                        "removed"
-                    } else {
-                        "draining"
-                    };
-                    if log_each {
-                        info!(service, instance = id.as_str(), from = "registered", to, reason = reason_delete, drain = ?drain, "instance {to}");
-                    } else {
-                        debug!(
-                            service,
-                            instance = id.as_str(),
-                            from = "registered",
-                            to,
-                            reason = reason_delete,
-                            "instance {to}"
-                        );
-                    }
-                }
-                Err(e) => {
-                    debug!(service, instance = id.as_str(), error = %e, "discovery: delete of an instance not registered")
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use datapunk_lb_core::Registry;
+
     use super::*;
+    use crate::config::ServiceConfig;
+    use crate::metrics::Metrics;
 
     const P: &str = "/datapunk/services/";
-
-    fn spec(port: u16) -> InstanceSpec {
-        InstanceSpec {
-            address: "127.0.0.1".into(),
-            port,
-            weight: 1,
-            zone: None,
-            tags: vec![],
-        }
-    }
 
     #[test]
     fn keys_and_values_are_checked() {
@@ -618,7 +210,7 @@ mod tests {
         Change::Put {
             service: "api".into(),
             id: id.into(),
-            spec: spec(port),
+            spec: InstanceSpec::local(port),
         }
     }
 
@@ -685,7 +277,7 @@ mod tests {
             Batch::Delta(vec![Change::Put {
                 service: "nope".into(),
                 id: "x".into(),
-                spec: spec(1),
+                spec: InstanceSpec::local(1),
             }]),
             &reg,
             &svcs,

@@ -96,11 +96,6 @@ impl Routing {
         let l = self.listeners.get(listener)?;
         self.upstreams.get(l.service.as_deref()?)
     }
-
-    /// Every upstream by service name.
-    pub fn upstreams(&self) -> &HashMap<String, Arc<Upstream>> {
-        &self.upstreams
-    }
 }
 
 fn strip_port(host: &str) -> &str {

@@ -11,6 +11,8 @@ mod config;
 mod etcd;
 mod failover;
 mod lifecycle;
+#[cfg(feature = "etcd")]
+mod precedence;
 mod proxy;
 mod status_page;
 mod support;

@@ -1,0 +1,245 @@
+//! The three sources of an instance and the one precedence rule that merges
+//! them ([`Layers::resolve`]).
+//!
+//! Lowest first: the **config file**; the **dynamic overrides** (admin API
+//! registrations, removals and strategy, persisted in the state file); the
+//! **discovered set** (etcd). A higher layer wins on the same instance id;
+//! a dynamic removal hides the config's instance of that id, and nothing
+//! below the discovered set comes back while a discovered key exists. When
+//! a higher layer lets go of an id (an etcd key leaves, an override is
+//! removed) the id resolves to what the layers below say, never straight to
+//! the config's version.
+//!
+//! Every path that changes the registry (reload, discovery updates, admin
+//! commands) asks this rule, so they cannot disagree.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use datapunk_lb_core::{LoadBalancerConfig, ServiceInstance};
+use tracing::warn;
+
+use crate::config::ServiceConfig;
+use crate::state::{DynamicState, InstanceSpec};
+
+/// Which layer an instance's description comes from, lowest precedence first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Source {
+    /// The config file.
+    Config,
+    /// The admin API (the state file).
+    Dynamic,
+    /// etcd.
+    Discovered,
+}
+
+impl Source {
+    /// The layer's name in log lines.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Dynamic => "admin API",
+            Source::Discovered => "discovered",
+        }
+    }
+}
+
+/// The discovered instances, by service and id.
+pub(crate) type DiscoveredSet = HashMap<String, HashMap<String, InstanceSpec>>;
+
+/// The desired state: every source, by service.
+#[derive(Debug, Default)]
+pub(crate) struct Layers {
+    /// The config file's services.
+    config: BTreeMap<String, ServiceConfig>,
+    /// Position of each config instance in its service's list, by id.
+    config_index: HashMap<String, HashMap<String, usize>>,
+    /// What the state file persists.
+    pub(crate) dynamic: DynamicState,
+    /// What etcd holds.
+    pub(crate) discovered: DiscoveredSet,
+}
+
+impl Layers {
+    /// Layers over `dynamic` with no config yet.
+    pub(crate) fn new(dynamic: DynamicState) -> Self {
+        Self {
+            dynamic,
+            ..Self::default()
+        }
+    }
+
+    /// Replaces the config layer.
+    pub(crate) fn set_config(&mut self, services: BTreeMap<String, ServiceConfig>) {
+        self.config_index = services
+            .iter()
+            .map(|(name, svc)| {
+                let ids = svc
+                    .instances
+                    .iter()
+                    .enumerate()
+                    .map(|(n, i)| (i.id().as_str().to_owned(), n))
+                    .collect();
+                (name.clone(), ids)
+            })
+            .collect();
+        self.config = services;
+    }
+
+    /// The config's services.
+    pub(crate) fn config(&self) -> &BTreeMap<String, ServiceConfig> {
+        &self.config
+    }
+
+    /// Whether the config has `service` (only configured services are routed
+    /// and accept admin changes).
+    pub(crate) fn is_configured(&self, service: &str) -> bool {
+        self.config.contains_key(service)
+    }
+
+    /// Whether the config file has `service/id`.
+    pub(crate) fn in_config(&self, service: &str, id: &str) -> bool {
+        self.config_index
+            .get(service)
+            .is_some_and(|ids| ids.contains_key(id))
+    }
+
+    /// The rule: what `service/id` should be in the registry, and from which
+    /// layer; `None` when no layer wants it.
+    pub(crate) fn resolve(&self, service: &str, id: &str) -> Option<(Source, ServiceInstance)> {
+        let discovered = self.discovered.get(service).and_then(|m| m.get(id));
+        if let Some(i) = discovered.and_then(|spec| valid(service, id, spec)) {
+            return Some((Source::Discovered, i));
+        }
+        let overlay = self.dynamic.services.get(service);
+        let registered = overlay.and_then(|o| o.instances.get(id));
+        if let Some(i) = registered.and_then(|spec| valid(service, id, spec)) {
+            return Some((Source::Dynamic, i));
+        }
+        if overlay.is_some_and(|o| o.removed.contains(id)) {
+            return None;
+        }
+        let n = *self.config_index.get(service)?.get(id)?;
+        let i = self.config.get(service)?.instances.get(n)?.clone();
+        Some((Source::Config, i))
+    }
+
+    /// Every instance `service` should have, by [`resolve`](Self::resolve),
+    /// in id order.
+    pub(crate) fn instances(&self, service: &str) -> Vec<(Source, ServiceInstance)> {
+        let mut ids: BTreeSet<&str> = BTreeSet::new();
+        if let Some(index) = self.config_index.get(service) {
+            ids.extend(index.keys().map(String::as_str));
+        }
+        if let Some(o) = self.dynamic.services.get(service) {
+            ids.extend(o.instances.keys().map(String::as_str));
+        }
+        if let Some(m) = self.discovered.get(service) {
+            ids.extend(m.keys().map(String::as_str));
+        }
+        ids.into_iter()
+            .filter_map(|id| self.resolve(service, id))
+            .collect()
+    }
+
+    /// The balancing `service` should run: the config's, with the strategy
+    /// set through the admin API if any.
+    pub(crate) fn balancing(&self, service: &str) -> Option<LoadBalancerConfig> {
+        let mut balancing = self.config.get(service)?.balancing.clone();
+        let chosen = self
+            .dynamic
+            .services
+            .get(service)
+            .and_then(|o| o.strategy.as_deref())
+            .and_then(|k| k.parse().ok());
+        if let Some(k) = chosen {
+            balancing.strategy = k;
+        }
+        Some(balancing)
+    }
+}
+
+/// The core description of a stored spec; an invalid one (validated where it
+/// entered, so only a hand-edited state file) is logged and skipped.
+fn valid(service: &str, id: &str, spec: &InstanceSpec) -> Option<ServiceInstance> {
+    match spec.to_instance(id) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            warn!(service, instance = id, error = %e, "skipping an invalid stored instance");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn layers() -> Layers {
+        let c = Config::parse(
+            "[[listener]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nservice = \"api\"\n[service.api]\n[[service.api.instance]]\nid = \"a\"\naddress = \"127.0.0.1\"\nport = 1\n[[service.api.instance]]\nid = \"b\"\naddress = \"127.0.0.1\"\nport = 2\n",
+        )
+        .unwrap();
+        let mut l = Layers::default();
+        l.set_config(c.services);
+        l
+    }
+
+    fn port(l: &Layers, id: &str) -> Option<(Source, u16)> {
+        l.resolve("api", id).map(|(s, i)| (s, i.port()))
+    }
+
+    #[test]
+    fn each_layer_overrides_the_one_below_on_the_same_id() {
+        let mut l = layers();
+        assert_eq!(port(&l, "a"), Some((Source::Config, 1)));
+        l.dynamic
+            .service_mut("api")
+            .instances
+            .insert("a".into(), InstanceSpec::local(10));
+        assert_eq!(port(&l, "a"), Some((Source::Dynamic, 10)));
+        l.discovered
+            .entry("api".into())
+            .or_default()
+            .insert("a".into(), InstanceSpec::local(20));
+        assert_eq!(port(&l, "a"), Some((Source::Discovered, 20)));
+        // The key leaves: the override comes back, not the config's version.
+        l.discovered.clear();
+        assert_eq!(port(&l, "a"), Some((Source::Dynamic, 10)));
+        assert_eq!(port(&l, "b"), Some((Source::Config, 2)));
+        assert_eq!(port(&l, "nope"), None);
+    }
+
+    #[test]
+    fn a_removal_hides_the_config_instance_but_not_a_discovered_one() {
+        let mut l = layers();
+        l.dynamic.service_mut("api").removed.insert("b".into());
+        assert_eq!(port(&l, "b"), None);
+        l.discovered
+            .entry("api".into())
+            .or_default()
+            .insert("b".into(), InstanceSpec::local(30));
+        assert_eq!(port(&l, "b"), Some((Source::Discovered, 30)));
+        l.discovered.clear();
+        assert_eq!(port(&l, "b"), None, "the key left: the removal holds");
+        let ids: Vec<(Source, String)> = l
+            .instances("api")
+            .into_iter()
+            .map(|(s, i)| (s, i.id().to_string()))
+            .collect();
+        assert_eq!(ids, vec![(Source::Config, "a".to_owned())]);
+    }
+
+    #[test]
+    fn the_strategy_override_wins_over_the_config() {
+        let mut l = layers();
+        let configured = l.balancing("api").unwrap().strategy;
+        assert_eq!(configured.as_str(), "adaptive");
+        l.dynamic.service_mut("api").strategy = Some("least_connections".into());
+        assert_eq!(
+            l.balancing("api").unwrap().strategy.as_str(),
+            "least_connections"
+        );
+        assert!(l.balancing("nope").is_none());
+    }
+}
