@@ -238,6 +238,198 @@ async fn every_mutating_route_needs_the_token_and_validates() {
     assert_eq!(admin(adm, "GET", "/readyz", None, None).await.0, 200);
 }
 
+/// Without the right token, every `/v1` request gets 401 whatever else is
+/// wrong with it: a 415, 413, 400 or 404 would tell an unauthenticated
+/// caller how far its request got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_gets_401_before_any_other_check() {
+    let a = Backend::start("a").await;
+    let (cfg, _token) = config(&[&a], None);
+    let lb = Lb::start(&cfg);
+    let adm = lb.addr("admin");
+    let before = essence(&service(adm).await);
+    let good = r#"{"address":"127.0.0.1","port":80}"#.to_owned();
+    let big = format!(r#"{{"address":"{}","port":80}}"#, "a".repeat(65 * 1024));
+    let json = Some("application/json");
+    // (what is wrong besides the token, method, path, content type, body)
+    let cases: Vec<(&str, &str, &str, Option<&str>, String)> = vec![
+        (
+            "no content type",
+            "PUT",
+            "/v1/services/api/instances/x",
+            None,
+            good.clone(),
+        ),
+        (
+            "text/plain",
+            "PUT",
+            "/v1/services/api/instances/x",
+            Some("text/plain"),
+            good.clone(),
+        ),
+        (
+            "no content type",
+            "POST",
+            "/v1/services/api/instances/a/health",
+            None,
+            r#"{"health_score":0.1}"#.into(),
+        ),
+        (
+            "text/plain",
+            "PUT",
+            "/v1/services/api/strategy",
+            Some("text/plain"),
+            r#"{"strategy":"p2c"}"#.into(),
+        ),
+        (
+            "a body over 64 KiB",
+            "PUT",
+            "/v1/services/api/instances/x",
+            json,
+            big,
+        ),
+        (
+            "bad JSON",
+            "PUT",
+            "/v1/services/api/instances/x",
+            json,
+            "{not json".into(),
+        ),
+        (
+            "bad JSON",
+            "POST",
+            "/v1/services/api/instances/a/health",
+            json,
+            "{not json".into(),
+        ),
+        (
+            "a bad field",
+            "PUT",
+            "/v1/services/api/instances/x",
+            json,
+            r#"{"address":"127.0.0.1","port":0}"#.into(),
+        ),
+        (
+            "unknown service",
+            "PUT",
+            "/v1/services/nope/instances/x",
+            json,
+            good.clone(),
+        ),
+        (
+            "unknown service",
+            "PUT",
+            "/v1/services/nope/strategy",
+            json,
+            r#"{"strategy":"p2c"}"#.into(),
+        ),
+        (
+            "unknown service",
+            "DELETE",
+            "/v1/services/nope/instances/x",
+            None,
+            String::new(),
+        ),
+        (
+            "unknown service",
+            "GET",
+            "/v1/services/nope",
+            None,
+            String::new(),
+        ),
+        (
+            "bad drain",
+            "DELETE",
+            "/v1/services/api/instances/a?drain=soon",
+            None,
+            String::new(),
+        ),
+    ];
+    for (wrong, method, path, content_type, body) in &cases {
+        for auth in [None, Some("Bearer wrong-token"), Some("Basic s3cret-token")] {
+            let mut headers = Vec::new();
+            if let Some(a) = auth {
+                headers.push(("authorization", a));
+            }
+            if let Some(ct) = content_type {
+                headers.push(("content-type", *ct));
+            }
+            let (status, resp) = request(adm, method, path, &headers, body.clone()).await;
+            assert_eq!(
+                status, 401,
+                "{method} {path} with {wrong} and authorization {auth:?}: {resp}"
+            );
+            assert!(
+                resp.contains("bearer token"),
+                "{method} {path} with {wrong}: the 401 says only that: {resp}"
+            );
+        }
+    }
+    assert_eq!(
+        essence(&service(adm).await),
+        before,
+        "a refused request changed state"
+    );
+    // With the token, the same checks answer as before.
+    let right = format!("Bearer {TOKEN}");
+    let (status, _) = request(
+        adm,
+        "PUT",
+        "/v1/services/api/instances/x",
+        &[("authorization", &right)],
+        good,
+    )
+    .await;
+    assert_eq!(
+        status, 415,
+        "with the token, a body not declared as JSON gets 415"
+    );
+}
+
+/// The auth scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
+    let a = Backend::start("a").await;
+    let (cfg, _token) = config(&[&a], None);
+    let lb = Lb::start(&cfg);
+    let adm = lb.addr("admin");
+    let upper = TOKEN.to_ascii_uppercase();
+    for (scheme, token, want) in [
+        ("Bearer", TOKEN, 200),
+        ("bearer", TOKEN, 200),
+        ("BEARER", TOKEN, 200),
+        ("bEaReR", TOKEN, 200),
+        ("Bearer", upper.as_str(), 401),
+        ("bearer", upper.as_str(), 401),
+        ("Bearers", TOKEN, 401),
+    ] {
+        let auth = format!("{scheme} {token}");
+        let (status, resp) = request(
+            adm,
+            "GET",
+            "/v1/services",
+            &[("authorization", &auth)],
+            String::new(),
+        )
+        .await;
+        assert_eq!(status, want, "authorization {auth:?}: {resp}");
+    }
+    let auth = format!("bearer {TOKEN}");
+    let (status, resp) = request(
+        adm,
+        "PUT",
+        "/v1/services/api/strategy",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        r#"{"strategy":"p2c"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "a lower-case scheme may change state: {resp}");
+    assert_eq!(service(adm).await["strategy"], "p2c");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_with_drain_lets_in_flight_requests_finish() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);

@@ -374,7 +374,8 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// An admin API request; returns status and body.
+/// An admin API request; returns status and body. A body is sent as
+/// `Content-Type: application/json`; for any other headers, [`request`].
 pub(crate) async fn admin(
     addr: SocketAddr,
     method: &str,
@@ -382,20 +383,33 @@ pub(crate) async fn admin(
     token: Option<&str>,
     body: Option<String>,
 ) -> (u16, String) {
-    let c = client();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = Vec::new();
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    if body.is_some() {
+        headers.push(("content-type", "application/json"));
+    }
+    request(addr, method, path, &headers, body.unwrap_or_default()).await
+}
+
+/// An HTTP request with exactly `headers`; returns status and body.
+pub(crate) async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> (u16, String) {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"));
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .unwrap();
-    let resp = c.request(req).await.unwrap();
+    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    let resp = client().request(req).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
