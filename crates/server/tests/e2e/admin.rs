@@ -502,12 +502,88 @@ fn metric_value(
 }
 
 async fn scrape(adm: std::net::SocketAddr) -> Vec<prometheus_parse::Sample> {
+    scrape_with_text(adm).await.0.samples
+}
+
+/// The parsed scrape and its text.
+async fn scrape_with_text(adm: std::net::SocketAddr) -> (prometheus_parse::Scrape, String) {
     let (status, text) = admin(adm, "GET", "/metrics", None, None).await;
     assert_eq!(status, 200);
     let lines = text.lines().map(|l| Ok(l.to_owned()));
-    prometheus_parse::Scrape::parse(lines)
-        .expect("valid Prometheus text")
-        .samples
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    (parsed, text)
+}
+
+/// Every family SPEC §3 "Metrics" names (and the discovery families of
+/// `metrics.rs`), with its type.
+const FAMILIES: &[(&str, &str)] = &[
+    ("datapunk_lb_requests_total", "counter"),
+    ("datapunk_lb_request_duration_seconds", "histogram"),
+    ("datapunk_lb_active_connections", "gauge"),
+    ("datapunk_lb_instance_health_score", "gauge"),
+    ("datapunk_lb_circuit_state", "gauge"),
+    ("datapunk_lb_circuit_transitions_total", "counter"),
+    ("datapunk_lb_selections_total", "counter"),
+    ("datapunk_lb_retries_total", "counter"),
+    ("datapunk_lb_health_checks_total", "counter"),
+    ("datapunk_lb_panic_mode", "gauge"),
+    ("datapunk_lb_instances", "gauge"),
+    ("datapunk_lb_config_reloads_total", "counter"),
+    ("datapunk_lb_discovery_stale", "gauge"),
+    ("datapunk_lb_discovery_syncs_total", "counter"),
+    ("datapunk_lb_discovery_invalid_values_total", "counter"),
+];
+
+/// Alerts and `rate()` need a series before its first event: the first
+/// scrape of a fresh node lists every family, and the known label sets of
+/// the event counters at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_is_listed_from_the_first_scrape() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (cfg, _token) = config(&[&a, &b], None);
+    let lb = Lb::start(&cfg);
+    let (scrape, text) = scrape_with_text(lb.addr("admin")).await;
+    for (family, kind) in FAMILIES {
+        // OpenMetrics names a counter's family without its `_total` suffix.
+        let base = family.strip_suffix("_total").unwrap_or(family);
+        assert!(
+            text.lines().any(|l| l == format!("# TYPE {base} {kind}")),
+            "no TYPE {kind} for {family} in the first scrape:\n{text}"
+        );
+        assert!(
+            scrape.docs.contains_key(base),
+            "no HELP for {family} in the first scrape:\n{text}"
+        );
+    }
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(
+            metric_value(&scrape.samples, name, labels),
+            Some(0.0),
+            "{name} {labels:?} at 0 from the first scrape:\n{text}"
+        );
+    };
+    for result in ["success", "failure"] {
+        zero("datapunk_lb_config_reloads_total", &[("result", result)]);
+        zero("datapunk_lb_discovery_syncs_total", &[("result", result)]);
+    }
+    for (from, to) in [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+        ("half_open", "open"),
+    ] {
+        zero(
+            "datapunk_lb_circuit_transitions_total",
+            &[("service", "api"), ("from", from), ("to", to)],
+        );
+    }
+    zero("datapunk_lb_retries_total", &[("service", "api")]);
+    zero("datapunk_lb_discovery_invalid_values_total", &[]);
+    // Both backends pass their checks: failures stay at 0, listed.
+    zero(
+        "datapunk_lb_health_checks_total",
+        &[("service", "api"), ("result", "failure")],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
