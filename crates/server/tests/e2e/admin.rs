@@ -430,6 +430,54 @@ async fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
     assert_eq!(service(adm).await["strategy"], "p2c");
 }
 
+/// Instance ids are checked where they enter: an id that could not be an
+/// etcd key segment, or would break a log line or a metric label, gets 400
+/// naming `id`, and nothing is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_ids_outside_the_allowed_set_get_400_naming_id() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (cfg, _token) = config(&[&a], None);
+    let lb = Lb::start(&cfg);
+    let adm = lb.addr("admin");
+    let before = essence(&service(adm).await);
+    let body = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, b.addr.port());
+    // Percent-encoded in the path; the handler sees them decoded.
+    for id in [
+        "a%2Fb",
+        "..%2F..%2Fetc",
+        "%2F",
+        "a%0Ab",
+        "a%0D%0Ainjected%3D1",
+        "a%00b",
+        "a%20b",
+        "a%22b",
+        "caf%C3%A9",
+    ] {
+        let path = format!("/v1/services/api/instances/{id}");
+        let (status, resp) = admin(adm, "PUT", &path, Some(TOKEN), Some(body.clone())).await;
+        assert_eq!(status, 400, "id {id:?}: {resp}");
+        let v: Value = serde_json::from_str(&resp).unwrap();
+        assert_eq!(v["field"], "id", "id {id:?}: {resp}");
+        assert_eq!(
+            essence(&service(adm).await),
+            before,
+            "id {id:?} changed state"
+        );
+    }
+    // Every allowed character (letters, digits and `._:-@`) is accepted.
+    let ok = "Api-1.b_c:8080@zone-A";
+    let path = format!("/v1/services/api/instances/{ok}");
+    let (status, resp) = admin(adm, "PUT", &path, Some(TOKEN), Some(body)).await;
+    assert_eq!(status, 201, "{resp}");
+    let ids: Vec<Value> = service(adm).await["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect();
+    assert!(ids.contains(&Value::from(ok)), "{ids:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_with_drain_lets_in_flight_requests_finish() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
