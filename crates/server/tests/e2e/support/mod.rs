@@ -1,5 +1,9 @@
 //! Helpers shared by the end-to-end tests: real backends on 127.0.0.1:0, the
-//! real `datapunk-lb` binary as a child process, and clients.
+//! real `datapunk-lb` binary as a child process, and clients; [`etcd`]:
+//! the etcd process harness.
+
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
