@@ -1,6 +1,7 @@
 //! The etcd process harness: finds the etcd binary, runs single-member etcd
 //! servers on free ports with a temp data dir (stopped by pid, data dir
-//! removed on drop), and balancer nodes that discover from them.
+//! removed on drop), balancer nodes that discover from them, and the
+//! `datapunk-lb register` sidecar.
 //!
 //! Without etcd installed, [`etcd_bin`] returns `None` and the test skips
 //! with a printed reason (it fails instead under `DATAPUNK_LB_REQUIRE_ALL=1`).
@@ -8,11 +9,17 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
+use parking_lot::Mutex;
+use serde_json::Value;
 
-use super::{admin, client, get, require, temp_path, Backend, HttpClient, Lb};
+use super::{
+    admin, client, get, lb_command, read_json_log, require, signal, temp_path, wait_exit, Backend,
+    HttpClient, Lb, WEB_TO_API,
+};
 
 /// The key prefix the test nodes watch.
 pub(crate) const PREFIX: &str = "/datapunk/services/";
@@ -112,6 +119,69 @@ impl Drop for Etcd {
     }
 }
 
+/// The `datapunk-lb register` sidecar as a child process, JSON logs kept
+/// with the time each line arrived.
+pub(crate) struct Sidecar {
+    child: Child,
+    /// Each JSON log line with the time it arrived.
+    pub(crate) log: Arc<Mutex<Vec<(Instant, Value)>>>,
+}
+
+impl Sidecar {
+    /// Registers `backend` as `api/{id}` with a lease of `ttl`.
+    pub(crate) fn start(etcd_url: &str, id: &str, backend: &Backend, ttl: &str) -> Sidecar {
+        let port = backend.addr.port().to_string();
+        let mut child = lb_command(&["register", "--etcd", etcd_url])
+            .args(["--service", "api", "--id", id, "--address", "127.0.0.1"])
+            .args(["--port", &port, "--ttl", ttl])
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        read_json_log(&mut child, "register", move |v| {
+            log2.lock().push((Instant::now(), v));
+        });
+        Sidecar { child, log }
+    }
+
+    /// When the sidecar logged that its key is in etcd.
+    pub(crate) async fn registered(&self) -> Instant {
+        let t = Instant::now();
+        loop {
+            if let Some((at, _)) = self
+                .log
+                .lock()
+                .iter()
+                .find(|(_, v)| v["message"] == "register: instance registered")
+            {
+                return *at;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "sidecar did not register"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Sends `sig` to the sidecar.
+    pub(crate) fn signal(&self, sig: &str) {
+        signal(&self.child, sig);
+    }
+
+    /// Waits (up to 10 s) for the sidecar to exit.
+    pub(crate) fn wait_exit(&mut self) -> std::process::ExitStatus {
+        wait_exit(&mut self.child, "sidecar", Duration::from_secs(10))
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts one member on `dir`, logging to `dir.log`.
 fn spawn_etcd(bin: &Path, dir: &Path, client: u16, peer: u16) -> Child {
     let peer_url = format!("http://127.0.0.1:{peer}");
@@ -180,18 +250,12 @@ pub(crate) fn value(b: &Backend, weight: u32) -> String {
     )
 }
 
-/// A node: an http listener `web` routing `/` to `api` (round robin, no
-/// active checks), one static instance `base`, etcd discovery.
+/// A node: [`WEB_TO_API`], `api` round robin with no active checks and
+/// one static instance `base`, etcd discovery.
 pub(crate) fn node_config(base: &Backend, etcd_url: &str) -> String {
     format!(
         r#"drain_timeout = "2s"
-[[listener]]
-name = "web"
-listen = "127.0.0.1:0"
-[[listener.route]]
-path_prefix = "/"
-service = "api"
-
+{WEB_TO_API}
 [service.api]
 strategy = "round_robin"
 slow_start = "0s"
