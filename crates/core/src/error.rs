@@ -13,8 +13,20 @@ pub enum InstanceError {
     #[error("instance id must not be empty")]
     EmptyId,
     /// The instance id is longer than [`crate::instance::MAX_ID_LEN`] bytes.
-    #[error("instance id is {0} bytes long; the limit is 253")]
+    #[error("instance id is {0} bytes long; the limit is {max}", max = crate::instance::MAX_ID_LEN)]
     IdTooLong(usize),
+    /// The instance id has a character outside [`crate::instance::ID_CHARS`].
+    #[error("instance id has {found:?} at byte {at}; allowed are {allowed}", allowed = crate::instance::ID_CHARS)]
+    IdBadChar {
+        /// The offending character.
+        found: char,
+        /// Its byte offset in the id.
+        at: usize,
+    },
+    /// The instance id is `.` or contains `..`, which would read as a path
+    /// step where ids become key segments.
+    #[error("instance id {0:?} is or contains a '.'/'..' path step")]
+    IdDotSegment(String),
     /// The address is empty.
     #[error("address must not be empty")]
     EmptyAddress,
@@ -24,6 +36,22 @@ pub enum InstanceError {
     /// Weight outside `1..=1000`.
     #[error("weight must be in 1..=1000, got {0}")]
     InvalidWeight(u64),
+}
+
+impl InstanceError {
+    /// The description field at fault (`id`, `address`, `port`, `weight`),
+    /// so every entry point reports it under the same key.
+    pub fn field(&self) -> &'static str {
+        match self {
+            InstanceError::EmptyId
+            | InstanceError::IdTooLong(_)
+            | InstanceError::IdBadChar { .. }
+            | InstanceError::IdDotSegment(_) => "id",
+            InstanceError::EmptyAddress => "address",
+            InstanceError::ZeroPort => "port",
+            InstanceError::InvalidWeight(_) => "weight",
+        }
+    }
 }
 
 /// A health score outside `0.0..=1.0`, or not a number.

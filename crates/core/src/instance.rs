@@ -32,10 +32,23 @@ use crate::slow_start;
 /// Longest instance id accepted, in bytes (a DNS name's limit).
 pub const MAX_ID_LEN: usize = 253;
 
+/// The characters an instance id may use, as written in error messages.
+///
+/// Ids become log fields, metric label values and etcd key segments, and
+/// arrive from the config file, the admin API, the state file and etcd. A
+/// conservative set — ASCII letters, digits and `. _ : - @`, enough for host
+/// names, `host:port` and `name@zone` — means none of those needs escaping,
+/// and a `/`, a space, a newline or a NUL can never split a key or forge a
+/// log line. `.` alone and `..` are refused too: as key segments they read
+/// as path steps.
+pub const ID_CHARS: &str = "ASCII letters, digits and . _ : - @";
+
 /// "No timestamp" in the atomics.
 const NONE: u64 = u64::MAX;
 
-/// An instance id: non-empty, at most [`MAX_ID_LEN`] bytes. Cheap to clone.
+/// An instance id: 1..=[`MAX_ID_LEN`] characters from [`ID_CHARS`], not
+/// `.` and without `..`. Every id in the process is built through
+/// [`try_new`](Self::try_new), so every entry point agrees. Cheap to clone.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceId(Arc<str>);
 
@@ -129,13 +142,19 @@ pub struct InstanceStatus {
 // === impl InstanceId ===
 
 impl InstanceId {
-    /// Validates an id.
+    /// Validates an id (see the type's doc for the rule).
     pub fn try_new(id: &str) -> Result<Self, InstanceError> {
         if id.is_empty() {
             return Err(InstanceError::EmptyId);
         }
         if id.len() > MAX_ID_LEN {
             return Err(InstanceError::IdTooLong(id.len()));
+        }
+        if let Some((at, found)) = id.char_indices().find(|&(_, c)| !is_id_char(c)) {
+            return Err(InstanceError::IdBadChar { found, at });
+        }
+        if id == "." || id.contains("..") {
+            return Err(InstanceError::IdDotSegment(id.to_owned()));
         }
         Ok(Self(Arc::from(id)))
     }
@@ -144,6 +163,11 @@ impl InstanceId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Whether `c` is in [`ID_CHARS`].
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-' | '@')
 }
 
 impl fmt::Debug for InstanceId {
@@ -476,6 +500,7 @@ mod tests {
             InstanceId::try_new(&long).unwrap_err(),
             InstanceError::IdTooLong(254)
         );
+        assert!(InstanceId::try_new(&"x".repeat(253)).is_ok());
         for w in [0, 1001, 65_536 + 1] {
             assert_eq!(
                 Weight::try_new(w).unwrap_err(),
@@ -489,5 +514,54 @@ mod tests {
             .with_tags(["canary"]);
         assert_eq!(i.zone(), Some("eu-1"));
         assert_eq!(i.tags().collect::<Vec<_>>(), ["canary"]);
+    }
+
+    #[test]
+    fn ids_from_the_allowed_set_are_accepted() {
+        for id in [
+            "api-1",
+            "b0",
+            "A_z.9",
+            "10.0.0.1:8080",
+            "web@eu-west-1",
+            "x",
+            ".hidden",
+            "trailing.",
+        ] {
+            assert_eq!(InstanceId::try_new(id).unwrap().as_str(), id);
+        }
+    }
+
+    #[test]
+    fn ids_that_would_split_a_key_or_a_log_line_are_rejected() {
+        let bad_char = |id: &str, found: char, at: usize| {
+            assert_eq!(
+                InstanceId::try_new(id).unwrap_err(),
+                InstanceError::IdBadChar { found, at },
+                "{id:?}"
+            );
+        };
+        bad_char("a/b", '/', 1);
+        bad_char("../etc", '/', 2);
+        bad_char("a b", ' ', 1);
+        bad_char("line\nbreak", '\n', 4);
+        bad_char("tab\t", '\t', 3);
+        bad_char("nul\0", '\0', 3);
+        bad_char("café", 'é', 3);
+        bad_char("a=b", '=', 1);
+        bad_char("\"q\"", '"', 0);
+        for id in [".", "..", "a..b", "..."] {
+            assert_eq!(
+                InstanceId::try_new(id).unwrap_err(),
+                InstanceError::IdDotSegment(id.to_owned()),
+                "{id:?}"
+            );
+        }
+        let msg = InstanceId::try_new("a/b").unwrap_err().to_string();
+        assert!(msg.contains("'/'") && msg.contains("byte 1"), "{msg}");
+        assert!(InstanceId::try_new(&"x".repeat(254))
+            .unwrap_err()
+            .to_string()
+            .contains("limit is 253"));
     }
 }

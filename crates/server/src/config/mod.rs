@@ -825,15 +825,10 @@ fn service(
             match ServiceInstance::try_new(f.id.get_ref(), f.address.get_ref(), port as u16) {
                 Ok(b) => b,
                 Err(e) => {
-                    let at = if f.id.get_ref().is_empty() || f.id.get_ref().len() > 253 {
-                        &f.id
-                    } else {
-                        &f.address
-                    };
-                    let field = if std::ptr::eq(at, &f.id) {
-                        "id"
-                    } else {
-                        "address"
+                    // Port was checked above: the fault is the id or the address.
+                    let (field, at) = match e.field() {
+                        "id" => ("id", &f.id),
+                        _ => ("address", &f.address),
                     };
                     ck.issue(format!("{ik}.{field}"), at, e.to_string());
                     continue;
@@ -875,4 +870,49 @@ fn service(
         health_check,
         instances,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+[[listener.route]]
+service = "api"
+[service.api]
+[[service.api.instance]]
+id = "api-1"
+address = "127.0.0.1"
+port = 9001
+"#;
+
+    fn error_of(src: &str) -> String {
+        match Config::parse(src) {
+            Ok(_) => panic!("accepted: {src}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_bad_instance_id_is_reported_at_its_key_and_line() {
+        for (id, why) in [
+            ("api/1", "'/'"),
+            ("api 1", "' '"),
+            ("..", "path step"),
+            ("", "must not be empty"),
+        ] {
+            let e = error_of(&BASE.replace("\"api-1\"", &format!("{id:?}")));
+            assert!(
+                e.contains("line 8: service.api.instance[0].id") && e.contains(why),
+                "{id:?}: {e}"
+            );
+        }
+        let long = "x".repeat(datapunk_lb_core::instance::MAX_ID_LEN + 1);
+        let e = error_of(&BASE.replace("api-1", &long));
+        assert!(e.contains("line 8: service.api.instance[0].id"), "{e}");
+        let e = error_of(&BASE.replace("\"127.0.0.1\"\nport", "\"\"\nport"));
+        assert!(e.contains("line 9: service.api.instance[0].address"), "{e}");
+    }
 }
