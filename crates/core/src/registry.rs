@@ -55,7 +55,7 @@ pub struct RegistryBuilder {
     seed: Option<u64>,
 }
 
-/// An operation on the [`Registry`](crate::Registry) was refused.
+/// An operation on the [`Registry`] was refused.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum RegistryError {
     /// No service by that name is registered.

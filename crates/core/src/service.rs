@@ -17,7 +17,7 @@
 //! An instance is eligible when it is not draining, its health score is above
 //! 0 and its breaker admits traffic. The service keeps exact counters of
 //! members, draining and unavailable (ejected or breaker-open) instances in
-//! its [`ServiceStats`], recounted (by [`ServiceStats::recount`], the only
+//! its [`ServiceStats`], recounted (by `ServiceStats::recount`, the only
 //! way they change) whenever an instance's state changes, so deciding panic
 //! mode costs three atomic loads per pick: with `eligible <
 //! min_healthy_percent × (members − draining)` the service selects across

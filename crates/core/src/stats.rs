@@ -6,7 +6,7 @@
 //! Every instance is counted in exactly one [`Availability`]: `Available`,
 //! `Unavailable` (ejected or breaker open), `Draining`, or `Absent`
 //! (removed, or not yet added). The instance remembers how it is counted;
-//! [`ServiceStats::recount`] moves it from that to how it should be counted
+//! `ServiceStats::recount` moves it from that to how it should be counted
 //! now, adjusting the member, draining and unavailable counters in one step.
 //! No other code touches those counters, so they cannot drift apart from
 //! the instances they describe. Panic mode reads them (three atomic loads)
