@@ -486,3 +486,145 @@ impl BreakerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+
+    /// Default config without jitter, so windows are exact.
+    fn exact() -> BreakerConfig {
+        BreakerConfig {
+            open_jitter: 0.0,
+            ..BreakerConfig::default()
+        }
+    }
+
+    fn trip(b: &mut CircuitBreaker, clock: &ManualClock, cfg: &BreakerConfig) -> Transition {
+        for i in 1..cfg.error_threshold {
+            assert_eq!(b.on_failure(clock.now(), cfg, 0.0), None, "failure {i}");
+            clock.advance(Duration::from_millis(1));
+        }
+        b.on_failure(clock.now(), cfg, 0.0)
+            .expect("the threshold-th failure trips")
+    }
+
+    #[test]
+    fn closed_opens_after_exactly_error_threshold_consecutive_failures() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        // A success in between resets the run: 2 failures, 1 success, 2 failures.
+        for ok in [false, false, true, false, false] {
+            let t = if ok {
+                b.on_success(clock.now(), &cfg)
+            } else {
+                b.on_failure(clock.now(), &cfg, 0.0)
+            };
+            assert_eq!(t, None);
+            assert_eq!(b.state(), CircuitState::Closed);
+        }
+        let t = b
+            .on_failure(clock.now(), &cfg, 0.0)
+            .expect("third in a row");
+        assert_eq!((t.from, t.to), (CircuitState::Closed, CircuitState::Open));
+        assert_eq!(t.reason, TransitionReason::ConsecutiveFailures(3));
+        assert_eq!(t.open_for, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn open_rejects_until_the_window_passes_then_admits_one_probe() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        trip(&mut b, &clock, &cfg);
+        clock.advance(Duration::from_millis(4_999));
+        assert_eq!(b.try_admit(clock.now(), &cfg), Admission::Rejected);
+        clock.advance(Duration::from_millis(1));
+        let Admission::Probe(Some(t)) = b.try_admit(clock.now(), &cfg) else {
+            panic!("the window has elapsed: a probe and a transition");
+        };
+        assert_eq!((t.from, t.to), (CircuitState::Open, CircuitState::HalfOpen));
+        assert_eq!(t.reason, TransitionReason::OpenWindowElapsed);
+        // half_open_max_probes = 1: a second one waits for the first.
+        assert_eq!(b.try_admit(clock.now(), &cfg), Admission::Rejected);
+        b.release_probe();
+        assert_eq!(b.try_admit(clock.now(), &cfg), Admission::Probe(None));
+        assert_eq!(b.probes_in_flight(), 1);
+    }
+
+    #[test]
+    fn half_open_closes_after_exactly_recovery_threshold_successes() {
+        let clock = ManualClock::new();
+        let cfg = BreakerConfig {
+            recovery_threshold: 3,
+            half_open_max_probes: 3,
+            ..exact()
+        };
+        let mut b = CircuitBreaker::new();
+        trip(&mut b, &clock, &cfg);
+        clock.advance(Duration::from_secs(5));
+        assert!(matches!(
+            b.try_admit(clock.now(), &cfg),
+            Admission::Probe(Some(_))
+        ));
+        assert_eq!(b.on_success(clock.now(), &cfg), None, "1 of 3");
+        assert_eq!(b.on_success(clock.now(), &cfg), None, "2 of 3");
+        let t = b.on_success(clock.now(), &cfg).expect("3 of 3 closes");
+        assert_eq!(
+            (t.from, t.to),
+            (CircuitState::HalfOpen, CircuitState::Closed)
+        );
+        assert_eq!(t.reason, TransitionReason::ProbesSucceeded(3));
+        assert_eq!(b.state(), CircuitState::Closed);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_with_a_doubled_window_up_to_the_cap() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        let first = trip(&mut b, &clock, &cfg);
+        let mut windows = vec![first.open_for];
+        for _ in 0..7 {
+            clock.advance(b.open_until().saturating_since(clock.now()));
+            assert!(matches!(
+                b.try_admit(clock.now(), &cfg),
+                Admission::Probe(_)
+            ));
+            let t = b.on_failure(clock.now(), &cfg, 0.0).expect("probe failed");
+            assert_eq!(t.reason, TransitionReason::ProbeFailed);
+            assert_eq!((t.from, t.to), (CircuitState::HalfOpen, CircuitState::Open));
+            b.release_probe();
+            windows.push(t.open_for);
+        }
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(
+            windows,
+            [
+                secs(5),
+                secs(10),
+                secs(20),
+                secs(40),
+                secs(80),
+                secs(120),
+                secs(120),
+                secs(120)
+            ]
+        );
+        assert_eq!(b.trips(), 8);
+    }
+
+    #[test]
+    fn jitter_shortens_the_window_by_at_most_open_jitter() {
+        let clock = ManualClock::new();
+        let cfg = BreakerConfig::default(); // open_jitter 0.2
+        let mut b = CircuitBreaker::new();
+        for _ in 1..cfg.error_threshold {
+            b.on_failure(clock.now(), &cfg, 0.5);
+        }
+        let t = b.on_failure(clock.now(), &cfg, 0.5).expect("trips");
+        // 5 s × (1 − 0.5 × 0.2) = 4.5 s.
+        assert_eq!(t.open_for, Some(Duration::from_millis(4_500)));
+    }
+}
