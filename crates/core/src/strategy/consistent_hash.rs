@@ -13,10 +13,13 @@
 //! 2.5 % extra at N = 10, about 55 % extra at N = 100, total still under
 //! 2/N), in exchange for near-perfect balance and an O(1) lookup.
 //!
-//! If the key's instance is not eligible the lookup walks to the following
-//! slots (owned by effectively random other instances, so the displaced keys
-//! spread out) for up to 8 slots, then falls back to a random instance. A
-//! pick without a key is random.
+//! If the key's instance is not eligible (or the caller's `select_with`
+//! filter refuses it) the lookup walks to the following slots, owned by
+//! effectively random other instances, so the displaced keys spread out. It
+//! tries up to 8 instances in table order (skipping repeated slots of one
+//! already tried, within 64 slots), then falls back to a random instance.
+//! The walk is deterministic: a key whose instance is refused goes to the
+//! same next instance every time. A pick without a key is random.
 //!
 //! ## Cost
 //!
@@ -44,8 +47,10 @@ use crate::members::Members;
 const TABLE_SIZES: [u64; 8] = [
     65_537, 131_071, 262_139, 524_287, 1_048_573, 2_097_143, 4_194_301, 8_388_593,
 ];
-/// Slots walked past an ineligible instance before falling back to random.
+/// Instances tried along the table before falling back to random.
 const MAX_WALK: u64 = 8;
+/// Slots walked at most while looking for those instances.
+const MAX_WALK_SLOTS: u64 = 64;
 
 /// Maglev consistent hashing.
 #[derive(Debug, Default)]
@@ -148,11 +153,23 @@ impl Table {
         if m == 0 {
             return None;
         }
-        for step in 0..MAX_WALK {
-            let slot = ((hash % m + step) % m) as usize;
-            let member = self.members.get(self.slots[slot] as usize)?;
+        let start = hash % m;
+        let mut owners_tried = 0;
+        let mut last_owner = u32::MAX;
+        for step in 0..MAX_WALK_SLOTS.min(m) {
+            let owner = self.slots[((start + step) % m) as usize];
+            // A run of slots with the owner just refused says nothing new.
+            if owner == last_owner {
+                continue;
+            }
+            last_owner = owner;
+            let member = self.members.get(owner as usize)?;
             if cx.is_eligible(member) {
                 return Some(member.clone());
+            }
+            owners_tried += 1;
+            if owners_tried == MAX_WALK {
+                break;
             }
         }
         None

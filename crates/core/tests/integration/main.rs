@@ -12,6 +12,7 @@ mod counts;
 mod health;
 mod panic_mode;
 mod scale;
+mod select_with;
 mod shares;
 mod slow_start;
 mod support;
