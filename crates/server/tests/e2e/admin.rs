@@ -446,6 +446,8 @@ async fn instance_ids_outside_the_allowed_set_get_400_naming_id() {
         "a%2Fb",
         "..%2F..%2Fetc",
         "%2F",
+        "%2E%2E",
+        "%2E",
         "a%0Ab",
         "a%0D%0Ainjected%3D1",
         "a%00b",
