@@ -27,6 +27,11 @@ fn config(
     (cfg, token_file)
 }
 
+/// A node on [`config`] without a state file.
+fn start_with_token(backends: &[&std::sync::Arc<Backend>]) -> Lb {
+    Lb::start(&config(backends, None).0)
+}
+
 async fn service(admin_addr: std::net::SocketAddr) -> Value {
     let (status, body) = admin(admin_addr, "GET", "/v1/services/api", Some(TOKEN), None).await;
     assert_eq!(status, 200, "{body}");
@@ -62,8 +67,7 @@ fn essence(v: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mutating_route_needs_the_token_and_validates() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a]);
     let adm = lb.addr("admin");
     let put_b = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, b.addr.port());
     let routes: Vec<(&str, String, Option<String>)> = vec![
@@ -244,8 +248,7 @@ async fn every_mutating_route_needs_the_token_and_validates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_gets_401_before_any_other_check() {
     let a = Backend::start("a").await;
-    let (cfg, _token) = config(&[&a], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a]);
     let adm = lb.addr("admin");
     let before = essence(&service(adm).await);
     let good = r#"{"address":"127.0.0.1","port":80}"#.to_owned();
@@ -390,8 +393,7 @@ async fn a_wrong_token_gets_401_before_any_other_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
     let a = Backend::start("a").await;
-    let (cfg, _token) = config(&[&a], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a]);
     let adm = lb.addr("admin");
     let upper = TOKEN.to_ascii_uppercase();
     for (scheme, token, want) in [
@@ -436,8 +438,7 @@ async fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_ids_outside_the_allowed_set_get_400_naming_id() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a]);
     let adm = lb.addr("admin");
     let before = essence(&service(adm).await);
     let body = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, b.addr.port());
@@ -483,8 +484,7 @@ async fn instance_ids_outside_the_allowed_set_get_400_naming_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_with_drain_lets_in_flight_requests_finish() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a, &b], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a, &b]);
     let (adm, web) = (lb.addr("admin"), lb.addr("web"));
     b.set_delay(Duration::from_millis(800));
     // Round robin: one of two requests lands on the slow b.
@@ -590,8 +590,7 @@ const FAMILIES: &[(&str, &str)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_family_is_listed_from_the_first_scrape() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a, &b], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a, &b]);
     let (scrape, text) = scrape_with_text(lb.addr("admin")).await;
     for (family, kind) in FAMILIES {
         // OpenMetrics names a counter's family without its `_total` suffix.
@@ -639,8 +638,7 @@ async fn every_metric_family_is_listed_from_the_first_scrape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_parseable_complete_and_move() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a, &b], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a, &b]);
     let (adm, web) = (lb.addr("admin"), lb.addr("web"));
     let c = client();
     for _ in 0..10 {
