@@ -263,12 +263,12 @@ async fn a_wrong_token_gets_401_before_any_other_check() {
     // (what is wrong besides the token, method, path, content type, body,
     // the status it gets with the right token)
     #[rustfmt::skip]
-    let cases: Vec<(&str, &str, &str, Option<&str>, &str, u16)> = vec![
+    let cases = [
         ("no content type", "PUT", instance, None, good, 415),
         ("text/plain", "PUT", instance, text, good, 415),
         ("no content type", "POST", health, None, r#"{"health_score":0.1}"#, 415),
         ("text/plain", "PUT", strategy, text, r#"{"strategy":"p2c"}"#, 415),
-        ("a body over 64 KiB", "PUT", instance, json, &big, 413),
+        ("a body over 64 KiB", "PUT", instance, json, big.as_str(), 413),
         ("bad JSON", "PUT", instance, json, "{not json", 400),
         ("bad JSON", "POST", health, json, "{not json", 400),
         ("a bad field", "PUT", instance, json, r#"{"address":"127.0.0.1","port":0}"#, 400),
