@@ -38,6 +38,16 @@ async fn service(admin_addr: std::net::SocketAddr) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// The ids of `api`'s instances.
+async fn ids(admin_addr: std::net::SocketAddr) -> Vec<Value> {
+    service(admin_addr).await["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect()
+}
+
 /// Removes an instance without draining.
 async fn remove_now(adm: std::net::SocketAddr, id: &str) {
     let path = format!("/v1/services/api/instances/{id}?drain=0s");
@@ -400,12 +410,7 @@ async fn instance_ids_outside_the_allowed_set_get_400_naming_id() {
     let path = format!("/v1/services/api/instances/{ok}");
     let (status, resp) = admin(adm, "PUT", &path, Some(TOKEN), Some(body)).await;
     assert_eq!(status, 201, "{resp}");
-    let ids: Vec<Value> = service(adm).await["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].clone())
-        .collect();
+    let ids = ids(adm).await;
     assert!(ids.contains(&Value::from(ok)), "{ids:?}");
 }
 
@@ -446,12 +451,7 @@ async fn delete_with_drain_lets_in_flight_requests_finish() {
     // Removed once idle (maintain runs every 100 ms).
     let t = Instant::now();
     loop {
-        let ids: Vec<Value> = service(adm).await["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["id"].clone())
-            .collect();
+        let ids = ids(adm).await;
         if ids == [Value::from("a")] {
             break;
         }
