@@ -34,7 +34,40 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::clock::Timestamp;
-use crate::config::{BreakerConfig, LoadBalancerConfig};
+use crate::error::ConfigError;
+
+/// Default consecutive failures that open a breaker: 3.
+pub const DEFAULT_ERROR_THRESHOLD: u32 = 3;
+/// Default consecutive half-open successes that close a breaker: 2.
+pub const DEFAULT_RECOVERY_THRESHOLD: u32 = 2;
+
+/// Everything the breaker decides on (see the module doc for the rule).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker (1..=1000). Default 3.
+    pub error_threshold: u32,
+    /// Consecutive successes in half-open that close the breaker
+    /// (1..=1000). Default 2.
+    pub recovery_threshold: u32,
+    /// Failure rate (0 < r ≤ 1) over `failure_rate_window` that opens the
+    /// breaker once `failure_rate_min_requests` were seen. Default 0.5.
+    pub failure_rate_threshold: f64,
+    /// Length of the failure-rate window. Default 10 s.
+    pub failure_rate_window: Duration,
+    /// Minimum requests in the window before the rate may trip. Default 20.
+    pub failure_rate_min_requests: u32,
+    /// Open window after the first trip; doubles on every further trip.
+    /// Default 5 s.
+    pub open_base: Duration,
+    /// Cap on the open window. Default 120 s.
+    pub open_max: Duration,
+    /// Jitter: the window is shortened by a uniform fraction in
+    /// `[0, open_jitter)`, so it never exceeds the cap and trips of many
+    /// instances spread out. In `0.0..1.0`. Default 0.2.
+    pub open_jitter: f64,
+    /// Probes admitted at once while half-open (≥ 1). Default 1.
+    pub half_open_max_probes: u32,
+}
 
 /// The state of a circuit breaker. The numeric encoding is that of the
 /// `datapunk_lb_circuit_state` metric.
@@ -219,7 +252,7 @@ impl CircuitBreaker {
     }
 
     /// Asks to send a request now.
-    pub fn try_admit(&mut self, now: Timestamp, cfg: &LoadBalancerConfig) -> Admission {
+    pub fn try_admit(&mut self, now: Timestamp, cfg: &BreakerConfig) -> Admission {
         let mut transition = None;
         if self.state == CircuitState::Open {
             if now < self.open_until {
@@ -229,7 +262,7 @@ impl CircuitBreaker {
         }
         match self.state {
             CircuitState::Closed => Admission::Admitted,
-            CircuitState::HalfOpen if self.probes_in_flight < cfg.breaker.half_open_max_probes => {
+            CircuitState::HalfOpen if self.probes_in_flight < cfg.half_open_max_probes => {
                 self.probes_in_flight += 1;
                 Admission::Probe(transition)
             }
@@ -243,13 +276,13 @@ impl CircuitBreaker {
     }
 
     /// Records a success at `now`.
-    pub fn on_success(&mut self, now: Timestamp, cfg: &LoadBalancerConfig) -> Option<Transition> {
+    pub fn on_success(&mut self, now: Timestamp, cfg: &BreakerConfig) -> Option<Transition> {
         self.count_in_window(now, false, cfg);
         self.consecutive_failures = 0;
         match self.state {
             CircuitState::Closed => {
                 if let Some(since) = self.closed_since {
-                    if now.saturating_since(since) >= cfg.breaker.open_max {
+                    if now.saturating_since(since) >= cfg.open_max {
                         self.trips = 0;
                     }
                 }
@@ -285,7 +318,7 @@ impl CircuitBreaker {
     pub fn on_failure(
         &mut self,
         now: Timestamp,
-        cfg: &LoadBalancerConfig,
+        cfg: &BreakerConfig,
         jitter: f64,
     ) -> Option<Transition> {
         self.count_in_window(now, true, cfg);
@@ -297,7 +330,7 @@ impl CircuitBreaker {
             }
             CircuitState::Closed => {
                 self.consecutive_failures += 1;
-                let b = &cfg.breaker;
+                let b = cfg;
                 let reason = if self.consecutive_failures >= cfg.error_threshold {
                     Some(TransitionReason::ConsecutiveFailures(
                         self.consecutive_failures,
@@ -329,13 +362,13 @@ impl CircuitBreaker {
         &mut self,
         now: Timestamp,
         reason: TransitionReason,
-        cfg: &LoadBalancerConfig,
+        cfg: &BreakerConfig,
         jitter: f64,
     ) -> Transition {
         let from = self.state;
         self.trips = self.trips.saturating_add(1);
-        let nominal = Self::nominal_open_window(self.trips, &cfg.breaker);
-        let jitter = jitter.clamp(0.0, 1.0) * cfg.breaker.open_jitter;
+        let nominal = Self::nominal_open_window(self.trips, cfg);
+        let jitter = jitter.clamp(0.0, 1.0) * cfg.open_jitter;
         let window = nominal.mul_f64(1.0 - jitter);
         self.state = CircuitState::Open;
         self.open_until = now + window;
@@ -362,9 +395,9 @@ impl CircuitBreaker {
         }
     }
 
-    fn count_in_window(&mut self, now: Timestamp, failed: bool, cfg: &LoadBalancerConfig) {
+    fn count_in_window(&mut self, now: Timestamp, failed: bool, cfg: &BreakerConfig) {
         match self.window_start {
-            Some(start) if now.saturating_since(start) < cfg.breaker.failure_rate_window => {}
+            Some(start) if now.saturating_since(start) < cfg.failure_rate_window => {}
             _ => self.reset_window(now),
         }
         self.window_total = self.window_total.saturating_add(1);
@@ -377,5 +410,221 @@ impl CircuitBreaker {
         self.window_start = Some(now);
         self.window_total = 0;
         self.window_failures = 0;
+    }
+}
+
+// === impl BreakerConfig ===
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            error_threshold: DEFAULT_ERROR_THRESHOLD,
+            recovery_threshold: DEFAULT_RECOVERY_THRESHOLD,
+            failure_rate_threshold: 0.5,
+            failure_rate_window: Duration::from_secs(10),
+            failure_rate_min_requests: 20,
+            open_base: Duration::from_secs(5),
+            open_max: Duration::from_secs(120),
+            open_jitter: 0.2,
+            half_open_max_probes: 1,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Checks every field; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("error_threshold", self.error_threshold),
+            ("recovery_threshold", self.recovery_threshold),
+        ] {
+            if !(1..=1000).contains(&v) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("must be in 1..=1000, got {v}"),
+                ));
+            }
+        }
+        let r = self.failure_rate_threshold;
+        if !(r.is_finite() && r > 0.0 && r <= 1.0) {
+            return Err(ConfigError::new(
+                "failure_rate_threshold",
+                format!("must be in (0, 1], got {r}"),
+            ));
+        }
+        if self.failure_rate_window.is_zero() {
+            return Err(ConfigError::new(
+                "failure_rate_window",
+                "must be greater than 0",
+            ));
+        }
+        if self.open_base.is_zero() {
+            return Err(ConfigError::new("open_base", "must be greater than 0"));
+        }
+        if self.open_max < self.open_base {
+            return Err(ConfigError::new(
+                "open_max",
+                format!(
+                    "{:?} is shorter than open_base {:?}",
+                    self.open_max, self.open_base
+                ),
+            ));
+        }
+        let j = self.open_jitter;
+        if !(j.is_finite() && (0.0..1.0).contains(&j)) {
+            return Err(ConfigError::new(
+                "open_jitter",
+                format!("must be in [0, 1), got {j}"),
+            ));
+        }
+        if self.half_open_max_probes == 0 {
+            return Err(ConfigError::new(
+                "half_open_max_probes",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+
+    /// Default config without jitter, so windows are exact.
+    fn exact() -> BreakerConfig {
+        BreakerConfig {
+            open_jitter: 0.0,
+            ..BreakerConfig::default()
+        }
+    }
+
+    fn trip(b: &mut CircuitBreaker, clock: &ManualClock, cfg: &BreakerConfig) -> Transition {
+        for i in 1..cfg.error_threshold {
+            assert_eq!(b.on_failure(clock.now(), cfg, 0.0), None, "failure {i}");
+            clock.advance(Duration::from_millis(1));
+        }
+        b.on_failure(clock.now(), cfg, 0.0)
+            .expect("the threshold-th failure trips")
+    }
+
+    #[test]
+    fn closed_opens_after_exactly_error_threshold_consecutive_failures() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        // A success in between resets the run: 2 failures, 1 success, 2 failures.
+        for ok in [false, false, true, false, false] {
+            let t = if ok {
+                b.on_success(clock.now(), &cfg)
+            } else {
+                b.on_failure(clock.now(), &cfg, 0.0)
+            };
+            assert_eq!(t, None);
+            assert_eq!(b.state(), CircuitState::Closed);
+        }
+        let t = b
+            .on_failure(clock.now(), &cfg, 0.0)
+            .expect("third in a row");
+        assert_eq!((t.from, t.to), (CircuitState::Closed, CircuitState::Open));
+        assert_eq!(t.reason, TransitionReason::ConsecutiveFailures(3));
+        assert_eq!(t.open_for, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn open_rejects_until_the_window_passes_then_admits_one_probe() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        trip(&mut b, &clock, &cfg);
+        clock.advance(Duration::from_millis(4_999));
+        assert_eq!(b.try_admit(clock.now(), &cfg), Admission::Rejected);
+        clock.advance(Duration::from_millis(1));
+        let Admission::Probe(Some(t)) = b.try_admit(clock.now(), &cfg) else {
+            panic!("the window has elapsed: a probe and a transition");
+        };
+        assert_eq!((t.from, t.to), (CircuitState::Open, CircuitState::HalfOpen));
+        assert_eq!(t.reason, TransitionReason::OpenWindowElapsed);
+        // half_open_max_probes = 1: a second one waits for the first.
+        assert_eq!(b.try_admit(clock.now(), &cfg), Admission::Rejected);
+        b.release_probe();
+        assert_eq!(b.try_admit(clock.now(), &cfg), Admission::Probe(None));
+        assert_eq!(b.probes_in_flight(), 1);
+    }
+
+    #[test]
+    fn half_open_closes_after_exactly_recovery_threshold_successes() {
+        let clock = ManualClock::new();
+        let cfg = BreakerConfig {
+            recovery_threshold: 3,
+            half_open_max_probes: 3,
+            ..exact()
+        };
+        let mut b = CircuitBreaker::new();
+        trip(&mut b, &clock, &cfg);
+        clock.advance(Duration::from_secs(5));
+        assert!(matches!(
+            b.try_admit(clock.now(), &cfg),
+            Admission::Probe(Some(_))
+        ));
+        assert_eq!(b.on_success(clock.now(), &cfg), None, "1 of 3");
+        assert_eq!(b.on_success(clock.now(), &cfg), None, "2 of 3");
+        let t = b.on_success(clock.now(), &cfg).expect("3 of 3 closes");
+        assert_eq!(
+            (t.from, t.to),
+            (CircuitState::HalfOpen, CircuitState::Closed)
+        );
+        assert_eq!(t.reason, TransitionReason::ProbesSucceeded(3));
+        assert_eq!(b.state(), CircuitState::Closed);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_with_a_doubled_window_up_to_the_cap() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        let first = trip(&mut b, &clock, &cfg);
+        let mut windows = vec![first.open_for];
+        for _ in 0..7 {
+            clock.advance(b.open_until().saturating_since(clock.now()));
+            assert!(matches!(
+                b.try_admit(clock.now(), &cfg),
+                Admission::Probe(_)
+            ));
+            let t = b.on_failure(clock.now(), &cfg, 0.0).expect("probe failed");
+            assert_eq!(t.reason, TransitionReason::ProbeFailed);
+            assert_eq!((t.from, t.to), (CircuitState::HalfOpen, CircuitState::Open));
+            b.release_probe();
+            windows.push(t.open_for);
+        }
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(
+            windows,
+            [
+                secs(5),
+                secs(10),
+                secs(20),
+                secs(40),
+                secs(80),
+                secs(120),
+                secs(120),
+                secs(120)
+            ]
+        );
+        assert_eq!(b.trips(), 8);
+    }
+
+    #[test]
+    fn jitter_shortens_the_window_by_at_most_open_jitter() {
+        let clock = ManualClock::new();
+        let cfg = BreakerConfig::default(); // open_jitter 0.2
+        let mut b = CircuitBreaker::new();
+        for _ in 1..cfg.error_threshold {
+            b.on_failure(clock.now(), &cfg, 0.5);
+        }
+        let t = b.on_failure(clock.now(), &cfg, 0.5).expect("trips");
+        // 5 s × (1 − 0.5 × 0.2) = 4.5 s.
+        assert_eq!(t.open_for, Some(Duration::from_millis(4_500)));
     }
 }

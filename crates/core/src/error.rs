@@ -1,30 +1,15 @@
-//! Error types of the core, one enum per kind of failure.
+//! The core's leaf error types: [`ConfigError`] and [`HealthScoreError`].
+//! [`InstanceError`](crate::InstanceError) lives with the rules it reports
+//! in [`instance`](crate::instance), and
+//! [`RegistryError`](crate::RegistryError), which wraps them all, in
+//! [`registry`](crate::registry); so this module imports nothing and every
+//! module may use it.
 //!
 //! Every error names what was wrong (the field, the value, the service or
 //! instance) so the server can hand it to an operator unchanged. Returning an
 //! error always means nothing was changed.
 
 use thiserror::Error;
-
-/// A value given for an instance's description is invalid.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum InstanceError {
-    /// The instance id is empty.
-    #[error("instance id must not be empty")]
-    EmptyId,
-    /// The instance id is longer than [`crate::instance::MAX_ID_LEN`] bytes.
-    #[error("instance id is {0} bytes long; the limit is 253")]
-    IdTooLong(usize),
-    /// The address is empty.
-    #[error("address must not be empty")]
-    EmptyAddress,
-    /// Port 0 cannot be connected to.
-    #[error("port must be in 1..=65535, got 0")]
-    ZeroPort,
-    /// Weight outside `1..=1000`.
-    #[error("weight must be in 1..=1000, got {0}")]
-    InvalidWeight(u64),
-}
 
 /// A health score outside `0.0..=1.0`, or not a number.
 #[derive(Debug, Clone, Copy, PartialEq, Error)]
@@ -47,30 +32,12 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-/// An operation on the [`Registry`](crate::Registry) was refused.
-#[derive(Debug, Clone, PartialEq, Error)]
-pub enum RegistryError {
-    /// No service by that name is registered.
-    #[error("unknown service {0:?}")]
-    UnknownService(String),
-    /// The service exists but has no instance with that id.
-    #[error("unknown instance {instance:?} in service {service:?}")]
-    UnknownInstance {
-        /// The service name.
-        service: String,
-        /// The instance id that was not found.
-        instance: String,
-    },
-    /// The service name is empty.
-    #[error("service name must not be empty")]
-    EmptyServiceName,
-    /// An instance description was invalid.
-    #[error(transparent)]
-    Instance(#[from] InstanceError),
-    /// A health score was invalid.
-    #[error(transparent)]
-    HealthScore(#[from] HealthScoreError),
-    /// A configuration was invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+impl ConfigError {
+    /// An error for `field` with `reason`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
 }

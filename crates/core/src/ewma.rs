@@ -22,15 +22,16 @@ pub const DECAY: Duration = Duration::from_secs(10);
 /// Estimate for an instance with no samples yet: 30 ms (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
-/// A peak-EWMA estimate in nanoseconds.
+/// A peak-EWMA latency estimate in nanoseconds (the `peak_ewma` strategy
+/// is [`strategy::PeakEwma`](crate::strategy::PeakEwma)).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PeakEwma {
+pub struct LatencyEwma {
     estimate_ns: f64,
     at: Timestamp,
     samples: u64,
 }
 
-impl PeakEwma {
+impl LatencyEwma {
     /// A fresh estimate of [`DEFAULT_RTT`] as of `now`.
     pub fn new(now: Timestamp) -> Self {
         Self {
@@ -87,7 +88,7 @@ mod tests {
     #[test]
     fn peaks_jump_and_lows_decay_in() {
         let t0 = Timestamp::from_nanos(1_000_000_000);
-        let mut e = PeakEwma::new(t0);
+        let mut e = LatencyEwma::new(t0);
         e.observe(Duration::from_millis(100), t0);
         assert_eq!(e.get_at(t0), 100e6, "a peak is taken at once");
         let t1 = t0 + Duration::from_secs(10);

@@ -1,19 +1,34 @@
-//! Instances: what an instance *is* ([`ServiceInstance`], validated
-//! [`InstanceId`] and [`Weight`]), and what is *happening* to it
-//! ([`InstanceState`], shared live state in atomics), joined in a [`Member`].
+//! Instances: what an instance *is* (its description) and what is
+//! *happening* to it (its live state), joined in a [`Member`].
+//!
+//! ## The types, one line each
+//!
+//! | type | what it is |
+//! | --- | --- |
+//! | [`InstanceId`] | a validated id (see [`ID_CHARS`]); the key everywhere |
+//! | [`Weight`] | a validated configured weight, `1..=1000` |
+//! | [`ServiceInstance`] | the description: id, address, port, weight, zone, tags; immutable |
+//! | [`InstanceLive`] | the live state: atomics selection reads, plus the trackers under a lock |
+//! | [`Member`] | a registered instance: description + `Arc` of its live state |
+//! | [`InstanceStatus`] | a point-in-time report of a member, for the admin API and tests |
+//! | [`InstanceError`] | why a description was refused |
+//!
+//! "Live" is deliberate: the server's "state" is its persisted state file,
+//! a different thing. (`InstanceLive` was `InstanceState` before issue 9.)
 //!
 //! ## Why two halves
 //!
 //! The description is immutable and replaced wholesale when an instance is
 //! re-registered (new address, weight or tags). The live state — active
 //! connections, request counts, health score, breaker, latency EWMA, slow
-//! start — sits behind an `Arc` that the registry carries over to the new
+//! start — sits behind an `Arc` that the service carries over to the new
 //! `Member` with the same id, so a reload or re-registration keeps history.
 //!
 //! The selection path reads the live state only through atomics
 //! (`admits_traffic`, `effective_weight`, `active_connections`). The health
-//! tracker and breaker change under a small per-instance lock when an
-//! outcome is recorded, and publish what selection needs to those atomics.
+//! tracker, breaker and latency EWMA change together under a small
+//! per-instance lock when an outcome is recorded, and publish what selection
+//! needs to those atomics.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -21,21 +36,83 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use thiserror::Error;
 
 use crate::breaker::{CircuitBreaker, CircuitState};
 use crate::clock::Timestamp;
-use crate::error::InstanceError;
-use crate::ewma::{self, PeakEwma};
+use crate::ewma::{self, LatencyEwma};
 use crate::health::{HealthScore, HealthTracker};
 use crate::slow_start;
+use crate::stats::Availability;
 
 /// Longest instance id accepted, in bytes (a DNS name's limit).
 pub const MAX_ID_LEN: usize = 253;
 
+/// The characters an instance id may use, as written in error messages.
+///
+/// Ids become log fields, metric label values and etcd key segments, and
+/// arrive from the config file, the admin API, the state file and etcd. A
+/// conservative set — ASCII letters, digits and `. _ : - @`, enough for host
+/// names, `host:port` and `name@zone` — means none of those needs escaping,
+/// and a `/`, a space, a newline or a NUL can never split a key or forge a
+/// log line. `.` alone and `..` are refused too: as key segments they read
+/// as path steps.
+pub const ID_CHARS: &str = "ASCII letters, digits and . _ : - @";
+
+/// A value given for an instance's description is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum InstanceError {
+    /// The instance id is empty.
+    #[error("instance id must not be empty")]
+    EmptyId,
+    /// The instance id is longer than [`MAX_ID_LEN`] bytes.
+    #[error("instance id is {0} bytes long; the limit is {max}", max = MAX_ID_LEN)]
+    IdTooLong(usize),
+    /// The instance id has a character outside [`ID_CHARS`].
+    #[error("instance id has {found:?} at byte {at}; allowed are {allowed}", allowed = ID_CHARS)]
+    IdBadChar {
+        /// The offending character.
+        found: char,
+        /// Its byte offset in the id.
+        at: usize,
+    },
+    /// The instance id is `.` or contains `..`, which would read as a path
+    /// step where ids become key segments.
+    #[error("instance id {0:?} is or contains a '.'/'..' path step")]
+    IdDotSegment(String),
+    /// The address is empty.
+    #[error("address must not be empty")]
+    EmptyAddress,
+    /// Port 0 cannot be connected to.
+    #[error("port must be in 1..=65535, got 0")]
+    ZeroPort,
+    /// Weight outside `1..=1000`.
+    #[error("weight must be in 1..=1000, got {0}")]
+    InvalidWeight(u64),
+}
+
+impl InstanceError {
+    /// The description field at fault (`id`, `address`, `port`, `weight`),
+    /// so every entry point reports it under the same key.
+    pub fn field(&self) -> &'static str {
+        match self {
+            InstanceError::EmptyId
+            | InstanceError::IdTooLong(_)
+            | InstanceError::IdBadChar { .. }
+            | InstanceError::IdDotSegment(_) => "id",
+            InstanceError::EmptyAddress => "address",
+            InstanceError::ZeroPort => "port",
+            InstanceError::InvalidWeight(_) => "weight",
+        }
+    }
+}
+
 /// "No timestamp" in the atomics.
 const NONE: u64 = u64::MAX;
 
-/// An instance id: non-empty, at most [`MAX_ID_LEN`] bytes. Cheap to clone.
+/// An instance id: 1..=[`MAX_ID_LEN`] characters from [`ID_CHARS`], not
+/// `.` and without `..`. Every id in the process is built through
+/// [`try_new`](Self::try_new), so every entry point agrees. Cheap to clone.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceId(Arc<str>);
 
@@ -58,13 +135,14 @@ pub struct ServiceInstance {
 #[derive(Debug)]
 pub struct Member {
     instance: ServiceInstance,
-    state: Arc<InstanceState>,
+    live: Arc<InstanceLive>,
 }
 
 /// Live state of one instance, shared by every snapshot that lists it and by
-/// every [`Selection`](crate::Selection) on it.
+/// every [`Selection`](crate::Selection) on it. The service's view of it is
+/// read through [`Member`].
 #[derive(Debug)]
-pub struct InstanceState {
+pub struct InstanceLive {
     pub(crate) active: AtomicU32,
     pub(crate) requests: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -79,19 +157,19 @@ pub struct InstanceState {
     ewma_at: AtomicU64,
     draining: AtomicBool,
     pub(crate) removed: AtomicBool,
-    pub(crate) inner: Mutex<InstanceInner>,
+    pub(crate) trackers: Mutex<Trackers>,
 }
 
-/// The parts of the live state that change together, under the lock.
+/// The trackers that change together when an outcome is recorded, under
+/// the instance's lock.
 #[derive(Debug)]
-pub(crate) struct InstanceInner {
+pub(crate) struct Trackers {
     pub(crate) health: HealthTracker,
     pub(crate) breaker: CircuitBreaker,
-    pub(crate) ewma: PeakEwma,
-    /// Whether the service's `unavailable` counter currently counts us.
-    pub(crate) counted_unavailable: bool,
-    /// Whether the service's `draining` counter currently counts us.
-    pub(crate) counted_draining: bool,
+    pub(crate) ewma: LatencyEwma,
+    /// How the service's [`ServiceStats`](crate::stats::ServiceStats)
+    /// count this instance now.
+    pub(crate) counted: Availability,
     pub(crate) drain_deadline: Option<Timestamp>,
 }
 
@@ -129,13 +207,19 @@ pub struct InstanceStatus {
 // === impl InstanceId ===
 
 impl InstanceId {
-    /// Validates an id.
+    /// Validates an id (see the type's doc for the rule).
     pub fn try_new(id: &str) -> Result<Self, InstanceError> {
         if id.is_empty() {
             return Err(InstanceError::EmptyId);
         }
         if id.len() > MAX_ID_LEN {
             return Err(InstanceError::IdTooLong(id.len()));
+        }
+        if let Some((at, found)) = id.char_indices().find(|&(_, c)| !is_id_char(c)) {
+            return Err(InstanceError::IdBadChar { found, at });
+        }
+        if id == "." || id.contains("..") {
+            return Err(InstanceError::IdDotSegment(id.to_owned()));
         }
         Ok(Self(Arc::from(id)))
     }
@@ -144,6 +228,11 @@ impl InstanceId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Whether `c` is in [`ID_CHARS`].
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-' | '@')
 }
 
 impl fmt::Debug for InstanceId {
@@ -265,8 +354,8 @@ impl ServiceInstance {
 // === impl Member ===
 
 impl Member {
-    pub(crate) fn new(instance: ServiceInstance, state: Arc<InstanceState>) -> Self {
-        Self { instance, state }
+    pub(crate) fn new(instance: ServiceInstance, live: Arc<InstanceLive>) -> Self {
+        Self { instance, live }
     }
 
     /// The description.
@@ -274,28 +363,33 @@ impl Member {
         &self.instance
     }
 
-    pub(crate) fn state(&self) -> &Arc<InstanceState> {
-        &self.state
+    pub(crate) fn live(&self) -> &Arc<InstanceLive> {
+        &self.live
+    }
+
+    /// Request outcomes recorded on this instance.
+    pub fn requests(&self) -> u64 {
+        self.live.requests.load(Ordering::Relaxed)
     }
 
     /// Requests currently holding a selection on this instance. Exact.
     pub fn active_connections(&self) -> u32 {
-        self.state.active.load(Ordering::Relaxed)
+        self.live.active.load(Ordering::Relaxed)
     }
 
     /// Current health score.
     pub fn health_score(&self) -> f64 {
-        self.state.health()
+        self.live.health()
     }
 
     /// Current breaker state as last published.
     pub fn circuit_state(&self) -> CircuitState {
-        CircuitState::from_u8(self.state.breaker_state.load(Ordering::Acquire))
+        CircuitState::from_u8(self.live.breaker_state.load(Ordering::Acquire))
     }
 
     /// Whether the instance is draining.
     pub fn is_draining(&self) -> bool {
-        self.state.draining.load(Ordering::Acquire)
+        self.live.draining.load(Ordering::Acquire)
     }
 
     /// Whether normal (non-panic) selection may choose this instance at
@@ -303,7 +397,7 @@ impl Member {
     /// closed, open past its window (the pick will turn it half-open), or
     /// half-open with a free probe slot. Reads atomics only.
     pub fn admits_traffic(&self, now: Timestamp, max_probes: u32) -> bool {
-        let s = &self.state;
+        let s = &self.live;
         if s.draining.load(Ordering::Acquire) || s.removed.load(Ordering::Acquire) {
             return false;
         }
@@ -320,13 +414,13 @@ impl Member {
     /// Whether panic-mode selection may choose this instance: anything not
     /// draining or removed (panic ignores health and breakers, not drains).
     pub fn admits_panic_traffic(&self) -> bool {
-        let s = &self.state;
+        let s = &self.live;
         !s.draining.load(Ordering::Acquire) && !s.removed.load(Ordering::Acquire)
     }
 
     /// Slow-start factor at `now` for a ramp of `window`.
     pub fn slow_start_factor(&self, now: Timestamp, window: Duration) -> f64 {
-        let began = self.state.slow_start_began.load(Ordering::Acquire);
+        let began = self.live.slow_start_began.load(Ordering::Acquire);
         let began = (began != NONE).then(|| Timestamp::from_nanos(began));
         slow_start::factor(began, now, window)
     }
@@ -344,24 +438,24 @@ impl Member {
 
     /// Peak-EWMA latency estimate in nanoseconds, decayed to `now`.
     pub fn latency_estimate_ns(&self, now: Timestamp) -> f64 {
-        let e = f64::from_bits(self.state.ewma_bits.load(Ordering::Relaxed));
-        let at = Timestamp::from_nanos(self.state.ewma_at.load(Ordering::Relaxed));
+        let e = f64::from_bits(self.live.ewma_bits.load(Ordering::Relaxed));
+        let at = Timestamp::from_nanos(self.live.ewma_at.load(Ordering::Relaxed));
         e * ewma::decay_weight(at, now)
     }
 
     /// When the latency estimate last took a sample (or was created).
     pub fn latency_updated_at(&self) -> Timestamp {
-        Timestamp::from_nanos(self.state.ewma_at.load(Ordering::Relaxed))
+        Timestamp::from_nanos(self.live.ewma_at.load(Ordering::Relaxed))
     }
 
     /// Peak-EWMA latency as of the last sample, undecayed.
     pub fn latency_ewma_ns(&self) -> f64 {
-        f64::from_bits(self.state.ewma_bits.load(Ordering::Relaxed))
+        f64::from_bits(self.live.ewma_bits.load(Ordering::Relaxed))
     }
 
     /// A report of this instance at `now`.
     pub fn status(&self, now: Timestamp, slow_start: Duration, max_probes: u32) -> InstanceStatus {
-        let s = &self.state;
+        let s = &self.live;
         let last = s.last_used.load(Ordering::Relaxed);
         InstanceStatus {
             instance: self.instance.clone(),
@@ -383,12 +477,12 @@ impl Member {
     }
 }
 
-// === impl InstanceState ===
+// === impl InstanceLive ===
 
-impl InstanceState {
+impl InstanceLive {
     /// Fresh state at `now`; `slow_start` starts a ramp now.
     pub(crate) fn new(now: Timestamp, slow_start: bool) -> Self {
-        let ewma = PeakEwma::new(now);
+        let ewma = LatencyEwma::new(now);
         Self {
             active: AtomicU32::new(0),
             requests: AtomicU64::new(0),
@@ -404,12 +498,11 @@ impl InstanceState {
             ewma_at: AtomicU64::new(now.as_nanos()),
             draining: AtomicBool::new(false),
             removed: AtomicBool::new(false),
-            inner: Mutex::new(InstanceInner {
+            trackers: Mutex::new(Trackers {
                 health: HealthTracker::new(),
                 breaker: CircuitBreaker::new(),
                 ewma,
-                counted_unavailable: false,
-                counted_draining: false,
+                counted: Availability::Absent,
                 drain_deadline: None,
             }),
         }
@@ -429,7 +522,7 @@ impl InstanceState {
     }
 
     /// Publishes what the selection path reads. Call with `inner` locked.
-    pub(crate) fn publish(&self, inner: &InstanceInner) {
+    pub(crate) fn publish(&self, inner: &Trackers) {
         self.health_bits
             .store(inner.health.score().get().to_bits(), Ordering::Release);
         self.open_until
@@ -444,12 +537,29 @@ impl InstanceState {
             .store(inner.ewma.updated_at().as_nanos(), Ordering::Relaxed);
     }
 
-    /// Whether the service should count this instance as unavailable:
-    /// not draining, and ejected (health 0) or breaker open.
-    pub(crate) fn is_unavailable(&self, inner: &InstanceInner) -> bool {
-        !self.draining.load(Ordering::Acquire)
-            && (inner.health.score() == HealthScore::EJECTED
-                || inner.breaker.state() == CircuitState::Open)
+    /// How the service should count this instance now: draining wins;
+    /// otherwise ejected (health 0) or breaker open is unavailable.
+    pub(crate) fn availability(&self, trackers: &Trackers) -> Availability {
+        if self.draining.load(Ordering::Acquire) {
+            Availability::Draining
+        } else if trackers.health.score() == HealthScore::EJECTED
+            || trackers.breaker.state() == CircuitState::Open
+        {
+            Availability::Unavailable
+        } else {
+            Availability::Available
+        }
+    }
+
+    /// Counts one request outcome; `failure` is the failure kind's index.
+    pub(crate) fn count_outcome(&self, failure: Option<usize>) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(kind) = failure {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = self.failures_by_kind.get(kind) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -476,6 +586,7 @@ mod tests {
             InstanceId::try_new(&long).unwrap_err(),
             InstanceError::IdTooLong(254)
         );
+        assert!(InstanceId::try_new(&"x".repeat(253)).is_ok());
         for w in [0, 1001, 65_536 + 1] {
             assert_eq!(
                 Weight::try_new(w).unwrap_err(),
@@ -489,5 +600,54 @@ mod tests {
             .with_tags(["canary"]);
         assert_eq!(i.zone(), Some("eu-1"));
         assert_eq!(i.tags().collect::<Vec<_>>(), ["canary"]);
+    }
+
+    #[test]
+    fn ids_from_the_allowed_set_are_accepted() {
+        for id in [
+            "api-1",
+            "b0",
+            "A_z.9",
+            "10.0.0.1:8080",
+            "web@eu-west-1",
+            "x",
+            ".hidden",
+            "trailing.",
+        ] {
+            assert_eq!(InstanceId::try_new(id).unwrap().as_str(), id);
+        }
+    }
+
+    #[test]
+    fn ids_that_would_split_a_key_or_a_log_line_are_rejected() {
+        let bad_char = |id: &str, found: char, at: usize| {
+            assert_eq!(
+                InstanceId::try_new(id).unwrap_err(),
+                InstanceError::IdBadChar { found, at },
+                "{id:?}"
+            );
+        };
+        bad_char("a/b", '/', 1);
+        bad_char("../etc", '/', 2);
+        bad_char("a b", ' ', 1);
+        bad_char("line\nbreak", '\n', 4);
+        bad_char("tab\t", '\t', 3);
+        bad_char("nul\0", '\0', 3);
+        bad_char("café", 'é', 3);
+        bad_char("a=b", '=', 1);
+        bad_char("\"q\"", '"', 0);
+        for id in [".", "..", "a..b", "..."] {
+            assert_eq!(
+                InstanceId::try_new(id).unwrap_err(),
+                InstanceError::IdDotSegment(id.to_owned()),
+                "{id:?}"
+            );
+        }
+        let msg = InstanceId::try_new("a/b").unwrap_err().to_string();
+        assert!(msg.contains("'/'") && msg.contains("byte 1"), "{msg}");
+        assert!(InstanceId::try_new(&"x".repeat(254))
+            .unwrap_err()
+            .to_string()
+            .contains("limit is 253"));
     }
 }

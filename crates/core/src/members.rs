@@ -193,7 +193,7 @@ impl Members {
 mod tests {
     use super::*;
     use crate::clock::Timestamp;
-    use crate::instance::{InstanceState, ServiceInstance, Weight};
+    use crate::instance::{InstanceLive, ServiceInstance, Weight};
 
     fn member(i: usize, w: u64) -> Arc<Member> {
         let inst = ServiceInstance::try_new(&format!("m{i}"), "h", 1)
@@ -201,7 +201,7 @@ mod tests {
             .with_weight(Weight::try_new(w).unwrap());
         Arc::new(Member::new(
             inst,
-            Arc::new(InstanceState::new(Timestamp::default(), false)),
+            Arc::new(InstanceLive::new(Timestamp::default(), false)),
         ))
     }
 

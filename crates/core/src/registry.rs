@@ -1,60 +1,29 @@
-//! The [`Registry`] of services, each a [`Service`]: the member list,
-//! strategy and configuration, and the rules that tie instances, health,
-//! breakers, draining and panic mode together.
+//! The [`Registry`]: the name → [`Service`] map, and the operations that
+//! address a service (and an instance in it) by name.
 //!
-//! ## Concurrency
-//!
-//! Each service publishes an immutable [`Snapshot`] (members, strategy,
-//! config, generation) behind one `ArcSwap`. Selection loads it without a
-//! lock; writers (registration, removal, strategy change) serialise on the
-//! service's writer lock, build a new snapshot and store it. Per-instance live
-//! state is shared between snapshots (see [`instance`](crate::instance)), so
-//! a reader holding an old snapshot still reports outcomes to the right
-//! place. The service map itself is another `ArcSwap`, so `get_instance` by
-//! name takes no lock either.
-//!
-//! ## Eligibility and panic mode
-//!
-//! An instance is eligible when it is not draining, its health score is above
-//! 0 and its breaker admits traffic. The service keeps exact counters of
-//! members, draining and unavailable (ejected or breaker-open) instances,
-//! updated whenever an instance's state changes, so deciding panic mode costs
-//! three atomic loads per pick: with `eligible < min_healthy_percent ×
-//! (members − draining)` the service selects across every non-draining
-//! instance, ignoring health and breakers, as Envoy does — better to spread
-//! load over struggling instances than to crush the few that remain. An
-//! instance whose open window has elapsed counts as unavailable until a pick
-//! moves it to half-open.
-//!
-//! ## Identity
-//!
-//! Registering an id that exists updates its description and keeps its live
-//! state (health, breaker, counts). Deregistering forgets it; an instance
-//! registered again later starts fresh, with slow start.
+//! The map is an `ArcSwap`, so `get_instance` by name takes no lock; changes
+//! to the map serialise on one writer lock. Everything about one service —
+//! its snapshot, selection, outcomes, counters — is in
+//! [`service`](crate::service).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use thiserror::Error;
 
-use crate::breaker::{Admission, CircuitState};
-use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::clock::{Clock, SystemClock};
 use crate::config::LoadBalancerConfig;
-use crate::error::{ConfigError, RegistryError};
+use crate::error::{ConfigError, HealthScoreError};
 use crate::event::Event;
 use crate::health::HealthScore;
-use crate::instance::{
-    InstanceId, InstanceInner, InstanceState, InstanceStatus, Member, ServiceInstance, Weight,
-};
-use crate::members::Members;
+use crate::instance::{InstanceError, InstanceStatus, Member, ServiceInstance, Weight};
 use crate::selection::{Outcome, Selection};
-use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind};
-
-/// Picks attempted when the chosen instance's breaker refuses admission.
-const ADMISSION_ATTEMPTS: usize = 3;
+use crate::service::{splitmix, Registered, Service, ServiceStatus};
+use crate::strategy::StrategyKind;
 
 /// All services and their instances.
 ///
@@ -86,83 +55,32 @@ pub struct RegistryBuilder {
     seed: Option<u64>,
 }
 
-/// One service: its snapshot, writer state and counters.
-#[derive(Debug)]
-pub struct Service {
-    name: Arc<str>,
-    clock: Arc<dyn Clock>,
-    config: ArcSwap<LoadBalancerConfig>,
-    snapshot: ArcSwap<Snapshot>,
-    writer: Mutex<Writer>,
-    stats: ServiceStats,
-    panic: AtomicBool,
-    rng: AtomicU64,
-}
-
-/// What selection reads: immutable, replaced on every change.
-#[derive(Debug)]
-pub struct Snapshot {
-    members: Members,
-    generation: u64,
-    strategy: Arc<dyn Strategy>,
-    config: Arc<LoadBalancerConfig>,
-}
-
-#[derive(Debug, Default)]
-struct Writer {
-    index: HashMap<InstanceId, usize>,
-    draining: HashSet<InstanceId>,
-    generation: u64,
-}
-
-/// Exact counters of one service, updated on every state change.
-#[derive(Debug, Default)]
-pub struct ServiceStats {
-    pub(crate) inflight: AtomicU64,
-    pub(crate) requests: AtomicU64,
-    pub(crate) failures: AtomicU64,
-    members: AtomicUsize,
-    draining: AtomicUsize,
-    unavailable: AtomicUsize,
-}
-
-/// Where an outcome came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
-    /// A request through a `Selection`: counted, feeds the EWMA.
-    Request,
-    /// An active health check: moves health and breaker only.
-    Probe,
-}
-
-/// Whether a registration added an instance or updated one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Registered {
-    /// A new id.
-    Added,
-    /// An existing id: description replaced, live state kept.
-    Updated,
-}
-
-/// A report of one service, for the admin API.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServiceStatus {
-    /// Service name.
-    pub name: String,
-    /// Configured strategy.
-    pub strategy: StrategyKind,
-    /// For `adaptive`: the strategy in use and why.
-    pub adaptive: Option<AdaptiveStatus>,
-    /// Registered instances.
-    pub instances: usize,
-    /// Instances eligible for selection (by the service's counters).
-    pub eligible: usize,
-    /// Draining instances.
-    pub draining: usize,
-    /// Whether the service is in panic mode.
-    pub panic: bool,
-    /// Requests in flight.
-    pub in_flight: u64,
+/// An operation on the [`Registry`] was refused.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum RegistryError {
+    /// No service by that name is registered.
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    /// The service exists but has no instance with that id.
+    #[error("unknown instance {instance:?} in service {service:?}")]
+    UnknownInstance {
+        /// The service name.
+        service: String,
+        /// The instance id that was not found.
+        instance: String,
+    },
+    /// The service name is empty.
+    #[error("service name must not be empty")]
+    EmptyServiceName,
+    /// An instance description was invalid.
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    /// A health score was invalid.
+    #[error(transparent)]
+    HealthScore(#[from] HealthScoreError),
+    /// A configuration was invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 // === impl RegistryBuilder ===
@@ -253,6 +171,20 @@ impl Registry {
             .ok_or_else(|| RegistryError::UnknownService(name.to_owned()))
     }
 
+    /// The service `service` and its member `id`, or the error naming
+    /// whichever is missing.
+    fn known_member(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Result<(Arc<Service>, Arc<Member>), RegistryError> {
+        let svc = self.known(service)?;
+        let member = svc
+            .member(id)
+            .ok_or_else(|| unknown_instance(service, id))?;
+        Ok((svc, member))
+    }
+
     fn service_or_create(&self, name: &str) -> Result<Arc<Service>, RegistryError> {
         if name.is_empty() {
             return Err(RegistryError::EmptyServiceName);
@@ -275,7 +207,7 @@ impl Registry {
             splitmix(seed),
         ));
         let mut next = HashMap::clone(&map);
-        next.insert(svc.name.clone(), svc.clone());
+        next.insert(svc.name_arc().clone(), svc.clone());
         self.services.store(Arc::new(next));
         Ok(svc)
     }
@@ -295,7 +227,7 @@ impl Registry {
     /// Changes a service's strategy.
     pub fn set_strategy(&self, service: &str, strategy: StrategyKind) -> Result<(), RegistryError> {
         let svc = self.known(service)?;
-        let mut cfg = LoadBalancerConfig::clone(&svc.config.load());
+        let mut cfg = LoadBalancerConfig::clone(&svc.config());
         cfg.strategy = strategy;
         svc.set_config(cfg);
         Ok(())
@@ -324,12 +256,7 @@ impl Registry {
         service: &str,
         instance: ServiceInstance,
     ) -> Result<Registered, RegistryError> {
-        let svc = self.service_or_create(service)?;
-        let mut out = Registered::Added;
-        svc.write(|w, members, now, cfg| {
-            out = w.upsert(members, instance, now, cfg, &svc.stats);
-        });
-        Ok(out)
+        Ok(self.service_or_create(service)?.register(instance))
     }
 
     /// Registers many instances with one snapshot rebuild. Instances that
@@ -339,14 +266,7 @@ impl Registry {
         service: &str,
         instances: impl IntoIterator<Item = ServiceInstance>,
     ) -> Result<(), RegistryError> {
-        let svc = self.service_or_create(service)?;
-        svc.write(|w, members, now, cfg| {
-            let was_empty = members.is_empty();
-            for inst in instances {
-                let cfg = if was_empty { None } else { cfg };
-                w.upsert(members, inst, now, cfg, &svc.stats);
-            }
-        });
+        self.service_or_create(service)?.register_many(instances);
         Ok(())
     }
 
@@ -357,12 +277,9 @@ impl Registry {
         service: &str,
         id: &str,
     ) -> Result<ServiceInstance, RegistryError> {
-        let svc = self.known(service)?;
-        let mut removed = None;
-        svc.write(|w, members, _, _| {
-            removed = w.remove(members, id, &svc.stats);
-        });
-        removed.ok_or_else(|| unknown_instance(service, id))
+        self.known(service)?
+            .deregister(id)
+            .ok_or_else(|| unknown_instance(service, id))
     }
 
     /// Stops new selections of an instance; [`maintain`](Self::maintain)
@@ -373,40 +290,9 @@ impl Registry {
         id: &str,
         timeout: Duration,
     ) -> Result<Vec<Event>, RegistryError> {
-        let svc = self.known(service)?;
-        let now = self.clock.now();
-        let mut w = svc.writer.lock();
-        let snap = svc.snapshot.load();
-        let idx = *w
-            .index
-            .get(id)
-            .ok_or_else(|| unknown_instance(service, id))?;
-        let member = snap
-            .members
-            .get(idx)
-            .ok_or_else(|| unknown_instance(service, id))?;
-        let st = member.state();
-        let mut events = Vec::new();
-        {
-            let mut inner = st.inner.lock();
-            inner.drain_deadline = Some(now + timeout);
-            st.set_draining(true);
-            if !inner.counted_draining {
-                inner.counted_draining = true;
-                svc.stats.draining.fetch_add(1, Ordering::AcqRel);
-                events.push(Event::Eligibility {
-                    service: svc.name.clone(),
-                    instance: member.instance().id().clone(),
-                    eligible: false,
-                    reason: "draining",
-                });
-            }
-            svc.refresh_availability(member, &mut inner, now, &mut events);
-        }
-        w.draining.insert(member.instance().id().clone());
-        drop(w);
-        svc.check_panic(&svc.config.load(), &mut events);
-        Ok(events)
+        self.known(service)?
+            .drain(id, timeout)
+            .ok_or_else(|| unknown_instance(service, id))
     }
 
     /// Periodic upkeep, off the request path; call it every 100 ms or so
@@ -417,35 +303,7 @@ impl Registry {
         let now = self.clock.now();
         let mut events = Vec::new();
         for svc in self.services.load().values() {
-            let snap = svc.snapshot.load_full();
-            snap.strategy.maintain(&snap.members, snap.generation, now);
-            if svc.writer.lock().draining.is_empty() {
-                continue;
-            }
-            svc.write(|w, members, _, _| {
-                let ids: Vec<InstanceId> = w.draining.iter().cloned().collect();
-                for id in ids {
-                    let Some(m) = w.index.get(&id).and_then(|&i| members.get(i)) else {
-                        w.draining.remove(&id);
-                        continue;
-                    };
-                    let deadline = m.state().inner.lock().drain_deadline;
-                    let reason = if m.active_connections() == 0 {
-                        "drained"
-                    } else if deadline.is_some_and(|d| now >= d) {
-                        "drain timeout"
-                    } else {
-                        continue;
-                    };
-                    if let Some(inst) = w.remove(members, id.as_str(), &svc.stats) {
-                        events.push(Event::Removed {
-                            service: svc.name.clone(),
-                            instance: inst.id().clone(),
-                            reason,
-                        });
-                    }
-                }
-            });
+            svc.maintain(now, &mut events);
         }
         events
     }
@@ -484,25 +342,8 @@ impl Registry {
         score: f64,
     ) -> Result<Vec<Event>, RegistryError> {
         let score = HealthScore::try_from(score)?;
-        let svc = self.known(service)?;
-        let member = svc
-            .member(id)
-            .ok_or_else(|| unknown_instance(service, id))?;
-        let now = self.clock.now();
-        let mut events = Vec::new();
-        {
-            let st = member.state();
-            let mut inner = st.inner.lock();
-            let was_ejected = inner.health.score() == HealthScore::EJECTED;
-            inner.health.set(score);
-            if was_ejected && score != HealthScore::EJECTED {
-                st.start_slow_start(now);
-            }
-            st.publish(&inner);
-            svc.refresh_availability(&member, &mut inner, now, &mut events);
-        }
-        svc.check_panic(&svc.config.load(), &mut events);
-        Ok(events)
+        let (svc, member) = self.known_member(service, id)?;
+        Ok(svc.set_health(&member, score))
     }
 
     /// Changes an instance's configured weight (`1..=1000`).
@@ -513,12 +354,9 @@ impl Registry {
         weight: u64,
     ) -> Result<(), RegistryError> {
         let weight = Weight::try_new(weight)?;
-        let svc = self.known(service)?;
-        let member = svc
-            .member(id)
-            .ok_or_else(|| unknown_instance(service, id))?;
-        let inst = member.instance().clone().with_weight(weight);
-        self.register_instance(service, inst).map(|_| ())
+        let (svc, member) = self.known_member(service, id)?;
+        svc.register(member.instance().clone().with_weight(weight));
+        Ok(())
     }
 
     /// Records an outcome not tied to a selection (an active health check).
@@ -531,11 +369,8 @@ impl Registry {
         id: &str,
         outcome: Outcome,
     ) -> Result<Vec<Event>, RegistryError> {
-        let svc = self.known(service)?;
-        let member = svc
-            .member(id)
-            .ok_or_else(|| unknown_instance(service, id))?;
-        Ok(svc.record(&member, outcome, Source::Probe))
+        let (svc, member) = self.known_member(service, id)?;
+        Ok(svc.report_outcome(&member, outcome))
     }
 
     /// A report of every service, sorted by name.
@@ -552,16 +387,8 @@ impl Registry {
 
     /// A report of one instance.
     pub fn instance(&self, service: &str, id: &str) -> Result<InstanceStatus, RegistryError> {
-        let svc = self.known(service)?;
-        let m = svc
-            .member(id)
-            .ok_or_else(|| unknown_instance(service, id))?;
-        let cfg = svc.config.load();
-        Ok(m.status(
-            self.clock.now(),
-            cfg.slow_start,
-            cfg.breaker.half_open_max_probes,
-        ))
+        let (svc, member) = self.known_member(service, id)?;
+        Ok(svc.member_status(&member))
     }
 }
 
@@ -569,458 +396,5 @@ fn unknown_instance(service: &str, id: &str) -> RegistryError {
     RegistryError::UnknownInstance {
         service: service.to_owned(),
         instance: id.to_owned(),
-    }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-// === impl Service ===
-
-impl Service {
-    fn new(name: Arc<str>, clock: Arc<dyn Clock>, config: LoadBalancerConfig, seed: u64) -> Self {
-        let strategy = config.strategy.build();
-        let config = Arc::new(config);
-        Self {
-            name,
-            clock,
-            config: ArcSwap::new(config.clone()),
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                members: Members::default(),
-                generation: 0,
-                strategy,
-                config,
-            }),
-            writer: Mutex::new(Writer::default()),
-            stats: ServiceStats::default(),
-            panic: AtomicBool::new(false),
-            rng: AtomicU64::new(seed),
-        }
-    }
-
-    /// The service name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub(crate) fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
-    }
-
-    pub(crate) fn stats(&self) -> &ServiceStats {
-        &self.stats
-    }
-
-    /// The service's configuration.
-    pub fn config(&self) -> Arc<LoadBalancerConfig> {
-        self.config.load_full()
-    }
-
-    /// Whether the service was in panic mode at the last pick or change.
-    pub fn in_panic(&self) -> bool {
-        self.panic.load(Ordering::Relaxed)
-    }
-
-    /// The current snapshot's member list (cheap to clone).
-    pub fn members(&self) -> Members {
-        self.snapshot.load().members.clone()
-    }
-
-    fn next_seed(&self) -> u64 {
-        splitmix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
-    }
-
-    fn member(&self, id: &str) -> Option<Arc<Member>> {
-        let w = self.writer.lock();
-        let idx = *w.index.get(id)?;
-        self.snapshot.load().members.get(idx).cloned()
-    }
-
-    /// Selects an instance; see [`Registry::get_instance`]. The same as
-    /// [`select_with`](Self::select_with) with a filter that accepts all.
-    pub fn select(self: &Arc<Self>, key: Option<&[u8]>) -> Option<Selection> {
-        self.pick(key, None)
-    }
-
-    /// Selects an instance that `accept` accepts, or `None` if no eligible
-    /// instance is acceptable.
-    ///
-    /// `accept` is consulted inside the pick, like eligibility: the strategy
-    /// skips refused members, so the caller never re-draws (Pingora's
-    /// `select_with`). Use it for "not an instance this request already
-    /// tried" or "under its connection limit". Round robin moves past a
-    /// refused instance in its rotation; `consistent_hash` falls over to the
-    /// next instance in its table order for the key, the same one every
-    /// time; panic mode and half-open probe limits apply as in
-    /// [`select`](Self::select).
-    ///
-    /// ```
-    /// use datapunk_lb_core::{Registry, ServiceInstance};
-    ///
-    /// let registry = Registry::new();
-    /// registry.register_instance("api", ServiceInstance::try_new("api-1", "10.0.0.1", 80)?)?;
-    /// registry.register_instance("api", ServiceInstance::try_new("api-2", "10.0.0.2", 80)?)?;
-    /// let svc = registry.service("api").expect("registered");
-    /// let s = svc.select_with(None, |m| m.instance().id().as_str() != "api-1").expect("api-2");
-    /// assert_eq!(s.instance().id().as_str(), "api-2");
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn select_with(
-        self: &Arc<Self>,
-        key: Option<&[u8]>,
-        accept: impl Fn(&Member) -> bool,
-    ) -> Option<Selection> {
-        self.pick(key, Some(&accept))
-    }
-
-    fn pick(
-        self: &Arc<Self>,
-        key: Option<&[u8]>,
-        accept: Option<&dyn Fn(&Member) -> bool>,
-    ) -> Option<Selection> {
-        let snap = self.snapshot.load();
-        if snap.members.is_empty() {
-            return None;
-        }
-        let now = self.clock.now();
-        let mut events = Vec::new();
-        let panic = self.check_panic(&snap.config, &mut events);
-        let mut rng = fastrand::Rng::with_seed(self.next_seed());
-        for _ in 0..ADMISSION_ATTEMPTS {
-            let mut cx = PickContext {
-                members: &snap.members,
-                generation: snap.generation,
-                key,
-                rng: &mut rng,
-                now,
-                panic,
-                slow_start: snap.config.slow_start,
-                max_probes: snap.config.breaker.half_open_max_probes,
-                stats: &self.stats,
-                service: &self.name,
-                events: &mut events,
-                accept,
-            };
-            let member = snap.strategy.pick(&mut cx)?;
-            let kind = snap.strategy.effective_kind();
-            // Panic mode ignores breakers, so it takes no probe slot.
-            let probe = if panic {
-                false
-            } else {
-                match self.admit(&member, now, &snap.config, &mut events) {
-                    Admission::Admitted => false,
-                    Admission::Probe(_) => true,
-                    Admission::Rejected => continue,
-                }
-            };
-            return Some(Selection::new(
-                self.clone(),
-                member,
-                now,
-                probe,
-                kind,
-                events,
-            ));
-        }
-        None
-    }
-
-    fn admit(
-        &self,
-        member: &Member,
-        now: Timestamp,
-        cfg: &LoadBalancerConfig,
-        events: &mut Vec<Event>,
-    ) -> Admission {
-        if member.circuit_state() == CircuitState::Closed {
-            return Admission::Admitted; // the common case: no lock
-        }
-        let st = member.state();
-        let mut inner = st.inner.lock();
-        let admission = inner.breaker.try_admit(now, cfg);
-        if let Admission::Probe(Some(t)) = admission {
-            events.push(Event::Breaker {
-                service: self.name.clone(),
-                instance: member.instance().id().clone(),
-                transition: t,
-            });
-        }
-        st.publish(&inner);
-        self.refresh_availability(member, &mut inner, now, events);
-        admission
-    }
-
-    pub(crate) fn release_probe(&self, member: &Member) {
-        let st = member.state();
-        let mut inner = st.inner.lock();
-        inner.breaker.release_probe();
-        st.publish(&inner);
-    }
-
-    /// Records an outcome on `member` and returns the events it caused.
-    pub(crate) fn record(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event> {
-        let now = self.clock.now();
-        let cfg = self.config.load();
-        let st = member.state();
-        let request = source == Source::Request;
-        if request {
-            st.requests.fetch_add(1, Ordering::Relaxed);
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        }
-        let jitter = (self.next_seed() >> 11) as f64 / (1u64 << 53) as f64;
-        let mut events = Vec::new();
-        {
-            let mut inner = st.inner.lock();
-            let transition = match outcome {
-                Outcome::Success(latency) => {
-                    inner.health.on_success(now);
-                    if request {
-                        inner.ewma.observe(latency, now);
-                    }
-                    inner.breaker.on_success(now, &cfg)
-                }
-                Outcome::Failure(kind) => {
-                    if request {
-                        st.failures.fetch_add(1, Ordering::Relaxed);
-                        st.failures_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
-                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    inner.health.on_failure(now);
-                    inner.breaker.on_failure(now, &cfg, jitter)
-                }
-            };
-            if let Some(t) = transition {
-                if t.to == CircuitState::Closed {
-                    st.start_slow_start(now);
-                }
-                events.push(Event::Breaker {
-                    service: self.name.clone(),
-                    instance: member.instance().id().clone(),
-                    transition: t,
-                });
-            }
-            st.publish(&inner);
-            self.refresh_availability(member, &mut inner, now, &mut events);
-        }
-        if !events.is_empty() {
-            self.check_panic(&cfg, &mut events);
-        }
-        events
-    }
-
-    /// Re-counts `member` as available or not after a change, with the
-    /// instance lock held.
-    fn refresh_availability(
-        &self,
-        member: &Member,
-        inner: &mut InstanceInner,
-        _now: Timestamp,
-        events: &mut Vec<Event>,
-    ) {
-        let st = member.state();
-        if st.removed.load(Ordering::Acquire) {
-            return;
-        }
-        let unavailable = st.is_unavailable(inner);
-        if unavailable == inner.counted_unavailable {
-            return;
-        }
-        inner.counted_unavailable = unavailable;
-        if unavailable {
-            self.stats.unavailable.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.stats.unavailable.fetch_sub(1, Ordering::AcqRel);
-        }
-        let reason = match (unavailable, inner.breaker.state()) {
-            (true, CircuitState::Open) => "circuit open",
-            (true, _) => "health score 0",
-            (false, CircuitState::HalfOpen) => "circuit half-open: probing",
-            (false, _) => "recovered",
-        };
-        events.push(Event::Eligibility {
-            service: self.name.clone(),
-            instance: member.instance().id().clone(),
-            eligible: !unavailable,
-            reason,
-        });
-    }
-
-    /// Decides panic mode from the counters; reports a change.
-    fn check_panic(&self, cfg: &LoadBalancerConfig, events: &mut Vec<Event>) -> bool {
-        let (total, eligible) = self.stats.counted();
-        let panic = total > 0 && eligible * 100 < usize::from(cfg.min_healthy_percent) * total;
-        if self.panic.load(Ordering::Relaxed) != panic
-            && self.panic.swap(panic, Ordering::AcqRel) != panic
-        {
-            events.push(Event::Panic {
-                service: self.name.clone(),
-                entered: panic,
-                eligible,
-                total,
-            });
-        }
-        panic
-    }
-
-    fn set_config(&self, config: LoadBalancerConfig) {
-        let mut w = self.writer.lock();
-        let config = Arc::new(config);
-        self.config.store(config.clone());
-        let old = self.snapshot.load();
-        let strategy = if old.strategy.kind() == config.strategy {
-            old.strategy.clone()
-        } else {
-            config.strategy.build()
-        };
-        w.generation += 1;
-        let snap = Snapshot {
-            members: old.members.clone(),
-            generation: w.generation,
-            strategy: strategy.clone(),
-            config,
-        };
-        let members = snap.members.clone();
-        self.snapshot.store(Arc::new(snap));
-        strategy.prepare(&members, w.generation, self.clock.now());
-    }
-
-    /// Runs `f` on a copy of the member list under the writer lock, then
-    /// publishes the result as the next snapshot. `f` gets the config only
-    /// if new instances should slow-start.
-    fn write(
-        &self,
-        f: impl FnOnce(&mut Writer, &mut Members, Timestamp, Option<&LoadBalancerConfig>),
-    ) {
-        let mut w = self.writer.lock();
-        let old = self.snapshot.load_full();
-        let mut members = old.members.clone();
-        let now = self.clock.now();
-        let slow =
-            (!old.config.slow_start.is_zero() && !members.is_empty()).then_some(&*old.config);
-        f(&mut w, &mut members, now, slow);
-        w.generation += 1;
-        let generation = w.generation;
-        self.snapshot.store(Arc::new(Snapshot {
-            members: members.clone(),
-            generation,
-            strategy: old.strategy.clone(),
-            config: old.config.clone(),
-        }));
-        drop(w);
-        old.strategy.prepare(&members, generation, now);
-    }
-
-    fn mark_all_removed(&self) {
-        let snap = self.snapshot.load();
-        for m in snap.members.iter() {
-            m.state().removed.store(true, Ordering::Release);
-        }
-    }
-
-    /// A report of this service.
-    pub fn status(&self) -> ServiceStatus {
-        let snap = self.snapshot.load();
-        let (total, eligible) = self.stats.counted();
-        ServiceStatus {
-            name: self.name.to_string(),
-            strategy: snap.strategy.kind(),
-            adaptive: snap.strategy.adaptive_status(),
-            instances: snap.members.len(),
-            eligible,
-            draining: snap.members.len() - total,
-            panic: self.in_panic(),
-            in_flight: self.stats.inflight.load(Ordering::Relaxed),
-        }
-    }
-
-    /// A report of every instance, in member order.
-    pub fn instances(&self) -> Vec<InstanceStatus> {
-        let snap = self.snapshot.load();
-        let now = self.clock.now();
-        let cfg = &snap.config;
-        snap.members
-            .iter()
-            .map(|m| m.status(now, cfg.slow_start, cfg.breaker.half_open_max_probes))
-            .collect()
-    }
-}
-
-// === impl Writer ===
-
-impl Writer {
-    /// Adds or updates; `slow` is set when a new instance should ramp.
-    fn upsert(
-        &mut self,
-        members: &mut Members,
-        instance: ServiceInstance,
-        now: Timestamp,
-        slow: Option<&LoadBalancerConfig>,
-        stats: &ServiceStats,
-    ) -> Registered {
-        if let Some(&idx) = self.index.get(instance.id().as_str()) {
-            if let Some(old) = members.get(idx) {
-                let m = Member::new(instance, old.state().clone());
-                members.set(idx, Arc::new(m));
-                return Registered::Updated;
-            }
-        }
-        let id = instance.id().clone();
-        let state = Arc::new(InstanceState::new(now, slow.is_some()));
-        let idx = members.push(Arc::new(Member::new(instance, state)));
-        self.index.insert(id, idx);
-        stats.members.fetch_add(1, Ordering::AcqRel);
-        Registered::Added
-    }
-
-    /// Removes `id`; returns its description if it was there.
-    fn remove(
-        &mut self,
-        members: &mut Members,
-        id: &str,
-        stats: &ServiceStats,
-    ) -> Option<ServiceInstance> {
-        let idx = self.index.remove(id)?;
-        self.draining.remove(id);
-        let removed = members.swap_remove(idx)?;
-        if let Some(moved) = members.get(idx) {
-            if let Some(slot) = self.index.get_mut(moved.instance().id().as_str()) {
-                *slot = idx;
-            }
-        }
-        let st = removed.state();
-        let mut inner = st.inner.lock();
-        st.removed.store(true, Ordering::Release);
-        if inner.counted_unavailable {
-            inner.counted_unavailable = false;
-            stats.unavailable.fetch_sub(1, Ordering::AcqRel);
-        }
-        if inner.counted_draining {
-            inner.counted_draining = false;
-            stats.draining.fetch_sub(1, Ordering::AcqRel);
-        }
-        stats.members.fetch_sub(1, Ordering::AcqRel);
-        Some(removed.instance().clone())
-    }
-}
-
-// === impl ServiceStats ===
-
-impl ServiceStats {
-    /// `(members − draining, eligible)`.
-    fn counted(&self) -> (usize, usize) {
-        let members = self.members.load(Ordering::Acquire);
-        let draining = self.draining.load(Ordering::Acquire);
-        let unavailable = self.unavailable.load(Ordering::Acquire);
-        let total = members.saturating_sub(draining);
-        (total, total.saturating_sub(unavailable))
-    }
-
-    /// Instances counted as eligible.
-    pub(crate) fn available(&self) -> usize {
-        self.counted().1
     }
 }

@@ -21,8 +21,32 @@ use std::time::Duration;
 use crate::clock::Timestamp;
 use crate::event::Event;
 use crate::instance::{Member, ServiceInstance};
-use crate::registry::{Service, Source};
+use crate::stats::ServiceStats;
 use crate::strategy::StrategyKind;
+
+/// Where a selection reports to: its service, seen from below so that this
+/// module does not depend on the service (the service implements it).
+pub(crate) trait Recorder: Send + Sync {
+    /// The service name.
+    fn name(&self) -> &str;
+    /// Now, on the service's clock.
+    fn now(&self) -> Timestamp;
+    /// The service's counters.
+    fn stats(&self) -> &ServiceStats;
+    /// Records `outcome` on `member`; returns the events it caused.
+    fn record(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event>;
+    /// Gives back the half-open probe slot `member`'s selection held.
+    fn release_probe(&self, member: &Member);
+}
+
+/// Where an outcome came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A request through a `Selection`: counted, feeds the EWMA.
+    Request,
+    /// An active health check: moves health and breaker only.
+    Probe,
+}
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +77,7 @@ pub enum FailureKind {
 /// One request's claim on one instance. See the module doc.
 #[must_use = "dropping a Selection at once releases the connection it counts"]
 pub struct Selection {
-    service: Arc<Service>,
+    service: Arc<dyn Recorder>,
     member: Arc<Member>,
     started: Timestamp,
     probe: bool,
@@ -92,17 +116,17 @@ impl FailureKind {
 
 impl Selection {
     pub(crate) fn new(
-        service: Arc<Service>,
+        service: Arc<dyn Recorder>,
         member: Arc<Member>,
         now: Timestamp,
         probe: bool,
         strategy: StrategyKind,
         events: Vec<Event>,
     ) -> Self {
-        let st = member.state();
-        st.active.fetch_add(1, Ordering::AcqRel);
-        st.last_used.store(now.as_nanos(), Ordering::Relaxed);
-        service.stats().inflight.fetch_add(1, Ordering::AcqRel);
+        let live = member.live();
+        live.active.fetch_add(1, Ordering::AcqRel);
+        live.last_used.store(now.as_nanos(), Ordering::Relaxed);
+        service.stats().request_started();
         Self {
             service,
             member,
@@ -162,7 +186,7 @@ impl Selection {
 
     /// Records a success, measuring latency on the registry's clock.
     pub fn success_now(self) -> Vec<Event> {
-        let latency = self.service.clock().now().saturating_since(self.started);
+        let latency = self.service.now().saturating_since(self.started);
         self.success(latency)
     }
 
@@ -175,9 +199,8 @@ impl Selection {
 
 impl Drop for Selection {
     fn drop(&mut self) {
-        let st = self.member.state();
-        st.active.fetch_sub(1, Ordering::AcqRel);
-        self.service.stats().inflight.fetch_sub(1, Ordering::AcqRel);
+        self.member.live().active.fetch_sub(1, Ordering::AcqRel);
+        self.service.stats().request_finished();
         if self.probe {
             self.service.release_probe(&self.member);
         }

@@ -18,6 +18,16 @@
 //!   `failure`) and `datapunk_lb_discovery_invalid_values_total` (values
 //!   under the prefix that were skipped).
 //!
+//! ## Every series from the first scrape
+//!
+//! Alerts and `rate()` see nothing of a series that does not exist yet, so
+//! every family is registered at start and the event counters' known label
+//! sets are created at 0 before their first event: `config_reloads_total`
+//! and `discovery_syncs_total` by `result` at start; per service, when its
+//! handles are resolved, `retries_total`, `selections_total` by strategy,
+//! `health_checks_total` by `result` and `circuit_transitions_total` for
+//! each transition the breaker makes ([`BREAKER_TRANSITIONS`]).
+//!
 //! Output is the OpenMetrics text format that `prometheus-client` writes
 //! (counters carry the `_total` suffix on their samples).
 
@@ -36,6 +46,30 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Every `(from, to)` a circuit breaker reports: it opens from closed or on
+/// a failed probe, goes half-open when its open window elapses, and closes
+/// on enough probe successes (from open when the first success both ends
+/// the window and meets `recovery_threshold`).
+pub const BREAKER_TRANSITIONS: [(CircuitState, CircuitState); 5] = [
+    (CircuitState::Closed, CircuitState::Open),
+    (CircuitState::Open, CircuitState::HalfOpen),
+    (CircuitState::HalfOpen, CircuitState::Closed),
+    (CircuitState::HalfOpen, CircuitState::Open),
+    (CircuitState::Open, CircuitState::Closed),
+];
+
+/// The `result` label values of the success/failure counters.
+const RESULTS: [&str; 2] = ["success", "failure"];
+
+/// Creates the series `labels` of `family` (at 0 if it is new).
+fn create_at_zero(family: &Family<Labels, Counter>, labels: &Labels) {
+    drop(family.get_or_create(labels));
+}
+
+fn result_label(ok: bool) -> Labels {
+    vec![("result", RESULTS[usize::from(!ok)].to_owned())]
+}
 
 /// The metrics of one process.
 #[derive(Debug)]
@@ -146,6 +180,10 @@ impl Metrics {
             "Discovery values skipped as invalid (bad JSON, fields or key shape)",
             discovery_invalid.clone(),
         );
+        for ok in [true, false] {
+            create_at_zero(&reloads, &result_label(ok));
+            create_at_zero(&discovery_syncs, &result_label(ok));
+        }
         let errors = Arc::new(Mutex::new(HashMap::new()));
         registry.register_collector(Box::new(CoreCollector {
             core,
@@ -175,6 +213,14 @@ impl Metrics {
             l.push(("strategy", kind.as_str().to_owned()));
             self.selections.get_or_create(&l).clone()
         });
+        for ok in [true, false] {
+            let mut l = svc();
+            l.extend(result_label(ok));
+            create_at_zero(&self.health_checks, &l);
+        }
+        for (from, to) in BREAKER_TRANSITIONS {
+            create_at_zero(&self.transitions, &transition_labels(service, from, to));
+        }
         let errors = self
             .errors
             .lock()
@@ -198,17 +244,14 @@ impl Metrics {
 
     /// Counts an active health check.
     pub fn health_check(&self, service: &str, ok: bool) {
-        let l = vec![
-            ("service", service.to_owned()),
-            ("result", if ok { "success" } else { "failure" }.to_owned()),
-        ];
+        let mut l = vec![("service", service.to_owned())];
+        l.extend(result_label(ok));
         self.health_checks.get_or_create(&l).inc();
     }
 
     /// Counts a config reload.
     pub fn reload(&self, ok: bool) {
-        let l = vec![("result", if ok { "success" } else { "failure" }.to_owned())];
-        self.reloads.get_or_create(&l).inc();
+        self.reloads.get_or_create(&result_label(ok)).inc();
     }
 
     /// Sets whether discovery is stale.
@@ -218,8 +261,7 @@ impl Metrics {
 
     /// Counts a full discovery sync.
     pub fn discovery_sync(&self, ok: bool) {
-        let l = vec![("result", if ok { "success" } else { "failure" }.to_owned())];
-        self.discovery_syncs.get_or_create(&l).inc();
+        self.discovery_syncs.get_or_create(&result_label(ok)).inc();
     }
 
     /// Counts a skipped discovery value.
@@ -309,14 +351,19 @@ fn count_transitions(family: &Family<Labels, Counter>, events: &[Event]) {
             ..
         } = e
         {
-            let l = vec![
-                ("service", service.to_string()),
-                ("from", transition.from.as_str().to_owned()),
-                ("to", transition.to.as_str().to_owned()),
-            ];
-            family.get_or_create(&l).inc();
+            family
+                .get_or_create(&transition_labels(service, transition.from, transition.to))
+                .inc();
         }
     }
+}
+
+fn transition_labels(service: &str, from: CircuitState, to: CircuitState) -> Labels {
+    vec![
+        ("service", service.to_owned()),
+        ("from", from.as_str().to_owned()),
+        ("to", to.as_str().to_owned()),
+    ]
 }
 
 impl Collector for CoreCollector {
@@ -467,5 +514,34 @@ impl Collector for CoreCollector {
             rows,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_counters_exist_at_zero_before_their_first_event() {
+        let m = Metrics::new(Arc::new(CoreRegistry::new()));
+        let _api = m.service("api", true);
+        let text = m.encode();
+        for line in [
+            r#"datapunk_lb_config_reloads_total{result="success"} 0"#,
+            r#"datapunk_lb_config_reloads_total{result="failure"} 0"#,
+            r#"datapunk_lb_discovery_syncs_total{result="failure"} 0"#,
+            r#"datapunk_lb_health_checks_total{service="api",result="failure"} 0"#,
+            r#"datapunk_lb_circuit_transitions_total{service="api",from="closed",to="open"} 0"#,
+            r#"datapunk_lb_circuit_transitions_total{service="api",from="open",to="closed"} 0"#,
+            r#"datapunk_lb_retries_total{service="api"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // An event counts on the series created at 0.
+        m.reload(false);
+        assert!(m
+            .encode()
+            .lines()
+            .any(|l| l == r#"datapunk_lb_config_reloads_total{result="failure"} 1"#));
     }
 }

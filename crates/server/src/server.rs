@@ -368,9 +368,7 @@ impl Server {
                         max_connections: svc.max_connections,
                         budget,
                         clients: UpstreamClients::new(svc.connect_timeout),
-                        metrics: Arc::new(
-                            self.metrics.service(name, svc.balancing.metrics_enabled),
-                        ),
+                        metrics: Arc::new(self.metrics.service(name, svc.metrics_enabled)),
                     }),
                 );
             }

@@ -24,7 +24,9 @@
 //! on at the enter threshold and off only below the lower leave threshold —
 //! and the strategy changes at most once per 5 s, so noise around a
 //! threshold does not make it flap. Every change is reported as an
-//! [`Event::StrategySwitch`] with the deciding signal and its value.
+//! [`Event::StrategySwitch`](crate::Event::StrategySwitch) with the deciding
+//! signal and its value (the pick hands a [`Switch`] to its service, which
+//! turns it into the event).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -32,9 +34,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{P2c, PeakEwma, PickContext, Strategy, StrategyKind, Weighted};
+use super::{P2c, PeakEwma, PickContext, Strategy, StrategyKind, Switch, Weighted};
 use crate::clock::Timestamp;
-use crate::event::Event;
 use crate::instance::Member;
 use crate::members::Members;
 
@@ -166,8 +167,8 @@ impl Adaptive {
     }
 
     fn measure(&self, st: &mut State, cx: &mut PickContext<'_>) -> Signals {
-        let requests = cx.stats.requests.load(Ordering::Relaxed);
-        let failures = cx.stats.failures.load(Ordering::Relaxed);
+        let requests = cx.stats.requests();
+        let failures = cx.stats.failures();
         let (dr, df) = (
             requests.saturating_sub(st.last_requests),
             failures.saturating_sub(st.last_failures),
@@ -179,7 +180,7 @@ impl Adaptive {
             st.last_failures = failures;
         }
         let eligible = cx.stats.available().max(1);
-        signals.concurrency = cx.stats.inflight.load(Ordering::Relaxed) as f64 / eligible as f64;
+        signals.concurrency = cx.stats.in_flight() as f64 / eligible as f64;
 
         let n = cx.members.len();
         let mut samples: Vec<f64> = Vec::with_capacity(SPREAD_SAMPLE);
@@ -196,7 +197,7 @@ impl Adaptive {
             // letting its old peak count would keep `peak_ewma` on forever.
             let recent = cx.now.saturating_since(m.latency_updated_at()) < SAMPLE_MAX_AGE;
             if recent
-                && m.state().requests.load(Ordering::Relaxed) > 0
+                && m.requests() > 0
                 && m.circuit_state() == crate::breaker::CircuitState::Closed
                 && cx.admits(m)
             {
@@ -281,8 +282,7 @@ impl Adaptive {
         st.reason.clone_from(&reason);
         let idx = MODES.iter().position(|k| *k == want).unwrap_or(0);
         self.mode.store(idx as u8, Ordering::Relaxed);
-        cx.events.push(Event::StrategySwitch {
-            service: cx.service.clone(),
+        *cx.switched = Some(Switch {
             from,
             to: want,
             reason,

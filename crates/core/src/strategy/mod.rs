@@ -56,10 +56,9 @@ pub use self::round_robin::RoundRobin;
 pub use self::weighted::Weighted;
 
 use crate::clock::Timestamp;
-use crate::event::Event;
 use crate::instance::Member;
 use crate::members::Members;
-use crate::registry::ServiceStats;
+use crate::stats::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
 pub const MAX_DRAWS: usize = 32;
@@ -135,6 +134,18 @@ pub enum StrategyKind {
     Adaptive,
 }
 
+/// A change of the strategy `adaptive` uses, made during a pick; the
+/// service reports it as [`Event::StrategySwitch`](crate::Event::StrategySwitch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Switch {
+    /// The strategy used before.
+    pub from: StrategyKind,
+    /// The strategy used from now on.
+    pub to: StrategyKind,
+    /// The deciding signal and its value.
+    pub reason: String,
+}
+
 /// An unknown strategy name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown strategy {0:?}; expected one of {list}", list = StrategyKind::NAMES.join(", "))]
@@ -156,8 +167,8 @@ pub struct PickContext<'a> {
     pub(crate) slow_start: Duration,
     pub(crate) max_probes: u32,
     pub(crate) stats: &'a ServiceStats,
-    pub(crate) service: &'a Arc<str>,
-    pub(crate) events: &'a mut Vec<Event>,
+    /// Set by `adaptive` when this pick changed the strategy it uses.
+    pub(crate) switched: &'a mut Option<Switch>,
     /// The caller's filter from [`Service::select_with`](crate::Service::select_with);
     /// `None` accepts every member, so a plain `select` pays one branch.
     pub(crate) accept: Option<&'a dyn Fn(&Member) -> bool>,

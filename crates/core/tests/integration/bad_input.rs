@@ -124,10 +124,8 @@ fn invalid_service_config_is_rejected_without_change() {
     let (reg, _) = registry(StrategyKind::RoundRobin);
     populate(&reg, &[1]);
     let before = reg.service(SVC).unwrap().config();
-    let bad = datapunk_lb_core::LoadBalancerConfig {
-        error_threshold: 0,
-        ..Default::default()
-    };
+    let mut bad = datapunk_lb_core::LoadBalancerConfig::default();
+    bad.breaker.error_threshold = 0;
     let e = reg.configure_service(SVC, bad).unwrap_err();
     assert!(e.to_string().contains("error_threshold"), "{e}");
     assert_eq!(reg.service(SVC).unwrap().config(), before);

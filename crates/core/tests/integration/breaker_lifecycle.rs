@@ -115,10 +115,8 @@ fn consecutive_failures_trip_and_probes_close() {
 
 #[test]
 fn failure_rate_trips_only_with_volume() {
-    let cfg = LoadBalancerConfig {
-        error_threshold: 100,
-        ..config()
-    };
+    let mut cfg = config();
+    cfg.breaker.error_threshold = 100;
     let (reg, clock) = registry_with(cfg);
     populate(&reg, &[1, 1]);
     // Two of three failing: a high rate, but under the minimum volume.
@@ -212,7 +210,7 @@ fn open_window_doubles_to_the_cap_with_bounded_jitter() {
 fn half_open_admits_at_most_the_configured_probes() {
     let mut cfg = config();
     cfg.breaker.half_open_max_probes = 2;
-    cfg.recovery_threshold = 3;
+    cfg.breaker.recovery_threshold = 3;
     let (reg, clock) = registry_with(cfg);
     populate(&reg, &[1]);
     trip(&reg, &clock, "i0");
@@ -251,11 +249,14 @@ fn breaker_unit_jitter_and_cap() {
         while t.is_none() {
             if b.state() == CircuitState::Open {
                 now = b.open_until();
-                assert!(matches!(b.try_admit(now, &cfg), Admission::Probe(_)));
-                t = b.on_failure(now, &cfg, 0.999_999);
+                assert!(matches!(
+                    b.try_admit(now, &cfg.breaker),
+                    Admission::Probe(_)
+                ));
+                t = b.on_failure(now, &cfg.breaker, 0.999_999);
                 b.release_probe(); // as dropping the probe's Selection does
             } else {
-                t = b.on_failure(now, &cfg, 0.999_999);
+                t = b.on_failure(now, &cfg.breaker, 0.999_999);
             }
         }
         let nominal = CircuitBreaker::nominal_open_window(trip, &cfg.breaker);
@@ -268,14 +269,17 @@ fn breaker_unit_jitter_and_cap() {
     }
     // Staying closed for open_max resets the exponent.
     now = b.open_until();
-    assert!(matches!(b.try_admit(now, &cfg), Admission::Probe(_)));
+    assert!(matches!(
+        b.try_admit(now, &cfg.breaker),
+        Admission::Probe(_)
+    ));
     b.release_probe();
-    b.on_success(now, &cfg);
-    assert!(b.on_success(now, &cfg).is_some());
+    b.on_success(now, &cfg.breaker);
+    assert!(b.on_success(now, &cfg.breaker).is_some());
     assert_eq!(b.state(), CircuitState::Closed);
     now = now + cfg.breaker.open_max;
     for _ in 0..3 {
-        b.on_failure(now, &cfg, 0.0);
+        b.on_failure(now, &cfg.breaker, 0.0);
     }
     assert_eq!(
         b.trips(),

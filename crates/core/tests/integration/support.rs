@@ -62,7 +62,7 @@ pub(crate) fn count_picks(reg: &Registry, n: usize) -> HashMap<String, usize> {
 
 /// Fails `id` until its breaker opens (selecting until `id` comes up).
 pub(crate) fn trip(reg: &Registry, clock: &ManualClock, id: &str) {
-    let threshold = reg.service(SVC).unwrap().config().error_threshold;
+    let threshold = reg.service(SVC).unwrap().config().breaker.error_threshold;
     for _ in 0..threshold {
         reg.report_outcome(
             SVC,

@@ -52,16 +52,7 @@ impl From<RegistryError> for AdminError {
                 AdminError::NotFound(e.to_string())
             }
             RegistryError::HealthScore(h) => AdminError::field("health_score", h.to_string()),
-            RegistryError::Instance(i) => {
-                let field = match i {
-                    datapunk_lb_core::InstanceError::EmptyId
-                    | datapunk_lb_core::InstanceError::IdTooLong(_) => "id",
-                    datapunk_lb_core::InstanceError::EmptyAddress => "address",
-                    datapunk_lb_core::InstanceError::ZeroPort => "port",
-                    datapunk_lb_core::InstanceError::InvalidWeight(_) => "weight",
-                };
-                AdminError::field(field, i.to_string())
-            }
+            RegistryError::Instance(i) => AdminError::field(i.field(), i.to_string()),
             RegistryError::Config(c) => AdminError::field(c.field, c.reason),
             RegistryError::EmptyServiceName => AdminError::field("service", e.to_string()),
         }

@@ -14,9 +14,11 @@
 //! | `GET /status`, `GET /status/data` | the live status page and the JSON it polls |
 //! | `GET /healthz`, `GET /readyz` | liveness; readiness (listeners bound, first discovery sync done) |
 //!
-//! Every `/v1` request needs `Authorization: Bearer <token>` (constant-time
-//! compare); 401 otherwise, with nothing changed. Bodies over 64 KiB get
-//! 413; invalid JSON or fields get 400 naming the field. Changes apply to the
+//! Every `/v1` request needs `Authorization: Bearer <token>` (scheme in any
+//! case, token compared in constant time); 401 otherwise, before any other
+//! check and with nothing changed (see [`auth`]). Then: a body not sent as
+//! `application/json` gets 415, bodies over 64 KiB get 413, invalid JSON or
+//! fields get 400 naming the field. Changes apply to the
 //! next request and, with `admin.state_file`, survive restarts.
 
 pub mod auth;
@@ -95,6 +97,9 @@ pub fn router(state: AdminState) -> Router {
             post(handlers::post_health),
         )
         .route("/v1/services/{svc}/strategy", put(handlers::put_strategy))
+        // Layers run outside in: the token first, then the content type;
+        // the handlers check body size, JSON and fields after both.
+        .route_layer(axum::middleware::from_fn(auth::require_json))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -32,10 +32,13 @@ pub mod file;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 
+use datapunk_lb_core::config::{
+    DEFAULT_ERROR_THRESHOLD, DEFAULT_MIN_HEALTHY_PERCENT, DEFAULT_RECOVERY_THRESHOLD,
+};
 use datapunk_lb_core::{LoadBalancerConfig, ServiceInstance, StrategyKind, Weight};
 use toml::Spanned;
 
@@ -43,8 +46,9 @@ use self::file::{FileConfig, FileService};
 
 /// Default drain timeout: 30 s.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default admin listen address.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Default admin listen address: `127.0.0.1:9901`.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9901));
 /// Default connect timeout: 1 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default request timeout: 30 s.
@@ -53,6 +57,10 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RETRIES: u32 = 2;
 /// Default per-instance connection limit: 10,000.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default active health check interval: 5 s.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Default active health check timeout: 1 s.
+pub const DEFAULT_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default health check path.
 pub const DEFAULT_HEALTH_PATH: &str = "/health";
 /// Default etcd key prefix: instances live at `{prefix}{service}/{id}`.
@@ -147,6 +155,8 @@ pub struct Route {
 pub struct ServiceConfig {
     /// Balancing and health rules for the core.
     pub balancing: LoadBalancerConfig,
+    /// Whether `/metrics` reports this service (`metrics_enabled`).
+    pub metrics_enabled: bool,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
     /// Whole-request timeout (to response headers).
@@ -219,6 +229,31 @@ impl fmt::Display for ConfigErrors {
                 writeln!(f)?;
             }
             write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+// === impl HealthCheck ===
+
+impl HealthCheck {
+    /// Checks that both periods are positive and a probe ends before the
+    /// next is due; the error names the bad key (`interval`, `timeout`).
+    fn check_timing(&self) -> Result<(), (&'static str, String)> {
+        if self.interval.is_zero() {
+            return Err(("interval", "must be greater than 0".to_owned()));
+        }
+        if self.timeout.is_zero() {
+            return Err(("timeout", "must be greater than 0".to_owned()));
+        }
+        if self.timeout > self.interval {
+            return Err((
+                "timeout",
+                format!(
+                    "{:?} is longer than the interval {:?}",
+                    self.timeout, self.interval
+                ),
+            ));
         }
         Ok(())
     }
@@ -639,7 +674,7 @@ pub fn etcd_endpoint(e: &str) -> Result<String, String> {
 }
 
 fn admin(a: Option<file::FileAdmin>, ck: &mut Checker<'_>) -> AdminConfig {
-    let default_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9901));
+    let default_listen = DEFAULT_ADMIN_LISTEN;
     let Some(a) = a else {
         return AdminConfig {
             listen: default_listen,
@@ -696,26 +731,26 @@ fn service(
             Err(e) => ck.issue(format!("{key}.strategy"), st, e.to_string()),
         }
     }
-    lb.error_threshold = ck.int(
+    lb.breaker.error_threshold = ck.int(
         &format!("{key}.error_threshold"),
         &s.error_threshold,
         1..=1000,
-        3,
+        i64::from(DEFAULT_ERROR_THRESHOLD),
     ) as u32;
-    lb.recovery_threshold = ck.int(
+    lb.breaker.recovery_threshold = ck.int(
         &format!("{key}.recovery_threshold"),
         &s.recovery_threshold,
         1..=1000,
-        2,
+        i64::from(DEFAULT_RECOVERY_THRESHOLD),
     ) as u32;
     lb.min_healthy_percent = ck.int(
         &format!("{key}.min_healthy_percent"),
         &s.min_healthy_percent,
         0..=100,
-        50,
+        i64::from(DEFAULT_MIN_HEALTHY_PERCENT),
     ) as u8;
     lb.slow_start = ck.duration(&format!("{key}.slow_start"), &s.slow_start, lb.slow_start);
-    lb.metrics_enabled = s.metrics_enabled.unwrap_or(true);
+    let metrics_enabled = s.metrics_enabled.unwrap_or(true);
     let connect_timeout = ck.duration(
         &format!("{key}.connect_timeout"),
         &s.connect_timeout,
@@ -754,8 +789,8 @@ fn service(
         kind: HealthCheckKind::Http {
             path: DEFAULT_HEALTH_PATH.to_owned(),
         },
-        interval: lb.health_check_interval,
-        timeout: lb.health_check_timeout,
+        interval: DEFAULT_HEALTH_CHECK_INTERVAL,
+        timeout: DEFAULT_HEALTH_CHECK_TIMEOUT,
     };
     if let Some(h) = &s.health_check {
         let path = match &h.path {
@@ -788,13 +823,11 @@ fn service(
         );
         health_check.timeout =
             ck.duration(&format!("{hk}.timeout"), &h.timeout, health_check.timeout);
-        lb.health_check_interval = health_check.interval;
-        lb.health_check_timeout = health_check.timeout;
-        if let Err(e) = lb.validate() {
+        if let Err((field, reason)) = health_check.check_timing() {
             let at = h.timeout.as_ref().or(h.interval.as_ref());
             match at {
-                Some(at) => ck.issue(format!("{key}.{}", e.field), at, e.reason),
-                None => ck.issue(format!("{key}.{}", e.field), spanned, e.reason),
+                Some(at) => ck.issue(format!("{hk}.{field}"), at, reason),
+                None => ck.issue(format!("{hk}.{field}"), spanned, reason),
             }
         }
     }
@@ -825,15 +858,10 @@ fn service(
             match ServiceInstance::try_new(f.id.get_ref(), f.address.get_ref(), port as u16) {
                 Ok(b) => b,
                 Err(e) => {
-                    let at = if f.id.get_ref().is_empty() || f.id.get_ref().len() > 253 {
-                        &f.id
-                    } else {
-                        &f.address
-                    };
-                    let field = if std::ptr::eq(at, &f.id) {
-                        "id"
-                    } else {
-                        "address"
+                    // Port was checked above: the fault is the id or the address.
+                    let (field, at) = match e.field() {
+                        "id" => ("id", &f.id),
+                        _ => ("address", &f.address),
                     };
                     ck.issue(format!("{ik}.{field}"), at, e.to_string());
                     continue;
@@ -868,6 +896,7 @@ fn service(
     }
     Some(ServiceConfig {
         balancing: lb,
+        metrics_enabled,
         connect_timeout,
         request_timeout,
         retries,
@@ -875,4 +904,87 @@ fn service(
         health_check,
         instances,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+[[listener.route]]
+service = "api"
+[service.api]
+[[service.api.instance]]
+id = "api-1"
+address = "127.0.0.1"
+port = 9001
+"#;
+
+    fn error_of(src: &str) -> String {
+        match Config::parse(src) {
+            Ok(_) => panic!("accepted: {src}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_bad_instance_id_is_reported_at_its_key_and_line() {
+        for (id, why) in [
+            ("api/1", "'/'"),
+            ("api 1", "' '"),
+            ("..", "path step"),
+            ("", "must not be empty"),
+        ] {
+            let e = error_of(&BASE.replace("\"api-1\"", &format!("{id:?}")));
+            assert!(
+                e.contains("line 8: service.api.instance[0].id") && e.contains(why),
+                "{id:?}: {e}"
+            );
+        }
+        let long = "x".repeat(datapunk_lb_core::instance::MAX_ID_LEN + 1);
+        let e = error_of(&BASE.replace("api-1", &long));
+        assert!(e.contains("line 8: service.api.instance[0].id"), "{e}");
+        let e = error_of(&BASE.replace("\"127.0.0.1\"\nport", "\"\"\nport"));
+        assert!(e.contains("line 9: service.api.instance[0].address"), "{e}");
+    }
+
+    /// The server-only settings that left the core's `LoadBalancerConfig`
+    /// (moved here from the core's config tests).
+    #[test]
+    fn health_check_and_metrics_defaults_and_timing_are_the_servers() {
+        let c = match Config::parse(BASE) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let api = &c.services["api"];
+        assert_eq!(api.health_check.interval, Duration::from_secs(5));
+        assert_eq!(api.health_check.timeout, Duration::from_secs(1));
+        assert!(api.metrics_enabled);
+        assert_eq!(api.balancing.breaker.error_threshold, 3);
+        assert_eq!(api.balancing.breaker.recovery_threshold, 2);
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+
+        let timing = |extra: &str| {
+            error_of(&BASE.replace(
+                "[service.api]\n",
+                &format!(
+                    "[service.api]\nmetrics_enabled = false\n[service.api.health_check]\n{extra}"
+                ),
+            ))
+        };
+        let e = timing("interval = \"5s\"\ntimeout = \"6s\"\n");
+        assert!(
+            e.contains(
+                "line 10: service.api.health_check.timeout: 6s is longer than the interval 5s"
+            ),
+            "{e}"
+        );
+        let e = timing("interval = \"0s\"\n");
+        assert!(
+            e.contains("service.api.health_check.interval: must be greater than 0"),
+            "{e}"
+        );
+    }
 }

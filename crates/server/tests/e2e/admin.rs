@@ -27,10 +27,25 @@ fn config(
     (cfg, token_file)
 }
 
+/// A node on [`config`] without a state file.
+fn start_with_token(backends: &[&std::sync::Arc<Backend>]) -> Lb {
+    Lb::start(&config(backends, None).0)
+}
+
 async fn service(admin_addr: std::net::SocketAddr) -> Value {
     let (status, body) = admin(admin_addr, "GET", "/v1/services/api", Some(TOKEN), None).await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
+}
+
+/// The ids of `api`'s instances.
+async fn ids(admin_addr: std::net::SocketAddr) -> Vec<Value> {
+    service(admin_addr).await["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect()
 }
 
 /// Removes an instance without draining.
@@ -62,8 +77,7 @@ fn essence(v: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mutating_route_needs_the_token_and_validates() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a]);
     let adm = lb.addr("admin");
     let put_b = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, b.addr.port());
     let routes: Vec<(&str, String, Option<String>)> = vec![
@@ -238,11 +252,172 @@ async fn every_mutating_route_needs_the_token_and_validates() {
     assert_eq!(admin(adm, "GET", "/readyz", None, None).await.0, 200);
 }
 
+/// Without the right token, every `/v1` request gets 401 whatever else is
+/// wrong with it: a 415, 413, 400 or 404 would tell an unauthenticated
+/// caller how far its request got. With the token, each case gets its own
+/// refusal (so each really is wrong in another way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_gets_401_before_any_other_check() {
+    let a = Backend::start("a").await;
+    let lb = start_with_token(&[&a]);
+    let adm = lb.addr("admin");
+    let before = essence(&service(adm).await);
+    let good = r#"{"address":"127.0.0.1","port":80}"#;
+    let big = format!(r#"{{"address":"{}","port":80}}"#, "a".repeat(65 * 1024));
+    let (json, text) = (Some("application/json"), Some("text/plain"));
+    let (instance, health, strategy) = (
+        "/v1/services/api/instances/x",
+        "/v1/services/api/instances/a/health",
+        "/v1/services/api/strategy",
+    );
+    // (what is wrong besides the token, method, path, content type, body,
+    // the status it gets with the right token)
+    #[rustfmt::skip]
+    let cases = [
+        ("no content type", "PUT", instance, None, good, 415),
+        ("text/plain", "PUT", instance, text, good, 415),
+        ("no content type", "POST", health, None, r#"{"health_score":0.1}"#, 415),
+        ("text/plain", "PUT", strategy, text, r#"{"strategy":"p2c"}"#, 415),
+        ("a body over 64 KiB", "PUT", instance, json, big.as_str(), 413),
+        ("bad JSON", "PUT", instance, json, "{not json", 400),
+        ("bad JSON", "POST", health, json, "{not json", 400),
+        ("a bad field", "PUT", instance, json, r#"{"address":"127.0.0.1","port":0}"#, 400),
+        ("a bad drain", "DELETE", "/v1/services/api/instances/a?drain=soon", None, "", 400),
+        ("unknown service", "PUT", "/v1/services/nope/instances/x", json, good, 404),
+        ("unknown service", "PUT", "/v1/services/nope/strategy", json, r#"{"strategy":"p2c"}"#, 404),
+        ("unknown service", "DELETE", "/v1/services/nope/instances/x", None, "", 404),
+        ("unknown service", "GET", "/v1/services/nope", None, "", 404),
+        ("unknown instance", "POST", "/v1/services/api/instances/nope/health", json, r#"{"health_score":0.1}"#, 404),
+    ];
+    let right = format!("Bearer {TOKEN}");
+    for (wrong, method, path, content_type, body, with_token) in &cases {
+        for auth in [
+            None,
+            Some("Bearer wrong-token"),
+            Some("Basic s3cret-token"),
+            Some(right.as_str()),
+        ] {
+            let mut headers = Vec::new();
+            if let Some(a) = auth {
+                headers.push(("authorization", a));
+            }
+            if let Some(ct) = content_type {
+                headers.push(("content-type", *ct));
+            }
+            let (status, resp) = request(adm, method, path, &headers, body.to_string()).await;
+            let want = if auth == Some(right.as_str()) {
+                *with_token
+            } else {
+                assert!(
+                    resp.contains("bearer token"),
+                    "{method} {path} with {wrong}: the 401 says only that: {resp}"
+                );
+                401
+            };
+            assert_eq!(
+                status, want,
+                "{method} {path} with {wrong} and authorization {auth:?}: {resp}"
+            );
+        }
+    }
+    assert_eq!(
+        essence(&service(adm).await),
+        before,
+        "a refused request changed state"
+    );
+}
+
+/// The auth scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
+    let a = Backend::start("a").await;
+    let lb = start_with_token(&[&a]);
+    let adm = lb.addr("admin");
+    let upper = TOKEN.to_ascii_uppercase();
+    for (scheme, token, want) in [
+        ("Bearer", TOKEN, 200),
+        ("bearer", TOKEN, 200),
+        ("BEARER", TOKEN, 200),
+        ("bEaReR", TOKEN, 200),
+        ("Bearer", upper.as_str(), 401),
+        ("bearer", upper.as_str(), 401),
+        ("Bearers", TOKEN, 401),
+    ] {
+        let auth = format!("{scheme} {token}");
+        let (status, resp) = request(
+            adm,
+            "GET",
+            "/v1/services",
+            &[("authorization", &auth)],
+            String::new(),
+        )
+        .await;
+        assert_eq!(status, want, "authorization {auth:?}: {resp}");
+    }
+    let auth = format!("bearer {TOKEN}");
+    let (status, resp) = request(
+        adm,
+        "PUT",
+        "/v1/services/api/strategy",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        r#"{"strategy":"p2c"}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "a lower-case scheme may change state: {resp}");
+    assert_eq!(service(adm).await["strategy"], "p2c");
+}
+
+/// Instance ids are checked where they enter: an id that could not be an
+/// etcd key segment, or would break a log line or a metric label, gets 400
+/// naming `id`, and nothing is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_ids_outside_the_allowed_set_get_400_naming_id() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let lb = start_with_token(&[&a]);
+    let adm = lb.addr("admin");
+    let before = essence(&service(adm).await);
+    let body = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, b.addr.port());
+    // Percent-encoded in the path; the handler sees them decoded.
+    for id in [
+        "a%2Fb",
+        "..%2F..%2Fetc",
+        "%2F",
+        "%2E%2E",
+        "%2E",
+        "a%0Ab",
+        "a%0D%0Ainjected%3D1",
+        "a%00b",
+        "a%20b",
+        "a%22b",
+        "caf%C3%A9",
+    ] {
+        let path = format!("/v1/services/api/instances/{id}");
+        let (status, resp) = admin(adm, "PUT", &path, Some(TOKEN), Some(body.clone())).await;
+        assert_eq!(status, 400, "id {id:?}: {resp}");
+        let v: Value = serde_json::from_str(&resp).unwrap();
+        assert_eq!(v["field"], "id", "id {id:?}: {resp}");
+        assert_eq!(
+            essence(&service(adm).await),
+            before,
+            "id {id:?} changed state"
+        );
+    }
+    // Every allowed character (letters, digits and `._:-@`) is accepted.
+    let ok = "Api-1.b_c:8080@zone-A";
+    let path = format!("/v1/services/api/instances/{ok}");
+    let (status, resp) = admin(adm, "PUT", &path, Some(TOKEN), Some(body)).await;
+    assert_eq!(status, 201, "{resp}");
+    let ids = ids(adm).await;
+    assert!(ids.contains(&Value::from(ok)), "{ids:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_with_drain_lets_in_flight_requests_finish() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a, &b], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a, &b]);
     let (adm, web) = (lb.addr("admin"), lb.addr("web"));
     b.set_delay(Duration::from_millis(800));
     // Round robin: one of two requests lands on the slow b.
@@ -276,12 +451,7 @@ async fn delete_with_drain_lets_in_flight_requests_finish() {
     // Removed once idle (maintain runs every 100 ms).
     let t = Instant::now();
     loop {
-        let ids: Vec<Value> = service(adm).await["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["id"].clone())
-            .collect();
+        let ids = ids(adm).await;
         if ids == [Value::from("a")] {
             break;
         }
@@ -310,19 +480,93 @@ fn metric_value(
 }
 
 async fn scrape(adm: std::net::SocketAddr) -> Vec<prometheus_parse::Sample> {
+    scrape_with_text(adm).await.0.samples
+}
+
+/// The parsed scrape and its text.
+async fn scrape_with_text(adm: std::net::SocketAddr) -> (prometheus_parse::Scrape, String) {
     let (status, text) = admin(adm, "GET", "/metrics", None, None).await;
     assert_eq!(status, 200);
     let lines = text.lines().map(|l| Ok(l.to_owned()));
-    prometheus_parse::Scrape::parse(lines)
-        .expect("valid Prometheus text")
-        .samples
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    (parsed, text)
+}
+
+/// Every family SPEC §3 "Metrics" names (and the discovery families of
+/// `metrics.rs`), with its type.
+const FAMILIES: &[(&str, &str)] = &[
+    ("datapunk_lb_requests_total", "counter"),
+    ("datapunk_lb_request_duration_seconds", "histogram"),
+    ("datapunk_lb_active_connections", "gauge"),
+    ("datapunk_lb_instance_health_score", "gauge"),
+    ("datapunk_lb_circuit_state", "gauge"),
+    ("datapunk_lb_circuit_transitions_total", "counter"),
+    ("datapunk_lb_selections_total", "counter"),
+    ("datapunk_lb_retries_total", "counter"),
+    ("datapunk_lb_health_checks_total", "counter"),
+    ("datapunk_lb_panic_mode", "gauge"),
+    ("datapunk_lb_instances", "gauge"),
+    ("datapunk_lb_config_reloads_total", "counter"),
+    ("datapunk_lb_discovery_stale", "gauge"),
+    ("datapunk_lb_discovery_syncs_total", "counter"),
+    ("datapunk_lb_discovery_invalid_values_total", "counter"),
+];
+
+/// Alerts and `rate()` need a series before its first event: the first
+/// scrape of a fresh node lists every family, and the known label sets of
+/// the event counters at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_is_listed_from_the_first_scrape() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let lb = start_with_token(&[&a, &b]);
+    let (scrape, text) = scrape_with_text(lb.addr("admin")).await;
+    for (family, kind) in FAMILIES {
+        // OpenMetrics names a counter's family without its `_total` suffix.
+        let base = family.strip_suffix("_total").unwrap_or(family);
+        assert!(
+            text.lines().any(|l| l == format!("# TYPE {base} {kind}")),
+            "no TYPE {kind} for {family} in the first scrape:\n{text}"
+        );
+        assert!(
+            scrape.docs.contains_key(base),
+            "no HELP for {family} in the first scrape:\n{text}"
+        );
+    }
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(
+            metric_value(&scrape.samples, name, labels),
+            Some(0.0),
+            "{name} {labels:?} at 0 from the first scrape:\n{text}"
+        );
+    };
+    for result in ["success", "failure"] {
+        zero("datapunk_lb_config_reloads_total", &[("result", result)]);
+        zero("datapunk_lb_discovery_syncs_total", &[("result", result)]);
+    }
+    for (from, to) in [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+        ("half_open", "open"),
+    ] {
+        zero(
+            "datapunk_lb_circuit_transitions_total",
+            &[("service", "api"), ("from", from), ("to", to)],
+        );
+    }
+    zero("datapunk_lb_retries_total", &[("service", "api")]);
+    zero("datapunk_lb_discovery_invalid_values_total", &[]);
+    // Both backends pass their checks: failures stay at 0, listed.
+    zero(
+        "datapunk_lb_health_checks_total",
+        &[("service", "api"), ("result", "failure")],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_parseable_complete_and_move() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let (cfg, _token) = config(&[&a, &b], None);
-    let lb = Lb::start(&cfg);
+    let lb = start_with_token(&[&a, &b]);
     let (adm, web) = (lb.addr("admin"), lb.addr("web"));
     let c = client();
     for _ in 0..10 {

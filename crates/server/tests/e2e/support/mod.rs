@@ -1,5 +1,9 @@
 //! Helpers shared by the end-to-end tests: real backends on 127.0.0.1:0, the
-//! real `datapunk-lb` binary as a child process, and clients.
+//! real `datapunk-lb` binary as a child process, and clients; [`etcd`]:
+//! the etcd process harness.
+
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -161,37 +165,26 @@ impl Lb {
         std::fs::write(&config_path, &config).unwrap();
         // Every `[[listener]]`, then the admin endpoint (always started, last).
         let listeners = config.matches("[[listener]]").count() + 1;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
-            .args(["--log-format", "json", "run", "--config"])
+        let mut child = lb_command(&["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    eprintln!("lb: {line}");
-                    continue;
-                };
-                if v["message"] == "listening" {
-                    let _ = tx.send((
-                        v["listener"].as_str().unwrap_or("").to_owned(),
-                        v["addr"]
-                            .as_str()
-                            .unwrap_or("")
-                            .parse::<SocketAddr>()
-                            .unwrap(),
-                    ));
-                }
-                log2.lock().push(v);
+        read_json_log(&mut child, "lb", move |v| {
+            if v["message"] == "listening" {
+                let _ = tx.send((
+                    v["listener"].as_str().unwrap_or("").to_owned(),
+                    v["addr"]
+                        .as_str()
+                        .unwrap_or("")
+                        .parse::<SocketAddr>()
+                        .unwrap(),
+                ));
             }
+            log2.lock().push(v);
         });
         let mut addrs = HashMap::new();
         while addrs.len() < listeners {
@@ -213,11 +206,7 @@ impl Lb {
     }
 
     pub(crate) fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        signal(&self.child, sig);
     }
 
     /// Waits until a log line matching `pred` appears.
@@ -239,17 +228,65 @@ impl Lb {
 
     /// Waits for the process to exit; returns its status.
     pub(crate) fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+        wait_exit(&mut self.child, "datapunk-lb", timeout)
+    }
+}
+
+/// The `datapunk-lb` binary with JSON logs on a piped stderr (read it with
+/// [`read_json_log`]); `args` start with the subcommand.
+pub(crate) fn lb_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"));
+    c.args(["--log-format", "json"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Reads `child`'s stderr on a thread until it closes: each JSON line goes
+/// to `on_line`; any other line is echoed after `who: ` (a panic, say).
+pub(crate) fn read_json_log(
+    child: &mut Child,
+    who: &'static str,
+    mut on_line: impl FnMut(serde_json::Value) + Send + 'static,
+) {
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            match serde_json::from_str(&line) {
+                Ok(v) => on_line(v),
+                Err(_) => eprintln!("{who}: {line}"),
             }
-            assert!(
-                start.elapsed() < timeout,
-                "datapunk-lb did not exit within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
+    });
+}
+
+/// Sends `sig` (`HUP`, `TERM`, …) to `child`.
+pub(crate) fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for `child` (named `who` in the panic) to exit; returns its status.
+pub(crate) fn wait_exit(
+    child: &mut Child,
+    who: &str,
+    timeout: Duration,
+) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{who} did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -310,7 +347,19 @@ pub(crate) fn instances(service: &str, backends: &[&Arc<Backend>], weights: &[u3
         .collect()
 }
 
-/// A config with one http listener `web` routing `/` to `api`.
+/// The listener most tests use: `web`, http on a free port, every path
+/// routed to the service `api`.
+pub(crate) const WEB_TO_API: &str = r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+protocol = "http"
+[[listener.route]]
+path_prefix = "/"
+service = "api"
+"#;
+
+/// A config with [`WEB_TO_API`] and the service `api`: `service_extra`,
+/// active http checks every 100 ms, an instance per backend.
 pub(crate) fn http_config(
     service_extra: &str,
     backends: &[&Arc<Backend>],
@@ -318,14 +367,7 @@ pub(crate) fn http_config(
 ) -> String {
     format!(
         r#"drain_timeout = "5s"
-[[listener]]
-name = "web"
-listen = "127.0.0.1:0"
-protocol = "http"
-[[listener.route]]
-path_prefix = "/"
-service = "api"
-
+{WEB_TO_API}
 [service.api]
 {service_extra}
 [service.api.health_check]
@@ -374,7 +416,8 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// An admin API request; returns status and body.
+/// An admin API request; returns status and body. A body is sent as
+/// `Content-Type: application/json`; for any other headers, [`request`].
 pub(crate) async fn admin(
     addr: SocketAddr,
     method: &str,
@@ -382,20 +425,33 @@ pub(crate) async fn admin(
     token: Option<&str>,
     body: Option<String>,
 ) -> (u16, String) {
-    let c = client();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = Vec::new();
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    if body.is_some() {
+        headers.push(("content-type", "application/json"));
+    }
+    request(addr, method, path, &headers, body.unwrap_or_default()).await
+}
+
+/// An HTTP request with exactly `headers`; returns status and body.
+pub(crate) async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> (u16, String) {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"));
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .unwrap();
-    let resp = c.request(req).await.unwrap();
+    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    let resp = client().request(req).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())

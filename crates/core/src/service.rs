@@ -1,0 +1,670 @@
+//! One [`Service`]: its member list, strategy and configuration, and the
+//! rules that tie instances, health, breakers, draining and panic mode
+//! together. The [`Registry`](crate::Registry) only maps names to services.
+//!
+//! ## Concurrency
+//!
+//! Each service publishes an immutable [`Snapshot`] (members, strategy,
+//! config, generation) behind one `ArcSwap`. Selection loads it without a
+//! lock; writers (registration, removal, strategy change) serialise on the
+//! service's writer lock, build a new snapshot and store it. Per-instance live
+//! state is shared between snapshots (see [`instance`](crate::instance)), so
+//! a reader holding an old snapshot still reports outcomes to the right
+//! place.
+//!
+//! ## Eligibility and panic mode
+//!
+//! An instance is eligible when it is not draining, its health score is above
+//! 0 and its breaker admits traffic. The service keeps exact counters of
+//! members, draining and unavailable (ejected or breaker-open) instances in
+//! its [`ServiceStats`], recounted (by `ServiceStats::recount`, the only
+//! way they change) whenever an instance's state changes, so deciding panic
+//! mode costs three atomic loads per pick: with `eligible <
+//! min_healthy_percent × (members − draining)` the service selects across
+//! every non-draining instance, ignoring health and breakers, as Envoy does
+//! — better to spread load over struggling instances than to crush the few
+//! that remain. An instance whose open window has elapsed counts as
+//! unavailable until a pick moves it to half-open.
+//!
+//! ## Identity
+//!
+//! Registering an id that exists updates its description and keeps its live
+//! state (health, breaker, counts). Deregistering forgets it; an instance
+//! registered again later starts fresh, with slow start.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::breaker::{Admission, CircuitState};
+use crate::clock::{Clock, Timestamp};
+use crate::config::LoadBalancerConfig;
+use crate::event::Event;
+use crate::health::HealthScore;
+use crate::instance::{
+    InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance, Trackers,
+};
+use crate::members::Members;
+use crate::selection::{Outcome, Recorder, Selection, Source};
+use crate::stats::{Availability, ServiceStats};
+use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind, Switch};
+
+/// Picks attempted when the chosen instance's breaker refuses admission.
+const ADMISSION_ATTEMPTS: usize = 3;
+
+/// One service: its snapshot, writer state and counters.
+#[derive(Debug)]
+pub struct Service {
+    name: Arc<str>,
+    clock: Arc<dyn Clock>,
+    config: ArcSwap<LoadBalancerConfig>,
+    snapshot: ArcSwap<Snapshot>,
+    writer: Mutex<Writer>,
+    stats: ServiceStats,
+    panic: AtomicBool,
+    rng: AtomicU64,
+}
+
+/// What selection reads: immutable, replaced on every change.
+#[derive(Debug)]
+pub struct Snapshot {
+    members: Members,
+    generation: u64,
+    strategy: Arc<dyn Strategy>,
+    config: Arc<LoadBalancerConfig>,
+}
+
+#[derive(Debug, Default)]
+struct Writer {
+    index: HashMap<InstanceId, usize>,
+    draining: HashSet<InstanceId>,
+    generation: u64,
+}
+
+/// Whether a registration added an instance or updated one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// A new id.
+    Added,
+    /// An existing id: description replaced, live state kept.
+    Updated,
+}
+
+/// A report of one service, for the admin API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// Configured strategy.
+    pub strategy: StrategyKind,
+    /// For `adaptive`: the strategy in use and why.
+    pub adaptive: Option<AdaptiveStatus>,
+    /// Registered instances.
+    pub instances: usize,
+    /// Instances eligible for selection (by the service's counters).
+    pub eligible: usize,
+    /// Draining instances.
+    pub draining: usize,
+    /// Whether the service is in panic mode.
+    pub panic: bool,
+    /// Requests in flight.
+    pub in_flight: u64,
+}
+
+/// A SplitMix64 step: spreads a counter into a well-mixed seed.
+pub(crate) fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+// === impl Service ===
+
+impl Service {
+    pub(crate) fn new(
+        name: Arc<str>,
+        clock: Arc<dyn Clock>,
+        config: LoadBalancerConfig,
+        seed: u64,
+    ) -> Self {
+        let strategy = config.strategy.build();
+        let config = Arc::new(config);
+        Self {
+            name,
+            clock,
+            config: ArcSwap::new(config.clone()),
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                members: Members::default(),
+                generation: 0,
+                strategy,
+                config,
+            }),
+            writer: Mutex::new(Writer::default()),
+            stats: ServiceStats::default(),
+            panic: AtomicBool::new(false),
+            rng: AtomicU64::new(seed),
+        }
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The service's configuration.
+    pub fn config(&self) -> Arc<LoadBalancerConfig> {
+        self.config.load_full()
+    }
+
+    /// Whether the service was in panic mode at the last pick or change.
+    pub fn in_panic(&self) -> bool {
+        self.panic.load(Ordering::Relaxed)
+    }
+
+    /// The current snapshot's member list (cheap to clone).
+    pub fn members(&self) -> Members {
+        self.snapshot.load().members.clone()
+    }
+
+    fn next_seed(&self) -> u64 {
+        splitmix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
+    }
+
+    /// The member with id `id`, if registered.
+    pub(crate) fn member(&self, id: &str) -> Option<Arc<Member>> {
+        let w = self.writer.lock();
+        let idx = *w.index.get(id)?;
+        self.snapshot.load().members.get(idx).cloned()
+    }
+
+    /// Selects an instance; see [`Registry::get_instance`](crate::Registry::get_instance).
+    /// The same as [`select_with`](Self::select_with) with a filter that
+    /// accepts all.
+    pub fn select(self: &Arc<Self>, key: Option<&[u8]>) -> Option<Selection> {
+        self.pick(key, None)
+    }
+
+    /// Selects an instance that `accept` accepts, or `None` if no eligible
+    /// instance is acceptable.
+    ///
+    /// `accept` is consulted inside the pick, like eligibility: the strategy
+    /// skips refused members, so the caller never re-draws (Pingora's
+    /// `select_with`). Use it for "not an instance this request already
+    /// tried" or "under its connection limit". Round robin moves past a
+    /// refused instance in its rotation; `consistent_hash` falls over to the
+    /// next instance in its table order for the key, the same one every
+    /// time; panic mode and half-open probe limits apply as in
+    /// [`select`](Self::select).
+    ///
+    /// ```
+    /// use datapunk_lb_core::{Registry, ServiceInstance};
+    ///
+    /// let registry = Registry::new();
+    /// registry.register_instance("api", ServiceInstance::try_new("api-1", "10.0.0.1", 80)?)?;
+    /// registry.register_instance("api", ServiceInstance::try_new("api-2", "10.0.0.2", 80)?)?;
+    /// let svc = registry.service("api").expect("registered");
+    /// let s = svc.select_with(None, |m| m.instance().id().as_str() != "api-1").expect("api-2");
+    /// assert_eq!(s.instance().id().as_str(), "api-2");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn select_with(
+        self: &Arc<Self>,
+        key: Option<&[u8]>,
+        accept: impl Fn(&Member) -> bool,
+    ) -> Option<Selection> {
+        self.pick(key, Some(&accept))
+    }
+
+    fn pick(
+        self: &Arc<Self>,
+        key: Option<&[u8]>,
+        accept: Option<&dyn Fn(&Member) -> bool>,
+    ) -> Option<Selection> {
+        let snap = self.snapshot.load();
+        if snap.members.is_empty() {
+            return None;
+        }
+        let now = self.clock.now();
+        let mut events = Vec::new();
+        let panic = self.check_panic(&snap.config, &mut events);
+        let mut rng = fastrand::Rng::with_seed(self.next_seed());
+        let mut switched = None;
+        for _ in 0..ADMISSION_ATTEMPTS {
+            let mut cx = PickContext {
+                members: &snap.members,
+                generation: snap.generation,
+                key,
+                rng: &mut rng,
+                now,
+                panic,
+                slow_start: snap.config.slow_start,
+                max_probes: snap.config.breaker.half_open_max_probes,
+                stats: &self.stats,
+                switched: &mut switched,
+                accept,
+            };
+            let member = snap.strategy.pick(&mut cx);
+            if let Some(Switch { from, to, reason }) = switched.take() {
+                events.push(Event::StrategySwitch {
+                    service: self.name.clone(),
+                    from,
+                    to,
+                    reason,
+                });
+            }
+            let member = member?;
+            let kind = snap.strategy.effective_kind();
+            // Panic mode ignores breakers, so it takes no probe slot.
+            let probe = if panic {
+                false
+            } else {
+                match self.admit(&member, now, &snap.config, &mut events) {
+                    Admission::Admitted => false,
+                    Admission::Probe(_) => true,
+                    Admission::Rejected => continue,
+                }
+            };
+            return Some(Selection::new(
+                self.clone(),
+                member,
+                now,
+                probe,
+                kind,
+                events,
+            ));
+        }
+        None
+    }
+
+    fn admit(
+        &self,
+        member: &Member,
+        now: Timestamp,
+        cfg: &LoadBalancerConfig,
+        events: &mut Vec<Event>,
+    ) -> Admission {
+        if member.circuit_state() == CircuitState::Closed {
+            return Admission::Admitted; // the common case: no lock
+        }
+        let live = member.live();
+        let mut trackers = live.trackers.lock();
+        let admission = trackers.breaker.try_admit(now, &cfg.breaker);
+        if let Admission::Probe(Some(t)) = admission {
+            events.push(self.breaker_event(member, t));
+        }
+        live.publish(&trackers);
+        self.recount(member, &mut trackers, events);
+        admission
+    }
+
+    fn breaker_event(&self, member: &Member, transition: crate::breaker::Transition) -> Event {
+        Event::Breaker {
+            service: self.name.clone(),
+            instance: member.instance().id().clone(),
+            transition,
+        }
+    }
+
+    /// Records an outcome on `member` and returns the events it caused.
+    fn record_outcome(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event> {
+        let now = self.clock.now();
+        let cfg = self.config.load();
+        let live = member.live();
+        let request = source == Source::Request;
+        if request {
+            let failure = match outcome {
+                Outcome::Success(_) => None,
+                Outcome::Failure(kind) => Some(kind.index()),
+            };
+            live.count_outcome(failure);
+            self.stats.outcome(failure.is_some());
+        }
+        let jitter = (self.next_seed() >> 11) as f64 / (1u64 << 53) as f64;
+        let mut events = Vec::new();
+        {
+            let mut trackers = live.trackers.lock();
+            let transition = match outcome {
+                Outcome::Success(latency) => {
+                    trackers.health.on_success(now);
+                    if request {
+                        trackers.ewma.observe(latency, now);
+                    }
+                    trackers.breaker.on_success(now, &cfg.breaker)
+                }
+                Outcome::Failure(_) => {
+                    trackers.health.on_failure(now);
+                    trackers.breaker.on_failure(now, &cfg.breaker, jitter)
+                }
+            };
+            if let Some(t) = transition {
+                if t.to == CircuitState::Closed {
+                    live.start_slow_start(now);
+                }
+                events.push(self.breaker_event(member, t));
+            }
+            live.publish(&trackers);
+            self.recount(member, &mut trackers, &mut events);
+        }
+        if !events.is_empty() {
+            self.check_panic(&cfg, &mut events);
+        }
+        events
+    }
+
+    /// Records an outcome not tied to a selection; see
+    /// [`Registry::report_outcome`](crate::Registry::report_outcome).
+    pub(crate) fn report_outcome(&self, member: &Member, outcome: Outcome) -> Vec<Event> {
+        self.record_outcome(member, outcome, Source::Probe)
+    }
+
+    /// Recounts `member` after a change to its live state, with its trackers
+    /// locked, and reports an eligibility change.
+    fn recount(&self, member: &Member, trackers: &mut Trackers, events: &mut Vec<Event>) {
+        let live = member.live();
+        if live.removed.load(Ordering::Acquire) {
+            return;
+        }
+        let now = live.availability(trackers);
+        let Some(before) = self.stats.recount(&mut trackers.counted, now) else {
+            return;
+        };
+        let reason = match (before, now, trackers.breaker.state()) {
+            (Availability::Absent, _, _) | (_, Availability::Absent, _) => return,
+            (_, Availability::Draining, _) => "draining",
+            (_, Availability::Unavailable, CircuitState::Open) => "circuit open",
+            (_, Availability::Unavailable, _) => "health score 0",
+            (_, Availability::Available, CircuitState::HalfOpen) => "circuit half-open: probing",
+            (_, Availability::Available, _) => "recovered",
+        };
+        events.push(Event::Eligibility {
+            service: self.name.clone(),
+            instance: member.instance().id().clone(),
+            eligible: now == Availability::Available,
+            reason,
+        });
+    }
+
+    /// Decides panic mode from the counters; reports a change.
+    fn check_panic(&self, cfg: &LoadBalancerConfig, events: &mut Vec<Event>) -> bool {
+        let (total, eligible) = self.stats.counted();
+        let panic = total > 0 && eligible * 100 < usize::from(cfg.min_healthy_percent) * total;
+        if self.panic.load(Ordering::Relaxed) != panic
+            && self.panic.swap(panic, Ordering::AcqRel) != panic
+        {
+            events.push(Event::Panic {
+                service: self.name.clone(),
+                entered: panic,
+                eligible,
+                total,
+            });
+        }
+        panic
+    }
+
+    /// Replaces the configuration; a changed strategy starts fresh.
+    pub(crate) fn set_config(&self, config: LoadBalancerConfig) {
+        let mut w = self.writer.lock();
+        let config = Arc::new(config);
+        self.config.store(config.clone());
+        let old = self.snapshot.load();
+        let strategy = if old.strategy.kind() == config.strategy {
+            old.strategy.clone()
+        } else {
+            config.strategy.build()
+        };
+        w.generation += 1;
+        let snap = Snapshot {
+            members: old.members.clone(),
+            generation: w.generation,
+            strategy: strategy.clone(),
+            config,
+        };
+        let members = snap.members.clone();
+        self.snapshot.store(Arc::new(snap));
+        strategy.prepare(&members, w.generation, self.clock.now());
+    }
+
+    /// Runs `f` on a copy of the member list under the writer lock, then
+    /// publishes the result as the next snapshot. `f` is told whether new
+    /// instances should slow-start.
+    fn write<R>(&self, f: impl FnOnce(&mut Writer, &mut Members, Timestamp, bool) -> R) -> R {
+        let mut w = self.writer.lock();
+        let old = self.snapshot.load_full();
+        let mut members = old.members.clone();
+        let now = self.clock.now();
+        let slow = !old.config.slow_start.is_zero() && !members.is_empty();
+        let out = f(&mut w, &mut members, now, slow);
+        w.generation += 1;
+        let generation = w.generation;
+        self.snapshot.store(Arc::new(Snapshot {
+            members: members.clone(),
+            generation,
+            strategy: old.strategy.clone(),
+            config: old.config.clone(),
+        }));
+        drop(w);
+        old.strategy.prepare(&members, generation, now);
+        out
+    }
+
+    /// Registers or updates one instance.
+    pub(crate) fn register(&self, instance: ServiceInstance) -> Registered {
+        self.write(|w, members, now, slow| w.upsert(members, instance, now, slow, &self.stats))
+    }
+
+    /// Registers many instances with one snapshot rebuild; instances that
+    /// join an empty service start at full weight.
+    pub(crate) fn register_many(&self, instances: impl IntoIterator<Item = ServiceInstance>) {
+        self.write(|w, members, now, slow| {
+            for inst in instances {
+                w.upsert(members, inst, now, slow, &self.stats);
+            }
+        });
+    }
+
+    /// Removes `id` at once; its description if it was there.
+    pub(crate) fn deregister(&self, id: &str) -> Option<ServiceInstance> {
+        self.write(|w, members, _, _| w.remove(members, id, &self.stats))
+    }
+
+    /// Starts draining `member`; `None` if `id` is not registered.
+    pub(crate) fn drain(&self, id: &str, timeout: Duration) -> Option<Vec<Event>> {
+        let now = self.clock.now();
+        let mut w = self.writer.lock();
+        let member = self.snapshot.load().members.get(*w.index.get(id)?)?.clone();
+        let live = member.live();
+        let mut events = Vec::new();
+        {
+            let mut trackers = live.trackers.lock();
+            trackers.drain_deadline = Some(now + timeout);
+            live.set_draining(true);
+            self.recount(&member, &mut trackers, &mut events);
+        }
+        w.draining.insert(member.instance().id().clone());
+        drop(w);
+        self.check_panic(&self.config.load(), &mut events);
+        Some(events)
+    }
+
+    /// Sets `member`'s health score; raising it from 0 starts slow start.
+    pub(crate) fn set_health(&self, member: &Member, score: HealthScore) -> Vec<Event> {
+        let now = self.clock.now();
+        let mut events = Vec::new();
+        {
+            let live = member.live();
+            let mut trackers = live.trackers.lock();
+            let was_ejected = trackers.health.score() == HealthScore::EJECTED;
+            trackers.health.set(score);
+            if was_ejected && score != HealthScore::EJECTED {
+                live.start_slow_start(now);
+            }
+            live.publish(&trackers);
+            self.recount(member, &mut trackers, &mut events);
+        }
+        self.check_panic(&self.config.load(), &mut events);
+        events
+    }
+
+    /// Upkeep at `now`: rebuilds stale strategy tables and removes drained
+    /// instances, appending a `Removed` event for each.
+    pub(crate) fn maintain(&self, now: Timestamp, events: &mut Vec<Event>) {
+        let snap = self.snapshot.load_full();
+        snap.strategy.maintain(&snap.members, snap.generation, now);
+        if self.writer.lock().draining.is_empty() {
+            return;
+        }
+        self.write(|w, members, _, _| {
+            let ids: Vec<InstanceId> = w.draining.iter().cloned().collect();
+            for id in ids {
+                let Some(m) = w.index.get(&id).and_then(|&i| members.get(i)) else {
+                    w.draining.remove(&id);
+                    continue;
+                };
+                let deadline = m.live().trackers.lock().drain_deadline;
+                let reason = if m.active_connections() == 0 {
+                    "drained"
+                } else if deadline.is_some_and(|d| now >= d) {
+                    "drain timeout"
+                } else {
+                    continue;
+                };
+                if let Some(inst) = w.remove(members, id.as_str(), &self.stats) {
+                    events.push(Event::Removed {
+                        service: self.name.clone(),
+                        instance: inst.id().clone(),
+                        reason,
+                    });
+                }
+            }
+        });
+    }
+
+    /// Marks every member removed (the service is going away).
+    pub(crate) fn mark_all_removed(&self) {
+        let snap = self.snapshot.load();
+        for m in snap.members.iter() {
+            m.live().removed.store(true, Ordering::Release);
+        }
+    }
+
+    /// A report of this service.
+    pub fn status(&self) -> ServiceStatus {
+        let snap = self.snapshot.load();
+        let (total, eligible) = self.stats.counted();
+        ServiceStatus {
+            name: self.name.to_string(),
+            strategy: snap.strategy.kind(),
+            adaptive: snap.strategy.adaptive_status(),
+            instances: snap.members.len(),
+            eligible,
+            draining: snap.members.len() - total,
+            panic: self.in_panic(),
+            in_flight: self.stats.in_flight(),
+        }
+    }
+
+    /// A report of `member` now.
+    pub(crate) fn member_status(&self, member: &Member) -> InstanceStatus {
+        let cfg = self.config.load();
+        member.status(
+            self.clock.now(),
+            cfg.slow_start,
+            cfg.breaker.half_open_max_probes,
+        )
+    }
+
+    /// A report of every instance, in member order.
+    pub fn instances(&self) -> Vec<InstanceStatus> {
+        let snap = self.snapshot.load();
+        let now = self.clock.now();
+        let cfg = &snap.config;
+        snap.members
+            .iter()
+            .map(|m| m.status(now, cfg.slow_start, cfg.breaker.half_open_max_probes))
+            .collect()
+    }
+}
+
+impl Recorder for Service {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn stats(&self) -> &ServiceStats {
+        &self.stats
+    }
+
+    fn record(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event> {
+        self.record_outcome(member, outcome, source)
+    }
+
+    fn release_probe(&self, member: &Member) {
+        let live = member.live();
+        let mut trackers = live.trackers.lock();
+        trackers.breaker.release_probe();
+        live.publish(&trackers);
+    }
+}
+
+// === impl Writer ===
+
+impl Writer {
+    /// Adds or updates; `slow` is set when a new instance should ramp.
+    fn upsert(
+        &mut self,
+        members: &mut Members,
+        instance: ServiceInstance,
+        now: Timestamp,
+        slow: bool,
+        stats: &ServiceStats,
+    ) -> Registered {
+        if let Some(&idx) = self.index.get(instance.id().as_str()) {
+            if let Some(old) = members.get(idx) {
+                let m = Member::new(instance, old.live().clone());
+                members.set(idx, Arc::new(m));
+                return Registered::Updated;
+            }
+        }
+        let id = instance.id().clone();
+        let live = Arc::new(InstanceLive::new(now, slow));
+        stats.recount(&mut live.trackers.lock().counted, Availability::Available);
+        let idx = members.push(Arc::new(Member::new(instance, live)));
+        self.index.insert(id, idx);
+        Registered::Added
+    }
+
+    /// Removes `id`; returns its description if it was there.
+    fn remove(
+        &mut self,
+        members: &mut Members,
+        id: &str,
+        stats: &ServiceStats,
+    ) -> Option<ServiceInstance> {
+        let idx = self.index.remove(id)?;
+        self.draining.remove(id);
+        let removed = members.swap_remove(idx)?;
+        if let Some(moved) = members.get(idx) {
+            if let Some(slot) = self.index.get_mut(moved.instance().id().as_str()) {
+                *slot = idx;
+            }
+        }
+        let live = removed.live();
+        let mut trackers = live.trackers.lock();
+        live.removed.store(true, Ordering::Release);
+        stats.recount(&mut trackers.counted, Availability::Absent);
+        Some(removed.instance().clone())
+    }
+}
