@@ -2,83 +2,13 @@
 //! file < admin API changes of the state file < etcd. With a state-file
 //! override or removal in force, an etcd key of the same id leaving brings
 //! back the override, or nothing, never the config's version.
-//!
-//! The etcd process helpers below are a private copy of the ones in
-//! `etcd.rs` (kept here so this file does not depend on where that harness
-//! moves).
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::etcd::{bodies, etcd_bin, Etcd, PREFIX};
 use crate::support::*;
-
-const PREFIX: &str = "/datapunk/services/";
-
-/// A single-member etcd on free ports with a temp data dir; killed and
-/// removed on drop.
-struct Etcd {
-    dir: PathBuf,
-    port: u16,
-    child: Child,
-}
-
-impl Etcd {
-    async fn start(bin: &Path) -> Etcd {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (port, peer) = (free(), free());
-        let dir = temp_path("etcd-precedence");
-        std::fs::create_dir_all(&dir).unwrap();
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let client_url = format!("http://127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .arg("--name=t")
-            .arg(format!("--data-dir={}", dir.join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=t={peer_url}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let etcd = Etcd { dir, port, child };
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let c = client();
-        let t = Instant::now();
-        loop {
-            if let Ok((200, body)) = get(&c, addr, "/health").await {
-                if body.contains("true") {
-                    return etcd;
-                }
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "etcd not healthy");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// `id → (port, draining)` of the node's `api` instances.
 async fn instances(lb: &Lb) -> std::collections::BTreeMap<String, (u64, bool)> {
@@ -118,26 +48,9 @@ async fn until(
     }
 }
 
-/// The backends `n` requests through `lb` reached.
-async fn bodies(lb: &Lb, n: usize) -> Vec<String> {
-    let c = client();
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        match get(&c, lb.addr("web"), "/").await {
-            Ok((200, body)) => v.push(body),
-            other => v.push(format!("{other:?}")),
-        }
-    }
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_key_leaving_brings_back_the_state_file_layer_not_the_config() {
-    let Some(bin) = require(
-        "etcd",
-        "/usr/bin/etcd",
-        "etcd-server: apt-get install etcd-server",
-    ) else {
+    let Some(bin) = etcd_bin() else {
         return;
     };
     let etcd = Etcd::start(&bin).await;
@@ -250,7 +163,7 @@ prefix = "{PREFIX}"
             && m.get("old").is_none_or(|(_, draining)| *draining)
     })
     .await;
-    let seen = bodies(&lb, 12).await;
+    let seen = bodies(&client(), &lb, 12).await;
     assert!(
         seen.iter().all(|b| b == "override"),
         "only the override serves: {seen:?}"
