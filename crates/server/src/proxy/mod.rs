@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use datapunk_lb_core::Service;
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, Route};
 
 pub use self::error::ProxyError;
 pub use self::retry::RetryBudget;
@@ -79,15 +79,7 @@ impl Routing {
     /// The upstream for a request to `listener` with `host` and `path`.
     pub fn route(&self, listener: &str, host: Option<&str>, path: &str) -> Option<&Arc<Upstream>> {
         let l = self.listeners.get(listener)?;
-        let host = host.map(|h| strip_port(h).to_ascii_lowercase());
-        let r = l.routes.iter().find(|r| {
-            let host_ok = match (&r.host, &host) {
-                (None, _) => true,
-                (Some(want), Some(got)) => want == got,
-                (Some(_), None) => false,
-            };
-            host_ok && path.starts_with(&r.path_prefix)
-        })?;
+        let r = matching_route(&l.routes, host, path)?;
         self.upstreams.get(&r.service)
     }
 
@@ -96,6 +88,22 @@ impl Routing {
         let l = self.listeners.get(listener)?;
         self.upstreams.get(l.service.as_deref()?)
     }
+}
+
+/// The first route that matches, in file order: its host (if it names one)
+/// equals the request's host without its port, in any letter case, and the
+/// path starts with its prefix. A route that names a host never matches a
+/// request without one.
+fn matching_route<'a>(routes: &'a [Route], host: Option<&str>, path: &str) -> Option<&'a Route> {
+    let host = host.map(strip_port);
+    routes.iter().find(|r| {
+        let host_ok = match (&r.host, host) {
+            (None, _) => true,
+            (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+            (Some(_), None) => false,
+        };
+        host_ok && path.starts_with(&r.path_prefix)
+    })
 }
 
 fn strip_port(host: &str) -> &str {
@@ -119,6 +127,67 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route(host: Option<&str>, prefix: &str, service: &str) -> Route {
+        Route {
+            host: host.map(str::to_owned),
+            path_prefix: prefix.to_owned(),
+            service: service.to_owned(),
+        }
+    }
+
+    /// The service each (host, path) request is routed to, in order.
+    fn routed(routes: &[Route], requests: &[(Option<&str>, &str)]) -> Vec<Option<String>> {
+        requests
+            .iter()
+            .map(|(h, p)| matching_route(routes, *h, p).map(|r| r.service.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn the_first_matching_route_wins_by_host_then_path_prefix() {
+        let routes = [
+            route(Some("api.example"), "/v2", "api-v2"),
+            route(Some("api.example"), "/", "api"),
+            route(None, "/static", "static"),
+            route(None, "/", "web"),
+        ];
+        let got = routed(
+            &routes,
+            &[
+                (Some("api.example"), "/v2/users"),
+                (Some("API.Example:8080"), "/v2"),
+                (Some("api.example"), "/v1/users"),
+                (Some("api.example"), "/static/a.css"),
+                (Some("other.example"), "/static/a.css"),
+                (Some("other.example"), "/v2/users"),
+                (None, "/v2/users"),
+                (Some("[::1]:80"), "/"),
+            ],
+        );
+        let want = [
+            "api-v2", "api-v2", "api", "api", "static", "web", "web", "web",
+        ];
+        assert_eq!(got, want.map(|s| Some(s.to_owned())));
+    }
+
+    #[test]
+    fn no_route_matches_when_host_and_prefix_both_must() {
+        let routes = [
+            route(Some("api.example"), "/", "api"),
+            route(None, "/v1/", "v1"),
+        ];
+        let got = routed(
+            &routes,
+            &[
+                (None, "/"),
+                (Some("api.example.org"), "/"),
+                (Some("other"), "/v1"),
+                (Some("other"), "/v1/x"),
+            ],
+        );
+        assert_eq!(got, [None, None, None, Some("v1".to_owned())]);
+    }
 
     #[test]
     fn ports_are_stripped_from_hosts() {
