@@ -129,7 +129,7 @@ impl Metrics {
             );
         registry.register(
             "datapunk_lb_request_duration_seconds",
-            "Time from request to upstream response headers, by service",
+            "Time to the upstream answer, by service: HTTP, request to response headers; TCP, the connect",
             durations.clone(),
         );
         let selections = Family::<Labels, Counter>::default();
