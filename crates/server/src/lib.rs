@@ -19,10 +19,9 @@
 //! | [`telemetry`] | tracing setup; core events as structured log lines |
 //! | [`demo`] | `datapunk-lb demo` |
 
-// `admin`, `health_check` and `proxy` are crate-private so the compiler
-// reports their dead code; their items still say `pub` (converted by their
-// owners), hence the allowance.
-#[allow(unreachable_pub)]
+// `admin`, `control`, `health_check` and `proxy` are crate-private so the
+// compiler reports their dead code; `health_check`'s items still say `pub`,
+// hence its allowance.
 pub(crate) mod admin;
 pub mod cli;
 pub mod config;
@@ -32,7 +31,6 @@ pub mod discovery;
 #[allow(unreachable_pub)]
 pub(crate) mod health_check;
 pub mod metrics;
-#[allow(unreachable_pub)]
 pub(crate) mod proxy;
 pub mod server;
 pub mod state;

@@ -24,7 +24,7 @@ const SCHEME: &[u8] = b"bearer";
 
 /// `a == b` in time that depends only on the lengths, not on where they
 /// differ (so a wrong token reveals nothing about the right one).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -33,7 +33,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Whether `header` (the `Authorization` value) carries `token` under the
 /// `Bearer` scheme, in any letter case.
-pub fn authorized(header: Option<&[u8]>, token: &str) -> bool {
+pub(crate) fn authorized(header: Option<&[u8]>, token: &str) -> bool {
     let Some(h) = header else { return false };
     let Some((scheme, rest)) = h.split_at_checked(SCHEME.len()) else {
         return false;
@@ -47,7 +47,11 @@ pub fn authorized(header: Option<&[u8]>, token: &str) -> bool {
 /// Middleware, outermost on `/v1`: 401 unless the request carries the
 /// configured token. With no token configured (allowed only on a loopback
 /// address) every request passes.
-pub async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+pub(crate) async fn require_token(
+    State(state): State<AdminState>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(token) = state.admin_token() {
         let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
         if !authorized(header, &token) {
@@ -62,7 +66,7 @@ pub async fn require_token(State(state): State<AdminState>, req: Request, next: 
 /// can send a cross-origin `text/plain` POST without a CORS preflight, but
 /// not a JSON one, so this closes the door to cross-site requests against a
 /// token-less loopback admin API.
-pub async fn require_json(req: Request, next: Next) -> Response {
+pub(crate) async fn require_json(req: Request, next: Next) -> Response {
     let has_body = matches!(*req.method(), Method::POST | Method::PUT);
     if has_body && !is_json(req.headers().get(CONTENT_TYPE).map(|v| v.as_bytes())) {
         return AdminError::UnsupportedMediaType.into_response();

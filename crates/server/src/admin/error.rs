@@ -9,7 +9,7 @@ use datapunk_lb_core::RegistryError;
 
 /// A refused admin request.
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
+pub(crate) enum AdminError {
     /// Missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
@@ -37,7 +37,7 @@ pub enum AdminError {
 
 impl AdminError {
     /// A bad field.
-    pub fn field(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
         AdminError::BadField {
             field: field.to_owned(),
             message: message.into(),

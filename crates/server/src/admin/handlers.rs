@@ -17,7 +17,7 @@ use crate::control::{Command, ControlError, Write};
 use crate::state::InstanceSpec;
 
 /// Default drain for `DELETE` without `?drain=`.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
 fn service_json(s: &ServiceStatus) -> Value {
     json!({
@@ -53,7 +53,7 @@ impl From<ControlError> for AdminError {
 }
 
 /// One instance as JSON.
-pub fn instance_json(st: &InstanceStatus) -> Value {
+pub(crate) fn instance_json(st: &InstanceStatus) -> Value {
     let i = &st.instance;
     json!({
         "id": i.id().as_str(),
@@ -76,13 +76,13 @@ pub fn instance_json(st: &InstanceStatus) -> Value {
 }
 
 /// `GET /v1/services`.
-pub async fn list_services(State(s): State<AdminState>) -> Json<Value> {
+pub(crate) async fn list_services(State(s): State<AdminState>) -> Json<Value> {
     let list: Vec<Value> = s.registry.services().iter().map(service_json).collect();
     Json(json!({ "services": list }))
 }
 
 /// `GET /v1/services/{svc}`.
-pub async fn get_service(
+pub(crate) async fn get_service(
     State(s): State<AdminState>,
     Path(svc): Path<String>,
 ) -> Result<Json<Value>, AdminError> {
@@ -176,7 +176,7 @@ fn parse_spec(body: &Bytes) -> Result<InstanceSpec, AdminError> {
 }
 
 /// `PUT /v1/services/{svc}/instances/{id}`.
-pub async fn put_instance(
+pub(crate) async fn put_instance(
     State(s): State<AdminState>,
     Path((svc, id)): Path<(String, String)>,
     body: Bytes,
@@ -200,7 +200,7 @@ pub async fn put_instance(
 }
 
 /// `DELETE /v1/services/{svc}/instances/{id}?drain=30s`.
-pub async fn delete_instance(
+pub(crate) async fn delete_instance(
     State(s): State<AdminState>,
     Path((svc, id)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
@@ -226,7 +226,7 @@ pub async fn delete_instance(
 }
 
 /// `POST /v1/services/{svc}/instances/{id}/health`.
-pub async fn post_health(
+pub(crate) async fn post_health(
     State(s): State<AdminState>,
     Path((svc, id)): Path<(String, String)>,
     body: Bytes,
@@ -251,7 +251,7 @@ pub async fn post_health(
 }
 
 /// `PUT /v1/services/{svc}/strategy`.
-pub async fn put_strategy(
+pub(crate) async fn put_strategy(
     State(s): State<AdminState>,
     Path(svc): Path<String>,
     body: Bytes,
@@ -275,7 +275,7 @@ pub async fn put_strategy(
 }
 
 /// `GET /metrics`.
-pub async fn metrics(
+pub(crate) async fn metrics(
     State(s): State<AdminState>,
     headers: HeaderMap,
 ) -> Result<Response, AdminError> {
@@ -299,12 +299,12 @@ pub async fn metrics(
 }
 
 /// `GET /healthz`: the process is alive.
-pub async fn healthz() -> &'static str {
+pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
 /// `GET /readyz`: listeners bound and first discovery sync done.
-pub async fn readyz(State(s): State<AdminState>) -> Response {
+pub(crate) async fn readyz(State(s): State<AdminState>) -> Response {
     if s.readiness.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {

@@ -21,10 +21,10 @@
 //! fields get 400 naming the field. Changes apply to the
 //! next request and, with `admin.state_file`, survive restarts.
 
-pub mod auth;
-pub mod error;
-pub mod handlers;
-pub mod status_page;
+pub(crate) mod auth;
+pub(crate) mod error;
+pub(crate) mod handlers;
+pub(crate) mod status_page;
 
 use std::sync::Arc;
 
@@ -37,46 +37,46 @@ use tokio::sync::watch;
 use arc_swap::ArcSwapOption;
 use datapunk_lb_core::Registry;
 
-pub use self::error::AdminError;
+pub(crate) use self::error::AdminError;
 use crate::control::{ControlHandle, Readiness};
 use crate::metrics::Metrics;
 
 /// Largest admin request body.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// What every admin handler gets: the control handle for changes, and
 /// read-only views for everything else.
 #[derive(Clone)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// Where changes go.
-    pub control: ControlHandle,
+    pub(crate) control: ControlHandle,
     /// The core registry, for reads.
-    pub registry: Arc<Registry>,
+    pub(crate) registry: Arc<Registry>,
     /// The metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// `/readyz`.
-    pub readiness: Readiness,
+    pub(crate) readiness: Readiness,
     /// Token and `/metrics` auth, as the last applied config set them.
-    pub access: Arc<AdminAccess>,
+    pub(crate) access: Arc<AdminAccess>,
 }
 
 /// Who may use the admin endpoint; the server updates it on each reload.
 #[derive(Debug, Default)]
-pub struct AdminAccess {
+pub(crate) struct AdminAccess {
     /// The admin token, if one is configured.
-    pub token: ArcSwapOption<String>,
+    pub(crate) token: ArcSwapOption<String>,
     /// Whether `/metrics` needs the token.
-    pub metrics_auth: std::sync::atomic::AtomicBool,
+    pub(crate) metrics_auth: std::sync::atomic::AtomicBool,
 }
 
 impl AdminState {
     /// The admin token, if one is configured.
-    pub fn admin_token(&self) -> Option<Arc<String>> {
+    pub(crate) fn admin_token(&self) -> Option<Arc<String>> {
         self.access.token.load_full()
     }
 
     /// Whether `/metrics` needs the token.
-    pub fn metrics_auth(&self) -> bool {
+    pub(crate) fn metrics_auth(&self) -> bool {
         self.access
             .metrics_auth
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -84,7 +84,7 @@ impl AdminState {
 }
 
 /// The admin router.
-pub fn router(state: AdminState) -> Router {
+pub(crate) fn router(state: AdminState) -> Router {
     let v1 = Router::new()
         .route("/v1/services", get(handlers::list_services))
         .route("/v1/services/{svc}", get(handlers::get_service))
@@ -116,7 +116,11 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Serves the admin endpoint on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    mut stop: watch::Receiver<bool>,
+) {
     let app = router(state);
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;

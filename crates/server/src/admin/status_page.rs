@@ -11,15 +11,15 @@ use super::handlers::instance_json;
 use super::AdminState;
 
 /// The page.
-pub const PAGE: &str = include_str!("status.html");
+pub(crate) const PAGE: &str = include_str!("status.html");
 
 /// `GET /status`.
-pub async fn page() -> Response {
+pub(crate) async fn page() -> Response {
     Html(PAGE).into_response()
 }
 
 /// `GET /status/data`: every service with its instances.
-pub async fn data(State(s): State<AdminState>) -> Json<Value> {
+pub(crate) async fn data(State(s): State<AdminState>) -> Json<Value> {
     let reg = &s.registry;
     let services: Vec<Value> = reg
         .services()

@@ -53,7 +53,7 @@ use crate::metrics::ServiceMetrics;
 
 /// How one attempt ended: the one classification (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
+pub(crate) enum Class {
     /// An answer that counts as success.
     Success,
     /// No answer; why.
@@ -64,7 +64,7 @@ pub enum Class {
 
 /// Why an attempt got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NoAnswer {
+pub(crate) enum NoAnswer {
     /// The connection could not be made.
     ConnectFailed,
     /// The connect did not finish within `connect_timeout` (TCP).
@@ -77,7 +77,7 @@ pub enum NoAnswer {
 
 impl Class {
     /// The class of an HTTP answer with `status`.
-    pub fn of_status(status: StatusCode) -> Self {
+    pub(crate) fn of_status(status: StatusCode) -> Self {
         if status.is_server_error() {
             Class::ServerError(status)
         } else {
@@ -86,7 +86,7 @@ impl Class {
     }
 
     /// What the core is told: `None` for a success.
-    pub fn failure_kind(self) -> Option<FailureKind> {
+    pub(crate) fn failure_kind(self) -> Option<FailureKind> {
         match self {
             Class::Success => None,
             Class::NoAnswer(NoAnswer::ConnectFailed) => Some(FailureKind::Connect),
@@ -99,7 +99,7 @@ impl Class {
     }
 
     /// Whether this class allows a retry of a request like `replay`.
-    pub fn allows_retry(self, replay: Replay) -> bool {
+    pub(crate) fn allows_retry(self, replay: Replay) -> bool {
         match self {
             Class::Success | Class::NoAnswer(NoAnswer::DeadlineExceeded) => false,
             Class::NoAnswer(NoAnswer::ConnectFailed | NoAnswer::ConnectTimedOut) => {
@@ -121,18 +121,18 @@ impl Class {
 
 /// What a request allows to be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Replay {
+pub(crate) struct Replay {
     /// Sending it twice has the effect of sending it once.
-    pub idempotent: bool,
+    pub(crate) idempotent: bool,
     /// It can be sent again byte for byte.
-    pub replayable: bool,
+    pub(crate) replayable: bool,
 }
 
 /// The one retry decision after failed attempt number `attempt` (0 = the
 /// first): the class allows it, a retry is left of `retries`, and `budget`
 /// grants one. `budget` is called only when everything else allows the
 /// retry, since granting spends a token.
-pub fn retry(
+pub(crate) fn retry(
     class: Class,
     replay: Replay,
     attempt: u32,
@@ -144,7 +144,7 @@ pub fn retry(
 
 /// What one attempt produced, before classification.
 #[derive(Debug)]
-pub enum Attempt<A> {
+pub(crate) enum Attempt<A> {
     /// An answer: HTTP response headers, or a connected TCP stream.
     Answer(A),
     /// No answer.
@@ -155,7 +155,7 @@ pub enum Attempt<A> {
 }
 
 /// The protocol-specific part of an attempt.
-pub trait Step {
+pub(crate) trait Step {
     /// What an answered attempt yields.
     type Answer;
 
@@ -174,7 +174,7 @@ pub trait Step {
 
 /// How the loop ended, when the client gets something from an instance.
 #[derive(Debug)]
-pub enum Ended<A> {
+pub(crate) enum Ended<A> {
     /// A success: its claim on the instance, ended by the caller.
     Success(Held, A),
     /// A failed answer (an HTTP 5xx) that was not retried or whose retries
@@ -185,7 +185,7 @@ pub enum Ended<A> {
 /// A successful attempt's claim on its instance: counts one connection
 /// until it is ended, then reports the outcome to the core and metrics.
 #[derive(Debug)]
-pub struct Held {
+pub(crate) struct Held {
     selection: Selection,
     latency: Duration,
     metrics: Arc<ServiceMetrics>,
@@ -194,18 +194,21 @@ pub struct Held {
 impl Held {
     /// The exchange ended well: a success with the latency measured when
     /// the attempt was answered.
-    pub fn succeed(self) {
+    pub(crate) fn succeed(self) {
         self.metrics.report(self.selection.success(self.latency));
     }
 
     /// The exchange broke after the answer (e.g. a reset mid-body).
-    pub fn fail(self, kind: FailureKind) {
+    pub(crate) fn fail(self, kind: FailureKind) {
         self.metrics.report(self.selection.failure(kind));
     }
 }
 
 /// Runs attempts until one succeeds or the retry rule stops (module doc).
-pub async fn run<S: Step>(up: &Upstream, step: &mut S) -> Result<Ended<S::Answer>, ProxyError> {
+pub(crate) async fn run<S: Step>(
+    up: &Upstream,
+    step: &mut S,
+) -> Result<Ended<S::Answer>, ProxyError> {
     let replay = step.replay();
     up.budget.deposit();
     // Instances that failed this request; filled only before a retry.

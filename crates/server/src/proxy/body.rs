@@ -16,14 +16,14 @@ use super::attempt::Held;
 use super::BoxError;
 
 /// An upstream response body tracked by its attempt's claim.
-pub struct TrackedBody<B> {
+pub(crate) struct TrackedBody<B> {
     inner: B,
     held: Option<Held>,
 }
 
 impl<B> TrackedBody<B> {
     /// Wraps `inner`; `held` is ended when the body ends.
-    pub fn new(inner: B, held: Held) -> Self {
+    pub(crate) fn new(inner: B, held: Held) -> Self {
         Self {
             inner,
             held: Some(held),

@@ -5,7 +5,7 @@ use http::StatusCode;
 
 /// A request that could not be served by an upstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// No route matched the request.
     #[error("no route for this host and path")]
     NoRoute,
@@ -25,7 +25,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// The status the client gets.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoEligibleInstance(_) | ProxyError::OverLimit(_) => {
@@ -37,7 +37,7 @@ impl ProxyError {
     }
 
     /// The label for logs and metrics.
-    pub fn outcome(&self) -> &'static str {
+    pub(crate) fn outcome(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::NoEligibleInstance(_) => "no_instance",

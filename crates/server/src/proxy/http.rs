@@ -54,18 +54,18 @@ use super::body::TrackedBody;
 use super::{BoxError, ProxyError, Routing, Upstream};
 
 /// Largest request body buffered for retries.
-pub const MAX_REPLAY_BODY: usize = 64 * 1024;
+pub(crate) const MAX_REPLAY_BODY: usize = 64 * 1024;
 /// Largest request head accepted (HTTP/1.1); larger gets 431.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// The body type the proxy answers with.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Tracks open client connections for a drain: each holds a permit, and
 /// the drain flag asks them to finish.
 #[derive(Debug, Clone)]
-pub struct ConnTracker {
+pub(crate) struct ConnTracker {
     permits: Arc<tokio::sync::Semaphore>,
     drain: watch::Sender<bool>,
 }
@@ -84,7 +84,7 @@ impl Default for ConnTracker {
 
 impl ConnTracker {
     /// Registers a connection; `None` once draining.
-    pub fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    pub(crate) fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         if *self.drain.borrow() {
             return None;
         }
@@ -92,12 +92,12 @@ impl ConnTracker {
     }
 
     /// A receiver that turns true when the drain begins.
-    pub fn draining(&self) -> watch::Receiver<bool> {
+    pub(crate) fn draining(&self) -> watch::Receiver<bool> {
         self.drain.subscribe()
     }
 
     /// Starts the drain and waits until every tracked connection closed.
-    pub async fn drain(&self) {
+    pub(crate) async fn drain(&self) {
         let _ = self.drain.send(true);
         let _ = self.permits.acquire_many(MAX_TRACKED).await;
     }
@@ -105,14 +105,14 @@ impl ConnTracker {
 
 /// Pooled upstream clients of one service.
 #[derive(Debug, Clone)]
-pub struct UpstreamClients {
+pub(crate) struct UpstreamClients {
     h1: Client<HttpConnector, UpstreamBody>,
     h2: Client<HttpConnector, UpstreamBody>,
 }
 
 impl UpstreamClients {
     /// Clients with `connect_timeout`, TCP_NODELAY and keep-alive pools.
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(connect_timeout));
@@ -131,17 +131,17 @@ impl UpstreamClients {
 
 /// What an HTTP listener needs.
 #[derive(Debug)]
-pub struct HttpContext {
+pub(crate) struct HttpContext {
     /// Listener name (routes are looked up under it).
-    pub listener: Arc<str>,
+    pub(crate) listener: Arc<str>,
     /// Current routing; swapped on reload.
-    pub routing: Arc<ArcSwap<Routing>>,
+    pub(crate) routing: Arc<ArcSwap<Routing>>,
 }
 
 /// Accepts connections until `stop` turns true. Each connection holds a
 /// permit of `tracker` so a drain can wait for them, and shuts down
 /// gracefully (finishing in-flight requests) when the drain begins.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     ctx: Arc<HttpContext>,
     mut stop: watch::Receiver<bool>,
@@ -198,7 +198,7 @@ pub async fn serve(
 }
 
 /// A short plain-text response.
-pub fn text(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+pub(crate) fn text(status: StatusCode, msg: &str) -> Response<ProxyBody> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{msg}\n")))
             .map_err(|never| match never {})
@@ -361,7 +361,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Serves one request.
-pub async fn handle(
+pub(crate) async fn handle(
     req: Request<Incoming>,
     ctx: &HttpContext,
     peer: SocketAddr,

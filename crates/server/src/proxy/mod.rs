@@ -11,12 +11,12 @@
 //! scores, breakers) and to metrics. The rule, with its table, is the doc of
 //! [`attempt`]: HTTP and TCP differ only in their step.
 
-pub mod attempt;
-pub mod body;
-pub mod error;
-pub mod http;
-pub mod retry;
-pub mod tcp;
+pub(crate) mod attempt;
+pub(crate) mod body;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod retry;
+pub(crate) mod tcp;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,46 +26,46 @@ use datapunk_lb_core::Service;
 
 use crate::config::{Config, ListenerConfig, Route};
 
-pub use self::error::ProxyError;
-pub use self::retry::RetryBudget;
+pub(crate) use self::error::ProxyError;
+pub(crate) use self::retry::RetryBudget;
 
 /// Boxed error for bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Per-service proxy settings and handles, resolved once per config.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// The service name.
-    pub name: String,
+    pub(crate) name: String,
     /// The core service (selection, outcomes).
-    pub service: Arc<Service>,
+    pub(crate) service: Arc<Service>,
     /// Connect timeout.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Deadline for the response headers, over all attempts.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Retries to a different instance.
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Per-instance connection limit.
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
     /// Retry budget, kept across reloads.
-    pub budget: Arc<RetryBudget>,
+    pub(crate) budget: Arc<RetryBudget>,
     /// Pooled upstream clients.
-    pub clients: http::UpstreamClients,
+    pub(crate) clients: http::UpstreamClients,
     /// Metric handles, resolved once.
-    pub metrics: Arc<crate::metrics::ServiceMetrics>,
+    pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
 /// Routes of every listener plus the upstreams: one immutable value swapped
 /// whole on reload.
 #[derive(Debug, Default)]
-pub struct Routing {
+pub(crate) struct Routing {
     listeners: HashMap<String, ListenerConfig>,
     upstreams: HashMap<String, Arc<Upstream>>,
 }
 
 impl Routing {
     /// Builds routing for `config`; `upstreams` must hold every service.
-    pub fn new(config: &Config, upstreams: HashMap<String, Arc<Upstream>>) -> Self {
+    pub(crate) fn new(config: &Config, upstreams: HashMap<String, Arc<Upstream>>) -> Self {
         Self {
             listeners: config
                 .listeners
@@ -77,14 +77,19 @@ impl Routing {
     }
 
     /// The upstream for a request to `listener` with `host` and `path`.
-    pub fn route(&self, listener: &str, host: Option<&str>, path: &str) -> Option<&Arc<Upstream>> {
+    pub(crate) fn route(
+        &self,
+        listener: &str,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<&Arc<Upstream>> {
         let l = self.listeners.get(listener)?;
         let r = matching_route(&l.routes, host, path)?;
         self.upstreams.get(&r.service)
     }
 
     /// The upstream of a TCP listener.
-    pub fn tcp_upstream(&self, listener: &str) -> Option<&Arc<Upstream>> {
+    pub(crate) fn tcp_upstream(&self, listener: &str) -> Option<&Arc<Upstream>> {
         let l = self.listeners.get(listener)?;
         self.upstreams.get(l.service.as_deref()?)
     }

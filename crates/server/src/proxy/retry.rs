@@ -16,14 +16,14 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// Share of first attempts that may be retried.
-pub const RATIO: f64 = 0.2;
+pub(crate) const RATIO: f64 = 0.2;
 /// Retries per second allowed regardless of traffic.
-pub const MIN_PER_SEC: f64 = 10.0;
+pub(crate) const MIN_PER_SEC: f64 = 10.0;
 const MAX_BALANCE: f64 = 1000.0;
 
 /// A per-service retry budget.
 #[derive(Debug)]
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     state: Mutex<(f64, Instant)>,
 }
 
@@ -37,13 +37,13 @@ impl Default for RetryBudget {
 
 impl RetryBudget {
     /// Records a first attempt.
-    pub fn deposit(&self) {
+    pub(crate) fn deposit(&self) {
         let mut s = self.state.lock();
         s.0 = (s.0 + RATIO).min(MAX_BALANCE);
     }
 
     /// Asks for one retry.
-    pub fn try_withdraw(&self) -> bool {
+    pub(crate) fn try_withdraw(&self) -> bool {
         let mut s = self.state.lock();
         let now = Instant::now();
         let dt = now.saturating_duration_since(s.1).as_secs_f64();

@@ -29,7 +29,7 @@ use super::{ProxyError, Routing};
 /// Accepts connections until `stop` turns true; open connections are
 /// tracked by `tracker` so a drain can wait for them (a TCP stream has no
 /// graceful end, so it runs until either side closes or the drain times out).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     name: Arc<str>,
     routing: Arc<ArcSwap<Routing>>,
