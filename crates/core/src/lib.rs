@@ -57,8 +57,9 @@
 //! | --- | --- |
 //! | [`registry`] | `Registry`: the name → `Service` map; `RegistryError` |
 //! | [`service`] | `Service`: snapshot, writer, `select`/`select_with`, recording outcomes, draining, panic mode |
-//! | [`selection`] | the `Selection` guard, `Outcome`, `FailureKind` |
+//! | [`selection`] | the `Selection` guard (re-exports `Outcome`, `FailureKind`) |
 //! | [`strategy`] | the `Strategy` trait, `PickContext`, and the nine strategies, one file each |
+//! | [`recorder`] | `Recorder`: a service's outcome recording (health, breaker, EWMA, counters, panic), `Outcome`, `FailureKind` |
 //! | [`config`] | `LoadBalancerConfig` and its defaults |
 //! | [`event`] | `Event`, the state changes reported to the caller |
 //! | [`members`] | the chunked copy-on-write member list |
@@ -82,6 +83,7 @@ pub mod ewma;
 pub mod health;
 pub mod instance;
 pub mod members;
+pub mod recorder;
 pub mod registry;
 pub mod selection;
 pub mod service;

@@ -21,8 +21,9 @@ use crate::error::{ConfigError, HealthScoreError};
 use crate::event::Event;
 use crate::health::HealthScore;
 use crate::instance::{InstanceError, InstanceStatus, Member, ServiceInstance, Weight};
+use crate::recorder::splitmix;
 use crate::selection::{Outcome, Selection};
-use crate::service::{splitmix, Registered, Service, ServiceStatus};
+use crate::service::{Registered, Service, ServiceStatus};
 use crate::strategy::StrategyKind;
 
 /// All services and their instances.

@@ -21,63 +21,14 @@ use std::time::Duration;
 use crate::clock::Timestamp;
 use crate::event::Event;
 use crate::instance::{Member, ServiceInstance};
-use crate::stats::ServiceStats;
+pub use crate::recorder::{FailureKind, Outcome};
+use crate::recorder::{Recorder, Source};
 use crate::strategy::StrategyKind;
-
-/// Where a selection reports to: its service, seen from below so that this
-/// module does not depend on the service (the service implements it).
-pub(crate) trait Recorder: Send + Sync {
-    /// The service name.
-    fn name(&self) -> &str;
-    /// Now, on the service's clock.
-    fn now(&self) -> Timestamp;
-    /// The service's counters.
-    fn stats(&self) -> &ServiceStats;
-    /// Records `outcome` on `member`; returns the events it caused.
-    fn record(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event>;
-    /// Gives back the half-open probe slot `member`'s selection held.
-    fn release_probe(&self, member: &Member);
-}
-
-/// Where an outcome came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
-    /// A request through a `Selection`: counted, feeds the EWMA.
-    Request,
-    /// An active health check: moves health and breaker only.
-    Probe,
-}
-
-/// How a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A response that counts as success, with its latency.
-    Success(Duration),
-    /// A failure of the given kind.
-    Failure(FailureKind),
-}
-
-/// Why a request failed. Every kind counts against health and breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailureKind {
-    /// The connection could not be established.
-    Connect,
-    /// No response within the timeout.
-    Timeout,
-    /// The connection was reset or closed mid-request.
-    Reset,
-    /// The instance answered with a server error (5xx).
-    ServerError,
-    /// The instance broke the protocol.
-    Protocol,
-    /// An active health check failed.
-    HealthCheck,
-}
 
 /// One request's claim on one instance. See the module doc.
 #[must_use = "dropping a Selection at once releases the connection it counts"]
 pub struct Selection {
-    service: Arc<dyn Recorder>,
+    recorder: Arc<Recorder>,
     member: Arc<Member>,
     started: Timestamp,
     probe: bool,
@@ -85,38 +36,9 @@ pub struct Selection {
     events: Vec<Event>,
 }
 
-impl FailureKind {
-    /// Every kind, in [`index`](Self::index) order.
-    pub const ALL: [FailureKind; 6] = [
-        FailureKind::Connect,
-        FailureKind::Timeout,
-        FailureKind::Reset,
-        FailureKind::ServerError,
-        FailureKind::Protocol,
-        FailureKind::HealthCheck,
-    ];
-
-    /// Position in [`ALL`](Self::ALL).
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// A short lower-case name, for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Connect => "connect",
-            FailureKind::Timeout => "timeout",
-            FailureKind::Reset => "reset",
-            FailureKind::ServerError => "server_error",
-            FailureKind::Protocol => "protocol",
-            FailureKind::HealthCheck => "health_check",
-        }
-    }
-}
-
 impl Selection {
     pub(crate) fn new(
-        service: Arc<dyn Recorder>,
+        recorder: Arc<Recorder>,
         member: Arc<Member>,
         now: Timestamp,
         probe: bool,
@@ -126,9 +48,9 @@ impl Selection {
         let live = member.live();
         live.active.fetch_add(1, Ordering::AcqRel);
         live.last_used.store(now.as_nanos(), Ordering::Relaxed);
-        service.stats().request_started();
+        recorder.stats.request_started();
         Self {
-            service,
+            recorder,
             member,
             started: now,
             probe,
@@ -144,7 +66,7 @@ impl Selection {
 
     /// The service name.
     pub fn service(&self) -> &str {
-        self.service.name()
+        self.recorder.name()
     }
 
     /// Active connections on the chosen instance, this one included.
@@ -180,19 +102,19 @@ impl Selection {
 
     /// Records a success with its latency and releases the connection.
     pub fn success(self, latency: Duration) -> Vec<Event> {
-        self.service
+        self.recorder
             .record(&self.member, Outcome::Success(latency), Source::Request)
     }
 
     /// Records a success, measuring latency on the registry's clock.
     pub fn success_now(self) -> Vec<Event> {
-        let latency = self.service.now().saturating_since(self.started);
+        let latency = self.recorder.now().saturating_since(self.started);
         self.success(latency)
     }
 
     /// Records a failure and releases the connection.
     pub fn failure(self, kind: FailureKind) -> Vec<Event> {
-        self.service
+        self.recorder
             .record(&self.member, Outcome::Failure(kind), Source::Request)
     }
 }
@@ -200,9 +122,9 @@ impl Selection {
 impl Drop for Selection {
     fn drop(&mut self) {
         self.member.live().active.fetch_sub(1, Ordering::AcqRel);
-        self.service.stats().request_finished();
+        self.recorder.stats.request_finished();
         if self.probe {
-            self.service.release_probe(&self.member);
+            self.recorder.release_probe(&self.member);
         }
     }
 }
@@ -210,7 +132,7 @@ impl Drop for Selection {
 impl fmt::Debug for Selection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Selection")
-            .field("service", &self.service.name())
+            .field("service", &self.recorder.name())
             .field("instance", self.member.instance().id())
             .field("probe", &self.probe)
             .finish()

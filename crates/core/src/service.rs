@@ -33,7 +33,7 @@
 //! registered again later starts fresh, with slow start.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,28 +45,23 @@ use crate::clock::{Clock, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::health::HealthScore;
-use crate::instance::{
-    InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance, Trackers,
-};
+use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
 use crate::members::Members;
-use crate::selection::{Outcome, Recorder, Selection, Source};
+use crate::recorder::{Outcome, Recorder, Source};
+use crate::selection::Selection;
 use crate::stats::{Availability, ServiceStats};
 use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind, Switch};
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
 
-/// One service: its snapshot, writer state and counters.
+/// One service: its snapshot and writer state, and the [`Recorder`] its
+/// selections report to.
 #[derive(Debug)]
 pub struct Service {
-    name: Arc<str>,
-    clock: Arc<dyn Clock>,
-    config: ArcSwap<LoadBalancerConfig>,
+    recorder: Arc<Recorder>,
     snapshot: ArcSwap<Snapshot>,
     writer: Mutex<Writer>,
-    stats: ServiceStats,
-    panic: AtomicBool,
-    rng: AtomicU64,
 }
 
 /// What selection reads: immutable, replaced on every change.
@@ -115,14 +110,6 @@ pub struct ServiceStatus {
     pub in_flight: u64,
 }
 
-/// A SplitMix64 step: spreads a counter into a well-mixed seed.
-pub(crate) fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 // === impl Service ===
 
 impl Service {
@@ -135,9 +122,7 @@ impl Service {
         let strategy = config.strategy.build();
         let config = Arc::new(config);
         Self {
-            name,
-            clock,
-            config: ArcSwap::new(config.clone()),
+            recorder: Arc::new(Recorder::new(name, clock, config.clone(), seed)),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 members: Members::default(),
                 generation: 0,
@@ -145,38 +130,31 @@ impl Service {
                 config,
             }),
             writer: Mutex::new(Writer::default()),
-            stats: ServiceStats::default(),
-            panic: AtomicBool::new(false),
-            rng: AtomicU64::new(seed),
         }
     }
 
     /// The service name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.recorder.name
     }
 
     pub(crate) fn name_arc(&self) -> &Arc<str> {
-        &self.name
+        &self.recorder.name
     }
 
     /// The service's configuration.
     pub fn config(&self) -> Arc<LoadBalancerConfig> {
-        self.config.load_full()
+        self.recorder.config.load_full()
     }
 
     /// Whether the service was in panic mode at the last pick or change.
     pub fn in_panic(&self) -> bool {
-        self.panic.load(Ordering::Relaxed)
+        self.recorder.in_panic()
     }
 
     /// The current snapshot's member list (cheap to clone).
     pub fn members(&self) -> Members {
         self.snapshot.load().members.clone()
-    }
-
-    fn next_seed(&self) -> u64 {
-        splitmix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
     }
 
     /// The member with id `id`, if registered.
@@ -189,7 +167,7 @@ impl Service {
     /// Selects an instance; see [`Registry::get_instance`](crate::Registry::get_instance).
     /// The same as [`select_with`](Self::select_with) with a filter that
     /// accepts all.
-    pub fn select(self: &Arc<Self>, key: Option<&[u8]>) -> Option<Selection> {
+    pub fn select(&self, key: Option<&[u8]>) -> Option<Selection> {
         self.pick(key, None)
     }
 
@@ -217,7 +195,7 @@ impl Service {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn select_with(
-        self: &Arc<Self>,
+        &self,
         key: Option<&[u8]>,
         accept: impl Fn(&Member) -> bool,
     ) -> Option<Selection> {
@@ -225,7 +203,7 @@ impl Service {
     }
 
     fn pick(
-        self: &Arc<Self>,
+        &self,
         key: Option<&[u8]>,
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Option<Selection> {
@@ -233,10 +211,10 @@ impl Service {
         if snap.members.is_empty() {
             return None;
         }
-        let now = self.clock.now();
+        let now = self.recorder.clock.now();
         let mut events = Vec::new();
-        let panic = self.check_panic(&snap.config, &mut events);
-        let mut rng = fastrand::Rng::with_seed(self.next_seed());
+        let panic = self.recorder.check_panic(&snap.config, &mut events);
+        let mut rng = fastrand::Rng::with_seed(self.recorder.next_seed());
         let mut switched = None;
         for _ in 0..ADMISSION_ATTEMPTS {
             let mut cx = PickContext {
@@ -248,14 +226,14 @@ impl Service {
                 panic,
                 slow_start: snap.config.slow_start,
                 max_probes: snap.config.breaker.half_open_max_probes,
-                stats: &self.stats,
+                stats: &self.recorder.stats,
                 switched: &mut switched,
                 accept,
             };
             let member = snap.strategy.pick(&mut cx);
             if let Some(Switch { from, to, reason }) = switched.take() {
                 events.push(Event::StrategySwitch {
-                    service: self.name.clone(),
+                    service: self.recorder.name.clone(),
                     from,
                     to,
                     reason,
@@ -274,7 +252,7 @@ impl Service {
                 }
             };
             return Some(Selection::new(
-                self.clone(),
+                self.recorder.clone(),
                 member,
                 now,
                 probe,
@@ -299,122 +277,24 @@ impl Service {
         let mut trackers = live.trackers.lock();
         let admission = trackers.breaker.try_admit(now, &cfg.breaker);
         if let Admission::Probe(Some(t)) = admission {
-            events.push(self.breaker_event(member, t));
+            events.push(self.recorder.breaker_event(member, t));
         }
         live.publish(&trackers);
-        self.recount(member, &mut trackers, events);
+        self.recorder.recount(member, &mut trackers, events);
         admission
-    }
-
-    fn breaker_event(&self, member: &Member, transition: crate::breaker::Transition) -> Event {
-        Event::Breaker {
-            service: self.name.clone(),
-            instance: member.instance().id().clone(),
-            transition,
-        }
-    }
-
-    /// Records an outcome on `member` and returns the events it caused.
-    fn record_outcome(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event> {
-        let now = self.clock.now();
-        let cfg = self.config.load();
-        let live = member.live();
-        let request = source == Source::Request;
-        if request {
-            let failure = match outcome {
-                Outcome::Success(_) => None,
-                Outcome::Failure(kind) => Some(kind.index()),
-            };
-            live.count_outcome(failure);
-            self.stats.outcome(failure.is_some());
-        }
-        let jitter = (self.next_seed() >> 11) as f64 / (1u64 << 53) as f64;
-        let mut events = Vec::new();
-        {
-            let mut trackers = live.trackers.lock();
-            let transition = match outcome {
-                Outcome::Success(latency) => {
-                    trackers.health.on_success(now);
-                    if request {
-                        trackers.ewma.observe(latency, now);
-                    }
-                    trackers.breaker.on_success(now, &cfg.breaker)
-                }
-                Outcome::Failure(_) => {
-                    trackers.health.on_failure(now);
-                    trackers.breaker.on_failure(now, &cfg.breaker, jitter)
-                }
-            };
-            if let Some(t) = transition {
-                if t.to == CircuitState::Closed {
-                    live.start_slow_start(now);
-                }
-                events.push(self.breaker_event(member, t));
-            }
-            live.publish(&trackers);
-            self.recount(member, &mut trackers, &mut events);
-        }
-        if !events.is_empty() {
-            self.check_panic(&cfg, &mut events);
-        }
-        events
     }
 
     /// Records an outcome not tied to a selection; see
     /// [`Registry::report_outcome`](crate::Registry::report_outcome).
     pub(crate) fn report_outcome(&self, member: &Member, outcome: Outcome) -> Vec<Event> {
-        self.record_outcome(member, outcome, Source::Probe)
-    }
-
-    /// Recounts `member` after a change to its live state, with its trackers
-    /// locked, and reports an eligibility change.
-    fn recount(&self, member: &Member, trackers: &mut Trackers, events: &mut Vec<Event>) {
-        let live = member.live();
-        if live.removed.load(Ordering::Acquire) {
-            return;
-        }
-        let now = live.availability(trackers);
-        let Some(before) = self.stats.recount(&mut trackers.counted, now) else {
-            return;
-        };
-        let reason = match (before, now, trackers.breaker.state()) {
-            (Availability::Absent, _, _) | (_, Availability::Absent, _) => return,
-            (_, Availability::Draining, _) => "draining",
-            (_, Availability::Unavailable, CircuitState::Open) => "circuit open",
-            (_, Availability::Unavailable, _) => "health score 0",
-            (_, Availability::Available, CircuitState::HalfOpen) => "circuit half-open: probing",
-            (_, Availability::Available, _) => "recovered",
-        };
-        events.push(Event::Eligibility {
-            service: self.name.clone(),
-            instance: member.instance().id().clone(),
-            eligible: now == Availability::Available,
-            reason,
-        });
-    }
-
-    /// Decides panic mode from the counters; reports a change.
-    fn check_panic(&self, cfg: &LoadBalancerConfig, events: &mut Vec<Event>) -> bool {
-        let (total, eligible) = self.stats.counted();
-        let panic = total > 0 && eligible * 100 < usize::from(cfg.min_healthy_percent) * total;
-        if self.panic.load(Ordering::Relaxed) != panic
-            && self.panic.swap(panic, Ordering::AcqRel) != panic
-        {
-            events.push(Event::Panic {
-                service: self.name.clone(),
-                entered: panic,
-                eligible,
-                total,
-            });
-        }
-        panic
+        self.recorder.record(member, outcome, Source::Probe)
     }
 
     /// Replaces the configuration; a changed strategy starts fresh.
     pub(crate) fn set_config(&self, config: LoadBalancerConfig) {
         let mut w = self.writer.lock();
         let config = Arc::new(config);
-        self.config.store(config.clone());
+        self.recorder.config.store(config.clone());
         let old = self.snapshot.load();
         let strategy = if old.strategy.kind() == config.strategy {
             old.strategy.clone()
@@ -430,7 +310,7 @@ impl Service {
         };
         let members = snap.members.clone();
         self.snapshot.store(Arc::new(snap));
-        strategy.prepare(&members, w.generation, self.clock.now());
+        strategy.prepare(&members, w.generation, self.recorder.clock.now());
     }
 
     /// Runs `f` on a copy of the member list under the writer lock, then
@@ -440,7 +320,7 @@ impl Service {
         let mut w = self.writer.lock();
         let old = self.snapshot.load_full();
         let mut members = old.members.clone();
-        let now = self.clock.now();
+        let now = self.recorder.clock.now();
         let slow = !old.config.slow_start.is_zero() && !members.is_empty();
         let out = f(&mut w, &mut members, now, slow);
         w.generation += 1;
@@ -458,7 +338,9 @@ impl Service {
 
     /// Registers or updates one instance.
     pub(crate) fn register(&self, instance: ServiceInstance) -> Registered {
-        self.write(|w, members, now, slow| w.upsert(members, instance, now, slow, &self.stats))
+        self.write(|w, members, now, slow| {
+            w.upsert(members, instance, now, slow, &self.recorder.stats)
+        })
     }
 
     /// Registers many instances with one snapshot rebuild; instances that
@@ -466,19 +348,19 @@ impl Service {
     pub(crate) fn register_many(&self, instances: impl IntoIterator<Item = ServiceInstance>) {
         self.write(|w, members, now, slow| {
             for inst in instances {
-                w.upsert(members, inst, now, slow, &self.stats);
+                w.upsert(members, inst, now, slow, &self.recorder.stats);
             }
         });
     }
 
     /// Removes `id` at once; its description if it was there.
     pub(crate) fn deregister(&self, id: &str) -> Option<ServiceInstance> {
-        self.write(|w, members, _, _| w.remove(members, id, &self.stats))
+        self.write(|w, members, _, _| w.remove(members, id, &self.recorder.stats))
     }
 
     /// Starts draining `member`; `None` if `id` is not registered.
     pub(crate) fn drain(&self, id: &str, timeout: Duration) -> Option<Vec<Event>> {
-        let now = self.clock.now();
+        let now = self.recorder.clock.now();
         let mut w = self.writer.lock();
         let member = self.snapshot.load().members.get(*w.index.get(id)?)?.clone();
         let live = member.live();
@@ -487,17 +369,18 @@ impl Service {
             let mut trackers = live.trackers.lock();
             trackers.drain_deadline = Some(now + timeout);
             live.set_draining(true);
-            self.recount(&member, &mut trackers, &mut events);
+            self.recorder.recount(&member, &mut trackers, &mut events);
         }
         w.draining.insert(member.instance().id().clone());
         drop(w);
-        self.check_panic(&self.config.load(), &mut events);
+        self.recorder
+            .check_panic(&self.recorder.config.load(), &mut events);
         Some(events)
     }
 
     /// Sets `member`'s health score; raising it from 0 starts slow start.
     pub(crate) fn set_health(&self, member: &Member, score: HealthScore) -> Vec<Event> {
-        let now = self.clock.now();
+        let now = self.recorder.clock.now();
         let mut events = Vec::new();
         {
             let live = member.live();
@@ -508,9 +391,10 @@ impl Service {
                 live.start_slow_start(now);
             }
             live.publish(&trackers);
-            self.recount(member, &mut trackers, &mut events);
+            self.recorder.recount(member, &mut trackers, &mut events);
         }
-        self.check_panic(&self.config.load(), &mut events);
+        self.recorder
+            .check_panic(&self.recorder.config.load(), &mut events);
         events
     }
 
@@ -537,9 +421,9 @@ impl Service {
                 } else {
                     continue;
                 };
-                if let Some(inst) = w.remove(members, id.as_str(), &self.stats) {
+                if let Some(inst) = w.remove(members, id.as_str(), &self.recorder.stats) {
                     events.push(Event::Removed {
-                        service: self.name.clone(),
+                        service: self.recorder.name.clone(),
                         instance: inst.id().clone(),
                         reason,
                     });
@@ -559,24 +443,24 @@ impl Service {
     /// A report of this service.
     pub fn status(&self) -> ServiceStatus {
         let snap = self.snapshot.load();
-        let (total, eligible) = self.stats.counted();
+        let (total, eligible) = self.recorder.stats.counted();
         ServiceStatus {
-            name: self.name.to_string(),
+            name: self.recorder.name.to_string(),
             strategy: snap.strategy.kind(),
             adaptive: snap.strategy.adaptive_status(),
             instances: snap.members.len(),
             eligible,
             draining: snap.members.len() - total,
             panic: self.in_panic(),
-            in_flight: self.stats.in_flight(),
+            in_flight: self.recorder.stats.in_flight(),
         }
     }
 
     /// A report of `member` now.
     pub(crate) fn member_status(&self, member: &Member) -> InstanceStatus {
-        let cfg = self.config.load();
+        let cfg = self.recorder.config.load();
         member.status(
-            self.clock.now(),
+            self.recorder.clock.now(),
             cfg.slow_start,
             cfg.breaker.half_open_max_probes,
         )
@@ -585,37 +469,12 @@ impl Service {
     /// A report of every instance, in member order.
     pub fn instances(&self) -> Vec<InstanceStatus> {
         let snap = self.snapshot.load();
-        let now = self.clock.now();
+        let now = self.recorder.clock.now();
         let cfg = &snap.config;
         snap.members
             .iter()
             .map(|m| m.status(now, cfg.slow_start, cfg.breaker.half_open_max_probes))
             .collect()
-    }
-}
-
-impl Recorder for Service {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn now(&self) -> Timestamp {
-        self.clock.now()
-    }
-
-    fn stats(&self) -> &ServiceStats {
-        &self.stats
-    }
-
-    fn record(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event> {
-        self.record_outcome(member, outcome, source)
-    }
-
-    fn release_probe(&self, member: &Member) {
-        let live = member.live();
-        let mut trackers = live.trackers.lock();
-        trackers.breaker.release_probe();
-        live.publish(&trackers);
     }
 }
 

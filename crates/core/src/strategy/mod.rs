@@ -342,6 +342,43 @@ impl PickContext<'_> {
     }
 }
 
+/// The draw by weight factor that `weighted` and `weighted_random` share:
+/// each structural choice is [`offer`](Self::offer)ed and accepted with
+/// probability health × slow-start factor; if none is accepted within the
+/// caller's tries, [`finish`](Self::finish) takes the one with the highest
+/// factor seen (so a service whose instances all ramp still gets picks),
+/// else a random eligible member.
+#[derive(Default)]
+pub(crate) struct FactorDraw {
+    best: Option<(f64, Arc<Member>)>,
+}
+
+impl FactorDraw {
+    /// Offers `m`; returns it if it is eligible and accepted now.
+    pub(crate) fn offer(
+        &mut self,
+        cx: &mut PickContext<'_>,
+        m: &Arc<Member>,
+    ) -> Option<Arc<Member>> {
+        if !cx.is_eligible(m) {
+            return None;
+        }
+        let f = cx.weight_factor(m);
+        if cx.accept(f) {
+            return Some(m.clone());
+        }
+        if self.best.as_ref().is_none_or(|(best, _)| f > *best) {
+            self.best = Some((f, m.clone()));
+        }
+        None
+    }
+
+    /// The best member offered, else a random eligible one.
+    pub(crate) fn finish(self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        self.best.map(|(_, m)| m).or_else(|| cx.random_eligible())
+    }
+}
+
 /// Divides by an effective weight that may be 0 (start of slow start).
 pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
     load / effective_weight.max(1e-9)

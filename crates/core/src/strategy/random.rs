@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::{PickContext, Strategy, StrategyKind, MAX_DRAWS};
+use super::{FactorDraw, PickContext, Strategy, StrategyKind, MAX_DRAWS};
 use crate::instance::Member;
 
 /// Uniform random.
@@ -40,7 +40,7 @@ impl Strategy for WeightedRandom {
         if total == 0 {
             return None;
         }
-        let mut fallback: Option<(f64, Arc<Member>)> = None;
+        let mut draw = FactorDraw::default();
         for _ in 0..MAX_DRAWS {
             let point = cx.rng.u64(..total);
             let Some(m) = cx
@@ -50,17 +50,10 @@ impl Strategy for WeightedRandom {
             else {
                 continue;
             };
-            if !cx.is_eligible(m) {
-                continue;
-            }
-            let f = cx.weight_factor(m);
-            if cx.accept(f) {
-                return Some(m.clone());
-            }
-            if fallback.as_ref().is_none_or(|(best, _)| f > *best) {
-                fallback = Some((f, m.clone()));
+            if let Some(m) = draw.offer(cx, m) {
+                return Some(m);
             }
         }
-        fallback.map(|(_, m)| m).or_else(|| cx.random_eligible())
+        draw.finish(cx)
     }
 }

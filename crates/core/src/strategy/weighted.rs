@@ -48,7 +48,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{rebuild_inline, PickContext, Strategy, StrategyKind, EAGER_REBUILD_LIMIT};
+use super::{rebuild_inline, FactorDraw, PickContext, Strategy, StrategyKind, EAGER_REBUILD_LIMIT};
 use crate::clock::Timestamp;
 use crate::instance::Member;
 use crate::members::Members;
@@ -209,23 +209,16 @@ impl Weighted {
     }
 
     fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let n = cx.members.len();
-        let mut best: Option<(f64, Arc<Member>)> = None;
-        for _ in 0..MAX_TRIES.min(n.max(1) * 2) {
-            let i = self.rotation.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let n = cx.members.len().max(1);
+        let mut draw = FactorDraw::default();
+        for _ in 0..MAX_TRIES.min(n * 2) {
+            let i = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
             let Some(m) = cx.members.get(i) else { continue };
-            if !cx.is_eligible(m) {
-                continue;
-            }
-            let f = cx.weight_factor(m);
-            if cx.accept(f) {
-                return Some(m.clone());
-            }
-            if best.as_ref().is_none_or(|(b, _)| f > *b) {
-                best = Some((f, m.clone()));
+            if let Some(m) = draw.offer(cx, m) {
+                return Some(m);
             }
         }
-        best.map(|(_, m)| m).or_else(|| cx.random_eligible())
+        draw.finish(cx)
     }
 
     fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
@@ -237,22 +230,15 @@ impl Weighted {
             *guard = Some(Schedule::build(cx.members, cx.generation, cx.now));
         }
         let sched = guard.as_mut()?;
-        let mut best: Option<(f64, Arc<Member>)> = None;
+        let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES {
             let Some(m) = sched.next() else { break };
-            if !cx.is_eligible(m) {
-                continue;
-            }
-            let f = cx.weight_factor(m);
-            if cx.accept(f) {
-                return Some(m.clone());
-            }
-            if best.as_ref().is_none_or(|(b, _)| f > *b) {
-                best = Some((f, m.clone()));
+            if let Some(m) = draw.offer(cx, m) {
+                return Some(m);
             }
         }
-        drop(guard);
-        best.map(|(_, m)| m).or_else(|| cx.random_eligible())
+        drop(guard); // the fallback may scan: not under the schedule's lock
+        draw.finish(cx)
     }
 }
 

@@ -27,6 +27,10 @@
 //! | `instance.weight` | 1 |
 //! | `discovery.kind` | `static` (`etcd`) |
 //! | `discovery.prefix` | `/datapunk/services/` |
+//!
+//! The balancing defaults (thresholds, `min_healthy_percent`, `slow_start`,
+//! the instance id limit) are the core's constants, used here rather than
+//! retyped; the server-only ones are the `DEFAULT_*` constants below.
 
 pub mod file;
 
