@@ -9,24 +9,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 
-/// An echo server on 127.0.0.1:0; returns its port.
-async fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
 /// A port that refuses connections: bound, then closed.
 async fn refusing_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

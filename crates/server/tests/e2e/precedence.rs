@@ -73,13 +73,7 @@ async fn an_etcd_key_leaving_brings_back_the_state_file_layer_not_the_config() {
     )
     .unwrap();
     let config = format!(
-        r#"[[listener]]
-name = "web"
-listen = "127.0.0.1:0"
-[[listener.route]]
-path_prefix = "/"
-service = "api"
-
+        r#"{WEB_TO_API}
 [service.api]
 strategy = "round_robin"
 slow_start = "0s"

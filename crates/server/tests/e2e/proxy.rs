@@ -124,19 +124,7 @@ port = {port}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_listener_echoes_one_mebibyte_intact() {
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = echo.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = echo.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let port = echo_server().await;
     let config = format!(
         r#"[[listener]]
 name = "raw"

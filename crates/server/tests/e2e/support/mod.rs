@@ -516,3 +516,22 @@ impl Load {
         (seen, self.failed.load(Ordering::Relaxed))
     }
 }
+
+/// A TCP echo server on 127.0.0.1:0 (every connection gets its bytes
+/// back); returns its port.
+pub(crate) async fn echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
