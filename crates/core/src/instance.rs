@@ -363,6 +363,7 @@ impl Member {
         &self.instance
     }
 
+    #[inline]
     pub(crate) fn live(&self) -> &Arc<InstanceLive> {
         &self.live
     }
@@ -373,6 +374,7 @@ impl Member {
     }
 
     /// Requests currently holding a selection on this instance. Exact.
+    #[inline]
     pub fn active_connections(&self) -> u32 {
         self.live.active.load(Ordering::Relaxed)
     }
@@ -383,6 +385,7 @@ impl Member {
     }
 
     /// Current breaker state as last published.
+    #[inline]
     pub fn circuit_state(&self) -> CircuitState {
         CircuitState::from_u8(self.live.breaker_state.load(Ordering::Acquire))
     }
@@ -396,6 +399,7 @@ impl Member {
     /// `now`: not draining or removed, health above 0, and a breaker that is
     /// closed, open past its window (the pick will turn it half-open), or
     /// half-open with a free probe slot. Reads atomics only.
+    #[inline]
     pub fn admits_traffic(&self, now: Timestamp, max_probes: u32) -> bool {
         let s = &self.live;
         if s.draining.load(Ordering::Acquire) || s.removed.load(Ordering::Acquire) {
@@ -413,6 +417,7 @@ impl Member {
 
     /// Whether panic-mode selection may choose this instance: anything not
     /// draining or removed (panic ignores health and breakers, not drains).
+    #[inline]
     pub fn admits_panic_traffic(&self) -> bool {
         let s = &self.live;
         !s.draining.load(Ordering::Acquire) && !s.removed.load(Ordering::Acquire)
@@ -508,6 +513,7 @@ impl InstanceLive {
         }
     }
 
+    #[inline]
     pub(crate) fn health(&self) -> f64 {
         f64::from_bits(self.health_bits.load(Ordering::Acquire))
     }

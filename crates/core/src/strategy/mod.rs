@@ -249,12 +249,14 @@ impl PickContext<'_> {
     /// caller's filter accepts it. Strategies check this on every member
     /// they consider, so a refused member is skipped inside the pick like an
     /// ineligible one and the caller never re-draws.
+    #[inline]
     pub fn is_eligible(&self, m: &Member) -> bool {
         self.admits(m) && self.accept.is_none_or(|accept| accept(m))
     }
 
     /// Whether the service's rules let `m` take traffic now, ignoring the
     /// caller's filter (in panic mode: anything not draining).
+    #[inline]
     pub fn admits(&self, m: &Member) -> bool {
         if self.panic {
             m.admits_panic_traffic()
