@@ -380,6 +380,7 @@ impl Member {
     }
 
     /// Current health score.
+    #[inline]
     pub fn health_score(&self) -> f64 {
         self.live.health()
     }
@@ -424,6 +425,7 @@ impl Member {
     }
 
     /// Slow-start factor at `now` for a ramp of `window`.
+    #[inline]
     pub fn slow_start_factor(&self, now: Timestamp, window: Duration) -> f64 {
         let began = self.live.slow_start_began.load(Ordering::Acquire);
         let began = (began != NONE).then(|| Timestamp::from_nanos(began));
@@ -432,6 +434,7 @@ impl Member {
 
     /// Health score × slow-start factor: the share of the configured weight
     /// the instance carries now, in `[0, 1]`.
+    #[inline]
     pub fn weight_factor(&self, now: Timestamp, slow_start: Duration) -> f64 {
         self.health_score() * self.slow_start_factor(now, slow_start)
     }
@@ -442,6 +445,7 @@ impl Member {
     }
 
     /// Peak-EWMA latency estimate in nanoseconds, decayed to `now`.
+    #[inline]
     pub fn latency_estimate_ns(&self, now: Timestamp) -> f64 {
         let e = f64::from_bits(self.live.ewma_bits.load(Ordering::Relaxed));
         let at = Timestamp::from_nanos(self.live.ewma_at.load(Ordering::Relaxed));

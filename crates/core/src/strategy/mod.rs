@@ -272,6 +272,7 @@ impl PickContext<'_> {
 
     /// Health × slow-start factor of `m`, in `[0, 1]`. In panic mode every
     /// instance counts fully, so the load spreads across all of them.
+    #[inline]
     pub fn weight_factor(&self, m: &Member) -> f64 {
         if self.panic {
             1.0
@@ -281,11 +282,13 @@ impl PickContext<'_> {
     }
 
     /// Effective weight of `m` (see [`weight_factor`](Self::weight_factor)).
+    #[inline]
     pub fn effective_weight(&self, m: &Member) -> f64 {
         f64::from(m.instance().weight().get()) * self.weight_factor(m)
     }
 
     /// Accepts a structural choice with probability `factor`.
+    #[inline]
     pub fn accept(&mut self, factor: f64) -> bool {
         factor >= 1.0 || self.rng.f64() < factor
     }
@@ -382,6 +385,7 @@ impl FactorDraw {
 }
 
 /// Divides by an effective weight that may be 0 (start of slow start).
+#[inline]
 pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
     load / effective_weight.max(1e-9)
 }
