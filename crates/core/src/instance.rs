@@ -363,6 +363,7 @@ impl Member {
         &self.instance
     }
 
+    #[inline]
     pub(crate) fn live(&self) -> &Arc<InstanceLive> {
         &self.live
     }
@@ -373,16 +374,19 @@ impl Member {
     }
 
     /// Requests currently holding a selection on this instance. Exact.
+    #[inline]
     pub fn active_connections(&self) -> u32 {
         self.live.active.load(Ordering::Relaxed)
     }
 
     /// Current health score.
+    #[inline]
     pub fn health_score(&self) -> f64 {
         self.live.health()
     }
 
     /// Current breaker state as last published.
+    #[inline]
     pub fn circuit_state(&self) -> CircuitState {
         CircuitState::from_u8(self.live.breaker_state.load(Ordering::Acquire))
     }
@@ -396,6 +400,7 @@ impl Member {
     /// `now`: not draining or removed, health above 0, and a breaker that is
     /// closed, open past its window (the pick will turn it half-open), or
     /// half-open with a free probe slot. Reads atomics only.
+    #[inline]
     pub fn admits_traffic(&self, now: Timestamp, max_probes: u32) -> bool {
         let s = &self.live;
         if s.draining.load(Ordering::Acquire) || s.removed.load(Ordering::Acquire) {
@@ -413,12 +418,14 @@ impl Member {
 
     /// Whether panic-mode selection may choose this instance: anything not
     /// draining or removed (panic ignores health and breakers, not drains).
+    #[inline]
     pub fn admits_panic_traffic(&self) -> bool {
         let s = &self.live;
         !s.draining.load(Ordering::Acquire) && !s.removed.load(Ordering::Acquire)
     }
 
     /// Slow-start factor at `now` for a ramp of `window`.
+    #[inline]
     pub fn slow_start_factor(&self, now: Timestamp, window: Duration) -> f64 {
         let began = self.live.slow_start_began.load(Ordering::Acquire);
         let began = (began != NONE).then(|| Timestamp::from_nanos(began));
@@ -427,6 +434,7 @@ impl Member {
 
     /// Health score × slow-start factor: the share of the configured weight
     /// the instance carries now, in `[0, 1]`.
+    #[inline]
     pub fn weight_factor(&self, now: Timestamp, slow_start: Duration) -> f64 {
         self.health_score() * self.slow_start_factor(now, slow_start)
     }
@@ -437,6 +445,7 @@ impl Member {
     }
 
     /// Peak-EWMA latency estimate in nanoseconds, decayed to `now`.
+    #[inline]
     pub fn latency_estimate_ns(&self, now: Timestamp) -> f64 {
         let e = f64::from_bits(self.live.ewma_bits.load(Ordering::Relaxed));
         let at = Timestamp::from_nanos(self.live.ewma_at.load(Ordering::Relaxed));
@@ -508,6 +517,7 @@ impl InstanceLive {
         }
     }
 
+    #[inline]
     pub(crate) fn health(&self) -> f64 {
         f64::from_bits(self.health_bits.load(Ordering::Acquire))
     }

@@ -106,6 +106,7 @@ impl FailureKind {
 }
 
 /// A SplitMix64 step: spreads a counter into a well-mixed seed.
+#[inline]
 pub(crate) fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -138,15 +139,18 @@ impl Recorder {
     }
 
     /// Now, on the service's clock.
+    #[inline]
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
     }
 
     /// Whether the service was in panic mode at the last pick or change.
+    #[inline]
     pub(crate) fn in_panic(&self) -> bool {
         self.panic.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn next_seed(&self) -> u64 {
         splitmix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
     }
@@ -238,6 +242,7 @@ impl Recorder {
     }
 
     /// Decides panic mode from the counters; reports a change.
+    #[inline]
     pub(crate) fn check_panic(&self, cfg: &LoadBalancerConfig, events: &mut Vec<Event>) -> bool {
         let (total, eligible) = self.stats.counted();
         let panic = total > 0 && eligible * 100 < usize::from(cfg.min_healthy_percent) * total;

@@ -37,6 +37,7 @@ pub struct Selection {
 }
 
 impl Selection {
+    #[inline]
     pub(crate) fn new(
         recorder: Arc<Recorder>,
         member: Arc<Member>,
@@ -120,6 +121,7 @@ impl Selection {
 }
 
 impl Drop for Selection {
+    #[inline]
     fn drop(&mut self) {
         self.member.live().active.fetch_sub(1, Ordering::AcqRel);
         self.recorder.stats.request_finished();

@@ -77,11 +77,13 @@ impl ServiceStats {
     }
 
     /// A selection was made: one more request in flight.
+    #[inline]
     pub(crate) fn request_started(&self) {
         self.inflight.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A selection was released.
+    #[inline]
     pub(crate) fn request_finished(&self) {
         self.inflight.fetch_sub(1, Ordering::AcqRel);
     }
@@ -110,6 +112,7 @@ impl ServiceStats {
     }
 
     /// `(members − draining, eligible)`: the panic check's inputs.
+    #[inline]
     pub fn counted(&self) -> (usize, usize) {
         let members = self.members.load(Ordering::Acquire);
         let draining = self.draining.load(Ordering::Acquire);

@@ -249,12 +249,14 @@ impl PickContext<'_> {
     /// caller's filter accepts it. Strategies check this on every member
     /// they consider, so a refused member is skipped inside the pick like an
     /// ineligible one and the caller never re-draws.
+    #[inline]
     pub fn is_eligible(&self, m: &Member) -> bool {
         self.admits(m) && self.accept.is_none_or(|accept| accept(m))
     }
 
     /// Whether the service's rules let `m` take traffic now, ignoring the
     /// caller's filter (in panic mode: anything not draining).
+    #[inline]
     pub fn admits(&self, m: &Member) -> bool {
         if self.panic {
             m.admits_panic_traffic()
@@ -270,6 +272,7 @@ impl PickContext<'_> {
 
     /// Health × slow-start factor of `m`, in `[0, 1]`. In panic mode every
     /// instance counts fully, so the load spreads across all of them.
+    #[inline]
     pub fn weight_factor(&self, m: &Member) -> f64 {
         if self.panic {
             1.0
@@ -279,11 +282,13 @@ impl PickContext<'_> {
     }
 
     /// Effective weight of `m` (see [`weight_factor`](Self::weight_factor)).
+    #[inline]
     pub fn effective_weight(&self, m: &Member) -> f64 {
         f64::from(m.instance().weight().get()) * self.weight_factor(m)
     }
 
     /// Accepts a structural choice with probability `factor`.
+    #[inline]
     pub fn accept(&mut self, factor: f64) -> bool {
         factor >= 1.0 || self.rng.f64() < factor
     }
@@ -380,6 +385,7 @@ impl FactorDraw {
 }
 
 /// Divides by an effective weight that may be 0 (start of slow start).
+#[inline]
 pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
     load / effective_weight.max(1e-9)
 }

@@ -18,6 +18,7 @@ use crate::instance::Member;
 pub struct P2c;
 
 /// The p2c cost of `m`.
+#[inline]
 pub(crate) fn load_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
     per_weight(
         f64::from(m.active_connections()) + 1.0,

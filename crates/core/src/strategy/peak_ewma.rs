@@ -19,6 +19,7 @@ use crate::instance::Member;
 pub struct PeakEwma;
 
 /// The peak-EWMA cost of `m`.
+#[inline]
 pub(crate) fn latency_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
     let queue = f64::from(m.active_connections()) + 1.0;
     per_weight(
