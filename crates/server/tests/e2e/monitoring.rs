@@ -75,9 +75,10 @@ impl Prometheus {
             }
             let _ = p.child.kill();
             let _ = p.child.wait();
-            // Keep the directory for the next try: forget this guard's drop.
+            // The directory serves the next try: this guard must not remove it.
             p.dir = PathBuf::new();
         }
+        let _ = std::fs::remove_dir_all(&dir);
         panic!("prometheus did not become ready (see its log above)");
     }
 
