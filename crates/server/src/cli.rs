@@ -7,9 +7,28 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
 
+/// `datapunk-lb -V`: the version and the git commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("DATAPUNK_LB_GIT_COMMIT"),
+    ")"
+);
+
+/// `datapunk-lb --version`: the version, the git commit it was built from
+/// (`unknown` outside a git checkout) and the enabled cargo features, one per
+/// line (see `build.rs`).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("DATAPUNK_LB_GIT_COMMIT"),
+    "\nfeatures: ",
+    env!("DATAPUNK_LB_FEATURES")
+);
+
 /// datapunk-lb: the health-aware load balancer of the Datapunk service mesh.
 #[derive(Debug, Parser)]
-#[command(name = "datapunk-lb", version, about)]
+#[command(name = "datapunk-lb", version = VERSION, long_version = LONG_VERSION, about)]
 pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value = "human", global = true)]

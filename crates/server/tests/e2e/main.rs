@@ -11,6 +11,7 @@ mod config;
 mod etcd;
 mod failover;
 mod lifecycle;
+mod monitoring;
 #[cfg(feature = "etcd")]
 mod precedence;
 mod proxy;
