@@ -564,14 +564,16 @@ pub struct View {
 }
 
 impl View {
-    /// The service's series, if it has history.
-    pub fn service(&self, name: &str) -> Option<&Value> {
-        self.services.get(name).map(|(v, _)| v)
+    /// The service's series, if it has history (once).
+    pub fn take_service(&mut self, name: &str) -> Option<Value> {
+        self.services.get_mut(name).map(|(v, _)| std::mem::take(v))
     }
 
-    /// The instance's series, if it has history.
-    pub fn instance(&self, service: &str, id: &str) -> Option<&Value> {
-        self.services.get(service).and_then(|(_, i)| i.get(id))
+    /// The instance's series, if it has history (once).
+    pub fn take_instance(&mut self, service: &str, id: &str) -> Option<Value> {
+        self.services
+            .get_mut(service)
+            .and_then(|(_, i)| i.remove(id))
     }
 }
 
@@ -720,7 +722,8 @@ mod tests {
         }]
     }
 
-    fn col(v: &Value, name: &str) -> Vec<Value> {
+    fn col(v: impl std::borrow::Borrow<Value>, name: &str) -> Vec<Value> {
+        let v = v.borrow();
         v[name].as_array().cloned().unwrap_or_default()
     }
 
@@ -737,30 +740,34 @@ mod tests {
         let t2 = t1 + Duration::from_secs(1);
         h.sample(t2, wall, &reading(&[("a", 140, 14), ("b", 6, 6)], None));
 
-        let v = h.view(None, None);
+        let mut v = h.view(None, None);
         assert_eq!(v.head["seq"], 3);
-        let a = v.instance("api", "a").unwrap();
+        let a = v.take_instance("api", "a").unwrap();
         assert_eq!(a["from"], 1);
-        assert_eq!(col(a, "rps"), [Value::Null, json!(20.0), json!(0.0)]);
+        assert_eq!(col(&a, "rps"), [Value::Null, json!(20.0), json!(0.0)]);
         assert_eq!(
-            col(a, "error_ratio"),
+            col(&a, "error_ratio"),
             [Value::Null, json!(0.1), Value::Null]
         );
-        assert_eq!(col(a, "latency_ms")[2], json!(12.5));
-        let b = v.instance("api", "b").unwrap();
-        assert_eq!(col(b, "rps"), [Value::Null, json!(10.0), json!(6.0)]);
-        assert_eq!(col(b, "error_ratio")[2], json!(1.0));
-        let svc = v.service("api").unwrap();
-        assert_eq!(col(svc, "rps")[1], json!(30.0), "(40 + 20) / 2 s");
-        assert_eq!(col(svc, "health")[1], json!(0.5));
+        assert_eq!(col(&a, "latency_ms")[2], json!(12.5));
+        let b = v.take_instance("api", "b").unwrap();
+        assert_eq!(col(&b, "rps"), [Value::Null, json!(10.0), json!(6.0)]);
+        assert_eq!(col(&b, "error_ratio")[2], json!(1.0));
+        let svc = v.take_service("api").unwrap();
+        assert_eq!(col(&svc, "rps")[1], json!(30.0), "(40 + 20) / 2 s");
+        assert_eq!(col(&svc, "health")[1], json!(0.5));
 
         // Incremental: only what is newer than `since`.
-        let v = h.view(Some(2), None);
-        let a = v.instance("api", "a").unwrap();
+        let mut v = h.view(Some(2), None);
+        let a = v.take_instance("api", "a").unwrap();
         assert_eq!(a["from"], 3);
-        assert_eq!(col(a, "rps"), [json!(0.0)]);
+        assert_eq!(col(&a, "rps"), [json!(0.0)]);
         assert_eq!(col(&h.view(Some(3), None).head, "changes").len(), 0);
-        assert!(col(h.view(Some(3), None).instance("api", "a").unwrap(), "rps").is_empty());
+        assert!(col(
+            h.view(Some(3), None).take_instance("api", "a").unwrap(),
+            "rps"
+        )
+        .is_empty());
     }
 
     #[test]
@@ -772,28 +779,35 @@ mod tests {
         let list: Vec<(&str, u64, u64)> = ids.iter().map(|i| (i.as_str(), 0, 0)).collect();
         let t0 = Instant::now();
         h.sample(t0, SystemTime::now(), &reading(&list, None));
-        let v = h.view(None, None);
-        assert!(v.instance("api", "i0").is_some());
+        let mut v = h.view(None, None);
+        assert!(v.take_instance("api", "i0").is_some());
         let last = format!("i{}", MAX_INSTANCES_PER_SERVICE - 1);
-        assert!(v.instance("api", &last).is_some());
+        assert!(v.take_instance("api", &last).is_some());
         let over = format!("i{MAX_INSTANCES_PER_SERVICE}");
-        assert!(v.instance("api", &over).is_none(), "over the cap");
+        assert!(v.take_instance("api", &over).is_none(), "over the cap");
         h.sample(t0 + INTERVAL, SystemTime::now(), &reading(&list[1..], None));
-        let v = h.view(None, None);
+        let mut v = h.view(None, None);
         assert!(
-            v.instance("api", "i0").is_none(),
+            v.take_instance("api", "i0").is_none(),
             "removed instance dropped"
         );
-        assert!(v.instance("api", &over).is_some(), "the next one moves in");
-        assert_eq!(v.instance("api", &over).unwrap()["from"], 2);
+        let moved_in = v.take_instance("api", &over);
+        assert_eq!(
+            moved_in.map(|o| o["from"].clone()),
+            Some(json!(2)),
+            "the next one moves in"
+        );
         // Many samples: every series holds at most SAMPLES points.
         for k in 0..(SAMPLES as u64 + 10) {
             let t = t0 + INTERVAL * (k as u32 + 2);
             h.sample(t, SystemTime::now(), &reading(&list[1..], None));
         }
-        let v = h.view(None, None);
-        assert_eq!(col(v.service("api").unwrap(), "rps").len(), SAMPLES);
-        assert_eq!(col(v.instance("api", "i1").unwrap(), "rps").len(), SAMPLES);
+        let mut v = h.view(None, None);
+        assert_eq!(col(v.take_service("api").unwrap(), "rps").len(), SAMPLES);
+        assert_eq!(
+            col(v.take_instance("api", "i1").unwrap(), "rps").len(),
+            SAMPLES
+        );
     }
 
     #[test]
@@ -827,8 +841,8 @@ mod tests {
             SystemTime::now(),
             &reading(&[("a", 0, 0)], Some(b([1090, 1090, 1100, 1100]))),
         );
-        let v = h.view(None, None);
-        let p99 = col(v.service("api").unwrap(), "latency_ms");
+        let mut v = h.view(None, None);
+        let p99 = col(v.take_service("api").unwrap(), "latency_ms");
         assert_eq!(p99, [Value::Null, json!(910.0)]);
     }
 
