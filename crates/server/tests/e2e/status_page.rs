@@ -197,20 +197,26 @@ async fn wait_rows(
     }
 }
 
-/// `(sequence number, value)` of the last point of a service's chart.
-async fn last_point(c: &Client, service: &str, chart: &str) -> (u64, Option<f64>) {
+/// `(sequence number, value)` of the last point of a service's chart, and
+/// how many points it draws.
+async fn last_point(c: &Client, service: &str, chart: &str) -> (u64, Option<f64>, u64) {
     let v = c
         .execute(
             "const s = Array.from(document.querySelectorAll('section[data-service]'))
                  .find(e => e.dataset.service === arguments[0]);
              const g = s && s.querySelector('.tiles svg[data-chart=\"' + arguments[1] + '\"]');
-             return g ? [Number(g.dataset.seq), g.dataset.last === '' ? null : Number(g.dataset.last)]
-                      : [0, null];",
+             return g ? [Number(g.dataset.seq), g.dataset.last === '' ? null : Number(g.dataset.last),
+                         Number(g.dataset.points)]
+                      : [0, null, 0];",
             vec![json!(service), json!(chart)],
         )
         .await
         .unwrap();
-    (v[0].as_u64().unwrap_or(0), v[1].as_f64())
+    (
+        v[0].as_u64().unwrap_or(0),
+        v[1].as_f64(),
+        v[2].as_u64().unwrap_or(0),
+    )
 }
 
 /// `"<kind> <from> <to>"` of every timeline entry of `instance`.
@@ -284,11 +290,14 @@ async fn status_page_shows_a_breaker_opening_live() {
     // Let the page draw a few rates before the kill.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // The service's requests/s chart gains a new last point, with traffic.
-    let (seq0, _) = last_point(&c, "api", "rps").await;
+    let (seq0, _, _) = last_point(&c, "api", "rps").await;
     let moved = Instant::now();
     let (seq1, last) = loop {
-        let (seq, last) = last_point(&c, "api", "rps").await;
+        let (seq, last, points) = last_point(&c, "api", "rps").await;
         if seq > seq0 && last.is_some_and(|v| v > 0.0) {
+            // The service has a point for every sample since the start: the
+            // page's incremental reads neither lost nor repeated one.
+            assert_eq!(points, seq, "points drawn vs samples taken");
             break (seq, last);
         }
         assert!(
