@@ -34,8 +34,11 @@
 //! order) and the first [`MAX_SERVICES`] services (by name) have history,
 //! so with 100,000 instances the history holds at most 64 + 64 × 24 series,
 //! ~7.8 MB, whatever the instance count; the other instances show their live
-//! values only. The sample walks every instance once a second (the service
-//! sums need them all), which costs what one Prometheus scrape costs.
+//! values only. The sample walks every instance of those services once a
+//! second (the service sums need them all), which costs what a Prometheus
+//! scrape of them costs: measured (`measure_a_sample_at_100k_instances`,
+//! release build) 26 ms for one service of 100,000 instances, 1.5 ms for
+//! 1,000 services of 100 (64 sampled), on the upkeep task.
 //!
 //! ## Changes: the last [`MAX_CHANGES`]
 //!
@@ -239,85 +242,45 @@ pub struct Change {
 
 impl Change {
     fn from_event(e: &Event) -> Change {
-        let (kind, service, instance, from, to, reason) = match e {
+        let (kind, service, instance, reason) = match e {
             Event::Breaker {
                 service,
                 instance,
                 transition: t,
-            } => (
-                "breaker",
-                service,
-                Some(instance.as_str()),
-                t.from.as_str(),
-                t.to.as_str(),
-                t.reason.to_string(),
-            ),
+            } => ("breaker", service, Some(instance), t.reason.to_string()),
             Event::Eligibility {
                 service,
                 instance,
-                eligible,
                 reason,
-            } => {
-                let (from, to) = if *eligible {
-                    ("ejected", "eligible")
-                } else {
-                    ("eligible", "ejected")
-                };
-                (
-                    "ejection",
-                    service,
-                    Some(instance.as_str()),
-                    from,
-                    to,
-                    (*reason).to_owned(),
-                )
-            }
+                ..
+            } => ("ejection", service, Some(instance), (*reason).to_owned()),
             Event::Panic {
                 service,
-                entered,
                 eligible,
                 total,
-            } => {
-                let (from, to) = if *entered {
-                    ("normal", "panic")
-                } else {
-                    ("panic", "normal")
-                };
-                let reason = format!("{eligible} of {total} instances eligible");
-                ("panic", service, None, from, to, reason)
-            }
-            Event::StrategySwitch {
-                service,
-                from,
-                to,
-                reason,
+                ..
             } => (
-                "strategy",
+                "panic",
                 service,
                 None,
-                from.as_str(),
-                to.as_str(),
-                reason.clone(),
+                format!("{eligible} of {total} instances eligible"),
             ),
+            Event::StrategySwitch {
+                service, reason, ..
+            } => ("strategy", service, None, reason.clone()),
             Event::Removed {
                 service,
                 instance,
                 reason,
-            } => (
-                "removal",
-                service,
-                Some(instance.as_str()),
-                "draining",
-                "removed",
-                (*reason).to_owned(),
-            ),
+            } => ("removal", service, Some(instance), (*reason).to_owned()),
         };
+        let (from, to) = crate::telemetry::from_to(e);
         Change {
             id: 0,
             at_ms: unix_ms(SystemTime::now()),
             kind,
             service: service.clone(),
-            instance: instance.map(str::to_owned),
+            instance: instance.map(|i| i.as_str().to_owned()),
             from,
             to,
             reason,
@@ -848,8 +811,7 @@ mod tests {
 
     #[test]
     fn buckets_are_read_from_the_histogram_family() {
-        let family =
-            DurationFamily::new_with_constructor(|| Histogram::new([0.01, 0.1].into_iter()));
+        let family = DurationFamily::new_with_constructor(|| Histogram::new([0.01, 0.1]));
         let h = History::new(family.clone());
         let labels = vec![("service", "we\"ird\\name".to_owned())];
         family.get_or_create(&labels).observe(0.05);
@@ -891,5 +853,40 @@ mod tests {
         let newer = col(&h.view(None, Some(id)).head, "changes");
         assert_eq!(newer.len(), 1);
         assert_eq!(newer[0]["kind"], "panic");
+    }
+
+    /// Measures one sample at 100,000 instances (run with `--ignored
+    /// --nocapture`, in release for realistic numbers).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_a_sample_at_100k_instances() {
+        use datapunk_lb_core::ServiceInstance;
+        for (services, per) in [(1usize, 100_000usize), (1000, 100)] {
+            let core = CoreRegistry::new();
+            for s in 0..services {
+                let list = (0..per).map(|i| {
+                    ServiceInstance::try_new(&format!("i{i}"), "127.0.0.1", 1 + (i % 60000) as u16)
+                        .unwrap()
+                });
+                core.register_instances(&format!("svc{s:04}"), list)
+                    .unwrap();
+            }
+            let h = History::default();
+            h.tick(&core);
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                h.samples.lock().last = None;
+                let t = Instant::now();
+                h.tick(&core);
+                times.push(t.elapsed());
+            }
+            let s = h.samples.lock();
+            let series: usize = s.services.values().map(|v| 1 + v.instances.len()).sum();
+            eprintln!(
+                "{services} services x {per} instances: sample takes {:?} (min of 5), {series} series with history, {} KB of points",
+                times.iter().min().unwrap(),
+                series * std::mem::size_of::<[Point; SAMPLES]>() / 1024
+            );
+        }
     }
 }

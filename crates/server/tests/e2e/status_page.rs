@@ -197,6 +197,25 @@ async fn wait_rows(
     }
 }
 
+/// Polls `probe` until it is `Ok`, for at most 3 s; the `Err` says what
+/// the page showed instead.
+async fn within<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(shown) => assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "the page did not show {what} within 3 s: {shown}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `(sequence number, value)` of the last point of a service's chart, and
 /// how many points it draws.
 async fn last_point(c: &Client, service: &str, chart: &str) -> (u64, Option<f64>, u64) {
@@ -292,20 +311,18 @@ async fn status_page_shows_a_breaker_opening_live() {
     // The service's requests/s chart gains a new last point, with traffic.
     let (seq0, _, _) = last_point(&c, "api", "rps").await;
     let moved = Instant::now();
-    let (seq1, last) = loop {
+    let (seq1, last) = within("the rps chart's last point to move", || async {
         let (seq, last, points) = last_point(&c, "api", "rps").await;
         if seq > seq0 && last.is_some_and(|v| v > 0.0) {
             // The service has a point for every sample since the start: the
             // page's incremental reads neither lost nor repeated one.
             assert_eq!(points, seq, "points drawn vs samples taken");
-            break (seq, last);
+            Ok((seq, last))
+        } else {
+            Err(format!("seq {seq0} -> {seq}, last {last:?}"))
         }
-        assert!(
-            moved.elapsed() < Duration::from_secs(3),
-            "the rps chart's last point did not move within 3 s: seq {seq0} -> {seq}, last {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     eprintln!(
         "rps chart: point {seq0} -> {seq1} ({last:?}/s) after {:?}",
         moved.elapsed()
@@ -335,18 +352,15 @@ async fn status_page_shows_a_breaker_opening_live() {
         .await
         .unwrap();
     assert_eq!(same_document, Value::Bool(true), "the page was reloaded");
-    let start = Instant::now();
-    loop {
+    within("the breaker transition on the timeline", || async {
         let moves = timeline(&c, victim).await;
         if moves.iter().any(|m| m == "breaker closed open") {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{victim}'s changes: {moves:?}"))
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "no breaker transition of {victim} on the timeline: {moves:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     eprintln!(
         "transition on the timeline {:?} after the kill",
         killed.elapsed()
