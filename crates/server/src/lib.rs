@@ -10,6 +10,7 @@
 //! | [`cli`] | the command line |
 //! | [`config`] | the TOML file: strict parsing, validation with key and line |
 //! | `control` | the desired state (config < admin API < etcd), its one precedence rule, and the task that applies every change |
+//! | [`history`] | the status page's history: per-second samples in bounded rings, recent state changes |
 //! | [`discovery`] | etcd discovery: list, watch, resync, sent to `control`; the `register` sidecar |
 //! | [`server`] | lifecycle: listeners, start, reload (SIGHUP), drain (SIGTERM), readiness |
 //! | `proxy` | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod discovery;
 #[allow(unreachable_pub)]
 pub(crate) mod health_check;
+pub mod history;
 pub mod metrics;
 pub(crate) mod proxy;
 pub mod server;

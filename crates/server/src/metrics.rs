@@ -45,6 +45,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::history::History;
+
 type Labels = Vec<(&'static str, String)>;
 
 /// Every `(from, to)` a circuit breaker reports: it opens from closed or on
@@ -85,6 +87,7 @@ pub struct Metrics {
     discovery_syncs: Family<Labels, Counter>,
     discovery_invalid: Counter,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
+    history: Arc<History>,
 }
 
 /// Handles for one service, resolved when the config is applied.
@@ -96,6 +99,7 @@ pub struct ServiceMetrics {
     retries: Counter,
     errors: Arc<ServiceErrors>,
     transitions: Family<Labels, Counter>,
+    history: Arc<History>,
 }
 
 /// Requests that failed before reaching an instance.
@@ -191,6 +195,7 @@ impl Metrics {
         }));
         Self {
             registry,
+            history: Arc::new(History::new(durations.clone())),
             durations,
             selections,
             retries,
@@ -234,6 +239,7 @@ impl Metrics {
             retries: self.retries.get_or_create(&svc()).clone(),
             errors,
             transitions: self.transitions.clone(),
+            history: self.history.clone(),
         }
     }
 
@@ -269,10 +275,15 @@ impl Metrics {
         self.discovery_invalid.inc();
     }
 
-    /// Logs what the core reported and counts breaker transitions.
+    /// Logs what the core reported, counts breaker transitions and keeps
+    /// the changes for the status page.
     pub fn report(&self, events: Vec<Event>) {
-        count_transitions(&self.transitions, &events);
-        crate::telemetry::events(events);
+        report(&self.transitions, &self.history, events);
+    }
+
+    /// The status page's history (samples and state changes).
+    pub fn history(&self) -> &Arc<History> {
+        &self.history
     }
 
     /// The exposition text.
@@ -295,16 +306,17 @@ impl ServiceMetrics {
             retries: Counter::default(),
             errors: Arc::default(),
             transitions: Family::default(),
+            history: Arc::default(),
         }
     }
 
-    /// Logs what the core reported and counts breaker transitions.
+    /// Logs what the core reported, counts breaker transitions and keeps
+    /// the changes for the status page.
     pub fn report(&self, events: Vec<Event>) {
         if events.is_empty() {
             return;
         }
-        count_transitions(&self.transitions, &events);
-        crate::telemetry::events(events);
+        report(&self.transitions, &self.history, events);
     }
 
     /// A selection by `strategy`.
@@ -341,6 +353,13 @@ impl ServiceMetrics {
     pub fn over_limit(&self) {
         self.errors.over_limit.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The one place every core event passes through.
+fn report(transitions: &Family<Labels, Counter>, history: &History, events: Vec<Event>) {
+    count_transitions(transitions, &events);
+    history.record(&events);
+    crate::telemetry::events(events);
 }
 
 fn count_transitions(family: &Family<Labels, Counter>, events: &[Event]) {

@@ -160,6 +160,7 @@ impl Server {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { break };
                 s.metrics.report(s.registry.maintain());
+                s.metrics.history().tick(&s.registry);
             }
         });
         Ok(server)

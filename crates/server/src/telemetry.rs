@@ -35,8 +35,25 @@ pub fn events(events: Vec<Event>) {
     }
 }
 
+/// The `from` and `to` states of a core event, as the log lines and the
+/// status page's timeline both say them.
+pub fn from_to(e: &Event) -> (&'static str, &'static str) {
+    match e {
+        Event::Breaker { transition: t, .. } => (t.from.as_str(), t.to.as_str()),
+        Event::Eligibility { eligible: true, .. } => ("ejected", "eligible"),
+        Event::Eligibility {
+            eligible: false, ..
+        } => ("eligible", "ejected"),
+        Event::Panic { entered: true, .. } => ("normal", "panic"),
+        Event::Panic { entered: false, .. } => ("panic", "normal"),
+        Event::StrategySwitch { from, to, .. } => (from.as_str(), to.as_str()),
+        Event::Removed { .. } => ("draining", "removed"),
+    }
+}
+
 /// Logs one core event as a structured line.
 pub fn event(e: &Event) {
+    let (from, to) = from_to(e);
     match e {
         Event::Breaker {
             service,
@@ -47,8 +64,8 @@ pub fn event(e: &Event) {
             warn!(
                 service = &**service,
                 instance = instance.as_str(),
-                from = t.from.as_str(),
-                to = t.to.as_str(),
+                from,
+                to,
                 reason = %t.reason,
                 open_for = open_for.as_deref(),
                 "circuit breaker transition"
@@ -60,11 +77,6 @@ pub fn event(e: &Event) {
             eligible,
             reason,
         } => {
-            let (from, to) = if *eligible {
-                ("ejected", "eligible")
-            } else {
-                ("eligible", "ejected")
-            };
             info!(
                 service = &**service,
                 instance = instance.as_str(),
@@ -81,11 +93,6 @@ pub fn event(e: &Event) {
             eligible,
             total,
         } => {
-            let (from, to) = if *entered {
-                ("normal", "panic")
-            } else {
-                ("panic", "normal")
-            };
             warn!(
                 service = &**service,
                 from,
@@ -98,14 +105,11 @@ pub fn event(e: &Event) {
             );
         }
         Event::StrategySwitch {
-            service,
-            from,
-            to,
-            reason,
+            service, reason, ..
         } => info!(
             service = &**service,
-            from = from.as_str(),
-            to = to.as_str(),
+            from,
+            to,
             reason = reason.as_str(),
             "adaptive strategy switch"
         ),
@@ -116,8 +120,8 @@ pub fn event(e: &Event) {
         } => info!(
             service = &**service,
             instance = instance.as_str(),
-            from = "draining",
-            to = "removed",
+            from,
+            to,
             reason,
             "instance removed"
         ),

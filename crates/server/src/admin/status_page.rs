@@ -1,8 +1,13 @@
 //! The live status page: `GET /status` serves one self-contained HTML page
 //! (no external assets, so it works offline) that polls `GET /status/data`
-//! every second and redraws every service and instance.
+//! every second and redraws every service and instance, with the last five
+//! minutes of each as small charts and the recent state changes as a
+//! timeline (kept by [`crate::history`]; the page asks only for what is
+//! newer than what it holds).
 
-use axum::extract::State;
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -18,8 +23,16 @@ pub(crate) async fn page() -> Response {
     Html(PAGE).into_response()
 }
 
-/// `GET /status/data`: every service with its instances.
-pub(crate) async fn data(State(s): State<AdminState>) -> Json<Value> {
+/// `GET /status/data?since=<seq>&changes=<id>`: every service with its
+/// instances, their history newer than sample `since` (all 300 points
+/// without it) and the state changes after `changes`. Values that do not
+/// parse count as absent: the page then gets everything.
+pub(crate) async fn data(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Json<Value> {
+    let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok());
+    let mut history = s.metrics.history().view(num("since"), num("changes"));
     let reg = &s.registry;
     let services: Vec<Value> = reg
         .services()
@@ -29,7 +42,13 @@ pub(crate) async fn data(State(s): State<AdminState>) -> Json<Value> {
                 .instances(&svc.name)
                 .unwrap_or_default()
                 .iter()
-                .map(instance_json)
+                .map(|st| {
+                    let mut v = instance_json(st);
+                    if let Some(h) = history.take_instance(&svc.name, st.instance.id().as_str()) {
+                        v["history"] = h;
+                    }
+                    v
+                })
                 .collect();
             json!({
                 "name": svc.name,
@@ -39,9 +58,10 @@ pub(crate) async fn data(State(s): State<AdminState>) -> Json<Value> {
                 "panic": svc.panic,
                 "eligible": svc.eligible,
                 "in_flight": svc.in_flight,
+                "history": history.take_service(&svc.name),
                 "instances": instances,
             })
         })
         .collect();
-    Json(json!({ "services": services }))
+    Json(json!({ "services": services, "history": history.head }))
 }

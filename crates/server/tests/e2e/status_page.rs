@@ -1,6 +1,7 @@
 //! The status page in a real headless Chromium, driven over WebDriver
 //! (chromedriver): it lists every instance and shows a breaker opening
-//! live, without a reload.
+//! live, without a reload; its charts gain a point every second and the
+//! breaker transition shows on the timeline.
 //!
 //! Skipped (saying why) when chromium or chromedriver is missing, unless
 //! `DATAPUNK_LB_REQUIRE_ALL=1`. With `DATAPUNK_LB_SCREENSHOT=1` it also
@@ -196,6 +197,61 @@ async fn wait_rows(
     }
 }
 
+/// Polls `probe` until it is `Ok`, for at most 3 s; the `Err` says what
+/// the page showed instead.
+async fn within<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(shown) => assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "the page did not show {what} within 3 s: {shown}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `(sequence number, value)` of the last point of a service's chart, and
+/// how many points it draws.
+async fn last_point(c: &Client, service: &str, chart: &str) -> (u64, Option<f64>, u64) {
+    let v = c
+        .execute(
+            "const s = Array.from(document.querySelectorAll('section[data-service]'))
+                 .find(e => e.dataset.service === arguments[0]);
+             const g = s && s.querySelector('.tiles svg[data-chart=\"' + arguments[1] + '\"]');
+             return g ? [Number(g.dataset.seq), g.dataset.last === '' ? null : Number(g.dataset.last),
+                         Number(g.dataset.points)]
+                      : [0, null, 0];",
+            vec![json!(service), json!(chart)],
+        )
+        .await
+        .unwrap();
+    (
+        v[0].as_u64().unwrap_or(0),
+        v[1].as_f64(),
+        v[2].as_u64().unwrap_or(0),
+    )
+}
+
+/// `"<kind> <from> <to>"` of every timeline entry of `instance`.
+async fn timeline(c: &Client, instance: &str) -> Vec<String> {
+    let v = c
+        .execute(
+            "return Array.from(document.querySelectorAll('#timeline li'))
+                 .filter(li => li.dataset.instance === arguments[0])
+                 .map(li => [li.dataset.kind, li.dataset.from, li.dataset.to].join(' '));",
+            vec![json!(instance)],
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(v).unwrap()
+}
+
 fn breaker<'a>(rows: &'a [(String, String)], id: &str) -> Option<&'a str> {
     rows.iter()
         .find(|(i, _)| i == id)
@@ -252,6 +308,25 @@ async fn status_page_shows_a_breaker_opening_live() {
     };
     // Let the page draw a few rates before the kill.
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The service's requests/s chart gains a new last point, with traffic.
+    let (seq0, _, _) = last_point(&c, "api", "rps").await;
+    let moved = Instant::now();
+    let (seq1, last) = within("the rps chart's last point to move", || async {
+        let (seq, last, points) = last_point(&c, "api", "rps").await;
+        if seq > seq0 && last.is_some_and(|v| v > 0.0) {
+            // The service has a point for every sample since the start: the
+            // page's incremental reads neither lost nor repeated one.
+            assert_eq!(points, seq, "points drawn vs samples taken");
+            Ok((seq, last))
+        } else {
+            Err(format!("seq {seq0} -> {seq}, last {last:?}"))
+        }
+    })
+    .await;
+    eprintln!(
+        "rps chart: point {seq0} -> {seq1} ({last:?}/s) after {:?}",
+        moved.elapsed()
+    );
     // Marks this document: a reload would lose it.
     c.execute("window.datapunkNoReload = 1;", vec![])
         .await
@@ -277,8 +352,29 @@ async fn status_page_shows_a_breaker_opening_live() {
         .await
         .unwrap();
     assert_eq!(same_document, Value::Bool(true), "the page was reloaded");
+    within("the breaker transition on the timeline", || async {
+        let moves = timeline(&c, victim).await;
+        if moves.iter().any(|m| m == "breaker closed open") {
+            Ok(())
+        } else {
+            Err(format!("{victim}'s changes: {moves:?}"))
+        }
+    })
+    .await;
+    eprintln!(
+        "transition on the timeline {:?} after the kill",
+        killed.elapsed()
+    );
 
     if std::env::var("DATAPUNK_LB_SCREENSHOT").as_deref() == Ok("1") {
+        // A picture worth looking at: a minute of history with a slow
+        // instance and the dead one coming back.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        backends[0].set_delay(Duration::from_millis(40));
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        backends[2].restart().await;
+        backends[0].set_delay(Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(25)).await;
         // Fit the window to the page, so the picture has no scroll bar.
         let fit = c
             .execute(
@@ -331,6 +427,11 @@ async fn status_page_shows_a_breaker_opening_live() {
         json!([true, 0]),
         "markup from the data was rendered"
     );
+    let anywhere = c
+        .execute("return document.querySelectorAll('img, b').length;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(anywhere, json!(0), "markup rendered outside #services");
     browser.close().await;
     eprintln!("status page test took {:?}", t0.elapsed());
 }
