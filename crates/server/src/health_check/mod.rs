@@ -1,16 +1,20 @@
-//! Active health checks: `http` (GET `path` must answer 2xx) and `tcp`
-//! (connect), per service `interval` and `timeout`, feeding the same core
-//! health model as real traffic (`Registry::report_outcome`), so rise and
-//! fall follow `recovery_threshold` and `error_threshold`.
+//! Active health checks: `http` (GET `path`, with the `host` header if set,
+//! must answer one of `expected_statuses`, default 2xx) and `tcp` (connect),
+//! per service `interval` and `timeout`, feeding the same core health model
+//! as real traffic (`Registry::report_outcome`), so rise and fall follow
+//! `recovery_threshold` and `error_threshold`. There are no separate
+//! healthy/unhealthy probe thresholds: one breaker judges an instance, so
+//! probes and requests cannot disagree about it.
 //!
 //! ## Schedule
 //!
 //! - **Spread**: each instance's first probe waits a random fraction of the
 //!   interval, so N instances are not probed at once.
 //! - **Backoff**: after `k` consecutive failed probes an instance is next
-//!   probed after `interval × 2^k`, capped at [`MAX_BACKOFF_FACTOR`] ×
-//!   interval (and at 60 s), with ±20 % jitter. A dead instance costs little;
-//!   a recovered one is found within the cap.
+//!   probed after `interval × 2^k`, capped at `backoff_max` (default 8 ×
+//!   interval, at most 60 s), with ±20 % jitter. A dead instance costs
+//!   little; a recovered one is found within the cap, so the cap is the
+//!   operator's trade between probe load and time to notice recovery.
 //! - **Bound**: at most [`MAX_IN_FLIGHT`] probes run at once across all
 //!   services.
 //!
@@ -37,10 +41,6 @@ use crate::metrics::Metrics;
 
 /// Probes in flight at once, across all services.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// Backoff cap, as a multiple of the interval.
-pub const MAX_BACKOFF_FACTOR: u32 = 8;
-/// Absolute backoff cap.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The running checkers; dropping it stops them.
 #[derive(Debug, Default)]
@@ -58,11 +58,14 @@ impl Drop for HealthChecker {
 
 /// When to probe an instance next after `fails` consecutive failures.
 pub fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Duration {
-    let factor = 2u32.saturating_pow(fails.min(16)).min(MAX_BACKOFF_FACTOR);
     let base = if fails == 0 {
         check.interval
     } else {
-        (check.interval * factor).min(MAX_BACKOFF.max(check.interval))
+        let factor = 2u32.saturating_pow(fails.min(31));
+        check
+            .interval
+            .saturating_mul(factor)
+            .min(check.backoff_max.max(check.interval))
     };
     // ±20 % jitter, so probes of many instances drift apart.
     base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
@@ -194,12 +197,23 @@ async fn probe(
             tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(authority)).await,
             Ok(Ok(_))
         ),
-        HealthCheckKind::Http { path } => {
+        HealthCheckKind::Http {
+            path,
+            host,
+            expected,
+        } => {
             let Ok(uri) = format!("http://{authority}{path}").parse::<http::Uri>() else {
                 return false;
             };
-            match tokio::time::timeout(check.timeout, client.get(uri)).await {
-                Ok(Ok(resp)) => resp.status().is_success(),
+            let mut req = http::Request::get(uri);
+            if let Some(host) = host {
+                req = req.header(http::header::HOST, host.as_str());
+            }
+            let Ok(req) = req.body(Empty::new()) else {
+                return false;
+            };
+            match tokio::time::timeout(check.timeout, client.request(req)).await {
+                Ok(Ok(resp)) => expected.contains(resp.status().as_u16()),
                 _ => false,
             }
         }
@@ -216,6 +230,7 @@ mod tests {
             kind: HealthCheckKind::Tcp,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
+            backoff_max: HealthCheck::default_backoff_max(Duration::from_secs(1)),
         };
         assert_eq!(next_delay(&check, 0, 0.5), Duration::from_secs(1));
         assert_eq!(next_delay(&check, 1, 0.5), Duration::from_secs(2));
