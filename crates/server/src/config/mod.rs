@@ -33,6 +33,8 @@
 //! retyped; the server-only ones are the `DEFAULT_*` constants below.
 
 pub mod file;
+#[cfg(test)]
+mod knobs_tests;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;

@@ -244,4 +244,98 @@ mod tests {
         assert_eq!(next_delay(&check, 3, 0.0), Duration::from_secs_f64(6.4));
         assert_eq!(next_delay(&check, 3, 1.0), Duration::from_secs_f64(9.6));
     }
+
+    #[test]
+    fn backoff_max_caps_the_backoff() {
+        let check = HealthCheck {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(3),
+        };
+        assert_eq!(next_delay(&check, 1, 0.5), Duration::from_secs(2));
+        assert_eq!(
+            next_delay(&check, 2, 0.5),
+            Duration::from_secs(3),
+            "4 s capped"
+        );
+        assert_eq!(next_delay(&check, 40, 0.5), Duration::from_secs(3));
+        let long = HealthCheck {
+            backoff_max: Duration::from_secs(600),
+            ..check
+        };
+        assert_eq!(
+            next_delay(&long, 9, 0.5),
+            Duration::from_secs(512),
+            "no hidden 60 s cap"
+        );
+    }
+
+    /// One HTTP exchange on a real socket: answers `status`, hands back the
+    /// request head it read.
+    async fn one_response(status: u16) -> (u16, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let resp =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            sock.write_all(resp.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&head).to_ascii_lowercase()
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn http_probe_sends_the_host_and_accepts_the_expected_statuses() {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let check = |host: Option<&str>, expected: &[&str]| HealthCheck {
+            kind: HealthCheckKind::Http {
+                path: "/ready".to_owned(),
+                host: host.map(str::to_owned),
+                expected: crate::config::ExpectedStatuses::parse(expected.iter().copied()).unwrap(),
+            },
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(40),
+        };
+        for (status, expected, want) in [
+            (204, &["200-299"][..], true),
+            (503, &["200-299"][..], false),
+            (503, &["200", "500-503"][..], true),
+            (301, &["200-299"][..], false),
+            (301, &["200-399"][..], true),
+        ] {
+            let (port, head) = one_response(status).await;
+            let ok = probe(
+                &check(Some("api.internal"), expected),
+                &client,
+                "127.0.0.1",
+                port,
+            )
+            .await;
+            assert_eq!(ok, want, "{status} against {expected:?}");
+            let head = head.await.unwrap();
+            assert!(head.starts_with("get /ready http/1.1"), "{head}");
+            assert!(head.contains("host: api.internal\r\n"), "{head}");
+        }
+        let (port, head) = one_response(200).await;
+        assert!(probe(&check(None, &["200"]), &client, "127.0.0.1", port).await);
+        let head = head.await.unwrap();
+        assert!(
+            head.contains(&format!("host: 127.0.0.1:{port}\r\n")),
+            "default Host is the instance: {head}"
+        );
+    }
 }
