@@ -24,15 +24,27 @@
 //! | `service.metrics_enabled` | true |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
+//! | `health_check.backoff_max` | 8 × interval, at most 60 s (never below the interval) |
+//! | `health_check.expected_statuses` / `host` | `["200-299"]` / the instance's `address:port` |
+//! | `service.retry_budget_percent` / `retry_budget_min_per_second` | 20 / 10 |
+//! | `breaker.open_base` / `open_max` / `open_jitter` | 5 s / 120 s / 0.2 |
+//! | `breaker.failure_rate` / `failure_rate_window` / `min_requests` | 0.5 / 10 s / 20 |
+//! | `breaker.half_open_probes` | 1 |
 //! | `instance.weight` | 1 |
 //! | `discovery.kind` | `static` (`etcd`) |
 //! | `discovery.prefix` | `/datapunk/services/` |
 //!
-//! The balancing defaults (thresholds, `min_healthy_percent`, `slow_start`,
-//! the instance id limit) are the core's constants, used here rather than
-//! retyped; the server-only ones are the `DEFAULT_*` constants below.
+//! The balancing defaults (thresholds, the breaker table,
+//! `min_healthy_percent`, `slow_start`, the instance id limit) are the
+//! core's, used here rather than retyped; the server-only ones are the
+//! `DEFAULT_*` constants below.
+//!
+//! `docs/configuration.md` is the operator's reference for every key; a
+//! test derives the key set from [`file`](mod@file) with [`keys::all`] and
+//! fails when the reference misses one, so add the row with the field.
 
 pub mod file;
+pub mod keys;
 #[cfg(test)]
 mod knobs_tests;
 

@@ -14,5 +14,6 @@ mod lifecycle;
 #[cfg(feature = "etcd")]
 mod precedence;
 mod proxy;
+mod reference;
 mod status_page;
 mod support;
