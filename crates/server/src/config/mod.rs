@@ -200,7 +200,7 @@ pub struct ServiceConfig {
 }
 
 /// `retry_budget_percent` and `retry_budget_min_per_second` of a service
-/// (the rule is in [`crate::proxy`]'s retry budget).
+/// (the rule is in `proxy/retry.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryBudgetConfig {
     /// Retries allowed per 100 first attempts (0..=100). Default 20.
