@@ -9,17 +9,7 @@ use datapunk_lb_core::{CircuitBreaker, CircuitState, Clock, ManualClock};
 
 use super::*;
 
-const BASE: &str = r#"[[listener]]
-name = "web"
-listen = "127.0.0.1:8080"
-[[listener.route]]
-service = "api"
-[service.api]
-[[service.api.instance]]
-id = "api-1"
-address = "127.0.0.1"
-port = 9001
-"#;
+use super::tests::BASE;
 
 /// `BASE` with `extra` lines right after `[service.api]` (line 7 onwards).
 fn with(extra: &str) -> Result<Config, ConfigErrors> {

@@ -1291,7 +1291,8 @@ fn breaker(key: &str, f: &file::FileBreaker, b: &mut BreakerConfig, ck: &mut Che
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"[[listener]]
+    /// One listener routing to `api` with one instance; `[service.api]` on line 6.
+    pub(super) const BASE: &str = r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
 [[listener.route]]

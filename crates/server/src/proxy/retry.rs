@@ -77,25 +77,34 @@ impl RetryBudget {
 mod tests {
     use super::*;
 
+    /// Takes every retry the budget grants now; how many.
+    fn drain(b: &RetryBudget) -> u32 {
+        let mut n = 0;
+        while b.try_withdraw() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Deposits 1000 first attempts, each followed by a retry; how many got one.
+    fn retries_per_1000(b: &RetryBudget) -> u32 {
+        (0..1000)
+            .filter(|_| {
+                b.deposit();
+                b.try_withdraw()
+            })
+            .count() as u32
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retries_are_a_fifth_of_traffic_plus_a_floor() {
         let b = RetryBudget::default();
         // Drain the initial floor.
-        while b.try_withdraw() {}
-        let mut allowed = 0;
-        for _ in 0..1000 {
-            b.deposit();
-            if b.try_withdraw() {
-                allowed += 1;
-            }
-        }
+        drain(&b);
+        let allowed = retries_per_1000(&b);
         assert!((195..=201).contains(&allowed), "{allowed}");
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
-        let mut floor = 0;
-        while b.try_withdraw() {
-            floor += 1;
-        }
-        assert_eq!(floor, 10, "one second refills the floor of 10");
+        assert_eq!(drain(&b), 10, "one second refills the floor of 10");
     }
 
     #[tokio::test(start_paused = true)]
@@ -104,25 +113,11 @@ mod tests {
             percent: 50,
             min_per_second: 3,
         });
-        let mut start = 0;
-        while b.try_withdraw() {
-            start += 1;
-        }
-        assert_eq!(start, 3, "a new budget holds the floor of 3");
-        let mut allowed = 0;
-        for _ in 0..1000 {
-            b.deposit();
-            if b.try_withdraw() {
-                allowed += 1;
-            }
-        }
+        assert_eq!(drain(&b), 3, "a new budget holds the floor of 3");
+        let allowed = retries_per_1000(&b);
         assert!((495..=501).contains(&allowed), "half of 1000: {allowed}");
         tokio::time::advance(std::time::Duration::from_millis(500)).await;
-        let mut half = 0;
-        while b.try_withdraw() {
-            half += 1;
-        }
-        assert_eq!(half, 1, "half a second refills 1.5 of the floor of 3");
+        assert_eq!(drain(&b), 1, "half a second refills 1.5 of the floor of 3");
 
         let none = RetryBudget::new(RetryBudgetConfig {
             percent: 0,
