@@ -357,7 +357,16 @@ impl Server {
                 let Some(service) = self.registry.service(name) else {
                     continue;
                 };
-                let budget = budgets.entry(name.clone()).or_default().clone();
+                // Kept across reloads (its balance is history) unless its knobs changed.
+                let budget = budgets
+                    .entry(name.clone())
+                    .and_modify(|b| {
+                        if b.config() != svc.retry_budget {
+                            *b = Arc::new(RetryBudget::new(svc.retry_budget));
+                        }
+                    })
+                    .or_insert_with(|| Arc::new(RetryBudget::new(svc.retry_budget)))
+                    .clone();
                 upstreams.insert(
                     name.clone(),
                     Arc::new(Upstream {

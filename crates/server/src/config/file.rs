@@ -73,7 +73,10 @@ pub struct FileService {
     pub request_timeout: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub retry_budget_percent: Option<Spanned<i64>>,
+    pub retry_budget_min_per_second: Option<Spanned<i64>>,
     pub metrics_enabled: Option<bool>,
+    pub breaker: Option<FileBreaker>,
     pub health_check: Option<FileHealthCheck>,
     #[serde(default)]
     pub instance: Vec<Spanned<FileInstance>>,
@@ -86,6 +89,24 @@ pub struct FileHealthCheck {
     pub path: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
+    pub backoff_max: Option<Spanned<String>>,
+    /// Status codes or ranges: `"200"`, `"200-399"`.
+    pub expected_statuses: Option<Spanned<Vec<Spanned<String>>>>,
+    pub host: Option<Spanned<String>>,
+}
+
+/// `[service.NAME.breaker]`: the breaker's windows and rate rule
+/// (`error_threshold` / `recovery_threshold` stay in `[service.NAME]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBreaker {
+    pub open_base: Option<Spanned<String>>,
+    pub open_max: Option<Spanned<String>>,
+    pub open_jitter: Option<Spanned<f64>>,
+    pub failure_rate: Option<Spanned<f64>>,
+    pub failure_rate_window: Option<Spanned<String>>,
+    pub min_requests: Option<Spanned<i64>>,
+    pub half_open_probes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

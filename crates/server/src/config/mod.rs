@@ -24,15 +24,29 @@
 //! | `service.metrics_enabled` | true |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
+//! | `health_check.backoff_max` | 8 × interval, at most 60 s (never below the interval) |
+//! | `health_check.expected_statuses` / `host` | `["200-299"]` / the instance's `address:port` |
+//! | `service.retry_budget_percent` / `retry_budget_min_per_second` | 20 / 10 |
+//! | `breaker.open_base` / `open_max` / `open_jitter` | 5 s / 120 s / 0.2 |
+//! | `breaker.failure_rate` / `failure_rate_window` / `min_requests` | 0.5 / 10 s / 20 |
+//! | `breaker.half_open_probes` | 1 |
 //! | `instance.weight` | 1 |
 //! | `discovery.kind` | `static` (`etcd`) |
 //! | `discovery.prefix` | `/datapunk/services/` |
 //!
-//! The balancing defaults (thresholds, `min_healthy_percent`, `slow_start`,
-//! the instance id limit) are the core's constants, used here rather than
-//! retyped; the server-only ones are the `DEFAULT_*` constants below.
+//! The balancing defaults (thresholds, the breaker table,
+//! `min_healthy_percent`, `slow_start`, the instance id limit) are the
+//! core's, used here rather than retyped; the server-only ones are the
+//! `DEFAULT_*` constants below.
+//!
+//! `docs/configuration.md` is the operator's reference for every key; a
+//! test derives the key set from [`file`](mod@file) with [`keys::all`] and
+//! fails when the reference misses one, so add the row with the field.
 
 pub mod file;
+pub mod keys;
+#[cfg(test)]
+mod knobs_tests;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -43,7 +57,7 @@ use std::time::Duration;
 use datapunk_lb_core::config::{
     DEFAULT_ERROR_THRESHOLD, DEFAULT_MIN_HEALTHY_PERCENT, DEFAULT_RECOVERY_THRESHOLD,
 };
-use datapunk_lb_core::{LoadBalancerConfig, ServiceInstance, StrategyKind, Weight};
+use datapunk_lb_core::{BreakerConfig, LoadBalancerConfig, ServiceInstance, StrategyKind, Weight};
 use toml::Spanned;
 
 use self::file::{FileConfig, FileService};
@@ -69,6 +83,14 @@ pub const DEFAULT_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_PATH: &str = "/health";
 /// Default etcd key prefix: instances live at `{prefix}{service}/{id}`.
 pub const DEFAULT_ETCD_PREFIX: &str = "/datapunk/services/";
+/// Default health check backoff cap, as a multiple of the interval: 8.
+pub const DEFAULT_BACKOFF_FACTOR: u32 = 8;
+/// Default health check backoff cap, absolute: 60 s (never below the interval).
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Default share of first attempts that may be retried: 20 %.
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+/// Default retries per second allowed regardless of traffic: 10.
+pub const DEFAULT_RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,19 +191,40 @@ pub struct ServiceConfig {
     pub retries: u32,
     /// Per-instance connection limit.
     pub max_connections: u32,
+    /// How many retries the service may add to its upstream load.
+    pub retry_budget: RetryBudgetConfig,
     /// Active health check.
     pub health_check: HealthCheck,
     /// Static instances.
     pub instances: Vec<ServiceInstance>,
 }
 
+/// `retry_budget_percent` and `retry_budget_min_per_second` of a service
+/// (the rule is in `proxy/retry.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudgetConfig {
+    /// Retries allowed per 100 first attempts (0..=100). Default 20.
+    pub percent: u32,
+    /// Retries per second allowed regardless of traffic (0..=10,000).
+    /// Default 10.
+    pub min_per_second: u32,
+}
+
+/// HTTP status codes a health probe accepts: inclusive ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedStatuses(Vec<(u16, u16)>);
+
 /// How instances are actively checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthCheckKind {
-    /// `GET path` must answer 2xx.
+    /// `GET path` must answer one of `expected` (default 2xx).
     Http {
         /// Request path.
         path: String,
+        /// Host header; the instance's `address:port` if `None`.
+        host: Option<String>,
+        /// Statuses that count as healthy.
+        expected: ExpectedStatuses,
     },
     /// A TCP connect must succeed.
     Tcp,
@@ -198,6 +241,8 @@ pub struct HealthCheck {
     pub interval: Duration,
     /// Per-probe timeout.
     pub timeout: Duration,
+    /// Cap on the backoff after failed probes (nominal; ±20 % jitter).
+    pub backoff_max: Duration,
 }
 
 /// One problem in a config file, with the key and line it concerns.
@@ -238,9 +283,94 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+// === impl RetryBudgetConfig ===
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        Self {
+            percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            min_per_second: DEFAULT_RETRY_BUDGET_MIN_PER_SECOND,
+        }
+    }
+}
+
+// === impl ExpectedStatuses ===
+
+impl Default for ExpectedStatuses {
+    /// 2xx, what `is_success` accepts.
+    fn default() -> Self {
+        Self(vec![(200, 299)])
+    }
+}
+
+impl ExpectedStatuses {
+    /// Parses `"200"` or `"200-399"` items; codes must lie in 100..=599.
+    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut ranges = Vec::new();
+        for item in items {
+            let code = |s: &str| {
+                s.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|c| (100..=599).contains(c))
+                    .ok_or_else(|| {
+                        format!(
+                            "{item:?}: expected a status code in 100..=599 or a range \"200-399\""
+                        )
+                    })
+            };
+            let (lo, hi) = match item.split_once('-') {
+                Some((lo, hi)) => (code(lo)?, code(hi)?),
+                None => {
+                    let c = code(item)?;
+                    (c, c)
+                }
+            };
+            if lo > hi {
+                return Err(format!("{item:?}: range runs backwards"));
+            }
+            ranges.push((lo, hi));
+        }
+        if ranges.is_empty() {
+            return Err("must not be empty".to_owned());
+        }
+        Ok(Self(ranges))
+    }
+
+    /// Whether `status` counts as healthy.
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+impl fmt::Display for ExpectedStatuses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, &(lo, hi)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 // === impl HealthCheck ===
 
 impl HealthCheck {
+    /// Today's backoff cap for `interval`: 8 × the interval, at most 60 s,
+    /// never below the interval itself.
+    pub fn default_backoff_max(interval: Duration) -> Duration {
+        interval
+            .saturating_mul(DEFAULT_BACKOFF_FACTOR)
+            .min(DEFAULT_BACKOFF_MAX)
+            .max(interval)
+    }
+
     /// Checks that both periods are positive and a probe ends before the
     /// next is due; the error names the bad key (`interval`, `timeout`).
     fn check_timing(&self) -> Result<(), (&'static str, String)> {
@@ -256,6 +386,15 @@ impl HealthCheck {
                 format!(
                     "{:?} is longer than the interval {:?}",
                     self.timeout, self.interval
+                ),
+            ));
+        }
+        if self.backoff_max < self.interval {
+            return Err((
+                "backoff_max",
+                format!(
+                    "{:?} is shorter than the interval {:?}",
+                    self.backoff_max, self.interval
                 ),
             ));
         }
@@ -296,6 +435,36 @@ impl Checker<'_> {
                 self.issue(key, v, format!("invalid duration {:?}: {e}", v.get_ref()));
                 default
             }
+        }
+    }
+
+    /// A float in `lo..hi` (or `lo..=hi` when `hi_inclusive`), exclusive
+    /// of `lo` when `lo_exclusive`.
+    fn fraction(
+        &mut self,
+        key: &str,
+        v: &Option<Spanned<f64>>,
+        (lo, lo_exclusive): (f64, bool),
+        (hi, hi_inclusive): (f64, bool),
+        default: f64,
+    ) -> f64 {
+        let Some(v) = v else { return default };
+        let x = *v.get_ref();
+        let above = if lo_exclusive { x > lo } else { x >= lo };
+        let below = if hi_inclusive { x <= hi } else { x < hi };
+        if x.is_finite() && above && below {
+            x
+        } else {
+            let (open, close) = (
+                if lo_exclusive { '(' } else { '[' },
+                if hi_inclusive { ']' } else { ')' },
+            );
+            self.issue(
+                key,
+                v,
+                format!("must be in {open}{lo}, {hi}{close}, got {x}"),
+            );
+            default
         }
     }
 
@@ -558,7 +727,7 @@ impl Config {
         }
         for (name, svc) in &self.services {
             let hc = match &svc.health_check.kind {
-                HealthCheckKind::Http { path } => format!("http {path}"),
+                HealthCheckKind::Http { path, .. } => format!("http {path}"),
                 HealthCheckKind::Tcp => "tcp".into(),
                 HealthCheckKind::None => "none".into(),
             };
@@ -572,6 +741,7 @@ impl Config {
                 humantime::format_duration(svc.connect_timeout),
                 humantime::format_duration(svc.request_timeout),
             );
+            svc.write_knobs(&mut s);
             for i in &svc.instances {
                 let _ = writeln!(
                     s,
@@ -787,14 +957,40 @@ fn service(
         1..=10_000_000,
         i64::from(DEFAULT_MAX_CONNECTIONS),
     ) as u32;
+    let retry_budget = RetryBudgetConfig {
+        percent: ck.int(
+            &format!("{key}.retry_budget_percent"),
+            &s.retry_budget_percent,
+            0..=100,
+            i64::from(DEFAULT_RETRY_BUDGET_PERCENT),
+        ) as u32,
+        min_per_second: ck.int(
+            &format!("{key}.retry_budget_min_per_second"),
+            &s.retry_budget_min_per_second,
+            0..=10_000,
+            i64::from(DEFAULT_RETRY_BUDGET_MIN_PER_SECOND),
+        ) as u32,
+    };
+    if let Some(b) = &s.breaker {
+        breaker(&format!("{key}.breaker"), b, &mut lb.breaker, ck);
+    }
+    if ck.issues.len() == before {
+        // Backstop: the core's own rule, should a check above miss one.
+        if let Err(e) = lb.validate() {
+            ck.issue(format!("{key}.{}", e.field), spanned, e.to_string());
+        }
+    }
 
     let hk = format!("{key}.health_check");
     let mut health_check = HealthCheck {
         kind: HealthCheckKind::Http {
             path: DEFAULT_HEALTH_PATH.to_owned(),
+            host: None,
+            expected: ExpectedStatuses::default(),
         },
         interval: DEFAULT_HEALTH_CHECK_INTERVAL,
         timeout: DEFAULT_HEALTH_CHECK_TIMEOUT,
+        backoff_max: HealthCheck::default_backoff_max(DEFAULT_HEALTH_CHECK_INTERVAL),
     };
     if let Some(h) = &s.health_check {
         let path = match &h.path {
@@ -805,8 +1001,60 @@ fn service(
             Some(p) => p.get_ref().clone(),
             None => DEFAULT_HEALTH_PATH.to_owned(),
         };
+        let is_http = matches!(
+            h.kind.as_ref().map(|k| k.get_ref().as_str()),
+            None | Some("http")
+        );
+        let expected = match &h.expected_statuses {
+            None => ExpectedStatuses::default(),
+            Some(list) => {
+                ExpectedStatuses::parse(list.get_ref().iter().map(|i| i.get_ref().as_str()))
+                    .unwrap_or_else(|why| {
+                        ck.issue(format!("{hk}.expected_statuses"), list, why);
+                        ExpectedStatuses::default()
+                    })
+            }
+        };
+        let host = match &h.host {
+            Some(v)
+                if http::HeaderValue::from_str(v.get_ref()).is_err()
+                    || v.get_ref().is_empty()
+                    || v.get_ref().contains(char::is_whitespace) =>
+            {
+                ck.issue(
+                    format!("{hk}.host"),
+                    v,
+                    format!("{:?} is not a valid Host header value", v.get_ref()),
+                );
+                None
+            }
+            Some(v) => Some(v.get_ref().clone()),
+            None => None,
+        };
+        if !is_http {
+            for (k, at) in [
+                (
+                    "expected_statuses",
+                    h.expected_statuses.as_ref().map(|v| v.span()),
+                ),
+                ("host", h.host.as_ref().map(|v| v.span())),
+            ] {
+                if let Some(at) = at {
+                    let line = Some(ck.line_of(at.start));
+                    ck.issues.push(ConfigIssue {
+                        key: format!("{hk}.{k}"),
+                        line,
+                        message: "only for kind = \"http\"".to_owned(),
+                    });
+                }
+            }
+        }
         health_check.kind = match h.kind.as_ref().map(|k| k.get_ref().as_str()) {
-            None | Some("http") => HealthCheckKind::Http { path },
+            None | Some("http") => HealthCheckKind::Http {
+                path,
+                host,
+                expected,
+            },
             Some("tcp") => HealthCheckKind::Tcp,
             Some("none") => HealthCheckKind::None,
             Some(other) => {
@@ -827,8 +1075,18 @@ fn service(
         );
         health_check.timeout =
             ck.duration(&format!("{hk}.timeout"), &h.timeout, health_check.timeout);
+        health_check.backoff_max = ck.duration(
+            &format!("{hk}.backoff_max"),
+            &h.backoff_max,
+            HealthCheck::default_backoff_max(health_check.interval),
+        );
         if let Err((field, reason)) = health_check.check_timing() {
-            let at = h.timeout.as_ref().or(h.interval.as_ref());
+            let at = match field {
+                "backoff_max" => h.backoff_max.as_ref(),
+                _ => None,
+            }
+            .or(h.timeout.as_ref())
+            .or(h.interval.as_ref());
             match at {
                 Some(at) => ck.issue(format!("{hk}.{field}"), at, reason),
                 None => ck.issue(format!("{hk}.{field}"), spanned, reason),
@@ -905,16 +1163,136 @@ fn service(
         request_timeout,
         retries,
         max_connections,
+        retry_budget,
         health_check,
         instances,
     })
+}
+
+// === impl ServiceConfig ===
+
+impl ServiceConfig {
+    /// Every tunable value in effect, defaults included, under the file's
+    /// key names: what `check` prints below each service.
+    fn write_knobs(&self, s: &mut String) {
+        use std::fmt::Write;
+        let d = humantime::format_duration;
+        let lb = &self.balancing;
+        let b = &lb.breaker;
+        let hc = &self.health_check;
+        let _ = writeln!(
+            s,
+            "  min_healthy_percent {}, slow_start {}, max_connections {}, metrics_enabled {}, retry_budget_percent {}, retry_budget_min_per_second {}",
+            lb.min_healthy_percent,
+            d(lb.slow_start),
+            self.max_connections,
+            self.metrics_enabled,
+            self.retry_budget.percent,
+            self.retry_budget.min_per_second,
+        );
+        let _ = writeln!(
+            s,
+            "  breaker: error_threshold {}, recovery_threshold {}, open_base {}, open_max {}, open_jitter {}, failure_rate {}, failure_rate_window {}, min_requests {}, half_open_probes {}",
+            b.error_threshold,
+            b.recovery_threshold,
+            d(b.open_base),
+            d(b.open_max),
+            b.open_jitter,
+            b.failure_rate_threshold,
+            d(b.failure_rate_window),
+            b.failure_rate_min_requests,
+            b.half_open_max_probes,
+        );
+        let http = match &hc.kind {
+            HealthCheckKind::Http {
+                path,
+                host,
+                expected,
+            } => format!(
+                "kind http, path {path}, host {}, expected_statuses {expected}, ",
+                host.as_deref().unwrap_or("(instance address:port)")
+            ),
+            HealthCheckKind::Tcp => "kind tcp, ".to_owned(),
+            HealthCheckKind::None => "kind none, ".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "  health_check: {http}interval {}, timeout {}, backoff_max {}",
+            d(hc.interval),
+            d(hc.timeout),
+            d(hc.backoff_max),
+        );
+    }
+}
+
+/// `[service.NAME.breaker]` into `b`, every problem reported at its key.
+fn breaker(key: &str, f: &file::FileBreaker, b: &mut BreakerConfig, ck: &mut Checker<'_>) {
+    b.open_base = ck.duration(&format!("{key}.open_base"), &f.open_base, b.open_base);
+    b.open_max = ck.duration(&format!("{key}.open_max"), &f.open_max, b.open_max);
+    b.open_jitter = ck.fraction(
+        &format!("{key}.open_jitter"),
+        &f.open_jitter,
+        (0.0, false),
+        (1.0, false),
+        b.open_jitter,
+    );
+    b.failure_rate_threshold = ck.fraction(
+        &format!("{key}.failure_rate"),
+        &f.failure_rate,
+        (0.0, true),
+        (1.0, true),
+        b.failure_rate_threshold,
+    );
+    b.failure_rate_window = ck.duration(
+        &format!("{key}.failure_rate_window"),
+        &f.failure_rate_window,
+        b.failure_rate_window,
+    );
+    b.failure_rate_min_requests = ck.int(
+        &format!("{key}.min_requests"),
+        &f.min_requests,
+        1..=1_000_000,
+        i64::from(b.failure_rate_min_requests),
+    ) as u32;
+    b.half_open_max_probes = ck.int(
+        &format!("{key}.half_open_probes"),
+        &f.half_open_probes,
+        1..=1000,
+        i64::from(b.half_open_max_probes),
+    ) as u32;
+    for (k, d, at) in [
+        ("open_base", b.open_base, &f.open_base),
+        (
+            "failure_rate_window",
+            b.failure_rate_window,
+            &f.failure_rate_window,
+        ),
+    ] {
+        if let (true, Some(at)) = (d.is_zero(), at) {
+            ck.issue(format!("{key}.{k}"), at, "must be greater than 0");
+        }
+    }
+    if b.open_max < b.open_base {
+        if let Some(at) = f.open_max.as_ref().or(f.open_base.as_ref()) {
+            ck.issue(
+                format!("{key}.open_max"),
+                at,
+                format!(
+                    "{} is shorter than open_base {}",
+                    humantime::format_duration(b.open_max),
+                    humantime::format_duration(b.open_base)
+                ),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"[[listener]]
+    /// One listener routing to `api` with one instance; `[service.api]` on line 6.
+    pub(super) const BASE: &str = r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
 [[listener.route]]

@@ -1,16 +1,20 @@
-//! Active health checks: `http` (GET `path` must answer 2xx) and `tcp`
-//! (connect), per service `interval` and `timeout`, feeding the same core
-//! health model as real traffic (`Registry::report_outcome`), so rise and
-//! fall follow `recovery_threshold` and `error_threshold`.
+//! Active health checks: `http` (GET `path`, with the `host` header if set,
+//! must answer one of `expected_statuses`, default 2xx) and `tcp` (connect),
+//! per service `interval` and `timeout`, feeding the same core health model
+//! as real traffic (`Registry::report_outcome`), so rise and fall follow
+//! `recovery_threshold` and `error_threshold`. There are no separate
+//! healthy/unhealthy probe thresholds: one breaker judges an instance, so
+//! probes and requests cannot disagree about it.
 //!
 //! ## Schedule
 //!
 //! - **Spread**: each instance's first probe waits a random fraction of the
 //!   interval, so N instances are not probed at once.
 //! - **Backoff**: after `k` consecutive failed probes an instance is next
-//!   probed after `interval × 2^k`, capped at [`MAX_BACKOFF_FACTOR`] ×
-//!   interval (and at 60 s), with ±20 % jitter. A dead instance costs little;
-//!   a recovered one is found within the cap.
+//!   probed after `interval × 2^k`, capped at `backoff_max` (default 8 ×
+//!   interval, at most 60 s), with ±20 % jitter. A dead instance costs
+//!   little; a recovered one is found within the cap, so the cap is the
+//!   operator's trade between probe load and time to notice recovery.
 //! - **Bound**: at most [`MAX_IN_FLIGHT`] probes run at once across all
 //!   services.
 //!
@@ -37,10 +41,6 @@ use crate::metrics::Metrics;
 
 /// Probes in flight at once, across all services.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// Backoff cap, as a multiple of the interval.
-pub const MAX_BACKOFF_FACTOR: u32 = 8;
-/// Absolute backoff cap.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The running checkers; dropping it stops them.
 #[derive(Debug, Default)]
@@ -58,11 +58,14 @@ impl Drop for HealthChecker {
 
 /// When to probe an instance next after `fails` consecutive failures.
 pub fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Duration {
-    let factor = 2u32.saturating_pow(fails.min(16)).min(MAX_BACKOFF_FACTOR);
     let base = if fails == 0 {
         check.interval
     } else {
-        (check.interval * factor).min(MAX_BACKOFF.max(check.interval))
+        let factor = 2u32.saturating_pow(fails.min(31));
+        check
+            .interval
+            .saturating_mul(factor)
+            .min(check.backoff_max.max(check.interval))
     };
     // ±20 % jitter, so probes of many instances drift apart.
     base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
@@ -194,12 +197,23 @@ async fn probe(
             tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(authority)).await,
             Ok(Ok(_))
         ),
-        HealthCheckKind::Http { path } => {
+        HealthCheckKind::Http {
+            path,
+            host,
+            expected,
+        } => {
             let Ok(uri) = format!("http://{authority}{path}").parse::<http::Uri>() else {
                 return false;
             };
-            match tokio::time::timeout(check.timeout, client.get(uri)).await {
-                Ok(Ok(resp)) => resp.status().is_success(),
+            let mut req = http::Request::get(uri);
+            if let Some(host) = host {
+                req = req.header(http::header::HOST, host.as_str());
+            }
+            let Ok(req) = req.body(Empty::new()) else {
+                return false;
+            };
+            match tokio::time::timeout(check.timeout, client.request(req)).await {
+                Ok(Ok(resp)) => expected.contains(resp.status().as_u16()),
                 _ => false,
             }
         }
@@ -216,6 +230,7 @@ mod tests {
             kind: HealthCheckKind::Tcp,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
+            backoff_max: HealthCheck::default_backoff_max(Duration::from_secs(1)),
         };
         assert_eq!(next_delay(&check, 0, 0.5), Duration::from_secs(1));
         assert_eq!(next_delay(&check, 1, 0.5), Duration::from_secs(2));
@@ -228,5 +243,99 @@ mod tests {
         );
         assert_eq!(next_delay(&check, 3, 0.0), Duration::from_secs_f64(6.4));
         assert_eq!(next_delay(&check, 3, 1.0), Duration::from_secs_f64(9.6));
+    }
+
+    #[test]
+    fn backoff_max_caps_the_backoff() {
+        let check = HealthCheck {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(3),
+        };
+        assert_eq!(next_delay(&check, 1, 0.5), Duration::from_secs(2));
+        assert_eq!(
+            next_delay(&check, 2, 0.5),
+            Duration::from_secs(3),
+            "4 s capped"
+        );
+        assert_eq!(next_delay(&check, 40, 0.5), Duration::from_secs(3));
+        let long = HealthCheck {
+            backoff_max: Duration::from_secs(600),
+            ..check
+        };
+        assert_eq!(
+            next_delay(&long, 9, 0.5),
+            Duration::from_secs(512),
+            "no hidden 60 s cap"
+        );
+    }
+
+    /// One HTTP exchange on a real socket: answers `status`, hands back the
+    /// request head it read.
+    async fn one_response(status: u16) -> (u16, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let resp =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            sock.write_all(resp.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&head).to_ascii_lowercase()
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn http_probe_sends_the_host_and_accepts_the_expected_statuses() {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let check = |host: Option<&str>, expected: &[&str]| HealthCheck {
+            kind: HealthCheckKind::Http {
+                path: "/ready".to_owned(),
+                host: host.map(str::to_owned),
+                expected: crate::config::ExpectedStatuses::parse(expected.iter().copied()).unwrap(),
+            },
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(40),
+        };
+        for (status, expected, want) in [
+            (204, &["200-299"][..], true),
+            (503, &["200-299"][..], false),
+            (503, &["200", "500-503"][..], true),
+            (301, &["200-299"][..], false),
+            (301, &["200-399"][..], true),
+        ] {
+            let (port, head) = one_response(status).await;
+            let ok = probe(
+                &check(Some("api.internal"), expected),
+                &client,
+                "127.0.0.1",
+                port,
+            )
+            .await;
+            assert_eq!(ok, want, "{status} against {expected:?}");
+            let head = head.await.unwrap();
+            assert!(head.starts_with("get /ready http/1.1"), "{head}");
+            assert!(head.contains("host: api.internal\r\n"), "{head}");
+        }
+        let (port, head) = one_response(200).await;
+        assert!(probe(&check(None, &["200"]), &client, "127.0.0.1", port).await);
+        let head = head.await.unwrap();
+        assert!(
+            head.contains(&format!("host: 127.0.0.1:{port}\r\n")),
+            "default Host is the instance: {head}"
+        );
     }
 }

@@ -1,55 +1,68 @@
-//! [`RetryBudget`]: retries may add at most 20 % to a service's upstream
-//! load, plus a floor of 10 retries per second so that a quiet service can
-//! still retry (the scheme of Finagle's `RetryBudget` and gRPC's retry
-//! throttling).
+//! [`RetryBudget`]: retries may add at most `retry_budget_percent` (default
+//! 20 %) to a service's upstream load, plus a floor of
+//! `retry_budget_min_per_second` (default 10) retries per second so that a
+//! quiet service can still retry (the scheme of Finagle's `RetryBudget` and
+//! gRPC's retry throttling).
 //!
 //! ## Rule
 //!
-//! Every first attempt deposits 0.2 tokens; every retry withdraws 1 and is
-//! refused if fewer than 1 is available. Time adds 10 tokens per second, but
-//! never lifts the balance above 10 by itself; the balance is capped at
-//! 1,000. In an outage where every attempt fails, retries therefore add
-//! 20 % (+10/s) to upstream traffic instead of multiplying it by
-//! `1 + retries`.
+//! Every first attempt deposits `percent / 100` tokens; every retry
+//! withdraws 1 and is refused if fewer than 1 is available. Time adds
+//! `min_per_second` tokens per second, but never lifts the balance above
+//! `min_per_second` by itself; the balance is capped at 1,000. In an outage
+//! where every attempt fails, retries therefore add 20 % (+10/s) to
+//! upstream traffic instead of multiplying it by `1 + retries`.
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-/// Share of first attempts that may be retried.
-pub(crate) const RATIO: f64 = 0.2;
-/// Retries per second allowed regardless of traffic.
-pub(crate) const MIN_PER_SEC: f64 = 10.0;
+use crate::config::RetryBudgetConfig;
+
 const MAX_BALANCE: f64 = 1000.0;
 
 /// A per-service retry budget.
 #[derive(Debug)]
 pub(crate) struct RetryBudget {
+    config: RetryBudgetConfig,
     state: Mutex<(f64, Instant)>,
 }
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        Self {
-            state: Mutex::new((MIN_PER_SEC, Instant::now())),
-        }
+        Self::new(RetryBudgetConfig::default())
     }
 }
 
 impl RetryBudget {
+    /// A budget that starts with a full floor.
+    pub(crate) fn new(config: RetryBudgetConfig) -> Self {
+        Self {
+            config,
+            state: Mutex::new((f64::from(config.min_per_second), Instant::now())),
+        }
+    }
+
+    /// The knobs it was built with (a reload with other knobs builds anew).
+    pub(crate) fn config(&self) -> RetryBudgetConfig {
+        self.config
+    }
+
     /// Records a first attempt.
     pub(crate) fn deposit(&self) {
+        let ratio = f64::from(self.config.percent) / 100.0;
         let mut s = self.state.lock();
-        s.0 = (s.0 + RATIO).min(MAX_BALANCE);
+        s.0 = (s.0 + ratio).min(MAX_BALANCE);
     }
 
     /// Asks for one retry.
     pub(crate) fn try_withdraw(&self) -> bool {
         let mut s = self.state.lock();
+        let floor = f64::from(self.config.min_per_second);
         let now = Instant::now();
         let dt = now.saturating_duration_since(s.1).as_secs_f64();
         s.1 = now;
-        if s.0 < MIN_PER_SEC {
-            s.0 = (s.0 + dt * MIN_PER_SEC).min(MIN_PER_SEC);
+        if s.0 < floor {
+            s.0 = (s.0 + dt * floor).min(floor);
         }
         if s.0 >= 1.0 {
             s.0 -= 1.0;
@@ -64,24 +77,56 @@ impl RetryBudget {
 mod tests {
     use super::*;
 
+    /// Takes every retry the budget grants now; how many.
+    fn drain(b: &RetryBudget) -> u32 {
+        let mut n = 0;
+        while b.try_withdraw() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Deposits 1000 first attempts, each followed by a retry; how many got one.
+    fn retries_per_1000(b: &RetryBudget) -> u32 {
+        (0..1000)
+            .filter(|_| {
+                b.deposit();
+                b.try_withdraw()
+            })
+            .count() as u32
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retries_are_a_fifth_of_traffic_plus_a_floor() {
         let b = RetryBudget::default();
         // Drain the initial floor.
-        while b.try_withdraw() {}
-        let mut allowed = 0;
-        for _ in 0..1000 {
-            b.deposit();
-            if b.try_withdraw() {
-                allowed += 1;
-            }
-        }
+        drain(&b);
+        let allowed = retries_per_1000(&b);
         assert!((195..=201).contains(&allowed), "{allowed}");
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
-        let mut floor = 0;
-        while b.try_withdraw() {
-            floor += 1;
+        assert_eq!(drain(&b), 10, "one second refills the floor of 10");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_knobs_set_the_share_and_the_floor() {
+        let b = RetryBudget::new(RetryBudgetConfig {
+            percent: 50,
+            min_per_second: 3,
+        });
+        assert_eq!(drain(&b), 3, "a new budget holds the floor of 3");
+        let allowed = retries_per_1000(&b);
+        assert!((495..=501).contains(&allowed), "half of 1000: {allowed}");
+        tokio::time::advance(std::time::Duration::from_millis(500)).await;
+        assert_eq!(drain(&b), 1, "half a second refills 1.5 of the floor of 3");
+
+        let none = RetryBudget::new(RetryBudgetConfig {
+            percent: 0,
+            min_per_second: 0,
+        });
+        for _ in 0..100 {
+            none.deposit();
         }
-        assert_eq!(floor, 10, "one second refills the floor of 10");
+        tokio::time::advance(std::time::Duration::from_secs(10)).await;
+        assert!(!none.try_withdraw(), "0 % and no floor: never a retry");
     }
 }

@@ -15,5 +15,6 @@ mod monitoring;
 #[cfg(feature = "etcd")]
 mod precedence;
 mod proxy;
+mod reference;
 mod status_page;
 mod support;
