@@ -21,15 +21,13 @@
 //! | [`demo`] | `datapunk-lb demo` |
 
 // `admin`, `control`, `health_check` and `proxy` are crate-private so the
-// compiler reports their dead code; `health_check`'s items still say `pub`,
-// hence its allowance.
+// compiler reports their dead code.
 pub(crate) mod admin;
 pub mod cli;
 pub mod config;
 pub(crate) mod control;
 pub mod demo;
 pub mod discovery;
-#[allow(unreachable_pub)]
 pub(crate) mod health_check;
 pub mod history;
 pub mod metrics;

@@ -40,11 +40,11 @@ use crate::config::{Config, HealthCheck, HealthCheckKind};
 use crate::metrics::Metrics;
 
 /// Probes in flight at once, across all services.
-pub const MAX_IN_FLIGHT: usize = 64;
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
 
 /// The running checkers; dropping it stops them.
 #[derive(Debug, Default)]
-pub struct HealthChecker {
+pub(crate) struct HealthChecker {
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -57,7 +57,7 @@ impl Drop for HealthChecker {
 }
 
 /// When to probe an instance next after `fails` consecutive failures.
-pub fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Duration {
+pub(crate) fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Duration {
     let base = if fails == 0 {
         check.interval
     } else {
@@ -73,7 +73,7 @@ pub fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Duration {
 
 impl HealthChecker {
     /// Starts a checker per service of `config` that has a check.
-    pub fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
