@@ -144,13 +144,13 @@ async fn etcd_two_nodes_share_sidecar_and_admin_registrations() {
     }
     assert!(put.elapsed() < Duration::from_secs(1));
     let mut etcd_c = etcd_client(&etcd.url()).await;
-    let kv = etcd_c.get(format!("{PREFIX}api/adm"), None).await.unwrap();
-    let stored: Value = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
+    let kv = etcd_c.get(format!("{PREFIX}api/adm")).await.unwrap();
+    let stored: Value = serde_json::from_slice(&kv.kvs[0].value).unwrap();
     assert_eq!(
         (stored["port"].as_u64(), stored["weight"].as_u64()),
         (Some(u64::from(adm.addr.port())), Some(2))
     );
-    assert_eq!(kv.kvs()[0].lease(), 0, "admin registrations have no lease");
+    assert_eq!(kv.kvs[0].lease, 0, "admin registrations have no lease");
     // Updating keeps the id (200, not 201); deleting through the other node
     // removes it from both.
     let (status, _) = admin(
@@ -173,10 +173,10 @@ async fn etcd_two_nodes_share_sidecar_and_admin_registrations() {
     assert_eq!(status, 202, "{body}");
     until_gone([&n1, &n2], "adm", Duration::from_secs(1)).await;
     assert!(etcd_c
-        .get(format!("{PREFIX}api/adm"), None)
+        .get(format!("{PREFIX}api/adm"))
         .await
         .unwrap()
-        .kvs()
+        .kvs
         .is_empty());
     // The static instance never moved.
     for n in [&n1, &n2] {
@@ -197,10 +197,10 @@ async fn etcd_outage_keeps_the_last_set_and_resyncs_every_change() {
     );
     {
         let mut c = etcd_client(&etcd.url()).await;
-        c.put(format!("{PREFIX}api/x-1"), value(&b1, 1), None)
+        c.put(format!("{PREFIX}api/x-1"), value(&b1, 1), 0)
             .await
             .unwrap();
-        c.put(format!("{PREFIX}api/x-2"), value(&b2, 1), None)
+        c.put(format!("{PREFIX}api/x-2"), value(&b2, 1), 0)
             .await
             .unwrap();
     }
@@ -243,11 +243,11 @@ async fn etcd_outage_keeps_the_last_set_and_resyncs_every_change() {
     {
         let (mut other, port) = etcd.same_data_other_port().await;
         let mut c = etcd_client(&format!("http://127.0.0.1:{port}")).await;
-        c.delete(format!("{PREFIX}api/x-1"), None).await.unwrap();
-        c.put(format!("{PREFIX}api/x-2"), value(&b2, 7), None)
+        c.delete(format!("{PREFIX}api/x-1")).await.unwrap();
+        c.put(format!("{PREFIX}api/x-2"), value(&b2, 7), 0)
             .await
             .unwrap();
-        c.put(format!("{PREFIX}api/x-3"), value(&b3, 1), None)
+        c.put(format!("{PREFIX}api/x-3"), value(&b3, 1), 0)
             .await
             .unwrap();
         drop(c);
@@ -303,13 +303,11 @@ async fn etcd_bad_values_are_skipped_and_reported() {
             r#"{"address":"127.0.0.1","port":0}"#.to_owned(),
         ),
     ];
-    c.put(format!("{PREFIX}api/good"), value(&good, 1), None)
+    c.put(format!("{PREFIX}api/good"), value(&good, 1), 0)
         .await
         .unwrap();
     for (k, v) in &at_list {
-        c.put(format!("{PREFIX}{k}"), v.clone(), None)
-            .await
-            .unwrap();
+        c.put(format!("{PREFIX}{k}"), v.clone(), 0).await.unwrap();
     }
     let n = start_node(&base, &etcd.url()).await;
     assert_eq!(live(&n).await, vec!["base", "good"]);
@@ -331,11 +329,9 @@ async fn etcd_bad_values_are_skipped_and_reported() {
         ),
     ];
     for (k, v) in &watched {
-        c.put(format!("{PREFIX}{k}"), v.clone(), None)
-            .await
-            .unwrap();
+        c.put(format!("{PREFIX}{k}"), v.clone(), 0).await.unwrap();
     }
-    c.put(format!("{PREFIX}other/x"), value(&good, 1), None)
+    c.put(format!("{PREFIX}other/x"), value(&good, 1), 0)
         .await
         .unwrap();
     for (k, _) in at_list.iter().chain(watched.iter()) {
@@ -363,7 +359,7 @@ async fn etcd_bad_values_are_skipped_and_reported() {
     assert_eq!(seen.iter().filter(|b| *b == "good").count(), 5, "{seen:?}");
     assert_eq!(seen.iter().filter(|b| *b == "base").count(), 5, "{seen:?}");
     // A fixed value is picked up.
-    c.put(format!("{PREFIX}api/port-0"), value(&good, 1), None)
+    c.put(format!("{PREFIX}api/port-0"), value(&good, 1), 0)
         .await
         .unwrap();
     let t = Instant::now();
@@ -381,7 +377,7 @@ async fn etcd_reload_keeps_discovered_instances_and_follows_discovery_changes() 
     let d1 = Backend::start("d-1").await;
     etcd_client(&etcd.url())
         .await
-        .put(format!("{PREFIX}api/d-1"), value(&d1, 1), None)
+        .put(format!("{PREFIX}api/d-1"), value(&d1, 1), 0)
         .await
         .unwrap();
     let config = node_config(&base, &etcd.url());
