@@ -9,12 +9,13 @@
 //! reconnect with a fresh client to the next member, re-list and re-watch.
 //! Each attempt talks to one member (the first one chosen at random, so
 //! nodes spread over the cluster); the admin API's writes and the sidecar
-//! connect to the first member that answers, from a random one on. A watch that is quiet for
-//! `PROGRESS_EVERY` gets a progress request and the member a linearizable
-//! read: a failed read (the member lost the quorum, so its watch would miss
-//! changes) or no progress answer within another `PROGRESS_EVERY` (a dead
-//! stream or half-open connection) counts as a broken watch. Every call to
-//! etcd has a deadline (`CALL_TIMEOUT`); HTTP/2 keep-alives run every 5 s.
+//! connect to the first member that answers, from a random one on. A watch
+//! that is quiet for `PROGRESS_EVERY` gets a progress request and the
+//! member a linearizable read: a failed read (the member lost the quorum,
+//! so its watch would miss changes) or no progress answer within another
+//! `PROGRESS_EVERY` (a dead stream or half-open connection) counts as a
+//! broken watch. Every call to etcd has a deadline (`CALL_TIMEOUT`); HTTP/2
+//! keep-alives run every 5 s.
 //!
 //! Each attempt runs in its own task: a panic in the etcd client or the
 //! gRPC stack under it becomes one more error to back off from, never a
