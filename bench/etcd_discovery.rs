@@ -93,14 +93,14 @@ async fn put_to_first_request() {
         let key = format!("{PREFIX}api/t-{k}");
         let t0 = Instant::now();
         let (a, b, (put, acked)) = tokio::join!(first_hit(&n1), first_hit(&n2), async {
-            let r = c.put(key.as_str(), value(&target, 1), None).await;
+            let r = c.put(key.as_str(), value(&target, 1), 0).await;
             (r, Instant::now())
         });
         put.unwrap();
         took[0].push(a - t0);
         took[1].push(b - t0);
         put_rtt.push(acked - t0);
-        c.delete(key.as_str(), None).await.unwrap();
+        c.delete(key.as_str()).await.unwrap();
         until_routes(&n1, "target", false, Duration::from_secs(5)).await;
         until_routes(&n2, "target", false, Duration::from_secs(5)).await;
     }

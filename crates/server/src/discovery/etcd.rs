@@ -8,16 +8,22 @@
 //! back off (200 ms doubling to 5 s, each delay jittered to 50–100 %),
 //! reconnect with a fresh client to the next member, re-list and re-watch.
 //! Each attempt talks to one member (the first one chosen at random, so
-//! nodes spread over the cluster). A watch that is quiet for
-//! `PROGRESS_EVERY` gets a progress request and the member a linearizable
-//! read: a failed read (the member lost the quorum, so its watch would miss
-//! changes) or no progress answer within another `PROGRESS_EVERY` (a dead
-//! stream or half-open connection) counts as a broken watch. Every call to
-//! etcd has a deadline (`CALL_TIMEOUT`); HTTP/2 keep-alives run every 5 s.
+//! nodes spread over the cluster); the admin API's writes and the sidecar
+//! connect to the first member that answers, from a random one on. A watch
+//! that is quiet for `PROGRESS_EVERY` gets a progress request and the
+//! member a linearizable read: a failed read (the member lost the quorum,
+//! so its watch would miss changes) or no progress answer within another
+//! `PROGRESS_EVERY` (a dead stream or half-open connection) counts as a
+//! broken watch. Every call to etcd has a deadline (`CALL_TIMEOUT`); HTTP/2
+//! keep-alives run every 5 s.
 //!
-//! Each attempt runs in its own task: a panic inside the etcd client (it
-//! asserts on some server answers) becomes one more error to back off from,
-//! never a dead discovery loop.
+//! Each attempt runs in its own task: a panic in the etcd client or the
+//! gRPC stack under it becomes one more error to back off from, never a
+//! dead discovery loop.
+//!
+//! The client ([`client`]) is our own, over gRPC code generated from etcd's
+//! `.proto` files and checked in ([`pb`], `scripts/gen-etcd-proto.sh`), so
+//! the build needs no `protoc`.
 //!
 //! The sidecar grants a lease of `--ttl` (whole seconds, at least 1),
 //! puts `{prefix}{service}/{id}` under it and keeps it alive every ttl/3. If
@@ -32,19 +38,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, WatchOptions,
-};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use tokio::sync::watch;
 
+use self::client::{Client, ClientError};
+use self::pb::mvccpb::event::EventType;
 use super::{parse_key, parse_put, BadEntry, Batch, Change};
 use crate::config::EtcdConfig;
 use crate::control::{ControlHandle, DiscoveryStatus, SharedStore, StoreFuture, Update};
 use crate::metrics::Metrics;
 use crate::state::InstanceSpec;
+
+pub mod client;
+pub mod pb;
 
 /// Deadline of every unary call to etcd (connect, get, put, grant, …).
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -68,7 +76,7 @@ pub enum DiscoveryError {
         /// What was being done.
         what: &'static str,
         /// The client's error.
-        source: etcd_client::Error,
+        source: ClientError,
     },
     /// etcd did not answer in time.
     #[error("etcd {endpoints}: {what}: no answer within {timeout:?}")]
@@ -102,16 +110,18 @@ pub enum DiscoveryError {
     Encode(String),
 }
 
-/// Calls to one set of endpoints, each with a deadline.
+/// Calls to one set of members, each with a deadline.
 #[derive(Debug, Clone)]
 struct Calls {
+    members: Arc<[String]>,
     endpoints: Arc<str>,
 }
 
 impl Calls {
-    fn new(endpoints: &[String]) -> Self {
+    fn new(members: &[String]) -> Self {
         Self {
-            endpoints: Arc::from(endpoints.join(",")),
+            members: Arc::from(members),
+            endpoints: Arc::from(members.join(",")),
         }
     }
 
@@ -119,7 +129,7 @@ impl Calls {
     async fn call<T>(
         &self,
         what: &'static str,
-        f: impl Future<Output = Result<T, etcd_client::Error>>,
+        f: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T, DiscoveryError> {
         match tokio::time::timeout(CALL_TIMEOUT, f).await {
             Ok(Ok(v)) => Ok(v),
@@ -136,12 +146,23 @@ impl Calls {
         }
     }
 
-    async fn connect(&self, endpoints: &[String]) -> Result<Client, DiscoveryError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CALL_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), CALL_TIMEOUT);
-        self.call("connect", Client::connect(endpoints, Some(options)))
-            .await
+    /// Connects to the first member that answers, trying each once from a
+    /// random one on (so clients spread over the cluster).
+    async fn connect(&self) -> Result<Client, DiscoveryError> {
+        let n = self.members.len();
+        let first = fastrand::usize(..n.max(1));
+        let mut error = None;
+        for url in self.members.iter().cycle().skip(first).take(n) {
+            match self.call("connect", Client::connect(url)).await {
+                Ok(c) => return Ok(c),
+                Err(e) => error = Some(e),
+            }
+        }
+        Err(error.unwrap_or_else(|| DiscoveryError::Etcd {
+            endpoints: self.endpoints.to_string(),
+            what: "connect",
+            source: ClientError::Protocol("no endpoints".into()),
+        }))
     }
 }
 
@@ -351,19 +372,14 @@ async fn session(
     let calls = Calls::new(&members);
     let endpoints = calls.endpoints.to_string();
     let prefix = prefix.as_str();
-    let mut client = calls.connect(&members).await?;
-    let resp = calls
-        .call(
-            "list",
-            client.get(prefix, Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let mut entries = Vec::with_capacity(resp.kvs().len());
+    let mut client = calls.connect().await?;
+    let resp = calls.call("list", client.get_prefix(prefix)).await?;
+    let revision = resp.header.map_or(0, |h| h.revision);
+    let mut entries = Vec::with_capacity(resp.kvs.len());
     let mut invalid = Vec::new();
     {
-        for kv in resp.kvs() {
-            match parse_put(prefix, kv.key(), kv.value()) {
+        for kv in &resp.kvs {
+            match parse_put(prefix, &kv.key, &kv.value) {
                 Ok(c) => entries.push(c),
                 Err(e) => {
                     if let BadEntry::Value { service, id, .. } = &e {
@@ -386,18 +402,8 @@ async fn session(
         status.synced(&link, &endpoints, revision, n);
     }
 
-    let (mut watcher, mut stream) = calls
-        .call(
-            "watch",
-            client.watch(
-                prefix,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            ),
-        )
+    let mut watch = calls
+        .call("watch", client.watch_prefix(prefix, revision + 1))
         .await?;
     let broken = |reason: String| DiscoveryError::Watch {
         endpoints: endpoints.clone(),
@@ -405,7 +411,7 @@ async fn session(
     };
     let mut awaiting_progress = false;
     loop {
-        let msg = match tokio::time::timeout(PROGRESS_EVERY, stream.message()).await {
+        let msg = match tokio::time::timeout(PROGRESS_EVERY, watch.message()).await {
             Err(_) if awaiting_progress => {
                 return Err(DiscoveryError::Timeout {
                     endpoints: endpoints.clone(),
@@ -419,11 +425,9 @@ async fn session(
                 // member cut off from the quorum, whose watch would silently
                 // miss changes)?
                 calls
-                    .call("watch progress request", watcher.request_progress())
+                    .call("watch progress request", watch.request_progress())
                     .await?;
-                calls
-                    .call("linearizable read", client.get(prefix, None))
-                    .await?;
+                calls.call("linearizable read", client.get(prefix)).await?;
                 awaiting_progress = true;
                 continue;
             }
@@ -438,34 +442,35 @@ async fn session(
             Ok(Ok(Some(m))) => m,
         };
         awaiting_progress = false;
-        if msg.canceled() {
+        if msg.canceled {
             return Err(broken(format!(
                 "cancelled by etcd: {:?} (compact revision {})",
-                msg.cancel_reason(),
-                msg.compact_revision()
+                msg.cancel_reason, msg.compact_revision
             )));
         }
-        if msg.compact_revision() > 0 {
+        if msg.compact_revision > 0 {
             return Err(broken(format!(
                 "revision compacted up to {}",
-                msg.compact_revision()
+                msg.compact_revision
             )));
         }
-        let revision = msg.header().map(|h| h.revision());
-        let mut changes = Vec::with_capacity(msg.events().len());
-        for ev in msg.events() {
-            let Some(kv) = ev.kv() else { continue };
-            match ev.event_type() {
-                EventType::Put => match parse_put(prefix, kv.key(), kv.value()) {
+        let revision = msg.header.map(|h| h.revision);
+        let mut changes = Vec::with_capacity(msg.events.len());
+        for ev in &msg.events {
+            let Some(kv) = &ev.kv else { continue };
+            match EventType::try_from(ev.r#type) {
+                Ok(EventType::Put) => match parse_put(prefix, &kv.key, &kv.value) {
                     Ok(c) => changes.push(c),
                     Err(e) => report_bad(&link, &e),
                 },
-                EventType::Delete => {
+                Ok(EventType::Delete) => {
                     // A deleted bad key was never applied: nothing to do.
-                    if let Ok((service, id)) = parse_key(prefix, kv.key()) {
+                    if let Ok((service, id)) = parse_key(prefix, &kv.key) {
                         changes.push(Change::Delete { service, id });
                     }
                 }
+                // etcd has no other kind of event.
+                Err(_) => {}
             }
         }
         // A progress answer (no events) still moves the revision on.
@@ -526,7 +531,7 @@ impl EtcdWriter {
             match &*slot {
                 Some(c) => c.clone(),
                 None => {
-                    let c = calls.connect(&self.config.endpoints).await?;
+                    let c = calls.connect().await?;
                     *slot = Some(c.clone());
                     c
                 }
@@ -551,16 +556,8 @@ impl EtcdWriter {
         let value =
             serde_json::to_string(spec).map_err(|e| DiscoveryError::Encode(e.to_string()))?;
         self.with_client(|mut c, calls| async move {
-            let r = calls
-                .call(
-                    "put",
-                    c.put(key, value, Some(PutOptions::new().with_prev_key())),
-                )
-                .await?;
-            Ok((
-                r.header().map_or(0, |h| h.revision()),
-                r.prev_key().is_none(),
-            ))
+            let r = calls.call("put", c.put(key, value, 0)).await?;
+            Ok((r.header.map_or(0, |h| h.revision), r.prev_kv.is_none()))
         })
         .await
     }
@@ -574,10 +571,8 @@ impl EtcdWriter {
     ) -> Result<Option<i64>, DiscoveryError> {
         let key = self.key(service, id);
         self.with_client(|mut c, calls| async move {
-            let r = calls
-                .call("delete", c.delete(key, Some(DeleteOptions::new())))
-                .await?;
-            Ok((r.deleted() > 0).then(|| r.header().map_or(0, |h| h.revision())))
+            let r = calls.call("delete", c.delete(key)).await?;
+            Ok((r.deleted > 0).then(|| r.header.map_or(0, |h| h.revision)))
         })
         .await
     }
@@ -689,7 +684,7 @@ pub async fn register(
     };
     let calls = Calls::new(&reg.endpoints);
     let revoked = async {
-        let mut c = calls.connect(&reg.endpoints).await?;
+        let mut c = calls.connect().await?;
         calls.call("lease revoke", c.lease_revoke(id)).await
     }
     .await;
@@ -724,7 +719,7 @@ async fn keep_registered(
 ) -> Result<Infallible, DiscoveryError> {
     let calls = Calls::new(&reg.endpoints);
     let endpoints = calls.endpoints.to_string();
-    let mut client = calls.connect(&reg.endpoints).await?;
+    let mut client = calls.connect().await?;
     // A lease that survived a short outage is kept; an expired one replaced.
     let mut kept = None;
     if let Some(id) = *lease {
@@ -734,7 +729,7 @@ async fn keep_registered(
         {
             Ok(k) => kept = Some(k),
             Err(DiscoveryError::Etcd {
-                source: etcd_client::Error::LeaseKeepAliveError(_),
+                source: ClientError::LeaseNotFound(_),
                 ..
             }) => {
                 warn!(
@@ -748,25 +743,20 @@ async fn keep_registered(
             Err(e) => return Err(e),
         }
     }
-    let (id, (mut keeper, mut stream)) = match (kept, *lease) {
+    let (id, mut keeper) = match (kept, *lease) {
         (Some(k), Some(id)) => (id, k),
         _ => {
-            let g = calls
-                .call("lease grant", client.lease_grant(reg.ttl_secs(), None))
+            let id = calls
+                .call("lease grant", client.lease_grant(reg.ttl_secs()))
                 .await?;
-            *lease = Some(g.id());
+            *lease = Some(id);
             let k = calls
-                .call("lease keep-alive", client.lease_keep_alive(g.id()))
+                .call("lease keep-alive", client.lease_keep_alive(id))
                 .await?;
-            (g.id(), k)
+            (id, k)
         }
     };
-    calls
-        .call(
-            "put",
-            client.put(key, value, Some(PutOptions::new().with_lease(id))),
-        )
-        .await?;
+    calls.call("put", client.put(key, value, id)).await?;
     info!(
         service = reg.service.as_str(),
         instance = reg.id.as_str(),
@@ -782,18 +772,14 @@ async fn keep_registered(
     let every = (reg.ttl / 3).max(Duration::from_millis(300));
     loop {
         tokio::time::sleep(every).await;
-        calls.call("lease keep-alive", keeper.keep_alive()).await?;
-        let resp = calls
-            .call("lease keep-alive", async { stream.message().await })
-            .await?;
-        match resp {
+        match calls.call("lease keep-alive", keeper.renew()).await? {
             None => {
                 return Err(DiscoveryError::Watch {
                     endpoints: endpoints.clone(),
                     reason: "keep-alive stream closed by etcd".into(),
                 })
             }
-            Some(r) if r.ttl() <= 0 => {
+            Some(ttl) if ttl <= 0 => {
                 *lease = None;
                 return Err(DiscoveryError::LeaseExpired { lease: id });
             }

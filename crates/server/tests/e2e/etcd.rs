@@ -1,7 +1,8 @@
 //! etcd discovery with a real etcd server (started here on free ports with a
 //! temp data dir, stopped by pid) and two real balancer nodes: shared
 //! registrations (sidecar and admin API), lease expiry, SIGTERM revocation,
-//! an etcd outage with changes made meanwhile, bad values. Without etcd
+//! an etcd outage with changes made meanwhile, a sidecar whose lease is
+//! gone, bad values. Without etcd
 //! installed these tests skip with a printed reason (they fail instead under
 //! `DATAPUNK_LB_REQUIRE_ALL=1`). The etcd process harness is in
 //! `support/etcd.rs`.
@@ -144,13 +145,13 @@ async fn etcd_two_nodes_share_sidecar_and_admin_registrations() {
     }
     assert!(put.elapsed() < Duration::from_secs(1));
     let mut etcd_c = etcd_client(&etcd.url()).await;
-    let kv = etcd_c.get(format!("{PREFIX}api/adm"), None).await.unwrap();
-    let stored: Value = serde_json::from_slice(kv.kvs()[0].value()).unwrap();
+    let kv = etcd_c.get(format!("{PREFIX}api/adm")).await.unwrap();
+    let stored: Value = serde_json::from_slice(&kv.kvs[0].value).unwrap();
     assert_eq!(
         (stored["port"].as_u64(), stored["weight"].as_u64()),
         (Some(u64::from(adm.addr.port())), Some(2))
     );
-    assert_eq!(kv.kvs()[0].lease(), 0, "admin registrations have no lease");
+    assert_eq!(kv.kvs[0].lease, 0, "admin registrations have no lease");
     // Updating keeps the id (200, not 201); deleting through the other node
     // removes it from both.
     let (status, _) = admin(
@@ -173,10 +174,10 @@ async fn etcd_two_nodes_share_sidecar_and_admin_registrations() {
     assert_eq!(status, 202, "{body}");
     until_gone([&n1, &n2], "adm", Duration::from_secs(1)).await;
     assert!(etcd_c
-        .get(format!("{PREFIX}api/adm"), None)
+        .get(format!("{PREFIX}api/adm"))
         .await
         .unwrap()
-        .kvs()
+        .kvs
         .is_empty());
     // The static instance never moved.
     for n in [&n1, &n2] {
@@ -197,10 +198,10 @@ async fn etcd_outage_keeps_the_last_set_and_resyncs_every_change() {
     );
     {
         let mut c = etcd_client(&etcd.url()).await;
-        c.put(format!("{PREFIX}api/x-1"), value(&b1, 1), None)
+        c.put(format!("{PREFIX}api/x-1"), value(&b1, 1), 0)
             .await
             .unwrap();
-        c.put(format!("{PREFIX}api/x-2"), value(&b2, 1), None)
+        c.put(format!("{PREFIX}api/x-2"), value(&b2, 1), 0)
             .await
             .unwrap();
     }
@@ -243,11 +244,11 @@ async fn etcd_outage_keeps_the_last_set_and_resyncs_every_change() {
     {
         let (mut other, port) = etcd.same_data_other_port().await;
         let mut c = etcd_client(&format!("http://127.0.0.1:{port}")).await;
-        c.delete(format!("{PREFIX}api/x-1"), None).await.unwrap();
-        c.put(format!("{PREFIX}api/x-2"), value(&b2, 7), None)
+        c.delete(format!("{PREFIX}api/x-1")).await.unwrap();
+        c.put(format!("{PREFIX}api/x-2"), value(&b2, 7), 0)
             .await
             .unwrap();
-        c.put(format!("{PREFIX}api/x-3"), value(&b3, 1), None)
+        c.put(format!("{PREFIX}api/x-3"), value(&b3, 1), 0)
             .await
             .unwrap();
         drop(c);
@@ -288,6 +289,105 @@ async fn etcd_outage_keeps_the_last_set_and_resyncs_every_change() {
     eprintln!("converged {:?} after etcd came back", back.elapsed());
 }
 
+/// Waits (up to `limit`) until the sidecar has logged `message` `n` times.
+async fn until_logged(side: &Sidecar, message: &str, n: usize, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let seen = side
+            .log
+            .lock()
+            .iter()
+            .filter(|(_, v)| v["message"] == message)
+            .count();
+        if seen >= n {
+            return;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "sidecar logged {message:?} {seen} times, not {n}, within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The lease of `key`, read from etcd.
+async fn lease_of(url: &str, key: &str) -> i64 {
+    let kv = etcd_client(url).await.get(key).await.unwrap();
+    kv.kvs.first().map(|kv| kv.lease).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_sidecar_grants_a_new_lease_when_its_lease_is_gone() {
+    let Some(bin) = etcd_bin() else { return };
+    let mut etcd = Etcd::start(&bin).await;
+    let base = Backend::start("base").await;
+    let s1 = Backend::start("side-1").await;
+    let key = format!("{PREFIX}api/side-1");
+    let n = start_node(&base, &etcd.url()).await;
+    let side = Sidecar::start(&etcd.url(), "side-1", &s1, "3s");
+    side.registered().await;
+    until_routes(&n, "side-1", true, Duration::from_secs(2)).await;
+    let first = lease_of(&etcd.url(), &key).await;
+    assert_ne!(first, 0, "the sidecar's key has a lease");
+
+    // 1. While the sidecar cannot reach etcd, its lease is revoked (through
+    // a client port it does not know). When etcd is back, its keep-alive for
+    // the old lease is refused: it grants a new lease and puts the key again.
+    etcd.stop();
+    until_logged(
+        &side,
+        "register: etcd unreachable; retrying",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    {
+        let (mut other, port) = etcd.same_data_other_port().await;
+        let url = format!("http://127.0.0.1:{port}");
+        let mut c = etcd_client(&url).await;
+        c.lease_revoke(first).await.unwrap();
+        assert!(c.get(key.as_str()).await.unwrap().kvs.is_empty());
+        drop(c);
+        stop_by_pid(&mut other);
+    }
+    etcd.start_again().await;
+    until_logged(
+        &side,
+        "register: lease expired; granting a new one",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    until_logged(
+        &side,
+        "register: instance registered",
+        2,
+        Duration::from_secs(5),
+    )
+    .await;
+    let second = lease_of(&etcd.url(), &key).await;
+    assert!(second != 0 && second != first, "{first:x} then {second:x}");
+    until_routes(&n, "side-1", true, Duration::from_secs(10)).await;
+
+    // 2. The lease is revoked under a connected sidecar: its next renewal
+    // (every ttl/3 = 1 s) sees it gone and it registers again at once.
+    etcd_client(&etcd.url())
+        .await
+        .lease_revoke(second)
+        .await
+        .unwrap();
+    until_logged(
+        &side,
+        "register: instance registered",
+        3,
+        Duration::from_secs(5),
+    )
+    .await;
+    let third = lease_of(&etcd.url(), &key).await;
+    assert!(third != 0 && third != second, "{second:x} then {third:x}");
+    until_routes(&n, "side-1", true, Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_bad_values_are_skipped_and_reported() {
     let Some(bin) = etcd_bin() else { return };
@@ -303,13 +403,11 @@ async fn etcd_bad_values_are_skipped_and_reported() {
             r#"{"address":"127.0.0.1","port":0}"#.to_owned(),
         ),
     ];
-    c.put(format!("{PREFIX}api/good"), value(&good, 1), None)
+    c.put(format!("{PREFIX}api/good"), value(&good, 1), 0)
         .await
         .unwrap();
     for (k, v) in &at_list {
-        c.put(format!("{PREFIX}{k}"), v.clone(), None)
-            .await
-            .unwrap();
+        c.put(format!("{PREFIX}{k}"), v.clone(), 0).await.unwrap();
     }
     let n = start_node(&base, &etcd.url()).await;
     assert_eq!(live(&n).await, vec!["base", "good"]);
@@ -331,11 +429,9 @@ async fn etcd_bad_values_are_skipped_and_reported() {
         ),
     ];
     for (k, v) in &watched {
-        c.put(format!("{PREFIX}{k}"), v.clone(), None)
-            .await
-            .unwrap();
+        c.put(format!("{PREFIX}{k}"), v.clone(), 0).await.unwrap();
     }
-    c.put(format!("{PREFIX}other/x"), value(&good, 1), None)
+    c.put(format!("{PREFIX}other/x"), value(&good, 1), 0)
         .await
         .unwrap();
     for (k, _) in at_list.iter().chain(watched.iter()) {
@@ -363,7 +459,7 @@ async fn etcd_bad_values_are_skipped_and_reported() {
     assert_eq!(seen.iter().filter(|b| *b == "good").count(), 5, "{seen:?}");
     assert_eq!(seen.iter().filter(|b| *b == "base").count(), 5, "{seen:?}");
     // A fixed value is picked up.
-    c.put(format!("{PREFIX}api/port-0"), value(&good, 1), None)
+    c.put(format!("{PREFIX}api/port-0"), value(&good, 1), 0)
         .await
         .unwrap();
     let t = Instant::now();
@@ -381,7 +477,7 @@ async fn etcd_reload_keeps_discovered_instances_and_follows_discovery_changes() 
     let d1 = Backend::start("d-1").await;
     etcd_client(&etcd.url())
         .await
-        .put(format!("{PREFIX}api/d-1"), value(&d1, 1), None)
+        .put(format!("{PREFIX}api/d-1"), value(&d1, 1), 0)
         .await
         .unwrap();
     let config = node_config(&base, &etcd.url());

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::etcd::{bodies, etcd_bin, Etcd, PREFIX};
+use crate::support::etcd::{bodies, etcd_bin, etcd_client, Etcd, PREFIX};
 use crate::support::*;
 
 /// `id → (port, draining)` of the node's `api` instances.
@@ -124,16 +124,14 @@ prefix = "{PREFIX}"
     );
 
     // etcd over both: keys for `base` and `old`, both to the `etcd` backend.
-    let mut etcd_client = etcd_client::Client::connect([etcd.url()], None)
-        .await
-        .unwrap();
+    let mut etcd_c = etcd_client(&etcd.url()).await;
     let value = format!(
         r#"{{"address":"127.0.0.1","port":{}}}"#,
         from_etcd.addr.port()
     );
     for id in ["base", "old"] {
-        etcd_client
-            .put(format!("{PREFIX}api/{id}"), value.clone(), None)
+        etcd_c
+            .put(format!("{PREFIX}api/{id}"), value.clone(), 0)
             .await
             .unwrap();
     }
@@ -146,10 +144,7 @@ prefix = "{PREFIX}"
     // The keys leave: `base` is the state file's override again, `old`
     // stays removed (it drains), and the config's versions never return.
     for id in ["base", "old"] {
-        etcd_client
-            .delete(format!("{PREFIX}api/{id}"), None)
-            .await
-            .unwrap();
+        etcd_c.delete(format!("{PREFIX}api/{id}")).await.unwrap();
     }
     let over_port = port(&over);
     until(&lb, "keys left: the state file layer back", |m| {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
+use datapunk_lb::discovery::etcd::client::Client;
 use parking_lot::Mutex;
 use serde_json::Value;
 
@@ -237,9 +237,9 @@ async fn wait_healthy(port: u16) {
     panic!("etcd on port {port} did not become healthy");
 }
 
-/// A client of the etcd at `url`.
+/// A client of the etcd at `url` (the one discovery uses).
 pub(crate) async fn etcd_client(url: &str) -> Client {
-    Client::connect([url], None).await.unwrap()
+    Client::connect(url).await.unwrap()
 }
 
 /// The etcd value registering `b` with `weight`.
