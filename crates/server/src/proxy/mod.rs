@@ -1,7 +1,8 @@
 //! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]), TCP listeners
 //! ([`tcp`]), the one accept loop both use ([`accept`]: accept errors logged
-//! at most once a second and backed off), routing, the one attempt loop both use ([`attempt`]), the retry
-//! budget ([`retry`]) and the errors clients see ([`error`]).
+//! at most once a second and backed off), routing, the one attempt loop both
+//! use ([`attempt`]), the retry budget ([`retry`]) and the errors clients see
+//! ([`error`]).
 //!
 //! Request path: listener → [`Routing::route`] (host, then path prefix,
 //! first match wins; a TCP listener has one service) → [`attempt::run`]:
