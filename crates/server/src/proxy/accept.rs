@@ -10,6 +10,8 @@
 //! readable, so retrying at once fails again at once: a hot loop that burns
 //! a core and floods the log exactly when the operator needs both. So:
 //!
+//! - **Count.** Every error counts in
+//!   `datapunk_lb_accept_errors_total{listener}`.
 //! - **Log rate.** One `accept failed` line per listener per second at most
 //!   ([`LOG_INTERVAL`]), with `suppressed`: the errors not logged since the
 //!   previous line. When accepting works again, one `accepting again` line
@@ -35,6 +37,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{info, warn};
@@ -52,12 +55,14 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// turns true or its sender goes away. Each accepted connection gets
 /// TCP_NODELAY and a permit of `tracker` (so a drain can wait for it), then
 /// goes to `handle`, which must not block (it spawns). Once the drain has
-/// begun, a new connection is closed at once.
+/// begun, a new connection is closed at once. Accept errors count in
+/// `errors_total`.
 pub(crate) async fn serve(
     listener: TcpListener,
     name: &str,
     mut stop: watch::Receiver<bool>,
     tracker: ConnTracker,
+    errors_total: Counter,
     mut handle: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 ) {
     let mut errors = AcceptErrors::default();
@@ -78,6 +83,7 @@ pub(crate) async fn serve(
                 handle(stream, peer, permit);
             }
             Err(e) => {
+                errors_total.inc();
                 let (log, pause) = errors.failed(Instant::now());
                 if let Some(suppressed) = log {
                     warn!(

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use datapunk_lb_core::ServiceInstance;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::debug;
@@ -36,17 +37,25 @@ pub(crate) async fn serve(
     routing: Arc<ArcSwap<Routing>>,
     stop: watch::Receiver<bool>,
     tracker: ConnTracker,
+    accept_errors: Counter,
 ) {
-    accept::serve(listener, &name, stop, tracker, |client, peer, permit| {
-        let routing = routing.clone();
-        let name = name.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = proxy(client, &name, &routing).await {
-                debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
-            }
-        });
-    })
+    accept::serve(
+        listener,
+        &name,
+        stop,
+        tracker,
+        accept_errors,
+        |client, peer, permit| {
+            let routing = routing.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = proxy(client, &name, &routing).await {
+                    debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
+                }
+            });
+        },
+    )
     .await;
 }
 

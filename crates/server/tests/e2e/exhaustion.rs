@@ -35,6 +35,11 @@ async fn out_of_descriptors_logs_once_a_second_keeps_serving_and_resumes() {
 
     // A keep-alive connection accepted before the flood; its first request
     // also leaves a pooled upstream connection behind.
+    assert_eq!(
+        accept_errors(&lb).await,
+        0,
+        "the counter exists from the start"
+    );
     let mut kept = TcpStream::connect(addr).await.unwrap();
     assert_eq!(keep_alive_get(&mut kept).await.unwrap(), (200, "a".into()));
 
@@ -122,10 +127,25 @@ async fn out_of_descriptors_logs_once_a_second_keeps_serving_and_resumes() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every error counted, logged or not (the scrape needs a descriptor:
+    // it waits until now).
+    let logged = lines.len() as u64 + suppressed;
+    let counted = accept_errors(&lb).await;
+    assert!(counted >= logged, "{counted} counted < {logged} logged");
     lb.wait_log("accepting again", Duration::from_secs(5), |v| {
         v["message"] == "accepting again" && v["suppressed"].as_u64().is_some()
     })
     .await;
+}
+
+/// `datapunk_lb_accept_errors_total{listener="web"}` from `/metrics`.
+async fn accept_errors(lb: &Lb) -> u64 {
+    let (status, text) = admin(lb.addr("admin"), "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(r#"datapunk_lb_accept_errors_total{listener="web"} "#))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no accept_errors_total for web in {text}"))
 }
 
 /// A connection to `addr`, or `None` when the connect does not finish in
