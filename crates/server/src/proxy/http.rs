@@ -46,8 +46,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::debug;
 
 use super::accept;
@@ -160,38 +160,31 @@ pub(crate) async fn serve(
     let builder = Arc::new(builder);
     let name = ctx.listener.clone();
     let draining = tracker.draining();
-    accept::serve(
-        listener,
-        &name,
-        stop,
-        tracker,
-        accept_errors,
-        |stream, peer, permit| {
+    let on_accept = |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+        let ctx = ctx.clone();
+        let svc = hyper::service::service_fn(move |req| {
             let ctx = ctx.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
-            });
-            let builder = builder.clone();
-            let mut draining = draining.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = async { let _ = draining.wait_for(|d| *d).await; } => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
-                    debug!(error = %e, "client connection ended with an error");
+            async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
+        });
+        let builder = builder.clone();
+        let mut draining = draining.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { let _ = draining.wait_for(|d| *d).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
-            });
-        },
-    )
-    .await;
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    };
+    accept::serve(listener, &name, stop, tracker, accept_errors, on_accept).await;
 }
 
 /// A short plain-text response.

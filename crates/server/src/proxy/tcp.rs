@@ -13,6 +13,7 @@
 //!   the connection closes, so the instance's connection count covers the
 //!   connection's whole life.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use arc_swap::ArcSwap;
 use datapunk_lb_core::ServiceInstance;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::debug;
 
 use super::accept;
@@ -39,24 +40,17 @@ pub(crate) async fn serve(
     tracker: ConnTracker,
     accept_errors: Counter,
 ) {
-    accept::serve(
-        listener,
-        &name,
-        stop,
-        tracker,
-        accept_errors,
-        |client, peer, permit| {
-            let routing = routing.clone();
-            let name = name.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(e) = proxy(client, &name, &routing).await {
-                    debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
-                }
-            });
-        },
-    )
-    .await;
+    let on_accept = |client: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+        let routing = routing.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = proxy(client, &name, &routing).await {
+                debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
+            }
+        });
+    };
+    accept::serve(listener, &name, stop, tracker, accept_errors, on_accept).await;
 }
 
 async fn proxy(
