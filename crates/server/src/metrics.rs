@@ -17,6 +17,10 @@
 //!   `datapunk_lb_discovery_syncs_total{result}` (full re-lists, `success` or
 //!   `failure`) and `datapunk_lb_discovery_invalid_values_total` (values
 //!   under the prefix that were skipped).
+//! - **Listeners**: `datapunk_lb_accept_errors_total{listener}`, failed
+//!   accepts on a proxy listener (out of file descriptors, mostly): the log
+//!   says so at most once a second ([`crate::proxy::accept`]), the counter
+//!   has every one, for an alert.
 //!
 //! ## Every series from the first scrape
 //!
@@ -26,7 +30,8 @@
 //! and `discovery_syncs_total` by `result` at start; per service, when its
 //! handles are resolved, `retries_total`, `selections_total` by strategy,
 //! `health_checks_total` by `result` and `circuit_transitions_total` for
-//! each transition the breaker makes ([`BREAKER_TRANSITIONS`]).
+//! each transition the breaker makes ([`BREAKER_TRANSITIONS`]);
+//! `accept_errors_total` per listener when the listener starts.
 //!
 //! Output is the OpenMetrics text format that `prometheus-client` writes
 //! (counters carry the `_total` suffix on their samples).
@@ -85,6 +90,7 @@ pub struct Metrics {
     reloads: Family<Labels, Counter>,
     discovery_stale: Gauge,
     discovery_syncs: Family<Labels, Counter>,
+    accept_errors: Family<Labels, Counter>,
     discovery_invalid: Counter,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
     history: Arc<History>,
@@ -184,6 +190,12 @@ impl Metrics {
             "Discovery values skipped as invalid (bad JSON, fields or key shape)",
             discovery_invalid.clone(),
         );
+        let accept_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_accept_errors",
+            "Failed accepts on a proxy listener (out of file descriptors, mostly), by listener",
+            accept_errors.clone(),
+        );
         for ok in [true, false] {
             create_at_zero(&reloads, &result_label(ok));
             create_at_zero(&discovery_syncs, &result_label(ok));
@@ -205,8 +217,16 @@ impl Metrics {
             discovery_stale,
             discovery_syncs,
             discovery_invalid,
+            accept_errors,
             errors,
         }
+    }
+
+    /// The accept-error counter of `listener`, created at 0.
+    pub fn accept_errors(&self, listener: &str) -> Counter {
+        self.accept_errors
+            .get_or_create(&vec![("listener", listener.to_owned())])
+            .clone()
     }
 
     /// Handles for `service`.

@@ -403,6 +403,7 @@ impl Server {
             for (l, socket) in sockets {
                 let addr = socket.local_addr().unwrap_or(l.listen);
                 let (stop, stop_rx) = watch::channel(false);
+                let accept_errors = self.metrics.accept_errors(&l.name);
                 match l.protocol {
                     Protocol::Http => {
                         let ctx = Arc::new(HttpContext {
@@ -414,6 +415,7 @@ impl Server {
                             ctx,
                             stop_rx,
                             self.connections.clone(),
+                            accept_errors,
                         ));
                     }
                     Protocol::Tcp => {
@@ -423,6 +425,7 @@ impl Server {
                             self.routing.clone(),
                             stop_rx,
                             self.connections.clone(),
+                            accept_errors,
                         ));
                     }
                 }

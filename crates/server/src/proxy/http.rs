@@ -45,10 +45,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tracing::{debug, warn};
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::debug;
 
+use super::accept;
 use super::attempt::{self, Attempt, Class, Ended, Held, NoAnswer, Replay, Step};
 use super::body::TrackedBody;
 use super::{BoxError, ProxyError, Routing, Upstream};
@@ -144,8 +146,9 @@ pub(crate) struct HttpContext {
 pub(crate) async fn serve(
     listener: TcpListener,
     ctx: Arc<HttpContext>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     tracker: ConnTracker,
+    accept_errors: Counter,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -155,32 +158,18 @@ pub(crate) async fn serve(
         .keep_alive(true);
     builder.http2().max_concurrent_streams(1024);
     let builder = Arc::new(builder);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(listener = &*ctx.listener, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    let name = ctx.listener.clone();
+    let draining = tracker.draining();
+    let on_accept = |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
         let ctx = ctx.clone();
         let svc = hyper::service::service_fn(move |req| {
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
         });
         let builder = builder.clone();
-        let tracker = tracker.clone();
+        let mut draining = draining.clone();
         tokio::spawn(async move {
-            let Some(_permit) = tracker.enter() else {
-                return;
-            };
-            let mut draining = tracker.draining();
+            let _permit = permit;
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -194,7 +183,8 @@ pub(crate) async fn serve(
                 debug!(error = %e, "client connection ended with an error");
             }
         });
-    }
+    };
+    accept::serve(listener, &name, stop, tracker, accept_errors, on_accept).await;
 }
 
 /// A short plain-text response.

@@ -1,6 +1,8 @@
 //! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]), TCP listeners
-//! ([`tcp`]), routing, the one attempt loop both use ([`attempt`]), the retry
-//! budget ([`retry`]) and the errors clients see ([`error`]).
+//! ([`tcp`]), the one accept loop both use ([`accept`]: accept errors logged
+//! at most once a second and backed off), routing, the one attempt loop both
+//! use ([`attempt`]), the retry budget ([`retry`]) and the errors clients see
+//! ([`error`]).
 //!
 //! Request path: listener → [`Routing::route`] (host, then path prefix,
 //! first match wins; a TCP listener has one service) → [`attempt::run`]:
@@ -11,6 +13,7 @@
 //! scores, breakers) and to metrics. The rule, with its table, is the doc of
 //! [`attempt`]: HTTP and TCP differ only in their step.
 
+pub(crate) mod accept;
 pub(crate) mod attempt;
 pub(crate) mod body;
 pub(crate) mod error;

@@ -13,15 +13,18 @@
 //!   the connection closes, so the instance's connection count covers the
 //!   connection's whole life.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use datapunk_lb_core::ServiceInstance;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tracing::{debug, warn};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::debug;
 
+use super::accept;
 use super::attempt::{self, Attempt, Class, Ended, NoAnswer, Replay, Step};
 use super::http::ConnTracker;
 use super::{ProxyError, Routing};
@@ -33,35 +36,21 @@ pub(crate) async fn serve(
     listener: TcpListener,
     name: Arc<str>,
     routing: Arc<ArcSwap<Routing>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     tracker: ConnTracker,
+    accept_errors: Counter,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => break,
-        };
-        let (client, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(listener = &*name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = client.set_nodelay(true);
+    let on_accept = |client: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
         let routing = routing.clone();
         let name = name.clone();
-        let Some(permit) = tracker.enter() else {
-            continue;
-        };
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = proxy(client, &name, &routing).await {
                 debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
             }
         });
-    }
+    };
+    accept::serve(listener, &name, stop, tracker, accept_errors, on_accept).await;
 }
 
 async fn proxy(

@@ -9,6 +9,7 @@ mod attempts;
 mod config;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod exhaustion;
 mod failover;
 mod lifecycle;
 mod monitoring;

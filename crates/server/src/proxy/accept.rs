@@ -1,0 +1,215 @@
+//! The one accept loop of every proxy listener, HTTP and TCP alike: accept,
+//! register the connection with the drain tracker, hand it to the
+//! protocol's handler; stop when the listener's stop signal turns.
+//!
+//! ## Accept errors: logged at most once a second, backed off, resumed
+//!
+//! An accept error is almost always the process (EMFILE) or the system
+//! (ENFILE) out of file descriptors, or out of memory for sockets. The
+//! pending connection stays in the kernel's backlog and the listener stays
+//! readable, so retrying at once fails again at once: a hot loop that burns
+//! a core and floods the log exactly when the operator needs both. So:
+//!
+//! - **Count.** Every error counts in
+//!   `datapunk_lb_accept_errors_total{listener}`.
+//! - **Log rate.** One `accept failed` line per listener per second at most
+//!   ([`LOG_INTERVAL`]), with `suppressed`: the errors not logged since the
+//!   previous line. When accepting works again, one `accepting again` line
+//!   (under the same limit) reports the errors suppressed since.
+//! - **Backoff.** After an error the loop waits [`MIN_BACKOFF`], doubling
+//!   while errors continue up to [`MAX_BACKOFF`], and back to the minimum on
+//!   the next accepted connection. The stop signal ends the wait.
+//! - **Resume.** Nothing is given up: once descriptors free up the next
+//!   accept takes the connections waiting in the backlog.
+//!
+//! The decision is [`AcceptErrors`], plain state fed with `now`, so the rule
+//! is tested without sleeping.
+//!
+//! ## No listener connection limit
+//!
+//! The only connection limit is per upstream instance
+//! (`service.max_connections`, enforced by the [attempt loop](super::attempt)
+//! per request); a listener accepts every connection the descriptors allow.
+//! A client connection above that costs one descriptor and one idle task; it
+//! takes nothing from connections already accepted, each served by its own
+//! task.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::{info, warn};
+
+use super::http::ConnTracker;
+
+/// At most one accept-error line per listener per this long.
+pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Wait after the first accept error of a run.
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// Longest wait between accepts while errors continue.
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Accepts connections on `listener` (named `name` in logs) until `stop`
+/// turns true or its sender goes away. Each accepted connection gets
+/// TCP_NODELAY and a permit of `tracker` (so a drain can wait for it), then
+/// goes to `handle`, which must not block (it spawns). Once the drain has
+/// begun, a new connection is closed at once. Accept errors count in
+/// `errors_total`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    name: &str,
+    mut stop: watch::Receiver<bool>,
+    tracker: ConnTracker,
+    errors_total: Counter,
+    mut handle: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
+) {
+    let mut errors = AcceptErrors::default();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Some(suppressed) = errors.accepted(Instant::now()) {
+                    info!(listener = name, suppressed, "accepting again");
+                }
+                let Some(permit) = tracker.enter() else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                handle(stream, peer, permit);
+            }
+            Err(e) => {
+                errors_total.inc();
+                let (log, pause) = errors.failed(Instant::now());
+                if let Some(suppressed) = log {
+                    warn!(
+                        listener = name,
+                        error = %e,
+                        suppressed,
+                        backoff_ms = pause.as_millis() as u64,
+                        "accept failed"
+                    );
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        }
+    }
+}
+
+/// The log-rate and backoff state of one accept loop.
+#[derive(Debug)]
+pub(crate) struct AcceptErrors {
+    /// When the last line (error or recovery) was logged.
+    last_line: Option<Instant>,
+    /// Errors since the last line that were not logged.
+    suppressed: u64,
+    /// Errors happened and no recovery line was logged since.
+    unresolved: bool,
+    /// The wait after the next error.
+    backoff: Duration,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        Self {
+            last_line: None,
+            suppressed: 0,
+            unresolved: false,
+            backoff: MIN_BACKOFF,
+        }
+    }
+}
+
+impl AcceptErrors {
+    /// An accept failed at `now`: whether to log it (with the count of
+    /// errors suppressed since the last line) and how long to wait before
+    /// accepting again.
+    pub(crate) fn failed(&mut self, now: Instant) -> (Option<u64>, Duration) {
+        self.unresolved = true;
+        let pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        if self.may_log(now) {
+            (Some(self.line(now)), pause)
+        } else {
+            self.suppressed += 1;
+            (None, pause)
+        }
+    }
+
+    /// A connection was accepted at `now`: the backoff starts over, and
+    /// after errors, `Some(suppressed)` asks for the recovery line once the
+    /// log interval allows it.
+    pub(crate) fn accepted(&mut self, now: Instant) -> Option<u64> {
+        self.backoff = MIN_BACKOFF;
+        if !self.unresolved || !self.may_log(now) {
+            return None;
+        }
+        self.unresolved = false;
+        Some(self.line(now))
+    }
+
+    fn may_log(&self, now: Instant) -> bool {
+        self.last_line
+            .is_none_or(|t| now.saturating_duration_since(t) >= LOG_INTERVAL)
+    }
+
+    /// A line is logged at `now`: returns the suppressed count it reports.
+    fn line(&mut self, now: Instant) -> u64 {
+        self.last_line = Some(now);
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn errors_are_logged_at_most_once_a_second_with_the_suppressed_count() {
+        let mut e = AcceptErrors::default();
+        let t0 = Instant::now();
+        // An error every 10 ms for 2.5 s: lines at 0, 1 s and 2 s only.
+        let logged: Vec<(u64, u64)> = (0..250u64)
+            .filter_map(|i| e.failed(t0 + ms(i * 10)).0.map(|s| (i * 10, s)))
+            .collect();
+        assert_eq!(logged, [(0, 0), (1000, 99), (2000, 99)]);
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_second_and_starts_over_on_success() {
+        let mut e = AcceptErrors::default();
+        let t0 = Instant::now();
+        let pauses: Vec<u128> = (0..9).map(|_| e.failed(t0).1.as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        let _ = e.accepted(t0);
+        assert_eq!(e.failed(t0).1, MIN_BACKOFF);
+    }
+
+    #[test]
+    fn recovery_is_logged_once_under_the_same_limit() {
+        let mut e = AcceptErrors::default();
+        let t0 = Instant::now();
+        assert_eq!(e.accepted(t0), None, "no errors, no recovery line");
+        assert_eq!(e.failed(t0).0, Some(0));
+        assert_eq!(e.failed(t0 + ms(100)).0, None);
+        assert_eq!(e.failed(t0 + ms(200)).0, None);
+        // Descriptors flap free and exhausted: no line within the second.
+        assert_eq!(e.accepted(t0 + ms(300)), None);
+        assert_eq!(e.failed(t0 + ms(400)).0, None);
+        // The interval has passed: one recovery line with every error since.
+        assert_eq!(e.accepted(t0 + ms(1000)), Some(3));
+        assert_eq!(e.accepted(t0 + ms(3000)), None);
+        assert_eq!(e.failed(t0 + ms(3000)).0, Some(0));
+    }
+}
