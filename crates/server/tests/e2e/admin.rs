@@ -510,6 +510,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("datapunk_lb_discovery_stale", "gauge"),
     ("datapunk_lb_discovery_syncs_total", "counter"),
     ("datapunk_lb_discovery_invalid_values_total", "counter"),
+    ("datapunk_lb_accept_errors_total", "counter"),
 ];
 
 /// Alerts and `rate()` need a series before its first event: the first
