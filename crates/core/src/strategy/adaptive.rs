@@ -121,14 +121,20 @@ impl AdaptiveConfig {
     /// Checks every field (the rule and why are in the module doc); the
     /// error names the first bad key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.eval_interval.is_zero() {
-            return Err(ConfigError::new(
-                "eval_interval",
-                "must be greater than 0",
-            ));
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        if self.min_dwell < self.eval_interval {
-            return Err(ConfigError::new(
+    }
+
+    /// Every bad field, each named by its key (the same names as the
+    /// server's `[service.NAME.adaptive]` keys), so a file can report them all.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        if self.eval_interval.is_zero() {
+            out.push(ConfigError::new("eval_interval", "must be greater than 0"));
+        } else if self.min_dwell < self.eval_interval {
+            out.push(ConfigError::new(
                 "min_dwell",
                 format!(
                     "{:?} is shorter than eval_interval {:?}",
@@ -154,24 +160,26 @@ impl AdaptiveConfig {
             ),
         ];
         for ((enter_key, enter), (leave_key, leave), (lo, hi)) in pairs {
+            let mut in_range = true;
             for (key, v) in [(enter_key, enter), (leave_key, leave)] {
                 if !(v.is_finite() && v > lo && v <= hi) {
+                    in_range = false;
                     let range = if hi.is_finite() {
-                        format!("({lo}, {hi}]")
+                        format!("in ({lo}, {hi}]")
                     } else {
                         format!("greater than {lo}")
                     };
-                    return Err(ConfigError::new(key, format!("must be {range}, got {v}")));
+                    out.push(ConfigError::new(key, format!("must be {range}, got {v}")));
                 }
             }
-            if leave > enter {
-                return Err(ConfigError::new(
+            if in_range && leave > enter {
+                out.push(ConfigError::new(
                     leave_key,
                     format!("{leave} is above {enter_key} {enter}"),
                 ));
             }
         }
-        Ok(())
+        out
     }
 }
 
