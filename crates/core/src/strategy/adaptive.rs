@@ -46,7 +46,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{LoadBalancerConfig, P2c, PeakEwma, PickContext, Strategy, StrategyKind, Switch, Weighted};
+use super::{
+    LoadBalancerConfig, P2c, PeakEwma, PickContext, Strategy, StrategyKind, Switch, Weighted,
+};
 use crate::clock::Timestamp;
 use crate::error::ConfigError;
 use crate::instance::Member;

@@ -183,7 +183,7 @@ fn burst(reg: &Registry, clock: &ManualClock, n: usize) -> Timestamp {
     let held: Vec<_> = (0..n).map(|_| reg.get_instance(SVC).unwrap()).collect();
     clock.advance(Duration::from_millis(1100));
     let _ = reg.get_instance(SVC).unwrap();
-    assert_eq!(mode(&reg), StrategyKind::P2c, "20 in flight on 4 instances");
+    assert_eq!(mode(reg), StrategyKind::P2c, "20 in flight on 4 instances");
     drop(held);
     clock.now()
 }

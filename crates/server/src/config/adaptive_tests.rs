@@ -21,7 +21,10 @@ fn defaults_equal_the_constants() {
         (EVAL_INTERVAL, MIN_DWELL),
         "1 s / 5 s"
     );
-    assert_eq!((a.spread_enter, a.spread_leave), (SPREAD_ENTER, SPREAD_LEAVE));
+    assert_eq!(
+        (a.spread_enter, a.spread_leave),
+        (SPREAD_ENTER, SPREAD_LEAVE)
+    );
     assert_eq!(
         (a.error_rate_enter, a.error_rate_leave),
         (ERROR_ENTER, ERROR_LEAVE)
@@ -30,7 +33,10 @@ fn defaults_equal_the_constants() {
         (a.concurrency_enter, a.concurrency_leave),
         (CONCURRENCY_ENTER, CONCURRENCY_LEAVE)
     );
-    assert_eq!((SPREAD_ENTER, ERROR_ENTER, CONCURRENCY_ENTER), (2.0, 0.05, 2.0));
+    assert_eq!(
+        (SPREAD_ENTER, ERROR_ENTER, CONCURRENCY_ENTER),
+        (2.0, 0.05, 2.0)
+    );
 }
 
 #[test]
@@ -128,7 +134,10 @@ fn each_bad_adaptive_key_is_reported_at_its_key_and_line() {
             "concurrency_enter = 1.0\nconcurrency_leave = 2.0\n",
             "line 9: service.api.adaptive.concurrency_leave: 2 is above concurrency_enter 1",
         ),
-        ("spread_entry = 3.0\n", "line 8: spread_entry: unknown field"),
+        (
+            "spread_entry = 3.0\n",
+            "line 8: spread_entry: unknown field",
+        ),
         ("spread_enter = \"3\"\n", "line 8"),
     ];
     for (extra, want) in cases {

@@ -43,12 +43,12 @@
 //! test derives the key set from [`file`](mod@file) with [`keys::all`] and
 //! fails when the reference misses one, so add the row with the field.
 
+#[cfg(test)]
+mod adaptive_tests;
 pub mod file;
 pub mod keys;
 #[cfg(test)]
 mod knobs_tests;
-#[cfg(test)]
-mod adaptive_tests;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -59,7 +59,9 @@ use std::time::Duration;
 use datapunk_lb_core::config::{
     DEFAULT_ERROR_THRESHOLD, DEFAULT_MIN_HEALTHY_PERCENT, DEFAULT_RECOVERY_THRESHOLD,
 };
-use datapunk_lb_core::{AdaptiveConfig, BreakerConfig, LoadBalancerConfig, ServiceInstance, StrategyKind, Weight};
+use datapunk_lb_core::{
+    AdaptiveConfig, BreakerConfig, LoadBalancerConfig, ServiceInstance, StrategyKind, Weight,
+};
 use toml::Spanned;
 
 use self::file::{FileConfig, FileService};
@@ -1263,8 +1265,16 @@ fn adaptive(key: &str, f: &file::FileAdaptive, a: &mut AdaptiveConfig, ck: &mut 
     let places = [
         ("eval_interval", span(&f.eval_interval), span(&f.min_dwell)),
         ("min_dwell", span(&f.min_dwell), span(&f.eval_interval)),
-        ("spread_enter", fspan(&f.spread_enter), fspan(&f.spread_leave)),
-        ("spread_leave", fspan(&f.spread_leave), fspan(&f.spread_enter)),
+        (
+            "spread_enter",
+            fspan(&f.spread_enter),
+            fspan(&f.spread_leave),
+        ),
+        (
+            "spread_leave",
+            fspan(&f.spread_leave),
+            fspan(&f.spread_enter),
+        ),
         (
             "error_rate_enter",
             fspan(&f.error_rate_enter),
