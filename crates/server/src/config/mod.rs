@@ -1261,39 +1261,23 @@ fn adaptive(key: &str, f: &file::FileAdaptive, a: &mut AdaptiveConfig, ck: &mut 
     a.min_dwell = ck.duration(&format!("{key}.min_dwell"), &f.min_dwell, a.min_dwell);
     let span = |v: &Option<Spanned<String>>| v.as_ref().map(Spanned::span);
     let fspan = |v: &Option<Spanned<f64>>| v.as_ref().map(Spanned::span);
-    // (key, its value's place, its partner's place), in file order.
-    let places = [
-        ("eval_interval", span(&f.eval_interval), span(&f.min_dwell)),
-        ("min_dwell", span(&f.min_dwell), span(&f.eval_interval)),
+    // Each key with its partner (the other end of its rule) and their places.
+    let pairs = [
         (
-            "spread_enter",
-            fspan(&f.spread_enter),
-            fspan(&f.spread_leave),
+            ("eval_interval", span(&f.eval_interval)),
+            ("min_dwell", span(&f.min_dwell)),
         ),
         (
-            "spread_leave",
-            fspan(&f.spread_leave),
-            fspan(&f.spread_enter),
+            ("spread_enter", fspan(&f.spread_enter)),
+            ("spread_leave", fspan(&f.spread_leave)),
         ),
         (
-            "error_rate_enter",
-            fspan(&f.error_rate_enter),
-            fspan(&f.error_rate_leave),
+            ("error_rate_enter", fspan(&f.error_rate_enter)),
+            ("error_rate_leave", fspan(&f.error_rate_leave)),
         ),
         (
-            "error_rate_leave",
-            fspan(&f.error_rate_leave),
-            fspan(&f.error_rate_enter),
-        ),
-        (
-            "concurrency_enter",
-            fspan(&f.concurrency_enter),
-            fspan(&f.concurrency_leave),
-        ),
-        (
-            "concurrency_leave",
-            fspan(&f.concurrency_leave),
-            fspan(&f.concurrency_enter),
+            ("concurrency_enter", fspan(&f.concurrency_enter)),
+            ("concurrency_leave", fspan(&f.concurrency_leave)),
         ),
     ];
     for (field, v) in [
@@ -1313,10 +1297,11 @@ fn adaptive(key: &str, f: &file::FileAdaptive, a: &mut AdaptiveConfig, ck: &mut 
         return;
     }
     for e in a.problems() {
-        let at = places
-            .iter()
-            .find(|(k, ..)| *k == e.field)
-            .and_then(|(_, own, partner)| own.clone().or_else(|| partner.clone()));
+        let at = pairs.iter().find_map(|(x, y)| match e.field {
+            f if f == x.0 => x.1.clone().or_else(|| y.1.clone()),
+            f if f == y.0 => y.1.clone().or_else(|| x.1.clone()),
+            _ => None,
+        });
         ck.issues.push(ConfigIssue {
             key: format!("{key}.{}", e.field),
             line: at.map(|at| ck.line_of(at.start)),
