@@ -1,6 +1,8 @@
 //! Balancing configuration: [`LoadBalancerConfig`] with the SPEC's defaults;
 //! the circuit breaker's own knobs are [`BreakerConfig`], which lives with
-//! the breaker (re-exported here).
+//! the breaker, and the adaptive strategy's thresholds are
+//! [`AdaptiveConfig`], which lives with that strategy (both re-exported
+//! here).
 //!
 //! A [`Registry`](crate::Registry) has one default configuration and any
 //! number of per-service overrides (`Registry::configure_service`). Precedence
@@ -14,6 +16,7 @@ use std::time::Duration;
 
 pub use crate::breaker::{BreakerConfig, DEFAULT_ERROR_THRESHOLD, DEFAULT_RECOVERY_THRESHOLD};
 use crate::error::ConfigError;
+pub use crate::strategy::AdaptiveConfig;
 use crate::strategy::StrategyKind;
 
 /// Default minimum share of eligible instances before panic mode: 50 %.
@@ -34,6 +37,9 @@ pub struct LoadBalancerConfig {
     pub slow_start: Duration,
     /// Circuit breaker thresholds and windows. See [`BreakerConfig`].
     pub breaker: BreakerConfig,
+    /// `adaptive`'s thresholds and periods (read only when `strategy` is
+    /// `adaptive`, but always validated). See [`AdaptiveConfig`].
+    pub adaptive: AdaptiveConfig,
 }
 
 // === impl LoadBalancerConfig ===
@@ -45,6 +51,7 @@ impl Default for LoadBalancerConfig {
             min_healthy_percent: DEFAULT_MIN_HEALTHY_PERCENT,
             slow_start: DEFAULT_SLOW_START,
             breaker: BreakerConfig::default(),
+            adaptive: AdaptiveConfig::default(),
         }
     }
 }
@@ -58,7 +65,8 @@ impl LoadBalancerConfig {
                 format!("must be in 0..=100, got {}", self.min_healthy_percent),
             ));
         }
-        self.breaker.validate()
+        self.breaker.validate()?;
+        self.adaptive.validate()
     }
 }
 
@@ -105,6 +113,36 @@ mod tests {
             (
                 "half_open_max_probes",
                 Box::new(|c| c.breaker.half_open_max_probes = 0),
+            ),
+            (
+                "eval_interval",
+                Box::new(|c| c.adaptive.eval_interval = Duration::ZERO),
+            ),
+            (
+                "min_dwell",
+                Box::new(|c| c.adaptive.min_dwell = Duration::from_millis(500)),
+            ),
+            ("spread_enter", Box::new(|c| c.adaptive.spread_enter = 1.0)),
+            ("spread_leave", Box::new(|c| c.adaptive.spread_leave = 2.5)),
+            (
+                "error_rate_enter",
+                Box::new(|c| c.adaptive.error_rate_enter = 1.5),
+            ),
+            (
+                "error_rate_leave",
+                Box::new(|c| c.adaptive.error_rate_leave = 0.0),
+            ),
+            (
+                "concurrency_enter",
+                Box::new(|c| c.adaptive.concurrency_enter = f64::NAN),
+            ),
+            (
+                "concurrency_leave",
+                Box::new(|c| c.adaptive.concurrency_leave = -1.0),
+            ),
+            (
+                "concurrency_leave",
+                Box::new(|c| c.adaptive.concurrency_leave = 3.0),
             ),
         ];
         for (field, mutate) in cases {

@@ -104,4 +104,4 @@ pub use registry::{Registry, RegistryBuilder, RegistryError};
 pub use selection::{FailureKind, Outcome, Selection};
 pub use service::{Registered, Service, ServiceStatus};
 pub use stats::ServiceStats;
-pub use strategy::{AdaptiveStatus, Strategy, StrategyKind};
+pub use strategy::{AdaptiveConfig, AdaptiveStatus, Strategy, StrategyKind};

@@ -119,7 +119,7 @@ impl Service {
         config: LoadBalancerConfig,
         seed: u64,
     ) -> Self {
-        let strategy = config.strategy.build();
+        let strategy = config.strategy.build_with(&config);
         let config = Arc::new(config);
         Self {
             recorder: Arc::new(Recorder::new(name, clock, config.clone(), seed)),
@@ -290,16 +290,18 @@ impl Service {
         self.recorder.record(member, outcome, Source::Probe)
     }
 
-    /// Replaces the configuration; a changed strategy starts fresh.
+    /// Replaces the configuration; a changed strategy starts fresh, an
+    /// unchanged one keeps its state and takes the new tunables.
     pub(crate) fn set_config(&self, config: LoadBalancerConfig) {
         let mut w = self.writer.lock();
         let config = Arc::new(config);
         self.recorder.config.store(config.clone());
         let old = self.snapshot.load();
         let strategy = if old.strategy.kind() == config.strategy {
+            old.strategy.reconfigure(&config);
             old.strategy.clone()
         } else {
-            config.strategy.build()
+            config.strategy.build_with(&config)
         };
         w.generation += 1;
         let snap = Snapshot {

@@ -23,7 +23,19 @@
 //! The first matching row wins. Each signal is a Schmitt trigger — it turns
 //! on at the enter threshold and off only below the lower leave threshold —
 //! and the strategy changes at most once per 5 s, so noise around a
-//! threshold does not make it flap. Every change is reported as an
+//! threshold does not make it flap.
+//!
+//! The numbers above are the defaults; an operator tunes them per service
+//! with [`AdaptiveConfig`] (`[service.NAME.adaptive]` in the server's file).
+//! [`AdaptiveConfig::validate`] refuses a set that would break the rule:
+//! a leave threshold above its enter threshold (the trigger would turn off
+//! while still on, and flap), a spread threshold of 1.0 or below (the
+//! spread is never below 1.0, so `peak_ewma` would never be let go), an
+//! error rate outside (0, 1], a zero evaluation interval (every pick would
+//! take the lock), and a dwell shorter than the interval (the strategy only
+//! changes at an evaluation, so such a dwell could not be honoured). A new
+//! config on a running service keeps the current mode and triggers; the new
+//! thresholds apply from the next evaluation. Every change is reported as an
 //! [`Event::StrategySwitch`](crate::Event::StrategySwitch) with the deciding
 //! signal and its value (the pick hands a [`Switch`] to its service, which
 //! turns it into the event).
@@ -34,8 +46,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{P2c, PeakEwma, PickContext, Strategy, StrategyKind, Switch, Weighted};
+use super::{
+    LoadBalancerConfig, P2c, PeakEwma, PickContext, Strategy, StrategyKind, Switch, Weighted,
+};
 use crate::clock::Timestamp;
+use crate::error::ConfigError;
 use crate::instance::Member;
 use crate::members::Members;
 
@@ -64,6 +79,111 @@ const SAMPLE_MAX_AGE: Duration = Duration::from_secs(30);
 const SPREAD_SAMPLE: usize = 32;
 /// Outcomes needed in a period to judge the error rate.
 const MIN_OUTCOMES: u64 = 20;
+
+/// The thresholds and periods of `adaptive`'s rule (see the module doc).
+/// Defaults are the constants above.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveConfig {
+    /// How often the signals are evaluated. Default [`EVAL_INTERVAL`].
+    pub eval_interval: Duration,
+    /// Shortest time between two strategy changes. Default [`MIN_DWELL`].
+    pub min_dwell: Duration,
+    /// Latency spread that turns `peak_ewma` on. Default [`SPREAD_ENTER`].
+    pub spread_enter: f64,
+    /// Latency spread below which `peak_ewma` is let go. Default [`SPREAD_LEAVE`].
+    pub spread_leave: f64,
+    /// Error rate that turns `p2c` on. Default [`ERROR_ENTER`].
+    pub error_rate_enter: f64,
+    /// Error rate below which `p2c` is let go. Default [`ERROR_LEAVE`].
+    pub error_rate_leave: f64,
+    /// In-flight requests per instance that turn `p2c` on. Default
+    /// [`CONCURRENCY_ENTER`].
+    pub concurrency_enter: f64,
+    /// In-flight requests per instance below which `p2c` is let go. Default
+    /// [`CONCURRENCY_LEAVE`].
+    pub concurrency_leave: f64,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        Self {
+            eval_interval: EVAL_INTERVAL,
+            min_dwell: MIN_DWELL,
+            spread_enter: SPREAD_ENTER,
+            spread_leave: SPREAD_LEAVE,
+            error_rate_enter: ERROR_ENTER,
+            error_rate_leave: ERROR_LEAVE,
+            concurrency_enter: CONCURRENCY_ENTER,
+            concurrency_leave: CONCURRENCY_LEAVE,
+        }
+    }
+}
+
+impl AdaptiveConfig {
+    /// Checks every field (the rule and why are in the module doc); the
+    /// error names the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every bad field, each named by its key (the same names as the
+    /// server's `[service.NAME.adaptive]` keys), so a file can report them all.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        if self.eval_interval.is_zero() {
+            out.push(ConfigError::new("eval_interval", "must be greater than 0"));
+        } else if self.min_dwell < self.eval_interval {
+            out.push(ConfigError::new(
+                "min_dwell",
+                format!(
+                    "{:?} is shorter than eval_interval {:?}",
+                    self.min_dwell, self.eval_interval
+                ),
+            ));
+        }
+        let pairs = [
+            (
+                ("spread_enter", self.spread_enter),
+                ("spread_leave", self.spread_leave),
+                (1.0, f64::INFINITY),
+            ),
+            (
+                ("error_rate_enter", self.error_rate_enter),
+                ("error_rate_leave", self.error_rate_leave),
+                (0.0, 1.0),
+            ),
+            (
+                ("concurrency_enter", self.concurrency_enter),
+                ("concurrency_leave", self.concurrency_leave),
+                (0.0, f64::INFINITY),
+            ),
+        ];
+        for ((enter_key, enter), (leave_key, leave), (lo, hi)) in pairs {
+            let mut in_range = true;
+            for (key, v) in [(enter_key, enter), (leave_key, leave)] {
+                if !(v.is_finite() && v > lo && v <= hi) {
+                    in_range = false;
+                    let range = if hi.is_finite() {
+                        format!("in ({lo}, {hi}]")
+                    } else {
+                        format!("greater than {lo}")
+                    };
+                    out.push(ConfigError::new(key, format!("must be {range}, got {v}")));
+                }
+            }
+            if in_range && leave > enter {
+                out.push(ConfigError::new(
+                    leave_key,
+                    format!("{leave} is above {enter_key} {enter}"),
+                ));
+            }
+        }
+        out
+    }
+}
 
 /// Chooses among `weighted`, `p2c` and `peak_ewma` by observed load.
 #[derive(Debug)]
@@ -100,6 +220,7 @@ pub struct Signals {
 
 #[derive(Debug)]
 struct State {
+    config: AdaptiveConfig,
     mode: StrategyKind,
     since: Option<Timestamp>,
     reason: String,
@@ -119,6 +240,13 @@ const MODES: [StrategyKind; 3] = [
 
 impl Default for Adaptive {
     fn default() -> Self {
+        Self::new(AdaptiveConfig::default())
+    }
+}
+
+impl Adaptive {
+    /// A fresh `adaptive` (calm: `weighted`) following `config`'s rule.
+    pub fn new(config: AdaptiveConfig) -> Self {
         Self {
             weighted: Weighted::default(),
             p2c: P2c,
@@ -126,6 +254,7 @@ impl Default for Adaptive {
             mode: AtomicU8::new(0),
             next_eval: AtomicU64::new(0),
             state: Mutex::new(State {
+                config,
                 mode: StrategyKind::Weighted,
                 since: None,
                 reason: "no traffic observed yet".to_owned(),
@@ -216,43 +345,50 @@ impl Adaptive {
 
     fn evaluate(&self, st: &mut State, cx: &mut PickContext<'_>) {
         let s = self.measure(st, cx);
+        let c = st.config;
         st.signals = s;
         trigger(
             &mut st.spread_high,
             s.latency_spread,
-            SPREAD_ENTER,
-            SPREAD_LEAVE,
+            c.spread_enter,
+            c.spread_leave,
         );
-        trigger(&mut st.errors_high, s.error_rate, ERROR_ENTER, ERROR_LEAVE);
+        trigger(
+            &mut st.errors_high,
+            s.error_rate,
+            c.error_rate_enter,
+            c.error_rate_leave,
+        );
         trigger(
             &mut st.concurrency_high,
             s.concurrency,
-            CONCURRENCY_ENTER,
-            CONCURRENCY_LEAVE,
+            c.concurrency_enter,
+            c.concurrency_leave,
         );
         let (want, reason) = if st.spread_high {
             (
                 StrategyKind::PeakEwma,
                 format!(
-                    "latency spread {:.2}x (on at {SPREAD_ENTER}x, off below {SPREAD_LEAVE}x)",
-                    s.latency_spread
+                    "latency spread {:.2}x (on at {}x, off below {}x)",
+                    s.latency_spread, c.spread_enter, c.spread_leave
                 ),
             )
         } else if st.errors_high {
             (
                 StrategyKind::P2c,
                 format!(
-                    "error rate {:.1}% (on at {:.0}%, off below 2%)",
+                    "error rate {:.1}% (on at {}%, off below {}%)",
                     s.error_rate * 100.0,
-                    ERROR_ENTER * 100.0
+                    c.error_rate_enter * 100.0,
+                    c.error_rate_leave * 100.0
                 ),
             )
         } else if st.concurrency_high {
             (
                 StrategyKind::P2c,
                 format!(
-                    "{:.2} requests in flight per instance (on at {CONCURRENCY_ENTER}, off below {CONCURRENCY_LEAVE})",
-                    s.concurrency
+                    "{:.2} requests in flight per instance (on at {}, off below {})",
+                    s.concurrency, c.concurrency_enter, c.concurrency_leave
                 ),
             )
         } else {
@@ -272,7 +408,7 @@ impl Adaptive {
         }
         let dwelt = st
             .since
-            .is_none_or(|since| cx.now.saturating_since(since) >= MIN_DWELL);
+            .is_none_or(|since| cx.now.saturating_since(since) >= c.min_dwell);
         if !dwelt {
             return;
         }
@@ -300,8 +436,10 @@ impl Strategy for Adaptive {
         if now >= self.next_eval.load(Ordering::Relaxed) {
             if let Some(mut st) = self.state.try_lock() {
                 if now >= self.next_eval.load(Ordering::Relaxed) {
-                    self.next_eval
-                        .store((cx.now + EVAL_INTERVAL).as_nanos(), Ordering::Relaxed);
+                    self.next_eval.store(
+                        (cx.now + st.config.eval_interval).as_nanos(),
+                        Ordering::Relaxed,
+                    );
                     self.evaluate(&mut st, cx);
                 }
             }
@@ -323,6 +461,17 @@ impl Strategy for Adaptive {
 
     fn effective_kind(&self) -> StrategyKind {
         self.mode()
+    }
+
+    /// Takes `config.adaptive` for the next evaluation; the mode, its dwell
+    /// and the triggers stay as they are.
+    fn reconfigure(&self, config: &LoadBalancerConfig) {
+        let mut st = self.state.lock();
+        if st.config != config.adaptive {
+            st.config = config.adaptive;
+            // A shorter interval applies at once rather than after the old one.
+            self.next_eval.store(0, Ordering::Relaxed);
+        }
     }
 
     fn adaptive_status(&self) -> Option<AdaptiveStatus> {

@@ -46,7 +46,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::adaptive::{Adaptive, AdaptiveStatus, Signals};
+pub use self::adaptive::{Adaptive, AdaptiveConfig, AdaptiveStatus, Signals};
 pub use self::consistent_hash::{key_hash, ConsistentHash};
 pub use self::least_connections::LeastConnections;
 pub use self::p2c::P2c;
@@ -56,6 +56,7 @@ pub use self::round_robin::RoundRobin;
 pub use self::weighted::Weighted;
 
 use crate::clock::Timestamp;
+use crate::config::LoadBalancerConfig;
 use crate::instance::Member;
 use crate::members::Members;
 use crate::stats::ServiceStats;
@@ -108,6 +109,10 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     fn adaptive_status(&self) -> Option<AdaptiveStatus> {
         None
     }
+
+    /// Called when the service's configuration is replaced by one with the
+    /// same strategy: take its tunables, keep the state.
+    fn reconfigure(&self, _config: &LoadBalancerConfig) {}
 }
 
 /// The name of a strategy, as written in config (`strategy = "p2c"`).
@@ -208,8 +213,14 @@ impl StrategyKind {
         Self::NAMES[i]
     }
 
-    /// A fresh strategy of this kind.
+    /// A fresh strategy of this kind with default tunables.
     pub fn build(self) -> Arc<dyn Strategy> {
+        self.build_with(&LoadBalancerConfig::default())
+    }
+
+    /// A fresh strategy of this kind with `config`'s tunables
+    /// (`config.adaptive` for `adaptive`); `config.strategy` is not read.
+    pub fn build_with(self, config: &LoadBalancerConfig) -> Arc<dyn Strategy> {
         match self {
             StrategyKind::RoundRobin => Arc::new(RoundRobin::default()),
             StrategyKind::LeastConnections => Arc::new(LeastConnections),
@@ -219,7 +230,7 @@ impl StrategyKind {
             StrategyKind::P2c => Arc::new(P2c),
             StrategyKind::PeakEwma => Arc::new(PeakEwma),
             StrategyKind::ConsistentHash => Arc::new(ConsistentHash::default()),
-            StrategyKind::Adaptive => Arc::new(Adaptive::default()),
+            StrategyKind::Adaptive => Arc::new(Adaptive::new(config.adaptive)),
         }
     }
 }

@@ -77,6 +77,7 @@ pub struct FileService {
     pub retry_budget_min_per_second: Option<Spanned<i64>>,
     pub metrics_enabled: Option<bool>,
     pub breaker: Option<FileBreaker>,
+    pub adaptive: Option<FileAdaptive>,
     pub health_check: Option<FileHealthCheck>,
     #[serde(default)]
     pub instance: Vec<Spanned<FileInstance>>,
@@ -97,6 +98,21 @@ pub struct FileHealthCheck {
 
 /// `[service.NAME.breaker]`: the breaker's windows and rate rule
 /// (`error_threshold` / `recovery_threshold` stay in `[service.NAME]`).
+/// `[service.NAME.adaptive]`: the `adaptive` strategy's thresholds and
+/// periods (the rule is in the core's `strategy::adaptive`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdaptive {
+    pub eval_interval: Option<Spanned<String>>,
+    pub min_dwell: Option<Spanned<String>>,
+    pub spread_enter: Option<Spanned<f64>>,
+    pub spread_leave: Option<Spanned<f64>>,
+    pub error_rate_enter: Option<Spanned<f64>>,
+    pub error_rate_leave: Option<Spanned<f64>>,
+    pub concurrency_enter: Option<Spanned<f64>>,
+    pub concurrency_leave: Option<Spanned<f64>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileBreaker {

@@ -12,18 +12,18 @@ use super::*;
 use super::tests::BASE;
 
 /// `BASE` with `extra` lines right after `[service.api]` (line 7 onwards).
-fn with(extra: &str) -> Result<Config, ConfigErrors> {
+pub(super) fn with(extra: &str) -> Result<Config, ConfigErrors> {
     Config::parse(&BASE.replace("[service.api]\n", &format!("[service.api]\n{extra}")))
 }
 
-fn api(extra: &str) -> ServiceConfig {
+pub(super) fn api(extra: &str) -> ServiceConfig {
     match with(extra) {
         Ok(c) => c.services["api"].clone(),
         Err(e) => panic!("rejected: {e}"),
     }
 }
 
-fn error_of(extra: &str) -> String {
+pub(super) fn error_of(extra: &str) -> String {
     match with(extra) {
         Ok(_) => panic!("accepted: {extra}"),
         Err(e) => e.to_string(),

@@ -43,6 +43,8 @@
 //! test derives the key set from [`file`](mod@file) with [`keys::all`] and
 //! fails when the reference misses one, so add the row with the field.
 
+#[cfg(test)]
+mod adaptive_tests;
 pub mod file;
 pub mod keys;
 #[cfg(test)]
@@ -57,7 +59,9 @@ use std::time::Duration;
 use datapunk_lb_core::config::{
     DEFAULT_ERROR_THRESHOLD, DEFAULT_MIN_HEALTHY_PERCENT, DEFAULT_RECOVERY_THRESHOLD,
 };
-use datapunk_lb_core::{BreakerConfig, LoadBalancerConfig, ServiceInstance, StrategyKind, Weight};
+use datapunk_lb_core::{
+    AdaptiveConfig, BreakerConfig, LoadBalancerConfig, ServiceInstance, StrategyKind, Weight,
+};
 use toml::Spanned;
 
 use self::file::{FileConfig, FileService};
@@ -974,6 +978,9 @@ fn service(
     if let Some(b) = &s.breaker {
         breaker(&format!("{key}.breaker"), b, &mut lb.breaker, ck);
     }
+    if let Some(a) = &s.adaptive {
+        adaptive(&format!("{key}.adaptive"), a, &mut lb.adaptive, ck);
+    }
     if ck.issues.len() == before {
         // Backstop: the core's own rule, should a check above miss one.
         if let Err(e) = lb.validate() {
@@ -1203,6 +1210,21 @@ impl ServiceConfig {
             b.failure_rate_min_requests,
             b.half_open_max_probes,
         );
+        if lb.strategy == StrategyKind::Adaptive {
+            let a = &lb.adaptive;
+            let _ = writeln!(
+                s,
+                "  adaptive: eval_interval {}, min_dwell {}, spread_enter {}, spread_leave {}, error_rate_enter {}, error_rate_leave {}, concurrency_enter {}, concurrency_leave {}",
+                d(a.eval_interval),
+                d(a.min_dwell),
+                a.spread_enter,
+                a.spread_leave,
+                a.error_rate_enter,
+                a.error_rate_leave,
+                a.concurrency_enter,
+                a.concurrency_leave,
+            );
+        }
         let http = match &hc.kind {
             HealthCheckKind::Http {
                 path,
@@ -1222,6 +1244,69 @@ impl ServiceConfig {
             d(hc.timeout),
             d(hc.backoff_max),
         );
+    }
+}
+
+/// `[service.NAME.adaptive]` into `a`, every problem reported at its key.
+/// The ranges and pairings are the core's ([`AdaptiveConfig::problems`]);
+/// a problem with a key the file leaves out (a default `min_dwell` below a
+/// longer `eval_interval`) is reported at the line of its partner.
+fn adaptive(key: &str, f: &file::FileAdaptive, a: &mut AdaptiveConfig, ck: &mut Checker<'_>) {
+    let before = ck.issues.len();
+    a.eval_interval = ck.duration(
+        &format!("{key}.eval_interval"),
+        &f.eval_interval,
+        a.eval_interval,
+    );
+    a.min_dwell = ck.duration(&format!("{key}.min_dwell"), &f.min_dwell, a.min_dwell);
+    let span = |v: &Option<Spanned<String>>| v.as_ref().map(Spanned::span);
+    let fspan = |v: &Option<Spanned<f64>>| v.as_ref().map(Spanned::span);
+    // Each key with its partner (the other end of its rule) and their places.
+    let pairs = [
+        (
+            ("eval_interval", span(&f.eval_interval)),
+            ("min_dwell", span(&f.min_dwell)),
+        ),
+        (
+            ("spread_enter", fspan(&f.spread_enter)),
+            ("spread_leave", fspan(&f.spread_leave)),
+        ),
+        (
+            ("error_rate_enter", fspan(&f.error_rate_enter)),
+            ("error_rate_leave", fspan(&f.error_rate_leave)),
+        ),
+        (
+            ("concurrency_enter", fspan(&f.concurrency_enter)),
+            ("concurrency_leave", fspan(&f.concurrency_leave)),
+        ),
+    ];
+    for (field, v) in [
+        (&mut a.spread_enter, &f.spread_enter),
+        (&mut a.spread_leave, &f.spread_leave),
+        (&mut a.error_rate_enter, &f.error_rate_enter),
+        (&mut a.error_rate_leave, &f.error_rate_leave),
+        (&mut a.concurrency_enter, &f.concurrency_enter),
+        (&mut a.concurrency_leave, &f.concurrency_leave),
+    ] {
+        if let Some(v) = v {
+            *field = *v.get_ref();
+        }
+    }
+    if ck.issues.len() > before {
+        // An unparsable duration: the pairings would be judged on a default.
+        return;
+    }
+    for e in a.problems() {
+        let at = pairs.iter().find_map(|(x, y)| match e.field {
+            f if f == x.0 => x.1.clone().or_else(|| y.1.clone()),
+            f if f == y.0 => y.1.clone().or_else(|| x.1.clone()),
+            _ => None,
+        });
+        ck.issues.push(ConfigIssue {
+            key: format!("{key}.{}", e.field),
+            line: at.map(|at| ck.line_of(at.start)),
+            message: e.reason,
+        });
     }
 }
 
