@@ -19,7 +19,7 @@
 //!   under the prefix that were skipped).
 //! - **Listeners**: `datapunk_lb_accept_errors_total{listener}`, failed
 //!   accepts on a proxy listener (out of file descriptors, mostly): the log
-//!   says so at most once a second ([`crate::proxy::accept`]), the counter
+//!   says so at most once a second (the accept loop in `proxy/accept.rs`), the counter
 //!   has every one, for an alert.
 //!
 //! ## Every series from the first scrape
