@@ -28,6 +28,8 @@ pub mod config;
 pub(crate) mod control;
 pub mod demo;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 #[allow(unreachable_pub)]
 pub(crate) mod health_check;
 pub mod metrics;
