@@ -99,3 +99,29 @@ pub fn state_file(text: &str) -> Result<(), String> {
     assert_eq!(back.as_ref(), Ok(&state), "save/load round trip of {json}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_body_runs_the_handlers_parsers() {
+        let ok = br#"{"address":"127.0.0.1","port":9001,"weight":3}"#;
+        assert_eq!(admin_body(AdminBody::Register, "api", "a-1", ok), Ok(()));
+        let e = admin_body(AdminBody::Register, "api", "a-1", br#"{"port":9001}"#);
+        assert!(e.is_err_and(|e| e.contains("address")));
+        let e = admin_body(AdminBody::Register, "api", "a/1", ok);
+        assert!(e.is_err(), "an id with a slash is refused");
+        let h = admin_body(AdminBody::Health, "api", "a-1", br#"{"health_score":1.5}"#);
+        assert!(h.is_err_and(|e| e.contains("health")));
+        let s = admin_body(AdminBody::Strategy, "api", "a-1", br#"{"strategy":"p2c"}"#);
+        assert_eq!(s, Ok(()));
+    }
+
+    #[test]
+    fn state_file_parses_what_load_reads() {
+        assert_eq!(state_file(r#"{"version":1}"#), Ok(()));
+        assert!(state_file(r#"{"version":2}"#).is_err_and(|e| e.contains("version")));
+        assert!(state_file("{ not json").is_err());
+    }
+}
