@@ -11,7 +11,7 @@
 //! | [`config`] | the TOML file: strict parsing, validation with key and line |
 //! | `control` | the desired state (config < admin API < etcd), its one precedence rule, and the task that applies every change |
 //! | [`discovery`] | etcd discovery: list, watch, resync, sent to `control`; the `register` sidecar |
-| `fuzzing` | hidden entry points for the fuzz targets in `fuzz/` (crate-private parsers) |
+//! | `fuzzing` | hidden entry points for the fuzz targets in `fuzz/` (crate-private parsers) |
 //! | [`server`] | lifecycle: listeners, start, reload (SIGHUP), drain (SIGTERM), readiness |
 //! | `proxy` | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
 //! | `health_check` | active HTTP/TCP checks with spread, backoff and a bound |
