@@ -38,7 +38,7 @@ for t in "${targets[@]}"; do
         echo "== fuzz $t: FAILED (input in fuzz/artifacts/$t/)"
         exit 1
     fi
-    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 || true)
+    execs=$(grep -a -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+    cov=$(grep -a -o 'cov: [0-9]*' "$log" | tail -n 1 || true)
     echo "== fuzz $t: ok, $execs executions in $(($(date +%s) - start)) s, $cov"
 done
