@@ -150,16 +150,8 @@ impl World {
                 }
             }
             Op::Failure { at, kind } => {
-                let kinds = [
-                    FailureKind::Connect,
-                    FailureKind::Timeout,
-                    FailureKind::Reset,
-                    FailureKind::ServerError,
-                    FailureKind::Protocol,
-                    FailureKind::HealthCheck,
-                ];
                 if let Some(s) = self.take(at) {
-                    s.failure(pick(&kinds, kind).1);
+                    s.failure(pick(&FailureKind::ALL, kind).1);
                 }
             }
             Op::Drop { at } => drop(self.take(at)),
