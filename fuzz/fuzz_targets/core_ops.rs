@@ -63,7 +63,9 @@ fn pick<T: Copy>(xs: &[T], i: u8) -> (usize, T) {
 
 fn key_of(sel: &Selection) -> Option<(usize, usize)> {
     let s = SERVICES.iter().position(|s| *s == sel.service())?;
-    let i = IDS.iter().position(|i| *i == sel.instance().id().as_str())?;
+    let i = IDS
+        .iter()
+        .position(|i| *i == sel.instance().id().as_str())?;
     Some((s, i))
 }
 
@@ -95,7 +97,11 @@ impl World {
         if let Ok(st) = self.registry.instance(svc, IDS[k.1]) {
             assert!(!st.draining, "a draining instance was selected");
             if !panic && st.circuit_state != CircuitState::Closed {
-                assert!(sel.is_probe(), "breaker {:?} selected without a probe", st.circuit_state);
+                assert!(
+                    sel.is_probe(),
+                    "breaker {:?} selected without a probe",
+                    st.circuit_state
+                );
             }
         }
         let generation = self.generation.get(&k).copied().unwrap_or(0);
@@ -120,7 +126,9 @@ impl World {
                     .and_then(|x| Ok(x.with_weight(datapunk_lb_core::Weight::try_new(w)?)));
                 if let Ok(inst) = inst {
                     assert!((1..=1000).contains(&w));
-                    r.register_instance(svc, inst).map(|_| ()).unwrap_or_else(|e| panic!("{e}"));
+                    r.register_instance(svc, inst)
+                        .map(|_| ())
+                        .unwrap_or_else(|e| panic!("{e}"));
                     self.present.insert((s, i), true);
                 } else {
                     assert!(w == 0, "weight {w} refused");
@@ -131,7 +139,11 @@ impl World {
                 let (_, id) = pick(&IDS, id);
                 let _ = r.deregister_instance(svc, id);
             }
-            Op::Drain { svc, id, timeout_ms } => {
+            Op::Drain {
+                svc,
+                id,
+                timeout_ms,
+            } => {
                 let (_, svc) = pick(&SERVICES, svc);
                 let (_, id) = pick(&IDS, id);
                 let _ = r.drain_instance(svc, id, Duration::from_millis(u64::from(timeout_ms)));
@@ -189,9 +201,10 @@ impl World {
                 let id = st.instance.id().as_str();
                 let i = IDS.iter().position(|x| *x == id).unwrap_or(usize::MAX);
                 let generation = self.generation.get(&(s, i)).copied().unwrap_or(0);
-                let mine = self.held.iter().filter(|h| {
-                    h.generation == generation && key_of(&h.sel) == Some((s, i))
-                });
+                let mine = self
+                    .held
+                    .iter()
+                    .filter(|h| h.generation == generation && key_of(&h.sel) == Some((s, i)));
                 let (held, probes) = mine.fold((0u32, 0u32), |(n, p), h| {
                     (n + 1, p + u32::from(h.sel.is_probe()))
                 });
@@ -223,7 +236,11 @@ impl World {
             // (an outcome would change health, and so eligibility).
             let held = service.select(None);
             let want = total > 0 && eligible * 100 < usize::from(cfg.min_healthy_percent) * total;
-            assert_eq!(service.in_panic(), want, "{svc}: panic with {eligible}/{total}");
+            assert_eq!(
+                service.in_panic(),
+                want,
+                "{svc}: panic with {eligible}/{total}"
+            );
             drop(held);
         }
     }
@@ -234,7 +251,11 @@ impl World {
             let Some(service) = self.registry.service(svc) else {
                 continue;
             };
-            assert_eq!(service.status().in_flight, 0, "{svc}: in flight after the end");
+            assert_eq!(
+                service.status().in_flight,
+                0,
+                "{svc}: in flight after the end"
+            );
             for st in service.instances() {
                 assert_eq!(st.active_connections, 0, "{svc}: connections after the end");
             }
