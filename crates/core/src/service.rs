@@ -208,12 +208,14 @@ impl Service {
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Option<Selection> {
         let snap = self.snapshot.load();
+        let mut events = Vec::new();
+        // Before the empty check: a service whose last instance left while
+        // in panic must leave it (found by the `core_ops` fuzz target).
+        let panic = self.recorder.check_panic(&snap.config, &mut events);
         if snap.members.is_empty() {
             return None;
         }
         let now = self.recorder.clock.now();
-        let mut events = Vec::new();
-        let panic = self.recorder.check_panic(&snap.config, &mut events);
         let mut rng = fastrand::Rng::with_seed(self.recorder.next_seed());
         let mut switched = None;
         for _ in 0..ADMISSION_ATTEMPTS {

@@ -12,6 +12,7 @@
 //! | `control` | the desired state (config < admin API < etcd), its one precedence rule, and the task that applies every change |
 //! | [`history`] | the status page's history: per-second samples in bounded rings, recent state changes |
 //! | [`discovery`] | etcd discovery: list, watch, resync, sent to `control`; the `register` sidecar |
+//! | `fuzzing` | hidden entry points for the fuzz targets in `fuzz/` (crate-private parsers) |
 //! | [`server`] | lifecycle: listeners, start, reload (SIGHUP), drain (SIGTERM), readiness |
 //! | `proxy` | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
 //! | `health_check` | active HTTP/TCP checks with spread, backoff and a bound |
@@ -28,6 +29,8 @@ pub mod config;
 pub(crate) mod control;
 pub mod demo;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod health_check;
 pub mod history;
 pub mod metrics;

@@ -135,10 +135,7 @@ impl DynamicState {
                 })
             }
         };
-        let parsed: Result<DynamicState, String> = serde_json::from_str::<DynamicState>(&text)
-            .map_err(|e| e.to_string())
-            .and_then(|s| s.validate().map(|()| s));
-        match parsed {
+        match Self::parse(&text) {
             Ok(s) => Ok(s),
             Err(reason) => {
                 let stamp = std::time::SystemTime::now()
@@ -158,6 +155,22 @@ impl DynamicState {
                 })
             }
         }
+    }
+
+    /// Parses and validates a state file's text: what [`load`](Self::load)
+    /// does once the file is read (the `state_file` fuzz target calls it
+    /// through [`crate::fuzzing::state_file`]).
+    pub(crate) fn parse(text: &str) -> Result<DynamicState, String> {
+        serde_json::from_str::<DynamicState>(text)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validate().map(|()| s))
+    }
+
+    /// The text [`save`](Self::save) writes.
+    pub(crate) fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut state = self.clone();
+        state.version = VERSION;
+        serde_json::to_vec_pretty(&state)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -183,9 +196,7 @@ impl DynamicState {
             path: path.to_owned(),
             source,
         };
-        let mut state = self.clone();
-        state.version = VERSION;
-        let json = serde_json::to_vec_pretty(&state).map_err(|e| io(std::io::Error::other(e)))?;
+        let json = self.to_json().map_err(|e| io(std::io::Error::other(e)))?;
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())

@@ -138,3 +138,21 @@ fn drain_then_maintain_removes_when_idle_or_on_timeout() {
     assert_eq!(reg.instances(SVC).unwrap().len(), 1);
     drop(rest); // in-flight selections on removed instances finish normally
 }
+
+/// Found by the `core_ops` fuzz target: register one instance, eject it
+/// (panic: 0 of 1 eligible), deregister it. The empty service kept
+/// reporting panic forever, since a pick on no members returned before
+/// re-checking.
+#[test]
+fn fuzz_core_ops_panic_ends_when_the_last_instance_is_deregistered() {
+    let (reg, _clock) = registry(StrategyKind::RoundRobin);
+    populate(&reg, &[1]);
+    reg.update_instance_health(SVC, "i0", 0.0).unwrap();
+    assert!(reg.service(SVC).unwrap().status().panic);
+    reg.deregister_instance(SVC, "i0").unwrap();
+    assert!(reg.get_instance(SVC).is_none());
+    assert!(
+        !reg.service(SVC).unwrap().status().panic,
+        "0 of 0 is no panic"
+    );
+}

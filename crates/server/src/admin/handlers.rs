@@ -141,7 +141,7 @@ fn int_field(
     }
 }
 
-fn parse_spec(body: &Bytes) -> Result<InstanceSpec, AdminError> {
+pub(crate) fn parse_spec(body: &Bytes) -> Result<InstanceSpec, AdminError> {
     let m = object(body)?;
     reject_unknown(&m, &["address", "port", "weight", "zone", "tags"])?;
     let address = match m.get("address") {
@@ -173,6 +173,32 @@ fn parse_spec(body: &Bytes) -> Result<InstanceSpec, AdminError> {
         zone,
         tags,
     })
+}
+
+/// The body of `POST .../health`: `{"health_score": <number>}` (the range
+/// is the registry's to check).
+pub(crate) fn parse_health(body: &Bytes) -> Result<f64, AdminError> {
+    let m = object(body)?;
+    reject_unknown(&m, &["health_score"])?;
+    match m.get("health_score") {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| AdminError::field("health_score", "must be a number in 0..=1")),
+        None => Err(AdminError::field("health_score", "missing field")),
+    }
+}
+
+/// The body of `PUT .../strategy`: `{"strategy": "<name>"}`.
+pub(crate) fn parse_strategy(body: &Bytes) -> Result<StrategyKind, AdminError> {
+    let m = object(body)?;
+    reject_unknown(&m, &["strategy"])?;
+    match m.get("strategy") {
+        Some(Value::String(k)) => k
+            .parse::<StrategyKind>()
+            .map_err(|e| AdminError::field("strategy", e.to_string())),
+        Some(_) => Err(AdminError::field("strategy", "must be a string")),
+        None => Err(AdminError::field("strategy", "missing field")),
+    }
 }
 
 /// `PUT /v1/services/{svc}/instances/{id}`.
@@ -231,14 +257,7 @@ pub(crate) async fn post_health(
     Path((svc, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, AdminError> {
-    let m = object(&body)?;
-    reject_unknown(&m, &["health_score"])?;
-    let score = match m.get("health_score") {
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| AdminError::field("health_score", "must be a number in 0..=1"))?,
-        None => return Err(AdminError::field("health_score", "missing field")),
-    };
+    let score = parse_health(&body)?;
     s.control
         .send(Command::SetHealth {
             service: svc.clone(),
@@ -256,15 +275,7 @@ pub(crate) async fn put_strategy(
     Path(svc): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, AdminError> {
-    let m = object(&body)?;
-    reject_unknown(&m, &["strategy"])?;
-    let kind = match m.get("strategy") {
-        Some(Value::String(k)) => k
-            .parse::<StrategyKind>()
-            .map_err(|e| AdminError::field("strategy", e.to_string()))?,
-        Some(_) => return Err(AdminError::field("strategy", "must be a string")),
-        None => return Err(AdminError::field("strategy", "missing field")),
-    };
+    let kind = parse_strategy(&body)?;
     s.control
         .send(Command::SetStrategy {
             service: svc.clone(),
