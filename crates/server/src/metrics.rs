@@ -333,9 +333,6 @@ impl ServiceMetrics {
     /// Logs what the core reported, counts breaker transitions and keeps
     /// the changes for the status page.
     pub fn report(&self, events: Vec<Event>) {
-        if events.is_empty() {
-            return;
-        }
         report(&self.transitions, &self.history, events);
     }
 
@@ -376,7 +373,12 @@ impl ServiceMetrics {
 }
 
 /// The one place every core event passes through.
+/// The one place core events go: counted, kept for the status page's
+/// timeline, logged. Most calls (every request) bring none.
 fn report(transitions: &Family<Labels, Counter>, history: &History, events: Vec<Event>) {
+    if events.is_empty() {
+        return;
+    }
     count_transitions(transitions, &events);
     history.record(&events);
     crate::telemetry::events(events);

@@ -140,7 +140,10 @@ impl Discovered {
         services: &BTreeMap<String, ServiceConfig>,
         metrics: &Metrics,
     ) -> Applied {
-        self.layers.set_config(services.clone());
+        // The same services batch after batch: no clone, no index rebuild.
+        if self.layers.config() != services {
+            self.layers.set_config(services.clone());
+        }
         apply(
             &mut self.layers,
             &mut self.tracking,

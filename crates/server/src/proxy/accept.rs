@@ -73,8 +73,11 @@ pub(crate) async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                if let Some(suppressed) = errors.accepted(Instant::now()) {
-                    info!(listener = name, suppressed, "accepting again");
+                // Only after errors: no clock read per connection otherwise.
+                if errors.pending() {
+                    if let Some(suppressed) = errors.accepted(Instant::now()) {
+                        info!(listener = name, suppressed, "accepting again");
+                    }
                 }
                 let Some(permit) = tracker.enter() else {
                     continue;
@@ -153,6 +156,12 @@ impl AcceptErrors {
         }
         self.unresolved = false;
         Some(self.line(now))
+    }
+
+    /// Whether an accepted connection has anything to reset or report:
+    /// errors happened since the last recovery, or the backoff grew.
+    pub(crate) fn pending(&self) -> bool {
+        self.unresolved || self.backoff != MIN_BACKOFF
     }
 
     fn may_log(&self, now: Instant) -> bool {
