@@ -50,7 +50,9 @@ use crate::control::{
 };
 use crate::health_check::HealthChecker;
 use crate::metrics::Metrics;
-use crate::proxy::http::{ConnTracker, HttpContext, UpstreamClients};
+use crate::proxy::accept::ConnTracker;
+use crate::proxy::http::HttpContext;
+use crate::proxy::upstream::UpstreamClients;
 use crate::proxy::{RetryBudget, Routing, Upstream};
 
 /// Why the server could not start or reload.

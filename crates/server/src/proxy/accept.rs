@@ -35,14 +35,13 @@
 //! task.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{info, warn};
-
-use super::http::ConnTracker;
 
 /// At most one accept-error line per listener per this long.
 pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -220,5 +219,46 @@ mod tests {
         assert_eq!(e.accepted(t0 + ms(1000)), Some(3));
         assert_eq!(e.accepted(t0 + ms(3000)), None);
         assert_eq!(e.failed(t0 + ms(3000)).0, Some(0));
+    }
+}
+
+/// Tracks open client connections for a drain: each holds a permit, and
+/// the drain flag asks them to finish.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnTracker {
+    permits: Arc<tokio::sync::Semaphore>,
+    drain: watch::Sender<bool>,
+}
+
+/// Connections tracked at most (a drain acquires all permits).
+const MAX_TRACKED: u32 = 1 << 20;
+
+impl Default for ConnTracker {
+    fn default() -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_TRACKED as usize)),
+            drain: watch::channel(false).0,
+        }
+    }
+}
+
+impl ConnTracker {
+    /// Registers a connection; `None` once draining.
+    pub(crate) fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if *self.drain.borrow() {
+            return None;
+        }
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// A receiver that turns true when the drain begins.
+    pub(crate) fn draining(&self) -> watch::Receiver<bool> {
+        self.drain.subscribe()
+    }
+
+    /// Starts the drain and waits until every tracked connection closed.
+    pub(crate) async fn drain(&self) {
+        let _ = self.drain.send(true);
+        let _ = self.permits.acquire_many(MAX_TRACKED).await;
     }
 }

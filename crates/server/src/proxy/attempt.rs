@@ -308,7 +308,7 @@ mod tests {
     use datapunk_lb_core::{ManualClock, Registry, StrategyKind};
 
     use super::*;
-    use crate::proxy::http::UpstreamClients;
+    use crate::proxy::upstream::UpstreamClients;
     use crate::proxy::RetryBudget;
 
     const GET: Replay = Replay {

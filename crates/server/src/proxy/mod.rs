@@ -1,8 +1,11 @@
-//! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]), TCP listeners
-//! ([`tcp`]), the one accept loop both use ([`accept`]: accept errors logged
-//! at most once a second and backed off), routing, the one attempt loop both
-//! use ([`attempt`]), the retry budget ([`retry`]) and the errors clients see
-//! ([`error`]).
+//! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]: the request path;
+//! [`headers`]: hop-by-hop and forwarding headers; [`request_body`]: buffered
+//! for replay or streamed; [`upstream`]: the clients and the HTTP attempt;
+//! [`body`]: the response body that carries the attempt's claim), TCP
+//! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
+//! errors logged at most once a second and backed off; the drain tracker),
+//! routing, the one attempt loop both use ([`attempt`]), the retry budget
+//! ([`retry`]) and the errors clients see ([`error`]).
 //!
 //! Request path: listener → [`Routing::route`] (host, then path prefix,
 //! first match wins; a TCP listener has one service) → [`attempt::run`]:
@@ -17,9 +20,12 @@ pub(crate) mod accept;
 pub(crate) mod attempt;
 pub(crate) mod body;
 pub(crate) mod error;
+pub(crate) mod headers;
 pub(crate) mod http;
+pub(crate) mod request_body;
 pub(crate) mod retry;
 pub(crate) mod tcp;
+pub(crate) mod upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,7 +59,7 @@ pub(crate) struct Upstream {
     /// Retry budget, kept across reloads.
     pub(crate) budget: Arc<RetryBudget>,
     /// Pooled upstream clients.
-    pub(crate) clients: http::UpstreamClients,
+    pub(crate) clients: upstream::UpstreamClients,
     /// Metric handles, resolved once.
     pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
 }

@@ -25,8 +25,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::debug;
 
 use super::accept;
+use super::accept::ConnTracker;
 use super::attempt::{self, Attempt, Class, Ended, NoAnswer, Replay, Step};
-use super::http::ConnTracker;
 use super::{ProxyError, Routing};
 
 /// Accepts connections until `stop` turns true; open connections are
