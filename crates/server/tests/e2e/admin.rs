@@ -242,7 +242,10 @@ async fn every_mutating_route_needs_the_token_and_validates() {
         .find(|i| i["id"] == "a")
         .unwrap()
         .clone();
-    assert_eq!(a_row["health_score"], 0.5);
+    // Set to 0.5; an active check that succeeded since may have nudged it
+    // up a little (a success adds a small step), never back near 1.0.
+    let score = a_row["health_score"].as_f64().unwrap();
+    assert!((0.5..0.55).contains(&score), "health score {score}");
     let (status, list) = admin(adm, "GET", "/v1/services", Some(TOKEN), None).await;
     assert_eq!(status, 200);
     assert!(list.contains("\"panic\""), "{list}");
