@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Writes the Markdown report of one bench/soak.sh run (and an SVG plot of
+the balancer's RSS and open descriptors, with the faults marked) from the
+run directory: load.jsonl, h2load.log/.out, metrics.txt, samples.tsv,
+faults.tsv, exit.txt.
+
+Usage: soak_report.py RUN_DIR DURATION_SECONDS
+"""
+
+import json
+import re
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+run = Path(sys.argv[1])
+duration = sys.argv[2]
+
+
+def read(name: str) -> str:
+    p = run / name
+    return p.read_text() if p.exists() else ""
+
+
+# Client side: soak_load.py's totals, h2load's per-request log.
+total = {}
+for line in read("load.jsonl").splitlines():
+    if line.startswith('{"total"'):
+        total = json.loads(line)["total"]
+h2 = Counter()
+for line in read("h2load.log").splitlines():
+    parts = line.split()
+    if len(parts) >= 2:
+        code = parts[1]
+        h2["ok" if code == "200" else f"status_{code}" if code.isdigit() else "error"] += 1
+m = re.search(r"(\d+) errored, (\d+) timeout", read("h2load.out"))
+if m:
+    # Requests that got no answer are not in h2load's log: its own counts.
+    for k, v in zip(("errored", "timeout"), m.groups()):
+        if int(v):
+            h2[k] = int(v)
+total["http2_get (h2load)"] = dict(h2)
+
+# Balancer side: from /metrics at the end.
+metrics = read("metrics.txt")
+retries = sum(float(v) for v in re.findall(r"^datapunk_lb_retries_total\{[^}]*\} (\S+)", metrics, re.M))
+outcomes = Counter()
+for svc, outcome, v in re.findall(
+    r'^datapunk_lb_requests_total\{[^}]*service="([^"]+)"[^}]*outcome="([^"]+)"[^}]*\} (\S+)', metrics, re.M
+):
+    outcomes[(svc, outcome)] += float(v)
+reloads = re.findall(r'^datapunk_lb_config_reloads_total\{([^}]*)\} (\S+)', metrics, re.M)
+
+samples = []
+for line in read("samples.tsv").splitlines()[1:]:
+    t, rss, fds = line.split("\t")
+    samples.append((int(t), int(rss), int(fds)))
+faults = [l.split("\t", 1) for l in read("faults.tsv").splitlines()[1:] if "\t" in l]
+
+print(f"# Soak run: {run.name}\n")
+print(f"- duration: {duration} s of load; faults every cycle, see the schedule below")
+print(f"- {read('exit.txt').strip()}")
+print()
+print("## Requests by protocol and outcome (client side)\n")
+print("| protocol | total | ok | failed | failed by cause |")
+print("| --- | ---: | ---: | ---: | --- |")
+for proto, causes in total.items():
+    n = sum(causes.values())
+    ok = causes.get("ok", 0)
+    bad = ", ".join(f"{k} {v}" for k, v in sorted(causes.items()) if k != "ok") or "-"
+    print(f"| {proto} | {n} | {ok} | {n - ok} | {bad} |")
+print()
+print("## The balancer's view (`/metrics` at the end)\n")
+print(f"- retries to another instance: {retries:.0f}")
+for (svc, outcome), v in sorted(outcomes.items()):
+    if v:
+        print(f"- `{svc}` requests with outcome `{outcome}`: {v:.0f}")
+for labels, v in reloads:
+    print(f"- config reloads {{{labels}}}: {float(v):.0f}")
+print()
+if samples:
+    first = [s for s in samples if s[0] <= samples[0][0] + 60]
+    last = [s for s in samples if s[0] >= samples[-1][0] - 60]
+    med = lambda xs, i: statistics.median(x[i] for x in xs)
+    print("## Resources (sampled every second)\n")
+    print("| | first minute (median) | last minute (median) | max |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| RSS (MiB) | {med(first, 1) / 1024:.1f} | {med(last, 1) / 1024:.1f} | {max(s[1] for s in samples) / 1024:.1f} |")
+    print(f"| open file descriptors | {med(first, 2):.0f} | {med(last, 2):.0f} | {max(s[2] for s in samples)} |")
+    print()
+    # The plot: RSS and fds over time, faults as ticks.
+    w, h, pad = 900, 260, 40
+    tmax = max(s[0] for s in samples) or 1
+    rmax = max(s[1] for s in samples) or 1
+    fmax = max(s[2] for s in samples) or 1
+    x = lambda t: pad + (w - 2 * pad) * t / tmax
+    y = lambda v, vmax: h - pad - (h - 2 * pad) * v / vmax
+    rss_pts = " ".join(f"{x(t):.1f},{y(r, rmax):.1f}" for t, r, _ in samples)
+    fd_pts = " ".join(f"{x(t):.1f},{y(f, fmax):.1f}" for t, _, f in samples)
+    ticks = "".join(
+        f'<line x1="{x(int(t)):.1f}" y1="{pad}" x2="{x(int(t)):.1f}" y2="{h - pad}" stroke="#ddd"><title>{f}</title></line>'
+        for t, f in faults
+    )
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">'
+        f'<rect width="{w}" height="{h}" fill="white"/>{ticks}'
+        f'<polyline points="{rss_pts}" fill="none" stroke="#1f77b4"/>'
+        f'<polyline points="{fd_pts}" fill="none" stroke="#d62728"/>'
+        f'<text x="{pad}" y="20" fill="#1f77b4">RSS (max {rmax / 1024:.1f} MiB)</text>'
+        f'<text x="{pad + 200}" y="20" fill="#d62728">open fds (max {fmax})</text>'
+        f'<text x="{w - pad - 150}" y="20" fill="#999">grey: faults; 0–{tmax} s</text></svg>'
+    )
+    (run / "soak.svg").write_text(svg)
+    print(f"Plot: `soak-{run.name.removeprefix('soak-')}.svg` (RSS blue, descriptors red, faults grey).\n")
+print("## Faults injected\n")
+kinds = Counter(re.sub(r"\(generation \d+\)|status \d+", "", f).strip() for _, f in faults)
+for k, v in kinds.items():
+    print(f"- {v}× {k}")
+statuses = Counter(re.search(r"status (\d+)", f).group(1) for _, f in faults if "status" in f)
+if statuses:
+    print(f"- admin answers: {dict(statuses)}")
