@@ -139,6 +139,10 @@ printf 't\trss_kib\tfds\n' >"$RUN_DIR/samples.tsv"
 		rss=$(awk '/^VmRSS/ {print $2}' "/proc/$LB/status" 2>/dev/null || echo 0)
 		fds=$(find "/proc/$LB/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
 		printf '%s\t%s\t%s\n' "$((EPOCHSECONDS - T0))" "$rss" "$fds"
+		# The balancer's view of `api`: eligible count, panic, breakers.
+		curl -sS --max-time 1 -H "Authorization: Bearer $TOKEN" \
+			"http://127.0.0.1:$ADMIN_PORT/v1/services/api" >>"$RUN_DIR/states.jsonl" 2>/dev/null &&
+			echo >>"$RUN_DIR/states.jsonl"
 		sleep 1
 	done
 ) >>"$RUN_DIR/samples.tsv" &

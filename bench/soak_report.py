@@ -113,6 +113,23 @@ if samples:
     )
     (run / "soak.svg").write_text(svg)
     print(f"Plot: `soak-{run.name.removeprefix('soak-')}.svg` (RSS blue, descriptors red, faults grey).\n")
+states = []
+for line in read("states.jsonl").splitlines():
+    try:
+        states.append(json.loads(line))
+    except ValueError:
+        pass
+if states:
+    print("## The balancer's state of `api` (sampled every second)\n")
+    panic = sum(1 for s in states if s.get("panic"))
+    eligible = Counter(s.get("eligible") for s in states)
+    opened = Counter(
+        i["id"] for s in states for i in s.get("instances", []) if i.get("circuit_state") != "closed"
+    )
+    print(f"- samples: {len(states)}; in panic mode: {panic}")
+    print(f"- eligible instances, seconds each: {dict(sorted(eligible.items(), key=str))}")
+    print(f"- seconds with a breaker not closed, by instance: {dict(sorted(opened.items()))}")
+    print()
 print("## Faults injected\n")
 kinds = Counter(re.sub(r"\(generation \d+\)|status \d+", "", f).strip() for _, f in faults)
 for k, v in kinds.items():
