@@ -37,10 +37,14 @@
 //!
 //! ## The tunnel
 //!
-//! Bytes flow both ways until both directions have ended: when one side
-//! closes its sending half, the other side's sending half is shut down too
-//! (a half-close, as TCP listeners do), and an I/O error on either side ends
-//! the tunnel at once. `upgrade_idle_timeout` (per service, default 1 h,
+//! Bytes flow both ways until either side closes: its end of stream is
+//! passed on (the other side's sending half is shut down) and the tunnel
+//! ends, closing both connections, as NGINX does for WebSocket. A
+//! half-closed tunnel is not kept open: WebSocket ends with its own close
+//! handshake, after which the server closes, and a client that stops reading
+//! once it has the close frame would otherwise hold the instance until the
+//! idle timeout. An I/O error on either side ends the tunnel too.
+//! `upgrade_idle_timeout` (per service, default 1 h,
 //! like common proxies' WebSocket timeouts) closes a tunnel in which no
 //! byte has moved either way for that long. There is no other time limit.
 //!
@@ -332,7 +336,7 @@ impl Step for UpgradeStep<'_> {
 /// Why a tunnel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// Both directions reached their end of stream.
+    /// A side closed (end of stream).
     Closed,
     /// No byte moved either way for the idle timeout.
     Idle,
@@ -371,14 +375,10 @@ where
     let (to_upstream, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
-    let copied = async {
-        tokio::try_join!(
-            pump(&mut client_rx, &mut upstream_tx, &to_upstream, &last, start),
-            pump(&mut upstream_rx, &mut client_tx, &to_client, &last, start),
-        )
-    };
+    let closed = |r: std::io::Result<()>| if r.is_ok() { End::Closed } else { End::Error };
     let end = tokio::select! {
-        r = copied => if r.is_ok() { End::Closed } else { End::Error },
+        r = pump(&mut client_rx, &mut upstream_tx, &to_upstream, &last, start) => closed(r),
+        r = pump(&mut upstream_rx, &mut client_tx, &to_client, &last, start) => closed(r),
         () = idle_watch(&last, start, idle) => End::Idle,
     };
     Tunnel {
@@ -388,8 +388,8 @@ where
     }
 }
 
-/// Copies `from` into `to` until `from` ends, then shuts `to` down (the
-/// half-close); counts bytes into `moved` and stamps `last`.
+/// Copies `from` into `to` until `from` ends, then shuts `to` down to pass
+/// the end on; counts bytes into `moved` and stamps `last`.
 async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
@@ -506,46 +506,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tunnel_copies_both_ways_and_ends_when_both_sides_close() {
+    async fn a_tunnel_copies_both_ways_and_ends_when_one_side_closes() {
         let (client, mut client_peer) = tokio::io::duplex(64);
         let (upstream, mut upstream_peer) = tokio::io::duplex(64);
         let t = tokio::spawn(tunnel(client, upstream, Duration::from_secs(60)));
-        // More than one buffer's worth each way, so writes must wait on reads.
+        // Far more than the pipes hold each way, at once: neither direction
+        // may wait on the other.
         let up: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..70_000u32).map(|i| (i % 13) as u8).collect();
-        let (up2, down2) = (up.clone(), down.clone());
-        let client_side = async move {
-            let (mut r, mut w) = tokio::io::split(&mut client_peer);
-            let send = async {
-                w.write_all(&up2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let recv = r.read_to_end(&mut got);
-            let (_, n) = tokio::join!(send, recv);
-            n.unwrap();
-            got
-        };
-        let upstream_side = async move {
-            let (mut r, mut w) = tokio::io::split(&mut upstream_peer);
-            let send = async {
-                w.write_all(&down2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let recv = r.read_to_end(&mut got);
-            let (_, n) = tokio::join!(send, recv);
-            n.unwrap();
-            got
-        };
-        let (at_client, at_upstream) = tokio::join!(client_side, upstream_side);
+        let (mut client_rx, mut client_tx) = tokio::io::split(&mut client_peer);
+        let (mut upstream_rx, mut upstream_tx) = tokio::io::split(&mut upstream_peer);
+        let (mut at_client, mut at_upstream) = (vec![0; down.len()], vec![0; up.len()]);
+        let (a, b, c, d) = tokio::join!(
+            client_tx.write_all(&up),
+            upstream_tx.write_all(&down),
+            client_rx.read_exact(&mut at_client),
+            upstream_rx.read_exact(&mut at_upstream),
+        );
+        (a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap());
         assert_eq!(at_upstream, up);
         assert_eq!(at_client, down);
+        assert!(!t.is_finished());
+        // The backend closes: the client sees the end, and the tunnel ends.
+        upstream_tx.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(client_rx.read_to_end(&mut rest).await.unwrap(), 0);
         let t = t.await.unwrap();
         assert_eq!(
             (t.to_upstream, t.to_client, t.end),
             (100_000, 70_000, End::Closed)
         );
+        // Both connections are closed: the backend sees its end too.
+        assert_eq!(upstream_rx.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
     #[tokio::test(start_paused = true)]
