@@ -523,7 +523,10 @@ mod tests {
             client_rx.read_exact(&mut at_client),
             upstream_rx.read_exact(&mut at_upstream),
         );
-        (a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap());
+        a.unwrap();
+        b.unwrap();
+        c.unwrap();
+        d.unwrap();
         assert_eq!(at_upstream, up);
         assert_eq!(at_client, down);
         assert!(!t.is_finished());

@@ -29,10 +29,23 @@ type Ws = WebSocketStream<TcpStream>;
 /// Request heads a backend received.
 type Seen = Arc<Mutex<Vec<(Version, HeaderMap)>>>;
 
-/// The listener `web` → service `api` with one instance on `port`, no
-/// health checks (a WebSocket backend has no `/health`), and `extra` in
+/// The listener `web` → service `api` with one instance `ws` on `port`,
+/// no health checks (a WebSocket backend has no `/health`), and `extra` in
 /// `[service.api]`.
 fn config(port: u16, extra: &str) -> String {
+    config_of(&[("ws", port)], extra)
+}
+
+/// [`config`] with an instance per `(id, port)`.
+fn config_of(instances: &[(&str, u16)], extra: &str) -> String {
+    let instances: String = instances
+        .iter()
+        .map(|(id, port)| {
+            format!(
+                "[[service.api.instance]]\nid = \"{id}\"\naddress = \"127.0.0.1\"\nport = {port}\n"
+            )
+        })
+        .collect();
     format!(
         r#"drain_timeout = "5s"
 {WEB_TO_API}
@@ -41,11 +54,7 @@ fn config(port: u16, extra: &str) -> String {
 [service.api.health_check]
 kind = "none"
 
-[[service.api.instance]]
-id = "ws"
-address = "127.0.0.1"
-port = {port}
-"#
+{instances}"#
     )
 }
 
@@ -62,6 +71,8 @@ async fn ws_echo_backend(seen: Seen) -> u16 {
             };
             let seen = seen.clone();
             tokio::spawn(async move {
+                // tungstenite's callback type fixes the error type.
+                #[allow(clippy::result_large_err)]
                 let record = move |req: &WsRequest, mut resp: Response<()>| {
                     seen.lock().push((req.version(), req.headers().clone()));
                     resp.headers_mut()
@@ -141,6 +152,15 @@ async fn echo(ws: &mut Ws, text: &str) {
     assert_eq!(got, Message::text(text));
 }
 
+/// A WebSocket handshake's headers, for [`raw_request`].
+const HANDSHAKE: [(&str, &str); 5] = [
+    ("host", "chat.example"),
+    ("connection", "Upgrade"),
+    ("upgrade", "websocket"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
 /// One HTTP/1.x request with exactly `headers` on a fresh connection:
 /// status, response headers, body.
 async fn raw_request(
@@ -170,12 +190,22 @@ async fn raw_request(
     )
 }
 
-/// The `api` instance as the admin API shows it.
+/// The `api` instance `ws` as the admin API shows it.
 async fn instance(adm: SocketAddr) -> Value {
+    instance_named(adm, "ws").await
+}
+
+async fn instance_named(adm: SocketAddr, id: &str) -> Value {
     let (status, body) = admin(adm, "GET", "/v1/services/api", None, None).await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    v["instances"][0].clone()
+    let found = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .cloned();
+    found.unwrap_or_else(|| panic!("no instance {id} in {v}"))
 }
 
 /// Waits until the instance's `active_connections` is `want`.
@@ -261,18 +291,7 @@ async fn a_refused_upgrade_passes_the_backends_answer_through() {
     let seen = Seen::default();
     let port = refusing_backend(seen.clone()).await;
     let lb = Lb::start(&config(port, ""));
-    let (status, headers, body) = raw_request(
-        lb.addr("web"),
-        Version::HTTP_11,
-        &[
-            ("host", "chat.example"),
-            ("connection", "Upgrade"),
-            ("upgrade", "websocket"),
-            ("sec-websocket-version", "13"),
-            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ],
-    )
-    .await;
+    let (status, headers, body) = raw_request(lb.addr("web"), Version::HTTP_11, &HANDSHAKE).await;
     assert_eq!(
         (status, body.as_str()),
         (403, "websocket refused: sign in first")
@@ -289,6 +308,9 @@ async fn a_refused_upgrade_passes_the_backends_answer_through() {
     assert_eq!(instance(adm).await["errors"], 0);
 }
 
+/// What a request is, its version, its headers.
+type Case<'a> = (&'a str, Version, Vec<(&'a str, &'a str)>);
+
 #[tokio::test]
 async fn ordinary_requests_still_have_upgrade_stripped() {
     let seen = Seen::default();
@@ -296,7 +318,7 @@ async fn ordinary_requests_still_have_upgrade_stripped() {
     let lb = Lb::start(&config(port, ""));
     let addr = lb.addr("web");
     let host = ("host", "chat.example");
-    let cases: [(&str, Version, Vec<(&str, &str)>); 4] = [
+    let cases: [Case<'_>; 4] = [
         ("plain GET", Version::HTTP_11, vec![host]),
         (
             "Upgrade without Connection: upgrade",
@@ -396,4 +418,45 @@ async fn a_drain_waits_for_an_open_tunnel_until_it_closes() {
         "the drain took {:?}: it waited for drain_timeout, not the tunnel",
         t.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_handshake_to_a_dead_instance_moves_to_a_live_one() {
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let live = ws_echo_backend(Seen::default()).await;
+    let lb = Lb::start(&config_of(
+        &[("dead", dead), ("ws", live)],
+        "strategy = \"round_robin\"",
+    ));
+    // Round robin sends some of these to the dead instance first.
+    for i in 0..4 {
+        let (mut ws, resp) = ws_connect(lb.addr("web"), &[]).await;
+        assert_eq!(resp.status(), 101);
+        echo(&mut ws, &format!("via a retry {i}")).await;
+    }
+    let dead = instance_named(lb.addr("admin"), "dead").await;
+    assert!(dead["errors"].as_u64().unwrap() >= 1, "never tried: {dead}");
+}
+
+#[tokio::test]
+async fn open_tunnels_count_against_max_connections() {
+    let port = ws_echo_backend(Seen::default()).await;
+    let lb = Lb::start(&config(port, "max_connections = 1"));
+    let addr = lb.addr("web");
+    let (mut first, _) = ws_connect(addr, &[]).await;
+    echo(&mut first, "holding the only connection").await;
+    let (status, _, _) = raw_request(addr, Version::HTTP_11, &HANDSHAKE).await;
+    assert_eq!(status, 503, "a second tunnel beyond max_connections");
+    first.close(None).await.unwrap();
+    while let Some(m) = first.next().await {
+        if m.is_err() {
+            break;
+        }
+    }
+    wait_active(lb.addr("admin"), 0).await;
+    let (mut second, _) = ws_connect(addr, &[]).await;
+    echo(&mut second, "the slot is free again").await;
 }
