@@ -62,32 +62,44 @@ kind = "none"
 /// handshake's request headers are recorded, and the 101 carries
 /// `x-backend: ws-echo`. Returns its port.
 async fn ws_echo_backend(seen: Seen) -> u16 {
+    serve_each(move |stream| {
+        let seen = seen.clone();
+        async move {
+            // tungstenite's callback type fixes the error type.
+            #[allow(clippy::result_large_err)]
+            let record = move |req: &WsRequest, mut resp: Response<()>| {
+                seen.lock().push((req.version(), req.headers().clone()));
+                resp.headers_mut()
+                    .insert("x-backend", HeaderValue::from_static("ws-echo"));
+                Ok::<_, ErrorResponse>(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, record).await else {
+                return;
+            };
+            while let Some(Ok(msg)) = ws.next().await {
+                if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Listens on 127.0.0.1:0 and runs `serve` on each connection in its own
+/// task; returns the port.
+async fn serve_each<F, Fut>(serve: F) -> u16
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                // tungstenite's callback type fixes the error type.
-                #[allow(clippy::result_large_err)]
-                let record = move |req: &WsRequest, mut resp: Response<()>| {
-                    seen.lock().push((req.version(), req.headers().clone()));
-                    resp.headers_mut()
-                        .insert("x-backend", HeaderValue::from_static("ws-echo"));
-                    Ok::<_, ErrorResponse>(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, record).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            if let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream));
+            }
         }
     });
     port
@@ -97,35 +109,28 @@ async fn ws_echo_backend(seen: Seen) -> u16 {
 /// `Upgrade` header gets 403 and a body, any other 200 `plain`. Every
 /// request head is recorded. Returns its port.
 async fn refusing_backend(seen: Seen) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+    serve_each(move |stream| {
+        let seen = seen.clone();
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            seen.lock().push((req.version(), req.headers().clone()));
+            let (status, body) = if req.headers().contains_key("upgrade") {
+                (403, "websocket refused: sign in first")
+            } else {
+                (200, "plain")
             };
-            let seen = seen.clone();
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                seen.lock().push((req.version(), req.headers().clone()));
-                let (status, body) = if req.headers().contains_key("upgrade") {
-                    (403, "websocket refused: sign in first")
-                } else {
-                    (200, "plain")
-                };
-                let resp = Response::builder()
-                    .status(status)
-                    .body(Full::new(Bytes::from_static(body.as_bytes())))
-                    .unwrap();
-                async move { Ok::<_, std::convert::Infallible>(resp) }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            let resp = Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap();
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        });
+        async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         }
-    });
-    port
+    })
+    .await
 }
 
 /// A WebSocket handshake to `/chat` through `addr` with `extra` headers.
@@ -160,6 +165,17 @@ const HANDSHAKE: [(&str, &str); 5] = [
     ("sec-websocket-version", "13"),
     ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
 ];
+
+/// Closes `ws` with the close handshake, through to the server's end of
+/// stream.
+async fn close(ws: &mut Ws) {
+    ws.close(None).await.unwrap();
+    while let Some(m) = ws.next().await {
+        if m.is_err() {
+            break;
+        }
+    }
+}
 
 /// One HTTP/1.x request with exactly `headers` on a fresh connection:
 /// status, response headers, body.
@@ -274,13 +290,7 @@ async fn a_websocket_echoes_1000_messages_in_order_and_counts_as_one_connection(
     }
     assert_eq!(instance(adm).await["active_connections"], 1);
 
-    ws.close(None).await.unwrap();
-    // The close handshake completes through the tunnel.
-    while let Some(m) = ws.next().await {
-        if m.is_err() {
-            break;
-        }
-    }
+    close(&mut ws).await;
     wait_active(adm, 0).await;
     let inst = instance(adm).await;
     assert_eq!(inst["errors"], 0, "{inst}");
@@ -405,12 +415,7 @@ async fn a_drain_waits_for_an_open_tunnel_until_it_closes() {
         lb.child.try_wait().unwrap().is_none(),
         "exited with a tunnel open"
     );
-    ws.close(None).await.unwrap();
-    while let Some(m) = ws.next().await {
-        if m.is_err() {
-            break;
-        }
-    }
+    close(&mut ws).await;
     let status = lb.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "exit status {status:?}");
     assert!(
@@ -450,12 +455,7 @@ async fn open_tunnels_count_against_max_connections() {
     echo(&mut first, "holding the only connection").await;
     let (status, _, _) = raw_request(addr, Version::HTTP_11, &HANDSHAKE).await;
     assert_eq!(status, 503, "a second tunnel beyond max_connections");
-    first.close(None).await.unwrap();
-    while let Some(m) = first.next().await {
-        if m.is_err() {
-            break;
-        }
-    }
+    close(&mut first).await;
     wait_active(lb.addr("admin"), 0).await;
     let (mut second, _) = ws_connect(addr, &[]).await;
     echo(&mut second, "the slot is free again").await;
