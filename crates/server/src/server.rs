@@ -381,6 +381,7 @@ impl Server {
                         budget,
                         clients: UpstreamClients::new(svc.connect_timeout),
                         metrics: Arc::new(self.metrics.service(name, svc.metrics_enabled)),
+                        upgrade_idle_timeout: svc.upgrade_idle_timeout,
                     }),
                 );
             }

@@ -71,6 +71,7 @@ pub struct FileService {
     pub slow_start: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub request_timeout: Option<Spanned<String>>,
+    pub upgrade_idle_timeout: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub retry_budget_percent: Option<Spanned<i64>>,

@@ -279,3 +279,22 @@ half_open_probes = 2
         "doubling, capped at open_max"
     );
 }
+
+#[test]
+fn upgrade_idle_timeout_defaults_to_an_hour_and_rejects_zero_at_its_line() {
+    assert_eq!(api("").upgrade_idle_timeout, Duration::from_secs(3600));
+    assert_eq!(
+        api("upgrade_idle_timeout = \"90s\"\n").upgrade_idle_timeout,
+        Duration::from_secs(90)
+    );
+    for (value, want) in [
+        ("\"0s\"", "must be greater than 0"),
+        ("\"soon\"", "invalid duration"),
+    ] {
+        let err = error_of(&format!("upgrade_idle_timeout = {value}\n"));
+        assert!(
+            err.contains(&format!("line 7: service.api.upgrade_idle_timeout: {want}")),
+            "{err}"
+        );
+    }
+}

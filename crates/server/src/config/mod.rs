@@ -19,6 +19,7 @@
 //! | `service.min_healthy_percent` | 50 |
 //! | `service.slow_start` | 10 s |
 //! | `service.connect_timeout` / `request_timeout` | 1 s / 30 s |
+//! | `service.upgrade_idle_timeout` | 1 h |
 //! | `service.retries` | 2 |
 //! | `service.max_connections` | 10,000 per instance |
 //! | `service.metrics_enabled` | true |
@@ -75,6 +76,9 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default request timeout: 30 s.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default idle timeout of an upgraded (WebSocket) connection: 1 h, as
+/// common proxies allow long-lived quiet sockets.
+pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default retries to another instance: 2.
 pub const DEFAULT_RETRIES: u32 = 2;
 /// Default per-instance connection limit: 10,000.
@@ -191,6 +195,8 @@ pub struct ServiceConfig {
     pub connect_timeout: Duration,
     /// Whole-request timeout (to response headers).
     pub request_timeout: Duration,
+    /// An upgraded connection with no byte either way for this long is closed.
+    pub upgrade_idle_timeout: Duration,
     /// Retries to a different instance.
     pub retries: u32,
     /// Per-instance connection limit.
@@ -939,9 +945,19 @@ fn service(
         &s.request_timeout,
         DEFAULT_REQUEST_TIMEOUT,
     );
+    let upgrade_idle_timeout = ck.duration(
+        &format!("{key}.upgrade_idle_timeout"),
+        &s.upgrade_idle_timeout,
+        DEFAULT_UPGRADE_IDLE_TIMEOUT,
+    );
     for (k, d, v) in [
         ("connect_timeout", connect_timeout, &s.connect_timeout),
         ("request_timeout", request_timeout, &s.request_timeout),
+        (
+            "upgrade_idle_timeout",
+            upgrade_idle_timeout,
+            &s.upgrade_idle_timeout,
+        ),
     ] {
         if d.is_zero() {
             if let Some(v) = v {
@@ -1168,6 +1184,7 @@ fn service(
         metrics_enabled,
         connect_timeout,
         request_timeout,
+        upgrade_idle_timeout,
         retries,
         max_connections,
         retry_budget,
@@ -1197,6 +1214,7 @@ impl ServiceConfig {
             self.retry_budget.percent,
             self.retry_budget.min_per_second,
         );
+        let _ = writeln!(s, "  upgrade_idle_timeout {}", d(self.upgrade_idle_timeout));
         let _ = writeln!(
             s,
             "  breaker: error_threshold {}, recovery_threshold {}, open_base {}, open_max {}, open_jitter {}, failure_rate {}, failure_rate_window {}, min_requests {}, half_open_probes {}",

@@ -506,6 +506,7 @@ mod tests {
             budget: Arc::new(RetryBudget::default()),
             clients: UpstreamClients::new(Duration::from_secs(1)),
             metrics: Arc::new(ServiceMetrics::disabled()),
+            upgrade_idle_timeout: Duration::from_secs(1),
         };
         (registry, up)
     }

@@ -19,6 +19,11 @@
 //!    5xx → forwarded as it is unless retried; the deadline → 504; no
 //!    instance reached → 502.
 //!
+//! An HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`, e.g. a
+//! WebSocket handshake) takes the same path up to the headers, then goes
+//! to [`upgrade`], which keeps the upgrade pair, runs the same attempt loop
+//! and joins client and instance after a 101.
+//!
 //! ## Retries (the rule of [`attempt`])
 //!
 //! A connect error is retried when the body is replayable; an idempotent
@@ -51,6 +56,7 @@ use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
 use super::headers::{append_forwarded_for, strip_hop_by_hop};
 use super::request_body::read_body;
+use super::upgrade;
 use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
 
@@ -91,15 +97,19 @@ pub(crate) async fn serve(
     let draining = tracker.draining();
     let on_accept = |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
         let ctx = ctx.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        // Shared with upgrade tunnels, which outlive the connection task.
+        let permit = Arc::new(permit);
+        let conn_permit = permit.clone();
+        let svc = hyper::service::service_fn(move |mut req| {
             let ctx = ctx.clone();
+            upgrade::attach_permit(&mut req, &conn_permit);
             async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
         });
         let builder = builder.clone();
         let mut draining = draining.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -181,6 +191,7 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + up.request_timeout;
     let (mut parts, body) = req.into_parts();
+    let upgrade = upgrade::requested(&parts);
     let body = match read_body(&parts, body).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
@@ -191,6 +202,9 @@ async fn proxy(
     };
     strip_hop_by_hop(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, peer);
+    if let Some(protocol) = upgrade {
+        return upgrade::proxy(parts, body, replay, protocol, deadline, up).await;
+    }
     let mut step = HttpStep {
         http2: parts.version == Version::HTTP_2,
         parts,
@@ -209,7 +223,7 @@ async fn proxy(
 
 /// The response for the client; `held` (a success) rides in the body until
 /// it ends.
-fn finish_response(resp: Response<Incoming>, held: Option<Held>) -> Response<ProxyBody> {
+pub(crate) fn finish_response(resp: Response<Incoming>, held: Option<Held>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body: ProxyBody = match held {

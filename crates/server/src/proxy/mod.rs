@@ -1,7 +1,8 @@
 //! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]: the request path;
 //! [`headers`]: hop-by-hop and forwarding headers; [`request_body`]: buffered
 //! for replay or streamed; [`upstream`]: the clients and the HTTP attempt;
-//! [`body`]: the response body that carries the attempt's claim), TCP
+//! [`body`]: the response body that carries the attempt's claim;
+//! [`upgrade`]: HTTP/1.1 Upgrade and WebSocket tunnels), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
 //! errors logged at most once a second and backed off; the drain tracker),
 //! routing, the one attempt loop both use ([`attempt`]), the retry budget
@@ -25,6 +26,7 @@ pub(crate) mod http;
 pub(crate) mod request_body;
 pub(crate) mod retry;
 pub(crate) mod tcp;
+pub(crate) mod upgrade;
 pub(crate) mod upstream;
 
 use std::collections::HashMap;
@@ -62,6 +64,8 @@ pub(crate) struct Upstream {
     pub(crate) clients: upstream::UpstreamClients,
     /// Metric handles, resolved once.
     pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
+    /// An upgraded connection idle this long is closed ([`upgrade`]).
+    pub(crate) upgrade_idle_timeout: Duration,
 }
 
 /// Routes of every listener plus the upstreams: one immutable value swapped

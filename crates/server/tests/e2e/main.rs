@@ -19,3 +19,4 @@ mod proxy;
 mod reference;
 mod status_page;
 mod support;
+mod websocket;

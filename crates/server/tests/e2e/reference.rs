@@ -132,6 +132,7 @@ expected_statuses = ["200", "204"]
         "breaker: error_threshold 3, recovery_threshold 2, open_base 3s, open_max 2m, open_jitter 0.2, failure_rate 0.5, failure_rate_window 10s, min_requests 20, half_open_probes 1",
         "health_check: kind http, path /health, host (instance address:port), expected_statuses 200,204, interval 2s, timeout 1s, backoff_max 16s",
         "min_healthy_percent 50, slow_start 10s, max_connections 10000, metrics_enabled true",
+        "upgrade_idle_timeout 1h",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
