@@ -373,13 +373,18 @@ impl Server {
                     name.clone(),
                     Arc::new(Upstream {
                         name: name.clone(),
+                        clients: UpstreamClients::new(
+                            svc.connect_timeout,
+                            svc.upstream_protocol,
+                            svc.host_header,
+                            Some(service.clone()),
+                        ),
                         service,
                         connect_timeout: svc.connect_timeout,
                         request_timeout: svc.request_timeout,
                         retries: svc.retries,
                         max_connections: svc.max_connections,
                         budget,
-                        clients: UpstreamClients::new(svc.connect_timeout),
                         metrics: Arc::new(self.metrics.service(name, svc.metrics_enabled)),
                     }),
                 );

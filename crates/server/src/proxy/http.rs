@@ -36,7 +36,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -181,6 +181,9 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + up.request_timeout;
     let (mut parts, body) = req.into_parts();
+    if let Some(resp) = up.clients.refuse_grpc(&parts, &up.name) {
+        return Ok(resp);
+    }
     let body = match read_body(&parts, body).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
@@ -192,7 +195,6 @@ async fn proxy(
     strip_hop_by_hop(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, peer);
     let mut step = HttpStep {
-        http2: parts.version == Version::HTTP_2,
         parts,
         body,
         replay,

@@ -22,6 +22,7 @@ pub(crate) mod body;
 pub(crate) mod error;
 pub(crate) mod headers;
 pub(crate) mod http;
+pub(crate) mod pool;
 pub(crate) mod request_body;
 pub(crate) mod retry;
 pub(crate) mod tcp;
