@@ -47,7 +47,7 @@ async fn round_robin_splits_exactly_and_weights_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_reaches_the_backend_as_http2() {
     let a = Backend::start("a").await;
-    let lb = Lb::start(&http_config("", &[&a], &[1]));
+    let lb = Lb::start(&http_config("upstream_protocol = \"auto\"", &[&a], &[1]));
     let (status, body) = get(&h2_client(), lb.addr("web"), "/h2").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "a"));
     let versions = a.state.versions.lock().clone();
@@ -87,6 +87,7 @@ listen = "127.0.0.1:0"
 [[listener.route]]
 service = "grpc"
 [service.grpc]
+upstream_protocol = "h2c"
 [service.grpc.health_check]
 kind = "tcp"
 [[service.grpc.instance]]
