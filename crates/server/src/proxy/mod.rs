@@ -1,6 +1,7 @@
 //! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]: the request path;
 //! [`headers`]: hop-by-hop and forwarding headers; [`request_body`]: buffered
-//! for replay or streamed; [`upstream`]: the clients and the HTTP attempt;
+//! for replay or streamed; [`upstream`]: the HTTP attempt, its protocol and
+//! Host; [`pool`]: the upstream connections, pooled per instance;
 //! [`body`]: the response body that carries the attempt's claim), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
 //! errors logged at most once a second and backed off; the drain tracker),

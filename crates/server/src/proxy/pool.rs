@@ -141,7 +141,10 @@ impl Pool {
     }
 
     /// The connections of `instance`, created on first use.
-    pub(crate) fn instance(&self, instance: &ServiceInstance) -> Result<Arc<InstancePool>, SendError> {
+    pub(crate) fn instance(
+        &self,
+        instance: &ServiceInstance,
+    ) -> Result<Arc<InstancePool>, SendError> {
         if let Some(p) = self.inner.instances.read().get(instance.id()) {
             if p.is(instance) {
                 return Ok(p.clone());
@@ -259,12 +262,6 @@ impl Pool {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(sweep(weak));
     }
-
-    /// Instances with a pool (for tests).
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.inner.instances.read().len()
-    }
 }
 
 async fn sweep(pool: Weak<Inner>) {
@@ -288,9 +285,9 @@ impl Inner {
                     .any(|m| m.instance().id() == id && p.is(m.instance()))
             });
             if member {
-                p.idle
-                    .lock()
-                    .retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed());
+                p.idle.lock().retain(|i| {
+                    now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed()
+                });
             }
             member
         });
@@ -391,5 +388,117 @@ impl InstancePool {
     /// one. (Requests still on the old one finish there.)
     fn forget_h2(&self) {
         *self.h2.lock() = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datapunk_lb_core::Registry;
+    use http_body_util::{BodyExt, Empty, Full};
+
+    use super::*;
+
+    /// An HTTP/1.1 server answering `ok`; counts its connections.
+    async fn server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc),
+                );
+            }
+        });
+        (port, accepts)
+    }
+
+    fn get() -> Request<UpstreamBody> {
+        let mut r = Request::new(Empty::new().map_err(|n| match n {}).boxed());
+        *r.uri_mut() = Uri::from_static("/");
+        r.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("x"));
+        r
+    }
+
+    /// Sends a GET and reads its body, so the connection can go idle.
+    async fn exchange(pool: &Pool, to: &Arc<InstancePool>) {
+        let resp = pool.send_h1(to, get()).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    async fn idle_count(to: &InstancePool, want: usize) {
+        for _ in 0..200 {
+            if to.idle.lock().len() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("idle connections: {} (want {want})", to.idle.lock().len());
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reused_then_swept_with_departed_instances() {
+        let (port, accepts) = server().await;
+        let registry = Registry::builder().build().unwrap();
+        let inst = ServiceInstance::try_new("a", "127.0.0.1", port).unwrap();
+        registry.register_instance("api", inst.clone()).unwrap();
+        let pool = Pool::new(Duration::from_secs(1), registry.service("api"));
+        let to = pool.instance(&inst).unwrap();
+        for _ in 0..5 {
+            exchange(&pool, &to).await;
+            idle_count(&to, 1).await;
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 1, "one connection, reused");
+        assert!(Arc::ptr_eq(&to, &pool.instance(&inst).unwrap()));
+
+        // Another address under the same id is another pool.
+        let moved = ServiceInstance::try_new("a", "127.0.0.1", port.wrapping_add(1)).unwrap();
+        assert!(!Arc::ptr_eq(&to, &pool.instance(&moved).unwrap()));
+        let to = pool.instance(&inst).unwrap();
+        exchange(&pool, &to).await;
+        idle_count(&to, 1).await;
+
+        let now = Instant::now();
+        pool.inner.prune(now);
+        assert_eq!(to.idle.lock().len(), 1, "young and a member: kept");
+        pool.inner.prune(now + IDLE_TIMEOUT);
+        assert_eq!(to.idle.lock().len(), 0, "idle past the timeout: closed");
+        assert_eq!(pool.inner.instances.read().len(), 1);
+        registry.deregister_instance("api", "a").unwrap();
+        pool.inner.prune(now);
+        assert_eq!(
+            pool.inner.instances.read().len(),
+            0,
+            "an instance that left the service loses its pool"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_failure_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let pool = Pool::new(Duration::from_secs(1), None);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        assert!(matches!(
+            pool.send_h1(&to, get()).await,
+            Err(SendError::Connect(_))
+        ));
+        assert!(matches!(
+            pool.send_h2(&to, get()).await,
+            Err(SendError::Connect(_))
+        ));
     }
 }

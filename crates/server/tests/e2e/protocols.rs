@@ -128,7 +128,11 @@ impl ProtoBackend {
     }
 
     fn last(&self) -> Seen {
-        self.seen.lock().last().cloned().expect("the backend saw a request")
+        self.seen
+            .lock()
+            .last()
+            .cloned()
+            .expect("the backend saw a request")
     }
 }
 
@@ -196,7 +200,10 @@ async fn recorded(lb: &Lb, service: &str, id: &str) -> (u64, u64) {
         .iter()
         .find(|i| i["id"] == id)
         .unwrap_or_else(|| panic!("no instance {id} in {v}"));
-    (i["requests"].as_u64().unwrap(), i["errors"].as_u64().unwrap())
+    (
+        i["requests"].as_u64().unwrap(),
+        i["errors"].as_u64().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +225,11 @@ async fn http2_client_reaches_an_http1_only_backend_as_http11_with_its_authority
         .unwrap();
     assert_eq!(h2_send(web, post).await, (200, "ok:payload".to_owned()));
     assert_eq!(b.last().version, Version::HTTP_11);
-    assert_eq!(recorded(&lb, "api", "p1").await, (2, 0), "no failure blamed");
+    assert_eq!(
+        recorded(&lb, "api", "p1").await,
+        (2, 0),
+        "no failure blamed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,7 +287,10 @@ async fn keep_alive_connections_are_reused_and_idle_closes_fail_nothing() {
         assert_eq!(get(&c, lb.addr("web"), "/").await.unwrap().0, 200);
     }
     let accepts = b.accepts.load(Ordering::SeqCst);
-    assert!(accepts <= 2, "100 sequential requests opened {accepts} connections");
+    assert!(
+        accepts <= 2,
+        "100 sequential requests opened {accepts} connections"
+    );
 
     // `Connection: close` on every answer, and a server that closes a
     // connection idle for 100 ms: no POST (never retried) may fail.
@@ -301,7 +315,11 @@ async fn keep_alive_connections_are_reused_and_idle_closes_fail_nothing() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         assert_eq!(recorded(&lb, "api", "p1").await, (6, 0));
-        assert_eq!(b.accepts.load(Ordering::SeqCst), 6, "each connection was closed");
+        assert_eq!(
+            b.accepts.load(Ordering::SeqCst),
+            6,
+            "each connection was closed"
+        );
     }
 }
 
@@ -345,12 +363,18 @@ port = {port}
     };
     assert!(count("api", "success") >= 3.0, "{text}");
     assert_eq!(count("api", "failure"), 0.0, "h2c checks pass: {text}");
-    assert!(count("old", "failure") >= 1.0, "HTTP/1.1 checks fail: {text}");
+    assert!(
+        count("old", "failure") >= 1.0,
+        "HTTP/1.1 checks fail: {text}"
+    );
     assert_eq!(count("old", "success"), 0.0, "{text}");
     assert_eq!(
         h1_send(
             lb.addr("web"),
-            Request::get("/").header("host", "x").body(Full::default()).unwrap()
+            Request::get("/")
+                .header("host", "x")
+                .body(Full::default())
+                .unwrap()
         )
         .await
         .0,
@@ -419,14 +443,22 @@ port = {port}
     let mut plain = HealthClient::new(channel("h1"));
     let started = Instant::now();
     let err = plain.check(check("datapunk.Ok")).await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(
         err.message().contains("service plain")
             && err.message().contains("upstream_protocol = \"h2c\""),
         "{err:?}"
     );
-    assert_eq!(recorded(&lb, "plain", "g1").await, (0, 0), "no instance charged");
+    assert_eq!(
+        recorded(&lb, "plain", "g1").await,
+        (0, 0),
+        "no instance charged"
+    );
     let (requests, errors) = recorded(&lb, "grpc", "g1").await;
     assert!(requests >= 1 && errors == 0, "{requests} {errors}");
 }
