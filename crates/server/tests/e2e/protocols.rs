@@ -136,23 +136,29 @@ impl ProtoBackend {
     }
 }
 
-/// A listener `web` to the service `api` (`extra` in its table) with one
-/// instance `p1` on `backend`, checked by `check` (`none`, `tcp`, `http`).
-fn config(extra: &str, check: &str, backend: &ProtoBackend) -> String {
+/// `[service.NAME]` (`extra` in its table) with one instance `p1` on
+/// 127.0.0.1:`port`, checked by `check` (`none`, `tcp`, `http`).
+fn service(name: &str, extra: &str, check: &str, port: u16) -> String {
     format!(
-        r#"{WEB_TO_API}
-[service.api]
+        r#"[service.{name}]
 {extra}
-[service.api.health_check]
+[service.{name}.health_check]
 kind = "{check}"
 interval = "100ms"
 timeout = "100ms"
-[[service.api.instance]]
+[[service.{name}.instance]]
 id = "p1"
 address = "127.0.0.1"
-port = {}
-"#,
-        backend.addr.port()
+port = {port}
+"#
+    )
+}
+
+/// A listener `web` to the service `api` on `backend`.
+fn config(extra: &str, check: &str, backend: &ProtoBackend) -> String {
+    format!(
+        "{WEB_TO_API}{}",
+        service("api", extra, check, backend.addr.port())
     )
 }
 
@@ -328,25 +334,9 @@ async fn health_checks_speak_the_service_protocol() {
     let b = ProtoBackend::start(Speaks::H2).await;
     let port = b.addr.port();
     let config = format!(
-        r#"{WEB_TO_API}
-[service.api]
-upstream_protocol = "h2c"
-[service.api.health_check]
-interval = "100ms"
-timeout = "100ms"
-[[service.api.instance]]
-id = "p1"
-address = "127.0.0.1"
-port = {port}
-[service.old]
-[service.old.health_check]
-interval = "100ms"
-timeout = "100ms"
-[[service.old.instance]]
-id = "p1"
-address = "127.0.0.1"
-port = {port}
-"#
+        "{WEB_TO_API}{}{}",
+        service("api", "upstream_protocol = \"h2c\"", "http", port),
+        service("old", "", "http", port)
     );
     let lb = Lb::start(&config);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -387,17 +377,7 @@ async fn grpc_passes_over_h2c_and_is_refused_at_once_over_http1() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let (mut reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("datapunk.Ok", tonic_health::ServingStatus::Serving)
-        .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let port = grpc_health_backend().await;
     let config = format!(
         r#"[[listener]]
 name = "h2c"
@@ -409,22 +389,9 @@ name = "h1"
 listen = "127.0.0.1:0"
 [[listener.route]]
 service = "plain"
-[service.grpc]
-upstream_protocol = "h2c"
-[service.grpc.health_check]
-kind = "tcp"
-[[service.grpc.instance]]
-id = "g1"
-address = "127.0.0.1"
-port = {port}
-[service.plain]
-[service.plain.health_check]
-kind = "tcp"
-[[service.plain.instance]]
-id = "g1"
-address = "127.0.0.1"
-port = {port}
-"#
+{}{}"#,
+        service("grpc", "upstream_protocol = \"h2c\"", "tcp", port),
+        service("plain", "", "tcp", port)
     );
     let lb = Lb::start(&config);
     let channel = |listener: &str| {
@@ -455,10 +422,10 @@ port = {port}
         "{err:?}"
     );
     assert_eq!(
-        recorded(&lb, "plain", "g1").await,
+        recorded(&lb, "plain", "p1").await,
         (0, 0),
         "no instance charged"
     );
-    let (requests, errors) = recorded(&lb, "grpc", "g1").await;
+    let (requests, errors) = recorded(&lb, "grpc", "p1").await;
     assert!(requests >= 1 && errors == 0, "{requests} {errors}");
 }

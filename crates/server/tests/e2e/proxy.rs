@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::support::*;
 
@@ -69,17 +69,7 @@ async fn grpc_unary_call_passes_status_trailers() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let (mut reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("datapunk.Ok", tonic_health::ServingStatus::Serving)
-        .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let port = grpc_health_backend().await;
     let config = format!(
         r#"[[listener]]
 name = "web"
