@@ -19,10 +19,12 @@
 //!   closed); one idle longer than [`IDLE_TIMEOUT`] is closed. The newest
 //!   idle connection is used first (it is the likeliest alive). One the
 //!   server closed while idle is seen closed and skipped; one that hyper
-//!   refuses before writing the request (the race with the server's close)
+//!   refuses before writing the request (it learnt of the close meanwhile)
 //!   hands the request back, and it goes to the next idle or a fresh
-//!   connection, so an idle close never fails a request, idempotent or not
-//!   (hyper's legacy client did the same with `retry_canceled_requests`).
+//!   connection, so an idle close we have seen never fails a request,
+//!   idempotent or not (hyper's legacy client did the same with
+//!   `retry_canceled_requests`). A close still in flight while the request
+//!   is written is a `Reset` like any other: the request may have arrived.
 //! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per
 //!   instance, shared by every request; reopened when it closed (GOAWAY,
 //!   error, the server's idle close). A request refused before it was sent
