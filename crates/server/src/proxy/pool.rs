@@ -485,6 +485,76 @@ mod tests {
         );
     }
 
+    /// An HTTP/2 server that closes each connection (GOAWAY) after its
+    /// first response; counts its connections.
+    async fn h2_server_closing_after_one() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+                let svc = hyper::service::service_fn(move |_req| {
+                    if let Some(tx) = done_tx.lock().take() {
+                        let _ = tx.send(());
+                    }
+                    async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = done_rx => {}
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                });
+            }
+        });
+        (port, accepts)
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_is_shared_and_reopened_after_goaway() {
+        let (port, accepts) = h2_server_closing_after_one().await;
+        let pool = Pool::new(Duration::from_secs(1), None);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        let h2_get = || {
+            let mut r = get();
+            *r.uri_mut() = Uri::from_static("http://api.example/");
+            *r.version_mut() = http::Version::HTTP_2;
+            r
+        };
+        for i in 1..=3 {
+            let resp = pool.send_h2(&to, h2_get()).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok", "request {i}");
+            // Let the GOAWAY arrive before the next request.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            3,
+            "a new connection after each GOAWAY"
+        );
+        // Back to back, racing the GOAWAYs: still no failure.
+        for i in 0..10 {
+            let resp = pool.send_h2(&to, h2_get()).await;
+            assert!(resp.is_ok(), "request {i}: {resp:?}");
+        }
+    }
+
     #[tokio::test]
     async fn a_connect_failure_is_a_connect_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
