@@ -150,13 +150,9 @@ impl HttpStep<'_> {
         Authority::try_from(host.as_bytes()).ok()
     }
 
-    /// The request for `instance`, or `None` when it cannot be built.
+    /// The request for the instance of `to`, or `None` when it cannot be
+    /// built.
     fn build(&mut self, http2: bool, to: &InstancePool) -> Option<Request<UpstreamBody>> {
-        let instance = to.authority();
-        let authority = match self.clients.host_header {
-            HostHeader::Preserve => self.client_authority(),
-            HostHeader::Instance => None,
-        };
         let pq = self
             .parts
             .uri
@@ -164,9 +160,13 @@ impl HttpStep<'_> {
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         let uri = if http2 {
+            let authority = match self.clients.host_header {
+                HostHeader::Preserve => self.client_authority(),
+                HostHeader::Instance => None,
+            };
             let mut u = http::uri::Parts::default();
             u.scheme = Some(Scheme::HTTP);
-            u.authority = Some(authority.unwrap_or_else(|| instance.clone()));
+            u.authority = Some(authority.unwrap_or_else(|| to.authority().clone()));
             u.path_and_query = Some(pq);
             Uri::from_parts(u).ok()?
         } else {
@@ -182,16 +182,15 @@ impl HttpStep<'_> {
             // h2 carries the authority in the URI; a stale Host would conflict.
             headers.remove(header::HOST);
         } else {
-            let keep_client_host = self.clients.host_header == HostHeader::Preserve
-                && self.parts.uri.authority().is_none()
-                && headers.contains_key(header::HOST);
-            if !keep_client_host {
-                let host = match self.parts.uri.authority() {
-                    Some(a) if self.clients.host_header == HostHeader::Preserve => {
-                        HeaderValue::from_str(a.as_str()).ok()?
-                    }
-                    _ => to.host().clone(),
-                };
+            // `preserve` keeps the client's Host as it is, unless the client
+            // put the authority in the URI (HTTP/2, absolute form).
+            let host = match (self.clients.host_header, self.parts.uri.authority()) {
+                (HostHeader::Instance, _) => Some(to.host().clone()),
+                (HostHeader::Preserve, Some(a)) => Some(HeaderValue::from_str(a.as_str()).ok()?),
+                (HostHeader::Preserve, None) if headers.contains_key(header::HOST) => None,
+                (HostHeader::Preserve, None) => Some(to.host().clone()),
+            };
+            if let Some(host) = host {
                 headers.insert(header::HOST, host);
             }
         }
