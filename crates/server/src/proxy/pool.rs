@@ -32,7 +32,10 @@
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, requests **wait** for a
 //!   stream inside hyper (under the request's deadline) rather than open a
 //!   second connection: one connection per instance is what backends size
-//!   for, and the deadline bounds the wait.
+//!   for, and the deadline bounds the wait. Until the server's SETTINGS
+//!   arrive a new connection carries one stream at a time, so a burst never
+//!   overruns a limit it has not heard yet (a refused stream would be a
+//!   `Reset`).
 //! - **Closed when**: every [`PRUNE_EVERY`], idle HTTP/1.1 connections past
 //!   [`IDLE_TIMEOUT`] and every connection of an instance no longer in the
 //!   service (discovery removed it) are dropped; a reload builds new
@@ -235,6 +238,10 @@ impl Pool {
         }
         let io = self.connect(to).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            // One stream until the server's SETTINGS say how many: a burst
+            // on a new connection would otherwise exceed a small limit and
+            // be refused. Its SETTINGS replace this (no limit named: none).
+            .initial_max_send_streams(1)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.to_string()))?;
@@ -553,6 +560,55 @@ mod tests {
             let resp = pool.send_h2(&to, h2_get()).await;
             assert!(resp.is_ok(), "request {i}: {resp:?}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_beyond_the_servers_stream_limit_wait_on_the_one_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(1)
+                        .serve_connection(TokioIo::new(s), svc),
+                );
+            }
+        });
+        let pool = Arc::new(Pool::new(Duration::from_secs(1), None));
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        let one = || {
+            let (pool, to) = (pool.clone(), to.clone());
+            tokio::spawn(async move {
+                let mut r = get();
+                *r.uri_mut() = Uri::from_static("http://api.example/");
+                *r.version_mut() = http::Version::HTTP_2;
+                let resp = pool.send_h2(&to, r).await.unwrap();
+                resp.into_body().collect().await.unwrap().to_bytes()
+            })
+        };
+        let started = Instant::now();
+        let all = [one(), one(), one()];
+        for t in all {
+            assert_eq!(&t.await.unwrap()[..], b"ok");
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 1, "one connection");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "one stream at a time: {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
