@@ -407,8 +407,11 @@ mod tests {
 
     use super::*;
 
-    /// An HTTP/1.1 server answering `ok`; counts its connections.
-    async fn server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    /// A server on a free port that hands each connection to `serve`;
+    /// returns the port and a count of the connections accepted.
+    async fn server(
+        serve: impl Fn(TokioIo<TcpStream>) + Send + 'static,
+    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -416,18 +419,27 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 n.fetch_add(1, Ordering::SeqCst);
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                        bytes::Bytes::from_static(b"ok"),
-                    )))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc),
-                );
+                serve(TokioIo::new(s));
             }
         });
         (port, accepts)
+    }
+
+    /// Answers `ok` after `delay`.
+    async fn ok_after(
+        delay: Duration,
+    ) -> Result<Response<Full<bytes::Bytes>>, std::convert::Infallible> {
+        tokio::time::sleep(delay).await;
+        Ok(Response::new(Full::new(bytes::Bytes::from_static(b"ok"))))
+    }
+
+    /// An HTTP/1.1 server answering `ok`.
+    async fn h1_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        server(|io| {
+            let svc = hyper::service::service_fn(|_req| ok_after(Duration::ZERO));
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, svc));
+        })
+        .await
     }
 
     fn get() -> Request<UpstreamBody> {
@@ -457,7 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_reused_then_swept_with_departed_instances() {
-        let (port, accepts) = server().await;
+        let (port, accepts) = h1_server().await;
         let registry = Registry::builder().build().unwrap();
         let inst = ServiceInstance::try_new("a", "127.0.0.1", port).unwrap();
         registry.register_instance("api", inst.clone()).unwrap();
@@ -493,41 +505,30 @@ mod tests {
     }
 
     /// An HTTP/2 server that closes each connection (GOAWAY) after its
-    /// first response; counts its connections.
+    /// first response.
     async fn h2_server_closing_after_one() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let n = accepts.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                n.fetch_add(1, Ordering::SeqCst);
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-                let done_tx = Arc::new(Mutex::new(Some(done_tx)));
-                let svc = hyper::service::service_fn(move |_req| {
-                    if let Some(tx) = done_tx.lock().take() {
-                        let _ = tx.send(());
-                    }
-                    async {
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        )))
-                    }
-                });
-                tokio::spawn(async move {
-                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => return,
-                        _ = done_rx => {}
-                    }
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                });
-            }
-        });
-        (port, accepts)
+        server(|io| {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let done_tx = Mutex::new(Some(done_tx));
+            let svc = hyper::service::service_fn(move |_req| {
+                if let Some(tx) = done_tx.lock().take() {
+                    let _ = tx.send(());
+                }
+                ok_after(Duration::ZERO)
+            });
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = done_rx => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            });
+        })
+        .await
     }
 
     #[tokio::test]
@@ -564,26 +565,15 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_beyond_the_servers_stream_limit_wait_on_the_one_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let n = accepts.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                n.fetch_add(1, Ordering::SeqCst);
-                let svc = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                        bytes::Bytes::from_static(b"ok"),
-                    )))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(1)
-                        .serve_connection(TokioIo::new(s), svc),
-                );
-            }
-        });
+        let (port, accepts) = server(|io| {
+            let svc = hyper::service::service_fn(|_req| ok_after(Duration::from_millis(100)));
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(1)
+                    .serve_connection(io, svc),
+            );
+        })
+        .await;
         let pool = Arc::new(Pool::new(Duration::from_secs(1), None));
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
