@@ -77,6 +77,8 @@ pub struct FileService {
     pub retry_budget_percent: Option<Spanned<i64>>,
     pub retry_budget_min_per_second: Option<Spanned<i64>>,
     pub metrics_enabled: Option<bool>,
+    pub upstream_protocol: Option<Spanned<String>>,
+    pub host_header: Option<Spanned<String>>,
     pub breaker: Option<FileBreaker>,
     pub adaptive: Option<FileAdaptive>,
     pub health_check: Option<FileHealthCheck>,

@@ -298,3 +298,33 @@ fn upgrade_idle_timeout_defaults_to_an_hour_and_rejects_zero_at_its_line() {
         );
     }
 }
+
+#[test]
+fn upstream_protocol_and_host_header_parse_strictly() {
+    let d = api("");
+    assert_eq!(
+        (d.upstream_protocol, d.host_header),
+        (UpstreamProtocol::Http1, HostHeader::Preserve)
+    );
+    let s = api("upstream_protocol = \"h2c\"\nhost_header = \"instance\"\n");
+    assert_eq!(
+        (s.upstream_protocol, s.host_header),
+        (UpstreamProtocol::H2c, HostHeader::Instance)
+    );
+    assert_eq!(
+        api("upstream_protocol = \"auto\"\n").upstream_protocol,
+        UpstreamProtocol::Auto
+    );
+    let e = error_of("upstream_protocol = \"http2\"\n");
+    assert!(
+        e.contains(
+            "line 7: service.api.upstream_protocol: \"http2\" is not one of \"http1\", \"h2c\", \"auto\""
+        ),
+        "{e}"
+    );
+    let e = error_of("\nhost_header = \"Preserve\"\n");
+    assert!(
+        e.contains("line 8: service.api.host_header: \"Preserve\" is not one of \"preserve\", \"instance\""),
+        "{e}"
+    );
+}

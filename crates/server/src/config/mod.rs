@@ -23,6 +23,7 @@
 //! | `service.retries` | 2 |
 //! | `service.max_connections` | 10,000 per instance |
 //! | `service.metrics_enabled` | true |
+//! | `service.upstream_protocol` / `host_header` | `http1` / `preserve` |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
 //! | `health_check.backoff_max` | 8 × interval, at most 60 s (never below the interval) |
@@ -207,6 +208,56 @@ pub struct ServiceConfig {
     pub health_check: HealthCheck,
     /// Static instances.
     pub instances: Vec<ServiceInstance>,
+    /// The HTTP version requests go out with (`upstream_protocol`).
+    pub upstream_protocol: UpstreamProtocol,
+    /// The Host the instance sees (`host_header`).
+    pub host_header: HostHeader,
+}
+
+/// `upstream_protocol`: the HTTP version spoken to the instances. The
+/// default, `http1`, is what every HTTP backend speaks (HAProxy's and
+/// NGINX's default too); gRPC needs `h2c`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, whatever the client spoke.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (cleartext), whatever the client spoke.
+    H2c,
+    /// The client's version.
+    Auto,
+}
+
+impl UpstreamProtocol {
+    /// Its name in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Auto => "auto",
+        }
+    }
+}
+
+/// `host_header`: the Host (HTTP/1.1) or `:authority` (HTTP/2) the
+/// instance sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostHeader {
+    /// The client's, as it sent it (virtual hosts keep working).
+    #[default]
+    Preserve,
+    /// The instance's `address:port`.
+    Instance,
+}
+
+impl HostHeader {
+    /// Its name in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostHeader::Preserve => "preserve",
+            HostHeader::Instance => "instance",
+        }
+    }
 }
 
 /// `retry_budget_percent` and `retry_budget_min_per_second` of a service
@@ -446,6 +497,28 @@ impl Checker<'_> {
                 default
             }
         }
+    }
+
+    /// One of `options` by its name (`name`); `default` when absent. An
+    /// unknown name is an issue that lists the accepted ones.
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        v: &Option<Spanned<String>>,
+        (default, options): (T, &[T]),
+        name: fn(T) -> &'static str,
+    ) -> T {
+        let Some(v) = v else { return default };
+        if let Some(&o) = options.iter().find(|o| name(**o) == v.get_ref()) {
+            return o;
+        }
+        let names: Vec<String> = options.iter().map(|o| format!("{:?}", name(*o))).collect();
+        self.issue(
+            key,
+            v,
+            format!("{:?} is not one of {}", v.get_ref(), names.join(", ")),
+        );
+        default
     }
 
     /// A float in `lo..hi` (or `lo..=hi` when `hi_inclusive`), exclusive
@@ -935,6 +1008,28 @@ fn service(
     ) as u8;
     lb.slow_start = ck.duration(&format!("{key}.slow_start"), &s.slow_start, lb.slow_start);
     let metrics_enabled = s.metrics_enabled.unwrap_or(true);
+    let upstream_protocol = ck.choice(
+        &format!("{key}.upstream_protocol"),
+        &s.upstream_protocol,
+        (
+            UpstreamProtocol::Http1,
+            &[
+                UpstreamProtocol::Http1,
+                UpstreamProtocol::H2c,
+                UpstreamProtocol::Auto,
+            ],
+        ),
+        UpstreamProtocol::as_str,
+    );
+    let host_header = ck.choice(
+        &format!("{key}.host_header"),
+        &s.host_header,
+        (
+            HostHeader::Preserve,
+            &[HostHeader::Preserve, HostHeader::Instance],
+        ),
+        HostHeader::as_str,
+    );
     let connect_timeout = ck.duration(
         &format!("{key}.connect_timeout"),
         &s.connect_timeout,
@@ -1190,6 +1285,8 @@ fn service(
         retry_budget,
         health_check,
         instances,
+        upstream_protocol,
+        host_header,
     })
 }
 
@@ -1206,13 +1303,15 @@ impl ServiceConfig {
         let hc = &self.health_check;
         let _ = writeln!(
             s,
-            "  min_healthy_percent {}, slow_start {}, max_connections {}, metrics_enabled {}, retry_budget_percent {}, retry_budget_min_per_second {}",
+            "  min_healthy_percent {}, slow_start {}, max_connections {}, metrics_enabled {}, retry_budget_percent {}, retry_budget_min_per_second {}, upstream_protocol {}, host_header {}",
             lb.min_healthy_percent,
             d(lb.slow_start),
             self.max_connections,
             self.metrics_enabled,
             self.retry_budget.percent,
             self.retry_budget.min_per_second,
+            self.upstream_protocol.as_str(),
+            self.host_header.as_str(),
         );
         let _ = writeln!(s, "  upgrade_idle_timeout {}", d(self.upgrade_idle_timeout));
         let _ = writeln!(

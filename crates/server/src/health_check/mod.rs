@@ -20,6 +20,10 @@
 //!
 //! Each service's checker reads the current member list every tick, so
 //! instances added at runtime are probed too.
+//!
+//! An `http` probe speaks the service's `upstream_protocol`: HTTP/2 with
+//! prior knowledge for `h2c`, HTTP/1.1 for `http1` and `auto` (what every
+//! client can send), so a check passes exactly when real traffic could.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,7 +40,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::config::{Config, HealthCheck, HealthCheckKind};
+use crate::config::{Config, HealthCheck, HealthCheckKind, UpstreamProtocol};
 use crate::metrics::Metrics;
 
 /// Probes in flight at once, across all services.
@@ -77,9 +81,10 @@ impl HealthChecker {
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
-        let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0) // a probe should test a fresh connection
-            .build(conn);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_max_idle_per_host(0); // a probe should test a fresh connection
+        let h1: Client<HttpConnector, Empty<Bytes>> = builder.build(conn.clone());
+        let h2: Client<HttpConnector, Empty<Bytes>> = builder.http2_only(true).build(conn);
         let tasks = config
             .services
             .iter()
@@ -91,7 +96,11 @@ impl HealthChecker {
                     name.clone(),
                     s.health_check.clone(),
                     limit.clone(),
-                    client.clone(),
+                    if s.upstream_protocol == UpstreamProtocol::H2c {
+                        h2.clone()
+                    } else {
+                        h1.clone()
+                    },
                 ))
             })
             .collect();

@@ -504,7 +504,12 @@ mod tests {
             retries,
             max_connections,
             budget: Arc::new(RetryBudget::default()),
-            clients: UpstreamClients::new(Duration::from_secs(1)),
+            clients: UpstreamClients::new(
+                Duration::from_secs(1),
+                Default::default(),
+                Default::default(),
+                None,
+            ),
             metrics: Arc::new(ServiceMetrics::disabled()),
             upgrade_idle_timeout: Duration::from_secs(1),
         };

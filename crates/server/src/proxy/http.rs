@@ -1,5 +1,6 @@
 //! HTTP listeners: HTTP/1.1 and HTTP/2 (h2c with prior knowledge) on one
-//! port, proxied over pooled keep-alive upstream connections.
+//! port, proxied over pooled keep-alive upstream connections
+//! ([`pool`](super::pool)).
 //!
 //! ## Per request
 //!
@@ -8,10 +9,14 @@
 //!    that ends within 64 KiB) is buffered and so replayable; a larger or
 //!    streaming body is sent once. Hop-by-hop headers are dropped,
 //!    `x-forwarded-for` is appended.
-//! 3. Run the [attempt loop](super::attempt), whose step here sends the
-//!    request with the inbound HTTP version (HTTP/2 and gRPC as h2c,
-//!    HTTP/1.1 as HTTP/1.1; trailers pass through) and awaits the response
-//!    headers before `request_timeout`, one deadline over all attempts. The
+//! 3. Run the [attempt loop](super::attempt), whose [step](super::upstream)
+//!    here sends the request over the instance's pooled connection in the
+//!    service's `upstream_protocol` (`http1` by default, whatever the client
+//!    spoke; `h2c`; `auto`: the client's version; response trailers pass
+//!    through), with the client's Host / `:authority` unless `host_header =
+//!    "instance"`, and awaits the response headers before `request_timeout`,
+//!    one deadline over all attempts. A gRPC request to an `http1` service
+//!    is answered at once with `grpc-status: 14` instead (no instance). The
 //!    loop answers: no instance → 503; every instance at `max_connections`
 //!    → 503; a status below 500 → forwarded, the success recorded when the
 //!    response body ends (the claim rides in the body, so the connection
@@ -41,7 +46,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -191,6 +196,9 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + up.request_timeout;
     let (mut parts, body) = req.into_parts();
+    if let Some(resp) = up.clients.refuse_grpc(&parts, &up.name) {
+        return Ok(resp);
+    }
     let upgrade = upgrade::requested(&parts);
     let body = match read_body(&parts, body).await {
         Ok(b) => b,
@@ -206,7 +214,6 @@ async fn proxy(
         return upgrade::proxy(parts, body, replay, protocol, deadline, up).await;
     }
     let mut step = HttpStep {
-        http2: parts.version == Version::HTTP_2,
         parts,
         body,
         replay,

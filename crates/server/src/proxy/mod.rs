@@ -1,6 +1,7 @@
 //! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]: the request path;
 //! [`headers`]: hop-by-hop and forwarding headers; [`request_body`]: buffered
-//! for replay or streamed; [`upstream`]: the clients and the HTTP attempt;
+//! for replay or streamed; [`upstream`]: the HTTP attempt, its protocol and
+//! Host; [`pool`]: the upstream connections, pooled per instance;
 //! [`body`]: the response body that carries the attempt's claim;
 //! [`upgrade`]: HTTP/1.1 Upgrade and WebSocket tunnels), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
@@ -23,6 +24,7 @@ pub(crate) mod body;
 pub(crate) mod error;
 pub(crate) mod headers;
 pub(crate) mod http;
+pub(crate) mod pool;
 pub(crate) mod request_body;
 pub(crate) mod retry;
 pub(crate) mod tcp;

@@ -89,7 +89,6 @@ use super::attempt::{self, Attempt, Class, Ended, Held, NoAnswer, Replay, Step};
 use super::headers::strip_hop_by_hop;
 use super::http::{finish_response, ProxyBody};
 use super::request_body::ReqBody;
-use super::upstream::upstream_uri;
 use super::{ProxyError, Upstream};
 
 /// A share of the client connection's drain permit, carried by an upgrade
@@ -288,13 +287,13 @@ impl Step for UpgradeStep<'_> {
         *out.headers_mut() = self.parts.headers.clone();
         if !out.headers().contains_key(header::HOST) {
             // The raw connection adds no Host; HTTP/1.1 needs one.
-            let Ok(uri) = upstream_uri(instance.address(), instance.port(), &self.parts.uri) else {
-                return unsendable();
+            let (address, port) = (instance.address(), instance.port());
+            let authority = if address.contains(':') {
+                format!("[{address}]:{port}")
+            } else {
+                format!("{address}:{port}")
             };
-            if let Some(v) = uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
                 out.headers_mut().insert(header::HOST, v);
             }
         }

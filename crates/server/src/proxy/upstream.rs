@@ -1,45 +1,127 @@
-//! The upstream side of an HTTP attempt: pooled clients per service and
-//! the [`Step`] that sends one request and awaits its response headers.
+//! The upstream side of an HTTP attempt: the service's connections
+//! ([`Pool`], whose module doc states what is reused when, the bounds and
+//! what is closed when) and the [`Step`] that sends one request and awaits
+//! its response headers.
+//!
+//! ## The request that goes out
+//!
+//! - **Version** (`upstream_protocol`): `http1` (default) sends HTTP/1.1
+//!   whatever the client spoke, `h2c` sends HTTP/2 with prior knowledge,
+//!   `auto` the client's version. hyper converts between the two: HTTP/2
+//!   pseudo-headers become the request line and Host, and back for the
+//!   response. Request trailers from an HTTP/2 client reach an HTTP/1.1
+//!   instance only when the client declared them in a `trailer` header
+//!   (chunked trailers); otherwise hyper drops them with a debug log, as
+//!   HTTP/1.1 has no other way to carry them.
+//! - **Authority** (`host_header`): `preserve` (default) sends the client's
+//!   own — the request URI's authority (HTTP/2's `:authority`, an
+//!   absolute-form target), else its Host header — as Host on HTTP/1.1 and
+//!   as `:authority` on HTTP/2, while the connection goes to the instance;
+//!   `instance` sends the instance's `address:port`.
+//! - **gRPC** (`content-type: application/grpc[+…]`) to an `http1` service
+//!   cannot work (gRPC needs HTTP/2 trailers), so it is answered at once,
+//!   before any instance is picked, with a trailers-only gRPC answer: HTTP
+//!   200, `grpc-status: 14` (UNAVAILABLE) and a `grpc-message` naming the
+//!   service and the fix. gRPC clients surface `grpc-status` and its message
+//!   as the call's error (a bare 502 surfaces as an opaque "Unavailable:
+//!   502"); no instance is charged.
+//!
+//! ## Errors
+//!
+//! No connection (connect failure or timeout, HTTP/2 handshake) →
+//! `ConnectFailed`; a failure after the request was handed to a connection
+//! → `Reset`, as the attempt table says. An idle connection found closed is
+//! not a failure of anyone (see [`Pool`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use datapunk_lb_core::ServiceInstance;
-use http::header;
-use http::{Request, Response, Uri, Version};
+use bytes::Bytes;
+use datapunk_lb_core::{Service, ServiceInstance};
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tracing::debug;
 
 use super::attempt::{Attempt, Class, NoAnswer, Replay, Step};
+use super::http::ProxyBody;
+use super::pool::{InstancePool, Pool, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
 use super::ProxyError;
+use crate::config::{HostHeader, UpstreamProtocol};
 
-/// Pooled upstream clients of one service.
-#[derive(Debug, Clone)]
+/// The connections of one service and how requests go out on them.
+#[derive(Debug)]
 pub(crate) struct UpstreamClients {
-    h1: Client<HttpConnector, UpstreamBody>,
-    h2: Client<HttpConnector, UpstreamBody>,
+    pool: Pool,
+    protocol: UpstreamProtocol,
+    host_header: HostHeader,
 }
 
 impl UpstreamClients {
-    /// Clients with `connect_timeout`, TCP_NODELAY and keep-alive pools.
-    pub(crate) fn new(connect_timeout: Duration) -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(connect_timeout));
-        conn.set_keepalive(Some(Duration::from_secs(60)));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(conn);
-        Self { h1, h2 }
+    /// Connections with `connect_timeout` for a service speaking
+    /// `protocol`; `service` lets the pool drop the connections of
+    /// instances that leave it.
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        protocol: UpstreamProtocol,
+        host_header: HostHeader,
+        service: Option<Arc<Service>>,
+    ) -> Self {
+        Self {
+            pool: Pool::new(connect_timeout, service),
+            protocol,
+            host_header,
+        }
     }
+
+    /// Whether a request that came in as `inbound` goes out as HTTP/2.
+    fn http2_out(&self, inbound: Version) -> bool {
+        match self.protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::H2c => true,
+            UpstreamProtocol::Auto => inbound == Version::HTTP_2,
+        }
+    }
+
+    /// The answer to a gRPC request this service cannot carry (its
+    /// instances speak HTTP/1.1), given before any instance is picked.
+    pub(crate) fn refuse_grpc(
+        &self,
+        parts: &http::request::Parts,
+        service: &str,
+    ) -> Option<Response<ProxyBody>> {
+        if self.http2_out(parts.version) || !is_grpc(&parts.headers) {
+            return None;
+        }
+        debug!(service, "gRPC request to an HTTP/1.1 service refused");
+        let message = format!(
+            "datapunk-lb: service {service} speaks HTTP/1.1 to its instances and gRPC needs HTTP/2; set upstream_protocol = \"h2c\" in [service.{service}]"
+        );
+        let mut resp = Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+        *resp.status_mut() = StatusCode::OK;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("14"));
+        // Printable ASCII without '%' needs no percent-encoding.
+        if let Ok(v) = HeaderValue::from_str(&message.replace('%', "%25")) {
+            h.insert("grpc-message", v);
+        }
+        Some(resp)
+    }
+}
+
+/// `content-type: application/grpc`, alone or with a `+format` / `;params`.
+pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| rest.first().is_none_or(|b| *b == b'+' || *b == b';'))
 }
 
 /// One HTTP attempt: send the request, await the response headers.
@@ -47,7 +129,6 @@ pub(crate) struct HttpStep<'a> {
     /// The request head, hop-by-hop headers stripped.
     pub(crate) parts: http::request::Parts,
     pub(crate) body: ReqBody,
-    pub(crate) http2: bool,
     pub(crate) replay: Replay,
     /// Whether a second attempt may follow: if not, the only attempt takes
     /// the headers instead of cloning them.
@@ -56,6 +137,75 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) deadline: tokio::time::Instant,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
+}
+
+impl HttpStep<'_> {
+    /// The authority the client asked for: the URI's (HTTP/2, absolute
+    /// form), else the Host header's.
+    fn client_authority(&self) -> Option<Authority> {
+        if let Some(a) = self.parts.uri.authority() {
+            return Some(a.clone());
+        }
+        let host = self.parts.headers.get(header::HOST)?;
+        Authority::try_from(host.as_bytes()).ok()
+    }
+
+    /// The request for the instance of `to`, or `None` when it cannot be
+    /// built.
+    fn build(&mut self, http2: bool, to: &InstancePool) -> Option<Request<UpstreamBody>> {
+        let pq = self
+            .parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let uri = if http2 {
+            let authority = match self.clients.host_header {
+                HostHeader::Preserve => self.client_authority(),
+                HostHeader::Instance => None,
+            };
+            let mut u = http::uri::Parts::default();
+            u.scheme = Some(Scheme::HTTP);
+            u.authority = Some(authority.unwrap_or_else(|| to.authority().clone()));
+            u.path_and_query = Some(pq);
+            Uri::from_parts(u).ok()?
+        } else {
+            // Origin-form: the authority travels in Host.
+            Uri::from(pq)
+        };
+        let mut headers = if self.may_resend {
+            self.parts.headers.clone()
+        } else {
+            std::mem::take(&mut self.parts.headers)
+        };
+        if http2 {
+            // h2 carries the authority in the URI; a stale Host would conflict.
+            headers.remove(header::HOST);
+        } else {
+            // `preserve` keeps the client's Host as it is, unless the client
+            // put the authority in the URI (HTTP/2, absolute form).
+            let host = match (self.clients.host_header, self.parts.uri.authority()) {
+                (HostHeader::Instance, _) => Some(to.host().clone()),
+                (HostHeader::Preserve, Some(a)) => Some(HeaderValue::from_str(a.as_str()).ok()?),
+                (HostHeader::Preserve, None) if headers.contains_key(header::HOST) => None,
+                (HostHeader::Preserve, None) => Some(to.host().clone()),
+            };
+            if let Some(host) = host {
+                headers.insert(header::HOST, host);
+            }
+        }
+        let body = self.body.take()?;
+        let mut out = Request::new(body);
+        *out.method_mut() = self.parts.method.clone();
+        *out.uri_mut() = uri;
+        *out.version_mut() = if http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *out.headers_mut() = headers;
+        Some(out)
+    }
 }
 
 impl Step for HttpStep<'_> {
@@ -67,44 +217,31 @@ impl Step for HttpStep<'_> {
 
     async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<Response<Incoming>> {
         let unsendable = || Attempt::Unsendable(ProxyError::Unreachable(self.service.to_owned()));
-        let Ok(uri) = upstream_uri(instance.address(), instance.port(), &self.parts.uri) else {
+        let to = match self.clients.pool.instance(instance) {
+            Ok(to) => to,
+            Err(e) => {
+                debug!(service = self.service, error = %e, "instance address unusable");
+                return Attempt::NoAnswer(NoAnswer::ConnectFailed);
+            }
+        };
+        let http2 = self.clients.http2_out(self.parts.version);
+        // The body is always there: a streamed body is never resent.
+        let Some(out) = self.build(http2, &to) else {
             return unsendable();
         };
-        // Always there: a streamed body is never resent (not replayable).
-        let Some(body) = self.body.take() else {
-            return unsendable();
-        };
-        let Ok(mut out) = Request::builder()
-            .method(self.parts.method.clone())
-            .uri(uri)
-            .version(if self.http2 {
-                Version::HTTP_2
+        let pool = &self.clients.pool;
+        let sent = async {
+            if http2 {
+                pool.send_h2(&to, out).await
             } else {
-                Version::HTTP_11
-            })
-            .body(body)
-        else {
-            return unsendable();
+                pool.send_h1(&to, out).await
+            }
         };
-        *out.headers_mut() = if self.may_resend {
-            self.parts.headers.clone()
-        } else {
-            std::mem::take(&mut self.parts.headers)
-        };
-        if self.http2 {
-            // h2 carries the authority in the URI; a stale Host would conflict.
-            out.headers_mut().remove(header::HOST);
-        }
-        let client = if self.http2 {
-            &self.clients.h2
-        } else {
-            &self.clients.h1
-        };
-        match tokio::time::timeout_at(self.deadline, client.request(out)).await {
+        match tokio::time::timeout_at(self.deadline, sent).await {
             Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
             Ok(Ok(resp)) => Attempt::Answer(resp),
             Ok(Err(e)) => {
-                let connect = e.is_connect();
+                let connect = matches!(e, SendError::Connect(_));
                 debug!(service = self.service, error = %e, connect, "upstream attempt failed");
                 Attempt::NoAnswer(if connect {
                     NoAnswer::ConnectFailed
@@ -120,16 +257,22 @@ impl Step for HttpStep<'_> {
     }
 }
 
-pub(crate) fn upstream_uri(address: &str, port: u16, original: &Uri) -> Result<Uri, http::Error> {
-    let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
-    let authority = if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    };
-    Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types_are_recognised() {
+        let grpc = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            is_grpc(&h)
+        };
+        assert!(grpc("application/grpc"));
+        assert!(grpc("application/grpc+proto"));
+        assert!(grpc("application/grpc;charset=utf-8"));
+        assert!(!grpc("application/grpc-web"));
+        assert!(!grpc("application/json"));
+        assert!(!is_grpc(&http::HeaderMap::new()));
+    }
 }

@@ -15,6 +15,7 @@ mod lifecycle;
 mod monitoring;
 #[cfg(feature = "etcd")]
 mod precedence;
+mod protocols;
 mod proxy;
 mod reference;
 mod status_page;

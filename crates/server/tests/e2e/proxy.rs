@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::support::*;
 
@@ -47,7 +47,7 @@ async fn round_robin_splits_exactly_and_weights_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_reaches_the_backend_as_http2() {
     let a = Backend::start("a").await;
-    let lb = Lb::start(&http_config("", &[&a], &[1]));
+    let lb = Lb::start(&http_config("upstream_protocol = \"auto\"", &[&a], &[1]));
     let (status, body) = get(&h2_client(), lb.addr("web"), "/h2").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "a"));
     let versions = a.state.versions.lock().clone();
@@ -69,17 +69,7 @@ async fn grpc_unary_call_passes_status_trailers() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let (mut reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("datapunk.Ok", tonic_health::ServingStatus::Serving)
-        .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let port = grpc_health_backend().await;
     let config = format!(
         r#"[[listener]]
 name = "web"
@@ -87,6 +77,7 @@ listen = "127.0.0.1:0"
 [[listener.route]]
 service = "grpc"
 [service.grpc]
+upstream_protocol = "h2c"
 [service.grpc.health_check]
 kind = "tcp"
 [[service.grpc.instance]]

@@ -535,3 +535,20 @@ pub(crate) async fn echo_server() -> u16 {
     });
     port
 }
+
+/// A tonic gRPC health server on a free port, `datapunk.Ok` serving;
+/// returns the port.
+pub(crate) async fn grpc_health_backend() -> u16 {
+    let (mut reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("datapunk.Ok", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    port
+}

@@ -1,0 +1,622 @@
+//! The upstream connection layer: connections of our own over hyper's
+//! connection-level API (`hyper::client::conn::{http1, http2}`), pooled
+//! **per instance**, so the connection goes to the instance the core picked
+//! while the request keeps the authority the client sent.
+//!
+//! ## Rules
+//!
+//! - **Keyed by the instance**: id, address and port. Looked up by
+//!   `&ServiceInstance` (the id is an `Arc<str>`; nothing is formatted per
+//!   request); an id that reappears with another address gets a fresh pool.
+//! - **Connect**: `connect_timeout`, TCP_NODELAY, TCP keepalive 60 s. A
+//!   failed connect (or HTTP/2 handshake) is [`SendError::Connect`]: nothing
+//!   reached the instance.
+//! - **HTTP/1.1**: one request at a time per connection. A connection goes
+//!   back to the idle list only when hyper says it is ready again: its
+//!   response body ended cleanly and neither side asked to close (a body
+//!   dropped half-read or a `Connection: close` closes it instead). At most
+//!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance (more are
+//!   closed); one idle longer than [`IDLE_TIMEOUT`] is closed. The newest
+//!   idle connection is used first (it is the likeliest alive). One the
+//!   server closed while idle is seen closed and skipped; one that hyper
+//!   refuses before writing the request (it learnt of the close meanwhile)
+//!   hands the request back, and it goes to the next idle or a fresh
+//!   connection, so an idle close we have seen never fails a request,
+//!   idempotent or not (hyper's legacy client did the same with
+//!   `retry_canceled_requests`). A close still in flight while the request
+//!   is written is a `Reset` like any other: the request may have arrived.
+//! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per
+//!   instance, shared by every request; reopened when it closed (GOAWAY,
+//!   error, the server's idle close). A request refused before it was sent
+//!   (a GOAWAY racing it) is sent once more on a new connection. Beyond the
+//!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, requests **wait** for a
+//!   stream inside hyper (under the request's deadline) rather than open a
+//!   second connection: one connection per instance is what backends size
+//!   for, and the deadline bounds the wait. Until the server's SETTINGS
+//!   arrive a new connection carries one stream at a time, so a burst never
+//!   overruns a limit it has not heard yet (a refused stream would be a
+//!   `Reset`).
+//! - **Closed when**: every [`PRUNE_EVERY`], idle HTTP/1.1 connections past
+//!   [`IDLE_TIMEOUT`] and every connection of an instance no longer in the
+//!   service (discovery removed it) are dropped; a reload builds new
+//!   `Upstream`s, and the old pool with its connections is dropped with the
+//!   last request that used it. A connection in use is never cut: it closes
+//!   when its exchange ends.
+//!
+//! Returning an HTTP/1.1 connection takes a small task that waits for its
+//! readiness (what the legacy client did too); issue 12 may fold that into
+//! the response body.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use datapunk_lb_core::{InstanceId, Service, ServiceInstance};
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::{Mutex, RwLock};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower_service::Service as _;
+use tracing::debug;
+
+use super::request_body::UpstreamBody;
+
+/// An idle HTTP/1.1 connection is closed after this long (as before).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle HTTP/1.1 connections kept per instance.
+pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 1024;
+/// How often idle and departed instances' connections are swept.
+pub(crate) const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// TCP keepalive of upstream connections (as before).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Why a send failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// No connection could be made: nothing reached the instance.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection failed after the request was handed to it.
+    #[error("{0}")]
+    Failed(#[from] hyper::Error),
+}
+
+/// The connections of one service's instances.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    connector: HttpConnector,
+    /// Read by the sweep: which instances are still members.
+    service: Option<Arc<Service>>,
+    instances: RwLock<HashMap<InstanceId, Arc<InstancePool>>>,
+    sweeping: AtomicBool,
+}
+
+/// The connections of one instance.
+#[derive(Debug)]
+pub(crate) struct InstancePool {
+    address: Arc<str>,
+    port: u16,
+    /// `address:port` (brackets for IPv6): the authority when the instance
+    /// is named, and the connect target.
+    authority: Authority,
+    /// The same as a Host value.
+    host: HeaderValue,
+    connect_uri: Uri,
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Held while an HTTP/2 connection is being opened, so concurrent
+    /// requests share one connection instead of racing to open several.
+    h2_opening: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+impl Pool {
+    /// An empty pool connecting with `connect_timeout`; `service`, when
+    /// given, lets the sweep drop instances that left it.
+    pub(crate) fn new(connect_timeout: Duration, service: Option<Arc<Service>>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_keepalive(Some(TCP_KEEPALIVE));
+        Self {
+            inner: Arc::new(Inner {
+                connector,
+                service,
+                instances: RwLock::new(HashMap::new()),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The connections of `instance`, created on first use.
+    pub(crate) fn instance(
+        &self,
+        instance: &ServiceInstance,
+    ) -> Result<Arc<InstancePool>, SendError> {
+        if let Some(p) = self.inner.instances.read().get(instance.id()) {
+            if p.is(instance) {
+                return Ok(p.clone());
+            }
+        }
+        let fresh = Arc::new(InstancePool::new(instance)?);
+        self.inner
+            .instances
+            .write()
+            .insert(instance.id().clone(), fresh.clone());
+        self.start_sweep();
+        Ok(fresh)
+    }
+
+    /// Sends `req` as HTTP/1.1 to `to` (origin-form URI, Host set).
+    pub(crate) async fn send_h1(
+        &self,
+        to: &Arc<InstancePool>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        while let Some(mut sender) = to.checkout_h1() {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    to.clone().check_in_when_ready(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Refused before a byte was written: try the next.
+                    Some(back) => {
+                        debug!(error = %e.error(), "idle upstream connection was closed; trying another");
+                        req = back;
+                    }
+                    None => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+        let io = self.connect(to).await?;
+        let (mut sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+            }
+        });
+        let resp = sender.send_request(req).await?;
+        to.clone().check_in_when_ready(sender);
+        Ok(resp)
+    }
+
+    /// Sends `req` as HTTP/2 to `to` (absolute URI: its authority is the
+    /// `:authority` sent).
+    pub(crate) async fn send_h2(
+        &self,
+        to: &InstancePool,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut sender = self.h2_sender(to).await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                // Not sent (the connection was going away): once more on a
+                // new connection.
+                Some(back) => {
+                    debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
+                    to.forget_h2();
+                    let mut sender = self.h2_sender(to).await?;
+                    Ok(sender.send_request(back).await?)
+                }
+                None => Err(SendError::Failed(e.into_error())),
+            },
+        }
+    }
+
+    /// The instance's HTTP/2 connection, opened when it has none alive.
+    async fn h2_sender(
+        &self,
+        to: &InstancePool,
+    ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+        if let Some(s) = to.live_h2() {
+            return Ok(s);
+        }
+        let _opening = to.h2_opening.lock().await;
+        if let Some(s) = to.live_h2() {
+            return Ok(s);
+        }
+        let io = self.connect(to).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            // One stream until the server's SETTINGS say how many: a burst
+            // on a new connection would otherwise exceed a small limit and
+            // be refused. Its SETTINGS replace this (no limit named: none).
+            .initial_max_send_streams(1)
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        *to.h2.lock() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn connect(&self, to: &InstancePool) -> Result<TokioIo<TcpStream>, SendError> {
+        let mut connector = self.inner.connector.clone();
+        connector
+            .call(to.connect_uri.clone())
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))
+    }
+
+    /// Starts the sweep once, from the first connection on (inside the
+    /// runtime); it ends when the pool is dropped.
+    fn start_sweep(&self) {
+        if self.inner.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(sweep(weak));
+    }
+}
+
+async fn sweep(pool: Weak<Inner>) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = pool.upgrade() else { return };
+        inner.prune(Instant::now());
+    }
+}
+
+impl Inner {
+    /// Drops expired idle connections and the pools of departed instances.
+    fn prune(&self, now: Instant) {
+        let members = self.service.as_ref().map(|s| s.members());
+        let mut instances = self.instances.write();
+        instances.retain(|id, p| {
+            let member = members.as_ref().is_none_or(|ms| {
+                ms.iter()
+                    .any(|m| m.instance().id() == id && p.is(m.instance()))
+            });
+            if member {
+                p.idle.lock().retain(|i| {
+                    now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed()
+                });
+            }
+            member
+        });
+    }
+}
+
+impl InstancePool {
+    fn new(instance: &ServiceInstance) -> Result<Self, SendError> {
+        let (address, port) = (instance.address(), instance.port());
+        let text = if address.contains(':') {
+            format!("[{address}]:{port}")
+        } else {
+            format!("{address}:{port}")
+        };
+        let bad = |e: &dyn std::fmt::Display| SendError::Connect(format!("{text}: {e}"));
+        let authority: Authority = text.parse().map_err(|e| bad(&e))?;
+        let connect_uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| bad(&e))?;
+        let host = HeaderValue::from_str(&text).map_err(|e| bad(&e))?;
+        Ok(Self {
+            address: address.into(),
+            port,
+            authority,
+            host,
+            connect_uri,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_opening: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Whether this pool connects where `instance` lives.
+    fn is(&self, instance: &ServiceInstance) -> bool {
+        *self.address == *instance.address() && self.port == instance.port()
+    }
+
+    /// The instance's `address:port`.
+    pub(crate) fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The instance's `address:port` as a Host value.
+    pub(crate) fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    /// The newest idle connection that is still open.
+    fn checkout_h1(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock();
+        while let Some(i) = idle.pop() {
+            if now.duration_since(i.since) >= IDLE_TIMEOUT {
+                // The rest are older still.
+                idle.clear();
+                return None;
+            }
+            if i.sender.is_ready() {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    /// Returns the connection to the idle list once its exchange is over
+    /// and hyper finds it reusable; drops it otherwise.
+    fn check_in_when_ready(self: Arc<Self>, mut sender: http1::SendRequest<UpstreamBody>) {
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let mut idle = self.idle.lock();
+            if idle.len() < MAX_IDLE_PER_INSTANCE {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let mut slot = self.h2.lock();
+        match &*slot {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Forgets the instance's HTTP/2 connection: the next request opens
+    /// one. (Requests still on the old one finish there.)
+    fn forget_h2(&self) {
+        *self.h2.lock() = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datapunk_lb_core::Registry;
+    use http_body_util::{BodyExt, Empty, Full};
+
+    use super::*;
+
+    /// A server on a free port that hands each connection to `serve`;
+    /// returns the port and a count of the connections accepted.
+    async fn server(
+        serve: impl Fn(TokioIo<TcpStream>) + Send + 'static,
+    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                serve(TokioIo::new(s));
+            }
+        });
+        (port, accepts)
+    }
+
+    /// Answers `ok` after `delay`.
+    async fn ok_after(
+        delay: Duration,
+    ) -> Result<Response<Full<bytes::Bytes>>, std::convert::Infallible> {
+        tokio::time::sleep(delay).await;
+        Ok(Response::new(Full::new(bytes::Bytes::from_static(b"ok"))))
+    }
+
+    /// An HTTP/1.1 server answering `ok`.
+    async fn h1_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        server(|io| {
+            let svc = hyper::service::service_fn(|_req| ok_after(Duration::ZERO));
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, svc));
+        })
+        .await
+    }
+
+    fn get() -> Request<UpstreamBody> {
+        let mut r = Request::new(Empty::new().map_err(|n| match n {}).boxed());
+        *r.uri_mut() = Uri::from_static("/");
+        r.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("x"));
+        r
+    }
+
+    /// Sends a GET and reads its body, so the connection can go idle.
+    async fn exchange(pool: &Pool, to: &Arc<InstancePool>) {
+        let resp = pool.send_h1(to, get()).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    async fn idle_count(to: &InstancePool, want: usize) {
+        for _ in 0..200 {
+            if to.idle.lock().len() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("idle connections: {} (want {want})", to.idle.lock().len());
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reused_then_swept_with_departed_instances() {
+        let (port, accepts) = h1_server().await;
+        let registry = Registry::builder().build().unwrap();
+        let inst = ServiceInstance::try_new("a", "127.0.0.1", port).unwrap();
+        registry.register_instance("api", inst.clone()).unwrap();
+        let pool = Pool::new(Duration::from_secs(1), registry.service("api"));
+        let to = pool.instance(&inst).unwrap();
+        for _ in 0..5 {
+            exchange(&pool, &to).await;
+            idle_count(&to, 1).await;
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 1, "one connection, reused");
+        assert!(Arc::ptr_eq(&to, &pool.instance(&inst).unwrap()));
+
+        // Another address under the same id is another pool.
+        let moved = ServiceInstance::try_new("a", "127.0.0.1", port.wrapping_add(1)).unwrap();
+        assert!(!Arc::ptr_eq(&to, &pool.instance(&moved).unwrap()));
+        let to = pool.instance(&inst).unwrap();
+        exchange(&pool, &to).await;
+        idle_count(&to, 1).await;
+
+        let now = Instant::now();
+        pool.inner.prune(now);
+        assert_eq!(to.idle.lock().len(), 1, "young and a member: kept");
+        pool.inner.prune(now + IDLE_TIMEOUT);
+        assert_eq!(to.idle.lock().len(), 0, "idle past the timeout: closed");
+        assert_eq!(pool.inner.instances.read().len(), 1);
+        registry.deregister_instance("api", "a").unwrap();
+        pool.inner.prune(now);
+        assert_eq!(
+            pool.inner.instances.read().len(),
+            0,
+            "an instance that left the service loses its pool"
+        );
+    }
+
+    /// An HTTP/2 server that closes each connection (GOAWAY) after its
+    /// first response.
+    async fn h2_server_closing_after_one() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        server(|io| {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let done_tx = Mutex::new(Some(done_tx));
+            let svc = hyper::service::service_fn(move |_req| {
+                if let Some(tx) = done_tx.lock().take() {
+                    let _ = tx.send(());
+                }
+                ok_after(Duration::ZERO)
+            });
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = done_rx => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            });
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_is_shared_and_reopened_after_goaway() {
+        let (port, accepts) = h2_server_closing_after_one().await;
+        let pool = Pool::new(Duration::from_secs(1), None);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        let h2_get = || {
+            let mut r = get();
+            *r.uri_mut() = Uri::from_static("http://api.example/");
+            *r.version_mut() = http::Version::HTTP_2;
+            r
+        };
+        for i in 1..=3 {
+            let resp = pool.send_h2(&to, h2_get()).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok", "request {i}");
+            // Let the GOAWAY arrive before the next request.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            3,
+            "a new connection after each GOAWAY"
+        );
+        // Back to back, racing the GOAWAYs: still no failure.
+        for i in 0..10 {
+            let resp = pool.send_h2(&to, h2_get()).await;
+            assert!(resp.is_ok(), "request {i}: {resp:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_beyond_the_servers_stream_limit_wait_on_the_one_connection() {
+        let (port, accepts) = server(|io| {
+            let svc = hyper::service::service_fn(|_req| ok_after(Duration::from_millis(100)));
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(1)
+                    .serve_connection(io, svc),
+            );
+        })
+        .await;
+        let pool = Arc::new(Pool::new(Duration::from_secs(1), None));
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        let one = || {
+            let (pool, to) = (pool.clone(), to.clone());
+            tokio::spawn(async move {
+                let mut r = get();
+                *r.uri_mut() = Uri::from_static("http://api.example/");
+                *r.version_mut() = http::Version::HTTP_2;
+                let resp = pool.send_h2(&to, r).await.unwrap();
+                resp.into_body().collect().await.unwrap().to_bytes()
+            })
+        };
+        let started = Instant::now();
+        let all = [one(), one(), one()];
+        for t in all {
+            assert_eq!(&t.await.unwrap()[..], b"ok");
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 1, "one connection");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "one stream at a time: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_failure_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let pool = Pool::new(Duration::from_secs(1), None);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        assert!(matches!(
+            pool.send_h1(&to, get()).await,
+            Err(SendError::Connect(_))
+        ));
+        assert!(matches!(
+            pool.send_h2(&to, get()).await,
+            Err(SendError::Connect(_))
+        ));
+    }
+}
