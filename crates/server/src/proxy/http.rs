@@ -43,10 +43,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tracing::debug;
 
-use super::accept::{self, ConnTracker};
+use super::accept::{self, ConnPermit, ConnTracker};
+use super::client_limits::{
+    ClientLimits, ConnWatch, Expiry, GuardedBody, StallTimeout, Watched,
+};
+use super::hygiene;
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
 use super::headers::{append_forwarded_for, strip_hop_by_hop};
@@ -56,6 +60,9 @@ use super::{BoxError, ProxyError, Routing, Upstream};
 
 /// Largest request head accepted (HTTP/1.1); larger gets 431.
 pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// A client's request body, bounded by `request_body_timeout`.
+pub(crate) type ClientBody = StallTimeout<Incoming>;
 
 /// The body type the proxy answers with.
 pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -67,11 +74,17 @@ pub(crate) struct HttpContext {
     pub(crate) listener: Arc<str>,
     /// Current routing; swapped on reload.
     pub(crate) routing: Arc<ArcSwap<Routing>>,
+    /// Client-side timeouts and the connection limit.
+    pub(crate) limits: ClientLimits,
 }
 
 /// Accepts connections until `stop` turns true. Each connection holds a
 /// permit of `tracker` so a drain can wait for them, and shuts down
-/// gracefully (finishing in-flight requests) when the drain begins.
+/// gracefully (finishing in-flight requests) when the drain begins. The
+/// listener's [client limits](super::client_limits) are enforced here: the
+/// connection limit by the accept loop, the head and idle timeouts by a
+/// watchdog beside each connection, the body timeout around each request
+/// body.
 pub(crate) async fn serve(
     listener: TcpListener,
     ctx: Arc<HttpContext>,
@@ -88,24 +101,57 @@ pub(crate) async fn serve(
     builder.http2().max_concurrent_streams(1024);
     let builder = Arc::new(builder);
     let name = ctx.listener.clone();
+    let limits = ctx.limits;
     let draining = tracker.draining();
-    let on_accept = |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+    let on_accept = |stream: TcpStream, peer: SocketAddr, permit: ConnPermit| {
         let ctx = ctx.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        let watch = ConnWatch::new(tokio::time::Instant::now());
+        let svc_watch = watch.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
+            // In flight from the parsed head until the response body is sent.
+            let guard = svc_watch.request_started();
+            async move {
+                let body_timeout = ctx.limits.request_body_timeout;
+                let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
+                let resp = handle(req, &ctx, peer).await;
+                Ok::<_, Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
+            }
         });
         let builder = builder.clone();
         let mut draining = draining.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let io = TokioIo::new(Watched::new(stream, watch.clone()));
+            let conn = builder.serve_connection(io, svc);
             tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { let _ = draining.wait_for(|d| *d).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let sleep = tokio::time::sleep(limits.idle_timeout);
+            tokio::pin!(sleep);
+            // Once shutting down (drain or idle), hyper finishes the work
+            // in flight and ends the connection; the watchdog stops.
+            let mut closing = false;
+            let result = loop {
+                let next = if closing { None } else { watch.deadline(&limits) };
+                if let Some((at, _)) = next {
+                    sleep.as_mut().reset(at);
+                }
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = async { let _ = draining.wait_for(|d| *d).await; }, if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    () = watch.changed(), if !closing => {}
+                    () = sleep.as_mut(), if next.is_some() => match next {
+                        Some((_, Expiry::Head)) => {
+                            debug!(%peer, "request head not received in time: connection closed");
+                            break Ok(());
+                        }
+                        _ => {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    },
                 }
             };
             if let Err(e) = result {
@@ -113,7 +159,8 @@ pub(crate) async fn serve(
             }
         });
     };
-    accept::serve(listener, &name, stop, tracker, accept_errors, on_accept).await;
+    let limit = accept::Limit::new(limits.max_connections);
+    accept::serve(listener, &name, stop, tracker, limit, accept_errors, on_accept).await;
 }
 
 /// A short plain-text response.
@@ -144,10 +191,13 @@ fn is_idempotent(m: &Method) -> bool {
 
 /// Serves one request.
 pub(crate) async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     ctx: &HttpContext,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    if let Err(why) = hygiene::check(&mut req) {
+        return text(StatusCode::BAD_REQUEST, &why.to_string());
+    }
     // Route with borrowed host and path: no allocation per request.
     let up = {
         let routing = ctx.routing.load();
@@ -175,7 +225,7 @@ pub(crate) async fn handle(
 }
 
 async fn proxy(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     up: &Upstream,
     peer: SocketAddr,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -198,23 +248,30 @@ async fn proxy(
         replay,
         may_resend: up.retries > 0 && replay.replayable,
         deadline,
+        per_try_timeout: up.per_try_timeout,
         clients: &up.clients,
         service: &up.name,
     };
     Ok(match attempt::run(up, &mut step).await? {
-        Ended::Success(held, resp) => finish_response(resp, Some(held)),
-        Ended::Failed(resp) => finish_response(resp, None),
+        Ended::Success(held, resp) => finish_response(resp, Some(held), up),
+        Ended::Failed(resp) => finish_response(resp, None, up),
     })
 }
 
 /// The response for the client; `held` (a success) rides in the body until
 /// it ends.
-fn finish_response(resp: Response<Incoming>, held: Option<Held>) -> Response<ProxyBody> {
+fn finish_response(
+    resp: Response<Incoming>,
+    held: Option<Held>,
+    up: &Upstream,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // A body that stops flowing is cut: TrackedBody charges a Reset.
+    let body = StallTimeout::new(body, up.response_idle_timeout, "response body");
     let body: ProxyBody = match held {
         Some(held) => TrackedBody::new(body, held).boxed(),
-        None => body.map_err(BoxError::from).boxed(),
+        None => body.boxed(),
     };
     Response::from_parts(parts, body)
 }

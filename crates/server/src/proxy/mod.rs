@@ -19,9 +19,11 @@
 pub(crate) mod accept;
 pub(crate) mod attempt;
 pub(crate) mod body;
+pub(crate) mod client_limits;
 pub(crate) mod error;
 pub(crate) mod headers;
 pub(crate) mod http;
+pub(crate) mod hygiene;
 pub(crate) mod request_body;
 pub(crate) mod retry;
 pub(crate) mod tcp;
@@ -52,6 +54,10 @@ pub(crate) struct Upstream {
     pub(crate) connect_timeout: Duration,
     /// Deadline for the response headers, over all attempts.
     pub(crate) request_timeout: Duration,
+    /// Deadline of one attempt, within `request_timeout`.
+    pub(crate) per_try_timeout: Option<Duration>,
+    /// Longest pause inside a response body.
+    pub(crate) response_idle_timeout: Duration,
     /// Retries to a different instance.
     pub(crate) retries: u32,
     /// Per-instance connection limit.
