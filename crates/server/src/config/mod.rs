@@ -53,6 +53,8 @@ pub mod file;
 pub mod keys;
 #[cfg(test)]
 mod knobs_tests;
+#[cfg(test)]
+mod limits_tests;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
