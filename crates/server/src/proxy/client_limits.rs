@@ -17,8 +17,10 @@
 //! - **`idle_timeout` [60 s]**: a connection with no request in flight (a
 //!   request is in flight from its head until its response body has been
 //!   sent) for that long is shut down gracefully: HTTP/1.1 closes, HTTP/2
-//!   sends GOAWAY. HTTP/2 connections get only this rule (their frames are
-//!   not request heads; the h2 library bounds its own frame reads).
+//!   sends GOAWAY, and a client that has not closed 1 s later while still
+//!   idle is cut (HTTP/2 waits for a PING ack a bad client never sends).
+//!   HTTP/2 connections get only this rule (their frames are not request
+//!   heads; the h2 library bounds its own frame reads).
 //! - **`request_body_timeout` [30 s]**: the longest wait for the next chunk
 //!   of a request body while the proxy is reading it. A body that stalls
 //!   while it is being buffered gets 408; one that stalls while streamed
@@ -141,6 +143,18 @@ impl ConnWatch {
             Phase::Head(since) => Some((since + limits.header_read_timeout, Expiry::Head)),
             Phase::Busy => None,
         }
+    }
+
+    /// Whether no request is in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.state.lock().in_flight == 0
+    }
+
+    /// What is due now under `limits`, if anything.
+    pub(crate) fn expired(&self, limits: &ClientLimits) -> Option<Expiry> {
+        self.deadline(limits)
+            .filter(|(at, _)| *at <= Instant::now())
+            .map(|(_, why)| why)
     }
 
     /// Resolves when the state changed (the deadline may have moved).
@@ -382,6 +396,9 @@ mod tests {
         );
         let guard = w.request_started();
         assert_eq!(w.deadline(&l), None, "no deadline while in flight");
+        // A watchdog woken by the head's old deadline finds nothing due.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(w.expired(&l), None, "a request in flight is never cut");
         // Body bytes while busy do not start a head.
         w.read(b"body", t1 + Duration::from_secs(4));
         assert_eq!(w.deadline(&l), None);
@@ -391,6 +408,9 @@ mod tests {
         drop(second);
         let now = Instant::now();
         assert_eq!(w.deadline(&l), Some((now + l.idle_timeout, Expiry::Idle)));
+        assert_eq!(w.expired(&l), None);
+        tokio::time::advance(l.idle_timeout).await;
+        assert_eq!(w.expired(&l), Some(Expiry::Idle));
     }
 
     #[tokio::test(start_paused = true)]

@@ -127,30 +127,44 @@ pub(crate) async fn serve(
             tokio::pin!(conn);
             let sleep = tokio::time::sleep(limits.idle_timeout);
             tokio::pin!(sleep);
-            // Once shutting down (drain or idle), hyper finishes the work
-            // in flight and ends the connection; the watchdog stops.
-            let mut closing = false;
+            let mut mode = Watchdog::Serving;
             let result = loop {
-                let next = if closing { None } else { watch.deadline(&limits) };
-                if let Some((at, _)) = next {
+                let next = match mode {
+                    Watchdog::Serving => watch.deadline(&limits).map(|(at, _)| at),
+                    Watchdog::IdleClosing(at) => Some(at),
+                    Watchdog::Draining => None,
+                };
+                if let Some(at) = next {
                     sleep.as_mut().reset(at);
                 }
                 tokio::select! {
                     r = conn.as_mut() => break r,
-                    _ = async { let _ = draining.wait_for(|d| *d).await; }, if !closing => {
+                    _ = async { let _ = draining.wait_for(|d| *d).await; },
+                        if mode != Watchdog::Draining => {
                         conn.as_mut().graceful_shutdown();
-                        closing = true;
+                        mode = Watchdog::Draining;
                     }
-                    () = watch.changed(), if !closing => {}
-                    () = sleep.as_mut(), if next.is_some() => match next {
-                        Some((_, Expiry::Head)) => {
-                            debug!(%peer, "request head not received in time: connection closed");
-                            break Ok(());
-                        }
-                        _ => {
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
+                    () = watch.changed(), if mode == Watchdog::Serving => {}
+                    () = sleep.as_mut(), if next.is_some() => match mode {
+                        // The state may have moved on without a wake-up (a
+                        // request began): act only on a deadline still due.
+                        Watchdog::Serving => match watch.expired(&limits) {
+                            Some(Expiry::Head) => {
+                                debug!(%peer, "request head not received in time: connection closed");
+                                break Ok(());
+                            }
+                            Some(Expiry::Idle) => {
+                                conn.as_mut().graceful_shutdown();
+                                let grace = tokio::time::Instant::now() + IDLE_CLOSE_GRACE;
+                                mode = Watchdog::IdleClosing(grace);
+                            }
+                            None => {}
+                        },
+                        // HTTP/2 waits for the client's PING ack after
+                        // GOAWAY; a client that never sends it is cut, unless
+                        // a request raced the GOAWAY in.
+                        Watchdog::IdleClosing(_) if watch.idle() => break Ok(()),
+                        _ => mode = Watchdog::Draining,
                     },
                 }
             };
@@ -161,6 +175,22 @@ pub(crate) async fn serve(
     };
     let limit = accept::Limit::new(limits.max_connections);
     accept::serve(listener, &name, stop, tracker, limit, accept_errors, on_accept).await;
+}
+
+/// How long an idle connection told to close (HTTP/2: GOAWAY) may take to
+/// finish the exchange before it is cut.
+const IDLE_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a connection's watchdog is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watchdog {
+    /// Enforcing the head and idle deadlines.
+    Serving,
+    /// Idle and told to close; cut at this instant if still idle.
+    IdleClosing(tokio::time::Instant),
+    /// Draining (or a request raced the idle close): hyper finishes what is
+    /// in flight; the drain timeout bounds it.
+    Draining,
 }
 
 /// A short plain-text response.

@@ -1,7 +1,9 @@
 //! Client-side limits against the real binary on raw sockets: a head
 //! trickled a byte a second is cut at `header_read_timeout`, on a new
 //! connection and on a keep-alive one; an idle keep-alive connection is
-//! closed at `idle_timeout` (and not earlier at the head timeout); a
+//! closed at `idle_timeout` (and not earlier at the head timeout), an
+//! HTTP/2 one gets GOAWAY then; a request in flight is cut by neither; a
+//! response body that stops is cut at `response_idle_timeout`; a
 //! stalled request body gets 408 at `request_body_timeout`; a listener's
 //! `max_connections` closes the connection above it while those inside
 //! are served; 10,000 idle connections do not slow new requests.
@@ -275,4 +277,102 @@ where
         out.push(t.await.unwrap());
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_is_not_cut_by_the_client_timeouts() {
+    // The backend takes longer than both client timeouts: a request in
+    // flight is governed by the service's timeouts only.
+    let slow = Backend::start("slow").await;
+    slow.set_delay(Duration::from_millis(2500));
+    let lb = Lb::start(&raw_config(
+        "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"",
+        "",
+        &[("slow", slow.addr)],
+    ));
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let (took, said) = closed_after(&mut s, Instant::now(), Duration::from_secs(6)).await;
+    assert!(said.starts_with("HTTP/1.1 200"), "{said:?}");
+    assert!(said.ends_with("slow"), "{said:?}");
+    // Then idle: closed a second after the response.
+    assert!(
+        took > Duration::from_millis(3000) && took < Duration::from_millis(5000),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_stops_is_cut_and_charged_as_a_reset() {
+    // Ten bytes promised, three sent, then nothing.
+    let b = RawBackend::start(Some(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")).await;
+    let lb = Lb::start(&raw_config(
+        "",
+        "response_idle_timeout = \"1s\"\nretries = 0",
+        &[("b", b.addr)],
+    ));
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let (took, said) = closed_after(&mut s, Instant::now(), Duration::from_secs(6)).await;
+    assert!(said.starts_with("HTTP/1.1 200"), "{said:?}");
+    assert!(said.ends_with("\r\n\r\nabc"), "{said:?}");
+    assert!(
+        took > Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "cut after {took:?}"
+    );
+    let resets = metric_sum(
+        &lb,
+        "datapunk_lb_requests_total",
+        &["instance=\"b\"", "outcome=\"reset\""],
+    )
+    .await;
+    assert_eq!(resets, 1.0, "the stalled body counts as a reset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_gets_goaway_at_the_idle_timeout_only() {
+    let b = RawBackend::start(Some(OK)).await;
+    let lb = Lb::start(&raw_config(
+        "header_read_timeout = \"1s\"\nidle_timeout = \"3s\"",
+        "",
+        &[("b", b.addr)],
+    ));
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    // The preface and an empty SETTINGS frame, then nothing: HTTP/2 frames
+    // are not a request head, so only the idle rule applies.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(
+        // 3 s idle, plus at most the 1 s grace for a client that does not
+        // answer the GOAWAY's PING (this one does not).
+        took > Duration::from_millis(2800) && took < Duration::from_millis(5000),
+        "closed after {took:?}"
+    );
+    assert!(has_goaway(&got), "no GOAWAY frame in {got:?}");
+}
+
+/// Whether the HTTP/2 frames in `bytes` include a GOAWAY (type 7).
+fn has_goaway(mut bytes: &[u8]) -> bool {
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        if bytes[3] == 7 {
+            return true;
+        }
+        bytes = bytes.get(9 + len..).unwrap_or(&[]);
+    }
+    false
 }

@@ -660,3 +660,15 @@ pub(crate) async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s, &mut buf)).await;
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// The sum of the `/metrics` samples of `name` (a counter's `_total` too)
+/// whose labels include every one of `labels`; 0 when there is none.
+pub(crate) async fn metric_sum(lb: &Lb, name: &str, labels: &[&str]) -> f64 {
+    let (status, text) = admin(lb.addr("admin"), "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| l.split('{').next() == Some(name))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
