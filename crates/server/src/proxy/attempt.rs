@@ -373,10 +373,7 @@ mod tests {
                 Some(FailureKind::Timeout),
             ),
             (no_answer(NoAnswer::Reset), Some(FailureKind::Reset)),
-            (
-                no_answer(NoAnswer::TryTimedOut),
-                Some(FailureKind::Timeout),
-            ),
+            (no_answer(NoAnswer::TryTimedOut), Some(FailureKind::Timeout)),
             (
                 no_answer(NoAnswer::DeadlineExceeded),
                 Some(FailureKind::Timeout),

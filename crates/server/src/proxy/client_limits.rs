@@ -459,7 +459,10 @@ mod tests {
     /// A body fed through a channel.
     fn futures_channel_body() -> (ChanSender, http_body_util::StreamBody<ChanStream>) {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        (ChanSender(tx), http_body_util::StreamBody::new(ChanStream(rx)))
+        (
+            ChanSender(tx),
+            http_body_util::StreamBody::new(ChanStream(rx)),
+        )
     }
 
     struct ChanSender(Chan);

@@ -1,8 +1,19 @@
 //! HTTP listeners: HTTP/1.1 and HTTP/2 (h2c with prior knowledge) on one
 //! port, proxied over pooled keep-alive upstream connections.
 //!
+//! ## Per connection
+//!
+//! The listener's [client limits](super::client_limits): at most
+//! `max_connections` open (above it closed at once), a started request head
+//! complete within `header_read_timeout`, no request for `idle_timeout`
+//! closes it, a request body pausing longer than `request_body_timeout`
+//! ends it.
+//!
 //! ## Per request
 //!
+//! 0. [Hygiene](super::hygiene): no `Host` on HTTP/1.1 or two of them →
+//!    400, never forwarded; the target's authority (absolute form, HTTP/2
+//!    `:authority`) replaces a different `Host`.
 //! 1. Route by host and path prefix (first match wins); none → 404.
 //! 2. Read the body: up to 64 KiB with a known length (or HTTP/1.1 chunked
 //!    that ends within 64 KiB) is buffered and so replayable; a larger or
@@ -11,7 +22,8 @@
 //! 3. Run the [attempt loop](super::attempt), whose step here sends the
 //!    request with the inbound HTTP version (HTTP/2 and gRPC as h2c,
 //!    HTTP/1.1 as HTTP/1.1; trailers pass through) and awaits the response
-//!    headers before `request_timeout`, one deadline over all attempts. The
+//!    headers before `request_timeout`, one deadline over all attempts
+//!    (and `per_try_timeout` per attempt when set). The
 //!    loop answers: no instance → 503; every instance at `max_connections`
 //!    → 503; a status below 500 → forwarded, the success recorded when the
 //!    response body ends (the claim rides in the body, so the connection
@@ -23,7 +35,8 @@
 //!
 //! A connect error is retried when the body is replayable; an idempotent
 //! request (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) with a replayable body is
-//! also retried on a reset or a 502/503/504. Never after the deadline. Each
+//! also retried on a reset, a timed-out try (`per_try_timeout`) or a
+//! 502/503/504. Never after the deadline. Each
 //! retry goes to an instance this request has not tried, at most `retries`
 //! times, and only while the service's [`RetryBudget`](super::RetryBudget)
 //! allows. When no retry can follow, the only attempt takes the request
@@ -47,13 +60,11 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use super::accept::{self, ConnPermit, ConnTracker};
-use super::client_limits::{
-    ClientLimits, ConnWatch, Expiry, GuardedBody, StallTimeout, Watched,
-};
-use super::hygiene;
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
+use super::client_limits::{ClientLimits, ConnWatch, Expiry, GuardedBody, StallTimeout, Watched};
 use super::headers::{append_forwarded_for, strip_hop_by_hop};
+use super::hygiene;
 use super::request_body::read_body;
 use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
@@ -174,7 +185,16 @@ pub(crate) async fn serve(
         });
     };
     let limit = accept::Limit::new(limits.max_connections);
-    accept::serve(listener, &name, stop, tracker, limit, accept_errors, on_accept).await;
+    accept::serve(
+        listener,
+        &name,
+        stop,
+        tracker,
+        limit,
+        accept_errors,
+        on_accept,
+    )
+    .await;
 }
 
 /// How long an idle connection told to close (HTTP/2: GOAWAY) may take to

@@ -111,13 +111,25 @@ mod tests {
     #[test]
     fn http11_needs_exactly_one_valid_host() {
         use Version as V;
-        let cases: [(Version, &str, &[&str], Result<Option<&str>, Refused>); 10] = [
+        type Case = (Version, &'static str, &'static [&'static str], Want);
+        type Want = Result<Option<&'static str>, Refused>;
+        let cases: [Case; 10] = [
             (V::HTTP_11, "/x", &["a.example"], Ok(Some("a.example"))),
-            (V::HTTP_11, "/x", &["a.example:8080"], Ok(Some("a.example:8080"))),
+            (
+                V::HTTP_11,
+                "/x",
+                &["a.example:8080"],
+                Ok(Some("a.example:8080")),
+            ),
             (V::HTTP_11, "/x", &[], Err(Refused::MissingHost)),
             (V::HTTP_11, "/x", &["a", "a"], Err(Refused::DuplicateHost)),
             (V::HTTP_11, "/x", &["a", "b"], Err(Refused::DuplicateHost)),
-            (V::HTTP_11, "/x", &["u@a.example"], Err(Refused::InvalidHost)),
+            (
+                V::HTTP_11,
+                "/x",
+                &["u@a.example"],
+                Err(Refused::InvalidHost),
+            ),
             (V::HTTP_11, "/x", &["a b"], Err(Refused::InvalidHost)),
             (V::HTTP_11, "/x", &[""], Err(Refused::InvalidHost)),
             (V::HTTP_10, "/x", &[], Ok(None)),

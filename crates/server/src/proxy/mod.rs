@@ -1,7 +1,9 @@
 //! The proxy: HTTP/1.1 + HTTP/2 listeners ([`http`]: the request path;
 //! [`headers`]: hop-by-hop and forwarding headers; [`request_body`]: buffered
 //! for replay or streamed; [`upstream`]: the clients and the HTTP attempt;
-//! [`body`]: the response body that carries the attempt's claim), TCP
+//! [`body`]: the response body that carries the attempt's claim;
+//! [`hygiene`]: the Host checks before routing; [`client_limits`]: the
+//! head, idle and body timeouts of client connections), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
 //! errors logged at most once a second and backed off; the drain tracker),
 //! routing, the one attempt loop both use ([`attempt`]), the retry budget

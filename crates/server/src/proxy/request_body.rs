@@ -65,7 +65,7 @@ pub(crate) async fn read_body(
         None => parts.version != Version::HTTP_2,
     };
     if !read_ahead {
-        return Ok(ReqBody::Stream(Some(body.map_err(BoxError::from).boxed())));
+        return Ok(ReqBody::Stream(Some(body.boxed())));
     }
     let mut prefix: Vec<Frame<Bytes>> = Vec::new();
     let mut size = 0usize;
@@ -113,8 +113,6 @@ impl futures_core::Stream for Chained {
         if let Some(f) = self.prefix.pop_front() {
             return std::task::Poll::Ready(Some(Ok(f)));
         }
-        std::pin::Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map(|o| o.map(|r| r.map_err(BoxError::from)))
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
 }

@@ -52,7 +52,16 @@ pub(crate) async fn serve(
         });
     };
     let limit = accept::Limit::new(max_connections);
-    accept::serve(listener, &name, stop, tracker, limit, accept_errors, on_accept).await;
+    accept::serve(
+        listener,
+        &name,
+        stop,
+        tracker,
+        limit,
+        accept_errors,
+        on_accept,
+    )
+    .await;
 }
 
 async fn proxy(

@@ -24,9 +24,15 @@ async fn bad_hosts_and_smuggling_shapes_get_400_and_reach_no_backend() {
     let addr = lb.addr("web");
     let refused: [(&str, &[u8]); 9] = [
         ("no Host", b"GET / HTTP/1.1\r\n\r\n"),
-        ("no Host, absolute form", b"GET http://a.example/ HTTP/1.1\r\n\r\n"),
+        (
+            "no Host, absolute form",
+            b"GET http://a.example/ HTTP/1.1\r\n\r\n",
+        ),
         ("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
-        ("two equal Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"),
+        (
+            "two equal Hosts",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+        ),
         (
             "conflicting Content-Lengths",
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
@@ -52,7 +58,10 @@ async fn bad_hosts_and_smuggling_shapes_get_400_and_reach_no_backend() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
     // HTTP/1.0 may omit Host: routed with no host.
     let r = raw_exchange(addr, b"GET / HTTP/1.0\r\n\r\n").await;
-    assert!(r.starts_with("HTTP/1.0 200"), "HTTP/1.0 without Host: {r:?}");
+    assert!(
+        r.starts_with("HTTP/1.0 200"),
+        "HTTP/1.0 without Host: {r:?}"
+    );
     assert_eq!(b.hits(), 2);
 }
 
@@ -97,7 +106,10 @@ async fn hop_by_hop_headers_cross_in_neither_direction() {
     // Response: the named header and every hop-by-hop one are gone.
     assert_eq!(header(&r, "x-resp-normal"), ["yes"], "{r}");
     for gone in ["x-resp-private", "keep-alive", "proxy-authenticate"] {
-        assert!(header(&r, gone).is_empty(), "{gone} reached the client: {r}");
+        assert!(
+            header(&r, gone).is_empty(),
+            "{gone} reached the client: {r}"
+        );
     }
     assert!(
         !r.to_ascii_lowercase().contains("x-resp-private"),
@@ -114,7 +126,10 @@ async fn hop_by_hop_headers_cross_in_neither_direction() {
         "te",
         "proxy-connection",
     ] {
-        assert!(header(head, gone).is_empty(), "{gone} reached the backend: {head}");
+        assert!(
+            header(head, gone).is_empty(),
+            "{gone} reached the backend: {head}"
+        );
     }
     assert!(
         !head.to_ascii_lowercase().contains("x-req-private"),

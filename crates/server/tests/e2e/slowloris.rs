@@ -134,12 +134,31 @@ async fn a_trickled_head_is_cut_at_the_header_timeout_and_idle_waits_for_the_idl
     let within = |d: Duration, lo: u64, hi: u64| {
         d >= Duration::from_millis(lo) && d <= Duration::from_millis(hi)
     };
-    assert!(within(fresh, 1800, 3000), "new connection cut after {fresh:?}");
-    assert!(within(kept, 1800, 3000), "keep-alive connection cut after {kept:?}");
-    assert!(within(idle, 3800, 5000), "idle connection closed after {idle:?}");
-    assert!(within(silent, 3800, 5000), "silent connection closed after {silent:?}");
-    assert_eq!(said, "", "nothing is answered to a connection that sent nothing");
-    assert_eq!(b.hits(), 2, "only the two complete requests reached the backend");
+    assert!(
+        within(fresh, 1800, 3000),
+        "new connection cut after {fresh:?}"
+    );
+    assert!(
+        within(kept, 1800, 3000),
+        "keep-alive connection cut after {kept:?}"
+    );
+    assert!(
+        within(idle, 3800, 5000),
+        "idle connection closed after {idle:?}"
+    );
+    assert!(
+        within(silent, 3800, 5000),
+        "silent connection closed after {silent:?}"
+    );
+    assert_eq!(
+        said, "",
+        "nothing is answered to a connection that sent nothing"
+    );
+    assert_eq!(
+        b.hits(),
+        2,
+        "only the two complete requests reached the backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +180,11 @@ async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
         took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
         "408 after {took:?}"
     );
-    assert_eq!(b.hits(), 0, "a request whose body never came reached the backend");
+    assert_eq!(
+        b.hits(),
+        0,
+        "a request whose body never came reached the backend"
+    );
     // A body that keeps coming, slower than nothing but faster than the
     // timeout, is fine: 4 chunks 500 ms apart.
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
@@ -207,7 +230,14 @@ fn raise_fd_limit() -> Option<u64> {
     let prlimit = require("prlimit", "/usr/bin/prlimit", "util-linux")?;
     let pid = std::process::id().to_string();
     let out = Command::new(&prlimit)
-        .args(["--pid", &pid, "--nofile", "--raw", "--noheadings", "--output=HARD"])
+        .args([
+            "--pid",
+            &pid,
+            "--nofile",
+            "--raw",
+            "--noheadings",
+            "--output=HARD",
+        ])
         .output()
         .ok()?;
     let hard: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
@@ -243,7 +273,10 @@ async fn ten_thousand_idle_connections_do_not_slow_new_requests() {
         one_request(&mut s).await;
         slowest = slowest.max(t.elapsed());
     }
-    assert!(slowest < Duration::from_millis(500), "slowest request {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest request {slowest:?}"
+    );
     // The idle connections are still open (default idle_timeout 60 s).
     let mut probe = [0u8; 1];
     let still_open = idle
