@@ -163,7 +163,8 @@ impl ConnWatch {
     }
 }
 
-/// A request in flight; ends when dropped.
+/// A request in flight; ends when dropped (it rides in the response body,
+/// so the request stays in flight until its body has been sent).
 #[derive(Debug)]
 pub(crate) struct RequestGuard(Arc<ConnWatch>);
 
@@ -233,41 +234,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// A response body that keeps its request in flight until it is done.
-pub(crate) struct GuardedBody {
-    inner: ProxyBody,
-    _guard: RequestGuard,
-}
-
-impl GuardedBody {
-    pub(crate) fn new(inner: ProxyBody, guard: RequestGuard) -> Self {
-        Self {
-            inner,
-            _guard: guard,
-        }
-    }
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

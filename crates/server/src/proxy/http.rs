@@ -62,7 +62,7 @@ use tracing::debug;
 use super::accept::{self, ConnPermit, ConnTracker};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
-use super::client_limits::{ClientLimits, ConnWatch, Expiry, GuardedBody, StallTimeout, Watched};
+use super::client_limits::{ClientLimits, ConnWatch, Expiry, StallTimeout, Watched};
 use super::headers::{append_forwarded_for, strip_hop_by_hop};
 use super::hygiene;
 use super::request_body::read_body;
@@ -126,7 +126,14 @@ pub(crate) async fn serve(
                 let body_timeout = ctx.limits.request_body_timeout;
                 let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
                 let resp = handle(req, &ctx, peer).await;
-                Ok::<_, Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
+                // The guard rides in the body and drops with it.
+                let resp = resp.map(|b| {
+                    b.map_frame(move |f| {
+                        let _in_flight = &guard;
+                        f
+                    })
+                });
+                Ok::<_, Infallible>(resp)
             }
         });
         let builder = builder.clone();

@@ -37,6 +37,14 @@ async fn closed_after(s: &mut TcpStream, since: Instant, limit: Duration) -> (Du
     (since.elapsed(), String::from_utf8_lossy(&got).into_owned())
 }
 
+/// Sends `GET` on a new connection to `addr` and reads until the proxy
+/// closes it (at most 6 s); how long that took, and what was read.
+async fn get_until_closed(addr: SocketAddr) -> (Duration, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    closed_after(&mut s, Instant::now(), Duration::from_secs(6)).await
+}
+
 /// Writes `GET` and reads one whole response (the `OK` backend's, 2 bytes
 /// of body) on `s`.
 async fn one_request(s: &mut TcpStream) {
@@ -323,9 +331,7 @@ async fn a_slow_answer_is_not_cut_by_the_client_timeouts() {
         "",
         &[("slow", slow.addr)],
     ));
-    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
-    s.write_all(GET).await.unwrap();
-    let (took, said) = closed_after(&mut s, Instant::now(), Duration::from_secs(6)).await;
+    let (took, said) = get_until_closed(lb.addr("web")).await;
     assert!(said.starts_with("HTTP/1.1 200"), "{said:?}");
     assert!(said.ends_with("slow"), "{said:?}");
     // Then idle: closed a second after the response.
@@ -344,9 +350,7 @@ async fn a_response_body_that_stops_is_cut_and_charged_as_a_reset() {
         "response_idle_timeout = \"1s\"\nretries = 0",
         &[("b", b.addr)],
     ));
-    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
-    s.write_all(GET).await.unwrap();
-    let (took, said) = closed_after(&mut s, Instant::now(), Duration::from_secs(6)).await;
+    let (took, said) = get_until_closed(lb.addr("web")).await;
     assert!(said.starts_with("HTTP/1.1 200"), "{said:?}");
     assert!(said.ends_with("\r\n\r\nabc"), "{said:?}");
     assert!(
