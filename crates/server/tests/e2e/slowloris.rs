@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::*;
@@ -20,9 +20,24 @@ use crate::support::*;
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
 
-/// Reads until the peer closes (or errors); how long after `since` that
-/// was, and what was read. Gives up after `limit`.
-async fn closed_after(s: &mut TcpStream, since: Instant, limit: Duration) -> (Duration, String) {
+/// Reads from `s` until the peer closes (or errors); how long after
+/// `since` that was, and what was read (as text, lossy). Gives up after
+/// `limit`.
+async fn closed_after(
+    s: &mut (impl AsyncRead + Unpin),
+    since: Instant,
+    limit: Duration,
+) -> (Duration, String) {
+    let (took, got) = closed_after_bytes(s, since, limit).await;
+    (took, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// [`closed_after`] with the bytes as they came.
+async fn closed_after_bytes(
+    s: &mut (impl AsyncRead + Unpin),
+    since: Instant,
+    limit: Duration,
+) -> (Duration, Vec<u8>) {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(limit, async {
         let mut buf = [0u8; 1024];
@@ -34,7 +49,14 @@ async fn closed_after(s: &mut TcpStream, since: Instant, limit: Duration) -> (Du
         }
     })
     .await;
-    (since.elapsed(), String::from_utf8_lossy(&got).into_owned())
+    (since.elapsed(), got)
+}
+
+/// The `OK` backend behind a proxy whose listener has `listener_extra`.
+async fn ok_behind(listener_extra: &str) -> (RawBackend, Lb) {
+    let b = RawBackend::start(Some(OK)).await;
+    let lb = Lb::start(&raw_config(listener_extra, "", &[("b", b.addr)]));
+    (b, lb)
 }
 
 /// Sends `GET` on a new connection to `addr` and reads until the proxy
@@ -77,32 +99,9 @@ fn trickle(s: TcpStream) -> (tokio::task::JoinHandle<()>, tokio::net::tcp::Owned
     (task, r)
 }
 
-/// Like [`closed_after`] for a read half.
-async fn read_half_closed_after(
-    r: &mut tokio::net::tcp::OwnedReadHalf,
-    since: Instant,
-    limit: Duration,
-) -> Duration {
-    let _ = tokio::time::timeout(limit, async {
-        let mut buf = [0u8; 1024];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-    since.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_head_is_cut_at_the_header_timeout_and_idle_waits_for_the_idle_timeout() {
-    let b = RawBackend::start(Some(OK)).await;
-    let lb = Lb::start(&raw_config(
-        "header_read_timeout = \"2s\"\nidle_timeout = \"4s\"",
-        "",
-        &[("b", b.addr)],
-    ));
+    let (b, lb) = ok_behind("header_read_timeout = \"2s\"\nidle_timeout = \"4s\"").await;
     let addr = lb.addr("web");
 
     // 1. A new connection trickling its head: cut 2 s after its first byte.
@@ -110,7 +109,7 @@ async fn a_trickled_head_is_cut_at_the_header_timeout_and_idle_waits_for_the_idl
         let s = TcpStream::connect(addr).await.unwrap();
         let t = Instant::now();
         let (task, mut r) = trickle(s);
-        let took = read_half_closed_after(&mut r, t, Duration::from_secs(8)).await;
+        let took = closed_after(&mut r, t, Duration::from_secs(8)).await.0;
         task.abort();
         took
     };
@@ -120,7 +119,7 @@ async fn a_trickled_head_is_cut_at_the_header_timeout_and_idle_waits_for_the_idl
         one_request(&mut s).await;
         let t = Instant::now();
         let (task, mut r) = trickle(s);
-        let took = read_half_closed_after(&mut r, t, Duration::from_secs(8)).await;
+        let took = closed_after(&mut r, t, Duration::from_secs(8)).await.0;
         task.abort();
         took
     };
@@ -171,12 +170,7 @@ async fn a_trickled_head_is_cut_at_the_header_timeout_and_idle_waits_for_the_idl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
-    let b = RawBackend::start(Some(OK)).await;
-    let lb = Lb::start(&raw_config(
-        "request_body_timeout = \"1s\"",
-        "",
-        &[("b", b.addr)],
-    ));
+    let (b, lb) = ok_behind("request_body_timeout = \"1s\"").await;
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
     s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
         .await
@@ -209,8 +203,7 @@ async fn a_stalled_request_body_gets_408_at_the_body_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn above_max_connections_a_connection_is_closed_and_those_inside_are_served() {
-    let b = RawBackend::start(Some(OK)).await;
-    let lb = Lb::start(&raw_config("max_connections = 2", "", &[("b", b.addr)]));
+    let (b, lb) = ok_behind("max_connections = 2").await;
     let addr = lb.addr("web");
     let mut first = TcpStream::connect(addr).await.unwrap();
     let mut second = TcpStream::connect(addr).await.unwrap();
@@ -268,8 +261,7 @@ async fn ten_thousand_idle_connections_do_not_slow_new_requests() {
     if n < want {
         eprintln!("descriptor limit {limit}: {n} idle connections instead of {want}");
     }
-    let b = RawBackend::start(Some(OK)).await;
-    let lb = Lb::start(&raw_config("", "", &[("b", b.addr)]));
+    let (b, lb) = ok_behind("").await;
     let addr = lb.addr("web");
     let idle = open_idle(addr, n).await;
     assert_eq!(idle.len(), n, "every idle connection was accepted");
@@ -368,31 +360,14 @@ async fn a_response_body_that_stops_is_cut_and_charged_as_a_reset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_gets_goaway_at_the_idle_timeout_only() {
-    let b = RawBackend::start(Some(OK)).await;
-    let lb = Lb::start(&raw_config(
-        "header_read_timeout = \"1s\"\nidle_timeout = \"3s\"",
-        "",
-        &[("b", b.addr)],
-    ));
+    let (_b, lb) = ok_behind("header_read_timeout = \"1s\"\nidle_timeout = \"3s\"").await;
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
     // The preface and an empty SETTINGS frame, then nothing: HTTP/2 frames
     // are not a request head, so only the idle rule applies.
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .unwrap();
-    let t = Instant::now();
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(8), async {
-        let mut buf = [0u8; 1024];
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await;
-    let took = t.elapsed();
+    let (took, got) = closed_after_bytes(&mut s, Instant::now(), Duration::from_secs(8)).await;
     assert!(
         // 3 s idle, plus at most the 1 s grace for a client that does not
         // answer the GOAWAY's PING (this one does not).
