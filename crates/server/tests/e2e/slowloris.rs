@@ -277,6 +277,7 @@ async fn ten_thousand_idle_connections_do_not_slow_new_requests() {
         slowest < Duration::from_millis(500),
         "slowest request {slowest:?}"
     );
+    assert_eq!(b.hits(), 20, "every new request reached the backend");
     // The idle connections are still open (default idle_timeout 60 s).
     let mut probe = [0u8; 1];
     let still_open = idle
