@@ -389,3 +389,28 @@ fn has_goaway(mut bytes: &[u8]) -> bool {
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_closes_the_connection_above_its_limit_too() {
+    let echo = echo_server().await;
+    let lb = Lb::start(&format!(
+        "[[listener]]\nname = \"raw\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n\
+         service = \"echo\"\nmax_connections = 1\n\
+         [service.echo]\n[service.echo.health_check]\nkind = \"none\"\n\
+         [[service.echo.instance]]\nid = \"e\"\naddress = \"127.0.0.1\"\nport = {echo}\n"
+    ));
+    let addr = lb.addr("raw");
+    let mut inside = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 5];
+    inside.write_all(b"hello").await.unwrap();
+    inside.read_exact(&mut buf).await.unwrap();
+    let mut above = TcpStream::connect(addr).await.unwrap();
+    let _ = above.write_all(b"hello").await;
+    let (took, said) = closed_after(&mut above, Instant::now(), Duration::from_secs(5)).await;
+    assert_eq!(said, "", "nothing is relayed above the limit");
+    assert!(took < Duration::from_millis(500), "closed after {took:?}");
+    // The connection inside still relays.
+    inside.write_all(b"again").await.unwrap();
+    inside.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"again");
+}
