@@ -382,6 +382,8 @@ impl Server {
                         service,
                         connect_timeout: svc.connect_timeout,
                         request_timeout: svc.request_timeout,
+                        per_try_timeout: svc.per_try_timeout,
+                        response_idle_timeout: svc.response_idle_timeout,
                         retries: svc.retries,
                         max_connections: svc.max_connections,
                         budget,
@@ -417,6 +419,7 @@ impl Server {
                         let ctx = Arc::new(HttpContext {
                             listener: Arc::from(l.name.as_str()),
                             routing: self.routing.clone(),
+                            limits: l.limits,
                         });
                         tokio::spawn(crate::proxy::http::serve(
                             socket,
@@ -434,6 +437,7 @@ impl Server {
                             stop_rx,
                             self.connections.clone(),
                             accept_errors,
+                            l.limits.max_connections,
                         ));
                     }
                 }

@@ -51,6 +51,11 @@ pub struct FileListener {
     pub service: Option<Spanned<String>>,
     #[serde(default)]
     pub route: Vec<FileRoute>,
+    /// Client-side limits (`proxy/client_limits.rs`).
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub request_body_timeout: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +77,8 @@ pub struct FileService {
     pub connect_timeout: Option<Spanned<String>>,
     pub request_timeout: Option<Spanned<String>>,
     pub upgrade_idle_timeout: Option<Spanned<String>>,
+    pub per_try_timeout: Option<Spanned<String>>,
+    pub response_idle_timeout: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub retry_budget_percent: Option<Spanned<i64>>,

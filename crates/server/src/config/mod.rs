@@ -13,6 +13,8 @@
 //! | `drain_timeout` | 30 s |
 //! | `admin.listen` | `127.0.0.1:9901` |
 //! | `listener.protocol` | `http` |
+//! | `listener.header_read_timeout` / `idle_timeout` / `request_body_timeout` | 10 s / 60 s / 30 s |
+//! | `listener.max_connections` | 100,000 |
 //! | `route.path_prefix` | `/` |
 //! | `service.strategy` | `adaptive` |
 //! | `service.error_threshold` / `recovery_threshold` | 3 / 2 |
@@ -20,6 +22,8 @@
 //! | `service.slow_start` | 10 s |
 //! | `service.connect_timeout` / `request_timeout` | 1 s / 30 s |
 //! | `service.upgrade_idle_timeout` | 1 h |
+//! | `service.per_try_timeout` | none (only `request_timeout`) |
+//! | `service.response_idle_timeout` | 5 min |
 //! | `service.retries` | 2 |
 //! | `service.max_connections` | 10,000 per instance |
 //! | `service.metrics_enabled` | true |
@@ -51,6 +55,8 @@ pub mod file;
 pub mod keys;
 #[cfg(test)]
 mod knobs_tests;
+#[cfg(test)]
+mod limits_tests;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -80,6 +86,18 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default idle timeout of an upgraded (WebSocket) connection: 1 h, as
 /// common proxies allow long-lived quiet sockets.
 pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default longest pause inside a response body: 5 min (Envoy's
+/// `stream_idle_timeout`; long polls and event streams pause for minutes).
+pub const DEFAULT_RESPONSE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default time to receive a request head once it began: 10 s.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client connection may sit with no request: 60 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest wait between request body chunks: 30 s.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default client connections per listener: 100,000 (see
+/// `proxy/client_limits.rs` for why).
+pub const DEFAULT_LISTENER_MAX_CONNECTIONS: u32 = 100_000;
 /// Default retries to another instance: 2.
 pub const DEFAULT_RETRIES: u32 = 2;
 /// Default per-instance connection limit: 10,000.
@@ -172,6 +190,25 @@ pub struct ListenerConfig {
     pub routes: Vec<Route>,
     /// TCP: the service.
     pub service: Option<String>,
+    /// Client-side timeouts and the connection limit.
+    pub limits: ClientLimits,
+}
+
+/// The client-side limits of a `[[listener]]` (the rules are in
+/// `proxy/client_limits.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// A request head must be complete this long after its first byte
+    /// (HTTP/1.x). Default 10 s.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    /// Default 60 s.
+    pub idle_timeout: Duration,
+    /// Longest wait between two chunks of a request body. Default 30 s.
+    pub request_body_timeout: Duration,
+    /// Open client connections at most; above it a new one is closed at
+    /// once. Default 100,000.
+    pub max_connections: u32,
 }
 
 /// `[[listener.route]]`.
@@ -198,6 +235,11 @@ pub struct ServiceConfig {
     pub request_timeout: Duration,
     /// An upgraded connection with no byte either way for this long is closed.
     pub upgrade_idle_timeout: Duration,
+    /// Timeout of one attempt (to response headers); `None`: only
+    /// `request_timeout` bounds it.
+    pub per_try_timeout: Option<Duration>,
+    /// Longest pause inside a response body before it is cut.
+    pub response_idle_timeout: Duration,
     /// Retries to a different instance.
     pub retries: u32,
     /// Per-instance connection limit.
@@ -551,6 +593,23 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration that must be greater than 0.
+    fn positive_duration(
+        &mut self,
+        key: &str,
+        v: &Option<Spanned<String>>,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(key, v, default);
+        match v {
+            Some(v) if d.is_zero() => {
+                self.issue(key, v, "must be greater than 0");
+                default
+            }
+            _ => d,
+        }
+    }
+
     fn int(
         &mut self,
         key: &str,
@@ -736,12 +795,14 @@ impl Config {
                     }
                 }
             }
+            let limits = client_limits(&key, l, protocol, ck);
             listeners.push(ListenerConfig {
                 name: l.name.get_ref().clone(),
                 listen,
                 protocol,
                 routes,
                 service,
+                limits,
             });
         }
         if listeners.is_empty() {
@@ -787,6 +848,15 @@ impl Config {
             match l.protocol {
                 Protocol::Http => {
                     let _ = writeln!(s, "listener {} on {} (http/1.1 + h2c)", l.name, l.listen);
+                    let d = humantime::format_duration;
+                    let _ = writeln!(
+                        s,
+                        "  header_read_timeout {}, idle_timeout {}, request_body_timeout {}, max_connections {}",
+                        d(l.limits.header_read_timeout),
+                        d(l.limits.idle_timeout),
+                        d(l.limits.request_body_timeout),
+                        l.limits.max_connections
+                    );
                     for r in &l.routes {
                         let _ = writeln!(
                             s,
@@ -805,6 +875,7 @@ impl Config {
                         l.listen,
                         l.service.as_deref().unwrap_or("?")
                     );
+                    let _ = writeln!(s, "  max_connections {}", l.limits.max_connections);
                 }
             }
         }
@@ -837,6 +908,56 @@ impl Config {
             }
         }
         s
+    }
+}
+
+/// The client-side limits of listener `key` (`listener[i]`); the three
+/// timeouts are HTTP-only, `max_connections` applies to both protocols.
+fn client_limits(
+    key: &str,
+    l: &file::FileListener,
+    protocol: Protocol,
+    ck: &mut Checker<'_>,
+) -> ClientLimits {
+    let timeouts = [
+        ("header_read_timeout", &l.header_read_timeout),
+        ("idle_timeout", &l.idle_timeout),
+        ("request_body_timeout", &l.request_body_timeout),
+    ];
+    if protocol == Protocol::Tcp {
+        for (k, v) in timeouts {
+            if let Some(v) = v {
+                ck.issue(format!("{key}.{k}"), v, "only for an http listener");
+            }
+        }
+    }
+    let [header_read_timeout, idle_timeout, request_body_timeout] = [
+        (timeouts[0], DEFAULT_HEADER_READ_TIMEOUT),
+        (timeouts[1], DEFAULT_IDLE_TIMEOUT),
+        (timeouts[2], DEFAULT_REQUEST_BODY_TIMEOUT),
+    ]
+    .map(|((k, v), default)| ck.positive_duration(&format!("{key}.{k}"), v, default));
+    ClientLimits {
+        header_read_timeout,
+        idle_timeout,
+        request_body_timeout,
+        max_connections: ck.int(
+            &format!("{key}.max_connections"),
+            &l.max_connections,
+            1..=1_000_000,
+            i64::from(DEFAULT_LISTENER_MAX_CONNECTIONS),
+        ) as u32,
+    }
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
+            max_connections: DEFAULT_LISTENER_MAX_CONNECTIONS,
+        }
     }
 }
 
@@ -1060,6 +1181,19 @@ fn service(
             }
         }
     }
+    let per_try_timeout = s.per_try_timeout.as_ref().map(|v| {
+        let k = format!("{key}.per_try_timeout");
+        let d = ck.duration(&k, &Some(v.clone()), request_timeout);
+        if d.is_zero() {
+            ck.issue(k, v, "must be greater than 0");
+        }
+        d
+    });
+    let response_idle_timeout = ck.positive_duration(
+        &format!("{key}.response_idle_timeout"),
+        &s.response_idle_timeout,
+        DEFAULT_RESPONSE_IDLE_TIMEOUT,
+    );
     let retries = ck.int(
         &format!("{key}.retries"),
         &s.retries,
@@ -1280,6 +1414,8 @@ fn service(
         connect_timeout,
         request_timeout,
         upgrade_idle_timeout,
+        per_try_timeout,
+        response_idle_timeout,
         retries,
         max_connections,
         retry_budget,
@@ -1314,6 +1450,13 @@ impl ServiceConfig {
             self.host_header.as_str(),
         );
         let _ = writeln!(s, "  upgrade_idle_timeout {}", d(self.upgrade_idle_timeout));
+        let _ = writeln!(
+            s,
+            "  per_try_timeout {}, response_idle_timeout {}",
+            self.per_try_timeout
+                .map_or_else(|| "none".to_owned(), |t| d(t).to_string()),
+            d(self.response_idle_timeout),
+        );
         let _ = writeln!(
             s,
             "  breaker: error_threshold {}, recovery_threshold {}, open_base {}, open_max {}, open_jitter {}, failure_rate {}, failure_rate_window {}, min_requests {}, half_open_probes {}",

@@ -25,14 +25,25 @@
 //! The decision is [`AcceptErrors`], plain state fed with `now`, so the rule
 //! is tested without sleeping.
 //!
-//! ## No listener connection limit
+//! ## The listener connection limit
 //!
-//! The only connection limit is per upstream instance
-//! (`service.max_connections`, enforced by the [attempt loop](super::attempt)
-//! per request); a listener accepts every connection the descriptors allow.
-//! A client connection above that costs one descriptor and one idle task; it
-//! takes nothing from connections already accepted, each served by its own
-//! task.
+//! Each listener holds at most `max_connections` client connections
+//! (default 100,000; `[[listener]] max_connections`). A connection accepted
+//! above it is closed at once, before any byte is read: it costs one
+//! accept and one close, and takes nothing from the connections already
+//! accepted, each served by its own task. Closing rather than answering 503
+//! keeps the refusal as cheap as the limit is meant to make overload: a 503
+//! would need the request head read first, which is the work a flood of
+//! connections (slowloris) makes expensive. Refusals are logged at most once
+//! a second per listener, with the count since the last line.
+//!
+//! Why 100,000: far above what one instance of the proxy serves in ordinary
+//! use (each connection needs a descriptor, and the drain tracker counts up
+//! to a million), yet low enough that a connection flood meets the limit
+//! before the process runs out of descriptors or memory (a hyper connection
+//! with its buffers is tens of KiB: 100,000 idle ones are a few GiB). The
+//! per-upstream-instance limit is separate: `service.max_connections`,
+//! enforced by the [attempt loop](super::attempt) per request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 /// At most one accept-error line per listener per this long.
@@ -50,19 +61,69 @@ pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(10);
 /// Longest wait between accepts while errors continue.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// An accepted connection's place: in the drain tracker and under the
+/// listener's limit. Hold it until the connection closes.
+#[derive(Debug)]
+pub(crate) struct ConnPermit {
+    _drain: OwnedSemaphorePermit,
+    _limit: OwnedSemaphorePermit,
+}
+
+/// The connection limit of one listener.
+#[derive(Debug)]
+pub(crate) struct Limit {
+    permits: Arc<Semaphore>,
+    /// Refusals since the last log line, and when that was.
+    refused: u64,
+    last_line: Option<Instant>,
+}
+
+impl Limit {
+    /// At most `max` open connections.
+    pub(crate) fn new(max: u32) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max as usize)),
+            refused: 0,
+            last_line: None,
+        }
+    }
+
+    /// A place under the limit, or `None` (counted for the log).
+    fn enter(&mut self, name: &str) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.refused += 1;
+        let now = Instant::now();
+        if self
+            .last_line
+            .is_none_or(|t| now.saturating_duration_since(t) >= LOG_INTERVAL)
+        {
+            self.last_line = Some(now);
+            warn!(
+                listener = name,
+                refused = std::mem::take(&mut self.refused),
+                "connection limit reached: new connections closed"
+            );
+        }
+        None
+    }
+}
+
 /// Accepts connections on `listener` (named `name` in logs) until `stop`
 /// turns true or its sender goes away. Each accepted connection gets
-/// TCP_NODELAY and a permit of `tracker` (so a drain can wait for it), then
-/// goes to `handle`, which must not block (it spawns). Once the drain has
-/// begun, a new connection is closed at once. Accept errors count in
-/// `errors_total`.
+/// TCP_NODELAY, a permit of `tracker` (so a drain can wait for it) and one
+/// of `limit`, then goes to `handle`, which must not block (it spawns).
+/// Once the drain has begun, or above the limit, a new connection is closed
+/// at once. Accept errors count in `errors_total`.
 pub(crate) async fn serve(
     listener: TcpListener,
     name: &str,
     mut stop: watch::Receiver<bool>,
     tracker: ConnTracker,
+    mut limit: Limit,
     errors_total: Counter,
-    mut handle: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
+    mut handle: impl FnMut(TcpStream, SocketAddr, ConnPermit),
 ) {
     let mut errors = AcceptErrors::default();
     loop {
@@ -78,10 +139,18 @@ pub(crate) async fn serve(
                         info!(listener = name, suppressed, "accepting again");
                     }
                 }
-                let Some(permit) = tracker.enter() else {
+                let Some(drain) = tracker.enter() else {
+                    continue;
+                };
+                // Dropping the stream closes it: nothing read, nothing owed.
+                let Some(limit) = limit.enter(name) else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                let permit = ConnPermit {
+                    _drain: drain,
+                    _limit: limit,
+                };
                 handle(stream, peer, permit);
             }
             Err(e) => {

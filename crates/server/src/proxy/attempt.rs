@@ -10,7 +10,9 @@
 //!    `no_instance` (HTTP answers 503; TCP closes the connection at once).
 //! 2. **Attempt** through the protocol's [`Step`]: HTTP sends the request
 //!    and awaits the response headers (under `request_timeout`, one deadline
-//!    over all attempts); TCP connects (under `connect_timeout`).
+//!    over all attempts, and `per_try_timeout` per attempt when set, so that
+//!    a stalled instance leaves time to try another); TCP connects (under
+//!    `connect_timeout`).
 //! 3. **Classify** the attempt once, into a [`Class`]:
 //!
 //!    | class | when | reported to the core | retried when |
@@ -19,6 +21,7 @@
 //!    | `ConnectFailed` | no connection (HTTP: its connect timeout too) | `Connect` | the request is replayable |
 //!    | `ConnectTimedOut` | TCP: `connect_timeout` passed | `Timeout` | the request is replayable |
 //!    | `Reset` | HTTP: the connection failed after the request went out | `Reset` | idempotent and replayable |
+//!    | `TryTimedOut` | HTTP: `per_try_timeout` passed, `request_timeout` not yet | `Timeout` | idempotent and replayable |
 //!    | `DeadlineExceeded` | HTTP: `request_timeout` passed | `Timeout` | never: no time is left |
 //!    | `ServerError` | HTTP: a 5xx | `ServerError` | 502, 503 or 504, idempotent and replayable |
 //!
@@ -36,7 +39,8 @@
 //!    connection), so the instance's connection count covers it.
 //!
 //! When the loop stops without a success, the client gets the last answer
-//! (a 5xx, forwarded as it is), else 504 after `DeadlineExceeded`, else 502.
+//! (a 5xx, forwarded as it is), else 504 after `DeadlineExceeded` or
+//! `TryTimedOut`, else 502.
 //!
 //! The list of tried instances is filled only when a retry follows, so a
 //! request that succeeds at once allocates nothing here.
@@ -71,6 +75,9 @@ pub(crate) enum NoAnswer {
     ConnectTimedOut,
     /// The connection failed after the request went out (HTTP).
     Reset,
+    /// `per_try_timeout` passed before the response headers, with time
+    /// left before `request_timeout` (HTTP).
+    TryTimedOut,
     /// `request_timeout` passed before the response headers (HTTP).
     DeadlineExceeded,
 }
@@ -90,9 +97,9 @@ impl Class {
         match self {
             Class::Success => None,
             Class::NoAnswer(NoAnswer::ConnectFailed) => Some(FailureKind::Connect),
-            Class::NoAnswer(NoAnswer::ConnectTimedOut | NoAnswer::DeadlineExceeded) => {
-                Some(FailureKind::Timeout)
-            }
+            Class::NoAnswer(
+                NoAnswer::ConnectTimedOut | NoAnswer::TryTimedOut | NoAnswer::DeadlineExceeded,
+            ) => Some(FailureKind::Timeout),
             Class::NoAnswer(NoAnswer::Reset) => Some(FailureKind::Reset),
             Class::ServerError(_) => Some(FailureKind::ServerError),
         }
@@ -105,7 +112,10 @@ impl Class {
             Class::NoAnswer(NoAnswer::ConnectFailed | NoAnswer::ConnectTimedOut) => {
                 replay.replayable
             }
-            Class::NoAnswer(NoAnswer::Reset) => replay.idempotent && replay.replayable,
+            // A timed-out try may have been acted on: like a reset.
+            Class::NoAnswer(NoAnswer::Reset | NoAnswer::TryTimedOut) => {
+                replay.idempotent && replay.replayable
+            }
             Class::ServerError(status) => {
                 matches!(
                     status,
@@ -263,12 +273,16 @@ pub(crate) async fn run<S: Step>(
 }
 
 /// How a request ends after its last failed attempt, of `class`: its
-/// answer (a 5xx) as it is, else a timeout after the deadline, else
-/// unreachable.
+/// answer (a 5xx) as it is, else a timeout after the deadline or a timed
+/// out try, else unreachable.
 fn give_up<A>(up: &Upstream, class: Class, answer: Option<A>) -> Result<Ended<A>, ProxyError> {
     match answer {
         Some(answer) => Ok(Ended::Failed(answer)),
-        None if class == Class::NoAnswer(NoAnswer::DeadlineExceeded) => {
+        None if matches!(
+            class,
+            Class::NoAnswer(NoAnswer::DeadlineExceeded | NoAnswer::TryTimedOut)
+        ) =>
+        {
             Err(ProxyError::Timeout(up.name.clone()))
         }
         None => Err(ProxyError::Unreachable(up.name.clone())),
@@ -359,6 +373,7 @@ mod tests {
                 Some(FailureKind::Timeout),
             ),
             (no_answer(NoAnswer::Reset), Some(FailureKind::Reset)),
+            (no_answer(NoAnswer::TryTimedOut), Some(FailureKind::Timeout)),
             (
                 no_answer(NoAnswer::DeadlineExceeded),
                 Some(FailureKind::Timeout),
@@ -387,6 +402,7 @@ mod tests {
             (no_answer(NoAnswer::ConnectFailed), connect),
             (no_answer(NoAnswer::ConnectTimedOut), connect),
             (no_answer(NoAnswer::Reset), idempotent_and_replayable),
+            (no_answer(NoAnswer::TryTimedOut), idempotent_and_replayable),
             (no_answer(NoAnswer::DeadlineExceeded), never),
             (Class::ServerError(status(500)), never),
             (Class::ServerError(status(501)), never),
@@ -501,6 +517,8 @@ mod tests {
             service: registry.service("api").unwrap(),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            per_try_timeout: None,
+            response_idle_timeout: Duration::from_secs(1),
             retries,
             max_connections,
             budget: Arc::new(RetryBudget::default()),
@@ -592,6 +610,29 @@ mod tests {
         let r = run(&up, &mut step).await;
         assert_eq!(r.err(), Some(ProxyError::Timeout("api".into())));
         assert_eq!(step.sent_to, ["a"]);
+        assert_eq!(failures(&registry, "a"), [FailureKind::Timeout]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_try_is_retried_for_a_get_and_ends_504_for_a_post() {
+        let script = |id: &str| match id {
+            "a" => Attempt::NoAnswer(NoAnswer::TryTimedOut),
+            _ => Attempt::Answer(StatusCode::OK),
+        };
+        let (registry, up) = upstream(&["a", "b"], 2, 100);
+        let mut step = scripted(GET, script);
+        let Ok(Ended::Success(held, StatusCode::OK)) = run(&up, &mut step).await else {
+            panic!("b answers the retry");
+        };
+        held.succeed();
+        assert_eq!(step.sent_to, ["a", "b"]);
+        assert_eq!(failures(&registry, "a"), [FailureKind::Timeout]);
+
+        let (registry, up) = upstream(&["a", "b"], 2, 100);
+        let mut step = scripted(POST, script);
+        let r = run(&up, &mut step).await;
+        assert_eq!(r.err(), Some(ProxyError::Timeout("api".into())));
+        assert_eq!(step.sent_to, ["a"], "a POST is not sent twice");
         assert_eq!(failures(&registry, "a"), [FailureKind::Timeout]);
     }
 

@@ -2,8 +2,19 @@
 //! port, proxied over pooled keep-alive upstream connections
 //! ([`pool`](super::pool)).
 //!
+//! ## Per connection
+//!
+//! The listener's [client limits](super::client_limits): at most
+//! `max_connections` open (above it closed at once), a started request head
+//! complete within `header_read_timeout`, no request for `idle_timeout`
+//! closes it, a request body pausing longer than `request_body_timeout`
+//! ends it.
+//!
 //! ## Per request
 //!
+//! 0. [Hygiene](super::hygiene): no `Host` on HTTP/1.1 or two of them →
+//!    400, never forwarded; the target's authority (absolute form, HTTP/2
+//!    `:authority`) replaces a different `Host`.
 //! 1. Route by host and path prefix (first match wins); none → 404.
 //! 2. Read the body: up to 64 KiB with a known length (or HTTP/1.1 chunked
 //!    that ends within 64 KiB) is buffered and so replayable; a larger or
@@ -15,7 +26,8 @@
 //!    spoke; `h2c`; `auto`: the client's version; response trailers pass
 //!    through), with the client's Host / `:authority` unless `host_header =
 //!    "instance"`, and awaits the response headers before `request_timeout`,
-//!    one deadline over all attempts. A gRPC request to an `http1` service
+//!    one deadline over all attempts (and `per_try_timeout` per attempt
+//!    when set). A gRPC request to an `http1` service
 //!    is answered at once with `grpc-status: 14` instead (no instance). The
 //!    loop answers: no instance → 503; every instance at `max_connections`
 //!    → 503; a status below 500 → forwarded, the success recorded when the
@@ -33,7 +45,8 @@
 //!
 //! A connect error is retried when the body is replayable; an idempotent
 //! request (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) with a replayable body is
-//! also retried on a reset or a 502/503/504. Never after the deadline. Each
+//! also retried on a reset, a timed-out try (`per_try_timeout`) or a
+//! 502/503/504. Never after the deadline. Each
 //! retry goes to an instance this request has not tried, at most `retries`
 //! times, and only while the service's [`RetryBudget`](super::RetryBudget)
 //! allows. When no retry can follow, the only attempt takes the request
@@ -53,13 +66,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tracing::debug;
 
-use super::accept::{self, ConnTracker};
+use super::accept::{self, ConnPermit, ConnTracker};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
+use super::client_limits::{ClientLimits, ConnWatch, Expiry, StallTimeout, Watched};
 use super::headers::{append_forwarded_for, strip_hop_by_hop};
+use super::hygiene;
 use super::request_body::read_body;
 use super::upgrade;
 use super::upstream::HttpStep;
@@ -67,6 +82,9 @@ use super::{BoxError, ProxyError, Routing, Upstream};
 
 /// Largest request head accepted (HTTP/1.1); larger gets 431.
 pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// A client's request body, bounded by `request_body_timeout`.
+pub(crate) type ClientBody = StallTimeout<Incoming>;
 
 /// The body type the proxy answers with.
 pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -78,11 +96,17 @@ pub(crate) struct HttpContext {
     pub(crate) listener: Arc<str>,
     /// Current routing; swapped on reload.
     pub(crate) routing: Arc<ArcSwap<Routing>>,
+    /// Client-side timeouts and the connection limit.
+    pub(crate) limits: ClientLimits,
 }
 
 /// Accepts connections until `stop` turns true. Each connection holds a
 /// permit of `tracker` so a drain can wait for them, and shuts down
-/// gracefully (finishing in-flight requests) when the drain begins.
+/// gracefully (finishing in-flight requests) when the drain begins. The
+/// listener's [client limits](super::client_limits) are enforced here: the
+/// connection limit by the accept loop, the head and idle timeouts by a
+/// watchdog beside each connection, the body timeout around each request
+/// body.
 pub(crate) async fn serve(
     listener: TcpListener,
     ctx: Arc<HttpContext>,
@@ -99,28 +123,82 @@ pub(crate) async fn serve(
     builder.http2().max_concurrent_streams(1024);
     let builder = Arc::new(builder);
     let name = ctx.listener.clone();
+    let limits = ctx.limits;
     let draining = tracker.draining();
-    let on_accept = |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+    let on_accept = |stream: TcpStream, peer: SocketAddr, permit: ConnPermit| {
         let ctx = ctx.clone();
         // Shared with upgrade tunnels, which outlive the connection task.
         let permit = Arc::new(permit);
         let conn_permit = permit.clone();
-        let svc = hyper::service::service_fn(move |mut req| {
+        let watch = ConnWatch::new(tokio::time::Instant::now());
+        let svc_watch = watch.clone();
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let ctx = ctx.clone();
             upgrade::attach_permit(&mut req, &conn_permit);
-            async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
+            // In flight from the parsed head until the response body is sent.
+            let guard = svc_watch.request_started();
+            async move {
+                let body_timeout = ctx.limits.request_body_timeout;
+                let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
+                let resp = handle(req, &ctx, peer).await;
+                // The guard rides in the body and drops with it.
+                let resp = resp.map(|b| {
+                    b.map_frame(move |f| {
+                        let _in_flight = &guard;
+                        f
+                    })
+                });
+                Ok::<_, Infallible>(resp)
+            }
         });
         let builder = builder.clone();
         let mut draining = draining.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let io = TokioIo::new(Watched::new(stream, watch.clone()));
+            let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { let _ = draining.wait_for(|d| *d).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let sleep = tokio::time::sleep(limits.idle_timeout);
+            tokio::pin!(sleep);
+            let mut mode = Watchdog::Serving;
+            let result = loop {
+                let next = match mode {
+                    Watchdog::Serving => watch.deadline(&limits).map(|(at, _)| at),
+                    Watchdog::IdleClosing(at) => Some(at),
+                    Watchdog::Draining => None,
+                };
+                if let Some(at) = next {
+                    sleep.as_mut().reset(at);
+                }
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = async { let _ = draining.wait_for(|d| *d).await; },
+                        if mode != Watchdog::Draining => {
+                        conn.as_mut().graceful_shutdown();
+                        mode = Watchdog::Draining;
+                    }
+                    () = watch.changed(), if mode == Watchdog::Serving => {}
+                    () = sleep.as_mut(), if next.is_some() => match mode {
+                        // The state may have moved on without a wake-up (a
+                        // request began): act only on a deadline still due.
+                        Watchdog::Serving => match watch.expired(&limits) {
+                            Some(Expiry::Head) => {
+                                debug!(%peer, "request head not received in time: connection closed");
+                                break Ok(());
+                            }
+                            Some(Expiry::Idle) => {
+                                conn.as_mut().graceful_shutdown();
+                                let grace = tokio::time::Instant::now() + IDLE_CLOSE_GRACE;
+                                mode = Watchdog::IdleClosing(grace);
+                            }
+                            None => {}
+                        },
+                        // HTTP/2 waits for the client's PING ack after
+                        // GOAWAY; a client that never sends it is cut, unless
+                        // a request raced the GOAWAY in.
+                        Watchdog::IdleClosing(_) if watch.idle() => break Ok(()),
+                        _ => mode = Watchdog::Draining,
+                    },
                 }
             };
             if let Err(e) = result {
@@ -128,7 +206,33 @@ pub(crate) async fn serve(
             }
         });
     };
-    accept::serve(listener, &name, stop, tracker, accept_errors, on_accept).await;
+    let limit = accept::Limit::new(limits.max_connections);
+    accept::serve(
+        listener,
+        &name,
+        stop,
+        tracker,
+        limit,
+        accept_errors,
+        on_accept,
+    )
+    .await;
+}
+
+/// How long an idle connection told to close (HTTP/2: GOAWAY) may take to
+/// finish the exchange before it is cut.
+const IDLE_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a connection's watchdog is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watchdog {
+    /// Enforcing the head and idle deadlines.
+    Serving,
+    /// Idle and told to close; cut at this instant if still idle.
+    IdleClosing(tokio::time::Instant),
+    /// Draining (or a request raced the idle close): hyper finishes what is
+    /// in flight; the drain timeout bounds it.
+    Draining,
 }
 
 /// A short plain-text response.
@@ -159,10 +263,13 @@ fn is_idempotent(m: &Method) -> bool {
 
 /// Serves one request.
 pub(crate) async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     ctx: &HttpContext,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    if let Err(why) = hygiene::check(&mut req) {
+        return text(StatusCode::BAD_REQUEST, &why.to_string());
+    }
     // Route with borrowed host and path: no allocation per request.
     let up = {
         let routing = ctx.routing.load();
@@ -190,7 +297,7 @@ pub(crate) async fn handle(
 }
 
 async fn proxy(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     up: &Upstream,
     peer: SocketAddr,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -219,23 +326,30 @@ async fn proxy(
         replay,
         may_resend: up.retries > 0 && replay.replayable,
         deadline,
+        per_try_timeout: up.per_try_timeout,
         clients: &up.clients,
         service: &up.name,
     };
     Ok(match attempt::run(up, &mut step).await? {
-        Ended::Success(held, resp) => finish_response(resp, Some(held)),
-        Ended::Failed(resp) => finish_response(resp, None),
+        Ended::Success(held, resp) => finish_response(resp, Some(held), up),
+        Ended::Failed(resp) => finish_response(resp, None, up),
     })
 }
 
 /// The response for the client; `held` (a success) rides in the body until
 /// it ends.
-pub(crate) fn finish_response(resp: Response<Incoming>, held: Option<Held>) -> Response<ProxyBody> {
+pub(crate) fn finish_response(
+    resp: Response<Incoming>,
+    held: Option<Held>,
+    up: &Upstream,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // A body that stops flowing is cut: TrackedBody charges a Reset.
+    let body = StallTimeout::new(body, up.response_idle_timeout, "response body");
     let body: ProxyBody = match held {
         Some(held) => TrackedBody::new(body, held).boxed(),
-        None => body.map_err(BoxError::from).boxed(),
+        None => body.boxed(),
     };
     Response::from_parts(parts, body)
 }

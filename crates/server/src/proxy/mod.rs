@@ -3,7 +3,9 @@
 //! for replay or streamed; [`upstream`]: the HTTP attempt, its protocol and
 //! Host; [`pool`]: the upstream connections, pooled per instance;
 //! [`body`]: the response body that carries the attempt's claim;
-//! [`upgrade`]: HTTP/1.1 Upgrade and WebSocket tunnels), TCP
+//! [`upgrade`]: HTTP/1.1 Upgrade and WebSocket tunnels;
+//! [`hygiene`]: the Host checks before routing; [`client_limits`]: the
+//! head, idle and body timeouts of client connections), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
 //! errors logged at most once a second and backed off; the drain tracker),
 //! routing, the one attempt loop both use ([`attempt`]), the retry budget
@@ -21,9 +23,11 @@
 pub(crate) mod accept;
 pub(crate) mod attempt;
 pub(crate) mod body;
+pub(crate) mod client_limits;
 pub(crate) mod error;
 pub(crate) mod headers;
 pub(crate) mod http;
+pub(crate) mod hygiene;
 pub(crate) mod pool;
 pub(crate) mod request_body;
 pub(crate) mod retry;
@@ -56,6 +60,10 @@ pub(crate) struct Upstream {
     pub(crate) connect_timeout: Duration,
     /// Deadline for the response headers, over all attempts.
     pub(crate) request_timeout: Duration,
+    /// Deadline of one attempt, within `request_timeout`.
+    pub(crate) per_try_timeout: Option<Duration>,
+    /// Longest pause inside a response body.
+    pub(crate) response_idle_timeout: Duration,
     /// Retries to a different instance.
     pub(crate) retries: u32,
     /// Per-instance connection limit.

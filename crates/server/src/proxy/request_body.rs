@@ -3,11 +3,12 @@
 
 use bytes::Bytes;
 use http::header;
-use http::{Response, StatusCode, Version};
+use http::{Response, Version};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 
-use super::http::{text, ProxyBody};
+use super::client_limits::body_error_response;
+use super::http::{ClientBody, ProxyBody};
 use super::BoxError;
 
 /// Largest request body buffered for retries.
@@ -48,7 +49,7 @@ impl ReqBody {
 /// the response before sending more.
 pub(crate) async fn read_body(
     parts: &http::request::Parts,
-    mut body: Incoming,
+    mut body: ClientBody,
 ) -> Result<ReqBody, Response<ProxyBody>> {
     use hyper::body::Body as _;
     if body.is_end_stream() {
@@ -64,15 +65,14 @@ pub(crate) async fn read_body(
         None => parts.version != Version::HTTP_2,
     };
     if !read_ahead {
-        return Ok(ReqBody::Stream(Some(body.map_err(BoxError::from).boxed())));
+        return Ok(ReqBody::Stream(Some(body.boxed())));
     }
-    let bad = || text(StatusCode::BAD_REQUEST, "invalid request body");
     let mut prefix: Vec<Frame<Bytes>> = Vec::new();
     let mut size = 0usize;
     loop {
         match body.frame().await {
             None => break,
-            Some(Err(_)) => return Err(bad()),
+            Some(Err(e)) => return Err(body_error_response(&e)),
             Some(Ok(frame)) => {
                 size += frame.data_ref().map_or(0, |d| d.len());
                 prefix.push(frame);
@@ -99,7 +99,7 @@ pub(crate) async fn read_body(
 /// The frames already read, followed by the rest of the body.
 struct Chained {
     prefix: std::collections::VecDeque<Frame<Bytes>>,
-    rest: Incoming,
+    rest: ClientBody,
 }
 
 impl futures_core::Stream for Chained {
@@ -113,8 +113,6 @@ impl futures_core::Stream for Chained {
         if let Some(f) = self.prefix.pop_front() {
             return std::task::Poll::Ready(Some(Ok(f)));
         }
-        std::pin::Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map(|o| o.map(|r| r.map_err(BoxError::from)))
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
 }

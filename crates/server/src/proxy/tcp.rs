@@ -21,11 +21,11 @@ use arc_swap::ArcSwap;
 use datapunk_lb_core::ServiceInstance;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tracing::debug;
 
 use super::accept;
-use super::accept::ConnTracker;
+use super::accept::{ConnPermit, ConnTracker};
 use super::attempt::{self, Attempt, Class, Ended, NoAnswer, Replay, Step};
 use super::{ProxyError, Routing};
 
@@ -39,8 +39,9 @@ pub(crate) async fn serve(
     stop: watch::Receiver<bool>,
     tracker: ConnTracker,
     accept_errors: Counter,
+    max_connections: u32,
 ) {
-    let on_accept = |client: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+    let on_accept = |client: TcpStream, peer: SocketAddr, permit: ConnPermit| {
         let routing = routing.clone();
         let name = name.clone();
         tokio::spawn(async move {
@@ -50,7 +51,17 @@ pub(crate) async fn serve(
             }
         });
     };
-    accept::serve(listener, &name, stop, tracker, accept_errors, on_accept).await;
+    let limit = accept::Limit::new(max_connections);
+    accept::serve(
+        listener,
+        &name,
+        stop,
+        tracker,
+        limit,
+        accept_errors,
+        on_accept,
+    )
+    .await;
 }
 
 async fn proxy(

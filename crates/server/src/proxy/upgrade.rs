@@ -72,6 +72,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::accept::ConnPermit;
 use datapunk_lb_core::{FailureKind, ServiceInstance};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -81,7 +82,6 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -94,16 +94,16 @@ use super::{ProxyError, Upstream};
 /// A share of the client connection's drain permit, carried by an upgrade
 /// request to the tunnel task (see the module doc).
 #[derive(Debug, Clone)]
-pub(crate) struct ConnPermit {
+pub(crate) struct SharedPermit {
     /// Only held: dropping the last share releases the drain permit.
-    _shared: Arc<OwnedSemaphorePermit>,
+    _shared: Arc<ConnPermit>,
 }
 
 /// Gives an upgrade request a share of its connection's drain `permit`;
 /// other requests are left alone (no allocation).
-pub(crate) fn attach_permit<B>(req: &mut Request<B>, permit: &Arc<OwnedSemaphorePermit>) {
+pub(crate) fn attach_permit<B>(req: &mut Request<B>, permit: &Arc<ConnPermit>) {
     if protocol(req.version(), req.headers()).is_some() {
-        req.extensions_mut().insert(ConnPermit {
+        req.extensions_mut().insert(SharedPermit {
             _shared: permit.clone(),
         });
     }
@@ -162,7 +162,7 @@ pub(crate) async fn proxy(
     up: &Upstream,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let on_client = parts.extensions.remove::<OnUpgrade>();
-    let permit = parts.extensions.remove::<ConnPermit>();
+    let permit = parts.extensions.remove::<SharedPermit>();
     set_upgrade(&mut parts.headers, protocol);
     let mut step = UpgradeStep {
         parts,
@@ -176,8 +176,8 @@ pub(crate) async fn proxy(
         Ended::Success(held, resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             switch(resp, held, on_client, permit, up)
         }
-        Ended::Success(held, resp) => finish_response(resp, Some(held)),
-        Ended::Failed(resp) => finish_response(resp, None),
+        Ended::Success(held, resp) => finish_response(resp, Some(held), up),
+        Ended::Failed(resp) => finish_response(resp, None, up),
     })
 }
 
@@ -193,7 +193,7 @@ fn switch(
     mut resp: Response<Incoming>,
     held: Held,
     on_client: Option<OnUpgrade>,
-    permit: Option<ConnPermit>,
+    permit: Option<SharedPermit>,
     up: &Upstream,
 ) -> Response<ProxyBody> {
     let on_upstream = hyper::upgrade::on(&mut resp);

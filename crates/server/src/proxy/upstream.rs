@@ -135,6 +135,8 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) may_resend: bool,
     /// `request_timeout` over all attempts.
     pub(crate) deadline: tokio::time::Instant,
+    /// `per_try_timeout`: one attempt's limit, within `deadline`.
+    pub(crate) per_try_timeout: Option<Duration>,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
 }
@@ -237,7 +239,11 @@ impl Step for HttpStep<'_> {
                 pool.send_h1(&to, out).await
             }
         };
-        match tokio::time::timeout_at(self.deadline, sent).await {
+        let until = self.per_try_timeout.map_or(self.deadline, |t| {
+            self.deadline.min(tokio::time::Instant::now() + t)
+        });
+        match tokio::time::timeout_at(until, sent).await {
+            Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
             Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
             Ok(Ok(resp)) => Attempt::Answer(resp),
             Ok(Err(e)) => {

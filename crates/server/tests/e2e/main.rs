@@ -11,13 +11,16 @@ mod config;
 mod etcd;
 mod exhaustion;
 mod failover;
+mod hygiene;
 mod lifecycle;
 mod monitoring;
+mod per_try;
 #[cfg(feature = "etcd")]
 mod precedence;
 mod protocols;
 mod proxy;
 mod reference;
+mod slowloris;
 mod status_page;
 mod support;
 mod websocket;

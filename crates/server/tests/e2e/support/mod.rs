@@ -552,3 +552,140 @@ pub(crate) async fn grpc_health_backend() -> u16 {
     );
     port
 }
+
+/// A backend on raw sockets, for shapes a hyper server would not send: it
+/// reads each request head (and its `Content-Length` body), records the
+/// head, then writes `answer` as it is and reads the next request on the
+/// same connection, or, with no answer, closes the connection (a reset
+/// after the request was read).
+pub(crate) struct RawBackend {
+    pub(crate) addr: SocketAddr,
+    /// Every request head received, in order, as text.
+    pub(crate) heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl RawBackend {
+    pub(crate) async fn start(answer: Option<&'static [u8]>) -> RawBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(end) = read_head(&mut s, &mut buf).await else {
+                            return;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        let len = content_length(&head);
+                        buf.drain(..end);
+                        while buf.len() < len {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..len);
+                        seen.lock().push(head);
+                        match answer {
+                            Some(a) => {
+                                if s.write_all(a).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => return,
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend { addr, heads }
+    }
+
+    /// Requests received so far.
+    pub(crate) fn hits(&self) -> usize {
+        self.heads.lock().len()
+    }
+}
+
+/// Reads from `s` into `buf` until it holds a whole head; its length with
+/// the blank line, or `None` when the connection ends first.
+async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The `Content-Length` of a request head, 0 without one.
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A config with listener `web` (`listener_extra` added to it) routing
+/// every path to service `api` (`service_extra` added; no active health
+/// checks, so raw backends need not answer `/health`) with an instance per
+/// `(id, addr)`.
+pub(crate) fn raw_config(
+    listener_extra: &str,
+    service_extra: &str,
+    instances: &[(&str, SocketAddr)],
+) -> String {
+    let instances: String = instances
+        .iter()
+        .map(|(id, a)| {
+            format!(
+                "[[service.api.instance]]\nid = \"{id}\"\naddress = \"127.0.0.1\"\nport = {}\n",
+                a.port()
+            )
+        })
+        .collect();
+    format!(
+        "drain_timeout = \"1s\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n{listener_extra}\n\
+         [[listener.route]]\npath_prefix = \"/\"\nservice = \"api\"\n\
+         [service.api]\nstrategy = \"round_robin\"\n{service_extra}\n\
+         [service.api.health_check]\nkind = \"none\"\n{instances}"
+    )
+}
+
+/// Sends `request` on a new connection and reads until the response head
+/// is complete, the connection closes, or 5 s pass; returns what was read.
+pub(crate) async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s, &mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The sum of the `/metrics` samples of `name` (a counter's `_total` too)
+/// whose labels include every one of `labels`; 0 when there is none.
+pub(crate) async fn metric_sum(lb: &Lb, name: &str, labels: &[&str]) -> f64 {
+    let (status, text) = admin(lb.addr("admin"), "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| l.split('{').next() == Some(name))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
