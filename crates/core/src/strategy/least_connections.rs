@@ -1,17 +1,31 @@
-//! `least_connections`: the instance with the fewest active connections.
+//! `least_connections`: the instance with the fewest active connections per
+//! unit of effective weight.
 //!
-//! Up to [`EXACT_LIMIT`] (256) instances the pick is exact: one scan, with
-//! ties broken uniformly at random by reservoir sampling (never by position,
-//! which would pile every idle-time request onto the first instance). Above
-//! that a scan per pick would be the O(n) cost the SPEC forbids at 100,000
-//! instances, so the pick takes the least loaded of [`SAMPLES`] (8) random
-//! eligible instances — the "best of d choices" that Envoy's least-request
-//! balancer also uses, which keeps the maximum load within a small constant
-//! of the true minimum.
+//! ## Rule
+//!
+//! The load of an instance is `active / effective weight` (effective weight =
+//! configured weight × health score × slow-start factor), as Envoy's
+//! least-request balancer divides by weight; the lowest load wins. Ties are
+//! broken at random in proportion to effective weight (never by position,
+//! which would pile every idle-time request onto the first instance): with
+//! equal weights that is uniform, and at idle, when every load is 0, the
+//! share is proportional to effective weight, so an instance in slow start
+//! or with a lowered health score ramps like it does under `weighted`.
+//! Under load, one at factor ½ is given new connections until it holds half
+//! as many as a full one. An instance at effective weight 0 (the first
+//! instant of slow start) is taken only when nothing else is eligible.
+//!
+//! Up to [`EXACT_LIMIT`] (256) instances the pick is exact: one scan, ties
+//! drawn by weighted reservoir sampling. Above that a scan per pick would be
+//! the O(n) cost the SPEC forbids at 100,000 instances, so the pick takes the
+//! least loaded of [`SAMPLES`] (8) random eligible instances by the same
+//! rule — the "best of d choices" that Envoy's least-request balancer also
+//! uses, which keeps the maximum load within a small constant of the true
+//! minimum.
 
 use std::sync::Arc;
 
-use super::{PickContext, Strategy, StrategyKind};
+use super::{per_weight, PickContext, Strategy, StrategyKind};
 use crate::instance::Member;
 
 /// Largest service picked by an exact scan.
@@ -19,9 +33,41 @@ pub const EXACT_LIMIT: usize = 256;
 /// Random samples compared above [`EXACT_LIMIT`].
 pub const SAMPLES: usize = 8;
 
-/// Fewest active connections.
+/// Tie weight of an instance at effective weight 0, so that a service whose
+/// only candidates are at 0 still picks one.
+const MIN_TIE_WEIGHT: f64 = 1e-9;
+
+/// Fewest active connections per effective weight.
 #[derive(Debug, Default)]
 pub struct LeastConnections;
+
+/// The least loaded member offered so far, ties drawn by effective weight.
+#[derive(Default)]
+struct Lowest<'m> {
+    best: Option<&'m Arc<Member>>,
+    load: f64,
+    /// Sum of the tie weights of the members tied at `load`.
+    tied: f64,
+}
+
+impl<'m> Lowest<'m> {
+    fn offer(&mut self, cx: &mut PickContext<'_>, m: &'m Arc<Member>) {
+        let weight = cx.effective_weight(m);
+        let load = per_weight(f64::from(m.active_connections()), weight);
+        let tie_weight = weight.max(MIN_TIE_WEIGHT);
+        if self.best.is_none() || load < self.load {
+            self.best = Some(m);
+            self.load = load;
+            self.tied = tie_weight;
+        } else if load == self.load {
+            self.tied += tie_weight;
+            // Weighted reservoir sampling: replace with chance w / Σw.
+            if cx.rng.f64() * self.tied < tie_weight {
+                self.best = Some(m);
+            }
+        }
+    }
+}
 
 impl Strategy for LeastConnections {
     fn kind(&self) -> StrategyKind {
@@ -31,35 +77,23 @@ impl Strategy for LeastConnections {
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
         let n = cx.members.len();
         if n > EXACT_LIMIT {
-            let mut best = cx.random_eligible()?;
-            for _ in 1..SAMPLES {
-                let m = cx.random_eligible()?;
-                if m.active_connections() < best.active_connections() {
-                    best = m;
-                }
+            let mut samples: [Option<Arc<Member>>; SAMPLES] = Default::default();
+            for s in &mut samples {
+                *s = Some(cx.random_eligible()?);
             }
-            return Some(best);
+            let mut lowest = Lowest::default();
+            for m in samples.iter().flatten() {
+                lowest.offer(cx, m);
+            }
+            return lowest.best.cloned();
         }
-        let mut best: Option<&Arc<Member>> = None;
-        let mut best_load = u32::MAX;
-        let mut ties = 0u32;
-        for m in cx.members.iter() {
-            if !cx.is_eligible(m) {
-                continue;
-            }
-            let load = m.active_connections();
-            if load < best_load {
-                best = Some(m);
-                best_load = load;
-                ties = 1;
-            } else if load == best_load {
-                ties += 1;
-                // Reservoir sampling: the k-th tie replaces with chance 1/k.
-                if cx.rng.u32(..ties) == 0 {
-                    best = Some(m);
-                }
+        let members = cx.members;
+        let mut lowest = Lowest::default();
+        for m in members.iter() {
+            if cx.is_eligible(m) {
+                lowest.offer(cx, m);
             }
         }
-        best.cloned()
+        lowest.best.cloned()
     }
 }

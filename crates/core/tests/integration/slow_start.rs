@@ -30,7 +30,24 @@ fn a_new_instance_ramps_linearly() {
 
 #[test]
 fn a_recovered_instance_gets_a_ramping_share() {
-    let (reg, clock) = registry(StrategyKind::Weighted);
+    recovered_share_ramps(StrategyKind::Weighted);
+}
+
+#[test]
+fn round_robin_ramps_a_recovered_instance_like_weighted() {
+    recovered_share_ramps(StrategyKind::RoundRobin);
+}
+
+#[test]
+fn least_connections_ramps_a_recovered_instance_like_weighted() {
+    recovered_share_ramps(StrategyKind::LeastConnections);
+}
+
+/// Under `kind`, an instance whose breaker just closed gets `f / (3 + f)`
+/// of the picks among three full peers at 25, 50 and 100 % of its 10 s
+/// slow-start window (± 0.02), growing each time.
+fn recovered_share_ramps(kind: StrategyKind) {
+    let (reg, clock) = registry(kind);
     populate(&reg, &[1, 1, 1, 1]);
     trip(&reg, &clock, "i3");
     clock.advance(Duration::from_secs(5));
@@ -57,9 +74,55 @@ fn a_recovered_instance_gets_a_ramping_share() {
         let got = share(&counts, "i3", n);
         assert!(
             (got - want).abs() < 0.02,
-            "at {pct} % of slow start the share should be {want:.3}, got {got:.3}"
+            "{kind}: at {pct} % of slow start the share should be {want:.3}, got {got:.3}"
         );
         assert!(got > last, "share must grow with the ramp");
         last = got;
     }
+}
+
+/// Under `kind`, an instance whose health score an operator lowered to ½
+/// among three full peers gets `0.5 / 3.5` of the picks (± 0.02), and back
+/// to a quarter once the score is restored.
+fn lowered_score_share(kind: StrategyKind) {
+    let (reg, _clock) = registry(kind);
+    populate(&reg, &[1, 1, 1, 1]);
+    reg.update_instance_health(SVC, "i3", 0.5).unwrap();
+    let n = 20_000;
+    let got = share(&count_picks(&reg, n), "i3", n);
+    let want = 0.5 / 3.5;
+    assert!(
+        (got - want).abs() < 0.02,
+        "{kind}: health 0.5 should buy {want:.3} of the picks, got {got:.3}"
+    );
+    reg.update_instance_health(SVC, "i3", 1.0).unwrap();
+    let got = share(&count_picks(&reg, n), "i3", n);
+    assert!(
+        (got - 0.25).abs() < 0.02,
+        "{kind}: full health should buy a quarter, got {got:.3}"
+    );
+}
+
+#[test]
+fn round_robin_gives_a_lowered_health_score_proportionally_less() {
+    lowered_score_share(StrategyKind::RoundRobin);
+}
+
+#[test]
+fn least_connections_gives_a_lowered_health_score_proportionally_less() {
+    lowered_score_share(StrategyKind::LeastConnections);
+}
+
+#[test]
+fn least_connections_under_load_fills_a_half_weight_instance_half_as_much() {
+    let (reg, _clock) = registry(StrategyKind::LeastConnections);
+    populate(&reg, &[1, 1]);
+    reg.update_instance_health(SVC, "i1", 0.5).unwrap();
+    // Held selections: each pick goes to the lower active / effective weight.
+    let held: Vec<_> = (0..30).map(|_| reg.get_instance(SVC).unwrap()).collect();
+    let on_i1 = held
+        .iter()
+        .filter(|s| s.instance().id().as_str() == "i1")
+        .count();
+    assert_eq!(on_i1, 10, "i1 at weight ½ carries a third of 30 held");
 }
