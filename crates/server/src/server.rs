@@ -381,6 +381,7 @@ impl Server {
                         budget,
                         clients: UpstreamClients::new(svc.connect_timeout),
                         metrics: Arc::new(self.metrics.service(name, svc.metrics_enabled)),
+                        hash_key: svc.hash_key.clone(),
                     }),
                 );
             }

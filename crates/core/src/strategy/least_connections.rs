@@ -3,25 +3,36 @@
 //!
 //! ## Rule
 //!
-//! The load of an instance is `active / effective weight` (effective weight =
-//! configured weight × health score × slow-start factor), as Envoy's
-//! least-request balancer divides by weight; the lowest load wins. Ties are
-//! broken at random in proportion to effective weight (never by position,
-//! which would pile every idle-time request onto the first instance): with
-//! equal weights that is uniform, and at idle, when every load is 0, the
-//! share is proportional to effective weight, so an instance in slow start
-//! or with a lowered health score ramps like it does under `weighted`.
-//! Under load, one at factor ½ is given new connections until it holds half
-//! as many as a full one. An instance at effective weight 0 (the first
-//! instant of slow start) is taken only when nothing else is eligible.
+//! Each eligible instance is first *admitted* to the pick with probability
+//! equal to its factor `f` = health score × slow-start factor (the pick's
+//! seeded RNG; `f = 1` is admitted without a draw). Among the admitted, the
+//! load of an instance is `active / effective weight` (effective weight =
+//! configured weight × `f`), as Envoy's least-request balancer divides by
+//! weight, and the lowest load wins. Ties are broken at random in proportion
+//! to configured weight (never by position, which would pile every
+//! idle-time request onto the first instance); with equal weights that is
+//! uniform, as before. If no instance is admitted (all ramp, all drew
+//! "no") the lowest load over every eligible instance wins.
 //!
-//! Up to [`EXACT_LIMIT`] (256) instances the pick is exact: one scan, ties
-//! drawn by weighted reservoir sampling. Above that a scan per pick would be
-//! the O(n) cost the SPEC forbids at 100,000 instances, so the pick takes the
-//! least loaded of [`SAMPLES`] (8) random eligible instances by the same
-//! rule — the "best of d choices" that Envoy's least-request balancer also
-//! uses, which keeps the maximum load within a small constant of the true
-//! minimum.
+//! Why both: `active / effective weight` alone lets an idle instance at any
+//! factor above 0 beat every busy one, so a recovering instance would take
+//! a full share whenever its peers are busy; admission alone would ignore
+//! load. Together an instance at factor `f` is considered in a fraction `f`
+//! of the picks, and among those is filled until it holds `f` times the
+//! connections of a full peer. At idle (every load 0) an instance at factor
+//! `f` among `n − 1` full ones gets `f / n` of the picks; with every
+//! instance at full health and out of slow start the rule is the plain
+//! least-connections of before.
+//!
+//! ## Cost
+//!
+//! Up to [`EXACT_LIMIT`] (256) instances the pick is exact: one scan (a
+//! second only when nobody was admitted), ties drawn by weighted reservoir
+//! sampling. Above that a scan per pick would be the O(n) cost the SPEC
+//! forbids at 100,000 instances, so the pick applies the same rule to
+//! [`SAMPLES`] (8) random eligible instances — the "best of d choices" that
+//! Envoy's least-request balancer also uses, which keeps the maximum load
+//! within a small constant of the true minimum.
 
 use std::sync::Arc;
 
@@ -33,36 +44,32 @@ pub const EXACT_LIMIT: usize = 256;
 /// Random samples compared above [`EXACT_LIMIT`].
 pub const SAMPLES: usize = 8;
 
-/// Tie weight of an instance at effective weight 0, so that a service whose
-/// only candidates are at 0 still picks one.
-const MIN_TIE_WEIGHT: f64 = 1e-9;
-
 /// Fewest active connections per effective weight.
 #[derive(Debug, Default)]
 pub struct LeastConnections;
 
-/// The least loaded member offered so far, ties drawn by effective weight.
+/// The least loaded member offered so far, ties drawn by configured weight.
 #[derive(Default)]
 struct Lowest<'m> {
     best: Option<&'m Arc<Member>>,
     load: f64,
-    /// Sum of the tie weights of the members tied at `load`.
+    /// Sum of the configured weights of the members tied at `load`.
     tied: f64,
 }
 
 impl<'m> Lowest<'m> {
-    fn offer(&mut self, cx: &mut PickContext<'_>, m: &'m Arc<Member>) {
-        let weight = cx.effective_weight(m);
-        let load = per_weight(f64::from(m.active_connections()), weight);
-        let tie_weight = weight.max(MIN_TIE_WEIGHT);
+    /// Offers `m` at factor `f`.
+    fn offer(&mut self, cx: &mut PickContext<'_>, m: &'m Arc<Member>, f: f64) {
+        let weight = f64::from(m.instance().weight().get());
+        let load = per_weight(f64::from(m.active_connections()), weight * f);
         if self.best.is_none() || load < self.load {
             self.best = Some(m);
             self.load = load;
-            self.tied = tie_weight;
+            self.tied = weight;
         } else if load == self.load {
-            self.tied += tie_weight;
+            self.tied += weight;
             // Weighted reservoir sampling: replace with chance w / Σw.
-            if cx.rng.f64() * self.tied < tie_weight {
+            if cx.rng.f64() * self.tied < weight {
                 self.best = Some(m);
             }
         }
@@ -81,19 +88,41 @@ impl Strategy for LeastConnections {
             for s in &mut samples {
                 *s = Some(cx.random_eligible()?);
             }
-            let mut lowest = Lowest::default();
-            for m in samples.iter().flatten() {
-                lowest.offer(cx, m);
-            }
-            return lowest.best.cloned();
+            return lowest(cx, || samples.iter().flatten());
         }
         let members = cx.members;
-        let mut lowest = Lowest::default();
-        for m in members.iter() {
-            if cx.is_eligible(m) {
-                lowest.offer(cx, m);
-            }
-        }
-        lowest.best.cloned()
+        lowest(cx, || members.iter())
     }
+}
+
+/// The rule (module doc) over `candidates()`: the lowest load among the
+/// eligible and admitted, else among every eligible one.
+fn lowest<'m, I>(cx: &mut PickContext<'_>, candidates: impl Fn() -> I) -> Option<Arc<Member>>
+where
+    I: Iterator<Item = &'m Arc<Member>>,
+{
+    let mut admitted = Lowest::default();
+    let mut any = false;
+    for m in candidates() {
+        if !cx.is_eligible(m) {
+            continue;
+        }
+        any = true;
+        let f = cx.weight_factor(m);
+        if cx.accept(f) {
+            admitted.offer(cx, m, f);
+        }
+    }
+    if admitted.best.is_some() || !any {
+        return admitted.best.cloned();
+    }
+    // Nobody admitted (rare: every candidate ramps and drew "no").
+    let mut all = Lowest::default();
+    for m in candidates() {
+        if cx.is_eligible(m) {
+            let f = cx.weight_factor(m);
+            all.offer(cx, m, f);
+        }
+    }
+    all.best.cloned()
 }

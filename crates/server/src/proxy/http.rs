@@ -189,6 +189,7 @@ async fn proxy(
         idempotent: is_idempotent(&parts.method),
         replayable: body.replayable(),
     };
+    let key = up.hash_key.as_ref().and_then(|k| k.digest(&parts, peer));
     strip_hop_by_hop(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, peer);
     let mut step = HttpStep {
@@ -201,10 +202,12 @@ async fn proxy(
         clients: &up.clients,
         service: &up.name,
     };
-    Ok(match attempt::run(up, &mut step).await? {
-        Ended::Success(held, resp) => finish_response(resp, Some(held)),
-        Ended::Failed(resp) => finish_response(resp, None),
-    })
+    Ok(
+        match attempt::run_keyed(up, &mut step, key.as_ref().map(|k| &k[..])).await? {
+            Ended::Success(held, resp) => finish_response(resp, Some(held)),
+            Ended::Failed(resp) => finish_response(resp, None),
+        },
+    )
 }
 
 /// The response for the client; `held` (a success) rides in the body until

@@ -4,7 +4,8 @@
 //! [`body`]: the response body that carries the attempt's claim), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
 //! errors logged at most once a second and backed off; the drain tracker),
-//! routing, the one attempt loop both use ([`attempt`]), the retry budget
+//! routing, the request key `consistent_hash` hashes ([`hash_key`]), the
+//! one attempt loop both use ([`attempt`]), the retry budget
 //! ([`retry`]) and the errors clients see ([`error`]).
 //!
 //! Request path: listener → [`Routing::route`] (host, then path prefix,
@@ -20,6 +21,7 @@ pub(crate) mod accept;
 pub(crate) mod attempt;
 pub(crate) mod body;
 pub(crate) mod error;
+pub(crate) mod hash_key;
 pub(crate) mod headers;
 pub(crate) mod http;
 pub(crate) mod request_body;
@@ -62,6 +64,8 @@ pub(crate) struct Upstream {
     pub(crate) clients: upstream::UpstreamClients,
     /// Metric handles, resolved once.
     pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
+    /// What `consistent_hash` hashes (`hash_key`), if set.
+    pub(crate) hash_key: Option<hash_key::HashKey>,
 }
 
 /// Routes of every listener plus the upstreams: one immutable value swapped

@@ -11,11 +11,13 @@ mod config;
 mod etcd;
 mod exhaustion;
 mod failover;
+mod hashing;
 mod lifecycle;
 mod monitoring;
 #[cfg(feature = "etcd")]
 mod precedence;
 mod proxy;
 mod reference;
+mod slow_start;
 mod status_page;
 mod support;

@@ -535,3 +535,15 @@ pub(crate) async fn echo_server() -> u16 {
     });
     port
 }
+
+/// The share of `who` among the answers in `seen` (from [`Load::stop`])
+/// timed in `from..to` ms.
+pub(crate) fn share_in(seen: &[(u128, String)], who: &str, from: u128, to: u128) -> f64 {
+    let (mine, all) = seen
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .fold((0usize, 0usize), |(m, a), (_, w)| {
+            (m + usize::from(w == who), a + 1)
+        });
+    mine as f64 / all.max(1) as f64
+}
