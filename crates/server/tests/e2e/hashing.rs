@@ -31,11 +31,7 @@ async fn backends_for(addr: SocketAddr, key: &str, n: usize) -> HashSet<String> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_key_sticks_spreads_and_moves_only_with_its_backend() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let backends: HashMap<&str, &Arc<Backend>> = [("a", &a), ("b", &b), ("c", &c)].into();
     let lb = Lb::start(&http_config(
         "strategy = \"consistent_hash\"\nhash_key = \"header:x-user\"",
@@ -135,11 +131,7 @@ kind = "none"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookie_and_query_keys_stick_and_the_admin_api_needs_a_key() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let lb = Lb::start(&cookie_and_query_config(&[&a, &b, &c]));
     let addr = lb.addr("web");
     for (path, headers) in [
@@ -189,11 +181,7 @@ async fn tcp_who(addr: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ip_on_a_tcp_listener_keeps_one_client_on_one_backend() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let lb = Lb::start(&format!(
         r#"[[listener]]
 name = "raw"

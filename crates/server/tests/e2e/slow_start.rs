@@ -11,11 +11,7 @@ use crate::support::*;
 /// share in the first and the fourth second after its breaker closed, with
 /// a 4 s slow-start window.
 async fn recovered_share_ramps(strategy: &str) {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let lb = Lb::start(&http_config(
         &format!("strategy = \"{strategy}\"\nslow_start = \"4s\"\nretries = 2"),
         &[&a, &b, &c],

@@ -547,3 +547,12 @@ pub(crate) fn share_in(seen: &[(u128, String)], who: &str, from: u128, to: u128)
         });
     mine as f64 / all.max(1) as f64
 }
+
+/// Backends named `a`, `b` and `c`.
+pub(crate) async fn three_backends() -> (Arc<Backend>, Arc<Backend>, Arc<Backend>) {
+    (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    )
+}
