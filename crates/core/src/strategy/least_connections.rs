@@ -30,7 +30,8 @@
 //! second only when nobody was admitted), ties drawn by weighted reservoir
 //! sampling. Above that a scan per pick would be the O(n) cost the SPEC
 //! forbids at 100,000 instances, so the pick applies the same rule to
-//! [`SAMPLES`] (8) random eligible instances — the "best of d choices" that
+//! [`SAMPLES`] (8) random eligible instances (among equals the first, itself
+//! a random draw, wins) — the "best of d choices" that
 //! Envoy's least-request balancer also uses, which keeps the maximum load
 //! within a small constant of the true minimum.
 
@@ -48,6 +49,15 @@ pub const SAMPLES: usize = 8;
 #[derive(Debug, Default)]
 pub struct LeastConnections;
 
+/// `active / effective weight` of `m` at factor `f`.
+#[inline]
+fn load(m: &Member, f: f64) -> f64 {
+    per_weight(
+        f64::from(m.active_connections()),
+        f64::from(m.instance().weight().get()) * f,
+    )
+}
+
 /// The least loaded member offered so far, ties drawn by configured weight.
 #[derive(Default)]
 struct Lowest<'m> {
@@ -61,7 +71,7 @@ impl<'m> Lowest<'m> {
     /// Offers `m` at factor `f`.
     fn offer(&mut self, cx: &mut PickContext<'_>, m: &'m Arc<Member>, f: f64) {
         let weight = f64::from(m.instance().weight().get());
-        let load = per_weight(f64::from(m.active_connections()), weight * f);
+        let load = load(m, f);
         if self.best.is_none() || load < self.load {
             self.best = Some(m);
             self.load = load;
@@ -82,28 +92,21 @@ impl Strategy for LeastConnections {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let n = cx.members.len();
-        if n > EXACT_LIMIT {
-            let mut samples: [Option<Arc<Member>>; SAMPLES] = Default::default();
-            for s in &mut samples {
-                *s = Some(cx.random_eligible()?);
-            }
-            return lowest(cx, || samples.iter().flatten());
+        if cx.members.len() > EXACT_LIMIT {
+            sampled(cx)
+        } else {
+            exact(cx)
         }
-        let members = cx.members;
-        lowest(cx, || members.iter())
     }
 }
 
-/// The rule (module doc) over `candidates()`: the lowest load among the
-/// eligible and admitted, else among every eligible one.
-fn lowest<'m, I>(cx: &mut PickContext<'_>, candidates: impl Fn() -> I) -> Option<Arc<Member>>
-where
-    I: Iterator<Item = &'m Arc<Member>>,
-{
+/// The rule over every member: the lowest load among the eligible and
+/// admitted, else among every eligible one.
+fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    let members = cx.members;
     let mut admitted = Lowest::default();
     let mut any = false;
-    for m in candidates() {
+    for m in members.iter() {
         if !cx.is_eligible(m) {
             continue;
         }
@@ -118,11 +121,31 @@ where
     }
     // Nobody admitted (rare: every candidate ramps and drew "no").
     let mut all = Lowest::default();
-    for m in candidates() {
+    for m in members.iter() {
         if cx.is_eligible(m) {
             let f = cx.weight_factor(m);
             all.offer(cx, m, f);
         }
     }
     all.best.cloned()
+}
+
+/// The rule over [`SAMPLES`] random eligible members: an admitted one beats
+/// one that is not, then the lower load wins. The samples are random draws,
+/// so among equals the first wins and no tie draw is needed.
+fn sampled(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    let mut best: Option<(bool, f64, Arc<Member>)> = None;
+    for _ in 0..SAMPLES {
+        let m = cx.random_eligible()?;
+        let f = cx.weight_factor(&m);
+        let admitted = cx.accept(f);
+        let load = load(&m, f);
+        let better = best.as_ref().is_none_or(|&(was_admitted, was_load, _)| {
+            (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
+        });
+        if better {
+            best = Some((admitted, load, m));
+        }
+    }
+    best.map(|(_, _, m)| m)
 }
