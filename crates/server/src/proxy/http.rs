@@ -202,12 +202,11 @@ async fn proxy(
         clients: &up.clients,
         service: &up.name,
     };
-    Ok(
-        match attempt::run_keyed(up, &mut step, key.as_ref().map(|k| &k[..])).await? {
-            Ended::Success(held, resp) => finish_response(resp, Some(held)),
-            Ended::Failed(resp) => finish_response(resp, None),
-        },
-    )
+    let key = key.as_ref().map(|k| &k[..]);
+    Ok(match attempt::run_keyed(up, &mut step, key).await? {
+        Ended::Success(held, resp) => finish_response(resp, Some(held)),
+        Ended::Failed(resp) => finish_response(resp, None),
+    })
 }
 
 /// The response for the client; `held` (a success) rides in the body until
