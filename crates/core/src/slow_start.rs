@@ -14,10 +14,11 @@
 //! *Why linear:* it is predictable for operators (HAProxy's `slowstart`,
 //! Envoy's default aggression 1.0) and enough to warm caches and JITs.
 //!
-//! Slow start changes *effective weight*, so it steers the weight-aware
-//! strategies (`weighted`, `weighted_random`, `p2c`, `peak_ewma` and
-//! `adaptive`); the plain `round_robin`, `random` and `least_connections`
-//! ignore weights by definition.
+//! Slow start changes *effective weight*, so it steers every strategy that
+//! reads it: `weighted`, `weighted_random`, `p2c`, `peak_ewma`, `adaptive`,
+//! `least_connections` (load per effective weight) and `round_robin` (each
+//! instance admitted in proportion to its factor); only `random` and
+//! `consistent_hash` ignore it.
 
 use std::time::Duration;
 

@@ -389,6 +389,7 @@ impl Server {
                         budget,
                         metrics: Arc::new(self.metrics.service(name, svc.metrics_enabled)),
                         upgrade_idle_timeout: svc.upgrade_idle_timeout,
+                        hash_key: svc.hash_key.clone(),
                     }),
                 );
             }

@@ -1,17 +1,43 @@
-//! `least_connections`: the instance with the fewest active connections.
+//! `least_connections`: the instance with the fewest active connections per
+//! unit of effective weight.
 //!
-//! Up to [`EXACT_LIMIT`] (256) instances the pick is exact: one scan, with
-//! ties broken uniformly at random by reservoir sampling (never by position,
-//! which would pile every idle-time request onto the first instance). Above
-//! that a scan per pick would be the O(n) cost the SPEC forbids at 100,000
-//! instances, so the pick takes the least loaded of [`SAMPLES`] (8) random
-//! eligible instances — the "best of d choices" that Envoy's least-request
-//! balancer also uses, which keeps the maximum load within a small constant
-//! of the true minimum.
+//! ## Rule
+//!
+//! Each eligible instance is first *admitted* to the pick with probability
+//! equal to its factor `f` = health score × slow-start factor (the pick's
+//! seeded RNG; `f = 1` is admitted without a draw). Among the admitted, the
+//! load of an instance is `active / effective weight` (effective weight =
+//! configured weight × `f`), as Envoy's least-request balancer divides by
+//! weight, and the lowest load wins. Ties are broken at random in proportion
+//! to configured weight (never by position, which would pile every
+//! idle-time request onto the first instance); with equal weights that is
+//! uniform, as before. If no instance is admitted (all ramp, all drew
+//! "no") the lowest load over every eligible instance wins.
+//!
+//! Why both: `active / effective weight` alone lets an idle instance at any
+//! factor above 0 beat every busy one, so a recovering instance would take
+//! a full share whenever its peers are busy; admission alone would ignore
+//! load. Together an instance at factor `f` is considered in a fraction `f`
+//! of the picks, and among those is filled until it holds `f` times the
+//! connections of a full peer. At idle (every load 0) an instance at factor
+//! `f` among `n − 1` full ones gets `f / n` of the picks; with every
+//! instance at full health and out of slow start the rule is the plain
+//! least-connections of before.
+//!
+//! ## Cost
+//!
+//! Up to [`EXACT_LIMIT`] (256) instances the pick is exact: one scan (a
+//! second only when nobody was admitted), ties drawn by weighted reservoir
+//! sampling. Above that a scan per pick would be the O(n) cost the SPEC
+//! forbids at 100,000 instances, so the pick applies the same rule to
+//! [`SAMPLES`] (8) random eligible instances (among equals the first, itself
+//! a random draw, wins) — the "best of d choices" that
+//! Envoy's least-request balancer also uses, which keeps the maximum load
+//! within a small constant of the true minimum.
 
 use std::sync::Arc;
 
-use super::{PickContext, Strategy, StrategyKind};
+use super::{per_weight, PickContext, Strategy, StrategyKind};
 use crate::instance::Member;
 
 /// Largest service picked by an exact scan.
@@ -19,9 +45,46 @@ pub const EXACT_LIMIT: usize = 256;
 /// Random samples compared above [`EXACT_LIMIT`].
 pub const SAMPLES: usize = 8;
 
-/// Fewest active connections.
+/// Fewest active connections per effective weight.
 #[derive(Debug, Default)]
 pub struct LeastConnections;
+
+/// `active / effective weight` of `m` at factor `f`.
+#[inline]
+fn load(m: &Member, f: f64) -> f64 {
+    per_weight(
+        f64::from(m.active_connections()),
+        f64::from(m.instance().weight().get()) * f,
+    )
+}
+
+/// The least loaded member offered so far, ties drawn by configured weight.
+#[derive(Default)]
+struct Lowest<'m> {
+    best: Option<&'m Arc<Member>>,
+    load: f64,
+    /// Sum of the configured weights of the members tied at `load`.
+    tied: f64,
+}
+
+impl<'m> Lowest<'m> {
+    /// Offers `m` at factor `f`.
+    fn offer(&mut self, cx: &mut PickContext<'_>, m: &'m Arc<Member>, f: f64) {
+        let weight = f64::from(m.instance().weight().get());
+        let load = load(m, f);
+        if self.best.is_none() || load < self.load {
+            self.best = Some(m);
+            self.load = load;
+            self.tied = weight;
+        } else if load == self.load {
+            self.tied += weight;
+            // Weighted reservoir sampling: replace with chance w / Σw.
+            if cx.rng.f64() * self.tied < weight {
+                self.best = Some(m);
+            }
+        }
+    }
+}
 
 impl Strategy for LeastConnections {
     fn kind(&self) -> StrategyKind {
@@ -29,37 +92,60 @@ impl Strategy for LeastConnections {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let n = cx.members.len();
-        if n > EXACT_LIMIT {
-            let mut best = cx.random_eligible()?;
-            for _ in 1..SAMPLES {
-                let m = cx.random_eligible()?;
-                if m.active_connections() < best.active_connections() {
-                    best = m;
-                }
-            }
-            return Some(best);
+        if cx.members.len() > EXACT_LIMIT {
+            sampled(cx)
+        } else {
+            exact(cx)
         }
-        let mut best: Option<&Arc<Member>> = None;
-        let mut best_load = u32::MAX;
-        let mut ties = 0u32;
-        for m in cx.members.iter() {
-            if !cx.is_eligible(m) {
-                continue;
-            }
-            let load = m.active_connections();
-            if load < best_load {
-                best = Some(m);
-                best_load = load;
-                ties = 1;
-            } else if load == best_load {
-                ties += 1;
-                // Reservoir sampling: the k-th tie replaces with chance 1/k.
-                if cx.rng.u32(..ties) == 0 {
-                    best = Some(m);
-                }
-            }
-        }
-        best.cloned()
     }
+}
+
+/// The rule over every member: the lowest load among the eligible and
+/// admitted, else among every eligible one.
+fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    let members = cx.members;
+    let mut admitted = Lowest::default();
+    let mut any = false;
+    for m in members.iter() {
+        if !cx.is_eligible(m) {
+            continue;
+        }
+        any = true;
+        let f = cx.weight_factor(m);
+        if cx.accept(f) {
+            admitted.offer(cx, m, f);
+        }
+    }
+    if admitted.best.is_some() || !any {
+        return admitted.best.cloned();
+    }
+    // Nobody admitted (rare: every candidate ramps and drew "no").
+    let mut all = Lowest::default();
+    for m in members.iter() {
+        if cx.is_eligible(m) {
+            let f = cx.weight_factor(m);
+            all.offer(cx, m, f);
+        }
+    }
+    all.best.cloned()
+}
+
+/// The rule over [`SAMPLES`] random eligible members: an admitted one beats
+/// one that is not, then the lower load wins. The samples are random draws,
+/// so among equals the first wins and no tie draw is needed.
+fn sampled(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    let mut best: Option<(bool, f64, Arc<Member>)> = None;
+    for _ in 0..SAMPLES {
+        let m = cx.random_eligible()?;
+        let f = cx.weight_factor(&m);
+        let admitted = cx.accept(f);
+        let load = load(&m, f);
+        let better = best.as_ref().is_none_or(|&(was_admitted, was_load, _)| {
+            (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
+        });
+        if better {
+            best = Some((admitted, load, m));
+        }
+    }
+    best.map(|(_, _, m)| m)
 }

@@ -2,8 +2,8 @@
 //!
 //! | name | rule | structure per pick at 100,000 instances |
 //! | --- | --- | --- |
-//! | `round_robin` | rotation over eligible instances | atomic counter, O(1) |
-//! | `least_connections` | fewest active connections, ties broken at random | exact scan up to 256 instances; above, best of 8 random samples |
+//! | `round_robin` | rotation over eligible instances, each admitted with probability health × slow-start factor | atomic counter, O(1) |
+//! | `least_connections` | fewest `active / effective weight` among instances admitted with probability health × slow-start factor, ties broken at random | exact scan up to 256 instances; above, best of 8 random samples |
 //! | `weighted` | smooth weighted round robin (WF²Q): exactly `wᵢ` picks in every window of `Σw` | binary heaps, O(log n) |
 //! | `random` | uniform | rejection sampling, O(1) expected |
 //! | `weighted_random` | proportional to effective weight | two binary searches over prefix sums, O(log n) |

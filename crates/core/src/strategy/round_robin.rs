@@ -1,18 +1,37 @@
-//! `round_robin`: plain rotation over eligible instances.
+//! `round_robin`: rotation over eligible instances, admitting each in
+//! proportion to its effective-weight factor.
 //!
-//! One shared atomic counter; the pick is `counter++ mod n`, skipping
-//! ineligible instances for up to 16 steps before falling back to a random
-//! eligible one. Weights, health scores and slow start do not change the
-//! rotation (use `weighted` for that): with every instance eligible, each
-//! gets exactly one pick in every `n` consecutive picks.
+//! ## Rule
+//!
+//! One shared atomic counter; the rotation lands on `counter++ mod n`. An
+//! eligible instance it lands on is taken with probability equal to its
+//! factor `f` = health score × slow-start factor (the seeded RNG of the
+//! pick; `f = 1` takes it without a draw), else the rotation moves on to the
+//! next. Ineligible instances are skipped the same way. After 16 steps
+//! without a taker the pick takes the eligible instance with the highest
+//! factor it saw (so a service whose instances all ramp still gets picks),
+//! else a random eligible one.
+//!
+//! So with every instance eligible at full factor each gets exactly one pick
+//! in every `n` consecutive picks, as before; an instance at factor `f`
+//! among `n − 1` full ones gets `f / (n − 1 + f)` of the picks, the share
+//! `weighted` gives it: a recovering instance (slow start, lowered health
+//! score) ramps up instead of taking a full share at once — the bug Envoy
+//! fixed for its round robin in issue 19437. Configured weights do not
+//! change the rotation (use `weighted` for that).
+//!
+//! *Cost:* the factor is a health-score load and the slow-start ramp at the
+//! pick's `now`, which the context already holds; a full-factor instance
+//! costs no random draw.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{PickContext, Strategy, StrategyKind};
+use super::{FactorDraw, PickContext, Strategy, StrategyKind};
 use crate::instance::Member;
 
-/// Steps the rotation may skip over ineligible instances.
+/// Steps the rotation may move on (ineligible or not admitted) before the
+/// fallback.
 const MAX_SKIPS: usize = 16;
 
 /// Rotation over eligible instances.
@@ -31,13 +50,15 @@ impl Strategy for RoundRobin {
         if n == 0 {
             return None;
         }
-        for _ in 0..MAX_SKIPS.min(n) {
+        let mut draw = FactorDraw::default();
+        for _ in 0..MAX_SKIPS {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            match cx.members.get(i) {
-                Some(m) if cx.is_eligible(m) => return Some(m.clone()),
-                _ => {}
+            if let Some(m) = cx.members.get(i) {
+                if let Some(m) = draw.offer(cx, m) {
+                    return Some(m);
+                }
             }
         }
-        cx.random_eligible()
+        draw.finish(cx)
     }
 }

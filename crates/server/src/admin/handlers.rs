@@ -42,6 +42,7 @@ impl From<ControlError> for AdminError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::UnknownService(_) => AdminError::NotFound(e.to_string()),
+            ControlError::NoHashKey(_) => AdminError::field("strategy", e.to_string()),
             ControlError::Registry(r) => r.into(),
             ControlError::Service { .. }
             | ControlError::Persist(_)

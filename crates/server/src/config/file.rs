@@ -70,6 +70,9 @@ pub struct FileRoute {
 #[serde(deny_unknown_fields)]
 pub struct FileService {
     pub strategy: Option<Spanned<String>>,
+    /// What `consistent_hash` hashes: `"header:NAME"`, `"cookie:NAME"`,
+    /// `"client_ip"`, `"path"`, `"query:NAME"`.
+    pub hash_key: Option<Spanned<String>>,
     pub error_threshold: Option<Spanned<i64>>,
     pub recovery_threshold: Option<Spanned<i64>>,
     pub min_healthy_percent: Option<Spanned<i64>>,

@@ -17,6 +17,7 @@
 //! | `listener.max_connections` | 100,000 |
 //! | `route.path_prefix` | `/` |
 //! | `service.strategy` | `adaptive` |
+//! | `service.hash_key` | none (required by `consistent_hash`) |
 //! | `service.error_threshold` / `recovery_threshold` | 3 / 2 |
 //! | `service.min_healthy_percent` | 50 |
 //! | `service.slow_start` | 10 s |
@@ -73,6 +74,7 @@ use datapunk_lb_core::{
 use toml::Spanned;
 
 use self::file::{FileConfig, FileService};
+pub use crate::proxy::hash_key::HashKey;
 
 /// Default drain timeout: 30 s.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -227,6 +229,8 @@ pub struct Route {
 pub struct ServiceConfig {
     /// Balancing and health rules for the core.
     pub balancing: LoadBalancerConfig,
+    /// What `consistent_hash` hashes; required by it, ignored by the others.
+    pub hash_key: Option<HashKey>,
     /// Whether `/metrics` reports this service (`metrics_enabled`).
     pub metrics_enabled: bool,
     /// Upstream connect timeout.
@@ -785,6 +789,7 @@ impl Config {
                     match &l.service {
                         Some(s) => {
                             known(ck, format!("{key}.service"), s);
+                            tcp_hash_key(ck, &file.service, s.get_ref(), &l.name);
                             service = Some(s.get_ref().clone());
                         }
                         None => ck.issue(
@@ -895,6 +900,9 @@ impl Config {
                 humantime::format_duration(svc.connect_timeout),
                 humantime::format_duration(svc.request_timeout),
             );
+            if let Some(k) = &svc.hash_key {
+                let _ = writeln!(s, "  hash_key {k}");
+            }
             svc.write_knobs(&mut s);
             for i in &svc.instances {
                 let _ = writeln!(
@@ -958,6 +966,33 @@ impl Default for ClientLimits {
             request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             max_connections: DEFAULT_LISTENER_MAX_CONNECTIONS,
         }
+    }
+}
+
+/// A service behind a TCP listener can hash on `client_ip` only: a stream
+/// has no headers, cookies, path or query. Reported at the `hash_key` line.
+fn tcp_hash_key(
+    ck: &mut Checker<'_>,
+    services: &BTreeMap<String, Spanned<FileService>>,
+    service: &str,
+    listener: &Spanned<String>,
+) {
+    let Some(spec) = services
+        .get(service)
+        .and_then(|s| s.get_ref().hash_key.as_ref())
+    else {
+        return;
+    };
+    if HashKey::parse(spec.get_ref()).is_ok_and(|k| !k.fits_tcp()) {
+        ck.issue(
+            format!("service.{service}.hash_key"),
+            spec,
+            format!(
+                "{:?} cannot be read from a TCP stream, and service {service:?} is behind tcp listener {:?}: only \"client_ip\" works there",
+                spec.get_ref(),
+                listener.get_ref()
+            ),
+        );
     }
 }
 
@@ -1107,6 +1142,21 @@ fn service(
         match st.get_ref().parse::<StrategyKind>() {
             Ok(k) => lb.strategy = k,
             Err(e) => ck.issue(format!("{key}.strategy"), st, e.to_string()),
+        }
+    }
+    let hash_key = match &s.hash_key {
+        Some(spec) => HashKey::parse(spec.get_ref())
+            .map_err(|why| ck.issue(format!("{key}.hash_key"), spec, why))
+            .ok(),
+        None => None,
+    };
+    if lb.strategy == StrategyKind::ConsistentHash && s.hash_key.is_none() {
+        if let Some(st) = &s.strategy {
+            ck.issue(
+                format!("{key}.hash_key"),
+                st,
+                "missing: strategy = \"consistent_hash\" needs hash_key = \"header:NAME\", \"cookie:NAME\", \"client_ip\", \"path\" or \"query:NAME\"",
+            );
         }
     }
     lb.breaker.error_threshold = ck.int(
@@ -1410,6 +1460,7 @@ fn service(
     }
     Some(ServiceConfig {
         balancing: lb,
+        hash_key,
         metrics_enabled,
         connect_timeout,
         request_timeout,

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use datapunk_lb_core::{LoadBalancerConfig, ServiceInstance};
+use datapunk_lb_core::{LoadBalancerConfig, ServiceInstance, StrategyKind};
 use tracing::warn;
 
 use crate::config::ServiceConfig;
@@ -142,17 +142,29 @@ impl Layers {
     }
 
     /// The balancing `service` should run: the config's, with the strategy
-    /// set through the admin API if any.
+    /// set through the admin API if any — except a stored `consistent_hash`
+    /// for a service whose config (since reloaded) has no `hash_key`, which
+    /// would pick at random: that one is ignored with a warning, as the
+    /// admin API refuses it in the first place.
     pub(crate) fn balancing(&self, service: &str) -> Option<LoadBalancerConfig> {
-        let mut balancing = self.config.get(service)?.balancing.clone();
+        let svc = self.config.get(service)?;
+        let mut balancing = svc.balancing.clone();
         let chosen = self
             .dynamic
             .services
             .get(service)
             .and_then(|o| o.strategy.as_deref())
             .and_then(|k| k.parse().ok());
-        if let Some(k) = chosen {
-            balancing.strategy = k;
+        match chosen {
+            Some(StrategyKind::ConsistentHash) if svc.hash_key.is_none() => {
+                warn!(
+                    service,
+                    strategy = balancing.strategy.as_str(),
+                    "ignoring the stored strategy consistent_hash: the service has no hash_key; keeping the config's"
+                );
+            }
+            Some(k) => balancing.strategy = k,
+            None => {}
         }
         Some(balancing)
     }
@@ -241,5 +253,12 @@ mod tests {
             "least_connections"
         );
         assert!(l.balancing("nope").is_none());
+    }
+
+    #[test]
+    fn a_stored_consistent_hash_without_a_hash_key_is_ignored() {
+        let mut l = layers();
+        l.dynamic.service_mut("api").strategy = Some("consistent_hash".into());
+        assert_eq!(l.balancing("api").unwrap().strategy.as_str(), "adaptive");
     }
 }

@@ -74,6 +74,10 @@ pub enum ControlError {
     /// The service is not in the config.
     #[error("unknown service {0:?}")]
     UnknownService(String),
+    /// `consistent_hash` was asked for a service whose config has no
+    /// `hash_key`: every pick would be random.
+    #[error("service {0:?} has no hash_key in its config; consistent_hash needs one (set hash_key and reload first)")]
+    NoHashKey(String),
     /// The core refused the change.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -611,6 +615,12 @@ impl Control {
     ) -> Result<(), ControlError> {
         if !self.layers.is_configured(service) {
             return Err(ControlError::UnknownService(service.to_owned()));
+        }
+        let no_key = |s: &crate::config::ServiceConfig| s.hash_key.is_none();
+        if kind == StrategyKind::ConsistentHash
+            && self.layers.config().get(service).is_some_and(no_key)
+        {
+            return Err(ControlError::NoHashKey(service.to_owned()));
         }
         let from = self.registry.service(service).map(|s| s.config().strategy);
         self.registry.set_strategy(service, kind)?;

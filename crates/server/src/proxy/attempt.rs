@@ -3,7 +3,8 @@
 //!
 //! ## The loop
 //!
-//! 1. **Select inside the core** with `Service::select_with`, accepting an
+//! 1. **Select inside the core** with `Service::select_with` (keyed by the
+//!    request's `hash_key`, if the service has one), accepting an
 //!    instance this request has not tried yet and that is under the
 //!    service's `max_connections`. None accepted → the request ends: counted
 //!    as `over_limit` when some instance was refused for its limit, else as
@@ -214,10 +215,26 @@ impl Held {
     }
 }
 
-/// Runs attempts until one succeeds or the retry rule stops (module doc).
+/// Runs attempts until one succeeds or the retry rule stops (module doc),
+/// without a hash key (`consistent_hash` then picks at random).
+// HTTP and TCP pass their key through `run_keyed`; this stays for callers
+// without one (and the tests).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) async fn run<S: Step>(
     up: &Upstream,
     step: &mut S,
+) -> Result<Ended<S::Answer>, ProxyError> {
+    run_keyed(up, step, None).await
+}
+
+/// [`run`] with the request's hash key (a digest, see
+/// [`hash_key`](super::hash_key)), which every selection of the request
+/// uses, retries included: a retry walks the key's table order past the
+/// instances already tried.
+pub(crate) async fn run_keyed<S: Step>(
+    up: &Upstream,
+    step: &mut S,
+    key: Option<&[u8]>,
 ) -> Result<Ended<S::Answer>, ProxyError> {
     let replay = step.replay();
     up.budget.deposit();
@@ -228,7 +245,7 @@ pub(crate) async fn run<S: Step>(
     let mut last: Option<(Class, Option<S::Answer>)> = None;
     let mut attempt = 0;
     loop {
-        let mut selection = match (select(up, &tried), last) {
+        let mut selection = match (select(up, &tried, key), last) {
             (Ok(s), _) => s,
             (Err(e), None) => return Err(e),
             (Err(_), Some((class, answer))) => return give_up(up, class, answer),
@@ -289,9 +306,13 @@ fn give_up<A>(up: &Upstream, class: Class, answer: Option<A>) -> Result<Ended<A>
     }
 }
 
-/// Selects an instance not in `tried` and under `max_connections`; when
-/// none is accepted, counts why and says it.
-fn select(up: &Upstream, tried: &[InstanceId]) -> Result<Selection, ProxyError> {
+/// Selects an instance for `key` not in `tried` and under
+/// `max_connections`; when none is accepted, counts why and says it.
+fn select(
+    up: &Upstream,
+    tried: &[InstanceId],
+    key: Option<&[u8]>,
+) -> Result<Selection, ProxyError> {
     let over_limit = Cell::new(false);
     let accept = |m: &Member| {
         if tried.contains(m.instance().id()) {
@@ -303,7 +324,7 @@ fn select(up: &Upstream, tried: &[InstanceId]) -> Result<Selection, ProxyError> 
         }
         true
     };
-    if let Some(s) = up.service.select_with(None, accept) {
+    if let Some(s) = up.service.select_with(key, accept) {
         return Ok(s);
     }
     if over_limit.get() {
@@ -504,11 +525,14 @@ mod tests {
             .clock(Arc::new(ManualClock::new()))
             .build()
             .unwrap();
-        for id in ids {
-            registry
-                .register_instance("api", ServiceInstance::try_new(id, "127.0.0.1", 9).unwrap())
-                .unwrap();
-        }
+        // One batch: none of them slow-starts, so the rotation is plain.
+        registry
+            .register_instances(
+                "api",
+                ids.iter()
+                    .map(|id| ServiceInstance::try_new(id, "127.0.0.1", 9).unwrap()),
+            )
+            .unwrap();
         registry
             .set_strategy("api", StrategyKind::RoundRobin)
             .unwrap();
@@ -530,6 +554,7 @@ mod tests {
             ),
             metrics: Arc::new(ServiceMetrics::disabled()),
             upgrade_idle_timeout: Duration::from_secs(1),
+            hash_key: None,
         };
         (registry, up)
     }

@@ -315,10 +315,20 @@ async fn proxy(
         idempotent: is_idempotent(&parts.method),
         replayable: body.replayable(),
     };
+    let key = up.hash_key.as_ref().and_then(|k| k.digest(&parts, peer));
     strip_hop_by_hop(&mut parts.headers);
     append_forwarded_for(&mut parts.headers, peer);
     if let Some(protocol) = upgrade {
-        return upgrade::proxy(parts, body, replay, protocol, deadline, up).await;
+        return upgrade::proxy(
+            parts,
+            body,
+            replay,
+            protocol,
+            deadline,
+            up,
+            key.as_ref().map(|k| &k[..]),
+        )
+        .await;
     }
     let mut step = HttpStep {
         parts,
@@ -330,7 +340,8 @@ async fn proxy(
         clients: &up.clients,
         service: &up.name,
     };
-    Ok(match attempt::run(up, &mut step).await? {
+    let key = key.as_ref().map(|k| &k[..]);
+    Ok(match attempt::run_keyed(up, &mut step, key).await? {
         Ended::Success(held, resp) => finish_response(resp, Some(held), up),
         Ended::Failed(resp) => finish_response(resp, None, up),
     })

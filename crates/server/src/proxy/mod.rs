@@ -8,7 +8,8 @@
 //! head, idle and body timeouts of client connections), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
 //! errors logged at most once a second and backed off; the drain tracker),
-//! routing, the one attempt loop both use ([`attempt`]), the retry budget
+//! routing, the request key `consistent_hash` hashes ([`hash_key`]), the
+//! one attempt loop both use ([`attempt`]), the retry budget
 //! ([`retry`]) and the errors clients see ([`error`]).
 //!
 //! Request path: listener → [`Routing::route`] (host, then path prefix,
@@ -25,6 +26,7 @@ pub(crate) mod attempt;
 pub(crate) mod body;
 pub(crate) mod client_limits;
 pub(crate) mod error;
+pub(crate) mod hash_key;
 pub(crate) mod headers;
 pub(crate) mod http;
 pub(crate) mod hygiene;
@@ -76,6 +78,8 @@ pub(crate) struct Upstream {
     pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
     /// An upgraded connection idle this long is closed ([`upgrade`]).
     pub(crate) upgrade_idle_timeout: Duration,
+    /// What `consistent_hash` hashes (`hash_key`), if set.
+    pub(crate) hash_key: Option<hash_key::HashKey>,
 }
 
 /// Routes of every listener plus the upstreams: one immutable value swapped

@@ -12,6 +12,8 @@
 //! - A connect is a success whose latency is the connect time, recorded when
 //!   the connection closes, so the instance's connection count covers the
 //!   connection's whole life.
+//! - With `hash_key = "client_ip"` (the only key a stream has) the client's
+//!   IP is the `consistent_hash` key, so one client keeps its instance.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use tracing::debug;
 use super::accept;
 use super::accept::{ConnPermit, ConnTracker};
 use super::attempt::{self, Attempt, Class, Ended, NoAnswer, Replay, Step};
+use super::hash_key::client_ip_digest;
 use super::{ProxyError, Routing};
 
 /// Accepts connections until `stop` turns true; open connections are
@@ -46,7 +49,7 @@ pub(crate) async fn serve(
         let name = name.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = proxy(client, &name, &routing).await {
+            if let Err(e) = proxy(client, peer, &name, &routing).await {
                 debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
             }
         });
@@ -66,6 +69,7 @@ pub(crate) async fn serve(
 
 async fn proxy(
     mut client: TcpStream,
+    peer: SocketAddr,
     name: &str,
     routing: &ArcSwap<Routing>,
 ) -> Result<(), TcpError> {
@@ -75,7 +79,9 @@ async fn proxy(
     let mut step = TcpConnect {
         timeout: up.connect_timeout,
     };
-    match attempt::run(&up, &mut step).await? {
+    // `client_ip` is the only key a stream has (config refuses the others).
+    let key = up.hash_key.as_ref().map(|_| client_ip_digest(peer));
+    match attempt::run_keyed(&up, &mut step, key.as_ref().map(|k| &k[..])).await? {
         Ended::Success(held, mut upstream) => {
             let _ = upstream.set_nodelay(true);
             let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

@@ -18,7 +18,8 @@
 //!
 //! ## The handshake
 //!
-//! The request goes through [`attempt::run`] like any other: selection
+//! The request goes through [`attempt::run_keyed`] like any other (with
+//! the service's `hash_key`): selection
 //! under `max_connections`, the same headers as an ordinary request (the
 //! forwarding headers of [`http`](super::http); every hop-by-hop header
 //! stripped) except that `Connection: upgrade` and the client's `Upgrade`
@@ -160,6 +161,7 @@ pub(crate) async fn proxy(
     protocol: HeaderValue,
     deadline: Instant,
     up: &Upstream,
+    key: Option<&[u8]>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let on_client = parts.extensions.remove::<OnUpgrade>();
     let permit = parts.extensions.remove::<SharedPermit>();
@@ -172,7 +174,7 @@ pub(crate) async fn proxy(
         connect_timeout: up.connect_timeout,
         service: &up.name,
     };
-    Ok(match attempt::run(up, &mut step).await? {
+    Ok(match attempt::run_keyed(up, &mut step, key).await? {
         Ended::Success(held, resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             switch(resp, held, on_client, permit, up)
         }

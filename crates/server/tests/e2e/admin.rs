@@ -21,7 +21,12 @@ fn config(
     });
     let cfg = format!(
         "{}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n{state}",
-        http_config("strategy = \"round_robin\"", backends, &[1, 1, 1]),
+        // No slow start: an instance added here takes its turn at once.
+        http_config(
+            "strategy = \"round_robin\"\nslow_start = \"0s\"",
+            backends,
+            &[1, 1, 1],
+        ),
         token_file.display()
     );
     (cfg, token_file)

@@ -16,7 +16,8 @@ async fn refusing_port() -> u16 {
 }
 
 /// A TCP listener `raw` in front of service `echo` with `instances`
-/// (id, port). No health checks and a breaker that does not open, so only
+/// (id, port). No health checks and a breaker that does not open (neither
+/// by consecutive failures nor by failure rate), so only
 /// the attempt loop decides where connections go.
 fn tcp_config(service_extra: &str, instances: &[(&str, u16)]) -> String {
     let blocks: String = instances
@@ -37,6 +38,8 @@ service = "echo"
 strategy = "round_robin"
 error_threshold = 1000
 {service_extra}
+[service.echo.breaker]
+min_requests = 1000
 [service.echo.health_check]
 kind = "none"
 {blocks}"#
@@ -83,7 +86,9 @@ async fn tcp_retries_a_connect_failure_onto_another_instance() {
         "retries = 1",
         &[("dead", dead), ("live", live)],
     ));
-    // Round robin sends every other first attempt to the dead instance.
+    // Round robin's rotation starts at the dead instance; after that it is
+    // admitted less often as its health score falls (round robin is health
+    // aware), so it sees at least the first attempt.
     for i in 0..6u8 {
         let mut s = TcpStream::connect(lb.addr("raw")).await.unwrap();
         assert_eq!(round_trip(&mut s, &[i; 8]).await, [i; 8], "connection {i}");
@@ -95,7 +100,7 @@ async fn tcp_retries_a_connect_failure_onto_another_instance() {
     )
     .await;
     let retries = metric(&lb, "datapunk_lb_retries_total", &["service=\"echo\""]).await;
-    assert!(refused >= 3.0, "the dead instance refused {refused} times");
+    assert!(refused >= 1.0, "the dead instance refused {refused} times");
     assert_eq!(retries, refused, "each refusal was retried once");
 }
 

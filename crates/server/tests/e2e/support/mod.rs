@@ -689,3 +689,23 @@ pub(crate) async fn metric_sum(lb: &Lb, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+/// The share of `who` among the answers in `seen` (from [`Load::stop`])
+/// timed in `from..to` ms.
+pub(crate) fn share_in(seen: &[(u128, String)], who: &str, from: u128, to: u128) -> f64 {
+    let (mine, all) = seen
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .fold((0usize, 0usize), |(m, a), (_, w)| {
+            (m + usize::from(w == who), a + 1)
+        });
+    mine as f64 / all.max(1) as f64
+}
+
+/// Backends named `a`, `b` and `c`.
+pub(crate) async fn three_backends() -> (Arc<Backend>, Arc<Backend>, Arc<Backend>) {
+    (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    )
+}
