@@ -76,6 +76,7 @@ pub struct FileService {
     pub retry_budget_percent: Option<Spanned<i64>>,
     pub retry_budget_min_per_second: Option<Spanned<i64>>,
     pub metrics_enabled: Option<bool>,
+    pub metrics_instance_series_limit: Option<Spanned<i64>>,
     pub breaker: Option<FileBreaker>,
     pub adaptive: Option<FileAdaptive>,
     pub health_check: Option<FileHealthCheck>,

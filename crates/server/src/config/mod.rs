@@ -22,6 +22,7 @@
 //! | `service.retries` | 2 |
 //! | `service.max_connections` | 10,000 per instance |
 //! | `service.metrics_enabled` | true |
+//! | `service.metrics_instance_series_limit` | 1,000 (above it: aggregates, see `metrics.rs`) |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
 //! | `health_check.backoff_max` | 8 × interval, at most 60 s (never below the interval) |
@@ -95,6 +96,10 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
 /// Default retries per second allowed regardless of traffic: 10.
 pub const DEFAULT_RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// Default `metrics_instance_series_limit`: ~10 series per instance, so a
+/// service at the limit adds ~10,000 series, what one Prometheus holds
+/// comfortably per target.
+pub const DEFAULT_METRICS_INSTANCE_SERIES_LIMIT: usize = 1_000;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +192,9 @@ pub struct ServiceConfig {
     pub balancing: LoadBalancerConfig,
     /// Whether `/metrics` reports this service (`metrics_enabled`).
     pub metrics_enabled: bool,
+    /// Most instances for which `/metrics` exports per-instance series;
+    /// above it, aggregates and the worst few (see `crate::metrics`).
+    pub metrics_instance_series_limit: usize,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
     /// Whole-request timeout (to response headers).
@@ -929,6 +937,12 @@ fn service(
     ) as u8;
     lb.slow_start = ck.duration(&format!("{key}.slow_start"), &s.slow_start, lb.slow_start);
     let metrics_enabled = s.metrics_enabled.unwrap_or(true);
+    let metrics_instance_series_limit = ck.int(
+        &format!("{key}.metrics_instance_series_limit"),
+        &s.metrics_instance_series_limit,
+        0..=10_000_000,
+        DEFAULT_METRICS_INSTANCE_SERIES_LIMIT as i64,
+    ) as usize;
     let connect_timeout = ck.duration(
         &format!("{key}.connect_timeout"),
         &s.connect_timeout,
@@ -1166,6 +1180,7 @@ fn service(
     Some(ServiceConfig {
         balancing: lb,
         metrics_enabled,
+        metrics_instance_series_limit,
         connect_timeout,
         request_timeout,
         retries,
@@ -1189,13 +1204,14 @@ impl ServiceConfig {
         let hc = &self.health_check;
         let _ = writeln!(
             s,
-            "  min_healthy_percent {}, slow_start {}, max_connections {}, metrics_enabled {}, retry_budget_percent {}, retry_budget_min_per_second {}",
+            "  min_healthy_percent {}, slow_start {}, max_connections {}, metrics_enabled {}, retry_budget_percent {}, retry_budget_min_per_second {}, metrics_instance_series_limit {}",
             lb.min_healthy_percent,
             d(lb.slow_start),
             self.max_connections,
             self.metrics_enabled,
             self.retry_budget.percent,
             self.retry_budget.min_per_second,
+            self.metrics_instance_series_limit,
         );
         let _ = writeln!(
             s,

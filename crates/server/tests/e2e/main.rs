@@ -17,5 +17,6 @@ mod monitoring;
 mod precedence;
 mod proxy;
 mod reference;
+mod scale;
 mod status_page;
 mod support;
