@@ -22,6 +22,23 @@
 //!   says so at most once a second (the accept loop in `proxy/accept.rs`), the counter
 //!   has every one, for an alert.
 //!
+//! ## Bounded per service: `metrics_instance_series_limit`
+//!
+//! A service with at most `metrics_instance_series_limit` instances
+//! (default 1,000, [`crate::config::DEFAULT_METRICS_INSTANCE_SERIES_LIMIT`])
+//! has the per-instance series above. Above it, ~10 series per instance
+//! would be more than a Prometheus should hold for one target (27.8 MB a
+//! scrape at 100,000), so the service exports aggregates instead, read in
+//! one pass over its members ([`crate::scan`]):
+//! `datapunk_lb_instances{state}` (as always), the
+//! `datapunk_lb_instance_health_score_distribution` histogram (every
+//! service has it), the per-instance gauges of its [`WORST_INSTANCES`]
+//! worst instances only, and `datapunk_lb_requests_total` summed over every
+//! instance under `instance=""` (kept monotonic, see [`MonotonicSum`]), so
+//! `sum by (service)` queries read the same on both sides of the limit.
+//! `datapunk_lb_instance_series_limited{service}` says which side a
+//! service is on. Sizes and times at 100,000: `docs/benchmarks.md`.
+//!
 //! ## Every series from the first scrape
 //!
 //! Alerts and `rate()` see nothing of a series that does not exist yet, so
