@@ -946,7 +946,7 @@ mod tests {
                 times.push(t.elapsed());
             }
             times.sort();
-            println!("limit {limit}: {size} bytes, median {:?}", times[2]);
+            eprintln!("limit {limit}: {size} bytes, median {:?}", times[2]);
         }
     }
 }

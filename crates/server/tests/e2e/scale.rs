@@ -244,7 +244,7 @@ async fn measure_admin_and_metrics_at_100k() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let pid = lb.child.id();
-    println!("instances {n}, RSS at start {} KB", rss_kb(pid));
+    eprintln!("instances {n}, RSS at start {} KB", rss_kb(pid));
     for path in [
         "/metrics",
         "/v1/services/api?limit=100",
@@ -262,7 +262,7 @@ async fn measure_admin_and_metrics_at_100k() {
             runs.push(took);
         }
         runs.sort();
-        println!(
+        eprintln!(
             "{path}: {size} bytes, median {:.1} ms (min {:.1}, max {:.1}), RSS after {} KB",
             runs[2].as_secs_f64() * 1e3,
             runs[0].as_secs_f64() * 1e3,
