@@ -116,6 +116,7 @@ pub struct Metrics {
     discovery_invalid: Counter,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
     limits: Arc<Mutex<HashMap<String, usize>>>,
+    sums: Arc<Mutex<HashMap<String, MonotonicSum>>>,
     history: Arc<History>,
 }
 
@@ -146,7 +147,7 @@ struct CoreCollector {
     /// `metrics_instance_series_limit` by service.
     limits: Arc<Mutex<HashMap<String, usize>>>,
     /// Request sums of services above their limit.
-    sums: Mutex<HashMap<String, MonotonicSum>>,
+    sums: Arc<Mutex<HashMap<String, MonotonicSum>>>,
 }
 
 /// Instances of a service above its limit that keep per-instance series:
@@ -233,11 +234,12 @@ impl Metrics {
         }
         let errors = Arc::new(Mutex::new(HashMap::new()));
         let limits = Arc::new(Mutex::new(HashMap::new()));
+        let sums = Arc::new(Mutex::new(HashMap::new()));
         registry.register_collector(Box::new(CoreCollector {
             core,
             errors: errors.clone(),
             limits: limits.clone(),
-            sums: Mutex::default(),
+            sums: sums.clone(),
         }));
         Self {
             registry,
@@ -254,6 +256,7 @@ impl Metrics {
             accept_errors,
             errors,
             limits,
+            sums,
         }
     }
 
@@ -302,6 +305,7 @@ impl Metrics {
     pub fn retain_services(&self, keep: &dyn Fn(&str) -> bool) {
         self.errors.lock().retain(|k, _| keep(k));
         self.limits.lock().retain(|k, _| keep(k));
+        self.sums.lock().retain(|k, _| keep(k));
     }
 
     /// Sets `service`'s `metrics_instance_series_limit` (services never
