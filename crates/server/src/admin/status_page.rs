@@ -13,8 +13,9 @@
 //! A poll carries at most [`SHOWN`] instances per service, counted and
 //! picked in one pass that keeps only those (see [`crate::scan`]), so its
 //! size depends on the number of services, not instances: ~8 KB per
+//! service per poll, and a first load (full history) under 100 KB for one
 //! service (measured at 100,000 instances in `docs/benchmarks.md`). The
-//! counts come from the same pass, so they cover every instance.
+//! counts cover every instance.
 
 use std::collections::HashMap;
 
