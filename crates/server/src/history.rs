@@ -52,7 +52,10 @@
 //!
 //! Every sample has a sequence number and every change an id; the page
 //! asks `/status/data?since=<seq>&changes=<id>` and gets only what is
-//! newer, so a poll carries one point per series instead of 300.
+//! newer, so a poll carries one point per series instead of 300. A first
+//! load (no `since`) carries a service's 300 points but only the last
+//! [`FIRST_LOAD_INSTANCE_POINTS`] of each instance, which keeps it under
+//! 100 KB with the 20 instances the page shows per service.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -75,6 +78,11 @@ pub const MAX_INSTANCES_PER_SERVICE: usize = 24;
 pub const MAX_SERVICES: usize = 64;
 /// State changes kept.
 pub const MAX_CHANGES: usize = 200;
+/// Points of an instance's series in a first load (no `since`): two
+/// minutes. Twenty shown instances with all 300 points made a first load
+/// of ~110–140 KB; with 120 it stays under 100 KB (the service's own
+/// series still comes whole, and later polls add one point a second).
+pub const FIRST_LOAD_INSTANCE_POINTS: usize = 120;
 
 /// A tick this close to [`INTERVAL`] samples: the upkeep ticks every 100 ms
 /// with jitter, and waiting for the full second would skip to 1.1 s.
@@ -493,6 +501,10 @@ impl History {
             .map(Change::to_json)
             .collect();
         let series = |ser: &Series| series_json(ser, s.seq, since);
+        // A first load sends an instance only its last points (see
+        // FIRST_LOAD_INSTANCE_POINTS); the page's polls then extend them.
+        let instance_since =
+            since.or_else(|| Some(s.seq.saturating_sub(FIRST_LOAD_INSTANCE_POINTS as u64)));
         let services = s
             .services
             .iter()
@@ -500,7 +512,7 @@ impl History {
                 let instances = svc
                     .instances
                     .iter()
-                    .map(|(id, ser)| (id.clone(), series(ser)))
+                    .map(|(id, ser)| (id.clone(), series_json(ser, s.seq, instance_since)))
                     .collect();
                 (name.clone(), (series(&svc.series), instances))
             })
@@ -767,10 +779,53 @@ mod tests {
         }
         let mut v = h.view(None, None);
         assert_eq!(col(v.take_service("api").unwrap(), "rps").len(), SAMPLES);
+        // A first load sends an instance its last points only; a read
+        // since 0 gets every point it holds.
         assert_eq!(
             col(v.take_instance("api", "i1").unwrap(), "rps").len(),
+            FIRST_LOAD_INSTANCE_POINTS
+        );
+        assert_eq!(
+            col(
+                h.view(Some(0), None).take_instance("api", "i1").unwrap(),
+                "rps"
+            )
+            .len(),
             SAMPLES
         );
+    }
+
+    /// The history part of a first `/status/data` load at full history:
+    /// the service and the 20 instances the page shows, with busy,
+    /// non-round values (the longest numbers), under 90 KB, so the whole
+    /// answer (their rows add ~7.5 KB) stays under 100 KB.
+    #[test]
+    fn a_first_load_of_twenty_instances_at_full_history_stays_under_90_kb() {
+        let h = History::default();
+        let t0 = Instant::now();
+        let ids: Vec<String> = (0..20).map(|i| format!("instance-{i:02}")).collect();
+        for k in 0..(SAMPLES as u64 + 5) {
+            let list: Vec<(&str, u64, u64)> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), k * (1237 + i as u64 * 7), k * 13))
+                .collect();
+            let mut r = reading(&list, Some(vec![(0.01, k * 97), (f64::INFINITY, k * 1299)]));
+            for (j, i) in r[0].instances.iter_mut().enumerate() {
+                i.latency_ms = 12.3456 + j as f64 / 7.0;
+                i.health = 0.987_654 - j as f64 / 1000.0;
+            }
+            h.sample(t0 + INTERVAL * k as u32, SystemTime::now(), &r);
+        }
+        let mut v = h.view(None, None);
+        let mut size = v.head.to_string().len() + v.take_service("api").unwrap().to_string().len();
+        let one = v.take_instance("api", &ids[0]).unwrap();
+        assert_eq!(col(&one, "rps").len(), FIRST_LOAD_INSTANCE_POINTS);
+        size += one.to_string().len();
+        for id in &ids[1..] {
+            size += v.take_instance("api", id).unwrap().to_string().len();
+        }
+        assert!(size < 90_000, "{size} bytes");
     }
 
     #[test]

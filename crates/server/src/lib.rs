@@ -17,6 +17,7 @@
 //! | `proxy` | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
 //! | `health_check` | active HTTP/TCP checks with spread, backoff and a bound |
 //! | [`metrics`] | every Prometheus metric of the SPEC |
+//! | [`scan`] | large services read in one bounded pass: state counts, worst instances, admin pages |
 //! | [`state`] | the state file: admin API changes that survive restarts |
 //! | [`telemetry`] | tracing setup; core events as structured log lines |
 //! | [`demo`] | `datapunk-lb demo` |
@@ -35,6 +36,7 @@ pub(crate) mod health_check;
 pub mod history;
 pub mod metrics;
 pub(crate) mod proxy;
+pub mod scan;
 pub mod server;
 pub mod state;
 pub mod telemetry;

@@ -22,6 +22,23 @@
 //!   says so at most once a second (the accept loop in `proxy/accept.rs`), the counter
 //!   has every one, for an alert.
 //!
+//! ## Bounded per service: `metrics_instance_series_limit`
+//!
+//! A service with at most `metrics_instance_series_limit` instances
+//! (default 1,000, [`crate::config::DEFAULT_METRICS_INSTANCE_SERIES_LIMIT`])
+//! has the per-instance series above. Above it, ~10 series per instance
+//! would be more than a Prometheus should hold for one target (27.8 MB a
+//! scrape at 100,000), so the service exports aggregates instead, read in
+//! one pass over its members ([`crate::scan`]):
+//! `datapunk_lb_instances{state}` (as always), the
+//! `datapunk_lb_instance_health_score_distribution` histogram (every
+//! service has it), the per-instance gauges of its [`WORST_INSTANCES`]
+//! worst instances only, and `datapunk_lb_requests_total` summed over every
+//! instance under `instance=""` (kept monotonic, see [`MonotonicSum`]), so
+//! `sum by (service)` queries read the same on both sides of the limit.
+//! `datapunk_lb_instance_series_limited{service}` says which side a
+//! service is on. Sizes and times at 100,000: `docs/benchmarks.md`.
+//!
 //! ## Every series from the first scrape
 //!
 //! Alerts and `rate()` see nothing of a series that does not exist yet, so
@@ -40,17 +57,22 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use datapunk_lb_core::{CircuitState, Event, FailureKind, Registry as CoreRegistry, StrategyKind};
+use datapunk_lb_core::{
+    CircuitState, Event, FailureKind, InstanceStatus, Registry as CoreRegistry, StrategyKind,
+};
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::config::DEFAULT_METRICS_INSTANCE_SERIES_LIMIT;
 use crate::history::History;
+use crate::scan::{State, View, Worst};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -93,6 +115,8 @@ pub struct Metrics {
     accept_errors: Family<Labels, Counter>,
     discovery_invalid: Counter,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
+    limits: Arc<Mutex<HashMap<String, usize>>>,
+    sums: Arc<Mutex<HashMap<String, MonotonicSum>>>,
     history: Arc<History>,
 }
 
@@ -120,7 +144,15 @@ pub struct ServiceErrors {
 struct CoreCollector {
     core: Arc<CoreRegistry>,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
+    /// `metrics_instance_series_limit` by service.
+    limits: Arc<Mutex<HashMap<String, usize>>>,
+    /// Request sums of services above their limit.
+    sums: Arc<Mutex<HashMap<String, MonotonicSum>>>,
 }
+
+/// Instances of a service above its limit that keep per-instance series:
+/// the worst by health score (then id).
+pub const WORST_INSTANCES: usize = 10;
 
 fn duration_buckets() -> impl Iterator<Item = f64> {
     [
@@ -201,9 +233,13 @@ impl Metrics {
             create_at_zero(&discovery_syncs, &result_label(ok));
         }
         let errors = Arc::new(Mutex::new(HashMap::new()));
+        let limits = Arc::new(Mutex::new(HashMap::new()));
+        let sums = Arc::new(Mutex::new(HashMap::new()));
         registry.register_collector(Box::new(CoreCollector {
             core,
             errors: errors.clone(),
+            limits: limits.clone(),
+            sums: sums.clone(),
         }));
         Self {
             registry,
@@ -219,6 +255,8 @@ impl Metrics {
             discovery_invalid,
             accept_errors,
             errors,
+            limits,
+            sums,
         }
     }
 
@@ -266,6 +304,14 @@ impl Metrics {
     /// Drops per-service series of services no longer configured.
     pub fn retain_services(&self, keep: &dyn Fn(&str) -> bool) {
         self.errors.lock().retain(|k, _| keep(k));
+        self.limits.lock().retain(|k, _| keep(k));
+        self.sums.lock().retain(|k, _| keep(k));
+    }
+
+    /// Sets `service`'s `metrics_instance_series_limit` (services never
+    /// set have the default).
+    pub fn instance_series_limit(&self, service: &str, limit: usize) {
+        self.limits.lock().insert(service.to_owned(), limit);
     }
 
     /// Counts an active health check.
@@ -407,17 +453,166 @@ fn transition_labels(service: &str, from: CircuitState, to: CircuitState) -> Lab
     ]
 }
 
+/// Per-outcome request counts of a service above its limit: `success`,
+/// then [`FailureKind::ALL`] in order.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Outcomes([u64; 1 + FailureKind::ALL.len()]);
+
+impl Outcomes {
+    fn add(&mut self, st: &InstanceStatus) {
+        self.0[0] += st.requests.saturating_sub(st.failures);
+        for kind in FailureKind::ALL {
+            self.0[1 + kind.index()] += st.failures_by_kind[kind.index()];
+        }
+    }
+
+    fn outcome(i: usize) -> &'static str {
+        match i.checked_sub(1) {
+            None => "success",
+            Some(k) => FailureKind::ALL[k].as_str(),
+        }
+    }
+}
+
+/// The exported sum of a limited service's requests, kept monotonic: a
+/// removed instance takes its counts out of the raw sum, which Prometheus
+/// would read as a counter reset (a spike in `rate()`). Growth since the
+/// last scrape is added, a drop adds nothing (the traffic of a scrape
+/// interval with a removal is undercounted instead).
+#[derive(Debug, Default)]
+struct MonotonicSum {
+    raw: Outcomes,
+    out: Outcomes,
+}
+
+impl MonotonicSum {
+    fn advance(&mut self, raw: Outcomes) -> Outcomes {
+        for (i, now) in raw.0.iter().enumerate() {
+            self.out.0[i] += now.saturating_sub(self.raw.0[i]);
+        }
+        self.raw = raw;
+        self.out
+    }
+}
+
+/// Upper bounds of `datapunk_lb_instance_health_score_distribution` (and
+/// `+Inf`): tenths, enough to tell "a few slightly degraded" from "many
+/// near zero".
+const HEALTH_BUCKETS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// Health scores of one service's instances as a histogram.
+#[derive(Debug, Default)]
+struct HealthHistogram {
+    /// Non-cumulative counts per [`HEALTH_BUCKETS`] bound, then `+Inf`.
+    counts: [u64; HEALTH_BUCKETS.len() + 1],
+    sum: f64,
+}
+
+impl HealthHistogram {
+    fn observe(&mut self, score: f64) {
+        let i = HEALTH_BUCKETS
+            .iter()
+            .position(|b| score <= *b)
+            .unwrap_or(HEALTH_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += score;
+    }
+}
+
+impl EncodeMetric for HealthHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = HEALTH_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(self.counts)
+            .collect();
+        let count = self.counts.iter().sum();
+        encoder.encode_histogram::<NoLabelSet>(self.sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// One service as a scrape reads it.
+#[derive(Debug)]
+struct Scraped {
+    name: String,
+    /// Above its `metrics_instance_series_limit`.
+    limited: bool,
+    /// Instances with per-instance series: all (member order), or the
+    /// [`WORST_INSTANCES`] worst when limited.
+    rows: Vec<InstanceStatus>,
+    /// By [`State::index`].
+    counts: [usize; 5],
+    health: HealthHistogram,
+    /// Limited: every instance's requests summed (monotonic).
+    requests: Option<Outcomes>,
+}
+
+impl CoreCollector {
+    /// Reads `name` in one pass over its members: per-instance rows up to
+    /// its limit, aggregates and the worst few above it.
+    fn scrape(&self, name: &str) -> Option<Scraped> {
+        let view = View::of(&self.core, name)?;
+        let limit = self
+            .limits
+            .lock()
+            .get(name)
+            .copied()
+            .unwrap_or(DEFAULT_METRICS_INSTANCE_SERIES_LIMIT);
+        let limited = view.len() > limit;
+        let mut rows = Vec::with_capacity(if limited { 0 } else { view.len() });
+        let mut worst = Worst::new(if limited { WORST_INSTANCES } else { 0 });
+        let mut counts = [0; 5];
+        let mut health = HealthHistogram::default();
+        let mut sums = Outcomes::default();
+        for m in view.members() {
+            let st = view.status(m);
+            counts[State::of_status(&st).index()] += 1;
+            health.observe(st.health_score);
+            if limited {
+                sums.add(&st);
+                worst.offer(m);
+            } else {
+                rows.push(st);
+            }
+        }
+        let requests = limited.then(|| {
+            self.sums
+                .lock()
+                .entry(name.to_owned())
+                .or_default()
+                .advance(sums)
+        });
+        if limited {
+            rows = worst
+                .into_sorted()
+                .iter()
+                .map(|r| view.status(&r.member))
+                .collect();
+        } else {
+            self.sums.lock().remove(name);
+        }
+        Some(Scraped {
+            name: name.to_owned(),
+            limited,
+            rows,
+            counts,
+            health,
+            requests,
+        })
+    }
+}
+
 impl Collector for CoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let services = self.core.services();
-        let instances: Vec<(String, Vec<datapunk_lb_core::InstanceStatus>)> = services
+        let scraped: Vec<Scraped> = services
             .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    self.core.instances(&s.name).unwrap_or_default(),
-                )
-            })
+            .filter_map(|s| self.scrape(&s.name))
             .collect();
         let labels =
             |svc: &str, id: &str| vec![("service", svc.to_owned()), ("instance", id.to_owned())];
@@ -426,21 +621,33 @@ impl Collector for CoreCollector {
             let c = ConstCounter::new(0u64);
             let mut m = encoder.encode_descriptor(
                 "datapunk_lb_requests",
-                "Requests by service, instance and outcome (success or the failure kind; no_instance and over_limit never reached an instance)",
+                "Requests by service, instance and outcome (success or the failure kind; no_instance and over_limit never reached an instance; instance \"\" also sums every instance of a service above its series limit)",
                 None,
                 c.metric_type(),
             )?;
-            for (svc, list) in &instances {
-                for st in list {
+            for s in &scraped {
+                if let Some(sums) = &s.requests {
+                    // Above the limit: one series per outcome for the whole
+                    // service, so `sum by (service)` stays right.
+                    for (i, n) in sums.0.iter().enumerate() {
+                        if i == 0 || *n > 0 {
+                            let mut l = labels(&s.name, "");
+                            l.push(("outcome", Outcomes::outcome(i).into()));
+                            ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
+                        }
+                    }
+                    continue;
+                }
+                for st in &s.rows {
                     let id = st.instance.id().as_str();
-                    let mut l = labels(svc, id);
+                    let mut l = labels(&s.name, id);
                     l.push(("outcome", "success".into()));
                     ConstCounter::new(st.requests.saturating_sub(st.failures))
                         .encode(m.encode_family(&l)?)?;
                     for kind in FailureKind::ALL {
                         let n = st.failures_by_kind[kind.index()];
                         if n > 0 {
-                            let mut l = labels(svc, id);
+                            let mut l = labels(&s.name, id);
                             l.push(("outcome", kind.as_str().into()));
                             ConstCounter::new(n).encode(m.encode_family(&l)?)?;
                         }
@@ -480,12 +687,13 @@ impl Collector for CoreCollector {
             }
             Ok(())
         };
-        let per_instance = |f: &dyn Fn(&datapunk_lb_core::InstanceStatus) -> f64| {
-            instances
+        let per_instance = |f: &dyn Fn(&InstanceStatus) -> f64| {
+            scraped
                 .iter()
-                .flat_map(|(svc, list)| {
-                    list.iter()
-                        .map(move |st| (labels(svc, st.instance.id().as_str()), f(st)))
+                .flat_map(|s| {
+                    s.rows
+                        .iter()
+                        .map(move |st| (labels(&s.name, st.instance.id().as_str()), f(st)))
                 })
                 .collect::<Vec<_>>()
         };
@@ -522,28 +730,18 @@ impl Collector for CoreCollector {
                 .collect(),
         )?;
         let mut rows = Vec::new();
-        for (svc, list) in &instances {
-            let mut counts: [(&str, usize); 4] = [
-                ("eligible", 0),
-                ("half_open", 0),
-                ("ejected", 0),
-                ("draining", 0),
-            ];
-            for st in list {
-                let i = if st.draining {
-                    3
-                } else if st.circuit_state == CircuitState::Open || st.health_score <= 0.0 {
-                    2
-                } else if st.circuit_state == CircuitState::HalfOpen {
-                    1
-                } else {
-                    0
-                };
-                counts[i].1 += 1;
-            }
-            for (state, n) in counts {
+        for s in &scraped {
+            // The gauge's four states (older than slow start's own state,
+            // which counts as eligible here).
+            let c = |st: State| s.counts[st.index()];
+            for (state, n) in [
+                ("eligible", c(State::Healthy) + c(State::SlowStart)),
+                ("half_open", c(State::HalfOpen)),
+                ("ejected", c(State::Ejected)),
+                ("draining", c(State::Draining)),
+            ] {
                 rows.push((
-                    vec![("service", svc.clone()), ("state", state.to_owned())],
+                    vec![("service", s.name.clone()), ("state", state.to_owned())],
                     n as f64,
                 ));
             }
@@ -554,6 +752,32 @@ impl Collector for CoreCollector {
             "Instances by service and state",
             rows,
         )?;
+        gauge(
+            &mut encoder,
+            "datapunk_lb_instance_series_limited",
+            "1 while the service has more instances than its metrics_instance_series_limit: per-instance series only for its worst instances, requests summed under instance=\"\"",
+            scraped
+                .iter()
+                .map(|s| {
+                    (
+                        vec![("service", s.name.clone())],
+                        f64::from(u8::from(s.limited)),
+                    )
+                })
+                .collect(),
+        )?;
+        {
+            let mut m = encoder.encode_descriptor(
+                "datapunk_lb_instance_health_score_distribution",
+                "Health scores of the service's instances",
+                None,
+                MetricType::Histogram,
+            )?;
+            for s in &scraped {
+                s.health
+                    .encode(m.encode_family(&vec![("service", s.name.clone())])?)?;
+            }
+        }
         Ok(())
     }
 }
@@ -561,6 +785,7 @@ impl Collector for CoreCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn event_counters_exist_at_zero_before_their_first_event() {
@@ -584,5 +809,148 @@ mod tests {
             .encode()
             .lines()
             .any(|l| l == r#"datapunk_lb_config_reloads_total{result="failure"} 1"#));
+    }
+
+    /// A core with service `api` of `n` instances `i000`…; instance `i`
+    /// gets health score `score(i)` and `requests(i)` successes.
+    fn core_with(n: usize, score: impl Fn(usize) -> f64, requests: usize) -> Arc<CoreRegistry> {
+        use datapunk_lb_core::ServiceInstance;
+        let core = Arc::new(CoreRegistry::new());
+        let list = (0..n).map(|i| {
+            ServiceInstance::try_new(&format!("i{i:03}"), "127.0.0.1", 1 + i as u16).unwrap()
+        });
+        core.register_instances("api", list).unwrap();
+        for i in 0..n {
+            let id = format!("i{i:03}");
+            for _ in 0..requests {
+                request(&core, &id);
+            }
+            // After the requests, which may move the score.
+            core.update_instance_health("api", &id, score(i)).unwrap();
+        }
+        core
+    }
+
+    /// One successful request on `api`'s instance `id`.
+    fn request(core: &CoreRegistry, id: &str) {
+        let sel = core
+            .get_instance_with("api", None, |m| m.instance().id().as_str() == id)
+            .unwrap();
+        let _ = sel.success(Duration::from_millis(1));
+    }
+
+    fn lines_of<'a>(text: &'a str, family: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(family)).collect()
+    }
+
+    #[test]
+    fn at_the_limit_every_instance_has_its_series_above_it_the_worst_ten() {
+        let n = 12;
+        // Scores 0.9, 0.85, ...: the higher the index, the worse.
+        let core = core_with(n, |i| 0.9 - i as f64 * 0.05, 3);
+        let m = Metrics::new(core.clone());
+        m.instance_series_limit("api", n);
+        let text = m.encode();
+        assert_eq!(
+            lines_of(&text, "datapunk_lb_instance_health_score{").len(),
+            n,
+            "{text}"
+        );
+        assert_eq!(lines_of(&text, "datapunk_lb_requests_total{").len(), n);
+        assert!(text.contains(r#"datapunk_lb_instance_series_limited{service="api"} 0"#));
+        assert!(text.contains(
+            r#"datapunk_lb_requests_total{service="api",instance="i000",outcome="success"} 3"#
+        ));
+
+        m.instance_series_limit("api", n - 1);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"datapunk_lb_instance_series_limited{service="api"} 1"#),
+            "{text}"
+        );
+        for family in [
+            "datapunk_lb_instance_health_score{",
+            "datapunk_lb_active_connections{",
+            "datapunk_lb_circuit_state{",
+        ] {
+            let got = lines_of(&text, family);
+            assert_eq!(got.len(), WORST_INSTANCES, "{family}: {got:?}");
+            // The worst ten are i002..=i011; the two best are gone.
+            assert!(
+                got.iter()
+                    .all(|l| !l.contains("\"i000\"") && !l.contains("\"i001\"")),
+                "{got:?}"
+            );
+            assert!(got.iter().any(|l| l.contains("\"i011\"")), "{got:?}");
+        }
+        // Requests: one series for the service, summing every instance.
+        assert_eq!(
+            lines_of(&text, "datapunk_lb_requests_total{"),
+            [r#"datapunk_lb_requests_total{service="api",instance="",outcome="success"} 36"#]
+        );
+        // Counts and the histogram cover all twelve.
+        assert!(text.contains(r#"datapunk_lb_instances{service="api",state="eligible"} 12"#));
+        assert!(
+            text.contains(
+                r#"datapunk_lb_instance_health_score_distribution_count{service="api"} 12"#
+            ),
+            "{text}"
+        );
+        // 0.9 - 0.05 i <= 0.5 for i >= 8: i008..=i011.
+        assert!(
+            text.contains(
+                r#"datapunk_lb_instance_health_score_distribution_bucket{le="0.5",service="api"} 4"#
+            ) || text.contains(
+                r#"datapunk_lb_instance_health_score_distribution_bucket{service="api",le="0.5"} 4"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_limited_services_request_sum_never_goes_down() {
+        let core = core_with(4, |_| 1.0, 5);
+        let m = Metrics::new(core.clone());
+        m.instance_series_limit("api", 2);
+        let sum = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find(|l| l.starts_with(r#"datapunk_lb_requests_total{service="api",instance="",outcome="success"}"#))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!(sum(&m), Some(20));
+        // A removal takes 5 out of the raw sum: the export holds.
+        core.deregister_instance("api", "i000").unwrap();
+        assert_eq!(sum(&m), Some(20));
+        // New traffic adds on top.
+        request(&core, "i001");
+        assert_eq!(sum(&m), Some(21));
+    }
+
+    /// Measures `/metrics` encoding at 100,000 instances in one service
+    /// (run with `--ignored --nocapture`, in release).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_encode_at_100k_instances() {
+        use datapunk_lb_core::ServiceInstance;
+        let core = Arc::new(CoreRegistry::new());
+        let list = (0..100_000usize).map(|i| {
+            ServiceInstance::try_new(&format!("i{i:06}"), "127.0.0.1", 1 + (i % 60000) as u16)
+                .unwrap()
+        });
+        core.register_instances("api", list).unwrap();
+        let m = Metrics::new(core);
+        for limit in [usize::MAX, DEFAULT_METRICS_INSTANCE_SERIES_LIMIT] {
+            m.instance_series_limit("api", limit);
+            let mut times = Vec::new();
+            let mut size = 0;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                size = m.encode().len();
+                times.push(t.elapsed());
+            }
+            times.sort();
+            eprintln!("limit {limit}: {size} bytes, median {:?}", times[2]);
+        }
     }
 }

@@ -459,6 +459,10 @@ impl Server {
             HealthChecker::start(self.registry.clone(), &config, self.metrics.clone());
         self.metrics
             .retain_services(&|s| config.services.contains_key(s));
+        for (name, svc) in &config.services {
+            self.metrics
+                .instance_series_limit(name, svc.metrics_instance_series_limit);
+        }
         self.access.token.store(token);
         self.access
             .metrics_auth

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::{AdminError, AdminState};
 use crate::control::{Command, ControlError, Write};
+use crate::scan::View;
 use crate::state::InstanceSpec;
 
 /// Default drain for `DELETE` without `?drain=`.
@@ -82,19 +83,20 @@ pub(crate) async fn list_services(State(s): State<AdminState>) -> Json<Value> {
     Json(json!({ "services": list }))
 }
 
-/// `GET /v1/services/{svc}`.
+/// `GET /v1/services/{svc}?limit=&cursor=&state=&id_prefix=`: the service
+/// and one page of its instances, worst first (see [`super::listing`]).
 pub(crate) async fn get_service(
     State(s): State<AdminState>,
     Path(svc): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, AdminError> {
-    let reg = &s.registry;
-    let status = reg
-        .service(&svc)
-        .map(|x| x.status())
+    let (filter, limit) = super::listing::parse_query(&q)?;
+    let view = View::of(&s.registry, &svc)
         .ok_or_else(|| AdminError::NotFound(format!("unknown service {svc:?}")))?;
-    let instances: Vec<Value> = reg.instances(&svc)?.iter().map(instance_json).collect();
-    let mut v = service_json(&status);
-    v["instances"] = Value::Array(instances);
+    let mut v = service_json(&view.service().status());
+    super::listing::add_page(&mut v, &view, &filter, limit, |r| {
+        instance_json(&view.status(&r.member))
+    });
     Ok(Json(v))
 }
 

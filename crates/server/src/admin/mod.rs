@@ -5,7 +5,7 @@
 //! | method and path | does |
 //! | --- | --- |
 //! | `GET /v1/services` | every service: strategy, adaptive mode in use and why, counts, panic mode |
-//! | `GET /v1/services/{svc}` | the service and its instances with live state |
+//! | `GET /v1/services/{svc}?limit=&cursor=&state=&id_prefix=` | the service, its totals by state and one page of its instances with live state, worst first (see [`listing`]) |
 //! | `PUT /v1/services/{svc}/instances/{id}` | register or update `{address, port, weight?, zone?, tags?}` |
 //! | `DELETE /v1/services/{svc}/instances/{id}?drain=30s` | drain (default 30 s; `0s` removes at once), then remove |
 //! | `POST /v1/services/{svc}/instances/{id}/health` | `{health_score}` in 0..=1 |
@@ -24,6 +24,7 @@
 pub(crate) mod auth;
 pub(crate) mod error;
 pub(crate) mod handlers;
+pub(crate) mod listing;
 pub(crate) mod status_page;
 
 use std::sync::Arc;

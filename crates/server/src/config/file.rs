@@ -89,6 +89,7 @@ pub struct FileService {
     pub metrics_enabled: Option<bool>,
     pub upstream_protocol: Option<Spanned<String>>,
     pub host_header: Option<Spanned<String>>,
+    pub metrics_instance_series_limit: Option<Spanned<i64>>,
     pub breaker: Option<FileBreaker>,
     pub adaptive: Option<FileAdaptive>,
     pub health_check: Option<FileHealthCheck>,

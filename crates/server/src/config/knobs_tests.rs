@@ -65,6 +65,7 @@ fn defaults_are_the_values_that_were_fixed_in_code() {
 fn every_knob_is_read() {
     let s = api(r#"retry_budget_percent = 35
 retry_budget_min_per_second = 4
+metrics_instance_series_limit = 50
 [service.api.breaker]
 open_base = "2s"
 open_max = "30s"
@@ -93,6 +94,11 @@ host = "api.internal"
         (s.retry_budget.percent, s.retry_budget.min_per_second),
         (35, 4)
     );
+    assert_eq!(s.metrics_instance_series_limit, 50);
+    assert_eq!(
+        api("").metrics_instance_series_limit,
+        super::DEFAULT_METRICS_INSTANCE_SERIES_LIMIT
+    );
     assert_eq!(s.health_check.backoff_max, Duration::from_secs(12));
     let HealthCheckKind::Http { host, expected, .. } = &s.health_check.kind else {
         panic!("http by default");
@@ -113,6 +119,10 @@ fn each_bad_knob_is_reported_at_its_key_and_line() {
         (
             "retry_budget_min_per_second = -1\n",
             "line 7: service.api.retry_budget_min_per_second",
+        ),
+        (
+            "metrics_instance_series_limit = -5\n",
+            "line 7: service.api.metrics_instance_series_limit: must be in 0..=10000000",
         ),
         (
             "[service.api.breaker]\nopen_base = \"0s\"\n",

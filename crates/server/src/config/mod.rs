@@ -29,6 +29,7 @@
 //! | `service.max_connections` | 10,000 per instance |
 //! | `service.metrics_enabled` | true |
 //! | `service.upstream_protocol` / `host_header` | `http1` / `preserve` |
+//! | `service.metrics_instance_series_limit` | 1,000 (above it: aggregates, see `metrics.rs`) |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
 //! | `health_check.backoff_max` | 8 × interval, at most 60 s (never below the interval) |
@@ -120,6 +121,10 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
 /// Default retries per second allowed regardless of traffic: 10.
 pub const DEFAULT_RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// Default `metrics_instance_series_limit`: ~10 series per instance, so a
+/// service at the limit adds ~10,000 series, what one Prometheus holds
+/// comfortably per target.
+pub const DEFAULT_METRICS_INSTANCE_SERIES_LIMIT: usize = 1_000;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -233,6 +238,9 @@ pub struct ServiceConfig {
     pub hash_key: Option<HashKey>,
     /// Whether `/metrics` reports this service (`metrics_enabled`).
     pub metrics_enabled: bool,
+    /// Most instances for which `/metrics` exports per-instance series;
+    /// above it, aggregates and the worst few (see `crate::metrics`).
+    pub metrics_instance_series_limit: usize,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
     /// Whole-request timeout (to response headers).
@@ -1201,6 +1209,12 @@ fn service(
         ),
         HostHeader::as_str,
     );
+    let metrics_instance_series_limit = ck.int(
+        &format!("{key}.metrics_instance_series_limit"),
+        &s.metrics_instance_series_limit,
+        0..=10_000_000,
+        DEFAULT_METRICS_INSTANCE_SERIES_LIMIT as i64,
+    ) as usize;
     let connect_timeout = ck.duration(
         &format!("{key}.connect_timeout"),
         &s.connect_timeout,
@@ -1462,6 +1476,7 @@ fn service(
         balancing: lb,
         hash_key,
         metrics_enabled,
+        metrics_instance_series_limit,
         connect_timeout,
         request_timeout,
         upgrade_idle_timeout,
@@ -1490,7 +1505,7 @@ impl ServiceConfig {
         let hc = &self.health_check;
         let _ = writeln!(
             s,
-            "  min_healthy_percent {}, slow_start {}, max_connections {}, metrics_enabled {}, retry_budget_percent {}, retry_budget_min_per_second {}, upstream_protocol {}, host_header {}",
+            "  min_healthy_percent {}, slow_start {}, max_connections {}, metrics_enabled {}, retry_budget_percent {}, retry_budget_min_per_second {}, upstream_protocol {}, host_header {}, metrics_instance_series_limit {}",
             lb.min_healthy_percent,
             d(lb.slow_start),
             self.max_connections,
@@ -1499,6 +1514,7 @@ impl ServiceConfig {
             self.retry_budget.min_per_second,
             self.upstream_protocol.as_str(),
             self.host_header.as_str(),
+            self.metrics_instance_series_limit,
         );
         let _ = writeln!(s, "  upgrade_idle_timeout {}", d(self.upgrade_idle_timeout));
         let _ = writeln!(

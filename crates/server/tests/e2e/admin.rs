@@ -471,7 +471,7 @@ async fn delete_with_drain_lets_in_flight_requests_finish() {
     }
 }
 
-fn metric_value(
+pub(crate) fn metric_value(
     samples: &[prometheus_parse::Sample],
     name: &str,
     labels: &[(&str, &str)],
@@ -492,7 +492,9 @@ async fn scrape(adm: std::net::SocketAddr) -> Vec<prometheus_parse::Sample> {
 }
 
 /// The parsed scrape and its text.
-async fn scrape_with_text(adm: std::net::SocketAddr) -> (prometheus_parse::Scrape, String) {
+pub(crate) async fn scrape_with_text(
+    adm: std::net::SocketAddr,
+) -> (prometheus_parse::Scrape, String) {
     let (status, text) = admin(adm, "GET", "/metrics", None, None).await;
     assert_eq!(status, 200);
     let lines = text.lines().map(|l| Ok(l.to_owned()));
@@ -519,6 +521,11 @@ const FAMILIES: &[(&str, &str)] = &[
     ("datapunk_lb_discovery_syncs_total", "counter"),
     ("datapunk_lb_discovery_invalid_values_total", "counter"),
     ("datapunk_lb_accept_errors_total", "counter"),
+    ("datapunk_lb_instance_series_limited", "gauge"),
+    (
+        "datapunk_lb_instance_health_score_distribution",
+        "histogram",
+    ),
 ];
 
 /// Alerts and `rate()` need a series before its first event: the first
@@ -565,6 +572,7 @@ async fn every_metric_family_is_listed_from_the_first_scrape() {
     }
     zero("datapunk_lb_retries_total", &[("service", "api")]);
     zero("datapunk_lb_discovery_invalid_values_total", &[]);
+    zero("datapunk_lb_instance_series_limited", &[("service", "api")]);
     // Both backends pass their checks: failures stay at 0, listed.
     zero(
         "datapunk_lb_health_checks_total",

@@ -21,6 +21,7 @@ mod precedence;
 mod protocols;
 mod proxy;
 mod reference;
+mod scale;
 mod slow_start;
 mod slowloris;
 mod status_page;

@@ -1,7 +1,9 @@
 //! The status page in a real headless Chromium, driven over WebDriver
 //! (chromedriver): it lists every instance and shows a breaker opening
-//! live, without a reload; its charts gain a point every second and the
-//! breaker transition shows on the timeline.
+//! live, without a reload; its charts gain a point every second, the
+//! breaker transition shows on the timeline, the service summary counts the
+//! instance as ejected, and the search box narrows the table to the ids it
+//! matches (searched on the server).
 //!
 //! Skipped (saying why) when chromium or chromedriver is missing, unless
 //! `DATAPUNK_LB_REQUIRE_ALL=1`. With `DATAPUNK_LB_SCREENSHOT=1` it also
@@ -252,6 +254,25 @@ async fn timeline(c: &Client, instance: &str) -> Vec<String> {
     serde_json::from_value(v).unwrap()
 }
 
+/// The service summary: instances by state, and how many the table shows
+/// of how many match.
+async fn summary(c: &Client, service: &str) -> Value {
+    c.execute(
+        "const s = Array.from(document.querySelectorAll('section[data-service]'))
+             .find(e => e.dataset.service === arguments[0]);
+         if (!s) return null;
+         const out = {};
+         for (const e of s.querySelectorAll('.counts [data-state]')) out[e.dataset.state] = Number(e.dataset.n);
+         const shown = s.querySelector('.counts .shown');
+         out.shown = shown ? Number(shown.dataset.shown) : null;
+         out.matched = shown ? Number(shown.dataset.matched) : null;
+         return out;",
+        vec![json!(service)],
+    )
+    .await
+    .unwrap()
+}
+
 fn breaker<'a>(rows: &'a [(String, String)], id: &str) -> Option<&'a str> {
     rows.iter()
         .find(|(i, _)| i == id)
@@ -347,6 +368,19 @@ async fn status_page_shows_a_breaker_opening_live() {
     for id in &ids[..2] {
         assert_eq!(breaker(&shown, id), Some("breaker closed"), "{shown:?}");
     }
+    within(
+        "the summary counting the dead instance as ejected",
+        || async {
+            let s = summary(&c, "api").await;
+            let n = |k: &str| s[k].as_u64().unwrap_or(u64::MAX);
+            if n("ejected") == 1 && n("healthy") + n("slow_start") == 2 && n("shown") == 3 {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
     let same_document = c
         .execute("return window.datapunkNoReload === 1;", vec![])
         .await
@@ -432,6 +466,37 @@ async fn status_page_shows_a_breaker_opening_live() {
         .await
         .unwrap();
     assert_eq!(anywhere, json!(0), "markup rendered outside #services");
+
+    // The search box: typed text goes to the server as an id prefix, the
+    // table shows only what matches, the summary still counts all.
+    let search = c.find(fantoccini::Locator::Css("#search")).await.unwrap();
+    search.send_keys("api-2").await.unwrap();
+    wait_rows(&c, "only the searched id", Duration::from_secs(3), |r| {
+        r.len() == 1 && r[0].0 == "api-2"
+    })
+    .await;
+    let s = summary(&c, "api").await;
+    assert_eq!(
+        (s["matched"].as_u64(), s["shown"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    let all: u64 = ["healthy", "slow_start", "half_open", "ejected", "draining"]
+        .iter()
+        .map(|k| s[*k].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(all, 4, "the summary counts every instance: {s}");
+    c.execute(
+        "const s = document.getElementById('search'); s.value = '';
+         s.dispatchEvent(new Event('input'));",
+        vec![],
+    )
+    .await
+    .unwrap();
+    wait_rows(&c, "every instance again", Duration::from_secs(3), |r| {
+        r.len() == 4
+    })
+    .await;
     browser.close().await;
     eprintln!("status page test took {:?}", t0.elapsed());
 }
