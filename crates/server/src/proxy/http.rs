@@ -6,8 +6,11 @@
 //! 1. Route by host and path prefix (first match wins); none → 404.
 //! 2. Read the body: up to 64 KiB with a known length (or HTTP/1.1 chunked
 //!    that ends within 64 KiB) is buffered and so replayable; a larger or
-//!    streaming body is sent once. Hop-by-hop headers are dropped,
-//!    `x-forwarded-for` is appended.
+//!    streaming body is sent once. Hop-by-hop headers are dropped, the
+//!    forwarding headers set ([`headers`](super::headers): replaced, or
+//!    appended to from a trusted proxy) and `X-Request-Id` kept or made
+//!    ([`request_id`](super::request_id)); the id also goes back on the
+//!    response, the proxy's own errors included.
 //! 3. Run the [attempt loop](super::attempt), whose step here sends the
 //!    request with the inbound HTTP version (HTTP/2 and gRPC as h2c,
 //!    HTTP/1.1 as HTTP/1.1; trailers pass through) and awaits the response
@@ -47,10 +50,12 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::debug;
 
 use super::accept::{self, ConnTracker};
+use super::access_log::{Counted, Entry};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
-use super::headers::{append_forwarded_for, strip_hop_by_hop};
+use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
 use super::request_body::read_body;
+use super::request_id::{request_id, X_REQUEST_ID};
 use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
 
@@ -148,29 +153,52 @@ pub(crate) async fn handle(
     ctx: &HttpContext,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    let id = request_id(req.headers());
     // Route with borrowed host and path: no allocation per request.
-    let up = {
+    let (up, rules) = {
         let routing = ctx.routing.load();
+        let rules = routing
+            .http_listener(&ctx.listener)
+            .cloned()
+            .unwrap_or_default();
         let host = req.uri().host().or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
         });
-        match routing.route(&ctx.listener, host, req.uri().path()) {
-            Some(up) => up.clone(),
-            None => return error_response(&ProxyError::NoRoute),
+        let up = routing
+            .route(&ctx.listener, host, req.uri().path())
+            .cloned();
+        (up, rules)
+    };
+    // Only with the access log on: a clock read and the request's facts.
+    let mut entry = rules
+        .access_log
+        .as_ref()
+        .map(|log| log.entry(&req, peer, &ctx.listener, &id));
+    let mut resp = match up {
+        None => error_response(&ProxyError::NoRoute),
+        Some(up) => {
+            if let Some(e) = &mut entry {
+                e.service(&up.name);
+            }
+            match proxy(req, &up, peer, &rules.forwarding, &id, entry.as_mut()).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    debug!(
+                        service = up.name.as_str(),
+                        outcome = e.outcome(),
+                        "request failed"
+                    );
+                    error_response(&e)
+                }
+            }
         }
     };
-    match proxy(req, &up, peer).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            debug!(
-                service = up.name.as_str(),
-                outcome = e.outcome(),
-                "request failed"
-            );
-            error_response(&e)
-        }
+    resp.headers_mut().insert(X_REQUEST_ID, id);
+    match entry {
+        Some(e) => e.respond(resp),
+        None => resp,
     }
 }
 
@@ -178,19 +206,34 @@ async fn proxy(
     req: Request<Incoming>,
     up: &Upstream,
     peer: SocketAddr,
+    forwarding: &Forwarding,
+    id: &HeaderValue,
+    mut entry: Option<&mut Entry>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + up.request_timeout;
     let (mut parts, body) = req.into_parts();
-    let body = match read_body(&parts, body).await {
+    let mut body = match read_body(&parts, body).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
     };
+    if let Some(e) = entry.as_deref_mut() {
+        e.count_request_body(&mut body);
+    }
     let replay = Replay {
         idempotent: is_idempotent(&parts.method),
         replayable: body.replayable(),
     };
     strip_hop_by_hop(&mut parts.headers);
-    append_forwarded_for(&mut parts.headers, peer);
+    // After the strip: a client cannot name these in `Connection`.
+    let authority = parts.uri.authority().cloned();
+    set_forwarding(
+        &mut parts.headers,
+        peer,
+        "http",
+        authority.as_ref(),
+        forwarding,
+    );
+    parts.headers.insert(X_REQUEST_ID, id.clone());
     let mut step = HttpStep {
         http2: parts.version == Version::HTTP_2,
         parts,
@@ -201,7 +244,16 @@ async fn proxy(
         clients: &up.clients,
         service: &up.name,
     };
-    Ok(match attempt::run(up, &mut step).await? {
+    let ended = match entry {
+        Some(e) => {
+            let mut counted = Counted::new(&mut step);
+            let ended = attempt::run(up, &mut counted).await;
+            e.attempts(&counted);
+            ended
+        }
+        None => attempt::run(up, &mut step).await,
+    };
+    Ok(match ended? {
         Ended::Success(held, resp) => finish_response(resp, Some(held)),
         Ended::Failed(resp) => finish_response(resp, None),
     })

@@ -1,0 +1,647 @@
+//! The access log: one line per HTTP request on a listener with
+//! `access_log = true`, written to `access_log_path` (`stdout`, the
+//! default, or a file opened for append).
+//!
+//! ## The line
+//!
+//! | field | value |
+//! | --- | --- |
+//! | `time` | when the line was made (the response ended), RFC 3339 UTC, milliseconds |
+//! | `listener` / `service` | the listener; the routed service, `-` when no route matched |
+//! | `client` | the peer's `ip:port` (the TCP peer; a trusted proxy's client is in `X-Forwarded-For`) |
+//! | `method` / `authority` / `path` | as the client sent them; `authority` is `Host` (or the HTTP/2 `:authority`), `-` when none; `path` includes the query string |
+//! | `status` | the status the client got (the proxy's own 404/502/503/504 too) |
+//! | `bytes_in` / `bytes_out` | request and response body bytes (not headers); for a streamed request body, what was read by the time the response ended |
+//! | `instance` / `attempts` | the instance of the last attempt, `-` when none was tried (no route, no instance); attempts made, retries included |
+//! | `duration_ms` | request head received → response body ended, milliseconds |
+//! | `request_id` | the `X-Request-Id` the backend got and the client got back |
+//! | `outcome` | `complete`; `error` when the response body broke mid-way (the upstream reset); `client_gone` when the client went away before the body ended |
+//!
+//! The query string is logged: it is what operators need to replay a
+//! request. Where queries carry secrets, keep the log where secrets may be.
+//!
+//! Human format (default): `time listener client "METHOD authority path"
+//! status key=value…`, values with spaces or quotes quoted. With
+//! `--log-format json`: one JSON object per line with the fields above.
+//!
+//! ## Cost
+//!
+//! **Off** (the default): the request path neither reads the clock, nor
+//! counts bytes, nor allocates for the log; the only trace is an `Option`
+//! that is `None`. **On**: at the request, one clock read and a few
+//! reference-counted clones (method, authority, path, id); at the response
+//! end, one more clock read and a non-blocking send of the record to a
+//! bounded channel. Formatting and writing happen on a dedicated thread
+//! with a 64 KiB buffer, flushed whenever the channel runs empty, so a busy
+//! log costs one `write` per batch, not per line. When the channel is full
+//! (the disk cannot keep up), the line is dropped and counted in
+//! `datapunk_lb_access_log_dropped_total` instead of slowing requests.
+//!
+//! ## Reopen
+//!
+//! Every reload (SIGHUP) reopens the destination, so rotation is: rename the
+//! file, SIGHUP. A destination that cannot be opened fails start-up, and
+//! fails a reload (which then changes nothing).
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use datapunk_lb_core::{InstanceId, ServiceInstance};
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use tracing::warn;
+
+use super::attempt::{Attempt, Class, Replay, Step};
+use super::http::ProxyBody;
+use super::request_body::ReqBody;
+use super::BoxError;
+use crate::config::{AccessLogPath, Config};
+use crate::telemetry::LogFormat;
+
+/// Lines waiting for the writer before new ones are dropped.
+const CHANNEL_LINES: usize = 16 * 1024;
+
+/// The writer's buffer.
+const BUFFER_BYTES: usize = 64 * 1024;
+
+/// What the writer thread is sent.
+enum Msg {
+    Line(Box<Record>),
+    /// Write to this destination from now on.
+    Reopen(Box<dyn Write + Send>),
+}
+
+/// A handle to the writer: cheap to clone, one per logging listener.
+#[derive(Clone)]
+pub(crate) struct AccessLog {
+    tx: SyncSender<Msg>,
+    dropped: Counter,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog").finish_non_exhaustive()
+    }
+}
+
+/// The server's access log: started when a listener first logs, reopened
+/// on every reload.
+pub(crate) struct AccessLogs {
+    log: Mutex<Option<AccessLog>>,
+    dropped: Counter,
+    format: LogFormat,
+}
+
+impl AccessLogs {
+    /// No writer yet; lines dropped will count in `dropped`.
+    pub(crate) fn new(dropped: Counter, format: LogFormat) -> Self {
+        Self {
+            log: Mutex::new(None),
+            dropped,
+            format,
+        }
+    }
+
+    /// For `config`: `None` when no listener logs; else the writer, with
+    /// its destination (re)opened. An error changes nothing.
+    pub(crate) fn apply(&self, config: &Config) -> io::Result<Option<AccessLog>> {
+        if !config.listeners.iter().any(|l| l.access_log) {
+            return Ok(None);
+        }
+        let out = open(&config.access_log_path)?;
+        let mut log = self.log.lock();
+        match &*log {
+            Some(l) => {
+                // Blocks only while the channel is full: a reload may wait
+                // for the writer, a request never does.
+                if l.tx.send(Msg::Reopen(out)).is_ok() {
+                    return Ok(Some(l.clone()));
+                }
+                // The writer thread is gone (it panicked); start another.
+                let l = self.spawn(open(&config.access_log_path)?)?;
+                *log = Some(l.clone());
+                Ok(Some(l))
+            }
+            None => {
+                let l = self.spawn(out)?;
+                *log = Some(l.clone());
+                Ok(Some(l))
+            }
+        }
+    }
+
+    fn spawn(&self, out: Box<dyn Write + Send>) -> io::Result<AccessLog> {
+        let (tx, rx) = sync_channel(CHANNEL_LINES);
+        let format = self.format;
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(&rx, out, format))?;
+        Ok(AccessLog {
+            tx,
+            dropped: self.dropped.clone(),
+        })
+    }
+}
+
+fn open(path: &AccessLogPath) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        AccessLogPath::Stdout => Box::new(BufWriter::with_capacity(BUFFER_BYTES, io::stdout())),
+        AccessLogPath::File(p) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+            Box::new(BufWriter::with_capacity(BUFFER_BYTES, f))
+        }
+    })
+}
+
+/// The writer thread: formats and writes until every sender is gone,
+/// flushing whenever nothing more is waiting.
+fn write_lines(rx: &Receiver<Msg>, mut out: Box<dyn Write + Send>, format: LogFormat) {
+    let mut line = String::with_capacity(512);
+    let mut failed = false;
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Msg::Line(r) => {
+                    line.clear();
+                    r.format(format, &mut line);
+                    line.push('\n');
+                    if let Err(e) = out.write_all(line.as_bytes()) {
+                        warn_once(&mut failed, &e);
+                    }
+                }
+                Msg::Reopen(new) => {
+                    let _ = out.flush();
+                    out = new;
+                    failed = false;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = out.flush() {
+            warn_once(&mut failed, &e);
+        }
+    }
+    let _ = out.flush();
+}
+
+/// A full disk would otherwise log one warning per line.
+fn warn_once(failed: &mut bool, e: &io::Error) {
+    if !*failed {
+        warn!(error = %e, "access log write failed; lines are lost until the next reopen (SIGHUP)");
+        *failed = true;
+    }
+}
+
+/// One request's line, filled in as the request goes.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    log: AccessLog,
+    started: Instant,
+    record: Box<Record>,
+    /// A streamed request body's count, shared with its [`CountedBody`].
+    streamed_in: Option<Arc<AtomicU64>>,
+}
+
+/// What a line says.
+#[derive(Debug, Serialize)]
+struct Record {
+    time: String,
+    #[serde(serialize_with = "arc_str")]
+    listener: Arc<str>,
+    #[serde(serialize_with = "service_or_dash")]
+    service: Option<String>,
+    client: SocketAddr,
+    #[serde(serialize_with = "as_str")]
+    method: Method,
+    #[serde(serialize_with = "header_or_dash")]
+    authority: Option<HeaderValue>,
+    #[serde(serialize_with = "path_or_slash")]
+    path: Option<PathAndQuery>,
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    #[serde(serialize_with = "instance_or_dash")]
+    instance: Option<InstanceId>,
+    attempts: u32,
+    duration_ms: f64,
+    #[serde(serialize_with = "header_str")]
+    request_id: HeaderValue,
+    outcome: &'static str,
+}
+
+impl AccessLog {
+    /// Starts the line of `req`, received from `peer` on `listener`.
+    pub(crate) fn entry<B>(
+        &self,
+        req: &Request<B>,
+        peer: SocketAddr,
+        listener: &Arc<str>,
+        request_id: &HeaderValue,
+    ) -> Entry {
+        let authority = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        Entry {
+            log: self.clone(),
+            started: Instant::now(),
+            record: Box::new(Record {
+                time: String::new(),
+                listener: listener.clone(),
+                service: None,
+                client: peer,
+                method: req.method().clone(),
+                authority,
+                path: req.uri().path_and_query().cloned(),
+                status: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                instance: None,
+                attempts: 0,
+                duration_ms: 0.0,
+                request_id: request_id.clone(),
+                outcome: "complete",
+            }),
+            streamed_in: None,
+        }
+    }
+}
+
+impl Entry {
+    /// The routed service.
+    pub(crate) fn service(&mut self, name: &str) {
+        self.record.service = Some(name.to_owned());
+    }
+
+    /// Counts the request body: a buffered one now, a streamed one as it
+    /// is read.
+    pub(crate) fn count_request_body(&mut self, body: &mut ReqBody) {
+        match body {
+            ReqBody::Replayable(b) => self.record.bytes_in = b.len() as u64,
+            ReqBody::Stream(s) => {
+                if let Some(inner) = s.take() {
+                    let n = Arc::new(AtomicU64::new(0));
+                    self.streamed_in = Some(n.clone());
+                    *s = Some(CountedBody { inner, n }.boxed());
+                }
+            }
+        }
+    }
+
+    /// The attempts of `step`, once the attempt loop is done with it.
+    pub(crate) fn attempts<S>(&mut self, step: &Counted<'_, S>) {
+        self.record.attempts = step.attempts;
+        self.record.instance.clone_from(&step.instance);
+    }
+
+    /// Wraps the response body: the line is sent when it ends.
+    pub(crate) fn respond(mut self, resp: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+        self.record.status = resp.status().as_u16();
+        let (parts, inner) = resp.into_parts();
+        http::Response::from_parts(
+            parts,
+            LoggedBody {
+                inner,
+                entry: Some(self),
+            }
+            .boxed(),
+        )
+    }
+
+    fn finish(mut self, bytes_out: u64, outcome: &'static str) {
+        let r = &mut self.record;
+        r.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        r.time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        r.bytes_out = bytes_out;
+        r.outcome = outcome;
+        if let Some(n) = &self.streamed_in {
+            r.bytes_in = n.load(Ordering::Relaxed);
+        }
+        match self.log.tx.try_send(Msg::Line(self.record)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.log.dropped.inc();
+            }
+        }
+    }
+}
+
+/// A [`Step`] that notes how many attempts were made and the last
+/// instance, for the line; the attempt loop is unchanged.
+pub(crate) struct Counted<'s, S> {
+    inner: &'s mut S,
+    attempts: u32,
+    instance: Option<InstanceId>,
+}
+
+impl<'s, S> Counted<'s, S> {
+    /// Counts the attempts of `inner`.
+    pub(crate) fn new(inner: &'s mut S) -> Self {
+        Self {
+            inner,
+            attempts: 0,
+            instance: None,
+        }
+    }
+}
+
+impl<S: Step + Send> Step for Counted<'_, S> {
+    type Answer = S::Answer;
+
+    fn replay(&self) -> Replay {
+        self.inner.replay()
+    }
+
+    fn attempt(
+        &mut self,
+        instance: &ServiceInstance,
+    ) -> impl std::future::Future<Output = Attempt<S::Answer>> + Send {
+        self.attempts += 1;
+        self.instance = Some(instance.id().clone());
+        self.inner.attempt(instance)
+    }
+
+    fn classify(answer: &S::Answer) -> Class {
+        S::classify(answer)
+    }
+}
+
+/// A streamed request body, counted.
+struct CountedBody {
+    inner: super::request_body::UpstreamBody,
+    n: Arc<AtomicU64>,
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled {
+            if let Some(d) = f.data_ref() {
+                self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body, counted; sends the line when it ends, fails, or is
+/// dropped before its end (the client went away).
+struct LoggedBody {
+    inner: ProxyBody,
+    entry: Option<Entry>,
+}
+
+impl LoggedBody {
+    fn end(&mut self, outcome: &'static str) {
+        if let Some(e) = self.entry.take() {
+            let out = e.record.bytes_out;
+            e.finish(out, outcome);
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.end("complete"),
+            Poll::Ready(Some(Err(_))) => this.end("error"),
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(e)) = (f.data_ref(), this.entry.as_mut()) {
+                    e.record.bytes_out += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.end("complete");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) may be dropped unpolled: complete.
+        let outcome = if self.inner.is_end_stream() {
+            "complete"
+        } else {
+            "client_gone"
+        };
+        self.end(outcome);
+    }
+}
+
+// === the two formats ===
+
+impl Record {
+    fn format(&self, format: LogFormat, out: &mut String) {
+        match format {
+            LogFormat::Json => {
+                // Serializing plain strings and numbers cannot fail.
+                if let Ok(s) = serde_json::to_string(self) {
+                    out.push_str(&s);
+                }
+            }
+            LogFormat::Human => self.human(out),
+        }
+    }
+
+    /// `time listener client "METHOD authority path" status key=value…`
+    fn human(&self, out: &mut String) {
+        let authority = self
+            .authority
+            .as_ref()
+            .and_then(|a| a.to_str().ok())
+            .unwrap_or("-");
+        let path = self.path.as_ref().map_or("/", PathAndQuery::as_str);
+        let _ = write!(
+            out,
+            "{} {} {} \"{} {} {}\" {}",
+            self.time,
+            self.listener,
+            self.client,
+            self.method,
+            Escaped(authority),
+            Escaped(path),
+            self.status
+        );
+        let _ = write!(
+            out,
+            " bytes_in={} bytes_out={} service={} instance={} attempts={} duration_ms={:.3} request_id={} outcome={}",
+            self.bytes_in,
+            self.bytes_out,
+            Value(self.service.as_deref().unwrap_or("-")),
+            Value(self.instance.as_ref().map_or("-", InstanceId::as_str)),
+            self.attempts,
+            self.duration_ms,
+            Value(self.request_id.to_str().unwrap_or("-")),
+            self.outcome,
+        );
+    }
+}
+
+/// Inside quotes: `"` and `\` escaped, control characters as `\xNN`.
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '"' | '\\' => write!(f, "\\{c}")?,
+                c if c.is_control() || c == ' ' => write!(f, "\\x{:02x}", u32::from(c))?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `key=value` value: quoted when it holds a space, quote or `=`.
+struct Value<'a>(&'a str);
+
+impl std::fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty()
+            || self.0.contains([' ', '"', '=', '\\'])
+            || self.0.contains(char::is_control)
+        {
+            write!(f, "\"{}\"", Escaped(self.0))
+        } else {
+            f.write_str(self.0)
+        }
+    }
+}
+
+fn arc_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
+}
+
+fn as_str<S: serde::Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+fn header_str<S: serde::Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(v.as_bytes()))
+}
+
+fn header_or_dash<S: serde::Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => header_str(v, s),
+        None => s.serialize_str("-"),
+    }
+}
+
+fn path_or_slash<S: serde::Serializer>(v: &Option<PathAndQuery>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_ref().map_or("/", PathAndQuery::as_str))
+}
+
+fn service_or_dash<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_deref().unwrap_or("-"))
+}
+
+fn instance_or_dash<S: serde::Serializer>(v: &Option<InstanceId>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_ref().map_or("-", InstanceId::as_str))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            time: "2026-11-29T19:00:00.000Z".into(),
+            listener: Arc::from("web"),
+            service: Some("api".into()),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            method: Method::POST,
+            authority: Some(HeaderValue::from_static("shop.example")),
+            path: Some(PathAndQuery::from_static("/a?b=c")),
+            status: 201,
+            bytes_in: 3,
+            bytes_out: 12,
+            instance: None,
+            attempts: 0,
+            duration_ms: 1.5,
+            request_id: HeaderValue::from_static("rid-1"),
+            outcome: "complete",
+        }
+    }
+
+    #[test]
+    fn the_human_line_has_every_field_and_escapes_spaces_and_quotes() {
+        let mut r = record();
+        r.authority = Some(HeaderValue::from_static("a \"b"));
+        let mut s = String::new();
+        r.format(LogFormat::Human, &mut s);
+        assert_eq!(
+            s,
+            "2026-11-29T19:00:00.000Z web 127.0.0.1:5000 \"POST a\\x20\\\"b /a?b=c\" 201 \
+             bytes_in=3 bytes_out=12 service=api instance=- attempts=0 duration_ms=1.500 \
+             request_id=rid-1 outcome=complete"
+        );
+    }
+
+    #[test]
+    fn the_json_line_names_every_field() {
+        let mut s = String::new();
+        record().format(LogFormat::Json, &mut s);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["authority"], "shop.example");
+        assert_eq!(v["path"], "/a?b=c");
+        assert_eq!(v["instance"], "-");
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["request_id"], "rid-1");
+        assert_eq!(v["status"], 201);
+    }
+}
