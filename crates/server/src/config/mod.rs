@@ -50,6 +50,8 @@
 mod adaptive_tests;
 pub mod cidr;
 pub mod file;
+#[cfg(test)]
+mod forwarding_tests;
 pub mod keys;
 #[cfg(test)]
 mod knobs_tests;
