@@ -21,6 +21,9 @@
 //!   accepts on a proxy listener (out of file descriptors, mostly): the log
 //!   says so at most once a second (the accept loop in `proxy/accept.rs`), the counter
 //!   has every one, for an alert.
+//! - **Access log**: `datapunk_lb_access_log_dropped_total`, lines dropped
+//!   because the writer thread fell behind (its channel was full) or the
+//!   destination failed: the request path never waits for the log.
 //!
 //! ## Every series from the first scrape
 //!

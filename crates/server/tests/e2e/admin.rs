@@ -511,6 +511,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("datapunk_lb_discovery_syncs_total", "counter"),
     ("datapunk_lb_discovery_invalid_values_total", "counter"),
     ("datapunk_lb_accept_errors_total", "counter"),
+    ("datapunk_lb_access_log_dropped_total", "counter"),
 ];
 
 /// Alerts and `rate()` need a series before its first event: the first
@@ -557,6 +558,7 @@ async fn every_metric_family_is_listed_from_the_first_scrape() {
     }
     zero("datapunk_lb_retries_total", &[("service", "api")]);
     zero("datapunk_lb_discovery_invalid_values_total", &[]);
+    zero("datapunk_lb_access_log_dropped_total", &[]);
     // Both backends pass their checks: failures stay at 0, listed.
     zero(
         "datapunk_lb_health_checks_total",
