@@ -618,6 +618,82 @@ mod tests {
         }
     }
 
+    /// A log whose writer never reads: its lines stay in `rx`.
+    fn log(capacity: usize) -> (AccessLog, Receiver<Msg>, Counter) {
+        let (tx, rx) = sync_channel(capacity);
+        let dropped = Counter::default();
+        let log = AccessLog {
+            tx,
+            dropped: dropped.clone(),
+        };
+        (log, rx, dropped)
+    }
+
+    fn entry(log: &AccessLog) -> Entry {
+        let req = Request::get("http://shop.example/x?y=1").body(()).unwrap();
+        let peer = "127.0.0.1:9".parse().unwrap();
+        log.entry(
+            &req,
+            peer,
+            &Arc::from("web"),
+            &HeaderValue::from_static("id-1"),
+        )
+    }
+
+    fn response(body: &'static str) -> http::Response<ProxyBody> {
+        http::Response::new(
+            http_body_util::Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    }
+
+    fn next_record(rx: &Receiver<Msg>) -> Box<Record> {
+        match rx.try_recv() {
+            Ok(Msg::Line(r)) => r,
+            Ok(Msg::Reopen(_)) => panic!("a reopen"),
+            Err(e) => panic!("no line: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_its_end_is_logged_once_with_its_bytes() {
+        let (log, rx, _) = log(8);
+        let resp = entry(&log).respond(response("hello"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello");
+        let r = next_record(&rx);
+        assert_eq!((r.bytes_out, r.outcome, r.status), (5, "complete", 200));
+        assert_eq!(r.authority, Some(HeaderValue::from_static("shop.example")));
+        assert_eq!(r.path.as_ref().map(PathAndQuery::as_str), Some("/x?y=1"));
+        assert!(rx.try_recv().is_err(), "logged twice");
+    }
+
+    #[test]
+    fn a_body_dropped_before_its_end_is_logged_as_client_gone() {
+        let (log, rx, _) = log(8);
+        drop(entry(&log).respond(response("hello")));
+        let r = next_record(&rx);
+        assert_eq!((r.bytes_out, r.outcome), (0, "client_gone"));
+        // An empty body dropped unpolled ended: complete.
+        drop(entry(&log).respond(response("")));
+        assert_eq!(next_record(&rx).outcome, "complete");
+    }
+
+    #[test]
+    fn lines_over_the_channel_are_dropped_and_counted() {
+        let (log, rx, dropped) = log(1);
+        for _ in 0..3 {
+            drop(entry(&log).respond(response("")));
+        }
+        assert_eq!(dropped.get(), 2);
+        next_record(&rx);
+        // A gone writer drops (and counts) too; the request never waits.
+        drop(rx);
+        drop(entry(&log).respond(response("")));
+        assert_eq!(dropped.get(), 3);
+    }
+
     #[test]
     fn the_human_line_has_every_field_and_escapes_spaces_and_quotes() {
         let mut r = record();
