@@ -47,29 +47,25 @@ use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
 use datapunk_lb_core::{InstanceId, ServiceInstance};
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tracing::warn;
 
 use super::attempt::{Attempt, Class, Replay, Step};
+use super::body::{BodyEnd, Watch, Watched};
 use super::http::ProxyBody;
 use super::request_body::ReqBody;
-use super::BoxError;
 use crate::config::{AccessLogPath, Config};
 use crate::telemetry::LogFormat;
 
@@ -303,7 +299,7 @@ impl Entry {
                 if let Some(inner) = s.take() {
                     let n = Arc::new(AtomicU64::new(0));
                     self.streamed_in = Some(n.clone());
-                    *s = Some(CountedBody { inner, n }.boxed());
+                    *s = Some(Watched::new(inner, CountIn(n)).boxed());
                 }
             }
         }
@@ -319,21 +315,13 @@ impl Entry {
     pub(crate) fn respond(mut self, resp: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
         self.record.status = resp.status().as_u16();
         let (parts, inner) = resp.into_parts();
-        http::Response::from_parts(
-            parts,
-            LoggedBody {
-                inner,
-                entry: Some(self),
-            }
-            .boxed(),
-        )
+        http::Response::from_parts(parts, Watched::new(inner, self).boxed())
     }
 
-    fn finish(mut self, bytes_out: u64, outcome: &'static str) {
+    fn finish(mut self, outcome: &'static str) {
         let r = &mut self.record;
         r.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
         r.time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        r.bytes_out = bytes_out;
         r.outcome = outcome;
         if let Some(n) = &self.streamed_in {
             r.bytes_in = n.load(Ordering::Relaxed);
@@ -387,98 +375,29 @@ impl<S: Step + Send> Step for Counted<'_, S> {
     }
 }
 
-/// A streamed request body, counted.
-struct CountedBody {
-    inner: super::request_body::UpstreamBody,
-    n: Arc<AtomicU64>,
+/// Counts a streamed request body as it passes.
+struct CountIn(Arc<AtomicU64>);
+
+impl Watch for CountIn {
+    fn data(&mut self, bytes: usize) {
+        self.0.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn end(self, _: BodyEnd) {}
 }
 
-impl Body for CountedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &polled {
-            if let Some(d) = f.data_ref() {
-                self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-        }
-        polled
+/// The response body's watch: counts it, sends the line when it ends.
+impl Watch for Entry {
+    fn data(&mut self, bytes: usize) {
+        self.record.bytes_out += bytes as u64;
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The response body, counted; sends the line when it ends, fails, or is
-/// dropped before its end (the client went away).
-struct LoggedBody {
-    inner: ProxyBody,
-    entry: Option<Entry>,
-}
-
-impl LoggedBody {
-    fn end(&mut self, outcome: &'static str) {
-        if let Some(e) = self.entry.take() {
-            let out = e.record.bytes_out;
-            e.finish(out, outcome);
-        }
-    }
-}
-
-impl Body for LoggedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.end("complete"),
-            Poll::Ready(Some(Err(_))) => this.end("error"),
-            Poll::Ready(Some(Ok(f))) => {
-                if let (Some(d), Some(e)) = (f.data_ref(), this.entry.as_mut()) {
-                    e.record.bytes_out += d.len() as u64;
-                }
-                if this.inner.is_end_stream() {
-                    this.end("complete");
-                }
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for LoggedBody {
-    fn drop(&mut self) {
-        // An empty body (HEAD, 204, 304) may be dropped unpolled: complete.
-        let outcome = if self.inner.is_end_stream() {
-            "complete"
-        } else {
-            "client_gone"
-        };
-        self.end(outcome);
+    fn end(self, how: BodyEnd) {
+        self.finish(match how {
+            BodyEnd::Complete => "complete",
+            BodyEnd::Error => "error",
+            BodyEnd::Dropped => "client_gone",
+        });
     }
 }
 
@@ -642,7 +561,7 @@ mod tests {
 
     fn response(body: &'static str) -> http::Response<ProxyBody> {
         http::Response::new(
-            http_body_util::Full::new(Bytes::from(body))
+            http_body_util::Full::new(bytes::Bytes::from(body))
                 .map_err(|never| match never {})
                 .boxed(),
         )
