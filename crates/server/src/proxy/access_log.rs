@@ -96,7 +96,7 @@ impl std::fmt::Debug for AccessLog {
 }
 
 /// The server's access log: started when a listener first logs, reopened
-/// on every reload.
+/// on every reload, closed when no listener logs any more.
 pub(crate) struct AccessLogs {
     log: Mutex<Option<AccessLog>>,
     dropped: Counter,
@@ -117,6 +117,9 @@ impl AccessLogs {
     /// its destination (re)opened. An error changes nothing.
     pub(crate) fn apply(&self, config: &Config) -> io::Result<Option<AccessLog>> {
         if !config.listeners.iter().any(|l| l.access_log) {
+            // The writer flushes and exits once the last request holding a
+            // handle ends, closing the file.
+            *self.log.lock() = None;
             return Ok(None);
         }
         let out = open(&config.access_log_path)?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{exchange, temp_path, Lb, Recorder};
+use crate::support::{exchange, temp_path, unchecked_service, Lb, Recorder};
 
 /// `web` routes `/none` to `empty` (no instance) and everything else to
 /// `api` (instance `a` = `backend`); `listener_extra` goes on the listener.
@@ -25,16 +25,9 @@ service = "empty"
 [[listener.route]]
 service = "api"
 [service.empty]
-[service.api]
-[service.api.health_check]
-kind = "none"
-[[service.api.instance]]
-id = "a"
-address = "127.0.0.1"
-port = {}
-"#,
+{}"#,
         log.display(),
-        backend.addr.port()
+        unchecked_service("api", "a", backend.addr.port())
     )
 }
 
@@ -172,8 +165,8 @@ async fn a_streamed_request_body_is_counted() {
     let log = temp_path("access-stream.log");
     let lb = Lb::start(&config(&log, "access_log = true", &backend));
     // Over the 64 KiB replay limit: streamed, counted as it passes.
-    let big: &'static str = Box::leak("x".repeat(200 * 1024).into_boxed_str());
-    let (status, _, _) = exchange(lb.addr("web"), "POST", "/upload", &[], big).await;
+    let big = "x".repeat(200 * 1024);
+    let (status, _, _) = exchange(lb.addr("web"), "POST", "/upload", &[], big.clone()).await;
     assert_eq!(status, 200);
     assert_eq!(backend.seen.lock()[0].body_len, big.len());
     let line = lines(&log, 1).await.remove(0);

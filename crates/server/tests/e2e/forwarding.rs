@@ -3,7 +3,7 @@
 //! a trusted proxy (client appended), and the request id kept, generated or
 //! replaced, the same on both sides.
 
-use crate::support::{exchange, Lb, Recorder};
+use crate::support::{exchange, unchecked_service, Lb, Recorder};
 
 /// A listener `web` (with `listener_extra`) routing everything to `api`,
 /// whose one instance is `backend`.
@@ -15,15 +15,8 @@ listen = "127.0.0.1:0"
 {listener_extra}
 [[listener.route]]
 service = "api"
-[service.api]
-[service.api.health_check]
-kind = "none"
-[[service.api.instance]]
-id = "a"
-address = "127.0.0.1"
-port = {}
-"#,
-        backend.addr.port()
+{}"#,
+        unchecked_service("api", "a", backend.addr.port())
     )
 }
 

@@ -444,16 +444,7 @@ pub(crate) async fn request(
     headers: &[(&str, &str)],
     body: String,
 ) -> (u16, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let req = req.body(Full::new(Bytes::from(body))).unwrap();
-    let resp = client().request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let (status, _, body) = exchange(addr, method, path, headers, body).await;
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -601,7 +592,7 @@ pub(crate) async fn exchange(
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
-    body: &'static str,
+    body: impl Into<Bytes>,
 ) -> (u16, hyper::HeaderMap, Bytes) {
     let mut req = Request::builder()
         .method(method)
@@ -609,10 +600,19 @@ pub(crate) async fn exchange(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    let req = req.body(Full::new(body.into())).unwrap();
     let resp = client().request(req).await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, headers, body)
+}
+
+/// `[service.NAME]` with one instance `id` on 127.0.0.1:`port` and no
+/// health checks: the instance is eligible from the start.
+pub(crate) fn unchecked_service(service: &str, id: &str, port: u16) -> String {
+    format!(
+        "[service.{service}]\n[service.{service}.health_check]\nkind = \"none\"\n\
+         [[service.{service}.instance]]\nid = \"{id}\"\naddress = \"127.0.0.1\"\nport = {port}\n"
+    )
 }
