@@ -325,10 +325,7 @@ impl Server {
     async fn apply(&self, config: Config, first: bool) -> Result<(), ServerError> {
         let token = Self::read_token(&config)?;
         // Opened (reopened on reload) before anything changes.
-        let access_log = self
-            .access_logs
-            .apply(&config)
-            .map_err(ServerError::AccessLog)?;
+        let access_log = AccessLogs::open(&config).map_err(ServerError::AccessLog)?;
         // 1. Bind new or changed listeners first: failing here changes nothing.
         let mut bound = Vec::new();
         {
@@ -397,6 +394,10 @@ impl Server {
             }
             budgets.retain(|k, _| config.services.contains_key(k));
         }
+        let access_log = self
+            .access_logs
+            .install(access_log)
+            .map_err(ServerError::AccessLog)?;
         self.routing.store(Arc::new(
             Routing::new(&config, upstreams).with_access_log(access_log),
         ));

@@ -82,6 +82,9 @@ enum Msg {
     Reopen(Box<dyn Write + Send>),
 }
 
+/// An opened destination, not yet written to.
+pub(crate) struct Destination(Box<dyn Write + Send>);
+
 /// A handle to the writer: cheap to clone, one per logging listener.
 #[derive(Clone)]
 pub(crate) struct AccessLog {
@@ -113,35 +116,42 @@ impl AccessLogs {
         }
     }
 
-    /// For `config`: `None` when no listener logs; else the writer, with
-    /// its destination (re)opened. An error changes nothing.
-    pub(crate) fn apply(&self, config: &Config) -> io::Result<Option<AccessLog>> {
+    /// Opens `config`'s destination when a listener logs: the fallible
+    /// half of a reload, done before anything changes.
+    pub(crate) fn open(config: &Config) -> io::Result<Option<Destination>> {
         if !config.listeners.iter().any(|l| l.access_log) {
-            // The writer flushes and exits once the last request holding a
-            // handle ends, closing the file.
-            *self.log.lock() = None;
             return Ok(None);
         }
-        let out = open(&config.access_log_path)?;
+        open(&config.access_log_path).map(|out| Some(Destination(out)))
+    }
+
+    /// Writes to `destination` from now on (`None`: no listener logs); the
+    /// handle for the listeners that log.
+    pub(crate) fn install(
+        &self,
+        destination: Option<Destination>,
+    ) -> io::Result<Option<AccessLog>> {
         let mut log = self.log.lock();
-        match &*log {
-            Some(l) => {
-                // Blocks only while the channel is full: a reload may wait
-                // for the writer, a request never does.
-                if l.tx.send(Msg::Reopen(out)).is_ok() {
-                    return Ok(Some(l.clone()));
-                }
-                // The writer thread is gone (it panicked); start another.
-                let l = self.spawn(open(&config.access_log_path)?)?;
-                *log = Some(l.clone());
-                Ok(Some(l))
-            }
-            None => {
-                let l = self.spawn(out)?;
-                *log = Some(l.clone());
-                Ok(Some(l))
-            }
-        }
+        let Some(Destination(out)) = destination else {
+            // The writer flushes and exits once the last request holding a
+            // handle ends, closing the file.
+            *log = None;
+            return Ok(None);
+        };
+        let out = match &*log {
+            // Blocks only while the channel is full: a reload may wait for
+            // the writer, a request never does.
+            Some(l) => match l.tx.send(Msg::Reopen(out)) {
+                Ok(()) => return Ok(Some(l.clone())),
+                // The writer thread is gone (it panicked): start another.
+                Err(std::sync::mpsc::SendError(Msg::Reopen(out))) => out,
+                Err(_) => return Ok(None),
+            },
+            None => out,
+        };
+        let l = self.spawn(out)?;
+        *log = Some(l.clone());
+        Ok(Some(l))
     }
 
     fn spawn(&self, out: Box<dyn Write + Send>) -> io::Result<AccessLog> {
