@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{exchange, temp_path, unchecked_service, Lb, Recorder};
+use crate::support::{exchange, temp_path, unchecked_service, with_free_admin, Lb, Recorder};
 
 /// `web` routes `/none` to `empty` (no instance) and everything else to
 /// `api` (instance `a` = `backend`); `listener_extra` goes on the listener.
@@ -172,4 +172,25 @@ async fn a_streamed_request_body_is_counted() {
     let line = lines(&log, 1).await.remove(0);
     assert_eq!(line["bytes_in"], big.len(), "{line}");
     let _ = std::fs::remove_file(&log);
+}
+
+#[tokio::test]
+async fn a_destination_that_cannot_be_opened_fails_start_up() {
+    let backend = Recorder::start("ok").await;
+    let log = Path::new("/nonexistent-datapunk-lb-dir/access.log");
+    let config_path = temp_path("lb.toml");
+    let config = with_free_admin(&config(log, "access_log = true", &backend));
+    std::fs::write(&config_path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config_path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("access_log_path: /nonexistent-datapunk-lb-dir/access.log"),
+        "{stderr}"
+    );
 }
