@@ -1,6 +1,8 @@
 //! `X-Request-Id`: one id per request, forwarded to the backend, returned to
 //! the client (on the proxy's own error responses too) and written in the
-//! access log, so one request can be followed through every log.
+//! access log, so one request can be followed through every log. A
+//! backend's own `X-Request-Id` on its response is replaced by it: the
+//! client always gets back the id the backend was sent.
 //!
 //! A client's id is kept when it is valid: exactly one `X-Request-Id` line
 //! of 1..=128 visible ASCII characters (`!`..=`~`) without a comma. Anything
