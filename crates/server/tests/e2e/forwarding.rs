@@ -3,7 +3,7 @@
 //! a trusted proxy (client appended), and the request id kept, generated or
 //! replaced, the same on both sides.
 
-use crate::support::{exchange, unchecked_service, Lb, Recorder};
+use crate::support::{exchange, get, h2_client, unchecked_service, Lb, Recorder};
 
 /// A listener `web` (with `listener_extra`) routing everything to `api`,
 /// whose one instance is `backend`.
@@ -132,4 +132,16 @@ async fn the_proxys_own_errors_carry_the_request_id() {
     .await;
     assert_eq!(status, 404);
     assert_eq!(resp["x-request-id"], "lost-1");
+}
+
+#[tokio::test]
+async fn an_http2_clients_authority_is_its_forwarded_host() {
+    let backend = Recorder::start("ok").await;
+    let lb = Lb::start(&config("", &backend));
+    let web = lb.addr("web");
+    let (status, _) = get(&h2_client(), web, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(backend.last("x-forwarded-host"), [web.to_string()]);
+    assert_eq!(backend.last("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(backend.last("x-request-id").len(), 1);
 }
