@@ -266,10 +266,10 @@ struct Record {
     client: SocketAddr,
     #[serde(serialize_with = "as_str")]
     method: Method,
-    #[serde(serialize_with = "header_or_dash")]
-    authority: Option<HeaderValue>,
-    #[serde(serialize_with = "path_or_slash")]
-    path: Option<PathAndQuery>,
+    /// Empty when the request had none.
+    #[serde(serialize_with = "or_dash")]
+    authority: String,
+    path: String,
     status: u16,
     bytes_in: u64,
     bytes_out: u64,
@@ -277,8 +277,7 @@ struct Record {
     instance: Option<InstanceId>,
     attempts: u32,
     duration_ms: f64,
-    #[serde(serialize_with = "header_str")]
-    request_id: HeaderValue,
+    request_id: String,
     outcome: &'static str,
 }
 
@@ -291,11 +290,15 @@ impl AccessLog {
         listener: &Arc<str>,
         request_id: &HeaderValue,
     ) -> Entry {
-        let authority = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
+        // Owned copies: a slice would pin hyper's read buffer until the
+        // writer is done with the line, making it allocate a new one.
+        let authority = match req.headers().get(header::HOST) {
+            Some(h) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
+            None => req
+                .uri()
                 .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+                .map_or_else(String::new, |a| a.as_str().to_owned()),
+        };
         Entry {
             log: self.clone(),
             started: Instant::now(),
@@ -306,14 +309,18 @@ impl AccessLog {
                 client: peer,
                 method: req.method().clone(),
                 authority,
-                path: req.uri().path_and_query().cloned(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", PathAndQuery::as_str)
+                    .to_owned(),
                 status: 0,
                 bytes_in: 0,
                 bytes_out: 0,
                 instance: None,
                 attempts: 0,
                 duration_ms: 0.0,
-                request_id: request_id.clone(),
+                request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
                 outcome: "complete",
             }),
             streamed_in: None,
@@ -455,12 +462,11 @@ impl Record {
 
     /// `time listener client "METHOD authority path" status key=value…`
     fn human(&self, out: &mut String) {
-        let authority = self
-            .authority
-            .as_ref()
-            .and_then(|a| a.to_str().ok())
-            .unwrap_or("-");
-        let path = self.path.as_ref().map_or("/", PathAndQuery::as_str);
+        let authority = if self.authority.is_empty() {
+            "-"
+        } else {
+            &self.authority
+        };
         let _ = write!(
             out,
             "{} {} {} \"{} {} {}\" {}",
@@ -469,7 +475,7 @@ impl Record {
             self.client,
             self.method,
             Escaped(authority),
-            Escaped(path),
+            Escaped(&self.path),
             self.status
         );
         let _ = write!(
@@ -481,7 +487,7 @@ impl Record {
             Value(self.instance.as_ref().map_or("-", InstanceId::as_str)),
             self.attempts,
             self.duration_ms,
-            Value(self.request_id.to_str().unwrap_or("-")),
+            Value(&self.request_id),
             self.outcome,
         );
     }
@@ -531,19 +537,8 @@ fn as_str<S: serde::Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(m.as_str())
 }
 
-fn header_str<S: serde::Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&String::from_utf8_lossy(v.as_bytes()))
-}
-
-fn header_or_dash<S: serde::Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(v) => header_str(v, s),
-        None => s.serialize_str("-"),
-    }
-}
-
-fn path_or_slash<S: serde::Serializer>(v: &Option<PathAndQuery>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(v.as_ref().map_or("/", PathAndQuery::as_str))
+fn or_dash<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.is_empty() { "-" } else { v })
 }
 
 fn service_or_dash<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -565,15 +560,15 @@ mod tests {
             service: Some("api".into()),
             client: "127.0.0.1:5000".parse().unwrap(),
             method: Method::POST,
-            authority: Some(HeaderValue::from_static("shop.example")),
-            path: Some(PathAndQuery::from_static("/a?b=c")),
+            authority: "shop.example".into(),
+            path: "/a?b=c".into(),
             status: 201,
             bytes_in: 3,
             bytes_out: 12,
             instance: None,
             attempts: 0,
             duration_ms: 1.5,
-            request_id: HeaderValue::from_static("rid-1"),
+            request_id: "rid-1".into(),
             outcome: "complete",
         }
     }
@@ -624,8 +619,7 @@ mod tests {
         assert_eq!(&body[..], b"hello");
         let r = next_record(&rx);
         assert_eq!((r.bytes_out, r.outcome, r.status), (5, "complete", 200));
-        assert_eq!(r.authority, Some(HeaderValue::from_static("shop.example")));
-        assert_eq!(r.path.as_ref().map(PathAndQuery::as_str), Some("/x?y=1"));
+        assert_eq!((&*r.authority, &*r.path), ("shop.example", "/x?y=1"));
         assert!(rx.try_recv().is_err(), "logged twice");
     }
 
@@ -657,7 +651,7 @@ mod tests {
     #[test]
     fn the_human_line_has_every_field_and_escapes_spaces_and_quotes() {
         let mut r = record();
-        r.authority = Some(HeaderValue::from_static("a \"b"));
+        r.authority = "a \"b".into();
         let mut s = String::new();
         r.format(LogFormat::Human, &mut s);
         assert_eq!(
