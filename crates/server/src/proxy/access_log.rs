@@ -87,7 +87,7 @@ const NAP_MAX: Duration = Duration::from_millis(160);
 
 /// What the writer thread is sent.
 enum Msg {
-    Line(Box<Record>),
+    Line(Record),
     /// Write to this destination from now on.
     Reopen(Box<dyn Write + Send>),
 }
@@ -249,91 +249,146 @@ fn warn_once(failed: &mut bool, e: &io::Error) {
 pub(crate) struct Entry {
     log: AccessLog,
     started: Instant,
-    record: Box<Record>,
+    record: Record,
     /// A streamed request body's count, shared with its [`CountedBody`].
     streamed_in: Option<Arc<AtomicU64>>,
 }
 
-/// What a line says.
-#[derive(Debug, Serialize)]
+/// What a line says. Sent by value and its strings kept in one buffer: a
+/// logged request allocates the buffer and the boxed body, nothing else.
+#[derive(Debug)]
 struct Record {
-    #[serde(serialize_with = "rfc3339")]
     time: SystemTime,
-    #[serde(serialize_with = "arc_str")]
     listener: Arc<str>,
-    #[serde(serialize_with = "service_or_dash")]
-    service: Option<String>,
     client: SocketAddr,
-    #[serde(serialize_with = "as_str")]
     method: Method,
-    /// Empty when the request had none.
-    #[serde(serialize_with = "or_dash")]
-    authority: String,
-    path: String,
+    /// authority, path, request id and service, back to back.
+    text: String,
+    /// Where the first three end in `text`.
+    ends: [usize; 3],
     status: u16,
     bytes_in: u64,
     bytes_out: u64,
-    #[serde(serialize_with = "instance_or_dash")]
     instance: Option<InstanceId>,
     attempts: u32,
-    duration_ms: f64,
-    request_id: String,
+    duration_us: u64,
     outcome: &'static str,
 }
 
+impl Record {
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        let end = self.ends.get(i).copied().unwrap_or(self.text.len());
+        self.text.get(start..end).unwrap_or("")
+    }
+
+    /// `Host` (or the URI's authority); `-` when none.
+    fn authority(&self) -> &str {
+        dash(self.part(0))
+    }
+
+    fn path(&self) -> &str {
+        self.part(1)
+    }
+
+    fn request_id(&self) -> &str {
+        self.part(2)
+    }
+
+    /// `-` when no route matched.
+    fn service(&self) -> &str {
+        dash(self.part(3))
+    }
+
+    fn instance(&self) -> &str {
+        self.instance.as_ref().map_or("-", InstanceId::as_str)
+    }
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Record", 15)?;
+        st.serialize_field(
+            "time",
+            &format_args!("{}", humantime::format_rfc3339_millis(self.time)),
+        )?;
+        st.serialize_field("listener", &*self.listener)?;
+        st.serialize_field("service", self.service())?;
+        st.serialize_field("client", &self.client)?;
+        st.serialize_field("method", self.method.as_str())?;
+        st.serialize_field("authority", self.authority())?;
+        st.serialize_field("path", self.path())?;
+        st.serialize_field("status", &self.status)?;
+        st.serialize_field("bytes_in", &self.bytes_in)?;
+        st.serialize_field("bytes_out", &self.bytes_out)?;
+        st.serialize_field("instance", self.instance())?;
+        st.serialize_field("attempts", &self.attempts)?;
+        st.serialize_field("duration_ms", &(self.duration_us as f64 / 1e3))?;
+        st.serialize_field("request_id", self.request_id())?;
+        st.serialize_field("outcome", self.outcome)?;
+        st.end()
+    }
+}
+
 impl AccessLog {
-    /// Starts the line of `req`, received from `peer` on `listener`.
+    /// Starts the line of `req`, received from `peer` on `listener` and
+    /// routed to `service`.
     pub(crate) fn entry<B>(
         &self,
         req: &Request<B>,
         peer: SocketAddr,
         listener: &Arc<str>,
+        service: Option<&str>,
         request_id: &HeaderValue,
     ) -> Entry {
-        // Owned copies: a slice would pin hyper's read buffer until the
-        // writer is done with the line, making it allocate a new one.
-        let authority = match req.headers().get(header::HOST) {
-            Some(h) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
-            None => req
-                .uri()
-                .authority()
-                .map_or_else(String::new, |a| a.as_str().to_owned()),
-        };
+        // Copies: a slice would pin hyper's read buffer until the writer is
+        // done with the line, making it allocate a new one.
+        let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let service = service.unwrap_or("");
+        let mut text = String::with_capacity(64 + path.len() + service.len());
+        match req.headers().get(header::HOST) {
+            Some(h) => text.push_str(&String::from_utf8_lossy(h.as_bytes())),
+            None => text.push_str(req.uri().authority().map_or("", |a| a.as_str())),
+        }
+        let mut ends = [text.len(), 0, 0];
+        text.push_str(path);
+        ends[1] = text.len();
+        text.push_str(&String::from_utf8_lossy(request_id.as_bytes()));
+        ends[2] = text.len();
+        text.push_str(service);
         Entry {
             log: self.clone(),
             started: Instant::now(),
-            record: Box::new(Record {
+            record: Record {
                 time: SystemTime::UNIX_EPOCH,
                 listener: listener.clone(),
-                service: None,
                 client: peer,
                 method: req.method().clone(),
-                authority,
-                path: req
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", PathAndQuery::as_str)
-                    .to_owned(),
+                text,
+                ends,
                 status: 0,
                 bytes_in: 0,
                 bytes_out: 0,
                 instance: None,
                 attempts: 0,
-                duration_ms: 0.0,
-                request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+                duration_us: 0,
                 outcome: "complete",
-            }),
+            },
             streamed_in: None,
         }
     }
 }
 
 impl Entry {
-    /// The routed service.
-    pub(crate) fn service(&mut self, name: &str) {
-        self.record.service = Some(name.to_owned());
-    }
-
     /// Counts the request body: a buffered one now, a streamed one as it
     /// is read.
     pub(crate) fn count_request_body(&mut self, body: &mut ReqBody) {
@@ -364,7 +419,7 @@ impl Entry {
 
     fn finish(mut self, outcome: &'static str) {
         let r = &mut self.record;
-        r.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        r.duration_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         r.time = SystemTime::now();
         r.outcome = outcome;
         if let Some(n) = &self.streamed_in {
@@ -462,11 +517,6 @@ impl Record {
 
     /// `time listener client "METHOD authority path" status key=value…`
     fn human(&self, out: &mut String) {
-        let authority = if self.authority.is_empty() {
-            "-"
-        } else {
-            &self.authority
-        };
         let _ = write!(
             out,
             "{} {} {} \"{} {} {}\" {}",
@@ -474,20 +524,21 @@ impl Record {
             self.listener,
             self.client,
             self.method,
-            Escaped(authority),
-            Escaped(&self.path),
+            Escaped(self.authority()),
+            Escaped(self.path()),
             self.status
         );
         let _ = write!(
             out,
-            " bytes_in={} bytes_out={} service={} instance={} attempts={} duration_ms={:.3} request_id={} outcome={}",
+            " bytes_in={} bytes_out={} service={} instance={} attempts={} duration_ms={}.{:03} request_id={} outcome={}",
             self.bytes_in,
             self.bytes_out,
-            Value(self.service.as_deref().unwrap_or("-")),
-            Value(self.instance.as_ref().map_or("-", InstanceId::as_str)),
+            Value(self.service()),
+            Value(self.instance()),
             self.attempts,
-            self.duration_ms,
-            Value(&self.request_id),
+            self.duration_us / 1000,
+            self.duration_us % 1000,
+            Value(self.request_id()),
             self.outcome,
         );
     }
@@ -498,6 +549,10 @@ struct Escaped<'a>(&'a str);
 
 impl std::fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Mostly nothing to escape: one write.
+        if !self.0.contains(needs_escape) {
+            return f.write_str(self.0);
+        }
         for c in self.0.chars() {
             match c {
                 '"' | '\\' => write!(f, "\\{c}")?,
@@ -507,6 +562,10 @@ impl std::fmt::Display for Escaped<'_> {
         }
         Ok(())
     }
+}
+
+fn needs_escape(c: char) -> bool {
+    c == '"' || c == '\\' || c == ' ' || c.is_control()
 }
 
 /// A `key=value` value: quoted when it holds a space, quote or `=`.
@@ -525,52 +584,31 @@ impl std::fmt::Display for Value<'_> {
     }
 }
 
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
-}
-
-fn arc_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(v)
-}
-
-fn as_str<S: serde::Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(m.as_str())
-}
-
-fn or_dash<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if v.is_empty() { "-" } else { v })
-}
-
-fn service_or_dash<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(v.as_deref().unwrap_or("-"))
-}
-
-fn instance_or_dash<S: serde::Serializer>(v: &Option<InstanceId>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(v.as_ref().map_or("-", InstanceId::as_str))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn record() -> Record {
-        Record {
-            time: humantime::parse_rfc3339("2026-11-29T19:00:00.000Z").unwrap(),
-            listener: Arc::from("web"),
-            service: Some("api".into()),
-            client: "127.0.0.1:5000".parse().unwrap(),
-            method: Method::POST,
-            authority: "shop.example".into(),
-            path: "/a?b=c".into(),
-            status: 201,
-            bytes_in: 3,
-            bytes_out: 12,
-            instance: None,
-            attempts: 0,
-            duration_ms: 1.5,
-            request_id: "rid-1".into(),
-            outcome: "complete",
-        }
+        record_for("shop.example")
+    }
+
+    fn record_for(host: &'static str) -> Record {
+        let log = log(1).0;
+        let req = Request::post("/a?b=c")
+            .header("host", host)
+            .body(())
+            .unwrap();
+        let peer = "127.0.0.1:5000".parse().unwrap();
+        let id = HeaderValue::from_static("rid-1");
+        let mut r = log
+            .entry(&req, peer, &Arc::from("web"), Some("api"), &id)
+            .record;
+        r.time = humantime::parse_rfc3339("2026-11-29T19:00:00.000Z").unwrap();
+        r.status = 201;
+        r.bytes_in = 3;
+        r.bytes_out = 12;
+        r.duration_us = 1500;
+        r
     }
 
     /// A log whose writer never reads: its lines stay in `rx`.
@@ -591,6 +629,7 @@ mod tests {
             &req,
             peer,
             &Arc::from("web"),
+            None,
             &HeaderValue::from_static("id-1"),
         )
     }
@@ -603,7 +642,7 @@ mod tests {
         )
     }
 
-    fn next_record(rx: &Receiver<Msg>) -> Box<Record> {
+    fn next_record(rx: &Receiver<Msg>) -> Record {
         match rx.try_recv() {
             Ok(Msg::Line(r)) => r,
             Ok(Msg::Reopen(_)) => panic!("a reopen"),
@@ -619,7 +658,8 @@ mod tests {
         assert_eq!(&body[..], b"hello");
         let r = next_record(&rx);
         assert_eq!((r.bytes_out, r.outcome, r.status), (5, "complete", 200));
-        assert_eq!((&*r.authority, &*r.path), ("shop.example", "/x?y=1"));
+        assert_eq!((r.authority(), r.path()), ("shop.example", "/x?y=1"));
+        assert_eq!((r.request_id(), r.service()), ("id-1", "-"));
         assert!(rx.try_recv().is_err(), "logged twice");
     }
 
@@ -650,8 +690,7 @@ mod tests {
 
     #[test]
     fn the_human_line_has_every_field_and_escapes_spaces_and_quotes() {
-        let mut r = record();
-        r.authority = "a \"b".into();
+        let r = record_for("a \"b");
         let mut s = String::new();
         r.format(LogFormat::Human, &mut s);
         assert_eq!(

@@ -172,28 +172,23 @@ pub(crate) async fn handle(
         (up, rules)
     };
     // Only with the access log on: a clock read and the request's facts.
-    let mut entry = rules
-        .access_log
-        .as_ref()
-        .map(|log| log.entry(&req, peer, &ctx.listener, &id));
+    let mut entry = rules.access_log.as_ref().map(|log| {
+        let service = up.as_ref().map(|u| u.name.as_str());
+        log.entry(&req, peer, &ctx.listener, service, &id)
+    });
     let mut resp = match up {
         None => error_response(&ProxyError::NoRoute),
-        Some(up) => {
-            if let Some(e) = &mut entry {
-                e.service(&up.name);
+        Some(up) => match proxy(req, &up, peer, &rules.forwarding, &id, entry.as_mut()).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                debug!(
+                    service = up.name.as_str(),
+                    outcome = e.outcome(),
+                    "request failed"
+                );
+                error_response(&e)
             }
-            match proxy(req, &up, peer, &rules.forwarding, &id, entry.as_mut()).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    debug!(
-                        service = up.name.as_str(),
-                        outcome = e.outcome(),
-                        "request failed"
-                    );
-                    error_response(&e)
-                }
-            }
-        }
+        },
     };
     resp.headers_mut().insert(X_REQUEST_ID, id);
     match entry {
