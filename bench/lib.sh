@@ -67,6 +67,8 @@ cleanup() {
 		if ours "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
 	done
 	wait 2>/dev/null || true
+	# The accesslog scenario's file on tmpfs, if run.sh made one.
+	if [[ ${ACCESS_LOG_FILE:-} == /dev/shm/datapunk-lb-bench-* ]]; then rm -f "$ACCESS_LOG_FILE"; fi
 }
 
 # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@ by VALUE (multi-line ok).
@@ -124,7 +126,8 @@ slow_stats() {
 
 # start_proxy KIND BALANCE METRICS PORT...: KIND is haproxy, nginx or
 # datapunk; BALANCE is that proxy's algorithm name; METRICS (datapunk only)
-# true/false. Sets PROXY_PID.
+# true/false; PROXY_ACCESS_LOG (datapunk only, true/false, default false)
+# turns the access log on, written to ACCESS_LOG_FILE. Sets PROXY_PID.
 start_proxy() {
 	local kind=$1 balance=$2 metrics=$3 servers="" p i=0 conf
 	shift 3
@@ -160,7 +163,8 @@ start_proxy() {
 		done
 		conf="$RUN_DIR/datapunk-lb.toml"
 		render "$BENCH_DIR/configs/datapunk-lb.toml" "$conf" LISTEN_PORT="$LISTEN_PORT" \
-			STRATEGY="$balance" METRICS="$metrics" INSTANCES="$servers"
+			STRATEGY="$balance" METRICS="$metrics" INSTANCES="$servers" \
+			ACCESS_LOG="${PROXY_ACCESS_LOG:-false}" ACCESS_LOG_PATH="$ACCESS_LOG_FILE"
 		taskset -c "$LB_CPU" "$DP_BIN" run --config "$conf" --threads 1 \
 			>>"$RUN_DIR/datapunk-lb.log" 2>&1 &
 		;;

@@ -60,6 +60,7 @@ LABELS = {
     "datapunk-round_robin": "datapunk-lb `round_robin`",
     "datapunk-peak_ewma": "datapunk-lb `peak_ewma`",
     "datapunk-adaptive-nometrics": "datapunk-lb `adaptive`, metrics off",
+    "datapunk-adaptive-accesslog": "datapunk-lb `adaptive`, access log on",
 }
 
 
@@ -156,6 +157,39 @@ def ratio_lines(rows, scenario, groups, dp_variants, others):
     return lines
 
 
+def on_off(rows, scen, on_name, off_name, title, what):
+    """The on/off table of `what` in scenario `scen`: medians and per-round ratios."""
+    g = by_variant(rows, scen)
+    if on_name not in g or off_name not in g:
+        return []
+    per = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["scenario"] == scen and r["variant"] in (on_name, off_name):
+            per[r["round"]][r["variant"]].append(r)
+    rps_ratios, cpu_ratios = [], []
+    for rnd in sorted(per):
+        on, off = per[rnd][on_name], per[rnd][off_name]
+        if on and off:
+            rps_ratios.append(statistics.mean(x["rps"] for x in on) / statistics.mean(x["rps"] for x in off))
+            cpu_ratios.append(statistics.mean(x["cpu_us"] for x in on) / statistics.mean(x["cpu_us"] for x in off))
+    on_rps, off_rps = med([r["rps"] for r in g[on_name]]), med([r["rps"] for r in g[off_name]])
+    on_cpu, off_cpu = med([r["cpu_us"] for r in g[on_name]]), med([r["cpu_us"] for r in g[off_name]])
+    return [
+        f"## {title}",
+        "",
+        f"| | {what} on | {what} off | on / off |",
+        "| --- | ---: | ---: | ---: |",
+        f"| req/s, median of {len(g[on_name])} / {len(g[off_name])} runs | {fmt_rps(on_rps)} | {fmt_rps(off_rps)} | {on_rps / off_rps:.3f} |",
+        f"| proxy CPU per request, median | {on_cpu:.1f} µs | {off_cpu:.1f} µs | {on_cpu / off_cpu:.3f} |",
+        f"| req/s, median of per-round ratios | | | {med(rps_ratios):.3f} |",
+        f"| CPU per request, median of per-round ratios | | | {med(cpu_ratios):.3f} |",
+        "",
+        f"Per-round req/s ratios on/off: {', '.join(f'{x:.3f}' for x in rps_ratios)}; "
+        f"CPU per request: {', '.join(f'{x:.3f}' for x in cpu_ratios)}.",
+        "",
+    ]
+
+
 def summarize(tsv: str, meta: str) -> None:
     rows = load(tsv)
     out = ["# datapunk-lb vs HAProxy and NGINX", ""]
@@ -170,37 +204,12 @@ def summarize(tsv: str, meta: str) -> None:
                            ["haproxy-roundrobin", "nginx-round_robin"]) + [""]
     for scen, title in (("metrics", "metrics on vs off (datapunk-lb `adaptive`, steady setup, ABBA pairs)"),
                         ("steady", "metrics on vs off (datapunk-lb `adaptive`, steady)")):
-        g = by_variant(rows, scen)
-        if "datapunk-adaptive" not in g or "datapunk-adaptive-nometrics" not in g:
-            continue
-        on_name, off_name = "datapunk-adaptive", "datapunk-adaptive-nometrics"
-        per = defaultdict(lambda: defaultdict(list))
-        for r in rows:
-            if r["scenario"] == scen and r["variant"] in (on_name, off_name):
-                per[r["round"]][r["variant"]].append(r)
-        rps_ratios, cpu_ratios = [], []
-        for rnd in sorted(per):
-            on, off = per[rnd][on_name], per[rnd][off_name]
-            if on and off:
-                rps_ratios.append(statistics.mean(x["rps"] for x in on) / statistics.mean(x["rps"] for x in off))
-                cpu_ratios.append(statistics.mean(x["cpu_us"] for x in on) / statistics.mean(x["cpu_us"] for x in off))
-        on_rps, off_rps = med([r["rps"] for r in g[on_name]]), med([r["rps"] for r in g[off_name]])
-        on_cpu, off_cpu = med([r["cpu_us"] for r in g[on_name]]), med([r["cpu_us"] for r in g[off_name]])
-        out += [
-            f"## {title}",
-            "",
-            "| | metrics on | metrics off | on / off |",
-            "| --- | ---: | ---: | ---: |",
-            f"| req/s, median of {len(g[on_name])} / {len(g[off_name])} runs | {fmt_rps(on_rps)} | {fmt_rps(off_rps)} | {on_rps / off_rps:.3f} |",
-            f"| proxy CPU per request, median | {on_cpu:.1f} µs | {off_cpu:.1f} µs | {on_cpu / off_cpu:.3f} |",
-            f"| req/s, median of per-round ratios | | | {med(rps_ratios):.3f} |",
-            f"| CPU per request, median of per-round ratios | | | {med(cpu_ratios):.3f} |",
-            "",
-            f"Per-round req/s ratios on/off: {', '.join(f'{x:.3f}' for x in rps_ratios)}; "
-            f"CPU per request: {', '.join(f'{x:.3f}' for x in cpu_ratios)}.",
-            "",
-        ]
-        break
+        lines = on_off(rows, scen, "datapunk-adaptive", "datapunk-adaptive-nometrics", title, "metrics")
+        if lines:
+            out += lines
+            break
+    out += on_off(rows, "accesslog", "datapunk-adaptive-accesslog", "datapunk-adaptive",
+                  "access log on vs off (datapunk-lb `adaptive`, steady setup, ABBA pairs)", "access log")
 
     degraded = by_variant(rows, "degraded")
     if degraded:

@@ -13,7 +13,7 @@ ROUNDS=${ROUNDS:-5}          # interleaved rounds
 DURATION=${DURATION:-10}     # seconds per measured run
 WARMUP=${WARMUP:-2}          # seconds of the same load before each measured run
 CONNS=${CONNS:-64}           # wrk connections (one wrk thread)
-SCENARIOS=${SCENARIOS:-"steady degraded kill metrics"}
+SCENARIOS=${SCENARIOS:-"steady degraded kill metrics accesslog"}
 METRICS_DURATION=${METRICS_DURATION:-5} # seconds per measured run of the metrics scenario
 LB_CPU=${LB_CPU:-0}          # the proxy under test
 LOAD_CPU=${LOAD_CPU:-1}      # wrk and the backends
@@ -24,8 +24,11 @@ SLOW_DELAY=${SLOW_DELAY:-0.05}
 KILL_AT=${KILL_AT:-3}        # kill scenario: SIGKILL the third backend at this second
 RESTART_AT=${RESTART_AT:-6}  # ... and start it again at this second
 BUILD=${BUILD:-1}            # 0: use the existing target/release/datapunk-lb
+# accesslog scenario: where the log goes (tmpfs when there is one; emptied
+# after every run). /dev/null measures everything but the write itself.
+ACCESS_LOG_FILE=${ACCESS_LOG_FILE:-$([[ -d /dev/shm && -w /dev/shm ]] && echo "/dev/shm/datapunk-lb-bench-$$.access.log" || echo /dev/null)}
 
-# Variants per scenario: kind:balance[:metrics]. Each round runs every
+# Variants per scenario: kind:balance[:metrics[:access_log]]. Each round runs every
 # variant of every scenario once, rotated so no proxy always goes first.
 STEADY_VARIANTS=(haproxy:roundrobin nginx:round_robin datapunk:adaptive datapunk:round_robin)
 DEGRADED_VARIANTS=(haproxy:leastconn nginx:least_conn datapunk:adaptive datapunk:peak_ewma)
@@ -34,6 +37,9 @@ KILL_VARIANTS=(haproxy:roundrobin nginx:round_robin datapunk:adaptive)
 # (B), back to back in ABBA order (BAAB on even rounds), so a drift in the
 # machine's load weighs on both alike.
 METRICS_VARIANTS=(datapunk:adaptive datapunk:adaptive:false datapunk:adaptive:false datapunk:adaptive)
+# accesslog: the steady setup, datapunk-lb adaptive with the access log on
+# (A, to ACCESS_LOG_FILE) and off (B), ABBA like metrics, DURATION-long runs.
+ACCESSLOG_VARIANTS=(datapunk:adaptive:true:true datapunk:adaptive datapunk:adaptive datapunk:adaptive:true:true)
 
 STAMP=$(date -u +%Y-%m-%dT%H%M%SZ)
 RESULTS_DIR="$BENCH_DIR/results"
@@ -69,6 +75,9 @@ DP_BIN="$RUN_DIR/bin/datapunk-lb"
 	echo "- machine: $(nproc) vCPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), shared; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 	echo "- proxy on core $LB_CPU; wrk -t1 -c$CONNS and the backends on core $LOAD_CPU (taskset)"
 	echo "- each run: proxy started fresh, ${WARMUP} s warm-up, ${DURATION} s measured (metrics scenario: ${METRICS_DURATION} s, ABBA); $ROUNDS rounds; scenarios: $SCENARIOS"
+	if [[ $SCENARIOS == *accesslog* ]]; then
+		echo "- accesslog scenario: ABBA, the access log (human format) to $ACCESS_LOG_FILE, emptied after each run"
+	fi
 } >"$META"
 
 printf 'round\tscenario\tvariant\trps\tmean_ms\tp50_ms\tp99_ms\trequests\tnon2xx\tsock_errors\tproxy_cpu_s\telapsed_s\tcpu0\tcpu1\tslow_requests\n' >"$TSV"
@@ -84,12 +93,14 @@ done
 
 # run_one ROUND SCENARIO VARIANT
 run_one() {
-	local round=$1 scenario=$2 variant=$3 kind balance metrics name backends out
+	local round=$1 scenario=$2 variant=$3 kind balance metrics access_log name backends out
 	local t0 t1 c0 c1 l0 l1 elapsed slow=-1 wrk_pid
-	IFS=: read -r kind balance metrics <<<"$variant"
+	IFS=: read -r kind balance metrics access_log <<<"$variant"
 	metrics=${metrics:-true}
+	PROXY_ACCESS_LOG=${access_log:-false}
 	name="$kind-$balance"
 	[[ $metrics == false ]] && name+="-nometrics"
+	[[ $PROXY_ACCESS_LOG == true ]] && name+="-accesslog"
 	case $scenario in
 	degraded) backends=("${BACKEND_PORTS[0]}" "${BACKEND_PORTS[1]}" "$SLOW_PORT") ;;
 	*) backends=("${BACKEND_PORTS[@]}") ;;
@@ -98,6 +109,8 @@ run_one() {
 	local duration=$DURATION
 	if [[ $scenario == metrics ]]; then
 		duration=$METRICS_DURATION
+	fi
+	if [[ $scenario == metrics || $scenario == accesslog ]]; then
 		out="$RUN_DIR/r$round-$scenario-$name-$EPOCHSECONDS.wrk"
 	fi
 	log "round $round/$ROUNDS $scenario $name"
@@ -129,6 +142,10 @@ run_one() {
 	l1=$(cpu_busy_ticks "$LOAD_CPU")
 	[[ $scenario == degraded ]] && slow=$(slow_stats | cut -d' ' -f1)
 	stop_proxy
+	if [[ $PROXY_ACCESS_LOG == true && -f $ACCESS_LOG_FILE ]]; then
+		log "  access log: $(wc -l <"$ACCESS_LOG_FILE") lines, $(du -h "$ACCESS_LOG_FILE" | cut -f1)"
+		: >"$ACCESS_LOG_FILE"
+	fi
 
 	local hz parsed proxy_cpu_s core0 core1
 	hz=$(getconf CLK_TCK)
@@ -156,9 +173,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		degraded) variants=("${DEGRADED_VARIANTS[@]}") ;;
 		kill) variants=("${KILL_VARIANTS[@]}") ;;
 		metrics) variants=("${METRICS_VARIANTS[@]}") ;;
+		accesslog) variants=("${ACCESSLOG_VARIANTS[@]}") ;;
 		*) die "unknown scenario $scenario" ;;
 		esac
-		if [[ $scenario == metrics ]]; then
+		if [[ $scenario == metrics || $scenario == accesslog ]]; then
 			order=("${variants[@]}")
 			if ((round % 2 == 0)); then order=("${variants[1]}" "${variants[0]}" "${variants[0]}" "${variants[1]}"); fi
 		else

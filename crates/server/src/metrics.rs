@@ -21,6 +21,9 @@
 //!   accepts on a proxy listener (out of file descriptors, mostly): the log
 //!   says so at most once a second (the accept loop in `proxy/accept.rs`), the counter
 //!   has every one, for an alert.
+//! - **Access log**: `datapunk_lb_access_log_dropped_total`, lines dropped
+//!   because the writer thread fell behind (its channel was full) or the
+//!   destination failed: the request path never waits for the log.
 //!
 //! ## Bounded per service: `metrics_instance_series_limit`
 //!
@@ -113,6 +116,7 @@ pub struct Metrics {
     discovery_stale: Gauge,
     discovery_syncs: Family<Labels, Counter>,
     accept_errors: Family<Labels, Counter>,
+    access_log_dropped: Counter,
     discovery_invalid: Counter,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
     limits: Arc<Mutex<HashMap<String, usize>>>,
@@ -228,6 +232,12 @@ impl Metrics {
             "Failed accepts on a proxy listener (out of file descriptors, mostly), by listener",
             accept_errors.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "datapunk_lb_access_log_dropped",
+            "Access log lines dropped because the writer fell behind (or could not write)",
+            access_log_dropped.clone(),
+        );
         for ok in [true, false] {
             create_at_zero(&reloads, &result_label(ok));
             create_at_zero(&discovery_syncs, &result_label(ok));
@@ -254,10 +264,16 @@ impl Metrics {
             discovery_syncs,
             discovery_invalid,
             accept_errors,
+            access_log_dropped,
             errors,
             limits,
             sums,
         }
+    }
+
+    /// Access log lines dropped.
+    pub(crate) fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
 
     /// The accept-error counter of `listener`, created at 0.

@@ -51,6 +51,7 @@ use crate::control::{
 use crate::health_check::HealthChecker;
 use crate::metrics::Metrics;
 use crate::proxy::accept::ConnTracker;
+use crate::proxy::access_log::AccessLogs;
 use crate::proxy::http::HttpContext;
 use crate::proxy::upstream::UpstreamClients;
 use crate::proxy::{RetryBudget, Routing, Upstream};
@@ -77,6 +78,9 @@ pub enum ServerError {
     /// The control task refused the config.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The access log destination could not be opened.
+    #[error("access_log_path: {0}")]
+    AccessLog(std::io::Error),
 }
 
 struct RunningListener {
@@ -96,6 +100,7 @@ pub struct Server {
     connections: ConnTracker,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     metrics: Arc<Metrics>,
+    access_logs: AccessLogs,
     access: Arc<AdminAccess>,
     readiness: Readiness,
     admin: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
@@ -138,6 +143,7 @@ impl Server {
             health: Mutex::new(HealthChecker::default()),
             connections: ConnTracker::default(),
             budgets: Mutex::new(HashMap::new()),
+            access_logs: AccessLogs::new(metrics.access_log_dropped(), crate::telemetry::format()),
             metrics,
             access: Arc::new(AdminAccess::default()),
             readiness,
@@ -318,6 +324,8 @@ impl Server {
 
     async fn apply(&self, config: Config, first: bool) -> Result<(), ServerError> {
         let token = Self::read_token(&config)?;
+        // Opened (reopened on reload) before anything changes.
+        let access_log = AccessLogs::open(&config).map_err(ServerError::AccessLog)?;
         // 1. Bind new or changed listeners first: failing here changes nothing.
         let mut bound = Vec::new();
         {
@@ -395,8 +403,13 @@ impl Server {
             }
             budgets.retain(|k, _| config.services.contains_key(k));
         }
-        self.routing
-            .store(Arc::new(Routing::new(&config, upstreams)));
+        let access_log = self
+            .access_logs
+            .install(access_log)
+            .map_err(ServerError::AccessLog)?;
+        self.routing.store(Arc::new(
+            Routing::new(&config, upstreams).with_access_log(access_log),
+        ));
 
         // 4. Listeners: start the new, stop the gone or changed.
         {

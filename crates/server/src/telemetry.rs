@@ -1,6 +1,9 @@
 //! Logging through `tracing`: human-readable by default, JSON with
 //! `--log-format json`. Every state change the core reports becomes one event
-//! with `service`, `instance`, `from`, `to` and `reason` fields.
+//! with `service`, `instance`, `from`, `to` and `reason` fields. The access
+//! log (`proxy::access_log`) writes its own lines, in the same format.
+
+use std::sync::OnceLock;
 
 use datapunk_lb_core::Event;
 use tracing::{info, warn};
@@ -14,9 +17,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// The format given to the first [`init`].
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// The log format of this process: the one given to [`init`], human when
+/// `init` was not called (tests embedding the server).
+pub fn format() -> LogFormat {
+    FORMAT.get().copied().unwrap_or(LogFormat::Human)
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (`info`). Safe to call more than once (later calls are ignored).
 pub fn init(format: LogFormat) {
+    let _ = FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

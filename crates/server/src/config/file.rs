@@ -21,6 +21,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub service: BTreeMap<String, Spanned<FileService>>,
     pub discovery: Option<FileDiscovery>,
+    /// Where listeners with `access_log = true` write: `"stdout"` or a path.
+    pub access_log_path: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +58,12 @@ pub struct FileListener {
     pub idle_timeout: Option<Spanned<String>>,
     pub request_body_timeout: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
+    /// HTTP: CIDRs whose forwarding headers are kept and appended to.
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    /// HTTP: also set the RFC 7239 `Forwarded` header.
+    pub forwarded_header: Option<Spanned<bool>>,
+    /// HTTP: one access log line per request.
+    pub access_log: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -41,6 +41,9 @@
 //! | `instance.weight` | 1 |
 //! | `discovery.kind` | `static` (`etcd`) |
 //! | `discovery.prefix` | `/datapunk/services/` |
+//! | `listener.trusted_proxies` | none (`[]`): every peer's forwarding headers are replaced |
+//! | `listener.forwarded_header` / `access_log` | false / false |
+//! | `access_log_path` | `stdout` |
 //!
 //! The balancing defaults (thresholds, the breaker table,
 //! `min_healthy_percent`, `slow_start`, the instance id limit) are the
@@ -53,7 +56,10 @@
 
 #[cfg(test)]
 mod adaptive_tests;
+pub mod cidr;
 pub mod file;
+#[cfg(test)]
+mod forwarding_tests;
 pub mod keys;
 #[cfg(test)]
 mod knobs_tests;
@@ -74,6 +80,7 @@ use datapunk_lb_core::{
 };
 use toml::Spanned;
 
+pub use self::cidr::Cidr;
 use self::file::{FileConfig, FileService};
 pub use crate::proxy::hash_key::HashKey;
 
@@ -139,6 +146,29 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceConfig>,
     /// Where instances come from besides the config and the admin API.
     pub discovery: DiscoveryConfig,
+    /// Where listeners with `access_log = true` write.
+    pub access_log_path: AccessLogPath,
+}
+
+/// `access_log_path`: standard output (`"stdout"`, the default) or a file,
+/// opened for append.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AccessLogPath {
+    /// The process's standard output.
+    #[default]
+    Stdout,
+    /// A file, appended to; reopened on every reload (SIGHUP), so log
+    /// rotation is: rename the file, then SIGHUP.
+    File(std::path::PathBuf),
+}
+
+impl fmt::Display for AccessLogPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessLogPath::Stdout => f.write_str("stdout"),
+            AccessLogPath::File(p) => write!(f, "{}", p.display()),
+        }
+    }
 }
 
 /// `[discovery]`.
@@ -199,6 +229,12 @@ pub struct ListenerConfig {
     pub service: Option<String>,
     /// Client-side timeouts and the connection limit.
     pub limits: ClientLimits,
+    /// HTTP: peers whose forwarding headers are kept (appended to).
+    pub trusted_proxies: Vec<Cidr>,
+    /// HTTP: also set the RFC 7239 `Forwarded` header.
+    pub forwarded_header: bool,
+    /// HTTP: one access log line per request.
+    pub access_log: bool,
 }
 
 /// The client-side limits of a `[[listener]]` (the rules are in
@@ -809,6 +845,8 @@ impl Config {
                 }
             }
             let limits = client_limits(&key, l, protocol, ck);
+            let (trusted_proxies, forwarded_header, access_log) =
+                listener_http_keys(&key, l, protocol, ck);
             listeners.push(ListenerConfig {
                 name: l.name.get_ref().clone(),
                 listen,
@@ -816,6 +854,9 @@ impl Config {
                 routes,
                 service,
                 limits,
+                trusted_proxies,
+                forwarded_header,
+                access_log,
             });
         }
         if listeners.is_empty() {
@@ -825,12 +866,26 @@ impl Config {
                 message: "at least one [[listener]] is required".into(),
             });
         }
+        let access_log_path = match &file.access_log_path {
+            None => AccessLogPath::Stdout,
+            Some(p) if p.get_ref() == "stdout" => AccessLogPath::Stdout,
+            Some(p) if p.get_ref().is_empty() => {
+                ck.issue(
+                    "access_log_path",
+                    p,
+                    "must be \"stdout\" or a file path, not empty",
+                );
+                AccessLogPath::Stdout
+            }
+            Some(p) => AccessLogPath::File(p.get_ref().into()),
+        };
         Config {
             drain_timeout,
             admin,
             listeners,
             services,
             discovery,
+            access_log_path,
         }
     }
 
@@ -869,6 +924,19 @@ impl Config {
                         d(l.limits.idle_timeout),
                         d(l.limits.request_body_timeout),
                         l.limits.max_connections
+                    );
+                    let trusted: Vec<String> =
+                        l.trusted_proxies.iter().map(Cidr::to_string).collect();
+                    let _ = writeln!(
+                        s,
+                        "  trusted_proxies [{}], forwarded_header {}, access_log {}",
+                        trusted.join(", "),
+                        l.forwarded_header,
+                        if l.access_log {
+                            self.access_log_path.to_string()
+                        } else {
+                            "off".to_owned()
+                        }
                     );
                     for r in &l.routes {
                         let _ = writeln!(
@@ -1002,6 +1070,48 @@ fn tcp_hash_key(
             ),
         );
     }
+}
+
+/// A listener's forwarding and access log keys: `trusted_proxies`,
+/// `forwarded_header`, `access_log`. HTTP only: a TCP listener carries no
+/// headers and logs no requests, so it refuses them.
+fn listener_http_keys(
+    key: &str,
+    l: &file::FileListener,
+    protocol: Protocol,
+    ck: &mut Checker<'_>,
+) -> (Vec<Cidr>, bool, bool) {
+    if protocol == Protocol::Tcp {
+        const HTTP_ONLY: &str = "only an http listener takes this key";
+        if let Some(v) = &l.trusted_proxies {
+            ck.issue(format!("{key}.trusted_proxies"), v, HTTP_ONLY);
+        }
+        if let Some(v) = &l.forwarded_header {
+            ck.issue(format!("{key}.forwarded_header"), v, HTTP_ONLY);
+        }
+        if let Some(v) = &l.access_log {
+            ck.issue(format!("{key}.access_log"), v, HTTP_ONLY);
+        }
+        return (Vec::new(), false, false);
+    }
+    let mut trusted = Vec::new();
+    for (i, c) in l
+        .trusted_proxies
+        .iter()
+        .flat_map(|t| t.get_ref())
+        .enumerate()
+    {
+        match c.get_ref().trim().parse::<Cidr>() {
+            Ok(n) => trusted.push(n),
+            Err(e) => ck.issue(
+                format!("{key}.trusted_proxies[{i}]"),
+                c,
+                format!("{:?}: {e}", c.get_ref()),
+            ),
+        }
+    }
+    let flag = |b: &Option<Spanned<bool>>| b.as_ref().is_some_and(|b| *b.get_ref());
+    (trusted, flag(&l.forwarded_header), flag(&l.access_log))
 }
 
 fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {

@@ -18,8 +18,11 @@
 //! 1. Route by host and path prefix (first match wins); none → 404.
 //! 2. Read the body: up to 64 KiB with a known length (or HTTP/1.1 chunked
 //!    that ends within 64 KiB) is buffered and so replayable; a larger or
-//!    streaming body is sent once. Hop-by-hop headers are dropped,
-//!    `x-forwarded-for` is appended.
+//!    streaming body is sent once. Hop-by-hop headers are dropped, the
+//!    forwarding headers set ([`headers`](super::headers): replaced, or
+//!    appended to from a trusted proxy) and `X-Request-Id` kept or made
+//!    ([`request_id`](super::request_id)); the id also goes back on the
+//!    response, the proxy's own errors included.
 //! 3. Run the [attempt loop](super::attempt), whose [step](super::upstream)
 //!    here sends the request over the instance's pooled connection in the
 //!    service's `upstream_protocol` (`http1` by default, whatever the client
@@ -70,12 +73,14 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use super::accept::{self, ConnPermit, ConnTracker};
+use super::access_log::{Counted, Entry};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
 use super::client_limits::{ClientLimits, ConnWatch, Expiry, StallTimeout, Watched};
-use super::headers::{append_forwarded_for, strip_hop_by_hop};
+use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
 use super::hygiene;
 use super::request_body::read_body;
+use super::request_id::{request_id, X_REQUEST_ID};
 use super::upgrade;
 use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
@@ -267,32 +272,52 @@ pub(crate) async fn handle(
     ctx: &HttpContext,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    let id = request_id(req.headers());
     if let Err(why) = hygiene::check(&mut req) {
-        return text(StatusCode::BAD_REQUEST, &why.to_string());
+        let mut resp = text(StatusCode::BAD_REQUEST, &why.to_string());
+        resp.headers_mut().insert(X_REQUEST_ID, id);
+        return resp;
     }
     // Route with borrowed host and path: no allocation per request.
-    let up = {
+    let (up, rules) = {
         let routing = ctx.routing.load();
+        let rules = routing
+            .http_listener(&ctx.listener)
+            .cloned()
+            .unwrap_or_default();
         let host = req.uri().host().or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
         });
-        match routing.route(&ctx.listener, host, req.uri().path()) {
-            Some(up) => up.clone(),
-            None => return error_response(&ProxyError::NoRoute),
-        }
+        let up = routing
+            .route(&ctx.listener, host, req.uri().path())
+            .cloned();
+        (up, rules)
     };
-    match proxy(req, &up, peer).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            debug!(
-                service = up.name.as_str(),
-                outcome = e.outcome(),
-                "request failed"
-            );
-            error_response(&e)
-        }
+    // Only with the access log on: a clock read and the request's facts.
+    let mut entry = rules.access_log.as_ref().map(|log| {
+        let service = up.as_ref().map(|u| u.name.as_str());
+        log.entry(&req, peer, &ctx.listener, service, &id)
+    });
+    let mut resp = match up {
+        None => error_response(&ProxyError::NoRoute),
+        Some(up) => match proxy(req, &up, peer, &rules.forwarding, &id, entry.as_mut()).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                debug!(
+                    service = up.name.as_str(),
+                    outcome = e.outcome(),
+                    "request failed"
+                );
+                error_response(&e)
+            }
+        },
+    };
+    resp.headers_mut().insert(X_REQUEST_ID, id);
+    match entry {
+        Some(e) => e.respond(resp),
+        None => resp,
     }
 }
 
@@ -300,6 +325,9 @@ async fn proxy(
     req: Request<ClientBody>,
     up: &Upstream,
     peer: SocketAddr,
+    forwarding: &Forwarding,
+    id: &HeaderValue,
+    mut entry: Option<&mut Entry>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + up.request_timeout;
     let (mut parts, body) = req.into_parts();
@@ -307,28 +335,32 @@ async fn proxy(
         return Ok(resp);
     }
     let upgrade = upgrade::requested(&parts);
-    let body = match read_body(&parts, body).await {
+    let mut body = match read_body(&parts, body).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
     };
+    if let Some(e) = entry.as_deref_mut() {
+        e.count_request_body(&mut body);
+    }
     let replay = Replay {
         idempotent: is_idempotent(&parts.method),
         replayable: body.replayable(),
     };
     let key = up.hash_key.as_ref().and_then(|k| k.digest(&parts, peer));
     strip_hop_by_hop(&mut parts.headers);
-    append_forwarded_for(&mut parts.headers, peer);
+    // After the strip: a client cannot name these in `Connection`.
+    let authority = parts.uri.authority().cloned();
+    set_forwarding(
+        &mut parts.headers,
+        peer,
+        "http",
+        authority.as_ref(),
+        forwarding,
+    );
+    parts.headers.insert(X_REQUEST_ID, id.clone());
     if let Some(protocol) = upgrade {
-        return upgrade::proxy(
-            parts,
-            body,
-            replay,
-            protocol,
-            deadline,
-            up,
-            key.as_ref().map(|k| &k[..]),
-        )
-        .await;
+        let key = key.as_ref().map(|k| &k[..]);
+        return upgrade::proxy(parts, body, replay, protocol, deadline, up, key).await;
     }
     let mut step = HttpStep {
         parts,
@@ -341,7 +373,16 @@ async fn proxy(
         service: &up.name,
     };
     let key = key.as_ref().map(|k| &k[..]);
-    Ok(match attempt::run_keyed(up, &mut step, key).await? {
+    let ended = match entry {
+        Some(e) => {
+            let mut counted = Counted::new(&mut step);
+            let ended = attempt::run_keyed(up, &mut counted, key).await;
+            e.attempts(&counted);
+            ended
+        }
+        None => attempt::run_keyed(up, &mut step, key).await,
+    };
+    Ok(match ended? {
         Ended::Success(held, resp) => finish_response(resp, Some(held), up),
         Ended::Failed(resp) => finish_response(resp, None, up),
     })

@@ -4,6 +4,7 @@
 //! Host; [`pool`]: the upstream connections, pooled per instance;
 //! [`body`]: the response body that carries the attempt's claim;
 //! [`upgrade`]: HTTP/1.1 Upgrade and WebSocket tunnels;
+//! [`request_id`]: `X-Request-Id`; [`access_log`]: one line per request;
 //! [`hygiene`]: the Host checks before routing; [`client_limits`]: the
 //! head, idle and body timeouts of client connections), TCP
 //! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
@@ -22,6 +23,7 @@
 //! [`attempt`]: HTTP and TCP differ only in their step.
 
 pub(crate) mod accept;
+pub(crate) mod access_log;
 pub(crate) mod attempt;
 pub(crate) mod body;
 pub(crate) mod client_limits;
@@ -32,6 +34,7 @@ pub(crate) mod http;
 pub(crate) mod hygiene;
 pub(crate) mod pool;
 pub(crate) mod request_body;
+pub(crate) mod request_id;
 pub(crate) mod retry;
 pub(crate) mod tcp;
 pub(crate) mod upgrade;
@@ -88,6 +91,17 @@ pub(crate) struct Upstream {
 pub(crate) struct Routing {
     listeners: HashMap<String, ListenerConfig>,
     upstreams: HashMap<String, Arc<Upstream>>,
+    /// Per-request rules of each HTTP listener.
+    http: HashMap<String, Arc<HttpListener>>,
+}
+
+/// An HTTP listener's per-request rules, resolved once per config.
+#[derive(Debug, Default)]
+pub(crate) struct HttpListener {
+    /// Whose forwarding headers are kept; whether `Forwarded` is set.
+    pub(crate) forwarding: headers::Forwarding,
+    /// The access log, when the listener has `access_log = true`.
+    pub(crate) access_log: Option<access_log::AccessLog>,
 }
 
 impl Routing {
@@ -100,7 +114,34 @@ impl Routing {
                 .map(|l| (l.name.clone(), l.clone()))
                 .collect(),
             upstreams,
+            http: HashMap::new(),
         }
+        .with_access_log(None)
+    }
+
+    /// The per-request rules of each HTTP listener, with `log` for those
+    /// that have `access_log = true`.
+    pub(crate) fn with_access_log(mut self, log: Option<access_log::AccessLog>) -> Self {
+        self.http = self
+            .listeners
+            .values()
+            .map(|l| {
+                let rules = HttpListener {
+                    forwarding: headers::Forwarding {
+                        trusted_proxies: l.trusted_proxies.clone(),
+                        forwarded_header: l.forwarded_header,
+                    },
+                    access_log: log.clone().filter(|_| l.access_log),
+                };
+                (l.name.clone(), Arc::new(rules))
+            })
+            .collect();
+        self
+    }
+
+    /// The per-request rules of HTTP listener `listener`.
+    pub(crate) fn http_listener(&self, listener: &str) -> Option<&Arc<HttpListener>> {
+        self.http.get(listener)
     }
 
     /// The upstream for a request to `listener` with `host` and `path`.

@@ -526,6 +526,7 @@ const FAMILIES: &[(&str, &str)] = &[
         "datapunk_lb_instance_health_score_distribution",
         "histogram",
     ),
+    ("datapunk_lb_access_log_dropped_total", "counter"),
 ];
 
 /// Alerts and `rate()` need a series before its first event: the first
@@ -573,6 +574,7 @@ async fn every_metric_family_is_listed_from_the_first_scrape() {
     zero("datapunk_lb_retries_total", &[("service", "api")]);
     zero("datapunk_lb_discovery_invalid_values_total", &[]);
     zero("datapunk_lb_instance_series_limited", &[("service", "api")]);
+    zero("datapunk_lb_access_log_dropped_total", &[]);
     // Both backends pass their checks: failures stay at 0, listed.
     zero(
         "datapunk_lb_health_checks_total",

@@ -4,6 +4,7 @@
 // Test helpers outside #[test] functions: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access_log;
 mod admin;
 mod attempts;
 mod config;
@@ -11,6 +12,7 @@ mod config;
 mod etcd;
 mod exhaustion;
 mod failover;
+mod forwarding;
 mod hashing;
 mod hygiene;
 mod lifecycle;

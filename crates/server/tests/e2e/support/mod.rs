@@ -444,16 +444,7 @@ pub(crate) async fn request(
     headers: &[(&str, &str)],
     body: String,
 ) -> (u16, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let req = req.body(Full::new(Bytes::from(body))).unwrap();
-    let resp = client().request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let (status, _, body) = exchange(addr, method, path, headers, body).await;
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -707,5 +698,95 @@ pub(crate) async fn three_backends() -> (Arc<Backend>, Arc<Backend>, Arc<Backend
         Backend::start("a").await,
         Backend::start("b").await,
         Backend::start("c").await,
+    )
+}
+
+/// What a [`Recorder`] saw of one request.
+pub(crate) struct Seen {
+    pub(crate) headers: hyper::HeaderMap,
+    pub(crate) body_len: usize,
+}
+
+/// A backend that records every request's headers and body length and
+/// answers 200 with `body`: for the forwarding header and access log tests.
+pub(crate) struct Recorder {
+    pub(crate) addr: SocketAddr,
+    pub(crate) seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Recorder {
+    pub(crate) async fn start(body: &'static str) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let headers = req.headers().clone();
+                            let got = req.into_body().collect().await.map(|b| b.to_bytes());
+                            let body_len = got.map_or(0, |b| b.len());
+                            seen.lock().push(Seen { headers, body_len });
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Recorder { addr, seen }
+    }
+
+    /// Every value of `name` in the last request seen.
+    pub(crate) fn last(&self, name: &str) -> Vec<String> {
+        let seen = self.seen.lock();
+        let last = seen.last().expect("the backend saw a request");
+        last.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+/// `method path` to `addr` with exactly `headers` (in order, names may
+/// repeat; `host` included when given) and `body`; returns the status, the
+/// response headers and the body.
+pub(crate) async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
+    let resp = client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+/// `[service.NAME]` with one instance `id` on 127.0.0.1:`port` and no
+/// health checks: the instance is eligible from the start.
+pub(crate) fn unchecked_service(service: &str, id: &str, port: u16) -> String {
+    format!(
+        "[service.{service}]\n[service.{service}.health_check]\nkind = \"none\"\n\
+         [[service.{service}.instance]]\nid = \"{id}\"\naddress = \"127.0.0.1\"\nport = {port}\n"
     )
 }

@@ -1,0 +1,108 @@
+//! `X-Request-Id`: one id per request, forwarded to the backend, returned to
+//! the client (on the proxy's own error responses too) and written in the
+//! access log, so one request can be followed through every log. A
+//! backend's own `X-Request-Id` on its response is replaced by it: the
+//! client always gets back the id the backend was sent.
+//!
+//! A client's id is kept when it is valid: exactly one `X-Request-Id` line
+//! of 1..=128 visible ASCII characters (`!`..=`~`) without a comma. Anything
+//! else (absent, empty, too long, spaces, control or non-ASCII bytes, a
+//! comma or a second line, which would make it a list) is replaced by a
+//! generated id. Kept from any peer, not only `trusted_proxies`: the id is a
+//! correlation handle chosen by the caller, not a fact about the client the
+//! backend could rely on, and the validity rule keeps it from breaking a log
+//! line. Do not use it for anything security related.
+//!
+//! A generated id is 128 random bits (`fastrand`, per-thread, seeded at
+//! random) as 32 lowercase hex digits: unique in practice, no coordination
+//! between nodes, and no clock or counter to read.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// `x-request-id`.
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client id kept.
+pub(crate) const MAX_LEN: usize = 128;
+
+/// The request's id: the client's when valid (module doc), else a new one.
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let mut lines = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(v), None) = (lines.next(), lines.next()) {
+        if is_valid(v.as_bytes()) {
+            return v.clone();
+        }
+    }
+    generate()
+}
+
+/// 1..=[`MAX_LEN`] visible ASCII characters, no comma.
+pub(crate) fn is_valid(id: &[u8]) -> bool {
+    (1..=MAX_LEN).contains(&id.len()) && id.iter().all(|&b| b.is_ascii_graphic() && b != b',')
+}
+
+/// 128 random bits as 32 hex digits.
+fn generate() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id_of(lines: &[&[u8]]) -> HeaderValue {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append(X_REQUEST_ID, HeaderValue::from_bytes(l).unwrap());
+        }
+        request_id(&h)
+    }
+
+    fn is_generated(v: &HeaderValue) -> bool {
+        v.len() == 32
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    }
+
+    #[test]
+    fn a_valid_client_id_is_kept() {
+        let long = [b'x'; MAX_LEN];
+        for id in [&b"abc-123"[..], b"a", b"!~{}[]:;=+/", &long] {
+            assert_eq!(id_of(&[id]).as_bytes(), id);
+        }
+    }
+
+    #[test]
+    fn an_invalid_or_missing_id_is_replaced_by_a_generated_one() {
+        let long = [b'x'; MAX_LEN + 1];
+        for lines in [
+            &[][..],
+            &[&b""[..]],
+            &[&b"has space"[..]],
+            &[&b"a,b"[..]],
+            &[&b"tab\there"[..]],
+            &[&b"caf\xc3\xa9"[..]],
+            &[&long[..]],
+            &[&b"one"[..], &b"two"[..]],
+        ] {
+            let got = id_of(lines);
+            assert!(is_generated(&got), "{lines:?} gave {got:?}");
+        }
+    }
+
+    #[test]
+    fn generated_ids_differ() {
+        let a = generate();
+        let b = generate();
+        assert!(is_generated(&a) && is_generated(&b));
+        assert_ne!(a, b);
+    }
+}
