@@ -163,6 +163,44 @@ impl ConnWatch {
     }
 }
 
+/// A response body that keeps its request in flight until it is dropped;
+/// frames, end and size pass through, so a body of known length keeps its
+/// `Content-Length`.
+pub(crate) struct InFlight<B> {
+    inner: B,
+    _guard: RequestGuard,
+}
+
+impl<B> InFlight<B> {
+    /// `inner`, holding `guard` until the body is dropped.
+    pub(crate) fn new(inner: B, guard: RequestGuard) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for InFlight<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request in flight; ends when dropped (it rides in the response body,
 /// so the request stays in flight until its body has been sent).
 #[derive(Debug)]

@@ -76,7 +76,7 @@ use super::accept::{self, ConnPermit, ConnTracker};
 use super::access_log::{Counted, Entry};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::TrackedBody;
-use super::client_limits::{ClientLimits, ConnWatch, Expiry, StallTimeout, Watched};
+use super::client_limits::{ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout, Watched};
 use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
 use super::hygiene;
 use super::request_body::read_body;
@@ -147,12 +147,7 @@ pub(crate) async fn serve(
                 let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
                 let resp = handle(req, &ctx, peer).await;
                 // The guard rides in the body and drops with it.
-                let resp = resp.map(|b| {
-                    b.map_frame(move |f| {
-                        let _in_flight = &guard;
-                        f
-                    })
-                });
+                let resp = resp.map(|b| InFlight::new(b, guard));
                 Ok::<_, Infallible>(resp)
             }
         });

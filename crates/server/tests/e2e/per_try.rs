@@ -22,11 +22,12 @@ async fn a_stalled_get_is_retried_within_the_per_try_timeout_and_a_post_is_not()
     let slow = Backend::start("slow").await;
     let fast = Backend::start("fast").await;
     slow.set_delay(Duration::from_secs(10));
-    let lb = Lb::start(&raw_config(
+    let config = raw_config(
         "",
         "request_timeout = \"5s\"\nper_try_timeout = \"300ms\"\nretries = 1\nerror_threshold = 100",
         &[("slow", slow.addr), ("fast", fast.addr)],
-    ));
+    );
+    let lb = Lb::start(&config);
     // Round robin over both: every GET meets the stalled instance in turn.
     for i in 0..4 {
         let t = Instant::now();
@@ -40,6 +41,11 @@ async fn a_stalled_get_is_retried_within_the_per_try_timeout_and_a_post_is_not()
 
     // Two POSTs: one meets each instance; the one that stalls is not
     // resent, so it ends with 504 and the fast instance sees only its own.
+    // A fresh balancer: round robin admits an instance in proportion to its
+    // health score, which the stalled GETs lowered, so with this one the
+    // second POST might skip the stalled instance.
+    drop(lb);
+    let lb = Lb::start(&config);
     let before = (
         slow.state.hits.load(std::sync::atomic::Ordering::SeqCst),
         fast.state.hits.load(std::sync::atomic::Ordering::SeqCst),
@@ -62,16 +68,21 @@ async fn a_stalled_get_is_retried_within_the_per_try_timeout_and_a_post_is_not()
 async fn a_reset_after_the_body_retries_a_get_elsewhere_but_never_a_post() {
     let reset = RawBackend::start(None).await;
     let ok = RawBackend::start(Some(OK)).await;
-    let lb = Lb::start(&raw_config(
+    let config = raw_config(
         "",
         "retries = 1\nerror_threshold = 100",
         &[("reset", reset.addr), ("ok", ok.addr)],
-    ));
+    );
+    let lb = Lb::start(&config);
     for i in 0..4 {
         let (status, body) = send(&lb, "GET").await;
         assert_eq!((status, body.as_str()), (200, "ok"), "GET {i}");
     }
     assert!(reset.hits() >= 1, "the resetting instance was never tried");
+    // A fresh balancer, whose round robin meets each instance once (the
+    // resets above lowered the resetting instance's share).
+    drop(lb);
+    let lb = Lb::start(&config);
     let before = (reset.hits(), ok.hits());
     let mut statuses = vec![send(&lb, "POST").await.0, send(&lb, "POST").await.0];
     statuses.sort_unstable();
