@@ -99,6 +99,13 @@ fn create_at_zero(family: &Family<Labels, Counter>, labels: &Labels) {
     drop(family.get_or_create(labels));
 }
 
+fn tls_labels(listener: &str, name: &str) -> Labels {
+    vec![
+        ("listener", listener.to_owned()),
+        ("name", name.to_owned()),
+    ]
+}
+
 fn result_label(ok: bool) -> Labels {
     vec![("result", RESULTS[usize::from(!ok)].to_owned())]
 }
@@ -118,6 +125,7 @@ pub struct Metrics {
     accept_errors: Family<Labels, Counter>,
     access_log_dropped: Counter,
     discovery_invalid: Counter,
+    tls_expiry: Family<Labels, Gauge>,
     errors: Arc<Mutex<HashMap<String, Arc<ServiceErrors>>>>,
     limits: Arc<Mutex<HashMap<String, usize>>>,
     sums: Arc<Mutex<HashMap<String, MonotonicSum>>>,
@@ -238,6 +246,12 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind (or could not write)",
             access_log_dropped.clone(),
         );
+        let tls_expiry = Family::<Labels, Gauge>::default();
+        registry.register(
+            "datapunk_lb_tls_certificate_expiry_seconds",
+            "Not-after of each certificate a TLS listener serves, Unix seconds, by listener and name (its first DNS name, else its file name)",
+            tls_expiry.clone(),
+        );
         for ok in [true, false] {
             create_at_zero(&reloads, &result_label(ok));
             create_at_zero(&discovery_syncs, &result_label(ok));
@@ -265,6 +279,7 @@ impl Metrics {
             discovery_invalid,
             accept_errors,
             access_log_dropped,
+            tls_expiry,
             errors,
             limits,
             sums,
@@ -274,6 +289,18 @@ impl Metrics {
     /// Access log lines dropped.
     pub(crate) fn access_log_dropped(&self) -> Counter {
         self.access_log_dropped.clone()
+    }
+
+    /// Sets the not-after of certificate `name` of TLS listener `listener`.
+    pub(crate) fn set_tls_expiry(&self, listener: &str, name: &str, not_after: i64) {
+        self.tls_expiry
+            .get_or_create(&tls_labels(listener, name))
+            .set(not_after);
+    }
+
+    /// Drops the series of a certificate no longer served.
+    pub(crate) fn remove_tls_expiry(&self, listener: &str, name: &str) {
+        self.tls_expiry.remove(&tls_labels(listener, name));
     }
 
     /// The accept-error counter of `listener`, created at 0.

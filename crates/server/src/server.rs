@@ -53,6 +53,7 @@ use crate::metrics::Metrics;
 use crate::proxy::accept::ConnTracker;
 use crate::proxy::access_log::AccessLogs;
 use crate::proxy::http::HttpContext;
+use crate::proxy::tls::{TlsListener, TlsListeners};
 use crate::proxy::upstream::UpstreamClients;
 use crate::proxy::{RetryBudget, Routing, Upstream};
 
@@ -81,6 +82,14 @@ pub enum ServerError {
     /// The access log destination could not be opened.
     #[error("access_log_path: {0}")]
     AccessLog(std::io::Error),
+    /// A TLS listener's certificates could not be loaded.
+    #[error("listener {name}: tls: {reason}")]
+    Tls {
+        /// Listener name.
+        name: String,
+        /// Which file, and why.
+        reason: String,
+    },
 }
 
 struct RunningListener {
@@ -105,6 +114,8 @@ pub struct Server {
     readiness: Readiness,
     admin: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
     discovery: Mutex<Option<crate::discovery::Running>>,
+    /// The TLS side of `https` / `tls` listeners, polled for file changes.
+    tls: TlsListeners,
     /// Where discovery publishes its status; kept across its restarts, so a
     /// node stays ready while a changed discovery reconnects.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
@@ -149,8 +160,10 @@ impl Server {
             readiness,
             admin: Mutex::new(None),
             discovery: Mutex::new(None),
+            tls: TlsListeners::default(),
             discovery_status,
         });
+        server.tls.spawn_poller();
         server.apply(config.clone(), true).await?;
         server.start_admin(&config).await?;
         // Static discovery: the first sync is the config itself; otherwise
@@ -326,13 +339,29 @@ impl Server {
         let token = Self::read_token(&config)?;
         // Opened (reopened on reload) before anything changes.
         let access_log = AccessLogs::open(&config).map_err(ServerError::AccessLog)?;
+        // 0. Certificates re-read from disk (even for an unchanged config):
+        // failing here changes nothing.
+        let mut fresh_tls = HashMap::new();
+        for l in &config.listeners {
+            if let Some(tls) = &l.tls {
+                let alpn_http = l.protocol == Protocol::Http;
+                let t = TlsListener::load(&l.name, tls, alpn_http, self.metrics.clone())
+                    .map_err(|e| ServerError::Tls {
+                        name: l.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                fresh_tls.insert(l.name.clone(), t);
+            }
+        }
         // 1. Bind new or changed listeners first: failing here changes nothing.
         let mut bound = Vec::new();
         {
             let running = self.listeners.lock();
             for l in &config.listeners {
                 let same = running.get(&l.name).is_some_and(|r| {
-                    r.config.listen == l.listen && r.config.protocol == l.protocol
+                    r.config.listen == l.listen
+                        && r.config.protocol == l.protocol
+                        && r.config.tls.is_some() == l.tls.is_some()
                 });
                 if !same {
                     bound.push(l.clone());
@@ -424,7 +453,20 @@ impl Server {
                 }
                 keep
             });
+            self.tls.retain(|name| running.contains_key(name));
+            // Listeners that keep running take their new certificates in place.
+            for name in running.keys() {
+                if let (Some(t), Some(fresh)) = (self.tls.get(name), fresh_tls.remove(name)) {
+                    t.adopt(fresh);
+                }
+            }
             for (l, socket) in sockets {
+                let tls = fresh_tls.remove(&l.name).map(|t| {
+                    let t = Arc::new(t);
+                    t.publish();
+                    self.tls.insert(&l.name, t.clone());
+                    t
+                });
                 let addr = socket.local_addr().unwrap_or(l.listen);
                 let (stop, stop_rx) = watch::channel(false);
                 let accept_errors = self.metrics.accept_errors(&l.name);
@@ -434,6 +476,7 @@ impl Server {
                             listener: Arc::from(l.name.as_str()),
                             routing: self.routing.clone(),
                             limits: l.limits,
+                            tls,
                         });
                         tokio::spawn(crate::proxy::http::serve(
                             socket,
@@ -452,6 +495,7 @@ impl Server {
                             self.connections.clone(),
                             accept_errors,
                             l.limits.max_connections,
+                            tls.map(|t| (t, l.limits.header_read_timeout)),
                         ));
                     }
                 }

@@ -64,6 +64,8 @@ pub struct FileListener {
     pub forwarded_header: Option<Spanned<bool>>,
     /// HTTP: one access log line per request.
     pub access_log: Option<Spanned<bool>>,
+    /// `https` / `tls`: termination settings (`config/tls.rs`).
+    pub tls: Option<super::tls::FileTls>,
 }
 
 #[derive(Debug, Deserialize)]

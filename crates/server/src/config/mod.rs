@@ -61,6 +61,7 @@ pub mod file;
 #[cfg(test)]
 mod forwarding_tests;
 pub mod keys;
+pub mod tls;
 #[cfg(test)]
 mod knobs_tests;
 #[cfg(test)]
@@ -81,6 +82,7 @@ use datapunk_lb_core::{
 use toml::Spanned;
 
 pub use self::cidr::Cidr;
+pub use self::tls::{ClientAuth, TlsCertificate, TlsListenerConfig, TlsVersion};
 use self::file::{FileConfig, FileService};
 pub use crate::proxy::hash_key::HashKey;
 
@@ -235,6 +237,9 @@ pub struct ListenerConfig {
     pub forwarded_header: bool,
     /// HTTP: one access log line per request.
     pub access_log: bool,
+    /// `https` (an `Http` listener) / `tls` (a `Tcp` listener): TLS
+    /// termination.
+    pub tls: Option<TlsListenerConfig>,
 }
 
 /// The client-side limits of a `[[listener]]` (the rules are in
@@ -764,19 +769,24 @@ impl Config {
                 }
             };
             let protocol = match l.protocol.as_ref().map(|p| p.get_ref().as_str()) {
-                None | Some("http") => Protocol::Http,
-                Some("tcp") => Protocol::Tcp,
+                None | Some("http" | "https") => Protocol::Http,
+                Some("tcp" | "tls") => Protocol::Tcp,
                 Some(other) => {
                     if let Some(p) = &l.protocol {
                         ck.issue(
                             format!("{key}.protocol"),
                             p,
-                            format!("unknown protocol {other:?}; expected \"http\" or \"tcp\""),
+                            format!("unknown protocol {other:?}; expected \"http\", \"https\", \"tcp\" or \"tls\""),
                         );
                     }
                     Protocol::Http
                 }
             };
+            let tls_protocol = matches!(
+                l.protocol.as_ref().map(|p| p.get_ref().as_str()),
+                Some("https" | "tls")
+            );
+            let tls = tls::listener_tls(&key, &l.name, tls_protocol, l.tls.as_ref(), ck);
             let known = |ck: &mut Checker<'_>, k: String, s: &Spanned<String>| {
                 if !file.service.contains_key(s.get_ref()) {
                     ck.issue(
@@ -857,6 +867,7 @@ impl Config {
                 trusted_proxies,
                 forwarded_header,
                 access_log,
+                tls,
             });
         }
         if listeners.is_empty() {
@@ -915,7 +926,12 @@ impl Config {
         for l in &self.listeners {
             match l.protocol {
                 Protocol::Http => {
-                    let _ = writeln!(s, "listener {} on {} (http/1.1 + h2c)", l.name, l.listen);
+                    let what = if l.tls.is_some() {
+                        "https: http/1.1 + h2 by ALPN"
+                    } else {
+                        "http/1.1 + h2c"
+                    };
+                    let _ = writeln!(s, "listener {} on {} ({what})", l.name, l.listen);
                     let d = humantime::format_duration;
                     let _ = writeln!(
                         s,
@@ -951,13 +967,20 @@ impl Config {
                 Protocol::Tcp => {
                     let _ = writeln!(
                         s,
-                        "listener {} on {} (tcp) -> {}",
+                        "listener {} on {} ({}) -> {}",
                         l.name,
                         l.listen,
+                        if l.tls.is_some() { "tls" } else { "tcp" },
                         l.service.as_deref().unwrap_or("?")
                     );
                     let _ = writeln!(s, "  max_connections {}", l.limits.max_connections);
                 }
+            }
+            if let Some(t) = &l.tls {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                t.write_summary(&mut s, now);
             }
         }
         for (name, svc) in &self.services {

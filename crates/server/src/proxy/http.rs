@@ -82,6 +82,7 @@ use super::hygiene;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
 use super::upgrade;
+use super::tls::{ClientStream, TlsListener};
 use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
 
@@ -103,6 +104,8 @@ pub(crate) struct HttpContext {
     pub(crate) routing: Arc<ArcSwap<Routing>>,
     /// Client-side timeouts and the connection limit.
     pub(crate) limits: ClientLimits,
+    /// `https`: the TLS termination.
+    pub(crate) tls: Option<Arc<TlsListener>>,
 }
 
 /// Accepts connections until `stop` turns true. Each connection holds a
@@ -132,6 +135,7 @@ pub(crate) async fn serve(
     let draining = tracker.draining();
     let on_accept = |stream: TcpStream, peer: SocketAddr, permit: ConnPermit| {
         let ctx = ctx.clone();
+        let tls = ctx.tls.clone();
         // Shared with upgrade tunnels, which outlive the connection task.
         let permit = Arc::new(permit);
         let conn_permit = permit.clone();
@@ -155,6 +159,17 @@ pub(crate) async fn serve(
         let mut draining = draining.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // The handshake runs here, off the accept loop, bounded like a head.
+            let stream = match tls {
+                None => ClientStream::Plain(stream),
+                Some(t) => match t.accept(stream, limits.header_read_timeout).await {
+                    Ok(s) => ClientStream::Tls(Box::new(s)),
+                    Err(e) => {
+                        debug!(%peer, error = %e, "tls handshake failed");
+                        return;
+                    }
+                },
+            };
             let io = TokioIo::new(Watched::new(stream, watch.clone()));
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
@@ -297,7 +312,16 @@ pub(crate) async fn handle(
     });
     let mut resp = match up {
         None => error_response(&ProxyError::NoRoute),
-        Some(up) => match proxy(req, &up, peer, &rules.forwarding, &id, entry.as_mut()).await {
+        Some(up) => match proxy(
+            req,
+            &up,
+            peer,
+            (&rules.forwarding, ctx.tls.is_some()),
+            &id,
+            entry.as_mut(),
+        )
+        .await
+        {
             Ok(resp) => resp,
             Err(e) => {
                 debug!(
@@ -320,7 +344,8 @@ async fn proxy(
     req: Request<ClientBody>,
     up: &Upstream,
     peer: SocketAddr,
-    forwarding: &Forwarding,
+    // The rules, and whether the client came over TLS (`X-Forwarded-Proto`).
+    (forwarding, https): (&Forwarding, bool),
     id: &HeaderValue,
     mut entry: Option<&mut Entry>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -348,7 +373,7 @@ async fn proxy(
     set_forwarding(
         &mut parts.headers,
         peer,
-        "http",
+        if https { "https" } else { "http" },
         authority.as_ref(),
         forwarding,
     );

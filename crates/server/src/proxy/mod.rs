@@ -7,7 +7,7 @@
 //! [`request_id`]: `X-Request-Id`; [`access_log`]: one line per request;
 //! [`hygiene`]: the Host checks before routing; [`client_limits`]: the
 //! head, idle and body timeouts of client connections), TCP
-//! listeners ([`tcp`]), the one accept loop both use ([`accept`]: accept
+//! listeners ([`tcp`]), TLS termination for both ([`tls`]), the one accept loop both use ([`accept`]: accept
 //! errors logged at most once a second and backed off; the drain tracker),
 //! routing, the request key `consistent_hash` hashes ([`hash_key`]), the
 //! one attempt loop both use ([`attempt`]), the retry budget
@@ -37,6 +37,7 @@ pub(crate) mod request_body;
 pub(crate) mod request_id;
 pub(crate) mod retry;
 pub(crate) mod tcp;
+pub(crate) mod tls;
 pub(crate) mod upgrade;
 pub(crate) mod upstream;
 

@@ -14,6 +14,9 @@
 //!   connection's whole life.
 //! - With `hash_key = "client_ip"` (the only key a stream has) the client's
 //!   IP is the `consistent_hash` key, so one client keeps its instance.
+//! - A `tls` listener terminates TLS first (`super::tls`), in the
+//!   connection's task, within the listener's `header_read_timeout`; the
+//!   instance is chosen after the handshake and gets the plain bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use super::accept;
 use super::accept::{ConnPermit, ConnTracker};
 use super::attempt::{self, Attempt, Class, Ended, NoAnswer, Replay, Step};
 use super::hash_key::client_ip_digest;
+use super::tls::{ClientStream, TlsListener};
 use super::{ProxyError, Routing};
 
 /// Accepts connections until `stop` turns true; open connections are
@@ -43,12 +47,26 @@ pub(crate) async fn serve(
     tracker: ConnTracker,
     accept_errors: Counter,
     max_connections: u32,
+    // `tls` listeners: the termination and the handshake's time limit.
+    tls: Option<(Arc<TlsListener>, Duration)>,
 ) {
     let on_accept = |client: TcpStream, peer: SocketAddr, permit: ConnPermit| {
         let routing = routing.clone();
         let name = name.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // The handshake runs here, off the accept loop.
+            let client = match tls {
+                None => ClientStream::Plain(client),
+                Some((t, timeout)) => match t.accept(client, timeout).await {
+                    Ok(s) => ClientStream::Tls(Box::new(s)),
+                    Err(e) => {
+                        debug!(listener = &*name, %peer, error = %e, "tls handshake failed");
+                        return;
+                    }
+                },
+            };
             if let Err(e) = proxy(client, peer, &name, &routing).await {
                 debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
             }
@@ -68,7 +86,7 @@ pub(crate) async fn serve(
 }
 
 async fn proxy(
-    mut client: TcpStream,
+    mut client: ClientStream,
     peer: SocketAddr,
     name: &str,
     routing: &ArcSwap<Routing>,
