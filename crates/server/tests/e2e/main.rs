@@ -28,4 +28,5 @@ mod slow_start;
 mod slowloris;
 mod status_page;
 mod support;
+mod tls;
 mod websocket;
