@@ -100,10 +100,7 @@ fn create_at_zero(family: &Family<Labels, Counter>, labels: &Labels) {
 }
 
 fn tls_labels(listener: &str, name: &str) -> Labels {
-    vec![
-        ("listener", listener.to_owned()),
-        ("name", name.to_owned()),
-    ]
+    vec![("listener", listener.to_owned()), ("name", name.to_owned())]
 }
 
 fn result_label(ok: bool) -> Labels {

@@ -345,11 +345,12 @@ impl Server {
         for l in &config.listeners {
             if let Some(tls) = &l.tls {
                 let alpn_http = l.protocol == Protocol::Http;
-                let t = TlsListener::load(&l.name, tls, alpn_http, self.metrics.clone())
-                    .map_err(|e| ServerError::Tls {
+                let t = TlsListener::load(&l.name, tls, alpn_http, self.metrics.clone()).map_err(
+                    |e| ServerError::Tls {
                         name: l.name.clone(),
                         reason: e.to_string(),
-                    })?;
+                    },
+                )?;
                 fresh_tls.insert(l.name.clone(), t);
             }
         }

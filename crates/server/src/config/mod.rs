@@ -13,6 +13,7 @@
 //! | `drain_timeout` | 30 s |
 //! | `admin.listen` | `127.0.0.1:9901` |
 //! | `listener.protocol` | `http` |
+//! | `listener.tls.min_version` / `client_auth` | `1.2` / `none` (see `tls.rs`) |
 //! | `listener.header_read_timeout` / `idle_timeout` / `request_body_timeout` | 10 s / 60 s / 30 s |
 //! | `listener.max_connections` | 100,000 |
 //! | `route.path_prefix` | `/` |
@@ -61,11 +62,11 @@ pub mod file;
 #[cfg(test)]
 mod forwarding_tests;
 pub mod keys;
-pub mod tls;
 #[cfg(test)]
 mod knobs_tests;
 #[cfg(test)]
 mod limits_tests;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -82,8 +83,8 @@ use datapunk_lb_core::{
 use toml::Spanned;
 
 pub use self::cidr::Cidr;
-pub use self::tls::{ClientAuth, TlsCertificate, TlsListenerConfig, TlsVersion};
 use self::file::{FileConfig, FileService};
+pub use self::tls::{ClientAuth, TlsCertificate, TlsListenerConfig, TlsVersion};
 pub use crate::proxy::hash_key::HashKey;
 
 /// Default drain timeout: 30 s.

@@ -81,8 +81,8 @@ use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
 use super::hygiene;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
-use super::upgrade;
 use super::tls::{ClientStream, TlsListener};
+use super::upgrade;
 use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
 

@@ -57,10 +57,7 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub(crate) enum TlsError {
     /// The file could not be read.
     #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: io::Error,
-    },
+    Read { path: PathBuf, source: io::Error },
     /// The file is not the PEM expected.
     #[error("{}: {what}", path.display())]
     Pem { path: PathBuf, what: String },
@@ -390,7 +387,10 @@ impl TlsListener {
         match Self::load(&self.name, &tls, self.alpn_http, self.metrics.clone()) {
             Ok(fresh) => {
                 self.adopt(fresh);
-                info!(listener = self.name.as_str(), "tls certificates reloaded: a file changed");
+                info!(
+                    listener = self.name.as_str(),
+                    "tls certificates reloaded: a file changed"
+                );
             }
             Err(e) => {
                 error!(listener = self.name.as_str(), error = %e, "tls reload rejected: the old certificates keep serving");
@@ -462,7 +462,8 @@ impl TlsListeners {
                 let all: Vec<Arc<TlsListener>> = map.lock().values().cloned().collect();
                 drop(map);
                 // File reads off the runtime's worker threads.
-                let _ = tokio::task::spawn_blocking(move || all.iter().for_each(|t| t.poll())).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || all.iter().for_each(|t| t.poll())).await;
             }
         });
     }
@@ -546,7 +547,9 @@ fn tlv(d: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || d.len() < n {
             return None;
         }
-        let len = d[..n].iter().fold(0usize, |a, b| (a << 8) | usize::from(*b));
+        let len = d[..n]
+            .iter()
+            .fold(0usize, |a, b| (a << 8) | usize::from(*b));
         (len, &d[n..])
     };
     if d.len() < len {

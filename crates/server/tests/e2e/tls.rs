@@ -56,8 +56,10 @@ impl Ca {
     fn issue(&self, names: &[&str], serial: u64, year: i32) -> (rcgen::Certificate, KeyPair) {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut p = CertificateParams::new(names.clone()).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        p.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         p.serial_number = Some(SerialNumber::from(serial));
         p.not_after = rcgen::date_time_ymd(year, 6, 1);
         let key = KeyPair::generate().unwrap();
@@ -123,13 +125,12 @@ fn https_config(tls: &str, backend: &Recorder) -> String {
 }
 
 fn client_config(ca: &Ca, alpn: &[&[u8]]) -> ClientConfig {
-    let mut c = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(ca.roots())
-    .with_no_client_auth();
+    let mut c =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(ca.roots())
+            .with_no_client_auth();
     c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     c
 }
@@ -150,7 +151,9 @@ async fn connect(
 }
 
 fn leaf_of(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    s.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    s.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 /// One GET over an established TLS stream; HTTP/2 when ALPN chose it.
@@ -163,8 +166,9 @@ async fn get_over(s: TlsStream<TcpStream>, host: &str) -> (u16, String) {
         .body(Empty::<Bytes>::new())
         .unwrap();
     let resp = if h2 {
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         send.send_request(req).await.unwrap()
     } else {
@@ -192,9 +196,14 @@ async fn https_serves_http1_and_h2_by_alpn_to_an_http1_backend() {
     assert_eq!(get_over(s, "api.test").await, (200, "hello".into()));
     assert_eq!(backend.last("x-forwarded-proto"), ["https"]);
 
-    let s = connect(addr, client_config(&ca, &[b"h2", b"http/1.1"]), "api.test", true)
-        .await
-        .unwrap();
+    let s = connect(
+        addr,
+        client_config(&ca, &[b"h2", b"http/1.1"]),
+        "api.test",
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     assert_eq!(get_over(s, "api.test").await, (200, "hello".into()));
     assert_eq!(backend.last("x-forwarded-proto"), ["https"]);
@@ -232,7 +241,10 @@ async fn sni_picks_the_certificate_and_the_first_is_the_default() {
     let s = connect(addr, cfg(), "a.test", false).await.unwrap();
     assert_eq!(leaf_of(&s), a.der, "no SNI: the first certificate");
     let err = connect(addr, cfg(), "y.x.b.test", true).await;
-    assert!(err.is_err(), "y.x.b.test gets the default a.test certificate");
+    assert!(
+        err.is_err(),
+        "y.x.b.test gets the default a.test certificate"
+    );
 }
 
 #[tokio::test]
@@ -302,11 +314,14 @@ async fn client_auth_required_needs_a_certificate_from_the_client_ca() {
     // the first read.
     async fn answers(r: std::io::Result<TlsStream<TcpStream>>) -> bool {
         let Ok(mut s) = r else { return false };
-        if s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n").await.is_err() {
+        if s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .is_err()
+        {
             return false;
         }
         let mut buf = [0u8; 12];
-        matches!(s.read_exact(&mut buf).await, Ok(_) if buf.starts_with(b"HTTP/1.1 200"))
+        s.read_exact(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200")
     }
     let addr = lb.addr("web");
     assert!(!answers(connect(addr, client_config(&ca, &[]), "api.test", true).await).await);
@@ -385,7 +400,10 @@ async fn certificates_reload_from_disk_and_a_broken_one_keeps_the_old() {
     assert_eq!(resp.status(), 200, "the open connection keeps working");
 
     // Garbage in the cert file: logged, and the second keeps serving.
-    write_atomically(&first.cert_file, "-----BEGIN CERTIFICATE-----\nnot base64!\n");
+    write_atomically(
+        &first.cert_file,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n",
+    );
     let cert_name = first.cert_file.display().to_string();
     lb.wait_log("the rejected reload", Duration::from_secs(5), |v| {
         v["message"]
@@ -476,7 +494,10 @@ fn check_names_the_missing_key_file_and_its_line() {
     std::fs::write(
         &path,
         config
-            .replace("[listener.tls]\n", "[listener.tls]\nclient_auth = \"required\"\n")
+            .replace(
+                "[listener.tls]\n",
+                "[listener.tls]\nclient_auth = \"required\"\n",
+            )
             .replace(&format!("{missing:?}"), &format!("{:?}", leaf.key_file)),
     )
     .unwrap();
@@ -511,5 +532,8 @@ fn check_names_the_missing_key_file_and_its_line() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("warning: certificate") && stdout.contains("expired"), "{stdout}");
+    assert!(
+        stdout.contains("warning: certificate") && stdout.contains("expired"),
+        "{stdout}"
+    );
 }
