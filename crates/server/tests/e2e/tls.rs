@@ -444,6 +444,15 @@ async fn certificates_reload_from_disk_and_a_broken_one_keeps_the_old() {
     }
 }
 
+/// `datapunk-lb check --config path`.
+fn check(path: &PathBuf) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_names_the_missing_key_file_and_its_line() {
     let ca = Ca::new("test ca");
@@ -458,11 +467,7 @@ fn check_names_the_missing_key_file_and_its_line() {
     );
     let path = temp_path("tls-check.toml");
     std::fs::write(&path, &config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -477,11 +482,7 @@ fn check_names_the_missing_key_file_and_its_line() {
         config.replace(&format!("{missing:?}"), &format!("{:?}", other.key_file)),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -501,11 +502,7 @@ fn check_names_the_missing_key_file_and_its_line() {
             .replace(&format!("{missing:?}"), &format!("{:?}", leaf.key_file)),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -525,11 +522,7 @@ fn check_names_the_missing_key_file_and_its_line() {
             .replace(&format!("{missing:?}"), &format!("{kf:?}")),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
