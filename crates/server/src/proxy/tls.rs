@@ -267,8 +267,7 @@ fn build(tls: &TlsListenerConfig, alpn_http: bool) -> Result<Built, TlsError> {
                 .map_err(|e| TlsError::Rustls(format!("{}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
-        // Config refuses `required` without a CA; `optional` without one
-        // verifies nothing, so asks for nothing.
+        // `none`; config refuses `optional` and `required` without a CA.
         _ => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver);
