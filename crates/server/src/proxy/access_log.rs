@@ -15,6 +15,7 @@
 //! | `instance` / `attempts` | the instance of the last attempt, `-` when none was tried (no route, no instance); attempts made, retries included |
 //! | `duration_ms` | request head received → response body ended, milliseconds |
 //! | `request_id` | the `X-Request-Id` the backend got and the client got back |
+//! | `client_cert` | `https` with a client certificate only: its subject CN, else its first DNS name; absent otherwise |
 //! | `outcome` | `complete`; `error` when the response body broke mid-way (the upstream reset); `client_gone` when the client went away before the body ended |
 //!
 //! The query string is logged: it is what operators need to replay a
@@ -69,6 +70,7 @@ use super::attempt::{Attempt, Class, Replay, Step};
 use super::body::{BodyEnd, Watch, Watched};
 use super::http::ProxyBody;
 use super::request_body::ReqBody;
+use super::tls::ClientIdentity;
 use crate::config::{AccessLogPath, Config};
 use crate::telemetry::LogFormat;
 
@@ -273,6 +275,8 @@ struct Record {
     attempts: u32,
     duration_us: u64,
     outcome: &'static str,
+    /// The verified client certificate's name (`https` only).
+    client_cert: Option<Arc<str>>,
 }
 
 impl Record {
@@ -335,6 +339,10 @@ impl Serialize for Record {
         st.serialize_field("duration_ms", &(self.duration_us as f64 / 1e3))?;
         st.serialize_field("request_id", self.request_id())?;
         st.serialize_field("outcome", self.outcome)?;
+        match &self.client_cert {
+            Some(c) => st.serialize_field("client_cert", &**c)?,
+            None => st.skip_field("client_cert")?,
+        }
         st.end()
     }
 }
@@ -382,6 +390,10 @@ impl AccessLog {
                 attempts: 0,
                 duration_us: 0,
                 outcome: "complete",
+                client_cert: req
+                    .extensions()
+                    .get::<ClientIdentity>()
+                    .map(|c| c.0.clone()),
             },
             streamed_in: None,
         }
@@ -541,6 +553,9 @@ impl Record {
             Value(self.request_id()),
             self.outcome,
         );
+        if let Some(c) = &self.client_cert {
+            let _ = write!(out, " client_cert={}", Value(c));
+        }
     }
 }
 

@@ -81,7 +81,7 @@ use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
 use super::hygiene;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
-use super::tls::{ClientStream, TlsListener};
+use super::tls::{ClientIdentity, ClientStream, TlsListener};
 use super::upgrade;
 use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
@@ -136,6 +136,10 @@ pub(crate) async fn serve(
     let on_accept = |stream: TcpStream, peer: SocketAddr, permit: ConnPermit| {
         let ctx = ctx.clone();
         let tls = ctx.tls.clone();
+        // The verified client certificate's name, set after the handshake
+        // (before any request), for the access log.
+        let identity = Arc::new(std::sync::OnceLock::<ClientIdentity>::new());
+        let svc_identity = identity.clone();
         // Shared with upgrade tunnels, which outlive the connection task.
         let permit = Arc::new(permit);
         let conn_permit = permit.clone();
@@ -144,6 +148,9 @@ pub(crate) async fn serve(
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let ctx = ctx.clone();
             upgrade::attach_permit(&mut req, &conn_permit);
+            if let Some(id) = svc_identity.get() {
+                req.extensions_mut().insert(id.clone());
+            }
             // In flight from the parsed head until the response body is sent.
             let guard = svc_watch.request_started();
             async move {
@@ -163,7 +170,12 @@ pub(crate) async fn serve(
             let stream = match tls {
                 None => ClientStream::Plain(stream),
                 Some(t) => match t.accept(stream, limits.header_read_timeout).await {
-                    Ok(s) => ClientStream::Tls(Box::new(s)),
+                    Ok(s) => {
+                        if let Some(id) = ClientIdentity::of(&s) {
+                            let _ = identity.set(id);
+                        }
+                        ClientStream::Tls(Box::new(s))
+                    }
                     Err(e) => {
                         debug!(%peer, error = %e, "tls handshake failed");
                         return;

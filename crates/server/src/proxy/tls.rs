@@ -561,22 +561,7 @@ fn tlv(d: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// → tbsCertificate → [version], serial, signature, issuer, validity →
 /// notAfter (UTCTime or GeneralizedTime, `Z` form as RFC 5280 requires).
 pub(crate) fn not_after(der: &[u8]) -> Option<i64> {
-    let (0x30, cert, _) = tlv(der)? else {
-        return None;
-    };
-    let (0x30, tbs, _) = tlv(cert)? else {
-        return None;
-    };
-    let mut rest = tbs;
-    // Optional explicit [0] version.
-    if rest.first() == Some(&0xa0) {
-        rest = tlv(rest)?.2;
-    }
-    for _ in 0..3 {
-        // serial, signature algorithm, issuer
-        rest = tlv(rest)?.2;
-    }
-    let (0x30, validity, _) = tlv(rest)? else {
+    let (0x30, validity, _) = tlv(tbs_field(der, 3)?)? else {
         return None;
     };
     let (_, _, after) = tlv(validity)?;
@@ -600,6 +585,72 @@ pub(crate) fn not_after(der: &[u8]) -> Option<i64> {
         return None;
     }
     Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+/// The tbsCertificate of `der` from its field `n` on (0: serial,
+/// 1: signature algorithm, 2: issuer, 3: validity, 4: subject).
+fn tbs_field(der: &[u8], n: usize) -> Option<&[u8]> {
+    let (0x30, cert, _) = tlv(der)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = tlv(cert)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    // Optional explicit [0] version.
+    if rest.first() == Some(&0xa0) {
+        rest = tlv(rest)?.2;
+    }
+    for _ in 0..n {
+        rest = tlv(rest)?.2;
+    }
+    Some(rest)
+}
+
+/// The subject's common name (the first CN) of a certificate (DER).
+fn common_name(der: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let (0x30, mut rdns, _) = tlv(tbs_field(der, 4)?)? else {
+        return None;
+    };
+    while !rdns.is_empty() {
+        let (_, set, rest) = tlv(rdns)?;
+        rdns = rest;
+        let mut atvs = set;
+        while !atvs.is_empty() {
+            let (_, atv, rest) = tlv(atvs)?;
+            atvs = rest;
+            let (0x06, oid, value) = tlv(atv)? else {
+                return None;
+            };
+            if oid == CN {
+                let (_, v, _) = tlv(value)?;
+                return std::str::from_utf8(v).ok().map(str::to_owned);
+            }
+        }
+    }
+    None
+}
+
+/// A verified client certificate's identity, for the access log: its
+/// subject CN, else its first DNS name. Rides in request extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientIdentity(pub(crate) Arc<str>);
+
+impl ClientIdentity {
+    /// The identity of the client certificate of `stream`, if one was sent
+    /// (and so verified: rustls fails the handshake otherwise).
+    pub(crate) fn of(stream: &TlsStream<TcpStream>) -> Option<Self> {
+        let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+        let name = common_name(leaf.as_ref()).or_else(|| {
+            webpki::EndEntityCert::try_from(leaf)
+                .ok()?
+                .valid_dns_names()
+                .next()
+                .map(str::to_owned)
+        })?;
+        Some(Self(Arc::from(name)))
+    }
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Hinnant's algorithm).
@@ -634,6 +685,23 @@ mod tests {
             let want = days_from_civil(i64::from(y), i64::from(m), i64::from(d)) * 86_400;
             assert_eq!(not_after(cert.der()), Some(want), "{y}-{m}-{d}");
         }
+    }
+
+    #[test]
+    fn common_name_of_generated_certificates() {
+        let mut p = rcgen::CertificateParams::new(vec!["a.test".into()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Datapunk");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "client-7");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        assert_eq!(common_name(cert.der()).as_deref(), Some("client-7"));
+        let p = rcgen::CertificateParams::new(vec!["a.test".into()]).unwrap();
+        let mut p = p;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        let cert = p.self_signed(&key).unwrap();
+        assert_eq!(common_name(cert.der()), None);
     }
 
     #[test]

@@ -291,13 +291,20 @@ async fn client_auth_required_needs_a_certificate_from_the_client_ca() {
     let ca_file = temp_path("clients-ca.pem");
     std::fs::write(&ca_file, clients.cert.pem()).unwrap();
     let backend = Recorder::start("ok").await;
-    let lb = Lb::start(&https_config(
+    let log = temp_path("access.log");
+    let config = https_config(
         &format!(
             "client_auth = \"required\"\nclient_ca_file = {ca_file:?}\n{}",
             cert_entry(&leaf)
         ),
         &backend,
-    ));
+    )
+    .replacen(
+        "protocol = \"https\"\n",
+        "protocol = \"https\"\naccess_log = true\n",
+        1,
+    );
+    let lb = Lb::start(&format!("access_log_path = {log:?}\n{config}"));
     let with_cert = |by: &Ca| {
         let (cert, key) = by.issue(&["client.test"], 99, 2040);
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -327,6 +334,23 @@ async fn client_auth_required_needs_a_certificate_from_the_client_ca() {
     assert!(!answers(connect(addr, client_config(&ca, &[]), "api.test", true).await).await);
     assert!(!answers(connect(addr, with_cert(&other), "api.test", true).await).await);
     assert!(answers(connect(addr, with_cert(&clients), "api.test", true).await).await);
+
+    // The access log names the verified client (its subject CN).
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let names: Vec<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["client_cert"].as_str().map(str::to_owned))
+            .collect();
+        if !names.is_empty() {
+            assert_eq!(names, ["client.test"]);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
