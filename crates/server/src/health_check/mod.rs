@@ -51,7 +51,7 @@ use tracing::{debug, warn};
 
 use crate::config::{Config, HealthCheck, HealthCheckKind, UpstreamProtocol};
 use crate::metrics::Metrics;
-use probe::Conn;
+use probe::Kept;
 use schedule::{Schedule, View};
 
 /// Probes in flight at once, across all services.
@@ -137,11 +137,14 @@ impl Budget {
 impl HealthChecker {
     /// Starts a checker per service of `config` that has a check.
     pub(crate) fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
-        let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let budget = Arc::new(Budget {
-            per_second: f64::from(config.health_check_max_probes_per_second),
-            demand: Mutex::new(HashMap::new()),
-            last_warn: Mutex::new(None),
+        let shared = Arc::new(Shared {
+            limit: Semaphore::new(MAX_IN_FLIGHT),
+            budget: Budget {
+                per_second: f64::from(config.health_check_max_probes_per_second),
+                demand: Mutex::new(HashMap::new()),
+                last_warn: Mutex::new(None),
+            },
+            kept: Arc::default(),
         });
         let tasks = config
             .services
@@ -153,8 +156,7 @@ impl HealthChecker {
                     metrics.clone(),
                     name.clone(),
                     s.health_check.clone(),
-                    limit.clone(),
-                    budget.clone(),
+                    shared.clone(),
                     s.upstream_protocol == UpstreamProtocol::H2c,
                 ))
             })
@@ -164,19 +166,29 @@ impl HealthChecker {
 }
 
 /// A finished probe, back to its service's checker.
-type Done = (InstanceId, bool, Option<Conn>);
+type Done = (InstanceId, bool, Option<Kept>);
+
+/// What every service's checker shares.
+#[derive(Debug)]
+struct Shared {
+    /// Probes in flight.
+    limit: Semaphore,
+    budget: Budget,
+    /// Idle probe connections kept (see [`probe::MAX_KEPT`]).
+    kept: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 async fn run_service(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     service: String,
     check: HealthCheck,
-    limit: Arc<Semaphore>,
-    budget: Arc<Budget>,
+    shared: Arc<Shared>,
     h2: bool,
 ) {
+    let budget = &shared.budget;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
-    let mut sched: Schedule<Conn> = Schedule::new(check.clone());
+    let mut sched: Schedule<Kept> = Schedule::new(check.clone());
     let clock = registry.clock().clone();
     let mut factor = 1.0;
     let mut shown = None;
@@ -215,11 +227,13 @@ async fn run_service(
             let inst = m.instance();
             let (addr, port) = (inst.address().to_owned(), inst.port());
             let (registry, metrics, service) = (registry.clone(), metrics.clone(), service.clone());
-            let (check, limit, tx) = (check.clone(), limit.clone(), tx.clone());
+            let (check, shared, tx) = (check.clone(), shared.clone(), tx.clone());
             tokio::spawn(async move {
-                let _permit = limit.acquire().await;
+                let _permit = shared.limit.acquire().await;
                 let started = tokio::time::Instant::now();
+                let conn = conn.and_then(Kept::take);
                 let (ok, conn) = probe::probe(&check, h2, &addr, port, conn).await;
+                let conn = conn.and_then(|c| Kept::keep(c, &shared.kept));
                 let outcome = if ok {
                     Outcome::Success(started.elapsed())
                 } else {

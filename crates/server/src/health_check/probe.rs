@@ -10,6 +10,14 @@
 //! can carry the next probe; a longer body, or `Connection: close`, costs
 //! the connection, not the check. `tcp` probes connect and close: the
 //! connect is the check.
+//!
+//! At most [`MAX_KEPT`] idle probe connections are kept across all
+//! services: each is a file descriptor in the balancer and a connection
+//! the backend holds, and at 100,000 instances one per instance would
+//! exhaust both. Instances past the cap connect per probe, as before.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -20,6 +28,41 @@ use crate::config::{HealthCheck, HealthCheckKind};
 
 /// Longest probe response body read to keep the connection.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
+
+/// Idle probe connections kept at most, across all services.
+pub(crate) const MAX_KEPT: usize = 8_192;
+
+/// An idle connection counted against [`MAX_KEPT`] until taken or dropped.
+#[derive(Debug)]
+pub(crate) struct Kept {
+    conn: Option<Conn>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Kept {
+    /// Keeps `conn` if fewer than [`MAX_KEPT`] are kept; else closes it.
+    pub(crate) fn keep(conn: Conn, count: &Arc<AtomicUsize>) -> Option<Kept> {
+        if count.fetch_add(1, Ordering::Relaxed) >= MAX_KEPT {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Kept {
+            conn: Some(conn),
+            count: count.clone(),
+        })
+    }
+
+    /// The connection, for the next probe (no longer counted).
+    pub(crate) fn take(mut self) -> Option<Conn> {
+        self.conn.take()
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// An instance's idle probe connection.
 #[derive(Debug)]

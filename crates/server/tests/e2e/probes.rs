@@ -195,3 +195,88 @@ async fn an_instance_serving_real_traffic_is_not_probed_while_an_idle_one_is() {
         busy.probes() - before
     );
 }
+
+/// CPU seconds (user + system) the process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let hz: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    ticks / hz
+}
+
+/// The per-probe CPU cost of the balancer: `DATAPUNK_LB_PROBE_INSTANCES`
+/// (default 2,000) instances over 4 local backends, HTTP checks every
+/// `DATAPUNK_LB_PROBE_INTERVAL` (default 1 s), no traffic; after 3 s of
+/// warm-up, 10 s of probes/s done (counted at the backends) vs needed and
+/// the balancer's CPU time from `/proc/PID/stat`. `DATAPUNK_LB_BIN` runs
+/// another build (say, the one before this change) on the same config;
+/// `DATAPUNK_LB_PROBE_BUDGET` sets `health_check_max_probes_per_second`.
+///
+/// `cargo test --release -p datapunk-lb --test e2e measure_probe_cost -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run in release with --ignored --nocapture"]
+async fn measure_probe_cost() {
+    use std::fmt::Write;
+    let env = |k: &str| std::env::var(k).ok();
+    let n: usize = env("DATAPUNK_LB_PROBE_INSTANCES").map_or(2_000, |v| v.parse().unwrap());
+    let interval: f64 = env("DATAPUNK_LB_PROBE_INTERVAL").map_or(1.0, |v| v.parse().unwrap());
+    let bin = env("DATAPUNK_LB_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_datapunk-lb").into());
+    let mut backends = Vec::new();
+    for _ in 0..4 {
+        backends.push(Counting::start().await);
+    }
+    let mut cfg = String::new();
+    if let Some(b) = env("DATAPUNK_LB_PROBE_BUDGET") {
+        let _ = writeln!(cfg, "health_check_max_probes_per_second = {b}");
+    }
+    let _ = write!(
+        cfg,
+        "{WEB_TO_API}[admin]\nlisten = \"127.0.0.1:0\"\n[service.api]\n[service.api.health_check]\n\
+         kind = \"http\"\npath = \"/health\"\ninterval = \"{interval}s\"\ntimeout = \"{interval}s\"\n"
+    );
+    for i in 0..n {
+        let _ = write!(
+            cfg,
+            "[[service.api.instance]]\nid = \"i{i:06}\"\naddress = \"127.0.0.1\"\nport = {}\n",
+            backends[i % 4].port
+        );
+    }
+    let path = crate::support::temp_path("probe-cost.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = std::process::Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let probes = || backends.iter().map(Counting::probes).sum::<usize>();
+    let accepts = || backends.iter().map(Counting::accepts).sum::<usize>();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu0, p0, a0) = (cpu_seconds(pid), probes(), accepts());
+    let wall = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let secs = wall.elapsed().as_secs_f64();
+    let (cpu, done, conns) = (cpu_seconds(pid) - cpu0, probes() - p0, accepts() - a0);
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "{bin}: {n} instances every {interval} s: needed {:.0} probes/s, done {:.0}/s; \
+         {:.0} % of a core; {:.1} µs CPU per probe; {:.0} new connections/s",
+        n as f64 / interval,
+        done as f64 / secs,
+        100.0 * cpu / secs,
+        1e6 * cpu / done.max(1) as f64,
+        conns as f64 / secs
+    );
+}
