@@ -270,7 +270,7 @@ async fn measure_probe_cost() {
     let (cpu, done, conns) = (cpu_seconds(pid) - cpu0, probes() - p0, accepts() - a0);
     let _ = child.kill();
     let _ = child.wait();
-    println!(
+    eprintln!(
         "{bin}: {n} instances every {interval} s: needed {:.0} probes/s, done {:.0}/s; \
          {:.0} % of a core; {:.1} µs CPU per probe; {:.0} new connections/s",
         n as f64 / interval,
