@@ -207,6 +207,14 @@ mod tests {
             .collect()
     }
 
+    fn view_of(ids: &[InstanceId], i: usize, successes: u64, ejected: bool) -> Option<View> {
+        Some(View {
+            id: ids[i].clone(),
+            successes,
+            ejected,
+        })
+    }
+
     /// Steps `clock` by 1 ms for `ms` ms; at each step asks for due probes
     /// and answers each at once with `ok(i)`. Returns (time ms, index) of
     /// every probe.
@@ -246,13 +254,7 @@ mod tests {
         let clock = ManualClock::new();
         let mut s = Schedule::new(check(1_000, 8_000));
         assert_eq!(s.effective_interval(factor), Duration::from_secs(2));
-        let view = |i: usize, _| {
-            Some(View {
-                id: ids[i].clone(),
-                successes: 0,
-                ejected: false,
-            })
-        };
+        let view = |i: usize, _| view_of(&ids, i, 0, false);
         let probes = drive(&mut s, &clock, factor, 6_000, view, n, |_| true);
         // 6 s at 50/s.
         assert!((299..=301).contains(&probes.len()), "{}", probes.len());
@@ -282,13 +284,8 @@ mod tests {
         // Instance 0 serves real traffic until t = 5 s (one success every
         // 100 ms), then none; instance 1 never does.
         let successes = |t: u64| t.min(5_000) / 100;
-        let view = |i: usize, t: u64| {
-            Some(View {
-                id: ids[i].clone(),
-                successes: if i == 0 { successes(t) } else { 0 },
-                ejected: false,
-            })
-        };
+        let view =
+            |i: usize, t: u64| view_of(&ids, i, if i == 0 { successes(t) } else { 0 }, false);
         let probes = drive(&mut s, &clock, 1.0, 10_000, view, 2, |_| true);
         let of = |i| -> Vec<u64> { probes.iter().filter(|p| p.1 == i).map(|p| p.0).collect() };
         let busy = of(0);
@@ -315,13 +312,9 @@ mod tests {
         // waits 2^k s: 2, 4, 8, 8, ...
         let mut s = Schedule::new(check(1_000, 8_000));
         let view = |i: usize, t: u64| {
-            Some(View {
-                id: ids[i].clone(),
-                // Real successes keep coming, but the breaker is open:
-                // passive health does not vouch for an ejected instance.
-                successes: t / 10,
-                ejected: true,
-            })
+            // Real successes keep coming, but the breaker is open:
+            // passive health does not vouch for an ejected instance.
+            view_of(&ids, i, t / 10, true)
         };
         let probes = drive(&mut s, &clock, 1.0, 40_000, view, 1, |_| false);
         let gaps: Vec<u64> = probes
@@ -353,13 +346,7 @@ mod tests {
         let ids = ids(10);
         let clock = ManualClock::new();
         let mut s: Schedule<()> = Schedule::new(check(1_000, 8_000));
-        let view = |i: usize| {
-            Some(View {
-                id: ids[i].clone(),
-                successes: 0,
-                ejected: false,
-            })
-        };
+        let view = |i: usize| view_of(&ids, i, 0, false);
         clock.advance(Duration::from_millis(1));
         assert_eq!(s.due(clock.now(), 1.0, 10, view).len(), 1);
         clock.advance(Duration::from_secs(30));
