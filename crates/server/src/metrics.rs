@@ -352,6 +352,13 @@ impl Metrics {
             .set(interval.as_secs_f64());
     }
 
+    /// Drops every effective-interval series: the checkers (re)started on
+    /// a config set them again, so services removed or no longer checked
+    /// leave none behind.
+    pub fn health_check_intervals_clear(&self) {
+        self.health_check_interval.clear();
+    }
+
     /// Counts a config reload.
     pub fn reload(&self, ok: bool) {
         self.reloads.get_or_create(&result_label(ok)).inc();

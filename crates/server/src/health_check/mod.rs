@@ -137,6 +137,7 @@ impl Budget {
 impl HealthChecker {
     /// Starts a checker per service of `config` that has a check.
     pub(crate) fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
+        metrics.health_check_intervals_clear();
         let shared = Arc::new(Shared {
             limit: Semaphore::new(MAX_IN_FLIGHT),
             budget: Budget {
