@@ -308,6 +308,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_probe_budget_is_a_strict_global_key() {
+        let cfg = |extra: &str| {
+            format!(
+                "{extra}[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+                 [[listener.route]]\npath_prefix = \"/\"\nservice = \"api\"\n[service.api]\n\
+                 [[service.api.instance]]\nid = \"a\"\naddress = \"127.0.0.1\"\nport = 1\n"
+            )
+        };
+        let parse = |extra: &str| Config::parse(&cfg(extra)).map_err(|e| e.to_string());
+        assert_eq!(
+            parse("").map(|c| c.health_check_max_probes_per_second),
+            Ok(2_000)
+        );
+        let c = parse("health_check_max_probes_per_second = 300\n");
+        assert_eq!(
+            c.as_ref().map(|c| c.health_check_max_probes_per_second),
+            Ok(300)
+        );
+        assert!(c
+            .unwrap_or_else(|e| panic!("{e}"))
+            .summary()
+            .contains("health_check_max_probes_per_second: 300"));
+        // A wrong type is toml's error (line, no key), as for every knob.
+        let e = parse("health_check_max_probes_per_second = \"fast\"\n");
+        assert!(e.is_err_and(|e| e.contains("line 1")));
+        for bad in ["0", "1000001"] {
+            let e = parse(&format!("health_check_max_probes_per_second = {bad}\n"))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                e.contains("line 1") && e.contains("health_check_max_probes_per_second"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     /// One HTTP exchange on a real socket: answers `status`, hands back the
     /// request head it read.
     async fn one_response(status: u16) -> (u16, tokio::task::JoinHandle<String>) {
