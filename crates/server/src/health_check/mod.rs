@@ -57,9 +57,13 @@ use schedule::{Schedule, View};
 /// Probes in flight at once, across all services.
 pub(crate) const MAX_IN_FLIGHT: usize = 64;
 
-/// How often a checker looks for due probes: fine enough that probes stay
-/// spread (at 2,000/s, 20 per tick) and cheap when idle.
+/// A checker sleeps until its next slot, but at least this long (at
+/// 2,000 probes/s, 20 per wake-up: probes stay spread, wake-ups few) ...
 const TICK: Duration = Duration::from_millis(10);
+
+/// ... and at most this long, so finished probes, new members and the
+/// budget are picked up soon even when slots are far apart.
+const MAX_TICK: Duration = Duration::from_millis(250);
 
 /// At most one "checks are behind" warning per this long.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -223,6 +227,9 @@ async fn run_service(
                 ejected: m.circuit_state() != CircuitState::Closed,
             })
         });
+        let wait = sched
+            .until_next(clock.now())
+            .map_or(TICK, |d| d.clamp(TICK, MAX_TICK));
         for (i, id, conn) in due {
             let Some(m) = members.get(i) else { continue };
             let inst = m.instance();
@@ -253,7 +260,7 @@ async fn run_service(
                 let _ = tx.send((id, ok, conn));
             });
         }
-        tokio::time::sleep(TICK).await;
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -170,6 +170,12 @@ impl<C> Schedule<C> {
         }
     }
 
+    /// How long from `now` until the next slot (zero if due; `None` before
+    /// the first visit or with no members).
+    pub(crate) fn until_next(&self, now: Timestamp) -> Option<Duration> {
+        self.next_slot.map(|t| t.saturating_since(now))
+    }
+
     /// Instances the schedule holds state for.
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
@@ -349,6 +355,8 @@ mod tests {
         let view = |i: usize| view_of(&ids, i, 0, false);
         clock.advance(Duration::from_millis(1));
         assert_eq!(s.due(clock.now(), 1.0, 10, view).len(), 1);
+        // The next of 10 slots in a 1 s ring is 100 ms away.
+        assert_eq!(s.until_next(clock.now()), Some(Duration::from_millis(100)));
         clock.advance(Duration::from_secs(30));
         let due = s.due(clock.now(), 1.0, 10, view);
         // Those in flight are not probed twice; nothing beyond one ring.
