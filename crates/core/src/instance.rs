@@ -373,6 +373,13 @@ impl Member {
         self.live.requests.load(Ordering::Relaxed)
     }
 
+    /// Failed request outcomes recorded on this instance (active health
+    /// checks are not requests); `requests() - failures()` only grows when
+    /// real traffic succeeds, which is what passive health reads.
+    pub fn failures(&self) -> u64 {
+        self.live.failures.load(Ordering::Relaxed)
+    }
+
     /// Requests currently holding a selection on this instance. Exact.
     #[inline]
     pub fn active_connections(&self) -> u32 {

@@ -118,6 +118,7 @@ pub struct Metrics {
     transitions: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     discovery_stale: Gauge,
+    health_check_interval: Family<Labels, Gauge<f64, AtomicU64>>,
     discovery_syncs: Family<Labels, Counter>,
     accept_errors: Family<Labels, Counter>,
     access_log_dropped: Counter,
@@ -219,6 +220,12 @@ impl Metrics {
             "1 while discovery is stale (etcd unreachable or the watch broken): the node serves the last instance set it saw",
             discovery_stale.clone(),
         );
+        let health_check_interval = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "datapunk_lb_health_check_interval_effective_seconds",
+            "The health-check interval in force per service: the configured one, stretched when health_check_max_probes_per_second is exceeded",
+            health_check_interval.clone(),
+        );
         let discovery_syncs = Family::<Labels, Counter>::default();
         registry.register(
             "datapunk_lb_discovery_syncs",
@@ -272,6 +279,7 @@ impl Metrics {
             transitions,
             reloads,
             discovery_stale,
+            health_check_interval,
             discovery_syncs,
             discovery_invalid,
             accept_errors,
@@ -359,6 +367,20 @@ impl Metrics {
         let mut l = vec![("service", service.to_owned())];
         l.extend(result_label(ok));
         self.health_checks.get_or_create(&l).inc();
+    }
+
+    /// Sets `service`'s effective health-check interval.
+    pub fn health_check_interval_effective(&self, service: &str, interval: std::time::Duration) {
+        self.health_check_interval
+            .get_or_create(&vec![("service", service.to_owned())])
+            .set(interval.as_secs_f64());
+    }
+
+    /// Drops every effective-interval series: the checkers (re)started on
+    /// a config set them again, so services removed or no longer checked
+    /// leave none behind.
+    pub fn health_check_intervals_clear(&self) {
+        self.health_check_interval.clear();
     }
 
     /// Counts a config reload.

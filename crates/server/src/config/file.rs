@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub discovery: Option<FileDiscovery>,
     /// Where listeners with `access_log = true` write: `"stdout"` or a path.
     pub access_log_path: Option<Spanned<String>>,
+    /// The probe budget across all services' health checks, probes/s.
+    pub health_check_max_probes_per_second: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,15 +6,25 @@
 //! healthy/unhealthy probe thresholds: one breaker judges an instance, so
 //! probes and requests cannot disagree about it.
 //!
-//! ## Schedule
+//! ## Schedule (see [`schedule`] for the exact rule)
 //!
-//! - **Spread**: each instance's first probe waits a random fraction of the
-//!   interval, so N instances are not probed at once.
+//! - **Evenly spaced**: each service's instances are probed in turn, one per
+//!   `interval / N`, so N instances are never probed at once.
+//! - **Budget**: `health_check_max_probes_per_second` (default 2,000) caps
+//!   the probes of all services together; when Σ(N / interval) exceeds it,
+//!   every interval is stretched by the same factor. The interval in force
+//!   is the gauge `datapunk_lb_health_check_interval_effective_seconds`,
+//!   and while it is longer than configured a warning is logged at most
+//!   once a minute. Checks that fall behind say so.
+//! - **Passive first**: an instance with a successful real request since
+//!   its previous turn is not probed: real traffic already judged it
+//!   (Linkerd relies on passive health the same way). Probes go where
+//!   traffic does not, and to ejected instances.
 //! - **Backoff**: after `k` consecutive failed probes an instance is next
 //!   probed after `interval × 2^k`, capped at `backoff_max` (default 8 ×
-//!   interval, at most 60 s), with ±20 % jitter. A dead instance costs
-//!   little; a recovered one is found within the cap, so the cap is the
-//!   operator's trade between probe load and time to notice recovery.
+//!   interval, at most 60 s). A dead instance costs little; a recovered one
+//!   is found within the cap, so the cap is the operator's trade between
+//!   probe load and time to notice recovery.
 //! - **Bound**: at most [`MAX_IN_FLIGHT`] probes run at once across all
 //!   services.
 //!
@@ -23,28 +33,40 @@
 //!
 //! An `http` probe speaks the service's `upstream_protocol`: HTTP/2 with
 //! prior knowledge for `h2c`, HTTP/1.1 for `http1` and `auto` (what every
-//! client can send), so a check passes exactly when real traffic could.
+//! client can send), so a check passes exactly when real traffic could. It
+//! keeps one connection per instance between probes ([`probe`]).
 
-use std::collections::HashMap;
+mod probe;
+mod schedule;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use datapunk_lb_core::{FailureKind, Outcome, Registry};
-use http_body_util::Empty;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use datapunk_lb_core::{CircuitState, FailureKind, InstanceId, Outcome, Registry};
+use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::{Config, HealthCheck, HealthCheckKind, UpstreamProtocol};
 use crate::metrics::Metrics;
+use probe::Kept;
+use schedule::{Schedule, View};
 
 /// Probes in flight at once, across all services.
 pub(crate) const MAX_IN_FLIGHT: usize = 64;
+
+/// A checker sleeps until its next slot, but at least this long (at
+/// 2,000 probes/s, 20 per wake-up: probes stay spread, wake-ups few) ...
+const TICK: Duration = Duration::from_millis(10);
+
+/// ... and at most this long, so finished probes, new members and the
+/// budget are picked up soon even when slots are far apart.
+const MAX_TICK: Duration = Duration::from_millis(250);
+
+/// At most one "checks are behind" warning per this long.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The running checkers; dropping it stops them.
 #[derive(Debug, Default)]
@@ -75,16 +97,60 @@ pub(crate) fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Durati
     base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
 }
 
+/// The probe budget shared by every service's checker.
+#[derive(Debug)]
+struct Budget {
+    per_second: f64,
+    /// Each service's demand, probes/s (instances / interval).
+    demand: Mutex<HashMap<String, f64>>,
+    last_warn: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Budget {
+    /// Records `service`'s demand and returns the stretch factor for all.
+    fn factor(&self, service: &str, demand: f64) -> f64 {
+        let mut d = self.demand.lock();
+        if let Some(v) = d.get_mut(service) {
+            *v = demand;
+        } else {
+            d.insert(service.to_owned(), demand);
+        }
+        schedule::stretch(d.values().sum(), self.per_second)
+    }
+
+    /// Logs that checks are behind, at most once per [`WARN_EVERY`].
+    fn warn(&self, service: &str, configured: Duration, effective: Duration) {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last_warn.lock();
+        if last.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        let demand: f64 = self.demand.lock().values().sum();
+        warn!(
+            service,
+            configured = %humantime::format_duration(configured),
+            effective = %humantime::format_duration(Duration::from_millis(effective.as_millis() as u64)),
+            needed_per_second = demand.round(),
+            budget_per_second = self.per_second,
+            "health checks are behind: intervals stretched to stay within health_check_max_probes_per_second"
+        );
+    }
+}
+
 impl HealthChecker {
     /// Starts a checker per service of `config` that has a check.
     pub(crate) fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
-        let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_max_idle_per_host(0); // a probe should test a fresh connection
-        let h1: Client<HttpConnector, Empty<Bytes>> = builder.build(conn.clone());
-        let h2: Client<HttpConnector, Empty<Bytes>> = builder.http2_only(true).build(conn);
+        metrics.health_check_intervals_clear();
+        let shared = Arc::new(Shared {
+            limit: Semaphore::new(MAX_IN_FLIGHT),
+            budget: Budget {
+                per_second: f64::from(config.health_check_max_probes_per_second),
+                demand: Mutex::new(HashMap::new()),
+                last_warn: Mutex::new(None),
+            },
+            kept: Arc::default(),
+        });
         let tasks = config
             .services
             .iter()
@@ -95,12 +161,8 @@ impl HealthChecker {
                     metrics.clone(),
                     name.clone(),
                     s.health_check.clone(),
-                    limit.clone(),
-                    if s.upstream_protocol == UpstreamProtocol::H2c {
-                        h2.clone()
-                    } else {
-                        h1.clone()
-                    },
+                    shared.clone(),
+                    s.upstream_protocol == UpstreamProtocol::H2c,
                 ))
             })
             .collect();
@@ -108,10 +170,17 @@ impl HealthChecker {
     }
 }
 
-struct ProbeState {
-    next_at: Instant,
-    fails: u32,
-    in_flight: bool,
+/// A finished probe, back to its service's checker.
+type Done = (InstanceId, bool, Option<Kept>);
+
+/// What every service's checker shares.
+#[derive(Debug)]
+struct Shared {
+    /// Probes in flight.
+    limit: Semaphore,
+    budget: Budget,
+    /// Idle probe connections kept (see [`probe::MAX_KEPT`]).
+    kept: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn run_service(
@@ -119,53 +188,60 @@ async fn run_service(
     metrics: Arc<Metrics>,
     service: String,
     check: HealthCheck,
-    limit: Arc<Semaphore>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    shared: Arc<Shared>,
+    h2: bool,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
-    let mut states: HashMap<String, ProbeState> = HashMap::new();
-    let tick = (check.interval / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let budget = &shared.budget;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    let mut sched: Schedule<Kept> = Schedule::new(check.clone());
+    let clock = registry.clock().clone();
+    let mut factor = 1.0;
+    let mut shown = None;
     loop {
-        while let Ok((id, ok)) = rx.try_recv() {
-            if let Some(st) = states.get_mut(&id) {
-                st.in_flight = false;
-                st.fails = if ok { 0 } else { st.fails.saturating_add(1) };
-                st.next_at = Instant::now() + next_delay(&check, st.fails, fastrand::f64());
-            }
+        while let Ok((id, ok, conn)) = rx.try_recv() {
+            sched.done(&id, ok, clock.now(), factor, conn);
         }
         let Some(svc) = registry.service(&service) else {
-            tokio::time::sleep(tick).await;
+            tokio::time::sleep(TICK).await;
             continue;
         };
         let members = svc.members();
-        let now = Instant::now();
-        let mut seen = std::collections::HashSet::new();
-        for m in members.iter() {
+        let n = members.len();
+        factor = budget.factor(&service, n as f64 / check.interval.as_secs_f64());
+        let effective = sched.effective_interval(factor);
+        if shown != Some(effective) {
+            metrics.health_check_interval_effective(&service, effective);
+            shown = Some(effective);
+        }
+        if effective > check.interval {
+            budget.warn(&service, check.interval, effective);
+        }
+        if sched.len() > n {
+            let live: HashSet<&InstanceId> = members.iter().map(|m| m.instance().id()).collect();
+            sched.retain(|id| live.contains(id));
+        }
+        let due = sched.due(clock.now(), factor, n, |i| {
+            members.get(i).map(|m| View {
+                id: m.instance().id().clone(),
+                successes: m.requests().saturating_sub(m.failures()),
+                ejected: m.circuit_state() != CircuitState::Closed,
+            })
+        });
+        let wait = sched
+            .until_next(clock.now())
+            .map_or(TICK, |d| d.clamp(TICK, MAX_TICK));
+        for (i, id, conn) in due {
+            let Some(m) = members.get(i) else { continue };
             let inst = m.instance();
-            let id = inst.id().as_str();
-            seen.insert(id.to_owned());
-            let st = states.entry(id.to_owned()).or_insert_with(|| ProbeState {
-                next_at: now + check.interval.mul_f64(fastrand::f64()),
-                fails: 0,
-                in_flight: false,
-            });
-            if st.in_flight || st.next_at > now {
-                continue;
-            }
-            st.in_flight = true;
-            let (registry, metrics, service, id) = (
-                registry.clone(),
-                metrics.clone(),
-                service.clone(),
-                id.to_owned(),
-            );
             let (addr, port) = (inst.address().to_owned(), inst.port());
-            let (check, limit, client, tx) =
-                (check.clone(), limit.clone(), client.clone(), tx.clone());
+            let (registry, metrics, service) = (registry.clone(), metrics.clone(), service.clone());
+            let (check, shared, tx) = (check.clone(), shared.clone(), tx.clone());
             tokio::spawn(async move {
-                let _permit = limit.acquire().await;
-                let started = Instant::now();
-                let ok = probe(&check, &client, &addr, port).await;
+                let _permit = shared.limit.acquire().await;
+                let started = tokio::time::Instant::now();
+                let conn = conn.and_then(Kept::take);
+                let (ok, conn) = probe::probe(&check, h2, &addr, port, conn).await;
+                let conn = conn.and_then(|c| Kept::keep(c, &shared.kept));
                 let outcome = if ok {
                     Outcome::Success(started.elapsed())
                 } else {
@@ -178,54 +254,13 @@ async fn run_service(
                     "health check"
                 );
                 metrics.health_check(&service, ok);
-                if let Ok(events) = registry.report_outcome(&service, &id, outcome) {
+                if let Ok(events) = registry.report_outcome(&service, id.as_str(), outcome) {
                     metrics.report(events);
                 }
-                let _ = tx.send((id, ok));
+                let _ = tx.send((id, ok, conn));
             });
         }
-        states.retain(|id, _| seen.contains(id));
-        tokio::time::sleep(tick).await;
-    }
-}
-
-async fn probe(
-    check: &HealthCheck,
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    addr: &str,
-    port: u16,
-) -> bool {
-    let authority = if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
-    };
-    match &check.kind {
-        HealthCheckKind::None => true,
-        HealthCheckKind::Tcp => matches!(
-            tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(authority)).await,
-            Ok(Ok(_))
-        ),
-        HealthCheckKind::Http {
-            path,
-            host,
-            expected,
-        } => {
-            let Ok(uri) = format!("http://{authority}{path}").parse::<http::Uri>() else {
-                return false;
-            };
-            let mut req = http::Request::get(uri);
-            if let Some(host) = host {
-                req = req.header(http::header::HOST, host.as_str());
-            }
-            let Ok(req) = req.body(Empty::new()) else {
-                return false;
-            };
-            match tokio::time::timeout(check.timeout, client.request(req)).await {
-                Ok(Ok(resp)) => expected.contains(resp.status().as_u16()),
-                _ => false,
-            }
-        }
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -280,6 +315,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_probe_budget_is_a_strict_global_key() {
+        let cfg = |extra: &str| {
+            format!(
+                "{extra}[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+                 [[listener.route]]\npath_prefix = \"/\"\nservice = \"api\"\n[service.api]\n\
+                 [[service.api.instance]]\nid = \"a\"\naddress = \"127.0.0.1\"\nport = 1\n"
+            )
+        };
+        let parse = |extra: &str| Config::parse(&cfg(extra)).map_err(|e| e.to_string());
+        assert_eq!(
+            parse("").map(|c| c.health_check_max_probes_per_second),
+            Ok(2_000)
+        );
+        let c = parse("health_check_max_probes_per_second = 300\n");
+        assert_eq!(
+            c.as_ref().map(|c| c.health_check_max_probes_per_second),
+            Ok(300)
+        );
+        assert!(c
+            .unwrap_or_else(|e| panic!("{e}"))
+            .summary()
+            .contains("health_check_max_probes_per_second: 300"));
+        // A wrong type is toml's error (line, no key), as for every knob.
+        let e = parse("health_check_max_probes_per_second = \"fast\"\n");
+        assert!(e.is_err_and(|e| e.contains("line 1")));
+        for bad in ["0", "1000001"] {
+            let e = parse(&format!("health_check_max_probes_per_second = {bad}\n"))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                e.contains("line 1") && e.contains("health_check_max_probes_per_second"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     /// One HTTP exchange on a real socket: answers `status`, hands back the
     /// request head it read.
     async fn one_response(status: u16) -> (u16, tokio::task::JoinHandle<String>) {
@@ -307,8 +379,6 @@ mod tests {
 
     #[tokio::test]
     async fn http_probe_sends_the_host_and_accepts_the_expected_statuses() {
-        let client: Client<HttpConnector, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let check = |host: Option<&str>, expected: &[&str]| HealthCheck {
             kind: HealthCheckKind::Http {
                 path: "/ready".to_owned(),
@@ -327,11 +397,12 @@ mod tests {
             (301, &["200-399"][..], true),
         ] {
             let (port, head) = one_response(status).await;
-            let ok = probe(
+            let (ok, _) = probe::probe(
                 &check(Some("api.internal"), expected),
-                &client,
+                false,
                 "127.0.0.1",
                 port,
+                None,
             )
             .await;
             assert_eq!(ok, want, "{status} against {expected:?}");
@@ -340,7 +411,11 @@ mod tests {
             assert!(head.contains("host: api.internal\r\n"), "{head}");
         }
         let (port, head) = one_response(200).await;
-        assert!(probe(&check(None, &["200"]), &client, "127.0.0.1", port).await);
+        assert!(
+            probe::probe(&check(None, &["200"]), false, "127.0.0.1", port, None)
+                .await
+                .0
+        );
         let head = head.await.unwrap();
         assert!(
             head.contains(&format!("host: 127.0.0.1:{port}\r\n")),

@@ -20,6 +20,7 @@ mod monitoring;
 mod per_try;
 #[cfg(feature = "etcd")]
 mod precedence;
+mod probes;
 mod protocols;
 mod proxy;
 mod reference;
