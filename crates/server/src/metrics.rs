@@ -37,7 +37,7 @@
 //! `datapunk_lb_instance_health_score_distribution` histogram (every
 //! service has it), the per-instance gauges of its [`WORST_INSTANCES`]
 //! worst instances only, and `datapunk_lb_requests_total` summed over every
-//! instance under `instance=""` (kept monotonic, see [`MonotonicSum`]), so
+//! instance under `instance=""` (kept monotonic, see `MonotonicSum`), so
 //! `sum by (service)` queries read the same on both sides of the limit.
 //! `datapunk_lb_instance_series_limited{service}` says which side a
 //! service is on. Sizes and times at 100,000: `docs/benchmarks.md`.
