@@ -215,23 +215,12 @@ impl Held {
     }
 }
 
-/// Runs attempts until one succeeds or the retry rule stops (module doc),
-/// without a hash key (`consistent_hash` then picks at random).
-// HTTP and TCP pass their key through `run_keyed`; this stays for callers
-// without one (and the tests).
-#[cfg_attr(not(test), allow(dead_code))]
+/// Runs attempts until one succeeds or the retry rule stops (module doc).
+/// `key` is the request's hash key (a digest, see
+/// [`hash_key`](super::hash_key); `None`: `consistent_hash` picks at
+/// random), which every selection of the request uses, retries included: a
+/// retry walks the key's table order past the instances already tried.
 pub(crate) async fn run<S: Step>(
-    up: &Upstream,
-    step: &mut S,
-) -> Result<Ended<S::Answer>, ProxyError> {
-    run_keyed(up, step, None).await
-}
-
-/// [`run`] with the request's hash key (a digest, see
-/// [`hash_key`](super::hash_key)), which every selection of the request
-/// uses, retries included: a retry walks the key's table order past the
-/// instances already tried.
-pub(crate) async fn run_keyed<S: Step>(
     up: &Upstream,
     step: &mut S,
     key: Option<&[u8]>,
@@ -575,7 +564,7 @@ mod tests {
             "a" => Attempt::NoAnswer(NoAnswer::ConnectFailed),
             _ => Attempt::Answer(StatusCode::OK),
         });
-        let Ok(Ended::Success(held, answer)) = run(&up, &mut step).await else {
+        let Ok(Ended::Success(held, answer)) = run(&up, &mut step, None).await else {
             panic!("b answers");
         };
         assert_eq!(answer, StatusCode::OK);
@@ -594,7 +583,7 @@ mod tests {
     /// it was sent to.
     async fn forwarded(up: &Upstream, replay: Replay, status: StatusCode) -> Vec<String> {
         let mut step = scripted(replay, move |_| Attempt::Answer(status));
-        match run(up, &mut step).await {
+        match run(up, &mut step, None).await {
             Ok(Ended::Failed(answer)) => assert_eq!(answer, status),
             other => panic!("{status} must be forwarded, got {other:?}"),
         }
@@ -632,7 +621,7 @@ mod tests {
     async fn the_deadline_ends_the_request_with_a_timeout_and_no_retry() {
         let (registry, up) = upstream(&["a", "b"], 2, 100);
         let mut step = scripted(GET, |_| Attempt::NoAnswer(NoAnswer::DeadlineExceeded));
-        let r = run(&up, &mut step).await;
+        let r = run(&up, &mut step, None).await;
         assert_eq!(r.err(), Some(ProxyError::Timeout("api".into())));
         assert_eq!(step.sent_to, ["a"]);
         assert_eq!(failures(&registry, "a"), [FailureKind::Timeout]);
@@ -646,7 +635,7 @@ mod tests {
         };
         let (registry, up) = upstream(&["a", "b"], 2, 100);
         let mut step = scripted(GET, script);
-        let Ok(Ended::Success(held, StatusCode::OK)) = run(&up, &mut step).await else {
+        let Ok(Ended::Success(held, StatusCode::OK)) = run(&up, &mut step, None).await else {
             panic!("b answers the retry");
         };
         held.succeed();
@@ -655,7 +644,7 @@ mod tests {
 
         let (registry, up) = upstream(&["a", "b"], 2, 100);
         let mut step = scripted(POST, script);
-        let r = run(&up, &mut step).await;
+        let r = run(&up, &mut step, None).await;
         assert_eq!(r.err(), Some(ProxyError::Timeout("api".into())));
         assert_eq!(step.sent_to, ["a"], "a POST is not sent twice");
         assert_eq!(failures(&registry, "a"), [FailureKind::Timeout]);
@@ -665,7 +654,7 @@ mod tests {
     async fn connect_failures_everywhere_end_unreachable() {
         let (registry, up) = upstream(&["a", "b"], 5, 100);
         let mut step = scripted(POST, |_| Attempt::NoAnswer(NoAnswer::ConnectTimedOut));
-        let r = run(&up, &mut step).await;
+        let r = run(&up, &mut step, None).await;
         assert_eq!(r.err(), Some(ProxyError::Unreachable("api".into())));
         assert_eq!(step.sent_to, ["a", "b"], "each instance once");
         assert_eq!(failures(&registry, "b"), [FailureKind::Timeout]);
@@ -676,7 +665,7 @@ mod tests {
         let (registry, up) = upstream(&["a", "b"], 2, 100);
         while up.budget.try_withdraw() {}
         let mut step = scripted(GET, |_| Attempt::NoAnswer(NoAnswer::ConnectFailed));
-        let r = run(&up, &mut step).await;
+        let r = run(&up, &mut step, None).await;
         assert_eq!(r.err(), Some(ProxyError::Unreachable("api".into())));
         assert_eq!(step.sent_to, ["a"]);
         assert_eq!(failures(&registry, "b"), []);
@@ -686,14 +675,14 @@ mod tests {
     async fn instances_at_max_connections_are_skipped_and_all_full_is_over_limit() {
         let (registry, up) = upstream(&["a", "b"], 0, 1);
         let mut step = scripted(GET, |_| Attempt::Answer(StatusCode::OK));
-        let Ok(Ended::Success(first, _)) = run(&up, &mut step).await else {
+        let Ok(Ended::Success(first, _)) = run(&up, &mut step, None).await else {
             panic!("a answers");
         };
-        let Ok(Ended::Success(second, _)) = run(&up, &mut step).await else {
+        let Ok(Ended::Success(second, _)) = run(&up, &mut step, None).await else {
             panic!("b answers: a is at its limit");
         };
         assert_eq!(step.sent_to, ["a", "b"]);
-        let r = run(&up, &mut step).await;
+        let r = run(&up, &mut step, None).await;
         assert_eq!(r.err(), Some(ProxyError::OverLimit("api".into())));
         assert_eq!(step.sent_to.len(), 2, "nothing sent over the limit");
         first.succeed();
@@ -707,7 +696,7 @@ mod tests {
         let mut step = scripted(GET, |_| {
             Attempt::Unsendable(ProxyError::Unreachable("api".into()))
         });
-        let r = run(&up, &mut step).await;
+        let r = run(&up, &mut step, None).await;
         assert_eq!(r.err(), Some(ProxyError::Unreachable("api".into())));
         assert_eq!(step.sent_to, ["a"]);
         assert_eq!(failures(&registry, "a"), []);

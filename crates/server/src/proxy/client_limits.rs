@@ -112,8 +112,9 @@ impl ConnWatch {
         })
     }
 
-    /// `data` was read from the client at `now`.
-    fn read(&self, data: &[u8], now: Instant) {
+    /// `data` was read from the client; `now` is asked only when the read
+    /// starts a request head (no clock read per socket read otherwise).
+    fn read(&self, data: &[u8], now: impl FnOnce() -> Instant) {
         let mut s = self.state.lock();
         if !s.read_any {
             s.read_any = true;
@@ -121,7 +122,7 @@ impl ConnWatch {
             s.h2 = data[..n] == H2_PREFACE[..n];
         }
         if !s.h2 && matches!(s.phase, Phase::Idle(_)) {
-            s.phase = Phase::Head(now);
+            s.phase = Phase::Head(now());
             drop(s);
             self.changed.notify_one();
         }
@@ -239,7 +240,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.watch.read(&buf.filled()[before..], Instant::now());
+            self.watch.read(&buf.filled()[before..], Instant::now);
         }
         r
     }
@@ -387,13 +388,13 @@ mod tests {
         assert_eq!(w.deadline(&l), Some((t0 + l.idle_timeout, Expiry::Idle)));
         // The first byte of a head: the head clock starts there.
         let t1 = t0 + Duration::from_secs(5);
-        w.read(b"G", t1);
+        w.read(b"G", || t1);
         assert_eq!(
             w.deadline(&l),
             Some((t1 + l.header_read_timeout, Expiry::Head))
         );
         // More bytes of the same head do not move it.
-        w.read(b"ET / HTTP/1.1\r\n", t1 + Duration::from_secs(3));
+        w.read(b"ET / HTTP/1.1\r\n", || t1 + Duration::from_secs(3));
         assert_eq!(
             w.deadline(&l),
             Some((t1 + l.header_read_timeout, Expiry::Head))
@@ -404,7 +405,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(w.expired(&l), None, "a request in flight is never cut");
         // Body bytes while busy do not start a head.
-        w.read(b"body", t1 + Duration::from_secs(4));
+        w.read(b"body", || t1 + Duration::from_secs(4));
         assert_eq!(w.deadline(&l), None);
         let second = w.request_started();
         drop(guard);
@@ -422,9 +423,9 @@ mod tests {
         let t0 = Instant::now();
         let w = ConnWatch::new(t0);
         let l = limits();
-        w.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", t0);
+        w.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", || t0);
         assert_eq!(w.deadline(&l), Some((t0 + l.idle_timeout, Expiry::Idle)));
-        w.read(b"\0\0\x04\x08", t0 + Duration::from_secs(1));
+        w.read(b"\0\0\x04\x08", || t0 + Duration::from_secs(1));
         assert_eq!(w.deadline(&l), Some((t0 + l.idle_timeout, Expiry::Idle)));
     }
 

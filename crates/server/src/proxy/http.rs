@@ -408,11 +408,11 @@ async fn proxy(
     let ended = match entry {
         Some(e) => {
             let mut counted = Counted::new(&mut step);
-            let ended = attempt::run_keyed(up, &mut counted, key).await;
+            let ended = attempt::run(up, &mut counted, key).await;
             e.attempts(&counted);
             ended
         }
-        None => attempt::run_keyed(up, &mut step, key).await,
+        None => attempt::run(up, &mut step, key).await,
     };
     Ok(match ended? {
         Ended::Success(held, resp) => finish_response(resp, Some(held), up),

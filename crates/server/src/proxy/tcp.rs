@@ -101,7 +101,7 @@ async fn proxy(
     };
     // `client_ip` is the only key a stream has (config refuses the others).
     let key = up.hash_key.as_ref().map(|_| client_ip_digest(peer));
-    match attempt::run_keyed(&up, &mut step, key.as_ref().map(|k| &k[..])).await? {
+    match attempt::run(&up, &mut step, key.as_ref().map(|k| &k[..])).await? {
         Ended::Success(held, mut upstream) => {
             let _ = upstream.set_nodelay(true);
             let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

@@ -18,7 +18,7 @@
 //!
 //! ## The handshake
 //!
-//! The request goes through [`attempt::run_keyed`] like any other (with
+//! The request goes through [`attempt::run`] like any other (with
 //! the service's `hash_key`): selection
 //! under `max_connections`, the same headers as an ordinary request (the
 //! forwarding headers of [`http`](super::http); every hop-by-hop header
@@ -174,7 +174,7 @@ pub(crate) async fn proxy(
         connect_timeout: up.connect_timeout,
         service: &up.name,
     };
-    Ok(match attempt::run_keyed(up, &mut step, key).await? {
+    Ok(match attempt::run(up, &mut step, key).await? {
         Ended::Success(held, resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             switch(resp, held, on_client, permit, up)
         }
@@ -287,18 +287,8 @@ impl Step for UpgradeStep<'_> {
             return unsendable();
         };
         *out.headers_mut() = self.parts.headers.clone();
-        if !out.headers().contains_key(header::HOST) {
-            // The raw connection adds no Host; HTTP/1.1 needs one.
-            let (address, port) = (instance.address(), instance.port());
-            let authority = if address.contains(':') {
-                format!("[{address}]:{port}")
-            } else {
-                format!("{address}:{port}")
-            };
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                out.headers_mut().insert(header::HOST, v);
-            }
-        }
+        // Host is there: an upgrade is HTTP/1.1, which hygiene refuses
+        // without one (and rewrites from an absolute-form target).
         let addr = (instance.address(), instance.port());
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
