@@ -38,13 +38,7 @@ for tool in haproxy nginx h2load taskset python3 curl; do
 	command -v "$tool" >/dev/null || die "$tool not found"
 done
 
-if ((BUILD)); then
-	log "building: cargo build --release -p datapunk-lb"
-	(cd "$ROOT" && cargo build --release -p datapunk-lb)
-fi
-mkdir -p "$RUN_DIR/bin"
-cp "$ROOT/target/release/datapunk-lb" "$RUN_DIR/bin/datapunk-lb"
-DP_BIN="$RUN_DIR/bin/datapunk-lb"
+private_binary
 
 for p in "${BACKEND_PORTS[@]}"; do start_nginx_backend "$p"; done
 

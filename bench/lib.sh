@@ -84,6 +84,19 @@ render() {
 	if grep -q '@[A-Z_]*@' "$out"; then die "unrendered placeholder in $out"; fi
 }
 
+# private_binary: builds the release binary when BUILD=1, then copies it
+# into RUN_DIR/bin and sets DP_BIN to the copy: a concurrent build must not
+# swap the binary mid-run. Expects ROOT and BUILD.
+private_binary() {
+	if ((BUILD)); then
+		log "building: cargo build --release -p datapunk-lb"
+		(cd "$ROOT" && cargo build --release -p datapunk-lb)
+	fi
+	mkdir -p "$RUN_DIR/bin"
+	cp "$ROOT/target/release/datapunk-lb" "$RUN_DIR/bin/datapunk-lb"
+	DP_BIN="$RUN_DIR/bin/datapunk-lb"
+}
+
 # --- backends (pinned to LOAD_CPU) ---
 
 # start_nginx_backend PORT

@@ -59,14 +59,7 @@ for tool in haproxy nginx wrk taskset python3 curl; do
 done
 (($(nproc) > LB_CPU && $(nproc) > LOAD_CPU)) || die "need CPUs $LB_CPU and $LOAD_CPU"
 
-if ((BUILD)); then
-	log "building: cargo build --release -p datapunk-lb"
-	(cd "$ROOT" && cargo build --release -p datapunk-lb)
-fi
-# A private copy: a concurrent build must not swap the binary mid-run.
-mkdir -p "$RUN_DIR/bin"
-cp "$ROOT/target/release/datapunk-lb" "$RUN_DIR/bin/datapunk-lb"
-DP_BIN="$RUN_DIR/bin/datapunk-lb"
+private_binary
 
 {
 	echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"

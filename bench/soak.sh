@@ -38,13 +38,7 @@ for p in $HTTP_PORT $TCP_PORT $ADMIN_PORT 18181 18182 18183 18184 18281 18282 18
 	port_open "$p" && die "port $p is already in use"
 done
 
-if ((BUILD)); then
-	log "building: cargo build --release -p datapunk-lb"
-	(cd "$ROOT" && cargo build --release -p datapunk-lb)
-fi
-mkdir -p "$RUN_DIR/bin"
-cp "$ROOT/target/release/datapunk-lb" "$RUN_DIR/bin/datapunk-lb"
-DP_BIN="$RUN_DIR/bin/datapunk-lb"
+private_binary
 TOKEN=soak-token-0123456789
 printf '%s\n' "$TOKEN" >"$RUN_DIR/token"
 FAULTS="$RUN_DIR/faults.tsv"

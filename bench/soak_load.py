@@ -44,6 +44,16 @@ def count(proto: str, cause: str) -> None:
     TOTAL[proto][cause] += 1
 
 
+async def connect(host, port, a, proto):
+    """A connection, or None after counting a `connect` failure and pausing."""
+    try:
+        return await asyncio.wait_for(asyncio.open_connection(host, port), a.timeout)
+    except (OSError, asyncio.TimeoutError):
+        count(proto, "connect")
+        await asyncio.sleep(a.pause)
+        return None
+
+
 async def read_response(reader: asyncio.StreamReader):
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -64,12 +74,10 @@ async def http_client(host, port, a, stop) -> None:
         proto = "http1_post" if post else "http1_get"
         try:
             if writer is None:
-                try:
-                    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), a.timeout)
-                except (OSError, asyncio.TimeoutError):
-                    count(proto, "connect")
-                    await asyncio.sleep(a.pause)
+                conn = await connect(host, port, a, proto)
+                if conn is None:
                     continue
+                reader, writer = conn
             if post:
                 body = b"p" * 1024
                 writer.write(b"POST /item HTTP/1.1\r\nHost: soak\r\nContent-Length: 1024\r\n\r\n" + body)
@@ -100,12 +108,10 @@ async def http_client(host, port, a, stop) -> None:
 async def tcp_client(host, port, a, stop) -> None:
     n = 0
     while not stop.is_set():
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), a.timeout)
-        except (OSError, asyncio.TimeoutError):
-            count("tcp", "connect")
-            await asyncio.sleep(a.pause)
+        conn = await connect(host, port, a, "tcp")
+        if conn is None:
             continue
+        reader, writer = conn
         try:
             for _ in range(100):
                 if stop.is_set():
@@ -148,12 +154,10 @@ async def ws_read(reader) -> bytes:
 async def ws_client(host, port, a, stop) -> None:
     n = 0
     while not stop.is_set():
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), a.timeout)
-        except (OSError, asyncio.TimeoutError):
-            count("ws", "connect")
-            await asyncio.sleep(a.pause)
+        conn = await connect(host, port, a, "ws")
+        if conn is None:
             continue
+        reader, writer = conn
         try:
             key = base64.b64encode(os.urandom(16))
             writer.write(
