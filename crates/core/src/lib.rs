@@ -71,6 +71,7 @@
 //! | [`slow_start`] | the linear ramp |
 //! | [`error`] | the leaf errors `ConfigError`, `HealthScoreError` |
 //! | [`clock`] | `Clock`, `SystemClock`, `ManualClock`, `Timestamp` |
+//! | `per_thread` | `PerThread`: state striped by thread (counters, pick RNG, rotation) |
 
 #![warn(missing_docs)]
 
@@ -83,6 +84,7 @@ pub mod ewma;
 pub mod health;
 pub mod instance;
 pub mod members;
+pub(crate) mod per_thread;
 pub mod recorder;
 pub mod registry;
 pub mod selection;

@@ -47,8 +47,9 @@ use crate::event::Event;
 use crate::health::HealthScore;
 use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
 use crate::members::Members;
+use crate::per_thread::PerThread;
 use crate::recorder::{Outcome, Recorder, Source};
-use crate::selection::Selection;
+use crate::selection::{PickLocal, Selection};
 use crate::stats::{Availability, ServiceStats};
 use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind, Switch};
 
@@ -62,6 +63,8 @@ pub struct Service {
     recorder: Arc<Recorder>,
     snapshot: ArcSwap<Snapshot>,
     writer: Mutex<Writer>,
+    /// Per-thread pick state (recorder handle, RNG): see [`selection`](crate::selection).
+    local: PerThread<PickLocal>,
 }
 
 /// What selection reads: immutable, replaced on every change.
@@ -121,8 +124,10 @@ impl Service {
     ) -> Self {
         let strategy = config.strategy.build_with(&config);
         let config = Arc::new(config);
+        let recorder = Arc::new(Recorder::new(name, clock, config.clone(), seed));
         Self {
-            recorder: Arc::new(Recorder::new(name, clock, config.clone(), seed)),
+            local: PerThread::new(|_| PickLocal::new(&recorder)),
+            recorder,
             snapshot: ArcSwap::from_pointee(Snapshot {
                 members: Members::default(),
                 generation: 0,
@@ -216,7 +221,8 @@ impl Service {
             return None;
         }
         let now = self.recorder.clock.now();
-        let mut rng = fastrand::Rng::with_seed(self.recorder.next_seed());
+        let local = self.local.local();
+        let mut rng = local.take_rng(|| self.recorder.next_seed());
         let mut switched = None;
         for _ in 0..ADMISSION_ATTEMPTS {
             let mut cx = PickContext {
@@ -233,6 +239,7 @@ impl Service {
                 accept,
             };
             let member = snap.strategy.pick(&mut cx);
+            local.put_rng(&rng);
             if let Some(Switch { from, to, reason }) = switched.take() {
                 events.push(Event::StrategySwitch {
                     service: self.recorder.name.clone(),
@@ -254,7 +261,7 @@ impl Service {
                 }
             };
             return Some(Selection::new(
-                self.recorder.clone(),
+                local.recorder().clone(),
                 member,
                 now,
                 probe,

@@ -12,8 +12,21 @@
 //! the instances they describe. Panic mode reads them (three atomic loads)
 //! instead of scanning the members on every pick. Request counters
 //! (in flight, outcomes, failures) change only through the methods below.
+//!
+//! ## Request counters are per thread
+//!
+//! A select and its release each move the in-flight count, so one shared
+//! atomic would be a read-modify-write on the same cache line from every
+//! thread on every pick — the line the panic check reads, too. The request
+//! counters are therefore striped by thread (`PerThread`): a thread adds to
+//! its own slot, and a reader sums the slots. A selection released on another
+//! thread than the one that made it subtracts from that thread's slot, so a
+//! slot may go negative; the sum is still exact, and is clamped at 0 only for
+//! a reader that races the two halves.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+use crate::per_thread::PerThread;
 
 /// How the service's counters count one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,12 +45,20 @@ pub enum Availability {
 /// Exact counters of one service.
 #[derive(Debug, Default)]
 pub struct ServiceStats {
-    inflight: AtomicU64,
-    requests: AtomicU64,
-    failures: AtomicU64,
+    requests: PerThread<RequestCounters>,
     members: AtomicUsize,
     draining: AtomicUsize,
     unavailable: AtomicUsize,
+}
+
+/// One thread's share of the request counters.
+#[derive(Debug, Default)]
+struct RequestCounters {
+    /// Started minus finished on this thread (may be negative: see the
+    /// module doc).
+    inflight: AtomicI64,
+    requests: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl Availability {
@@ -79,36 +100,54 @@ impl ServiceStats {
     /// A selection was made: one more request in flight.
     #[inline]
     pub(crate) fn request_started(&self) {
-        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.requests
+            .local()
+            .inflight
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// A selection was released.
     #[inline]
     pub(crate) fn request_finished(&self) {
-        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.requests
+            .local()
+            .inflight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A request's outcome was recorded.
     pub(crate) fn outcome(&self, failed: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        let local = self.requests.local();
+        local.requests.fetch_add(1, Ordering::Relaxed);
         if failed {
-            self.failures.fetch_add(1, Ordering::Relaxed);
+            local.failures.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Requests in flight.
+    /// Requests in flight (a sum over the threads' slots).
     pub fn in_flight(&self) -> u64 {
-        self.inflight.load(Ordering::Relaxed)
+        let sum: i64 = self
+            .requests
+            .iter()
+            .map(|c| c.inflight.load(Ordering::Relaxed))
+            .sum();
+        u64::try_from(sum).unwrap_or(0)
     }
 
     /// Request outcomes recorded.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.requests
+            .iter()
+            .map(|c| c.requests.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Request failures recorded.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.requests
+            .iter()
+            .map(|c| c.failures.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// `(members − draining, eligible)`: the panic check's inputs.
@@ -157,5 +196,23 @@ mod tests {
             [0, 0, 0]
         );
         assert_eq!((a, b), (Absent, Absent));
+    }
+
+    #[test]
+    fn in_flight_is_exact_when_released_on_another_thread() {
+        let stats = ServiceStats::default();
+        stats.request_started();
+        stats.request_started();
+        assert_eq!(stats.in_flight(), 2);
+        // Released elsewhere: that thread's slot goes to -1, the sum to 1.
+        std::thread::scope(|s| {
+            s.spawn(|| stats.request_finished());
+        });
+        assert_eq!(stats.in_flight(), 1);
+        std::thread::scope(|s| {
+            s.spawn(|| stats.outcome(true));
+        });
+        stats.outcome(false);
+        assert_eq!((stats.requests(), stats.failures()), (2, 1));
     }
 }

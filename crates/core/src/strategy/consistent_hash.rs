@@ -199,7 +199,9 @@ impl Strategy for ConsistentHash {
             return cx.random_eligible();
         };
         let hash = key_hash(key);
-        let mut table = self.table.load_full();
+        // A guard, not `load_full`: an `Arc` clone per pick would be a
+        // read-modify-write on the table's count from every thread.
+        let mut table = self.table.load();
         let rebuild = table.as_ref().is_none_or(|t| {
             (t.members.is_empty() && t.generation < cx.generation)
                 || rebuild_inline(t.generation, t.built_at, cx.generation, cx.now)
@@ -208,10 +210,11 @@ impl Strategy for ConsistentHash {
             // One rebuild at a time; the others keep the table they have.
             if let Some(_guard) = self.rebuilding.try_lock() {
                 self.rebuild_locked(cx.members, cx.generation, cx.now);
-                table = self.table.load_full();
+                table = self.table.load();
             }
         }
         table
+            .as_ref()
             .and_then(|t| t.lookup(hash, cx))
             .or_else(|| cx.random_eligible())
     }
