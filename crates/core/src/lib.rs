@@ -71,7 +71,7 @@
 //! | [`slow_start`] | the linear ramp |
 //! | [`error`] | the leaf errors `ConfigError`, `HealthScoreError` |
 //! | [`clock`] | `Clock`, `SystemClock`, `ManualClock`, `Timestamp` |
-//! | `per_thread` | `PerThread`: state striped by thread (counters, pick RNG, rotation) |
+//! | `per_thread` | `PerThread`: state striped by thread (request counters, pick RNG and recorder handle) |
 
 #![warn(missing_docs)]
 

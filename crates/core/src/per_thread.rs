@@ -19,8 +19,8 @@
 //!
 //! The proxy runs one thread per core; 16 covers the machines it is
 //! benchmarked on with room to spare, and costs 2 KiB per `PerThread` (a
-//! service has three: counters, pick state, round-robin position), which is
-//! small next to the ~200 B per instance a service already holds.
+//! service has two: its request counters and its pick state), small next to
+//! the ~500 B per instance a service already holds.
 
 use std::cell::Cell;
 use std::ops::Deref;

@@ -46,9 +46,16 @@ pub enum Command {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
-        /// Worker threads (default: one per core).
+        /// Worker threads, each with its own runtime and its own
+        /// `SO_REUSEPORT` socket per listener (default: one per available
+        /// core). At least 1.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        /// Run every listener on one multi-threaded tokio runtime of
+        /// `--threads` workers instead of one runtime per thread (the model
+        /// before issue 12, kept for comparison).
         #[arg(long)]
-        threads: Option<usize>,
+        shared_runtime: bool,
     },
     /// Validate a config, print what would run; exit 0, or 1 with the reasons.
     Check {

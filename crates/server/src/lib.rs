@@ -14,6 +14,7 @@
 //! | [`discovery`] | etcd discovery: list, watch, resync, sent to `control`; the `register` sidecar |
 //! | `fuzzing` | hidden entry points for the fuzz targets in `fuzz/` (crate-private parsers) |
 //! | [`server`] | lifecycle: listeners, start, reload (SIGHUP), drain (SIGTERM), readiness |
+//! | [`workers`] | thread per core: worker runtimes and their `SO_REUSEPORT` sockets |
 //! | `proxy` | HTTP/1.1 + h2c and TCP listeners, routing, retries, errors |
 //! | `health_check` | active HTTP/TCP checks with spread, backoff and a bound |
 //! | [`metrics`] | every Prometheus metric of the SPEC |
@@ -40,3 +41,4 @@ pub mod scan;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod workers;

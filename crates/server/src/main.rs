@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout)]
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -11,6 +12,7 @@ use datapunk_lb::cli::{Cli, Command};
 use datapunk_lb::config::Config;
 use datapunk_lb::server::Server;
 use datapunk_lb::telemetry;
+use datapunk_lb::workers::Workers;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
@@ -27,10 +29,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtime: `--threads 1` gets a single-threaded scheduler (no
-/// work-stealing or cross-thread wake-ups, as one NGINX worker or one
-/// HAProxy thread); otherwise a multi-threaded one, one worker per core by
-/// default.
+/// A runtime for everything but `run`'s thread-per-core mode: `Some(1)`
+/// gets a single-threaded scheduler; otherwise a multi-threaded one, one
+/// worker per core by default.
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
@@ -57,11 +58,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Command::Run { config, threads } => {
+        Command::Run {
+            config,
+            threads,
+            shared_runtime,
+        } => {
             let path = config;
             let cfg = Config::load(&path)
                 .map_err(|e| anyhow::anyhow!("{}: invalid config:\n{e}", path.display()))?;
-            runtime(threads)?.block_on(serve(path, cfg))
+            let threads = threads.map(usize::from).unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            if shared_runtime {
+                return runtime(Some(threads))?.block_on(serve(path, cfg, None));
+            }
+            // Thread per core (`datapunk_lb::workers`): `threads` workers
+            // serve the listeners; this thread's own runtime runs the
+            // control plane.
+            let workers = Workers::start(threads).context("starting the worker threads")?;
+            runtime(Some(1))?.block_on(serve(path, cfg, Some(Arc::new(workers))))
         }
         Command::Demo { seconds } => runtime(None)?.block_on(datapunk_lb::demo::run(seconds)),
         Command::Register(args) => register(args),
@@ -137,12 +152,20 @@ fn register(args: datapunk_lb::cli::RegisterArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn serve(path: std::path::PathBuf, cfg: Config) -> anyhow::Result<ExitCode> {
+async fn serve(
+    path: std::path::PathBuf,
+    cfg: Config,
+    workers: Option<Arc<Workers>>,
+) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let server = Server::start(cfg).await?;
-    info!(config = %path.display(), "datapunk-lb running");
+    let threads = workers.as_ref().map(|w| w.len());
+    let server = match workers {
+        Some(workers) => Server::start_on(cfg, workers).await?,
+        None => Server::start(cfg).await?,
+    };
+    info!(config = %path.display(), worker_threads = ?threads, "datapunk-lb running");
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -40,6 +40,7 @@ use arc_swap::ArcSwap;
 use datapunk_lb_core::Registry;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -56,6 +57,18 @@ use crate::proxy::http::HttpContext;
 use crate::proxy::tls::{TlsListener, TlsListeners};
 use crate::proxy::upstream::UpstreamClients;
 use crate::proxy::{RetryBudget, Routing, Upstream};
+use crate::workers::{self, Workers};
+
+/// Spawns `task` on `runtime`, or on the current runtime if `None`.
+fn spawn_on(
+    runtime: Option<&Handle>,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    match runtime {
+        Some(h) => drop(h.spawn(task)),
+        None => drop(tokio::spawn(task)),
+    }
+}
 
 /// Why the server could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +133,10 @@ pub struct Server {
     /// node stays ready while a changed discovery reconnects.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     discovery_status: Arc<watch::Sender<DiscoveryStatus>>,
+    /// Thread per core: the worker runtimes that run the proxy listeners'
+    /// accept loops (one `SO_REUSEPORT` socket each); `None` runs them on
+    /// the runtime that started the server.
+    workers: Option<Arc<Workers>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -134,11 +151,30 @@ impl Server {
         Self::start_with(config, Arc::new(Registry::new())).await
     }
 
+    /// Starts serving `config` thread-per-core: every proxy listener is
+    /// bound once per worker (see [`crate::workers`]) and each worker
+    /// accepts and serves on its own socket; the control plane stays on
+    /// the calling runtime.
+    pub async fn start_on(
+        config: Config,
+        workers: Arc<Workers>,
+    ) -> Result<Arc<Server>, ServerError> {
+        Self::start_inner(config, Arc::new(Registry::new()), Some(workers)).await
+    }
+
     /// Starts serving `config` on a given registry (the demo and tests use
     /// this to watch the registry).
     pub(crate) async fn start_with(
         config: Config,
         registry: Arc<Registry>,
+    ) -> Result<Arc<Server>, ServerError> {
+        Self::start_inner(config, registry, None).await
+    }
+
+    async fn start_inner(
+        config: Config,
+        registry: Arc<Registry>,
+        workers: Option<Arc<Workers>>,
     ) -> Result<Arc<Server>, ServerError> {
         let state_file = config.admin.state_file.as_ref().map(PathBuf::from);
         let metrics = Arc::new(Metrics::new(registry.clone()));
@@ -162,6 +198,7 @@ impl Server {
             discovery: Mutex::new(None),
             tls: TlsListeners::default(),
             discovery_status,
+            workers,
         });
         server.tls.spawn_poller();
         server.apply(config.clone(), true).await?;
@@ -373,13 +410,13 @@ impl Server {
         for l in bound {
             // An unchanged address taken by a listener being renamed would
             // fail here; that is reported, not half-applied.
-            let socket = TcpListener::bind(l.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
+            let socket = workers::bind(l.listen, self.workers.as_deref()).map_err(|source| {
+                ServerError::Bind {
                     name: l.name.clone(),
                     addr: l.listen,
                     source,
-                })?;
+                }
+            })?;
             sockets.push((l, socket));
         }
 
@@ -468,36 +505,48 @@ impl Server {
                     self.tls.insert(&l.name, t.clone());
                     t
                 });
-                let addr = socket.local_addr().unwrap_or(l.listen);
+                let addr = socket
+                    .first()
+                    .and_then(|(_, s)| s.local_addr().ok())
+                    .unwrap_or(l.listen);
                 let (stop, stop_rx) = watch::channel(false);
                 let accept_errors = self.metrics.accept_errors(&l.name);
-                match l.protocol {
-                    Protocol::Http => {
-                        let ctx = Arc::new(HttpContext {
-                            listener: Arc::from(l.name.as_str()),
-                            routing: self.routing.clone(),
-                            limits: l.limits,
-                            tls,
-                        });
-                        tokio::spawn(crate::proxy::http::serve(
-                            socket,
-                            ctx,
-                            stop_rx,
-                            self.connections.clone(),
-                            accept_errors,
-                        ));
-                    }
-                    Protocol::Tcp => {
-                        tokio::spawn(crate::proxy::tcp::serve(
-                            socket,
-                            Arc::from(l.name.as_str()),
-                            self.routing.clone(),
-                            stop_rx,
-                            self.connections.clone(),
-                            accept_errors,
-                            l.limits.max_connections,
-                            tls.map(|t| (t, l.limits.header_read_timeout)),
-                        ));
+                // One limit for all of the listener's accept loops.
+                let tracker = self.connections.for_listener(l.limits.max_connections);
+                let name: Arc<str> = Arc::from(l.name.as_str());
+                let ctx = Arc::new(HttpContext {
+                    listener: name.clone(),
+                    routing: self.routing.clone(),
+                    limits: l.limits,
+                    tls: tls.clone(),
+                });
+                for (runtime, socket) in socket {
+                    let (stop_rx, tracker, accept_errors) =
+                        (stop_rx.clone(), tracker.clone(), accept_errors.clone());
+                    match l.protocol {
+                        Protocol::Http => spawn_on(
+                            runtime.as_ref(),
+                            crate::proxy::http::serve(
+                                socket,
+                                ctx.clone(),
+                                stop_rx,
+                                tracker,
+                                accept_errors,
+                            ),
+                        ),
+                        Protocol::Tcp => spawn_on(
+                            runtime.as_ref(),
+                            crate::proxy::tcp::serve(
+                                socket,
+                                name.clone(),
+                                self.routing.clone(),
+                                stop_rx,
+                                tracker,
+                                accept_errors,
+                                l.limits.max_connections,
+                                tls.clone().map(|t| (t, l.limits.header_read_timeout)),
+                            ),
+                        ),
                     }
                 }
                 info!(listener = l.name.as_str(), addr = %addr, protocol = ?l.protocol, "listening");

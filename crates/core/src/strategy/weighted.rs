@@ -52,7 +52,6 @@ use super::{rebuild_inline, FactorDraw, PickContext, Strategy, StrategyKind, EAG
 use crate::clock::Timestamp;
 use crate::instance::Member;
 use crate::members::Members;
-use crate::per_thread::PerThread;
 
 /// Scheduled instances tried per pick before the best of them is taken.
 const MAX_TRIES: usize = 16;
@@ -60,9 +59,7 @@ const MAX_TRIES: usize = 16;
 /// Smooth weighted round robin.
 #[derive(Debug, Default)]
 pub struct Weighted {
-    /// Each thread slot's position in the equal-weight rotation (as
-    /// `round_robin`'s, per thread so that picks share no counter).
-    rotation: PerThread<AtomicUsize>,
+    rotation: AtomicUsize,
     schedule: Mutex<Option<Schedule>>,
 }
 
@@ -213,10 +210,9 @@ impl Weighted {
 
     fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
         let n = cx.members.len().max(1);
-        let rotation = self.rotation.local();
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES.min(n * 2) {
-            let i = rotation.fetch_add(1, Ordering::Relaxed) % n;
+            let i = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
             let Some(m) = cx.members.get(i) else { continue };
             if let Some(m) = draw.offer(cx, m) {
                 return Some(m);

@@ -37,6 +37,13 @@
 //! connections (slowloris) makes expensive. Refusals are logged at most once
 //! a second per listener, with the count since the last line.
 //!
+//! A listener served by several accept loops (one per worker thread, see
+//! `crate::workers`) counts its connections once, across them: the server
+//! hands every loop of the listener the same [`ListenerGate`] through the
+//! drain tracker ([`ConnTracker::for_listener`]): one semaphore, one
+//! refusal log, one accept-error log and backoff, so the limits above hold
+//! per listener however many threads accept for it.
+//!
 //! Why 100,000: far above what one instance of the proxy serves in ordinary
 //! use (each connection needs a descriptor, and the drain tracker counts up
 //! to a million), yet low enough that a connection flood meets the limit
@@ -46,9 +53,11 @@
 //! enforced by the [attempt loop](super::attempt) per request.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -74,8 +83,7 @@ pub(crate) struct ConnPermit {
 pub(crate) struct Limit {
     permits: Arc<Semaphore>,
     /// Refusals since the last log line, and when that was.
-    refused: u64,
-    last_line: Option<Instant>,
+    refusals: Mutex<(u64, Option<Instant>)>,
 }
 
 impl Limit {
@@ -83,30 +91,49 @@ impl Limit {
     pub(crate) fn new(max: u32) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max as usize)),
-            refused: 0,
-            last_line: None,
+            refusals: Mutex::new((0, None)),
         }
     }
 
     /// A place under the limit, or `None` (counted for the log).
-    fn enter(&mut self, name: &str) -> Option<OwnedSemaphorePermit> {
+    fn enter(&self, name: &str) -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
             return Some(p);
         }
-        self.refused += 1;
         let now = Instant::now();
-        if self
-            .last_line
-            .is_none_or(|t| now.saturating_duration_since(t) >= LOG_INTERVAL)
-        {
-            self.last_line = Some(now);
+        let mut refusals = self.refusals.lock();
+        let (refused, last_line) = &mut *refusals;
+        *refused += 1;
+        if last_line.is_none_or(|t| now.saturating_duration_since(t) >= LOG_INTERVAL) {
+            *last_line = Some(now);
             warn!(
                 listener = name,
-                refused = std::mem::take(&mut self.refused),
+                refused = std::mem::take(refused),
                 "connection limit reached: new connections closed"
             );
         }
         None
+    }
+}
+
+/// What the accept loops of one listener share (one loop per worker
+/// thread): the connection limit, and the accept-error state, so the log
+/// and the backoff are the listener's, not each loop's.
+#[derive(Debug)]
+pub(crate) struct ListenerGate {
+    limit: Limit,
+    errors: Mutex<AcceptErrors>,
+    /// `errors.pending()`, readable without the lock on every accept.
+    errors_pending: AtomicBool,
+}
+
+impl ListenerGate {
+    fn new(limit: Limit) -> Self {
+        Self {
+            limit,
+            errors: Mutex::new(AcceptErrors::default()),
+            errors_pending: AtomicBool::new(false),
+        }
     }
 }
 
@@ -121,11 +148,15 @@ pub(crate) async fn serve(
     name: &str,
     mut stop: watch::Receiver<bool>,
     tracker: ConnTracker,
-    mut limit: Limit,
+    limit: Limit,
     errors_total: Counter,
     mut handle: impl FnMut(TcpStream, SocketAddr, ConnPermit),
 ) {
-    let mut errors = AcceptErrors::default();
+    // The listener's loops share one gate; a lone loop gets its own.
+    let gate = match &tracker.listener {
+        Some(gate) => gate.clone(),
+        None => Arc::new(ListenerGate::new(limit)),
+    };
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -133,17 +164,21 @@ pub(crate) async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                // Only after errors: no clock read per connection otherwise.
-                if errors.pending() {
+                // Only after errors: no clock read or lock per connection
+                // otherwise.
+                if gate.errors_pending.load(Ordering::Relaxed) {
+                    let mut errors = gate.errors.lock();
                     if let Some(suppressed) = errors.accepted(Instant::now()) {
                         info!(listener = name, suppressed, "accepting again");
                     }
+                    gate.errors_pending
+                        .store(errors.pending(), Ordering::Relaxed);
                 }
                 let Some(drain) = tracker.enter() else {
                     continue;
                 };
                 // Dropping the stream closes it: nothing read, nothing owed.
-                let Some(limit) = limit.enter(name) else {
+                let Some(limit) = gate.limit.enter(name) else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -155,7 +190,12 @@ pub(crate) async fn serve(
             }
             Err(e) => {
                 errors_total.inc();
-                let (log, pause) = errors.failed(Instant::now());
+                let (log, pause) = {
+                    let mut errors = gate.errors.lock();
+                    let decision = errors.failed(Instant::now());
+                    gate.errors_pending.store(true, Ordering::Relaxed);
+                    decision
+                };
                 if let Some(suppressed) = log {
                     warn!(
                         listener = name,
@@ -297,6 +337,9 @@ mod tests {
 pub(crate) struct ConnTracker {
     permits: Arc<tokio::sync::Semaphore>,
     drain: watch::Sender<bool>,
+    /// The gate of the listener this copy was made for, shared by all its
+    /// accept loops; `None`: each loop makes its own.
+    listener: Option<Arc<ListenerGate>>,
 }
 
 /// Connections tracked at most (a drain acquires all permits).
@@ -307,11 +350,21 @@ impl Default for ConnTracker {
         Self {
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_TRACKED as usize)),
             drain: watch::channel(false).0,
+            listener: None,
         }
     }
 }
 
 impl ConnTracker {
+    /// This tracker, for the accept loops of one listener holding at most
+    /// `max_connections` connections across all of them.
+    pub(crate) fn for_listener(&self, max_connections: u32) -> Self {
+        Self {
+            listener: Some(Arc::new(ListenerGate::new(Limit::new(max_connections)))),
+            ..self.clone()
+        }
+    }
+
     /// Registers a connection; `None` once draining.
     pub(crate) fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         if *self.drain.borrow() {

@@ -1,0 +1,98 @@
+//! A plain loop of `Service::select` + drop, for measurements criterion's
+//! wall-clock medians cannot make on a busy machine (`docs/benchmarks.md`,
+//! "Per thread, by CPU time"):
+//!
+//! ```sh
+//! cargo bench -p datapunk-lb-core --bench picks --no-run
+//! <binary> <strategy> <instances> <picks per thread> <threads>
+//! ```
+//!
+//! Each thread reports the CPU time it ran (from
+//! `/proc/thread-self/schedstat`, nanoseconds on a CPU) and the wall time of
+//! its loop, per pick. CPU time per pick does not grow when other processes
+//! take the cores, only when the threads slow each other down (cache lines
+//! moving between cores), so one thread against two is the contention
+//! figure. Under `valgrind --tool=callgrind`, runs of 0 and N picks give the
+//! instructions per pick. Uses only the public API, so the same file runs
+//! against an older core.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::print_stdout, clippy::disallowed_methods)]
+
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use datapunk_lb_core::{LoadBalancerConfig, Registry, ServiceInstance, StrategyKind, Weight};
+
+/// Nanoseconds the calling thread has run on a CPU (0 if unreadable).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`: run a small default then.
+    let arg = |i: usize, default: &str| {
+        args.get(i)
+            .filter(|a| !a.starts_with("--"))
+            .cloned()
+            .unwrap_or_else(|| default.to_owned())
+    };
+    let kind: StrategyKind = arg(1, "round_robin").parse().unwrap();
+    let n: usize = arg(2, "1000").parse().unwrap();
+    let picks: u64 = arg(3, "100000").parse().unwrap();
+    let threads: usize = arg(4, "1").parse().unwrap();
+
+    let registry = Registry::builder().seed(1).build().unwrap();
+    let config = LoadBalancerConfig {
+        strategy: kind,
+        ..LoadBalancerConfig::default()
+    };
+    registry.configure_service("svc", config).unwrap();
+    let instances: Vec<_> = (0..n)
+        .map(|i| {
+            ServiceInstance::try_new(&format!("inst-{i}"), "10.0.0.1", 1024 + (i % 60_000) as u16)
+                .unwrap()
+                .with_weight(Weight::try_new(1 + (i % 5) as u64).unwrap())
+        })
+        .collect();
+    registry.register_instances("svc", instances).unwrap();
+    drop(registry.maintain());
+    let svc = registry.service("svc").unwrap();
+    drop(svc.select(Some(b"warm-up")).unwrap());
+    let keyed = kind == StrategyKind::ConsistentHash;
+
+    let barrier = Arc::new(Barrier::new(threads));
+    let results: Vec<(u64, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let (svc, barrier) = (&svc, barrier.clone());
+                s.spawn(move || {
+                    barrier.wait();
+                    let cpu = thread_cpu_ns();
+                    let wall = Instant::now();
+                    for i in 0..picks {
+                        let key = ((t << 48) + i).to_le_bytes();
+                        let sel = svc.select(keyed.then_some(&key[..])).unwrap();
+                        drop(black_box(sel));
+                    }
+                    let wall = wall.elapsed().as_nanos() as u64;
+                    (thread_cpu_ns().saturating_sub(cpu), wall)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let per = |x: u64| x as f64 / picks.max(1) as f64;
+    let cpu: Vec<String> = results.iter().map(|r| format!("{:.0}", per(r.0))).collect();
+    let wall: Vec<String> = results.iter().map(|r| format!("{:.0}", per(r.1))).collect();
+    println!(
+        "picks {kind} n={n} threads={threads} picks/thread={picks}: cpu ns/pick per thread [{}], wall ns/pick per thread [{}]",
+        cpu.join(", "),
+        wall.join(", ")
+    );
+}

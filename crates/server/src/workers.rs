@@ -1,0 +1,195 @@
+//! Thread per core: [`Workers`], N threads each driving its own
+//! single-threaded tokio runtime, and [`bind`], which gives every worker its
+//! own `SO_REUSEPORT` socket on a listener's address.
+//!
+//! ## Rule
+//!
+//! `datapunk-lb run --threads N` (default: the available cores) starts N
+//! workers. Every proxy listener is bound N times on the same address with
+//! `SO_REUSEPORT`, one socket per worker, and each worker runs the accept loop
+//! of its own socket: the kernel spreads new connections over the sockets
+//! (by a hash of the 4-tuple), and a connection is served, start to end, by
+//! the worker that accepted it. Its tasks, timers and upstream connections
+//! stay on that thread: no work stealing, no cross-thread wake-ups, no
+//! scheduler queue shared between cores — the model of NGINX workers and
+//! HAProxy threads with `SO_REUSEPORT`. What is shared is only what must be:
+//! the core registry (whose per-pick path touches no service-wide line, see
+//! `datapunk_lb_core::selection`), the routing table (one `ArcSwap` load per
+//! request) and the listener's connection limit (one semaphore per listener,
+//! so `max_connections` counts across workers).
+//!
+//! The control plane (the control task, admin server, health checks,
+//! discovery, reloads, signals) runs on the main thread's own single-threaded
+//! runtime, off the workers: a slow admin scrape never delays a request.
+//!
+//! ## Why not one multi-threaded runtime
+//!
+//! The runtime `--shared-runtime` keeps (all listeners' tasks on one tokio
+//! work-stealing scheduler) pays for its balancing on every wake-up: tasks
+//! migrate, and a connection's reads and its upstream's writes wake
+//! different cores. `docs/benchmarks.md` ("Threads (issue 12)") has the
+//! measurement; the flag stays so the comparison can be rerun.
+//!
+//! ## Reload and drain
+//!
+//! Unchanged by the model: a new listener's N sockets are bound before the
+//! old listener's loops are told to stop (so a reload that moves a listener
+//! fails before anything changes if the address is taken by another
+//! process), every loop holds the server's drain tracker, and stopping a
+//! listener stops its N loops. `SO_REUSEPORT` also lets a listener be
+//! rebound on its own address (a renamed listener) while the old sockets
+//! still accept; the kernel only joins sockets of the same user.
+
+use std::io;
+use std::net::SocketAddr;
+use std::thread;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// Pending connections the kernel queues per socket (tokio's default for
+/// `TcpListener::bind`).
+const BACKLOG: u32 = 1024;
+
+/// N worker threads, each running a single-threaded tokio runtime until the
+/// `Workers` is dropped.
+#[derive(Debug)]
+pub struct Workers {
+    handles: Vec<Handle>,
+    /// Dropping these ends the workers' runtimes.
+    _stop: Vec<oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// Starts `n` workers (at least one), named `datapunk-worker-{i}`.
+    pub fn start(n: usize) -> io::Result<Workers> {
+        let mut handles = Vec::with_capacity(n.max(1));
+        let mut stops = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = oneshot::channel::<()>();
+            stops.push(stop);
+            thread::Builder::new()
+                .name(format!("datapunk-worker-{i}"))
+                .spawn(move || {
+                    // Runs the worker's tasks until `Workers` is dropped.
+                    let _ = runtime.block_on(stopped);
+                })?;
+        }
+        Ok(Workers {
+            handles,
+            _stop: stops,
+        })
+    }
+
+    /// How many workers run.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none (never: `start` makes at least one).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The workers' runtimes, in order.
+    pub(crate) fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+}
+
+/// One socket of a listener, and the worker runtime it is registered with
+/// (`None`: the calling runtime).
+pub(crate) type Socket = (Option<Handle>, TcpListener);
+
+/// Binds `addr` once per worker with `SO_REUSEPORT` (the first socket
+/// resolves port 0; the others bind the port it got), or once on the
+/// calling runtime without workers. Each socket is registered with its
+/// worker's reactor, so its accept loop must run there.
+pub(crate) fn bind(addr: SocketAddr, workers: Option<&Workers>) -> io::Result<Vec<Socket>> {
+    let Some(workers) = workers else {
+        Handle::try_current().map_err(io::Error::other)?;
+        return Ok(vec![(None, listen(addr, false)?)]);
+    };
+    let mut sockets = Vec::with_capacity(workers.len());
+    let mut at = addr;
+    for handle in workers.handles() {
+        // `listen` registers the socket with the entered runtime's reactor.
+        let _entered = handle.enter();
+        let socket = listen(at, true)?;
+        at = socket.local_addr()?;
+        sockets.push((Some(handle.clone()), socket));
+    }
+    Ok(sockets)
+}
+
+/// A listening socket on `addr` (`SO_REUSEADDR` as `TcpListener::bind` sets
+/// it; `SO_REUSEPORT` when `shared`).
+fn listen(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn each_worker_accepts_on_its_own_socket_of_one_port() {
+        let workers = Workers::start(2).unwrap();
+        let sockets = bind("127.0.0.1:0".parse().unwrap(), Some(&workers)).unwrap();
+        assert_eq!(sockets.len(), 2);
+        let port = sockets[0].1.local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(sockets
+            .iter()
+            .all(|(_, s)| s.local_addr().unwrap().port() == port));
+        // Each loop reports the name of the thread that accepted.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (handle, socket) in sockets {
+            let tx = tx.clone();
+            handle.unwrap().spawn(async move {
+                while let Ok((mut s, _)) = socket.accept().await {
+                    let name = thread::current().name().map(str::to_owned);
+                    let _ = tx.send(name);
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+        // Many connections from distinct source ports: the kernel's hash
+        // spreads them, so both workers accept some (2^-63 odds otherwise).
+        let mut names = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let name = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap()
+                .unwrap();
+            assert!(name.starts_with("datapunk-worker-"), "{name}");
+            names.insert(name);
+        }
+        assert_eq!(names.len(), 2, "both workers accepted: {names:?}");
+    }
+
+    #[test]
+    fn a_taken_address_is_an_error_not_a_silent_share() {
+        // A socket without SO_REUSEPORT (another program) keeps the port.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let workers = Workers::start(2).unwrap();
+        let err = bind(taken.local_addr().unwrap(), Some(&workers)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+}
