@@ -314,6 +314,53 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_accepted_by_two_workers_holds_its_limit_across_them() {
+        use crate::workers::{bind, Workers};
+        let workers = Workers::start(2).unwrap();
+        let sockets = bind("127.0.0.1:0".parse().unwrap(), Some(&workers)).unwrap();
+        let addr = sockets[0].1.local_addr().unwrap();
+        let tracker = ConnTracker::default().for_listener(2);
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let (_stop, stop_rx) = watch::channel(false);
+        for (runtime, socket) in sockets {
+            let (held, tracker, stop_rx) = (held.clone(), tracker.clone(), stop_rx.clone());
+            runtime.unwrap().spawn(async move {
+                // Each loop's own limit would admit 2 more: it must not count.
+                let own = Limit::new(2);
+                serve(
+                    socket,
+                    "t",
+                    stop_rx,
+                    tracker,
+                    own,
+                    Counter::default(),
+                    |s, _, p| {
+                        held.lock().push((s, p));
+                    },
+                )
+                .await;
+            });
+        }
+        // 16 connections from distinct ports: both sockets get some (the
+        // kernel hashes the 4-tuple), so per-loop limits would hold 3 or 4.
+        let clients: Vec<_> = (0..16)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // Every connection is either held or closed by the server (EOF).
+        let mut closed = 0;
+        for mut c in clients {
+            use std::io::Read;
+            c.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            if matches!(c.read(&mut [0u8; 1]), Ok(0)) {
+                closed += 1;
+            }
+        }
+        assert_eq!(held.lock().len(), 2, "held across both workers");
+        assert_eq!(closed, 14, "the rest closed at once");
+    }
+
+    #[test]
     fn recovery_is_logged_once_under_the_same_limit() {
         let mut e = AcceptErrors::default();
         let t0 = Instant::now();
