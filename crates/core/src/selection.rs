@@ -18,7 +18,7 @@
 //! A guard must keep its service's [`Recorder`] alive, but cloning one
 //! `Arc<Recorder>` per selection would be a read-modify-write on one
 //! reference count from every thread, twice per request. So each thread
-//! slot (see `per_thread`) of a service holds its own [`PickLocal`]: an
+//! slot (see `per_thread`) of a service holds its own `PickLocal`: an
 //! `Arc` of the recorder handle whose count only that slot's selections
 //! touch, and that slot's RNG state. A selection counts on its instance
 //! (`active`, `last_used`: the instance's own line) and on its thread's slot

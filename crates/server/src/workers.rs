@@ -1,5 +1,5 @@
 //! Thread per core: [`Workers`], N threads each driving its own
-//! single-threaded tokio runtime, and [`bind`], which gives every worker its
+//! single-threaded tokio runtime, and `bind`, which gives every worker its
 //! own `SO_REUSEPORT` socket on a listener's address.
 //!
 //! ## Rule
