@@ -264,6 +264,11 @@ impl Pool {
         self.inner.tls.is_some()
     }
 
+    /// The service's upstream TLS, if any.
+    pub(crate) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.inner.tls.as_ref()
+    }
+
     /// Whether `to` speaks HTTP/2 by ALPN, learnt from its first TLS
     /// connection; opening that connection here keeps it for the request
     /// that asked (as `to`'s HTTP/2 connection or an idle HTTP/1.1 one).

@@ -91,6 +91,12 @@ impl UpstreamClients {
         }
     }
 
+    /// The service's upstream TLS, if it has one (for upgrades, which open
+    /// their own connections).
+    pub(crate) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.pool.tls()
+    }
+
     /// Whether the instance's ALPN choice sets the version: `auto` over TLS.
     fn alpn_decides(&self) -> bool {
         self.protocol == UpstreamProtocol::Auto && self.pool.has_tls()

@@ -23,6 +23,8 @@
 //!   offers `h2` (over TLS it is plain HTTP/2), `auto` offers both and the
 //!   connection speaks what the server picked. A server that picks nothing
 //!   gets what the key names (`auto`: HTTP/1.1, the RFC 7301 default).
+//! - **Upgrades** (WebSocket) run over HTTP/1.1, so their connections offer
+//!   only `http/1.1` whatever `upstream_protocol` says.
 //! - **Resumption**: rustls' in-memory client session cache
 //!   ([`SESSION_CACHE_ENTRIES`] server names), in the shared config, so a
 //!   new connection to an instance already met resumes (TLS 1.3 tickets,
@@ -106,6 +108,9 @@ impl UpstreamTlsError {
 pub(crate) struct UpstreamTls {
     /// Shared by every connection: its session cache is what resumes.
     config: Arc<ClientConfig>,
+    /// The same, offering only `http/1.1` (same session cache), for
+    /// HTTP/1.1 upgrades (WebSocket), which cannot run over h2.
+    config_http1: Arc<ClientConfig>,
     /// `server_name`; `None`: each instance's address.
     server_name: Option<ServerName<'static>>,
     /// What a connection speaks when the server picks no ALPN protocol.
@@ -155,8 +160,12 @@ impl UpstreamTls {
             UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         };
         config.resumption = Resumption::in_memory_sessions(SESSION_CACHE_ENTRIES);
+        // A clone shares the session store (it is behind an `Arc`).
+        let mut config_http1 = config.clone();
+        config_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             config: Arc::new(config),
+            config_http1: Arc::new(config_http1),
             server_name,
             h2_without_alpn: protocol == UpstreamProtocol::H2c,
             insecure: cfg.insecure_skip_verify,
@@ -176,6 +185,29 @@ impl UpstreamTls {
         address: &str,
         timeout: Duration,
     ) -> io::Result<UpstreamIo> {
+        self.handshake_with(&self.config, tcp, address, timeout)
+            .await
+    }
+
+    /// [`Self::handshake`] offering only `http/1.1` by ALPN: for an
+    /// HTTP/1.1 upgrade (WebSocket), whatever `upstream_protocol` says.
+    pub(crate) async fn handshake_http1(
+        &self,
+        tcp: TcpStream,
+        address: &str,
+        timeout: Duration,
+    ) -> io::Result<UpstreamIo> {
+        self.handshake_with(&self.config_http1, tcp, address, timeout)
+            .await
+    }
+
+    async fn handshake_with(
+        &self,
+        config: &Arc<ClientConfig>,
+        tcp: TcpStream,
+        address: &str,
+        timeout: Duration,
+    ) -> io::Result<UpstreamIo> {
         let name = match &self.server_name {
             Some(n) => n.clone(),
             None => ServerName::try_from(address)
@@ -189,7 +221,7 @@ impl UpstreamTls {
         };
         let tls = tokio::time::timeout(
             timeout,
-            TlsConnector::from(self.config.clone()).connect(name, tcp),
+            TlsConnector::from(config.clone()).connect(name, tcp),
         )
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
