@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::support::{client, get, metric_sum, temp_path, Lb};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
 
 /// A test CA.
 struct Ca {
@@ -110,25 +112,7 @@ impl TlsBackend {
     /// given (required); `close_each`: every HTTP/1.1 response closes its
     /// connection.
     async fn start(leaf: &Leaf, clients: Option<&Ca>, close_each: bool) -> TlsBackend {
-        let builder = ServerConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let builder = match clients {
-            Some(ca) => builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(ca.roots(), ring())
-                    .build()
-                    .unwrap(),
-            ),
-            None => builder.with_no_client_auth(),
-        };
-        let mut config = builder
-            .with_single_cert(
-                vec![leaf.der.clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der.clone())),
-            )
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = acceptor(leaf, clients);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(Mutex::new(Vec::new()));
@@ -177,6 +161,61 @@ impl TlsBackend {
     fn accepted(&self) -> Vec<Accepted> {
         self.accepted.lock().clone()
     }
+}
+
+/// A TLS acceptor serving `leaf` with ALPN `h2`, `http/1.1` (that order
+/// of preference); requires a client certificate from `clients` if given.
+fn acceptor(leaf: &Leaf, clients: Option<&Ca>) -> TlsAcceptor {
+    let builder = ServerConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match clients {
+        Some(ca) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(ca.roots(), ring())
+                .build()
+                .unwrap(),
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(
+            vec![leaf.der.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der.clone())),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS-only WebSocket echo backend; returns its address and the ALPN
+/// protocol of each connection.
+async fn tls_ws_echo_backend(leaf: &Leaf) -> (SocketAddr, Arc<Mutex<Vec<Option<Vec<u8>>>>>) {
+    let acceptor = acceptor(leaf, None);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let alpns = Arc::new(Mutex::new(Vec::new()));
+    let seen = alpns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                seen.lock()
+                    .push(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec));
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, alpns)
 }
 
 /// A listener `web` routing `/<svc>` to each service of `services`.
@@ -472,6 +511,38 @@ async fn a_second_connection_resumes_the_session() {
         ],
         "one full handshake, then resumed sessions"
     );
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_reaches_a_tls_only_backend_over_http1_alpn() {
+    let ca = Ca::new("mesh ca");
+    let (backend, alpns) = tls_ws_echo_backend(&ca.leaf(&["127.0.0.1"])).await;
+    // `h2c` offers h2 to requests; an upgrade must still get HTTP/1.1.
+    let lb = Lb::start(&format!(
+        "{}{}",
+        listener(&["ws"]),
+        service(
+            "ws",
+            backend,
+            "upstream_protocol = \"h2c\"",
+            &ca_file(&ca),
+            NO_CHECK
+        )
+    ));
+    let web = lb.addr("web");
+    let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{web}/ws"), tcp)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("over tls")).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, Message::text("over tls"));
+    assert_eq!(*alpns.lock(), [Some(b"http/1.1".to_vec())]);
 }
 
 fn check(config: &str) -> (Option<i32>, String) {
