@@ -285,7 +285,13 @@ impl Pool {
         if h2 {
             *to.h2.lock() = Some(handshake_h2(io).await?);
         } else {
-            let sender = handshake_h1(io).await?;
+            let mut sender = handshake_h1(io).await?;
+            // Ready once its connection task runs: only then does checkout
+            // take it.
+            sender
+                .ready()
+                .await
+                .map_err(|e| SendError::Connect(e.to_string()))?;
             let mut idle = to.idle.lock();
             if idle.len() < MAX_IDLE_PER_INSTANCE {
                 idle.push(Idle {

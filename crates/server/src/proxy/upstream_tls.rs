@@ -426,3 +426,166 @@ impl AsyncWrite for UpstreamIo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use datapunk_lb_core::ServiceInstance;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioIo;
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::*;
+    use crate::config::ClientCertFiles;
+    use crate::proxy::pool::Pool;
+
+    fn temp(name: &str) -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        std::env::temp_dir().join(format!("dplb-uptls-{}-{n}-{name}", std::process::id()))
+    }
+
+    /// A self-signed certificate for `names`, written to disk.
+    struct SelfSigned {
+        cert: rcgen::Certificate,
+        key: rcgen::KeyPair,
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    }
+
+    fn self_signed(names: &[&str]) -> SelfSigned {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (temp("cert.pem"), temp("key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        SelfSigned {
+            cert,
+            key,
+            cert_file,
+            key_file,
+        }
+    }
+
+    fn trusting(ca: &SelfSigned) -> UpstreamTlsConfig {
+        UpstreamTlsConfig {
+            ca_file: Some(ca.cert_file.clone()),
+            server_name: None,
+            client_cert: None,
+            insecure_skip_verify: false,
+        }
+    }
+
+    /// A TLS server offering only `http/1.1`, answering `ok`; returns its
+    /// port and the number of connections it accepted.
+    async fn http1_only_server(leaf: &SelfSigned) -> (u16, Arc<AtomicUsize>) {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key.serialize_der())),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let n = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (port, accepts)
+    }
+
+    #[tokio::test]
+    async fn auto_learns_http1_by_alpn_and_the_learning_connection_carries_the_request() {
+        let leaf = self_signed(&["127.0.0.1"]);
+        let (port, accepts) = http1_only_server(&leaf).await;
+        let tls = UpstreamTls::build(&trusting(&leaf), UpstreamProtocol::Auto).unwrap();
+        let pool = Pool::new(Duration::from_secs(1), Some(Arc::new(tls)), None);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        assert!(
+            !pool.alpn_h2(&to).await.unwrap(),
+            "the server offers only http/1.1"
+        );
+        assert!(!pool.alpn_h2(&to).await.unwrap(), "remembered");
+        for _ in 0..3 {
+            let mut req = hyper::Request::new(Empty::new().map_err(|n| match n {}).boxed());
+            *req.uri_mut() = http::Uri::from_static("/");
+            req.headers_mut()
+                .insert(http::header::HOST, http::HeaderValue::from_static("x"));
+            let resp = pool.send_h1(&to, req).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            // Let the connection go back to the idle list.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            1,
+            "the connection that learnt the protocol is the one reused"
+        );
+    }
+
+    #[test]
+    fn each_setup_error_names_its_key() {
+        let ca = self_signed(&["api.internal"]);
+        let other = self_signed(&["other.internal"]);
+        let key = |cfg: &UpstreamTlsConfig| {
+            let e = UpstreamTls::build(cfg, UpstreamProtocol::Http1).unwrap_err();
+            (e.key(cfg), e.to_string())
+        };
+        let mut cfg = trusting(&ca);
+        cfg.ca_file = Some(temp("missing.pem"));
+        assert_eq!(key(&cfg).0, "ca_file");
+        let mut cfg = trusting(&ca);
+        cfg.server_name = Some("no spaces allowed".into());
+        assert_eq!(key(&cfg).0, "server_name");
+        let mut cfg = trusting(&ca);
+        cfg.client_cert = Some(ClientCertFiles {
+            cert_file: ca.cert_file.clone(),
+            key_file: other.key_file.clone(),
+        });
+        let (k, why) = key(&cfg);
+        assert_eq!(k, "key_file", "{why}");
+        assert!(why.contains("does not match"), "{why}");
+        cfg.client_cert = Some(ClientCertFiles {
+            cert_file: temp("missing-cert.pem"),
+            key_file: ca.key_file.clone(),
+        });
+        assert_eq!(key(&cfg).0, "cert_file");
+        cfg.client_cert = Some(ClientCertFiles {
+            cert_file: ca.cert_file.clone(),
+            key_file: ca.key_file.clone(),
+        });
+        assert!(UpstreamTls::build(&cfg, UpstreamProtocol::Http1).is_ok());
+    }
+}
