@@ -110,7 +110,11 @@ impl Transport {
         let _ = stream.set_nodelay(true);
         match &self.tls {
             None => Some(UpstreamIo::Plain(stream)),
-            Some(tls) => tls.handshake(stream, addr, timeout).await.ok(),
+            Some(tls) => tls
+                .handshake(stream, addr, timeout)
+                .await
+                .map_err(|e| tracing::debug!(instance = authority, error = %e, "probe TLS handshake failed"))
+                .ok(),
         }
     }
 }

@@ -258,12 +258,6 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Whether the service's ALPN choice decides the version (TLS and
-    /// `auto`: see [`Pool::alpn_h2`]).
-    pub(crate) fn has_tls(&self) -> bool {
-        self.inner.tls.is_some()
-    }
-
     /// The service's upstream TLS, if any.
     pub(crate) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
         self.inner.tls.as_ref()

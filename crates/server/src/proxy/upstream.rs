@@ -99,7 +99,7 @@ impl UpstreamClients {
 
     /// Whether the instance's ALPN choice sets the version: `auto` over TLS.
     fn alpn_decides(&self) -> bool {
-        self.protocol == UpstreamProtocol::Auto && self.pool.has_tls()
+        self.protocol == UpstreamProtocol::Auto && self.pool.tls().is_some()
     }
 
     /// The answer to a gRPC request this service cannot carry (its
