@@ -56,6 +56,7 @@ use crate::proxy::access_log::AccessLogs;
 use crate::proxy::http::HttpContext;
 use crate::proxy::tls::{TlsListener, TlsListeners};
 use crate::proxy::upstream::UpstreamClients;
+use crate::proxy::upstream_tls::UpstreamTls;
 use crate::proxy::{RetryBudget, Routing, Upstream};
 use crate::workers::{self, Workers};
 
@@ -100,6 +101,14 @@ pub enum ServerError {
     Tls {
         /// Listener name.
         name: String,
+        /// Which file, and why.
+        reason: String,
+    },
+    /// A service's upstream TLS (`[service.X.tls]`) could not be loaded.
+    #[error("service {service}: tls: {reason}")]
+    UpstreamTls {
+        /// Service name.
+        service: String,
         /// Which file, and why.
         reason: String,
     },
@@ -391,6 +400,20 @@ impl Server {
                 fresh_tls.insert(l.name.clone(), t);
             }
         }
+        // Upstream TLS files re-read too (new connections use them; the
+        // session caches start afresh): failing here changes nothing.
+        let mut upstream_tls = HashMap::new();
+        for (name, svc) in &config.services {
+            if let Some(t) = &svc.tls {
+                let built = UpstreamTls::build(t, svc.upstream_protocol).map_err(|e| {
+                    ServerError::UpstreamTls {
+                        service: name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                upstream_tls.insert(name.clone(), Arc::new(built));
+            }
+        }
         // 1. Bind new or changed listeners first: failing here changes nothing.
         let mut bound = Vec::new();
         {
@@ -452,6 +475,7 @@ impl Server {
                             svc.connect_timeout,
                             svc.upstream_protocol,
                             svc.host_header,
+                            upstream_tls.get(name).cloned(),
                             Some(service.clone()),
                         ),
                         service,
@@ -562,8 +586,20 @@ impl Server {
         }
 
         // 5. Health checks on the new schedule.
-        *self.health.lock() =
-            HealthChecker::start(self.registry.clone(), &config, self.metrics.clone());
+        *self.health.lock() = HealthChecker::start(
+            self.registry.clone(),
+            &config,
+            &upstream_tls,
+            self.metrics.clone(),
+        );
+        for (name, t) in &upstream_tls {
+            if t.is_insecure() {
+                warn!(
+                    service = name.as_str(),
+                    "insecure_skip_verify: the certificates of this service's instances are not verified"
+                );
+            }
+        }
         self.metrics
             .retain_services(&|s| config.services.contains_key(s));
         for (name, svc) in &config.services {

@@ -107,6 +107,8 @@ pub struct FileService {
     pub health_check: Option<FileHealthCheck>,
     #[serde(default)]
     pub instance: Vec<Spanned<FileInstance>>,
+    /// `[service.X.tls]`: TLS to the instances (`config/upstream_tls.rs`).
+    pub tls: Option<Spanned<super::upstream_tls::FileUpstreamTls>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -31,6 +31,7 @@
 //! | `service.max_connections` | 10,000 per instance |
 //! | `service.metrics_enabled` | true |
 //! | `service.upstream_protocol` / `host_header` | `http1` / `preserve` |
+//! | `service.tls` | none: plain TCP (see `upstream_tls.rs` for its keys' defaults) |
 //! | `service.metrics_instance_series_limit` | 1,000 (above it: aggregates, see `metrics.rs`) |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
@@ -68,6 +69,7 @@ mod knobs_tests;
 #[cfg(test)]
 mod limits_tests;
 pub mod tls;
+pub mod upstream_tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -86,6 +88,7 @@ use toml::Spanned;
 pub use self::cidr::Cidr;
 use self::file::{FileConfig, FileService};
 pub use self::tls::{ClientAuth, TlsCertificate, TlsListenerConfig, TlsVersion};
+pub use self::upstream_tls::{ClientCertFiles, UpstreamTlsConfig};
 pub use crate::proxy::hash_key::HashKey;
 
 /// Default drain timeout: 30 s.
@@ -317,6 +320,8 @@ pub struct ServiceConfig {
     pub upstream_protocol: UpstreamProtocol,
     /// The Host the instance sees (`host_header`).
     pub host_header: HostHeader,
+    /// TLS to the instances (`[service.X.tls]`); `None`: plain TCP.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 /// `upstream_protocol`: the HTTP version spoken to the instances. The
@@ -1624,6 +1629,10 @@ fn service(
         }
         instances.push(built);
     }
+    let tls = s
+        .tls
+        .as_ref()
+        .and_then(|t| upstream_tls::service_tls(&key, t, upstream_protocol, ck));
     if ck.issues.len() > before {
         return None;
     }
@@ -1644,6 +1653,7 @@ fn service(
         instances,
         upstream_protocol,
         host_header,
+        tls,
     })
 }
 
@@ -1726,6 +1736,9 @@ impl ServiceConfig {
             d(hc.timeout),
             d(hc.backoff_max),
         );
+        if let Some(t) = &self.tls {
+            t.write_summary(s);
+        }
     }
 }
 

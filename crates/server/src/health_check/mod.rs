@@ -34,7 +34,10 @@
 //! An `http` probe speaks the service's `upstream_protocol`: HTTP/2 with
 //! prior knowledge for `h2c`, HTTP/1.1 for `http1` and `auto` (what every
 //! client can send), so a check passes exactly when real traffic could. It
-//! keeps one connection per instance between probes ([`probe`]).
+//! keeps one connection per instance between probes ([`probe`]). A service
+//! with `[service.X.tls]` is probed over TLS with the same client config as
+//! its traffic (CA, name, client certificate, ALPN: `auto` probes in the
+//! version the instance picks); a `tcp` probe then includes the handshake.
 
 mod probe;
 mod schedule;
@@ -51,7 +54,8 @@ use tracing::{debug, warn};
 
 use crate::config::{Config, HealthCheck, HealthCheckKind, UpstreamProtocol};
 use crate::metrics::Metrics;
-use probe::Kept;
+use crate::proxy::upstream_tls::UpstreamTls;
+use probe::{Kept, Transport};
 use schedule::{Schedule, View};
 
 /// Probes in flight at once, across all services.
@@ -139,8 +143,14 @@ impl Budget {
 }
 
 impl HealthChecker {
-    /// Starts a checker per service of `config` that has a check.
-    pub(crate) fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
+    /// Starts a checker per service of `config` that has a check; `tls`
+    /// holds the upstream TLS of the services that have it.
+    pub(crate) fn start(
+        registry: Arc<Registry>,
+        config: &Config,
+        tls: &HashMap<String, Arc<UpstreamTls>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         metrics.health_check_intervals_clear();
         let shared = Arc::new(Shared {
             limit: Semaphore::new(MAX_IN_FLIGHT),
@@ -162,7 +172,10 @@ impl HealthChecker {
                     name.clone(),
                     s.health_check.clone(),
                     shared.clone(),
-                    s.upstream_protocol == UpstreamProtocol::H2c,
+                    Transport {
+                        h2: s.upstream_protocol == UpstreamProtocol::H2c,
+                        tls: tls.get(name).cloned(),
+                    },
                 ))
             })
             .collect();
@@ -189,7 +202,7 @@ async fn run_service(
     service: String,
     check: HealthCheck,
     shared: Arc<Shared>,
-    h2: bool,
+    transport: Transport,
 ) {
     let budget = &shared.budget;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
@@ -236,11 +249,12 @@ async fn run_service(
             let (addr, port) = (inst.address().to_owned(), inst.port());
             let (registry, metrics, service) = (registry.clone(), metrics.clone(), service.clone());
             let (check, shared, tx) = (check.clone(), shared.clone(), tx.clone());
+            let transport = transport.clone();
             tokio::spawn(async move {
                 let _permit = shared.limit.acquire().await;
                 let started = tokio::time::Instant::now();
                 let conn = conn.and_then(Kept::take);
-                let (ok, conn) = probe::probe(&check, h2, &addr, port, conn).await;
+                let (ok, conn) = probe::probe(&check, &transport, &addr, port, conn).await;
                 let conn = conn.and_then(|c| Kept::keep(c, &shared.kept));
                 let outcome = if ok {
                     Outcome::Success(started.elapsed())
@@ -399,7 +413,7 @@ mod tests {
             let (port, head) = one_response(status).await;
             let (ok, _) = probe::probe(
                 &check(Some("api.internal"), expected),
-                false,
+                &Transport::default(),
                 "127.0.0.1",
                 port,
                 None,
@@ -412,9 +426,15 @@ mod tests {
         }
         let (port, head) = one_response(200).await;
         assert!(
-            probe::probe(&check(None, &["200"]), false, "127.0.0.1", port, None)
-                .await
-                .0
+            probe::probe(
+                &check(None, &["200"]),
+                &Transport::default(),
+                "127.0.0.1",
+                port,
+                None
+            )
+            .await
+            .0
         );
         let head = head.await.unwrap();
         assert!(

@@ -11,6 +11,13 @@
 //! the connection, not the check. `tcp` probes connect and close: the
 //! connect is the check.
 //!
+//! With `[service.X.tls]` every probe connection is TLS, made with the
+//! service's own client config (so the CA, name, client certificate and
+//! session cache are the traffic's): `tcp` probes then connect *and*
+//! handshake, and under `auto` an `http` probe speaks the version the
+//! instance picked by ALPN. The handshake counts against the probe's
+//! `timeout`.
+//!
 //! At most [`MAX_KEPT`] idle probe connections are kept across all
 //! services: each is a file descriptor in the balancer and a connection
 //! the backend holds, and at 100,000 instances one per instance would
@@ -25,6 +32,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::config::{HealthCheck, HealthCheckKind};
+use crate::proxy::upstream_tls::{UpstreamIo, UpstreamTls};
 
 /// Longest probe response body read to keep the connection.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
@@ -80,11 +88,42 @@ impl Conn {
     }
 }
 
+/// How a service's probes connect.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Transport {
+    /// HTTP/2 with prior knowledge (`h2c`); over TLS, ALPN may decide.
+    pub(crate) h2: bool,
+    /// The service's upstream TLS, if any.
+    pub(crate) tls: Option<Arc<UpstreamTls>>,
+}
+
+impl Transport {
+    /// A connection to `authority` (`addr`, the name TLS verifies, without
+    /// brackets), TLS when the service has it.
+    async fn connect(
+        &self,
+        authority: &str,
+        addr: &str,
+        timeout: std::time::Duration,
+    ) -> Option<UpstreamIo> {
+        let stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => Some(UpstreamIo::Plain(stream)),
+            Some(tls) => tls
+                .handshake(stream, addr, timeout)
+                .await
+                .map_err(|e| tracing::debug!(instance = authority, error = %e, "probe TLS handshake failed"))
+                .ok(),
+        }
+    }
+}
+
 /// Probes `addr:port` once within the check's timeout; returns the result
 /// and the connection to keep for the next probe.
 pub(crate) async fn probe(
     check: &HealthCheck,
-    h2: bool,
+    transport: &Transport,
     addr: &str,
     port: u16,
     conn: Option<Conn>,
@@ -98,9 +137,12 @@ pub(crate) async fn probe(
         HealthCheckKind::None => (true, None),
         HealthCheckKind::Tcp => {
             let ok = matches!(
-                tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(&authority))
-                    .await,
-                Ok(Ok(_))
+                tokio::time::timeout(
+                    check.timeout,
+                    transport.connect(&authority, addr, check.timeout)
+                )
+                .await,
+                Ok(Some(_))
             );
             (ok, None)
         }
@@ -112,12 +154,20 @@ pub(crate) async fn probe(
             let attempt = async {
                 let reused = conn.filter(|c| !c.is_closed());
                 let was_reused = reused.is_some();
-                match exchange(reused, h2, &authority, path, host.as_deref()).await {
+                let fresh = || async {
+                    let io = transport.connect(&authority, addr, check.timeout).await?;
+                    connect(io, transport.h2).await
+                };
+                let conn = match reused {
+                    Some(c) => c,
+                    None => fresh().await?,
+                };
+                match exchange(conn, &authority, path, host.as_deref()).await {
                     Some(r) => Some(r),
                     // A kept connection the backend dropped while idle: once
                     // more on a fresh one.
                     None if was_reused => {
-                        exchange(None, h2, &authority, path, host.as_deref()).await
+                        exchange(fresh().await?, &authority, path, host.as_deref()).await
                     }
                     None => None,
                 }
@@ -130,19 +180,14 @@ pub(crate) async fn probe(
     }
 }
 
-/// One GET on `conn` (or a new connection); the status and the connection
-/// if it can carry another request. `None` when no response came.
+/// One GET on `conn`; the status and the connection if it can carry
+/// another request. `None` when no response came.
 async fn exchange(
-    conn: Option<Conn>,
-    h2: bool,
+    mut conn: Conn,
     authority: &str,
     path: &str,
     host: Option<&str>,
 ) -> Option<(u16, Option<Conn>)> {
-    let mut conn = match conn {
-        Some(c) => c,
-        None => connect(authority, h2).await?,
-    };
     // HTTP/1.1 sends the origin form with a Host header; HTTP/2 needs the
     // authority in the URI (`:authority`).
     let uri = match &conn {
@@ -175,10 +220,10 @@ async fn exchange(
     Some((status, keep.then_some(conn)))
 }
 
-async fn connect(authority: &str, h2: bool) -> Option<Conn> {
-    let stream = tokio::net::TcpStream::connect(authority).await.ok()?;
-    let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(stream);
+/// HTTP over `io`: HTTP/2 when TLS's ALPN chose it, else as `h2` says.
+async fn connect(io: UpstreamIo, h2: bool) -> Option<Conn> {
+    let h2 = io.negotiated_h2().unwrap_or(h2);
+    let io = TokioIo::new(io);
     // The connection task ends when its `SendRequest` is dropped (the
     // instance is gone or the connection is not kept).
     if h2 {

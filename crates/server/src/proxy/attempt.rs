@@ -540,6 +540,7 @@ mod tests {
                 Default::default(),
                 Default::default(),
                 None,
+                None,
             ),
             metrics: Arc::new(ServiceMetrics::disabled()),
             upgrade_idle_timeout: Duration::from_secs(1),

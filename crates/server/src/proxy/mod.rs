@@ -40,6 +40,7 @@ pub(crate) mod tcp;
 pub(crate) mod tls;
 pub(crate) mod upgrade;
 pub(crate) mod upstream;
+pub(crate) mod upstream_tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;

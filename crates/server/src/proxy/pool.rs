@@ -11,6 +11,13 @@
 //! - **Connect**: `connect_timeout`, TCP_NODELAY, TCP keepalive 60 s. A
 //!   failed connect (or HTTP/2 handshake) is [`SendError::Connect`]: nothing
 //!   reached the instance.
+//! - **TLS** (`[service.X.tls]`, rules in `upstream_tls.rs`): the handshake
+//!   is part of the connect (its own `connect_timeout`; a failure is
+//!   `Connect`, logged at warn at most once a minute per instance, with
+//!   rustls' reason). Every connection of the service shares one client
+//!   config, so later connections resume the TLS session. Under `auto` the
+//!   instance's first connection learns the ALPN choice, and every request
+//!   to it then goes out in that version (the connection is kept for it).
 //! - **HTTP/1.1**: one request at a time per connection. A connection goes
 //!   back to the idle list only when hyper says it is ready again: its
 //!   response body ended cleanly and neither side asked to close (a body
@@ -49,7 +56,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use datapunk_lb_core::{InstanceId, Service, ServiceInstance};
@@ -61,12 +68,12 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::{Mutex, RwLock};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service as _;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::request_body::UpstreamBody;
+use super::upstream_tls::{UpstreamIo, UpstreamTls};
 
 /// An idle HTTP/1.1 connection is closed after this long (as before).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -76,6 +83,8 @@ pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 1024;
 pub(crate) const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// TCP keepalive of upstream connections (as before).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// At most one TLS handshake failure logged at warn per instance this often.
+const TLS_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a send failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +106,9 @@ pub(crate) struct Pool {
 #[derive(Debug)]
 struct Inner {
     connector: HttpConnector,
+    /// `[service.X.tls]`, shared by every connection (session resumption).
+    tls: Option<Arc<UpstreamTls>>,
+    connect_timeout: Duration,
     /// Read by the sweep: which instances are still members.
     service: Option<Arc<Service>>,
     instances: RwLock<HashMap<InstanceId, Arc<InstancePool>>>,
@@ -119,6 +131,10 @@ pub(crate) struct InstancePool {
     /// Held while an HTTP/2 connection is being opened, so concurrent
     /// requests share one connection instead of racing to open several.
     h2_opening: tokio::sync::Mutex<()>,
+    /// TLS: whether the server chose `h2` by ALPN (first connection).
+    alpn_h2: OnceLock<bool>,
+    /// TLS: when a handshake failure was last logged at warn.
+    tls_warned: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -128,9 +144,14 @@ struct Idle {
 }
 
 impl Pool {
-    /// An empty pool connecting with `connect_timeout`; `service`, when
-    /// given, lets the sweep drop instances that left it.
-    pub(crate) fn new(connect_timeout: Duration, service: Option<Arc<Service>>) -> Self {
+    /// An empty pool connecting with `connect_timeout`, over `tls` when
+    /// given; `service`, when given, lets the sweep drop instances that
+    /// left it.
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        tls: Option<Arc<UpstreamTls>>,
+        service: Option<Arc<Service>>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -138,6 +159,8 @@ impl Pool {
         Self {
             inner: Arc::new(Inner {
                 connector,
+                tls,
+                connect_timeout,
                 service,
                 instances: RwLock::new(HashMap::new()),
                 sweeping: AtomicBool::new(false),
@@ -187,14 +210,7 @@ impl Pool {
             }
         }
         let io = self.connect(to).await?;
-        let (mut sender, conn) = http1::handshake(io)
-            .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-            }
-        });
+        let mut sender = handshake_h1(io).await?;
         let resp = sender.send_request(req).await?;
         to.clone().check_in_when_ready(sender);
         Ok(resp)
@@ -237,29 +253,77 @@ impl Pool {
             return Ok(s);
         }
         let io = self.connect(to).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            // One stream until the server's SETTINGS say how many: a burst
-            // on a new connection would otherwise exceed a small limit and
-            // be refused. Its SETTINGS replace this (no limit named: none).
-            .initial_max_send_streams(1)
-            .handshake(io)
-            .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+        let sender = handshake_h2(io).await?;
         *to.h2.lock() = Some(sender.clone());
         Ok(sender)
     }
 
-    async fn connect(&self, to: &InstancePool) -> Result<TokioIo<TcpStream>, SendError> {
+    /// The service's upstream TLS, if any.
+    pub(crate) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.inner.tls.as_ref()
+    }
+
+    /// Whether `to` speaks HTTP/2 by ALPN, learnt from its first TLS
+    /// connection; opening that connection here keeps it for the request
+    /// that asked (as `to`'s HTTP/2 connection or an idle HTTP/1.1 one).
+    pub(crate) async fn alpn_h2(&self, to: &InstancePool) -> Result<bool, SendError> {
+        if let Some(h2) = to.alpn_h2.get() {
+            return Ok(*h2);
+        }
+        let _opening = to.h2_opening.lock().await;
+        if let Some(h2) = to.alpn_h2.get() {
+            return Ok(*h2);
+        }
+        let io = self.connect(to).await?;
+        let h2 = io.inner().negotiated_h2().unwrap_or(false);
+        if h2 {
+            *to.h2.lock() = Some(handshake_h2(io).await?);
+        } else {
+            let mut sender = handshake_h1(io).await?;
+            // Ready once its connection task runs: only then does checkout
+            // take it.
+            sender
+                .ready()
+                .await
+                .map_err(|e| SendError::Connect(e.to_string()))?;
+            let mut idle = to.idle.lock();
+            if idle.len() < MAX_IDLE_PER_INSTANCE {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+        Ok(h2)
+    }
+
+    /// A new connection to `to`: TCP, then TLS when the service has it.
+    async fn connect(&self, to: &InstancePool) -> Result<TokioIo<UpstreamIo>, SendError> {
         let mut connector = self.inner.connector.clone();
-        connector
+        let tcp = connector
             .call(to.connect_uri.clone())
             .await
-            .map_err(|e| SendError::Connect(e.to_string()))
+            .map_err(|e| SendError::Connect(e.to_string()))?
+            .into_inner();
+        let Some(tls) = &self.inner.tls else {
+            return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
+        };
+        match tls
+            .handshake(tcp, &to.address, self.inner.connect_timeout)
+            .await
+        {
+            Ok(io) => {
+                if let Some(h2) = io.negotiated_h2() {
+                    let _ = to.alpn_h2.set(h2);
+                }
+                Ok(TokioIo::new(io))
+            }
+            Err(e) => {
+                let error = format!("TLS handshake: {e}");
+                to.warn_tls(&error);
+                Err(SendError::Connect(error))
+            }
+        }
     }
 
     /// Starts the sweep once, from the first connection on (inside the
@@ -271,6 +335,41 @@ impl Pool {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(sweep(weak));
     }
+}
+
+/// HTTP/1.1 over a new connection; its task ends with the connection.
+async fn handshake_h1(
+    io: TokioIo<UpstreamIo>,
+) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
+    let (sender, conn) = http1::handshake(io)
+        .await
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// HTTP/2 over a new connection; its task ends with the connection.
+async fn handshake_h2(
+    io: TokioIo<UpstreamIo>,
+) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        // One stream until the server's SETTINGS say how many: a burst
+        // on a new connection would otherwise exceed a small limit and
+        // be refused. Its SETTINGS replace this (no limit named: none).
+        .initial_max_send_streams(1)
+        .handshake(io)
+        .await
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 async fn sweep(pool: Weak<Inner>) {
@@ -329,7 +428,25 @@ impl InstancePool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_opening: tokio::sync::Mutex::new(()),
+            alpn_h2: OnceLock::new(),
+            tls_warned: Mutex::new(None),
         })
+    }
+
+    /// Logs a failed TLS handshake at warn, at most once per
+    /// [`TLS_WARN_EVERY`] (a wrong CA fails every connect; one line says
+    /// why, the connect-failure metrics count them all).
+    fn warn_tls(&self, error: &str) {
+        let now = Instant::now();
+        {
+            let mut last = self.tls_warned.lock();
+            if last.is_some_and(|t| now.duration_since(t) < TLS_WARN_EVERY) {
+                debug!(instance = %self.authority, error, "upstream TLS handshake failed");
+                return;
+            }
+            *last = Some(now);
+        }
+        warn!(instance = %self.authority, error, "upstream TLS handshake failed");
     }
 
     /// Whether this pool connects where `instance` lives.
@@ -404,6 +521,7 @@ impl InstancePool {
 mod tests {
     use datapunk_lb_core::Registry;
     use http_body_util::{BodyExt, Empty, Full};
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -473,7 +591,7 @@ mod tests {
         let registry = Registry::builder().build().unwrap();
         let inst = ServiceInstance::try_new("a", "127.0.0.1", port).unwrap();
         registry.register_instance("api", inst.clone()).unwrap();
-        let pool = Pool::new(Duration::from_secs(1), registry.service("api"));
+        let pool = Pool::new(Duration::from_secs(1), None, registry.service("api"));
         let to = pool.instance(&inst).unwrap();
         for _ in 0..5 {
             exchange(&pool, &to).await;
@@ -534,7 +652,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_is_shared_and_reopened_after_goaway() {
         let (port, accepts) = h2_server_closing_after_one().await;
-        let pool = Pool::new(Duration::from_secs(1), None);
+        let pool = Pool::new(Duration::from_secs(1), None, None);
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
@@ -574,7 +692,7 @@ mod tests {
             );
         })
         .await;
-        let pool = Arc::new(Pool::new(Duration::from_secs(1), None));
+        let pool = Arc::new(Pool::new(Duration::from_secs(1), None, None));
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
@@ -606,7 +724,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let pool = Pool::new(Duration::from_secs(1), None);
+        let pool = Pool::new(Duration::from_secs(1), None, None);
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();

@@ -24,7 +24,8 @@
 //! forwarding headers of [`http`](super::http); every hop-by-hop header
 //! stripped) except that `Connection: upgrade` and the client's `Upgrade`
 //! are sent on. Each attempt opens a fresh connection to the instance
-//! (within `connect_timeout`; an upgraded connection is never pooled) and
+//! (within `connect_timeout`; an upgraded connection is never pooled;
+//! TLS with the service's `[service.X.tls]`, offering only `http/1.1`) and
 //! awaits the response head before the request's `request_timeout`
 //! deadline. A handshake has an empty body, so it is replayable, and a GET
 //! is idempotent: a connect failure, a reset or a 502/503/504 moves to
@@ -90,6 +91,7 @@ use super::attempt::{self, Attempt, Class, Ended, Held, NoAnswer, Replay, Step};
 use super::headers::strip_hop_by_hop;
 use super::http::{finish_response, ProxyBody};
 use super::request_body::ReqBody;
+use super::upstream_tls::{UpstreamIo, UpstreamTls};
 use super::{ProxyError, Upstream};
 
 /// A share of the client connection's drain permit, carried by an upgrade
@@ -173,6 +175,7 @@ pub(crate) async fn proxy(
         deadline,
         connect_timeout: up.connect_timeout,
         service: &up.name,
+        tls: up.clients.tls(),
     };
     Ok(match attempt::run(up, &mut step, key).await? {
         Ended::Success(held, resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -258,6 +261,8 @@ struct UpgradeStep<'a> {
     deadline: Instant,
     connect_timeout: Duration,
     service: &'a str,
+    /// `[service.X.tls]`: the handshake follows the connect.
+    tls: Option<&'a Arc<UpstreamTls>>,
 }
 
 impl Step for UpgradeStep<'_> {
@@ -297,6 +302,19 @@ impl Step for UpgradeStep<'_> {
                 Ok(Err(_)) | Err(_) => return Attempt::NoAnswer(NoAnswer::ConnectFailed),
             };
         let _ = stream.set_nodelay(true);
+        let stream = match self.tls {
+            None => UpstreamIo::Plain(stream),
+            Some(tls) => match tls
+                .handshake_http1(stream, instance.address(), self.connect_timeout)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(service = self.service, error = %e, "upstream TLS handshake failed");
+                    return Attempt::NoAnswer(NoAnswer::ConnectFailed);
+                }
+            },
+        };
         let (mut sender, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
                 Ok(pair) => pair,

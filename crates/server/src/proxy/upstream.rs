@@ -18,6 +18,9 @@
 //!   absolute-form target), else its Host header — as Host on HTTP/1.1 and
 //!   as `:authority` on HTTP/2, while the connection goes to the instance;
 //!   `instance` sends the instance's `address:port`.
+//! - **TLS** (`[service.X.tls]`, see `upstream_tls.rs`): `http1` and `h2c`
+//!   go out as above (ALPN `http/1.1` / `h2`); `auto` sends what the
+//!   instance chose by ALPN, whatever the client spoke.
 //! - **gRPC** (`content-type: application/grpc[+…]`) to an `http1` service
 //!   cannot work (gRPC needs HTTP/2 trailers), so it is answered at once,
 //!   before any instance is picked, with a trailers-only gRPC answer: HTTP
@@ -49,6 +52,7 @@ use super::attempt::{Attempt, Class, NoAnswer, Replay, Step};
 use super::http::ProxyBody;
 use super::pool::{InstancePool, Pool, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
+use super::upstream_tls::UpstreamTls;
 use super::ProxyError;
 use crate::config::{HostHeader, UpstreamProtocol};
 
@@ -62,16 +66,17 @@ pub(crate) struct UpstreamClients {
 
 impl UpstreamClients {
     /// Connections with `connect_timeout` for a service speaking
-    /// `protocol`; `service` lets the pool drop the connections of
-    /// instances that leave it.
+    /// `protocol`, over `tls` when given; `service` lets the pool drop the
+    /// connections of instances that leave it.
     pub(crate) fn new(
         connect_timeout: Duration,
         protocol: UpstreamProtocol,
         host_header: HostHeader,
+        tls: Option<Arc<UpstreamTls>>,
         service: Option<Arc<Service>>,
     ) -> Self {
         Self {
-            pool: Pool::new(connect_timeout, service),
+            pool: Pool::new(connect_timeout, tls, service),
             protocol,
             host_header,
         }
@@ -84,6 +89,17 @@ impl UpstreamClients {
             UpstreamProtocol::H2c => true,
             UpstreamProtocol::Auto => inbound == Version::HTTP_2,
         }
+    }
+
+    /// The service's upstream TLS, if it has one (for upgrades, which open
+    /// their own connections).
+    pub(crate) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.pool.tls()
+    }
+
+    /// Whether the instance's ALPN choice sets the version: `auto` over TLS.
+    fn alpn_decides(&self) -> bool {
+        self.protocol == UpstreamProtocol::Auto && self.pool.tls().is_some()
     }
 
     /// The answer to a gRPC request this service cannot carry (its
@@ -226,7 +242,24 @@ impl Step for HttpStep<'_> {
                 return Attempt::NoAnswer(NoAnswer::ConnectFailed);
             }
         };
-        let http2 = self.clients.http2_out(self.parts.version);
+        let until = self.per_try_timeout.map_or(self.deadline, |t| {
+            self.deadline.min(tokio::time::Instant::now() + t)
+        });
+        let http2 = if self.clients.alpn_decides() {
+            // The first request to an instance opens the connection that
+            // learns its choice (kept for this request).
+            match tokio::time::timeout_at(until, self.clients.pool.alpn_h2(&to)).await {
+                Ok(Ok(h2)) => h2,
+                Ok(Err(e)) => {
+                    debug!(service = self.service, error = %e, connect = true, "upstream attempt failed");
+                    return Attempt::NoAnswer(NoAnswer::ConnectFailed);
+                }
+                Err(_) if until < self.deadline => return Attempt::NoAnswer(NoAnswer::TryTimedOut),
+                Err(_) => return Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
+            }
+        } else {
+            self.clients.http2_out(self.parts.version)
+        };
         // The body is always there: a streamed body is never resent.
         let Some(out) = self.build(http2, &to) else {
             return unsendable();
@@ -239,9 +272,6 @@ impl Step for HttpStep<'_> {
                 pool.send_h1(&to, out).await
             }
         };
-        let until = self.per_try_timeout.map_or(self.deadline, |t| {
-            self.deadline.min(tokio::time::Instant::now() + t)
-        });
         match tokio::time::timeout_at(until, sent).await {
             Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
             Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),

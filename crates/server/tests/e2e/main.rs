@@ -30,4 +30,5 @@ mod slowloris;
 mod status_page;
 mod support;
 mod tls;
+mod tls_upstream;
 mod websocket;
