@@ -43,6 +43,10 @@ pub struct FileDiscovery {
     pub kind: Spanned<String>,
     pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     pub prefix: Option<Spanned<String>>,
+    /// TLS to etcd (`config/etcd_tls.rs`).
+    pub ca_file: Option<Spanned<String>>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -59,6 +59,7 @@
 #[cfg(test)]
 mod adaptive_tests;
 pub mod cidr;
+pub mod etcd_tls;
 pub mod file;
 #[cfg(test)]
 mod forwarding_tests;
@@ -84,6 +85,7 @@ use datapunk_lb_core::{
 use toml::Spanned;
 
 pub use self::cidr::Cidr;
+pub use self::etcd_tls::{check_etcd, etcd_url, EtcdField, EtcdIssue, EtcdSettings, EtcdTls};
 use self::file::{FileConfig, FileService};
 pub use self::tls::{ClientAuth, TlsCertificate, TlsListenerConfig, TlsVersion};
 pub use crate::proxy::hash_key::HashKey;
@@ -196,10 +198,14 @@ pub enum DiscoveryConfig {
 /// `[discovery] kind = "etcd"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
-    /// Client URLs, normalised to `http://host:port`; never empty.
+    /// Client URLs, normalised to `http://host:port` or `https://host:port`
+    /// (all one scheme); never empty.
     pub endpoints: Vec<String>,
     /// Key prefix, ending with `/`.
     pub prefix: String,
+    /// TLS to etcd (`ca_file`, `cert_file`, `key_file`; see `etcd_tls.rs`):
+    /// set exactly when the endpoints are `https`.
+    pub tls: Option<EtcdTls>,
 }
 
 /// `[admin]`.
@@ -939,9 +945,17 @@ impl Config {
             DiscoveryConfig::Etcd(e) => {
                 let _ = writeln!(
                     s,
-                    "discovery: etcd {} prefix {}",
+                    "discovery: etcd {} prefix {}{}",
                     e.endpoints.join(","),
-                    e.prefix
+                    e.prefix,
+                    e.tls.as_ref().map_or_else(String::new, |t| format!(
+                        " (tls: ca {}{})",
+                        t.ca_file.display(),
+                        t.client.as_ref().map_or_else(String::new, |(c, _)| format!(
+                            ", client certificate {}",
+                            c.display()
+                        ))
+                    ))
                 );
             }
         }
@@ -1168,6 +1182,15 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
             if let Some(p) = &d.prefix {
                 ck.issue("discovery.prefix", p, "only for kind = \"etcd\"");
             }
+            for (key, f) in [
+                ("ca_file", &d.ca_file),
+                ("cert_file", &d.cert_file),
+                ("key_file", &d.key_file),
+            ] {
+                if let Some(f) = f {
+                    ck.issue(format!("discovery.{key}"), f, "only for kind = \"etcd\"");
+                }
+            }
             DiscoveryConfig::Static
         }
         "etcd" if !cfg!(feature = "etcd") => {
@@ -1179,25 +1202,7 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
             DiscoveryConfig::Static
         }
         "etcd" => {
-            let mut endpoints = Vec::new();
-            match &d.endpoints {
-                None => ck.issue(
-                    "discovery.endpoints",
-                    &d.kind,
-                    "missing: kind = \"etcd\" needs endpoints = [\"host:port\", ...]",
-                ),
-                Some(list) if list.get_ref().is_empty() => {
-                    ck.issue("discovery.endpoints", list, "must not be empty")
-                }
-                Some(list) => {
-                    for (i, e) in list.get_ref().iter().enumerate() {
-                        match etcd_endpoint(e.get_ref()) {
-                            Ok(url) => endpoints.push(url),
-                            Err(why) => ck.issue(format!("discovery.endpoints[{i}]"), e, why),
-                        }
-                    }
-                }
-            }
+            let (endpoints, tls) = etcd_connection(d, ck);
             let prefix = match &d.prefix {
                 None => DEFAULT_ETCD_PREFIX.to_owned(),
                 Some(p) if !p.get_ref().ends_with('/') || p.get_ref().len() < 2 => {
@@ -1213,7 +1218,11 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
                 }
                 Some(p) => p.get_ref().clone(),
             };
-            DiscoveryConfig::Etcd(EtcdConfig { endpoints, prefix })
+            DiscoveryConfig::Etcd(EtcdConfig {
+                endpoints,
+                prefix,
+                tls,
+            })
         }
         other => {
             ck.issue(
@@ -1226,27 +1235,64 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
     }
 }
 
-/// An etcd client endpoint, `host:port` or `http://host:port`, as a URL.
-pub fn etcd_endpoint(e: &str) -> Result<String, String> {
-    let rest = if let Some(r) = e.strip_prefix("http://") {
-        r
-    } else if e.starts_with("https://") {
-        return Err(format!(
-            "{e:?}: https endpoints are not supported (this build has no TLS for etcd)"
-        ));
-    } else if e.contains("://") {
-        return Err(format!("{e:?}: expected host:port or http://host:port"));
-    } else {
-        e
+/// The endpoints and TLS settings of `[discovery] kind = "etcd"`, checked
+/// by the rule of `etcd_tls.rs`; each problem names its key.
+fn etcd_connection(
+    d: &file::FileDiscovery,
+    ck: &mut Checker<'_>,
+) -> (Vec<String>, Option<EtcdTls>) {
+    let written: Vec<&Spanned<String>> = match &d.endpoints {
+        None => {
+            ck.issue(
+                "discovery.endpoints",
+                &d.kind,
+                "missing: kind = \"etcd\" needs endpoints = [\"host:port\", ...]",
+            );
+            return (Vec::new(), None);
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            ck.issue("discovery.endpoints", list, "must not be empty");
+            return (Vec::new(), None);
+        }
+        Some(list) => list.get_ref().iter().collect(),
     };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let bad = || format!("{e:?} is not host:port or http://host:port");
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.is_empty() || port == 0 || host.contains('/') || host.contains(char::is_whitespace) {
-        return Err(bad());
+    let endpoints: Vec<&str> = written.iter().map(|e| e.get_ref().as_str()).collect();
+    fn file(f: &Option<Spanned<String>>) -> Option<&str> {
+        f.as_ref().map(|f| f.get_ref().as_str())
     }
-    Ok(format!("http://{host}:{port}"))
+    let settings = EtcdSettings {
+        endpoints: &endpoints,
+        ca_file: file(&d.ca_file),
+        cert_file: file(&d.cert_file),
+        key_file: file(&d.key_file),
+    };
+    match check_etcd(&settings) {
+        Ok(ok) => ok,
+        Err(issues) => {
+            for i in issues {
+                let (key, at) = match i.field {
+                    EtcdField::Endpoint(n) => (
+                        format!("discovery.endpoints[{n}]"),
+                        written.get(n).copied().unwrap_or(&d.kind),
+                    ),
+                    EtcdField::CaFile => (
+                        "discovery.ca_file".into(),
+                        d.ca_file.as_ref().unwrap_or(&d.kind),
+                    ),
+                    EtcdField::CertFile => (
+                        "discovery.cert_file".into(),
+                        d.cert_file.as_ref().unwrap_or(&d.kind),
+                    ),
+                    EtcdField::KeyFile => (
+                        "discovery.key_file".into(),
+                        d.key_file.as_ref().unwrap_or(&d.kind),
+                    ),
+                };
+                ck.issue(key, at, i.message);
+            }
+            (Vec::new(), None)
+        }
+    }
 }
 
 fn admin(a: Option<file::FileAdmin>, ck: &mut Checker<'_>) -> AdminConfig {

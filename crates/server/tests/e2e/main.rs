@@ -10,6 +10,8 @@ mod attempts;
 mod config;
 #[cfg(feature = "etcd")]
 mod etcd;
+#[cfg(feature = "etcd")]
+mod etcd_tls;
 mod exhaustion;
 mod failover;
 mod forwarding;
