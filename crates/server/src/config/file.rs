@@ -72,6 +72,9 @@ pub struct FileListener {
     pub access_log: Option<Spanned<bool>>,
     /// `https` / `tls`: termination settings (`config/tls.rs`).
     pub tls: Option<super::tls::FileTls>,
+    /// `tcp`: TLS passthrough routes by SNI (`config/sni.rs`).
+    #[serde(default)]
+    pub sni_route: Vec<super::sni::FileSniRoute>,
 }
 
 #[derive(Debug, Deserialize)]

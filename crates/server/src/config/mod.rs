@@ -68,6 +68,7 @@ pub mod keys;
 mod knobs_tests;
 #[cfg(test)]
 mod limits_tests;
+pub mod sni;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
@@ -87,6 +88,7 @@ use toml::Spanned;
 pub use self::cidr::Cidr;
 pub use self::etcd_tls::{check_etcd, etcd_url, EtcdField, EtcdIssue, EtcdSettings, EtcdTls};
 use self::file::{FileConfig, FileService};
+pub use self::sni::SniRoute;
 pub use self::tls::{ClientAuth, TlsCertificate, TlsListenerConfig, TlsVersion};
 pub use crate::proxy::hash_key::HashKey;
 
@@ -256,6 +258,9 @@ pub struct ListenerConfig {
     /// `https` (an `Http` listener) / `tls` (a `Tcp` listener): TLS
     /// termination.
     pub tls: Option<TlsListenerConfig>,
+    /// `tcp`: TLS passthrough routes by SNI (`sni.rs`); `service` is then
+    /// the default, optional.
+    pub sni_routes: Vec<SniRoute>,
 }
 
 /// The client-side limits of a `[[listener]]` (the rules are in
@@ -814,6 +819,11 @@ impl Config {
             };
             let mut routes = Vec::new();
             let mut service = None;
+            let mut sni_routes = Vec::new();
+            if protocol == Protocol::Http {
+                // Refused with its key; the tcp arm checks them.
+                sni::sni_routes(&key, &l.name, false, &l.sni_route, ck, |_, _, _| {});
+            }
             match protocol {
                 Protocol::Http => {
                     if let Some(s) = &l.service {
@@ -849,6 +859,15 @@ impl Config {
                     }
                 }
                 Protocol::Tcp => {
+                    let tcp = matches!(
+                        l.protocol.as_ref().map(|p| p.get_ref().as_str()),
+                        Some("tcp")
+                    );
+                    sni_routes =
+                        sni::sni_routes(&key, &l.name, tcp, &l.sni_route, ck, |ck, k, s| {
+                            known(ck, k, s);
+                            tcp_hash_key(ck, &file.service, s.get_ref(), &l.name);
+                        });
                     if !l.route.is_empty() {
                         ck.issue(
                             format!("{key}.route"),
@@ -862,10 +881,12 @@ impl Config {
                             tcp_hash_key(ck, &file.service, s.get_ref(), &l.name);
                             service = Some(s.get_ref().clone());
                         }
+                        // With SNI routes the default service is optional.
+                        None if !sni_routes.is_empty() => {}
                         None => ck.issue(
                             format!("{key}.service"),
                             &l.name,
-                            "a tcp listener needs service = \"…\"",
+                            "a tcp listener needs service = \"…\" (or [[listener.sni_route]])",
                         ),
                     }
                 }
@@ -884,6 +905,7 @@ impl Config {
                 forwarded_header,
                 access_log,
                 tls,
+                sni_routes,
             });
         }
         if listeners.is_empty() {
@@ -1007,9 +1029,17 @@ impl Config {
                         l.name,
                         l.listen,
                         if l.tls.is_some() { "tls" } else { "tcp" },
-                        l.service.as_deref().unwrap_or("?")
+                        l.service.as_deref().unwrap_or(if l.sni_routes.is_empty() {
+                            "?"
+                        } else {
+                            "(no default: closed)"
+                        })
                     );
                     let _ = writeln!(s, "  max_connections {}", l.limits.max_connections);
+                    for r in &l.sni_routes {
+                        let _ =
+                            writeln!(s, "  sni [{}] -> {}", r.server_names.join(", "), r.service);
+                    }
                 }
             }
             if let Some(t) = &l.tls {
