@@ -66,7 +66,7 @@ pub enum Command {
     /// Sidecar: register an instance in etcd under a lease and keep it
     /// alive; SIGTERM/SIGINT revoke the lease (the instance leaves every
     /// balancer node at once) and exit 0.
-    Register(RegisterArgs),
+    Register(Box<RegisterArgs>),
 }
 
 /// `datapunk-lb register`.

@@ -64,7 +64,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime(threads)?.block_on(serve(path, cfg))
         }
         Command::Demo { seconds } => runtime(None)?.block_on(datapunk_lb::demo::run(seconds)),
-        Command::Register(args) => register(args),
+        Command::Register(args) => register(*args),
     }
 }
 

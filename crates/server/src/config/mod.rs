@@ -1099,7 +1099,9 @@ fn client_limits(
     ];
     if protocol == Protocol::Tcp {
         for (k, v) in timeouts {
-            if let Some(v) = v {
+            // A passthrough listener waits for the ClientHello this long.
+            let passthrough = k == "header_read_timeout" && !l.sni_route.is_empty();
+            if let (Some(v), false) = (v, passthrough) {
                 ck.issue(format!("{key}.{k}"), v, "only for an http listener");
             }
         }

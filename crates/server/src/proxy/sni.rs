@@ -435,7 +435,14 @@ mod tests {
     /// `fuzz/corpus/client_hello/` (how the checked-in seeds were made).
     #[test]
     fn rustls_client_hellos_give_their_server_name() {
-        let cases: [(&str, &str, &[&[u8]], bool, Hello); 4] = [
+        type Case = (
+            &'static str,
+            &'static str,
+            &'static [&'static [u8]],
+            bool,
+            Hello,
+        );
+        let cases: [Case; 4] = [
             (
                 "tls13-sni",
                 "api.example",

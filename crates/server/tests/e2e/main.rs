@@ -29,6 +29,7 @@ mod reference;
 mod scale;
 mod slow_start;
 mod slowloris;
+mod sni;
 mod status_page;
 mod support;
 mod tls;

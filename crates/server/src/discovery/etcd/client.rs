@@ -96,7 +96,7 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// The endpoint of `url` with the deadlines and keep-alives of every
 /// connection.
-fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
+fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_owned())?
         .connect_timeout(CALL_TIMEOUT)
         .http2_keep_alive_interval(KEEP_ALIVE_EVERY)
