@@ -120,7 +120,7 @@ impl Client {
     }
 
     /// Connects to the member at `url` (`https://host:port`) over TLS with
-    /// the settings of `tls` (files read now, see [`super::tls`]), within
+    /// the settings of `tls` (files read now, see `etcd/tls.rs`), within
     /// `CALL_TIMEOUT`.
     pub async fn connect_tls(url: &str, tls: &EtcdTls) -> Result<Self, ClientError> {
         let config = client_config(tls).map_err(ClientError::Tls)?;
