@@ -145,6 +145,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn client_hello_reads_the_checked_in_seeds() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/client_hello");
+        let seed = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let sni = seed("tls13-sni");
+        assert_eq!(client_hello(&sni), Some(Some("api.example".into())));
+        assert_eq!(client_hello(&sni[..sni.len() / 2]), None);
+        assert_eq!(client_hello(&seed("tls12-ip-no-sni")), Some(None));
+        assert_eq!(client_hello(&seed("plain-http")), Some(None));
+    }
+
+    #[test]
     fn admin_body_runs_the_handlers_parsers() {
         let ok = br#"{"address":"127.0.0.1","port":9001,"weight":3}"#;
         assert_eq!(admin_body(AdminBody::Register, "api", "a-1", ok), Ok(()));
