@@ -73,13 +73,14 @@ pub enum Command {
     /// Sidecar: register an instance in etcd under a lease and keep it
     /// alive; SIGTERM/SIGINT revoke the lease (the instance leaves every
     /// balancer node at once) and exit 0.
-    Register(RegisterArgs),
+    Register(Box<RegisterArgs>),
 }
 
 /// `datapunk-lb register`.
 #[derive(Debug, Clone, Args)]
 pub struct RegisterArgs {
-    /// etcd client endpoints, `host:port` or `http://host:port`;
+    /// etcd client endpoints, `host:port`, `http://host:port` or
+    /// `https://host:port` (a bare `host:port` is https with `--ca-file`);
     /// comma-separated or repeated.
     #[arg(long = "etcd", value_delimiter = ',', required = true)]
     pub etcd: Vec<String>,
@@ -111,4 +112,16 @@ pub struct RegisterArgs {
     /// revoking (SIGKILL, crash). Whole seconds, at least 1 s.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
+    /// TLS to etcd: the PEM CA bundle etcd's certificate is verified
+    /// against (as `[discovery] ca_file`); needed for https endpoints.
+    #[arg(long)]
+    pub ca_file: Option<String>,
+    /// TLS to etcd: a client certificate (PEM chain, leaf first) for etcd's
+    /// `--client-cert-auth` (as `[discovery] cert_file`); needs `--key-file`.
+    #[arg(long)]
+    pub cert_file: Option<String>,
+    /// TLS to etcd: the client certificate's PEM key (as `[discovery]
+    /// key_file`).
+    #[arg(long)]
+    pub key_file: Option<String>,
 }

@@ -100,9 +100,61 @@ pub fn state_file(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads `data` as a passthrough listener reads a ClientHello: `None`
+/// while more bytes are needed, else `Some` of the server name it routes
+/// by (`Some(None)`: no name, or not TLS).
+///
+/// # Panics
+///
+/// When a decision is not final (a shorter prefix decided differently, or
+/// more bytes change it) or a server name is not a lowercase host name.
+pub fn client_hello(data: &[u8]) -> Option<Option<String>> {
+    use crate::proxy::sni::{parse_client_hello, Hello};
+    let hello = parse_client_hello(data);
+    // Prefixes at 1/16 steps (all of them on short inputs) and the last.
+    let step = (data.len() / 16).max(1);
+    for n in (0..data.len())
+        .step_by(step)
+        .chain(data.len().checked_sub(1))
+    {
+        let early = parse_client_hello(&data[..n]);
+        assert!(
+            early == Hello::NeedMore || early == hello,
+            "{n} bytes decided {early:?}, {} bytes {hello:?}",
+            data.len()
+        );
+    }
+    match hello {
+        Hello::NeedMore => None,
+        Hello::ServerName(n) => {
+            assert!(
+                !n.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || matches!(b, b'-' | b'_' | b'.')),
+                "server name {n:?}"
+            );
+            Some(Some(n))
+        }
+        Hello::NoServerName | Hello::NotTls => Some(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_hello_reads_the_checked_in_seeds() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/client_hello");
+        let seed = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let sni = seed("tls13-sni");
+        assert_eq!(client_hello(&sni), Some(Some("api.example".into())));
+        assert_eq!(client_hello(&sni[..sni.len() / 2]), None);
+        assert_eq!(client_hello(&seed("tls12-ip-no-sni")), Some(None));
+        assert_eq!(client_hello(&seed("plain-http")), Some(None));
+    }
 
     #[test]
     fn admin_body_runs_the_handlers_parsers() {

@@ -79,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime(Some(1))?.block_on(serve(path, cfg, Some(Arc::new(workers))))
         }
         Command::Demo { seconds } => runtime(None)?.block_on(datapunk_lb::demo::run(seconds)),
-        Command::Register(args) => register(args),
+        Command::Register(args) => register(*args),
     }
 }
 
@@ -90,22 +90,33 @@ fn register(_: datapunk_lb::cli::RegisterArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "etcd")]
 fn register(args: datapunk_lb::cli::RegisterArgs) -> anyhow::Result<ExitCode> {
-    use datapunk_lb::config::etcd_endpoint;
+    use datapunk_lb::config::{check_etcd, EtcdField, EtcdSettings};
     use datapunk_lb::discovery::etcd::{register, Registration};
     use datapunk_lb::state::InstanceSpec;
 
     let mut problems = Vec::new();
-    let endpoints: Vec<String> = args
-        .etcd
-        .iter()
-        .filter_map(|e| match etcd_endpoint(e) {
-            Ok(u) => Some(u),
-            Err(why) => {
-                problems.push(format!("--etcd: {why}"));
-                None
+    let written: Vec<&str> = args.etcd.iter().map(String::as_str).collect();
+    let settings = EtcdSettings {
+        endpoints: &written,
+        ca_file: args.ca_file.as_deref(),
+        cert_file: args.cert_file.as_deref(),
+        key_file: args.key_file.as_deref(),
+    };
+    let (endpoints, tls) = match check_etcd(&settings) {
+        Ok(ok) => ok,
+        Err(issues) => {
+            for i in issues {
+                let flag = match i.field {
+                    EtcdField::Endpoint(_) => "--etcd",
+                    EtcdField::CaFile => "--ca-file",
+                    EtcdField::CertFile => "--cert-file",
+                    EtcdField::KeyFile => "--key-file",
+                };
+                problems.push(format!("{flag}: {}", i.message));
             }
-        })
-        .collect();
+            (Vec::new(), None)
+        }
+    };
     if !args.prefix.ends_with('/') {
         problems.push(format!("--prefix {:?}: must end with '/'", args.prefix));
     }
@@ -137,6 +148,7 @@ fn register(args: datapunk_lb::cli::RegisterArgs) -> anyhow::Result<ExitCode> {
         id: args.id,
         spec,
         ttl: args.ttl,
+        tls,
     };
     runtime(Some(1))?.block_on(async {
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -43,6 +43,10 @@ pub struct FileDiscovery {
     pub kind: Spanned<String>,
     pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     pub prefix: Option<Spanned<String>>,
+    /// TLS to etcd (`config/etcd_tls.rs`).
+    pub ca_file: Option<Spanned<String>>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +72,9 @@ pub struct FileListener {
     pub access_log: Option<Spanned<bool>>,
     /// `https` / `tls`: termination settings (`config/tls.rs`).
     pub tls: Option<super::tls::FileTls>,
+    /// `tcp`: TLS passthrough routes by SNI (`config/sni.rs`).
+    #[serde(default)]
+    pub sni_route: Vec<super::sni::FileSniRoute>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -60,6 +60,7 @@
 #[cfg(test)]
 mod adaptive_tests;
 pub mod cidr;
+pub mod etcd_tls;
 pub mod file;
 #[cfg(test)]
 mod forwarding_tests;
@@ -68,6 +69,7 @@ pub mod keys;
 mod knobs_tests;
 #[cfg(test)]
 mod limits_tests;
+pub mod sni;
 pub mod tls;
 pub mod upstream_tls;
 
@@ -86,7 +88,9 @@ use datapunk_lb_core::{
 use toml::Spanned;
 
 pub use self::cidr::Cidr;
+pub use self::etcd_tls::{check_etcd, etcd_url, EtcdField, EtcdIssue, EtcdSettings, EtcdTls};
 use self::file::{FileConfig, FileService};
+pub use self::sni::SniRoute;
 pub use self::tls::{ClientAuth, TlsCertificate, TlsListenerConfig, TlsVersion};
 pub use self::upstream_tls::{ClientCertFiles, UpstreamTlsConfig};
 pub use crate::proxy::hash_key::HashKey;
@@ -199,10 +203,14 @@ pub enum DiscoveryConfig {
 /// `[discovery] kind = "etcd"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
-    /// Client URLs, normalised to `http://host:port`; never empty.
+    /// Client URLs, normalised to `http://host:port` or `https://host:port`
+    /// (all one scheme); never empty.
     pub endpoints: Vec<String>,
     /// Key prefix, ending with `/`.
     pub prefix: String,
+    /// TLS to etcd (`ca_file`, `cert_file`, `key_file`; see `etcd_tls.rs`):
+    /// set exactly when the endpoints are `https`.
+    pub tls: Option<EtcdTls>,
 }
 
 /// `[admin]`.
@@ -253,6 +261,9 @@ pub struct ListenerConfig {
     /// `https` (an `Http` listener) / `tls` (a `Tcp` listener): TLS
     /// termination.
     pub tls: Option<TlsListenerConfig>,
+    /// `tcp`: TLS passthrough routes by SNI (`sni.rs`); `service` is then
+    /// the default, optional.
+    pub sni_routes: Vec<SniRoute>,
 }
 
 /// The client-side limits of a `[[listener]]` (the rules are in
@@ -813,6 +824,11 @@ impl Config {
             };
             let mut routes = Vec::new();
             let mut service = None;
+            let mut sni_routes = Vec::new();
+            if protocol == Protocol::Http {
+                // Refused with its key; the tcp arm checks them.
+                sni::sni_routes(&key, &l.name, false, &l.sni_route, ck, |_, _, _| {});
+            }
             match protocol {
                 Protocol::Http => {
                     if let Some(s) = &l.service {
@@ -848,6 +864,15 @@ impl Config {
                     }
                 }
                 Protocol::Tcp => {
+                    let tcp = matches!(
+                        l.protocol.as_ref().map(|p| p.get_ref().as_str()),
+                        Some("tcp")
+                    );
+                    sni_routes =
+                        sni::sni_routes(&key, &l.name, tcp, &l.sni_route, ck, |ck, k, s| {
+                            known(ck, k, s);
+                            tcp_hash_key(ck, &file.service, s.get_ref(), &l.name);
+                        });
                     if !l.route.is_empty() {
                         ck.issue(
                             format!("{key}.route"),
@@ -861,10 +886,12 @@ impl Config {
                             tcp_hash_key(ck, &file.service, s.get_ref(), &l.name);
                             service = Some(s.get_ref().clone());
                         }
+                        // With SNI routes the default service is optional.
+                        None if !sni_routes.is_empty() => {}
                         None => ck.issue(
                             format!("{key}.service"),
                             &l.name,
-                            "a tcp listener needs service = \"…\"",
+                            "a tcp listener needs service = \"…\" (or [[listener.sni_route]])",
                         ),
                     }
                 }
@@ -883,6 +910,7 @@ impl Config {
                 forwarded_header,
                 access_log,
                 tls,
+                sni_routes,
             });
         }
         if listeners.is_empty() {
@@ -944,9 +972,17 @@ impl Config {
             DiscoveryConfig::Etcd(e) => {
                 let _ = writeln!(
                     s,
-                    "discovery: etcd {} prefix {}",
+                    "discovery: etcd {} prefix {}{}",
                     e.endpoints.join(","),
-                    e.prefix
+                    e.prefix,
+                    e.tls.as_ref().map_or_else(String::new, |t| format!(
+                        " (tls: ca {}{})",
+                        t.ca_file.display(),
+                        t.client.as_ref().map_or_else(String::new, |(c, _)| format!(
+                            ", client certificate {}",
+                            c.display()
+                        ))
+                    ))
                 );
             }
         }
@@ -998,9 +1034,17 @@ impl Config {
                         l.name,
                         l.listen,
                         if l.tls.is_some() { "tls" } else { "tcp" },
-                        l.service.as_deref().unwrap_or("?")
+                        l.service.as_deref().unwrap_or(if l.sni_routes.is_empty() {
+                            "?"
+                        } else {
+                            "(no default: closed)"
+                        })
                     );
                     let _ = writeln!(s, "  max_connections {}", l.limits.max_connections);
+                    for r in &l.sni_routes {
+                        let _ =
+                            writeln!(s, "  sni [{}] -> {}", r.server_names.join(", "), r.service);
+                    }
                 }
             }
             if let Some(t) = &l.tls {
@@ -1060,7 +1104,9 @@ fn client_limits(
     ];
     if protocol == Protocol::Tcp {
         for (k, v) in timeouts {
-            if let Some(v) = v {
+            // A passthrough listener waits for the ClientHello this long.
+            let passthrough = k == "header_read_timeout" && !l.sni_route.is_empty();
+            if let (Some(v), false) = (v, passthrough) {
                 ck.issue(format!("{key}.{k}"), v, "only for an http listener");
             }
         }
@@ -1173,6 +1219,15 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
             if let Some(p) = &d.prefix {
                 ck.issue("discovery.prefix", p, "only for kind = \"etcd\"");
             }
+            for (key, f) in [
+                ("ca_file", &d.ca_file),
+                ("cert_file", &d.cert_file),
+                ("key_file", &d.key_file),
+            ] {
+                if let Some(f) = f {
+                    ck.issue(format!("discovery.{key}"), f, "only for kind = \"etcd\"");
+                }
+            }
             DiscoveryConfig::Static
         }
         "etcd" if !cfg!(feature = "etcd") => {
@@ -1184,25 +1239,7 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
             DiscoveryConfig::Static
         }
         "etcd" => {
-            let mut endpoints = Vec::new();
-            match &d.endpoints {
-                None => ck.issue(
-                    "discovery.endpoints",
-                    &d.kind,
-                    "missing: kind = \"etcd\" needs endpoints = [\"host:port\", ...]",
-                ),
-                Some(list) if list.get_ref().is_empty() => {
-                    ck.issue("discovery.endpoints", list, "must not be empty")
-                }
-                Some(list) => {
-                    for (i, e) in list.get_ref().iter().enumerate() {
-                        match etcd_endpoint(e.get_ref()) {
-                            Ok(url) => endpoints.push(url),
-                            Err(why) => ck.issue(format!("discovery.endpoints[{i}]"), e, why),
-                        }
-                    }
-                }
-            }
+            let (endpoints, tls) = etcd_connection(d, ck);
             let prefix = match &d.prefix {
                 None => DEFAULT_ETCD_PREFIX.to_owned(),
                 Some(p) if !p.get_ref().ends_with('/') || p.get_ref().len() < 2 => {
@@ -1218,7 +1255,11 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
                 }
                 Some(p) => p.get_ref().clone(),
             };
-            DiscoveryConfig::Etcd(EtcdConfig { endpoints, prefix })
+            DiscoveryConfig::Etcd(EtcdConfig {
+                endpoints,
+                prefix,
+                tls,
+            })
         }
         other => {
             ck.issue(
@@ -1231,27 +1272,64 @@ fn discovery(d: &file::FileDiscovery, ck: &mut Checker<'_>) -> DiscoveryConfig {
     }
 }
 
-/// An etcd client endpoint, `host:port` or `http://host:port`, as a URL.
-pub fn etcd_endpoint(e: &str) -> Result<String, String> {
-    let rest = if let Some(r) = e.strip_prefix("http://") {
-        r
-    } else if e.starts_with("https://") {
-        return Err(format!(
-            "{e:?}: https endpoints are not supported (this build has no TLS for etcd)"
-        ));
-    } else if e.contains("://") {
-        return Err(format!("{e:?}: expected host:port or http://host:port"));
-    } else {
-        e
+/// The endpoints and TLS settings of `[discovery] kind = "etcd"`, checked
+/// by the rule of `etcd_tls.rs`; each problem names its key.
+fn etcd_connection(
+    d: &file::FileDiscovery,
+    ck: &mut Checker<'_>,
+) -> (Vec<String>, Option<EtcdTls>) {
+    let written: Vec<&Spanned<String>> = match &d.endpoints {
+        None => {
+            ck.issue(
+                "discovery.endpoints",
+                &d.kind,
+                "missing: kind = \"etcd\" needs endpoints = [\"host:port\", ...]",
+            );
+            return (Vec::new(), None);
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            ck.issue("discovery.endpoints", list, "must not be empty");
+            return (Vec::new(), None);
+        }
+        Some(list) => list.get_ref().iter().collect(),
     };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let bad = || format!("{e:?} is not host:port or http://host:port");
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.is_empty() || port == 0 || host.contains('/') || host.contains(char::is_whitespace) {
-        return Err(bad());
+    let endpoints: Vec<&str> = written.iter().map(|e| e.get_ref().as_str()).collect();
+    fn file(f: &Option<Spanned<String>>) -> Option<&str> {
+        f.as_ref().map(|f| f.get_ref().as_str())
     }
-    Ok(format!("http://{host}:{port}"))
+    let settings = EtcdSettings {
+        endpoints: &endpoints,
+        ca_file: file(&d.ca_file),
+        cert_file: file(&d.cert_file),
+        key_file: file(&d.key_file),
+    };
+    match check_etcd(&settings) {
+        Ok(ok) => ok,
+        Err(issues) => {
+            for i in issues {
+                let (key, at) = match i.field {
+                    EtcdField::Endpoint(n) => (
+                        format!("discovery.endpoints[{n}]"),
+                        written.get(n).copied().unwrap_or(&d.kind),
+                    ),
+                    EtcdField::CaFile => (
+                        "discovery.ca_file".into(),
+                        d.ca_file.as_ref().unwrap_or(&d.kind),
+                    ),
+                    EtcdField::CertFile => (
+                        "discovery.cert_file".into(),
+                        d.cert_file.as_ref().unwrap_or(&d.kind),
+                    ),
+                    EtcdField::KeyFile => (
+                        "discovery.key_file".into(),
+                        d.key_file.as_ref().unwrap_or(&d.kind),
+                    ),
+                };
+                ck.issue(key, at, i.message);
+            }
+            (Vec::new(), None)
+        }
+    }
 }
 
 fn admin(a: Option<file::FileAdmin>, ck: &mut Checker<'_>) -> AdminConfig {

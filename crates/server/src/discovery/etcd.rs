@@ -21,6 +21,10 @@
 //! gRPC stack under it becomes one more error to back off from, never a
 //! dead discovery loop.
 //!
+//! With `https` endpoints every connection is TLS with the `ca_file` and
+//! optional client certificate of the config (or the sidecar's flags),
+//! files read at each connect (`tls.rs`).
+//!
 //! The client ([`client`]) is our own, over gRPC code generated from etcd's
 //! `.proto` files and checked in ([`pb`], `scripts/gen-etcd-proto.sh`), so
 //! the build needs no `protoc`.
@@ -46,13 +50,14 @@ use tokio::sync::watch;
 use self::client::{Client, ClientError};
 use self::pb::mvccpb::event::EventType;
 use super::{parse_key, parse_put, BadEntry, Batch, Change};
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, EtcdTls};
 use crate::control::{ControlHandle, DiscoveryStatus, SharedStore, StoreFuture, Update};
 use crate::metrics::Metrics;
 use crate::state::InstanceSpec;
 
 pub mod client;
 pub mod pb;
+mod tls;
 
 /// Deadline of every unary call to etcd (connect, get, put, grant, …).
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -115,13 +120,15 @@ pub enum DiscoveryError {
 struct Calls {
     members: Arc<[String]>,
     endpoints: Arc<str>,
+    tls: Option<Arc<EtcdTls>>,
 }
 
 impl Calls {
-    fn new(members: &[String]) -> Self {
+    fn new(members: &[String], tls: Option<&EtcdTls>) -> Self {
         Self {
             members: Arc::from(members),
             endpoints: Arc::from(members.join(",")),
+            tls: tls.cloned().map(Arc::new),
         }
     }
 
@@ -153,7 +160,13 @@ impl Calls {
         let first = fastrand::usize(..n.max(1));
         let mut error = None;
         for url in self.members.iter().cycle().skip(first).take(n) {
-            match self.call("connect", Client::connect(url)).await {
+            let connecting = async {
+                match &self.tls {
+                    Some(tls) => Client::connect_tls(url, tls).await,
+                    None => Client::connect(url).await,
+                }
+            };
+            match self.call("connect", connecting).await {
                 Ok(c) => return Ok(c),
                 Err(e) => error = Some(e),
             }
@@ -341,6 +354,7 @@ async fn run(link: Link, config: EtcdConfig) {
             link.clone(),
             config.prefix.clone(),
             endpoint,
+            config.tls.clone(),
             status.clone(),
             listed.clone(),
         ))
@@ -365,11 +379,12 @@ async fn session(
     link: Link,
     prefix: String,
     endpoint: String,
+    tls: Option<EtcdTls>,
     status: Arc<Status>,
     listed: Arc<AtomicBool>,
 ) -> Result<(), DiscoveryError> {
     let members = [endpoint];
-    let calls = Calls::new(&members);
+    let calls = Calls::new(&members, tls.as_ref());
     let endpoints = calls.endpoints.to_string();
     let prefix = prefix.as_str();
     let mut client = calls.connect().await?;
@@ -525,7 +540,7 @@ impl EtcdWriter {
         F: FnOnce(Client, Calls) -> Fut,
         Fut: Future<Output = Result<T, DiscoveryError>>,
     {
-        let calls = Calls::new(&self.config.endpoints);
+        let calls = Calls::new(&self.config.endpoints, self.config.tls.as_ref());
         let client = {
             let mut slot = self.client.lock().await;
             match &*slot {
@@ -612,6 +627,9 @@ pub struct Registration {
     pub spec: InstanceSpec,
     /// Lease TTL (whole seconds, at least 1).
     pub ttl: Duration,
+    /// TLS to etcd (`--ca-file`, `--cert-file`, `--key-file`): set exactly
+    /// when the endpoints are `https`.
+    pub tls: Option<EtcdTls>,
 }
 
 impl Registration {
@@ -682,7 +700,7 @@ pub async fn register(
         );
         return Ok(());
     };
-    let calls = Calls::new(&reg.endpoints);
+    let calls = Calls::new(&reg.endpoints, reg.tls.as_ref());
     let revoked = async {
         let mut c = calls.connect().await?;
         calls.call("lease revoke", c.lease_revoke(id)).await
@@ -717,7 +735,7 @@ async fn keep_registered(
     value: &str,
     lease: &mut Option<i64>,
 ) -> Result<Infallible, DiscoveryError> {
-    let calls = Calls::new(&reg.endpoints);
+    let calls = Calls::new(&reg.endpoints, reg.tls.as_ref());
     let endpoints = calls.endpoints.to_string();
     let mut client = calls.connect().await?;
     // A lease that survived a short outage is kept; an expired one replaced.

@@ -36,6 +36,7 @@ pub(crate) mod pool;
 pub(crate) mod request_body;
 pub(crate) mod request_id;
 pub(crate) mod retry;
+pub(crate) mod sni;
 pub(crate) mod tcp;
 pub(crate) mod tls;
 pub(crate) mod upgrade;
@@ -162,6 +163,26 @@ impl Routing {
     pub(crate) fn tcp_upstream(&self, listener: &str) -> Option<&Arc<Upstream>> {
         let l = self.listeners.get(listener)?;
         self.upstreams.get(l.service.as_deref()?)
+    }
+
+    /// A `tcp` listener with `sni_route`s: how long to wait for the
+    /// ClientHello (its `header_read_timeout`); `None` for any other.
+    pub(crate) fn passthrough(&self, listener: &str) -> Option<std::time::Duration> {
+        let l = self.listeners.get(listener)?;
+        (!l.sni_routes.is_empty()).then_some(l.limits.header_read_timeout)
+    }
+
+    /// The upstream of a passthrough listener for a ClientHello naming
+    /// `server_name` (see `sni.rs`): its route's service, else the
+    /// listener's default `service`.
+    pub(crate) fn sni_upstream(
+        &self,
+        listener: &str,
+        server_name: Option<&str>,
+    ) -> Option<&Arc<Upstream>> {
+        let l = self.listeners.get(listener)?;
+        let service = sni::route(&l.sni_routes, server_name).or(l.service.as_deref())?;
+        self.upstreams.get(service)
     }
 }
 

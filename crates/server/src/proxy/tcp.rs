@@ -17,7 +17,15 @@
 //! - A `tls` listener terminates TLS first (`super::tls`), in the
 //!   connection's task, within the listener's `header_read_timeout`; the
 //!   instance is chosen after the handshake and gets the plain bytes.
+//! - A `tcp` listener with `sni_route`s (TLS passthrough, [`super::sni`])
+//!   first reads the ClientHello, at most `sni::MAX_CLIENT_HELLO` bytes
+//!   within the listener's `header_read_timeout`, picks the service by its
+//!   server name (no name, no match, not TLS, or the time or size limit
+//!   reached: the default `service`, else the connection is closed), and
+//!   after the connect writes the bytes read to the instance before
+//!   splicing. They are held until then, so a failed connect still retries.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +33,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use datapunk_lb_core::ServiceInstance;
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::debug;
@@ -33,6 +42,7 @@ use super::accept;
 use super::accept::{ConnPermit, ConnTracker};
 use super::attempt::{self, Attempt, Class, Ended, NoAnswer, Replay, Step};
 use super::hash_key::client_ip_digest;
+use super::sni::{parse_client_hello, Hello, MAX_CLIENT_HELLO};
 use super::tls::{ClientStream, TlsListener};
 use super::{ProxyError, Routing};
 
@@ -58,6 +68,23 @@ pub(crate) async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let mut client = client;
+            // Passthrough: the ClientHello is read here, off the accept loop.
+            let passthrough = if tls.is_none() {
+                routing.load().passthrough(&name)
+            } else {
+                None
+            };
+            let hello = match passthrough {
+                None => None,
+                Some(timeout) => match read_client_hello(&mut client, timeout).await {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        debug!(listener = &*name, %peer, error = %e, "passthrough: no ClientHello");
+                        return;
+                    }
+                },
+            };
             // The handshake runs here, off the accept loop.
             let client = match tls {
                 None => ClientStream::Plain(client),
@@ -69,7 +96,7 @@ pub(crate) async fn serve(
                     }
                 },
             };
-            if let Err(e) = proxy(client, peer, &name, &routing).await {
+            if let Err(e) = proxy(client, peer, &name, &routing, hello).await {
                 debug!(listener = &*name, %peer, error = %e, "tcp connection ended");
             }
         });
@@ -92,8 +119,27 @@ async fn proxy(
     peer: SocketAddr,
     name: &str,
     routing: &ArcSwap<Routing>,
+    hello: Option<ReadHello>,
 ) -> Result<(), TcpError> {
-    let Some(up) = routing.load().tcp_upstream(name).cloned() else {
+    let up = match &hello {
+        None => routing.load().tcp_upstream(name).cloned(),
+        Some(h) => {
+            let server_name = match &h.hello {
+                Hello::ServerName(n) => Some(n.as_str()),
+                _ => None,
+            };
+            let up = routing.load().sni_upstream(name, server_name).cloned();
+            debug!(
+                listener = name,
+                %peer,
+                hello = ?h.hello,
+                service = up.as_ref().map(|u| u.name.as_str()),
+                "passthrough: routed by ClientHello"
+            );
+            up
+        }
+    };
+    let Some(up) = up else {
         return Ok(());
     };
     let mut step = TcpConnect {
@@ -104,6 +150,9 @@ async fn proxy(
     match attempt::run(&up, &mut step, key.as_ref().map(|k| &k[..])).await? {
         Ended::Success(held, mut upstream) => {
             let _ = upstream.set_nodelay(true);
+            if let Some(h) = &hello {
+                upstream.write_all(&h.bytes).await.map_err(TcpError::Io)?;
+            }
             let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             // The instance answered; how the stream ends is the peers' affair.
             held.succeed();
@@ -111,6 +160,40 @@ async fn proxy(
         }
         // A connect has no failed answer; dropping closes the client.
         Ended::Failed(_) => Ok(()),
+    }
+}
+
+/// What a passthrough listener read before choosing: the bytes (sent on
+/// to the instance) and what they say.
+struct ReadHello {
+    bytes: Vec<u8>,
+    hello: Hello,
+}
+
+/// Reads until the ClientHello is decided, [`MAX_CLIENT_HELLO`] bytes are
+/// read or `timeout` passes (then `Hello::NeedMore`: treated as no name).
+/// An error or EOF first: the client is gone.
+async fn read_client_hello(client: &mut TcpStream, timeout: Duration) -> io::Result<ReadHello> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut bytes = Vec::with_capacity(2048);
+    loop {
+        let hello = parse_client_hello(&bytes);
+        let room = MAX_CLIENT_HELLO.saturating_sub(bytes.len());
+        if hello != Hello::NeedMore || room == 0 {
+            return Ok(ReadHello { bytes, hello });
+        }
+        let mut limited = (&mut *client).take(room as u64);
+        match tokio::time::timeout_at(deadline, limited.read_buf(&mut bytes)).await {
+            Err(_) => return Ok(ReadHello { bytes, hello }),
+            Ok(Ok(0)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the ClientHello",
+                ))
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
     }
 }
 

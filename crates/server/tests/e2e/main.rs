@@ -10,6 +10,8 @@ mod attempts;
 mod config;
 #[cfg(feature = "etcd")]
 mod etcd;
+#[cfg(feature = "etcd")]
+mod etcd_tls;
 mod exhaustion;
 mod failover;
 mod forwarding;
@@ -27,6 +29,7 @@ mod reference;
 mod scale;
 mod slow_start;
 mod slowloris;
+mod sni;
 mod status_page;
 mod support;
 mod tls;

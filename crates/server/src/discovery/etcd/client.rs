@@ -33,7 +33,9 @@ use super::pb::etcdserverpb::{
     LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, PutResponse, RangeRequest,
     RangeResponse, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
 };
+use super::tls::{client_config, EtcdConnector};
 use super::CALL_TIMEOUT;
+use crate::config::EtcdTls;
 
 /// Interval of the HTTP/2 keep-alive pings (a ping unanswered within
 /// `CALL_TIMEOUT` closes the connection, so a half-open one is noticed).
@@ -54,6 +56,9 @@ pub enum ClientError {
     /// A keep-alive for a lease etcd no longer has (expired or revoked).
     #[error("lease {0:x} not found (expired or revoked)")]
     LeaseNotFound(i64),
+    /// The TLS settings could not be loaded (the message names the file).
+    #[error("tls: {0}")]
+    Tls(String),
     /// etcd answered out of protocol, or a stream ended early.
     #[error("{0}")]
     Protocol(String),
@@ -89,6 +94,16 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// The endpoint of `url` with the deadlines and keep-alives of every
+/// connection.
+fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(CALL_TIMEOUT)
+        .http2_keep_alive_interval(KEEP_ALIVE_EVERY)
+        .keep_alive_timeout(CALL_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
 /// A connection to one etcd member.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -101,18 +116,26 @@ impl Client {
     /// Connects to the member at `url` (`http://host:port`), within
     /// `CALL_TIMEOUT`.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(CALL_TIMEOUT)
-            .http2_keep_alive_interval(KEEP_ALIVE_EVERY)
-            .keep_alive_timeout(CALL_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect()
+        Ok(Self::over(endpoint(url)?.connect().await?))
+    }
+
+    /// Connects to the member at `url` (`https://host:port`) over TLS with
+    /// the settings of `tls` (files read now, see `etcd/tls.rs`), within
+    /// `CALL_TIMEOUT`.
+    pub async fn connect_tls(url: &str, tls: &EtcdTls) -> Result<Self, ClientError> {
+        let config = client_config(tls).map_err(ClientError::Tls)?;
+        let channel = endpoint(url)?
+            .connect_with_connector(EtcdConnector::new(config))
             .await?;
-        Ok(Self {
+        Ok(Self::over(channel))
+    }
+
+    fn over(channel: Channel) -> Self {
+        Self {
             kv: KvClient::new(channel.clone()),
             watch: WatchClient::new(channel.clone()),
             lease: LeaseClient::new(channel),
-        })
+        }
     }
 
     /// The key `key` (a linearizable read: it fails on a member cut off

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use datapunk_lb::config::EtcdTls;
 use datapunk_lb::discovery::etcd::client::Client;
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -49,12 +50,34 @@ pub(crate) struct Etcd {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    tls: Option<ServerTls>,
+}
+
+/// An etcd serving its clients over TLS.
+pub(crate) struct ServerTls {
+    /// `--cert-file`.
+    pub(crate) cert_file: PathBuf,
+    /// `--key-file`.
+    pub(crate) key_file: PathBuf,
+    /// `--trusted-ca-file`, with `--client-cert-auth`: clients need a
+    /// certificate from this CA.
+    pub(crate) client_ca_file: PathBuf,
+    /// What the harness connects with to see it healthy.
+    pub(crate) client: EtcdTls,
 }
 
 impl Etcd {
     /// A new member on free ports and a fresh data dir.
     pub(crate) async fn start(bin: &Path) -> Etcd {
         let mut e = Etcd::not_started(bin);
+        e.start_again().await;
+        e
+    }
+
+    /// A new member serving clients on `https://127.0.0.1:port` with `tls`.
+    pub(crate) async fn start_tls(bin: &Path, tls: ServerTls) -> Etcd {
+        let mut e = Etcd::not_started(bin);
+        e.tls = Some(tls);
         e.start_again().await;
         e
     }
@@ -69,6 +92,7 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
+            tls: None,
         }
     }
 
@@ -80,13 +104,18 @@ impl Etcd {
             &self.dir,
             self.client_port,
             self.peer_port,
+            self.tls.as_ref(),
         ));
-        wait_healthy(self.client_port).await;
+        match &self.tls {
+            Some(tls) => wait_healthy_tls(&self.url(), &tls.client).await,
+            None => wait_healthy(self.client_port).await,
+        }
     }
 
     /// The client URL.
     pub(crate) fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// SIGTERM by pid, then waits for the exit.
@@ -102,7 +131,7 @@ impl Etcd {
     pub(crate) async fn same_data_other_port(&self) -> (Child, u16) {
         assert!(self.child.is_none(), "stop the original first");
         let port = free_port();
-        let c = spawn_etcd(&self.bin, &self.dir, port, self.peer_port);
+        let c = spawn_etcd(&self.bin, &self.dir, port, self.peer_port, None);
         wait_healthy(port).await;
         (c, port)
     }
@@ -130,10 +159,22 @@ pub(crate) struct Sidecar {
 impl Sidecar {
     /// Registers `backend` as `api/{id}` with a lease of `ttl`.
     pub(crate) fn start(etcd_url: &str, id: &str, backend: &Backend, ttl: &str) -> Sidecar {
+        Sidecar::start_with(etcd_url, id, backend, ttl, &[])
+    }
+
+    /// As [`Sidecar::start`], with more flags (`--ca-file`, …).
+    pub(crate) fn start_with(
+        etcd_url: &str,
+        id: &str,
+        backend: &Backend,
+        ttl: &str,
+        more: &[&str],
+    ) -> Sidecar {
         let port = backend.addr.port().to_string();
         let mut child = lb_command(&["register", "--etcd", etcd_url])
             .args(["--service", "api", "--id", id, "--address", "127.0.0.1"])
             .args(["--port", &port, "--ttl", ttl])
+            .args(more)
             .spawn()
             .unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -183,9 +224,18 @@ impl Drop for Sidecar {
 }
 
 /// Starts one member on `dir`, logging to `dir.log`.
-fn spawn_etcd(bin: &Path, dir: &Path, client: u16, peer: u16) -> Child {
+fn spawn_etcd(bin: &Path, dir: &Path, client: u16, peer: u16, tls: Option<&ServerTls>) -> Child {
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let client_url = format!("http://127.0.0.1:{client}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://127.0.0.1:{client}");
+    let tls_args: Vec<String> = tls.map_or_else(Vec::new, |t| {
+        vec![
+            format!("--cert-file={}", t.cert_file.display()),
+            format!("--key-file={}", t.key_file.display()),
+            format!("--trusted-ca-file={}", t.client_ca_file.display()),
+            "--client-cert-auth".to_owned(),
+        ]
+    });
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -199,6 +249,7 @@ fn spawn_etcd(bin: &Path, dir: &Path, client: u16, peer: u16) -> Child {
         .arg(format!("--listen-peer-urls={peer_url}"))
         .arg(format!("--initial-advertise-peer-urls={peer_url}"))
         .arg(format!("--initial-cluster=t={peer_url}"))
+        .args(tls_args)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -235,6 +286,23 @@ async fn wait_healthy(port: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("etcd on port {port} did not become healthy");
+}
+
+/// Waits until a TLS client with `tls` can read from the etcd at `url`.
+async fn wait_healthy_tls(url: &str, tls: &EtcdTls) {
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < Duration::from_secs(20) {
+        match Client::connect_tls(url, tls).await {
+            Ok(mut c) => match c.get("health").await {
+                Ok(_) => return,
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("etcd at {url} did not answer over TLS: {last}");
 }
 
 /// A client of the etcd at `url` (the one discovery uses).

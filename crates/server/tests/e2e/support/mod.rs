@@ -4,6 +4,7 @@
 
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
+pub(crate) mod pki;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
