@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Threads (issue 12): datapunk-lb thread-per-core at 1 and 2 threads, its
-# previous model (one multi-threaded runtime, `--shared-runtime`) at 2, and
+# Threads (issue 12): datapunk-lb's default (one tokio runtime: single-
+# threaded at 1 thread, multi-threaded at 2) at 1 and 2 threads, its
+# `--thread-per-core` mode at 2, and
 # HAProxy `nbthread 1` and `nbthread 2`; nothing pinned (proxy, wrk and the
 # backends share every core). Same backends and configs as bench/run.sh
 # (steady scenario, round robin). Variants interleaved over ROUNDS rounds,
@@ -26,8 +27,8 @@ LB_CPU=$ALL_CPUS
 LOAD_CPU=$ALL_CPUS
 ACCESS_LOG_FILE=/dev/null
 
-# kind:threads[:shared]
-VARIANTS=(haproxy:1 haproxy:2 datapunk:1 datapunk:2 datapunk:2:shared)
+# kind:threads[:percore]
+VARIANTS=(haproxy:1 haproxy:2 datapunk:1 datapunk:2 datapunk:2:percore)
 
 STAMP=$(date -u +%Y-%m-%dT%H%M%SZ)
 RUN_DIR="$BENCH_DIR/results/tmp/threads-$STAMP"
@@ -46,7 +47,7 @@ for p in "${BACKEND_PORTS[@]}"; do start_nginx_backend "$p"; done
 # start_variant KIND THREADS SHARED: lib.sh's start_proxy for round robin,
 # with the thread count set and no pinning.
 start_variant() {
-	local kind=$1 threads=$2 shared=$3 servers="" p i=0
+	local kind=$1 threads=$2 percore=$3 servers="" p i=0
 	if port_open "$LISTEN_PORT"; then die "port $LISTEN_PORT is already in use"; fi
 	case $kind in
 	haproxy)
@@ -69,7 +70,7 @@ start_variant() {
 			LISTEN_PORT="$LISTEN_PORT" STRATEGY=round_robin METRICS=true INSTANCES="$servers" \
 			ACCESS_LOG=false ACCESS_LOG_PATH="$ACCESS_LOG_FILE"
 		"$DP_BIN" run --config "$RUN_DIR/datapunk-lb.toml" --threads "$threads" \
-			${shared:+--shared-runtime} >>"$RUN_DIR/datapunk-lb.log" 2>&1 &
+			${percore:+--thread-per-core} >>"$RUN_DIR/datapunk-lb.log" 2>&1 &
 		;;
 	esac
 	PROXY_PID=$!
@@ -84,8 +85,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	n=${#VARIANTS[@]}
 	for ((k = 0; k < n; k++)); do
 		v=${VARIANTS[$(((k + round - 1) % n))]}
-		IFS=: read -r kind threads shared <<<"$v"
-		start_variant "$kind" "$threads" "${shared:-}"
+		IFS=: read -r kind threads percore <<<"$v"
+		start_variant "$kind" "$threads" "${percore:-}"
 		taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"$WARMUP"s \
 			"http://127.0.0.1:$LISTEN_PORT/" >/dev/null 2>&1
 		t0=$(proc_ticks "$PROXY_PID")

@@ -46,16 +46,18 @@ pub enum Command {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
-        /// Worker threads, each with its own runtime and its own
-        /// `SO_REUSEPORT` socket per listener (default: one per available
-        /// core). At least 1.
+        /// Worker threads (default: one per available core). At least 1.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
-        /// Run every listener on one multi-threaded tokio runtime of
-        /// `--threads` workers instead of one runtime per thread (the model
-        /// before issue 12, kept for comparison).
-        #[arg(long)]
-        shared_runtime: bool,
+        /// Thread per core: one single-threaded runtime per worker thread,
+        /// each accepting on its own `SO_REUSEPORT` socket per listener,
+        /// instead of one multi-threaded runtime. Not faster than the
+        /// default yet (upstream connections are pooled across threads);
+        /// see `docs/benchmarks.md`, "Threads (issue 12)". Also set by
+        /// `DATAPUNK_LB_THREAD_PER_CORE=true` (how the e2e suite runs in
+        /// this mode).
+        #[arg(long, env = "DATAPUNK_LB_THREAD_PER_CORE")]
+        thread_per_core: bool,
     },
     /// Validate a config, print what would run; exit 0, or 1 with the reasons.
     Check {

@@ -61,7 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             config,
             threads,
-            shared_runtime,
+            thread_per_core,
         } => {
             let path = config;
             let cfg = Config::load(&path)
@@ -69,7 +69,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let threads = threads.map(usize::from).unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
             });
-            if shared_runtime {
+            if !thread_per_core {
+                // One runtime of `threads` workers (`--threads 1`: a
+                // single-threaded one): measured at least as fast as thread
+                // per core (docs/benchmarks.md, "Threads (issue 12)").
                 return runtime(Some(threads))?.block_on(serve(path, cfg, None));
             }
             // Thread per core (`datapunk_lb::workers`): `threads` workers

@@ -432,7 +432,9 @@ impl Server {
         let mut sockets = Vec::new();
         for l in bound {
             // An unchanged address taken by a listener being renamed would
-            // fail here; that is reported, not half-applied.
+            // fail here; that is reported, not half-applied. (With
+            // `--thread-per-core` the sockets are `SO_REUSEPORT`, so the
+            // renamed listener's sockets join the port until the old stop.)
             let socket = workers::bind(l.listen, self.workers.as_deref()).map_err(|source| {
                 ServerError::Bind {
                     name: l.name.clone(),

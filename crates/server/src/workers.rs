@@ -1,34 +1,37 @@
-//! Thread per core: [`Workers`], N threads each driving its own
+//! Thread per core (`run --thread-per-core`): [`Workers`], N threads each driving its own
 //! single-threaded tokio runtime, and `bind`, which gives every worker its
 //! own `SO_REUSEPORT` socket on a listener's address.
 //!
 //! ## Rule
 //!
-//! `datapunk-lb run --threads N` (default: the available cores) starts N
-//! workers. Every proxy listener is bound N times on the same address with
-//! `SO_REUSEPORT`, one socket per worker, and each worker runs the accept loop
-//! of its own socket: the kernel spreads new connections over the sockets
-//! (by a hash of the 4-tuple), and a connection is served, start to end, by
-//! the worker that accepted it. Its tasks, timers and upstream connections
-//! stay on that thread: no work stealing, no cross-thread wake-ups, no
-//! scheduler queue shared between cores — the model of NGINX workers and
-//! HAProxy threads with `SO_REUSEPORT`. What is shared is only what must be:
-//! the core registry (whose per-pick path touches no service-wide line, see
-//! `datapunk_lb_core::selection`), the routing table (one `ArcSwap` load per
-//! request) and the listener's connection limit (one semaphore per listener,
-//! so `max_connections` counts across workers).
+//! `datapunk-lb run --thread-per-core --threads N` (N defaults to the
+//! available cores) starts N workers. Every proxy listener is bound N times
+//! on the same address with `SO_REUSEPORT`, one socket per worker, and each
+//! worker runs the accept loop of its own socket: the kernel spreads new
+//! connections over the sockets (by a hash of the 4-tuple), and a client
+//! connection is served, start to end, by the worker that accepted it, with
+//! no work stealing — the model of NGINX workers and HAProxy threads with
+//! `SO_REUSEPORT`. Shared across workers: the core registry (whose per-pick
+//! path writes no service-wide line, see `datapunk_lb_core::selection`), the
+//! routing table (one `ArcSwap` load per request) and each listener's
+//! connection limit and accept-error state (one `ListenerGate` per
+//! listener, so `max_connections` and the log rate count across workers).
 //!
 //! The control plane (the control task, admin server, health checks,
 //! discovery, reloads, signals) runs on the main thread's own single-threaded
-//! runtime, off the workers: a slow admin scrape never delays a request.
+//! runtime, off the workers.
 //!
-//! ## Why not one multi-threaded runtime
+//! ## Why it is not the default
 //!
-//! The runtime `--shared-runtime` keeps (all listeners' tasks on one tokio
-//! work-stealing scheduler) pays for its balancing on every wake-up: tasks
-//! migrate, and a connection's reads and its upstream's writes wake
-//! different cores. `docs/benchmarks.md` ("Threads (issue 12)") has the
-//! measurement; the flag stays so the comparison can be rerun.
+//! Measured against one multi-threaded runtime of the same N threads
+//! (`docs/benchmarks.md`, "Threads (issue 12)"), thread per core was not
+//! faster: about 0.9× the requests per second and 1.1× the CPU per request,
+//! on a machine too busy to call the difference more than noise. One reason
+//! is known: upstream connections are pooled per service, not per thread,
+//! so a request on worker A often rides a connection whose I/O task lives on
+//! worker B — the cross-thread wake-ups thread per core exists to avoid. So
+//! the default stays the multi-threaded runtime, and this mode is kept,
+//! tested and documented for when the upstream pool is per thread.
 //!
 //! ## Reload and drain
 //!
