@@ -422,11 +422,15 @@ async fn proxy(
 
 /// The response for the client; `held` (a success) rides in the body until
 /// it ends.
-pub(crate) fn finish_response(
-    resp: Response<Incoming>,
+pub(crate) fn finish_response<B>(
+    resp: Response<B>,
     held: Option<Held>,
     up: &Upstream,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // A body that stops flowing is cut: TrackedBody charges a Reset.
