@@ -149,8 +149,8 @@ fn measure(client: &mut Client, idle_rate: f64) -> (f64, Duration) {
     let took = started.elapsed();
     let stats = region.change();
     let upkeep = idle_rate * took.as_secs_f64();
-    let per_request = (stats.allocations as f64 + stats.reallocations as f64 - upkeep)
-        / REQUESTS as f64;
+    let per_request =
+        (stats.allocations as f64 + stats.reallocations as f64 - upkeep) / REQUESTS as f64;
     (per_request, took)
 }
 
