@@ -159,15 +159,35 @@ pub(crate) fn set_forwarding(
 
 /// Every value of `name`, joined as one list (a header may come on several
 /// lines); values that are not text are skipped.
-/// `ip` as a header value, formatted on the stack: the value's own bytes
-/// are the only allocation (the common, untrusted case of every request).
+/// `ip` as a header value, formatted in place: one allocation (the common,
+/// untrusted case of every request), shared by the value's clones (one per
+/// attempt that may be retried).
 fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
-    // The longest IPv6 text is 45 bytes.
-    let mut buf = [0u8; 64];
-    let mut rest = &mut buf[..];
+    let mut text = IpText {
+        buf: [0; IpText::CAP],
+        len: 0,
+    };
+    let mut rest = &mut text.buf[..];
     std::io::Write::write_fmt(&mut rest, format_args!("{ip}")).ok()?;
-    let n = 64 - rest.len();
-    HeaderValue::from_bytes(&buf[..n]).ok()
+    text.len = IpText::CAP - rest.len();
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
+}
+
+/// An IP address's text, inline.
+struct IpText {
+    buf: [u8; IpText::CAP],
+    len: usize,
+}
+
+impl IpText {
+    /// The longest IPv6 text is 45 bytes.
+    const CAP: usize = 48;
+}
+
+impl AsRef<[u8]> for IpText {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
