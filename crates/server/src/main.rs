@@ -14,6 +14,12 @@ use datapunk_lb::telemetry;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
+/// With the `mimalloc` feature, mimalloc serves every allocation of the
+/// binary (see docs/benchmarks.md, "Fast path (issue 12)").
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
