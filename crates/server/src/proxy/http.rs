@@ -248,7 +248,9 @@ pub(crate) async fn serve(
             let mut mode = Watchdog::Serving;
             let result = loop {
                 let next = match mode {
-                    Watchdog::Serving => watch.deadline(&limits).map(|(at, _)| at),
+                    Watchdog::Serving => {
+                        Some(watch.next_check(&limits, tokio::time::Instant::now()))
+                    }
                     Watchdog::IdleClosing(at) => Some(at),
                     Watchdog::Draining => None,
                 };
