@@ -185,7 +185,7 @@ start_proxy() {
 		conf="$RUN_DIR/datapunk-lb.toml"
 		render "$BENCH_DIR/configs/datapunk-lb.toml" "$conf" LISTEN_PORT="$LISTEN_PORT" \
 			STRATEGY="$balance" METRICS="$metrics" INSTANCES="$servers" \
-			ACCESS_LOG="${PROXY_ACCESS_LOG:-false}" ACCESS_LOG_PATH="$ACCESS_LOG_FILE"
+			ACCESS_LOG="${PROXY_ACCESS_LOG:-false}" ACCESS_LOG_PATH="${ACCESS_LOG_FILE:-/dev/null}"
 		taskset -c "$LB_CPU" "$bin" run --config "$conf" --threads 1 \
 			>>"$RUN_DIR/datapunk-lb.log" 2>&1 &
 		;;
