@@ -92,8 +92,8 @@ pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Most header lines in a request head (HTTP/1.1); more gets 431. hyper
 /// parses up to 100 into arrays on the stack and any larger limit into two
-/// heap arrays per request (2 of the ~14 allocations of a proxied GET), so
-/// the limit is 100 (HAProxy's default is 101; it was 128 before issue 12).
+/// heap arrays per request (two allocations of every request), so the
+/// limit is 100 (HAProxy's default is 101; it was 128 before issue 12).
 pub(crate) const MAX_HEADERS: usize = 100;
 
 /// A client's request body, bounded by `request_body_timeout`.
@@ -116,12 +116,6 @@ pub(crate) enum ResponseBody {
     Answer(AnswerBody<PooledBody>),
     /// Anything else.
     Other(ProxyBody),
-}
-
-impl From<ProxyBody> for ResponseBody {
-    fn from(b: ProxyBody) -> Self {
-        ResponseBody::Other(b)
-    }
 }
 
 impl hyper::body::Body for ResponseBody {
