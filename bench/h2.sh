@@ -71,6 +71,7 @@ run_one() {
 	case $kind in
 	haproxy) start_haproxy_h2 ;;
 	datapunk) start_proxy datapunk round_robin true "${BACKEND_PORTS[@]}" ;;
+	datapunk_alt) start_proxy datapunk_alt round_robin true "${BACKEND_PORTS[@]}" ;;
 	esac
 	run_h2load "$WARMUP" "$out.warmup"
 	t0=$(proc_ticks "$PROXY_PID")
@@ -97,6 +98,10 @@ PY
 
 for ((round = 1; round <= ROUNDS; round++)); do
 	if ((round % 2)); then order=(haproxy datapunk); else order=(datapunk haproxy); fi
+	# DP_ALT_BIN: a second datapunk-lb build (bench/lib.sh), run after them.
+	if [[ -n ${DP_ALT_BIN:-} ]]; then
+		if ((round % 2)); then order+=(datapunk_alt); else order=(datapunk_alt "${order[@]}"); fi
+	fi
 	for k in "${order[@]}"; do run_one "$round" "$k"; done
 done
 
@@ -106,13 +111,17 @@ rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 med = lambda k, p: statistics.median(float(r[k]) for r in rows if r["proxy"] == p)
 print("| proxy | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/request | errors + 4xx/5xx |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-for p in ("haproxy", "datapunk"):
+for p in [p for p in ("haproxy", "datapunk", "datapunk_alt") if any(r["proxy"] == p for r in rows)]:
     failed = sum(int(r["errored"]) + int(r["non2xx"]) for r in rows if r["proxy"] == p)
     print(f"| {p} | {med('rps', p):.0f} | {med('p50_ms', p):.2f} | {med('p99_ms', p):.2f} | {med('p999_ms', p):.2f} | {med('cpu_us_per_req', p):.1f} | {failed} |")
 print()
 print(f"datapunk-lb / HAProxy: throughput {med('rps','datapunk')/med('rps','haproxy'):.2f}x, "
       f"CPU per request {med('cpu_us_per_req','datapunk')/med('cpu_us_per_req','haproxy'):.2f}x, "
-      f"p99 {med('p99_ms','datapunk')/med('p99_ms','haproxy'):.2f}x (medians of {len(rows)//2} rounds)")
+      f"p99 {med('p99_ms','datapunk')/med('p99_ms','haproxy'):.2f}x (medians of {len({r['round'] for r in rows})} rounds)")
+if any(r["proxy"] == "datapunk_alt" for r in rows):
+    print(f"datapunk-lb / the alt build: throughput {med('rps','datapunk')/med('rps','datapunk_alt'):.2f}x, "
+          f"CPU per request {med('cpu_us_per_req','datapunk')/med('cpu_us_per_req','datapunk_alt'):.2f}x, "
+          f"p99 {med('p99_ms','datapunk')/med('p99_ms','datapunk_alt'):.2f}x")
 PY
 cp "$TSV" "$RESULTS_DIR/h2-$STAMP.tsv"
 log "report: $REPORT"

@@ -95,6 +95,12 @@ private_binary() {
 	mkdir -p "$RUN_DIR/bin"
 	cp "$ROOT/target/release/datapunk-lb" "$RUN_DIR/bin/datapunk-lb"
 	DP_BIN="$RUN_DIR/bin/datapunk-lb"
+	# DP_ALT_BIN: a second build (another allocator, the previous commit)
+	# that the proxy kind datapunk_alt runs with the same config.
+	if [[ -n ${DP_ALT_BIN:-} ]]; then
+		cp "$DP_ALT_BIN" "$RUN_DIR/bin/datapunk-lb-alt"
+		DP_ALT_BIN="$RUN_DIR/bin/datapunk-lb-alt"
+	fi
 }
 
 # --- backends (pinned to LOAD_CPU) ---
@@ -168,7 +174,9 @@ start_proxy() {
 		taskset -c "$LB_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/nginx-proxy.error.log" -c "$conf" \
 			>>"$RUN_DIR/nginx-proxy.log" 2>&1 &
 		;;
-	datapunk)
+	datapunk | datapunk_alt)
+		local bin=$DP_BIN
+		if [[ $kind == datapunk_alt ]]; then bin=${DP_ALT_BIN:?datapunk_alt needs DP_ALT_BIN}; fi
 		for p in "$@"; do
 			i=$((i + 1))
 			servers+="[[service.api.instance]]"$'\n'"id = \"b$i\""$'\n'
@@ -177,8 +185,8 @@ start_proxy() {
 		conf="$RUN_DIR/datapunk-lb.toml"
 		render "$BENCH_DIR/configs/datapunk-lb.toml" "$conf" LISTEN_PORT="$LISTEN_PORT" \
 			STRATEGY="$balance" METRICS="$metrics" INSTANCES="$servers" \
-			ACCESS_LOG="${PROXY_ACCESS_LOG:-false}" ACCESS_LOG_PATH="$ACCESS_LOG_FILE"
-		taskset -c "$LB_CPU" "$DP_BIN" run --config "$conf" --threads 1 \
+			ACCESS_LOG="${PROXY_ACCESS_LOG:-false}" ACCESS_LOG_PATH="${ACCESS_LOG_FILE:-/dev/null}"
+		taskset -c "$LB_CPU" "$bin" run --config "$conf" --threads 1 \
 			>>"$RUN_DIR/datapunk-lb.log" 2>&1 &
 		;;
 	*) die "unknown proxy $kind" ;;

@@ -61,6 +61,8 @@ LABELS = {
     "datapunk-peak_ewma": "datapunk-lb `peak_ewma`",
     "datapunk-adaptive-nometrics": "datapunk-lb `adaptive`, metrics off",
     "datapunk-adaptive-accesslog": "datapunk-lb `adaptive`, access log on",
+    "datapunk_alt-adaptive": "datapunk-lb (alt build) `adaptive`",
+    "datapunk_alt-round_robin": "datapunk-lb (alt build) `round_robin`",
 }
 
 
@@ -148,6 +150,9 @@ def ratio_lines(rows, scenario, groups, dp_variants, others):
         for o in others:
             if d not in groups or o not in groups:
                 continue
+            # Builds against builds only for the same strategy.
+            if o.startswith("datapunk") and (d.startswith("datapunk-") or d.split("-", 1)[1] != o.split("-", 1)[1]):
+                continue
             rps = med([r["rps"] for r in groups[d]]) / med([r["rps"] for r in groups[o]])
             p99 = med([r["p99_ms"] for r in groups[d]]) / med([r["p99_ms"] for r in groups[o]])
             mean = med([r["mean_ms"] for r in groups[d]]) / med([r["mean_ms"] for r in groups[o]])
@@ -200,8 +205,9 @@ def summarize(tsv: str, meta: str) -> None:
     steady = by_variant(rows, "steady")
     if steady:
         out += ["## steady: three healthy backends", ""] + table(steady) + [""]
-        out += ratio_lines(rows, "steady", steady, ["datapunk-adaptive", "datapunk-round_robin"],
-                           ["haproxy-roundrobin", "nginx-round_robin"]) + [""]
+        out += ratio_lines(rows, "steady", steady,
+                           ["datapunk-adaptive", "datapunk-round_robin", "datapunk_alt-adaptive", "datapunk_alt-round_robin"],
+                           ["haproxy-roundrobin", "nginx-round_robin", "datapunk-adaptive", "datapunk-round_robin"]) + [""]
     for scen, title in (("metrics", "metrics on vs off (datapunk-lb `adaptive`, steady setup, ABBA pairs)"),
                         ("steady", "metrics on vs off (datapunk-lb `adaptive`, steady)")):
         lines = on_off(rows, scen, "datapunk-adaptive", "datapunk-adaptive-nometrics", title, "metrics")

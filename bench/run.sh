@@ -30,7 +30,10 @@ ACCESS_LOG_FILE=${ACCESS_LOG_FILE:-$([[ -d /dev/shm && -w /dev/shm ]] && echo "/
 
 # Variants per scenario: kind:balance[:metrics[:access_log]]. Each round runs every
 # variant of every scenario once, rotated so no proxy always goes first.
-STEADY_VARIANTS=(haproxy:roundrobin nginx:round_robin datapunk:adaptive datapunk:round_robin)
+# STEADY_VARIANTS (space-separated, from the environment) replaces the steady
+# list, e.g. "haproxy:roundrobin datapunk:adaptive datapunk_alt:adaptive"
+# with DP_ALT_BIN=<another build> to compare two builds interleaved.
+read -r -a STEADY_VARIANTS <<<"${STEADY_VARIANTS:-haproxy:roundrobin nginx:round_robin datapunk:adaptive datapunk:round_robin}"
 DEGRADED_VARIANTS=(haproxy:leastconn nginx:least_conn datapunk:adaptive datapunk:peak_ewma)
 KILL_VARIANTS=(haproxy:roundrobin nginx:round_robin datapunk:adaptive)
 # metrics: the steady setup, datapunk-lb adaptive with metrics on (A) and off
@@ -65,6 +68,7 @@ private_binary
 	echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 	echo "- datapunk-lb: commit $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- crates Cargo.toml Cargo.lock || echo ' + uncommitted changes in crates/'), release build, \`--threads 1\`"
 	echo "- $(haproxy -v | head -1 | cut -d' ' -f1-3), \`nbthread 1\`; $(nginx -v 2>&1 | cut -d' ' -f3), \`worker_processes 1\`; $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
+	if [[ -n ${DP_ALT_BIN:-} ]]; then echo "- datapunk_alt: $DP_ALT_BIN (same config, same flags)"; fi
 	echo "- machine: $(nproc) vCPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), shared; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 	echo "- proxy on core $LB_CPU; wrk -t1 -c$CONNS and the backends on core $LOAD_CPU (taskset)"
 	echo "- each run: proxy started fresh, ${WARMUP} s warm-up, ${DURATION} s measured (metrics scenario: ${METRICS_DURATION} s, ABBA); $ROUNDS rounds; scenarios: $SCENARIOS"

@@ -16,6 +16,13 @@ use datapunk_lb::workers::Workers;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
+/// With the `mimalloc` feature (default), mimalloc serves every allocation
+/// of the binary: less CPU per request than the system allocator (see
+/// docs/benchmarks.md, "Fast path (issue 12)").
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);

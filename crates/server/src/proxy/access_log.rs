@@ -423,7 +423,11 @@ impl Entry {
     }
 
     /// Wraps the response body: the line is sent when it ends.
-    pub(crate) fn respond(mut self, resp: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+    pub(crate) fn respond<B>(mut self, resp: http::Response<B>) -> http::Response<ProxyBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
+        B::Error: Into<super::BoxError>,
+    {
         self.record.status = resp.status().as_u16();
         let (parts, inner) = resp.into_parts();
         http::Response::from_parts(parts, Watched::new(inner, self).boxed())

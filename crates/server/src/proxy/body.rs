@@ -1,10 +1,10 @@
 //! Response bodies watched to their end: [`Watched`] tells a [`Watch`] the
 //! data bytes as they pass and, once, how the body ended.
 //!
-//! Two watches use it. [`TrackedBody`] carries the attempt's [`Held`] claim
-//! until the last byte, so the connection count covers the whole response
-//! and the outcome (success, or a reset mid-body) is recorded when the body
-//! ends. The latency reported is the time to the response headers, measured
+//! Two watches use it. The attempt's [`Held`] claim (an `Option`: a failed
+//! answer has none) rides in the answer's body until the last byte, so the
+//! connection count covers the whole response and the outcome (success, or
+//! a reset mid-body) is recorded when the body ends. The latency reported is the time to the response headers, measured
 //! when they arrived: the body's length and the client's reading speed say
 //! nothing about the instance. The access log's body
 //! ([`access_log`](super::access_log)) counts bytes and writes its line.
@@ -50,9 +50,6 @@ pub(crate) struct Watched<B: Body, W: Watch> {
     watch: Option<W>,
 }
 
-/// An upstream response body tracked by its attempt's claim.
-pub(crate) type TrackedBody<B> = Watched<B, Held>;
-
 impl<B: Body, W: Watch> Watched<B, W> {
     /// Wraps `inner`; `watch` hears of it until it ends.
     pub(crate) fn new(inner: B, watch: W) -> Self {
@@ -77,6 +74,15 @@ impl Watch for Held {
             // The instance answered; the client left. Not the instance's
             // outcome: the claim ends without one.
             BodyEnd::Dropped => {}
+        }
+    }
+}
+
+/// A failed answer (a 5xx forwarded as it is) has no claim: nothing to end.
+impl Watch for Option<Held> {
+    fn end(self, how: BodyEnd) {
+        if let Some(held) = self {
+            held.end(how);
         }
     }
 }

@@ -36,6 +36,9 @@
 //!
 //! The timers are tokio's; a connection's state is one small mutex touched
 //! by its own task (the HTTP/1.1 service runs on it) and its HTTP/2 streams.
+//! The watchdog is woken only when a deadline may move earlier (a head
+//! starts); otherwise it finds the new state at its next check
+//! ([`ConnWatch::next_check`]), never after a deadline.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -146,6 +149,19 @@ impl ConnWatch {
         }
     }
 
+    /// When the watchdog looks next, at `now`: the deadline, but no later
+    /// than `now + idle_timeout`. The state changes without waking it when
+    /// no deadline moves earlier (a request starts: no deadline; the last
+    /// one ends at `t ≥ now`: idle until `t + idle_timeout`), so it must
+    /// look before any deadline the state can reach that way. Only a head
+    /// starting (its deadline may be earlier) wakes it. One wake-up per
+    /// request instead of two, and no timer reset at its end; an idle
+    /// connection still wakes once per `idle_timeout`.
+    pub(crate) fn next_check(&self, limits: &ClientLimits, now: Instant) -> Instant {
+        let check = now + limits.idle_timeout;
+        self.deadline(limits).map_or(check, |(at, _)| at.min(check))
+    }
+
     /// Whether no request is in flight.
     pub(crate) fn idle(&self) -> bool {
         self.state.lock().in_flight == 0
@@ -212,9 +228,9 @@ impl Drop for RequestGuard {
         let mut s = self.0.state.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
         if s.in_flight == 0 {
+            // No wake-up: the idle deadline is later than any check the
+            // watchdog has armed ([`ConnWatch::next_check`]).
             s.phase = Phase::Idle(Instant::now());
-            drop(s);
-            self.0.changed.notify_one();
         }
     }
 }
@@ -378,6 +394,37 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             ..ClientLimits::default()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_check_comes_before_any_deadline_reached_without_a_wake_up() {
+        // A head timeout longer than the idle one: the case where looking
+        // at the head's deadline alone would miss the idle close.
+        let l = ClientLimits {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(5),
+            ..ClientLimits::default()
+        };
+        let t0 = Instant::now();
+        let w = ConnWatch::new(t0);
+        assert_eq!(
+            w.next_check(&l, t0),
+            t0 + l.idle_timeout,
+            "idle: its deadline"
+        );
+        w.read(b"G", || t0);
+        assert_eq!(
+            w.next_check(&l, t0),
+            t0 + l.idle_timeout,
+            "a head: no later than an idle deadline of a request ending now"
+        );
+        let guard = w.request_started();
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(w.next_check(&l, t1), t1 + l.idle_timeout, "busy");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        drop(guard);
+        let ended = Instant::now();
+        assert_eq!(w.next_check(&l, ended), ended + l.idle_timeout);
     }
 
     #[tokio::test(start_paused = true)]

@@ -34,33 +34,38 @@ use http::uri::Authority;
 
 use crate::config::cidr::{canonical, Cidr};
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+/// Names, not strings: removing by a `&str` parses the name again on
+/// every call, twice per proxied request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let keep_te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    // Headers named in Connection are hop-by-hop too.
+    // Headers named in Connection are hop-by-hop too. `close` and
+    // `keep-alive` (the usual values) name no other header: no list then.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
+    for h in &HOP_BY_HOP {
         headers.remove(h);
     }
     if keep_te_trailers {
@@ -107,16 +112,19 @@ pub(crate) fn set_forwarding(
         .cloned()
         .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
 
-    let mut xff = if trusted {
-        joined(headers, &X_FORWARDED_FOR)
+    if trusted {
+        let mut xff = joined(headers, &X_FORWARDED_FOR);
+        if !xff.is_empty() {
+            xff.push_str(", ");
+        }
+        let _ = write!(xff, "{ip}");
+        insert(headers, X_FORWARDED_FOR, &xff);
     } else {
-        String::new()
-    };
-    if !xff.is_empty() {
-        xff.push_str(", ");
+        match ip_value(ip) {
+            Some(v) => headers.insert(X_FORWARDED_FOR, v),
+            None => headers.remove(X_FORWARDED_FOR),
+        };
     }
-    let _ = write!(xff, "{ip}");
-    insert(headers, X_FORWARDED_FOR, &xff);
 
     if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
@@ -151,6 +159,37 @@ pub(crate) fn set_forwarding(
 
 /// Every value of `name`, joined as one list (a header may come on several
 /// lines); values that are not text are skipped.
+/// `ip` as a header value, formatted in place: one allocation (the common,
+/// untrusted case of every request), shared by the value's clones (one per
+/// attempt that may be retried).
+fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    let mut text = IpText {
+        buf: [0; IpText::CAP],
+        len: 0,
+    };
+    let mut rest = &mut text.buf[..];
+    std::io::Write::write_fmt(&mut rest, format_args!("{ip}")).ok()?;
+    text.len = IpText::CAP - rest.len();
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
+}
+
+/// An IP address's text, inline.
+struct IpText {
+    buf: [u8; IpText::CAP],
+    len: usize,
+}
+
+impl IpText {
+    /// The longest IPv6 text is 45 bytes.
+    const CAP: usize = 48;
+}
+
+impl AsRef<[u8]> for IpText {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
     let mut out = String::new();
     for v in headers.get_all(name) {

@@ -75,10 +75,11 @@ use tracing::debug;
 use super::accept::{self, ConnPermit, ConnTracker};
 use super::access_log::{Counted, Entry};
 use super::attempt::{self, Ended, Held, Replay};
-use super::body::TrackedBody;
-use super::client_limits::{ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout, Watched};
+use super::body::Watched;
+use super::client_limits::{ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout};
 use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
 use super::hygiene;
+use super::pool::PooledBody;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
 use super::tls::{ClientIdentity, ClientStream, TlsListener};
@@ -89,11 +90,62 @@ use super::{BoxError, ProxyError, Routing, Upstream};
 /// Largest request head accepted (HTTP/1.1); larger gets 431.
 pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Most header lines in a request head (HTTP/1.1); more gets 431. hyper
+/// parses up to 100 into arrays on the stack and any larger limit into two
+/// heap arrays per request (two allocations of every request), so the
+/// limit is 100 (HAProxy's default is 101; it was 128 before issue 12).
+pub(crate) const MAX_HEADERS: usize = 100;
+
 /// A client's request body, bounded by `request_body_timeout`.
 pub(crate) type ClientBody = StallTimeout<Incoming>;
 
-/// The body type the proxy answers with.
+/// The body of a response the proxy makes itself (errors, refusals, an
+/// upgrade's 101, the access log's wrapper): boxed, off the fast path.
 pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// An instance's answer as the client gets it: its body cut after a pause
+/// of `response_idle_timeout`, watched to its end by the attempt's claim (a
+/// success), its pooled connection checked in at its end.
+pub(crate) type AnswerBody<B> = Watched<StallTimeout<B>, Option<Held>>;
+
+/// The body of every response of an HTTP listener: one concrete type, so
+/// the common case, an instance's answer, is neither boxed nor wrapped
+/// again.
+pub(crate) enum ResponseBody {
+    /// An instance's answer.
+    Answer(AnswerBody<PooledBody>),
+    /// Anything else.
+    Other(ProxyBody),
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Answer(b) => std::pin::Pin::new(b).poll_frame(cx),
+            ResponseBody::Other(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Answer(b) => b.is_end_stream(),
+            ResponseBody::Other(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ResponseBody::Answer(b) => b.size_hint(),
+            ResponseBody::Other(b) => b.size_hint(),
+        }
+    }
+}
 
 /// What an HTTP listener needs.
 #[derive(Debug)]
@@ -126,7 +178,7 @@ pub(crate) async fn serve(
     builder
         .http1()
         .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(128)
+        .max_headers(MAX_HEADERS)
         .keep_alive(true);
     builder.http2().max_concurrent_streams(1024);
     let builder = Arc::new(builder);
@@ -182,7 +234,7 @@ pub(crate) async fn serve(
                     }
                 },
             };
-            let io = TokioIo::new(Watched::new(stream, watch.clone()));
+            let io = TokioIo::new(super::client_limits::Watched::new(stream, watch.clone()));
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             let sleep = tokio::time::sleep(limits.idle_timeout);
@@ -190,7 +242,9 @@ pub(crate) async fn serve(
             let mut mode = Watchdog::Serving;
             let result = loop {
                 let next = match mode {
-                    Watchdog::Serving => watch.deadline(&limits).map(|(at, _)| at),
+                    Watchdog::Serving => {
+                        Some(watch.next_check(&limits, tokio::time::Instant::now()))
+                    }
                     Watchdog::IdleClosing(at) => Some(at),
                     Watchdog::Draining => None,
                 };
@@ -293,12 +347,12 @@ pub(crate) async fn handle(
     mut req: Request<ClientBody>,
     ctx: &HttpContext,
     peer: SocketAddr,
-) -> Response<ProxyBody> {
+) -> Response<ResponseBody> {
     let id = request_id(req.headers());
     if let Err(why) = hygiene::check(&mut req) {
         let mut resp = text(StatusCode::BAD_REQUEST, &why.to_string());
         resp.headers_mut().insert(X_REQUEST_ID, id);
-        return resp;
+        return resp.map(ResponseBody::Other);
     }
     // Route with borrowed host and path: no allocation per request.
     let (up, rules) = {
@@ -323,7 +377,7 @@ pub(crate) async fn handle(
         log.entry(&req, peer, &ctx.listener, service, &id)
     });
     let mut resp = match up {
-        None => error_response(&ProxyError::NoRoute),
+        None => error_response(&ProxyError::NoRoute).map(ResponseBody::Other),
         Some(up) => match proxy(
             req,
             &up,
@@ -341,13 +395,13 @@ pub(crate) async fn handle(
                     outcome = e.outcome(),
                     "request failed"
                 );
-                error_response(&e)
+                error_response(&e).map(ResponseBody::Other)
             }
         },
     };
     resp.headers_mut().insert(X_REQUEST_ID, id);
     match entry {
-        Some(e) => e.respond(resp),
+        Some(e) => e.respond(resp).map(ResponseBody::Other),
         None => resp,
     }
 }
@@ -360,16 +414,16 @@ async fn proxy(
     (forwarding, https): (&Forwarding, bool),
     id: &HeaderValue,
     mut entry: Option<&mut Entry>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<Response<ResponseBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + up.request_timeout;
     let (mut parts, body) = req.into_parts();
     if let Some(resp) = up.clients.refuse_grpc(&parts, &up.name) {
-        return Ok(resp);
+        return Ok(resp.map(ResponseBody::Other));
     }
     let upgrade = upgrade::requested(&parts);
     let mut body = match read_body(&parts, body).await {
         Ok(b) => b,
-        Err(resp) => return Ok(resp),
+        Err(resp) => return Ok(resp.map(ResponseBody::Other)),
     };
     if let Some(e) = entry.as_deref_mut() {
         e.count_request_body(&mut body);
@@ -392,7 +446,9 @@ async fn proxy(
     parts.headers.insert(X_REQUEST_ID, id.clone());
     if let Some(protocol) = upgrade {
         let key = key.as_ref().map(|k| &k[..]);
-        return upgrade::proxy(parts, body, replay, protocol, deadline, up, key).await;
+        return upgrade::proxy(parts, body, replay, protocol, deadline, up, key)
+            .await
+            .map(|resp| resp.map(ResponseBody::Other));
     }
     let mut step = HttpStep {
         parts,
@@ -414,26 +470,37 @@ async fn proxy(
         }
         None => attempt::run(up, &mut step, key).await,
     };
-    Ok(match ended? {
-        Ended::Success(held, resp) => finish_response(resp, Some(held), up),
-        Ended::Failed(resp) => finish_response(resp, None, up),
-    })
+    let (held, resp) = match ended? {
+        Ended::Success(held, resp) => (Some(held), resp),
+        Ended::Failed(resp) => (None, resp),
+    };
+    Ok(answer(resp, held, up).map(ResponseBody::Answer))
 }
 
 /// The response for the client; `held` (a success) rides in the body until
-/// it ends.
-pub(crate) fn finish_response(
-    resp: Response<Incoming>,
+/// it ends. Boxed: the upgrade path's (its answer when no 101 came).
+pub(crate) fn finish_response<B>(
+    resp: Response<B>,
     held: Option<Held>,
     up: &Upstream,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    answer(resp, held, up).map(BodyExt::boxed)
+}
+
+/// An instance's answer for the client: hop-by-hop headers stripped, the
+/// body bounded by `response_idle_timeout` (a body that stops flowing is
+/// cut, and the claim charges a Reset) and carrying `held` to its end.
+fn answer<B>(resp: Response<B>, held: Option<Held>, up: &Upstream) -> Response<AnswerBody<B>>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    // A body that stops flowing is cut: TrackedBody charges a Reset.
     let body = StallTimeout::new(body, up.response_idle_timeout, "response body");
-    let body: ProxyBody = match held {
-        Some(held) => TrackedBody::new(body, held).boxed(),
-        None => body.boxed(),
-    };
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, Watched::new(body, held))
 }

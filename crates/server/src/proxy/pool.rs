@@ -50,20 +50,27 @@
 //!   last request that used it. A connection in use is never cut: it closes
 //!   when its exchange ends.
 //!
-//! Returning an HTTP/1.1 connection takes a small task that waits for its
-//! readiness (what the legacy client did too); issue 12 may fold that into
-//! the response body.
+//! Returning an HTTP/1.1 connection rides in the response body
+//! ([`PooledBody`]): when the body ends cleanly the connection goes back to
+//! the idle list at once if hyper already finds it ready (the usual case:
+//! its task finished the exchange before the last frame reached us), and
+//! only otherwise does a small task wait for its readiness (what the legacy
+//! client did for every response). No task per request.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use datapunk_lb_core::{InstanceId, Service, ServiceInstance};
 use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -192,13 +199,10 @@ impl Pool {
         &self,
         to: &Arc<InstancePool>,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<PooledBody>, SendError> {
         while let Some(mut sender) = to.checkout_h1() {
             match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    to.clone().check_in_when_ready(sender);
-                    return Ok(resp);
-                }
+                Ok(resp) => return Ok(PooledBody::checking_in(resp, to, sender)),
                 Err(mut e) => match e.take_message() {
                     // Refused before a byte was written: try the next.
                     Some(back) => {
@@ -212,8 +216,7 @@ impl Pool {
         let io = self.connect(to).await?;
         let mut sender = handshake_h1(io).await?;
         let resp = sender.send_request(req).await?;
-        to.clone().check_in_when_ready(sender);
-        Ok(resp)
+        Ok(PooledBody::checking_in(resp, to, sender))
     }
 
     /// Sends `req` as HTTP/2 to `to` (absolute URI: its authority is the
@@ -222,10 +225,10 @@ impl Pool {
         &self,
         to: &InstancePool,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<PooledBody>, SendError> {
         let mut sender = self.h2_sender(to).await?;
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp),
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
                 // Not sent (the connection was going away): once more on a
                 // new connection.
@@ -233,11 +236,16 @@ impl Pool {
                     debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
                     to.forget_h2();
                     let mut sender = self.h2_sender(to).await?;
-                    Ok(sender.send_request(back).await?)
+                    sender.send_request(back).await?
                 }
-                None => Err(SendError::Failed(e.into_error())),
+                None => return Err(SendError::Failed(e.into_error())),
             },
-        }
+        };
+        // HTTP/2 streams need no check-in: the connection is shared.
+        Ok(resp.map(|inner| PooledBody {
+            inner,
+            check_in: None,
+        }))
     }
 
     /// The instance's HTTP/2 connection, opened when it has none alive.
@@ -481,6 +489,28 @@ impl InstancePool {
         None
     }
 
+    /// Returns the connection, whose response body ended cleanly, to the
+    /// idle list: at once when hyper finds it ready for the next request,
+    /// through [`check_in_when_ready`](Self::check_in_when_ready) while its
+    /// task is still finishing the exchange, not at all when it closed.
+    fn check_in(self: Arc<Self>, sender: http1::SendRequest<UpstreamBody>) {
+        if sender.is_ready() {
+            self.push_idle(sender);
+        } else if !sender.is_closed() {
+            self.check_in_when_ready(sender);
+        }
+    }
+
+    fn push_idle(&self, sender: http1::SendRequest<UpstreamBody>) {
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE_PER_INSTANCE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
     /// Returns the connection to the idle list once its exchange is over
     /// and hyper finds it reusable; drops it otherwise.
     fn check_in_when_ready(self: Arc<Self>, mut sender: http1::SendRequest<UpstreamBody>) {
@@ -488,13 +518,7 @@ impl InstancePool {
             if sender.ready().await.is_err() {
                 return;
             }
-            let mut idle = self.idle.lock();
-            if idle.len() < MAX_IDLE_PER_INSTANCE {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
+            self.push_idle(sender);
         });
     }
 
@@ -514,6 +538,72 @@ impl InstancePool {
     /// one. (Requests still on the old one finish there.)
     fn forget_h2(&self) {
         *self.h2.lock() = None;
+    }
+}
+
+/// An upstream response body; an HTTP/1.1 one carries its connection and
+/// checks it back in ([`InstancePool::check_in`]) when it ends cleanly: its
+/// last frame read, or dropped at its end (hyper may drop an empty body
+/// unpolled). An error or a drop before the end closes the connection, as
+/// hyper would not reuse it either.
+#[derive(Debug)]
+pub(crate) struct PooledBody {
+    inner: Incoming,
+    check_in: Option<(Arc<InstancePool>, http1::SendRequest<UpstreamBody>)>,
+}
+
+impl PooledBody {
+    fn checking_in(
+        resp: Response<Incoming>,
+        to: &Arc<InstancePool>,
+        sender: http1::SendRequest<UpstreamBody>,
+    ) -> Response<Self> {
+        resp.map(|inner| Self {
+            inner,
+            check_in: Some((to.clone(), sender)),
+        })
+    }
+
+    fn ended(&mut self) {
+        if let Some((to, sender)) = self.check_in.take() {
+            to.check_in(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.ended(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
+            Poll::Ready(Some(Err(_))) => this.check_in = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.ended();
+        }
     }
 }
 
@@ -619,6 +709,51 @@ mod tests {
             pool.inner.instances.read().len(),
             0,
             "an instance that left the service loses its pool"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_checked_in_by_its_body_end_and_only_a_whole_body_returns_it() {
+        let (port, accepts) = server(|io| {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                // `/big`: a body much larger than one read.
+                let body = if req.uri().path() == "/big" {
+                    bytes::Bytes::from(vec![b'x'; 1 << 20])
+                } else {
+                    bytes::Bytes::from_static(b"ok")
+                };
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(body)))
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, svc));
+        })
+        .await;
+        let pool = Pool::new(Duration::from_secs(1), None);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        let resp = pool.send_h1(&to, get()).await.unwrap();
+        assert_eq!(to.idle.lock().len(), 0, "in use until its body ends");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        // No yield since the body ended: no task could have run.
+        assert_eq!(to.idle.lock().len(), 1, "checked in by the body's end");
+
+        // A body dropped half-read: its connection is not reused.
+        let mut big = get();
+        *big.uri_mut() = Uri::from_static("/big");
+        let resp = pool.send_h1(&to, big).await.unwrap();
+        assert_eq!(to.idle.lock().len(), 0);
+        drop(resp);
+        assert_eq!(
+            to.idle.lock().len(),
+            0,
+            "a half-read body closes its connection"
+        );
+        exchange(&pool, &to).await;
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            2,
+            "a new connection after it"
         );
     }
 

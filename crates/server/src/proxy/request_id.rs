@@ -50,7 +50,11 @@ fn generate() -> HeaderValue {
         *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
     // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    // One allocation, shared by its clones (the request's and the
+    // response's copy): `from_bytes` would copy into a buffer whose first
+    // clone allocates again.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 #[cfg(test)]

@@ -45,12 +45,11 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use tracing::debug;
 
 use super::attempt::{Attempt, Class, NoAnswer, Replay, Step};
 use super::http::ProxyBody;
-use super::pool::{InstancePool, Pool, SendError};
+use super::pool::{InstancePool, Pool, PooledBody, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
 use super::upstream_tls::UpstreamTls;
 use super::ProxyError;
@@ -227,13 +226,13 @@ impl HttpStep<'_> {
 }
 
 impl Step for HttpStep<'_> {
-    type Answer = Response<Incoming>;
+    type Answer = Response<PooledBody>;
 
     fn replay(&self) -> Replay {
         self.replay
     }
 
-    async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<Response<Incoming>> {
+    async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<Response<PooledBody>> {
         let unsendable = || Attempt::Unsendable(ProxyError::Unreachable(self.service.to_owned()));
         let to = match self.clients.pool.instance(instance) {
             Ok(to) => to,
@@ -288,7 +287,7 @@ impl Step for HttpStep<'_> {
         }
     }
 
-    fn classify(resp: &Response<Incoming>) -> Class {
+    fn classify(resp: &Response<PooledBody>) -> Class {
         Class::of_status(resp.status())
     }
 }
