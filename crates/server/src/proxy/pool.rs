@@ -727,7 +727,7 @@ mod tests {
             tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, svc));
         })
         .await;
-        let pool = Pool::new(Duration::from_secs(1), None);
+        let pool = Pool::new(Duration::from_secs(1), None, None);
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
