@@ -228,10 +228,17 @@ pub fn cidr(data: &[u8]) -> Result<(), String> {
                 .and_then(|a| a.parse::<IpAddr>().ok());
             let addr =
                 addr.unwrap_or_else(|| panic!("host bits reported for {text:?}, no address"));
-            assert!(
-                suggested.contains(addr),
-                "{suggested} does not contain {addr}"
-            );
+            // `contains` matches an IPv4-mapped address as IPv4, so an IPv6
+            // network wider than the mapped range (`::/41`) never contains
+            // one: the suggestion is checked within the family `contains`
+            // sees the address in.
+            let suggested_v4 = !suggested.to_string().contains(':');
+            if suggested_v4 == cidr::canonical(addr).is_ipv4() {
+                assert!(
+                    suggested.contains(addr),
+                    "{suggested} does not contain {addr}"
+                );
+            }
             return Err(CidrError::HostBits(suggested).to_string());
         }
         Err(e) => return Err(e.to_string()),
@@ -436,6 +443,10 @@ mod tests {
         assert!(cidr(b"10.0.0.1/8\n10.0.0.1").is_err_and(|e| e.contains("10.0.0.0/8")));
         assert!(cidr(b"10.0.0.0/33").is_err());
         assert!(cidr(b"10.0.0.0/+8").is_err());
+        // Found by the fuzz target: a mapped address under a prefix below 96
+        // suggests an IPv6 network, which matches no mapped client (they
+        // are matched as IPv4); not a contradiction.
+        assert!(cidr(b"::ffff:17.0.0.1/41\n1.010").is_err_and(|e| e.contains("::/41")));
     }
 
     #[test]
