@@ -284,6 +284,15 @@ impl CircuitBreaker {
         self.probes_in_flight
     }
 
+    /// Consecutive passing active checks while open (0 otherwise).
+    pub fn check_passes(&self) -> u32 {
+        if self.state == CircuitState::Open {
+            self.check_passes
+        } else {
+            0
+        }
+    }
+
     /// Consecutive trips so far (the exponent of the open window).
     pub fn trips(&self) -> u32 {
         self.trips
