@@ -184,7 +184,10 @@ fn panic_prefers_open_instances_whose_checks_pass() {
     let counts = count_picks(&reg, 400);
     assert_eq!(counts.get("i3"), None, "the failing instance: {counts:?}");
     for id in ["i0", "i1", "i2"] {
-        assert!(counts.get(id).copied().unwrap_or(0) > 100, "{id}: {counts:?}");
+        assert!(
+            counts.get(id).copied().unwrap_or(0) > 100,
+            "{id}: {counts:?}"
+        );
     }
     // A failed check takes i2 out of the candidates: 2 of 4 is still
     // min_healthy_percent (50 %).
