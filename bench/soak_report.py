@@ -25,9 +25,20 @@ def read(name: str) -> str:
 
 # Client side: soak_load.py's totals, h2load's per-request log.
 total = {}
+# Per second of soak_load.py's clients (HTTP/1.1, TCP, WebSocket; h2load
+# logs no time): (t, requests, failed).
+per_second = []
 for line in read("load.jsonl").splitlines():
     if line.startswith('{"total"'):
         total = json.loads(line)["total"]
+    elif line.startswith('{"t"'):
+        sec = json.loads(line)
+        n = bad = 0
+        for proto, causes in sec.items():
+            if isinstance(causes, dict):
+                n += sum(causes.values())
+                bad += sum(v for k, v in causes.items() if k != "ok")
+        per_second.append((float(sec["t"]), n, bad))
 h2 = Counter()
 for line in read("h2load.log").splitlines():
     parts = line.split()
@@ -66,6 +77,18 @@ for proto, causes in total.items():
     bad = ", ".join(f"{k} {v}" for k, v in sorted(causes.items()) if k != "ok") or "-"
     print(f"| {proto} | {n} | {ok} | {n - ok} | {bad} |")
 print()
+if per_second:
+    print("Failures by 5-minute block (HTTP/1.1, TCP and WebSocket clients; h2load has no timeline):\n")
+    print("| minutes | requests | failed | share |")
+    print("| --- | ---: | ---: | ---: |")
+    blocks = {}
+    for t, n, bad in per_second:
+        b = blocks.setdefault(int(t // 300), [0, 0])
+        b[0] += n
+        b[1] += bad
+    for k, (n, bad) in sorted(blocks.items()):
+        print(f"| {5 * k}-{5 * k + 5} | {n} | {bad} | {100 * bad / max(n, 1):.3f} % |")
+    print()
 print("## The balancer's view (`/metrics` at the end)\n")
 print(f"- retries to another instance: {retries:.0f}")
 for (svc, outcome), v in sorted(outcomes.items()):
@@ -93,6 +116,9 @@ if samples:
     y = lambda v, vmax: h - pad - (h - 2 * pad) * v / vmax
     rss_pts = " ".join(f"{x(t):.1f},{y(r, rmax):.1f}" for t, r, _ in samples)
     fd_pts = " ".join(f"{x(t):.1f},{y(f, fmax):.1f}" for t, _, f in samples)
+    # Failed requests per second of the clients, on their own scale.
+    emax = max((bad for _, _, bad in per_second), default=0) or 1
+    err_pts = " ".join(f"{x(min(t, tmax)):.1f},{y(bad, emax):.1f}" for t, _, bad in per_second)
     ticks = "".join(
         f'<line x1="{x(int(t)):.1f}" y1="{pad}" x2="{x(int(t)):.1f}" y2="{h - pad}" stroke="#ddd"><title>{f}</title></line>'
         for t, f in faults
@@ -102,12 +128,14 @@ if samples:
         f'<rect width="{w}" height="{h}" fill="white"/>{ticks}'
         f'<polyline points="{rss_pts}" fill="none" stroke="#1f77b4"/>'
         f'<polyline points="{fd_pts}" fill="none" stroke="#d62728"/>'
+        f'<polyline points="{err_pts}" fill="none" stroke="#2ca02c"/>'
+        f'<text x="{pad + 380}" y="20" fill="#2ca02c">failed requests/s (max {emax})</text>'
         f'<text x="{pad}" y="20" fill="#1f77b4">RSS (max {rmax / 1024:.1f} MiB)</text>'
         f'<text x="{pad + 200}" y="20" fill="#d62728">open fds (max {fmax})</text>'
         f'<text x="{w - pad - 150}" y="20" fill="#999">grey: faults; 0–{tmax} s</text></svg>'
     )
     (run / "soak.svg").write_text(svg)
-    print(f"Plot: `soak-{run.name.removeprefix('soak-')}.svg` (RSS blue, descriptors red, faults grey).\n")
+    print(f"Plot: `soak-{run.name.removeprefix('soak-')}.svg` (RSS blue, descriptors red, failed requests per second green, faults grey).\n")
 states = []
 for line in read("states.jsonl").splitlines():
     try:
@@ -124,6 +152,11 @@ if states:
     print(f"- samples: {len(states)}; in panic mode: {panic}")
     print(f"- eligible instances, seconds each: {dict(sorted(eligible.items(), key=str))}")
     print(f"- seconds with a breaker not closed, by instance: {dict(sorted(opened.items()))}")
+    by_state = Counter(
+        (i["id"], i.get("circuit_state")) for s in states for i in s.get("instances", [])
+        if i.get("circuit_state") != "closed"
+    )
+    print(f"- of which open / half-open: {', '.join(f'{k[0]} {k[1]} {v}' for k, v in sorted(by_state.items()))}")
     print()
 print("## Faults injected\n")
 kinds = Counter(re.sub(r"\(generation \d+\)|status \d+", "", f).strip() for _, f in faults)

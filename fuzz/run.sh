@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets: `fuzz/run.sh [SECONDS] [TARGET...]` (default 30 s,
-# every target), one after the other, each from its checked-in seed corpus
+# every target; with RUNS=N set, each stops after N executions if that comes
+# first: `RUNS=10000000 fuzz/run.sh 7200` is the long run), one after the other, each from its checked-in seed corpus
 # (fuzz/corpus/<target>, read only) plus the inputs earlier runs found
 # (fuzz/target/corpus/<target>, gitignored). A crash fails the script and
 # leaves the input in fuzz/artifacts/<target>/. `.ci/run` calls it with 30;
@@ -17,7 +18,7 @@ secs=${1:-30}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(config admin_body etcd_value state_file core_ops http_head client_hello)
+    targets=(config admin_body etcd_value state_file core_ops http_head client_hello hash_key cidr request_headers)
 fi
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$PWD/target}"
 
@@ -33,7 +34,7 @@ for t in "${targets[@]}"; do
     log="$CARGO_TARGET_DIR/fuzz-$t.log"
     start=$(date +%s)
     if ! cargo fuzz run -s none -O "$t" "$found" "corpus/$t" -- \
-        -max_total_time="$secs" -timeout=30 -print_final_stats=1 >"$log" 2>&1; then
+        -max_total_time="$secs" ${RUNS:+-runs="$RUNS"} -timeout=30 -print_final_stats=1 >"$log" 2>&1; then
         tail -n 60 "$log"
         echo "== fuzz $t: FAILED (input in fuzz/artifacts/$t/)"
         exit 1

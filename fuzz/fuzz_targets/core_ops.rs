@@ -8,7 +8,9 @@
 //!   half-open probe, at most `half_open_max_probes` at once (or in panic
 //!   mode, which ignores breakers by design);
 //! - panic mode exactly when `eligible × 100 < min_healthy_percent × total`,
-//!   eligible counted independently from the instances' reports.
+//!   eligible counted independently from the instances' reports;
+//! - an active health check (`report_outcome`) never closes a breaker that
+//!   was not closed: checks may end an open window, only requests close.
 #![no_main]
 
 use std::collections::HashMap;
@@ -17,7 +19,8 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use datapunk_lb_core::{
-    CircuitState, FailureKind, ManualClock, Registry, Selection, ServiceInstance, StrategyKind,
+    CircuitState, FailureKind, ManualClock, Outcome, Registry, Selection, ServiceInstance,
+    StrategyKind,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -38,6 +41,8 @@ enum Op {
     Advance { ms: u32 },
     Strategy { svc: u8, kind: u8 },
     Maintain,
+    /// An active health check's outcome (`Registry::report_outcome`).
+    Check { svc: u8, id: u8, ok: bool },
 }
 
 /// A held selection and the generation of its instance when it was made.
@@ -177,6 +182,25 @@ impl World {
                 let _ = r.set_strategy(pick(&SERVICES, svc).1, pick(&StrategyKind::ALL, kind).1);
             }
             Op::Maintain => drop(r.maintain()),
+            Op::Check { svc, id, ok } => {
+                let (_, svc) = pick(&SERVICES, svc);
+                let (_, id) = pick(&IDS, id);
+                let before = r.instance(svc, id).map(|st| st.circuit_state);
+                let outcome = if ok {
+                    Outcome::Success(Duration::from_millis(1))
+                } else {
+                    Outcome::Failure(FailureKind::HealthCheck)
+                };
+                let _ = r.report_outcome(svc, id, outcome);
+                let after = r.instance(svc, id).map(|st| st.circuit_state);
+                // Checks may open the door (half-open), never close it.
+                if let (Ok(b), Ok(a)) = (before, after) {
+                    assert!(
+                        b == CircuitState::Closed || a != CircuitState::Closed,
+                        "{svc}/{id}: a check closed the breaker ({b:?} -> {a:?})"
+                    );
+                }
+            }
         }
     }
 

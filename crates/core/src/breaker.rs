@@ -27,6 +27,37 @@
 //! `recovery_threshold` consecutive successes (default 2) close it; any
 //! failure reopens it with the next, longer window.
 //!
+//! ## Active checks (`on_check_success`, `on_check_failure`)
+//!
+//! An active health check is evidence about an instance, not traffic, so it
+//! may *open the door* but never *close the breaker*:
+//!
+//! - While `Closed`, a check counts like a request (a failed check is a
+//!   failure, so an instance without traffic is still ejected).
+//! - While `Open`, `recovery_threshold` consecutive passing checks end the
+//!   open window early: the breaker moves to `HalfOpen`
+//!   ([`TransitionReason::ChecksPassed`]). A failed check restarts the
+//!   count. Once the window has elapsed, one passing check is enough.
+//! - While `HalfOpen`, a passing check changes nothing: only
+//!   `recovery_threshold` successful *real* requests close the breaker. A
+//!   failed check reopens it, as a failed probe does.
+//! - If a half-open spell that checks started ends in failure, the checks
+//!   passed while real requests failed (a backend that resets requests but
+//!   answers `/health`), so the next open window ignores checks and runs in
+//!   full. The one after may be cut short again.
+//!
+//! *Why:* the windows grow so that a flapping instance is held out, but
+//! with only the window deciding, an instance that recovered stays open
+//! for up to `open_max` (120 s). In the 30-minute soak every instance
+//! faulted every 2 minutes, the trip count never reset, three of four
+//! instances sat open with passing checks, and panic mode (955 of 1,747 s)
+//! sent traffic to the one that was failing. Letting checks shorten the
+//! window (as HAProxy's `rise` and Envoy's active-check un-ejection do) puts
+//! a recovered instance back within `recovery_threshold` check intervals;
+//! requiring real successes to close, and suspending the shortcut after it
+//! was wrong, bounds what a lying health endpoint costs: one failed probe
+//! per two windows, the windows still growing.
+//!
 //! Every method that changes the state returns the [`Transition`], so the
 //! caller can log and count it; the breaker itself does no I/O.
 
@@ -100,6 +131,9 @@ pub enum TransitionReason {
     ProbeFailed,
     /// `n` consecutive probes succeeded.
     ProbesSucceeded(u32),
+    /// `n` consecutive active health checks passed while open: the window
+    /// ends early (see the module doc, "Active checks").
+    ChecksPassed(u32),
 }
 
 /// A state change of a breaker.
@@ -143,6 +177,13 @@ pub struct CircuitBreaker {
     open_until: Timestamp,
     closed_since: Option<Timestamp>,
     probes_in_flight: u32,
+    /// Consecutive passing active checks while open.
+    check_passes: u32,
+    /// The current half-open spell was started by passing checks.
+    half_open_by_checks: bool,
+    /// The current open window ignores checks: the last spell that checks
+    /// started failed.
+    checks_suspended: bool,
 }
 
 // === impl CircuitState ===
@@ -192,6 +233,9 @@ impl fmt::Display for TransitionReason {
             TransitionReason::OpenWindowElapsed => f.write_str("open window elapsed"),
             TransitionReason::ProbeFailed => f.write_str("half-open probe failed"),
             TransitionReason::ProbesSucceeded(n) => write!(f, "{n} consecutive probes succeeded"),
+            TransitionReason::ChecksPassed(n) => {
+                write!(f, "{n} consecutive health checks passed while open")
+            }
         }
     }
 }
@@ -218,6 +262,9 @@ impl CircuitBreaker {
             open_until: Timestamp::default(),
             closed_since: None,
             probes_in_flight: 0,
+            check_passes: 0,
+            half_open_by_checks: false,
+            checks_suspended: false,
         }
     }
 
@@ -235,6 +282,15 @@ impl CircuitBreaker {
     /// Probes currently admitted in half-open.
     pub fn probes_in_flight(&self) -> u32 {
         self.probes_in_flight
+    }
+
+    /// Consecutive passing active checks while open (0 otherwise).
+    pub fn check_passes(&self) -> u32 {
+        if self.state == CircuitState::Open {
+            self.check_passes
+        } else {
+            0
+        }
     }
 
     /// Consecutive trips so far (the exponent of the open window).
@@ -300,6 +356,7 @@ impl CircuitBreaker {
                     self.state = CircuitState::Closed;
                     self.consecutive_successes = 0;
                     self.closed_since = Some(now);
+                    self.half_open_by_checks = false;
                     self.reset_window(now);
                     return Some(Transition {
                         from: first.map_or(CircuitState::HalfOpen, |t| t.from),
@@ -358,6 +415,42 @@ impl CircuitBreaker {
         }
     }
 
+    /// Records a passing active health check at `now` (see the module doc,
+    /// "Active checks"): counts as a success while closed, may end an open
+    /// window early, never closes a half-open breaker.
+    pub fn on_check_success(&mut self, now: Timestamp, cfg: &BreakerConfig) -> Option<Transition> {
+        match self.state {
+            CircuitState::Closed => self.on_success(now, cfg),
+            CircuitState::HalfOpen => None,
+            CircuitState::Open => {
+                self.check_passes = self.check_passes.saturating_add(1);
+                let reason = if now >= self.open_until {
+                    TransitionReason::OpenWindowElapsed
+                } else if !self.checks_suspended && self.check_passes >= cfg.recovery_threshold {
+                    TransitionReason::ChecksPassed(self.check_passes)
+                } else {
+                    return None;
+                };
+                let mut t = self.enter_half_open();
+                t.reason = reason;
+                self.half_open_by_checks = matches!(reason, TransitionReason::ChecksPassed(_));
+                Some(t)
+            }
+        }
+    }
+
+    /// Records a failed active health check at `now`: a failure while closed
+    /// or half-open, and the end of any run of passing checks while open.
+    pub fn on_check_failure(
+        &mut self,
+        now: Timestamp,
+        cfg: &BreakerConfig,
+        jitter: f64,
+    ) -> Option<Transition> {
+        self.check_passes = 0;
+        self.on_failure(now, cfg, jitter)
+    }
+
     fn open(
         &mut self,
         now: Timestamp,
@@ -366,6 +459,11 @@ impl CircuitBreaker {
         jitter: f64,
     ) -> Transition {
         let from = self.state;
+        // A spell that checks started and that failed: they vouched for an
+        // instance that fails real traffic, so this window runs in full.
+        self.checks_suspended = from == CircuitState::HalfOpen && self.half_open_by_checks;
+        self.half_open_by_checks = false;
+        self.check_passes = 0;
         self.trips = self.trips.saturating_add(1);
         let nominal = Self::nominal_open_window(self.trips, cfg);
         let jitter = jitter.clamp(0.0, 1.0) * cfg.open_jitter;
@@ -387,6 +485,8 @@ impl CircuitBreaker {
     fn enter_half_open(&mut self) -> Transition {
         self.state = CircuitState::HalfOpen;
         self.consecutive_successes = 0;
+        self.check_passes = 0;
+        self.half_open_by_checks = false;
         Transition {
             from: CircuitState::Open,
             to: CircuitState::HalfOpen,
@@ -626,5 +726,130 @@ mod tests {
         let t = b.on_failure(clock.now(), &cfg, 0.5).expect("trips");
         // 5 s × (1 − 0.5 × 0.2) = 4.5 s.
         assert_eq!(t.open_for, Some(Duration::from_millis(4_500)));
+    }
+
+    /// Trips, then fails half-open probes until the window is `open_max`.
+    fn open_at_the_cap(b: &mut CircuitBreaker, clock: &ManualClock, cfg: &BreakerConfig) {
+        trip(b, clock, cfg);
+        while CircuitBreaker::nominal_open_window(b.trips(), cfg) < cfg.open_max {
+            clock.advance(b.open_until().saturating_since(clock.now()));
+            assert!(matches!(b.try_admit(clock.now(), cfg), Admission::Probe(_)));
+            b.on_failure(clock.now(), cfg, 0.0).expect("probe failed");
+            b.release_probe();
+        }
+        assert!(b.open_until().saturating_since(clock.now()) >= Duration::from_secs(100));
+    }
+
+    #[test]
+    fn passing_checks_end_a_long_open_window_early_but_do_not_close() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        open_at_the_cap(&mut b, &clock, &cfg);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(b.on_check_success(clock.now(), &cfg), None, "1 of 2");
+        assert_eq!(b.state(), CircuitState::Open);
+        clock.advance(Duration::from_secs(1));
+        let t = b.on_check_success(clock.now(), &cfg).expect("2 of 2");
+        assert_eq!((t.from, t.to), (CircuitState::Open, CircuitState::HalfOpen));
+        assert_eq!(t.reason, TransitionReason::ChecksPassed(2));
+        // Half-open: any number of passing checks does not close it.
+        for _ in 0..10 {
+            assert_eq!(b.on_check_success(clock.now(), &cfg), None);
+        }
+        assert_eq!(b.state(), CircuitState::HalfOpen);
+        // Real probes do.
+        assert!(matches!(
+            b.try_admit(clock.now(), &cfg),
+            Admission::Probe(None)
+        ));
+        assert_eq!(b.on_success(clock.now(), &cfg), None);
+        let t = b
+            .on_success(clock.now(), &cfg)
+            .expect("2 real successes close");
+        assert_eq!(t.to, CircuitState::Closed);
+    }
+
+    #[test]
+    fn a_failed_check_restarts_the_count_of_passing_checks() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        open_at_the_cap(&mut b, &clock, &cfg);
+        for _ in 0..5 {
+            assert_eq!(b.on_check_success(clock.now(), &cfg), None);
+            assert_eq!(b.on_check_failure(clock.now(), &cfg, 0.0), None);
+            clock.advance(Duration::from_secs(1));
+        }
+        assert_eq!(b.state(), CircuitState::Open);
+    }
+
+    #[test]
+    fn after_a_failed_spell_started_by_checks_the_next_window_runs_in_full() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        trip(&mut b, &clock, &cfg); // 5 s window
+        b.on_check_success(clock.now(), &cfg);
+        let t = b
+            .on_check_success(clock.now(), &cfg)
+            .expect("checks open the door");
+        assert_eq!(t.reason, TransitionReason::ChecksPassed(2));
+        // The backend passes checks but resets real requests.
+        assert!(matches!(
+            b.try_admit(clock.now(), &cfg),
+            Admission::Probe(None)
+        ));
+        let t = b.on_failure(clock.now(), &cfg, 0.0).expect("probe failed");
+        b.release_probe();
+        assert_eq!(
+            t.open_for,
+            Some(Duration::from_secs(10)),
+            "windows still grow"
+        );
+        // Checks are ignored for this window...
+        for _ in 0..9 {
+            clock.advance(Duration::from_secs(1));
+            assert_eq!(b.on_check_success(clock.now(), &cfg), None);
+        }
+        assert_eq!(b.state(), CircuitState::Open);
+        // ... until it elapses: then one passing check opens the door.
+        clock.advance(Duration::from_secs(1));
+        let t = b
+            .on_check_success(clock.now(), &cfg)
+            .expect("window elapsed");
+        assert_eq!(t.reason, TransitionReason::OpenWindowElapsed);
+        // That spell was not started early; if it fails, the next window
+        // may be cut short by checks again.
+        assert!(matches!(
+            b.try_admit(clock.now(), &cfg),
+            Admission::Probe(None)
+        ));
+        let t = b.on_failure(clock.now(), &cfg, 0.0).expect("probe failed");
+        b.release_probe();
+        assert_eq!(t.open_for, Some(Duration::from_secs(20)));
+        b.on_check_success(clock.now(), &cfg);
+        let t = b
+            .on_check_success(clock.now(), &cfg)
+            .expect("shortcut again");
+        assert_eq!(t.reason, TransitionReason::ChecksPassed(2));
+    }
+
+    #[test]
+    fn checks_while_closed_count_like_requests() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        // Failed checks alone eject an instance that gets no traffic.
+        b.on_check_failure(clock.now(), &cfg, 0.0);
+        b.on_check_failure(clock.now(), &cfg, 0.0);
+        // A passing check breaks the run, as a success does.
+        assert_eq!(b.on_check_success(clock.now(), &cfg), None);
+        b.on_check_failure(clock.now(), &cfg, 0.0);
+        b.on_check_failure(clock.now(), &cfg, 0.0);
+        let t = b
+            .on_check_failure(clock.now(), &cfg, 0.0)
+            .expect("3 in a row");
+        assert_eq!(t.reason, TransitionReason::ConsecutiveFailures(3));
     }
 }

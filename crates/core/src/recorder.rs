@@ -16,6 +16,10 @@
 //! recounts the instance in the service's [`ServiceStats`] (the only way
 //! those counters change) and re-decides panic mode; every change comes back
 //! as an [`Event`].
+//!
+//! An outcome from an active check (`Source::Probe`) goes to the breaker's
+//! check methods: checks may end an open window early but only real
+//! requests close a breaker (the `breaker` module doc, "Active checks").
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,7 +65,8 @@ pub enum FailureKind {
 pub(crate) enum Source {
     /// A request through a `Selection`: counted, feeds the EWMA.
     Request,
-    /// An active health check: moves health and breaker only.
+    /// An active health check: moves health and breaker only, and the
+    /// breaker by its check rule (it never closes on checks alone).
     Probe,
 }
 
@@ -187,11 +192,19 @@ impl Recorder {
                     if request {
                         trackers.ewma.observe(latency, now);
                     }
-                    trackers.breaker.on_success(now, &cfg.breaker)
+                    if request {
+                        trackers.breaker.on_success(now, &cfg.breaker)
+                    } else {
+                        trackers.breaker.on_check_success(now, &cfg.breaker)
+                    }
                 }
                 Outcome::Failure(_) => {
                     trackers.health.on_failure(now);
-                    trackers.breaker.on_failure(now, &cfg.breaker, jitter)
+                    if request {
+                        trackers.breaker.on_failure(now, &cfg.breaker, jitter)
+                    } else {
+                        trackers.breaker.on_check_failure(now, &cfg.breaker, jitter)
+                    }
                 }
             };
             if let Some(t) = transition {

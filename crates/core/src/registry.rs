@@ -361,9 +361,11 @@ impl Registry {
     }
 
     /// Records an outcome not tied to a selection (an active health check).
-    /// It moves the health score and the breaker like a request's outcome,
-    /// but is not counted as a request and does not feed the latency EWMA
-    /// (a probe's latency says little about a real request's).
+    /// It moves the health score like a request's outcome, but is not
+    /// counted as a request and does not feed the latency EWMA (a probe's
+    /// latency says little about a real request's). The breaker takes it as
+    /// a check: passing checks may end an open window early, but only real
+    /// requests close it ([`CircuitBreaker::on_check_success`](crate::CircuitBreaker::on_check_success)).
     pub fn report_outcome(
         &self,
         service: &str,

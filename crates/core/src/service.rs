@@ -26,6 +26,20 @@
 //! that remain. An instance whose open window has elapsed counts as
 //! unavailable until a pick moves it to half-open.
 //!
+//! **Panic candidates first.** In panic mode the pick first keeps to the
+//! *candidates*: instances whose breaker is not open, or open with its
+//! latest active check passing (an instance held out by a long window
+//! after it recovered). The instances whose breaker is open and whose
+//! checks fail, or have not passed since the trip, join only when the
+//! candidates are fewer than `min_healthy_percent` of the non-draining
+//! instances. *Why:* in the 30-minute soak, panic mode spread traffic
+//! evenly over every instance, so the one failing at that moment (answering
+//! 500) got a full share while a recovered one was held out; this keeps the
+//! spread (at least `min_healthy_percent` of the instances) without
+//! feeding the instance that is failing now. The candidates are counted
+//! per pick (one pass, a breaker lock per open instance), which only panic
+//! mode pays.
+//!
 //! ## Identity
 //!
 //! Registering an id that exists updates its description and keeps its live
@@ -223,6 +237,14 @@ impl Service {
         let now = self.recorder.clock.now();
         let local = self.local.local();
         let mut rng = local.take_rng(|| self.recorder.next_seed());
+        let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
+        let panic_filter =
+            move |m: &Member| is_panic_candidate(m) && accept.is_none_or(|accept| accept(m));
+        let accept: Option<&dyn Fn(&Member) -> bool> = if candidates_only {
+            Some(&panic_filter)
+        } else {
+            accept
+        };
         let mut switched = None;
         for _ in 0..ADMISSION_ATTEMPTS {
             let mut cx = PickContext {
@@ -537,4 +559,21 @@ impl Writer {
         stats.recount(&mut trackers.counted, Availability::Absent);
         Some(removed.instance().clone())
     }
+}
+
+/// Whether `m` is a panic candidate (module doc, "Panic candidates
+/// first"): its breaker is not open, or its latest active check passed.
+fn is_panic_candidate(m: &Member) -> bool {
+    m.circuit_state() != CircuitState::Open || m.live().trackers.lock().breaker.check_passes() > 0
+}
+
+/// Whether the panic candidates among the non-draining `members` make up at
+/// least `min_healthy_percent` of them.
+fn enough_panic_candidates(members: &Members, cfg: &LoadBalancerConfig) -> bool {
+    let (mut total, mut candidates) = (0usize, 0usize);
+    for m in members.iter().filter(|m| m.admits_panic_traffic()) {
+        total += 1;
+        candidates += usize::from(is_panic_candidate(m));
+    }
+    candidates > 0 && candidates * 100 >= usize::from(cfg.min_healthy_percent) * total
 }

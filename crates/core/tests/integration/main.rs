@@ -15,4 +15,5 @@ mod scale;
 mod select_with;
 mod shares;
 mod slow_start;
+mod soak_pattern;
 mod support;

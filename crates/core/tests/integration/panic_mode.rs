@@ -156,3 +156,47 @@ fn fuzz_core_ops_panic_ends_when_the_last_instance_is_deregistered() {
         "0 of 0 is no panic"
     );
 }
+
+/// Panic mode keeps to the candidates (breaker not open, or open with its
+/// latest active check passing) while they are at least
+/// `min_healthy_percent` of the instances: the instance failing now gets
+/// nothing. The soak's 500 burst came from an even panic spread.
+#[test]
+fn panic_prefers_open_instances_whose_checks_pass() {
+    let (reg, clock) = registry(StrategyKind::RoundRobin);
+    populate(&reg, &[1, 1, 1, 1]);
+    for id in ["i1", "i2", "i3"] {
+        trip(&reg, &clock, id);
+    }
+    let check = |id: &str, ok: bool| {
+        let o = if ok {
+            Outcome::Success(Duration::from_millis(1))
+        } else {
+            Outcome::Failure(datapunk_lb_core::FailureKind::HealthCheck)
+        };
+        reg.report_outcome(SVC, id, o).unwrap();
+    };
+    // One passing check each: still open (recovery_threshold is 2).
+    check("i1", true);
+    check("i2", true);
+    check("i3", false);
+    assert!(reg.service(SVC).unwrap().status().panic, "1 of 4 eligible");
+    let counts = count_picks(&reg, 400);
+    assert_eq!(counts.get("i3"), None, "the failing instance: {counts:?}");
+    for id in ["i0", "i1", "i2"] {
+        assert!(
+            counts.get(id).copied().unwrap_or(0) > 100,
+            "{id}: {counts:?}"
+        );
+    }
+    // A failed check takes i2 out of the candidates: 2 of 4 is still
+    // min_healthy_percent (50 %).
+    check("i2", false);
+    let counts = count_picks(&reg, 400);
+    assert_eq!(counts.len(), 2, "i0 and i1 only: {counts:?}");
+    // i1 too: 1 candidate of 4 is too few to carry the load alone, so
+    // panic spreads over every instance again.
+    check("i1", false);
+    let counts = count_picks(&reg, 400);
+    assert_eq!(counts.len(), 4, "every instance: {counts:?}");
+}

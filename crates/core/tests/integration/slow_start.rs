@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use datapunk_lb_core::{CircuitState, Outcome, StrategyKind};
+use datapunk_lb_core::{CircuitState, StrategyKind};
 
 use crate::support::*;
 
@@ -63,10 +63,7 @@ fn recovered_share_ramps(kind: StrategyKind, share_at: fn(f64) -> f64) {
     populate(&reg, &[1, 1, 1, 1]);
     trip(&reg, &clock, "i3");
     clock.advance(Duration::from_secs(5));
-    for _ in 0..2 {
-        reg.report_outcome(SVC, "i3", Outcome::Success(Duration::from_millis(1)))
-            .unwrap();
-    }
+    close_by_probes(&reg, "i3");
     assert_eq!(
         reg.instance(SVC, "i3").unwrap().circuit_state,
         CircuitState::Closed

@@ -83,3 +83,21 @@ pub(crate) fn trip(reg: &Registry, clock: &ManualClock, id: &str) {
 pub(crate) fn share(counts: &HashMap<String, usize>, id: &str, total: usize) -> f64 {
     *counts.get(id).unwrap_or(&0) as f64 / total as f64
 }
+
+/// Closes `id`'s breaker, whose open window has elapsed, with
+/// `recovery_threshold` successful real requests (half-open probes): active
+/// checks alone never close a breaker.
+pub(crate) fn close_by_probes(reg: &Registry, id: &str) {
+    let svc = reg.service(SVC).unwrap();
+    for _ in 0..svc.config().breaker.recovery_threshold {
+        let s = svc
+            .select_with(None, |m| m.instance().id().as_str() == id)
+            .unwrap_or_else(|| panic!("{id} must admit a probe"));
+        assert!(s.is_probe(), "{id} is half-open");
+        let _ = s.success(Duration::from_millis(1));
+    }
+    assert_eq!(
+        reg.instance(SVC, id).unwrap().circuit_state,
+        datapunk_lb_core::CircuitState::Closed
+    );
+}

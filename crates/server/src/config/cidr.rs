@@ -96,9 +96,28 @@ impl FromStr for Cidr {
                 IpAddr::V4(_) => IpAddr::from(u32::try_from(masked).unwrap_or(0).to_be_bytes()),
                 IpAddr::V6(_) => IpAddr::from(masked.to_be_bytes()),
             };
-            return Err(CidrError::HostBits(Cidr { addr: net, prefix }));
+            return Err(CidrError::HostBits(Cidr::unmapped(net, prefix)));
         }
-        Ok(Cidr { addr, prefix })
+        Ok(Cidr::unmapped(addr, prefix))
+    }
+}
+
+impl Cidr {
+    /// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4
+    /// network it covers (`10.0.0.0/8`): `contains` matches mapped clients
+    /// as IPv4, so the IPv6 form would match nothing (found by the `cidr`
+    /// fuzz target).
+    fn unmapped(addr: IpAddr, prefix: u8) -> Cidr {
+        match addr {
+            IpAddr::V6(v6) if prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Cidr {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                },
+                None => Cidr { addr, prefix },
+            },
+            _ => Cidr { addr, prefix },
+        }
     }
 }
 
@@ -171,5 +190,20 @@ mod tests {
         assert_eq!(cidr("10.0.0.0/8").to_string(), "10.0.0.0/8");
         assert_eq!(cidr("::1").to_string(), "::1/128");
         assert_eq!(cidr("0.0.0.0/0").to_string(), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn fuzz_cidr_mapped_ipv6_network_matches_its_ipv4_clients() {
+        let net = cidr("::ffff:10.0.0.0/104");
+        assert_eq!(net, cidr("10.0.0.0/8"));
+        assert!(net.contains(ip("10.1.2.3")));
+        assert!(net.contains(ip("::ffff:10.1.2.3")));
+        assert!(!net.contains(ip("11.0.0.1")));
+        assert_eq!(
+            "::ffff:10.0.0.1/104".parse::<Cidr>(),
+            Err(CidrError::HostBits(cidr("10.0.0.0/8")))
+        );
+        // Below /96 the network is wider than the mapped range: IPv6.
+        assert!(!cidr("::/0").contains(ip("10.1.2.3")));
     }
 }
