@@ -136,20 +136,20 @@ gauge() {
 	curl -fsS --max-time 10 "http://127.0.0.1:$ADMIN_PORT/metrics" |
 		awk -v m="$1" 'index($0, m) == 1 { print $NF; exit }'
 }
-reloads_seen() { grep -c '"reload"\|message="reload"\| reload ' "$RUN_DIR/lb.log" || true; }
 # reload: SIGHUP, wait for the reload line; prints "<wall ms> <line>".
 reload() {
-	local before t0 t1 deadline=$((SECONDS + 60))
-	before=$(grep -c 'reason="SIGHUP"\|reason=SIGHUP' "$RUN_DIR/lb.log" || true)
+	local before c0 t0 t1 deadline=$((SECONDS + 60))
+	before=$(grep -c '"reason":"SIGHUP"' "$RUN_DIR/lb.log" || true)
+	c0=$(ticks)
 	t0=$(date +%s%N)
 	kill -HUP "$LB"
-	until (($(grep -c 'reason="SIGHUP"\|reason=SIGHUP' "$RUN_DIR/lb.log" || true) > before)); do
+	until (($(grep -c '"reason":"SIGHUP"' "$RUN_DIR/lb.log" || true) > before)); do
 		((SECONDS < deadline)) || die "reload did not finish in 60 s"
 		sleep 0.01
 	done
 	t1=$(date +%s%N)
-	echo "$(((t1 - t0) / 1000000)) $(grep 'reason="SIGHUP"\|reason=SIGHUP' "$RUN_DIR/lb.log" | tail -1 |
-		grep -o 'parse_ms=[0-9.]*\|apply_ms=[0-9.]*' | tr '\n' ' ')"
+	echo "$(((t1 - t0) / 1000000)) $(grep '"reason":"SIGHUP"' "$RUN_DIR/lb.log" | tail -1 |
+		python3 -c 'import json, sys; e = json.loads(sys.stdin.read()); print(f"parse {e.get(\"parse_ms\", 0):.0f} ms, apply {e.get(\"apply_ms\", 0):.0f} ms", end="")'), CPU $(((($(ticks) - c0) * 1000) / HZ)) ms"
 }
 timed_get() { # timed_get PATH: "<bytes> <ms>", median of 5
 	local i line
@@ -168,7 +168,7 @@ out "N=$N INTERVAL=$INTERVAL SETTLE=$SETTLE ROUNDS=$ROUNDS DURATION=$DURATION CO
 out "commit $(git -C "$ROOT" rev-parse --short HEAD), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 out ""
 t0=$(date +%s%N)
-taskset -c "$LB_CPU" "$DP_BIN" run --config "$CONF" >>"$RUN_DIR/lb.log" 2>&1 &
+taskset -c "$LB_CPU" "$DP_BIN" run --config "$CONF" --log-format json >>"$RUN_DIR/lb.log" 2>&1 &
 LB=$!
 BENCH_PIDS+=("$LB")
 deadline=$((SECONDS + 120))

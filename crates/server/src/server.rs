@@ -335,7 +335,7 @@ impl Server {
         Ok(())
     }
 
-    async fn apply(&self, config: Config, first: bool) -> Result<(), ServerError> {
+    async fn apply(&self, mut config: Config, first: bool) -> Result<(), ServerError> {
         let token = Self::read_token(&config)?;
         // Opened (reopened on reload) before anything changes.
         let access_log = AccessLogs::open(&config).map_err(ServerError::AccessLog)?;
@@ -385,9 +385,21 @@ impl Server {
 
         // 2. Services and instances: the control task's, applied whole
         // (no discovery batch interleaves).
-        self.control
-            .send(Command::Reload(Box::new(config.clone())))
-            .await?;
+        // The instance lists move to the control task (which keeps them
+        // as its config layer); this copy keeps the settings only, so a
+        // 100,000-instance file is held once, not twice.
+        let lists: Vec<(String, Vec<_>)> = config
+            .services
+            .iter_mut()
+            .map(|(name, svc)| (name.clone(), std::mem::take(&mut svc.instances)))
+            .collect();
+        let mut desired = Box::new(config.clone());
+        for (name, list) in lists {
+            if let Some(d) = desired.services.get_mut(&name) {
+                d.instances = list;
+            }
+        }
+        self.control.send(Command::Reload(desired)).await?;
 
         // 3. Routing in one store.
         let mut upstreams = HashMap::new();
