@@ -134,7 +134,7 @@ metric() { # metric NAME_PREFIX: sum of the samples whose line starts with it
 }
 gauge() {
 	curl -fsS --max-time 10 "http://127.0.0.1:$ADMIN_PORT/metrics" |
-		awk -v m="$1" 'index($0, m) == 1 { print $NF; exit }'
+		awk -v m="$1" 'index($0, m) == 1 && !done { print $NF; done = 1 }'
 }
 # reload: SIGHUP, wait for the reload line; prints "<wall ms> <line>".
 reload() {
@@ -149,7 +149,7 @@ reload() {
 	done
 	t1=$(date +%s%N)
 	echo "$(((t1 - t0) / 1000000)) $(grep '"reason":"SIGHUP"' "$RUN_DIR/lb.log" | tail -1 |
-		python3 -c 'import json, sys; e = json.loads(sys.stdin.read()); print(f"parse {e.get(\"parse_ms\", 0):.0f} ms, apply {e.get(\"apply_ms\", 0):.0f} ms", end="")'), CPU $(((($(ticks) - c0) * 1000) / HZ)) ms"
+		python3 -c 'import json, sys; e = json.loads(sys.stdin.read()); print("parse %.0f ms, apply %.0f ms" % (e.get("parse_ms", 0), e.get("apply_ms", 0)), end="")'), CPU $(((($(ticks) - c0) * 1000) / HZ)) ms"
 }
 timed_get() { # timed_get PATH: "<bytes> <ms>", median of 5
 	local i line

@@ -12,8 +12,10 @@
 //! task configures services and registers instances by id, so health,
 //! breakers and connection counts carry over, and removes instances and
 //! services no longer wanted (requests in flight on them finish); routing is
-//! swapped in one store; listeners no longer in the file stop accepting;
-//! health checks restart on the new schedule.
+//! swapped in one store (a service whose settings did not change keeps its
+//! upstream and connection pools); listeners no longer in the file stop
+//! accepting; health checks of services whose check changed restart (the
+//! others keep running, with their schedule and connections).
 //!
 //! ## Discovery
 //!
@@ -401,14 +403,26 @@ impl Server {
         }
         self.control.send(Command::Reload(desired)).await?;
 
-        // 3. Routing in one store.
+        // 3. Routing in one store. A service whose settings did not change
+        // (and whose core service is the same) keeps its upstream: its
+        // connection pools and per-service metrics handle carry over.
         let mut upstreams = HashMap::new();
+        let running = self.routing.load_full();
+        let before = self.config.lock().services.clone();
         {
             let mut budgets = self.budgets.lock();
             for (name, svc) in &config.services {
                 let Some(service) = self.registry.service(name) else {
                     continue;
                 };
+                let unchanged = !first && before.get(name) == Some(svc);
+                if let Some(kept) = running
+                    .upstream_of(name)
+                    .filter(|u| unchanged && Arc::ptr_eq(&u.service, &service))
+                {
+                    upstreams.insert(name.clone(), kept.clone());
+                    continue;
+                }
                 // Kept across reloads (its balance is history) unless its knobs changed.
                 let budget = budgets
                     .entry(name.clone())
@@ -525,8 +539,9 @@ impl Server {
         }
 
         // 5. Health checks on the new schedule.
-        *self.health.lock() =
-            HealthChecker::start(self.registry.clone(), &config, self.metrics.clone());
+        self.health
+            .lock()
+            .update(self.registry.clone(), &config, self.metrics.clone());
         self.metrics
             .retain_services(&|s| config.services.contains_key(s));
         for (name, svc) in &config.services {

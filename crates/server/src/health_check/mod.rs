@@ -29,7 +29,9 @@
 //!   services.
 //!
 //! Each service's checker reads the current member list every tick, so
-//! instances added at runtime are probed too.
+//! instances added at runtime are probed too; a reload restarts only the
+//! checkers whose check (or upstream protocol) changed, so the others keep
+//! their schedule, backoff and kept connections.
 //!
 //! An `http` probe speaks the service's `upstream_protocol`: HTTP/2 with
 //! prior knowledge for `h2c`, HTTP/1.1 for `http1` and `auto` (what every
@@ -68,16 +70,27 @@ const MAX_TICK: Duration = Duration::from_millis(250);
 /// At most one "checks are behind" warning per this long.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// The running checkers; dropping it stops them.
+/// The running checkers, one per checked service; dropping it stops them.
+/// A reload keeps the checker of a service whose check did not change, so
+/// its schedule (backoff, passive skips) and kept connections carry over.
 #[derive(Debug, Default)]
 pub(crate) struct HealthChecker {
-    tasks: Vec<JoinHandle<()>>,
+    running: HashMap<String, Running>,
+    shared: Option<Arc<Shared>>,
+}
+
+/// One service's checker task and what it was started with.
+#[derive(Debug)]
+struct Running {
+    check: HealthCheck,
+    h2: bool,
+    task: JoinHandle<()>,
 }
 
 impl Drop for HealthChecker {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        for r in self.running.values() {
+            r.task.abort();
         }
     }
 }
@@ -100,7 +113,9 @@ pub(crate) fn next_delay(check: &HealthCheck, fails: u32, jitter: f64) -> Durati
 /// The probe budget shared by every service's checker.
 #[derive(Debug)]
 struct Budget {
-    per_second: f64,
+    /// `health_check_max_probes_per_second`, as `f64` bits (a reload may
+    /// change it under running checkers).
+    per_second: std::sync::atomic::AtomicU64,
     /// Each service's demand, probes/s (instances / interval).
     demand: Mutex<HashMap<String, f64>>,
     last_warn: Mutex<Option<tokio::time::Instant>>,
@@ -115,7 +130,11 @@ impl Budget {
         } else {
             d.insert(service.to_owned(), demand);
         }
-        schedule::stretch(d.values().sum(), self.per_second)
+        schedule::stretch(d.values().sum(), self.per_second())
+    }
+
+    fn per_second(&self) -> f64 {
+        f64::from_bits(self.per_second.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Logs that checks are behind, at most once per [`WARN_EVERY`].
@@ -132,41 +151,82 @@ impl Budget {
             configured = %humantime::format_duration(configured),
             effective = %humantime::format_duration(Duration::from_millis(effective.as_millis() as u64)),
             needed_per_second = demand.round(),
-            budget_per_second = self.per_second,
+            budget_per_second = self.per_second(),
             "health checks are behind: intervals stretched to stay within health_check_max_probes_per_second"
         );
     }
 }
 
 impl HealthChecker {
-    /// Starts a checker per service of `config` that has a check.
-    pub(crate) fn start(registry: Arc<Registry>, config: &Config, metrics: Arc<Metrics>) -> Self {
-        metrics.health_check_intervals_clear();
-        let shared = Arc::new(Shared {
-            limit: Semaphore::new(MAX_IN_FLIGHT),
-            budget: Budget {
-                per_second: f64::from(config.health_check_max_probes_per_second),
-                demand: Mutex::new(HashMap::new()),
-                last_warn: Mutex::new(None),
-            },
-            kept: Arc::default(),
-        });
-        let tasks = config
+    /// Brings the checkers to `config`: stops those of services gone or no
+    /// longer checked, restarts those whose check or protocol changed,
+    /// starts new ones, and leaves the rest running.
+    pub(crate) fn update(
+        &mut self,
+        registry: Arc<Registry>,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) {
+        use std::sync::atomic::Ordering;
+        let shared = self
+            .shared
+            .get_or_insert_with(|| {
+                Arc::new(Shared {
+                    limit: Semaphore::new(MAX_IN_FLIGHT),
+                    budget: Budget {
+                        per_second: Default::default(),
+                        demand: Mutex::new(HashMap::new()),
+                        last_warn: Mutex::new(None),
+                    },
+                    kept: Arc::default(),
+                    gauges: Default::default(),
+                })
+            })
+            .clone();
+        let per_second = f64::from(config.health_check_max_probes_per_second);
+        shared
+            .budget
+            .per_second
+            .store(per_second.to_bits(), Ordering::Relaxed);
+        let wanted: HashMap<&String, (&HealthCheck, bool)> = config
             .services
             .iter()
             .filter(|(_, s)| s.health_check.kind != HealthCheckKind::None)
             .map(|(name, s)| {
-                tokio::spawn(run_service(
-                    registry.clone(),
-                    metrics.clone(),
-                    name.clone(),
-                    s.health_check.clone(),
-                    shared.clone(),
-                    s.upstream_protocol == UpstreamProtocol::H2c,
-                ))
+                let h2 = s.upstream_protocol == UpstreamProtocol::H2c;
+                (name, (&s.health_check, h2))
             })
             .collect();
-        Self { tasks }
+        self.running.retain(|name, r| {
+            let keep = wanted
+                .get(name)
+                .is_some_and(|(check, h2)| **check == r.check && *h2 == r.h2);
+            if !keep {
+                r.task.abort();
+                shared.budget.demand.lock().remove(name);
+            }
+            keep
+        });
+        // Services gone or no longer checked leave no gauge behind; the
+        // checkers still running publish theirs again.
+        metrics.health_check_intervals_clear();
+        shared.gauges.fetch_add(1, Ordering::Relaxed);
+        for (name, (check, h2)) in wanted {
+            if self.running.contains_key(name) {
+                continue;
+            }
+            let task = tokio::spawn(run_service(
+                registry.clone(),
+                metrics.clone(),
+                name.clone(),
+                check.clone(),
+                shared.clone(),
+                h2,
+            ));
+            let check = check.clone();
+            self.running
+                .insert(name.clone(), Running { check, h2, task });
+        }
     }
 }
 
@@ -181,6 +241,9 @@ struct Shared {
     budget: Budget,
     /// Idle probe connections kept (see [`probe::MAX_KEPT`]).
     kept: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bumped when the effective-interval gauges were cleared: every
+    /// checker publishes its gauge again.
+    gauges: std::sync::atomic::AtomicU64,
 }
 
 async fn run_service(
@@ -197,6 +260,7 @@ async fn run_service(
     let clock = registry.clock().clone();
     let mut factor = 1.0;
     let mut shown = None;
+    let mut gauges = u64::MAX;
     loop {
         while let Ok((id, ok, conn)) = rx.try_recv() {
             sched.done(&id, ok, clock.now(), factor, conn);
@@ -209,7 +273,9 @@ async fn run_service(
         let n = members.len();
         factor = budget.factor(&service, n as f64 / check.interval.as_secs_f64());
         let effective = sched.effective_interval(factor);
-        if shown != Some(effective) {
+        let cleared = shared.gauges.load(std::sync::atomic::Ordering::Relaxed);
+        if shown != Some(effective) || gauges != cleared {
+            gauges = cleared;
             metrics.health_check_interval_effective(&service, effective);
             shown = Some(effective);
         }
