@@ -507,3 +507,63 @@ async fn a_reload_of_the_same_file_replaces_no_member_and_keeps_admin_overrides(
     assert_eq!(serving_port(&registry, "i0003"), Some(7003));
     assert_eq!(serving_port(&registry, "extra"), Some(7777));
 }
+
+/// Counts live heap bytes for `measure_bytes_per_instance_at_100k` (the
+/// wrapper costs two atomic adds per allocation in this test binary).
+#[global_allocator]
+static ALLOC: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
+/// Where the bytes of 100,000 instances go, as live heap (not RSS): the
+/// parsed config layer, the control task's index of it, and the core
+/// registry. Printed for docs/benchmarks.md, "Scale (issue 11)".
+#[tokio::test]
+#[ignore = "a measurement: run with --release --ignored --nocapture"]
+async fn measure_bytes_per_instance_at_100k() {
+    const N: usize = 100_000;
+    let per = |bytes: usize| bytes as f64 / N as f64;
+    let mut text = CONFIG
+        .split("[[service.api.instance]]")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    for i in 0..N {
+        use std::fmt::Write as _;
+        let j = i / 4;
+        let _ = write!(
+            text,
+            "[[service.api.instance]]\nid = \"i{i:06}\"\naddress = \"127.1.{}.{}\"\nport = {}\n",
+            j / 250,
+            j % 250 + 1,
+            18381 + i % 4
+        );
+    }
+    let base = ALLOC.allocated();
+    let cfg = config(&text);
+    let parsed = ALLOC.allocated() - base;
+    drop(text);
+    let instances = cfg.services["api"].instances.clone();
+    // The core alone: descriptions share their strings with the config.
+    let before = ALLOC.allocated();
+    let core = Registry::new();
+    core.register_instances("api", instances.iter().cloned())
+        .unwrap();
+    let registry = ALLOC.allocated() - before;
+    drop(core);
+    drop(instances);
+    // The whole control path: config layer, its index, the registry.
+    let reg = Arc::new(Registry::new());
+    let metrics = Arc::new(Metrics::new(reg.clone()));
+    let mut c = Control::new(reg.clone(), metrics, None);
+    let before_reload = ALLOC.allocated();
+    c.apply(Command::Reload(Box::new(cfg))).await.unwrap();
+    let control = ALLOC.allocated() + parsed - before_reload;
+    println!(
+        "live heap per instance at {N}: config layer (parsed instances, id and address strings) {:.0} B; \
+         core registry (members, live state, index, strategy) {:.0} B; \
+         control total (config layer + its id index + registry) {:.0} B, so the index {:.0} B",
+        per(parsed),
+        per(registry),
+        per(control),
+        per(control) - per(parsed) - per(registry)
+    );
+}
