@@ -557,7 +557,7 @@ async fn measure_bytes_per_instance_at_100k() {
     let before_reload = ALLOC.allocated();
     c.apply(Command::Reload(Box::new(cfg))).await.unwrap();
     let control = ALLOC.allocated() + parsed - before_reload;
-    println!(
+    eprintln!(
         "live heap per instance at {N}: config layer (parsed instances, id and address strings) {:.0} B; \
          core registry (members, live state, index, strategy) {:.0} B; \
          control total (config layer + its id index + registry) {:.0} B, so the index {:.0} B",
