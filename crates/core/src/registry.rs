@@ -283,6 +283,17 @@ impl Registry {
             .ok_or_else(|| unknown_instance(service, id))
     }
 
+    /// Removes every registered id of `ids` at once, with one snapshot
+    /// rebuild (a reload removing many instances); returns the removed
+    /// descriptions. Ids not registered are skipped.
+    pub fn deregister_instances<'a>(
+        &self,
+        service: &str,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<ServiceInstance>, RegistryError> {
+        Ok(self.known(service)?.deregister_many(ids))
+    }
+
     /// Stops new selections of an instance; [`maintain`](Self::maintain)
     /// removes it once its connections reach zero or `timeout` passes.
     pub fn drain_instance(

@@ -391,6 +391,19 @@ impl Service {
         self.write(|w, members, _, _| w.remove(members, id, &self.recorder.stats))
     }
 
+    /// Removes every id of `ids` that is registered, with one snapshot
+    /// rebuild; their descriptions.
+    pub(crate) fn deregister_many<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<ServiceInstance> {
+        self.write(|w, members, _, _| {
+            ids.into_iter()
+                .filter_map(|id| w.remove(members, id, &self.recorder.stats))
+                .collect()
+        })
+    }
+
     /// Starts draining `member`; `None` if `id` is not registered.
     pub(crate) fn drain(&self, id: &str, timeout: Duration) -> Option<Vec<Event>> {
         let now = self.recorder.clock.now();

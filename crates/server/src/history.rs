@@ -172,13 +172,48 @@ pub struct InstanceReading<'a> {
     pub health: f64,
 }
 
+/// Sums over every instance of a service, for its own series.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    /// Instances.
+    pub count: usize,
+    /// Σ requests.
+    pub requests: u64,
+    /// Σ failures.
+    pub failures: u64,
+    /// Σ health score.
+    pub health: f64,
+}
+
+impl Totals {
+    /// Adds one instance.
+    pub fn add(&mut self, requests: u64, failures: u64, health: f64) {
+        self.count += 1;
+        self.requests = self.requests.saturating_add(requests);
+        self.failures = self.failures.saturating_add(failures);
+        self.health += health;
+    }
+
+    /// The totals of `instances`.
+    pub fn of(instances: &[InstanceReading<'_>]) -> Self {
+        let mut t = Totals::default();
+        for i in instances {
+            t.add(i.requests, i.failures, i.health);
+        }
+        t
+    }
+}
+
 /// One service as a sample sees it.
 #[derive(Debug, Clone)]
 pub struct ServiceReading<'a> {
     /// Service name.
     pub name: &'a str,
-    /// Every instance, in member order.
+    /// The first instances, in member order (at least the first
+    /// [`MAX_INSTANCES_PER_SERVICE`]; more are ignored).
     pub instances: Vec<InstanceReading<'a>>,
+    /// Sums over every instance.
+    pub totals: Totals,
     /// The duration histogram: `(upper bound in seconds, cumulative count)`,
     /// ascending, ending with `+Inf`; `None` if the service has none.
     pub buckets: Option<Vec<(f64, u64)>>,
@@ -396,30 +431,40 @@ impl History {
             }
         }
         let mut buckets = self.buckets();
-        let statuses: Vec<_> = core
-            .services()
+        // One pass over each service's members, reading atomics: no status
+        // per instance is built (at 100,000 instances a list of statuses
+        // was ~25 MB allocated and freed every second).
+        let services: Vec<(String, datapunk_lb_core::Members)> = core
+            .service_names()
             .into_iter()
             .take(MAX_SERVICES)
-            .map(|s| {
-                let list = core.instances(&s.name).unwrap_or_default();
-                (s.name, list)
-            })
+            .filter_map(|name| core.service(&name).map(|s| (name, s.members())))
             .collect();
-        let readings: Vec<ServiceReading<'_>> = statuses
+        let readings: Vec<ServiceReading<'_>> = services
             .iter()
-            .map(|(name, list)| ServiceReading {
-                name,
-                instances: list
-                    .iter()
-                    .map(|st| InstanceReading {
-                        id: st.instance.id().as_str(),
-                        requests: st.requests,
-                        failures: st.failures,
-                        latency_ms: st.latency_ewma.as_secs_f64() * 1e3,
-                        health: st.health_score,
-                    })
-                    .collect(),
-                buckets: buckets.remove(name.as_str()),
+            .map(|(name, members)| {
+                let mut totals = Totals::default();
+                let mut instances = Vec::with_capacity(MAX_INSTANCES_PER_SERVICE);
+                for m in members.iter() {
+                    let (requests, failures, health) =
+                        (m.requests(), m.failures(), m.health_score());
+                    totals.add(requests, failures, health);
+                    if instances.len() < MAX_INSTANCES_PER_SERVICE {
+                        instances.push(InstanceReading {
+                            id: m.instance().id().as_str(),
+                            requests,
+                            failures,
+                            latency_ms: m.latency_ewma_ns() / 1e6,
+                            health,
+                        });
+                    }
+                }
+                ServiceReading {
+                    name,
+                    instances,
+                    totals,
+                    buckets: buckets.remove(name.as_str()),
+                }
             })
             .collect();
         self.sample(now, SystemTime::now(), &readings);
@@ -437,9 +482,12 @@ impl History {
             let svc = s.services.entry(r.name.to_owned()).or_default();
             let first = svc.series.seen == 0;
             svc.series.seen = seq;
-            let (requests, failures) = r.instances.iter().fold((0u64, 0u64), |(a, b), i| {
-                (a.saturating_add(i.requests), b.saturating_add(i.failures))
-            });
+            let Totals {
+                count,
+                requests,
+                failures,
+                health: health_sum,
+            } = r.totals;
             let (rps, error_ratio) = svc.series.counters.advance(requests, failures, dt, first);
             let p99 = match &r.buckets {
                 Some(now_b) => {
@@ -453,10 +501,10 @@ impl History {
                 }
                 None => f64::NAN,
             };
-            let health = if r.instances.is_empty() {
+            let health = if count == 0 {
                 f64::NAN
             } else {
-                r.instances.iter().map(|i| i.health).sum::<f64>() / r.instances.len() as f64
+                health_sum / count as f64
             };
             svc.series.ring.push(Point {
                 rps,
@@ -681,18 +729,20 @@ mod tests {
         instances: &[(&'a str, u64, u64)],
         buckets: Option<Vec<(f64, u64)>>,
     ) -> Vec<ServiceReading<'a>> {
+        let instances: Vec<InstanceReading<'a>> = instances
+            .iter()
+            .map(|&(id, requests, failures)| InstanceReading {
+                id,
+                requests,
+                failures,
+                latency_ms: 12.5,
+                health: 0.5,
+            })
+            .collect();
         vec![ServiceReading {
             name: "api",
-            instances: instances
-                .iter()
-                .map(|&(id, requests, failures)| InstanceReading {
-                    id,
-                    requests,
-                    failures,
-                    latency_ms: 12.5,
-                    health: 0.5,
-                })
-                .collect(),
+            totals: Totals::of(&instances),
+            instances,
             buckets,
         }]
     }

@@ -193,11 +193,24 @@ async fn serve(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                match Config::load(&path) {
-                    Ok(new) => match server.reload(new).await {
-                        Ok(()) => info!(config = %path.display(), result = "success", from = "previous config", to = "new config", reason = "SIGHUP", "reload"),
+                // Parse and apply timed apart (issue 11: a reload is O(changes) plus the parse).
+                // Off the runtime: a 100,000-instance file parses for ~0.5 s.
+                let parsing = std::time::Instant::now();
+                let file = path.clone();
+                let loaded = tokio::task::spawn_blocking(move || Config::load(&file).map_err(|e| e.to_string()))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("parsing the config failed: {e}")));
+                match loaded {
+                    Ok(new) => {
+                        let parse_ms = parsing.elapsed().as_secs_f64() * 1e3;
+                        let applying = std::time::Instant::now();
+                        let r = server.reload(new).await;
+                        let apply_ms = applying.elapsed().as_secs_f64() * 1e3;
+                        match r {
+                        Ok(()) => info!(config = %path.display(), result = "success", from = "previous config", to = "new config", reason = "SIGHUP", parse_ms, apply_ms, "reload"),
                         Err(e) => error!(config = %path.display(), result = "failure", from = "previous config", to = "previous config", reason = %e, "reload rejected; the old config keeps serving"),
-                    },
+                        }
+                    }
                     Err(e) => {
                         server.metrics().reload(false);
                         error!(config = %path.display(), result = "failure", from = "previous config", to = "previous config", reason = %e, "reload rejected; the old config keeps serving");

@@ -12,8 +12,10 @@
 //! task configures services and registers instances by id, so health,
 //! breakers and connection counts carry over, and removes instances and
 //! services no longer wanted (requests in flight on them finish); routing is
-//! swapped in one store; listeners no longer in the file stop accepting;
-//! health checks restart on the new schedule.
+//! swapped in one store (a service whose settings did not change keeps its
+//! upstream and connection pools); listeners no longer in the file stop
+//! accepting; health checks of services whose check changed restart (the
+//! others keep running, with their schedule and connections).
 //!
 //! ## Discovery
 //!
@@ -381,7 +383,7 @@ impl Server {
         Ok(())
     }
 
-    async fn apply(&self, config: Config, first: bool) -> Result<(), ServerError> {
+    async fn apply(&self, mut config: Config, first: bool) -> Result<(), ServerError> {
         let token = Self::read_token(&config)?;
         // Opened (reopened on reload) before anything changes.
         let access_log = AccessLogs::open(&config).map_err(ServerError::AccessLog)?;
@@ -447,18 +449,46 @@ impl Server {
 
         // 2. Services and instances: the control task's, applied whole
         // (no discovery batch interleaves).
-        self.control
-            .send(Command::Reload(Box::new(config.clone())))
-            .await?;
+        // The instance lists move to the control task (which keeps them
+        // as its config layer); this copy keeps the settings only, so a
+        // 100,000-instance file is held once, not twice.
+        let lists: Vec<(String, Vec<_>)> = config
+            .services
+            .iter_mut()
+            .map(|(name, svc)| (name.clone(), std::mem::take(&mut svc.instances)))
+            .collect();
+        let mut desired = Box::new(config.clone());
+        for (name, list) in lists {
+            if let Some(d) = desired.services.get_mut(&name) {
+                d.instances = list;
+            }
+        }
+        self.control.send(Command::Reload(desired)).await?;
 
-        // 3. Routing in one store.
+        // 3. Routing in one store. A service whose settings did not change
+        // (and whose core service is the same) keeps its upstream: its
+        // connection pools and per-service metrics handle carry over.
         let mut upstreams = HashMap::new();
+        let running = self.routing.load_full();
+        let before = self.config.lock().services.clone();
         {
             let mut budgets = self.budgets.lock();
             for (name, svc) in &config.services {
                 let Some(service) = self.registry.service(name) else {
                     continue;
                 };
+                // A TLS service's pools take the TLS config built afresh
+                // above (its files re-read), so it never keeps its upstream.
+                let unchanged = !first
+                    && before.get(name) == Some(svc)
+                    && !upstream_tls.contains_key(name);
+                if let Some(kept) = running
+                    .upstream_of(name)
+                    .filter(|u| unchanged && Arc::ptr_eq(&u.service, &service))
+                {
+                    upstreams.insert(name.clone(), kept.clone());
+                    continue;
+                }
                 // Kept across reloads (its balance is history) unless its knobs changed.
                 let budget = budgets
                     .entry(name.clone())
@@ -588,7 +618,7 @@ impl Server {
         }
 
         // 5. Health checks on the new schedule.
-        *self.health.lock() = HealthChecker::start(
+        self.health.lock().update(
             self.registry.clone(),
             &config,
             &upstream_tls,

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use datapunk_lb_core::{LoadBalancerConfig, ServiceInstance, StrategyKind};
+use datapunk_lb_core::{InstanceId, LoadBalancerConfig, ServiceInstance, StrategyKind};
 use tracing::warn;
 
 use crate::config::ServiceConfig;
@@ -51,8 +51,9 @@ pub(crate) type DiscoveredSet = HashMap<String, HashMap<String, InstanceSpec>>;
 pub(crate) struct Layers {
     /// The config file's services.
     config: BTreeMap<String, ServiceConfig>,
-    /// Position of each config instance in its service's list, by id.
-    config_index: HashMap<String, HashMap<String, usize>>,
+    /// Position of each config instance in its service's list, by id (the
+    /// instance's own id `Arc`: no copy of the string).
+    config_index: HashMap<String, HashMap<InstanceId, usize>>,
     /// What the state file persists.
     pub(crate) dynamic: DynamicState,
     /// What etcd holds.
@@ -68,21 +69,16 @@ impl Layers {
         }
     }
 
-    /// Replaces the config layer.
-    pub(crate) fn set_config(&mut self, services: BTreeMap<String, ServiceConfig>) {
+    /// Replaces the config layer; returns the previous one.
+    pub(crate) fn set_config(
+        &mut self,
+        services: BTreeMap<String, ServiceConfig>,
+    ) -> BTreeMap<String, ServiceConfig> {
         self.config_index = services
             .iter()
-            .map(|(name, svc)| {
-                let ids = svc
-                    .instances
-                    .iter()
-                    .enumerate()
-                    .map(|(n, i)| (i.id().as_str().to_owned(), n))
-                    .collect();
-                (name.clone(), ids)
-            })
+            .map(|(name, svc)| (name.clone(), index(&svc.instances)))
             .collect();
-        self.config = services;
+        std::mem::replace(&mut self.config, services)
     }
 
     /// The config's services.
@@ -128,7 +124,7 @@ impl Layers {
     pub(crate) fn instances(&self, service: &str) -> Vec<(Source, ServiceInstance)> {
         let mut ids: BTreeSet<&str> = BTreeSet::new();
         if let Some(index) = self.config_index.get(service) {
-            ids.extend(index.keys().map(String::as_str));
+            ids.extend(index.keys().map(InstanceId::as_str));
         }
         if let Some(o) = self.dynamic.services.get(service) {
             ids.extend(o.instances.keys().map(String::as_str));
@@ -168,6 +164,58 @@ impl Layers {
         }
         Some(balancing)
     }
+}
+
+/// Each instance's position in `list`, by id.
+fn index(list: &[ServiceInstance]) -> HashMap<InstanceId, usize> {
+    list.iter()
+        .enumerate()
+        .map(|(n, i)| (i.id().clone(), n))
+        .collect()
+}
+
+/// What a new config layer changes in one service that both layers have.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct ServiceDiff {
+    /// Ids whose config instance was added, removed or changed (address,
+    /// port, weight, zone or tags), in no particular order.
+    pub(crate) ids: Vec<InstanceId>,
+}
+
+/// The config instances of `before` and `after` that differ, by id: the
+/// ids a reload must resolve again. Every other id resolves as before, so
+/// its registry member is left untouched. O(n) comparisons of two parsed
+/// lists (no allocation per unchanged instance); identical lists compare in
+/// one pass.
+pub(crate) fn diff_instances(before: &[ServiceInstance], after: &[ServiceInstance]) -> ServiceDiff {
+    if before == after {
+        return ServiceDiff::default();
+    }
+    let old = index(before);
+    let mut seen = 0;
+    let mut ids = Vec::new();
+    for i in after {
+        match old.get(i.id()).and_then(|&n| before.get(n)) {
+            Some(was) => {
+                seen += 1;
+                if was != i {
+                    ids.push(i.id().clone());
+                }
+            }
+            None => ids.push(i.id().clone()),
+        }
+    }
+    if seen < before.len() {
+        let new: std::collections::HashSet<&InstanceId> = after.iter().map(|i| i.id()).collect();
+        ids.extend(
+            before
+                .iter()
+                .map(|i| i.id())
+                .filter(|id| !new.contains(id))
+                .cloned(),
+        );
+    }
+    ServiceDiff { ids }
 }
 
 /// The core description of a stored spec; an invalid one (validated where it
@@ -253,6 +301,32 @@ mod tests {
             "least_connections"
         );
         assert!(l.balancing("nope").is_none());
+    }
+
+    #[test]
+    fn the_instance_diff_names_exactly_the_added_removed_and_changed_ids() {
+        let inst = |id: &str, port: u16| ServiceInstance::try_new(id, "127.0.0.1", port).unwrap();
+        let before: Vec<_> = (0..50).map(|i| inst(&format!("i{i}"), 1000 + i)).collect();
+        assert_eq!(diff_instances(&before, &before), ServiceDiff::default());
+        let mut after: Vec<_> = before.iter().rev().cloned().collect();
+        assert!(
+            diff_instances(&before, &after).ids.is_empty(),
+            "order is not a change"
+        );
+        after.retain(|i| i.id().as_str() != "i7");
+        after.push(inst("new", 1));
+        let pos = after.iter().position(|i| i.id().as_str() == "i9").unwrap();
+        after[pos] = inst("i9", 9);
+        let w = datapunk_lb_core::Weight::try_new(5).unwrap();
+        let pos = after.iter().position(|i| i.id().as_str() == "i3").unwrap();
+        after[pos] = after[pos].clone().with_weight(w);
+        let mut ids: Vec<String> = diff_instances(&before, &after)
+            .ids
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["i3", "i7", "i9", "new"]);
     }
 
     #[test]

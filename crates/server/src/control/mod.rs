@@ -439,21 +439,31 @@ impl Control {
         }
     }
 
-    /// The registry, configured and registered by id to match the layers, so
-    /// health, breakers and connection counts carry over; what no layer
-    /// wants leaves. On error the previous config layer stays.
+    /// Applies a new config layer as a diff against the previous one:
+    /// services new to the config are converged whole; in a service both
+    /// have, only the ids whose config instance was added, removed or
+    /// changed are resolved again ([`layers::diff_instances`]), so a reload
+    /// changing k instances costs O(k) registry work (plus an O(n)
+    /// comparison of the parsed lists), and every other member, with its
+    /// live state (health, breaker, EWMA, connections), is left as it was.
+    /// The balancing is re-applied only when it changed. On error the
+    /// previous config layer stays.
     fn reload(&mut self, config: Config) -> Result<(), ControlError> {
-        let previous = self.layers.config().clone();
-        self.layers.set_config(config.services);
-        let r = self.converge_all();
+        let previous = self.layers.set_config(config.services);
+        let r = self.converge_changes(&previous);
         if r.is_err() {
             self.layers.set_config(previous);
         }
         r
     }
 
-    fn converge_all(&self) -> Result<(), ControlError> {
-        for name in self.layers.config().keys() {
+    /// Brings the registry from the `previous` config layer to the current
+    /// one (see [`reload`](Self::reload)).
+    fn converge_changes(
+        &self,
+        previous: &std::collections::BTreeMap<String, crate::config::ServiceConfig>,
+    ) -> Result<(), ControlError> {
+        for (name, svc) in self.layers.config() {
             let err = |source| ControlError::Service {
                 service: name.clone(),
                 source,
@@ -462,36 +472,43 @@ impl Control {
                 .layers
                 .balancing(name)
                 .ok_or_else(|| err(RegistryError::UnknownService(name.clone())))?;
-            self.registry
-                .configure_service(name, balancing)
-                .map_err(err)?;
-            let desired = self.layers.instances(name);
-            let keep: std::collections::HashSet<String> =
-                desired.iter().map(|(_, i)| i.id().to_string()).collect();
-            self.registry
-                .register_instances(name, desired.into_iter().map(|(_, i)| i))
-                .map_err(err)?;
-            let service = self
-                .registry
-                .service(name)
-                .ok_or_else(|| err(RegistryError::UnknownService(name.clone())))?;
-            let gone: Vec<String> = service
-                .members()
-                .iter()
-                .map(|m| m.instance().id().to_string())
-                .filter(|id| !keep.contains(id))
-                .collect();
-            for id in gone {
-                let _ = self.registry.deregister_instance(name, &id);
-                info!(
-                    service = name.as_str(),
-                    instance = id.as_str(),
-                    from = "registered",
-                    to = "removed",
-                    reason = "not in config",
-                    "instance removed"
-                );
+            let running = self.registry.service(name);
+            let (Some(running), Some(before)) = (running, previous.get(name)) else {
+                // New to the config (or to the registry): the whole service.
+                self.registry
+                    .configure_service(name, balancing)
+                    .map_err(err)?;
+                self.converge_service(name).map_err(err)?;
+                continue;
+            };
+            if *running.config() != balancing {
+                self.registry
+                    .configure_service(name, balancing)
+                    .map_err(err)?;
             }
+            let changed = layers::diff_instances(&before.instances, &svc.instances).ids;
+            if changed.is_empty() {
+                continue;
+            }
+            let mut register = Vec::new();
+            let mut gone = Vec::new();
+            for id in &changed {
+                match self.layers.resolve(name, id.as_str()) {
+                    Some((_, instance)) => {
+                        self.revive_if_draining(name, id.as_str());
+                        register.push(instance);
+                    }
+                    None => gone.push(id.as_str()),
+                }
+            }
+            self.registry
+                .register_instances(name, register)
+                .map_err(err)?;
+            let removed = self
+                .registry
+                .deregister_instances(name, gone)
+                .map_err(err)?;
+            log_removed(name, removed.iter().map(|i| i.id().as_str()));
         }
         for name in self.registry.service_names() {
             if !self.layers.is_configured(&name) {
@@ -505,6 +522,30 @@ impl Control {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Registers every instance the layers want in `name` (live state kept
+    /// by id) and removes the members no layer wants.
+    fn converge_service(&self, name: &str) -> Result<(), RegistryError> {
+        let desired = self.layers.instances(name);
+        let keep: std::collections::HashSet<datapunk_lb_core::InstanceId> =
+            desired.iter().map(|(_, i)| i.id().clone()).collect();
+        self.registry
+            .register_instances(name, desired.into_iter().map(|(_, i)| i))?;
+        let service = self
+            .registry
+            .service(name)
+            .ok_or_else(|| RegistryError::UnknownService(name.to_owned()))?;
+        let members = service.members();
+        let gone: Vec<&str> = members
+            .iter()
+            .map(|m| m.instance().id())
+            .filter(|id| !keep.contains(*id))
+            .map(|id| id.as_str())
+            .collect();
+        let removed = self.registry.deregister_instances(name, gone)?;
+        log_removed(name, removed.iter().map(|i| i.id().as_str()));
         Ok(())
     }
 
@@ -595,6 +636,7 @@ impl Control {
                         "instance kept: its etcd key still exists"
                     );
                 }
+                self.revive_if_draining(service, id);
                 Ok(Converged::Registered(
                     self.registry.register_instance(service, instance)?,
                 ))
@@ -605,6 +647,19 @@ impl Control {
                 id,
                 drain,
             )?)),
+        }
+    }
+
+    /// An id wanted again while it drains (a reload does not cut drains
+    /// short) comes back as a fresh instance, not as a draining one, as
+    /// discovery does.
+    fn revive_if_draining(&self, service: &str, id: &str) {
+        if self
+            .registry
+            .instance(service, id)
+            .is_ok_and(|st| st.draining)
+        {
+            let _ = self.registry.deregister_instance(service, id);
         }
     }
 
@@ -645,6 +700,20 @@ impl Control {
             .await
             .map_err(|e| ControlError::Persist(e.to_string()))?
             .map_err(|e| ControlError::Persist(e.to_string()))
+    }
+}
+
+/// Logs each instance a reload removed.
+fn log_removed<'a>(service: &str, ids: impl Iterator<Item = &'a str>) {
+    for id in ids {
+        info!(
+            service,
+            instance = id,
+            from = "registered",
+            to = "removed",
+            reason = "not in config",
+            "instance removed"
+        );
     }
 }
 

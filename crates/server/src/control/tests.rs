@@ -126,11 +126,11 @@ async fn a_removal_holds_when_an_etcd_key_of_the_same_id_leaves() {
         None,
         "the config's b must not come back while the removal is in force"
     );
-    // Nor on the next reload.
+    // Nor on the next reload (which leaves its drain to run out).
     c.apply(Command::Reload(Box::new(config(CONFIG))))
         .await
         .unwrap();
-    assert!(reg.instance("api", "b").is_err());
+    assert_eq!(serving_port(&reg, "b"), None);
     // A registration lifts the removal.
     c.apply(register("b", 40)).await.unwrap();
     assert_eq!(serving_port(&reg, "b"), Some(40));
@@ -389,4 +389,181 @@ async fn a_panic_while_applying_becomes_an_error() {
     }))
     .await;
     assert_eq!(failed, Err::<(), _>("boom".to_owned()));
+}
+
+/// `CONFIG` with `n` instances `i0000`.. on ports 1000.., with `edit`
+/// applied to each `(index, port)`; `None` leaves the instance out.
+fn config_of(n: u16, edit: impl Fn(u16, u16) -> Option<u16>) -> Config {
+    use std::fmt::Write as _;
+    let mut text = CONFIG
+        .split("[[service.api.instance]]")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    for i in 0..n {
+        if let Some(port) = edit(i, 1000 + i) {
+            let _ = write!(
+                text,
+                "[[service.api.instance]]\nid = \"i{i:04}\"\naddress = \"127.0.0.1\"\nport = {port}\n"
+            );
+        }
+    }
+    config(&text)
+}
+
+/// Each member of `api` by id, as the `Arc` the snapshot holds.
+fn members(reg: &Registry) -> std::collections::HashMap<String, Arc<datapunk_lb_core::Member>> {
+    reg.service("api")
+        .unwrap()
+        .members()
+        .iter()
+        .map(|m| (m.instance().id().to_string(), m.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_reload_changing_k_instances_touches_only_those() {
+    let registry = Arc::new(Registry::new());
+    let metrics = Arc::new(Metrics::new(registry.clone()));
+    let mut c = Control::new(registry.clone(), metrics, None);
+    let reload = |cfg: Config| Command::Reload(Box::new(cfg));
+    c.apply(reload(config_of(1000, |_, p| Some(p))))
+        .await
+        .unwrap();
+    // Live state on one unchanged and one changed instance.
+    for id in ["i0001", "i0005"] {
+        let score = 0.25;
+        let set = Command::SetHealth {
+            service: "api".into(),
+            id: id.into(),
+            score,
+        };
+        c.apply(set).await.unwrap();
+    }
+    let before = members(&registry);
+    // i0005 moves, i0007 leaves, i1000 joins (k = 3).
+    let next = config_of(1001, |i, p| match i {
+        5 => Some(9005),
+        7 => None,
+        _ => Some(p),
+    });
+    c.apply(reload(next)).await.unwrap();
+    let after = members(&registry);
+    assert_eq!(after.len(), 1000);
+    let replaced: Vec<&String> = after
+        .iter()
+        .filter(|(id, m)| before.get(*id).is_none_or(|b| !Arc::ptr_eq(b, m)))
+        .map(|(id, _)| id)
+        .collect();
+    let mut replaced: Vec<&str> = replaced.into_iter().map(String::as_str).collect();
+    replaced.sort_unstable();
+    assert_eq!(
+        replaced,
+        ["i0005", "i1000"],
+        "only the changed members are new"
+    );
+    assert!(
+        !after.contains_key("i0007"),
+        "the removed one is gone at once"
+    );
+    let moved = registry.instance("api", "i0005").unwrap();
+    assert_eq!((moved.instance.port(), moved.health_score), (9005, 0.25));
+    assert_eq!(
+        registry.instance("api", "i0001").unwrap().health_score,
+        0.25
+    );
+    assert_eq!(registry.instance("api", "i1000").unwrap().health_score, 1.0);
+}
+
+#[tokio::test]
+async fn a_reload_of_the_same_file_replaces_no_member_and_keeps_admin_overrides() {
+    let registry = Arc::new(Registry::new());
+    let metrics = Arc::new(Metrics::new(registry.clone()));
+    let mut c = Control::new(registry.clone(), metrics, None);
+    let reload = |cfg: Config| Command::Reload(Box::new(cfg));
+    c.apply(reload(config_of(300, |_, p| Some(p))))
+        .await
+        .unwrap();
+    // An admin override of a config id, and one the config does not have.
+    c.apply(register("i0003", 7003)).await.unwrap();
+    c.apply(register("extra", 7777)).await.unwrap();
+    let before = members(&registry);
+    c.apply(reload(config_of(300, |_, p| Some(p))))
+        .await
+        .unwrap();
+    let after = members(&registry);
+    assert_eq!(after.len(), 301);
+    assert!(
+        after.iter().all(|(id, m)| Arc::ptr_eq(&before[id], m)),
+        "no member rebuilt"
+    );
+    // A change to an overridden id resolves through the layers: the
+    // override still wins.
+    c.apply(reload(config_of(300, |i, p| {
+        Some(if i == 3 { 8003 } else { p })
+    })))
+    .await
+    .unwrap();
+    assert_eq!(serving_port(&registry, "i0003"), Some(7003));
+    assert_eq!(serving_port(&registry, "extra"), Some(7777));
+}
+
+/// Counts live heap bytes for `measure_bytes_per_instance_at_100k` (the
+/// wrapper costs two atomic adds per allocation in this test binary).
+#[global_allocator]
+static ALLOC: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
+/// Where the bytes of 100,000 instances go, as live heap (not RSS): the
+/// parsed config layer, the control task's index of it, and the core
+/// registry. Printed for docs/benchmarks.md, "Scale (issue 11)".
+#[tokio::test]
+#[ignore = "a measurement: run with --release --ignored --nocapture"]
+async fn measure_bytes_per_instance_at_100k() {
+    const N: usize = 100_000;
+    let per = |bytes: usize| bytes as f64 / N as f64;
+    let mut text = CONFIG
+        .split("[[service.api.instance]]")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    for i in 0..N {
+        use std::fmt::Write as _;
+        let j = i / 4;
+        let _ = write!(
+            text,
+            "[[service.api.instance]]\nid = \"i{i:06}\"\naddress = \"127.1.{}.{}\"\nport = {}\n",
+            j / 250,
+            j % 250 + 1,
+            18381 + i % 4
+        );
+    }
+    let base = ALLOC.allocated();
+    let cfg = config(&text);
+    let parsed = ALLOC.allocated() - base;
+    drop(text);
+    let instances = cfg.services["api"].instances.clone();
+    // The core alone: descriptions share their strings with the config.
+    let before = ALLOC.allocated();
+    let core = Registry::new();
+    core.register_instances("api", instances.iter().cloned())
+        .unwrap();
+    let registry = ALLOC.allocated() - before;
+    drop(core);
+    drop(instances);
+    // The whole control path: config layer, its index, the registry.
+    let reg = Arc::new(Registry::new());
+    let metrics = Arc::new(Metrics::new(reg.clone()));
+    let mut c = Control::new(reg.clone(), metrics, None);
+    let before_reload = ALLOC.allocated();
+    c.apply(Command::Reload(Box::new(cfg))).await.unwrap();
+    let control = ALLOC.allocated() + parsed - before_reload;
+    eprintln!(
+        "live heap per instance at {N}: config layer (parsed instances, id and address strings) {:.0} B; \
+         core registry (members, live state, index, strategy) {:.0} B; \
+         control total (config layer + its id index + registry) {:.0} B, so the index {:.0} B",
+        per(parsed),
+        per(registry),
+        per(control),
+        per(control) - per(parsed) - per(registry)
+    );
 }

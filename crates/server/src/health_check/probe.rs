@@ -98,6 +98,18 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
+    /// Whether `other` connects the same way: the same protocol and the
+    /// same TLS settings (the very same built config, not an equal one: a
+    /// reload builds them afresh from the files).
+    pub(crate) fn same_as(&self, other: &Transport) -> bool {
+        self.h2 == other.h2
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+
     /// A connection to `authority` (`addr`, the name TLS verifies, without
     /// brackets), TLS when the service has it.
     async fn connect(

@@ -90,12 +90,16 @@ impl<C> Schedule<C> {
 
     /// Visits the slots due at `now` among `n` members (`view(i)` reads
     /// member `i`) and returns the indices to probe now, each marked in
-    /// flight with its idle connection taken out.
+    /// flight with its idle connection taken out; at most `room` of them.
+    /// Slots past `room` stay due for the next call (and, as after any
+    /// stall, fall off once older than a period): a prober that cannot
+    /// keep up falls behind instead of queueing probes without bound.
     pub(crate) fn due(
         &mut self,
         now: Timestamp,
         factor: f64,
         n: usize,
+        room: usize,
         view: impl Fn(usize) -> Option<View>,
     ) -> Vec<(usize, InstanceId, Option<C>)> {
         let mut out = Vec::new();
@@ -113,7 +117,7 @@ impl<C> Schedule<C> {
             Some(t) => Timestamp::from_nanos(t.as_nanos().max(oldest)),
             None => now,
         };
-        while next <= now {
+        while next <= now && out.len() < room {
             let i = self.cursor % n;
             self.cursor = (self.cursor + 1) % n;
             next = next + slot;
@@ -240,7 +244,7 @@ mod tests {
             let now = clock.now();
             // ms since this run began
             let t = (now.as_nanos() - start) / 1_000_000;
-            for (i, id, _) in s.due(now, factor, n, |i| view(i, t)) {
+            for (i, id, _) in s.due(now, factor, n, usize::MAX, |i| view(i, t)) {
                 probes.push((t, i));
                 s.done(&id, ok(i), now, factor, None);
             }
@@ -354,15 +358,42 @@ mod tests {
         let mut s: Schedule<()> = Schedule::new(check(1_000, 8_000));
         let view = |i: usize| view_of(&ids, i, 0, false);
         clock.advance(Duration::from_millis(1));
-        assert_eq!(s.due(clock.now(), 1.0, 10, view).len(), 1);
+        assert_eq!(s.due(clock.now(), 1.0, 10, usize::MAX, view).len(), 1);
         // The next of 10 slots in a 1 s ring is 100 ms away.
         assert_eq!(s.until_next(clock.now()), Some(Duration::from_millis(100)));
         clock.advance(Duration::from_secs(30));
-        let due = s.due(clock.now(), 1.0, 10, view);
+        let due = s.due(clock.now(), 1.0, 10, usize::MAX, view);
         // Those in flight are not probed twice; nothing beyond one ring.
         assert_eq!(due.len(), 9, "{due:?}");
         assert_eq!(s.len(), 10);
         s.retain(|id| ids[..5].contains(id));
         assert_eq!(s.len(), 5);
+    }
+
+    #[test]
+    fn a_full_prober_takes_no_more_than_its_room_and_the_rest_stay_due() {
+        let ids = ids(10);
+        let clock = ManualClock::new();
+        let mut s: Schedule<()> = Schedule::new(check(1_000, 8_000));
+        let view = |i: usize| view_of(&ids, i, 0, false);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(s.due(clock.now(), 1.0, 10, 1, view).len(), 1);
+        // Half a ring later five slots are due; room for two.
+        clock.advance(Duration::from_millis(500));
+        let first: Vec<usize> = s
+            .due(clock.now(), 1.0, 10, 2, view)
+            .into_iter()
+            .map(|d| d.0)
+            .collect();
+        assert_eq!(first, [1, 2]);
+        assert_eq!(s.until_next(clock.now()), Some(Duration::ZERO), "still due");
+        // No room: nothing is taken, nothing is skipped.
+        assert!(s.due(clock.now(), 1.0, 10, 0, view).is_empty());
+        let rest: Vec<usize> = s
+            .due(clock.now(), 1.0, 10, usize::MAX, view)
+            .into_iter()
+            .map(|d| d.0)
+            .collect();
+        assert_eq!(rest, [3, 4, 5], "the slots left over, in ring order");
     }
 }

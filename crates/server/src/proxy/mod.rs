@@ -159,6 +159,12 @@ impl Routing {
         self.upstreams.get(&r.service)
     }
 
+    /// The upstream of service `name` (a reload keeps an unchanged one,
+    /// with its connection pools).
+    pub(crate) fn upstream_of(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.get(name)
+    }
+
     /// The upstream of a TCP listener.
     pub(crate) fn tcp_upstream(&self, listener: &str) -> Option<&Arc<Upstream>> {
         let l = self.listeners.get(listener)?;

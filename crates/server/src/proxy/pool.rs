@@ -393,13 +393,24 @@ async fn sweep(pool: Weak<Inner>) {
 impl Inner {
     /// Drops expired idle connections and the pools of departed instances.
     fn prune(&self, now: Instant) {
+        if self.instances.read().is_empty() {
+            return;
+        }
         let members = self.service.as_ref().map(|s| s.members());
+        // By id, built before the lock: a scan of every member per pooled
+        // instance was O(pooled × members), at 100,000 instances and a few
+        // thousand pooled ones tens of seconds under the write lock, with
+        // every request's checkout waiting.
+        let by_id: Option<HashMap<&str, &ServiceInstance>> = members.as_ref().map(|ms| {
+            ms.iter()
+                .map(|m| (m.instance().id().as_str(), m.instance()))
+                .collect()
+        });
         let mut instances = self.instances.write();
         instances.retain(|id, p| {
-            let member = members.as_ref().is_none_or(|ms| {
-                ms.iter()
-                    .any(|m| m.instance().id() == id && p.is(m.instance()))
-            });
+            let member = by_id
+                .as_ref()
+                .is_none_or(|ms| ms.get(id.as_str()).is_some_and(|i| p.is(i)));
             if member {
                 p.idle.lock().retain(|i| {
                     now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed()
