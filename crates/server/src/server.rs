@@ -479,9 +479,8 @@ impl Server {
                 };
                 // A TLS service's pools take the TLS config built afresh
                 // above (its files re-read), so it never keeps its upstream.
-                let unchanged = !first
-                    && before.get(name) == Some(svc)
-                    && !upstream_tls.contains_key(name);
+                let unchanged =
+                    !first && before.get(name) == Some(svc) && !upstream_tls.contains_key(name);
                 if let Some(kept) = running
                     .upstream_of(name)
                     .filter(|u| unchanged && Arc::ptr_eq(&u.service, &service))
