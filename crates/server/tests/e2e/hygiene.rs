@@ -2,7 +2,8 @@
 //! an HTTP client library would never send: a request without `Host`, with
 //! two, or smuggled by its framing is refused with 400 and never reaches a
 //! backend; an absolute-form target wins over `Host`; hop-by-hop headers
-//! cross in neither direction; a backend answer with two lengths is a 502.
+//! cross in neither direction; a backend answer with two lengths is a 502;
+//! a head of more than 100 header lines gets 431.
 
 use crate::support::*;
 
@@ -148,4 +149,28 @@ async fn a_backend_answer_with_two_lengths_is_a_502() {
     assert!(r.starts_with("HTTP/1.1 502"), "{r:?}");
     assert!(!r.contains("abc"), "the smuggled body must not pass: {r:?}");
     assert_eq!(b.hits(), 1);
+}
+
+/// A request head of `Host` plus `extra` header lines.
+fn head_with_lines(extra: usize) -> Vec<u8> {
+    let mut r = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..extra {
+        r.push_str(&format!("X-Line-{i}: v\r\n"));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_of_more_than_100_header_lines_gets_431_and_reaches_no_backend() {
+    let b = RawBackend::start(Some(OK)).await;
+    let lb = Lb::start(&raw_config("", "", &[("b", b.addr)]));
+    let addr = lb.addr("web");
+    // 100 lines (Host + 99) is the limit (HAProxy's default is 101).
+    let r = raw_exchange(addr, &head_with_lines(99)).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "100 header lines: {r:?}");
+    assert_eq!(b.hits(), 1);
+    let r = raw_exchange(addr, &head_with_lines(100)).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "101 header lines: {r:?}");
+    assert_eq!(b.hits(), 1, "a refused head reached the backend");
 }
