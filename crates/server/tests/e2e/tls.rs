@@ -1,11 +1,13 @@
 //! TLS termination through the real binary: `https` listeners over HTTP/1.1
 //! and HTTP/2 (ALPN), certificates chosen by SNI, `min_version`, client
-//! certificates, a `tls` (TCP) listener, live reload from disk, the expiry
-//! gauge and `check`'s errors. Certificates are made here with rcgen: a
-//! test CA and leaves written to temp files.
+//! certificates, a `tls` (TCP) listener, live reload from disk under
+//! continuous load (no request fails), the expiry gauge and `check`'s
+//! errors. Certificates are made here with rcgen: a test CA and leaves
+//! written to temp files.
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -405,6 +407,29 @@ async fn certificates_reload_from_disk_and_a_broken_one_keeps_the_old() {
     };
     assert_eq!(send.send_request(req()).await.unwrap().status(), 200);
 
+    // Continuous load across every change below: back to back, a new TLS
+    // connection (a full handshake) and one request on it; none may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, config) = (stop.clone(), cfg());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let config = config.clone();
+                // Its own task: a failed exchange (get_over panics) is counted.
+                let one = tokio::spawn(async move {
+                    let s = connect(addr, config, "api.test", true).await.ok()?;
+                    (get_over(s, "api.test").await.0 == 200).then_some(())
+                });
+                match one.await {
+                    Ok(Some(())) => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+
     let second = ca.leaf_at(&["api.test"], 6, Some((&first.cert_file, &first.key_file)));
     let start = Instant::now();
     loop {
@@ -466,6 +491,13 @@ async fn certificates_reload_from_disk_and_a_broken_one_keeps_the_old() {
         assert!(start.elapsed() < Duration::from_secs(4));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "requests failed across the reloads ({ok} served)"
+    );
+    assert!(ok >= 20, "the load ran: {ok} requests");
 }
 
 /// `datapunk-lb check --config path`.
