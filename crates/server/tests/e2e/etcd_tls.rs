@@ -163,25 +163,11 @@ async fn etcd_over_tls_refuses_a_client_without_a_certificate_or_the_ca() {
 
 #[test]
 fn check_names_the_etcd_tls_keys() {
-    let path = temp_path("etcd-tls.toml");
-    std::fs::write(
-        &path,
+    let (code, text) = crate::support::check_config(
         "[discovery]\nkind = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\", \"http://127.0.0.1:2380\"]\n\
          ca_file = \"/nonexistent/ca.pem\"\ncert_file = \"/nonexistent/c.pem\"\n",
-    )
-    .unwrap();
-    let out = lb_command(&["check", "--config", path.to_str().unwrap()])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(code, Some(1), "{text}");
     for want in [
         "discovery.endpoints[1]",
         "no mixing",

@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,49 +203,28 @@ kind = "tcp"
     assert_eq!(seen.len(), 1, "40 connections from 127.0.0.1 hit {seen:?}");
 }
 
-/// `check` on `config`: exit code and stderr (stdout when it passed).
-fn check(config: &str) -> (Option<i32>, String) {
-    let path = temp_path("hash.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(path);
-    let text = if out.status.success() {
-        &out.stdout
-    } else {
-        &out.stderr
-    };
-    (
-        out.status.code(),
-        String::from_utf8_lossy(text).into_owned(),
-    )
-}
-
 #[test]
 fn check_refuses_consistent_hash_without_a_key_and_http_keys_on_tcp() {
     let base = "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[listener.route]]\nservice = \"api\"\n[service.api]\nstrategy = \"consistent_hash\"\n";
-    let (code, stderr) = check(base);
+    let (code, stderr) = check_config(base);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("line 7: service.api.hash_key"), "{stderr}");
 
-    let (code, stderr) = check(&format!("{base}hash_key = \"body:x\"\n"));
+    let (code, stderr) = check_config(&format!("{base}hash_key = \"body:x\"\n"));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("line 8: service.api.hash_key"), "{stderr}");
 
-    let (code, stdout) = check(&format!("{base}hash_key = \"header:X-User\"\n"));
+    let (code, stdout) = check_config(&format!("{base}hash_key = \"header:X-User\"\n"));
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("  hash_key header:x-user\n"), "{stdout}");
 
     let tcp = "[[listener]]\nname = \"raw\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"api\"\n[service.api]\nstrategy = \"consistent_hash\"\nhash_key = \"header:x-user\"\n";
-    let (code, stderr) = check(tcp);
+    let (code, stderr) = check_config(tcp);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("line 8: service.api.hash_key") && stderr.contains("client_ip"),
         "{stderr}"
     );
-    let (code, stderr) = check(&tcp.replace("header:x-user", "client_ip"));
+    let (code, stderr) = check_config(&tcp.replace("header:x-user", "client_ip"));
     assert_eq!(code, Some(0), "{stderr}");
 }

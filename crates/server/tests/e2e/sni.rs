@@ -178,9 +178,7 @@ async fn sni_passthrough_routes_by_server_name_with_a_default() {
 
 #[test]
 fn check_names_bad_sni_routes() {
-    let path = crate::support::temp_path("sni.toml");
-    std::fs::write(
-        &path,
+    let (code, text) = crate::support::check_config(
         "[[listener]]\nname = \"pass\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n\
          [[listener.sni_route]]\nserver_names = [\"a.example\", \"bad name\"]\nservice = \"a\"\n\
          [[listener.sni_route]]\nserver_names = [\"A.example\"]\nservice = \"nope\"\n\
@@ -188,19 +186,8 @@ fn check_names_bad_sni_routes() {
          [[listener.route]]\nservice = \"a\"\n\
          [[listener.sni_route]]\nserver_names = [\"x.example\"]\nservice = \"a\"\n\
          [service.a]\n[[service.a.instance]]\nid = \"a1\"\naddress = \"127.0.0.1\"\nport = 1\n",
-    )
-    .unwrap();
-    let out = crate::support::lb_command(&["check", "--config", path.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(code, Some(1), "{text}");
     for want in [
         "listener[0].sni_route[0].server_names[1]",
         "\"bad name\" is not a host name",

@@ -21,7 +21,7 @@ use rustls::{HandshakeKind, RootCertStore, ServerConfig};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::support::{client, get, metric_sum, temp_path, Lb};
+use crate::support::{check_config, client, get, metric_sum, temp_path, Lb};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -545,25 +545,6 @@ async fn a_websocket_upgrade_reaches_a_tls_only_backend_over_http1_alpn() {
     assert_eq!(*alpns.lock(), [Some(b"http/1.1".to_vec())]);
 }
 
-fn check(config: &str) -> (Option<i32>, String) {
-    let path = temp_path("uptls-check.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[test]
 fn check_names_the_upstream_tls_key_at_fault() {
     let ca = Ca::new("mesh ca");
@@ -617,12 +598,12 @@ fn check_names_the_upstream_tls_key_at_fault() {
             "unknown field",
         ),
     ] {
-        let (code, out) = check(&with(&tls));
+        let (code, out) = check_config(&with(&tls));
         assert_eq!(code, Some(1), "{tls}: {out}");
         assert!(out.contains(key) && out.contains(why), "{tls}: {out}");
     }
     // The line of the key is named.
-    let (_, out) = check(&with(&format!("ca_file = {missing:?}")));
+    let (_, out) = check_config(&with(&format!("ca_file = {missing:?}")));
     let line = with(&format!("ca_file = {missing:?}"))
         .lines()
         .position(|l| l.starts_with("ca_file"))
@@ -634,7 +615,7 @@ fn check_names_the_upstream_tls_key_at_fault() {
     );
 
     // A good table passes and is summarised.
-    let (code, out) = check(&with(&format!(
+    let (code, out) = check_config(&with(&format!(
         "{}\ncert_file = {:?}\nkey_file = {:?}",
         ca_file(&ca),
         leaf.cert_file,

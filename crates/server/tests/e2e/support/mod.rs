@@ -233,6 +233,25 @@ impl Lb {
     }
 }
 
+/// `datapunk-lb check` on the config text `config`: its exit code and
+/// what it printed (stdout, then stderr).
+pub(crate) fn check_config(config: &str) -> (Option<i32>, String) {
+    let path = temp_path("check.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_datapunk-lb"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
 /// The `datapunk-lb` binary with JSON logs on a piped stderr (read it with
 /// [`read_json_log`]); `args` start with the subcommand.
 pub(crate) fn lb_command(args: &[&str]) -> Command {
