@@ -6,7 +6,6 @@
 //! in this process; certificates are made here with rcgen.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,70 +13,16 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{HandshakeKind, RootCertStore, ServerConfig};
+use rustls::{HandshakeKind, ServerConfig};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::support::pki::{Ca, Leaf};
 use crate::support::{check_config, client, get, metric_sum, temp_path, Lb};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A test CA.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    /// Its certificate as a PEM file (a `ca_file`).
-    file: PathBuf,
-}
-
-/// A certificate and key issued by a [`Ca`], in memory and on disk.
-struct Leaf {
-    der: CertificateDer<'static>,
-    key_der: Vec<u8>,
-    cert_file: PathBuf,
-    key_file: PathBuf,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        let file = temp_path("upstream-ca.pem");
-        std::fs::write(&file, cert.pem()).unwrap();
-        Ca { cert, key, file }
-    }
-
-    /// A leaf for `names` (an IP string becomes an IP SAN).
-    fn leaf(&self, names: &[&str]) -> Leaf {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut p = CertificateParams::new(names.clone()).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, names[0].clone());
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        let (cert_file, key_file) = (temp_path("up-leaf.pem"), temp_path("up-leaf.key"));
-        std::fs::write(&cert_file, cert.pem()).unwrap();
-        std::fs::write(&key_file, key.serialize_pem()).unwrap();
-        Leaf {
-            der: cert.der().clone(),
-            key_der: key.serialize_der(),
-            cert_file,
-            key_file,
-        }
-    }
-
-    fn roots(&self) -> Arc<RootCertStore> {
-        let mut r = RootCertStore::empty();
-        r.add(self.cert.der().clone()).unwrap();
-        Arc::new(r)
-    }
-}
 
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -244,14 +189,14 @@ const NO_CHECK: &str = "kind = \"none\"";
 const FAST_CHECK: &str = "interval = \"100ms\"\ntimeout = \"90ms\"";
 
 fn ca_file(ca: &Ca) -> String {
-    format!("ca_file = {:?}", ca.file)
+    format!("ca_file = {:?}", ca.cert_file)
 }
 
 #[tokio::test]
 async fn a_tls_only_backend_answers_over_http1_and_h2_by_alpn_and_stays_healthy() {
     let ca = Ca::new("mesh ca");
     // No server_name: the instance address, verified against the IP SAN.
-    let backend = TlsBackend::start(&ca.leaf(&["127.0.0.1"]), None, false).await;
+    let backend = TlsBackend::start(&ca.leaf(&["127.0.0.1"], "127.0.0.1"), None, false).await;
     let config = format!(
         "{}{}{}{}",
         listener(&["one", "two", "auto"]),
@@ -326,8 +271,9 @@ async fn a_tls_only_backend_answers_over_http1_and_h2_by_alpn_and_stays_healthy(
 async fn mtls_backend_accepts_the_proxys_certificate_and_refuses_a_proxy_without_one() {
     let ca = Ca::new("mesh ca");
     let clients = Ca::new("clients ca");
-    let lb_cert = clients.leaf(&["lb.test"]);
-    let backend = TlsBackend::start(&ca.leaf(&["127.0.0.1"]), Some(&clients), false).await;
+    let lb_cert = clients.leaf(&["lb.test"], "lb.test");
+    let backend =
+        TlsBackend::start(&ca.leaf(&["127.0.0.1"], "127.0.0.1"), Some(&clients), false).await;
     let with_cert = format!(
         "{}\ncert_file = {:?}\nkey_file = {:?}",
         ca_file(&ca),
@@ -386,7 +332,7 @@ async fn mtls_backend_accepts_the_proxys_certificate_and_refuses_a_proxy_without
 async fn a_wrong_ca_or_name_is_a_connect_failure_and_sighup_applies_a_fixed_table() {
     let ca = Ca::new("mesh ca");
     let stranger = Ca::new("other ca");
-    let backend = TlsBackend::start(&ca.leaf(&["api.internal"]), None, false).await;
+    let backend = TlsBackend::start(&ca.leaf(&["api.internal"], "api.internal"), None, false).await;
     let right = format!("{}\nserver_name = \"api.internal\"", ca_file(&ca));
     let wrong_ca = format!("{}\nserver_name = \"api.internal\"", ca_file(&stranger));
     let wrong_name = format!("{}\nserver_name = \"other.internal\"", ca_file(&ca));
@@ -458,7 +404,12 @@ async fn a_wrong_ca_or_name_is_a_connect_failure_and_sighup_applies_a_fixed_tabl
 #[tokio::test]
 async fn insecure_skip_verify_accepts_any_certificate_and_warns() {
     let unknown = Ca::new("nobody's ca");
-    let backend = TlsBackend::start(&unknown.leaf(&["whatever.test"]), None, false).await;
+    let backend = TlsBackend::start(
+        &unknown.leaf(&["whatever.test"], "whatever.test"),
+        None,
+        false,
+    )
+    .await;
     let lb = Lb::start(&format!(
         "{}{}",
         listener(&["api"]),
@@ -488,7 +439,7 @@ async fn insecure_skip_verify_accepts_any_certificate_and_warns() {
 async fn a_second_connection_resumes_the_session() {
     let ca = Ca::new("mesh ca");
     // Each response closes its connection: every request opens one.
-    let backend = TlsBackend::start(&ca.leaf(&["127.0.0.1"]), None, true).await;
+    let backend = TlsBackend::start(&ca.leaf(&["127.0.0.1"], "127.0.0.1"), None, true).await;
     let lb = Lb::start(&format!(
         "{}{}",
         listener(&["api"]),
@@ -516,7 +467,7 @@ async fn a_second_connection_resumes_the_session() {
 #[tokio::test]
 async fn a_websocket_upgrade_reaches_a_tls_only_backend_over_http1_alpn() {
     let ca = Ca::new("mesh ca");
-    let (backend, alpns) = tls_ws_echo_backend(&ca.leaf(&["127.0.0.1"])).await;
+    let (backend, alpns) = tls_ws_echo_backend(&ca.leaf(&["127.0.0.1"], "127.0.0.1")).await;
     // `h2c` offers h2 to requests; an upgrade must still get HTTP/1.1.
     let lb = Lb::start(&format!(
         "{}{}",
@@ -548,8 +499,8 @@ async fn a_websocket_upgrade_reaches_a_tls_only_backend_over_http1_alpn() {
 #[test]
 fn check_names_the_upstream_tls_key_at_fault() {
     let ca = Ca::new("mesh ca");
-    let leaf = ca.leaf(&["lb.test"]);
-    let other = ca.leaf(&["other.test"]);
+    let leaf = ca.leaf(&["lb.test"], "lb.test");
+    let other = ca.leaf(&["other.test"], "other.test");
     let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let with = |tls: &str| {
         format!(

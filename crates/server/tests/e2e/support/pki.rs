@@ -1,6 +1,6 @@
 //! A test CA made with rcgen at run time (no certificates checked in): it
-//! issues leaves written to temp files, for the etcd-over-TLS and SNI
-//! passthrough tests.
+//! issues leaves written to temp files, for the etcd-over-TLS, SNI
+//! passthrough and upstream TLS tests.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +27,8 @@ pub(crate) struct Leaf {
     pub(crate) cert_file: PathBuf,
     /// PEM key (PKCS#8).
     pub(crate) key_file: PathBuf,
+    /// The key, PKCS#8 DER.
+    pub(crate) key_der: Vec<u8>,
 }
 
 impl Ca {
@@ -60,13 +62,20 @@ impl Ca {
             der: cert.der().clone(),
             cert_file,
             key_file,
+            key_der: key.serialize_der(),
         }
+    }
+
+    /// A root store holding this CA only.
+    pub(crate) fn roots(&self) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        Arc::new(roots)
     }
 
     /// A rustls client trusting this CA only, without a client certificate.
     pub(crate) fn client_config(&self) -> ClientConfig {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.cert.der().clone()).unwrap();
+        let roots = self.roots();
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
