@@ -93,7 +93,7 @@ struct State {
 }
 
 /// The shared state of one client connection: fed by its socket reads
-/// ([`Watched`]) and its requests ([`ConnWatch::request_started`]), read by
+/// ([`WatchedSocket`]) and its requests ([`ConnWatch::request_started`]), read by
 /// the watchdog in the connection's task.
 #[derive(Debug)]
 pub(crate) struct ConnWatch {
@@ -236,18 +236,18 @@ impl Drop for RequestGuard {
 }
 
 /// The client socket, reporting what it reads to its [`ConnWatch`].
-pub(crate) struct Watched<IO> {
+pub(crate) struct WatchedSocket<IO> {
     io: IO,
     watch: Arc<ConnWatch>,
 }
 
-impl<IO> Watched<IO> {
+impl<IO> WatchedSocket<IO> {
     pub(crate) fn new(io: IO, watch: Arc<ConnWatch>) -> Self {
         Self { io, watch }
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for WatchedSocket<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -262,7 +262,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WatchedSocket<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

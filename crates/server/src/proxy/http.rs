@@ -76,7 +76,9 @@ use super::accept::{self, ConnPermit, ConnTracker};
 use super::access_log::{Counted, Entry};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::Watched;
-use super::client_limits::{ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout};
+use super::client_limits::{
+    ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout, WatchedSocket,
+};
 use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
 use super::hygiene;
 use super::pool::PooledBody;
@@ -234,7 +236,7 @@ pub(crate) async fn serve(
                     }
                 },
             };
-            let io = TokioIo::new(super::client_limits::Watched::new(stream, watch.clone()));
+            let io = TokioIo::new(WatchedSocket::new(stream, watch.clone()));
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             let sleep = tokio::time::sleep(limits.idle_timeout);

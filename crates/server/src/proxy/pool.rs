@@ -294,13 +294,7 @@ impl Pool {
                 .ready()
                 .await
                 .map_err(|e| SendError::Connect(e.to_string()))?;
-            let mut idle = to.idle.lock();
-            if idle.len() < MAX_IDLE_PER_INSTANCE {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
+            to.push_idle(sender);
         }
         Ok(h2)
     }
