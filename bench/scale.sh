@@ -126,6 +126,7 @@ use() { cp "$RUN_DIR/$1.toml" "$CONF.tmp" && mv "$CONF.tmp" "$CONF"; }
 
 # --- helpers ---
 rss_mb() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$LB/status"; }
+fds() { find "/proc/$LB/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 ticks() { awk '{print $14 + $15}' "/proc/$LB/stat"; }
 HZ=$(getconf CLK_TCK)
 metric() { # metric NAME_PREFIX: sum of the samples whose line starts with it
@@ -138,13 +139,19 @@ gauge() {
 }
 # reload: SIGHUP, wait for the reload line; prints "<wall ms> <line>".
 reload() {
-	local before c0 t0 t1 deadline=$((SECONDS + 60))
+	local before rejected c0 t0 t1 deadline=$((SECONDS + 60))
 	before=$(grep -c '"reason":"SIGHUP"' "$RUN_DIR/lb.log" || true)
 	c0=$(ticks)
 	t0=$(date +%s%N)
 	kill -HUP "$LB"
+	rejected=$(grep -c '"reload rejected' "$RUN_DIR/lb.log" || true)
 	until (($(grep -c '"reason":"SIGHUP"' "$RUN_DIR/lb.log" || true) > before)); do
 		((SECONDS < deadline)) || die "reload did not finish in 60 s"
+		# A rejected reload logs its reason instead of "SIGHUP": say it
+		# rather than wait (the "hang" of the first runs was one: EMFILE).
+		if (($(grep -c '"reload rejected' "$RUN_DIR/lb.log" || true) > rejected)); then
+			die "reload rejected: $(grep '"reload rejected' "$RUN_DIR/lb.log" | tail -1)"
+		fi
 		sleep 0.01
 	done
 	t1=$(date +%s%N)
@@ -215,8 +222,8 @@ out ""
 # --- 4. proxy req/s, checks on vs off ---
 out "- proxy req/s, wrk -t1 -c$CONNS -d${DURATION}s, checks on (A) / off (B), ABBA:"
 out ""
-out "| round | order | A req/s | B req/s |"
-out "| ---: | --- | ---: | ---: |"
+out "| round | order | A req/s | B req/s | balancer fds after |"
+out "| ---: | --- | ---: | ---: | ---: |"
 wrk_rps() {
 	taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION"s --timeout 2s \
 		"http://127.0.0.1:$LISTEN_PORT/" 2>&1 | tee -a "$RUN_DIR/wrk.log" |
@@ -234,7 +241,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		got[$v]+="$rps "
 		if [[ $v == A ]]; then A_RUNS+=("$rps"); else B_RUNS+=("$rps"); fi
 	done
-	out "| $r | $order | ${got[A]} | ${got[B]} |"
+	out "| $r | $order | ${got[A]} | ${got[B]} | $(fds) |"
 done
 med() { printf '%s\n' "$@" | sort -n | awk '{a[NR] = $1} END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 ma=$(med "${A_RUNS[@]}")
@@ -249,12 +256,12 @@ reload >/dev/null
 sleep 5
 out "- $RELOADS reloads of the same $N-instance file (checks on), RSS before: $(rss_mb) MB"
 out ""
-out "| reload | SIGHUP → logged (ms) | logged parse / apply | RSS after (MB) |"
-out "| ---: | ---: | --- | ---: |"
+out "| reload | SIGHUP → logged (ms) | logged parse / apply | RSS after (MB) | fds |"
+out "| ---: | ---: | --- | ---: | ---: |"
 for ((r = 1; r <= RELOADS; r++)); do
 	line=$(reload)
 	sleep 3
-	out "| $r | ${line%% *} | ${line#* } | $(rss_mb) |"
+	out "| $r | ${line%% *} | ${line#* } | $(rss_mb) | $(fds) |"
 done
 use changed
 line=$(reload)

@@ -508,7 +508,8 @@ impl Server {
                             svc.host_header,
                             upstream_tls.get(name).cloned(),
                             Some(service.clone()),
-                        ),
+                        )
+                        .with_idle_limit(svc.max_idle_connections),
                         service,
                         connect_timeout: svc.connect_timeout,
                         request_timeout: svc.request_timeout,

@@ -109,6 +109,7 @@ pub struct FileService {
     pub upstream_protocol: Option<Spanned<String>>,
     pub host_header: Option<Spanned<String>>,
     pub metrics_instance_series_limit: Option<Spanned<i64>>,
+    pub max_idle_connections: Option<Spanned<i64>>,
     pub breaker: Option<FileBreaker>,
     pub adaptive: Option<FileAdaptive>,
     pub health_check: Option<FileHealthCheck>,

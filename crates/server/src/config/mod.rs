@@ -33,6 +33,7 @@
 //! | `service.upstream_protocol` / `host_header` | `http1` / `preserve` |
 //! | `service.tls` | none: plain TCP (see `upstream_tls.rs` for its keys' defaults) |
 //! | `service.metrics_instance_series_limit` | 1,000 (above it: aggregates, see `metrics.rs`) |
+//! | `service.max_idle_connections` | 1,024 idle upstream connections, all instances together |
 //! | `health_check.kind` | `http` (`tcp`, `none`) |
 //! | `health_check.path` / `interval` / `timeout` | `/health` / 5 s / 1 s |
 //! | `health_check.backoff_max` | 8 × interval, at most 60 s (never below the interval) |
@@ -148,6 +149,12 @@ pub const DEFAULT_MAX_PROBES_PER_SECOND: u32 = 2_000;
 /// service at the limit adds ~10,000 series, what one Prometheus holds
 /// comfortably per target.
 pub const DEFAULT_METRICS_INSTANCE_SERIES_LIMIT: usize = 1_000;
+
+/// Default `max_idle_connections`: idle upstream connections kept across
+/// all of a service's instances. Envoy's default connection limit per
+/// cluster; well under the 20,000 file descriptors a process commonly gets
+/// and a single NGINX's 8,192 connections.
+pub const DEFAULT_MAX_IDLE_CONNECTIONS: usize = 1_024;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -333,6 +340,9 @@ pub struct ServiceConfig {
     pub host_header: HostHeader,
     /// TLS to the instances (`[service.X.tls]`); `None`: plain TCP.
     pub tls: Option<UpstreamTlsConfig>,
+    /// Idle upstream connections kept across all instances
+    /// (`max_idle_connections`; see `proxy/pool.rs`).
+    pub max_idle_connections: usize,
 }
 
 /// `upstream_protocol`: the HTTP version spoken to the instances. The
@@ -1453,6 +1463,12 @@ fn service(
         0..=10_000_000,
         DEFAULT_METRICS_INSTANCE_SERIES_LIMIT as i64,
     ) as usize;
+    let max_idle_connections = ck.int(
+        &format!("{key}.max_idle_connections"),
+        &s.max_idle_connections,
+        0..=1_000_000,
+        DEFAULT_MAX_IDLE_CONNECTIONS as i64,
+    ) as usize;
     let connect_timeout = ck.duration(
         &format!("{key}.connect_timeout"),
         &s.connect_timeout,
@@ -1732,6 +1748,7 @@ fn service(
         upstream_protocol,
         host_header,
         tls,
+        max_idle_connections,
     })
 }
 
@@ -1760,6 +1777,7 @@ impl ServiceConfig {
             self.metrics_instance_series_limit,
         );
         let _ = writeln!(s, "  upgrade_idle_timeout {}", d(self.upgrade_idle_timeout));
+        let _ = writeln!(s, "  max_idle_connections {}", self.max_idle_connections);
         let _ = writeln!(
             s,
             "  per_try_timeout {}, response_idle_timeout {}",

@@ -277,8 +277,17 @@ async fn run_service(
     shared: Arc<Shared>,
     transport: Transport,
 ) {
-    let budget = &shared.budget;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    let ctx = Arc::new(ProbeContext {
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        service: Arc::from(service.as_str()),
+        check: check.clone(),
+        transport,
+        shared: shared.clone(),
+        done: tx,
+    });
+    let budget = &shared.budget;
     let mut sched: Schedule<Kept> = Schedule::new(check.clone());
     let clock = registry.clock().clone();
     let mut factor = 1.0;
@@ -329,42 +338,60 @@ async fn run_service(
         // ~100 MB of RSS for 8 % of the probes).
         let keep = n <= probe::MAX_KEPT;
         for (i, id, conn) in due {
-            let Some(m) = members.get(i) else { continue };
-            let inst = m.instance();
-            let (addr, port) = (inst.address().to_owned(), inst.port());
-            let (registry, metrics, service) = (registry.clone(), metrics.clone(), service.clone());
-            let (check, shared, tx) = (check.clone(), shared.clone(), tx.clone());
-            let transport = transport.clone();
+            // Reference counts only: the member (id, address, port) and
+            // the service's probe context; nothing is copied per probe.
+            let Some(member) = members.get(i).cloned() else {
+                continue;
+            };
+            let ctx = ctx.clone();
             let pending = Pending::start(&pending);
             tokio::spawn(async move {
                 let _pending = pending;
-                let _permit = shared.limit.acquire().await;
+                let _permit = ctx.shared.limit.acquire().await;
                 let started = tokio::time::Instant::now();
                 let conn = conn.and_then(Kept::take);
-                let (ok, conn) = probe::probe(&check, &transport, &addr, port, conn).await;
+                let inst = member.instance();
+                let (ok, conn) = probe::probe(
+                    &ctx.check,
+                    &ctx.transport,
+                    inst.address(),
+                    inst.port(),
+                    conn,
+                )
+                .await;
                 let conn = conn
                     .filter(|_| keep)
-                    .and_then(|c| Kept::keep(c, &shared.kept));
+                    .and_then(|c| Kept::keep(c, &ctx.shared.kept));
                 let outcome = if ok {
                     Outcome::Success(started.elapsed())
                 } else {
                     Outcome::Failure(FailureKind::HealthCheck)
                 };
-                debug!(
-                    service = service.as_str(),
-                    instance = id.as_str(),
-                    ok,
-                    "health check"
-                );
-                metrics.health_check(&service, ok);
-                if let Ok(events) = registry.report_outcome(&service, id.as_str(), outcome) {
-                    metrics.report(events);
+                let service = &*ctx.service;
+                debug!(service, instance = id.as_str(), ok, "health check");
+                ctx.metrics.health_check(service, ok);
+                if let Ok(events) = ctx.registry.report_outcome(service, id.as_str(), outcome) {
+                    ctx.metrics.report(events);
                 }
-                let _ = tx.send((id, ok, conn));
+                let _ = ctx.done.send((id, ok, conn));
             });
         }
         tokio::time::sleep(wait).await;
     }
+}
+
+/// What every probe of one service needs, shared by its probe tasks (one
+/// reference count per probe instead of a copy of the service name, the
+/// check with its path, and the transport).
+struct ProbeContext {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    service: Arc<str>,
+    check: HealthCheck,
+    transport: Transport,
+    shared: Arc<Shared>,
+    /// Finished probes, back to the checker.
+    done: tokio::sync::mpsc::UnboundedSender<Done>,
 }
 
 /// One started probe, counted until its task ends however it ends.

@@ -22,8 +22,17 @@
 //!   back to the idle list only when hyper says it is ready again: its
 //!   response body ended cleanly and neither side asked to close (a body
 //!   dropped half-read or a `Connection: close` closes it instead). At most
-//!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance (more are
-//!   closed); one idle longer than [`IDLE_TIMEOUT`] is closed. The newest
+//!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance, and at most
+//!   `max_idle_connections` (default [`DEFAULT_MAX_IDLE_PER_SERVICE`]) across
+//!   all of the service's instances: past either, a connection whose
+//!   exchange ended is closed instead of kept. The service-wide bound is what
+//!   keeps a large service within the balancer's file descriptors and its
+//!   backends' connection limits: with traffic spread over 100,000
+//!   instances, each instance's connection is reused only after every other
+//!   instance had a turn, and unbounded idle lists held ~20,000 sockets
+//!   until `accept`, `connect` and the reload's own file read failed with
+//!   EMFILE (`docs/benchmarks.md`, "Scale (issue 11)"). One idle longer than
+//!   [`IDLE_TIMEOUT`] is closed. The newest
 //!   idle connection is used first (it is the likeliest alive). One the
 //!   server closed while idle is seen closed and skipped; one that hyper
 //!   refuses before writing the request (it learnt of the close meanwhile)
@@ -59,7 +68,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -86,6 +95,9 @@ use super::upstream_tls::{UpstreamIo, UpstreamTls};
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle HTTP/1.1 connections kept per instance.
 pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 1024;
+/// Idle HTTP/1.1 connections kept across all of a service's instances
+/// unless `max_idle_connections` says otherwise.
+pub(crate) const DEFAULT_MAX_IDLE_PER_SERVICE: usize = crate::config::DEFAULT_MAX_IDLE_CONNECTIONS;
 /// How often idle and departed instances' connections are swept.
 pub(crate) const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// TCP keepalive of upstream connections (as before).
@@ -120,6 +132,40 @@ struct Inner {
     service: Option<Arc<Service>>,
     instances: RwLock<HashMap<InstanceId, Arc<InstancePool>>>,
     sweeping: AtomicBool,
+    /// Idle connections of every instance together, and their bound.
+    idle_total: Arc<IdleTotal>,
+}
+
+/// The count of a service's idle connections and its bound.
+#[derive(Debug)]
+struct IdleTotal {
+    count: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+impl IdleTotal {
+    /// A place for one more idle connection, if under the bound.
+    fn slot(self: &Arc<Self>) -> Option<IdleSlot> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| IdleSlot(self.clone()))
+    }
+}
+
+/// One idle connection counted in its service's [`IdleTotal`] until the
+/// connection leaves the idle list, however it leaves (checked out,
+/// expired, swept, or its instance's pool dropped).
+#[derive(Debug)]
+struct IdleSlot(Arc<IdleTotal>);
+
+impl Drop for IdleSlot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The connections of one instance.
@@ -142,12 +188,15 @@ pub(crate) struct InstancePool {
     alpn_h2: OnceLock<bool>,
     /// TLS: when a handshake failure was last logged at warn.
     tls_warned: Mutex<Option<Instant>>,
+    /// The service's idle count, shared by all of its instances.
+    idle_total: Arc<IdleTotal>,
 }
 
 #[derive(Debug)]
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
+    _slot: IdleSlot,
 }
 
 impl Pool {
@@ -171,8 +220,25 @@ impl Pool {
                 service,
                 instances: RwLock::new(HashMap::new()),
                 sweeping: AtomicBool::new(false),
+                idle_total: Arc::new(IdleTotal {
+                    count: AtomicUsize::new(0),
+                    limit: AtomicUsize::new(DEFAULT_MAX_IDLE_PER_SERVICE),
+                }),
             }),
         }
+    }
+
+    /// Keeps at most `limit` idle connections across all instances
+    /// (`max_idle_connections`; 0 keeps none).
+    pub(crate) fn with_idle_limit(self, limit: usize) -> Self {
+        self.inner.idle_total.limit.store(limit, Ordering::Relaxed);
+        self
+    }
+
+    /// Idle connections kept now, every instance together.
+    #[cfg(test)]
+    fn idle_total(&self) -> usize {
+        self.inner.idle_total.count.load(Ordering::Acquire)
     }
 
     /// The connections of `instance`, created on first use.
@@ -185,7 +251,7 @@ impl Pool {
                 return Ok(p.clone());
             }
         }
-        let fresh = Arc::new(InstancePool::new(instance)?);
+        let fresh = Arc::new(InstancePool::new(instance, self.inner.idle_total.clone())?);
         self.inner
             .instances
             .write()
@@ -416,7 +482,7 @@ impl Inner {
 }
 
 impl InstancePool {
-    fn new(instance: &ServiceInstance) -> Result<Self, SendError> {
+    fn new(instance: &ServiceInstance, idle_total: Arc<IdleTotal>) -> Result<Self, SendError> {
         let (address, port) = (instance.address(), instance.port());
         let text = if address.contains(':') {
             format!("[{address}]:{port}")
@@ -443,6 +509,7 @@ impl InstancePool {
             h2_opening: tokio::sync::Mutex::new(()),
             alpn_h2: OnceLock::new(),
             tls_warned: Mutex::new(None),
+            idle_total,
         })
     }
 
@@ -506,12 +573,18 @@ impl InstancePool {
         }
     }
 
+    /// Keeps `sender` idle if both bounds allow; else it is dropped, which
+    /// closes the connection.
     fn push_idle(&self, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE_PER_INSTANCE {
+        if idle.len() >= MAX_IDLE_PER_INSTANCE {
+            return;
+        }
+        if let Some(slot) = self.idle_total.slot() {
             idle.push(Idle {
                 sender,
                 since: Instant::now(),
+                _slot: slot,
             });
         }
     }
@@ -715,6 +788,41 @@ mod tests {
             0,
             "an instance that left the service loses its pool"
         );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_bounded_across_the_services_instances() {
+        let (port, accepts) = h1_server().await;
+        let pool = Pool::new(Duration::from_secs(1), None, None).with_idle_limit(2);
+        // Three instances (three ids: three pools) on one server.
+        let to: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|id| {
+                pool.instance(&ServiceInstance::try_new(id, "127.0.0.1", port).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        exchange(&pool, &to[0]).await;
+        idle_count(&to[0], 1).await;
+        exchange(&pool, &to[1]).await;
+        idle_count(&to[1], 1).await;
+        exchange(&pool, &to[2]).await;
+        // The third connection ended over the bound: closed, not kept.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(to[2].idle.lock().len(), 0, "over the service's bound");
+        assert_eq!(pool.idle_total(), 2);
+        // A checked-out connection frees its place while in use, and takes
+        // it back when its exchange ends.
+        exchange(&pool, &to[0]).await;
+        idle_count(&to[0], 1).await;
+        assert_eq!(pool.idle_total(), 2);
+        assert_eq!(accepts.load(Ordering::SeqCst), 3, "a's connection reused");
+        // Expired connections leave the count with the sweep.
+        pool.inner.prune(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(pool.idle_total(), 0);
+        exchange(&pool, &to[2]).await;
+        idle_count(&to[2], 1).await;
+        assert_eq!(pool.idle_total(), 1, "room again");
     }
 
     #[tokio::test]

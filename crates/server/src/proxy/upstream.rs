@@ -81,6 +81,13 @@ impl UpstreamClients {
         }
     }
 
+    /// Keeps at most `limit` idle upstream connections across the service's
+    /// instances (`max_idle_connections`).
+    pub(crate) fn with_idle_limit(mut self, limit: usize) -> Self {
+        self.pool = self.pool.with_idle_limit(limit);
+        self
+    }
+
     /// Whether a request that came in as `inbound` goes out as HTTP/2.
     fn http2_out(&self, inbound: Version) -> bool {
         match self.protocol {
