@@ -41,26 +41,29 @@ pub(crate) struct View {
     pub ejected: bool,
 }
 
-/// Per-instance schedule state; `C` is the idle connection the prober keeps
-/// between probes (none for tests and TCP checks).
+/// Per-instance schedule state: 24 bytes, one per checked instance (at
+/// 100,000 instances with its id and the map's slack ~50 bytes each).
 #[derive(Debug)]
-pub(crate) struct Entry<C> {
+pub(crate) struct Entry {
     fails: u32,
+    in_flight: bool,
     /// No probe before this (backoff); 0 when not backing off.
     not_before: u64,
     successes_seen: u64,
-    in_flight: bool,
-    /// The instance's idle keep-alive connection, handed to the next probe.
-    pub conn: Option<C>,
 }
 
-/// One service's schedule.
+/// One service's schedule; `C` is the idle connection the prober keeps
+/// between probes (none for tests and TCP checks).
 #[derive(Debug)]
 pub(crate) struct Schedule<C> {
     check: HealthCheck,
     cursor: usize,
     next_slot: Option<Timestamp>,
-    entries: HashMap<InstanceId, Entry<C>>,
+    entries: HashMap<InstanceId, Entry>,
+    /// The instances' idle keep-alive connections, handed to their next
+    /// probe. Apart from `entries`: only services small enough to keep
+    /// connections have any, so the per-instance entry stays small.
+    conns: HashMap<InstanceId, C>,
 }
 
 /// The factor every interval is stretched by: 1 under budget, else
@@ -80,6 +83,7 @@ impl<C> Schedule<C> {
             cursor: 0,
             next_slot: None,
             entries: HashMap::new(),
+            conns: HashMap::new(),
         }
     }
 
@@ -128,7 +132,6 @@ impl<C> Schedule<C> {
                 // A new instance is probed at its first visit.
                 successes_seen: v.successes,
                 in_flight: false,
-                conn: None,
             });
             if e.in_flight || now.as_nanos() < e.not_before {
                 continue;
@@ -140,7 +143,12 @@ impl<C> Schedule<C> {
             }
             e.successes_seen = v.successes;
             e.in_flight = true;
-            out.push((i, v.id, e.conn.take()));
+            let conn = if self.conns.is_empty() {
+                None
+            } else {
+                self.conns.remove(&v.id)
+            };
+            out.push((i, v.id, conn));
         }
         self.next_slot = Some(next);
         out
@@ -161,7 +169,9 @@ impl<C> Schedule<C> {
             return;
         };
         e.in_flight = false;
-        e.conn = conn;
+        if let Some(c) = conn {
+            self.conns.insert(id.clone(), c);
+        }
         if ok {
             e.fails = 0;
             e.not_before = 0;
@@ -190,6 +200,7 @@ impl<C> Schedule<C> {
     /// the steady state costs nothing).
     pub(crate) fn retain(&mut self, keep: impl Fn(&InstanceId) -> bool) {
         self.entries.retain(|id, _| keep(id));
+        self.conns.retain(|id, _| keep(id));
     }
 }
 
