@@ -54,7 +54,10 @@
 //!   `Reset`).
 //! - **Closed when**: every [`PRUNE_EVERY`], idle HTTP/1.1 connections past
 //!   [`IDLE_TIMEOUT`] and every connection of an instance no longer in the
-//!   service (discovery removed it) are dropped; a reload builds new
+//!   service (discovery removed it) are dropped, and so is the pool of an
+//!   instance left with no connection that no request holds (it is made
+//!   again on its next request), so the pools cover the instances with
+//!   connections, not every instance that ever took a request; a reload builds new
 //!   `Upstream`s, and the old pool with its connections is dropped with the
 //!   last request that used it. A connection in use is never cut: it closes
 //!   when its exchange ends.
