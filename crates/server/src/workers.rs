@@ -43,8 +43,10 @@
 //! rebound on its own address (a renamed listener) while the old sockets
 //! still accept; the kernel only joins sockets of the same user.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -54,6 +56,28 @@ use tokio::sync::oneshot;
 /// Pending connections the kernel queues per socket (tokio's default for
 /// `TcpListener::bind`).
 const BACKLOG: u32 = 1024;
+
+thread_local! {
+    /// This thread's worker index; `None` off the workers.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The most workers one [`Workers`] has started in this process.
+static MOST_STARTED: AtomicUsize = AtomicUsize::new(0);
+
+/// The index (`0..N`) of the worker running on this thread; `None` on any
+/// other thread (the multi-threaded runtime's, the control plane's). State
+/// kept per worker (the upstream pools' idle lists) is looked up by it, so
+/// a worker touches only its own.
+pub(crate) fn current() -> Option<usize> {
+    WORKER.with(Cell::get)
+}
+
+/// The most workers any [`Workers`] has started in this process (0 when
+/// none has): per-worker state created after the start is sized by it.
+pub(crate) fn most_started() -> usize {
+    MOST_STARTED.load(Ordering::Relaxed)
+}
 
 /// N worker threads, each running a single-threaded tokio runtime until the
 /// `Workers` is dropped.
@@ -67,9 +91,11 @@ pub struct Workers {
 impl Workers {
     /// Starts `n` workers (at least one), named `datapunk-worker-{i}`.
     pub fn start(n: usize) -> io::Result<Workers> {
-        let mut handles = Vec::with_capacity(n.max(1));
-        let mut stops = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        MOST_STARTED.fetch_max(n, Ordering::Relaxed);
+        let mut handles = Vec::with_capacity(n);
+        let mut stops = Vec::with_capacity(n);
+        for i in 0..n {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -79,6 +105,7 @@ impl Workers {
             thread::Builder::new()
                 .name(format!("datapunk-worker-{i}"))
                 .spawn(move || {
+                    WORKER.set(Some(i));
                     // Runs the worker's tasks until `Workers` is dropped.
                     let _ = runtime.block_on(stopped);
                 })?;
