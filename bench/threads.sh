@@ -27,8 +27,14 @@ LB_CPU=$ALL_CPUS
 LOAD_CPU=$ALL_CPUS
 ACCESS_LOG_FILE=/dev/null
 
-# kind:threads[:percore]
-VARIANTS=(haproxy:1 haproxy:2 datapunk:1 datapunk:2 datapunk:2:percore)
+# kind:threads[:percore]; kind datapunk_alt runs DP_ALT_BIN (a second
+# build, e.g. the commit before a change) with the same config.
+# VARIANTS="..." (space-separated) replaces the list.
+if [[ -n ${VARIANTS:-} ]]; then
+	read -r -a VARIANTS <<<"$VARIANTS"
+else
+	VARIANTS=(haproxy:1 haproxy:2 datapunk:1 datapunk:2 datapunk:2:percore)
+fi
 
 STAMP=$(date -u +%Y-%m-%dT%H%M%SZ)
 RUN_DIR="$BENCH_DIR/results/tmp/threads-$STAMP"
@@ -60,7 +66,9 @@ start_variant() {
 		sed -i "s/^    nbthread .*/    nbthread $threads/" "$RUN_DIR/haproxy.cfg"
 		haproxy -db -f "$RUN_DIR/haproxy.cfg" >>"$RUN_DIR/haproxy.log" 2>&1 &
 		;;
-	datapunk)
+	datapunk | datapunk_alt)
+		local bin=$DP_BIN
+		if [[ $kind == datapunk_alt ]]; then bin=${DP_ALT_BIN:?datapunk_alt needs DP_ALT_BIN}; fi
 		for p in "${BACKEND_PORTS[@]}"; do
 			i=$((i + 1))
 			servers+="[[service.api.instance]]"$'\n'"id = \"b$i\""$'\n'
@@ -69,7 +77,7 @@ start_variant() {
 		render "$BENCH_DIR/configs/datapunk-lb.toml" "$RUN_DIR/datapunk-lb.toml" \
 			LISTEN_PORT="$LISTEN_PORT" STRATEGY=round_robin METRICS=true INSTANCES="$servers" \
 			ACCESS_LOG=false ACCESS_LOG_PATH="$ACCESS_LOG_FILE"
-		"$DP_BIN" run --config "$RUN_DIR/datapunk-lb.toml" --threads "$threads" \
+		"$bin" run --config "$RUN_DIR/datapunk-lb.toml" --threads "$threads" \
 			${percore:+--thread-per-core} >>"$RUN_DIR/datapunk-lb.log" 2>&1 &
 		;;
 	esac

@@ -118,6 +118,31 @@ pub(crate) enum SendError {
     Failed(#[from] hyper::Error),
 }
 
+/// A send that failed: why, and the request itself when it never left
+/// (no connection could be made, or hyper refused it before writing it),
+/// handed back so that it can go to another instance without a copy.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) error: SendError,
+    pub(crate) unsent: Option<Request<UpstreamBody>>,
+}
+
+impl Failed {
+    fn unsent(error: SendError, req: Request<UpstreamBody>) -> Self {
+        Self {
+            error,
+            unsent: Some(req),
+        }
+    }
+
+    fn sent(error: hyper::Error) -> Self {
+        Self {
+            error: SendError::Failed(error),
+            unsent: None,
+        }
+    }
+}
+
 /// The connections of one service's instances.
 #[derive(Debug)]
 pub(crate) struct Pool {
@@ -227,7 +252,7 @@ impl Pool {
         &self,
         to: &Arc<InstancePool>,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, SendError> {
+    ) -> Result<Response<PooledBody>, Failed> {
         let slot = to.slot();
         while let Some(mut sender) = to.checkout_h1(slot) {
             match sender.try_send_request(req).await {
@@ -238,14 +263,22 @@ impl Pool {
                         debug!(error = %e.error(), "idle upstream connection was closed; trying another");
                         req = back;
                     }
-                    None => return Err(SendError::Failed(e.into_error())),
+                    None => return Err(Failed::sent(e.into_error())),
                 },
             }
         }
-        let io = self.connect(to).await?;
-        let mut sender = handshake_h1(io).await?;
-        let resp = sender.send_request(req).await?;
-        Ok(PooledBody::checking_in(resp, to, slot, sender))
+        let opened = async { handshake_h1(self.connect(to).await?).await };
+        let mut sender = match opened.await {
+            Ok(sender) => sender,
+            Err(error) => return Err(Failed::unsent(error, req)),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(PooledBody::checking_in(resp, to, slot, sender)),
+            Err(mut e) => Err(match e.take_message() {
+                Some(back) => Failed::unsent(SendError::Connect(e.into_error().to_string()), back),
+                None => Failed::sent(e.into_error()),
+            }),
+        }
     }
 
     /// Sends `req` as HTTP/2 to `to` (absolute URI: its authority is the
@@ -254,8 +287,11 @@ impl Pool {
         &self,
         to: &InstancePool,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, SendError> {
-        let mut sender = self.h2_sender(to).await?;
+    ) -> Result<Response<PooledBody>, Failed> {
+        let mut sender = match self.h2_sender(to).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(Failed::unsent(error, req)),
+        };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
@@ -264,10 +300,13 @@ impl Pool {
                 Some(back) => {
                     debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
                     to.slots[to.slot()].forget_h2();
-                    let mut sender = self.h2_sender(to).await?;
-                    sender.send_request(back).await?
+                    let mut sender = match self.h2_sender(to).await {
+                        Ok(sender) => sender,
+                        Err(error) => return Err(Failed::unsent(error, back)),
+                    };
+                    sender.send_request(back).await.map_err(Failed::sent)?
                 }
-                None => return Err(SendError::Failed(e.into_error())),
+                None => return Err(Failed::sent(e.into_error())),
             },
         };
         // HTTP/2 streams need no check-in: the connection is shared.
@@ -315,7 +354,11 @@ impl Pool {
             return Ok(*h2);
         }
         let io = self.connect(to).await?;
-        let h2 = io.inner().negotiated_h2().unwrap_or(false);
+        let h2 = self
+            .inner
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.speaks_h2(io.inner()));
         if h2 {
             *slot.h2.lock() = Some(handshake_h2(io).await?);
         } else {
@@ -347,9 +390,7 @@ impl Pool {
             .await
         {
             Ok(io) => {
-                if let Some(h2) = io.negotiated_h2() {
-                    let _ = to.alpn_h2.set(h2);
-                }
+                let _ = to.alpn_h2.set(tls.speaks_h2(&io));
                 Ok(TokioIo::new(io))
             }
             Err(e) => {
@@ -1020,13 +1061,16 @@ mod tests {
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
-        assert!(matches!(
+        for sent in [
             pool.send_h1(&to, get()).await,
-            Err(SendError::Connect(_))
-        ));
-        assert!(matches!(
             pool.send_h2(&to, get()).await,
-            Err(SendError::Connect(_))
-        ));
+        ] {
+            let Err(failed) = sent else {
+                panic!("nothing listens")
+            };
+            assert!(matches!(failed.error, SendError::Connect(_)));
+            let back = failed.unsent.expect("an unsent request comes back");
+            assert_eq!(back.uri(), "/", "the same request");
+        }
     }
 }
