@@ -98,7 +98,8 @@ use crate::workers;
 
 /// An idle HTTP/1.1 connection is closed after this long (as before).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle HTTP/1.1 connections kept per instance.
+/// Idle HTTP/1.1 connections kept per instance, in total over its worker
+/// slots (each slot keeps `MAX_IDLE_PER_INSTANCE / slots`).
 pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 1024;
 /// How often idle and departed instances' connections are swept.
 pub(crate) const PRUNE_EVERY: Duration = Duration::from_secs(30);
