@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Threads (issue 12): datapunk-lb's default (one tokio runtime: single-
-# threaded at 1 thread, multi-threaded at 2) at 1 and 2 threads, its
-# `--thread-per-core` mode at 2, and
+# Threads (issue 12): datapunk-lb's default (one single-threaded runtime
+# at 1 thread, thread per core at 2) at 1 and 2 threads, its
+# `--shared-runtime` mode (one multi-threaded runtime) at 2, and
 # HAProxy `nbthread 1` and `nbthread 2`; nothing pinned (proxy, wrk and the
 # backends share every core). Same backends and configs as bench/run.sh
 # (steady scenario, round robin). Variants interleaved over ROUNDS rounds,
@@ -27,8 +27,17 @@ LB_CPU=$ALL_CPUS
 LOAD_CPU=$ALL_CPUS
 ACCESS_LOG_FILE=/dev/null
 
-# kind:threads[:percore]
-VARIANTS=(haproxy:1 haproxy:2 datapunk:1 datapunk:2 datapunk:2:percore)
+# kind:threads[:mode]; mode percore adds --thread-per-core, shared adds
+# --shared-runtime (builds since issue 12's per-worker pools: thread per
+# core is their default above one thread; before, one shared runtime was).
+# Kind datapunk_alt runs DP_ALT_BIN (a second build, e.g. the commit before
+# a change) with the same config.
+# VARIANTS="..." (space-separated) replaces the list.
+if [[ -n ${VARIANTS:-} ]]; then
+	read -r -a VARIANTS <<<"$VARIANTS"
+else
+	VARIANTS=(haproxy:1 haproxy:2 datapunk:1 datapunk:2 datapunk:2:shared)
+fi
 
 STAMP=$(date -u +%Y-%m-%dT%H%M%SZ)
 RUN_DIR="$BENCH_DIR/results/tmp/threads-$STAMP"
@@ -47,7 +56,7 @@ for p in "${BACKEND_PORTS[@]}"; do start_nginx_backend "$p"; done
 # start_variant KIND THREADS SHARED: lib.sh's start_proxy for round robin,
 # with the thread count set and no pinning.
 start_variant() {
-	local kind=$1 threads=$2 percore=$3 servers="" p i=0
+	local kind=$1 threads=$2 mode=$3 servers="" p i=0 flags=()
 	if port_open "$LISTEN_PORT"; then die "port $LISTEN_PORT is already in use"; fi
 	case $kind in
 	haproxy)
@@ -60,7 +69,9 @@ start_variant() {
 		sed -i "s/^    nbthread .*/    nbthread $threads/" "$RUN_DIR/haproxy.cfg"
 		haproxy -db -f "$RUN_DIR/haproxy.cfg" >>"$RUN_DIR/haproxy.log" 2>&1 &
 		;;
-	datapunk)
+	datapunk | datapunk_alt)
+		local bin=$DP_BIN
+		if [[ $kind == datapunk_alt ]]; then bin=${DP_ALT_BIN:?datapunk_alt needs DP_ALT_BIN}; fi
 		for p in "${BACKEND_PORTS[@]}"; do
 			i=$((i + 1))
 			servers+="[[service.api.instance]]"$'\n'"id = \"b$i\""$'\n'
@@ -69,8 +80,12 @@ start_variant() {
 		render "$BENCH_DIR/configs/datapunk-lb.toml" "$RUN_DIR/datapunk-lb.toml" \
 			LISTEN_PORT="$LISTEN_PORT" STRATEGY=round_robin METRICS=true INSTANCES="$servers" \
 			ACCESS_LOG=false ACCESS_LOG_PATH="$ACCESS_LOG_FILE"
-		"$DP_BIN" run --config "$RUN_DIR/datapunk-lb.toml" --threads "$threads" \
-			${percore:+--thread-per-core} >>"$RUN_DIR/datapunk-lb.log" 2>&1 &
+		case $mode in
+		percore) flags=(--thread-per-core) ;;
+		shared) flags=(--shared-runtime) ;;
+		esac
+		"$bin" run --config "$RUN_DIR/datapunk-lb.toml" --threads "$threads" \
+			"${flags[@]}" >>"$RUN_DIR/datapunk-lb.log" 2>&1 &
 		;;
 	esac
 	PROXY_PID=$!
@@ -85,8 +100,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	n=${#VARIANTS[@]}
 	for ((k = 0; k < n; k++)); do
 		v=${VARIANTS[$(((k + round - 1) % n))]}
-		IFS=: read -r kind threads percore <<<"$v"
-		start_variant "$kind" "$threads" "${percore:-}"
+		IFS=: read -r kind threads mode <<<"$v"
+		start_variant "$kind" "$threads" "${mode:-}"
 		taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"$WARMUP"s \
 			"http://127.0.0.1:$LISTEN_PORT/" >/dev/null 2>&1
 		t0=$(proc_ticks "$PROXY_PID")

@@ -49,15 +49,25 @@ pub enum Command {
         /// Worker threads (default: one per available core). At least 1.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
-        /// Thread per core: one single-threaded runtime per worker thread,
-        /// each accepting on its own `SO_REUSEPORT` socket per listener,
-        /// instead of one multi-threaded runtime. Not faster than the
-        /// default yet (upstream connections are pooled across threads);
-        /// see `docs/benchmarks.md`, "Threads (issue 12)". Also set by
-        /// `DATAPUNK_LB_THREAD_PER_CORE=true` (how the e2e suite runs in
-        /// this mode).
-        #[arg(long, env = "DATAPUNK_LB_THREAD_PER_CORE")]
+        /// Thread per core even at `--threads 1` (one worker thread beside
+        /// the control plane's). With more than one thread it is the
+        /// default: each thread runs its own single-threaded runtime,
+        /// accepts on its own `SO_REUSEPORT` socket per listener and keeps
+        /// its own upstream connections; see
+        /// `docs/benchmarks.md`, "Threads (issue 12)". Also set by
+        /// `DATAPUNK_LB_THREAD_PER_CORE=true`.
+        #[arg(
+            long,
+            env = "DATAPUNK_LB_THREAD_PER_CORE",
+            conflicts_with = "shared_runtime"
+        )]
         thread_per_core: bool,
+        /// One multi-threaded tokio runtime of `--threads` workers (work
+        /// stealing) instead of thread per core: the default before issue
+        /// 12's per-worker upstream pools. Also set by
+        /// `DATAPUNK_LB_SHARED_RUNTIME=true`.
+        #[arg(long, env = "DATAPUNK_LB_SHARED_RUNTIME")]
+        shared_runtime: bool,
     },
     /// Validate a config, print what would run; exit 0, or 1 with the reasons.
     Check {

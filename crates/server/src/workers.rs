@@ -1,11 +1,13 @@
-//! Thread per core (`run --thread-per-core`): [`Workers`], N threads each driving its own
+//! Thread per core (the default of `run --threads N` for N > 1): [`Workers`], N threads each driving its own
 //! single-threaded tokio runtime, and `bind`, which gives every worker its
 //! own `SO_REUSEPORT` socket on a listener's address.
 //!
 //! ## Rule
 //!
-//! `datapunk-lb run --thread-per-core --threads N` (N defaults to the
-//! available cores) starts N workers. Every proxy listener is bound N times
+//! `datapunk-lb run --threads N` (N defaults to the available cores)
+//! starts N workers when N > 1 (at N = 1 one single-threaded runtime
+//! serves everything, unless `--thread-per-core`; `--shared-runtime`
+//! chooses one multi-threaded runtime instead). Every proxy listener is bound N times
 //! on the same address with `SO_REUSEPORT`, one socket per worker, and each
 //! worker runs the accept loop of its own socket: the kernel spreads new
 //! connections over the sockets (by a hash of the 4-tuple), and a client
@@ -16,22 +18,28 @@
 //! routing table (one `ArcSwap` load per request) and each listener's
 //! connection limit and accept-error state (one `ListenerGate` per
 //! listener, so `max_connections` and the log rate count across workers).
+//! Kept per worker: each instance's upstream connections (the pool's slot
+//! for the worker, see `proxy::pool`), so a request, its client connection
+//! and its upstream connection are all served on one thread. `current()`
+//! tells code which worker it runs on.
 //!
 //! The control plane (the control task, admin server, health checks,
 //! discovery, reloads, signals) runs on the main thread's own single-threaded
 //! runtime, off the workers.
 //!
-//! ## Why it is not the default
+//! ## Why it is the default
 //!
 //! Measured against one multi-threaded runtime of the same N threads
 //! (`docs/benchmarks.md`, "Threads (issue 12)"), thread per core was not
-//! faster: about 0.9× the requests per second and 1.1× the CPU per request,
-//! on a machine too busy to call the difference more than noise. One reason
-//! is known: upstream connections are pooled per service, not per thread,
-//! so a request on worker A often rides a connection whose I/O task lives on
-//! worker B — the cross-thread wake-ups thread per core exists to avoid. So
-//! the default stays the multi-threaded runtime, and this mode is kept,
-//! tested and documented for when the upstream pool is per thread.
+//! faster while upstream connections were pooled across threads: a request
+//! on worker A often rode a connection whose I/O task lived on worker B,
+//! two cross-thread wake-ups per request. With the pools kept per worker it
+//! serves 1.4–1.55× the requests per second of the shared runtime at 2
+//! threads, at 0.8–1.0× its CPU per request (two runs, medians of
+//! interleaved rounds on a busy machine), so it is the default above one
+//! thread. The shared runtime stays (`--shared-runtime`): work stealing
+//! evens out uneven connections (a few long-lived client connections that
+//! the kernel's hash put on one worker), which thread per core does not.
 //!
 //! ## Reload and drain
 //!
@@ -43,8 +51,10 @@
 //! rebound on its own address (a renamed listener) while the old sockets
 //! still accept; the kernel only joins sockets of the same user.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -54,6 +64,28 @@ use tokio::sync::oneshot;
 /// Pending connections the kernel queues per socket (tokio's default for
 /// `TcpListener::bind`).
 const BACKLOG: u32 = 1024;
+
+thread_local! {
+    /// This thread's worker index; `None` off the workers.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The most workers one [`Workers`] has started in this process.
+static MOST_STARTED: AtomicUsize = AtomicUsize::new(0);
+
+/// The index (`0..N`) of the worker running on this thread; `None` on any
+/// other thread (the multi-threaded runtime's, the control plane's). State
+/// kept per worker (the upstream pools' idle lists) is looked up by it, so
+/// a worker touches only its own.
+pub(crate) fn current() -> Option<usize> {
+    WORKER.with(Cell::get)
+}
+
+/// The most workers any [`Workers`] has started in this process (0 when
+/// none has): per-worker state created after the start is sized by it.
+pub(crate) fn most_started() -> usize {
+    MOST_STARTED.load(Ordering::Relaxed)
+}
 
 /// N worker threads, each running a single-threaded tokio runtime until the
 /// `Workers` is dropped.
@@ -67,9 +99,11 @@ pub struct Workers {
 impl Workers {
     /// Starts `n` workers (at least one), named `datapunk-worker-{i}`.
     pub fn start(n: usize) -> io::Result<Workers> {
-        let mut handles = Vec::with_capacity(n.max(1));
-        let mut stops = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        MOST_STARTED.fetch_max(n, Ordering::Relaxed);
+        let mut handles = Vec::with_capacity(n);
+        let mut stops = Vec::with_capacity(n);
+        for i in 0..n {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -79,6 +113,7 @@ impl Workers {
             thread::Builder::new()
                 .name(format!("datapunk-worker-{i}"))
                 .spawn(move || {
+                    WORKER.set(Some(i));
                     // Runs the worker's tasks until `Workers` is dropped.
                     let _ = runtime.block_on(stopped);
                 })?;

@@ -27,8 +27,11 @@
 //!    | `ServerError` | HTTP: a 5xx | `ServerError` | 502, 503 or 504, idempotent and replayable |
 //!
 //!    Idempotent: GET, HEAD, OPTIONS, TRACE, PUT, DELETE. Replayable: an
-//!    HTTP body that was buffered (empty, or up to 64 KiB); a TCP stream
-//!    before its connect (nothing of it has been read). A connect failure
+//!    HTTP body that was buffered (empty, or up to 64 KiB) whose head is at
+//!    hand (an HTTP attempt keeps a copy of the head only when a retry
+//!    after sending is possible, `upstream::may_resend`; a request that
+//!    never left comes back whole); a TCP stream before its connect
+//!    (nothing of it has been read). A connect failure
 //!    needs no idempotency: nothing reached the instance.
 //! 4. **Decide** once ([`retry`]): retry when the class allows it, fewer
 //!    than `retries` retries were made, and the service's
@@ -170,7 +173,9 @@ pub(crate) trait Step {
     /// What an answered attempt yields.
     type Answer;
 
-    /// What the request allows to be sent again.
+    /// What the request allows to be sent again, now: asked after each
+    /// failed attempt (an HTTP request sent without a copy of its head is
+    /// no longer replayable once it went out).
     fn replay(&self) -> Replay;
 
     /// Runs one attempt against `instance`.
@@ -225,7 +230,6 @@ pub(crate) async fn run<S: Step>(
     step: &mut S,
     key: Option<&[u8]>,
 ) -> Result<Ended<S::Answer>, ProxyError> {
-    let replay = step.replay();
     up.budget.deposit();
     // Instances that failed this request; filled only before a retry.
     let mut tried: Vec<InstanceId> = Vec::new();
@@ -260,7 +264,7 @@ pub(crate) async fn run<S: Step>(
             Attempt::NoAnswer(why) => (Class::NoAnswer(why), None),
             Attempt::Unsendable(e) => return Err(e),
         };
-        let retrying = retry(class, replay, attempt, up.retries, || {
+        let retrying = retry(class, step.replay(), attempt, up.retries, || {
             up.budget.try_withdraw()
         });
         let failed = retrying.then(|| selection.instance().id().clone());

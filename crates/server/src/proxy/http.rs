@@ -86,7 +86,7 @@ use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
 use super::tls::{ClientIdentity, ClientStream, TlsListener};
 use super::upgrade;
-use super::upstream::HttpStep;
+use super::upstream::{may_resend, HttpStep};
 use super::{BoxError, ProxyError, Routing, Upstream};
 
 /// Largest request head accepted (HTTP/1.1); larger gets 431.
@@ -456,7 +456,9 @@ async fn proxy(
         parts,
         body,
         replay,
-        may_resend: up.retries > 0 && replay.replayable,
+        may_resend: may_resend(replay, up.retries, &up.budget),
+        headers_gone: false,
+        host_before: None,
         deadline,
         per_try_timeout: up.per_try_timeout,
         clients: &up.clients,

@@ -32,6 +32,7 @@ pub(crate) mod hash_key;
 pub(crate) mod headers;
 pub(crate) mod http;
 pub(crate) mod hygiene;
+pub(crate) mod maybe_tls;
 pub(crate) mod pool;
 pub(crate) mod request_body;
 pub(crate) mod request_id;

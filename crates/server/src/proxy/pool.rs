@@ -22,7 +22,8 @@
 //!   back to the idle list only when hyper says it is ready again: its
 //!   response body ended cleanly and neither side asked to close (a body
 //!   dropped half-read or a `Connection: close` closes it instead). At most
-//!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance, and at most
+//!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance in total (split
+//!   evenly over the worker slots below), and at most
 //!   `max_idle_connections` (default [`DEFAULT_MAX_IDLE_PER_SERVICE`]) across
 //!   all of the service's instances: past either, a connection whose
 //!   exchange ended is closed instead of kept. The service-wide bound is what
@@ -42,13 +43,14 @@
 //!   `retry_canceled_requests`). A close still in flight while the request
 //!   is written is a `Reset` like any other: the request may have arrived.
 //! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per
-//!   instance, shared by every request; reopened when it closed (GOAWAY,
+//!   instance (per worker under thread per core, see below), shared by
+//!   every request; reopened when it closed (GOAWAY,
 //!   error, the server's idle close). A request refused before it was sent
 //!   (a GOAWAY racing it) is sent once more on a new connection. Beyond the
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, requests **wait** for a
 //!   stream inside hyper (under the request's deadline) rather than open a
-//!   second connection: one connection per instance is what backends size
-//!   for, and the deadline bounds the wait. Until the server's SETTINGS
+//!   second connection: one connection per instance (per worker) is what
+//!   backends size for, and the deadline bounds the wait. Until the server's SETTINGS
 //!   arrive a new connection carries one stream at a time, so a burst never
 //!   overruns a limit it has not heard yet (a refused stream would be a
 //!   `Reset`).
@@ -61,6 +63,18 @@
 //!   `Upstream`s, and the old pool with its connections is dropped with the
 //!   last request that used it. A connection in use is never cut: it closes
 //!   when its exchange ends.
+//! - **Per worker** (`run --thread-per-core`, `crate::workers`): each
+//!   instance's idle HTTP/1.1 list and HTTP/2 connection are kept per
+//!   worker, in a slot of their own (slot 0 serves every other thread: the
+//!   multi-threaded runtime of the default mode, which keeps one shared
+//!   list). A worker checks out, opens and returns connections in its own
+//!   slot only, so a connection's I/O task runs on the worker whose
+//!   requests use it: no cross-thread wake-up per request, no lock or cache
+//!   line shared between workers on the request path. The idle cap is
+//!   split over the slots (`MAX_IDLE_PER_INSTANCE / slots`, at least 1), so
+//!   the per-instance total holds; HTTP/2 opens one connection per
+//!   instance per worker that sends to it (as Envoy's per-worker pools
+//!   do), so N workers may hold N connections to an instance.
 //!
 //! Returning an HTTP/1.1 connection rides in the response body
 //! ([`PooledBody`]): when the body ends cleanly the connection goes back to
@@ -93,10 +107,12 @@ use tracing::{debug, warn};
 
 use super::request_body::UpstreamBody;
 use super::upstream_tls::{UpstreamIo, UpstreamTls};
+use crate::workers;
 
 /// An idle HTTP/1.1 connection is closed after this long (as before).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle HTTP/1.1 connections kept per instance.
+/// Idle HTTP/1.1 connections kept per instance, in total over its worker
+/// slots (each slot keeps `MAX_IDLE_PER_INSTANCE / slots`).
 pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 1024;
 /// Idle HTTP/1.1 connections kept across all of a service's instances
 /// unless `max_idle_connections` says otherwise.
@@ -117,6 +133,31 @@ pub(crate) enum SendError {
     /// The connection failed after the request was handed to it.
     #[error("{0}")]
     Failed(#[from] hyper::Error),
+}
+
+/// A send that failed: why, and the request itself when it never left
+/// (no connection could be made, or hyper refused it before writing it),
+/// handed back so that it can go to another instance without a copy.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) error: SendError,
+    pub(crate) unsent: Option<Request<UpstreamBody>>,
+}
+
+impl Failed {
+    fn unsent(error: SendError, req: Request<UpstreamBody>) -> Self {
+        Self {
+            error,
+            unsent: Some(req),
+        }
+    }
+
+    fn sent(error: hyper::Error) -> Self {
+        Self {
+            error: SendError::Failed(error),
+            unsent: None,
+        }
+    }
 }
 
 /// The connections of one service's instances.
@@ -182,17 +223,31 @@ pub(crate) struct InstancePool {
     /// The same as a Host value.
     host: HeaderValue,
     connect_uri: Uri,
-    idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
-    /// Held while an HTTP/2 connection is being opened, so concurrent
-    /// requests share one connection instead of racing to open several.
-    h2_opening: tokio::sync::Mutex<()>,
+    /// Slot 0: threads that are not thread-per-core workers (the
+    /// multi-threaded runtime's); slot `i + 1`: worker `i`.
+    slots: Box<[Slot]>,
+    /// Idle HTTP/1.1 connections kept per slot: the per-instance cap split
+    /// over the slots, so the instance's total holds.
+    idle_per_slot: usize,
     /// TLS: whether the server chose `h2` by ALPN (first connection).
     alpn_h2: OnceLock<bool>,
     /// TLS: when a handshake failure was last logged at warn.
     tls_warned: Mutex<Option<Instant>>,
     /// The service's idle count, shared by all of its instances.
     idle_total: Arc<IdleTotal>,
+}
+
+/// The connections of one instance that one worker uses: their tasks run
+/// on that worker's runtime, so a request and its connection never cross
+/// threads. Aligned to its own cache lines: workers never share one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Slot {
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Held while an HTTP/2 connection is being opened, so concurrent
+    /// requests share one connection instead of racing to open several.
+    h2_opening: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -268,24 +323,33 @@ impl Pool {
         &self,
         to: &Arc<InstancePool>,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, SendError> {
-        while let Some(mut sender) = to.checkout_h1() {
+    ) -> Result<Response<PooledBody>, Failed> {
+        let slot = to.slot();
+        while let Some(mut sender) = to.checkout_h1(slot) {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(PooledBody::checking_in(resp, to, sender)),
+                Ok(resp) => return Ok(PooledBody::checking_in(resp, to, slot, sender)),
                 Err(mut e) => match e.take_message() {
                     // Refused before a byte was written: try the next.
                     Some(back) => {
                         debug!(error = %e.error(), "idle upstream connection was closed; trying another");
                         req = back;
                     }
-                    None => return Err(SendError::Failed(e.into_error())),
+                    None => return Err(Failed::sent(e.into_error())),
                 },
             }
         }
-        let io = self.connect(to).await?;
-        let mut sender = handshake_h1(io).await?;
-        let resp = sender.send_request(req).await?;
-        Ok(PooledBody::checking_in(resp, to, sender))
+        let opened = async { handshake_h1(self.connect(to).await?).await };
+        let mut sender = match opened.await {
+            Ok(sender) => sender,
+            Err(error) => return Err(Failed::unsent(error, req)),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(PooledBody::checking_in(resp, to, slot, sender)),
+            Err(mut e) => Err(match e.take_message() {
+                Some(back) => Failed::unsent(SendError::Connect(e.into_error().to_string()), back),
+                None => Failed::sent(e.into_error()),
+            }),
+        }
     }
 
     /// Sends `req` as HTTP/2 to `to` (absolute URI: its authority is the
@@ -294,8 +358,11 @@ impl Pool {
         &self,
         to: &InstancePool,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, SendError> {
-        let mut sender = self.h2_sender(to).await?;
+    ) -> Result<Response<PooledBody>, Failed> {
+        let mut sender = match self.h2_sender(to).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(Failed::unsent(error, req)),
+        };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
@@ -303,11 +370,14 @@ impl Pool {
                 // new connection.
                 Some(back) => {
                     debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
-                    to.forget_h2();
-                    let mut sender = self.h2_sender(to).await?;
-                    sender.send_request(back).await?
+                    to.slots[to.slot()].forget_h2();
+                    let mut sender = match self.h2_sender(to).await {
+                        Ok(sender) => sender,
+                        Err(error) => return Err(Failed::unsent(error, back)),
+                    };
+                    sender.send_request(back).await.map_err(Failed::sent)?
                 }
-                None => return Err(SendError::Failed(e.into_error())),
+                None => return Err(Failed::sent(e.into_error())),
             },
         };
         // HTTP/2 streams need no check-in: the connection is shared.
@@ -322,16 +392,17 @@ impl Pool {
         &self,
         to: &InstancePool,
     ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
-        if let Some(s) = to.live_h2() {
+        let slot = &to.slots[to.slot()];
+        if let Some(s) = slot.live_h2() {
             return Ok(s);
         }
-        let _opening = to.h2_opening.lock().await;
-        if let Some(s) = to.live_h2() {
+        let _opening = slot.h2_opening.lock().await;
+        if let Some(s) = slot.live_h2() {
             return Ok(s);
         }
         let io = self.connect(to).await?;
         let sender = handshake_h2(io).await?;
-        *to.h2.lock() = Some(sender.clone());
+        *slot.h2.lock() = Some(sender.clone());
         Ok(sender)
     }
 
@@ -347,14 +418,20 @@ impl Pool {
         if let Some(h2) = to.alpn_h2.get() {
             return Ok(*h2);
         }
-        let _opening = to.h2_opening.lock().await;
+        let index = to.slot();
+        let slot = &to.slots[index];
+        let _opening = slot.h2_opening.lock().await;
         if let Some(h2) = to.alpn_h2.get() {
             return Ok(*h2);
         }
         let io = self.connect(to).await?;
-        let h2 = io.inner().negotiated_h2().unwrap_or(false);
+        let h2 = self
+            .inner
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.speaks_h2(io.inner()));
         if h2 {
-            *to.h2.lock() = Some(handshake_h2(io).await?);
+            *slot.h2.lock() = Some(handshake_h2(io).await?);
         } else {
             let mut sender = handshake_h1(io).await?;
             // Ready once its connection task runs: only then does checkout
@@ -363,7 +440,7 @@ impl Pool {
                 .ready()
                 .await
                 .map_err(|e| SendError::Connect(e.to_string()))?;
-            to.push_idle(sender);
+            to.push_idle(index, sender);
         }
         Ok(h2)
     }
@@ -384,9 +461,7 @@ impl Pool {
             .await
         {
             Ok(io) => {
-                if let Some(h2) = io.negotiated_h2() {
-                    let _ = to.alpn_h2.set(h2);
-                }
+                let _ = to.alpn_h2.set(tls.speaks_h2(&io));
                 Ok(TokioIo::new(io))
             }
             Err(e) => {
@@ -477,14 +552,22 @@ impl Inner {
             if !member {
                 return false;
             }
-            let mut idle = p.idle.lock();
-            idle.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed());
+            let mut idle_left = false;
+            for slot in &p.slots {
+                let mut idle = slot.idle.lock();
+                idle.retain(|i| {
+                    now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed()
+                });
+                idle_left |= !idle.is_empty();
+            }
             // A pool with no connection that nothing holds (no request in
             // flight: the lock keeps `instance` from handing out a new
             // reference) goes too, so the map holds the instances with
             // connections, not every instance that ever took a request
             // (~300 B each; all 100,000 under spread traffic).
-            !idle.is_empty() || Arc::strong_count(p) > 1 || p.live_h2().is_some()
+            idle_left
+                || Arc::strong_count(p) > 1
+                || p.slots.iter().any(|slot| slot.live_h2().is_some())
         });
     }
 }
@@ -506,15 +589,17 @@ impl InstancePool {
             .build()
             .map_err(|e| bad(&e))?;
         let host = HeaderValue::from_str(&text).map_err(|e| bad(&e))?;
+        // Sized by the workers started so far: pools are created on first
+        // use, after `run` started its workers.
+        let slots = 1 + workers::most_started();
         Ok(Self {
             address: address.into(),
             port,
             authority,
             host,
             connect_uri,
-            idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
-            h2_opening: tokio::sync::Mutex::new(()),
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+            idle_per_slot: (MAX_IDLE_PER_INSTANCE / slots).max(1),
             alpn_h2: OnceLock::new(),
             tls_warned: Mutex::new(None),
             idle_total,
@@ -552,10 +637,19 @@ impl InstancePool {
         &self.host
     }
 
-    /// The newest idle connection that is still open.
-    fn checkout_h1(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// The slot of the calling thread: its worker's, else the shared 0
+    /// (also for a worker started after this pool was made).
+    fn slot(&self) -> usize {
+        match workers::current() {
+            Some(i) if i + 1 < self.slots.len() => i + 1,
+            _ => 0,
+        }
+    }
+
+    /// The newest idle connection of `slot` that is still open.
+    fn checkout_h1(&self, slot: usize) -> Option<http1::SendRequest<UpstreamBody>> {
         let now = Instant::now();
-        let mut idle = self.idle.lock();
+        let mut idle = self.slots[slot].idle.lock();
         while let Some(i) = idle.pop() {
             if now.duration_since(i.since) >= IDLE_TIMEOUT {
                 // The rest are older still.
@@ -570,44 +664,58 @@ impl InstancePool {
     }
 
     /// Returns the connection, whose response body ended cleanly, to the
-    /// idle list: at once when hyper finds it ready for the next request,
-    /// through [`check_in_when_ready`](Self::check_in_when_ready) while its
-    /// task is still finishing the exchange, not at all when it closed.
-    fn check_in(self: Arc<Self>, sender: http1::SendRequest<UpstreamBody>) {
+    /// idle list of `slot` (where it was checked out): at once when hyper
+    /// finds it ready for the next request, through
+    /// [`check_in_when_ready`](Self::check_in_when_ready) while its task is
+    /// still finishing the exchange, not at all when it closed.
+    fn check_in(self: Arc<Self>, slot: usize, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_ready() {
-            self.push_idle(sender);
+            self.push_idle(slot, sender);
         } else if !sender.is_closed() {
-            self.check_in_when_ready(sender);
+            self.check_in_when_ready(slot, sender);
         }
     }
 
-    /// Keeps `sender` idle if both bounds allow; else it is dropped, which
-    /// closes the connection.
-    fn push_idle(&self, sender: http1::SendRequest<UpstreamBody>) {
-        let mut idle = self.idle.lock();
-        if idle.len() >= MAX_IDLE_PER_INSTANCE {
+    /// Keeps `sender` idle in `slot` if both bounds allow (the slot's share
+    /// of the instance's cap, the service's total); else it is dropped,
+    /// which closes the connection.
+    fn push_idle(&self, slot: usize, sender: http1::SendRequest<UpstreamBody>) {
+        let mut idle = self.slots[slot].idle.lock();
+        if idle.len() >= self.idle_per_slot {
             return;
         }
-        if let Some(slot) = self.idle_total.slot() {
+        if let Some(place) = self.idle_total.slot() {
             idle.push(Idle {
                 sender,
                 since: Instant::now(),
-                _slot: slot,
+                _slot: place,
             });
         }
     }
 
     /// Returns the connection to the idle list once its exchange is over
     /// and hyper finds it reusable; drops it otherwise.
-    fn check_in_when_ready(self: Arc<Self>, mut sender: http1::SendRequest<UpstreamBody>) {
+    fn check_in_when_ready(
+        self: Arc<Self>,
+        slot: usize,
+        mut sender: http1::SendRequest<UpstreamBody>,
+    ) {
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
                 return;
             }
-            self.push_idle(sender);
+            self.push_idle(slot, sender);
         });
     }
 
+    /// Idle HTTP/1.1 connections over every slot.
+    #[cfg(test)]
+    fn idle_len(&self) -> usize {
+        self.slots.iter().map(|s| s.idle.lock().len()).sum()
+    }
+}
+
+impl Slot {
     fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
         let mut slot = self.h2.lock();
         match &*slot {
@@ -635,24 +743,37 @@ impl InstancePool {
 #[derive(Debug)]
 pub(crate) struct PooledBody {
     inner: Incoming,
-    check_in: Option<(Arc<InstancePool>, http1::SendRequest<UpstreamBody>)>,
+    check_in: Option<CheckIn>,
+}
+
+/// Where an HTTP/1.1 connection goes back: its instance and slot.
+#[derive(Debug)]
+struct CheckIn {
+    to: Arc<InstancePool>,
+    slot: usize,
+    sender: http1::SendRequest<UpstreamBody>,
 }
 
 impl PooledBody {
     fn checking_in(
         resp: Response<Incoming>,
         to: &Arc<InstancePool>,
+        slot: usize,
         sender: http1::SendRequest<UpstreamBody>,
     ) -> Response<Self> {
         resp.map(|inner| Self {
             inner,
-            check_in: Some((to.clone(), sender)),
+            check_in: Some(CheckIn {
+                to: to.clone(),
+                slot,
+                sender,
+            }),
         })
     }
 
     fn ended(&mut self) {
-        if let Some((to, sender)) = self.check_in.take() {
-            to.check_in(sender);
+        if let Some(c) = self.check_in.take() {
+            c.to.check_in(c.slot, c.sender);
         }
     }
 }
@@ -753,12 +874,12 @@ mod tests {
 
     async fn idle_count(to: &InstancePool, want: usize) {
         for _ in 0..200 {
-            if to.idle.lock().len() == want {
+            if to.idle_len() == want {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("idle connections: {} (want {want})", to.idle.lock().len());
+        panic!("idle connections: {} (want {want})", to.idle_len());
     }
 
     #[tokio::test]
@@ -785,9 +906,9 @@ mod tests {
 
         let now = Instant::now();
         pool.inner.prune(now);
-        assert_eq!(to.idle.lock().len(), 1, "young and a member: kept");
+        assert_eq!(to.idle_len(), 1, "young and a member: kept");
         pool.inner.prune(now + IDLE_TIMEOUT);
-        assert_eq!(to.idle.lock().len(), 0, "idle past the timeout: closed");
+        assert_eq!(to.idle_len(), 0, "idle past the timeout: closed");
         assert_eq!(pool.inner.instances.read().len(), 1);
         registry.deregister_instance("api", "a").unwrap();
         pool.inner.prune(now);
@@ -817,7 +938,7 @@ mod tests {
         exchange(&pool, &to[2]).await;
         // The third connection ended over the bound: closed, not kept.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(to[2].idle.lock().len(), 0, "over the service's bound");
+        assert_eq!(to[2].idle_len(), 0, "over the service's bound");
         assert_eq!(pool.idle_total(), 2);
         // A checked-out connection frees its place while in use, and takes
         // it back when its exchange ends.
@@ -886,23 +1007,19 @@ mod tests {
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
         let resp = pool.send_h1(&to, get()).await.unwrap();
-        assert_eq!(to.idle.lock().len(), 0, "in use until its body ends");
+        assert_eq!(to.idle_len(), 0, "in use until its body ends");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
         // No yield since the body ended: no task could have run.
-        assert_eq!(to.idle.lock().len(), 1, "checked in by the body's end");
+        assert_eq!(to.idle_len(), 1, "checked in by the body's end");
 
         // A body dropped half-read: its connection is not reused.
         let mut big = get();
         *big.uri_mut() = Uri::from_static("/big");
         let resp = pool.send_h1(&to, big).await.unwrap();
-        assert_eq!(to.idle.lock().len(), 0);
+        assert_eq!(to.idle_len(), 0);
         drop(resp);
-        assert_eq!(
-            to.idle.lock().len(),
-            0,
-            "a half-read body closes its connection"
-        );
+        assert_eq!(to.idle_len(), 0, "a half-read body closes its connection");
         exchange(&pool, &to).await;
         assert_eq!(
             accepts.load(Ordering::SeqCst),
@@ -1008,6 +1125,91 @@ mod tests {
         );
     }
 
+    /// Runs `f` on each of two thread-per-core workers, `times` times in a
+    /// row each, with `to`'s pool; returns the slot each run used.
+    fn on_each_worker<F, Fut>(
+        rt: &tokio::runtime::Runtime,
+        pool: &Arc<Pool>,
+        inst: &ServiceInstance,
+        times: usize,
+        f: F,
+    ) -> Vec<usize>
+    where
+        F: Fn(Arc<Pool>, Arc<InstancePool>) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let workers = crate::workers::Workers::start(2).unwrap();
+        let mut used = Vec::new();
+        for handle in workers.handles() {
+            for _ in 0..times {
+                let (pool, inst, f) = (pool.clone(), inst.clone(), f.clone());
+                let task = handle.spawn(async move {
+                    let to = pool.instance(&inst).unwrap();
+                    f(pool, to.clone()).await;
+                    to.slot()
+                });
+                used.push(rt.block_on(task).unwrap());
+            }
+        }
+        used
+    }
+
+    #[test]
+    fn each_worker_opens_reuses_and_returns_its_own_connections() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (port, accepts) = rt.block_on(h1_server());
+        let pool = Arc::new(Pool::new(Duration::from_secs(1), None, None));
+        let inst = ServiceInstance::try_new("a", "127.0.0.1", port).unwrap();
+        let used = on_each_worker(&rt, &pool, &inst, 3, |pool, to| async move {
+            exchange(&pool, &to).await;
+            let slot = &to.slots[to.slot()];
+            for _ in 0..200 {
+                if slot.idle.lock().len() == 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            panic!("the connection did not return to its worker's slot");
+        });
+        assert_eq!(used, [1, 1, 1, 2, 2, 2], "worker i uses slot i + 1");
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            2,
+            "one connection per worker, reused by its next requests"
+        );
+        let to = pool.instance(&inst).unwrap();
+        let idle: Vec<usize> = to.slots.iter().map(|s| s.idle.lock().len()).collect();
+        assert_eq!(&idle[..3], [0, 1, 1], "each back in its own worker's slot");
+        assert!(to.idle_per_slot * to.slots.len() <= MAX_IDLE_PER_INSTANCE);
+
+        // HTTP/2: one connection per worker, shared by its requests.
+        let (port, accepts) = rt.block_on(server(|io| {
+            let svc = hyper::service::service_fn(|_req| ok_after(Duration::ZERO));
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, svc),
+            );
+        }));
+        let inst = ServiceInstance::try_new("b", "127.0.0.1", port).unwrap();
+        on_each_worker(&rt, &pool, &inst, 3, |pool, to| async move {
+            let mut r = get();
+            *r.uri_mut() = Uri::from_static("http://api.example/");
+            *r.version_mut() = http::Version::HTTP_2;
+            let resp = pool.send_h2(&to, r).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        });
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            2,
+            "one HTTP/2 connection per worker"
+        );
+    }
+
     #[tokio::test]
     async fn a_connect_failure_is_a_connect_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1017,13 +1219,16 @@ mod tests {
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
-        assert!(matches!(
+        for sent in [
             pool.send_h1(&to, get()).await,
-            Err(SendError::Connect(_))
-        ));
-        assert!(matches!(
             pool.send_h2(&to, get()).await,
-            Err(SendError::Connect(_))
-        ));
+        ] {
+            let Err(failed) = sent else {
+                panic!("nothing listens")
+            };
+            assert!(matches!(failed.error, SendError::Connect(_)));
+            let back = failed.unsent.expect("an unsent request comes back");
+            assert_eq!(back.uri(), "/", "the same request");
+        }
     }
 }

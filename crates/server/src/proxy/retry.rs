@@ -54,6 +54,20 @@ impl RetryBudget {
         s.0 = (s.0 + ratio).min(MAX_BALANCE);
     }
 
+    /// Whether [`try_withdraw`](Self::try_withdraw) would grant a retry
+    /// now; withdraws nothing.
+    pub(crate) fn holds_one(&self) -> bool {
+        let s = self.state.lock();
+        let floor = f64::from(self.config.min_per_second);
+        let dt = Instant::now().saturating_duration_since(s.1).as_secs_f64();
+        let balance = if s.0 < floor {
+            (s.0 + dt * floor).min(floor)
+        } else {
+            s.0
+        };
+        balance >= 1.0
+    }
+
     /// Asks for one retry.
     pub(crate) fn try_withdraw(&self) -> bool {
         let mut s = self.state.lock();
@@ -105,6 +119,25 @@ mod tests {
         assert!((195..=201).contains(&allowed), "{allowed}");
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
         assert_eq!(drain(&b), 10, "one second refills the floor of 10");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_one_says_what_a_withdrawal_would_get_and_spends_nothing() {
+        let b = RetryBudget::new(RetryBudgetConfig {
+            percent: 50,
+            min_per_second: 2,
+        });
+        for _ in 0..2 {
+            assert!(b.holds_one(), "asking spends nothing");
+        }
+        assert_eq!(drain(&b), 2);
+        assert!(!b.holds_one(), "drained");
+        b.deposit();
+        assert!(!b.holds_one(), "half a token");
+        tokio::time::advance(std::time::Duration::from_millis(250)).await;
+        assert!(b.holds_one(), "a quarter second refills another half");
+        assert!(b.try_withdraw());
+        assert!(!b.holds_one());
     }
 
     #[tokio::test(start_paused = true)]

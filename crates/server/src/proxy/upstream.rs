@@ -49,10 +49,10 @@ use tracing::debug;
 
 use super::attempt::{Attempt, Class, NoAnswer, Replay, Step};
 use super::http::ProxyBody;
-use super::pool::{InstancePool, Pool, PooledBody, SendError};
+use super::pool::{Failed, InstancePool, Pool, PooledBody, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
 use super::upstream_tls::UpstreamTls;
-use super::ProxyError;
+use super::{ProxyError, RetryBudget};
 use crate::config::{HostHeader, UpstreamProtocol};
 
 /// The connections of one service and how requests go out on them.
@@ -152,15 +152,33 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) parts: http::request::Parts,
     pub(crate) body: ReqBody,
     pub(crate) replay: Replay,
-    /// Whether a second attempt may follow: if not, the only attempt takes
-    /// the headers instead of cloning them.
+    /// Whether a request that reached an instance may be sent again (see
+    /// [`may_resend`]): only then does an attempt send a copy of the
+    /// headers and keep them; otherwise it takes them, and gets them back
+    /// only from a send that never left ([`Failed::unsent`]).
     pub(crate) may_resend: bool,
+    /// The headers went out with an attempt and did not come back: no
+    /// further attempt can be built.
+    pub(crate) headers_gone: bool,
+    /// The Host header the taken headers had before the attempt changed it
+    /// (`Some(None)`: none), to put back if they come back.
+    pub(crate) host_before: Option<Option<HeaderValue>>,
     /// `request_timeout` over all attempts.
     pub(crate) deadline: tokio::time::Instant,
     /// `per_try_timeout`: one attempt's limit, within `deadline`.
     pub(crate) per_try_timeout: Option<Duration>,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
+}
+
+/// Whether a request, once it reached an instance, may be sent to another:
+/// it is idempotent and replayable (the only requests the attempt table
+/// retries after a `Reset`, a timed-out try or a 502/503/504), a retry is
+/// configured, and the service's retry budget holds one now. Only then does
+/// an attempt pay for a copy of the request head. A connect failure needs
+/// no copy: the request comes back unsent.
+pub(crate) fn may_resend(replay: Replay, retries: u32, budget: &RetryBudget) -> bool {
+    replay.idempotent && replay.replayable && retries > 0 && budget.holds_one()
 }
 
 impl HttpStep<'_> {
@@ -197,14 +215,18 @@ impl HttpStep<'_> {
             // Origin-form: the authority travels in Host.
             Uri::from(pq)
         };
+        if self.headers_gone {
+            return None;
+        }
         let mut headers = if self.may_resend {
             self.parts.headers.clone()
         } else {
+            self.headers_gone = true;
             std::mem::take(&mut self.parts.headers)
         };
-        if http2 {
+        let host_before = if http2 {
             // h2 carries the authority in the URI; a stale Host would conflict.
-            headers.remove(header::HOST);
+            Some(headers.remove(header::HOST))
         } else {
             // `preserve` keeps the client's Host as it is, unless the client
             // put the authority in the URI (HTTP/2, absolute form).
@@ -214,9 +236,10 @@ impl HttpStep<'_> {
                 (HostHeader::Preserve, None) if headers.contains_key(header::HOST) => None,
                 (HostHeader::Preserve, None) => Some(to.host().clone()),
             };
-            if let Some(host) = host {
-                headers.insert(header::HOST, host);
-            }
+            host.map(|host| headers.insert(header::HOST, host))
+        };
+        if self.headers_gone {
+            self.host_before = host_before;
         }
         let body = self.body.take()?;
         let mut out = Request::new(body);
@@ -232,11 +255,37 @@ impl HttpStep<'_> {
     }
 }
 
+impl HttpStep<'_> {
+    /// Takes back the headers of a request that never left, as they were
+    /// before [`build`](Self::build) changed its Host.
+    fn headers_back(&mut self, req: Request<UpstreamBody>) {
+        if !self.headers_gone {
+            return;
+        }
+        let (parts, _body) = req.into_parts();
+        self.parts.headers = parts.headers;
+        match self.host_before.take() {
+            Some(Some(host)) => {
+                self.parts.headers.insert(header::HOST, host);
+            }
+            Some(None) => {
+                self.parts.headers.remove(header::HOST);
+            }
+            None => {}
+        }
+        self.headers_gone = false;
+    }
+}
+
 impl Step for HttpStep<'_> {
     type Answer = Response<PooledBody>;
 
+    /// Replayable only while the headers are at hand (kept, or back).
     fn replay(&self) -> Replay {
-        self.replay
+        Replay {
+            replayable: self.replay.replayable && !self.headers_gone,
+            ..self.replay
+        }
     }
 
     async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<Response<PooledBody>> {
@@ -282,7 +331,10 @@ impl Step for HttpStep<'_> {
             Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
             Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
             Ok(Ok(resp)) => Attempt::Answer(resp),
-            Ok(Err(e)) => {
+            Ok(Err(Failed { error: e, unsent })) => {
+                if let Some(req) = unsent {
+                    self.headers_back(req);
+                }
                 let connect = matches!(e, SendError::Connect(_));
                 debug!(service = self.service, error = %e, connect, "upstream attempt failed");
                 Attempt::NoAnswer(if connect {
@@ -302,6 +354,65 @@ impl Step for HttpStep<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GET from an HTTP/1.1 client to `api.test`, sent without a copy of
+    /// its head.
+    fn uncopied_step(clients: &UpstreamClients) -> HttpStep<'_> {
+        let (mut parts, ()) = Request::get("/p?q=1").body(()).unwrap().into_parts();
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("api.test"));
+        parts
+            .headers
+            .insert("x-custom", HeaderValue::from_static("1"));
+        HttpStep {
+            parts,
+            body: ReqBody::Replayable(Bytes::new()),
+            replay: Replay {
+                idempotent: false,
+                replayable: true,
+            },
+            may_resend: false,
+            headers_gone: false,
+            host_before: None,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(1),
+            per_try_timeout: None,
+            clients,
+            service: "api",
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unsent_request_gives_its_head_back_as_the_client_sent_it() {
+        let instance = ServiceInstance::try_new("a", "127.0.0.1", 9).unwrap();
+        for (protocol, host_header) in [
+            (UpstreamProtocol::H2c, HostHeader::Preserve),
+            (UpstreamProtocol::Http1, HostHeader::Instance),
+        ] {
+            let clients =
+                UpstreamClients::new(Duration::from_secs(1), protocol, host_header, None, None);
+            let to = clients.pool.instance(&instance).unwrap();
+            let http2 = protocol == UpstreamProtocol::H2c;
+            let mut step = uncopied_step(&clients);
+            for attempt in 0..2 {
+                let case = format!("{protocol:?} {host_header:?}, attempt {attempt}");
+                assert!(step.replay().replayable, "{case}: the head is at hand");
+                let out = step.build(http2, &to).expect("built");
+                assert!(step.parts.headers.is_empty(), "{case}: taken, not copied");
+                assert!(!step.replay().replayable, "{case}: gone with the request");
+                if http2 {
+                    assert_eq!(out.uri(), "http://api.test/p?q=1", "{case}");
+                    assert!(out.headers().get(header::HOST).is_none(), "{case}");
+                } else {
+                    assert_eq!(out.headers()[header::HOST], "127.0.0.1:9", "{case}");
+                }
+                step.headers_back(out);
+                assert_eq!(step.parts.headers[header::HOST], "api.test", "{case}");
+                assert_eq!(step.parts.headers["x-custom"], "1", "{case}");
+                assert_eq!(step.parts.headers.len(), 2, "{case}");
+            }
+        }
+    }
 
     #[test]
     fn grpc_content_types_are_recognised() {

@@ -36,9 +36,7 @@
 //!   and 1.3 with rustls' safe defaults.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -47,11 +45,11 @@ use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::maybe_tls::MaybeTls;
 use super::tls::{certs, load_certificate, provider, TlsError};
 use crate::config::{UpstreamProtocol, UpstreamTlsConfig};
 
@@ -225,14 +223,13 @@ impl UpstreamTls {
         )
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-        let h2 = match tls.get_ref().1.alpn_protocol() {
-            Some(p) => p == b"h2",
-            None => self.h2_without_alpn,
-        };
-        Ok(UpstreamIo::Tls {
-            stream: Box::new(tls),
-            h2,
-        })
+        Ok(MaybeTls::Tls(Box::new(tls)))
+    }
+
+    /// Whether `io`, made by [`Self::handshake`], speaks HTTP/2: the
+    /// server's ALPN choice, else what the service is configured for.
+    pub(crate) fn speaks_h2(&self, io: &UpstreamIo) -> bool {
+        io.negotiated_h2().unwrap_or(self.h2_without_alpn)
     }
 }
 
@@ -342,87 +339,18 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// A connection to an instance: plain TCP, or TLS over it.
-#[derive(Debug)]
-pub(crate) enum UpstreamIo {
-    /// No `[service.X.tls]`.
-    Plain(TcpStream),
-    /// TLS; `h2` when the connection speaks HTTP/2 (by ALPN, see the
-    /// module doc).
-    Tls {
-        /// The stream.
-        stream: Box<TlsStream<TcpStream>>,
-        /// Whether to speak HTTP/2 on it.
-        h2: bool,
-    },
-}
+/// A connection to an instance: plain TCP (no `[service.X.tls]`), or TLS
+/// over it.
+pub(crate) type UpstreamIo = MaybeTls<TlsStream<TcpStream>>;
 
 impl UpstreamIo {
-    /// Whether the server chose HTTP/2 (`None`: plain TCP, nothing chosen).
+    /// The protocol the server chose by ALPN: `Some(true)` for `h2`,
+    /// `Some(false)` for another; `None` when it chose none or the
+    /// connection is plain (the caller's configured protocol decides).
     pub(crate) fn negotiated_h2(&self) -> Option<bool> {
         match self {
-            UpstreamIo::Plain(_) => None,
-            UpstreamIo::Tls { h2, .. } => Some(*h2),
-        }
-    }
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls { stream, .. } => Pin::new(stream.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls { stream, .. } => Pin::new(stream.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls { stream, .. } => {
-                Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs)
-            }
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls { stream, .. } => stream.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls { stream, .. } => Pin::new(stream.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls { stream, .. } => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            MaybeTls::Plain(_) => None,
+            MaybeTls::Tls(s) => s.get_ref().1.alpn_protocol().map(|p| p == b"h2"),
         }
     }
 }

@@ -182,3 +182,48 @@ async fn tcp_retries_stop_when_the_retry_budget_is_spent() {
         "every connection and every retry reached an instance"
     );
 }
+
+/// Issue 12: a POST is sent without a copy of its head (no retry may follow
+/// once it reached an instance), yet a connect failure still moves it,
+/// whole, to another instance: the head comes back from the unsent request,
+/// Host and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_post_whose_connect_fails_reaches_another_instance_whole() {
+    let dead = refusing_port().await;
+    let live = Recorder::start("ok").await;
+    let lb = Lb::start(&with_free_admin(&raw_config(
+        "",
+        "retries = 1\nerror_threshold = 1000\n[service.api.breaker]\nmin_requests = 1000",
+        &[("dead", ([127, 0, 0, 1], dead).into()), ("live", live.addr)],
+    )));
+    for i in 0..6 {
+        let (status, _, body) = exchange(
+            lb.addr("web"),
+            "POST",
+            "/submit",
+            &[("host", "api.test"), ("x-order", &i.to_string())],
+            "hello",
+        )
+        .await;
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]), "POST {i}");
+        assert_eq!(
+            live.last("host"),
+            ["api.test"],
+            "POST {i}: the client's Host"
+        );
+        assert_eq!(live.last("x-order"), [i.to_string()], "POST {i}");
+        assert_eq!(live.seen.lock().last().unwrap().body_len, 5, "POST {i}");
+    }
+    let refused = metric(
+        &lb,
+        "datapunk_lb_requests_total",
+        &["instance=\"dead\"", "outcome=\"connect\""],
+    )
+    .await;
+    assert!(refused >= 1.0, "the dead instance refused {refused} times");
+    assert_eq!(
+        live.seen.lock().len(),
+        6,
+        "each POST reached the live instance once"
+    );
+}

@@ -810,3 +810,14 @@ pub(crate) fn unchecked_service(service: &str, id: &str, port: u16) -> String {
          [[service.{service}.instance]]\nid = \"{id}\"\naddress = \"127.0.0.1\"\nport = {port}\n"
     )
 }
+
+/// How many workers a `datapunk-lb run` started by [`Lb::start`] serves
+/// with, each with its own upstream connections (issue 12): one per core,
+/// unless `DATAPUNK_LB_SHARED_RUNTIME=true` runs one shared runtime (one
+/// set of connections).
+pub(crate) fn proxy_workers() -> usize {
+    if std::env::var("DATAPUNK_LB_SHARED_RUNTIME").is_ok_and(|v| v == "true") {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
