@@ -227,15 +227,19 @@ printf 't\trss_kib\tfds\n' >"$RUN_DIR/samples.tsv"
 		rss=$(awk '/^VmRSS/ {print $2}' "/proc/$LB/status" 2>/dev/null || echo 0)
 		fds=$(find "/proc/$LB/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
 		printf '%s\t%s\t%s\n' "$((EPOCHSECONDS - T0))" "$rss" "$fds"
-		# The balancer's view of `api`: eligible count, panic, breakers.
-		curl -sS --max-time 1 -H "Authorization: Bearer $TOKEN" \
-			"http://127.0.0.1:$ADMIN_PORT/v1/services/api" >>"$RUN_DIR/states.jsonl" 2>/dev/null &&
-			echo >>"$RUN_DIR/states.jsonl"
-		if ((ETCD)); then
-			curl -sS --max-time 1 -H "Authorization: Bearer $TOKEN" \
-				"http://127.0.0.1:$ADMIN_PORT/v1/services/disc" >>"$RUN_DIR/states-disc.jsonl" 2>/dev/null &&
-				echo >>"$RUN_DIR/states-disc.jsonl"
-		fi
+		# The balancer's view of `api` (eligible count, panic, breakers) and
+		# in etcd mode of `disc`, in the background so a slow answer on a
+		# busy machine does not stretch the 1 s cadence; one append each.
+		(
+			s=$(curl -sS --max-time 1 -H "Authorization: Bearer $TOKEN" \
+				"http://127.0.0.1:$ADMIN_PORT/v1/services/api" 2>/dev/null) &&
+				printf '%s\n' "$s" >>"$RUN_DIR/states.jsonl"
+			if ((ETCD)); then
+				s=$(curl -sS --max-time 1 -H "Authorization: Bearer $TOKEN" \
+					"http://127.0.0.1:$ADMIN_PORT/v1/services/disc" 2>/dev/null) &&
+					printf '%s\n' "$s" >>"$RUN_DIR/states-disc.jsonl"
+			fi
+		) &
 		sleep 1
 	done
 ) >>"$RUN_DIR/samples.tsv" &
