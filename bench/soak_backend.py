@@ -3,7 +3,7 @@
 
 Standard library only (asyncio). One process serves, on `--port`, HTTP/1.1
 (keep-alive) and WebSocket echo (an `Upgrade: websocket` request), and on
-`--tcp-port` a line echo for the TCP listener.
+`--tcp-port` (unless 0) a line echo for the TCP listener.
 
 HTTP answers `ok <name>` (GET) or `ok <name> <body length>` (POST); `/health`
 answers `ok`. The soak sets a mode, at once and without the proxy, with
@@ -158,11 +158,15 @@ async def handle_tcp(reader, writer) -> None:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--tcp-port", type=int, required=True)
+    ap.add_argument("--tcp-port", type=int, default=0, help="0: no TCP echo")
     ap.add_argument("--name", required=True)
     a = ap.parse_args()
     name = a.name.encode()
     http = await asyncio.start_server(lambda r, w: handle_http(r, w, name), "127.0.0.1", a.port, backlog=1024)
+    if not a.tcp_port:
+        async with http:
+            await http.serve_forever()
+        return
     tcp = await asyncio.start_server(handle_tcp, "127.0.0.1", a.tcp_port, backlog=1024)
     async with http, tcp:
         await asyncio.gather(http.serve_forever(), tcp.serve_forever())

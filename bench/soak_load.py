@@ -9,6 +9,8 @@ soak is about losing nothing, not about speed.
 
 - HTTP/1.1 (`--http N` keep-alive connections): 80 % `GET /item`, 20 %
   `POST /item` with a 1 KiB body; ok = 200 with a body that starts `ok `.
+- HTTP/1.1 to the etcd-discovered service (`--disc N` keep-alive
+  connections, counted as `http1_disc`): `GET /disc/item` only.
 - TCP (`--tcp N` connections): a line out, the same line back; each
   connection is replaced after 100 lines so new connections get balanced.
 - WebSocket (`--ws N` connections through the HTTP listener): a text frame
@@ -35,7 +37,7 @@ import struct
 import time
 from collections import Counter
 
-COUNTS = {"http1_get": Counter(), "http1_post": Counter(), "tcp": Counter(), "ws": Counter()}
+COUNTS = {"http1_get": Counter(), "http1_post": Counter(), "tcp": Counter(), "ws": Counter(), "http1_disc": Counter()}
 TOTAL = {k: Counter() for k in COUNTS}
 
 
@@ -66,12 +68,12 @@ async def read_response(reader: asyncio.StreamReader):
     return status, body
 
 
-async def http_client(host, port, a, stop) -> None:
+async def http_client(host, port, a, stop, path=b"/item", get_proto="http1_get", post_share=0.2) -> None:
     reader = writer = None
     rng = random.Random()
     while not stop.is_set():
-        post = rng.random() < 0.2
-        proto = "http1_post" if post else "http1_get"
+        post = rng.random() < post_share
+        proto = "http1_post" if post else get_proto
         try:
             if writer is None:
                 conn = await connect(host, port, a, proto)
@@ -80,9 +82,9 @@ async def http_client(host, port, a, stop) -> None:
                 reader, writer = conn
             if post:
                 body = b"p" * 1024
-                writer.write(b"POST /item HTTP/1.1\r\nHost: soak\r\nContent-Length: 1024\r\n\r\n" + body)
+                writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: soak\r\nContent-Length: 1024\r\n\r\n" + body)
             else:
-                writer.write(b"GET /item HTTP/1.1\r\nHost: soak\r\n\r\n")
+                writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: soak\r\n\r\n")
             await writer.drain()
             status, answer = await asyncio.wait_for(read_response(reader), a.timeout)
             if status != 200:
@@ -212,6 +214,7 @@ async def main() -> None:
     ap.add_argument("--http", type=int, default=16)
     ap.add_argument("--tcp", type=int, default=4)
     ap.add_argument("--ws", type=int, default=4)
+    ap.add_argument("--disc", type=int, default=0, help="clients of GET /disc/item (the etcd-discovered service)")
     ap.add_argument("--pause", type=float, default=0.01, help="seconds between a client's requests")
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--duration", type=float, default=60.0)
@@ -226,6 +229,9 @@ async def main() -> None:
     tasks = [asyncio.create_task(http_client(hh, int(hp), a, stop)) for _ in range(a.http)]
     tasks += [asyncio.create_task(tcp_client(th, int(tp), a, stop)) for _ in range(a.tcp)]
     tasks += [asyncio.create_task(ws_client(hh, int(hp), a, stop)) for _ in range(a.ws)]
+    tasks += [
+        asyncio.create_task(http_client(hh, int(hp), a, stop, b"/disc/item", "http1_disc", 0.0)) for _ in range(a.disc)
+    ]
     reporter = asyncio.create_task(report(stop))
     await stop.wait()
     await asyncio.wait(tasks, timeout=a.timeout + 1)

@@ -384,7 +384,9 @@ async fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_ids_outside_the_allowed_set_get_400_naming_id() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let lb = start_with_token(&[&a]);
+    // No active checks: the state compared below includes health scores,
+    // which a probe timing out on a loaded machine would change.
+    let lb = Lb::start(&without_checks(&config(&[&a], None).0));
     let adm = lb.addr("admin");
     let before = essence(&service(adm).await);
     let body = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, b.addr.port());
@@ -588,8 +590,11 @@ async fn metrics_are_parseable_complete_and_move() {
     let lb = start_with_token(&[&a, &b]);
     let (adm, web) = (lb.addr("admin"), lb.addr("web"));
     let c = client();
+    let mut answered_by_a = 0.0;
     for _ in 0..10 {
-        get(&c, web, "/").await.unwrap();
+        let (status, body) = get(&c, web, "/").await.unwrap();
+        assert_eq!(status, 200);
+        answered_by_a += f64::from(u8::from(body == "a"));
     }
     let samples = scrape(adm).await;
     let names: std::collections::HashSet<&str> =
@@ -612,22 +617,40 @@ async fn metrics_are_parseable_complete_and_move() {
         &[("instance", "a"), ("outcome", "success")],
     )
     .unwrap();
-    assert_eq!(ok_a, 5.0, "round robin sent 5 of 10 to a");
+    // What the client saw (round robin sends 5 of 10 to a unless a probe
+    // timing out on a loaded machine halved a health score, which round
+    // robin follows; the exact split is tested in `proxy`).
+    assert_eq!(
+        ok_a, answered_by_a,
+        "a's successes: the metric and the client"
+    );
+    assert!(answered_by_a >= 1.0, "round robin never chose a");
     assert_eq!(
         metric_value(&samples, "datapunk_lb_circuit_state", &[("instance", "b")]),
         Some(0.0)
     );
 
     // b dies; traffic trips its breaker: state 2 and a counted transition.
+    // Round robin admits b in proportion to its health score, which each
+    // failure halves, so how many requests it takes to reach the threshold
+    // varies (a probe timing out on a loaded machine had lowered it too):
+    // send until the gauge says open.
     b.kill().await;
-    for _ in 0..10 {
-        let _ = get(&c, web, "/").await;
-    }
-    let samples = scrape(adm).await;
-    assert_eq!(
-        metric_value(&samples, "datapunk_lb_circuit_state", &[("instance", "b")]),
-        Some(2.0)
-    );
+    let t = Instant::now();
+    let samples = loop {
+        for _ in 0..10 {
+            let _ = get(&c, web, "/").await;
+        }
+        let samples = scrape(adm).await;
+        let state = metric_value(&samples, "datapunk_lb_circuit_state", &[("instance", "b")]);
+        if state == Some(2.0) {
+            break samples;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "b's breaker not open after its death: state {state:?}"
+        );
+    };
     let trips = metric_value(
         &samples,
         "datapunk_lb_circuit_transitions_total",
@@ -658,7 +681,7 @@ async fn metrics_are_parseable_complete_and_move() {
             break;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(3),
+            t.elapsed() < Duration::from_secs(15),
             "health checks not counted: {failed} failed, {passed} passed"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -681,7 +704,7 @@ async fn metrics_are_parseable_complete_and_move() {
     );
     // Reloads are counted.
     lb.signal("HUP");
-    lb.wait_log("reload", Duration::from_secs(5), |v| {
+    lb.wait_log("reload", Duration::from_secs(15), |v| {
         v["result"] == "success"
     })
     .await;

@@ -24,7 +24,10 @@ async fn a_stalled_get_is_retried_within_the_per_try_timeout_and_a_post_is_not()
     slow.set_delay(Duration::from_secs(10));
     let config = raw_config(
         "",
-        "request_timeout = \"5s\"\nper_try_timeout = \"300ms\"\nretries = 1\nerror_threshold = 100",
+        // The per-try timeout applies to the retry on `fast` too: 1 s, so a
+        // loaded machine answering late does not time the retry out; still
+        // far from the 5 s a GET would wait without it.
+        "request_timeout = \"5s\"\nper_try_timeout = \"1s\"\nretries = 1\nerror_threshold = 100",
         &[("slow", slow.addr), ("fast", fast.addr)],
     );
     let lb = Lb::start(&config);
@@ -34,7 +37,10 @@ async fn a_stalled_get_is_retried_within_the_per_try_timeout_and_a_post_is_not()
         let (status, body) = send(&lb, "GET").await;
         let took = t.elapsed();
         assert_eq!((status, body.as_str()), (200, "fast"), "GET {i}");
-        assert!(took < Duration::from_millis(1500), "GET {i} took {took:?}");
+        // Within the per-try timeout plus the fast answer, with slack for a
+        // loaded machine; without the per-try timeout it would be the 5 s
+        // request timeout (and a 504).
+        assert!(took < Duration::from_millis(3500), "GET {i} took {took:?}");
     }
     let slow_gets = slow.state.hits.load(std::sync::atomic::Ordering::SeqCst);
     assert!(slow_gets >= 1, "the stalled instance was never tried");

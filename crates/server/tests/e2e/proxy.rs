@@ -15,11 +15,14 @@ async fn round_robin_splits_exactly_and_weights_hold() {
         Backend::start("b").await,
         Backend::start("c").await,
     );
-    let lb = Lb::start(&http_config(
+    // No active checks: a probe timing out on a loaded machine would halve
+    // an instance's health score, and round robin admits in proportion to
+    // it. The split is what is tested here, not the checks.
+    let lb = Lb::start(&without_checks(&http_config(
         "strategy = \"round_robin\"",
         &[&a, &b, &c],
         &[1, 1, 1],
-    ));
+    )));
     let client = client();
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..300 {
@@ -33,7 +36,11 @@ async fn round_robin_splits_exactly_and_weights_hold() {
     );
 
     let (d, e) = (Backend::start("d").await, Backend::start("e").await);
-    let lb = Lb::start(&http_config("strategy = \"weighted\"", &[&d, &e], &[3, 1]));
+    let lb = Lb::start(&without_checks(&http_config(
+        "strategy = \"weighted\"",
+        &[&d, &e],
+        &[3, 1],
+    )));
     let mut d_count = 0;
     let n = 400;
     for _ in 0..n {
@@ -164,18 +171,32 @@ async fn timeouts_unreachable_and_limits_get_504_502_503() {
     );
 
     // max_connections = 1: the second concurrent request gets 503 at once.
-    slow.set_delay(Duration::from_millis(250));
+    // A node whose request timeout leaves the first request room on a
+    // loaded machine (it has 300 ms above, its answer takes 1 s here), and
+    // the second sent once the backend has the first, not after a guess.
+    let lb = Lb::start(&http_config(
+        "request_timeout = \"10s\"\nretries = 0\nmax_connections = 1",
+        &[&slow],
+        &[1],
+    ));
+    slow.set_delay(Duration::from_millis(1000));
     let addr = lb.addr("web");
+    let hits = slow.state.hits.load(std::sync::atomic::Ordering::SeqCst);
     let first = tokio::spawn(async move { get(&client(), addr, "/first").await });
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    let t = Instant::now();
+    while slow.state.hits.load(std::sync::atomic::Ordering::SeqCst) == hits {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "/first never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t = Instant::now();
     let (status, body) = get(&c, addr, "/second").await.unwrap();
+    let took = t.elapsed();
     assert_eq!(status, 503, "{body}");
-    assert!(
-        t.elapsed() < Duration::from_millis(200),
-        "503 took {:?}",
-        t.elapsed()
-    );
+    // Not queued behind the first (whose answer takes 1 s).
+    assert!(took < Duration::from_millis(900), "503 took {took:?}");
     assert_eq!(first.await.unwrap().unwrap().0, 200);
 
     // All instances down → 502 (before the breaker opens) or 503 (after).

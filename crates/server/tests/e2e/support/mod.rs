@@ -401,6 +401,16 @@ timeout = "100ms"
     )
 }
 
+/// `config` (from [`http_config`]) with its active checks off: for tests
+/// whose assertion needs every health score to stay 1 (an exact split, an
+/// unchanged state), which a probe timing out (100 ms) on a loaded machine
+/// would halve.
+pub(crate) fn without_checks(config: &str) -> String {
+    let checks = "kind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n";
+    assert!(config.contains(checks), "not an http_config: {config}");
+    config.replace(checks, "kind = \"none\"\n")
+}
+
 /// Finds an external program a test needs: `path` if it is an executable
 /// file, else `tool` on `PATH`. When it is missing the test should return
 /// early: this says why on the terminal (past the test harness's capture)
@@ -476,6 +486,8 @@ pub(crate) struct Load {
     /// (ms since start, body) of every 200.
     seen: Arc<Mutex<Vec<(u128, String)>>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The origin of the times in `seen`.
+    t0: Instant,
 }
 
 impl Load {
@@ -509,7 +521,18 @@ impl Load {
             failed,
             seen,
             tasks,
+            t0,
         }
+    }
+
+    /// Now, in the ms of the times in `seen`.
+    pub(crate) fn elapsed_ms(&self) -> u128 {
+        self.t0.elapsed().as_millis()
+    }
+
+    /// Every 200 (time, body) so far, while the load goes on.
+    pub(crate) fn seen_so_far(&self) -> Vec<(u128, String)> {
+        self.seen.lock().clone()
     }
 
     /// Whether `body` has answered a request so far.
