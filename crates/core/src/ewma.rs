@@ -10,7 +10,7 @@
 //!   `w = exp(−(now − t)/τ_fall)`, `τ_fall` = [`FALL`] (1 s): a time-based
 //!   EWMA, so a burst of samples at one instant counts as one instant.
 //! - **up, by the floor of a window**: samples are grouped into windows of
-//!   [`WINDOW`] (100 ms; a window opens at a sample when none is open and
+//!   [`WINDOW`] (200 ms; a window opens at a sample when none is open and
 //!   closes at the first sample [`WINDOW`] or more after it opened). When a
 //!   window closes, if its floor (its least sample) is above `e`, then
 //!   `e ← floor`: a peak is taken whole, not averaged in.
@@ -36,7 +36,7 @@
 //! next running slice. So the least sample of a window is the instance's
 //! latency without the proxy's stalls, as TCP BBR keeps a windowed minimum
 //! RTT against queueing noise. A real slowdown raises every sample of a
-//! window and is taken when that window closes: within 100 ms plus the gap
+//! window and is taken when that window closes: within 200 ms plus the gap
 //! to the instance's next sample.
 //!
 //! The price: an instance whose own answers are *sometimes* slow is judged
@@ -49,9 +49,9 @@
 //! answers like them falls to `1 + (k − 1)·exp(−t/τ_fall)` times their
 //! latency after `t` seconds of samples (a sample taken `Δt` after the last
 //! move weighs `1 − exp(−Δt/τ_fall)`: 63 % for `peak_ewma`'s probes, one a
-//! second). It is back under `peak_ewma`'s avoidance ratio `R` (4) after
-//! `τ_fall·ln((k − 1)/(R − 1))`: 2.8 s for `k` = 50. With Linkerd's 10 s that
-//! would be 28 s. Because stalls no longer reach the estimate, the faster
+//! second). It is back under `peak_ewma`'s avoidance ratio `R` (3) after
+//! `τ_fall·ln((k − 1)/(R − 1))`: 3.2 s for `k` = 50. With Linkerd's 10 s that
+//! would be 32 s. Because stalls no longer reach the estimate, the faster
 //! fall does not make it noisy.
 
 use std::time::Duration;
@@ -62,8 +62,10 @@ use crate::clock::Timestamp;
 pub const DECAY: Duration = Duration::from_secs(10);
 /// Time constant of a fall toward lower samples: 1 s (see the module doc).
 pub const FALL: Duration = Duration::from_secs(1);
-/// Window whose least sample may raise the estimate: 100 ms.
-pub const WINDOW: Duration = Duration::from_millis(100);
+/// Window whose least sample may raise the estimate: 200 ms (module doc:
+/// long enough that some sample escapes the stalls of a proxy short of CPU,
+/// short enough that a real slowdown counts within a fraction of a second).
+pub const WINDOW: Duration = Duration::from_millis(200);
 /// Estimate for an instance with no samples yet: 30 ms (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
@@ -76,9 +78,18 @@ pub struct LatencyEwma {
     moved_at: Timestamp,
     /// When the last sample came (or creation): reads decay from here.
     sampled_at: Timestamp,
-    /// The open window: when it opened and its least sample so far.
-    window: Option<(Timestamp, f64)>,
+    /// The open window: when it opened, its least sample so far and when
+    /// its last sample came.
+    window: Option<Window>,
     samples: u64,
+}
+
+/// A window of samples (module doc, "Rule").
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Window {
+    opened: Timestamp,
+    floor: f64,
+    last: Timestamp,
 }
 
 impl LatencyEwma {
@@ -96,18 +107,29 @@ impl LatencyEwma {
     /// Adds a latency sample observed at `now`.
     pub fn observe(&mut self, rtt: Duration, now: Timestamp) {
         let rtt = rtt.as_nanos() as f64;
-        if let Some((opened, floor)) = self.window {
-            if now.saturating_since(opened) >= WINDOW {
+        if let Some(w) = self.window {
+            if now.saturating_since(w.opened) >= WINDOW {
                 self.window = None;
-                if floor > self.estimate_ns {
-                    self.estimate_ns = floor;
-                    self.moved_at = now;
+                if w.floor > self.estimate_ns {
+                    self.estimate_ns = w.floor;
+                    // Dated when the floor was known, so a lower sample now
+                    // falls by the time since then (a probe a second apart
+                    // moves it by 63 %, not by nothing).
+                    self.moved_at = w.last;
                 }
             }
         }
         self.window = Some(match self.window {
-            Some((opened, floor)) => (opened, floor.min(rtt)),
-            None => (now, rtt),
+            Some(w) => Window {
+                floor: w.floor.min(rtt),
+                last: now,
+                ..w
+            },
+            None => Window {
+                opened: now,
+                floor: rtt,
+                last: now,
+            },
         });
         if rtt < self.estimate_ns {
             let w = weight(self.moved_at, now, FALL);
@@ -187,7 +209,7 @@ mod tests {
         e.observe(Duration::from_millis(100), at(0));
         assert_eq!(e.last_estimate_ns(), 30.0 * MS, "the window is open");
         e.observe(Duration::from_millis(120), at(50));
-        e.observe(Duration::from_millis(100), at(100));
+        e.observe(Duration::from_millis(100), at(200));
         assert_eq!(
             e.last_estimate_ns(),
             100.0 * MS,
@@ -222,7 +244,7 @@ mod tests {
             settled / MS
         );
         // A real slowdown: every sample of a window is slow.
-        for k in 0..11 {
+        for k in 0..21 {
             e.observe(Duration::from_millis(40), at(23_000 + 10 * k));
         }
         assert_eq!(e.last_estimate_ns(), 40.0 * MS);

