@@ -1,29 +1,32 @@
-//! The latency estimate of an instance: a peak-EWMA, as in Finagle and
-//! Linkerd, taken over the *floors* of short windows of samples so that the
-//! proxy's own stalls do not count as the instance's latency.
+//! The latency estimate of an instance: an EWMA, time-based as in Finagle's
+//! and Linkerd's peak-EWMA, but in the log domain and over the *floors* of
+//! short windows of samples, so that the proxy's own stalls do not count as
+//! the instance's latency.
 //!
 //! ## Rule
 //!
-//! For a sample `rtt` at `now`, with `e` the estimate, last moved at `t`:
+//! The estimate `e` moves toward a value `x` by `ln e ← ln e·w + ln x·(1 − w)`
+//! with `w = exp(−Δt/τ)`, `τ` = [`TAU`] (1 s) and `Δt` the time since `e`
+//! last moved: a geometric, time-based EWMA, so a burst of samples at one
+//! instant counts as one instant and a value 100× off moves `e` no more in
+//! ratio than one 2× off does in difference.
 //!
-//! - **down, at once**: if `rtt < e`, then `e ← e·w + rtt·(1 − w)` with
-//!   `w = exp(−(now − t)/τ_fall)`, `τ_fall` = [`FALL`] (1 s): a time-based
-//!   EWMA, so a burst of samples at one instant counts as one instant.
+//! - **down, at once**: a sample `rtt < e` moves `e` toward `rtt`.
 //! - **up, by the floor of a window**: samples are grouped into windows of
 //!   [`WINDOW`] (200 ms; a window opens at a sample when none is open and
 //!   closes at the first sample [`WINDOW`] or more after it opened). When a
-//!   window closes, if its floor (its least sample) is above `e`, then
-//!   `e ← floor`: a peak is taken whole, not averaged in.
-//! - **reads** decay toward zero: `e·exp(−(now − s)/τ)`, `τ` = [`DECAY`]
-//!   (10 s, Linkerd's), `s` the last sample's time, so an instance that has
-//!   not been used for a while looks cheaper and is tried again (the
-//!   `peak_ewma` strategy adds a bounded probe rate on top; see its module
-//!   doc, "Exploration").
+//!   window closes, if its floor (its least sample) is above `e`, `e` moves
+//!   toward the floor (`Δt` up to the window's last sample).
+//! - **reads** decay toward zero: `e·exp(−(now − s)/τ_read)`, `τ_read` =
+//!   [`DECAY`] (10 s, Linkerd's), `s` the last sample's time, so an instance
+//!   that has not been used for a while looks cheaper and is tried again
+//!   (the `peak_ewma` strategy adds a bounded probe rate on top; see its
+//!   module doc, "Exploration").
 //!
 //! A new instance starts at [`DEFAULT_RTT`] so that it is neither swamped nor
 //! starved before its first response.
 //!
-//! ## Why the floor of a window
+//! ## Why window floors, and why not a peak
 //!
 //! The proxy measures a request's latency on its own thread, so a sample
 //! includes any time the response waited for that thread. When the thread
@@ -35,24 +38,30 @@
 //! the samples in flight during it, not those answered within the proxy's
 //! next running slice. So the least sample of a window is the instance's
 //! latency without the proxy's stalls, as TCP BBR keeps a windowed minimum
-//! RTT against queueing noise. A real slowdown raises every sample of a
-//! window and is taken when that window closes: within 200 ms plus the gap
-//! to the instance's next sample.
+//! RTT against queueing noise.
 //!
-//! The price: an instance whose own answers are *sometimes* slow is judged
-//! by its typical latency, not by its worst one. Its slow answers still
-//! weigh through the cost's active-request count while they are in flight.
+//! A proxy starved of CPU (5 % of a core in the issue-12 bench, stalls of
+//! 0.3–1 s) still sees windows in which *every* sample is stalled: taken
+//! whole, as Linkerd takes a peak, one such floor kept a fast instance's
+//! estimate near the stall for seconds, and the 50 ms instance still got
+//! 0.5–4 % of the requests. In the log domain such a floor moves the
+//! estimate by a bounded ratio (a 300 ms floor 300 ms after the last move
+//! takes 1 ms to 4.4 ms, still a tenth of a 50 ms instance), and the next
+//! clean samples take most of it back within a second.
 //!
-//! ## Why `τ_fall` = 1 s
+//! A real slowdown raises every window's floor: a 50× slowdown is 2× after
+//! one window and 3.6× after two (0.4 s), past `peak_ewma`'s avoidance
+//! ratio (3×); a 10× slowdown passes it after four windows (0.8 s). The
+//! price of the floor: an instance whose own answers are *sometimes* slow
+//! is judged by its typical latency, not by its worst one; its slow answers
+//! still weigh through the cost's active-request count while in flight.
 //!
-//! Recovery. An instance that was `k×` slower than its peers and now
-//! answers like them falls to `1 + (k − 1)·exp(−t/τ_fall)` times their
-//! latency after `t` seconds of samples (a sample taken `Δt` after the last
-//! move weighs `1 − exp(−Δt/τ_fall)`: 63 % for `peak_ewma`'s probes, one a
-//! second). It is back under `peak_ewma`'s avoidance ratio `R` (3) after
-//! `τ_fall·ln((k − 1)/(R − 1))`: 3.2 s for `k` = 50. With Linkerd's 10 s that
-//! would be 32 s. Because stalls no longer reach the estimate, the faster
-//! fall does not make it noisy.
+//! ## Why `τ` = 1 s
+//!
+//! Recovery. A probe a second apart moves `ln e` by `1 − e⁻¹` = 63 % of the
+//! way: an instance that was 50× slower and now answers like its peers is
+//! at 4.2× after one probe and 1.7× after two, back under `peak_ewma`'s
+//! 3×. With Linkerd's 10 s it would take twenty.
 
 use std::time::Duration;
 
@@ -60,8 +69,8 @@ use crate::clock::Timestamp;
 
 /// Read decay time constant: 10 s (Linkerd's default).
 pub const DECAY: Duration = Duration::from_secs(10);
-/// Time constant of a fall toward lower samples: 1 s (see the module doc).
-pub const FALL: Duration = Duration::from_secs(1);
+/// Time constant of the estimate's moves, both ways: 1 s (module doc).
+pub const TAU: Duration = Duration::from_secs(1);
 /// Window whose least sample may raise the estimate: 200 ms (module doc:
 /// long enough that some sample escapes the stalls of a proxy short of CPU,
 /// short enough that a real slowdown counts within a fraction of a second).
@@ -111,11 +120,10 @@ impl LatencyEwma {
             if now.saturating_since(w.opened) >= WINDOW {
                 self.window = None;
                 if w.floor > self.estimate_ns {
-                    self.estimate_ns = w.floor;
                     // Dated when the floor was known, so a lower sample now
-                    // falls by the time since then (a probe a second apart
-                    // moves it by 63 %, not by nothing).
-                    self.moved_at = w.last;
+                    // moves it by the time since then (a probe a second
+                    // apart moves it by 63 %, not by nothing).
+                    self.move_toward(w.floor, w.last);
                 }
             }
         }
@@ -132,12 +140,18 @@ impl LatencyEwma {
             },
         });
         if rtt < self.estimate_ns {
-            let w = weight(self.moved_at, now, FALL);
-            self.estimate_ns = self.estimate_ns * w + rtt * (1.0 - w);
-            self.moved_at = now;
+            self.move_toward(rtt, now);
         }
         self.sampled_at = now;
         self.samples += 1;
+    }
+
+    /// `ln e ← ln e·w + ln x·(1 − w)`, `w = exp(−(at − moved_at)/τ)`.
+    fn move_toward(&mut self, x: f64, at: Timestamp) {
+        let w = weight(self.moved_at, at, TAU);
+        let ln = self.estimate_ns.max(1.0).ln() * w + x.max(1.0).ln() * (1.0 - w);
+        self.estimate_ns = ln.exp();
+        self.moved_at = self.moved_at.max(at);
     }
 
     /// The estimate in nanoseconds, decayed to `now`.
@@ -184,12 +198,16 @@ mod tests {
         Timestamp::from_nanos(1_000_000_000 + ms * 1_000_000)
     }
 
+    /// `a` moved toward `b` with weight `w` on `a`, in the log domain.
+    fn geo(a: f64, b: f64, w: f64) -> f64 {
+        (a.ln() * w + b.ln() * (1.0 - w)).exp()
+    }
+
     #[test]
     fn a_lower_sample_pulls_the_estimate_down_by_the_time_since_it_moved() {
         let mut e = LatencyEwma::new(at(0));
         e.observe(Duration::from_millis(10), at(1_000));
-        let w = (-1.0f64).exp();
-        let expect = 30.0 * MS * w + 10.0 * MS * (1.0 - w);
+        let expect = geo(30.0 * MS, 10.0 * MS, (-1.0f64).exp());
         assert!((e.last_estimate_ns() - expect).abs() < 1.0);
         // A burst at the same instant moves it no further.
         for _ in 0..100 {
@@ -204,21 +222,25 @@ mod tests {
     }
 
     #[test]
-    fn a_peak_is_taken_whole_when_its_window_closes() {
+    fn a_window_floor_above_moves_it_up_when_the_window_closes() {
         let mut e = LatencyEwma::new(at(0));
-        e.observe(Duration::from_millis(100), at(0));
+        e.observe(Duration::from_millis(100), at(1_000));
+        e.observe(Duration::from_millis(120), at(1_100));
         assert_eq!(e.last_estimate_ns(), 30.0 * MS, "the window is open");
-        e.observe(Duration::from_millis(120), at(50));
-        e.observe(Duration::from_millis(100), at(200));
-        assert_eq!(
-            e.last_estimate_ns(),
-            100.0 * MS,
-            "the window's floor, not its peak"
+        e.observe(Duration::from_millis(100), at(1_200));
+        // Toward the floor (100 ms, not the 120 ms peak), by the 1.1 s from
+        // creation to the window's last sample.
+        let expect = geo(30.0 * MS, 100.0 * MS, (-1.1f64).exp());
+        assert!(
+            (e.last_estimate_ns() - expect).abs() < 1.0,
+            "{} ms, want {} ms",
+            e.last_estimate_ns() / MS,
+            expect / MS
         );
     }
 
     #[test]
-    fn stalls_that_some_samples_of_each_window_escape_are_not_peaks() {
+    fn stalls_that_some_samples_of_each_window_escape_do_not_raise_it() {
         let mut e = LatencyEwma::new(at(0));
         for t in 0..2_000 {
             e.observe(Duration::from_millis(1), at(10 * t));
@@ -243,10 +265,62 @@ mod tests {
             e.last_estimate_ns() / MS,
             settled / MS
         );
-        // A real slowdown: every sample of a window is slow.
-        for k in 0..21 {
-            e.observe(Duration::from_millis(40), at(23_000 + 10 * k));
+    }
+
+    #[test]
+    fn a_window_of_only_stalled_samples_moves_it_by_a_bounded_ratio() {
+        let mut e = LatencyEwma::new(at(0));
+        for t in 0..2_000 {
+            e.observe(Duration::from_millis(1), at(10 * t));
         }
-        assert_eq!(e.last_estimate_ns(), 40.0 * MS);
+        // A 300 ms stall; the proxy then handles only the stalled answers
+        // before it stalls again.
+        for k in 0..64 {
+            e.observe(Duration::from_millis(300), at(20_290 + k / 32));
+        }
+        e.observe(Duration::from_millis(300), at(20_600));
+        let after = e.last_estimate_ns() / MS;
+        // ln e moves 1 − exp(−0.3) = 26 % of the way: 300^0.26 = 4.4 ms, far
+        // under the 50 ms of a really slow instance.
+        assert!(after < 4.5, "{after} ms: a stall is not the instance");
+        // Clean samples take most of it back within a second (ln e falls
+        // by e⁻¹ a second: 4.4 ms → 1.5 ms).
+        for t in 0..100 {
+            e.observe(Duration::from_millis(1), at(20_610 + 10 * t));
+        }
+        assert!(
+            e.last_estimate_ns() < 1.6 * MS,
+            "{}",
+            e.last_estimate_ns() / MS
+        );
+    }
+
+    #[test]
+    fn a_real_slowdown_passes_three_times_within_half_a_second() {
+        let mut e = LatencyEwma::new(at(0));
+        for t in 0..2_000 {
+            e.observe(Duration::from_millis(1), at(10 * t));
+        }
+        let before = e.last_estimate_ns();
+        // Every sample 50 ms from 20 s on, one every 10 ms.
+        let mut t = 20_000;
+        while t <= 20_500 {
+            e.observe(Duration::from_millis(50), at(t));
+            t += 10;
+        }
+        assert!(
+            e.last_estimate_ns() >= 3.0 * before,
+            "{} ms after 0.5 s of 50 ms answers",
+            e.last_estimate_ns() / MS
+        );
+        while t <= 25_000 {
+            e.observe(Duration::from_millis(50), at(t));
+            t += 10;
+        }
+        assert!(
+            e.last_estimate_ns() > 45.0 * MS,
+            "{}",
+            e.last_estimate_ns() / MS
+        );
     }
 }

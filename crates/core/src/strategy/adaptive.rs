@@ -34,7 +34,7 @@
 //! In `peak_ewma` mode the exploration rule of
 //! [`peak_ewma`](super::peak_ewma) applies: an instance 3× or more slower
 //! than its pair peer gets one probe a second (under 0.1 % of the requests
-//! from 1,000 req/s) and is back under 3× within about 4 s of answering
+//! from 1,000 req/s) and is back under 3× within about 2 s of answering
 //! like its peers again; the spread then falls below 1.5× and, after the
 //! dwell, `adaptive` returns to calm.
 //!

@@ -47,18 +47,15 @@
 //!
 //! ## Recovery: how fast a recovered instance regains its share
 //!
-//! Each probe is a sample. The estimate falls toward a lower sample with
-//! `τ_fall` = 1 s ([`ewma::FALL`](crate::ewma::FALL)), so with one probe a
-//! second an instance that was `k×` slower and now answers like its peers
-//! is back under `R` after about `τ_fall·ln((k − 1)/(R − 1))` = 3.2 s of
-//! probes for `k` = 50 (3–4 probes in practice: the first comes up to 1 s
-//! after the recovery, and the peers' floor sits a little under their
-//! mean), then competes on cost and regains its full share as its estimate
-//! falls the rest of the way (another one to two seconds). The integration
-//! test `exploration` pins both numbers on a stalling proxy: 0.012 % of
-//! the requests to a 50× slower instance (bound asserted: 0.1 %), its
-//! first requests beyond probes 4 s after its recovery, and a third ± 8
-//! points again 6–8 s after it.
+//! Each probe is a sample. The estimate moves toward a lower sample in the
+//! log domain with `τ` = 1 s ([`ewma::TAU`](crate::ewma::TAU)), so with one
+//! probe a second an instance that was 50× slower and now answers like its
+//! peers is at 4.2× after one probe and 1.7× after two: no longer avoided.
+//! It then competes on cost and regains its full share as its estimate
+//! falls the rest of the way. The integration test `exploration` pins both
+//! numbers on a stalling proxy: 0.012 % of the requests to a 50× slower
+//! instance (bound asserted: 0.1 %), its first requests beyond probes 1–2 s
+//! after its recovery, and a third ± 8 points again 4–6 s after it.
 //!
 //! An instance that has never answered is not avoided: its estimate is the
 //! default ([`ewma::DEFAULT_RTT`](crate::ewma::DEFAULT_RTT)), not a
