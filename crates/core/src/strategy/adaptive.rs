@@ -4,11 +4,12 @@
 //! ## Signals (evaluated at most once per second, from O(1) state)
 //!
 //! - **latency spread**: slowest ÷ median latency estimate over up to 32
-//!   randomly sampled instances whose breaker is closed and whose estimate
-//!   took a sample within the last 30 s (an instance nobody sends to any
-//!   more drops out, so its old estimate cannot hold `peak_ewma` on
-//!   forever; one that `peak_ewma` avoids is still probed once a second and
-//!   stays in). The estimates are taken over window floors
+//!   randomly sampled instances, not draining, whose estimate took a
+//!   sample within the last 30 s (an instance nobody sends to any more
+//!   drops out, so its old estimate cannot hold `peak_ewma` on forever; one
+//!   that `peak_ewma` avoids is still probed once a second and stays in, and
+//!   so does one whose breaker is open for a few seconds: it is coming
+//!   back, and the spread must still be known when it does). The estimates are taken over window floors
 //!   ([`ewma`](crate::ewma)), so a stall of the proxy's own thread, which
 //!   inflates every instance in flight alike, does not shrink the spread:
 //!   before, the fast instances' estimates held the stalls' peaks and a 50×
@@ -333,15 +334,14 @@ impl Adaptive {
                 cx.rng.usize(..n)
             };
             let Some(m) = cx.members.get(i) else { continue };
-            // Only closed instances with a recent sample: an instance that is
-            // out (or avoided) says nothing about the current spread, and
-            // letting its old peak count would keep `peak_ewma` on forever.
+            // Only instances with a recent sample, so an old estimate cannot
+            // keep `peak_ewma` on forever. Not only closed ones: a slow
+            // instance whose breaker opens for a few seconds (its checks
+            // time out) is coming back, and if it left the sample `adaptive`
+            // would turn calm and hand it a full share on its return, for
+            // the whole dwell (issue 12's bench: 2.5 % in such a round).
             let recent = cx.now.saturating_since(m.latency_updated_at()) < SAMPLE_MAX_AGE;
-            if recent
-                && m.requests() > 0
-                && m.circuit_state() == crate::breaker::CircuitState::Closed
-                && cx.admits(m)
-            {
+            if recent && m.requests() > 0 && !m.is_draining() {
                 samples.push(m.latency_ewma_ns());
             }
         }

@@ -182,3 +182,30 @@ fn a_recovered_instance_has_its_third_back_within_six_seconds() {
         );
     }
 }
+
+#[test]
+fn adaptive_keeps_the_spread_while_the_slow_instance_is_briefly_out() {
+    let (reg, clock) = registry(StrategyKind::Adaptive);
+    populate(&reg, &[1, 1, 1]);
+    // Sequential traffic: i2 answers in 50 ms, the others in 1 ms.
+    let traffic = |ms: u64| {
+        for _ in 0..ms {
+            let s = reg.get_instance(SVC).unwrap();
+            let slow = s.instance().id().as_str() == SLOW;
+            let _ = s.success(Duration::from_millis(if slow { 50 } else { 1 }));
+            clock.advance(Duration::from_millis(1));
+        }
+    };
+    traffic(3_000);
+    assert_eq!(mode(&reg), StrategyKind::PeakEwma);
+    // Its breaker opens (in the bench: its health checks time out) for a
+    // few seconds, longer than the dwell.
+    trip(&reg, &clock, SLOW);
+    traffic(6_000);
+    assert_eq!(
+        mode(&reg),
+        StrategyKind::PeakEwma,
+        "an instance out for seconds must not make the service look calm: {:?}",
+        reg.service(SVC).unwrap().status().adaptive
+    );
+}
