@@ -154,6 +154,11 @@ fn adaptive_sees_the_real_spread_through_stalls_and_avoids_the_slow_instance() {
     // adaptive starts in `weighted` and switches at its second evaluation
     // (1 s); from then on, peak_ewma's rule.
     let (share, n) = run.slow_share(3, 12);
+    eprintln!(
+        "adaptive: spread {:.1}x, {:.4} % of {n} picks to the 50x slower instance",
+        status.signals.latency_spread,
+        share * 100.0
+    );
     assert!(
         share < 0.001,
         "{:.3} % of {n} picks went to the 50x slower instance",
