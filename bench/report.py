@@ -3,6 +3,8 @@
 
     report.py parse WRK_OUTPUT
         prints: rps mean_ms p50_ms p99_ms requests non2xx socket_errors
+        (h2load output too: latency then from its per-request log,
+        WRK_OUTPUT.log, as bench/run.sh writes it in the degraded scenario)
     report.py summarize RESULTS_TSV META_FILE
         prints the Markdown summary (medians over rounds, ratios)
 
@@ -11,6 +13,7 @@ p50_ms p99_ms requests non2xx sock_errors proxy_cpu_s elapsed_s cpu0 cpu1
 slow_requests (-1 outside the degraded scenario).
 """
 
+import os
 import re
 import statistics
 import sys
@@ -26,8 +29,48 @@ def to_ms(v: str) -> float:
     return float(m.group(1)) * UNITS_MS[m.group(2)]
 
 
+def request_log_ms(path: str):
+    """Per-request durations in ms, sorted, from h2load's --log-file (start
+    time µs since epoch, status, duration µs per line); None if missing."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sorted(int(line.split()[2]) / 1000 for line in f if line.strip())
+    except FileNotFoundError:
+        return None
+
+
+def pct(durs, q: float) -> float:
+    """The q-quantile of sorted `durs` (nearest rank)."""
+    if not durs:
+        return float("nan")
+    return durs[min(len(durs) - 1, int(q * len(durs)))]
+
+
+def parse_h2load(path: str, text: str) -> None:
+    """Same fields as parse(), from h2load's summary and, for latency, its
+    per-request log PATH.log (issue 12: not from a histogram)."""
+    rps = re.search(r"finished in [^,]+, ([\d.]+) req/s", text)
+    if not rps:
+        raise SystemExit(f"{path}: no 'finished in' line:\n{text}")
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, \d+ failed, (\d+) errored", text)
+    st = re.search(r"status codes: \d+ 2xx, \d+ 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    durs = request_log_ms(path + ".log") or []
+    print(
+        f"{float(rps.group(1)):.1f}",
+        f"{statistics.fmean(durs):.3f}" if durs else "nan",
+        f"{pct(durs, 0.5):.3f}",
+        f"{pct(durs, 0.99):.3f}",
+        m.group(1) if m else "0",
+        int(st.group(1)) + int(st.group(2)) if st else 0,
+        m.group(2) if m else "0",
+    )
+
+
 def parse(path: str) -> None:
     text = open(path, encoding="utf-8", errors="replace").read()
+    if "finished in" in text and "Requests/sec" not in text:
+        parse_h2load(path, text)
+        return
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     if not rps:
         raise SystemExit(f"{path}: no Requests/sec line:\n{text}")
@@ -195,6 +238,60 @@ def on_off(rows, scen, on_name, off_name, title, what):
     ]
 
 
+def per_request_tail(rows, tsv: str):
+    """The degraded scenario's percentiles from h2load's per-request logs
+    (bench/run.sh, DEGRADED_LOAD=h2load), next to the TSV as
+    r<round>-degraded-<variant>.wrk.log: per variant the median over rounds
+    of each round's p50/p99/p99.9/max, the same percentiles over all its
+    requests pooled, the share to the slow backend, and per-round ratios
+    against HAProxy `leastconn`."""
+    run_dir = os.path.dirname(os.path.abspath(tsv))
+    per = defaultdict(dict)  # variant -> round -> row with percentiles
+    pooled = defaultdict(list)
+    for r in rows:
+        if r["scenario"] != "degraded":
+            continue
+        durs = request_log_ms(os.path.join(run_dir, f"r{int(r['round'])}-degraded-{r['variant']}.wrk.log"))
+        if not durs:
+            continue
+        per[r["variant"]][int(r["round"])] = {
+            "p50": pct(durs, 0.5), "p99": pct(durs, 0.99), "p999": pct(durs, 0.999), "max": durs[-1],
+            "n": len(durs), "slow": 100 * r["slow_requests"] / r["requests"] if r["requests"] else float("nan"),
+        }
+        pooled[r["variant"]].extend(durs)
+    if not per:
+        return []
+    out = [
+        "## degraded: latency from h2load's per-request log",
+        "",
+        "Per round: the percentiles of that run's requests; the table gives the median over rounds, then the same percentiles over every request of every round pooled.",
+        "",
+        "| proxy | requests (all rounds) | p50 | p99 | p99.9 | max | pooled p50 | pooled p99 | pooled p99.9 | to the slow backend, per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for v, rounds in per.items():
+        rs = list(rounds.values())
+        durs = sorted(pooled[v])
+        slow_shares = ", ".join("%.3f %%" % rounds[k]["slow"] for k in sorted(rounds))
+        out.append(
+            f"| {label(v)} | {len(durs):,} | {fmt_ms(med([x['p50'] for x in rs]))} | {fmt_ms(med([x['p99'] for x in rs]))} "
+            f"| {fmt_ms(med([x['p999'] for x in rs]))} | {fmt_ms(med([x['max'] for x in rs]))} "
+            f"| {fmt_ms(pct(durs, 0.5))} | {fmt_ms(pct(durs, 0.99))} | {fmt_ms(pct(durs, 0.999))} "
+            f"| {slow_shares} |"
+        )
+    base = "haproxy-leastconn"
+    if base in per:
+        out += ["", "| ratio (median of per-round ratios) | p50 | p99 | p99.9 |", "| --- | ---: | ---: | ---: |"]
+        for v in per:
+            if v == base:
+                continue
+            common = [k for k in per[v] if k in per[base]]
+            ratios = {q: med([per[v][k][q] / per[base][k][q] for k in common if per[base][k][q] > 0]) for q in ("p50", "p99", "p999")}
+            out.append(f"| {label(v)} / {label(base)} | {ratios['p50']:.2f} | {ratios['p99']:.2f} | {ratios['p999']:.2f} |")
+    out.append("")
+    return out
+
+
 def summarize(tsv: str, meta: str) -> None:
     rows = load(tsv)
     out = ["# datapunk-lb vs HAProxy and NGINX", ""]
@@ -222,6 +319,8 @@ def summarize(tsv: str, meta: str) -> None:
         out += ["## degraded: one of three backends 50 ms slower", ""] + table(degraded, slow=True) + [""]
         out += ratio_lines(rows, "degraded", degraded, ["datapunk-adaptive", "datapunk-peak_ewma"],
                            ["haproxy-leastconn", "nginx-least_conn"]) + [""]
+
+    out += per_request_tail(rows, tsv)
 
     kill = by_variant(rows, "kill")
     if kill:

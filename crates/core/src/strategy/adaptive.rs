@@ -3,11 +3,18 @@
 //!
 //! ## Signals (evaluated at most once per second, from O(1) state)
 //!
-//! - **latency spread**: slowest ÷ median peak-EWMA latency over up to 32
-//!   randomly sampled instances whose breaker is closed and whose estimate
-//!   took a sample within the last 30 s (an instance that `peak_ewma` has
-//!   stopped sending to drops out, so the service returns to calm and the
-//!   instance is tried again rather than being avoided forever);
+//! - **latency spread**: slowest ÷ median latency estimate over up to 32
+//!   randomly sampled instances, not draining, whose estimate took a
+//!   sample within the last 30 s (an instance nobody sends to any more
+//!   drops out, so its old estimate cannot hold `peak_ewma` on forever; one
+//!   that `peak_ewma` avoids is still probed once a second and stays in, and
+//!   so does one whose breaker is open for a few seconds: it is coming
+//!   back, and the spread must still be known when it does). The estimates are taken over window floors
+//!   ([`ewma`](crate::ewma)), so a stall of the proxy's own thread, which
+//!   inflates every instance in flight alike, does not shrink the spread:
+//!   before, the fast instances' estimates held the stalls' peaks and a 50×
+//!   slower instance showed a spread of 1.4–1.7×, under the 2× threshold,
+//!   and `adaptive` stayed in `p2c` (issue 12);
 //! - **error rate**: failures ÷ outcomes since the last evaluation (only when
 //!   at least 20 outcomes were seen; otherwise the previous verdict stands);
 //! - **concurrency**: requests in flight per eligible instance.
@@ -24,6 +31,13 @@
 //! on at the enter threshold and off only below the lower leave threshold —
 //! and the strategy changes at most once per 5 s, so noise around a
 //! threshold does not make it flap.
+//!
+//! In `peak_ewma` mode the exploration rule of
+//! [`peak_ewma`](super::peak_ewma) applies: an instance 3× or more slower
+//! than its pair peer gets one probe a second (under 0.1 % of the requests
+//! from 1,000 req/s) and is back under 3× within about 2 s of answering
+//! like its peers again; the spread then falls below 1.5× and, after the
+//! dwell, `adaptive` returns to calm.
 //!
 //! The numbers above are the defaults; an operator tunes them per service
 //! with [`AdaptiveConfig`] (`[service.NAME.adaptive]` in the server's file).
@@ -71,9 +85,8 @@ pub const CONCURRENCY_ENTER: f64 = 2.0;
 /// See [`CONCURRENCY_ENTER`].
 pub const CONCURRENCY_LEAVE: f64 = 1.0;
 /// Latency estimates older than this are left out of the spread: three
-/// decay constants (30 s). `peak_ewma` retries an instance `X` times slower
-/// than its peers after `τ·ln X` (23 s for 10×), so only instances it has
-/// given up on drop out.
+/// read-decay constants (30 s). `peak_ewma` probes an instance it avoids
+/// once a second, so only instances nothing is sent to drop out.
 const SAMPLE_MAX_AGE: Duration = Duration::from_secs(30);
 /// Instances sampled for the latency spread.
 const SPREAD_SAMPLE: usize = 32;
@@ -321,15 +334,14 @@ impl Adaptive {
                 cx.rng.usize(..n)
             };
             let Some(m) = cx.members.get(i) else { continue };
-            // Only closed instances with a recent sample: an instance that is
-            // out (or avoided) says nothing about the current spread, and
-            // letting its old peak count would keep `peak_ewma` on forever.
+            // Only instances with a recent sample, so an old estimate cannot
+            // keep `peak_ewma` on forever. Not only closed ones: a slow
+            // instance whose breaker opens for a few seconds (its checks
+            // time out) is coming back, and if it left the sample `adaptive`
+            // would turn calm and hand it a full share on its return, for
+            // the whole dwell (issue 12's bench: 2.5 % in such a round).
             let recent = cx.now.saturating_since(m.latency_updated_at()) < SAMPLE_MAX_AGE;
-            if recent
-                && m.requests() > 0
-                && m.circuit_state() == crate::breaker::CircuitState::Closed
-                && cx.admits(m)
-            {
+            if recent && m.requests() > 0 && !m.is_draining() {
                 samples.push(m.latency_ewma_ns());
             }
         }

@@ -25,9 +25,10 @@ fn outcomes_move_the_score_and_effective_weight() {
         .success(Duration::from_millis(5));
     let st = reg.instance(SVC, "i0").unwrap();
     assert!((st.health_score - 0.6).abs() < 1e-9, "{}", st.health_score);
-    // From the 30 ms default toward 5 ms with weight exp(-1 s / 10 s).
-    let w = (-0.1f64).exp();
-    let expect = 30.0 * w + 5.0 * (1.0 - w);
+    // From the 30 ms default toward 5 ms with weight exp(-1 s / 1 s), in
+    // the log domain (the rule of `ewma`).
+    let w = (-1.0f64).exp();
+    let expect = (30.0f64.ln() * w + 5.0f64.ln() * (1.0 - w)).exp();
     let got = st.latency_ewma.as_secs_f64() * 1e3;
     assert!(
         (got - expect).abs() < 0.01,

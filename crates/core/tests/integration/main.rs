@@ -9,6 +9,7 @@ mod bad_input;
 mod breaker_lifecycle;
 mod consistent_hash;
 mod counts;
+mod exploration;
 mod health;
 mod panic_mode;
 mod scale;
