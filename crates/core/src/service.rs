@@ -40,6 +40,20 @@
 //! per pick (one pass, a breaker lock per open instance), which only panic
 //! mode pays.
 //!
+//! ## The clock on the pick path
+//!
+//! A pick reads the clock only if a rule it meets needs the time (a
+//! [`LazyNow`]: an open breaker, a slow-start ramp, a latency decay,
+//! `adaptive`'s evaluation, a stale table). The chosen instance's
+//! `last_used` gets the pick's time if it was read, else the service's
+//! latest reading: `latest`, which every clock read of the service (a
+//! pick that read it, a registration, [`maintain`](Self::maintain), a
+//! report) moves forward when it is a millisecond or more newer. So
+//! `last_used` is exact to the millisecond when the pick needed the time,
+//! and otherwise at most as old as the service's last clock read — under
+//! the server, which calls `Registry::maintain` every 100 ms, at most
+//! 100 ms. Nothing but reports reads `last_used`.
+//!
 //! ## Identity
 //!
 //! Registering an id that exists updates its description and keeps its live
@@ -47,7 +61,7 @@
 //! registered again later starts fresh, with slow start.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,13 +69,13 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::breaker::{Admission, CircuitState};
-use crate::clock::{Clock, Timestamp};
+use crate::clock::{Clock, LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::health::HealthScore;
 use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
 use crate::members::Members;
-use crate::per_thread::PerThread;
+use crate::per_thread::{Padded, PerThread};
 use crate::recorder::{Outcome, Recorder, Source};
 use crate::selection::{PickLocal, Selection};
 use crate::stats::{Availability, ServiceStats};
@@ -69,6 +83,8 @@ use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind, Switc
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
+/// How much newer a clock reading must be to move a service's `latest`.
+const LATEST_STEP_NS: u64 = 1_000_000;
 
 /// One service: its snapshot and writer state, and the [`Recorder`] its
 /// selections report to.
@@ -79,6 +95,9 @@ pub struct Service {
     writer: Mutex<Writer>,
     /// Per-thread pick state (recorder handle, RNG): see [`selection`](crate::selection).
     local: PerThread<PickLocal>,
+    /// The latest clock reading of this service, in nanoseconds (module
+    /// doc, "The clock on the pick path"); read by picks that read none.
+    latest: Padded<AtomicU64>,
 }
 
 /// What selection reads: immutable, replaced on every change.
@@ -149,6 +168,29 @@ impl Service {
                 config,
             }),
             writer: Mutex::new(Writer::default()),
+            latest: Padded(AtomicU64::new(0)),
+        }
+    }
+
+    /// Reads the clock and keeps the reading as the service's latest.
+    fn now(&self) -> Timestamp {
+        let now = self.recorder.now();
+        self.saw(now);
+        now
+    }
+
+    /// Moves `latest` to `now` if that is a millisecond or more newer: a
+    /// shared write at most once a millisecond, however many picks read
+    /// the clock.
+    #[inline]
+    fn saw(&self, now: Timestamp) {
+        let t = now.as_nanos();
+        if t >= self
+            .latest
+            .load(Ordering::Relaxed)
+            .saturating_add(LATEST_STEP_NS)
+        {
+            self.latest.store(t, Ordering::Relaxed);
         }
     }
 
@@ -234,7 +276,7 @@ impl Service {
         if snap.members.is_empty() {
             return None;
         }
-        let now = self.recorder.clock.now();
+        let now = LazyNow::new(&*self.recorder.clock);
         let local = self.local.local();
         let mut rng = local.take_rng(|| self.recorder.next_seed());
         let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
@@ -252,7 +294,7 @@ impl Service {
                 generation: snap.generation,
                 key,
                 rng: &mut rng,
-                now,
+                now: &now,
                 panic,
                 slow_start: snap.config.slow_start,
                 max_probes: snap.config.breaker.half_open_max_probes,
@@ -276,16 +318,23 @@ impl Service {
             let probe = if panic {
                 false
             } else {
-                match self.admit(&member, now, &snap.config, &mut events) {
+                match self.admit(&member, &now, &snap.config, &mut events) {
                     Admission::Admitted => false,
                     Admission::Probe(_) => true,
                     Admission::Rejected => continue,
                 }
             };
+            let used_at = match now.if_read() {
+                Some(t) => {
+                    self.saw(t);
+                    t
+                }
+                None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
+            };
             return Some(Selection::new(
                 local.recorder().clone(),
                 member,
-                now,
+                used_at,
                 probe,
                 kind,
                 events,
@@ -297,16 +346,16 @@ impl Service {
     fn admit(
         &self,
         member: &Member,
-        now: Timestamp,
+        now: &LazyNow<'_>,
         cfg: &LoadBalancerConfig,
         events: &mut Vec<Event>,
     ) -> Admission {
         if member.circuit_state() == CircuitState::Closed {
-            return Admission::Admitted; // the common case: no lock
+            return Admission::Admitted; // the common case: no lock, no clock
         }
         let live = member.live();
         let mut trackers = live.trackers.lock();
-        let admission = trackers.breaker.try_admit(now, &cfg.breaker);
+        let admission = trackers.breaker.try_admit(now.get(), &cfg.breaker);
         if let Admission::Probe(Some(t)) = admission {
             events.push(self.recorder.breaker_event(member, t));
         }
@@ -343,7 +392,7 @@ impl Service {
         };
         let members = snap.members.clone();
         self.snapshot.store(Arc::new(snap));
-        strategy.prepare(&members, w.generation, self.recorder.clock.now());
+        strategy.prepare(&members, w.generation, self.now());
     }
 
     /// Runs `f` on a copy of the member list under the writer lock, then
@@ -353,7 +402,7 @@ impl Service {
         let mut w = self.writer.lock();
         let old = self.snapshot.load_full();
         let mut members = old.members.clone();
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let slow = !old.config.slow_start.is_zero() && !members.is_empty();
         let out = f(&mut w, &mut members, now, slow);
         w.generation += 1;
@@ -406,7 +455,7 @@ impl Service {
 
     /// Starts draining `member`; `None` if `id` is not registered.
     pub(crate) fn drain(&self, id: &str, timeout: Duration) -> Option<Vec<Event>> {
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let mut w = self.writer.lock();
         let member = self.snapshot.load().members.get(*w.index.get(id)?)?.clone();
         let live = member.live();
@@ -426,7 +475,7 @@ impl Service {
 
     /// Sets `member`'s health score; raising it from 0 starts slow start.
     pub(crate) fn set_health(&self, member: &Member, score: HealthScore) -> Vec<Event> {
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let mut events = Vec::new();
         {
             let live = member.live();
@@ -447,6 +496,7 @@ impl Service {
     /// Upkeep at `now`: rebuilds stale strategy tables and removes drained
     /// instances, appending a `Removed` event for each.
     pub(crate) fn maintain(&self, now: Timestamp, events: &mut Vec<Event>) {
+        self.saw(now);
         let snap = self.snapshot.load_full();
         snap.strategy.maintain(&snap.members, snap.generation, now);
         if self.writer.lock().draining.is_empty() {
@@ -482,7 +532,7 @@ impl Service {
     pub(crate) fn mark_all_removed(&self) {
         let snap = self.snapshot.load();
         for m in snap.members.iter() {
-            m.live().removed.store(true, Ordering::Release);
+            m.live().hot.removed.store(true, Ordering::Release);
         }
     }
 
@@ -505,17 +555,13 @@ impl Service {
     /// A report of `member` now.
     pub(crate) fn member_status(&self, member: &Member) -> InstanceStatus {
         let cfg = self.recorder.config.load();
-        member.status(
-            self.recorder.clock.now(),
-            cfg.slow_start,
-            cfg.breaker.half_open_max_probes,
-        )
+        member.status(self.now(), cfg.slow_start, cfg.breaker.half_open_max_probes)
     }
 
     /// A report of every instance, in member order.
     pub fn instances(&self) -> Vec<InstanceStatus> {
         let snap = self.snapshot.load();
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let cfg = &snap.config;
         snap.members
             .iter()
@@ -538,13 +584,14 @@ impl Writer {
     ) -> Registered {
         if let Some(&idx) = self.index.get(instance.id().as_str()) {
             if let Some(old) = members.get(idx) {
+                old.live().set_weight(instance.weight());
                 let m = Member::new(instance, old.live().clone());
                 members.set(idx, Arc::new(m));
                 return Registered::Updated;
             }
         }
         let id = instance.id().clone();
-        let live = Arc::new(InstanceLive::new(now, slow));
+        let live = Arc::new(InstanceLive::new(now, slow, instance.weight()));
         stats.recount(&mut live.trackers.lock().counted, Availability::Available);
         let idx = members.push(Arc::new(Member::new(instance, live)));
         self.index.insert(id, idx);
@@ -568,7 +615,7 @@ impl Writer {
         }
         let live = removed.live();
         let mut trackers = live.trackers.lock();
-        live.removed.store(true, Ordering::Release);
+        live.hot.removed.store(true, Ordering::Release);
         stats.recount(&mut trackers.counted, Availability::Absent);
         Some(removed.instance().clone())
     }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use super::{per_weight, PickContext, Strategy, StrategyKind};
-use crate::instance::Member;
+use crate::instance::{InstanceLive, Member};
 
 /// Power of two choices on peak-EWMA latency.
 #[derive(Debug, Default)]
@@ -20,11 +20,11 @@ pub struct PeakEwma;
 
 /// The peak-EWMA cost of `m`.
 #[inline]
-pub(crate) fn latency_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
-    let queue = f64::from(m.active_connections()) + 1.0;
+pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
+    let queue = f64::from(live.active_connections()) + 1.0;
     per_weight(
-        m.latency_estimate_ns(cx.now) * queue,
-        cx.effective_weight(m),
+        live.latency_estimate_ns(cx.now()) * queue,
+        cx.live_effective_weight(live),
     )
 }
 
@@ -34,7 +34,7 @@ impl Strategy for PeakEwma {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let (a, b) = cx.random_pair()?;
-        Some(cx.cheaper(a, b, latency_cost))
+        let (a, b) = cx.random_pair_slots()?;
+        Some(cx.cheaper_slot(a, b, latency_cost))
     }
 }
