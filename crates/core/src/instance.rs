@@ -154,10 +154,15 @@ pub struct ServiceInstance {
 }
 
 /// A registered instance: its description plus its shared live state.
+///
+/// `repr(C)`, `live` first: the pointer a selection follows to its
+/// instance's counters sits next to the `Arc`'s reference count, which the
+/// selection writes anyway, so both are on one cache line most of the time.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Member {
-    instance: ServiceInstance,
     live: Arc<InstanceLive>,
+    instance: ServiceInstance,
 }
 
 /// Live state of one instance, shared by every snapshot that lists it and by
@@ -388,7 +393,7 @@ impl ServiceInstance {
 
 impl Member {
     pub(crate) fn new(instance: ServiceInstance, live: Arc<InstanceLive>) -> Self {
-        Self { instance, live }
+        Self { live, instance }
     }
 
     /// The description.
@@ -697,6 +702,16 @@ impl InstanceLive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_pick_touches_is_one_aligned_cache_line() {
+        assert_eq!(std::mem::size_of::<Hot>(), 64);
+        assert_eq!(std::mem::align_of::<Hot>(), 64);
+        let live = InstanceLive::new(Timestamp::default(), false, Weight::DEFAULT);
+        assert_eq!(std::ptr::addr_of!(live.hot) as usize % 64, 0);
+        // The member's live pointer is next to its Arc's reference count.
+        assert_eq!(std::mem::offset_of!(Member, live), 0);
+    }
 
     #[test]
     fn descriptions_are_validated() {

@@ -637,3 +637,152 @@ fn enough_panic_candidates(members: &Members, cfg: &LoadBalancerConfig) -> bool 
     }
     candidates > 0 && candidates * 100 >= usize::from(cfg.min_healthy_percent) * total
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::{HealthScore, ManualClock, Registry};
+
+    /// A manual clock that counts its reads.
+    #[derive(Debug, Default)]
+    struct CountingClock {
+        time: ManualClock,
+        reads: AtomicUsize,
+    }
+
+    impl Clock for CountingClock {
+        fn now(&self) -> Timestamp {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.time.now()
+        }
+    }
+
+    impl CountingClock {
+        fn reads(&self) -> usize {
+            self.reads.load(Ordering::Relaxed)
+        }
+    }
+
+    fn service(kind: StrategyKind) -> (Registry, Arc<Service>, Arc<CountingClock>) {
+        let clock = Arc::new(CountingClock::default());
+        let registry = Registry::builder()
+            .clock(clock.clone())
+            .seed(3)
+            .build()
+            .unwrap();
+        let config = LoadBalancerConfig {
+            strategy: kind,
+            ..LoadBalancerConfig::default()
+        };
+        registry.configure_service("svc", config).unwrap();
+        let instances = (0..4)
+            .map(|i| ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80).unwrap())
+            .collect::<Vec<_>>();
+        registry.register_instances("svc", instances).unwrap();
+        let svc = registry.service("svc").unwrap();
+        (registry, svc, clock)
+    }
+
+    fn picks(svc: &Service, n: usize) {
+        for i in 0u64..n as u64 {
+            drop(svc.select(Some(&i.to_le_bytes())).unwrap());
+        }
+    }
+
+    #[test]
+    fn picks_on_closed_breakers_with_no_ramp_read_no_clock() {
+        for kind in [
+            StrategyKind::RoundRobin,
+            StrategyKind::LeastConnections,
+            StrategyKind::Random,
+            StrategyKind::WeightedRandom,
+            StrategyKind::P2c,
+            StrategyKind::ConsistentHash,
+            StrategyKind::Weighted,
+        ] {
+            let (_registry, svc, clock) = service(kind);
+            picks(&svc, 1); // builds what a first pick builds
+            let before = clock.reads();
+            picks(&svc, 100);
+            assert_eq!(clock.reads(), before, "{kind}: no rule needed the time");
+        }
+        // peak_ewma decays each candidate's latency to now: it needs one
+        // read per pick, not one per candidate.
+        let (_registry, svc, clock) = service(StrategyKind::PeakEwma);
+        let before = clock.reads();
+        picks(&svc, 100);
+        assert_eq!(clock.reads() - before, 100, "peak_ewma: one read per pick");
+    }
+
+    #[test]
+    fn a_ramp_costs_clock_reads_until_it_ends_then_none() {
+        let (registry, svc, clock) = service(StrategyKind::P2c);
+        // 0 then back: slow start (10 s) begins for i0.
+        registry
+            .update_instance_health("svc", "i0", HealthScore::EJECTED.get())
+            .unwrap();
+        registry.update_instance_health("svc", "i0", 1.0).unwrap();
+        let before = clock.reads();
+        picks(&svc, 200);
+        assert!(clock.reads() > before, "picks meeting i0 read the time");
+        clock.time.advance(Duration::from_secs(11));
+        picks(&svc, 200); // some pick meets i0 at the ramp's end and clears it
+        let before = clock.reads();
+        picks(&svc, 200);
+        assert_eq!(clock.reads(), before, "the ended ramp is cleared");
+        let i0 = registry.instance("svc", "i0").unwrap();
+        assert_eq!(i0.slow_start_factor, 1.0);
+        assert!(i0.active_connections == 0 && i0.last_used.is_some());
+    }
+
+    #[test]
+    fn last_used_is_the_picks_time_or_the_services_latest_clock_reading() {
+        let (registry, svc, clock) = service(StrategyKind::RoundRobin);
+        let registered = clock.time.now();
+        clock.time.advance(Duration::from_secs(5));
+        let last_used = |svc: &Service| {
+            svc.instances()
+                .iter()
+                .filter_map(|s| s.last_used)
+                .max()
+                .unwrap()
+        };
+        // No rule needs the time: the latest reading (the registration;
+        // `instances` itself reads the clock, so look before it).
+        drop(svc.select(None).unwrap());
+        assert_eq!(last_used(&svc), registered);
+        // `maintain` reads the clock (the server calls it every 100 ms).
+        registry.maintain();
+        clock.time.advance(Duration::from_millis(300));
+        drop(svc.select(None).unwrap());
+        let maintained = registered + Duration::from_secs(5);
+        assert_eq!(last_used(&svc), maintained);
+        // A pick that reads the clock stamps its own time: an open breaker
+        // whose window elapsed is probed, reading the clock.
+        let (registry, svc, clock) = service(StrategyKind::ConsistentHash);
+        let i0 = svc.member("i0").unwrap();
+        for _ in 0..20 {
+            drop(registry.report_outcome(
+                "svc",
+                "i0",
+                Outcome::Failure(crate::FailureKind::Connect),
+            ));
+            if i0.circuit_state() == CircuitState::Open {
+                break;
+            }
+        }
+        assert_eq!(i0.circuit_state(), CircuitState::Open);
+        clock.time.advance(Duration::from_secs(600));
+        let t = clock.time.now();
+        let probe = svc
+            .select_with(None, |m| m.instance().id().as_str() == "i0")
+            .expect("the elapsed window admits a probe");
+        assert!(probe.is_probe());
+        assert_eq!(
+            i0.live().hot.last_used.load(Ordering::Relaxed),
+            t.as_nanos()
+        );
+    }
+}
