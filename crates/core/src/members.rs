@@ -45,11 +45,68 @@ pub struct Members {
 
 #[derive(Debug, Clone, Default)]
 struct Chunk {
-    members: Vec<Slot>,
+    members: Slots,
     /// `cum[i]` = total configured weight of members `0..=i`.
     cum: Vec<u64>,
     min_weight: u16,
     max_weight: u16,
+}
+
+/// A chunk's slots, inline in the chunk's allocation: a lookup follows the
+/// chunk pointer to the slot, not a chunk header to a separate buffer (one
+/// dependent load and ~400 pages fewer at 100,000 members).
+#[derive(Debug, Clone)]
+struct Slots {
+    len: usize,
+    /// `Some` exactly at `0..len`.
+    slots: [Option<Slot>; CHUNK],
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            slots: [const { None }; CHUNK],
+        }
+    }
+}
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<&Slot> {
+        self.slots.get(i)?.as_ref()
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut Slot> {
+        self.slots.get_mut(i)?.as_mut()
+    }
+
+    /// Appends; the caller checks `len() < CHUNK`.
+    fn push(&mut self, slot: Slot) {
+        if let Some(free) = self.slots.get_mut(self.len) {
+            *free = Some(slot);
+            self.len += 1;
+        }
+    }
+
+    fn pop(&mut self) -> Option<Slot> {
+        let last = self.len.checked_sub(1)?;
+        let slot = self.slots.get_mut(last)?.take();
+        self.len = last;
+        slot
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().take(self.len).flatten()
+    }
 }
 
 /// One member and its live state; see the module doc.
@@ -193,8 +250,10 @@ impl Members {
             last
         } else {
             let (c, s) = (index / CHUNK, index % CHUNK);
-            let slot = &mut Arc::make_mut(&mut self.chunks[c]).members[s];
-            std::mem::replace(slot, last)
+            match Arc::make_mut(&mut self.chunks[c]).members.get_mut(s) {
+                Some(slot) => std::mem::replace(slot, last),
+                None => return None, // index < len: every slot below len is set
+            }
         };
         let removed = removed.member;
         if self.chunks[last_c].members.is_empty() {
@@ -214,7 +273,7 @@ impl Members {
                 chunk.cum.clear();
                 let mut sum = 0u64;
                 let (mut lo, mut hi) = (u16::MAX, 0u16);
-                for m in &chunk.members {
+                for m in chunk.members.iter() {
                     let w = m.member.instance().weight().get();
                     sum += u64::from(w);
                     chunk.cum.push(sum);
