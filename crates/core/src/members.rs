@@ -55,11 +55,17 @@ struct Chunk {
 /// A chunk's slots, inline in the chunk's allocation: a lookup follows the
 /// chunk pointer to the slot, not a chunk header to a separate buffer (one
 /// dependent load and ~400 pages fewer at 100,000 members).
+///
+/// The slots' configured weights are kept beside them, so recomputing a
+/// chunk's prefix sums after a change reads 512 bytes instead of 256
+/// members (256 cache misses at 100,000 members).
 #[derive(Debug, Clone)]
 struct Slots {
     len: usize,
     /// `Some` exactly at `0..len`.
     slots: [Option<Slot>; CHUNK],
+    /// The configured weight of the member in each slot.
+    weights: [u16; CHUNK],
 }
 
 impl Default for Slots {
@@ -67,6 +73,7 @@ impl Default for Slots {
         Self {
             len: 0,
             slots: [const { None }; CHUNK],
+            weights: [0; CHUNK],
         }
     }
 }
@@ -85,27 +92,39 @@ impl Slots {
         self.slots.get(i)?.as_ref()
     }
 
-    fn get_mut(&mut self, i: usize) -> Option<&mut Slot> {
-        self.slots.get_mut(i)?.as_mut()
+    /// Puts `slot` (whose member has configured weight `weight`) at `i`
+    /// (in `0..len`); returns the slot it replaces.
+    fn replace(&mut self, i: usize, slot: Slot, weight: u16) -> Option<Slot> {
+        if i >= self.len {
+            return None;
+        }
+        self.weights[i] = weight;
+        self.slots[i].replace(slot)
     }
 
     /// Appends; the caller checks `len() < CHUNK`.
-    fn push(&mut self, slot: Slot) {
+    fn push(&mut self, slot: Slot, weight: u16) {
         if let Some(free) = self.slots.get_mut(self.len) {
             *free = Some(slot);
+            self.weights[self.len] = weight;
             self.len += 1;
         }
     }
 
-    fn pop(&mut self) -> Option<Slot> {
+    /// Removes the last slot; with its member's weight.
+    fn pop(&mut self) -> Option<(Slot, u16)> {
         let last = self.len.checked_sub(1)?;
-        let slot = self.slots.get_mut(last)?.take();
+        let slot = self.slots.get_mut(last)?.take()?;
         self.len = last;
-        slot
+        Some((slot, self.weights[last]))
     }
 
     fn iter(&self) -> impl Iterator<Item = &Slot> {
         self.slots.iter().take(self.len).flatten()
+    }
+
+    fn weights(&self) -> &[u16] {
+        &self.weights[..self.len]
     }
 }
 
@@ -206,7 +225,7 @@ impl Members {
         let before = if c == 0 { 0 } else { self.chunk_cum[c - 1] };
         let chunk = Arc::make_mut(&mut self.chunks[c]);
         let sum = chunk.cum.last().copied().unwrap_or(0) + u64::from(w);
-        chunk.members.push(Slot::new(member));
+        chunk.members.push(Slot::new(member), w);
         chunk.cum.push(sum);
         chunk.min_weight = if chunk.members.len() == 1 {
             w
@@ -229,8 +248,12 @@ impl Members {
     pub(crate) fn set(&mut self, index: usize, member: Arc<Member>) {
         let (c, s) = (index / CHUNK, index % CHUNK);
         if let Some(chunk) = self.chunks.get_mut(c) {
-            if let Some(slot) = Arc::make_mut(chunk).members.get_mut(s) {
-                *slot = Slot::new(member);
+            let w = member.instance().weight().get();
+            if Arc::make_mut(chunk)
+                .members
+                .replace(s, Slot::new(member), w)
+                .is_some()
+            {
                 self.refresh(&[c]);
             }
         }
@@ -244,16 +267,16 @@ impl Members {
             return None;
         }
         let last_c = self.chunks.len() - 1;
-        let last = Arc::make_mut(&mut self.chunks[last_c]).members.pop()?;
+        let (last, weight) = Arc::make_mut(&mut self.chunks[last_c]).members.pop()?;
         self.len -= 1;
         let removed = if index == self.len {
             last
         } else {
             let (c, s) = (index / CHUNK, index % CHUNK);
-            match Arc::make_mut(&mut self.chunks[c]).members.get_mut(s) {
-                Some(slot) => std::mem::replace(slot, last),
-                None => return None, // index < len: every slot below len is set
-            }
+            // Some: `index < len`, and every slot below len is set.
+            Arc::make_mut(&mut self.chunks[c])
+                .members
+                .replace(s, last, weight)?
         };
         let removed = removed.member;
         if self.chunks[last_c].members.is_empty() {
@@ -273,8 +296,7 @@ impl Members {
                 chunk.cum.clear();
                 let mut sum = 0u64;
                 let (mut lo, mut hi) = (u16::MAX, 0u16);
-                for m in chunk.members.iter() {
-                    let w = m.member.instance().weight().get();
+                for &w in chunk.members.weights() {
                     sum += u64::from(w);
                     chunk.cum.push(sum);
                     lo = lo.min(w);
