@@ -34,6 +34,9 @@ impl Strategy for PeakEwma {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+        // The costs need the time: read it before the candidates' cache
+        // misses, which a clock read (an ordered `rdtsc`) would wait for.
+        cx.now();
         let (a, b) = cx.random_pair_slots()?;
         Some(cx.cheaper_slot(a, b, latency_cost))
     }
