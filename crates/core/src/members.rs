@@ -15,7 +15,7 @@
 //!
 //! A slot is the member's `Arc` and an `Arc` of its live state
 //! ([`InstanceLive`]), 16 bytes. A strategy checks a candidate through
-//! [`Slot::live`] — the slot, then the instance's one hot line — without
+//! `Slot::live` — the slot, then the instance's one hot line — without
 //! reading the `Member` the slot points to; only the member it picks is
 //! read (for its reference count). At 100,000 instances each of those is a
 //! cache miss, and the old path (slot → `Member` → live state) made them

@@ -47,10 +47,10 @@
 //! `adaptive`'s evaluation, a stale table). The chosen instance's
 //! `last_used` gets the pick's time if it was read, else the service's
 //! latest reading: `latest`, which every clock read of the service (a
-//! pick that read it, a registration, [`maintain`](Self::maintain), a
+//! pick that read it, a registration, `Registry::maintain`, a
 //! report) moves forward when it is a millisecond or more newer. So
-//! `last_used` is exact to the millisecond when the pick needed the time,
-//! and otherwise at most as old as the service's last clock read — under
+//! `last_used` is exact when the pick read the clock, and otherwise at
+//! most as old as the service's last clock read (to a millisecond) — under
 //! the server, which calls `Registry::maintain` every 100 ms, at most
 //! 100 ms. Nothing but reports reads `last_used`.
 //!
