@@ -722,6 +722,27 @@ mod tests {
     }
 
     #[test]
+    fn a_weight_change_reaches_the_copy_picks_read() {
+        // least_connections breaks ties among idle instances by configured
+        // weight, read from the live state's copy: the copy must follow
+        // `update_instance_weight`.
+        let (registry, svc, _clock) = service(StrategyKind::LeastConnections);
+        let share_of_i0 = |svc: &Service| {
+            let picks = 4000;
+            let i0 = (0..picks)
+                .filter(|_| svc.select(None).unwrap().instance().id().as_str() == "i0")
+                .count();
+            i0 as f64 / f64::from(picks)
+        };
+        let before = share_of_i0(&svc);
+        assert!((before - 0.25).abs() < 0.04, "4 equal instances: {before}");
+        registry.update_instance_weight("svc", "i0", 7).unwrap();
+        // 7 / (7 + 1 + 1 + 1) = 0.7; seeded RNG, ±0.04 is > 5 sigma.
+        let after = share_of_i0(&svc);
+        assert!((after - 0.7).abs() < 0.04, "i0 at weight 7 of 10: {after}");
+    }
+
+    #[test]
     fn a_ramp_costs_clock_reads_until_it_ends_then_none() {
         let (registry, svc, clock) = service(StrategyKind::P2c);
         // 0 then back: slow start (10 s) begins for i0.
