@@ -5,7 +5,13 @@
 //! ```sh
 //! cargo bench -p datapunk-lb-core --bench picks --no-run
 //! <binary> <strategy> <instances> <picks per thread> <threads>
+//! <binary> membership <strategy> <instances> <changes>
 //! ```
+//!
+//! The `membership` form times changes instead of picks, on one thread: each
+//! change deregisters `inst-i` (i spread over the list; a swap-remove) and
+//! registers it again (an append), two snapshot rebuilds, and reports CPU
+//! ns per change (the pair).
 //!
 //! Each thread reports the CPU time it ran (from
 //! `/proc/thread-self/schedstat`, nanoseconds on a CPU) and the wall time of
@@ -42,26 +48,19 @@ fn main() {
             .cloned()
             .unwrap_or_else(|| default.to_owned())
     };
+    if arg(1, "") == "membership" {
+        return membership(
+            arg(2, "round_robin").parse().unwrap(),
+            arg(3, "100000").parse().unwrap(),
+            arg(4, "1000").parse().unwrap(),
+        );
+    }
     let kind: StrategyKind = arg(1, "round_robin").parse().unwrap();
     let n: usize = arg(2, "1000").parse().unwrap();
     let picks: u64 = arg(3, "100000").parse().unwrap();
     let threads: usize = arg(4, "1").parse().unwrap();
 
-    let registry = Registry::builder().seed(1).build().unwrap();
-    let config = LoadBalancerConfig {
-        strategy: kind,
-        ..LoadBalancerConfig::default()
-    };
-    registry.configure_service("svc", config).unwrap();
-    let instances: Vec<_> = (0..n)
-        .map(|i| {
-            ServiceInstance::try_new(&format!("inst-{i}"), "10.0.0.1", 1024 + (i % 60_000) as u16)
-                .unwrap()
-                .with_weight(Weight::try_new(1 + (i % 5) as u64).unwrap())
-        })
-        .collect();
-    registry.register_instances("svc", instances).unwrap();
-    drop(registry.maintain());
+    let registry = service(kind, n);
     let svc = registry.service("svc").unwrap();
     drop(svc.select(Some(b"warm-up")).unwrap());
     let keyed = kind == StrategyKind::ConsistentHash;
@@ -94,5 +93,45 @@ fn main() {
         "picks {kind} n={n} threads={threads} picks/thread={picks}: cpu ns/pick per thread [{}], wall ns/pick per thread [{}]",
         cpu.join(", "),
         wall.join(", ")
+    );
+}
+
+/// The instance `inst-{i}` of the benches' services.
+fn instance(i: usize) -> ServiceInstance {
+    ServiceInstance::try_new(&format!("inst-{i}"), "10.0.0.1", 1024 + (i % 60_000) as u16)
+        .unwrap()
+        .with_weight(Weight::try_new(1 + (i % 5) as u64).unwrap())
+}
+
+/// A registry whose service `svc` has `n` instances, tables built.
+fn service(kind: StrategyKind, n: usize) -> Registry {
+    let registry = Registry::builder().seed(1).build().unwrap();
+    let config = LoadBalancerConfig {
+        strategy: kind,
+        ..LoadBalancerConfig::default()
+    };
+    registry.configure_service("svc", config).unwrap();
+    registry
+        .register_instances("svc", (0..n).map(instance).collect::<Vec<_>>())
+        .unwrap();
+    drop(registry.maintain());
+    registry
+}
+
+/// `changes` times: deregister one instance, register it again.
+fn membership(kind: StrategyKind, n: usize, changes: usize) {
+    let registry = service(kind, n);
+    let cpu = thread_cpu_ns();
+    for k in 0..changes {
+        let i = k.wrapping_mul(7919) % n.max(1);
+        registry
+            .deregister_instance("svc", &format!("inst-{i}"))
+            .unwrap();
+        registry.register_instance("svc", instance(i)).unwrap();
+    }
+    let cpu = thread_cpu_ns().saturating_sub(cpu);
+    println!(
+        "membership {kind} n={n} changes={changes}: cpu ns per deregister + register {:.0}",
+        cpu as f64 / changes.max(1) as f64
     );
 }

@@ -11,13 +11,23 @@
 //! microseconds at 100,000. Removal is swap-remove, so every chunk but the
 //! last stays full and index → (chunk, slot) is a division.
 //!
+//! ## Why a slot holds the live state too
+//!
+//! A slot is the member's `Arc` and an `Arc` of its live state
+//! ([`InstanceLive`]), 16 bytes. A strategy checks a candidate through
+//! `Slot::live` — the slot, then the instance's one hot line — without
+//! reading the `Member` the slot points to; only the member it picks is
+//! read (for its reference count). At 100,000 instances each of those is a
+//! cache miss, and the old path (slot → `Member` → live state) made them
+//! one after the other.
+//!
 //! Each chunk keeps inclusive prefix sums of its configured weights, and the
 //! list keeps prefix sums over chunks, so a weighted random draw is two
 //! binary searches (O(log n)) with no per-pick scan.
 
 use std::sync::Arc;
 
-use crate::instance::Member;
+use crate::instance::{InstanceLive, Member};
 
 /// Members per chunk.
 const CHUNK: usize = 256;
@@ -35,11 +45,113 @@ pub struct Members {
 
 #[derive(Debug, Clone, Default)]
 struct Chunk {
-    members: Vec<Arc<Member>>,
+    members: Slots,
     /// `cum[i]` = total configured weight of members `0..=i`.
     cum: Vec<u64>,
     min_weight: u16,
     max_weight: u16,
+}
+
+/// A chunk's slots, inline in the chunk's allocation: a lookup follows the
+/// chunk pointer to the slot, not a chunk header to a separate buffer (one
+/// dependent load and ~400 pages fewer at 100,000 members).
+///
+/// The slots' configured weights are kept beside them, so recomputing a
+/// chunk's prefix sums after a change reads 512 bytes instead of 256
+/// members (256 cache misses at 100,000 members).
+#[derive(Debug, Clone)]
+struct Slots {
+    len: usize,
+    /// `Some` exactly at `0..len`.
+    slots: [Option<Slot>; CHUNK],
+    /// The configured weight of the member in each slot.
+    weights: [u16; CHUNK],
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            slots: [const { None }; CHUNK],
+            weights: [0; CHUNK],
+        }
+    }
+}
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<&Slot> {
+        self.slots.get(i)?.as_ref()
+    }
+
+    /// Puts `slot` (whose member has configured weight `weight`) at `i`
+    /// (in `0..len`); returns the slot it replaces.
+    fn replace(&mut self, i: usize, slot: Slot, weight: u16) -> Option<Slot> {
+        if i >= self.len {
+            return None;
+        }
+        self.weights[i] = weight;
+        self.slots[i].replace(slot)
+    }
+
+    /// Appends; the caller checks `len() < CHUNK`.
+    fn push(&mut self, slot: Slot, weight: u16) {
+        if let Some(free) = self.slots.get_mut(self.len) {
+            *free = Some(slot);
+            self.weights[self.len] = weight;
+            self.len += 1;
+        }
+    }
+
+    /// Removes the last slot; with its member's weight.
+    fn pop(&mut self) -> Option<(Slot, u16)> {
+        let last = self.len.checked_sub(1)?;
+        let slot = self.slots.get_mut(last)?.take()?;
+        self.len = last;
+        Some((slot, self.weights[last]))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().take(self.len).flatten()
+    }
+
+    fn weights(&self) -> &[u16] {
+        &self.weights[..self.len]
+    }
+}
+
+/// One member and its live state; see the module doc.
+#[derive(Debug, Clone)]
+pub(crate) struct Slot {
+    member: Arc<Member>,
+    live: Arc<InstanceLive>,
+}
+
+impl Slot {
+    fn new(member: Arc<Member>) -> Self {
+        let live = member.live().clone();
+        Self { member, live }
+    }
+
+    /// The member.
+    #[inline]
+    pub(crate) fn member(&self) -> &Arc<Member> {
+        &self.member
+    }
+
+    /// The member's live state, without reading the member.
+    #[inline]
+    pub(crate) fn live(&self) -> &InstanceLive {
+        &self.live
+    }
 }
 
 impl Members {
@@ -54,12 +166,24 @@ impl Members {
     }
 
     /// The member at `index`.
+    #[inline]
     pub fn get(&self, index: usize) -> Option<&Arc<Member>> {
+        self.slot(index).map(Slot::member)
+    }
+
+    /// The slot at `index`: the member and its live state.
+    #[inline]
+    pub(crate) fn slot(&self, index: usize) -> Option<&Slot> {
         self.chunks.get(index / CHUNK)?.members.get(index % CHUNK)
     }
 
     /// Iterates over all members (O(n); not for the selection path).
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Member>> {
+        self.slots().map(Slot::member)
+    }
+
+    /// Iterates over all slots (O(n)).
+    pub(crate) fn slots(&self) -> impl Iterator<Item = &Slot> {
         self.chunks.iter().flat_map(|c| c.members.iter())
     }
 
@@ -101,7 +225,7 @@ impl Members {
         let before = if c == 0 { 0 } else { self.chunk_cum[c - 1] };
         let chunk = Arc::make_mut(&mut self.chunks[c]);
         let sum = chunk.cum.last().copied().unwrap_or(0) + u64::from(w);
-        chunk.members.push(member);
+        chunk.members.push(Slot::new(member), w);
         chunk.cum.push(sum);
         chunk.min_weight = if chunk.members.len() == 1 {
             w
@@ -124,8 +248,12 @@ impl Members {
     pub(crate) fn set(&mut self, index: usize, member: Arc<Member>) {
         let (c, s) = (index / CHUNK, index % CHUNK);
         if let Some(chunk) = self.chunks.get_mut(c) {
-            if let Some(slot) = Arc::make_mut(chunk).members.get_mut(s) {
-                *slot = member;
+            let w = member.instance().weight().get();
+            if Arc::make_mut(chunk)
+                .members
+                .replace(s, Slot::new(member), w)
+                .is_some()
+            {
                 self.refresh(&[c]);
             }
         }
@@ -139,15 +267,18 @@ impl Members {
             return None;
         }
         let last_c = self.chunks.len() - 1;
-        let last = Arc::make_mut(&mut self.chunks[last_c]).members.pop()?;
+        let (last, weight) = Arc::make_mut(&mut self.chunks[last_c]).members.pop()?;
         self.len -= 1;
         let removed = if index == self.len {
             last
         } else {
             let (c, s) = (index / CHUNK, index % CHUNK);
-            let slot = &mut Arc::make_mut(&mut self.chunks[c]).members[s];
-            std::mem::replace(slot, last)
+            // Some: `index < len`, and every slot below len is set.
+            Arc::make_mut(&mut self.chunks[c])
+                .members
+                .replace(s, last, weight)?
         };
+        let removed = removed.member;
         if self.chunks[last_c].members.is_empty() {
             self.chunks.pop();
             self.chunk_cum.pop();
@@ -165,8 +296,7 @@ impl Members {
                 chunk.cum.clear();
                 let mut sum = 0u64;
                 let (mut lo, mut hi) = (u16::MAX, 0u16);
-                for m in &chunk.members {
-                    let w = m.instance().weight().get();
+                for &w in chunk.members.weights() {
                     sum += u64::from(w);
                     chunk.cum.push(sum);
                     lo = lo.min(w);
@@ -201,7 +331,11 @@ mod tests {
             .with_weight(Weight::try_new(w).unwrap());
         Arc::new(Member::new(
             inst,
-            Arc::new(InstanceLive::new(Timestamp::default(), false)),
+            Arc::new(InstanceLive::new(
+                Timestamp::default(),
+                false,
+                Weight::try_new(w).unwrap(),
+            )),
         ))
     }
 

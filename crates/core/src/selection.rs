@@ -13,6 +13,11 @@
 //! therefore exact at every moment, as with tower's pending-request handles
 //! and Pingora's inflight guard.
 //!
+//! The caller measures the latency it reports (the proxy times each attempt
+//! itself), so a selection keeps no start time, and a pick reads the clock
+//! only when a rule needs it (see [`service`](crate::service), "The clock on
+//! the pick path").
+//!
 //! ## Nothing service-wide is written per pick
 //!
 //! A guard must keep its service's [`Recorder`] alive, but cloning one
@@ -54,7 +59,6 @@ use crate::strategy::StrategyKind;
 pub struct Selection {
     recorder: Arc<RecorderHandle>,
     member: Arc<Member>,
-    started: Timestamp,
     probe: bool,
     strategy: StrategyKind,
     events: Vec<Event>,
@@ -65,19 +69,18 @@ impl Selection {
     pub(crate) fn new(
         recorder: Arc<RecorderHandle>,
         member: Arc<Member>,
-        now: Timestamp,
+        used_at: Timestamp,
         probe: bool,
         strategy: StrategyKind,
         events: Vec<Event>,
     ) -> Self {
-        let live = member.live();
+        let live = &member.live().hot;
         live.active.fetch_add(1, Ordering::AcqRel);
-        live.last_used.store(now.as_nanos(), Ordering::Relaxed);
+        live.last_used.store(used_at.as_nanos(), Ordering::Relaxed);
         recorder.stats.request_started();
         Self {
             recorder,
             member,
-            started: now,
             probe,
             strategy,
             events,
@@ -109,11 +112,6 @@ impl Selection {
         self.probe
     }
 
-    /// When the selection was made (on the registry's clock).
-    pub fn started(&self) -> Timestamp {
-        self.started
-    }
-
     /// Events the pick caused (panic mode, breaker half-open, strategy
     /// switch).
     pub fn events(&self) -> &[Event] {
@@ -129,12 +127,6 @@ impl Selection {
     pub fn success(self, latency: Duration) -> Vec<Event> {
         self.recorder
             .record(&self.member, Outcome::Success(latency), Source::Request)
-    }
-
-    /// Records a success, measuring latency on the registry's clock.
-    pub fn success_now(self) -> Vec<Event> {
-        let latency = self.recorder.now().saturating_since(self.started);
-        self.success(latency)
     }
 
     /// Records a failure and releases the connection.
@@ -201,7 +193,7 @@ impl PickLocal {
 impl Drop for Selection {
     #[inline]
     fn drop(&mut self) {
-        self.member.live().active.fetch_sub(1, Ordering::AcqRel);
+        self.member.live().hot.active.fetch_sub(1, Ordering::AcqRel);
         self.recorder.stats.request_finished();
         if self.probe {
             self.recorder.release_probe(&self.member);

@@ -40,6 +40,20 @@
 //! per pick (one pass, a breaker lock per open instance), which only panic
 //! mode pays.
 //!
+//! ## The clock on the pick path
+//!
+//! A pick reads the clock only if a rule it meets needs the time (a
+//! [`LazyNow`]: an open breaker, a slow-start ramp, a latency decay,
+//! `adaptive`'s evaluation, a stale table). The chosen instance's
+//! `last_used` gets the pick's time if it was read, else the service's
+//! latest reading: `latest`, which every clock read of the service (a
+//! pick that read it, a registration, `Registry::maintain`, a
+//! report) moves forward when it is a millisecond or more newer. So
+//! `last_used` is exact when the pick read the clock, and otherwise at
+//! most as old as the service's last clock read (to a millisecond) — under
+//! the server, which calls `Registry::maintain` every 100 ms, at most
+//! 100 ms. Nothing but reports reads `last_used`.
+//!
 //! ## Identity
 //!
 //! Registering an id that exists updates its description and keeps its live
@@ -47,7 +61,7 @@
 //! registered again later starts fresh, with slow start.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,13 +69,13 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::breaker::{Admission, CircuitState};
-use crate::clock::{Clock, Timestamp};
+use crate::clock::{Clock, LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::health::HealthScore;
 use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
 use crate::members::Members;
-use crate::per_thread::PerThread;
+use crate::per_thread::{Padded, PerThread};
 use crate::recorder::{Outcome, Recorder, Source};
 use crate::selection::{PickLocal, Selection};
 use crate::stats::{Availability, ServiceStats};
@@ -69,6 +83,8 @@ use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind, Switc
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
+/// How much newer a clock reading must be to move a service's `latest`.
+const LATEST_STEP_NS: u64 = 1_000_000;
 
 /// One service: its snapshot and writer state, and the [`Recorder`] its
 /// selections report to.
@@ -79,6 +95,9 @@ pub struct Service {
     writer: Mutex<Writer>,
     /// Per-thread pick state (recorder handle, RNG): see [`selection`](crate::selection).
     local: PerThread<PickLocal>,
+    /// The latest clock reading of this service, in nanoseconds (module
+    /// doc, "The clock on the pick path"); read by picks that read none.
+    latest: Padded<AtomicU64>,
 }
 
 /// What selection reads: immutable, replaced on every change.
@@ -149,6 +168,29 @@ impl Service {
                 config,
             }),
             writer: Mutex::new(Writer::default()),
+            latest: Padded(AtomicU64::new(0)),
+        }
+    }
+
+    /// Reads the clock and keeps the reading as the service's latest.
+    fn now(&self) -> Timestamp {
+        let now = self.recorder.now();
+        self.saw(now);
+        now
+    }
+
+    /// Moves `latest` to `now` if that is a millisecond or more newer: a
+    /// shared write at most once a millisecond, however many picks read
+    /// the clock.
+    #[inline]
+    fn saw(&self, now: Timestamp) {
+        let t = now.as_nanos();
+        if t >= self
+            .latest
+            .load(Ordering::Relaxed)
+            .saturating_add(LATEST_STEP_NS)
+        {
+            self.latest.store(t, Ordering::Relaxed);
         }
     }
 
@@ -234,7 +276,7 @@ impl Service {
         if snap.members.is_empty() {
             return None;
         }
-        let now = self.recorder.clock.now();
+        let now = LazyNow::new(&*self.recorder.clock);
         let local = self.local.local();
         let mut rng = local.take_rng(|| self.recorder.next_seed());
         let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
@@ -252,7 +294,7 @@ impl Service {
                 generation: snap.generation,
                 key,
                 rng: &mut rng,
-                now,
+                now: &now,
                 panic,
                 slow_start: snap.config.slow_start,
                 max_probes: snap.config.breaker.half_open_max_probes,
@@ -276,16 +318,23 @@ impl Service {
             let probe = if panic {
                 false
             } else {
-                match self.admit(&member, now, &snap.config, &mut events) {
+                match self.admit(&member, &now, &snap.config, &mut events) {
                     Admission::Admitted => false,
                     Admission::Probe(_) => true,
                     Admission::Rejected => continue,
                 }
             };
+            let used_at = match now.if_read() {
+                Some(t) => {
+                    self.saw(t);
+                    t
+                }
+                None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
+            };
             return Some(Selection::new(
                 local.recorder().clone(),
                 member,
-                now,
+                used_at,
                 probe,
                 kind,
                 events,
@@ -297,16 +346,16 @@ impl Service {
     fn admit(
         &self,
         member: &Member,
-        now: Timestamp,
+        now: &LazyNow<'_>,
         cfg: &LoadBalancerConfig,
         events: &mut Vec<Event>,
     ) -> Admission {
         if member.circuit_state() == CircuitState::Closed {
-            return Admission::Admitted; // the common case: no lock
+            return Admission::Admitted; // the common case: no lock, no clock
         }
         let live = member.live();
         let mut trackers = live.trackers.lock();
-        let admission = trackers.breaker.try_admit(now, &cfg.breaker);
+        let admission = trackers.breaker.try_admit(now.get(), &cfg.breaker);
         if let Admission::Probe(Some(t)) = admission {
             events.push(self.recorder.breaker_event(member, t));
         }
@@ -343,7 +392,7 @@ impl Service {
         };
         let members = snap.members.clone();
         self.snapshot.store(Arc::new(snap));
-        strategy.prepare(&members, w.generation, self.recorder.clock.now());
+        strategy.prepare(&members, w.generation, self.now());
     }
 
     /// Runs `f` on a copy of the member list under the writer lock, then
@@ -353,19 +402,24 @@ impl Service {
         let mut w = self.writer.lock();
         let old = self.snapshot.load_full();
         let mut members = old.members.clone();
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let slow = !old.config.slow_start.is_zero() && !members.is_empty();
         let out = f(&mut w, &mut members, now, slow);
         w.generation += 1;
         let generation = w.generation;
-        self.snapshot.store(Arc::new(Snapshot {
-            members: members.clone(),
+        // The list moves into the snapshot, not a copy: a copy would be a
+        // reference-count increment (and later a decrement) per chunk, 391
+        // each way at 100,000 members.
+        let snap = Arc::new(Snapshot {
+            members,
             generation,
             strategy: old.strategy.clone(),
             config: old.config.clone(),
-        }));
+        });
+        self.snapshot.store(snap.clone());
         drop(w);
-        old.strategy.prepare(&members, generation, now);
+        drop(old);
+        snap.strategy.prepare(&snap.members, generation, now);
         out
     }
 
@@ -406,7 +460,7 @@ impl Service {
 
     /// Starts draining `member`; `None` if `id` is not registered.
     pub(crate) fn drain(&self, id: &str, timeout: Duration) -> Option<Vec<Event>> {
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let mut w = self.writer.lock();
         let member = self.snapshot.load().members.get(*w.index.get(id)?)?.clone();
         let live = member.live();
@@ -426,7 +480,7 @@ impl Service {
 
     /// Sets `member`'s health score; raising it from 0 starts slow start.
     pub(crate) fn set_health(&self, member: &Member, score: HealthScore) -> Vec<Event> {
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let mut events = Vec::new();
         {
             let live = member.live();
@@ -447,6 +501,7 @@ impl Service {
     /// Upkeep at `now`: rebuilds stale strategy tables and removes drained
     /// instances, appending a `Removed` event for each.
     pub(crate) fn maintain(&self, now: Timestamp, events: &mut Vec<Event>) {
+        self.saw(now);
         let snap = self.snapshot.load_full();
         snap.strategy.maintain(&snap.members, snap.generation, now);
         if self.writer.lock().draining.is_empty() {
@@ -482,7 +537,7 @@ impl Service {
     pub(crate) fn mark_all_removed(&self) {
         let snap = self.snapshot.load();
         for m in snap.members.iter() {
-            m.live().removed.store(true, Ordering::Release);
+            m.live().hot.removed.store(true, Ordering::Release);
         }
     }
 
@@ -505,17 +560,13 @@ impl Service {
     /// A report of `member` now.
     pub(crate) fn member_status(&self, member: &Member) -> InstanceStatus {
         let cfg = self.recorder.config.load();
-        member.status(
-            self.recorder.clock.now(),
-            cfg.slow_start,
-            cfg.breaker.half_open_max_probes,
-        )
+        member.status(self.now(), cfg.slow_start, cfg.breaker.half_open_max_probes)
     }
 
     /// A report of every instance, in member order.
     pub fn instances(&self) -> Vec<InstanceStatus> {
         let snap = self.snapshot.load();
-        let now = self.recorder.clock.now();
+        let now = self.now();
         let cfg = &snap.config;
         snap.members
             .iter()
@@ -538,13 +589,14 @@ impl Writer {
     ) -> Registered {
         if let Some(&idx) = self.index.get(instance.id().as_str()) {
             if let Some(old) = members.get(idx) {
+                old.live().set_weight(instance.weight());
                 let m = Member::new(instance, old.live().clone());
                 members.set(idx, Arc::new(m));
                 return Registered::Updated;
             }
         }
         let id = instance.id().clone();
-        let live = Arc::new(InstanceLive::new(now, slow));
+        let live = Arc::new(InstanceLive::new(now, slow, instance.weight()));
         stats.recount(&mut live.trackers.lock().counted, Availability::Available);
         let idx = members.push(Arc::new(Member::new(instance, live)));
         self.index.insert(id, idx);
@@ -568,7 +620,7 @@ impl Writer {
         }
         let live = removed.live();
         let mut trackers = live.trackers.lock();
-        live.removed.store(true, Ordering::Release);
+        live.hot.removed.store(true, Ordering::Release);
         stats.recount(&mut trackers.counted, Availability::Absent);
         Some(removed.instance().clone())
     }
@@ -589,4 +641,174 @@ fn enough_panic_candidates(members: &Members, cfg: &LoadBalancerConfig) -> bool 
         candidates += usize::from(is_panic_candidate(m));
     }
     candidates > 0 && candidates * 100 >= usize::from(cfg.min_healthy_percent) * total
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::{HealthScore, ManualClock, Registry};
+
+    /// A manual clock that counts its reads.
+    #[derive(Debug, Default)]
+    struct CountingClock {
+        time: ManualClock,
+        reads: AtomicUsize,
+    }
+
+    impl Clock for CountingClock {
+        fn now(&self) -> Timestamp {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.time.now()
+        }
+    }
+
+    impl CountingClock {
+        fn reads(&self) -> usize {
+            self.reads.load(Ordering::Relaxed)
+        }
+    }
+
+    fn service(kind: StrategyKind) -> (Registry, Arc<Service>, Arc<CountingClock>) {
+        let clock = Arc::new(CountingClock::default());
+        let registry = Registry::builder()
+            .clock(clock.clone())
+            .seed(3)
+            .build()
+            .unwrap();
+        let config = LoadBalancerConfig {
+            strategy: kind,
+            ..LoadBalancerConfig::default()
+        };
+        registry.configure_service("svc", config).unwrap();
+        let instances = (0..4)
+            .map(|i| ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80).unwrap())
+            .collect::<Vec<_>>();
+        registry.register_instances("svc", instances).unwrap();
+        let svc = registry.service("svc").unwrap();
+        (registry, svc, clock)
+    }
+
+    fn picks(svc: &Service, n: usize) {
+        for i in 0u64..n as u64 {
+            drop(svc.select(Some(&i.to_le_bytes())).unwrap());
+        }
+    }
+
+    #[test]
+    fn picks_on_closed_breakers_with_no_ramp_read_no_clock() {
+        for kind in [
+            StrategyKind::RoundRobin,
+            StrategyKind::LeastConnections,
+            StrategyKind::Random,
+            StrategyKind::WeightedRandom,
+            StrategyKind::P2c,
+            StrategyKind::ConsistentHash,
+            StrategyKind::Weighted,
+        ] {
+            let (_registry, svc, clock) = service(kind);
+            picks(&svc, 1); // builds what a first pick builds
+            let before = clock.reads();
+            picks(&svc, 100);
+            assert_eq!(clock.reads(), before, "{kind}: no rule needed the time");
+        }
+        // peak_ewma decays each candidate's latency to now: it needs one
+        // read per pick, not one per candidate.
+        let (_registry, svc, clock) = service(StrategyKind::PeakEwma);
+        let before = clock.reads();
+        picks(&svc, 100);
+        assert_eq!(clock.reads() - before, 100, "peak_ewma: one read per pick");
+    }
+
+    #[test]
+    fn a_weight_change_reaches_the_copy_picks_read() {
+        // least_connections breaks ties among idle instances by configured
+        // weight, read from the live state's copy: the copy must follow
+        // `update_instance_weight`.
+        let (registry, svc, _clock) = service(StrategyKind::LeastConnections);
+        let share_of_i0 = |svc: &Service| {
+            let picks = 4000;
+            let i0 = (0..picks)
+                .filter(|_| svc.select(None).unwrap().instance().id().as_str() == "i0")
+                .count();
+            i0 as f64 / f64::from(picks)
+        };
+        let before = share_of_i0(&svc);
+        assert!((before - 0.25).abs() < 0.04, "4 equal instances: {before}");
+        registry.update_instance_weight("svc", "i0", 7).unwrap();
+        // 7 / (7 + 1 + 1 + 1) = 0.7; seeded RNG, ±0.04 is > 5 sigma.
+        let after = share_of_i0(&svc);
+        assert!((after - 0.7).abs() < 0.04, "i0 at weight 7 of 10: {after}");
+    }
+
+    #[test]
+    fn a_ramp_costs_clock_reads_until_it_ends_then_none() {
+        let (registry, svc, clock) = service(StrategyKind::P2c);
+        // 0 then back: slow start (10 s) begins for i0.
+        registry
+            .update_instance_health("svc", "i0", HealthScore::EJECTED.get())
+            .unwrap();
+        registry.update_instance_health("svc", "i0", 1.0).unwrap();
+        let before = clock.reads();
+        picks(&svc, 200);
+        assert!(clock.reads() > before, "picks meeting i0 read the time");
+        clock.time.advance(Duration::from_secs(11));
+        picks(&svc, 200); // some pick meets i0 at the ramp's end and clears it
+        let before = clock.reads();
+        picks(&svc, 200);
+        assert_eq!(clock.reads(), before, "the ended ramp is cleared");
+        let i0 = registry.instance("svc", "i0").unwrap();
+        assert_eq!(i0.slow_start_factor, 1.0);
+        assert!(i0.active_connections == 0 && i0.last_used.is_some());
+    }
+
+    #[test]
+    fn last_used_is_the_picks_time_or_the_services_latest_clock_reading() {
+        let (registry, svc, clock) = service(StrategyKind::RoundRobin);
+        let registered = clock.time.now();
+        clock.time.advance(Duration::from_secs(5));
+        let last_used = |svc: &Service| {
+            svc.instances()
+                .iter()
+                .filter_map(|s| s.last_used)
+                .max()
+                .unwrap()
+        };
+        // No rule needs the time: the latest reading (the registration;
+        // `instances` itself reads the clock, so look before it).
+        drop(svc.select(None).unwrap());
+        assert_eq!(last_used(&svc), registered);
+        // `maintain` reads the clock (the server calls it every 100 ms).
+        registry.maintain();
+        clock.time.advance(Duration::from_millis(300));
+        drop(svc.select(None).unwrap());
+        let maintained = registered + Duration::from_secs(5);
+        assert_eq!(last_used(&svc), maintained);
+        // A pick that reads the clock stamps its own time: an open breaker
+        // whose window elapsed is probed, reading the clock.
+        let (registry, svc, clock) = service(StrategyKind::ConsistentHash);
+        let i0 = svc.member("i0").unwrap();
+        for _ in 0..20 {
+            drop(registry.report_outcome(
+                "svc",
+                "i0",
+                Outcome::Failure(crate::FailureKind::Connect),
+            ));
+            if i0.circuit_state() == CircuitState::Open {
+                break;
+            }
+        }
+        assert_eq!(i0.circuit_state(), CircuitState::Open);
+        clock.time.advance(Duration::from_secs(600));
+        let t = clock.time.now();
+        let probe = svc
+            .select_with(None, |m| m.instance().id().as_str() == "i0")
+            .expect("the elapsed window admits a probe");
+        assert!(probe.is_probe());
+        assert_eq!(
+            i0.live().hot.last_used.load(Ordering::Relaxed),
+            t.as_nanos()
+        );
+    }
 }

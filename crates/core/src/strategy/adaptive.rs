@@ -340,7 +340,7 @@ impl Adaptive {
             // time out) is coming back, and if it left the sample `adaptive`
             // would turn calm and hand it a full share on its return, for
             // the whole dwell (issue 12's bench: 2.5 % in such a round).
-            let recent = cx.now.saturating_since(m.latency_updated_at()) < SAMPLE_MAX_AGE;
+            let recent = cx.now().saturating_since(m.latency_updated_at()) < SAMPLE_MAX_AGE;
             if recent && m.requests() > 0 && !m.is_draining() {
                 samples.push(m.latency_ewma_ns());
             }
@@ -420,13 +420,13 @@ impl Adaptive {
         }
         let dwelt = st
             .since
-            .is_none_or(|since| cx.now.saturating_since(since) >= c.min_dwell);
+            .is_none_or(|since| cx.now().saturating_since(since) >= c.min_dwell);
         if !dwelt {
             return;
         }
         let from = st.mode;
         st.mode = want;
-        st.since = Some(cx.now);
+        st.since = Some(cx.now());
         st.reason.clone_from(&reason);
         let idx = MODES.iter().position(|k| *k == want).unwrap_or(0);
         self.mode.store(idx as u8, Ordering::Relaxed);
@@ -444,12 +444,12 @@ impl Strategy for Adaptive {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let now = cx.now.as_nanos();
+        let now = cx.now().as_nanos();
         if now >= self.next_eval.load(Ordering::Relaxed) {
             if let Some(mut st) = self.state.try_lock() {
                 if now >= self.next_eval.load(Ordering::Relaxed) {
                     self.next_eval.store(
-                        (cx.now + st.config.eval_interval).as_nanos(),
+                        (cx.now() + st.config.eval_interval).as_nanos(),
                         Ordering::Relaxed,
                     );
                     self.evaluate(&mut st, cx);

@@ -41,7 +41,7 @@ use arc_swap::ArcSwapOption;
 use super::{rebuild_inline, PickContext, Strategy, StrategyKind};
 use crate::clock::Timestamp;
 use crate::instance::Member;
-use crate::members::Members;
+use crate::members::{Members, Slot};
 
 /// Candidate table sizes: primes, smallest first.
 const TABLE_SIZES: [u64; 8] = [
@@ -67,7 +67,9 @@ const EAGER_LIMIT: usize = 1_000;
 struct Table {
     generation: u64,
     built_at: Timestamp,
-    members: Vec<Arc<Member>>,
+    /// The members the table was built from, with their live state, so a
+    /// lookup checks the owner without reading its `Member`.
+    members: Vec<Slot>,
     slots: Vec<u32>,
 }
 
@@ -91,7 +93,7 @@ fn mix(mut z: u64) -> u64 {
 
 impl Table {
     fn build(members: &Members, generation: u64, built_at: Timestamp) -> Self {
-        let members: Vec<Arc<Member>> = members.iter().cloned().collect();
+        let members: Vec<Slot> = members.slots().cloned().collect();
         let n = members.len() as u64;
         // Many slots per instance keep Maglev's extra churn low; past a
         // million slots, ten per instance bound the table's memory.
@@ -115,7 +117,7 @@ impl Table {
         let perms: Vec<(u64, u64)> = members
             .iter()
             .map(|mem| {
-                let h = key_hash(mem.instance().id().as_str().as_bytes());
+                let h = key_hash(mem.member().instance().id().as_str().as_bytes());
                 let offset = h % m;
                 let skip = mix(h ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1;
                 (offset, skip)
@@ -163,9 +165,9 @@ impl Table {
                 continue;
             }
             last_owner = owner;
-            let member = self.members.get(owner as usize)?;
-            if cx.is_eligible(member) {
-                return Some(member.clone());
+            let slot = self.members.get(owner as usize)?;
+            if cx.slot_eligible(slot) {
+                return Some(slot.member().clone());
             }
             owners_tried += 1;
             if owners_tried == MAX_WALK {
@@ -204,12 +206,12 @@ impl Strategy for ConsistentHash {
         let mut table = self.table.load();
         let rebuild = table.as_ref().is_none_or(|t| {
             (t.members.is_empty() && t.generation < cx.generation)
-                || rebuild_inline(t.generation, t.built_at, cx.generation, cx.now)
+                || rebuild_inline(t.generation, t.built_at, cx.generation, || cx.now())
         });
         if rebuild {
             // One rebuild at a time; the others keep the table they have.
             if let Some(_guard) = self.rebuilding.try_lock() {
-                self.rebuild_locked(cx.members, cx.generation, cx.now);
+                self.rebuild_locked(cx.members, cx.generation, cx.now());
                 table = self.table.load();
             }
         }

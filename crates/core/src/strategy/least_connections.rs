@@ -38,7 +38,8 @@
 use std::sync::Arc;
 
 use super::{per_weight, PickContext, Strategy, StrategyKind};
-use crate::instance::Member;
+use crate::instance::{InstanceLive, Member};
+use crate::members::Slot;
 
 /// Largest service picked by an exact scan.
 pub const EXACT_LIMIT: usize = 256;
@@ -49,40 +50,45 @@ pub const SAMPLES: usize = 8;
 #[derive(Debug, Default)]
 pub struct LeastConnections;
 
-/// `active / effective weight` of `m` at factor `f`.
+/// `active / effective weight` of an instance at factor `f`, from its live
+/// state alone (one cache line per sample).
 #[inline]
-fn load(m: &Member, f: f64) -> f64 {
+fn load(live: &InstanceLive, f: f64) -> f64 {
     per_weight(
-        f64::from(m.active_connections()),
-        f64::from(m.instance().weight().get()) * f,
+        f64::from(live.active_connections()),
+        f64::from(live.weight()) * f,
     )
 }
 
 /// The least loaded member offered so far, ties drawn by configured weight.
 #[derive(Default)]
 struct Lowest<'m> {
-    best: Option<&'m Arc<Member>>,
+    best: Option<&'m Slot>,
     load: f64,
     /// Sum of the configured weights of the members tied at `load`.
     tied: f64,
 }
 
 impl<'m> Lowest<'m> {
-    /// Offers `m` at factor `f`.
-    fn offer(&mut self, cx: &mut PickContext<'_>, m: &'m Arc<Member>, f: f64) {
-        let weight = f64::from(m.instance().weight().get());
-        let load = load(m, f);
+    /// Offers `s` at factor `f`.
+    fn offer(&mut self, cx: &mut PickContext<'_>, s: &'m Slot, f: f64) {
+        let weight = f64::from(s.live().weight());
+        let load = load(s.live(), f);
         if self.best.is_none() || load < self.load {
-            self.best = Some(m);
+            self.best = Some(s);
             self.load = load;
             self.tied = weight;
         } else if load == self.load {
             self.tied += weight;
             // Weighted reservoir sampling: replace with chance w / Σw.
             if cx.rng.f64() * self.tied < weight {
-                self.best = Some(m);
+                self.best = Some(s);
             }
         }
+    }
+
+    fn member(&self) -> Option<Arc<Member>> {
+        self.best.map(|s| s.member().clone())
     }
 }
 
@@ -106,46 +112,48 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
     let members = cx.members;
     let mut admitted = Lowest::default();
     let mut any = false;
-    for m in members.iter() {
-        if !cx.is_eligible(m) {
+    for s in members.slots() {
+        if !cx.slot_eligible(s) {
             continue;
         }
         any = true;
-        let f = cx.weight_factor(m);
+        let f = cx.live_factor(s.live());
         if cx.accept(f) {
-            admitted.offer(cx, m, f);
+            admitted.offer(cx, s, f);
         }
     }
     if admitted.best.is_some() || !any {
-        return admitted.best.cloned();
+        return admitted.member();
     }
     // Nobody admitted (rare: every candidate ramps and drew "no").
     let mut all = Lowest::default();
-    for m in members.iter() {
-        if cx.is_eligible(m) {
-            let f = cx.weight_factor(m);
-            all.offer(cx, m, f);
+    for s in members.slots() {
+        if cx.slot_eligible(s) {
+            let f = cx.live_factor(s.live());
+            all.offer(cx, s, f);
         }
     }
-    all.best.cloned()
+    all.member()
 }
 
 /// The rule over [`SAMPLES`] random eligible members: an admitted one beats
 /// one that is not, then the lower load wins. The samples are random draws,
-/// so among equals the first wins and no tie draw is needed.
+/// so among equals the first wins and no tie draw is needed. A sample reads
+/// its list slot and its live state's line; only the winner's `Member` is
+/// read (for its reference count).
 fn sampled(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-    let mut best: Option<(bool, f64, Arc<Member>)> = None;
+    let mut best: Option<(bool, f64, &Slot)> = None;
     for _ in 0..SAMPLES {
-        let m = cx.random_eligible()?;
-        let f = cx.weight_factor(&m);
+        let s = cx.random_eligible_slot()?;
+        let f = cx.live_factor(s.live());
         let admitted = cx.accept(f);
-        let load = load(&m, f);
+        let load = load(s.live(), f);
         let better = best.as_ref().is_none_or(|&(was_admitted, was_load, _)| {
             (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
         });
         if better {
-            best = Some((admitted, load, m));
+            best = Some((admitted, load, s));
         }
     }
-    best.map(|(_, _, m)| m)
+    best.map(|(_, _, s)| s.member().clone())
 }

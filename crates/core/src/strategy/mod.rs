@@ -55,10 +55,10 @@ pub use self::random::{Random, WeightedRandom};
 pub use self::round_robin::RoundRobin;
 pub use self::weighted::Weighted;
 
-use crate::clock::Timestamp;
+use crate::clock::{LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
-use crate::instance::Member;
-use crate::members::Members;
+use crate::instance::{InstanceLive, Member};
+use crate::members::{Members, Slot};
 use crate::stats::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
@@ -69,14 +69,14 @@ pub const EAGER_REBUILD_LIMIT: usize = 10_000;
 pub const INLINE_REBUILD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Whether a table built at `built_at` for `built_gen` must be rebuilt on a
-/// pick of generation `generation` at `now`.
+/// pick of generation `generation` at `now` (read only for a stale table).
 pub(crate) fn rebuild_inline(
     built_gen: u64,
     built_at: Timestamp,
     generation: u64,
-    now: Timestamp,
+    now: impl FnOnce() -> Timestamp,
 ) -> bool {
-    built_gen < generation && now.saturating_since(built_at) >= INLINE_REBUILD_INTERVAL
+    built_gen < generation && now().saturating_since(built_at) >= INLINE_REBUILD_INTERVAL
 }
 
 /// Chooses one instance of a service.
@@ -166,8 +166,8 @@ pub struct PickContext<'a> {
     pub key: Option<&'a [u8]>,
     /// Randomness for this pick (seeded from the registry's seed).
     pub rng: &'a mut fastrand::Rng,
-    /// Now.
-    pub now: Timestamp,
+    /// The pick's time, read on first use: see [`now`](Self::now).
+    pub(crate) now: &'a LazyNow<'a>,
     pub(crate) panic: bool,
     pub(crate) slow_start: Duration,
     pub(crate) max_probes: u32,
@@ -255,7 +255,15 @@ impl FromStr for StrategyKind {
 
 // === impl PickContext ===
 
-impl PickContext<'_> {
+impl<'a> PickContext<'a> {
+    /// Now, on the registry's clock. The first call in a pick reads the
+    /// clock; a pick that never asks reads none (module doc of
+    /// [`clock`](crate::clock)).
+    #[inline]
+    pub fn now(&self) -> Timestamp {
+        self.now.get()
+    }
+
     /// Whether `m` may be picked now: [`admits`](Self::admits) it and the
     /// caller's filter accepts it. Strategies check this on every member
     /// they consider, so a refused member is skipped inside the pick like an
@@ -265,14 +273,26 @@ impl PickContext<'_> {
         self.admits(m) && self.accept.is_none_or(|accept| accept(m))
     }
 
+    /// [`is_eligible`](Self::is_eligible) for a list slot: reads the
+    /// member only if a filter must see it.
+    #[inline]
+    pub(crate) fn slot_eligible(&self, s: &Slot) -> bool {
+        self.admits_live(s.live()) && self.accept.is_none_or(|accept| accept(s.member()))
+    }
+
     /// Whether the service's rules let `m` take traffic now, ignoring the
     /// caller's filter (in panic mode: anything not draining).
     #[inline]
     pub fn admits(&self, m: &Member) -> bool {
+        self.admits_live(m.live())
+    }
+
+    #[inline]
+    fn admits_live(&self, live: &InstanceLive) -> bool {
         if self.panic {
-            m.admits_panic_traffic()
+            live.admits_panic_traffic()
         } else {
-            m.admits_traffic(self.now, self.max_probes)
+            live.admits_traffic(|| self.now.get(), self.max_probes)
         }
     }
 
@@ -285,10 +305,16 @@ impl PickContext<'_> {
     /// instance counts fully, so the load spreads across all of them.
     #[inline]
     pub fn weight_factor(&self, m: &Member) -> f64 {
+        self.live_factor(m.live())
+    }
+
+    /// [`weight_factor`](Self::weight_factor) from the live state alone.
+    #[inline]
+    pub(crate) fn live_factor(&self, live: &InstanceLive) -> f64 {
         if self.panic {
             1.0
         } else {
-            m.weight_factor(self.now, self.slow_start)
+            live.weight_factor(|| self.now.get(), self.slow_start)
         }
     }
 
@@ -296,6 +322,13 @@ impl PickContext<'_> {
     #[inline]
     pub fn effective_weight(&self, m: &Member) -> f64 {
         f64::from(m.instance().weight().get()) * self.weight_factor(m)
+    }
+
+    /// [`effective_weight`](Self::effective_weight) from the live state
+    /// alone (its copy of the configured weight).
+    #[inline]
+    pub(crate) fn live_effective_weight(&self, live: &InstanceLive) -> f64 {
+        f64::from(live.weight()) * self.live_factor(live)
     }
 
     /// Accepts a structural choice with probability `factor`.
@@ -307,36 +340,54 @@ impl PickContext<'_> {
     /// A uniformly random eligible member: rejection sampling, then a scan
     /// from a random offset after [`MAX_DRAWS`] misses.
     pub fn random_eligible(&mut self) -> Option<Arc<Member>> {
-        let n = self.members.len();
+        self.random_eligible_slot().map(|s| s.member().clone())
+    }
+
+    /// [`random_eligible`](Self::random_eligible)'s slot.
+    #[inline]
+    pub(crate) fn random_eligible_slot(&mut self) -> Option<&'a Slot> {
+        let members = self.members;
+        let n = members.len();
         if n == 0 {
             return None;
         }
         for _ in 0..MAX_DRAWS {
-            let m = self.members.get(self.rng.usize(..n))?;
-            if self.is_eligible(m) {
-                return Some(m.clone());
+            let s = members.slot(self.rng.usize(..n))?;
+            if self.slot_eligible(s) {
+                return Some(s);
             }
         }
         let start = self.rng.usize(..n);
-        self.scan_from(start)
+        self.scan_from_slot(start)
     }
 
     /// The first eligible member at or after `start`, wrapping around.
     pub fn scan_from(&self, start: usize) -> Option<Arc<Member>> {
-        let n = self.members.len();
+        self.scan_from_slot(start).map(|s| s.member().clone())
+    }
+
+    fn scan_from_slot(&self, start: usize) -> Option<&'a Slot> {
+        let members = self.members;
+        let n = members.len();
         (0..n)
-            .filter_map(|i| self.members.get((start + i) % n))
-            .find(|m| self.is_eligible(m))
-            .cloned()
+            .filter_map(|i| members.slot((start + i) % n))
+            .find(|s| self.slot_eligible(s))
     }
 
     /// Two distinct eligible members at random (the second is `None` if only
     /// one could be found), for power-of-two-choices.
     pub fn random_pair(&mut self) -> Option<(Arc<Member>, Option<Arc<Member>>)> {
-        let a = self.random_eligible()?;
+        let (a, b) = self.random_pair_slots()?;
+        Some((a.member().clone(), b.map(|b| b.member().clone())))
+    }
+
+    /// [`random_pair`](Self::random_pair)'s slots: the caller compares
+    /// their live states and clones only the member it keeps.
+    pub(crate) fn random_pair_slots(&mut self) -> Option<(&'a Slot, Option<&'a Slot>)> {
+        let a = self.random_eligible_slot()?;
         for _ in 0..8 {
-            let b = self.random_eligible()?;
-            if !Arc::ptr_eq(&a, &b) {
+            let b = self.random_eligible_slot()?;
+            if !std::ptr::eq(a.live(), b.live()) {
                 return Some((a, Some(b)));
             }
         }
@@ -356,6 +407,21 @@ impl PickContext<'_> {
             _ => a,
         }
     }
+
+    /// [`cheaper`](Self::cheaper) on slots, by a cost of the live state:
+    /// clones only the winner.
+    #[inline]
+    pub(crate) fn cheaper_slot(
+        &self,
+        a: &Slot,
+        b: Option<&Slot>,
+        cost: impl Fn(&Self, &InstanceLive) -> f64,
+    ) -> Arc<Member> {
+        match b {
+            Some(b) if cost(self, b.live()) < cost(self, a.live()) => b.member().clone(),
+            _ => a.member().clone(),
+        }
+    }
 }
 
 /// The draw by weight factor that `weighted` and `weighted_random` share:
@@ -370,16 +436,19 @@ pub(crate) struct FactorDraw {
 }
 
 impl FactorDraw {
-    /// Offers `m`; returns it if it is eligible and accepted now.
+    /// Offers `m`, whose live state is `live`; returns it if it is eligible
+    /// and accepted now.
+    #[inline]
     pub(crate) fn offer(
         &mut self,
         cx: &mut PickContext<'_>,
         m: &Arc<Member>,
+        live: &InstanceLive,
     ) -> Option<Arc<Member>> {
-        if !cx.is_eligible(m) {
+        if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| accept(m)) {
             return None;
         }
-        let f = cx.weight_factor(m);
+        let f = cx.live_factor(live);
         if cx.accept(f) {
             return Some(m.clone());
         }

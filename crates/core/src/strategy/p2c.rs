@@ -11,18 +11,19 @@
 use std::sync::Arc;
 
 use super::{per_weight, PickContext, Strategy, StrategyKind};
-use crate::instance::Member;
+use crate::instance::{InstanceLive, Member};
 
 /// Power of two choices on connections / weight.
 #[derive(Debug, Default)]
 pub struct P2c;
 
-/// The p2c cost of `m`.
+/// The p2c cost of an instance, from its live state alone (one cache
+/// line; see [`instance`](crate::instance)).
 #[inline]
-pub(crate) fn load_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
+pub(crate) fn load_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
     per_weight(
-        f64::from(m.active_connections()) + 1.0,
-        cx.effective_weight(m),
+        f64::from(live.active_connections()) + 1.0,
+        cx.live_effective_weight(live),
     )
 }
 
@@ -32,7 +33,7 @@ impl Strategy for P2c {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let (a, b) = cx.random_pair()?;
-        Some(cx.cheaper(a, b, load_cost))
+        let (a, b) = cx.random_pair_slots()?;
+        Some(cx.cheaper_slot(a, b, load_cost))
     }
 }

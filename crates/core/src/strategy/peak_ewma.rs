@@ -67,7 +67,7 @@ use std::time::Duration;
 
 use super::{per_weight, PickContext, Strategy, StrategyKind};
 use crate::clock::Timestamp;
-use crate::instance::Member;
+use crate::instance::{InstanceLive, Member};
 
 /// Latency ratio from which the slower of a pair is avoided (only probed).
 pub const AVOID_RATIO: f64 = 3.0;
@@ -80,25 +80,27 @@ pub struct PeakEwma;
 
 /// The peak-EWMA cost of `m`.
 #[inline]
-pub(crate) fn latency_cost(cx: &PickContext<'_>, m: &Member) -> f64 {
-    let queue = f64::from(m.active_connections()) + 1.0;
+pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
+    let queue = f64::from(live.active_connections()) + 1.0;
     per_weight(
-        m.latency_estimate_ns(cx.now) * queue,
-        cx.effective_weight(m),
+        live.latency_estimate_ns(cx.now()) * queue,
+        cx.live_effective_weight(live),
     )
 }
 
-/// Whether `slow` is far enough behind `fast` to be avoided.
+/// Whether `slow` is far enough behind `fast` to be avoided (the ratio
+/// first: it reads only the pick's line; the request count is off it).
 #[inline]
-fn avoids(slow: &Member, fast: &Member) -> bool {
-    slow.requests() > 0 && slow.latency_ewma_ns() >= AVOID_RATIO * fast.latency_ewma_ns()
+fn avoids(slow: &InstanceLive, fast: &InstanceLive) -> bool {
+    slow.latency_ewma_ns() >= AVOID_RATIO * fast.latency_ewma_ns()
+        && slow.requests.load(Ordering::Relaxed) > 0
 }
 
-/// Whether the avoided `m` is due its probe at `now`.
+/// Whether the avoided `live` is due its probe at `now`.
 #[inline]
-fn due_probe(m: &Member, now: Timestamp) -> bool {
-    let last = Timestamp::from_nanos(m.live().last_used.load(Ordering::Relaxed));
-    m.active_connections() == 0 && now.saturating_since(last) >= PROBE_INTERVAL
+fn due_probe(live: &InstanceLive, now: Timestamp) -> bool {
+    let last = Timestamp::from_nanos(live.hot.last_used.load(Ordering::Relaxed));
+    live.active_connections() == 0 && now.saturating_since(last) >= PROBE_INTERVAL
 }
 
 impl Strategy for PeakEwma {
@@ -107,14 +109,23 @@ impl Strategy for PeakEwma {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let (a, b) = cx.random_pair()?;
-        let Some(b) = b else { return Some(a) };
-        for (slow, fast) in [(&a, &b), (&b, &a)] {
-            if avoids(slow, fast) {
-                let chosen = if due_probe(slow, cx.now) { slow } else { fast };
-                return Some(chosen.clone());
+        // The costs need the time: read it before the candidates' cache
+        // misses, which a clock read (an ordered `rdtsc`) would wait for.
+        let now = cx.now();
+        let (a, b) = cx.random_pair_slots()?;
+        let Some(b) = b else {
+            return Some(a.member().clone());
+        };
+        for (slow, fast) in [(a, b), (b, a)] {
+            if avoids(slow.live(), fast.live()) {
+                let chosen = if due_probe(slow.live(), now) {
+                    slow
+                } else {
+                    fast
+                };
+                return Some(chosen.member().clone());
             }
         }
-        Some(cx.cheaper(a, Some(b), latency_cost))
+        Some(cx.cheaper_slot(a, Some(b), latency_cost))
     }
 }

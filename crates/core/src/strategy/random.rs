@@ -43,14 +43,14 @@ impl Strategy for WeightedRandom {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_DRAWS {
             let point = cx.rng.u64(..total);
-            let Some(m) = cx
+            let Some(s) = cx
                 .members
                 .index_by_weight(point)
-                .and_then(|i| cx.members.get(i))
+                .and_then(|i| cx.members.slot(i))
             else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, m) {
+            if let Some(m) = draw.offer(cx, s.member(), s.live()) {
                 return Some(m);
             }
         }

@@ -61,8 +61,8 @@ impl Strategy for RoundRobin {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_SKIPS {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            if let Some(m) = cx.members.get(i) {
-                if let Some(m) = draw.offer(cx, m) {
+            if let Some(s) = cx.members.slot(i) {
+                if let Some(m) = draw.offer(cx, s.member(), s.live()) {
                     return Some(m);
                 }
             }

@@ -213,8 +213,10 @@ impl Weighted {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES.min(n * 2) {
             let i = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
-            let Some(m) = cx.members.get(i) else { continue };
-            if let Some(m) = draw.offer(cx, m) {
+            let Some(s) = cx.members.slot(i) else {
+                continue;
+            };
+            if let Some(m) = draw.offer(cx, s.member(), s.live()) {
                 return Some(m);
             }
         }
@@ -225,15 +227,15 @@ impl Weighted {
         let mut guard = self.schedule.lock();
         let rebuild = guard
             .as_ref()
-            .is_none_or(|s| rebuild_inline(s.generation, s.built_at, cx.generation, cx.now));
+            .is_none_or(|s| rebuild_inline(s.generation, s.built_at, cx.generation, || cx.now()));
         if rebuild {
-            *guard = Some(Schedule::build(cx.members, cx.generation, cx.now));
+            *guard = Some(Schedule::build(cx.members, cx.generation, cx.now()));
         }
         let sched = guard.as_mut()?;
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES {
             let Some(m) = sched.next() else { break };
-            if let Some(m) = draw.offer(cx, m) {
+            if let Some(m) = draw.offer(cx, m, m.live()) {
                 return Some(m);
             }
         }
