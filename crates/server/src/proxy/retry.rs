@@ -54,30 +54,31 @@ impl RetryBudget {
         s.0 = (s.0 + ratio).min(MAX_BALANCE);
     }
 
+    /// The balance at `now`: under the floor it refills at the floor's
+    /// rate since the last withdrawal (one rule for asking and taking).
+    fn balance(&self, (balance, since): (f64, Instant), now: Instant) -> f64 {
+        let floor = f64::from(self.config.min_per_second);
+        if balance < floor {
+            let dt = now.saturating_duration_since(since).as_secs_f64();
+            (balance + dt * floor).min(floor)
+        } else {
+            balance
+        }
+    }
+
     /// Whether [`try_withdraw`](Self::try_withdraw) would grant a retry
     /// now; withdraws nothing.
     pub(crate) fn holds_one(&self) -> bool {
-        let s = self.state.lock();
-        let floor = f64::from(self.config.min_per_second);
-        let dt = Instant::now().saturating_duration_since(s.1).as_secs_f64();
-        let balance = if s.0 < floor {
-            (s.0 + dt * floor).min(floor)
-        } else {
-            s.0
-        };
-        balance >= 1.0
+        let s = *self.state.lock();
+        self.balance(s, Instant::now()) >= 1.0
     }
 
     /// Asks for one retry.
     pub(crate) fn try_withdraw(&self) -> bool {
         let mut s = self.state.lock();
-        let floor = f64::from(self.config.min_per_second);
         let now = Instant::now();
-        let dt = now.saturating_duration_since(s.1).as_secs_f64();
+        s.0 = self.balance(*s, now);
         s.1 = now;
-        if s.0 < floor {
-            s.0 = (s.0 + dt * floor).min(floor);
-        }
         if s.0 >= 1.0 {
             s.0 -= 1.0;
             true
