@@ -189,14 +189,14 @@ struct IdleTotal {
 
 impl IdleTotal {
     /// A place for one more idle connection, if under the bound.
-    fn slot(self: &Arc<Self>) -> Option<IdleSlot> {
+    fn reserve(self: &Arc<Self>) -> Option<IdlePlace> {
         let limit = self.limit.load(Ordering::Relaxed);
         self.count
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| IdleSlot(self.clone()))
+            .map(|_| IdlePlace(self.clone()))
     }
 }
 
@@ -204,9 +204,9 @@ impl IdleTotal {
 /// connection leaves the idle list, however it leaves (checked out,
 /// expired, swept, or its instance's pool dropped).
 #[derive(Debug)]
-struct IdleSlot(Arc<IdleTotal>);
+struct IdlePlace(Arc<IdleTotal>);
 
-impl Drop for IdleSlot {
+impl Drop for IdlePlace {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
@@ -254,7 +254,7 @@ struct Slot {
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
-    _slot: IdleSlot,
+    _place: IdlePlace,
 }
 
 impl Pool {
@@ -684,11 +684,11 @@ impl InstancePool {
         if idle.len() >= self.idle_per_slot {
             return;
         }
-        if let Some(place) = self.idle_total.slot() {
+        if let Some(place) = self.idle_total.reserve() {
             idle.push(Idle {
                 sender,
                 since: Instant::now(),
-                _slot: place,
+                _place: place,
             });
         }
     }
