@@ -45,6 +45,25 @@
 //! count. The weight is copied into the block (and updated when the
 //! instance is re-registered) so a cost needs no `Member` either.
 //!
+//! ## Bytes
+//!
+//! A service of 100,000 instances holds 100,000 of these, so their size is
+//! a budget (issue 11: ≤ 1 KiB of RSS per instance in the whole server).
+//! The hot line's 64-byte alignment puts the `Arc`'s two counts on a line
+//! of their own (std's `Arc` places a 64-aligned value 64 bytes in), so
+//! the live state's allocation is 64 + `size_of::<InstanceLive>()`, in
+//! steps of 64. `InstanceLive` is four lines, 256 bytes: the hot line, the
+//! outcome counters (56: no separate failure count, it is the sum over
+//! the kinds), and the trackers under their lock (136). The trackers keep
+//! no `Option<Timestamp>` (16 bytes) but an 8-byte `OptionalTimestamp`,
+//! the health tracker no failure credit (it is 0 at the last failure and
+//! refills from there), the breaker one run counter for its three runs,
+//! the EWMA no window `Option` and no time of the window's last sample
+//! (the estimate's last sample). A drain's deadline lives with the
+//! service's draining set, not in every instance. A test
+//! (`the_live_state_fits_four_lines_after_the_counts_line`) fails if a
+//! field pushes the state into a fifth line (another 64 bytes each).
+//!
 //! *Time only when needed.* The eligibility and factor methods take the
 //! time as a closure: a closed breaker and an instance out of slow start
 //! need no clock, so a pick that meets only those reads none (see
@@ -173,7 +192,8 @@ pub struct InstanceLive {
     /// What a pick touches, on its own line (module doc).
     pub(crate) hot: Hot,
     pub(crate) requests: AtomicU64,
-    pub(crate) failures: AtomicU64,
+    /// Failures by [`FailureKind::index`](crate::FailureKind::index); their
+    /// sum is the failure count (every failure has a kind).
     pub(crate) failures_by_kind: [AtomicU64; 6],
     pub(crate) trackers: Mutex<Trackers>,
 }
@@ -208,7 +228,6 @@ pub(crate) struct Trackers {
     /// How the service's [`ServiceStats`](crate::stats::ServiceStats)
     /// count this instance now.
     pub(crate) counted: Availability,
-    pub(crate) drain_deadline: Option<Timestamp>,
 }
 
 /// A point-in-time report of one instance, for the admin API and tests.
@@ -415,7 +434,7 @@ impl Member {
     /// checks are not requests); `requests() - failures()` only grows when
     /// real traffic succeeds, which is what passive health reads.
     pub fn failures(&self) -> u64 {
-        self.live.failures.load(Ordering::Relaxed)
+        self.live.failures()
     }
 
     /// Requests currently holding a selection on this instance. Exact.
@@ -503,7 +522,7 @@ impl Member {
             active_connections: self.active_connections(),
             draining: self.is_draining(),
             requests: s.requests.load(Ordering::Relaxed),
-            failures: s.failures.load(Ordering::Relaxed),
+            failures: s.failures(),
             failures_by_kind: std::array::from_fn(|i| {
                 s.failures_by_kind[i].load(Ordering::Relaxed)
             }),
@@ -538,14 +557,12 @@ impl InstanceLive {
                 removed: AtomicBool::new(false),
             },
             requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
             failures_by_kind: Default::default(),
             trackers: Mutex::new(Trackers {
                 health: HealthTracker::new(),
                 breaker: CircuitBreaker::new(),
                 ewma,
                 counted: Availability::Absent,
-                drain_deadline: None,
             }),
         }
     }
@@ -693,21 +710,41 @@ impl InstanceLive {
         }
     }
 
-    /// Counts one request outcome; `failure` is the failure kind's index.
+    /// Counts one request outcome; `failure` is the failure kind's index
+    /// (below 6: [`FailureKind::index`](crate::FailureKind::index)).
     pub(crate) fn count_outcome(&self, failure: Option<usize>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if let Some(kind) = failure {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            if let Some(c) = self.failures_by_kind.get(kind) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(c) = failure.and_then(|kind| self.failures_by_kind.get(kind)) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Failed request outcomes: the sum over the kinds.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures_by_kind
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes of an instance (module doc, "Bytes"): each step below is
+    /// what a layout that grows back would lose. `Arc<InstanceLive>`'s
+    /// allocation is 64 (the counts' line) + `size_of::<InstanceLive>()`.
+    #[test]
+    fn the_live_state_fits_four_lines_after_the_counts_line() {
+        use std::mem::{align_of, size_of};
+        assert_eq!(size_of::<InstanceLive>(), 256);
+        assert_eq!(align_of::<InstanceLive>(), 64);
+        assert!(size_of::<Trackers>() <= 128, "{}", size_of::<Trackers>());
+        assert_eq!(size_of::<HealthTracker>(), 24);
+        assert_eq!(size_of::<CircuitBreaker>(), 48);
+        assert_eq!(size_of::<LatencyEwma>(), 48);
+    }
 
     #[test]
     fn what_a_pick_touches_is_one_aligned_cache_line() {

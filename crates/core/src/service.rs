@@ -60,7 +60,7 @@
 //! state (health, breaker, counts). Deregistering forgets it; an instance
 //! registered again later starts fresh, with slow start.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +69,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::breaker::{Admission, CircuitState};
-use crate::clock::{Clock, LazyNow, Timestamp};
+use crate::clock::{Clock, LazyNow, OptionalTimestamp, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::health::HealthScore;
@@ -112,7 +112,10 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 struct Writer {
     index: HashMap<InstanceId, usize>,
-    draining: HashSet<InstanceId>,
+    /// Draining members and when each must be gone (a deadline that can
+    /// never pass reads as none). Kept here, not in every instance's live
+    /// state: only draining members have one.
+    draining: HashMap<InstanceId, OptionalTimestamp>,
     generation: u64,
 }
 
@@ -467,11 +470,13 @@ impl Service {
         let mut events = Vec::new();
         {
             let mut trackers = live.trackers.lock();
-            trackers.drain_deadline = Some(now + timeout);
             live.set_draining(true);
             self.recorder.recount(&member, &mut trackers, &mut events);
         }
-        w.draining.insert(member.instance().id().clone());
+        w.draining.insert(
+            member.instance().id().clone(),
+            OptionalTimestamp::some(now + timeout),
+        );
         drop(w);
         self.recorder
             .check_panic(&self.recorder.config.load(), &mut events);
@@ -508,16 +513,16 @@ impl Service {
             return;
         }
         self.write(|w, members, _, _| {
-            let ids: Vec<InstanceId> = w.draining.iter().cloned().collect();
-            for id in ids {
+            let ids: Vec<(InstanceId, OptionalTimestamp)> =
+                w.draining.iter().map(|(id, &d)| (id.clone(), d)).collect();
+            for (id, deadline) in ids {
                 let Some(m) = w.index.get(&id).and_then(|&i| members.get(i)) else {
                     w.draining.remove(&id);
                     continue;
                 };
-                let deadline = m.live().trackers.lock().drain_deadline;
                 let reason = if m.active_connections() == 0 {
                     "drained"
-                } else if deadline.is_some_and(|d| now >= d) {
+                } else if deadline.get().is_some_and(|d| now >= d) {
                     "drain timeout"
                 } else {
                     continue;
