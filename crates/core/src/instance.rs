@@ -162,12 +162,23 @@ pub struct InstanceId(Arc<str>);
 pub struct Weight(u16);
 
 /// The description of one instance of a service.
+///
+/// 48 bytes: the zone and tags, which most instances do not have, sit
+/// behind one optional pointer (40 bytes inline otherwise, on every one of
+/// 100,000 members).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceInstance {
     id: InstanceId,
     address: Arc<str>,
     port: u16,
     weight: Weight,
+    /// Zone and tags; `None` when neither is set.
+    metadata: Option<Arc<Metadata>>,
+}
+
+/// An instance's zone and tags.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Metadata {
     zone: Option<Arc<str>>,
     tags: Vec<Arc<str>>,
 }
@@ -355,8 +366,7 @@ impl ServiceInstance {
             address: Arc::from(address),
             port,
             weight: Weight::DEFAULT,
-            zone: None,
-            tags: Vec::new(),
+            metadata: None,
         })
     }
 
@@ -367,18 +377,27 @@ impl ServiceInstance {
     }
 
     /// Sets the zone (metadata; not used for selection yet).
-    pub fn with_zone(mut self, zone: impl Into<Arc<str>>) -> Self {
-        self.zone = Some(zone.into());
-        self
+    pub fn with_zone(self, zone: impl Into<Arc<str>>) -> Self {
+        self.with_metadata(|m| m.zone = Some(zone.into()))
     }
 
     /// Sets the tags (metadata).
-    pub fn with_tags<I, S>(mut self, tags: I) -> Self
+    pub fn with_tags<I, S>(self, tags: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<Arc<str>>,
     {
-        self.tags = tags.into_iter().map(Into::into).collect();
+        let tags = tags.into_iter().map(Into::into).collect();
+        self.with_metadata(|m| m.tags = tags)
+    }
+
+    /// Applies `f` to the metadata; metadata left empty is `None`, so a
+    /// description with no zone and no tags compares equal however it was
+    /// built and allocates nothing for them.
+    fn with_metadata(mut self, f: impl FnOnce(&mut Metadata)) -> Self {
+        let mut m = self.metadata.take().unwrap_or_default();
+        f(Arc::make_mut(&mut m));
+        self.metadata = (*m != Metadata::default()).then_some(m);
         self
     }
 
@@ -400,11 +419,13 @@ impl ServiceInstance {
     }
     /// The zone, if set.
     pub fn zone(&self) -> Option<&str> {
-        self.zone.as_deref()
+        self.metadata.as_ref()?.zone.as_deref()
     }
     /// The tags.
     pub fn tags(&self) -> impl Iterator<Item = &str> {
-        self.tags.iter().map(|t| &**t)
+        self.metadata
+            .iter()
+            .flat_map(|m| m.tags.iter().map(|t| &**t))
     }
 }
 
@@ -744,6 +765,8 @@ mod tests {
         assert_eq!(size_of::<HealthTracker>(), 24);
         assert_eq!(size_of::<CircuitBreaker>(), 48);
         assert_eq!(size_of::<LatencyEwma>(), 48);
+        assert_eq!(size_of::<ServiceInstance>(), 48);
+        assert_eq!(size_of::<Member>(), 56);
     }
 
     #[test]
@@ -789,6 +812,11 @@ mod tests {
             .with_tags(["canary"]);
         assert_eq!(i.zone(), Some("eu-1"));
         assert_eq!(i.tags().collect::<Vec<_>>(), ["canary"]);
+        // No zone and no tags is one description, however it was built.
+        let plain = ServiceInstance::try_new("a", "10.0.0.1", 80).unwrap();
+        assert_eq!(plain.clone().with_tags(Vec::<&str>::new()), plain);
+        assert_eq!(i.clone().with_tags(["x"]).tags().collect::<Vec<_>>(), ["x"]);
+        assert_eq!(i.with_tags(["x"]).zone(), Some("eu-1"));
     }
 
     #[test]
