@@ -353,6 +353,7 @@ impl<'a> PickContext<'a> {
         }
         for _ in 0..MAX_DRAWS {
             let s = members.slot(self.rng.usize(..n))?;
+            s.touch_member();
             if self.slot_eligible(s) {
                 return Some(s);
             }
