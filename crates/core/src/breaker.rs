@@ -772,6 +772,40 @@ mod tests {
         assert_eq!(t.to, CircuitState::Closed);
     }
 
+    /// The one run counter (struct doc) counts one run per state; what
+    /// happens in one state never adds to or cuts another state's run.
+    #[test]
+    fn each_state_keeps_its_own_run() {
+        let clock = ManualClock::new();
+        let cfg = exact();
+        let mut b = CircuitBreaker::new();
+        open_at_the_cap(&mut b, &clock, &cfg);
+        clock.advance(Duration::from_secs(1));
+        // Open: late responses, success or failure, leave the passing
+        // checks' run alone.
+        assert_eq!(b.on_check_success(clock.now(), &cfg), None);
+        assert_eq!(b.on_failure(clock.now(), &cfg, 0.0), None);
+        assert_eq!(b.on_success(clock.now(), &cfg), None);
+        assert_eq!(b.check_passes(), 1);
+        let t = b.on_check_success(clock.now(), &cfg).expect("2 of 2");
+        assert_eq!(t.reason, TransitionReason::ChecksPassed(2));
+        // Half-open: the successes' run starts at 0, passing checks do not
+        // add to it, and no check pass is reported outside `Open`.
+        assert_eq!(b.check_passes(), 0);
+        assert_eq!(b.on_success(clock.now(), &cfg), None);
+        assert_eq!(b.on_check_success(clock.now(), &cfg), None);
+        let t = b.on_success(clock.now(), &cfg).expect("2 successes close");
+        assert_eq!(t.reason, TransitionReason::ProbesSucceeded(2));
+        // Closed: the failures' run starts at 0; a failed check is one of
+        // them (it does not restart the run as it does while open).
+        assert_eq!(b.on_failure(clock.now(), &cfg, 0.0), None);
+        assert_eq!(b.on_check_failure(clock.now(), &cfg, 0.0), None);
+        let t = b
+            .on_failure(clock.now(), &cfg, 0.0)
+            .expect("third in a row");
+        assert_eq!(t.reason, TransitionReason::ConsecutiveFailures(3));
+    }
+
     #[test]
     fn a_failed_check_restarts_the_count_of_passing_checks() {
         let clock = ManualClock::new();
