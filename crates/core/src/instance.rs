@@ -60,9 +60,12 @@
 //! refills from there), the breaker one run counter for its three runs,
 //! the EWMA no window `Option` and no time of the window's last sample
 //! (the estimate's last sample). A drain's deadline lives with the
-//! service's draining set, not in every instance. A test
+//! service's draining set, not in every instance. The description is 48
+//! bytes (zone and tags behind one optional pointer), so a `Member` is a
+//! 72-byte allocation. A test
 //! (`the_live_state_fits_four_lines_after_the_counts_line`) fails if a
-//! field pushes the state into a fifth line (another 64 bytes each).
+//! field pushes the state into a fifth line (another 64 bytes each) or
+//! the description grows.
 //!
 //! *Time only when needed.* The eligibility and factor methods take the
 //! time as a closure: a closed breaker and an instance out of slow start
