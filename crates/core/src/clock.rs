@@ -26,6 +26,16 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(u64);
 
+/// An optional [`Timestamp`] in the 8 bytes of one: `u64::MAX` stands for
+/// "none", as it does in the instance's atomics. That reading is 584 years
+/// after a clock's origin, and the only way to reach it is a saturating
+/// `+ Duration::MAX`-like sum, which means "never" where it is stored (a
+/// deadline that cannot pass), so reading it back as "none" changes no
+/// rule. An `Option<Timestamp>` is 16 bytes; the per-instance trackers
+/// hold five of these (see `instance`'s module doc, "Bytes").
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OptionalTimestamp(u64);
+
 /// Source of the current time.
 pub trait Clock: Send + Sync + fmt::Debug {
     /// The current time. Must never go backwards.
@@ -118,6 +128,31 @@ impl std::ops::Add<Duration> for Timestamp {
     type Output = Timestamp;
     fn add(self, rhs: Duration) -> Timestamp {
         self.saturating_add(rhs)
+    }
+}
+
+// === impl OptionalTimestamp ===
+
+impl OptionalTimestamp {
+    /// No timestamp.
+    pub(crate) const NONE: OptionalTimestamp = OptionalTimestamp(u64::MAX);
+
+    /// `t`.
+    #[inline]
+    pub(crate) const fn some(t: Timestamp) -> Self {
+        Self(t.0)
+    }
+
+    /// The timestamp, if there is one.
+    #[inline]
+    pub(crate) fn get(self) -> Option<Timestamp> {
+        (self.0 != u64::MAX).then_some(Timestamp(self.0))
+    }
+}
+
+impl fmt::Debug for OptionalTimestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.get(), f)
     }
 }
 

@@ -65,7 +65,7 @@
 
 use std::time::Duration;
 
-use crate::clock::Timestamp;
+use crate::clock::{OptionalTimestamp, Timestamp};
 
 /// Read decay time constant: 10 s (Linkerd's default).
 pub const DECAY: Duration = Duration::from_secs(10);
@@ -80,25 +80,24 @@ pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
 /// A latency estimate in nanoseconds (module doc; the `peak_ewma` strategy
 /// is [`strategy::PeakEwma`](crate::strategy::PeakEwma)).
+///
+/// 48 bytes, one of 100,000 at scale: the open window is its opening time
+/// and its floor, with no `Option` around them (every sample leaves a
+/// window open) and no time of its last sample, which is always the
+/// estimate's last sample (`sampled_at`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LatencyEwma {
     estimate_ns: f64,
     /// When the estimate last moved (the fall's `t`).
     moved_at: Timestamp,
-    /// When the last sample came (or creation): reads decay from here.
+    /// When the last sample came (or creation): reads decay from here. The
+    /// open window's last sample came then too.
     sampled_at: Timestamp,
-    /// The open window: when it opened, its least sample so far and when
-    /// its last sample came.
-    window: Option<Window>,
+    /// When the open window opened; none before the first sample.
+    window_opened: OptionalTimestamp,
+    /// The open window's least sample so far.
+    window_floor: f64,
     samples: u64,
-}
-
-/// A window of samples (module doc, "Rule").
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Window {
-    opened: Timestamp,
-    floor: f64,
-    last: Timestamp,
 }
 
 impl LatencyEwma {
@@ -108,7 +107,8 @@ impl LatencyEwma {
             estimate_ns: DEFAULT_RTT.as_nanos() as f64,
             moved_at: now,
             sampled_at: now,
-            window: None,
+            window_opened: OptionalTimestamp::NONE,
+            window_floor: 0.0,
             samples: 0,
         }
     }
@@ -116,29 +116,26 @@ impl LatencyEwma {
     /// Adds a latency sample observed at `now`.
     pub fn observe(&mut self, rtt: Duration, now: Timestamp) {
         let rtt = rtt.as_nanos() as f64;
-        if let Some(w) = self.window {
-            if now.saturating_since(w.opened) >= WINDOW {
-                self.window = None;
-                if w.floor > self.estimate_ns {
-                    // Dated when the floor was known, so a lower sample now
-                    // moves it by the time since then (a probe a second
-                    // apart moves it by 63 %, not by nothing).
-                    self.move_toward(w.floor, w.last);
+        let mut open = self.window_opened.get();
+        if let Some(opened) = open {
+            if now.saturating_since(opened) >= WINDOW {
+                open = None;
+                if self.window_floor > self.estimate_ns {
+                    // Dated when the floor was known (the window's last
+                    // sample), so a lower sample now moves it by the time
+                    // since then (a probe a second apart moves it by 63 %,
+                    // not by nothing).
+                    self.move_toward(self.window_floor, self.sampled_at);
                 }
             }
         }
-        self.window = Some(match self.window {
-            Some(w) => Window {
-                floor: w.floor.min(rtt),
-                last: now,
-                ..w
-            },
-            None => Window {
-                opened: now,
-                floor: rtt,
-                last: now,
-            },
-        });
+        match open {
+            Some(_) => self.window_floor = self.window_floor.min(rtt),
+            None => {
+                self.window_opened = OptionalTimestamp::some(now);
+                self.window_floor = rtt;
+            }
+        }
         if rtt < self.estimate_ns {
             self.move_toward(rtt, now);
         }

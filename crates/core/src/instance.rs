@@ -45,6 +45,28 @@
 //! count. The weight is copied into the block (and updated when the
 //! instance is re-registered) so a cost needs no `Member` either.
 //!
+//! ## Bytes
+//!
+//! A service of 100,000 instances holds 100,000 of these, so their size is
+//! a budget (issue 11: ≤ 1 KiB of RSS per instance in the whole server).
+//! The hot line's 64-byte alignment puts the `Arc`'s two counts on a line
+//! of their own (std's `Arc` places a 64-aligned value 64 bytes in), so
+//! the live state's allocation is 64 + `size_of::<InstanceLive>()`, in
+//! steps of 64. `InstanceLive` is four lines, 256 bytes: the hot line, the
+//! outcome counters (56: no separate failure count, it is the sum over
+//! the kinds), and the trackers under their lock (136). The trackers keep
+//! no `Option<Timestamp>` (16 bytes) but an 8-byte `OptionalTimestamp`,
+//! the health tracker no failure credit (it is 0 at the last failure and
+//! refills from there), the breaker one run counter for its three runs,
+//! the EWMA no window `Option` and no time of the window's last sample
+//! (the estimate's last sample). A drain's deadline lives with the
+//! service's draining set, not in every instance. The description is 48
+//! bytes (zone and tags behind one optional pointer), so a `Member` is a
+//! 72-byte allocation. A test
+//! (`the_live_state_fits_four_lines_after_the_counts_line`) fails if a
+//! field pushes the state into a fifth line (another 64 bytes each) or
+//! the description grows.
+//!
 //! *Time only when needed.* The eligibility and factor methods take the
 //! time as a closure: a closed breaker and an instance out of slow start
 //! need no clock, so a pick that meets only those reads none (see
@@ -143,12 +165,23 @@ pub struct InstanceId(Arc<str>);
 pub struct Weight(u16);
 
 /// The description of one instance of a service.
+///
+/// 48 bytes: the zone and tags, which most instances do not have, sit
+/// behind one optional pointer (40 bytes inline otherwise, on every one of
+/// 100,000 members).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceInstance {
     id: InstanceId,
     address: Arc<str>,
     port: u16,
     weight: Weight,
+    /// Zone and tags; `None` when neither is set.
+    metadata: Option<Arc<Metadata>>,
+}
+
+/// An instance's zone and tags.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Metadata {
     zone: Option<Arc<str>>,
     tags: Vec<Arc<str>>,
 }
@@ -173,7 +206,8 @@ pub struct InstanceLive {
     /// What a pick touches, on its own line (module doc).
     pub(crate) hot: Hot,
     pub(crate) requests: AtomicU64,
-    pub(crate) failures: AtomicU64,
+    /// Failures by [`FailureKind::index`](crate::FailureKind::index); their
+    /// sum is the failure count (every failure has a kind).
     pub(crate) failures_by_kind: [AtomicU64; 6],
     pub(crate) trackers: Mutex<Trackers>,
 }
@@ -208,7 +242,6 @@ pub(crate) struct Trackers {
     /// How the service's [`ServiceStats`](crate::stats::ServiceStats)
     /// count this instance now.
     pub(crate) counted: Availability,
-    pub(crate) drain_deadline: Option<Timestamp>,
 }
 
 /// A point-in-time report of one instance, for the admin API and tests.
@@ -336,8 +369,7 @@ impl ServiceInstance {
             address: Arc::from(address),
             port,
             weight: Weight::DEFAULT,
-            zone: None,
-            tags: Vec::new(),
+            metadata: None,
         })
     }
 
@@ -348,18 +380,27 @@ impl ServiceInstance {
     }
 
     /// Sets the zone (metadata; not used for selection yet).
-    pub fn with_zone(mut self, zone: impl Into<Arc<str>>) -> Self {
-        self.zone = Some(zone.into());
-        self
+    pub fn with_zone(self, zone: impl Into<Arc<str>>) -> Self {
+        self.with_metadata(|m| m.zone = Some(zone.into()))
     }
 
     /// Sets the tags (metadata).
-    pub fn with_tags<I, S>(mut self, tags: I) -> Self
+    pub fn with_tags<I, S>(self, tags: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<Arc<str>>,
     {
-        self.tags = tags.into_iter().map(Into::into).collect();
+        let tags = tags.into_iter().map(Into::into).collect();
+        self.with_metadata(|m| m.tags = tags)
+    }
+
+    /// Applies `f` to the metadata; metadata left empty is `None`, so a
+    /// description with no zone and no tags compares equal however it was
+    /// built and allocates nothing for them.
+    fn with_metadata(mut self, f: impl FnOnce(&mut Metadata)) -> Self {
+        let mut m = self.metadata.take().unwrap_or_default();
+        f(Arc::make_mut(&mut m));
+        self.metadata = (*m != Metadata::default()).then_some(m);
         self
     }
 
@@ -381,11 +422,13 @@ impl ServiceInstance {
     }
     /// The zone, if set.
     pub fn zone(&self) -> Option<&str> {
-        self.zone.as_deref()
+        self.metadata.as_ref()?.zone.as_deref()
     }
     /// The tags.
     pub fn tags(&self) -> impl Iterator<Item = &str> {
-        self.tags.iter().map(|t| &**t)
+        self.metadata
+            .iter()
+            .flat_map(|m| m.tags.iter().map(|t| &**t))
     }
 }
 
@@ -415,7 +458,7 @@ impl Member {
     /// checks are not requests); `requests() - failures()` only grows when
     /// real traffic succeeds, which is what passive health reads.
     pub fn failures(&self) -> u64 {
-        self.live.failures.load(Ordering::Relaxed)
+        self.live.failures()
     }
 
     /// Requests currently holding a selection on this instance. Exact.
@@ -503,7 +546,7 @@ impl Member {
             active_connections: self.active_connections(),
             draining: self.is_draining(),
             requests: s.requests.load(Ordering::Relaxed),
-            failures: s.failures.load(Ordering::Relaxed),
+            failures: s.failures(),
             failures_by_kind: std::array::from_fn(|i| {
                 s.failures_by_kind[i].load(Ordering::Relaxed)
             }),
@@ -538,14 +581,12 @@ impl InstanceLive {
                 removed: AtomicBool::new(false),
             },
             requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
             failures_by_kind: Default::default(),
             trackers: Mutex::new(Trackers {
                 health: HealthTracker::new(),
                 breaker: CircuitBreaker::new(),
                 ewma,
                 counted: Availability::Absent,
-                drain_deadline: None,
             }),
         }
     }
@@ -693,21 +734,43 @@ impl InstanceLive {
         }
     }
 
-    /// Counts one request outcome; `failure` is the failure kind's index.
+    /// Counts one request outcome; `failure` is the failure kind's index
+    /// (below 6: [`FailureKind::index`](crate::FailureKind::index)).
     pub(crate) fn count_outcome(&self, failure: Option<usize>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if let Some(kind) = failure {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            if let Some(c) = self.failures_by_kind.get(kind) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(c) = failure.and_then(|kind| self.failures_by_kind.get(kind)) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Failed request outcomes: the sum over the kinds.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures_by_kind
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes of an instance (module doc, "Bytes"): each step below is
+    /// what a layout that grows back would lose. `Arc<InstanceLive>`'s
+    /// allocation is 64 (the counts' line) + `size_of::<InstanceLive>()`.
+    #[test]
+    fn the_live_state_fits_four_lines_after_the_counts_line() {
+        use std::mem::{align_of, size_of};
+        assert_eq!(size_of::<InstanceLive>(), 256);
+        assert_eq!(align_of::<InstanceLive>(), 64);
+        assert!(size_of::<Trackers>() <= 128, "{}", size_of::<Trackers>());
+        assert_eq!(size_of::<HealthTracker>(), 24);
+        assert_eq!(size_of::<CircuitBreaker>(), 48);
+        assert_eq!(size_of::<LatencyEwma>(), 48);
+        assert_eq!(size_of::<ServiceInstance>(), 48);
+        assert_eq!(size_of::<Member>(), 56);
+    }
 
     #[test]
     fn what_a_pick_touches_is_one_aligned_cache_line() {
@@ -752,6 +815,11 @@ mod tests {
             .with_tags(["canary"]);
         assert_eq!(i.zone(), Some("eu-1"));
         assert_eq!(i.tags().collect::<Vec<_>>(), ["canary"]);
+        // No zone and no tags is one description, however it was built.
+        let plain = ServiceInstance::try_new("a", "10.0.0.1", 80).unwrap();
+        assert_eq!(plain.clone().with_tags(Vec::<&str>::new()), plain);
+        assert_eq!(i.clone().with_tags(["x"]).tags().collect::<Vec<_>>(), ["x"]);
+        assert_eq!(i.with_tags(["x"]).zone(), Some("eu-1"));
     }
 
     #[test]

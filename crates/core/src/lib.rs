@@ -71,6 +71,7 @@
 //! | [`slow_start`] | the linear ramp |
 //! | [`error`] | the leaf errors `ConfigError`, `HealthScoreError` |
 //! | [`clock`] | `Clock`, `SystemClock`, `ManualClock`, `Timestamp` |
+//! | `member_index` | `MemberIndex`: a service's id → position map, positions only |
 //! | `per_thread` | `PerThread`: state striped by thread (request counters, pick RNG and recorder handle) |
 
 #![warn(missing_docs)]
@@ -83,6 +84,7 @@ pub mod event;
 pub mod ewma;
 pub mod health;
 pub mod instance;
+pub(crate) mod member_index;
 pub mod members;
 pub(crate) mod per_thread;
 pub mod recorder;

@@ -46,8 +46,6 @@ pub struct Members {
 #[derive(Debug, Clone, Default)]
 struct Chunk {
     members: Slots,
-    /// `cum[i]` = total configured weight of members `0..=i`.
-    cum: Vec<u64>,
     min_weight: u16,
     max_weight: u16,
 }
@@ -56,16 +54,18 @@ struct Chunk {
 /// chunk pointer to the slot, not a chunk header to a separate buffer (one
 /// dependent load and ~400 pages fewer at 100,000 members).
 ///
-/// The slots' configured weights are kept beside them, so recomputing a
-/// chunk's prefix sums after a change reads 512 bytes instead of 256
-/// members (256 cache misses at 100,000 members).
+/// The slots' prefix sums of configured weights are kept beside them, inline
+/// (4 bytes a member: at most 256 × 1,000 fits a `u32`), and a member's
+/// weight is the difference of two sums: a change updates the sums after
+/// it without reading members (256 cache misses at 100,000 members), and a
+/// weighted draw searches them without another allocation.
 #[derive(Debug, Clone)]
 struct Slots {
     len: usize,
     /// `Some` exactly at `0..len`.
     slots: [Option<Slot>; CHUNK],
-    /// The configured weight of the member in each slot.
-    weights: [u16; CHUNK],
+    /// `cum[i]` = total configured weight of the members in slots `0..=i`.
+    cum: [u32; CHUNK],
 }
 
 impl Default for Slots {
@@ -73,7 +73,7 @@ impl Default for Slots {
         Self {
             len: 0,
             slots: [const { None }; CHUNK],
-            weights: [0; CHUNK],
+            cum: [0; CHUNK],
         }
     }
 }
@@ -92,21 +92,37 @@ impl Slots {
         self.slots.get(i)?.as_ref()
     }
 
+    /// Total configured weight of the slots.
+    fn total(&self) -> u32 {
+        self.len.checked_sub(1).map_or(0, |last| self.cum[last])
+    }
+
+    /// The configured weight of the member in slot `i` (in `0..len`).
+    fn weight(&self, i: usize) -> u32 {
+        let before = if i == 0 { 0 } else { self.cum[i - 1] };
+        self.cum[i] - before
+    }
+
     /// Puts `slot` (whose member has configured weight `weight`) at `i`
     /// (in `0..len`); returns the slot it replaces.
     fn replace(&mut self, i: usize, slot: Slot, weight: u16) -> Option<Slot> {
         if i >= self.len {
             return None;
         }
-        self.weights[i] = weight;
+        let old = self.weight(i);
+        for cum in &mut self.cum[i..self.len] {
+            // `*cum ≥ old`: a sum includes the weight it replaces.
+            *cum = *cum - old + u32::from(weight);
+        }
         self.slots[i].replace(slot)
     }
 
     /// Appends; the caller checks `len() < CHUNK`.
     fn push(&mut self, slot: Slot, weight: u16) {
+        let total = self.total();
         if let Some(free) = self.slots.get_mut(self.len) {
             *free = Some(slot);
-            self.weights[self.len] = weight;
+            self.cum[self.len] = total + u32::from(weight);
             self.len += 1;
         }
     }
@@ -114,17 +130,25 @@ impl Slots {
     /// Removes the last slot; with its member's weight.
     fn pop(&mut self) -> Option<(Slot, u16)> {
         let last = self.len.checked_sub(1)?;
+        let weight = self.weight(last);
         let slot = self.slots.get_mut(last)?.take()?;
         self.len = last;
-        Some((slot, self.weights[last]))
+        // Below 1,001: every weight pushed was a `u16` of at most 1,000.
+        Some((slot, u16::try_from(weight).unwrap_or(u16::MAX)))
     }
 
     fn iter(&self) -> impl Iterator<Item = &Slot> {
         self.slots.iter().take(self.len).flatten()
     }
 
-    fn weights(&self) -> &[u16] {
-        &self.weights[..self.len]
+    /// The members' configured weights, in slot order.
+    fn weights(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).map(|i| self.weight(i))
+    }
+
+    /// The prefix sums of the slots in use.
+    fn sums(&self) -> &[u32] {
+        &self.cum[..self.len]
     }
 }
 
@@ -151,6 +175,15 @@ impl Slot {
     #[inline]
     pub(crate) fn live(&self) -> &InstanceLive {
         &self.live
+    }
+
+    /// Starts loading the member's reference count, which cloning the
+    /// member writes, while the caller reads the live line: a plain load,
+    /// so the two cache misses overlap, where the clone's locked
+    /// instruction would wait for the live line's miss first.
+    #[inline]
+    pub(crate) fn touch_member(&self) {
+        std::hint::black_box(Arc::strong_count(&self.member));
     }
 }
 
@@ -209,7 +242,10 @@ impl Members {
         let chunk = self.chunks.get(c)?;
         let before = if c == 0 { 0 } else { self.chunk_cum[c - 1] };
         let within = point - before;
-        let i = chunk.cum.partition_point(|&cum| cum <= within);
+        let i = chunk
+            .members
+            .sums()
+            .partition_point(|&cum| u64::from(cum) <= within);
         (i < chunk.members.len()).then_some(c * CHUNK + i)
     }
 
@@ -224,9 +260,8 @@ impl Members {
         let w = member.instance().weight().get();
         let before = if c == 0 { 0 } else { self.chunk_cum[c - 1] };
         let chunk = Arc::make_mut(&mut self.chunks[c]);
-        let sum = chunk.cum.last().copied().unwrap_or(0) + u64::from(w);
         chunk.members.push(Slot::new(member), w);
-        chunk.cum.push(sum);
+        let sum = u64::from(chunk.members.total());
         chunk.min_weight = if chunk.members.len() == 1 {
             w
         } else {
@@ -293,23 +328,20 @@ impl Members {
         for &c in touched {
             if let Some(chunk) = self.chunks.get_mut(c) {
                 let chunk = Arc::make_mut(chunk);
-                chunk.cum.clear();
-                let mut sum = 0u64;
-                let (mut lo, mut hi) = (u16::MAX, 0u16);
-                for &w in chunk.members.weights() {
-                    sum += u64::from(w);
-                    chunk.cum.push(sum);
+                let (mut lo, mut hi) = (u32::from(u16::MAX), 0u32);
+                for w in chunk.members.weights() {
                     lo = lo.min(w);
                     hi = hi.max(w);
                 }
-                chunk.min_weight = lo;
-                chunk.max_weight = hi;
+                // Weights are `u16`s; the fallback is unreachable.
+                chunk.min_weight = u16::try_from(lo).unwrap_or(u16::MAX);
+                chunk.max_weight = u16::try_from(hi).unwrap_or(u16::MAX);
             }
         }
         let mut sum = 0u64;
         let (mut lo, mut hi) = (u16::MAX, 0u16);
         for (c, chunk) in self.chunks.iter().enumerate() {
-            sum += chunk.cum.last().copied().unwrap_or(0);
+            sum += u64::from(chunk.members.total());
             self.chunk_cum[c] = sum;
             lo = lo.min(chunk.min_weight);
             hi = hi.max(chunk.max_weight);
@@ -349,10 +381,16 @@ mod tests {
                 let w = rng.u64(1..=1000);
                 m.push(member(step, w));
                 model.push((format!("m{step}"), w));
-            } else {
+            } else if rng.u8(..) < 128 {
                 let i = rng.usize(..model.len());
                 let removed = m.swap_remove(i).unwrap();
                 assert_eq!(removed.instance().id().as_str(), model.swap_remove(i).0);
+            } else {
+                // A re-registration with a new weight, in place.
+                let i = rng.usize(..model.len());
+                let w = rng.u64(1..=1000);
+                m.set(i, member(step, w));
+                model[i] = (format!("m{step}"), w);
             }
             assert_eq!(m.len(), model.len());
         }
@@ -361,6 +399,8 @@ mod tests {
         }
         let total: u64 = model.iter().map(|x| x.1).sum();
         assert_eq!(m.total_weight(), total);
+        let max = model.iter().map(|x| x.1).max().unwrap_or(0);
+        assert_eq!(u64::from(m.max_weight()), max);
         // Every weight point maps to the member owning that interval.
         let mut point = 0;
         for (i, (_, w)) in model.iter().enumerate() {

@@ -60,7 +60,7 @@
 //! state (health, breaker, counts). Deregistering forgets it; an instance
 //! registered again later starts fresh, with slow start.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,11 +69,12 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::breaker::{Admission, CircuitState};
-use crate::clock::{Clock, LazyNow, Timestamp};
+use crate::clock::{Clock, LazyNow, OptionalTimestamp, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::health::HealthScore;
 use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
+use crate::member_index::MemberIndex;
 use crate::members::Members;
 use crate::per_thread::{Padded, PerThread};
 use crate::recorder::{Outcome, Recorder, Source};
@@ -111,8 +112,11 @@ pub struct Snapshot {
 
 #[derive(Debug, Default)]
 struct Writer {
-    index: HashMap<InstanceId, usize>,
-    draining: HashSet<InstanceId>,
+    index: MemberIndex,
+    /// Draining members and when each must be gone (a deadline that can
+    /// never pass reads as none). Kept here, not in every instance's live
+    /// state: only draining members have one.
+    draining: HashMap<InstanceId, OptionalTimestamp>,
     generation: u64,
 }
 
@@ -221,8 +225,10 @@ impl Service {
     /// The member with id `id`, if registered.
     pub(crate) fn member(&self, id: &str) -> Option<Arc<Member>> {
         let w = self.writer.lock();
-        let idx = *w.index.get(id)?;
-        self.snapshot.load().members.get(idx).cloned()
+        // Under the writer lock the snapshot's list is the index's.
+        let snap = self.snapshot.load();
+        let idx = w.index.get(&snap.members, id)?;
+        snap.members.get(idx).cloned()
     }
 
     /// Selects an instance; see [`Registry::get_instance`](crate::Registry::get_instance).
@@ -462,16 +468,20 @@ impl Service {
     pub(crate) fn drain(&self, id: &str, timeout: Duration) -> Option<Vec<Event>> {
         let now = self.now();
         let mut w = self.writer.lock();
-        let member = self.snapshot.load().members.get(*w.index.get(id)?)?.clone();
+        let snap = self.snapshot.load();
+        let member = snap.members.get(w.index.get(&snap.members, id)?)?.clone();
+        drop(snap);
         let live = member.live();
         let mut events = Vec::new();
         {
             let mut trackers = live.trackers.lock();
-            trackers.drain_deadline = Some(now + timeout);
             live.set_draining(true);
             self.recorder.recount(&member, &mut trackers, &mut events);
         }
-        w.draining.insert(member.instance().id().clone());
+        w.draining.insert(
+            member.instance().id().clone(),
+            OptionalTimestamp::some(now + timeout),
+        );
         drop(w);
         self.recorder
             .check_panic(&self.recorder.config.load(), &mut events);
@@ -508,16 +518,20 @@ impl Service {
             return;
         }
         self.write(|w, members, _, _| {
-            let ids: Vec<InstanceId> = w.draining.iter().cloned().collect();
-            for id in ids {
-                let Some(m) = w.index.get(&id).and_then(|&i| members.get(i)) else {
+            let ids: Vec<(InstanceId, OptionalTimestamp)> =
+                w.draining.iter().map(|(id, &d)| (id.clone(), d)).collect();
+            for (id, deadline) in ids {
+                let Some(m) = w
+                    .index
+                    .get(members, id.as_str())
+                    .and_then(|i| members.get(i))
+                else {
                     w.draining.remove(&id);
                     continue;
                 };
-                let deadline = m.live().trackers.lock().drain_deadline;
                 let reason = if m.active_connections() == 0 {
                     "drained"
-                } else if deadline.is_some_and(|d| now >= d) {
+                } else if deadline.get().is_some_and(|d| now >= d) {
                     "drain timeout"
                 } else {
                     continue;
@@ -587,7 +601,7 @@ impl Writer {
         slow: bool,
         stats: &ServiceStats,
     ) -> Registered {
-        if let Some(&idx) = self.index.get(instance.id().as_str()) {
+        if let Some(idx) = self.index.get(members, instance.id().as_str()) {
             if let Some(old) = members.get(idx) {
                 old.live().set_weight(instance.weight());
                 let m = Member::new(instance, old.live().clone());
@@ -599,7 +613,7 @@ impl Writer {
         let live = Arc::new(InstanceLive::new(now, slow, instance.weight()));
         stats.recount(&mut live.trackers.lock().counted, Availability::Available);
         let idx = members.push(Arc::new(Member::new(instance, live)));
-        self.index.insert(id, idx);
+        self.index.insert(members, id.as_str(), idx);
         Registered::Added
     }
 
@@ -610,13 +624,13 @@ impl Writer {
         id: &str,
         stats: &ServiceStats,
     ) -> Option<ServiceInstance> {
-        let idx = self.index.remove(id)?;
+        let idx = self.index.remove(members, id)?;
         self.draining.remove(id);
         let removed = members.swap_remove(idx)?;
         if let Some(moved) = members.get(idx) {
-            if let Some(slot) = self.index.get_mut(moved.instance().id().as_str()) {
-                *slot = idx;
-            }
+            // It was the last member: at the new length.
+            self.index
+                .moved(moved.instance().id().as_str(), members.len(), idx);
         }
         let live = removed.live();
         let mut trackers = live.trackers.lock();

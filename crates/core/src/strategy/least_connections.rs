@@ -144,7 +144,7 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
 fn sampled(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
     let mut best: Option<(bool, f64, &Slot)> = None;
     for _ in 0..SAMPLES {
-        let s = cx.random_eligible_slot()?;
+        let s = cx.random_eligible_slot(false)?;
         let f = cx.live_factor(s.live());
         let admitted = cx.accept(f);
         let load = load(s.live(), f);
