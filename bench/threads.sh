@@ -16,7 +16,9 @@
 # instances their probes). During each measured run bench/admin_latency.py
 # asks /healthz every 20 ms; the TSV gets its p50, p99 and max and the
 # idle service's probes that passed and failed in the run (`-` for
-# HAProxy).
+# HAProxy). The last column splits the proxy's CPU over its threads (by
+# thread name, in thread-id order): how evenly the kernel's SO_REUSEPORT
+# hash spread the connections over the workers.
 #
 # BIG=N adds a service `big` of N instances that nothing routes to or
 # checks, and RELOAD_EVERY=S (with BIG) reloads datapunk-lb every S seconds
@@ -36,6 +38,11 @@ WRK_THREADS=${WRK_THREADS:-2}
 BUILD=${BUILD:-1}
 BIG=${BIG:-0}
 RELOAD_EVERY=${RELOAD_EVERY:-0}
+# PERF=stat: `perf stat` (context switches, migrations, syscalls) of the
+# proxy over each measured run; PERF=record: `perf record -g` of it (per
+# thread: `perf report --sort comm,dso,sym`). Files perf-ROUND-VARIANT.* in
+# the run directory.
+PERF=${PERF:-}
 LISTEN_PORT=18080
 BACKEND_PORTS=(18081 18082 18083)
 ADMIN_PORT=18084
@@ -145,7 +152,26 @@ start_variant() {
 	sleep 0.5
 }
 
-printf 'round\tvariant\trps\tproxy_cpu_s\tcpu_us_per_req\tload1\tadmin_p50_ms\tadmin_p99_ms\tadmin_max_ms\tadmin_n\tprobe_ok\tprobe_failed\n' | tee "$TSV"
+# thread_ticks PID: "name=ticks" for each thread of PID, sorted by TID
+# (user + system; comm in /proc/PID/task/TID/stat is in parentheses).
+thread_ticks() {
+	local t
+	for t in /proc/"$1"/task/*; do
+		sed -E 's/^[0-9]+ \(([^)]*)\) (.*)$/\1 \2/' "$t/stat" 2>/dev/null |
+			awk -v tid="${t##*/}" '{print tid, $1 "=" $13 + $14}'
+	done | sort -n | cut -d' ' -f2
+}
+
+# thread_split BEFORE AFTER: the CPU seconds each thread used in between,
+# for threads that used any ("datapunk-worker-0=3.12,...").
+thread_split() {
+	awk -v hz="$(getconf CLK_TCK)" 'NR == FNR { split($0, kv, "="); before[NR] = kv[2]; next }
+		{ split($0, kv, "="); d = (kv[2] - before[FNR]) / hz
+		  if (d > 0) { out = out sep kv[1] "=" sprintf("%.2f", d); sep = "," } }
+		END { print (out == "" ? "-" : out) }' <(echo "$1") <(echo "$2")
+}
+
+printf 'round\tvariant\trps\tproxy_cpu_s\tcpu_us_per_req\tload1\tadmin_p50_ms\tadmin_p99_ms\tadmin_max_ms\tadmin_n\tprobe_ok\tprobe_failed\tthread_cpu_s\n' | tee "$TSV"
 for ((round = 1; round <= ROUNDS; round++)); do
 	n=${#VARIANTS[@]}
 	for ((k = 0; k < n; k++)); do
@@ -155,6 +181,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"$WARMUP"s \
 			"http://127.0.0.1:$LISTEN_PORT/" >/dev/null 2>&1
 		t0=$(proc_ticks "$PROXY_PID")
+		threads0=$(thread_ticks "$PROXY_PID")
 		out="$RUN_DIR/wrk-$round-${v//[:=]/-}.txt"
 		admin="$RUN_DIR/admin-$round-${v//[:=]/-}.txt"
 		pinger=""
@@ -174,9 +201,25 @@ for ((round = 1; round <= ROUNDS; round++)); do
 			) &
 			reloader=$!
 		fi
+		perf_pid=""
+		case $PERF in
+		stat)
+			perf stat -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter \
+				--per-thread -p "$PROXY_PID" -o "$RUN_DIR/perf-$round-${v//[:=]/-}.txt" \
+				-- sleep "$DURATION" &
+			perf_pid=$!
+			;;
+		record)
+			perf record -F 999 -g -p "$PROXY_PID" -o "$RUN_DIR/perf-$round-${v//[:=]/-}.data" \
+				-- sleep "$DURATION" 2>/dev/null &
+			perf_pid=$!
+			;;
+		esac
 		taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION"s --timeout 2s \
 			"http://127.0.0.1:$LISTEN_PORT/" >"$out" 2>&1
 		t1=$(proc_ticks "$PROXY_PID")
+		if [[ -n $perf_pid ]]; then wait "$perf_pid" || true; fi
+		split=$(thread_split "$threads0" "$(thread_ticks "$PROXY_PID")")
 		if [[ -n $reloader ]]; then wait "$reloader" || true; fi
 		control=$'-\t-\t-\t-\t-\t-'
 		if [[ -n $pinger ]]; then
@@ -189,7 +232,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		hz=$(getconf CLK_TCK)
 		cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" 'BEGIN {printf "%.2f", (b - a) / hz}')
 		per=$(awk -v c="$cpu" -v r="$reqs" 'BEGIN {printf "%.1f", c * 1e6 / r}')
-		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$v" "$rps" "$cpu" "$per" \
-			"$(cut -d' ' -f1 /proc/loadavg)" "$control" | tee -a "$TSV"
+		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$v" "$rps" "$cpu" "$per" \
+			"$(cut -d' ' -f1 /proc/loadavg)" "$control" "$split" | tee -a "$TSV"
 	done
 done
