@@ -130,16 +130,19 @@ impl RetryBudget {
     /// Whether [`try_withdraw`](Self::try_withdraw) would grant a retry
     /// now; withdraws nothing.
     pub(crate) fn holds_one(&self) -> bool {
-        let local = self.local();
-        // A whole token here is a whole token in the sum, and neither the
-        // cap (≥ 1,000) nor the refill (which only adds) can take it away:
-        // no clock read, no other shard's line.
-        self.shards[local].0.load(Ordering::Relaxed) >= MICROS || self.holds_one_at(Instant::now())
+        self.holds_one_on(self.local())
     }
 
     /// Asks for one retry.
     pub(crate) fn try_withdraw(&self) -> bool {
         self.try_withdraw_on(self.local(), Instant::now())
+    }
+
+    fn holds_one_on(&self, shard: usize) -> bool {
+        // A whole token here is a whole token in the sum, and neither the
+        // cap (≥ 1,000) nor the refill (which only adds) can take it away:
+        // no clock read, no other shard's line.
+        self.shards[shard].0.load(Ordering::Relaxed) >= MICROS || self.holds_one_at(Instant::now())
     }
 
     fn deposit_on(&self, shard: usize) {
@@ -462,6 +465,84 @@ mod tests {
                     "{config:?}: {granted} granted, {refused} refused"
                 );
             }
+        }
+    }
+
+    /// The budget as it was before the shards: one balance under one lock,
+    /// locked twice per request (ask, then deposit) and a clock read to ask.
+    struct Locked {
+        ratio: f64,
+        floor: f64,
+        state: Mutex<(f64, std::time::Instant)>,
+    }
+
+    impl Locked {
+        fn deposit(&self) {
+            let mut s = self.state.lock();
+            s.0 = (s.0 + self.ratio).min(1000.0);
+        }
+
+        fn holds_one(&self) -> bool {
+            let (balance, since) = *self.state.lock();
+            let balance = if balance < self.floor {
+                let dt = since.elapsed().as_secs_f64();
+                (balance + dt * self.floor).min(self.floor)
+            } else {
+                balance
+            };
+            balance >= 1.0
+        }
+    }
+
+    /// ns per request (ask + deposit) with `threads` threads at once, each
+    /// running `request(thread)` `n` times; the median of 5 runs.
+    fn per_request_ns(threads: usize, n: u32, request: &(dyn Fn(usize) + Sync)) -> f64 {
+        let mut runs: Vec<f64> = (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for t in 0..threads {
+                        scope.spawn(move || (0..n).for_each(|_| request(t)));
+                    }
+                });
+                start.elapsed().as_nanos() as f64 / f64::from(n)
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        runs[2]
+    }
+
+    /// Speed of the request path (not a test: it asserts nothing). Run:
+    /// `cargo test --release -p datapunk-lb --lib measure_retry_budget --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run by hand"]
+    fn measure_retry_budget_request_path() {
+        let n = 2_000_000;
+        let config = RetryBudgetConfig::default();
+        let locked = Locked {
+            ratio: 0.2,
+            floor: 10.0,
+            state: Mutex::new((10.0, std::time::Instant::now())),
+        };
+        let sharded = RetryBudget::with_shards(config, 3);
+        let one_shard = RetryBudget::with_shards(config, 1);
+        for threads in [1, 2] {
+            let old = per_request_ns(threads, n, &|_| {
+                std::hint::black_box(locked.holds_one());
+                locked.deposit();
+            });
+            let new = per_request_ns(threads, n, &|t| {
+                std::hint::black_box(sharded.holds_one_on(1 + t));
+                sharded.deposit_on(1 + t);
+            });
+            let shared = per_request_ns(threads, n, &|_| {
+                std::hint::black_box(one_shard.holds_one_on(0));
+                one_shard.deposit_on(0);
+            });
+            println!(
+                "{threads} thread(s): one lock {old:.1} ns/request, a shard per thread {new:.1}, one shard for all {shared:.1}"
+            );
         }
     }
 }
