@@ -517,6 +517,7 @@ mod tests {
     /// --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement; run by hand"]
+    #[allow(clippy::print_stdout)] // the measurement is the output
     fn measure_retry_budget_request_path() {
         let n = 2_000_000;
         let config = RetryBudgetConfig::default();
