@@ -25,7 +25,8 @@
 //! own cache lines; the service's balance is their sum, capped. A
 //! request touches only its worker's shard: a deposit is one atomic add on
 //! it (none once it holds the cap), and asking is one load of it when it
-//! holds a whole token (always, unless the budget is nearly spent).
+//! holds a whole token (in a healthy service, after its worker's first
+//! five requests).
 //!
 //! The rule stays exactly the single-balance rule above, because the cap is
 //! applied where it can be observed: deposits only add, and a saturating
