@@ -24,8 +24,14 @@
 //! tells code which worker it runs on.
 //!
 //! The control plane (the control task, admin server, health checks,
-//! discovery, reloads, signals) runs on the main thread's own single-threaded
-//! runtime, off the workers.
+//! discovery, reloads, signals) runs off the workers, on a multi-threaded
+//! runtime of its own with two threads (`datapunk-control`, started in
+//! `main.rs`), the main thread waiting for signals on it. Two, not the one
+//! it had: a long control operation (a reload applying 50,000 changed
+//! instances takes ~100 ms) then leaves the other thread to the health
+//! checks and the admin endpoint, so they are not held behind it, and the
+//! threads sleep when there is no control work, taking nothing from the
+//! workers (`docs/benchmarks.md`, "Threads, second pass").
 //!
 //! ## Why it is the default
 //!

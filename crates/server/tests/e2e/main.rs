@@ -32,6 +32,7 @@ mod slowloris;
 mod sni;
 mod status_page;
 mod support;
+mod threads;
 mod tls;
 mod tls_upstream;
 mod websocket;
