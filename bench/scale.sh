@@ -284,7 +284,9 @@ out ""
 out "- a reload changing $K instances' addresses: ${line%% *} ms (${line#* })"
 use on
 line=$(reload)
-out "- and back: ${line%% *} ms (${line#* }); RSS $(rss_mb) MB"
+rss_now=$(rss_mb)
+sleep 5 # the parse's peak is returned within seconds; read both
+out "- and back: ${line%% *} ms (${line#* }); RSS $rss_now MB at once, $(rss_mb) MB 5 s later"
 out ""
 out "RSS at the end: $(rss_mb) MB ($(rss_parts))"
 out "RSS after the settle: $RSS_SETTLED MB = $(python3 -c "print(round($RSS_SETTLED * 1048576 / $N))") bytes per instance; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
