@@ -238,8 +238,8 @@ impl<C> Schedule<C> {
     }
 
     /// Drops the state of instances gone from the service (the runner
-    /// calls it only when [`len`](Self::len) exceeds the member count, so
-    /// the steady state costs nothing).
+    /// calls it only when members left: [`len`](Self::len) exceeds the
+    /// member count, or the count fell; the steady state costs nothing).
     pub(crate) fn retain(&mut self, keep: impl Fn(&InstanceId) -> bool) {
         self.entries.retain(|id, _| keep(id));
         self.conns.retain(|id, _| keep(id));
