@@ -27,6 +27,9 @@
 #   knobs (environment): N=100000 INTERVAL=5s SETTLE=300 ROUNDS=2
 #   DURATION=10 CONNS=64 RELOADS=10 K=100 BUILD=1 (0: use the existing
 #   target/release/datapunk-lb) DP_BIN (a binary to test instead)
+#   ROUNDS=0 skips phase 4 (no traffic: the reloads then follow the settle,
+#   which is what "RSS flat across reloads" is about). MIMALLOC_* options in
+#   the environment reach the balancer (recorded in the report).
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -126,6 +129,13 @@ use() { cp "$RUN_DIR/$1.toml" "$CONF.tmp" && mv "$CONF.tmp" "$CONF"; }
 
 # --- helpers ---
 rss_mb() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$LB/status"; }
+# where the RSS is: anonymous (heap, stacks) vs file (the binary, libc),
+# how much of the anonymous is in transparent huge pages, and threads
+rss_parts() {
+	awk '/^RssAnon/ {a = $2} /^RssFile/ {f = $2} /^Threads/ {t = $2}
+		END {printf "anon %.1f MB, file %.1f MB, %d threads", a / 1024, f / 1024, t}' "/proc/$LB/status"
+	awk '/^AnonHugePages/ {printf ", %.1f MB of it in huge pages", $2 / 1024}' "/proc/$LB/smaps_rollup"
+}
 fds() { find "/proc/$LB/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 ticks() { awk '{print $14 + $15}' "/proc/$LB/stat"; }
 HZ=$(getconf CLK_TCK)
@@ -173,6 +183,7 @@ out "# Scale run $STAMP"
 out ""
 out "N=$N INTERVAL=$INTERVAL SETTLE=$SETTLE ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS RELOADS=$RELOADS K=$K"
 out "commit $(git -C "$ROOT" rev-parse --short HEAD), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+out "mimalloc options from the environment: $(env | grep '^MIMALLOC_' | tr '\n' ' ' || true)"
 out ""
 t0=$(date +%s%N)
 taskset -c "$LB_CPU" "$DP_BIN" run --config "$CONF" --log-format json >>"$RUN_DIR/lb.log" 2>&1 &
@@ -210,6 +221,8 @@ while ((elapsed < SETTLE)); do
 done
 RSS_SETTLED=$(rss_mb)
 out ""
+out "- RSS after the settle: $RSS_SETTLED MB ($(rss_parts))"
+out ""
 
 # --- 3. admin responses ---
 out "- admin responses (median of 5, while checks run):"
@@ -220,6 +233,7 @@ out "  - RSS after them: $(rss_mb) MB"
 out ""
 
 # --- 4. proxy req/s, checks on vs off ---
+if ((ROUNDS > 0)); then
 out "- proxy req/s, wrk -t1 -c$CONNS -d${DURATION}s, checks on (A) / off (B), ABBA:"
 out ""
 out "| round | order | A req/s | B req/s | balancer fds after |"
@@ -249,6 +263,7 @@ mb=$(med "${B_RUNS[@]}")
 out ""
 out "  median A $ma req/s, B $mb req/s, A/B = $(python3 -c "print(f'{$ma / $mb:.2f}')")"
 out ""
+fi
 
 # --- 5. reloads ---
 use on
@@ -269,7 +284,10 @@ out ""
 out "- a reload changing $K instances' addresses: ${line%% *} ms (${line#* })"
 use on
 line=$(reload)
-out "- and back: ${line%% *} ms (${line#* }); RSS $(rss_mb) MB"
+rss_now=$(rss_mb)
+sleep 5 # the parse's peak is returned within seconds; read both
+out "- and back: ${line%% *} ms (${line#* }); RSS $rss_now MB at once, $(rss_mb) MB 5 s later"
 out ""
+out "RSS at the end: $(rss_mb) MB ($(rss_parts))"
 out "RSS after the settle: $RSS_SETTLED MB = $(python3 -c "print(round($RSS_SETTLED * 1048576 / $N))") bytes per instance; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 log "report: $REPORT (raw logs: $RUN_DIR)"

@@ -508,14 +508,60 @@ async fn a_reload_of_the_same_file_replaces_no_member_and_keeps_admin_overrides(
     assert_eq!(serving_port(&registry, "extra"), Some(7777));
 }
 
+/// The config layer's instances whose id and address strings are the very
+/// ones the registry's members hold (not equal copies).
+fn shared_with_registry(c: &Control, reg: &Registry) -> usize {
+    let members = members(reg);
+    c.layers.config()["api"]
+        .instances
+        .iter()
+        .filter(|i| {
+            members.get(i.id().as_str()).is_some_and(|m| {
+                let r = m.instance();
+                r.id().as_str().as_ptr() == i.id().as_str().as_ptr()
+                    && r.address().as_ptr() == i.address().as_ptr()
+            })
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn after_a_reload_the_config_layer_shares_its_strings_with_the_registry() {
+    let registry = Arc::new(Registry::new());
+    let metrics = Arc::new(Metrics::new(registry.clone()));
+    let mut c = Control::new(registry.clone(), metrics, None);
+    let reload = |cfg: Config| Command::Reload(Box::new(cfg));
+    c.apply(reload(config_of(200, |_, p| Some(p))))
+        .await
+        .unwrap();
+    assert_eq!(shared_with_registry(&c, &registry), 200, "first load");
+    // The same file again: a new parse, but the layer keeps the instances
+    // the members were built from, so each string is held once.
+    c.apply(reload(config_of(200, |_, p| Some(p))))
+        .await
+        .unwrap();
+    assert_eq!(shared_with_registry(&c, &registry), 200, "same file");
+    // Ten changed: registered from the new layer, so shared as well.
+    c.apply(reload(config_of(200, |i, p| {
+        Some(if i < 10 { p + 1 } else { p })
+    })))
+    .await
+    .unwrap();
+    assert_eq!(shared_with_registry(&c, &registry), 200, "ten changed");
+    assert_eq!(serving_port(&registry, "i0003"), Some(1004));
+}
+
 /// Counts live heap bytes for `measure_bytes_per_instance_at_100k` (the
 /// wrapper costs two atomic adds per allocation in this test binary).
 #[global_allocator]
 static ALLOC: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
 
 /// Where the bytes of 100,000 instances go, as live heap (not RSS): the
-/// parsed config layer, the control task's index of it, and the core
-/// registry. Printed for docs/benchmarks.md, "Scale (issue 11)".
+/// parsed config layer (kept by the control task; its strings are shared
+/// with the registry's members), the core registry, and whatever else the
+/// control task keeps per instance (nothing since the id index went: the
+/// config layer is sorted by id). Printed for docs/benchmarks.md, "Scale
+/// (issue 11)".
 #[tokio::test]
 #[ignore = "a measurement: run with --release --ignored --nocapture"]
 async fn measure_bytes_per_instance_at_100k() {
@@ -540,7 +586,6 @@ async fn measure_bytes_per_instance_at_100k() {
     let base = ALLOC.allocated();
     let cfg = config(&text);
     let parsed = ALLOC.allocated() - base;
-    drop(text);
     let instances = cfg.services["api"].instances.clone();
     // The core alone: descriptions share their strings with the config.
     let before = ALLOC.allocated();
@@ -550,20 +595,31 @@ async fn measure_bytes_per_instance_at_100k() {
     let registry = ALLOC.allocated() - before;
     drop(core);
     drop(instances);
-    // The whole control path: config layer, its index, the registry.
+    // The whole control path: config layer, the registry.
     let reg = Arc::new(Registry::new());
     let metrics = Arc::new(Metrics::new(reg.clone()));
     let mut c = Control::new(reg.clone(), metrics, None);
     let before_reload = ALLOC.allocated();
     c.apply(Command::Reload(Box::new(cfg))).await.unwrap();
     let control = ALLOC.allocated() + parsed - before_reload;
+    // A reload of the same file: a whole new parse, of which nothing may
+    // stay (the layer keeps the instances the members share).
+    let again = config(&text);
+    drop(text);
+    let before_again = ALLOC.allocated();
+    c.apply(Command::Reload(Box::new(again))).await.unwrap();
+    let after_again = ALLOC.allocated() as f64 - before_again as f64 + parsed as f64;
     eprintln!(
         "live heap per instance at {N}: config layer (parsed instances, id and address strings) {:.0} B; \
          core registry (members, live state, index, strategy) {:.0} B; \
-         control total (config layer + its id index + registry) {:.0} B, so the index {:.0} B",
+         control total (config layer + registry + the control task's own) {:.0} B, so its own {:.0} B",
         per(parsed),
         per(registry),
         per(control),
         per(control) - per(parsed) - per(registry)
+    );
+    eprintln!(
+        "after a reload of the same file the control path holds {:+.0} B per instance more",
+        after_again / N as f64
     );
 }

@@ -294,6 +294,7 @@ async fn run_service(
     let mut shown = None;
     let mut gauges = u64::MAX;
     let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut last_n = 0;
     loop {
         while let Ok((id, ok, conn)) = rx.try_recv() {
             sched.done(&id, ok, clock.now(), factor, conn);
@@ -315,10 +316,15 @@ async fn run_service(
         if effective > check.interval {
             budget.warn(&service, check.interval, effective);
         }
-        if sched.len() > n {
+        // The schedule holds state for few instances (only those with
+        // something to remember), so more entries than members is no
+        // longer the only sign of a removal: a shrinking service is too.
+        // Either way the O(n) pass runs only when members left.
+        if sched.len() > n || (n < last_n && sched.len() > 0) {
             let live: HashSet<&InstanceId> = members.iter().map(|m| m.instance().id()).collect();
             sched.retain(|id| live.contains(id));
         }
+        last_n = n;
         let room = MAX_PENDING.saturating_sub(pending.load(std::sync::atomic::Ordering::Relaxed));
         let due = sched.due(clock.now(), factor, n, room, |i| {
             members.get(i).map(|m| View {

@@ -22,6 +22,25 @@
 //!   instances are probed on their backoff schedule whether or not traffic
 //!   flows elsewhere.
 //! - An instance whose probe is still running is not probed again.
+//!
+//! ## Memory: state only where there is something to remember
+//!
+//! An instance has an [`Entry`] only while it has state that differs from
+//! `Entry::NEW`: a probe in flight, failed probes (backoff), or real
+//! successes seen. A healthy instance that only probes judge (no real
+//! traffic, the usual case of a large idle service) has none between its
+//! probes: a missing entry reads as `Entry::NEW` (no failures, no
+//! successes seen), exactly what its dropped entry said, so the rule above
+//! is unchanged. (An instance new to the schedule starts from "no successes
+//! seen" too: one that joins with real successes already counted — a
+//! checker restarted by a reload, a re-registered id keeping its live
+//! state — takes them as passive evidence and is first probed one visit
+//! later, unless ejected.) At 100,000 instances with checks and no traffic
+//! the schedule holds the entries of probes in flight (at most the
+//! checker's `MAX_PENDING`) instead of 100,000 (54 B each with the id and
+//! the map's slack). An entry is 16 bytes: successes are kept as their low
+//! 32 bits and compared with wrapping arithmetic (a count cannot move by
+//! 2^31 between two visits of one instance).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -41,15 +60,37 @@ pub(crate) struct View {
     pub ejected: bool,
 }
 
-/// Per-instance schedule state: 24 bytes, one per checked instance (at
-/// 100,000 instances with its id and the map's slack ~50 bytes each).
-#[derive(Debug)]
+/// Per-instance schedule state, 16 bytes; kept only while it differs from
+/// [`Entry::NEW`] (module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Entry {
-    fails: u32,
-    in_flight: bool,
-    /// No probe before this (backoff); 0 when not backing off.
+    /// No probe before this (backoff), ns; 0 when not backing off.
     not_before: u64,
-    successes_seen: u64,
+    /// The low 32 bits of the successes seen at the previous visit.
+    successes_seen: u32,
+    /// Consecutive failed probes (saturating; the backoff caps long before).
+    fails: u16,
+    in_flight: bool,
+}
+
+impl Entry {
+    /// A new instance's state, and what a missing entry means.
+    const NEW: Entry = Entry {
+        not_before: 0,
+        successes_seen: 0,
+        fails: 0,
+        in_flight: false,
+    };
+}
+
+/// The low 32 bits of a success count (see the module doc).
+fn low(successes: u64) -> u32 {
+    successes as u32
+}
+
+/// Whether `successes` is past `seen` (wrapping: see the module doc).
+fn grew(successes: u64, seen: u32) -> bool {
+    (low(successes).wrapping_sub(seen) as i32) > 0
 }
 
 /// One service's schedule; `C` is the idle connection the prober keeps
@@ -59,6 +100,7 @@ pub(crate) struct Schedule<C> {
     check: HealthCheck,
     cursor: usize,
     next_slot: Option<Timestamp>,
+    /// Instances whose state differs from [`Entry::NEW`].
     entries: HashMap<InstanceId, Entry>,
     /// The instances' idle keep-alive connections, handed to their next
     /// probe. Apart from `entries`: only services small enough to keep
@@ -126,22 +168,17 @@ impl<C> Schedule<C> {
             self.cursor = (self.cursor + 1) % n;
             next = next + slot;
             let Some(v) = view(i) else { continue };
-            let e = self.entries.entry(v.id.clone()).or_insert(Entry {
-                fails: 0,
-                not_before: 0,
-                // A new instance is probed at its first visit.
-                successes_seen: v.successes,
-                in_flight: false,
-            });
+            // No entry: nothing to remember, no successes seen (module doc).
+            let e = self.entries.entry(v.id.clone()).or_insert(Entry::NEW);
             if e.in_flight || now.as_nanos() < e.not_before {
                 continue;
             }
-            if !v.ejected && v.successes > e.successes_seen {
-                e.successes_seen = v.successes;
+            if !v.ejected && grew(v.successes, e.successes_seen) {
+                e.successes_seen = low(v.successes);
                 e.fails = 0;
                 continue;
             }
-            e.successes_seen = v.successes;
+            e.successes_seen = low(v.successes);
             e.in_flight = true;
             let conn = if self.conns.is_empty() {
                 None
@@ -177,10 +214,14 @@ impl<C> Schedule<C> {
             e.not_before = 0;
         } else {
             e.fails = e.fails.saturating_add(1);
-            let delay = super::next_delay(&self.check, e.fails, 0.5).max(period);
+            let delay = super::next_delay(&self.check, u32::from(e.fails), 0.5).max(period);
             // Half a period early, so the visit one backoff after the probe
             // is taken even though the result came in after its slot.
             e.not_before = now.saturating_add(delay - period / 2).as_nanos();
+        }
+        if *e == Entry::NEW {
+            // Nothing to remember: its next visit reads it as new.
+            self.entries.remove(id);
         }
     }
 
@@ -190,14 +231,15 @@ impl<C> Schedule<C> {
         self.next_slot.map(|t| t.saturating_since(now))
     }
 
-    /// Instances the schedule holds state for.
+    /// Instances the schedule holds state for (see the module doc: not
+    /// every member has state).
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// Drops the state of instances gone from the service (the runner
-    /// calls it only when [`len`](Self::len) exceeds the member count, so
-    /// the steady state costs nothing).
+    /// calls it only when members left: [`len`](Self::len) exceeds the
+    /// member count, or the count fell; the steady state costs nothing).
     pub(crate) fn retain(&mut self, keep: impl Fn(&InstanceId) -> bool) {
         self.entries.retain(|id, _| keep(id));
         self.conns.retain(|id, _| keep(id));
@@ -406,5 +448,49 @@ mod tests {
             .map(|d| d.0)
             .collect();
         assert_eq!(rest, [3, 4, 5], "the slots left over, in ring order");
+    }
+
+    #[test]
+    fn healthy_instances_without_traffic_hold_no_state_between_probes() {
+        let n = 1_000;
+        let ids = ids(n);
+        let clock = ManualClock::new();
+        let mut s = Schedule::new(check(1_000, 8_000));
+        // Instance 0 fails every probe; instance 1 has real traffic; the
+        // rest are healthy and idle.
+        let view = |i: usize, t: u64| view_of(&ids, i, if i == 1 { 1 + t / 10 } else { 0 }, false);
+        let probes = drive(&mut s, &clock, 1.0, 3_000, view, n, |i| i != 0);
+        assert!(probes.len() >= 2_990, "{}", probes.len());
+        // Only the failing one (its backoff) and the one with traffic (the
+        // successes seen) have an entry.
+        assert_eq!(
+            s.len(),
+            2,
+            "entries: {:?}",
+            s.entries.keys().collect::<Vec<_>>()
+        );
+        assert!(s.entries.contains_key(&ids[0]) && s.entries.contains_key(&ids[1]));
+        // An idle healthy instance is still probed once per interval: a
+        // missing entry does not skip it.
+        let of = |i| probes.iter().filter(|p| p.1 == i).count();
+        assert_eq!(of(500), 3, "{probes:?}");
+        assert_eq!(of(1), 0, "real traffic vouches for it from its first visit");
+        assert_eq!(
+            of(0),
+            2,
+            "failing: probed at 0 s, then after 2 s of backoff"
+        );
+    }
+
+    #[test]
+    fn an_entry_is_sixteen_bytes_and_success_counts_compare_across_the_low_bits_wrap() {
+        assert_eq!(std::mem::size_of::<Entry>(), 16);
+        let seen = low(u64::from(u32::MAX) - 1);
+        assert!(grew(u64::from(u32::MAX) + 3, seen), "past 2^32: grew");
+        assert!(!grew(u64::from(u32::MAX) - 1, seen), "same: did not");
+        // A count read while a request is between its pick and its failure
+        // can step back by the requests in flight: not growth.
+        assert!(!grew(u64::from(u32::MAX) - 4, seen));
+        assert!(grew(7, low(6)) && !grew(6, low(6)) && !grew(5, low(6)));
     }
 }
