@@ -448,9 +448,12 @@ async fn proxy(
     parts.headers.insert(X_REQUEST_ID, id.clone());
     if let Some(protocol) = upgrade {
         let key = key.as_ref().map(|k| &k[..]);
-        return upgrade::proxy(parts, body, replay, protocol, deadline, up, key)
-            .await
-            .map(|resp| resp.map(ResponseBody::Other));
+        // Boxed: the tunnel's state stays out of every request's future.
+        return Box::pin(upgrade::proxy(
+            parts, body, replay, protocol, deadline, up, key,
+        ))
+        .await
+        .map(|resp| resp.map(ResponseBody::Other));
     }
     let mut step = HttpStep {
         parts,
