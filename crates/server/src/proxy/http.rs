@@ -79,7 +79,7 @@ use super::body::Watched;
 use super::client_limits::{
     ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout, WatchedSocket,
 };
-use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
+use super::headers::{set_forwarding_from, strip_hop_by_hop, Forwarding, Peer};
 use super::hygiene;
 use super::pool::PooledBody;
 use super::request_body::read_body;
@@ -199,8 +199,11 @@ pub(crate) async fn serve(
         let conn_permit = permit.clone();
         let watch = ConnWatch::new(tokio::time::Instant::now());
         let svc_watch = watch.clone();
+        // Its X-Forwarded-For value made once for all its requests.
+        let client = Peer::new(peer);
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let ctx = ctx.clone();
+            let client = client.clone();
             upgrade::attach_permit(&mut req, &conn_permit);
             if let Some(id) = svc_identity.get() {
                 req.extensions_mut().insert(id.clone());
@@ -210,7 +213,7 @@ pub(crate) async fn serve(
             async move {
                 let body_timeout = ctx.limits.request_body_timeout;
                 let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
-                let resp = handle(req, &ctx, peer).await;
+                let resp = handle(req, &ctx, &client).await;
                 // The guard rides in the body and drops with it.
                 let resp = resp.map(|b| InFlight::new(b, guard));
                 Ok::<_, Infallible>(resp)
@@ -348,7 +351,7 @@ fn is_idempotent(m: &Method) -> bool {
 pub(crate) async fn handle(
     mut req: Request<ClientBody>,
     ctx: &HttpContext,
-    peer: SocketAddr,
+    peer: &Peer,
 ) -> Response<ResponseBody> {
     let id = request_id(req.headers());
     if let Err(why) = hygiene::check(&mut req) {
@@ -376,7 +379,7 @@ pub(crate) async fn handle(
     // Only with the access log on: a clock read and the request's facts.
     let mut entry = rules.access_log.as_ref().map(|log| {
         let service = up.as_ref().map(|u| u.name.as_str());
-        log.entry(&req, peer, &ctx.listener, service, &id)
+        log.entry(&req, peer.addr, &ctx.listener, service, &id)
     });
     let mut resp = match up {
         None => error_response(&ProxyError::NoRoute).map(ResponseBody::Other),
@@ -411,7 +414,7 @@ pub(crate) async fn handle(
 async fn proxy(
     req: Request<ClientBody>,
     up: &Upstream,
-    peer: SocketAddr,
+    peer: &Peer,
     // The rules, and whether the client came over TLS (`X-Forwarded-Proto`).
     (forwarding, https): (&Forwarding, bool),
     id: &HeaderValue,
@@ -434,11 +437,14 @@ async fn proxy(
         idempotent: is_idempotent(&parts.method),
         replayable: body.replayable(),
     };
-    let key = up.hash_key.as_ref().and_then(|k| k.digest(&parts, peer));
+    let key = up
+        .hash_key
+        .as_ref()
+        .and_then(|k| k.digest(&parts, peer.addr));
     strip_hop_by_hop(&mut parts.headers);
     // After the strip: a client cannot name these in `Connection`.
     let authority = parts.uri.authority().cloned();
-    set_forwarding(
+    set_forwarding_from(
         &mut parts.headers,
         peer,
         if https { "https" } else { "http" },
