@@ -245,6 +245,12 @@ pub(crate) async fn serve(
             let sleep = tokio::time::sleep(limits.idle_timeout);
             tokio::pin!(sleep);
             let mut mode = Watchdog::Serving;
+            // Made once: polled in every wake-up of the connection, not
+            // rebuilt per turn of the loop.
+            let drain = async {
+                let _ = draining.wait_for(|d| *d).await;
+            };
+            tokio::pin!(drain);
             let result = loop {
                 let next = match mode {
                     Watchdog::Serving => {
@@ -258,12 +264,10 @@ pub(crate) async fn serve(
                 }
                 tokio::select! {
                     r = conn.as_mut() => break r,
-                    _ = async { let _ = draining.wait_for(|d| *d).await; },
-                        if mode != Watchdog::Draining => {
+                    () = &mut drain, if mode != Watchdog::Draining => {
                         conn.as_mut().graceful_shutdown();
                         mode = Watchdog::Draining;
                     }
-                    () = watch.changed(), if mode == Watchdog::Serving => {}
                     () = sleep.as_mut(), if next.is_some() => match mode {
                         // The state may have moved on without a wake-up (a
                         // request began): act only on a deadline still due.
