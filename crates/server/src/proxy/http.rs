@@ -181,7 +181,13 @@ pub(crate) async fn serve(
         .http1()
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
-        .keep_alive(true);
+        .keep_alive(true)
+        // One buffer per response (head and body copied into it, one
+        // `write`), not a `writev` of the head and each body chunk: hyper's
+        // queue of buffers cost more than copying a small body, and a
+        // large one is copied by the kernel anyway ("Third pass" in
+        // docs/benchmarks.md).
+        .writev(false);
     builder.http2().max_concurrent_streams(1024);
     let builder = Arc::new(builder);
     let name = ctx.listener.clone();
