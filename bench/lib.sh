@@ -105,11 +105,12 @@ private_binary() {
 
 # --- backends (pinned to LOAD_CPU) ---
 
-# start_nginx_backend PORT
+# start_nginx_backend PORT: from BACKEND_TEMPLATE (default
+# configs/nginx-backend.conf; bench/h2.sh's h2c mode names its own).
 start_nginx_backend() {
 	local port=$1 conf="$RUN_DIR/backend-$1.conf"
 	mkdir -p "$RUN_DIR/backend-$port-tmp"
-	render "$BENCH_DIR/configs/nginx-backend.conf" "$conf" DIR="$RUN_DIR" PORT="$port"
+	render "${BACKEND_TEMPLATE:-$BENCH_DIR/configs/nginx-backend.conf}" "$conf" DIR="$RUN_DIR" PORT="$port"
 	if port_open "$port"; then die "port $port is already in use"; fi
 	taskset -c "$LOAD_CPU" nginx -p "$RUN_DIR" -e "$RUN_DIR/backend-$port.error.log" -c "$conf" \
 		>>"$RUN_DIR/backend-$port.log" 2>&1 &
@@ -146,7 +147,8 @@ slow_stats() {
 # start_proxy KIND BALANCE METRICS PORT...: KIND is haproxy, nginx or
 # datapunk; BALANCE is that proxy's algorithm name; METRICS (datapunk only)
 # true/false; PROXY_ACCESS_LOG (datapunk only, true/false, default false)
-# turns the access log on, written to ACCESS_LOG_FILE. Sets PROXY_PID.
+# turns the access log on, written to ACCESS_LOG_FILE; DP_TEMPLATE
+# (datapunk only) replaces configs/datapunk-lb.toml. Sets PROXY_PID.
 start_proxy() {
 	local kind=$1 balance=$2 metrics=$3 servers="" p i=0 conf
 	shift 3
@@ -183,7 +185,7 @@ start_proxy() {
 			servers+="address = \"127.0.0.1\""$'\n'"port = $p"$'\n\n'
 		done
 		conf="$RUN_DIR/datapunk-lb.toml"
-		render "$BENCH_DIR/configs/datapunk-lb.toml" "$conf" LISTEN_PORT="$LISTEN_PORT" \
+		render "${DP_TEMPLATE:-$BENCH_DIR/configs/datapunk-lb.toml}" "$conf" LISTEN_PORT="$LISTEN_PORT" \
 			STRATEGY="$balance" METRICS="$metrics" INSTANCES="$servers" \
 			ACCESS_LOG="${PROXY_ACCESS_LOG:-false}" ACCESS_LOG_PATH="${ACCESS_LOG_FILE:-/dev/null}"
 		taskset -c "$LB_CPU" "$bin" run --config "$conf" --threads 1 \

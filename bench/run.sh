@@ -94,15 +94,19 @@ done
 # mean at 0.8 ms). In the degraded scenario the load is h2load --h1 instead,
 # same connections, one thread, same core, and report.py takes the
 # percentiles from its per-request log (OUT.log: start µs, status, µs).
-# DEGRADED_LOAD=wrk keeps wrk there.
+# DEGRADED_LOAD=wrk keeps wrk there. STEADY_LOAD=h2load does the same for
+# the steady scenario (default wrk, as in every steady run so far).
 DEGRADED_LOAD=${DEGRADED_LOAD:-h2load}
-if [[ $DEGRADED_LOAD == h2load && $SCENARIOS == *degraded* ]]; then
+STEADY_LOAD=${STEADY_LOAD:-wrk}
+if [[ ($DEGRADED_LOAD == h2load && $SCENARIOS == *degraded*) || ($STEADY_LOAD == h2load && $SCENARIOS == *steady*) ]]; then
 	command -v h2load >/dev/null || die "h2load not found (or DEGRADED_LOAD=wrk)"
 	eval "$(declare -f run_wrk | sed '1s/^run_wrk /run_wrk_itself /')"
-	# run_wrk SECONDS OUT: h2load within run_one's degraded scenario (bash
-	# sees run_one's local $scenario), wrk elsewhere.
+	# run_wrk SECONDS OUT: h2load within run_one's degraded (and, with
+	# STEADY_LOAD=h2load, steady) scenario (bash sees run_one's local
+	# $scenario), wrk elsewhere.
 	run_wrk() {
-		if [[ ${scenario:-} != degraded ]]; then
+		if ! [[ (${scenario:-} == degraded && $DEGRADED_LOAD == h2load) ||
+			(${scenario:-} == steady && $STEADY_LOAD == h2load) ]]; then
 			run_wrk_itself "$@"
 			return
 		fi
@@ -111,7 +115,7 @@ if [[ $DEGRADED_LOAD == h2load && $SCENARIOS == *degraded* ]]; then
 		taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNS" -D"$1" "${reqlog[@]}" \
 			"http://127.0.0.1:$LISTEN_PORT/" >"$2" 2>&1
 	}
-	echo "- degraded scenario: load from \`h2load --h1 -t1 -c$CONNS\` ($(h2load --version | head -1)); latency percentiles from its per-request log" >>"$META"
+	echo "- degraded scenario (DEGRADED_LOAD=$DEGRADED_LOAD), steady (STEADY_LOAD=$STEADY_LOAD): h2load means \`h2load --h1 -t1 -c$CONNS\` ($(h2load --version | head -1)), latency percentiles from its per-request log" >>"$META"
 fi
 
 # run_one ROUND SCENARIO VARIANT

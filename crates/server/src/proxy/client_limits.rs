@@ -36,9 +36,14 @@
 //!
 //! The timers are tokio's; a connection's state is one small mutex touched
 //! by its own task (the HTTP/1.1 service runs on it) and its HTTP/2 streams.
-//! The watchdog is woken only when a deadline may move earlier (a head
-//! starts); otherwise it finds the new state at its next check
-//! ([`ConnWatch::next_check`]), never after a deadline.
+//! The watchdog is never woken by a request: it finds the new state at its
+//! next check ([`ConnWatch::next_check`]), which comes no later than any
+//! deadline the state can reach meanwhile. The price is a check every
+//! `min(header_read_timeout, idle_timeout)` [10 s] on an HTTP/1.x
+//! connection (every `idle_timeout` on HTTP/2, which has no head rule)
+//! instead of a wake-up, timer reset and extra poll of the connection's
+//! task per request (what waking on a head's start cost, measured in
+//! `docs/benchmarks.md`, "Third pass").
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -51,7 +56,6 @@ use http::StatusCode;
 use hyper::body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use super::http::{text, ProxyBody};
@@ -98,7 +102,6 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct ConnWatch {
     state: Mutex<State>,
-    changed: Notify,
 }
 
 impl ConnWatch {
@@ -111,12 +114,13 @@ impl ConnWatch {
                 h2: false,
                 read_any: false,
             }),
-            changed: Notify::new(),
         })
     }
 
     /// `data` was read from the client; `now` is asked only when the read
-    /// starts a request head (no clock read per socket read otherwise).
+    /// starts a request head (no clock read per socket read otherwise). No
+    /// wake-up: the watchdog's next check is due before the head's deadline
+    /// ([`next_check`](Self::next_check)).
     fn read(&self, data: &[u8], now: impl FnOnce() -> Instant) {
         let mut s = self.state.lock();
         if !s.read_any {
@@ -126,8 +130,6 @@ impl ConnWatch {
         }
         if !s.h2 && matches!(s.phase, Phase::Idle(_)) {
             s.phase = Phase::Head(now());
-            drop(s);
-            self.changed.notify_one();
         }
     }
 
@@ -142,7 +144,11 @@ impl ConnWatch {
 
     /// The next deadline and what it ends, under `limits`.
     pub(crate) fn deadline(&self, limits: &ClientLimits) -> Option<(Instant, Expiry)> {
-        match self.state.lock().phase {
+        Self::deadline_of(self.state.lock().phase, limits)
+    }
+
+    fn deadline_of(phase: Phase, limits: &ClientLimits) -> Option<(Instant, Expiry)> {
+        match phase {
             Phase::Idle(since) => Some((since + limits.idle_timeout, Expiry::Idle)),
             Phase::Head(since) => Some((since + limits.header_read_timeout, Expiry::Head)),
             Phase::Busy => None,
@@ -150,16 +156,23 @@ impl ConnWatch {
     }
 
     /// When the watchdog looks next, at `now`: the deadline, but no later
-    /// than `now + idle_timeout`. The state changes without waking it when
-    /// no deadline moves earlier (a request starts: no deadline; the last
-    /// one ends at `t ≥ now`: idle until `t + idle_timeout`), so it must
-    /// look before any deadline the state can reach that way. Only a head
-    /// starting (its deadline may be earlier) wakes it. One wake-up per
-    /// request instead of two, and no timer reset at its end; an idle
-    /// connection still wakes once per `idle_timeout`.
+    /// than `now + min(header_read_timeout, idle_timeout)` (HTTP/2:
+    /// `now + idle_timeout`). The state changes without waking it (a head
+    /// starts at `t ≥ now`: due at `t + header_read_timeout`; a request
+    /// starts: no deadline; the last one ends at `t ≥ now`: idle until
+    /// `t + idle_timeout`), so it must look before any deadline the state
+    /// can reach that way: each is at least the bound after `now`. No
+    /// wake-up and no timer reset per request; a connection with nothing
+    /// due looks once per bound.
     pub(crate) fn next_check(&self, limits: &ClientLimits, now: Instant) -> Instant {
-        let check = now + limits.idle_timeout;
-        self.deadline(limits).map_or(check, |(at, _)| at.min(check))
+        let s = self.state.lock();
+        let bound = if s.h2 {
+            limits.idle_timeout
+        } else {
+            limits.idle_timeout.min(limits.header_read_timeout)
+        };
+        let check = now + bound;
+        Self::deadline_of(s.phase, limits).map_or(check, |(at, _)| at.min(check))
     }
 
     /// Whether no request is in flight.
@@ -172,11 +185,6 @@ impl ConnWatch {
         self.deadline(limits)
             .filter(|(at, _)| *at <= Instant::now())
             .map(|(_, why)| why)
-    }
-
-    /// Resolves when the state changed (the deadline may have moved).
-    pub(crate) async fn changed(&self) {
-        self.changed.notified().await;
     }
 }
 
@@ -425,6 +433,31 @@ mod tests {
         drop(guard);
         let ended = Instant::now();
         assert_eq!(w.next_check(&l, ended), ended + l.idle_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_starts_unannounced_is_caught_at_its_deadline() {
+        // The defaults: a head timeout shorter than the idle one.
+        let l = limits();
+        let t0 = Instant::now();
+        let w = ConnWatch::new(t0);
+        let armed = w.next_check(&l, t0);
+        assert_eq!(armed, t0 + l.header_read_timeout, "idle: the bound");
+        // A head starts after the check was armed, without a wake-up.
+        let t1 = t0 + Duration::from_secs(7);
+        tokio::time::advance(Duration::from_secs(7)).await;
+        w.read(b"GE", || t1);
+        tokio::time::advance(armed - Instant::now()).await;
+        assert_eq!(w.expired(&l), None, "the armed check: not due yet");
+        let next = w.next_check(&l, Instant::now());
+        assert_eq!(next, t1 + l.header_read_timeout, "re-armed at its deadline");
+        tokio::time::advance(next - Instant::now()).await;
+        assert_eq!(w.expired(&l), Some(Expiry::Head));
+        // HTTP/2 has no heads: it looks once per idle timeout.
+        let h2 = ConnWatch::new(t0);
+        h2.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", || t0);
+        let now = Instant::now();
+        assert_eq!(h2.next_check(&l, now), t0 + l.idle_timeout);
     }
 
     #[tokio::test(start_paused = true)]

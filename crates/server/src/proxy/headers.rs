@@ -35,8 +35,9 @@ use http::uri::Authority;
 use crate::config::cidr::{canonical, Cidr};
 
 /// Names, not strings: removing by a `&str` parses the name again on
-/// every call, twice per proxied request.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// every call, twice per proxied request. A `static`: a `const` array is
+/// built anew (and dropped) at every use.
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -47,10 +48,43 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+const HOP_BY_HOP_LEN: usize = 8;
+
+/// Removes the hop-by-hop headers: those of [`HOP_BY_HOP`] and those named
+/// in `Connection` (a `TE: trailers` stays). One pass over the names first:
+/// most requests carry none of them (and most responses only
+/// `Connection`), and a comparison with a standard name is one integer,
+/// where each `remove` hashes and probes.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut present = [false; HOP_BY_HOP_LEN];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // Only `Connection` can name others.
+    if present[0] {
+        remove_connection_named(headers);
+    }
     let keep_te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(h);
+    }
+    if keep_te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes the headers that `Connection` names (but the hop-by-hop ones,
+/// removed anyway).
+fn remove_connection_named(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too. `close` and
     // `keep-alive` (the usual values) name no other header: no list then.
     let named: Vec<HeaderName> = headers
@@ -63,13 +97,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
-        headers.remove(n);
-    }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
-    }
-    if keep_te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        if !HOP_BY_HOP.contains(&n) {
+            headers.remove(n);
+        }
     }
 }
 
@@ -93,6 +123,31 @@ impl Forwarding {
     }
 }
 
+/// A client connection's peer, with its address as `X-Forwarded-For`
+/// writes it: formatted once per connection, so each request's value is a
+/// shared copy (no allocation, no formatting per request).
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    /// The socket address the connection came from.
+    pub(crate) addr: SocketAddr,
+    /// Its IP, IPv4-mapped IPv6 as IPv4.
+    ip: IpAddr,
+    /// `ip` as a header value.
+    ip_value: Option<HeaderValue>,
+}
+
+impl Peer {
+    /// The peer at `addr`.
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        let ip = canonical(addr.ip());
+        Self {
+            addr,
+            ip,
+            ip_value: ip_value(ip),
+        }
+    }
+}
+
 /// Sets the forwarding headers of a request from `peer` that spoke
 /// `scheme` (see the module doc). `authority` is the request URI's (HTTP/2
 /// `:authority`, absolute form), used when there is no `Host` header.
@@ -105,7 +160,18 @@ pub(crate) fn set_forwarding(
     authority: Option<&Authority>,
     rules: &Forwarding,
 ) {
-    let ip = canonical(peer.ip());
+    set_forwarding_from(headers, &Peer::new(peer), scheme, authority, rules);
+}
+
+/// [`set_forwarding`] for a [`Peer`] made once per connection.
+pub(crate) fn set_forwarding_from(
+    headers: &mut HeaderMap,
+    peer: &Peer,
+    scheme: &'static str,
+    authority: Option<&Authority>,
+    rules: &Forwarding,
+) {
+    let ip = peer.ip;
     let trusted = rules.trusts(ip);
     let host = headers
         .get(header::HOST)
@@ -120,8 +186,8 @@ pub(crate) fn set_forwarding(
         let _ = write!(xff, "{ip}");
         insert(headers, X_FORWARDED_FOR, &xff);
     } else {
-        match ip_value(ip) {
-            Some(v) => headers.insert(X_FORWARDED_FOR, v),
+        match &peer.ip_value {
+            Some(v) => headers.insert(X_FORWARDED_FOR, v.clone()),
             None => headers.remove(X_FORWARDED_FOR),
         };
     }
@@ -159,9 +225,9 @@ pub(crate) fn set_forwarding(
 
 /// Every value of `name`, joined as one list (a header may come on several
 /// lines); values that are not text are skipped.
-/// `ip` as a header value, formatted in place: one allocation (the common,
-/// untrusted case of every request), shared by the value's clones (one per
-/// attempt that may be retried).
+/// `ip` as a header value, formatted in place: one allocation per
+/// connection ([`Peer`]), shared by the value's clones (one per request,
+/// and per attempt that may be retried).
 fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
     let mut text = IpText {
         buf: [0; IpText::CAP],
@@ -364,6 +430,64 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         set_forwarding(&mut h, peer, "http", None, &Forwarding::default());
         assert!(h.get("x-forwarded-host").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = map(&[
+            ("host", "shop.example"),
+            ("connection", "keep-alive, x-secret, te"),
+            ("connection", "upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authorization", "Basic eA=="),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("x-kept", "2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        left.sort();
+        // `TE: trailers` is end to end (gRPC needs it), even when named.
+        let want = [
+            ("host", "shop.example"),
+            ("te", "trailers"),
+            ("x-kept", "2"),
+        ];
+        assert_eq!(left, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
+
+        let mut h = map(&[("te", "gzip"), ("x-kept", "2")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "a TE other than trailers goes");
+        let clean = map(&[("host", "a"), ("accept", "*/*"), ("x-kept", "2")]);
+        let mut h = clean.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, clean);
+    }
+
+    #[test]
+    fn a_peer_made_once_sets_the_same_headers_as_its_address() {
+        for (addr, trusted) in [
+            ("203.0.113.7:5555", false),
+            ("[::ffff:10.0.0.5]:80", true),
+            ("[2001:db8::1]:443", false),
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let peer = Peer::new(addr);
+            let r = rules(if trusted { &["10.0.0.0/8"] } else { &[] }, true);
+            for _ in 0..2 {
+                let (mut a, mut b) = (forged(), forged());
+                set_forwarding(&mut a, addr, "http", None, &r);
+                set_forwarding_from(&mut b, &peer, "http", None, &r);
+                assert_eq!(a, b, "{addr}");
+            }
+        }
     }
 
     #[test]

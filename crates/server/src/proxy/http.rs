@@ -79,7 +79,7 @@ use super::body::Watched;
 use super::client_limits::{
     ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout, WatchedSocket,
 };
-use super::headers::{set_forwarding, strip_hop_by_hop, Forwarding};
+use super::headers::{set_forwarding_from, strip_hop_by_hop, Forwarding, Peer};
 use super::hygiene;
 use super::pool::PooledBody;
 use super::request_body::read_body;
@@ -181,7 +181,13 @@ pub(crate) async fn serve(
         .http1()
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
-        .keep_alive(true);
+        .keep_alive(true)
+        // One buffer per response (head and body copied into it, one
+        // `write`), not a `writev` of the head and each body chunk: hyper's
+        // queue of buffers cost more than copying a small body, and a
+        // large one is copied by the kernel anyway ("Third pass" in
+        // docs/benchmarks.md).
+        .writev(false);
     builder.http2().max_concurrent_streams(1024);
     let builder = Arc::new(builder);
     let name = ctx.listener.clone();
@@ -199,8 +205,11 @@ pub(crate) async fn serve(
         let conn_permit = permit.clone();
         let watch = ConnWatch::new(tokio::time::Instant::now());
         let svc_watch = watch.clone();
+        // Its X-Forwarded-For value made once for all its requests.
+        let client = Peer::new(peer);
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let ctx = ctx.clone();
+            let client = client.clone();
             upgrade::attach_permit(&mut req, &conn_permit);
             if let Some(id) = svc_identity.get() {
                 req.extensions_mut().insert(id.clone());
@@ -210,7 +219,7 @@ pub(crate) async fn serve(
             async move {
                 let body_timeout = ctx.limits.request_body_timeout;
                 let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
-                let resp = handle(req, &ctx, peer).await;
+                let resp = handle(req, &ctx, &client).await;
                 // The guard rides in the body and drops with it.
                 let resp = resp.map(|b| InFlight::new(b, guard));
                 Ok::<_, Infallible>(resp)
@@ -242,6 +251,12 @@ pub(crate) async fn serve(
             let sleep = tokio::time::sleep(limits.idle_timeout);
             tokio::pin!(sleep);
             let mut mode = Watchdog::Serving;
+            // Made once: polled in every wake-up of the connection, not
+            // rebuilt per turn of the loop.
+            let drain = async {
+                let _ = draining.wait_for(|d| *d).await;
+            };
+            tokio::pin!(drain);
             let result = loop {
                 let next = match mode {
                     Watchdog::Serving => {
@@ -255,12 +270,10 @@ pub(crate) async fn serve(
                 }
                 tokio::select! {
                     r = conn.as_mut() => break r,
-                    _ = async { let _ = draining.wait_for(|d| *d).await; },
-                        if mode != Watchdog::Draining => {
+                    () = &mut drain, if mode != Watchdog::Draining => {
                         conn.as_mut().graceful_shutdown();
                         mode = Watchdog::Draining;
                     }
-                    () = watch.changed(), if mode == Watchdog::Serving => {}
                     () = sleep.as_mut(), if next.is_some() => match mode {
                         // The state may have moved on without a wake-up (a
                         // request began): act only on a deadline still due.
@@ -348,7 +361,7 @@ fn is_idempotent(m: &Method) -> bool {
 pub(crate) async fn handle(
     mut req: Request<ClientBody>,
     ctx: &HttpContext,
-    peer: SocketAddr,
+    peer: &Peer,
 ) -> Response<ResponseBody> {
     let id = request_id(req.headers());
     if let Err(why) = hygiene::check(&mut req) {
@@ -376,7 +389,7 @@ pub(crate) async fn handle(
     // Only with the access log on: a clock read and the request's facts.
     let mut entry = rules.access_log.as_ref().map(|log| {
         let service = up.as_ref().map(|u| u.name.as_str());
-        log.entry(&req, peer, &ctx.listener, service, &id)
+        log.entry(&req, peer.addr, &ctx.listener, service, &id)
     });
     let mut resp = match up {
         None => error_response(&ProxyError::NoRoute).map(ResponseBody::Other),
@@ -411,7 +424,7 @@ pub(crate) async fn handle(
 async fn proxy(
     req: Request<ClientBody>,
     up: &Upstream,
-    peer: SocketAddr,
+    peer: &Peer,
     // The rules, and whether the client came over TLS (`X-Forwarded-Proto`).
     (forwarding, https): (&Forwarding, bool),
     id: &HeaderValue,
@@ -434,11 +447,14 @@ async fn proxy(
         idempotent: is_idempotent(&parts.method),
         replayable: body.replayable(),
     };
-    let key = up.hash_key.as_ref().and_then(|k| k.digest(&parts, peer));
+    let key = up
+        .hash_key
+        .as_ref()
+        .and_then(|k| k.digest(&parts, peer.addr));
     strip_hop_by_hop(&mut parts.headers);
     // After the strip: a client cannot name these in `Connection`.
     let authority = parts.uri.authority().cloned();
-    set_forwarding(
+    set_forwarding_from(
         &mut parts.headers,
         peer,
         if https { "https" } else { "http" },
@@ -448,9 +464,12 @@ async fn proxy(
     parts.headers.insert(X_REQUEST_ID, id.clone());
     if let Some(protocol) = upgrade {
         let key = key.as_ref().map(|k| &k[..]);
-        return upgrade::proxy(parts, body, replay, protocol, deadline, up, key)
-            .await
-            .map(|resp| resp.map(ResponseBody::Other));
+        // Boxed: the tunnel's state stays out of every request's future.
+        return Box::pin(upgrade::proxy(
+            parts, body, replay, protocol, deadline, up, key,
+        ))
+        .await
+        .map(|resp| resp.map(ResponseBody::Other));
     }
     let mut step = HttpStep {
         parts,

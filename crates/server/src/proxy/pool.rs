@@ -338,7 +338,9 @@ impl Pool {
                 },
             }
         }
-        let opened = async { handshake_h1(self.connect(to).await?).await };
+        // Boxed: the connect's state (TCP, TLS) would otherwise sit in every
+        // send's future, moved and copied with it on the reuse path too.
+        let opened = Box::pin(async { handshake_h1(self.connect(to).await?).await });
         let mut sender = match opened.await {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, req)),
@@ -367,15 +369,11 @@ impl Pool {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
                 // Not sent (the connection was going away): once more on a
-                // new connection.
+                // new connection. Boxed, as a rare path.
                 Some(back) => {
                     debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
                     to.slots[to.slot()].forget_h2();
-                    let mut sender = match self.h2_sender(to).await {
-                        Ok(sender) => sender,
-                        Err(error) => return Err(Failed::unsent(error, back)),
-                    };
-                    sender.send_request(back).await.map_err(Failed::sent)?
+                    Box::pin(self.resend_h2(to, back)).await?
                 }
                 None => return Err(Failed::sent(e.into_error())),
             },
@@ -387,15 +385,39 @@ impl Pool {
         }))
     }
 
+    /// Sends `req`, refused by a closing connection, on a new one.
+    async fn resend_h2(
+        &self,
+        to: &InstancePool,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, Failed> {
+        let mut sender = match self.h2_sender(to).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(Failed::unsent(error, req)),
+        };
+        sender.send_request(req).await.map_err(Failed::sent)
+    }
+
     /// The instance's HTTP/2 connection, opened when it has none alive.
     async fn h2_sender(
         &self,
         to: &InstancePool,
     ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
-        let slot = &to.slots[to.slot()];
-        if let Some(s) = slot.live_h2() {
+        if let Some(s) = to.slots[to.slot()].live_h2() {
             return Ok(s);
         }
+        // Boxed: the open's state (lock, TCP, TLS, handshake) would
+        // otherwise sit in every request's future, copied with it.
+        Box::pin(self.open_h2(to)).await
+    }
+
+    /// Opens the instance's HTTP/2 connection for this worker, unless a
+    /// request that waited on the same lock already did.
+    async fn open_h2(
+        &self,
+        to: &InstancePool,
+    ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+        let slot = &to.slots[to.slot()];
         let _opening = slot.h2_opening.lock().await;
         if let Some(s) = slot.live_h2() {
             return Ok(s);

@@ -16,6 +16,15 @@
 //! A generated id is 128 random bits (`fastrand`, per-thread, seeded at
 //! random) as 32 lowercase hex digits: unique in practice, no coordination
 //! between nodes, and no clock or counter to read.
+//!
+//! The value is marked *sensitive*, which only HTTP/2 reads: HPACK then
+//! sends it as a literal that is never indexed. A value unique to each
+//! request gains nothing from the connection's header table, and indexing
+//! it cost the most of any header: every new id was inserted (evicting the
+//! entries that do repeat, which were then sent and inserted again) after a
+//! walk over every earlier id still in the table, compared byte by byte
+//! (HPACK's table search was ~10 % of the proxy's CPU with h2c on both sides,
+//! `docs/benchmarks.md`, "HTTP/2 in and out (h2c)").
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -26,14 +35,15 @@ pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-i
 pub(crate) const MAX_LEN: usize = 128;
 
 /// The request's id: the client's when valid (module doc), else a new one.
+/// Marked sensitive: never indexed by HPACK (module doc).
 pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     let mut lines = headers.get_all(&X_REQUEST_ID).iter();
-    if let (Some(v), None) = (lines.next(), lines.next()) {
-        if is_valid(v.as_bytes()) {
-            return v.clone();
-        }
-    }
-    generate()
+    let mut id = match (lines.next(), lines.next()) {
+        (Some(v), None) if is_valid(v.as_bytes()) => v.clone(),
+        _ => generate(),
+    };
+    id.set_sensitive(true);
+    id
 }
 
 /// 1..=[`MAX_LEN`] visible ASCII characters, no comma.
@@ -99,6 +109,14 @@ mod tests {
         ] {
             let got = id_of(lines);
             assert!(is_generated(&got), "{lines:?} gave {got:?}");
+        }
+    }
+
+    #[test]
+    fn kept_and_generated_ids_are_never_indexed_by_hpack() {
+        let long = [b'x'; MAX_LEN + 1];
+        for lines in [&[&b"abc-123"[..]][..], &[], &[&long[..]]] {
+            assert!(id_of(lines).is_sensitive(), "{lines:?}");
         }
     }
 

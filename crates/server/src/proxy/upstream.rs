@@ -303,7 +303,10 @@ impl Step for HttpStep<'_> {
         let http2 = if self.clients.alpn_decides() {
             // The first request to an instance opens the connection that
             // learns its choice (kept for this request).
-            match tokio::time::timeout_at(until, self.clients.pool.alpn_h2(&to)).await {
+            // Boxed: a rare path (`auto` over TLS) kept out of every
+            // attempt's future.
+            let learnt = Box::pin(self.clients.pool.alpn_h2(&to));
+            match tokio::time::timeout_at(until, learnt).await {
                 Ok(Ok(h2)) => h2,
                 Ok(Err(e)) => {
                     debug!(service = self.service, error = %e, connect = true, "upstream attempt failed");
