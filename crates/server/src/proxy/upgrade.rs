@@ -24,8 +24,9 @@
 //! forwarding headers of [`http`](super::http); every hop-by-hop header
 //! stripped; Host by the service's `host_header`, decided where an ordinary
 //! HTTP/1.1 request's is, in [`upstream`](super::upstream)) except that
-//! `Connection: upgrade` and the client's `Upgrade` are sent on. Each attempt opens a fresh connection to the instance
-//! (within `connect_timeout`; an upgraded connection is never pooled;
+//! `Connection: upgrade` and the client's `Upgrade` are sent on. Each
+//! attempt opens a fresh connection to the instance (within
+//! `connect_timeout`; an upgraded connection is never pooled;
 //! TLS with the service's `[service.X.tls]`, offering only `http/1.1`) and
 //! awaits the response head before the request's `request_timeout`
 //! deadline. A handshake has an empty body, so it is replayable, and a GET
