@@ -22,9 +22,11 @@
 //! the service's `hash_key`): selection
 //! under `max_connections`, the same headers as an ordinary request (the
 //! forwarding headers of [`http`](super::http); every hop-by-hop header
-//! stripped) except that `Connection: upgrade` and the client's `Upgrade`
-//! are sent on. Each attempt opens a fresh connection to the instance
-//! (within `connect_timeout`; an upgraded connection is never pooled;
+//! stripped; Host by the service's `host_header`, decided where an ordinary
+//! HTTP/1.1 request's is, in [`upstream`](super::upstream)) except that
+//! `Connection: upgrade` and the client's `Upgrade` are sent on. Each
+//! attempt opens a fresh connection to the instance (within
+//! `connect_timeout`; an upgraded connection is never pooled;
 //! TLS with the service's `[service.X.tls]`, offering only `http/1.1`) and
 //! awaits the response head before the request's `request_timeout`
 //! deadline. A handshake has an empty body, so it is replayable, and a GET
@@ -91,7 +93,8 @@ use super::attempt::{self, Attempt, Class, Ended, Held, NoAnswer, Replay, Step};
 use super::headers::strip_hop_by_hop;
 use super::http::{finish_response, ProxyBody};
 use super::request_body::ReqBody;
-use super::upstream_tls::{UpstreamIo, UpstreamTls};
+use super::upstream::UpstreamClients;
+use super::upstream_tls::UpstreamIo;
 use super::{ProxyError, Upstream};
 
 /// A share of the client connection's drain permit, carried by an upgrade
@@ -175,7 +178,7 @@ pub(crate) async fn proxy(
         deadline,
         connect_timeout: up.connect_timeout,
         service: &up.name,
-        tls: up.clients.tls(),
+        clients: &up.clients,
     };
     Ok(match attempt::run(up, &mut step, key).await? {
         Ended::Success(held, resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -261,8 +264,9 @@ struct UpgradeStep<'a> {
     deadline: Instant,
     connect_timeout: Duration,
     service: &'a str,
-    /// `[service.X.tls]`: the handshake follows the connect.
-    tls: Option<&'a Arc<UpstreamTls>>,
+    /// The Host rule (`host_header`) and `[service.X.tls]` (the handshake
+    /// follows the connect).
+    clients: &'a UpstreamClients,
 }
 
 impl Step for UpgradeStep<'_> {
@@ -292,8 +296,14 @@ impl Step for UpgradeStep<'_> {
             return unsendable();
         };
         *out.headers_mut() = self.parts.headers.clone();
-        // Host is there: an upgrade is HTTP/1.1, which hygiene refuses
-        // without one (and rewrites from an absolute-form target).
+        // `host_header` as for any HTTP/1.1 request.
+        if let Err(e) = self
+            .clients
+            .set_upgrade_host(&self.parts.uri, out.headers_mut(), instance)
+        {
+            debug!(service = self.service, error = %e, "instance address unusable");
+            return Attempt::NoAnswer(NoAnswer::ConnectFailed);
+        }
         let addr = (instance.address(), instance.port());
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
@@ -302,7 +312,7 @@ impl Step for UpgradeStep<'_> {
                 Ok(Err(_)) | Err(_) => return Attempt::NoAnswer(NoAnswer::ConnectFailed),
             };
         let _ = stream.set_nodelay(true);
-        let stream = match self.tls {
+        let stream = match self.clients.tls() {
             None => UpstreamIo::Plain(stream),
             Some(tls) => match tls
                 .handshake_http1(stream, instance.address(), self.connect_timeout)

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use datapunk_lb_core::{Service, ServiceInstance};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty};
@@ -95,6 +95,44 @@ impl UpstreamClients {
             UpstreamProtocol::H2c => true,
             UpstreamProtocol::Auto => inbound == Version::HTTP_2,
         }
+    }
+
+    /// The Host an HTTP/1.1 request to the instance of `to` carries
+    /// (module doc, **Authority**), given the client's request target `uri`
+    /// and the request's `headers`; `None` keeps the request's own Host.
+    /// The one rule for ordinary requests and upgrade handshakes alike.
+    fn http1_host(&self, uri: &Uri, headers: &HeaderMap, to: &InstancePool) -> Option<HeaderValue> {
+        match self.host_header {
+            HostHeader::Instance => Some(to.host().clone()),
+            // `preserve` keeps the client's Host as it is, unless the client
+            // put the authority in the URI (HTTP/2, absolute form). An
+            // authority is always a valid Host value.
+            HostHeader::Preserve => match uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                Some(host) => Some(host),
+                None if headers.contains_key(header::HOST) => None,
+                None => Some(to.host().clone()),
+            },
+        }
+    }
+
+    /// Sets the Host of an upgrade handshake to `instance` by the rule of
+    /// every HTTP/1.1 request ([`http1_host`](Self::http1_host)); `uri` is
+    /// the client's request target. An upgrade opens its own connection,
+    /// but the instance's `address:port` is the pool's, as for any request.
+    pub(crate) fn set_upgrade_host(
+        &self,
+        uri: &Uri,
+        headers: &mut HeaderMap,
+        instance: &ServiceInstance,
+    ) -> Result<(), SendError> {
+        let to = self.pool.instance(instance)?;
+        if let Some(host) = self.http1_host(uri, headers, &to) {
+            headers.insert(header::HOST, host);
+        }
+        Ok(())
     }
 
     /// The service's upstream TLS, if it has one (for upgrades, which open
@@ -228,15 +266,9 @@ impl HttpStep<'_> {
             // h2 carries the authority in the URI; a stale Host would conflict.
             Some(headers.remove(header::HOST))
         } else {
-            // `preserve` keeps the client's Host as it is, unless the client
-            // put the authority in the URI (HTTP/2, absolute form).
-            let host = match (self.clients.host_header, self.parts.uri.authority()) {
-                (HostHeader::Instance, _) => Some(to.host().clone()),
-                (HostHeader::Preserve, Some(a)) => Some(HeaderValue::from_str(a.as_str()).ok()?),
-                (HostHeader::Preserve, None) if headers.contains_key(header::HOST) => None,
-                (HostHeader::Preserve, None) => Some(to.host().clone()),
-            };
-            host.map(|host| headers.insert(header::HOST, host))
+            self.clients
+                .http1_host(&self.parts.uri, &headers, to)
+                .map(|host| headers.insert(header::HOST, host))
         };
         if self.headers_gone {
             self.host_before = host_before;

@@ -50,6 +50,46 @@ async fn sighup_rejects_bad_files_and_applies_good_ones_without_failures() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_an_unreadable_file_logs_why_and_keeps_the_old_config() {
+    let a = Backend::start("a").await;
+    let config = http_config("", &[&a], &[1]);
+    let lb = Lb::start(&config);
+    let addr = lb.addr("web");
+    // A directory where the file was: unreadable even for root, whom file
+    // permissions would not stop.
+    std::fs::remove_file(&lb.config_path).unwrap();
+    std::fs::create_dir(&lb.config_path).unwrap();
+    lb.signal("HUP");
+    let path = lb.config_path.display().to_string();
+    lb.wait_log(
+        "the rejected reload with its reason",
+        Duration::from_secs(5),
+        |v| {
+            v["result"] == "failure"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reload rejected"))
+            // The reason names the file and what the OS said.
+            && v["reason"].as_str().is_some_and(|r| {
+                r.starts_with(&format!("{path}: cannot read: ")) && r.contains("directory")
+            })
+        },
+    )
+    .await;
+    let (status, body) = get(&client(), addr, "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "a"), "the old config serves");
+
+    // Readable again: the next SIGHUP applies it.
+    std::fs::remove_dir(&lb.config_path).unwrap();
+    std::fs::write(&lb.config_path, with_free_admin(&config)).unwrap();
+    lb.signal("HUP");
+    lb.wait_log("the applied reload", Duration::from_secs(5), |v| {
+        v["result"] == "success"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let a = Backend::start("a").await;
     a.set_delay(Duration::from_millis(600));

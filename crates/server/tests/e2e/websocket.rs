@@ -460,3 +460,23 @@ async fn open_tunnels_count_against_max_connections() {
     let (mut second, _) = ws_connect(addr, &[]).await;
     echo(&mut second, "the slot is free again").await;
 }
+
+#[tokio::test]
+async fn a_handshake_carries_the_host_that_host_header_names() {
+    for rule in ["preserve", "instance"] {
+        let seen = Seen::default();
+        let port = ws_echo_backend(seen.clone()).await;
+        let lb = Lb::start(&config(port, &format!("host_header = \"{rule}\"")));
+        let (mut ws, resp) = ws_connect(lb.addr("web"), &[("host", "chat.example")]).await;
+        assert_eq!(resp.status(), 101, "{rule}");
+        echo(&mut ws, rule).await;
+        // `preserve`: the client's; `instance`: the instance's address:port.
+        let want = match rule {
+            "preserve" => "chat.example".to_owned(),
+            _ => format!("127.0.0.1:{port}"),
+        };
+        let host = header(&seen.lock()[0].1, "host").map(str::to_owned);
+        assert_eq!(host.as_deref(), Some(want.as_str()), "host_header = {rule}");
+        close(&mut ws).await;
+    }
+}
