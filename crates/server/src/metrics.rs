@@ -21,6 +21,10 @@
 //!   accepts on a proxy listener (out of file descriptors, mostly): the log
 //!   says so at most once a second (the accept loop in `proxy/accept.rs`), the counter
 //!   has every one, for an alert.
+//! - **SNI passthrough**: `datapunk_lb_sni_client_hellos_total{listener,
+//!   outcome}`, the ClientHellos a listener with `sni_route`s read, by what
+//!   they said (`crate::proxy::sni`), created at 0 when a `tcp` listener
+//!   without `tls` starts (a reload may give it `sni_route`s).
 //! - **Access log**: `datapunk_lb_access_log_dropped_total`, lines dropped
 //!   because the writer thread fell behind (its channel was full) or the
 //!   destination failed: the request path never waits for the log.
@@ -121,6 +125,7 @@ pub struct Metrics {
     health_check_interval: Family<Labels, Gauge<f64, AtomicU64>>,
     discovery_syncs: Family<Labels, Counter>,
     accept_errors: Family<Labels, Counter>,
+    sni_hellos: Family<Labels, Counter>,
     access_log_dropped: Counter,
     discovery_invalid: Counter,
     tls_expiry: Family<Labels, Gauge>,
@@ -244,6 +249,12 @@ impl Metrics {
             "Failed accepts on a proxy listener (out of file descriptors, mostly), by listener",
             accept_errors.clone(),
         );
+        let sni_hellos = Family::<Labels, Counter>::default();
+        registry.register(
+            "datapunk_lb_sni_client_hellos",
+            "ClientHellos read by a TLS passthrough (sni_route) listener, by listener and outcome: server_name, no_server_name, not_tls, incomplete",
+            sni_hellos.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "datapunk_lb_access_log_dropped",
@@ -283,6 +294,7 @@ impl Metrics {
             discovery_syncs,
             discovery_invalid,
             accept_errors,
+            sni_hellos,
             access_log_dropped,
             tls_expiry,
             errors,
@@ -313,6 +325,23 @@ impl Metrics {
         self.accept_errors
             .get_or_create(&vec![("listener", listener.to_owned())])
             .clone()
+    }
+
+    /// The ClientHello counters of passthrough listener `listener`, one
+    /// per outcome in [`crate::proxy::sni::HELLO_OUTCOMES`] order, created
+    /// at 0.
+    pub(crate) fn sni_hellos(&self, listener: &str) -> Arc<[Counter]> {
+        crate::proxy::sni::HELLO_OUTCOMES
+            .iter()
+            .map(|outcome| {
+                self.sni_hellos
+                    .get_or_create(&vec![
+                        ("listener", listener.to_owned()),
+                        ("outcome", (*outcome).to_owned()),
+                    ])
+                    .clone()
+            })
+            .collect()
     }
 
     /// Handles for `service`.

@@ -601,6 +601,9 @@ impl Server {
                                 accept_errors,
                                 l.limits.max_connections,
                                 tls.clone().map(|t| (t, l.limits.header_read_timeout)),
+                                // Every plain tcp listener: a reload may
+                                // give it sni_routes without a restart.
+                                tls.is_none().then(|| self.metrics.sni_hellos(&l.name)),
                             ),
                         ),
                     }

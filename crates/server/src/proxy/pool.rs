@@ -45,7 +45,7 @@
 //! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per
 //!   instance (per worker under thread per core, see below), shared by
 //!   every request; reopened when it closed (GOAWAY,
-//!   error, the server's idle close). A request refused before it was sent
+//!   error, either side's idle close). A request refused before it was sent
 //!   (a GOAWAY racing it) is sent once more on a new connection. Beyond the
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, requests **wait** for a
 //!   stream inside hyper (under the request's deadline) rather than open a
@@ -55,14 +55,32 @@
 //!   overruns a limit it has not heard yet (a refused stream would be a
 //!   `Reset`).
 //! - **Closed when**: every [`PRUNE_EVERY`], idle HTTP/1.1 connections past
-//!   [`IDLE_TIMEOUT`] and every connection of an instance no longer in the
-//!   service (discovery removed it) are dropped, and so is the pool of an
+//!   [`IDLE_TIMEOUT`], idle HTTP/2 connections (below) and every connection
+//!   of an instance no longer in the service (discovery removed it) are
+//!   dropped, and so is the pool of an
 //!   instance left with no connection that no request holds (it is made
 //!   again on its next request), so the pools cover the instances with
 //!   connections, not every instance that ever took a request; a reload builds new
 //!   `Upstream`s, and the old pool with its connections is dropped with the
 //!   last request that used it. A connection in use is never cut: it closes
 //!   when its exchange ends.
+//! - **Idle HTTP/2**: the same [`IDLE_TIMEOUT`] as HTTP/1.1 (Envoy's
+//!   upstream `idle_timeout`, HAProxy's idle server connections): a
+//!   connection with no stream in flight that took no request for
+//!   `IDLE_TIMEOUT` is closed by the sweep, so one instance's connection
+//!   does not stay open for hours after its traffic stopped. A connection
+//!   carrying a stream (a long gRPC stream, a slow response) is never
+//!   closed by this rule, however long it lasts. The request path only
+//!   marks the connection used and holds its stream count (a reference
+//!   held until the response body is dropped), both in the slot it already
+//!   locks; the sweep does the judging: a pass stamps the connection busy
+//!   when a request came since the last pass or a stream was in flight at
+//!   this pass or the last one, and a later pass finding it quiet
+//!   `IDLE_TIMEOUT` after the stamp drops the pool's handle, on which
+//!   hyper sends GOAWAY and closes it. The last request or stream end
+//!   comes at most one pass before the stamp, so the connection is closed
+//!   between `IDLE_TIMEOUT` and `IDLE_TIMEOUT + PRUNE_EVERY` after it
+//!   (90–120 s), as an idle HTTP/1.1 connection left to the sweep is.
 //! - **Per worker** (`run --thread-per-core`, `crate::workers`): each
 //!   instance's idle HTTP/1.1 list and HTTP/2 connection are kept per
 //!   worker, in a slot of their own (slot 0 serves every other thread: the
@@ -109,7 +127,8 @@ use super::request_body::UpstreamBody;
 use super::upstream_tls::{UpstreamIo, UpstreamTls};
 use crate::workers;
 
-/// An idle HTTP/1.1 connection is closed after this long (as before).
+/// An idle connection is closed after this long: an HTTP/1.1 one on the
+/// idle list, an HTTP/2 one with no stream in flight and no request.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle HTTP/1.1 connections kept per instance, in total over its worker
 /// slots (each slot keeps `MAX_IDLE_PER_INSTANCE / slots`).
@@ -244,11 +263,32 @@ pub(crate) struct InstancePool {
 #[repr(align(128))]
 struct Slot {
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    h2: Mutex<Option<H2Conn>>,
     /// Held while an HTTP/2 connection is being opened, so concurrent
     /// requests share one connection instead of racing to open several.
     h2_opening: tokio::sync::Mutex<()>,
 }
+
+/// A slot's HTTP/2 connection and what the sweep needs to judge it idle.
+#[derive(Debug)]
+struct H2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    /// Its streams in flight, counted by reference: this handle plus one
+    /// [`StreamHold`] per request, taken with the sender and held until its
+    /// response body ends or is dropped (an unfinished body resets its
+    /// stream then).
+    streams: Arc<()>,
+    /// Set by each request that takes the connection (and by a sweep pass
+    /// that found a stream in flight), cleared by the sweep: the next pass
+    /// is to stamp it busy.
+    used: bool,
+    /// The sweep's last pass that found it in use (or its opening): quiet
+    /// since then at least.
+    busy_at: Instant,
+}
+
+/// One request's hold on its HTTP/2 connection's stream count.
+type StreamHold = Arc<()>;
 
 #[derive(Debug)]
 struct Idle {
@@ -361,8 +401,8 @@ impl Pool {
         to: &InstancePool,
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
-        let mut sender = match self.h2_sender(to).await {
-            Ok(sender) => sender,
+        let (mut sender, mut hold) = match self.h2_sender(to).await {
+            Ok(taken) => taken,
             Err(error) => return Err(Failed::unsent(error, req)),
         };
         let resp = match sender.try_send_request(req).await {
@@ -373,15 +413,19 @@ impl Pool {
                 Some(back) => {
                     debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
                     to.slots[to.slot()].forget_h2();
-                    Box::pin(self.resend_h2(to, back)).await?
+                    let (resp, new_hold) = Box::pin(self.resend_h2(to, back)).await?;
+                    hold = new_hold;
+                    resp
                 }
                 None => return Err(Failed::sent(e.into_error())),
             },
         };
-        // HTTP/2 streams need no check-in: the connection is shared.
+        // HTTP/2 streams need no check-in (the connection is shared); the
+        // body holds its stream's place in the count until it ends.
         Ok(resp.map(|inner| PooledBody {
             inner,
             check_in: None,
+            _h2_stream: Some(hold),
         }))
     }
 
@@ -390,21 +434,23 @@ impl Pool {
         &self,
         to: &InstancePool,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, Failed> {
-        let mut sender = match self.h2_sender(to).await {
-            Ok(sender) => sender,
+    ) -> Result<(Response<Incoming>, StreamHold), Failed> {
+        let (mut sender, hold) = match self.h2_sender(to).await {
+            Ok(taken) => taken,
             Err(error) => return Err(Failed::unsent(error, req)),
         };
-        sender.send_request(req).await.map_err(Failed::sent)
+        let resp = sender.send_request(req).await.map_err(Failed::sent)?;
+        Ok((resp, hold))
     }
 
-    /// The instance's HTTP/2 connection, opened when it has none alive.
+    /// The instance's HTTP/2 connection, opened when it has none alive,
+    /// with a hold on its stream count for the request that takes it.
     async fn h2_sender(
         &self,
         to: &InstancePool,
-    ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
-        if let Some(s) = to.slots[to.slot()].live_h2() {
-            return Ok(s);
+    ) -> Result<(http2::SendRequest<UpstreamBody>, StreamHold), SendError> {
+        if let Some(taken) = to.slots[to.slot()].take_h2() {
+            return Ok(taken);
         }
         // Boxed: the open's state (lock, TCP, TLS, handshake) would
         // otherwise sit in every request's future, copied with it.
@@ -416,16 +462,15 @@ impl Pool {
     async fn open_h2(
         &self,
         to: &InstancePool,
-    ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+    ) -> Result<(http2::SendRequest<UpstreamBody>, StreamHold), SendError> {
         let slot = &to.slots[to.slot()];
         let _opening = slot.h2_opening.lock().await;
-        if let Some(s) = slot.live_h2() {
-            return Ok(s);
+        if let Some(taken) = slot.take_h2() {
+            return Ok(taken);
         }
         let io = self.connect(to).await?;
         let sender = handshake_h2(io).await?;
-        *slot.h2.lock() = Some(sender.clone());
-        Ok(sender)
+        Ok(slot.keep_h2(sender))
     }
 
     /// The service's upstream TLS, if any.
@@ -453,7 +498,8 @@ impl Pool {
             .as_ref()
             .is_some_and(|t| t.speaks_h2(io.inner()));
         if h2 {
-            *slot.h2.lock() = Some(handshake_h2(io).await?);
+            // Kept for the request that asked, which takes it next.
+            drop(slot.keep_h2(handshake_h2(io).await?));
         } else {
             let mut sender = handshake_h1(io).await?;
             // Ready once its connection task runs: only then does checkout
@@ -575,21 +621,21 @@ impl Inner {
                 return false;
             }
             let mut idle_left = false;
+            let mut h2_left = false;
             for slot in &p.slots {
                 let mut idle = slot.idle.lock();
                 idle.retain(|i| {
                     now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed()
                 });
                 idle_left |= !idle.is_empty();
+                h2_left |= slot.sweep_h2(now);
             }
             // A pool with no connection that nothing holds (no request in
             // flight: the lock keeps `instance` from handing out a new
             // reference) goes too, so the map holds the instances with
             // connections, not every instance that ever took a request
             // (~300 B each; all 100,000 under spread traffic).
-            idle_left
-                || Arc::strong_count(p) > 1
-                || p.slots.iter().any(|slot| slot.live_h2().is_some())
+            idle_left || h2_left || Arc::strong_count(p) > 1
         });
     }
 }
@@ -738,16 +784,70 @@ impl InstancePool {
 }
 
 impl Slot {
-    fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+    /// The slot's HTTP/2 connection if it is open, marked used, with a hold
+    /// on its stream count (taken under the lock the sweep judges it by, so
+    /// the sweep never drops a connection a request just took).
+    fn take_h2(&self) -> Option<(http2::SendRequest<UpstreamBody>, StreamHold)> {
         let mut slot = self.h2.lock();
-        match &*slot {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+        match &mut *slot {
+            Some(c) if !c.sender.is_closed() => {
+                c.used = true;
+                Some((c.sender.clone(), c.streams.clone()))
+            }
             Some(_) => {
                 *slot = None;
                 None
             }
             None => None,
         }
+    }
+
+    /// Keeps `sender`, a new connection, as the slot's HTTP/2 connection;
+    /// returns it with a hold for the request that opened it.
+    fn keep_h2(
+        &self,
+        sender: http2::SendRequest<UpstreamBody>,
+    ) -> (http2::SendRequest<UpstreamBody>, StreamHold) {
+        let streams = StreamHold::default();
+        let taken = (sender.clone(), streams.clone());
+        *self.h2.lock() = Some(H2Conn {
+            sender,
+            streams,
+            used: true,
+            busy_at: Instant::now(),
+        });
+        taken
+    }
+
+    /// The sweep's pass over the slot's HTTP/2 connection at `now`: one in
+    /// use (a request since the last pass, or a stream in flight at this
+    /// pass or the last one) is stamped busy; one closed, or quiet for
+    /// [`IDLE_TIMEOUT`] since it was last stamped, is dropped. Returns
+    /// whether it is kept.
+    fn sweep_h2(&self, now: Instant) -> bool {
+        let mut slot = self.h2.lock();
+        let Some(c) = &mut *slot else { return false };
+        if c.sender.is_closed() {
+            *slot = None;
+            return false;
+        }
+        let in_flight = Arc::strong_count(&c.streams) > 1;
+        if c.used || in_flight {
+            // A stream in flight now ends before the next pass at the
+            // latest: that pass stamps it busy too, so the quiet time is
+            // counted from after the stream's end, not from before it.
+            c.used = in_flight;
+            c.busy_at = now;
+            return true;
+        }
+        if now.saturating_duration_since(c.busy_at) < IDLE_TIMEOUT {
+            return true;
+        }
+        // Dropping the pool's sender closes the connection (hyper sends
+        // GOAWAY once no sender and no stream is left; none is, as
+        // nothing holds its count).
+        *slot = None;
+        false
     }
 
     /// Forgets the instance's HTTP/2 connection: the next request opens
@@ -766,6 +866,9 @@ impl Slot {
 pub(crate) struct PooledBody {
     inner: Incoming,
     check_in: Option<CheckIn>,
+    /// HTTP/2: the stream's place in its connection's count, held until
+    /// the body is dropped (the sweep closes no connection with one held).
+    _h2_stream: Option<StreamHold>,
 }
 
 /// Where an HTTP/1.1 connection goes back: its instance and slot.
@@ -790,6 +893,7 @@ impl PooledBody {
                 slot,
                 sender,
             }),
+            _h2_stream: None,
         })
     }
 
@@ -1107,6 +1211,145 @@ mod tests {
             let resp = pool.send_h2(&to, h2_get()).await;
             assert!(resp.is_ok(), "request {i}: {resp:?}");
         }
+    }
+
+    /// An HTTP/2 GET of `path` (absolute: its authority is sent).
+    fn h2_get(path: &'static str) -> Request<UpstreamBody> {
+        let mut r = get();
+        *r.uri_mut() = Uri::from_static(path);
+        *r.version_mut() = http::Version::HTTP_2;
+        r
+    }
+
+    /// Whether `to`'s slot 0 (this runtime's) keeps an HTTP/2 connection.
+    fn keeps_h2(to: &InstancePool) -> bool {
+        to.slots[0].h2.lock().is_some()
+    }
+
+    /// Waits until `count` reaches `want`.
+    async fn reaches(count: &AtomicUsize, want: usize, what: &str) {
+        for _ in 0..400 {
+            if count.load(Ordering::SeqCst) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{what}: {} (want {want})", count.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_an_idle_http2_connection_but_never_one_carrying_a_stream() {
+        // `/slow` answers once the test adds a permit; the server counts
+        // the connections that ended and the `/slow` requests it got.
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (closed, slow_got) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (port, accepts) = {
+            let (release, closed, slow_got) = (release.clone(), closed.clone(), slow_got.clone());
+            server(move |io| {
+                let (release, closed, slow_got) =
+                    (release.clone(), closed.clone(), slow_got.clone());
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (release, slow_got) = (release.clone(), slow_got.clone());
+                    async move {
+                        if req.uri().path() == "/slow" {
+                            slow_got.fetch_add(1, Ordering::SeqCst);
+                            release.acquire().await.unwrap().forget();
+                        }
+                        ok_after(Duration::ZERO).await
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+            })
+            .await
+        };
+        let pool = Arc::new(Pool::new(Duration::from_secs(1), None, None));
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
+            .unwrap();
+        let read = |resp: Response<PooledBody>| async move {
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        };
+
+        // Idle: one exchange, then no stream and no request.
+        read(
+            pool.send_h2(&to, h2_get("http://api.example/"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        let mut t = Instant::now();
+        pool.inner.prune(t);
+        assert!(keeps_h2(&to), "a request since the last pass: busy");
+        pool.inner
+            .prune(t + IDLE_TIMEOUT - Duration::from_millis(1));
+        assert!(keeps_h2(&to), "quiet for less than the timeout: kept");
+        t += IDLE_TIMEOUT;
+        pool.inner.prune(t);
+        assert!(!keeps_h2(&to), "quiet for the timeout: dropped");
+        reaches(&closed, 1, "connections closed by the sweep").await;
+
+        // A slow response in flight, and a response body not yet read
+        // (a long stream), across sweeps spanning three timeouts.
+        let slow = {
+            let (pool, to) = (pool.clone(), to.clone());
+            tokio::spawn(async move { pool.send_h2(&to, h2_get("http://api.example/slow")).await })
+        };
+        reaches(&slow_got, 1, "/slow requests at the server").await;
+        assert_eq!(accepts.load(Ordering::SeqCst), 2, "a new connection");
+        for _ in 0..3 {
+            t += IDLE_TIMEOUT;
+            pool.inner.prune(t);
+            assert!(keeps_h2(&to), "a slow response in flight: kept");
+        }
+        let unread = pool
+            .send_h2(&to, h2_get("http://api.example/"))
+            .await
+            .unwrap();
+        release.add_permits(1);
+        read(slow.await.unwrap().unwrap()).await;
+        for _ in 0..3 {
+            t += IDLE_TIMEOUT;
+            pool.inner.prune(t);
+            assert!(keeps_h2(&to), "a body in flight: kept");
+        }
+        assert_eq!(
+            closed.load(Ordering::SeqCst),
+            1,
+            "not closed under a stream"
+        );
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            2,
+            "one connection throughout"
+        );
+
+        // Its last stream ended: closed a timeout after the pass that last
+        // saw it busy.
+        read(unread).await;
+        t += IDLE_TIMEOUT;
+        pool.inner.prune(t);
+        assert!(keeps_h2(&to), "busy at the previous pass");
+        t += IDLE_TIMEOUT;
+        pool.inner.prune(t);
+        assert!(!keeps_h2(&to), "quiet since: dropped");
+        reaches(&closed, 2, "connections closed by the sweep").await;
+        read(
+            pool.send_h2(&to, h2_get("http://api.example/"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            3,
+            "the next request reopens"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,13 @@
 //! - The bytes read are written to the chosen instance first, then the
 //!   two streams are spliced: the TLS session is the client's and the
 //!   instance's, end to end.
+//! - **Counted**: every decided ClientHello read by a listener with
+//!   `sni_route`s, in `datapunk_lb_sni_client_hellos_total{listener,
+//!   outcome}` ([`HELLO_OUTCOMES`]: `server_name`, `no_server_name`,
+//!   `not_tls`, and `incomplete` for one cut by the time or size limit),
+//!   so an operator sees clients arriving without SNI or without TLS
+//!   before they wonder why the default service got them. A client gone
+//!   before a decision is not counted.
 
 use crate::config::SniRoute;
 
@@ -40,6 +47,24 @@ pub(crate) enum Hello {
     NoServerName,
     /// Not a TLS handshake, or a malformed ClientHello.
     NotTls,
+}
+
+/// The `outcome` label values of `datapunk_lb_sni_client_hellos_total`,
+/// indexed by [`Hello::outcome`].
+pub(crate) const HELLO_OUTCOMES: [&str; 4] =
+    ["server_name", "no_server_name", "not_tls", "incomplete"];
+
+impl Hello {
+    /// Its index in [`HELLO_OUTCOMES`]; `NeedMore` when the listener
+    /// stopped reading is `incomplete`.
+    pub(crate) fn outcome(&self) -> usize {
+        match self {
+            Hello::ServerName(_) => 0,
+            Hello::NoServerName => 1,
+            Hello::NotTls => 2,
+            Hello::NeedMore => 3,
+        }
+    }
 }
 
 /// TLS record type of handshake messages.

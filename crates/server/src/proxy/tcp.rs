@@ -61,11 +61,14 @@ pub(crate) async fn serve(
     max_connections: u32,
     // `tls` listeners: the termination and the handshake's time limit.
     tls: Option<(Arc<TlsListener>, Duration)>,
+    // Passthrough listeners: ClientHellos by outcome (`sni::HELLO_OUTCOMES`).
+    sni_hellos: Option<Arc<[Counter]>>,
 ) {
     let on_accept = |client: TcpStream, peer: SocketAddr, permit: ConnPermit| {
         let routing = routing.clone();
         let name = name.clone();
         let tls = tls.clone();
+        let sni_hellos = sni_hellos.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut client = client;
@@ -78,7 +81,13 @@ pub(crate) async fn serve(
             let hello = match passthrough {
                 None => None,
                 Some(timeout) => match read_client_hello(&mut client, timeout).await {
-                    Ok(h) => Some(h),
+                    Ok(h) => {
+                        if let Some(c) = sni_hellos.as_ref().and_then(|c| c.get(h.hello.outcome()))
+                        {
+                            c.inc();
+                        }
+                        Some(h)
+                    }
                     Err(e) => {
                         debug!(listener = &*name, %peer, error = %e, "passthrough: no ClientHello");
                         return;

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::support::pki::{Ca, Leaf};
-use crate::support::{unchecked_service, Lb};
+use crate::support::{metric_sum, unchecked_service, Lb};
 
 /// Echoes each chunk read as `{name}:{chunk}` until EOF.
 async fn echo(mut s: impl AsyncRead + AsyncWrite + Unpin, name: &str) {
@@ -174,6 +174,28 @@ async fn sni_passthrough_routes_by_server_name_with_a_default() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
         "closed after {waited:?}, header_read_timeout is 1 s"
     );
+
+    // Every ClientHello above, counted by listener and outcome.
+    for (listener, outcome, want) in [
+        ("pass", "server_name", 4.0),
+        ("pass", "no_server_name", 1.0),
+        ("pass", "not_tls", 1.0),
+        ("pass", "incomplete", 0.0),
+        ("strict", "server_name", 2.0),
+        ("strict", "no_server_name", 1.0),
+        ("strict", "not_tls", 1.0),
+        ("strict", "incomplete", 1.0),
+    ] {
+        let labels = [
+            &format!("listener=\"{listener}\"")[..],
+            &format!("outcome=\"{outcome}\"")[..],
+        ];
+        assert_eq!(
+            metric_sum(&lb, "datapunk_lb_sni_client_hellos_total", &labels).await,
+            want,
+            "{listener} {outcome}"
+        );
+    }
 }
 
 #[test]
