@@ -401,7 +401,9 @@ impl Pool {
         to: &InstancePool,
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
-        let (mut sender, mut hold) = match self.h2_sender(to).await {
+        // The worker's slot, found once (a task stays on its worker).
+        let slot = &to.slots[to.slot()];
+        let (mut sender, mut hold) = match self.h2_sender(to, slot).await {
             Ok(taken) => taken,
             Err(error) => return Err(Failed::unsent(error, req)),
         };
@@ -412,8 +414,8 @@ impl Pool {
                 // new connection. Boxed, as a rare path.
                 Some(back) => {
                     debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
-                    to.slots[to.slot()].forget_h2();
-                    let (resp, new_hold) = Box::pin(self.resend_h2(to, back)).await?;
+                    slot.forget_h2();
+                    let (resp, new_hold) = Box::pin(self.resend_h2(to, slot, back)).await?;
                     hold = new_hold;
                     resp
                 }
@@ -433,9 +435,10 @@ impl Pool {
     async fn resend_h2(
         &self,
         to: &InstancePool,
+        slot: &Slot,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, StreamHold), Failed> {
-        let (mut sender, hold) = match self.h2_sender(to).await {
+        let (mut sender, hold) = match self.h2_sender(to, slot).await {
             Ok(taken) => taken,
             Err(error) => return Err(Failed::unsent(error, req)),
         };
@@ -448,13 +451,14 @@ impl Pool {
     async fn h2_sender(
         &self,
         to: &InstancePool,
+        slot: &Slot,
     ) -> Result<(http2::SendRequest<UpstreamBody>, StreamHold), SendError> {
-        if let Some(taken) = to.slots[to.slot()].take_h2() {
+        if let Some(taken) = slot.take_h2() {
             return Ok(taken);
         }
         // Boxed: the open's state (lock, TCP, TLS, handshake) would
         // otherwise sit in every request's future, copied with it.
-        Box::pin(self.open_h2(to)).await
+        Box::pin(self.open_h2(to, slot)).await
     }
 
     /// Opens the instance's HTTP/2 connection for this worker, unless a
@@ -462,8 +466,8 @@ impl Pool {
     async fn open_h2(
         &self,
         to: &InstancePool,
+        slot: &Slot,
     ) -> Result<(http2::SendRequest<UpstreamBody>, StreamHold), SendError> {
-        let slot = &to.slots[to.slot()];
         let _opening = slot.h2_opening.lock().await;
         if let Some(taken) = slot.take_h2() {
             return Ok(taken);
