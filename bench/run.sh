@@ -97,6 +97,13 @@ done
 # DEGRADED_LOAD=wrk keeps wrk there. STEADY_LOAD=h2load does the same for
 # the steady scenario (default wrk, as in every steady run so far).
 DEGRADED_LOAD=${DEGRADED_LOAD:-h2load}
+# DEGRADED_RPS=N: each of the CONNS connections sends at most N requests a
+# second (h2load --rps), so the degraded load is a fixed rate below every
+# proxy's capacity instead of a closed loop. In a closed loop the latency
+# of the fast requests is set by the throughput and by how many
+# connections wait on the slow backend (Little's law), not by the proxy's
+# own delay: see "Degraded at a fixed rate" in docs/benchmarks.md.
+DEGRADED_RPS=${DEGRADED_RPS:-}
 STEADY_LOAD=${STEADY_LOAD:-wrk}
 if [[ ($DEGRADED_LOAD == h2load && $SCENARIOS == *degraded*) || ($STEADY_LOAD == h2load && $SCENARIOS == *steady*) ]]; then
 	command -v h2load >/dev/null || die "h2load not found (or DEGRADED_LOAD=wrk)"
@@ -112,10 +119,11 @@ if [[ ($DEGRADED_LOAD == h2load && $SCENARIOS == *degraded*) || ($STEADY_LOAD ==
 		fi
 		local reqlog=()
 		[[ $2 == *.warmup ]] || reqlog=(--log-file="$2.log")
+		[[ ${scenario:-} == degraded && -n $DEGRADED_RPS ]] && reqlog+=(--rps="$DEGRADED_RPS")
 		taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNS" -D"$1" "${reqlog[@]}" \
 			"http://127.0.0.1:$LISTEN_PORT/" >"$2" 2>&1
 	}
-	echo "- degraded scenario (DEGRADED_LOAD=$DEGRADED_LOAD), steady (STEADY_LOAD=$STEADY_LOAD): h2load means \`h2load --h1 -t1 -c$CONNS\` ($(h2load --version | head -1)), latency percentiles from its per-request log" >>"$META"
+	echo "- degraded scenario (DEGRADED_LOAD=$DEGRADED_LOAD), steady (STEADY_LOAD=$STEADY_LOAD): h2load means \`h2load --h1 -t1 -c$CONNS\` ($(h2load --version | head -1)), latency percentiles from its per-request log${DEGRADED_RPS:+; degraded at a fixed rate: \`--rps=$DEGRADED_RPS\` per connection}" >>"$META"
 fi
 
 # run_one ROUND SCENARIO VARIANT
