@@ -115,7 +115,7 @@ use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Request, Response, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::{Mutex, RwLock};
@@ -123,8 +123,10 @@ use tokio::time::Instant;
 use tower_service::Service as _;
 use tracing::{debug, warn};
 
+use super::h1_exchange::{ExchangeError, H1Body, H1Conn};
 use super::request_body::UpstreamBody;
 use super::upstream_tls::{UpstreamIo, UpstreamTls};
+use super::BoxError;
 use crate::workers;
 
 /// An idle connection is closed after this long: an HTTP/1.1 one on the
@@ -149,9 +151,13 @@ pub(crate) enum SendError {
     /// No connection could be made: nothing reached the instance.
     #[error("connect: {0}")]
     Connect(String),
-    /// The connection failed after the request was handed to it.
+    /// The HTTP/2 connection failed after the request was handed to it.
     #[error("{0}")]
     Failed(#[from] hyper::Error),
+    /// The HTTP/1.1 exchange failed after the request was handed to its
+    /// connection.
+    #[error("{0}")]
+    Exchange(#[from] ExchangeError),
 }
 
 /// A send that failed: why, and the request itself when it never left
@@ -171,9 +177,9 @@ impl Failed {
         }
     }
 
-    fn sent(error: hyper::Error) -> Self {
+    fn sent(error: impl Into<SendError>) -> Self {
         Self {
-            error: SendError::Failed(error),
+            error: error.into(),
             unsent: None,
         }
     }
@@ -292,7 +298,7 @@ type StreamHold = Arc<()>;
 
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    conn: H1Conn,
     since: Instant,
     _place: IdlePlace,
 }
@@ -358,39 +364,38 @@ impl Pool {
         Ok(fresh)
     }
 
-    /// Sends `req` as HTTP/1.1 to `to` (origin-form URI, Host set).
+    /// Sends `req` as HTTP/1.1 to `to` (origin-form URI, Host set), on
+    /// its newest idle connection that is still open, else a new one. The
+    /// exchange runs in the caller's task (`h1_exchange.rs`).
     pub(crate) async fn send_h1(
         &self,
         to: &Arc<InstancePool>,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
         let slot = to.slot();
-        while let Some(mut sender) = to.checkout_h1(slot) {
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(PooledBody::checking_in(resp, to, slot, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Refused before a byte was written: try the next.
-                    Some(back) => {
-                        debug!(error = %e.error(), "idle upstream connection was closed; trying another");
-                        req = back;
+        let conn = loop {
+            match to.checkout_h1(slot) {
+                Some(mut conn) => {
+                    if conn.is_open() {
+                        break conn;
                     }
-                    None => return Err(Failed::sent(e.into_error())),
-                },
+                    // Closed while idle (or the server wrote to it): the next.
+                    debug!("idle upstream connection was closed; trying another");
+                }
+                None => {
+                    // Boxed: the connect's state (TCP, TLS) would otherwise
+                    // sit in every send's future, moved and copied with it
+                    // on the reuse path too.
+                    match Box::pin(self.connect(to)).await {
+                        Ok(io) => break H1Conn::new(io),
+                        Err(error) => return Err(Failed::unsent(error, req)),
+                    }
+                }
             }
-        }
-        // Boxed: the connect's state (TCP, TLS) would otherwise sit in every
-        // send's future, moved and copied with it on the reuse path too.
-        let opened = Box::pin(async { handshake_h1(self.connect(to).await?).await });
-        let mut sender = match opened.await {
-            Ok(sender) => sender,
-            Err(error) => return Err(Failed::unsent(error, req)),
         };
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(PooledBody::checking_in(resp, to, slot, sender)),
-            Err(mut e) => Err(match e.take_message() {
-                Some(back) => Failed::unsent(SendError::Connect(e.into_error().to_string()), back),
-                None => Failed::sent(e.into_error()),
-            }),
+        match conn.send(req).await {
+            Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to, slot))),
+            Err(e) => Err(Failed::sent(e)),
         }
     }
 
@@ -424,10 +429,8 @@ impl Pool {
         };
         // HTTP/2 streams need no check-in (the connection is shared); the
         // body holds its stream's place in the count until it ends.
-        Ok(resp.map(|inner| PooledBody {
-            inner,
-            check_in: None,
-            _h2_stream: Some(hold),
+        Ok(resp.map(|body| PooledBody {
+            kind: Kind::H2 { body, _hold: hold },
         }))
     }
 
@@ -473,7 +476,7 @@ impl Pool {
             return Ok(taken);
         }
         let io = self.connect(to).await?;
-        let sender = handshake_h2(io).await?;
+        let sender = handshake_h2(TokioIo::new(io)).await?;
         Ok(slot.keep_h2(sender))
     }
 
@@ -496,29 +499,18 @@ impl Pool {
             return Ok(*h2);
         }
         let io = self.connect(to).await?;
-        let h2 = self
-            .inner
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.speaks_h2(io.inner()));
+        let h2 = self.inner.tls.as_ref().is_some_and(|t| t.speaks_h2(&io));
         if h2 {
             // Kept for the request that asked, which takes it next.
-            drop(slot.keep_h2(handshake_h2(io).await?));
+            drop(slot.keep_h2(handshake_h2(TokioIo::new(io)).await?));
         } else {
-            let mut sender = handshake_h1(io).await?;
-            // Ready once its connection task runs: only then does checkout
-            // take it.
-            sender
-                .ready()
-                .await
-                .map_err(|e| SendError::Connect(e.to_string()))?;
-            to.push_idle(index, sender);
+            to.push_idle(index, H1Conn::new(io));
         }
         Ok(h2)
     }
 
     /// A new connection to `to`: TCP, then TLS when the service has it.
-    async fn connect(&self, to: &InstancePool) -> Result<TokioIo<UpstreamIo>, SendError> {
+    async fn connect(&self, to: &InstancePool) -> Result<UpstreamIo, SendError> {
         let mut connector = self.inner.connector.clone();
         let tcp = connector
             .call(to.connect_uri.clone())
@@ -526,7 +518,7 @@ impl Pool {
             .map_err(|e| SendError::Connect(e.to_string()))?
             .into_inner();
         let Some(tls) = &self.inner.tls else {
-            return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
+            return Ok(UpstreamIo::Plain(tcp));
         };
         match tls
             .handshake(tcp, &to.address, self.inner.connect_timeout)
@@ -534,7 +526,7 @@ impl Pool {
         {
             Ok(io) => {
                 let _ = to.alpn_h2.set(tls.speaks_h2(&io));
-                Ok(TokioIo::new(io))
+                Ok(io)
             }
             Err(e) => {
                 let error = format!("TLS handshake: {e}");
@@ -553,21 +545,6 @@ impl Pool {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(sweep(weak));
     }
-}
-
-/// HTTP/1.1 over a new connection; its task ends with the connection.
-async fn handshake_h1(
-    io: TokioIo<UpstreamIo>,
-) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
-    let (sender, conn) = http1::handshake(io)
-        .await
-        .map_err(|e| SendError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-        }
-    });
-    Ok(sender)
 }
 
 /// HTTP/2 over a new connection; its task ends with the connection.
@@ -628,9 +605,7 @@ impl Inner {
             let mut h2_left = false;
             for slot in &p.slots {
                 let mut idle = slot.idle.lock();
-                idle.retain(|i| {
-                    now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed()
-                });
+                idle.retain_mut(|i| now.duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_open());
                 idle_left |= !idle.is_empty();
                 h2_left |= slot.sweep_h2(now);
             }
@@ -718,66 +693,36 @@ impl InstancePool {
         }
     }
 
-    /// The newest idle connection of `slot` that is still open.
-    fn checkout_h1(&self, slot: usize) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// The newest idle connection of `slot` not past [`IDLE_TIMEOUT`]
+    /// (the caller checks that it is still open, outside the lock).
+    fn checkout_h1(&self, slot: usize) -> Option<H1Conn> {
         let now = Instant::now();
         let mut idle = self.slots[slot].idle.lock();
-        while let Some(i) = idle.pop() {
-            if now.duration_since(i.since) >= IDLE_TIMEOUT {
-                // The rest are older still.
-                idle.clear();
-                return None;
-            }
-            if i.sender.is_ready() {
-                return Some(i.sender);
-            }
+        let i = idle.pop()?;
+        if now.duration_since(i.since) >= IDLE_TIMEOUT {
+            // The rest are older still.
+            idle.clear();
+            return None;
         }
-        None
+        Some(i.conn)
     }
 
-    /// Returns the connection, whose response body ended cleanly, to the
-    /// idle list of `slot` (where it was checked out): at once when hyper
-    /// finds it ready for the next request, through
-    /// [`check_in_when_ready`](Self::check_in_when_ready) while its task is
-    /// still finishing the exchange, not at all when it closed.
-    fn check_in(self: Arc<Self>, slot: usize, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_ready() {
-            self.push_idle(slot, sender);
-        } else if !sender.is_closed() {
-            self.check_in_when_ready(slot, sender);
-        }
-    }
-
-    /// Keeps `sender` idle in `slot` if both bounds allow (the slot's share
-    /// of the instance's cap, the service's total); else it is dropped,
-    /// which closes the connection.
-    fn push_idle(&self, slot: usize, sender: http1::SendRequest<UpstreamBody>) {
+    /// Keeps `conn`, whose exchange ended and which may take another
+    /// request, idle in `slot` if both bounds allow (the slot's share of
+    /// the instance's cap, the service's total); else it is dropped, which
+    /// closes the connection.
+    fn push_idle(&self, slot: usize, conn: H1Conn) {
         let mut idle = self.slots[slot].idle.lock();
         if idle.len() >= self.idle_per_slot {
             return;
         }
         if let Some(place) = self.idle_total.reserve() {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
                 _place: place,
             });
         }
-    }
-
-    /// Returns the connection to the idle list once its exchange is over
-    /// and hyper finds it reusable; drops it otherwise.
-    fn check_in_when_ready(
-        self: Arc<Self>,
-        slot: usize,
-        mut sender: http1::SendRequest<UpstreamBody>,
-    ) {
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            self.push_idle(slot, sender);
-        });
     }
 
     /// Idle HTTP/1.1 connections over every slot.
@@ -861,86 +806,92 @@ impl Slot {
     }
 }
 
-/// An upstream response body; an HTTP/1.1 one carries its connection and
-/// checks it back in ([`InstancePool::check_in`]) when it ends cleanly: its
-/// last frame read, or dropped at its end (hyper may drop an empty body
-/// unpolled). An error or a drop before the end closes the connection, as
-/// hyper would not reuse it either.
+/// An upstream response body. An HTTP/1.1 one reads from its connection
+/// and checks it back in ([`InstancePool::push_idle`]) as soon as it ended
+/// cleanly and may be reused: at its last frame, or when dropped at its end
+/// (hyper may drop an empty body unpolled). An error or a drop before the
+/// end closes the connection.
 #[derive(Debug)]
 pub(crate) struct PooledBody {
-    inner: Incoming,
-    check_in: Option<CheckIn>,
-    /// HTTP/2: the stream's place in its connection's count, held until
-    /// the body is dropped (the sweep closes no connection with one held).
-    _h2_stream: Option<StreamHold>,
+    kind: Kind,
 }
 
-/// Where an HTTP/1.1 connection goes back: its instance and slot.
 #[derive(Debug)]
-struct CheckIn {
-    to: Arc<InstancePool>,
-    slot: usize,
-    sender: http1::SendRequest<UpstreamBody>,
+enum Kind {
+    H1 {
+        body: H1Body,
+        /// Where its connection goes back: its instance and slot.
+        to: Arc<InstancePool>,
+        slot: usize,
+    },
+    H2 {
+        body: Incoming,
+        /// The stream's place in its connection's count, held until the
+        /// body is dropped (the sweep closes no connection with one held).
+        _hold: StreamHold,
+    },
 }
 
 impl PooledBody {
-    fn checking_in(
-        resp: Response<Incoming>,
-        to: &Arc<InstancePool>,
-        slot: usize,
-        sender: http1::SendRequest<UpstreamBody>,
-    ) -> Response<Self> {
-        resp.map(|inner| Self {
-            inner,
-            check_in: Some(CheckIn {
+    fn h1(body: H1Body, to: &Arc<InstancePool>, slot: usize) -> Self {
+        Self {
+            kind: Kind::H1 {
+                body,
                 to: to.clone(),
                 slot,
-                sender,
-            }),
-            _h2_stream: None,
-        })
+            },
+        }
     }
 
-    fn ended(&mut self) {
-        if let Some(c) = self.check_in.take() {
-            c.to.check_in(c.slot, c.sender);
+    /// Checks an HTTP/1.1 connection in if its body ended and it is
+    /// reusable (once: the body gives it up).
+    fn check_in(&mut self) {
+        if let Kind::H1 { body, to, slot } = &mut self.kind {
+            if let Some(conn) = body.take_reusable() {
+                to.push_idle(*slot, conn);
+            }
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.ended(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
-            Poll::Ready(Some(Err(_))) => this.check_in = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
+            Kind::H1 { body, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if polled.is_ready() && body.is_end_stream() {
+                    self.check_in();
+                }
+                polled.map_err(BoxError::from)
+            }
+            Kind::H2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            Kind::H1 { body, .. } => body.is_end_stream(),
+            Kind::H2 { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            Kind::H1 { body, .. } => body.size_hint(),
+            Kind::H2 { body, .. } => body.size_hint(),
+        }
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.ended();
-        }
+        self.check_in();
     }
 }
 
