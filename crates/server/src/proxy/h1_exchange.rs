@@ -952,3 +952,462 @@ impl Body for H1Body {
         self.size.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A backend that accepts one connection and, for each reply, reads
+    /// until it has seen one more request head (`\r\n\r\n`) and writes the
+    /// reply; then closes if `close`, else keeps reading. Returns the port
+    /// and, when the client closed (or `close`), every byte it received
+    /// with the size of its first read.
+    async fn backend(
+        replies: Vec<&'static [u8]>,
+        close: bool,
+    ) -> (u16, tokio::task::JoinHandle<(Vec<u8>, usize)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut first = 0;
+            let mut buf = vec![0u8; 256 * 1024];
+            for (i, reply) in replies.iter().enumerate() {
+                while got.windows(4).filter(|w| *w == b"\r\n\r\n").count() <= i {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return (got, first);
+                    }
+                    if first == 0 {
+                        first = n;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                s.write_all(reply).await.unwrap();
+            }
+            if !close {
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+            (got, first)
+        });
+        (port, task)
+    }
+
+    async fn connect(port: u16) -> H1Conn {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        H1Conn::new(UpstreamIo::Plain(tcp))
+    }
+
+    fn request(method: Method, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut r = Request::new(body);
+        *r.method_mut() = method;
+        *r.uri_mut() = http::Uri::from_static("/p?q=1");
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("x"));
+        r
+    }
+
+    fn empty() -> UpstreamBody {
+        Empty::new().map_err(|n| match n {}).boxed()
+    }
+
+    fn full(b: &'static [u8]) -> UpstreamBody {
+        Full::new(Bytes::from_static(b))
+            .map_err(|n| match n {})
+            .boxed()
+    }
+
+    /// A body of unknown length: `frames`, then its end, or (with `stall`)
+    /// pending for ever.
+    struct Frames {
+        frames: VecDeque<Frame<Bytes>>,
+        stall: bool,
+    }
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.frames.pop_front() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None if self.stall => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn streamed(frames: Vec<Frame<Bytes>>, stall: bool) -> UpstreamBody {
+        Frames {
+            frames: frames.into(),
+            stall,
+        }
+        .boxed()
+    }
+
+    /// Reads the whole body: its data and trailers, or its error.
+    async fn read(body: &mut H1Body) -> Result<(Vec<u8>, Option<HeaderMap>), ExchangeError> {
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            match frame?.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        Ok((data, trailers))
+    }
+
+    /// Sends `req` on `conn`, reads the body, returns status, body, trailers
+    /// and the connection if reusable.
+    async fn exchange(
+        conn: H1Conn,
+        req: Request<UpstreamBody>,
+    ) -> (StatusCode, Vec<u8>, Option<HeaderMap>, Option<H1Conn>) {
+        let (parts, mut body) = conn.send(req).await.unwrap().into_parts();
+        let (data, trailers) = read(&mut body).await.unwrap();
+        (parts.status, data, trailers, body.take_reusable())
+    }
+
+    #[tokio::test]
+    async fn a_content_length_body_is_read_and_the_connection_reused() {
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello";
+        let (port, server) = backend(vec![ok, ok], false).await;
+        let mut conn = connect(port).await;
+        for _ in 0..2 {
+            let (status, data, _, back) = exchange(conn, request(Method::GET, empty())).await;
+            assert_eq!((status, &data[..]), (StatusCode::OK, &b"hello"[..]));
+            conn = back.expect("reusable");
+            assert!(conn.is_open(), "the server keeps it open");
+        }
+        drop(conn);
+        let (got, _) = server.await.unwrap();
+        let one = b"GET /p?q=1 HTTP/1.1\r\nhost: x\r\n\r\n";
+        assert_eq!(
+            got,
+            [&one[..], &one[..]].concat(),
+            "no framing for an empty GET"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_decoded_with_its_trailers() {
+        let (port, _server) = backend(
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n"],
+            false,
+        )
+        .await;
+        let (status, data, trailers, back) =
+            exchange(connect(port).await, request(Method::GET, empty())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&data[..], b"hello world");
+        assert_eq!(trailers.expect("trailers")["x-t"], "1");
+        assert!(back.is_some(), "a chunked body ends cleanly: reusable");
+    }
+
+    #[tokio::test]
+    async fn head_204_304_have_no_body_and_1xx_are_skipped() {
+        let (port, _server) = backend(
+            vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 7\r\n\r\n",
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: x\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            ],
+            false,
+        )
+        .await;
+        let mut conn = connect(port).await;
+        for (method, status, body) in [
+            (Method::HEAD, 200, &b""[..]),
+            (Method::GET, 204, b""),
+            (Method::GET, 304, b""),
+            (Method::GET, 200, b"ok"),
+        ] {
+            let (got, data, _, back) = exchange(conn, request(method.clone(), empty())).await;
+            assert_eq!(
+                (got.as_u16(), &data[..]),
+                (status, body),
+                "{method} {status}"
+            );
+            conn = back.expect("reusable");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_without_length_runs_to_the_close_and_is_not_reused() {
+        let (port, _server) = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the close"], true).await;
+        let (_, data, _, back) = exchange(connect(port).await, request(Method::GET, empty())).await;
+        assert_eq!(&data[..], b"until the close");
+        assert!(back.is_none());
+    }
+
+    #[tokio::test]
+    async fn invalid_or_conflicting_content_lengths_are_errors() {
+        for (head, ok) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok", false),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2x\r\n\r\nok", false),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok", true),
+        ] {
+            let (port, _server) = backend(vec![head], false).await;
+            let sent = connect(port)
+                .await
+                .send(request(Method::GET, empty()))
+                .await;
+            match sent {
+                Ok(resp) => {
+                    assert!(ok, "{head:?} accepted");
+                    let mut body = resp.into_body();
+                    assert_eq!(&read(&mut body).await.unwrap().0[..], b"ok");
+                }
+                Err(e) => {
+                    assert!(!ok, "{head:?}: {e}");
+                    assert!(matches!(e, ExchangeError::ContentLength), "{e}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connection_close_from_either_side_and_http10_are_not_reused() {
+        let cases: [(&'static [u8], bool, bool); 4] = [
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                false,
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                true,
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                false,
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
+                false,
+                true,
+            ),
+        ];
+        for (reply, client_close, reusable) in cases {
+            let (port, _server) = backend(vec![reply], false).await;
+            let mut req = request(Method::GET, empty());
+            if client_close {
+                req.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            let (_, data, _, back) = exchange(connect(port).await, req).await;
+            assert_eq!(&data[..], b"ok");
+            assert_eq!(
+                back.is_some(),
+                reusable,
+                "{reply:?}, client close {client_close}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_or_badly_chunked_is_an_error() {
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
+        ] {
+            let (port, _server) = backend(vec![reply], true).await;
+            let resp = connect(port)
+                .await
+                .send(request(Method::GET, empty()))
+                .await
+                .unwrap();
+            let mut body = resp.into_body();
+            assert!(read(&mut body).await.is_err(), "{reply:?}");
+            assert!(body.take_reusable().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_over_the_limits_is_an_error() {
+        let many: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
+                "x-h: 1\r\n".repeat(MAX_HEADERS)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        let big: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+                "a".repeat(MAX_HEADER_BYTES)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        for reply in [many, big] {
+            let (port, _server) = backend(vec![reply], false).await;
+            let sent = connect(port)
+                .await
+                .send(request(Method::GET, empty()))
+                .await;
+            assert!(matches!(sent, Err(ExchangeError::HeadTooLarge)), "{sent:?}");
+        }
+        let (port, _server) = backend(vec![b"HTTP/2 200 OK\r\n\r\n"], false).await;
+        let sent = connect(port)
+            .await
+            .send(request(Method::GET, empty()))
+            .await;
+        assert!(matches!(sent, Err(ExchangeError::Head(_))), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_framed_as_hyper_frames_them() {
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        // A known length: content-length, head and body in one write.
+        let (port, server) = backend(vec![ok], false).await;
+        let (_, _, _, back) =
+            exchange(connect(port).await, request(Method::POST, full(b"hello"))).await;
+        drop(back);
+        let (got, first) = server.await.unwrap();
+        let want = b"POST /p?q=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(got, want);
+        assert_eq!(first, want.len(), "one write");
+
+        // Unknown length: chunked, trailers only as declared.
+        let (port, server) = backend(vec![ok], false).await;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-declared", HeaderValue::from_static("1"));
+        trailers.insert("x-other", HeaderValue::from_static("2"));
+        let body = streamed(
+            vec![
+                Frame::data(Bytes::from_static(b"hello")),
+                Frame::data(Bytes::from_static(&[b'z'; 20])),
+                Frame::trailers(trailers),
+            ],
+            false,
+        );
+        let mut req = request(Method::PUT, body);
+        req.headers_mut()
+            .insert(header::TRAILER, HeaderValue::from_static("x-declared"));
+        let (_, _, _, back) = exchange(connect(port).await, req).await;
+        assert!(back.is_some());
+        drop(back);
+        let (got, _) = server.await.unwrap();
+        let want = format!(
+            "PUT /p?q=1 HTTP/1.1\r\nhost: x\r\ntrailer: x-declared\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n14\r\n{}\r\n0\r\nx-declared: 1\r\n\r\n",
+            "z".repeat(20)
+        );
+        assert_eq!(String::from_utf8_lossy(&got), want);
+
+        // A GET of unknown length sends no body.
+        let (port, server) = backend(vec![ok], false).await;
+        let body = streamed(vec![Frame::data(Bytes::from_static(b"dropped"))], false);
+        let (_, _, _, back) = exchange(connect(port).await, request(Method::GET, body)).await;
+        drop(back);
+        assert_eq!(
+            server.await.unwrap().0,
+            b"GET /p?q=1 HTTP/1.1\r\nhost: x\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_before_the_body_ends_stops_the_sending_and_is_not_reused() {
+        let (port, _server) = backend(
+            vec![b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n"],
+            false,
+        )
+        .await;
+        // The body sends one chunk, then never ends.
+        let body = streamed(vec![Frame::data(Bytes::from_static(b"part"))], true);
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            connect(port).await.send(request(Method::POST, body)),
+        )
+        .await
+        .expect("answered without the body's end");
+        let mut body = sent.unwrap().into_body();
+        assert_eq!(read(&mut body).await.unwrap().0, b"");
+        assert!(body.take_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_closes_the_connection() {
+        let big: &'static [u8] = Box::leak(
+            [
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n"[..],
+                &vec![b'x'; 1 << 20],
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let (port, server) = backend(vec![big], false).await;
+        let conn = connect(port).await;
+        let mut body = conn
+            .send(request(Method::GET, empty()))
+            .await
+            .unwrap()
+            .into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        drop(body);
+        // The backend sees the close (its write fails or its read ends).
+        let ended = tokio::time::timeout(Duration::from_secs(5), server).await;
+        assert!(ended.is_ok(), "the connection was closed");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closed_or_written_to_is_not_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let conn = connect(port).await;
+            conns.push((conn, listener.accept().await.unwrap().0));
+        }
+        let (mut open, _kept) = conns.remove(0);
+        let (mut closed, server) = conns.remove(0);
+        drop(server);
+        let (mut written, mut server) = conns.remove(0);
+        server
+            .write_all(b"HTTP/1.1 408 Timeout\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(open.is_open());
+        assert!(!closed.is_open(), "closed by the server");
+        assert!(!written.is_open(), "bytes while idle");
+    }
+
+    #[test]
+    fn chunk_sizes_parse_and_overflow_is_refused() {
+        assert_eq!(chunk_size(b"1f\r").unwrap(), 31);
+        assert_eq!(chunk_size(b"A ;ext=\"x\"\r").unwrap(), 10);
+        assert!(chunk_size(b"1f").is_err(), "no CR");
+        assert!(chunk_size(b"\r").is_err());
+        assert!(chunk_size(b"1g\r").is_err());
+        assert!(chunk_size(b"ffffffffffffffff\r").is_err(), "over 15 digits");
+        let mut hex = Vec::new();
+        write_hex(&mut hex, 0x1a2b);
+        assert_eq!(hex, b"1a2b");
+    }
+}
