@@ -550,11 +550,17 @@ fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, ExchangeError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Uninitialised slots: nothing to clear per parse (httparse's own
+    // safe API for them).
+    let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEADER_BYTES => {
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEADER_BYTES => {
             return Err(ExchangeError::HeadTooLarge)
         }
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -576,19 +582,30 @@ fn parse_head(
     // Where each header lies in the head, so that the values can share
     // its bytes instead of each being copied.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = parsed.headers.len();
     for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
-        *span = (name, name + h.name.len(), value, value + h.value.len());
+        // Within the head (at most `MAX_HEADER_BYTES`): fits a u32.
+        let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+        *span = (
+            at(name),
+            at(name + h.name.len()),
+            at(value),
+            at(value + h.value.len()),
+        );
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[ns..ne])
-            .map_err(|_| ExchangeError::Head("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+        let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+        // In range (spans of the head just parsed); checked all the same.
+        let (Some(name), Some(value)) = (head.get(ns..ne), head.get(vs..ve)) else {
+            return Err(ExchangeError::Head("header span"));
+        };
+        let name = HeaderName::from_bytes(name).map_err(|_| ExchangeError::Head("header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(value))
             .map_err(|_| ExchangeError::Head("header value"))?;
         headers.append(name, value);
     }
@@ -799,12 +816,15 @@ impl Decoder {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let (len, fields) = match httparse::parse_headers(buf, &mut slots) {
             Ok(httparse::Status::Complete((len, fields))) => (len, fields),
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEADER_BYTES => {
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEADER_BYTES => {
                 return Err(ExchangeError::Chunk("trailers too large"))
             }
             Ok(httparse::Status::Partial) => return Ok(Step::More),
             Err(_) => return Err(ExchangeError::Chunk("invalid trailers")),
         };
+        if len > MAX_HEADER_BYTES {
+            return Err(ExchangeError::Chunk("trailers too large"));
+        }
         let mut trailers = HeaderMap::with_capacity(fields.len());
         for f in fields.iter() {
             let name = HeaderName::from_bytes(f.name.as_bytes())
