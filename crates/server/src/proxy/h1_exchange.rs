@@ -137,6 +137,30 @@ impl fmt::Debug for H1Conn {
     }
 }
 
+/// The head of a request to send, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestHead<'a> {
+    pub(crate) method: &'a Method,
+    /// Sent in origin form: its path and query.
+    pub(crate) uri: &'a http::Uri,
+    pub(crate) headers: &'a HeaderMap,
+    /// Sent instead of the headers' Host (in its place; last when they
+    /// have none).
+    pub(crate) host: Option<&'a HeaderValue>,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The head of `parts`, its own Host kept.
+    pub(crate) fn of(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            host: None,
+        }
+    }
+}
+
 /// How a request's body goes out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SendFraming {
@@ -225,20 +249,32 @@ impl H1Conn {
 
     /// Sends `req` and reads the response head; the response's body reads
     /// the rest from the connection, which it owns until it ends.
-    pub(crate) async fn send(
-        mut self,
+    #[cfg(test)]
+    pub(crate) async fn send_request(
+        self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<H1Body>, ExchangeError> {
-        let head_request = req.method() == Method::HEAD;
-        let (parts, mut body) = req.into_parts();
-        let close_asked = has_token(&parts.headers, b"close");
-        let framing = send_framing(&parts, &body);
+        let (parts, body) = req.into_parts();
+        self.send(RequestHead::of(&parts), body).await
+    }
+
+    /// Sends the request `head` with `body` and reads the response head;
+    /// the response's body reads the rest from the connection, which it
+    /// owns until it ends. The head is only borrowed: the caller keeps it
+    /// (for a retry) without a copy.
+    pub(crate) async fn send(
+        mut self,
+        head: RequestHead<'_>,
+        mut body: UpstreamBody,
+    ) -> Result<Response<H1Body>, ExchangeError> {
+        let head_request = head.method == Method::HEAD;
+        let close_asked = has_token(head.headers, b"close");
+        let framing = send_framing(&head, &body);
         let declared = (framing == SendFraming::Chunked)
-            .then(|| trailer_names(&parts.headers))
+            .then(|| trailer_names(head.headers))
             .filter(|names| !names.is_empty());
         self.write_buf.clear();
-        encode_head(&parts, framing, &mut self.write_buf);
-        drop(parts);
+        encode_head(&head, framing, &mut self.write_buf);
 
         let mut sender = BodySender {
             framing,
@@ -435,21 +471,21 @@ fn trailer_names(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// The framing of a request with head `parts` and `body` (module doc).
-fn send_framing(parts: &http::request::Parts, body: &UpstreamBody) -> SendFraming {
+fn send_framing(parts: &RequestHead<'_>, body: &UpstreamBody) -> SendFraming {
     if body.is_end_stream() {
         return SendFraming::None;
     }
     if parts.headers.contains_key(header::CONTENT_LENGTH) {
         // Ours to trust: the client's body was framed by it (hyper's server
         // checked it), or we set it.
-        if let Ok(Some(n)) = content_length(&parts.headers) {
+        if let Ok(Some(n)) = content_length(parts.headers) {
             return SendFraming::Length(n);
         }
     }
     if let Some(n) = body.size_hint().exact() {
         return SendFraming::Length(n);
     }
-    match parts.method {
+    match *parts.method {
         Method::GET | Method::HEAD | Method::CONNECT => SendFraming::None,
         _ => SendFraming::Chunked,
     }
@@ -457,7 +493,7 @@ fn send_framing(parts: &http::request::Parts, body: &UpstreamBody) -> SendFramin
 
 /// Encodes the request line and headers of `parts` with `framing`'s
 /// headers into `out`.
-fn encode_head(parts: &http::request::Parts, framing: SendFraming, out: &mut Vec<u8>) {
+fn encode_head(parts: &RequestHead<'_>, framing: SendFraming, out: &mut Vec<u8>) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     match parts.uri.path_and_query() {
@@ -466,9 +502,17 @@ fn encode_head(parts: &http::request::Parts, framing: SendFraming, out: &mut Vec
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
-    for (name, value) in &parts.headers {
+    let mut host = parts.host;
+    for (name, mut value) in parts.headers {
         if name == header::TRANSFER_ENCODING {
             continue;
+        }
+        if name == header::HOST && parts.host.is_some() {
+            // The replacement, once, where the first Host stood.
+            match host.take() {
+                Some(h) => value = h,
+                None => continue,
+            }
         }
         if name == header::CONTENT_LENGTH && framing == SendFraming::Chunked {
             continue;
@@ -476,6 +520,11 @@ fn encode_head(parts: &http::request::Parts, framing: SendFraming, out: &mut Vec
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(h) = host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -1098,7 +1147,7 @@ mod tests {
         conn: H1Conn,
         req: Request<UpstreamBody>,
     ) -> (StatusCode, Vec<u8>, Option<HeaderMap>, Option<H1Conn>) {
-        let (parts, mut body) = conn.send(req).await.unwrap().into_parts();
+        let (parts, mut body) = conn.send_request(req).await.unwrap().into_parts();
         let (data, trailers) = read(&mut body).await.unwrap();
         (parts.status, data, trailers, body.take_reusable())
     }
@@ -1190,7 +1239,7 @@ mod tests {
             let (port, _server) = backend(vec![head], false).await;
             let sent = connect(port)
                 .await
-                .send(request(Method::GET, empty()))
+                .send_request(request(Method::GET, empty()))
                 .await;
             match sent {
                 Ok(resp) => {
@@ -1258,7 +1307,7 @@ mod tests {
             let (port, _server) = backend(vec![reply], true).await;
             let resp = connect(port)
                 .await
-                .send(request(Method::GET, empty()))
+                .send_request(request(Method::GET, empty()))
                 .await
                 .unwrap();
             let mut body = resp.into_body();
@@ -1289,14 +1338,14 @@ mod tests {
             let (port, _server) = backend(vec![reply], false).await;
             let sent = connect(port)
                 .await
-                .send(request(Method::GET, empty()))
+                .send_request(request(Method::GET, empty()))
                 .await;
             assert!(matches!(sent, Err(ExchangeError::HeadTooLarge)), "{sent:?}");
         }
         let (port, _server) = backend(vec![b"HTTP/2 200 OK\r\n\r\n"], false).await;
         let sent = connect(port)
             .await
-            .send(request(Method::GET, empty()))
+            .send_request(request(Method::GET, empty()))
             .await;
         assert!(matches!(sent, Err(ExchangeError::Head(_))), "{sent:?}");
     }
@@ -1362,7 +1411,9 @@ mod tests {
         let body = streamed(vec![Frame::data(Bytes::from_static(b"part"))], true);
         let sent = tokio::time::timeout(
             Duration::from_secs(5),
-            connect(port).await.send(request(Method::POST, body)),
+            connect(port)
+                .await
+                .send_request(request(Method::POST, body)),
         )
         .await
         .expect("answered without the body's end");
@@ -1384,7 +1435,7 @@ mod tests {
         let (port, server) = backend(vec![big], false).await;
         let conn = connect(port).await;
         let mut body = conn
-            .send(request(Method::GET, empty()))
+            .send_request(request(Method::GET, empty()))
             .await
             .unwrap()
             .into_body();

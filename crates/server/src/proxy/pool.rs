@@ -123,7 +123,7 @@ use tokio::time::Instant;
 use tower_service::Service as _;
 use tracing::{debug, warn};
 
-use super::h1_exchange::{ExchangeError, H1Body, H1Conn};
+use super::h1_exchange::{ExchangeError, H1Body, H1Conn, RequestHead};
 use super::request_body::UpstreamBody;
 use super::upstream_tls::{UpstreamIo, UpstreamTls};
 use super::BoxError;
@@ -339,6 +339,17 @@ impl Pool {
         self
     }
 
+    /// [`send_h1`](Self::send_h1) for a whole request.
+    #[cfg(test)]
+    pub(crate) async fn send_h1_request(
+        &self,
+        to: &Arc<InstancePool>,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, Failed> {
+        let (parts, body) = req.into_parts();
+        self.send_h1(to, RequestHead::of(&parts), body).await
+    }
+
     /// Idle connections kept now, every instance together.
     #[cfg(test)]
     fn idle_total(&self) -> usize {
@@ -364,13 +375,16 @@ impl Pool {
         Ok(fresh)
     }
 
-    /// Sends `req` as HTTP/1.1 to `to` (origin-form URI, Host set), on
-    /// its newest idle connection that is still open, else a new one. The
-    /// exchange runs in the caller's task (`h1_exchange.rs`).
+    /// Sends the request `head` with `body` as HTTP/1.1 to `to`, on its
+    /// newest idle connection that is still open, else a new one. The
+    /// exchange runs in the caller's task (`h1_exchange.rs`) and only
+    /// borrows the head: the caller keeps it, so a failure hands nothing
+    /// back ([`Failed::unsent`] is `None`).
     pub(crate) async fn send_h1(
         &self,
         to: &Arc<InstancePool>,
-        req: Request<UpstreamBody>,
+        head: RequestHead<'_>,
+        body: UpstreamBody,
     ) -> Result<Response<PooledBody>, Failed> {
         let slot = to.slot();
         let conn = loop {
@@ -388,12 +402,12 @@ impl Pool {
                     // on the reuse path too.
                     match Box::pin(self.connect(to)).await {
                         Ok(io) => break H1Conn::new(io),
-                        Err(error) => return Err(Failed::unsent(error, req)),
+                        Err(error) => return Err(Failed::sent(error)),
                     }
                 }
             }
         };
-        match conn.send(req).await {
+        match conn.send(head, body).await {
             Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to, slot))),
             Err(e) => Err(Failed::sent(e)),
         }
@@ -948,7 +962,7 @@ mod tests {
 
     /// Sends a GET and reads its body, so the connection can go idle.
     async fn exchange(pool: &Pool, to: &Arc<InstancePool>) {
-        let resp = pool.send_h1(to, get()).await.unwrap();
+        let resp = pool.send_h1_request(to, get()).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
     }
@@ -1087,7 +1101,7 @@ mod tests {
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
-        let resp = pool.send_h1(&to, get()).await.unwrap();
+        let resp = pool.send_h1_request(&to, get()).await.unwrap();
         assert_eq!(to.idle_len(), 0, "in use until its body ends");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -1097,7 +1111,7 @@ mod tests {
         // A body dropped half-read: its connection is not reused.
         let mut big = get();
         *big.uri_mut() = Uri::from_static("/big");
-        let resp = pool.send_h1(&to, big).await.unwrap();
+        let resp = pool.send_h1_request(&to, big).await.unwrap();
         assert_eq!(to.idle_len(), 0);
         drop(resp);
         assert_eq!(to.idle_len(), 0, "a half-read body closes its connection");
@@ -1439,16 +1453,19 @@ mod tests {
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
-        for sent in [
-            pool.send_h1(&to, get()).await,
-            pool.send_h2(&to, get()).await,
+        for (sent, handed_back) in [
+            // HTTP/1.1 borrows the head: nothing to hand back.
+            (pool.send_h1_request(&to, get()).await, false),
+            (pool.send_h2(&to, get()).await, true),
         ] {
             let Err(failed) = sent else {
                 panic!("nothing listens")
             };
             assert!(matches!(failed.error, SendError::Connect(_)));
-            let back = failed.unsent.expect("an unsent request comes back");
-            assert_eq!(back.uri(), "/", "the same request");
+            assert_eq!(failed.unsent.is_some(), handed_back);
+            if let Some(back) = failed.unsent {
+                assert_eq!(back.uri(), "/", "the same request");
+            }
         }
     }
 }
