@@ -1,7 +1,9 @@
-//! The upstream connection layer: connections of our own over hyper's
-//! connection-level API (`hyper::client::conn::{http1, http2}`), pooled
-//! **per instance**, so the connection goes to the instance the core picked
-//! while the request keeps the authority the client sent.
+//! The upstream connection layer: connections of our own, pooled **per
+//! instance**, so the connection goes to the instance the core picked while
+//! the request keeps the authority the client sent. HTTP/1.1 runs on our
+//! own exchange (`h1_exchange.rs`: the request's task writes the request
+//! and reads the response, no connection task); HTTP/2 on hyper's
+//! connection-level API (`hyper::client::conn::http2`).
 //!
 //! ## Rules
 //!
@@ -19,9 +21,11 @@
 //!   instance's first connection learns the ALPN choice, and every request
 //!   to it then goes out in that version (the connection is kept for it).
 //! - **HTTP/1.1**: one request at a time per connection. A connection goes
-//!   back to the idle list only when hyper says it is ready again: its
-//!   response body ended cleanly and neither side asked to close (a body
-//!   dropped half-read or a `Connection: close` closes it instead). At most
+//!   back to the idle list only when the exchange says it may take another
+//!   request (`h1_exchange.rs`, **Reuse**): its response body ended cleanly,
+//!   framed by length or chunks, with nothing after it, the request was
+//!   sent whole and neither side asked to close (a body dropped half-read,
+//!   an error or a `Connection: close` closes it instead). At most
 //!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance in total (split
 //!   evenly over the worker slots below), and at most
 //!   `max_idle_connections` (default [`DEFAULT_MAX_IDLE_PER_SERVICE`]) across
@@ -34,14 +38,17 @@
 //!   until `accept`, `connect` and the reload's own file read failed with
 //!   EMFILE (`docs/benchmarks.md`, "Scale (issue 11)"). One idle longer than
 //!   [`IDLE_TIMEOUT`] is closed. The newest
-//!   idle connection is used first (it is the likeliest alive). One the
-//!   server closed while idle is seen closed and skipped; one that hyper
-//!   refuses before writing the request (it learnt of the close meanwhile)
-//!   hands the request back, and it goes to the next idle or a fresh
-//!   connection, so an idle close we have seen never fails a request,
-//!   idempotent or not (hyper's legacy client did the same with
-//!   `retry_canceled_requests`). A close still in flight while the request
-//!   is written is a `Reset` like any other: the request may have arrived.
+//!   idle connection is used first (it is the likeliest alive). Before a
+//!   request is written on an idle connection, the socket is read once
+//!   without waiting (`H1Conn::is_open`; no system call when the reactor
+//!   has seen nothing since the last read): one the server closed, reset or
+//!   wrote to while idle is dropped, and the request goes to the next idle
+//!   or a fresh connection, so an idle close that has reached us never
+//!   fails a request, idempotent or not (hyper's legacy client did the same
+//!   with `retry_canceled_requests`). A close still in flight while the
+//!   request is written is a `Reset` like any other: the request may have
+//!   arrived. A failed connect is `Connect` and the request is not lost:
+//!   the caller still holds its head (HTTP/1.1 only borrows it).
 //! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per
 //!   instance (per worker under thread per core, see below), shared by
 //!   every request; reopened when it closed (GOAWAY,
@@ -86,20 +93,23 @@
 //!   worker, in a slot of their own (slot 0 serves every other thread: the
 //!   multi-threaded runtime of the default mode, which keeps one shared
 //!   list). A worker checks out, opens and returns connections in its own
-//!   slot only, so a connection's I/O task runs on the worker whose
-//!   requests use it: no cross-thread wake-up per request, no lock or cache
-//!   line shared between workers on the request path. The idle cap is
+//!   slot only, so a connection's I/O (HTTP/1.1: in the request's task;
+//!   HTTP/2: its connection task) runs on the worker whose requests use it,
+//!   registered with that worker's reactor: no cross-thread wake-up per
+//!   request, no lock or cache line shared between workers on the request
+//!   path. The idle cap is
 //!   split over the slots (`MAX_IDLE_PER_INSTANCE / slots`, at least 1), so
 //!   the per-instance total holds; HTTP/2 opens one connection per
 //!   instance per worker that sends to it (as Envoy's per-worker pools
 //!   do), so N workers may hold N connections to an instance.
 //!
 //! Returning an HTTP/1.1 connection rides in the response body
-//! ([`PooledBody`]): when the body ends cleanly the connection goes back to
-//! the idle list at once if hyper already finds it ready (the usual case:
-//! its task finished the exchange before the last frame reached us), and
-//! only otherwise does a small task wait for its readiness (what the legacy
-//! client did for every response). No task per request.
+//! ([`PooledBody`]): the body reads from the connection as the client's
+//! task polls it, and the frame that ends it (or its drop at its end: an
+//! empty body may be dropped unpolled) puts the connection back on the idle
+//! list at once. No task, no channel and no wake-up of another task per
+//! request; hyper's client took two task wake-ups, a oneshot, a body
+//! channel and its `want` signalling per exchange.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -160,9 +170,10 @@ pub(crate) enum SendError {
     Exchange(#[from] ExchangeError),
 }
 
-/// A send that failed: why, and the request itself when it never left
-/// (no connection could be made, or hyper refused it before writing it),
-/// handed back so that it can go to another instance without a copy.
+/// A send that failed: why, and (HTTP/2) the request itself when it never
+/// left (no connection could be made, or hyper refused it before writing
+/// it), handed back so that it can go to another instance without a copy.
+/// An HTTP/1.1 send only borrows the head, so it hands nothing back.
 #[derive(Debug)]
 pub(crate) struct Failed {
     pub(crate) error: SendError,
