@@ -65,7 +65,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
@@ -154,6 +154,7 @@ pub(crate) struct RequestHead<'a> {
 
 impl<'a> RequestHead<'a> {
     /// The head of `parts`, its own Host kept.
+    #[cfg(test)]
     pub(crate) fn of(parts: &'a http::request::Parts) -> Self {
         Self {
             method: &parts.method,
@@ -199,13 +200,15 @@ pub(crate) struct ResponseHead {
 }
 
 impl H1Conn {
-    /// A connection over `io`, just opened.
-    pub(crate) fn new(io: UpstreamIo) -> Self {
-        Self {
+    /// A connection over `io`, just opened. Boxed once for its life: the
+    /// request's future, the response body and the idle list move a
+    /// pointer, not the socket and its buffers.
+    pub(crate) fn new(io: UpstreamIo) -> Box<Self> {
+        Box::new(Self {
             io,
             read_buf: BytesMut::new(),
             write_buf: Vec::new(),
-        }
+        })
     }
 
     /// Whether an idle connection may take a request: the server has not
@@ -254,8 +257,8 @@ impl H1Conn {
     /// the rest from the connection, which it owns until it ends.
     #[cfg(test)]
     pub(crate) async fn send_request(
-        self,
-        req: Request<UpstreamBody>,
+        self: Box<Self>,
+        req: http::Request<UpstreamBody>,
     ) -> Result<Response<H1Body>, ExchangeError> {
         let (parts, body) = req.into_parts();
         self.send(RequestHead::of(&parts), body).await
@@ -266,7 +269,7 @@ impl H1Conn {
     /// owns until it ends. The head is only borrowed: the caller keeps it
     /// (for a retry) without a copy.
     pub(crate) async fn send(
-        mut self,
+        mut self: Box<Self>,
         head: RequestHead<'_>,
         mut body: UpstreamBody,
     ) -> Result<Response<H1Body>, ExchangeError> {
@@ -947,11 +950,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, ExchangeError> {
 /// closes the connection.
 pub(crate) struct H1Body {
     /// `None` once handed back or dropped after an error.
-    conn: Option<H1Conn>,
+    conn: Option<Box<H1Conn>>,
     decoder: Decoder,
     /// The response and request let the connection be reused.
     reusable: bool,
-    size: SizeHint,
 }
 
 impl fmt::Debug for H1Body {
@@ -964,23 +966,17 @@ impl fmt::Debug for H1Body {
 }
 
 impl H1Body {
-    fn new(conn: H1Conn, framing: ReadFraming, reusable: bool) -> Self {
-        let size = match framing {
-            ReadFraming::Empty => SizeHint::with_exact(0),
-            ReadFraming::Length(n) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
-        };
+    fn new(conn: Box<H1Conn>, framing: ReadFraming, reusable: bool) -> Self {
         Self {
             conn: Some(conn),
             decoder: Decoder::new(framing),
             reusable,
-            size,
         }
     }
 
     /// The connection, if the body ended cleanly and it may take another
     /// request (module doc, **Reuse**); taken once.
-    pub(crate) fn take_reusable(&mut self) -> Option<H1Conn> {
+    pub(crate) fn take_reusable(&mut self) -> Option<Box<H1Conn>> {
         if !(self.decoder.is_done() && self.reusable) {
             return None;
         }
@@ -1010,12 +1006,7 @@ impl Body for H1Body {
                 return Poll::Ready(None);
             };
             match this.decoder.step(&mut conn.read_buf) {
-                Ok(Step::Frame(frame)) => {
-                    if let (Some(data), Some(left)) = (frame.data_ref(), this.size.upper()) {
-                        this.size.set_exact(left.saturating_sub(data.len() as u64));
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
+                Ok(Step::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
                 Ok(Step::End) => return Poll::Ready(None),
                 Err(e) => return this.fail(e),
                 Ok(Step::More) => {}
@@ -1042,7 +1033,11 @@ impl Body for H1Body {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.size.clone()
+        match self.decoder.state {
+            Decode::Length(left) => SizeHint::with_exact(left),
+            Decode::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -1051,6 +1046,7 @@ mod tests {
     use std::collections::VecDeque;
     use std::time::Duration;
 
+    use http::Request;
     use http_body_util::{BodyExt, Empty, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -1099,7 +1095,7 @@ mod tests {
         (port, task)
     }
 
-    async fn connect(port: u16) -> H1Conn {
+    async fn connect(port: u16) -> Box<H1Conn> {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         H1Conn::new(UpstreamIo::Plain(tcp))
     }
@@ -1168,9 +1164,9 @@ mod tests {
     /// Sends `req` on `conn`, reads the body, returns status, body, trailers
     /// and the connection if reusable.
     async fn exchange(
-        conn: H1Conn,
+        conn: Box<H1Conn>,
         req: Request<UpstreamBody>,
-    ) -> (StatusCode, Vec<u8>, Option<HeaderMap>, Option<H1Conn>) {
+    ) -> (StatusCode, Vec<u8>, Option<HeaderMap>, Option<Box<H1Conn>>) {
         let (parts, mut body) = conn.send_request(req).await.unwrap().into_parts();
         let (data, trailers) = read(&mut body).await.unwrap();
         (parts.status, data, trailers, body.take_reusable())

@@ -309,7 +309,7 @@ type StreamHold = Arc<()>;
 
 #[derive(Debug)]
 struct Idle {
-    conn: H1Conn,
+    conn: Box<H1Conn>,
     since: Instant,
     _place: IdlePlace,
 }
@@ -720,7 +720,7 @@ impl InstancePool {
 
     /// The newest idle connection of `slot` not past [`IDLE_TIMEOUT`]
     /// (the caller checks that it is still open, outside the lock).
-    fn checkout_h1(&self, slot: usize) -> Option<H1Conn> {
+    fn checkout_h1(&self, slot: usize) -> Option<Box<H1Conn>> {
         let now = Instant::now();
         let mut idle = self.slots[slot].idle.lock();
         let i = idle.pop()?;
@@ -736,7 +736,7 @@ impl InstancePool {
     /// request, idle in `slot` if both bounds allow (the slot's share of
     /// the instance's cap, the service's total); else it is dropped, which
     /// closes the connection.
-    fn push_idle(&self, slot: usize, conn: H1Conn) {
+    fn push_idle(&self, slot: usize, conn: Box<H1Conn>) {
         let mut idle = self.slots[slot].idle.lock();
         if idle.len() >= self.idle_per_slot {
             return;
