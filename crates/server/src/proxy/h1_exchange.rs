@@ -78,8 +78,12 @@ use super::BoxError;
 /// this many bytes; larger bodies go out in several writes.
 pub(crate) const COALESCE_BYTES: usize = 64 * 1024;
 /// The read buffer grows by this much when it has less than
-/// [`MIN_READ_SPACE`] free (hyper's initial read size).
+/// [`MIN_READ_SPACE`] free, at first (hyper's initial read size); doubled
+/// after each read that filled the space it had, up to [`MAX_READ_SIZE`],
+/// so a large body is read in fewer system calls.
 const READ_SIZE: usize = 8 * 1024;
+/// The largest read the buffer is grown for.
+const MAX_READ_SIZE: usize = 64 * 1024;
 /// Free space below which the read buffer is grown before a read.
 const MIN_READ_SPACE: usize = 1024;
 /// Headers a parsed response's map has room for at least (see
@@ -130,6 +134,8 @@ pub(crate) struct H1Conn {
     /// The request being written (kept between requests: no allocation
     /// per request once it has grown).
     write_buf: Vec<u8>,
+    /// How much the read buffer is grown by when it runs short.
+    read_size: usize,
 }
 
 impl fmt::Debug for H1Conn {
@@ -208,6 +214,7 @@ impl H1Conn {
             io,
             read_buf: BytesMut::new(),
             write_buf: Vec::new(),
+            read_size: READ_SIZE,
         })
     }
 
@@ -225,10 +232,15 @@ impl H1Conn {
     /// Reads what the socket has into the read buffer: `Ok(0)` at its end.
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_SPACE {
-            self.read_buf.reserve(READ_SIZE);
+            self.read_buf.reserve(self.read_size);
         }
+        let space = self.read_buf.capacity() - self.read_buf.len();
         let read = tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.read_buf);
-        pin!(read).poll(cx)
+        let polled = pin!(read).poll(cx);
+        if matches!(polled, Poll::Ready(Ok(n)) if n == space) {
+            self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
+        }
+        polled
     }
 
     /// Writes the write buffer from `*written` on, as far as the socket
@@ -1464,6 +1476,31 @@ mod tests {
         // The backend sees the close (its write fails or its read ends).
         let ended = tokio::time::timeout(Duration::from_secs(5), server).await;
         assert!(ended.is_ok(), "the connection was closed");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_is_read_in_growing_reads() {
+        let big: &'static [u8] = Box::leak(
+            [
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n"[..],
+                &vec![b'x'; 1 << 20],
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let (port, _server) = backend(vec![big], false).await;
+        let conn = connect(port).await;
+        let mut body = conn
+            .send_request(request(Method::GET, empty()))
+            .await
+            .unwrap()
+            .into_body();
+        // Let the socket buffer fill, so that reads fill the space given.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (data, _) = read(&mut body).await.unwrap();
+        assert_eq!(data.len(), 1 << 20);
+        let conn = body.take_reusable().expect("reusable");
+        assert_eq!(conn.read_size, MAX_READ_SIZE, "grown to the largest read");
     }
 
     #[tokio::test]
