@@ -291,6 +291,10 @@ impl H1Conn {
         let declared = (framing == SendFraming::Chunked)
             .then(|| trailer_names(head.headers))
             .filter(|names| !names.is_empty());
+        if self.write_buf.capacity() > 2 * COALESCE_BYTES {
+            // A large body frame grew it; an idle connection keeps no more.
+            self.write_buf = Vec::new();
+        }
         self.write_buf.clear();
         encode_head(&head, framing, &mut self.write_buf);
 
