@@ -7,12 +7,14 @@
 //!
 //! - **Version** (`upstream_protocol`): `http1` (default) sends HTTP/1.1
 //!   whatever the client spoke, `h2c` sends HTTP/2 with prior knowledge,
-//!   `auto` the client's version. hyper converts between the two: HTTP/2
-//!   pseudo-headers become the request line and Host, and back for the
-//!   response. Request trailers from an HTTP/2 client reach an HTTP/1.1
-//!   instance only when the client declared them in a `trailer` header
-//!   (chunked trailers); otherwise hyper drops them with a debug log, as
-//!   HTTP/1.1 has no other way to carry them.
+//!   `auto` the client's version. HTTP/2 pseudo-headers become the request
+//!   line and Host (our HTTP/1.1 exchange, `h1_exchange.rs`, which writes
+//!   the head from the request's own parts: no copy), and hyper's server
+//!   turns the response back into HTTP/2. Request trailers from an HTTP/2
+//!   client reach an HTTP/1.1 instance only when the client declared them
+//!   in a `trailer` header (chunked trailers); otherwise they are dropped,
+//!   as HTTP/1.1 has no other way to carry them (hyper's client did the
+//!   same).
 //! - **Authority** (`host_header`): `preserve` (default) sends the client's
 //!   own — the request URI's authority (HTTP/2's `:authority`, an
 //!   absolute-form target), else its Host header — as Host on HTTP/1.1 and
