@@ -434,8 +434,90 @@ pub fn request_headers(data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// `upstream_response`: an upstream's HTTP/1.1 response through the
+/// proxy's own parser (`proxy::h1_exchange`): the head (1xx skipped, the
+/// framing chosen) and the body decoded, fed to it in pieces as a socket
+/// would. Input: byte 0 (`& 1`) says whether the request was `HEAD`, byte 1
+/// the size of each piece fed (1–256); the rest is the response.
+///
+/// Returns the error the exchange would fail with (as text), or the body's
+/// byte count.
+///
+/// # Panics
+///
+/// When the body holds more bytes than the input, or when the response fed
+/// in one piece and in small pieces parses differently (other head, body
+/// bytes or outcome): parsing must not depend on how reads split it.
+pub fn upstream_response(data: &[u8]) -> Result<usize, String> {
+    let head_request = data.first().is_some_and(|b| b & 1 == 1);
+    let piece = usize::from(data.get(1).copied().unwrap_or(0)) + 1;
+    let response = data.get(2..).unwrap_or_default();
+    let whole = decode_response(response, response.len().max(1), head_request);
+    let pieces = decode_response(response, piece, head_request);
+    assert_eq!(whole, pieces, "pieces of {piece} bytes parse differently");
+    let (status, body) = whole?;
+    assert!(body.len() <= response.len(), "more body than input");
+    let _ = status;
+    Ok(body.len())
+}
+
+/// Feeds `response` to the upstream parser `piece` bytes at a time; the
+/// final status and body, or the error.
+fn decode_response(
+    response: &[u8],
+    piece: usize,
+    head_request: bool,
+) -> Result<(u16, Vec<u8>), String> {
+    use crate::proxy::h1_exchange::{take_head, Decoder, Step};
+    let mut fed = response.chunks(piece);
+    let mut buf = bytes::BytesMut::new();
+    let head = loop {
+        if let Some(head) = take_head(&mut buf, head_request).map_err(|e| e.to_string())? {
+            break head;
+        }
+        match fed.next() {
+            Some(p) => buf.extend_from_slice(p),
+            None => return Err("closed before a complete head".into()),
+        }
+    };
+    let mut decoder = Decoder::for_head(&head);
+    let mut body = Vec::new();
+    loop {
+        match decoder.step(&mut buf).map_err(|e| e.to_string())? {
+            Step::Frame(f) => {
+                if let Ok(d) = f.into_data() {
+                    body.extend_from_slice(&d);
+                }
+            }
+            Step::End => break,
+            Step::More => match fed.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => {
+                    decoder.eof().map_err(|e| e.to_string())?;
+                    break;
+                }
+            },
+        }
+    }
+    Ok((head.parts.status.as_u16(), body))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn upstream_response_decodes_the_same_in_any_pieces() {
+        let chunked = b"\x00\x02HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx: y\r\n\r\n";
+        assert_eq!(upstream_response(chunked), Ok(3));
+        let head = b"\x01\x00HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(upstream_response(head), Ok(0));
+        let close = b"\x00\x00HTTP/1.0 200 OK\r\n\r\nuntil close";
+        assert_eq!(upstream_response(close), Ok(11));
+        let short = b"\x00\x05HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab";
+        assert!(upstream_response(short).is_err());
+        assert!(
+            upstream_response(b"\x00\x00HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n").is_err()
+        );
+    }
     use super::*;
 
     #[test]

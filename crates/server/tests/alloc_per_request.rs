@@ -35,22 +35,24 @@ const WARMUP: u64 = 500;
 
 /// The upper bound asserted for a `GET`: allocations per request, upkeep
 /// subtracted. Before issue 12's fast-path work the proxy made 19 per
-/// request (HTTP/1.1 in and out, GET, no body); after it, 10: the rest are
-/// hyper's (request and response parsing, read buffers, the client
-/// dispatch channel and body channel), the request id, the header-map
-/// clone kept for a retry (a GET may be retried after a 502) and the Host
-/// check (X-Forwarded-For, 1 more until 33fa955, is now made once per
-/// client connection). The bound is tight enough to catch the return of
-/// any one removed cost of two (a task per response, a boxed body plus a
-/// header parse) and leaves one allocation of room for a dependency update.
-const MAX_ALLOCATIONS_PER_GET: f64 = 11.0;
-/// The bound for a small `POST` (5-byte body): 12.9 by the count (13.9
-/// before 33fa955), 15.5 before the proxy stopped copying the head of a
-/// request that cannot be retried once sent (not idempotent). Its body
-/// costs about 5 more than a GET without the copy (read, buffered for a
+/// request (HTTP/1.1 in and out, GET, no body); after its third pass, 9.9;
+/// since the upstream HTTP/1.1 exchange runs in the request's task
+/// (`proxy/h1_exchange.rs`, fourth pass), 5.9: hyper's client dispatch
+/// (its oneshot, the response body's channel and `want`) and the head copy
+/// kept for a retry are gone. The rest: the request and response header
+/// maps, hyper's server read buffer and head parse, the request id and the
+/// Host check. The bound catches the return of any one removed cost (a
+/// channel, the head copy, a response map too small for hyper's server to
+/// reuse for the next request's headers, which grew it twice per request)
+/// and leaves one allocation of room for a dependency update.
+const MAX_ALLOCATIONS_PER_GET: f64 = 7.0;
+/// The bound for a small `POST` (5-byte body): 10.9 by the count (12.9
+/// before the fourth pass, 13.9 before 33fa955, 15.5 before the proxy
+/// stopped copying the head of a request that cannot be retried once
+/// sent). Its body costs about 5 more than a GET (read, buffered for a
 /// connect-failure retry, boxed for the upstream). A copy kept again would
 /// exceed the bound.
-const MAX_ALLOCATIONS_PER_POST: f64 = 14.0;
+const MAX_ALLOCATIONS_PER_POST: f64 = 12.0;
 
 /// A backend answering every request on a connection with `200 ok`;
 /// allocation-free per request.

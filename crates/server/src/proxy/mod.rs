@@ -28,6 +28,7 @@ pub(crate) mod attempt;
 pub(crate) mod body;
 pub(crate) mod client_limits;
 pub(crate) mod error;
+pub(crate) mod h1_exchange;
 pub(crate) mod hash_key;
 pub(crate) mod headers;
 pub(crate) mod http;

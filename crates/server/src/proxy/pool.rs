@@ -1,7 +1,9 @@
-//! The upstream connection layer: connections of our own over hyper's
-//! connection-level API (`hyper::client::conn::{http1, http2}`), pooled
-//! **per instance**, so the connection goes to the instance the core picked
-//! while the request keeps the authority the client sent.
+//! The upstream connection layer: connections of our own, pooled **per
+//! instance**, so the connection goes to the instance the core picked while
+//! the request keeps the authority the client sent. HTTP/1.1 runs on our
+//! own exchange (`h1_exchange.rs`: the request's task writes the request
+//! and reads the response, no connection task); HTTP/2 on hyper's
+//! connection-level API (`hyper::client::conn::http2`).
 //!
 //! ## Rules
 //!
@@ -19,9 +21,11 @@
 //!   instance's first connection learns the ALPN choice, and every request
 //!   to it then goes out in that version (the connection is kept for it).
 //! - **HTTP/1.1**: one request at a time per connection. A connection goes
-//!   back to the idle list only when hyper says it is ready again: its
-//!   response body ended cleanly and neither side asked to close (a body
-//!   dropped half-read or a `Connection: close` closes it instead). At most
+//!   back to the idle list only when the exchange says it may take another
+//!   request (`h1_exchange.rs`, **Reuse**): its response body ended cleanly,
+//!   framed by length or chunks, with nothing after it, the request was
+//!   sent whole and neither side asked to close (a body dropped half-read,
+//!   an error or a `Connection: close` closes it instead). At most
 //!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance in total (split
 //!   evenly over the worker slots below), and at most
 //!   `max_idle_connections` (default [`DEFAULT_MAX_IDLE_PER_SERVICE`]) across
@@ -34,14 +38,17 @@
 //!   until `accept`, `connect` and the reload's own file read failed with
 //!   EMFILE (`docs/benchmarks.md`, "Scale (issue 11)"). One idle longer than
 //!   [`IDLE_TIMEOUT`] is closed. The newest
-//!   idle connection is used first (it is the likeliest alive). One the
-//!   server closed while idle is seen closed and skipped; one that hyper
-//!   refuses before writing the request (it learnt of the close meanwhile)
-//!   hands the request back, and it goes to the next idle or a fresh
-//!   connection, so an idle close we have seen never fails a request,
-//!   idempotent or not (hyper's legacy client did the same with
-//!   `retry_canceled_requests`). A close still in flight while the request
-//!   is written is a `Reset` like any other: the request may have arrived.
+//!   idle connection is used first (it is the likeliest alive). Before a
+//!   request is written on an idle connection, the socket is read once
+//!   without waiting (`H1Conn::is_open`; no system call when the reactor
+//!   has seen nothing since the last read): one the server closed, reset or
+//!   wrote to while idle is dropped, and the request goes to the next idle
+//!   or a fresh connection, so an idle close that has reached us never
+//!   fails a request, idempotent or not (hyper's legacy client did the same
+//!   with `retry_canceled_requests`). A close still in flight while the
+//!   request is written is a `Reset` like any other: the request may have
+//!   arrived. A failed connect is `Connect` and the request is not lost:
+//!   the caller still holds its head (HTTP/1.1 only borrows it).
 //! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per
 //!   instance (per worker under thread per core, see below), shared by
 //!   every request; reopened when it closed (GOAWAY,
@@ -86,20 +93,23 @@
 //!   worker, in a slot of their own (slot 0 serves every other thread: the
 //!   multi-threaded runtime of the default mode, which keeps one shared
 //!   list). A worker checks out, opens and returns connections in its own
-//!   slot only, so a connection's I/O task runs on the worker whose
-//!   requests use it: no cross-thread wake-up per request, no lock or cache
-//!   line shared between workers on the request path. The idle cap is
+//!   slot only, so a connection's I/O (HTTP/1.1: in the request's task;
+//!   HTTP/2: its connection task) runs on the worker whose requests use it,
+//!   registered with that worker's reactor: no cross-thread wake-up per
+//!   request, no lock or cache line shared between workers on the request
+//!   path. The idle cap is
 //!   split over the slots (`MAX_IDLE_PER_INSTANCE / slots`, at least 1), so
 //!   the per-instance total holds; HTTP/2 opens one connection per
 //!   instance per worker that sends to it (as Envoy's per-worker pools
 //!   do), so N workers may hold N connections to an instance.
 //!
 //! Returning an HTTP/1.1 connection rides in the response body
-//! ([`PooledBody`]): when the body ends cleanly the connection goes back to
-//! the idle list at once if hyper already finds it ready (the usual case:
-//! its task finished the exchange before the last frame reached us), and
-//! only otherwise does a small task wait for its readiness (what the legacy
-//! client did for every response). No task per request.
+//! ([`PooledBody`]): the body reads from the connection as the client's
+//! task polls it, and the frame that ends it (or its drop at its end: an
+//! empty body may be dropped unpolled) puts the connection back on the idle
+//! list at once. No task, no channel and no wake-up of another task per
+//! request; hyper's client took two task wake-ups, a oneshot, a body
+//! channel and its `want` signalling per exchange.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -115,7 +125,7 @@ use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Request, Response, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::{Mutex, RwLock};
@@ -123,8 +133,10 @@ use tokio::time::Instant;
 use tower_service::Service as _;
 use tracing::{debug, warn};
 
+use super::h1_exchange::{ExchangeError, H1Body, H1Conn, RequestHead};
 use super::request_body::UpstreamBody;
 use super::upstream_tls::{UpstreamIo, UpstreamTls};
+use super::BoxError;
 use crate::workers;
 
 /// An idle connection is closed after this long: an HTTP/1.1 one on the
@@ -149,14 +161,19 @@ pub(crate) enum SendError {
     /// No connection could be made: nothing reached the instance.
     #[error("connect: {0}")]
     Connect(String),
-    /// The connection failed after the request was handed to it.
+    /// The HTTP/2 connection failed after the request was handed to it.
     #[error("{0}")]
     Failed(#[from] hyper::Error),
+    /// The HTTP/1.1 exchange failed after the request was handed to its
+    /// connection.
+    #[error("{0}")]
+    Exchange(#[from] ExchangeError),
 }
 
-/// A send that failed: why, and the request itself when it never left
-/// (no connection could be made, or hyper refused it before writing it),
-/// handed back so that it can go to another instance without a copy.
+/// A send that failed: why, and (HTTP/2) the request itself when it never
+/// left (no connection could be made, or hyper refused it before writing
+/// it), handed back so that it can go to another instance without a copy.
+/// An HTTP/1.1 send only borrows the head, so it hands nothing back.
 #[derive(Debug)]
 pub(crate) struct Failed {
     pub(crate) error: SendError,
@@ -171,9 +188,9 @@ impl Failed {
         }
     }
 
-    fn sent(error: hyper::Error) -> Self {
+    fn sent(error: impl Into<SendError>) -> Self {
         Self {
-            error: SendError::Failed(error),
+            error: error.into(),
             unsent: None,
         }
     }
@@ -292,7 +309,7 @@ type StreamHold = Arc<()>;
 
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    conn: Box<H1Conn>,
     since: Instant,
     _place: IdlePlace,
 }
@@ -333,6 +350,17 @@ impl Pool {
         self
     }
 
+    /// [`send_h1`](Self::send_h1) for a whole request.
+    #[cfg(test)]
+    pub(crate) async fn send_h1_request(
+        &self,
+        to: &Arc<InstancePool>,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, Failed> {
+        let (parts, body) = req.into_parts();
+        self.send_h1(to, RequestHead::of(&parts), body).await
+    }
+
     /// Idle connections kept now, every instance together.
     #[cfg(test)]
     fn idle_total(&self) -> usize {
@@ -358,39 +386,41 @@ impl Pool {
         Ok(fresh)
     }
 
-    /// Sends `req` as HTTP/1.1 to `to` (origin-form URI, Host set).
+    /// Sends the request `head` with `body` as HTTP/1.1 to `to`, on its
+    /// newest idle connection that is still open, else a new one. The
+    /// exchange runs in the caller's task (`h1_exchange.rs`) and only
+    /// borrows the head: the caller keeps it, so a failure hands nothing
+    /// back ([`Failed::unsent`] is `None`).
     pub(crate) async fn send_h1(
         &self,
         to: &Arc<InstancePool>,
-        mut req: Request<UpstreamBody>,
+        head: RequestHead<'_>,
+        body: UpstreamBody,
     ) -> Result<Response<PooledBody>, Failed> {
         let slot = to.slot();
-        while let Some(mut sender) = to.checkout_h1(slot) {
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(PooledBody::checking_in(resp, to, slot, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Refused before a byte was written: try the next.
-                    Some(back) => {
-                        debug!(error = %e.error(), "idle upstream connection was closed; trying another");
-                        req = back;
+        let conn = loop {
+            match to.checkout_h1(slot) {
+                Some(mut conn) => {
+                    if conn.is_open() {
+                        break conn;
                     }
-                    None => return Err(Failed::sent(e.into_error())),
-                },
+                    // Closed while idle (or the server wrote to it): the next.
+                    debug!("idle upstream connection was closed; trying another");
+                }
+                None => {
+                    // Boxed: the connect's state (TCP, TLS) would otherwise
+                    // sit in every send's future, moved and copied with it
+                    // on the reuse path too.
+                    match Box::pin(self.connect(to)).await {
+                        Ok(io) => break H1Conn::new(io),
+                        Err(error) => return Err(Failed::sent(error)),
+                    }
+                }
             }
-        }
-        // Boxed: the connect's state (TCP, TLS) would otherwise sit in every
-        // send's future, moved and copied with it on the reuse path too.
-        let opened = Box::pin(async { handshake_h1(self.connect(to).await?).await });
-        let mut sender = match opened.await {
-            Ok(sender) => sender,
-            Err(error) => return Err(Failed::unsent(error, req)),
         };
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(PooledBody::checking_in(resp, to, slot, sender)),
-            Err(mut e) => Err(match e.take_message() {
-                Some(back) => Failed::unsent(SendError::Connect(e.into_error().to_string()), back),
-                None => Failed::sent(e.into_error()),
-            }),
+        match conn.send(head, body).await {
+            Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to, slot))),
+            Err(e) => Err(Failed::sent(e)),
         }
     }
 
@@ -424,10 +454,8 @@ impl Pool {
         };
         // HTTP/2 streams need no check-in (the connection is shared); the
         // body holds its stream's place in the count until it ends.
-        Ok(resp.map(|inner| PooledBody {
-            inner,
-            check_in: None,
-            _h2_stream: Some(hold),
+        Ok(resp.map(|body| PooledBody {
+            kind: Kind::H2 { body, _hold: hold },
         }))
     }
 
@@ -473,7 +501,7 @@ impl Pool {
             return Ok(taken);
         }
         let io = self.connect(to).await?;
-        let sender = handshake_h2(io).await?;
+        let sender = handshake_h2(TokioIo::new(io)).await?;
         Ok(slot.keep_h2(sender))
     }
 
@@ -496,29 +524,18 @@ impl Pool {
             return Ok(*h2);
         }
         let io = self.connect(to).await?;
-        let h2 = self
-            .inner
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.speaks_h2(io.inner()));
+        let h2 = self.inner.tls.as_ref().is_some_and(|t| t.speaks_h2(&io));
         if h2 {
             // Kept for the request that asked, which takes it next.
-            drop(slot.keep_h2(handshake_h2(io).await?));
+            drop(slot.keep_h2(handshake_h2(TokioIo::new(io)).await?));
         } else {
-            let mut sender = handshake_h1(io).await?;
-            // Ready once its connection task runs: only then does checkout
-            // take it.
-            sender
-                .ready()
-                .await
-                .map_err(|e| SendError::Connect(e.to_string()))?;
-            to.push_idle(index, sender);
+            to.push_idle(index, H1Conn::new(io));
         }
         Ok(h2)
     }
 
     /// A new connection to `to`: TCP, then TLS when the service has it.
-    async fn connect(&self, to: &InstancePool) -> Result<TokioIo<UpstreamIo>, SendError> {
+    async fn connect(&self, to: &InstancePool) -> Result<UpstreamIo, SendError> {
         let mut connector = self.inner.connector.clone();
         let tcp = connector
             .call(to.connect_uri.clone())
@@ -526,7 +543,7 @@ impl Pool {
             .map_err(|e| SendError::Connect(e.to_string()))?
             .into_inner();
         let Some(tls) = &self.inner.tls else {
-            return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
+            return Ok(UpstreamIo::Plain(tcp));
         };
         match tls
             .handshake(tcp, &to.address, self.inner.connect_timeout)
@@ -534,7 +551,7 @@ impl Pool {
         {
             Ok(io) => {
                 let _ = to.alpn_h2.set(tls.speaks_h2(&io));
-                Ok(TokioIo::new(io))
+                Ok(io)
             }
             Err(e) => {
                 let error = format!("TLS handshake: {e}");
@@ -553,21 +570,6 @@ impl Pool {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(sweep(weak));
     }
-}
-
-/// HTTP/1.1 over a new connection; its task ends with the connection.
-async fn handshake_h1(
-    io: TokioIo<UpstreamIo>,
-) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
-    let (sender, conn) = http1::handshake(io)
-        .await
-        .map_err(|e| SendError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-        }
-    });
-    Ok(sender)
 }
 
 /// HTTP/2 over a new connection; its task ends with the connection.
@@ -628,9 +630,7 @@ impl Inner {
             let mut h2_left = false;
             for slot in &p.slots {
                 let mut idle = slot.idle.lock();
-                idle.retain(|i| {
-                    now.duration_since(i.since) < IDLE_TIMEOUT && !i.sender.is_closed()
-                });
+                idle.retain_mut(|i| now.duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_open());
                 idle_left |= !idle.is_empty();
                 h2_left |= slot.sweep_h2(now);
             }
@@ -718,66 +718,36 @@ impl InstancePool {
         }
     }
 
-    /// The newest idle connection of `slot` that is still open.
-    fn checkout_h1(&self, slot: usize) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// The newest idle connection of `slot` not past [`IDLE_TIMEOUT`]
+    /// (the caller checks that it is still open, outside the lock).
+    fn checkout_h1(&self, slot: usize) -> Option<Box<H1Conn>> {
         let now = Instant::now();
         let mut idle = self.slots[slot].idle.lock();
-        while let Some(i) = idle.pop() {
-            if now.duration_since(i.since) >= IDLE_TIMEOUT {
-                // The rest are older still.
-                idle.clear();
-                return None;
-            }
-            if i.sender.is_ready() {
-                return Some(i.sender);
-            }
+        let i = idle.pop()?;
+        if now.duration_since(i.since) >= IDLE_TIMEOUT {
+            // The rest are older still.
+            idle.clear();
+            return None;
         }
-        None
+        Some(i.conn)
     }
 
-    /// Returns the connection, whose response body ended cleanly, to the
-    /// idle list of `slot` (where it was checked out): at once when hyper
-    /// finds it ready for the next request, through
-    /// [`check_in_when_ready`](Self::check_in_when_ready) while its task is
-    /// still finishing the exchange, not at all when it closed.
-    fn check_in(self: Arc<Self>, slot: usize, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_ready() {
-            self.push_idle(slot, sender);
-        } else if !sender.is_closed() {
-            self.check_in_when_ready(slot, sender);
-        }
-    }
-
-    /// Keeps `sender` idle in `slot` if both bounds allow (the slot's share
-    /// of the instance's cap, the service's total); else it is dropped,
-    /// which closes the connection.
-    fn push_idle(&self, slot: usize, sender: http1::SendRequest<UpstreamBody>) {
+    /// Keeps `conn`, whose exchange ended and which may take another
+    /// request, idle in `slot` if both bounds allow (the slot's share of
+    /// the instance's cap, the service's total); else it is dropped, which
+    /// closes the connection.
+    fn push_idle(&self, slot: usize, conn: Box<H1Conn>) {
         let mut idle = self.slots[slot].idle.lock();
         if idle.len() >= self.idle_per_slot {
             return;
         }
         if let Some(place) = self.idle_total.reserve() {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
                 _place: place,
             });
         }
-    }
-
-    /// Returns the connection to the idle list once its exchange is over
-    /// and hyper finds it reusable; drops it otherwise.
-    fn check_in_when_ready(
-        self: Arc<Self>,
-        slot: usize,
-        mut sender: http1::SendRequest<UpstreamBody>,
-    ) {
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            self.push_idle(slot, sender);
-        });
     }
 
     /// Idle HTTP/1.1 connections over every slot.
@@ -861,86 +831,92 @@ impl Slot {
     }
 }
 
-/// An upstream response body; an HTTP/1.1 one carries its connection and
-/// checks it back in ([`InstancePool::check_in`]) when it ends cleanly: its
-/// last frame read, or dropped at its end (hyper may drop an empty body
-/// unpolled). An error or a drop before the end closes the connection, as
-/// hyper would not reuse it either.
+/// An upstream response body. An HTTP/1.1 one reads from its connection
+/// and checks it back in ([`InstancePool::push_idle`]) as soon as it ended
+/// cleanly and may be reused: at its last frame, or when dropped at its end
+/// (hyper may drop an empty body unpolled). An error or a drop before the
+/// end closes the connection.
 #[derive(Debug)]
 pub(crate) struct PooledBody {
-    inner: Incoming,
-    check_in: Option<CheckIn>,
-    /// HTTP/2: the stream's place in its connection's count, held until
-    /// the body is dropped (the sweep closes no connection with one held).
-    _h2_stream: Option<StreamHold>,
+    kind: Kind,
 }
 
-/// Where an HTTP/1.1 connection goes back: its instance and slot.
 #[derive(Debug)]
-struct CheckIn {
-    to: Arc<InstancePool>,
-    slot: usize,
-    sender: http1::SendRequest<UpstreamBody>,
+enum Kind {
+    H1 {
+        body: H1Body,
+        /// Where its connection goes back: its instance and slot.
+        to: Arc<InstancePool>,
+        slot: usize,
+    },
+    H2 {
+        body: Incoming,
+        /// The stream's place in its connection's count, held until the
+        /// body is dropped (the sweep closes no connection with one held).
+        _hold: StreamHold,
+    },
 }
 
 impl PooledBody {
-    fn checking_in(
-        resp: Response<Incoming>,
-        to: &Arc<InstancePool>,
-        slot: usize,
-        sender: http1::SendRequest<UpstreamBody>,
-    ) -> Response<Self> {
-        resp.map(|inner| Self {
-            inner,
-            check_in: Some(CheckIn {
+    fn h1(body: H1Body, to: &Arc<InstancePool>, slot: usize) -> Self {
+        Self {
+            kind: Kind::H1 {
+                body,
                 to: to.clone(),
                 slot,
-                sender,
-            }),
-            _h2_stream: None,
-        })
+            },
+        }
     }
 
-    fn ended(&mut self) {
-        if let Some(c) = self.check_in.take() {
-            c.to.check_in(c.slot, c.sender);
+    /// Checks an HTTP/1.1 connection in if its body ended and it is
+    /// reusable (once: the body gives it up).
+    fn check_in(&mut self) {
+        if let Kind::H1 { body, to, slot } = &mut self.kind {
+            if let Some(conn) = body.take_reusable() {
+                to.push_idle(*slot, conn);
+            }
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.ended(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
-            Poll::Ready(Some(Err(_))) => this.check_in = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
+            Kind::H1 { body, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if polled.is_ready() && body.is_end_stream() {
+                    self.check_in();
+                }
+                polled.map_err(BoxError::from)
+            }
+            Kind::H2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            Kind::H1 { body, .. } => body.is_end_stream(),
+            Kind::H2 { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            Kind::H1 { body, .. } => body.size_hint(),
+            Kind::H2 { body, .. } => body.size_hint(),
+        }
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.ended();
-        }
+        self.check_in();
     }
 }
 
@@ -997,7 +973,7 @@ mod tests {
 
     /// Sends a GET and reads its body, so the connection can go idle.
     async fn exchange(pool: &Pool, to: &Arc<InstancePool>) {
-        let resp = pool.send_h1(to, get()).await.unwrap();
+        let resp = pool.send_h1_request(to, get()).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
     }
@@ -1136,7 +1112,7 @@ mod tests {
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
-        let resp = pool.send_h1(&to, get()).await.unwrap();
+        let resp = pool.send_h1_request(&to, get()).await.unwrap();
         assert_eq!(to.idle_len(), 0, "in use until its body ends");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -1146,7 +1122,7 @@ mod tests {
         // A body dropped half-read: its connection is not reused.
         let mut big = get();
         *big.uri_mut() = Uri::from_static("/big");
-        let resp = pool.send_h1(&to, big).await.unwrap();
+        let resp = pool.send_h1_request(&to, big).await.unwrap();
         assert_eq!(to.idle_len(), 0);
         drop(resp);
         assert_eq!(to.idle_len(), 0, "a half-read body closes its connection");
@@ -1488,16 +1464,19 @@ mod tests {
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
-        for sent in [
-            pool.send_h1(&to, get()).await,
-            pool.send_h2(&to, get()).await,
+        for (sent, handed_back) in [
+            // HTTP/1.1 borrows the head: nothing to hand back.
+            (pool.send_h1_request(&to, get()).await, false),
+            (pool.send_h2(&to, get()).await, true),
         ] {
             let Err(failed) = sent else {
                 panic!("nothing listens")
             };
             assert!(matches!(failed.error, SendError::Connect(_)));
-            let back = failed.unsent.expect("an unsent request comes back");
-            assert_eq!(back.uri(), "/", "the same request");
+            assert_eq!(failed.unsent.is_some(), handed_back);
+            if let Some(back) = failed.unsent {
+                assert_eq!(back.uri(), "/", "the same request");
+            }
         }
     }
 }

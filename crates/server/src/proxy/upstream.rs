@@ -7,12 +7,14 @@
 //!
 //! - **Version** (`upstream_protocol`): `http1` (default) sends HTTP/1.1
 //!   whatever the client spoke, `h2c` sends HTTP/2 with prior knowledge,
-//!   `auto` the client's version. hyper converts between the two: HTTP/2
-//!   pseudo-headers become the request line and Host, and back for the
-//!   response. Request trailers from an HTTP/2 client reach an HTTP/1.1
-//!   instance only when the client declared them in a `trailer` header
-//!   (chunked trailers); otherwise hyper drops them with a debug log, as
-//!   HTTP/1.1 has no other way to carry them.
+//!   `auto` the client's version. HTTP/2 pseudo-headers become the request
+//!   line and Host (our HTTP/1.1 exchange, `h1_exchange.rs`, which writes
+//!   the head from the request's own parts: no copy), and hyper's server
+//!   turns the response back into HTTP/2. Request trailers from an HTTP/2
+//!   client reach an HTTP/1.1 instance only when the client declared them
+//!   in a `trailer` header (chunked trailers); otherwise they are dropped,
+//!   as HTTP/1.1 has no other way to carry them (hyper's client did the
+//!   same).
 //! - **Authority** (`host_header`): `preserve` (default) sends the client's
 //!   own — the request URI's authority (HTTP/2's `:authority`, an
 //!   absolute-form target), else its Host header — as Host on HTTP/1.1 and
@@ -48,6 +50,7 @@ use http_body_util::{BodyExt, Empty};
 use tracing::debug;
 
 use super::attempt::{Attempt, Class, NoAnswer, Replay, Step};
+use super::h1_exchange::RequestHead;
 use super::http::ProxyBody;
 use super::pool::{Failed, InstancePool, Pool, PooledBody, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
@@ -191,12 +194,14 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) body: ReqBody,
     pub(crate) replay: Replay,
     /// Whether a request that reached an instance may be sent again (see
-    /// [`may_resend`]): only then does an attempt send a copy of the
+    /// [`may_resend`]): only then does an HTTP/2 attempt send a copy of the
     /// headers and keep them; otherwise it takes them, and gets them back
-    /// only from a send that never left ([`Failed::unsent`]).
+    /// only from a send that never left ([`Failed::unsent`]). An HTTP/1.1
+    /// attempt encodes the head from these parts as they are (Host
+    /// replaced on the wire): no copy, nothing taken.
     pub(crate) may_resend: bool,
-    /// The headers went out with an attempt and did not come back: no
-    /// further attempt can be built.
+    /// The headers went out with an HTTP/2 attempt and did not come back:
+    /// no further attempt can be built.
     pub(crate) headers_gone: bool,
     /// The Host header the taken headers had before the attempt changed it
     /// (`Some(None)`: none), to put back if they come back.
@@ -230,29 +235,25 @@ impl HttpStep<'_> {
         Authority::try_from(host.as_bytes()).ok()
     }
 
-    /// The request for the instance of `to`, or `None` when it cannot be
-    /// built.
-    fn build(&mut self, http2: bool, to: &InstancePool) -> Option<Request<UpstreamBody>> {
+    /// The HTTP/2 request for the instance of `to`, or `None` when it
+    /// cannot be built. (HTTP/1.1 needs none: its head is encoded from
+    /// `parts`.)
+    fn build_h2(&mut self, to: &InstancePool) -> Option<Request<UpstreamBody>> {
         let pq = self
             .parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let uri = if http2 {
-            let authority = match self.clients.host_header {
-                HostHeader::Preserve => self.client_authority(),
-                HostHeader::Instance => None,
-            };
-            let mut u = http::uri::Parts::default();
-            u.scheme = Some(Scheme::HTTP);
-            u.authority = Some(authority.unwrap_or_else(|| to.authority().clone()));
-            u.path_and_query = Some(pq);
-            Uri::from_parts(u).ok()?
-        } else {
-            // Origin-form: the authority travels in Host.
-            Uri::from(pq)
+        let authority = match self.clients.host_header {
+            HostHeader::Preserve => self.client_authority(),
+            HostHeader::Instance => None,
         };
+        let mut u = http::uri::Parts::default();
+        u.scheme = Some(Scheme::HTTP);
+        u.authority = Some(authority.unwrap_or_else(|| to.authority().clone()));
+        u.path_and_query = Some(pq);
+        let uri = Uri::from_parts(u).ok()?;
         if self.headers_gone {
             return None;
         }
@@ -262,14 +263,8 @@ impl HttpStep<'_> {
             self.headers_gone = true;
             std::mem::take(&mut self.parts.headers)
         };
-        let host_before = if http2 {
-            // h2 carries the authority in the URI; a stale Host would conflict.
-            Some(headers.remove(header::HOST))
-        } else {
-            self.clients
-                .http1_host(&self.parts.uri, &headers, to)
-                .map(|host| headers.insert(header::HOST, host))
-        };
+        // h2 carries the authority in the URI; a stale Host would conflict.
+        let host_before = Some(headers.remove(header::HOST));
         if self.headers_gone {
             self.host_before = host_before;
         }
@@ -277,11 +272,7 @@ impl HttpStep<'_> {
         let mut out = Request::new(body);
         *out.method_mut() = self.parts.method.clone();
         *out.uri_mut() = uri;
-        *out.version_mut() = if http2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
+        *out.version_mut() = Version::HTTP_2;
         *out.headers_mut() = headers;
         Some(out)
     }
@@ -289,7 +280,7 @@ impl HttpStep<'_> {
 
 impl HttpStep<'_> {
     /// Takes back the headers of a request that never left, as they were
-    /// before [`build`](Self::build) changed its Host.
+    /// before [`build_h2`](Self::build_h2) changed its Host.
     fn headers_back(&mut self, req: Request<UpstreamBody>) {
         if !self.headers_gone {
             return;
@@ -350,19 +341,32 @@ impl Step for HttpStep<'_> {
         } else {
             self.clients.http2_out(self.parts.version)
         };
-        // The body is always there: a streamed body is never resent.
-        let Some(out) = self.build(http2, &to) else {
-            return unsendable();
-        };
         let pool = &self.clients.pool;
-        let sent = async {
-            if http2 {
-                pool.send_h2(&to, out).await
-            } else {
-                pool.send_h1(&to, out).await
+        // The body is always there: a streamed body is never resent.
+        let sent = if http2 {
+            let Some(out) = self.build_h2(&to) else {
+                return unsendable();
+            };
+            tokio::time::timeout_at(until, pool.send_h2(&to, out)).await
+        } else {
+            if self.headers_gone {
+                return unsendable();
             }
+            let Some(body) = self.body.take() else {
+                return unsendable();
+            };
+            let host = self
+                .clients
+                .http1_host(&self.parts.uri, &self.parts.headers, &to);
+            let head = RequestHead {
+                method: &self.parts.method,
+                uri: &self.parts.uri,
+                headers: &self.parts.headers,
+                host: host.as_ref(),
+            };
+            tokio::time::timeout_at(until, pool.send_h1(&to, head, body)).await
         };
-        match tokio::time::timeout_at(until, sent).await {
+        match sent {
             Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
             Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
             Ok(Ok(resp)) => Attempt::Answer(resp),
@@ -422,25 +426,24 @@ mod tests {
         let instance = ServiceInstance::try_new("a", "127.0.0.1", 9).unwrap();
         for (protocol, host_header) in [
             (UpstreamProtocol::H2c, HostHeader::Preserve),
-            (UpstreamProtocol::Http1, HostHeader::Instance),
+            (UpstreamProtocol::H2c, HostHeader::Instance),
         ] {
             let clients =
                 UpstreamClients::new(Duration::from_secs(1), protocol, host_header, None, None);
             let to = clients.pool.instance(&instance).unwrap();
-            let http2 = protocol == UpstreamProtocol::H2c;
             let mut step = uncopied_step(&clients);
             for attempt in 0..2 {
                 let case = format!("{protocol:?} {host_header:?}, attempt {attempt}");
                 assert!(step.replay().replayable, "{case}: the head is at hand");
-                let out = step.build(http2, &to).expect("built");
+                let out = step.build_h2(&to).expect("built");
                 assert!(step.parts.headers.is_empty(), "{case}: taken, not copied");
                 assert!(!step.replay().replayable, "{case}: gone with the request");
-                if http2 {
-                    assert_eq!(out.uri(), "http://api.test/p?q=1", "{case}");
-                    assert!(out.headers().get(header::HOST).is_none(), "{case}");
-                } else {
-                    assert_eq!(out.headers()[header::HOST], "127.0.0.1:9", "{case}");
-                }
+                let authority = match host_header {
+                    HostHeader::Preserve => "http://api.test/p?q=1",
+                    HostHeader::Instance => "http://127.0.0.1:9/p?q=1",
+                };
+                assert_eq!(out.uri(), authority, "{case}");
+                assert!(out.headers().get(header::HOST).is_none(), "{case}");
                 step.headers_back(out);
                 assert_eq!(step.parts.headers[header::HOST], "api.test", "{case}");
                 assert_eq!(step.parts.headers["x-custom"], "1", "{case}");

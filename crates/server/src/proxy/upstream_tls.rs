@@ -470,7 +470,7 @@ mod tests {
             *req.uri_mut() = http::Uri::from_static("/");
             req.headers_mut()
                 .insert(http::header::HOST, http::HeaderValue::from_static("x"));
-            let resp = pool.send_h1(&to, req).await.unwrap();
+            let resp = pool.send_h1_request(&to, req).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             // Let the connection go back to the idle list.
