@@ -36,7 +36,8 @@
 //!
 //! - Head parsed with `httparse`, with the server side's limits: at most
 //!   [`MAX_HEADERS`] headers and [`MAX_HEADER_BYTES`] bytes of head; more
-//!   is an error. 1xx responses other than 101 are read and skipped.
+//!   is an error. 1xx responses other than 101 are read and skipped. A
+//!   reason phrase other than the status's standard one is passed on.
 //! - Body framing (§6.3): a `HEAD` request, 1xx, 204 and 304 have none;
 //!   `transfer-encoding` ending in `chunked` is decoded (chunk extensions
 //!   ignored, trailers passed on as a trailers frame), with any other final
@@ -666,6 +667,13 @@ fn parse_head(
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(ExchangeError::Head("status"))?;
+    // A reason phrase other than the status's own is passed on (hyper's
+    // server writes it from this extension), as hyper's client did; an
+    // empty one gets the standard phrase.
+    let reason = parsed
+        .reason
+        .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     // Where each header lies in the head, so that the values can share
     // its bytes instead of each being copied.
     let base = buf.as_ptr() as usize;
@@ -732,6 +740,9 @@ fn parse_head(
     parts.status = status;
     parts.version = version;
     parts.headers = headers;
+    if let Some(reason) = reason {
+        parts.extensions.insert(reason);
+    }
     Ok(Some(ResponseHead {
         parts,
         framing,
@@ -1251,6 +1262,28 @@ mod tests {
             );
             conn = back.expect("reusable");
         }
+    }
+
+    #[test]
+    fn a_reason_phrase_of_its_own_is_kept_and_the_standard_one_is_not() {
+        let reason = |head: &[u8]| {
+            let mut buf = BytesMut::from(head);
+            let head = take_head(&mut buf, false).unwrap().unwrap();
+            head.parts
+                .extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| r.as_bytes().to_vec())
+        };
+        assert_eq!(
+            reason(b"HTTP/1.1 200 Fine Thanks\r\ncontent-length: 0\r\n\r\n"),
+            Some(b"Fine Thanks".to_vec())
+        );
+        assert_eq!(
+            reason(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            None
+        );
+        // None at all: the standard phrase is written.
+        assert_eq!(reason(b"HTTP/1.1 404 \r\ncontent-length: 0\r\n\r\n"), None);
     }
 
     #[tokio::test]
