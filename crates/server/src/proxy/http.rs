@@ -216,14 +216,20 @@ pub(crate) async fn serve(
             }
             // In flight from the parsed head until the response body is sent.
             let guard = svc_watch.request_started();
-            async move {
+            // Boxed: the request's future (a few KB: the attempt loop, the
+            // send, their timers) is then allocated once and never moved.
+            // Unboxed, hyper's HTTP/2 server moved it whole into each
+            // stream's task and tokio copied it again on spawn and at every
+            // stage change of the task: five copies per request, ~3 % of
+            // the h2c profile ("Fourth pass" in docs/benchmarks.md).
+            Box::pin(async move {
                 let body_timeout = ctx.limits.request_body_timeout;
                 let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
                 let resp = handle(req, &ctx, &client).await;
                 // The guard rides in the body and drops with it.
                 let resp = resp.map(|b| InFlight::new(b, guard));
                 Ok::<_, Infallible>(resp)
-            }
+            })
         });
         let builder = builder.clone();
         let mut draining = draining.clone();
@@ -386,10 +392,14 @@ pub(crate) async fn handle(
             .cloned();
         (up, rules)
     };
-    // Only with the access log on: a clock read and the request's facts.
+    // The request's one clock read before its first attempt: the access
+    // log's start, the deadline's base and, when no body has to be awaited,
+    // the first attempt's start (one read instead of three).
+    let received = std::time::Instant::now();
+    // Only with the access log on: the request's facts.
     let mut entry = rules.access_log.as_ref().map(|log| {
         let service = up.as_ref().map(|u| u.name.as_str());
-        log.entry(&req, peer.addr, &ctx.listener, service, &id)
+        log.entry(&req, peer.addr, &ctx.listener, service, &id, received)
     });
     let mut resp = match up {
         None => error_response(&ProxyError::NoRoute).map(ResponseBody::Other),
@@ -399,6 +409,7 @@ pub(crate) async fn handle(
             peer,
             (&rules.forwarding, ctx.tls.is_some()),
             &id,
+            received,
             entry.as_mut(),
         )
         .await
@@ -428,16 +439,18 @@ async fn proxy(
     // The rules, and whether the client came over TLS (`X-Forwarded-Proto`).
     (forwarding, https): (&Forwarding, bool),
     id: &HeaderValue,
+    // When the request was received (see `handle`).
+    received: std::time::Instant,
     mut entry: Option<&mut Entry>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    let deadline = tokio::time::Instant::now() + up.request_timeout;
+    let deadline = tokio::time::Instant::from_std(received) + up.request_timeout;
     let (mut parts, body) = req.into_parts();
     if let Some(resp) = up.clients.refuse_grpc(&parts, &up.name) {
         return Ok(resp.map(ResponseBody::Other));
     }
     let upgrade = upgrade::requested(&parts);
-    let mut body = match read_body(&parts, body).await {
-        Ok(b) => b,
+    let (mut body, waited) = match read_body(&parts, body).await {
+        Ok(read) => (read.body, read.waited),
         Err(resp) => return Ok(resp.map(ResponseBody::Other)),
     };
     if let Some(e) = entry.as_deref_mut() {
@@ -479,6 +492,8 @@ async fn proxy(
         headers_gone: false,
         host_before: None,
         deadline,
+        // The body's upload is the client's time, not the instance's.
+        first_attempt_at: (!waited).then_some(received),
         per_try_timeout: up.per_try_timeout,
         clients: &up.clients,
         service: &up.name,
