@@ -65,7 +65,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
@@ -84,6 +84,7 @@ use super::hygiene;
 use super::pool::PooledBody;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
+use super::stream_tasks::{StreamTasks, WithStreams};
 use super::tls::{ClientIdentity, ClientStream, TlsListener};
 use super::upgrade;
 use super::upstream::{may_resend, HttpStep};
@@ -176,20 +177,6 @@ pub(crate) async fn serve(
     tracker: ConnTracker,
     accept_errors: Counter,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS)
-        .keep_alive(true)
-        // One buffer per response (head and body copied into it, one
-        // `write`), not a `writev` of the head and each body chunk: hyper's
-        // queue of buffers cost more than copying a small body, and a
-        // large one is copied by the kernel anyway ("Third pass" in
-        // docs/benchmarks.md).
-        .writev(false);
-    builder.http2().max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
     let name = ctx.listener.clone();
     let limits = ctx.limits;
     let draining = tracker.draining();
@@ -231,7 +218,6 @@ pub(crate) async fn serve(
                 Ok::<_, Infallible>(resp)
             })
         });
-        let builder = builder.clone();
         let mut draining = draining.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -252,8 +238,11 @@ pub(crate) async fn serve(
                 },
             };
             let io = TokioIo::new(WatchedSocket::new(stream, watch.clone()));
-            let conn = builder.serve_connection_with_upgrades(io, svc);
-            tokio::pin!(conn);
+            // Per connection: its executor runs the HTTP/2 streams in this
+            // task (`stream_tasks`).
+            let tasks = StreamTasks::default();
+            let builder = conn_builder(tasks.clone());
+            let mut conn = WithStreams::new(builder.serve_connection_with_upgrades(io, svc), tasks);
             let sleep = tokio::time::sleep(limits.idle_timeout);
             tokio::pin!(sleep);
             let mut mode = Watchdog::Serving;
@@ -275,9 +264,9 @@ pub(crate) async fn serve(
                     sleep.as_mut().reset(at);
                 }
                 tokio::select! {
-                    r = conn.as_mut() => break r,
+                    r = &mut conn => break r,
                     () = &mut drain, if mode != Watchdog::Draining => {
-                        conn.as_mut().graceful_shutdown();
+                        conn.conn().graceful_shutdown();
                         mode = Watchdog::Draining;
                     }
                     () = sleep.as_mut(), if next.is_some() => match mode {
@@ -289,7 +278,7 @@ pub(crate) async fn serve(
                                 break Ok(());
                             }
                             Some(Expiry::Idle) => {
-                                conn.as_mut().graceful_shutdown();
+                                conn.conn().graceful_shutdown();
                                 let grace = tokio::time::Instant::now() + IDLE_CLOSE_GRACE;
                                 mode = Watchdog::IdleClosing(grace);
                             }
@@ -319,6 +308,25 @@ pub(crate) async fn serve(
         on_accept,
     )
     .await;
+}
+
+/// The connection builder of a client connection whose HTTP/2 streams go
+/// to `tasks`.
+fn conn_builder(tasks: StreamTasks) -> auto::Builder<StreamTasks> {
+    let mut builder = auto::Builder::new(tasks);
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true)
+        // One buffer per response (head and body copied into it, one
+        // `write`), not a `writev` of the head and each body chunk: hyper's
+        // queue of buffers cost more than copying a small body, and a
+        // large one is copied by the kernel anyway ("Third pass" in
+        // docs/benchmarks.md).
+        .writev(false);
+    builder.http2().max_concurrent_streams(1024);
+    builder
 }
 
 /// How long an idle connection told to close (HTTP/2: GOAWAY) may take to

@@ -1,0 +1,281 @@
+//! HTTP/2 stream futures run inside their connection's task instead of as
+//! tokio tasks of their own.
+//!
+//! hyper hands each HTTP/2 stream's future to the executor it was built
+//! with: the server one per request (the request's whole exchange, its
+//! response body included), the client one per request sent (the wait for
+//! the response, and the pipe of a streamed request body). Spawned on tokio,
+//! each is a task: an allocation, a lock of the runtime's task list when it
+//! is spawned and again when it ends, the task state machine's atomic
+//! transitions at every poll, and a trip through the run queue at every
+//! wake-up. That was ~6 % of the CPU of the h2c in-and-out bench, two tasks
+//! per request ("Fourth pass" in docs/benchmarks.md).
+//!
+//! Here a [`StreamTasks`] executor queues each future for the connection it
+//! belongs to (one executor per connection), and [`WithStreams`] runs the
+//! connection and its queued streams in the connection's one task: each
+//! poll runs the woken streams first (so what they queued for the
+//! connection is written by the connection poll that follows), then the
+//! connection, then any streams that poll opened, and so on until nothing
+//! new was opened. A stream's wake-up wakes the connection's task
+//! ([`FuturesUnordered`] polls only the woken ones).
+//!
+//! **Rule**: [`WithStreams`] ends when the connection has ended *and* every
+//! stream has: a stream outlives its connection as a spawned task did (an
+//! HTTP/2 connection ends only after its streams are closed anyway; after
+//! an I/O error the streams see their own error). Dropping it (the
+//! connection's watchdog giving up on a client) drops its streams, which
+//! cancels their upstream requests: the client is gone.
+//!
+//! **Fairness**: one connection's streams share its task, as HAProxy and
+//! NGINX run each connection's streams on one thread. After
+//! [`MAX_ROUNDS`] rounds without pause the task yields (wakes itself and
+//! returns), so one busy connection does not hold its worker.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use parking_lot::Mutex;
+
+/// A queued stream future.
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Rounds (streams, then the connection) in one poll before the task
+/// yields to its worker's other tasks.
+pub(crate) const MAX_ROUNDS: usize = 16;
+
+/// The executor of one connection: queues each stream future for the
+/// [`WithStreams`] that runs the connection.
+#[derive(Clone, Default)]
+pub(crate) struct StreamTasks {
+    shared: Arc<Mutex<Queue>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Opened and not yet taken by the runner.
+    opened: Vec<StreamFuture>,
+    /// The runner is inside its poll (and takes the queue before it
+    /// returns): no wake-up needed.
+    polling: bool,
+    /// The runner's task, to wake for a stream opened outside its poll.
+    waker: Option<Waker>,
+}
+
+impl std::fmt::Debug for StreamTasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamTasks").finish_non_exhaustive()
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamTasks
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let waker = {
+            let mut q = self.shared.lock();
+            q.opened.push(Box::pin(fut));
+            if q.polling {
+                None
+            } else {
+                q.waker.take()
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// A connection future and the streams its executor was given, run as one
+/// future (module doc).
+pub(crate) struct WithStreams<C: Future> {
+    conn: Pin<Box<C>>,
+    /// The connection's output, once it ended.
+    ended: Option<C::Output>,
+    tasks: StreamTasks,
+    streams: FuturesUnordered<StreamFuture>,
+}
+
+impl<C: Future> WithStreams<C> {
+    /// Runs `conn` and the streams it hands to `tasks` (the executor it was
+    /// built with).
+    pub(crate) fn new(conn: C, tasks: StreamTasks) -> Self {
+        Self {
+            conn: Box::pin(conn),
+            ended: None,
+            tasks,
+            streams: FuturesUnordered::new(),
+        }
+    }
+
+    /// The connection, e.g. for a graceful shutdown.
+    pub(crate) fn conn(&mut self) -> Pin<&mut C> {
+        self.conn.as_mut()
+    }
+
+    /// Moves the streams opened since the last look into the running set,
+    /// inside a poll; whether there were any.
+    fn take_opened(&mut self) -> bool {
+        let mut q = self.tasks.shared.lock();
+        q.polling = true;
+        let any = !q.opened.is_empty();
+        self.streams.extend(q.opened.drain(..));
+        any
+    }
+
+    /// Ends a poll: `false` when nothing was opened meanwhile (streams
+    /// opened from now on wake `cx`'s task), else takes them (`true`: poll
+    /// on).
+    fn finish(&mut self, cx: &Context<'_>) -> bool {
+        let mut q = self.tasks.shared.lock();
+        if !q.opened.is_empty() {
+            self.streams.extend(q.opened.drain(..));
+            return true;
+        }
+        q.polling = false;
+        if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.waker = Some(cx.waker().clone());
+        }
+        false
+    }
+}
+
+impl<C: Future> Unpin for WithStreams<C> {}
+
+impl<C: Future> Future for WithStreams<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = &mut *self;
+        this.take_opened();
+        for _ in 0..MAX_ROUNDS {
+            // The woken streams first: what they queued for the connection
+            // (a response, a request) goes out with the connection's poll.
+            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            if this.ended.is_none() {
+                if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+                    this.ended = Some(out);
+                }
+            }
+            if this.take_opened() || this.finish(cx) {
+                continue;
+            }
+            if this.streams.is_empty() {
+                if let Some(out) = this.ended.take() {
+                    return Poll::Ready(out);
+                }
+            }
+            return Poll::Pending;
+        }
+        // Busy: let the worker's other tasks run, then carry on (what was
+        // opened meanwhile is polled then).
+        this.take_opened();
+        this.tasks.shared.lock().polling = false;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hyper::rt::Executor;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn streams_opened_during_the_connection_poll_run_and_are_waited_for() {
+        let tasks = StreamTasks::default();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = oneshot::channel::<()>();
+        let exec = tasks.clone();
+        let counter = ran.clone();
+        // A "connection" that opens one stream and ends at once; the stream
+        // waits for `rx`, so the whole must wait for it.
+        let conn = async move {
+            exec.execute(async move {
+                let _ = rx.await;
+                counter.fetch_add(1, Ordering::SeqCst);
+            });
+            "conn done"
+        };
+        let mut run = tokio::spawn(WithStreams::new(conn, tasks));
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut run).is_none(),
+            "a stream still runs: not done"
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        tx.send(()).unwrap();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(5), run)
+            .await
+            .expect("done once its stream is");
+        assert_eq!(out.unwrap(), "conn done");
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "the stream ran to its end");
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_from_outside_the_poll_wakes_the_runner() {
+        let tasks = StreamTasks::default();
+        let (open_tx, open_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let exec = tasks.clone();
+        // The connection stays open until told; a stream is queued by
+        // another task meanwhile and must run without the connection waking.
+        let (end_tx, end_rx) = oneshot::channel::<()>();
+        let run = tokio::spawn(WithStreams::new(
+            async move {
+                let _ = end_rx.await;
+            },
+            tasks,
+        ));
+        tokio::spawn(async move {
+            let _ = open_rx.await;
+            exec.execute(async move {
+                let _ = done_tx.send(());
+            });
+        });
+        tokio::task::yield_now().await;
+        open_tx.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), done_rx)
+            .await
+            .expect("the queued stream ran")
+            .unwrap();
+        end_tx.send(()).unwrap();
+        run.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_yields_to_other_tasks() {
+        // A connection that opens a stream at every poll and never ends.
+        struct Busy(StreamTasks);
+        impl Future for Busy {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+                self.0.execute(async {});
+                Poll::Pending
+            }
+        }
+        let tasks = StreamTasks::default();
+        let busy = tokio::spawn(WithStreams::new(Busy(tasks.clone()), tasks));
+        // On this current-thread runtime the other task runs only if the
+        // busy one yields.
+        let other = tokio::spawn(async { 7 });
+        assert_eq!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), other)
+                .await
+                .expect("the other task ran")
+                .unwrap(),
+            7
+        );
+        busy.abort();
+    }
+}
