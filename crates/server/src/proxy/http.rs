@@ -266,7 +266,9 @@ pub(crate) async fn serve(
                 tokio::select! {
                     r = &mut conn => break r,
                     () = &mut drain, if mode != Watchdog::Draining => {
-                        conn.conn().graceful_shutdown();
+                        if let Some(c) = conn.conn() {
+                            c.graceful_shutdown();
+                        }
                         mode = Watchdog::Draining;
                     }
                     () = sleep.as_mut(), if next.is_some() => match mode {
@@ -278,7 +280,9 @@ pub(crate) async fn serve(
                                 break Ok(());
                             }
                             Some(Expiry::Idle) => {
-                                conn.conn().graceful_shutdown();
+                                if let Some(c) = conn.conn() {
+                                    c.graceful_shutdown();
+                                }
                                 let grace = tokio::time::Instant::now() + IDLE_CLOSE_GRACE;
                                 mode = Watchdog::IdleClosing(grace);
                             }

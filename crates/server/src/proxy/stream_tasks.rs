@@ -94,7 +94,10 @@ where
 /// A connection future and the streams its executor was given, run as one
 /// future (module doc).
 pub(crate) struct WithStreams<C: Future> {
-    conn: Pin<Box<C>>,
+    /// Dropped as soon as it ends: hyper's HTTP/2 client runs the
+    /// connection itself as one of the "streams" and closes it only when
+    /// the dispatcher (`conn` there) is gone.
+    conn: Option<Pin<Box<C>>>,
     /// The connection's output, once it ended.
     ended: Option<C::Output>,
     tasks: StreamTasks,
@@ -106,16 +109,16 @@ impl<C: Future> WithStreams<C> {
     /// built with).
     pub(crate) fn new(conn: C, tasks: StreamTasks) -> Self {
         Self {
-            conn: Box::pin(conn),
+            conn: Some(Box::pin(conn)),
             ended: None,
             tasks,
             streams: FuturesUnordered::new(),
         }
     }
 
-    /// The connection, e.g. for a graceful shutdown.
-    pub(crate) fn conn(&mut self) -> Pin<&mut C> {
-        self.conn.as_mut()
+    /// The connection while it runs, e.g. for a graceful shutdown.
+    pub(crate) fn conn(&mut self) -> Option<Pin<&mut C>> {
+        self.conn.as_mut().map(Pin::as_mut)
     }
 
     /// Moves the streams opened since the last look into the running set,
@@ -157,9 +160,10 @@ impl<C: Future> Future for WithStreams<C> {
             // The woken streams first: what they queued for the connection
             // (a response, a request) goes out with the connection's poll.
             while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
-            if this.ended.is_none() {
-                if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+            if let Some(conn) = &mut this.conn {
+                if let Poll::Ready(out) = conn.as_mut().poll(cx) {
                     this.ended = Some(out);
+                    this.conn = None;
                 }
             }
             if this.take_opened() || this.finish(cx) {
@@ -220,6 +224,29 @@ mod tests {
             .expect("done once its stream is");
         assert_eq!(out.unwrap(), "conn done");
         assert_eq!(ran.load(Ordering::SeqCst), 1, "the stream ran to its end");
+    }
+
+    #[tokio::test]
+    async fn the_connection_is_dropped_when_it_ends_though_streams_run_on() {
+        // Ends at once but holds `_gone` until dropped, as hyper's HTTP/2
+        // client dispatcher holds what tells its connection to close.
+        struct EndsHolding(oneshot::Sender<()>);
+        impl Future for EndsHolding {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+                Poll::Ready(())
+            }
+        }
+        let tasks = StreamTasks::default();
+        let (gone_tx, gone_rx) = oneshot::channel::<()>();
+        // The "connection" stream: runs until the dispatcher is dropped.
+        tasks.execute(async move {
+            let _ = gone_rx.await;
+        });
+        let run = WithStreams::new(EndsHolding(gone_tx), tasks);
+        tokio::time::timeout(std::time::Duration::from_secs(5), run)
+            .await
+            .expect("the ended connection was dropped, so its stream ended too");
     }
 
     #[tokio::test]
