@@ -35,9 +35,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
+
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 /// A queued stream future.
@@ -51,18 +54,22 @@ pub(crate) const MAX_ROUNDS: usize = 16;
 /// [`WithStreams`] that runs the connection.
 #[derive(Clone, Default)]
 pub(crate) struct StreamTasks {
-    shared: Arc<Mutex<Queue>>,
+    shared: Arc<Shared>,
 }
 
+/// Lock-free but for the queue itself, so that a connection that never
+/// opens a stream (HTTP/1.1) pays a few atomic loads and stores per poll.
 #[derive(Default)]
-struct Queue {
+struct Shared {
     /// Opened and not yet taken by the runner.
-    opened: Vec<StreamFuture>,
-    /// The runner is inside its poll (and takes the queue before it
-    /// returns): no wake-up needed.
-    polling: bool,
+    opened: Mutex<Vec<StreamFuture>>,
+    /// `opened` may be non-empty.
+    any_opened: AtomicBool,
+    /// The runner is inside its poll and looks at the queue before it
+    /// returns: no wake-up needed.
+    polling: AtomicBool,
     /// The runner's task, to wake for a stream opened outside its poll.
-    waker: Option<Waker>,
+    waker: AtomicWaker,
 }
 
 impl std::fmt::Debug for StreamTasks {
@@ -76,17 +83,13 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let waker = {
-            let mut q = self.shared.lock();
-            q.opened.push(Box::pin(fut));
-            if q.polling {
-                None
-            } else {
-                q.waker.take()
-            }
-        };
-        if let Some(w) = waker {
-            w.wake();
+        let shared = &*self.shared;
+        shared.opened.lock().push(Box::pin(fut));
+        // SeqCst pairs with `finish`: either the runner sees this stream
+        // or this sees the runner gone and wakes it.
+        shared.any_opened.store(true, SeqCst);
+        if !shared.polling.load(SeqCst) {
+            shared.waker.wake();
         }
     }
 }
@@ -124,25 +127,24 @@ impl<C: Future> WithStreams<C> {
     /// Moves the streams opened since the last look into the running set,
     /// inside a poll; whether there were any.
     fn take_opened(&mut self) -> bool {
-        let mut q = self.tasks.shared.lock();
-        q.polling = true;
-        let any = !q.opened.is_empty();
-        self.streams.extend(q.opened.drain(..));
-        any
+        let shared = &*self.tasks.shared;
+        if !shared.any_opened.load(SeqCst) {
+            return false;
+        }
+        let mut opened = shared.opened.lock();
+        shared.any_opened.store(false, SeqCst);
+        self.streams.extend(opened.drain(..));
+        true
     }
 
     /// Ends a poll: `false` when nothing was opened meanwhile (streams
-    /// opened from now on wake `cx`'s task), else takes them (`true`: poll
+    /// opened from now on wake the task), else takes them (`true`: poll
     /// on).
-    fn finish(&mut self, cx: &Context<'_>) -> bool {
-        let mut q = self.tasks.shared.lock();
-        if !q.opened.is_empty() {
-            self.streams.extend(q.opened.drain(..));
+    fn finish(&mut self) -> bool {
+        self.tasks.shared.polling.store(false, SeqCst);
+        if self.take_opened() {
+            self.tasks.shared.polling.store(true, SeqCst);
             return true;
-        }
-        q.polling = false;
-        if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            q.waker = Some(cx.waker().clone());
         }
         false
     }
@@ -155,18 +157,22 @@ impl<C: Future> Future for WithStreams<C> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = &mut *self;
+        this.tasks.shared.waker.register(cx.waker());
+        this.tasks.shared.polling.store(true, SeqCst);
         this.take_opened();
         for _ in 0..MAX_ROUNDS {
             // The woken streams first: what they queued for the connection
             // (a response, a request) goes out with the connection's poll.
-            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            if !this.streams.is_empty() {
+                while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            }
             if let Some(conn) = &mut this.conn {
                 if let Poll::Ready(out) = conn.as_mut().poll(cx) {
                     this.ended = Some(out);
                     this.conn = None;
                 }
             }
-            if this.take_opened() || this.finish(cx) {
+            if this.take_opened() || this.finish() {
                 continue;
             }
             if this.streams.is_empty() {
@@ -179,7 +185,7 @@ impl<C: Future> Future for WithStreams<C> {
         // Busy: let the worker's other tasks run, then carry on (what was
         // opened meanwhile is polled then).
         this.take_opened();
-        this.tasks.shared.lock().polling = false;
+        this.tasks.shared.polling.store(false, SeqCst);
         cx.waker().wake_by_ref();
         Poll::Pending
     }
