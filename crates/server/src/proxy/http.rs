@@ -8,7 +8,8 @@
 //! `max_connections` open (above it closed at once), a started request head
 //! complete within `header_read_timeout`, no request for `idle_timeout`
 //! closes it, a request body pausing longer than `request_body_timeout`
-//! ends it.
+//! ends it. Its HTTP/2 streams run in its own task
+//! ([`stream_tasks`](super::stream_tasks)), not a task each.
 //!
 //! ## Per request
 //!
