@@ -31,7 +31,10 @@
 //! cancels their upstream requests: the client is gone.
 //!
 //! **Fairness**: one connection's streams share its task, as HAProxy and
-//! NGINX run each connection's streams on one thread. After
+//! NGINX run each connection's streams on one thread (with
+//! `--shared-runtime` too: one HTTP/2 connection's streams no longer spread
+//! over its worker threads; thread per core, the default, kept a
+//! connection on its worker anyway). After
 //! [`MAX_ROUNDS`] rounds without pause the task yields (wakes itself and
 //! returns), so one busy connection does not hold its worker.
 
