@@ -204,20 +204,22 @@ pub(crate) async fn serve(
             }
             // In flight from the parsed head until the response body is sent.
             let guard = svc_watch.request_started();
-            // Boxed: the request's future (a few KB: the attempt loop, the
-            // send, their timers) is then allocated once and never moved.
-            // Unboxed, hyper's HTTP/2 server moved it whole into each
-            // stream's task and tokio copied it again on spawn and at every
-            // stage change of the task: five copies per request, ~3 % of
-            // the h2c profile ("Fourth pass" in docs/benchmarks.md).
-            Box::pin(async move {
+            // Not boxed, though the future is a few KB and HTTP/2 moves it
+            // a few times (into hyper's stream future, into the connection's
+            // stream set): boxed, HTTP/2 cost 3 % less CPU per request and
+            // HTTP/1.1 3 % more (an allocation per request where hyper's
+            // dispatcher keeps the future in a buffer of its own). Before
+            // streams ran in their connection's task (`stream_tasks`), tokio
+            // copied it on spawn and at each stage change too, and the box
+            // paid ("Fourth pass" in docs/benchmarks.md).
+            async move {
                 let body_timeout = ctx.limits.request_body_timeout;
                 let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
                 let resp = handle(req, &ctx, &client).await;
                 // The guard rides in the body and drops with it.
                 let resp = resp.map(|b| InFlight::new(b, guard));
                 Ok::<_, Infallible>(resp)
-            })
+            }
         });
         let mut draining = draining.clone();
         tokio::spawn(async move {
