@@ -348,8 +348,9 @@ impl Serialize for Record {
 }
 
 impl AccessLog {
-    /// Starts the line of `req`, received from `peer` on `listener` and
-    /// routed to `service`.
+    /// Starts the line of `req`, received from `peer` on `listener` at
+    /// `received` (the request's one clock read before its first attempt,
+    /// shared with its deadline) and routed to `service`.
     pub(crate) fn entry<B>(
         &self,
         req: &Request<B>,
@@ -357,6 +358,7 @@ impl AccessLog {
         listener: &Arc<str>,
         service: Option<&str>,
         request_id: &HeaderValue,
+        received: Instant,
     ) -> Entry {
         // Copies: a slice would pin hyper's read buffer until the writer is
         // done with the line, making it allocate a new one.
@@ -375,7 +377,7 @@ impl AccessLog {
         text.push_str(service);
         Entry {
             log: self.clone(),
-            started: Instant::now(),
+            started: received,
             record: Record {
                 time: SystemTime::UNIX_EPOCH,
                 listener: listener.clone(),
@@ -474,6 +476,10 @@ impl<S: Step + Send> Step for Counted<'_, S> {
 
     fn replay(&self) -> Replay {
         self.inner.replay()
+    }
+
+    fn attempt_started(&mut self) -> Instant {
+        self.inner.attempt_started()
     }
 
     fn attempt(
@@ -620,7 +626,14 @@ mod tests {
         let peer = "127.0.0.1:5000".parse().unwrap();
         let id = HeaderValue::from_static("rid-1");
         let mut r = log
-            .entry(&req, peer, &Arc::from("web"), Some("api"), &id)
+            .entry(
+                &req,
+                peer,
+                &Arc::from("web"),
+                Some("api"),
+                &id,
+                Instant::now(),
+            )
             .record;
         r.time = humantime::parse_rfc3339("2026-11-29T19:00:00.000Z").unwrap();
         r.status = 201;
@@ -650,6 +663,7 @@ mod tests {
             &Arc::from("web"),
             None,
             &HeaderValue::from_static("id-1"),
+            Instant::now(),
         )
     }
 

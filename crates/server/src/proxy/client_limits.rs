@@ -354,14 +354,17 @@ where
                 Poll::Ready(r.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
-                let deadline = Instant::now() + this.limit;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if !this.armed {
-                    sleep.as_mut().reset(deadline);
-                    this.armed = true;
-                }
+                // The clock is read when a wait begins, not at every
+                // wake-up during it.
+                let sleep = match (&mut this.sleep, this.armed) {
+                    (Some(sleep), true) => sleep,
+                    (Some(sleep), false) => {
+                        sleep.as_mut().reset(Instant::now() + this.limit);
+                        sleep
+                    }
+                    (slot @ None, _) => slot.insert(Box::pin(tokio::time::sleep(this.limit))),
+                };
+                this.armed = true;
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled {
                         what: this.what,

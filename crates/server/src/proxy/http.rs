@@ -8,7 +8,8 @@
 //! `max_connections` open (above it closed at once), a started request head
 //! complete within `header_read_timeout`, no request for `idle_timeout`
 //! closes it, a request body pausing longer than `request_body_timeout`
-//! ends it.
+//! ends it. Its HTTP/2 streams run in its own task
+//! ([`stream_tasks`](super::stream_tasks)), not a task each.
 //!
 //! ## Per request
 //!
@@ -65,7 +66,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
@@ -84,6 +85,7 @@ use super::hygiene;
 use super::pool::PooledBody;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
+use super::stream_tasks::{StreamTasks, WithStreams};
 use super::tls::{ClientIdentity, ClientStream, TlsListener};
 use super::upgrade;
 use super::upstream::{may_resend, HttpStep};
@@ -176,20 +178,6 @@ pub(crate) async fn serve(
     tracker: ConnTracker,
     accept_errors: Counter,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS)
-        .keep_alive(true)
-        // One buffer per response (head and body copied into it, one
-        // `write`), not a `writev` of the head and each body chunk: hyper's
-        // queue of buffers cost more than copying a small body, and a
-        // large one is copied by the kernel anyway ("Third pass" in
-        // docs/benchmarks.md).
-        .writev(false);
-    builder.http2().max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
     let name = ctx.listener.clone();
     let limits = ctx.limits;
     let draining = tracker.draining();
@@ -216,6 +204,14 @@ pub(crate) async fn serve(
             }
             // In flight from the parsed head until the response body is sent.
             let guard = svc_watch.request_started();
+            // Not boxed, though the future is a few KB and HTTP/2 moves it
+            // a few times (into hyper's stream future, into the connection's
+            // stream set): boxed, HTTP/2 cost 3 % less CPU per request and
+            // HTTP/1.1 3 % more (an allocation per request where hyper's
+            // dispatcher keeps the future in a buffer of its own). Before
+            // streams ran in their connection's task (`stream_tasks`), tokio
+            // copied it on spawn and at each stage change too, and the box
+            // paid ("Fourth pass" in docs/benchmarks.md).
             async move {
                 let body_timeout = ctx.limits.request_body_timeout;
                 let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
@@ -225,7 +221,6 @@ pub(crate) async fn serve(
                 Ok::<_, Infallible>(resp)
             }
         });
-        let builder = builder.clone();
         let mut draining = draining.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -246,8 +241,11 @@ pub(crate) async fn serve(
                 },
             };
             let io = TokioIo::new(WatchedSocket::new(stream, watch.clone()));
-            let conn = builder.serve_connection_with_upgrades(io, svc);
-            tokio::pin!(conn);
+            // Per connection: its executor runs the HTTP/2 streams in this
+            // task (`stream_tasks`).
+            let tasks = StreamTasks::default();
+            let builder = conn_builder(tasks.clone());
+            let mut conn = WithStreams::new(builder.serve_connection_with_upgrades(io, svc), tasks);
             let sleep = tokio::time::sleep(limits.idle_timeout);
             tokio::pin!(sleep);
             let mut mode = Watchdog::Serving;
@@ -269,9 +267,11 @@ pub(crate) async fn serve(
                     sleep.as_mut().reset(at);
                 }
                 tokio::select! {
-                    r = conn.as_mut() => break r,
+                    r = &mut conn => break r,
                     () = &mut drain, if mode != Watchdog::Draining => {
-                        conn.as_mut().graceful_shutdown();
+                        if let Some(c) = conn.conn() {
+                            c.graceful_shutdown();
+                        }
                         mode = Watchdog::Draining;
                     }
                     () = sleep.as_mut(), if next.is_some() => match mode {
@@ -283,7 +283,9 @@ pub(crate) async fn serve(
                                 break Ok(());
                             }
                             Some(Expiry::Idle) => {
-                                conn.as_mut().graceful_shutdown();
+                                if let Some(c) = conn.conn() {
+                                    c.graceful_shutdown();
+                                }
                                 let grace = tokio::time::Instant::now() + IDLE_CLOSE_GRACE;
                                 mode = Watchdog::IdleClosing(grace);
                             }
@@ -313,6 +315,25 @@ pub(crate) async fn serve(
         on_accept,
     )
     .await;
+}
+
+/// The connection builder of a client connection whose HTTP/2 streams go
+/// to `tasks`.
+fn conn_builder(tasks: StreamTasks) -> auto::Builder<StreamTasks> {
+    let mut builder = auto::Builder::new(tasks);
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true)
+        // One buffer per response (head and body copied into it, one
+        // `write`), not a `writev` of the head and each body chunk: hyper's
+        // queue of buffers cost more than copying a small body, and a
+        // large one is copied by the kernel anyway ("Third pass" in
+        // docs/benchmarks.md).
+        .writev(false);
+    builder.http2().max_concurrent_streams(1024);
+    builder
 }
 
 /// How long an idle connection told to close (HTTP/2: GOAWAY) may take to
@@ -386,10 +407,14 @@ pub(crate) async fn handle(
             .cloned();
         (up, rules)
     };
-    // Only with the access log on: a clock read and the request's facts.
+    // The request's one clock read before its first attempt: the access
+    // log's start, the deadline's base and, when no body has to be awaited,
+    // the first attempt's start (one read instead of three).
+    let received = std::time::Instant::now();
+    // Only with the access log on: the request's facts.
     let mut entry = rules.access_log.as_ref().map(|log| {
         let service = up.as_ref().map(|u| u.name.as_str());
-        log.entry(&req, peer.addr, &ctx.listener, service, &id)
+        log.entry(&req, peer.addr, &ctx.listener, service, &id, received)
     });
     let mut resp = match up {
         None => error_response(&ProxyError::NoRoute).map(ResponseBody::Other),
@@ -399,6 +424,7 @@ pub(crate) async fn handle(
             peer,
             (&rules.forwarding, ctx.tls.is_some()),
             &id,
+            received,
             entry.as_mut(),
         )
         .await
@@ -428,16 +454,18 @@ async fn proxy(
     // The rules, and whether the client came over TLS (`X-Forwarded-Proto`).
     (forwarding, https): (&Forwarding, bool),
     id: &HeaderValue,
+    // When the request was received (see `handle`).
+    received: std::time::Instant,
     mut entry: Option<&mut Entry>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    let deadline = tokio::time::Instant::now() + up.request_timeout;
+    let deadline = tokio::time::Instant::from_std(received) + up.request_timeout;
     let (mut parts, body) = req.into_parts();
     if let Some(resp) = up.clients.refuse_grpc(&parts, &up.name) {
         return Ok(resp.map(ResponseBody::Other));
     }
     let upgrade = upgrade::requested(&parts);
-    let mut body = match read_body(&parts, body).await {
-        Ok(b) => b,
+    let (mut body, waited) = match read_body(&parts, body).await {
+        Ok(read) => (read.body, read.waited),
         Err(resp) => return Ok(resp.map(ResponseBody::Other)),
     };
     if let Some(e) = entry.as_deref_mut() {
@@ -479,6 +507,8 @@ async fn proxy(
         headers_gone: false,
         host_before: None,
         deadline,
+        // The body's upload is the client's time, not the instance's.
+        first_attempt_at: (!waited).then_some(received),
         per_try_timeout: up.per_try_timeout,
         clients: &up.clients,
         service: &up.name,

@@ -39,6 +39,7 @@ pub(crate) mod request_body;
 pub(crate) mod request_id;
 pub(crate) mod retry;
 pub(crate) mod sni;
+pub(crate) mod stream_tasks;
 pub(crate) mod tcp;
 pub(crate) mod tls;
 pub(crate) mod upgrade;

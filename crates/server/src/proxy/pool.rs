@@ -127,7 +127,7 @@ use http::{Request, Response, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 use tower_service::Service as _;
@@ -576,7 +576,11 @@ impl Pool {
 async fn handshake_h2(
     io: TokioIo<UpstreamIo>,
 ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+    // Each request's wait for its response (and a streamed body's pipe)
+    // runs in the connection's task, not a task of its own
+    // (`super::stream_tasks`).
+    let tasks = super::stream_tasks::StreamTasks::default();
+    let (sender, conn) = http2::Builder::new(tasks.clone())
         // One stream until the server's SETTINGS say how many: a burst
         // on a new connection would otherwise exceed a small limit and
         // be refused. Its SETTINGS replace this (no limit named: none).
@@ -584,11 +588,12 @@ async fn handshake_h2(
         .handshake(io)
         .await
         .map_err(|e| SendError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
+    let conn = super::stream_tasks::WithStreams::new(conn, tasks);
+    tokio::spawn(futures_util::FutureExt::map(conn, |ended| {
+        if let Err(e) = ended {
             debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
-    });
+    }));
     Ok(sender)
 }
 
@@ -924,6 +929,7 @@ impl Drop for PooledBody {
 mod tests {
     use datapunk_lb_core::Registry;
     use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioExecutor;
     use tokio::net::TcpStream;
 
     use super::*;

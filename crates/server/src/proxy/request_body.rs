@@ -47,14 +47,39 @@ impl ReqBody {
 /// framing) is answered with 400 here, before any upstream sees it. HTTP/2
 /// bodies without a length are streamed untouched: a gRPC stream may wait for
 /// the response before sending more.
+///
+/// `waited` says whether reading awaited anything: `false` when the body
+/// ended with the head (no body, `Content-Length: 0`, HTTP/2 `END_STREAM`
+/// on the headers), so a clock read taken before is still "now".
 pub(crate) async fn read_body(
+    parts: &http::request::Parts,
+    body: ClientBody,
+) -> Result<ReadBody, Response<ProxyBody>> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Ok(ReadBody {
+            body: ReqBody::Replayable(Bytes::new()),
+            waited: false,
+        });
+    }
+    Ok(ReadBody {
+        body: read_rest(parts, body).await?,
+        waited: true,
+    })
+}
+
+/// The request body as read before the first attempt.
+pub(crate) struct ReadBody {
+    pub(crate) body: ReqBody,
+    /// Whether reading it awaited the client (see [`read_body`]).
+    pub(crate) waited: bool,
+}
+
+/// [`read_body`] of a body that did not end with the head.
+async fn read_rest(
     parts: &http::request::Parts,
     mut body: ClientBody,
 ) -> Result<ReqBody, Response<ProxyBody>> {
-    use hyper::body::Body as _;
-    if body.is_end_stream() {
-        return Ok(ReqBody::Replayable(Bytes::new()));
-    }
     let len = parts
         .headers
         .get(header::CONTENT_LENGTH)

@@ -208,6 +208,10 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) host_before: Option<Option<HeaderValue>>,
     /// `request_timeout` over all attempts.
     pub(crate) deadline: tokio::time::Instant,
+    /// The first attempt's start when it is the clock read the deadline was
+    /// set from (nothing awaited since: the body came with the head); taken
+    /// by the first attempt, the others read the clock.
+    pub(crate) first_attempt_at: Option<std::time::Instant>,
     /// `per_try_timeout`: one attempt's limit, within `deadline`.
     pub(crate) per_try_timeout: Option<Duration>,
     pub(crate) clients: &'a UpstreamClients,
@@ -309,6 +313,12 @@ impl Step for HttpStep<'_> {
             replayable: self.replay.replayable && !self.headers_gone,
             ..self.replay
         }
+    }
+
+    fn attempt_started(&mut self) -> std::time::Instant {
+        self.first_attempt_at
+            .take()
+            .unwrap_or_else(std::time::Instant::now)
     }
 
     async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<Response<PooledBody>> {
@@ -415,6 +425,7 @@ mod tests {
             headers_gone: false,
             host_before: None,
             deadline: tokio::time::Instant::now() + Duration::from_secs(1),
+            first_attempt_at: None,
             per_try_timeout: None,
             clients,
             service: "api",
