@@ -1491,17 +1491,21 @@ mod tests {
         assert!(body.take_reusable().is_none());
     }
 
-    #[tokio::test]
-    async fn a_body_dropped_early_closes_the_connection() {
-        let big: &'static [u8] = Box::leak(
+    /// A 200 with a body of 1 MiB of `x`.
+    fn one_mib_response() -> &'static [u8] {
+        Box::leak(
             [
                 &b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n"[..],
                 &vec![b'x'; 1 << 20],
             ]
             .concat()
             .into_boxed_slice(),
-        );
-        let (port, server) = backend(vec![big], false).await;
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_closes_the_connection() {
+        let (port, server) = backend(vec![one_mib_response()], false).await;
         let conn = connect(port).await;
         let mut body = conn
             .send_request(request(Method::GET, empty()))
@@ -1517,15 +1521,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_body_is_read_in_growing_reads() {
-        let big: &'static [u8] = Box::leak(
-            [
-                &b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n"[..],
-                &vec![b'x'; 1 << 20],
-            ]
-            .concat()
-            .into_boxed_slice(),
-        );
-        let (port, _server) = backend(vec![big], false).await;
+        let (port, _server) = backend(vec![one_mib_response()], false).await;
         let conn = connect(port).await;
         let mut body = conn
             .send_request(request(Method::GET, empty()))
