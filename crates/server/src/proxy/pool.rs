@@ -170,14 +170,16 @@ pub(crate) enum SendError {
     Exchange(#[from] ExchangeError),
 }
 
-/// A send that failed: why, and (HTTP/2) the request itself when it never
-/// left (no connection could be made, or hyper refused it before writing
-/// it), handed back so that it can go to another instance without a copy.
-/// An HTTP/1.1 send only borrows the head, so it hands nothing back.
+/// A send that failed: why, and what of the request never left, handed
+/// back so that it can go to another instance without a copy: (HTTP/2) the
+/// request itself when no connection could be made or hyper refused it
+/// before writing it; (HTTP/1.1, which only borrows the head) the body,
+/// unpolled, when no connection could be made.
 #[derive(Debug)]
 pub(crate) struct Failed {
     pub(crate) error: SendError,
     pub(crate) unsent: Option<Request<UpstreamBody>>,
+    pub(crate) unsent_body: Option<UpstreamBody>,
 }
 
 impl Failed {
@@ -185,6 +187,15 @@ impl Failed {
         Self {
             error,
             unsent: Some(req),
+            unsent_body: None,
+        }
+    }
+
+    fn unsent_body(error: SendError, body: UpstreamBody) -> Self {
+        Self {
+            error,
+            unsent: None,
+            unsent_body: Some(body),
         }
     }
 
@@ -192,6 +203,7 @@ impl Failed {
         Self {
             error: error.into(),
             unsent: None,
+            unsent_body: None,
         }
     }
 }
@@ -389,8 +401,8 @@ impl Pool {
     /// Sends the request `head` with `body` as HTTP/1.1 to `to`, on its
     /// newest idle connection that is still open, else a new one. The
     /// exchange runs in the caller's task (`h1_exchange.rs`) and only
-    /// borrows the head: the caller keeps it, so a failure hands nothing
-    /// back ([`Failed::unsent`] is `None`).
+    /// borrows the head: the caller keeps it, and a failed connect hands
+    /// back only the body ([`Failed::unsent_body`]).
     pub(crate) async fn send_h1(
         &self,
         to: &Arc<InstancePool>,
@@ -413,7 +425,8 @@ impl Pool {
                     // on the reuse path too.
                     match Box::pin(self.connect(to)).await {
                         Ok(io) => break H1Conn::new(io),
-                        Err(error) => return Err(Failed::sent(error)),
+                        // Nothing was read from the body: it goes back.
+                        Err(error) => return Err(Failed::unsent_body(error, body)),
                     }
                 }
             }

@@ -39,6 +39,21 @@ impl ReqBody {
     pub(crate) fn replayable(&self) -> bool {
         matches!(self, ReqBody::Replayable(_))
     }
+
+    /// Puts back a body [`take`](Self::take) gave out and nothing read
+    /// from (the send reached no instance): a stream can then go out with
+    /// the next attempt. A buffered body has its bytes still; nothing to do.
+    pub(crate) fn give_back(&mut self, body: UpstreamBody) {
+        if let ReqBody::Stream(slot @ None) = self {
+            *slot = Some(body);
+        }
+    }
+
+    /// A streamed body still at hand: no attempt has taken it, or one gave
+    /// it back unread, so it can be sent whole.
+    pub(crate) fn unread_stream(&self) -> bool {
+        matches!(self, ReqBody::Stream(Some(_)))
+    }
 }
 
 /// Reads the request body for replay when it is small: bodies with a known

@@ -285,11 +285,14 @@ impl HttpStep<'_> {
 impl HttpStep<'_> {
     /// Takes back the headers of a request that never left, as they were
     /// before [`build_h2`](Self::build_h2) changed its Host.
+    /// Takes back what a send that never left hands back: the headers (if
+    /// they were taken) and the body (a streamed one goes out next time).
     fn headers_back(&mut self, req: Request<UpstreamBody>) {
+        let (parts, body) = req.into_parts();
+        self.body.give_back(body);
         if !self.headers_gone {
             return;
         }
-        let (parts, _body) = req.into_parts();
         self.parts.headers = parts.headers;
         match self.host_before.take() {
             Some(Some(host)) => {
@@ -307,10 +310,12 @@ impl HttpStep<'_> {
 impl Step for HttpStep<'_> {
     type Answer = Response<PooledBody>;
 
-    /// Replayable only while the headers are at hand (kept, or back).
+    /// Replayable only while the headers are at hand (kept, or back), and
+    /// the body: buffered, or a stream no attempt has read from (handed
+    /// back by a send that reached no instance).
     fn replay(&self) -> Replay {
         Replay {
-            replayable: self.replay.replayable && !self.headers_gone,
+            replayable: (self.replay.replayable || self.body.unread_stream()) && !self.headers_gone,
             ..self.replay
         }
     }
@@ -380,9 +385,16 @@ impl Step for HttpStep<'_> {
             Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
             Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
             Ok(Ok(resp)) => Attempt::Answer(resp),
-            Ok(Err(Failed { error: e, unsent })) => {
+            Ok(Err(Failed {
+                error: e,
+                unsent,
+                unsent_body,
+            })) => {
                 if let Some(req) = unsent {
                     self.headers_back(req);
+                }
+                if let Some(body) = unsent_body {
+                    self.body.give_back(body);
                 }
                 let connect = matches!(e, SendError::Connect(_));
                 debug!(service = self.service, error = %e, connect, "upstream attempt failed");

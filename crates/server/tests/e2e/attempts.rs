@@ -183,6 +183,51 @@ async fn tcp_retries_stop_when_the_retry_budget_is_spent() {
     );
 }
 
+/// A body too large to buffer for a replay is streamed, sent once; but a
+/// connect failure read nothing from it, so it still goes, whole, to
+/// another instance (HAProxy retries a refused connect too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_post_with_a_streamed_body_whose_connect_fails_reaches_another_instance_whole() {
+    let dead = refusing_port().await;
+    let live = Recorder::start("ok").await;
+    let lb = Lb::start(&with_free_admin(&raw_config(
+        "",
+        "retries = 1\nerror_threshold = 1000\n[service.api.breaker]\nmin_requests = 1000",
+        &[("dead", ([127, 0, 0, 1], dead).into()), ("live", live.addr)],
+    )));
+    // Over the 64 KiB replay limit: streamed, not buffered.
+    let big = "x".repeat(100 * 1024);
+    for i in 0..6 {
+        let (status, _, body) = exchange(
+            lb.addr("web"),
+            "POST",
+            "/upload",
+            &[("host", "api.test"), ("x-order", &i.to_string())],
+            big.clone(),
+        )
+        .await;
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]), "POST {i}");
+        assert_eq!(live.last("x-order"), [i.to_string()], "POST {i}");
+        assert_eq!(
+            live.seen.lock().last().unwrap().body_len,
+            big.len(),
+            "POST {i}: the whole body"
+        );
+    }
+    let refused = metric(
+        &lb,
+        "datapunk_lb_requests_total",
+        &["instance=\"dead\"", "outcome=\"connect\""],
+    )
+    .await;
+    assert!(refused >= 1.0, "the dead instance refused {refused} times");
+    assert_eq!(
+        live.seen.lock().len(),
+        6,
+        "each POST reached the live instance once"
+    );
+}
+
 /// Issue 12: a POST is sent without a copy of its head (no retry may follow
 /// once it reached an instance), yet a connect failure still moves it,
 /// whole, to another instance: the head comes back from the unsent request,
