@@ -963,12 +963,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, ExchangeError> {
     if !(rest.is_empty() || rest.starts_with(b";")) {
         return Err(ExchangeError::Chunk("invalid size"));
     }
-    let mut size = 0u64;
-    for d in &line[..digits] {
-        // Hex digits only (checked above): the fallback is never taken.
-        size = size * 16 + u64::from(char::from(*d).to_digit(16).unwrap_or(0));
-    }
-    Ok(size)
+    // At most 15 hex digits (checked above): fits a u64.
+    std::str::from_utf8(&line[..digits])
+        .ok()
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or(ExchangeError::Chunk("invalid size"))
 }
 
 /// A response body read from its connection as it is polled (in the
