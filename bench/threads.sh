@@ -104,7 +104,7 @@ start_variant() {
 			servers+="address = \"127.0.0.1\""$'\n'"port = $p"$'\n\n'
 		done
 		render "$BENCH_DIR/configs/datapunk-lb.toml" "$RUN_DIR/datapunk-lb.toml" \
-			LISTEN_PORT="$LISTEN_PORT" STRATEGY=round_robin METRICS=true INSTANCES="$servers" \
+			LISTEN_PORT="$LISTEN_PORT" STRATEGY=round_robin METRICS="${DP_METRICS:-true}" INSTANCES="$servers" \
 			ACCESS_LOG=false ACCESS_LOG_PATH="$ACCESS_LOG_FILE"
 		sed -i "s/^listen = \"127.0.0.1:0\"/listen = \"127.0.0.1:$ADMIN_PORT\"/" "$RUN_DIR/datapunk-lb.toml"
 		cat >>"$RUN_DIR/datapunk-lb.toml" <<-EOF

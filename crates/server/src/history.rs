@@ -61,10 +61,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::metrics::WorkerHistogram;
 use datapunk_lb_core::{Event, Registry as CoreRegistry};
 use parking_lot::Mutex;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry as PromRegistry;
 use serde_json::{json, Value};
 
@@ -378,13 +378,13 @@ impl std::fmt::Debug for History {
 impl Default for History {
     fn default() -> Self {
         Self::new(Family::new_with_constructor(|| {
-            Histogram::new(std::iter::empty())
+            WorkerHistogram::new(std::iter::empty())
         }))
     }
 }
 
 /// The label set of the duration histogram (as `crate::metrics` keys it).
-pub(crate) type DurationFamily = Family<Vec<(&'static str, String)>, Histogram>;
+pub(crate) type DurationFamily = Family<Vec<(&'static str, String)>, WorkerHistogram>;
 
 const FAMILY: &str = "d";
 
@@ -916,7 +916,7 @@ mod tests {
 
     #[test]
     fn buckets_are_read_from_the_histogram_family() {
-        let family = DurationFamily::new_with_constructor(|| Histogram::new([0.01, 0.1]));
+        let family = DurationFamily::new_with_constructor(|| WorkerHistogram::new([0.01, 0.1]));
         let h = History::new(family.clone());
         let labels = vec![("service", "we\"ird\\name".to_owned())];
         family.get_or_create(&labels).observe(0.05);

@@ -73,13 +73,15 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::config::DEFAULT_METRICS_INSTANCE_SERIES_LIMIT;
 use crate::history::History;
+
+mod per_worker;
 use crate::scan::{State, View, Worst};
+pub use per_worker::{WorkerCounter, WorkerHistogram};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -115,8 +117,8 @@ fn result_label(ok: bool) -> Labels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    durations: Family<Labels, Histogram>,
-    selections: Family<Labels, Counter>,
+    durations: Family<Labels, WorkerHistogram>,
+    selections: Family<Labels, WorkerCounter>,
     retries: Family<Labels, Counter>,
     health_checks: Family<Labels, Counter>,
     transitions: Family<Labels, Counter>,
@@ -139,8 +141,8 @@ pub struct Metrics {
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
     enabled: bool,
-    duration: Histogram,
-    selections: [Counter; 9],
+    duration: WorkerHistogram,
+    selections: [WorkerCounter; 9],
     retries: Counter,
     errors: Arc<ServiceErrors>,
     transitions: Family<Labels, Counter>,
@@ -180,16 +182,15 @@ impl Metrics {
     /// Registers every family; `core` is read at each scrape.
     pub fn new(core: Arc<CoreRegistry>) -> Self {
         let mut registry = Registry::default();
-        let durations =
-            Family::<Labels, Histogram>::new_with_constructor(
-                || Histogram::new(duration_buckets()),
-            );
+        let durations = Family::<Labels, WorkerHistogram>::new_with_constructor(|| {
+            WorkerHistogram::new(duration_buckets())
+        });
         registry.register(
             "datapunk_lb_request_duration_seconds",
             "Time to the upstream answer, by service: HTTP, request to response headers; TCP, the connect",
             durations.clone(),
         );
-        let selections = Family::<Labels, Counter>::default();
+        let selections = Family::<Labels, WorkerCounter>::default();
         registry.register(
             "datapunk_lb_selections",
             "Instance selections by service and strategy in use",
@@ -458,7 +459,7 @@ impl ServiceMetrics {
     pub fn disabled() -> Self {
         Self {
             enabled: false,
-            duration: Histogram::new(duration_buckets()),
+            duration: WorkerHistogram::new(duration_buckets()),
             selections: Default::default(),
             retries: Counter::default(),
             errors: Arc::default(),

@@ -60,6 +60,7 @@ use crate::proxy::tls::{TlsListener, TlsListeners};
 use crate::proxy::upstream::UpstreamClients;
 use crate::proxy::upstream_tls::UpstreamTls;
 use crate::proxy::{RetryBudget, Routing, Upstream};
+use crate::workers::PerWorker;
 use crate::workers::{self, Workers};
 
 /// Spawns `task` on `runtime`, or on the current runtime if `None`.
@@ -518,7 +519,7 @@ impl Server {
                         retries: svc.retries,
                         max_connections: svc.max_connections,
                         budget,
-                        metrics: Arc::new(self.metrics.service(name, svc.metrics_enabled)),
+                        metrics: PerWorker::new(self.metrics.service(name, svc.metrics_enabled)),
                         upgrade_idle_timeout: svc.upgrade_idle_timeout,
                         hash_key: svc.hash_key.clone(),
                     }),

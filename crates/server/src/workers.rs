@@ -61,6 +61,7 @@ use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -91,6 +92,63 @@ pub(crate) fn current() -> Option<usize> {
 /// none has): per-worker state created after the start is sized by it.
 pub(crate) fn most_started() -> usize {
     MOST_STARTED.load(Ordering::Relaxed)
+}
+
+/// This thread's slot among `n` per-worker slots: 0 off the workers (the
+/// multi-threaded runtime's threads share it), `i + 1` for worker `i`
+/// (modulo `n`, for state made before more workers started).
+pub(crate) fn slot(n: usize) -> usize {
+    current().map_or(0, |i| (i + 1) % n)
+}
+
+/// A value on cache lines of its own (two: the adjacent-line prefetcher
+/// pairs them), so writes to a neighbour never invalidate it.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct Aligned<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Aligned<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Copies of one value, one `Arc` per worker slot ([`slot`]), for values
+/// the request path clones: an `Arc` shared by every worker has one
+/// reference count that every request's clone and drop write from every
+/// core; a worker's own copy has a count only that worker writes.
+/// Dereferences to slot 0's copy (reading needs no copy of one's own).
+#[derive(Debug)]
+pub(crate) struct PerWorker<T> {
+    copies: Box<[Arc<Aligned<T>>]>,
+}
+
+impl<T: Clone> PerWorker<T> {
+    /// `1 +` [`most_started`] copies of `value`.
+    pub(crate) fn new(value: T) -> Self {
+        Self {
+            copies: (0..1 + most_started())
+                .map(|_| Arc::new(Aligned(value.clone())))
+                .collect(),
+        }
+    }
+}
+
+impl<T> PerWorker<T> {
+    /// This thread's copy.
+    pub(crate) fn local(&self) -> &Arc<Aligned<T>> {
+        &self.copies[slot(self.copies.len())]
+    }
+}
+
+impl<T> std::ops::Deref for PerWorker<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.copies[0]
+    }
 }
 
 /// N worker threads, each running a single-threaded tokio runtime until the

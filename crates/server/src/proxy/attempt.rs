@@ -59,6 +59,7 @@ use http::StatusCode;
 
 use super::{ProxyError, Upstream};
 use crate::metrics::ServiceMetrics;
+use crate::workers::Aligned;
 
 /// How one attempt ended: the one classification (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +215,7 @@ pub(crate) enum Ended<A> {
 pub(crate) struct Held {
     selection: Selection,
     latency: Duration,
-    metrics: Arc<ServiceMetrics>,
+    metrics: Arc<Aligned<ServiceMetrics>>,
 }
 
 impl Held {
@@ -265,7 +266,7 @@ pub(crate) async fn run<S: Step>(
                     let held = Held {
                         selection,
                         latency,
-                        metrics: up.metrics.clone(),
+                        metrics: up.metrics.local().clone(),
                     };
                     return Ok(Ended::Success(held, answer));
                 }
@@ -348,6 +349,7 @@ mod tests {
     use super::*;
     use crate::proxy::upstream::UpstreamClients;
     use crate::proxy::RetryBudget;
+    use crate::workers::PerWorker;
 
     const GET: Replay = Replay {
         idempotent: true,
@@ -556,7 +558,7 @@ mod tests {
                 None,
                 None,
             ),
-            metrics: Arc::new(ServiceMetrics::disabled()),
+            metrics: PerWorker::new(ServiceMetrics::disabled()),
             upgrade_idle_timeout: Duration::from_secs(1),
             hash_key: None,
         };

@@ -83,8 +83,9 @@ pub(crate) struct Upstream {
     pub(crate) budget: Arc<RetryBudget>,
     /// Pooled upstream clients.
     pub(crate) clients: upstream::UpstreamClients,
-    /// Metric handles, resolved once.
-    pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
+    /// Metric handles, resolved once; a copy per worker, since every
+    /// success clones them into its response body.
+    pub(crate) metrics: crate::workers::PerWorker<crate::metrics::ServiceMetrics>,
     /// An upgraded connection idle this long is closed ([`upgrade`]).
     pub(crate) upgrade_idle_timeout: Duration,
     /// What `consistent_hash` hashes (`hash_key`), if set.

@@ -15,8 +15,8 @@
 //!   reached the instance.
 //! - **TLS** (`[service.X.tls]`, rules in `upstream_tls.rs`): the handshake
 //!   is part of the connect (its own `connect_timeout`; a failure is
-//!   `Connect`, logged at warn at most once a minute per instance, with
-//!   rustls' reason). Every connection of the service shares one client
+//!   `Connect`, logged at warn at most once a minute per instance and
+//!   worker, with rustls' reason). Every connection of the service shares one client
 //!   config, so later connections resume the TLS session. Under `auto` the
 //!   instance's first connection learns the ALPN choice, and every request
 //!   to it then goes out in that version (the connection is kept for it).
@@ -29,7 +29,8 @@
 //!   [`MAX_IDLE_PER_INSTANCE`] idle connections per instance in total (split
 //!   evenly over the worker slots below), and at most
 //!   `max_idle_connections` (default [`DEFAULT_MAX_IDLE_PER_SERVICE`]) across
-//!   all of the service's instances: past either, a connection whose
+//!   all of the service's instances (also split over the slots, rounded
+//!   up): past either, a connection whose
 //!   exchange ended is closed instead of kept. The service-wide bound is what
 //!   keeps a large service within the balancer's file descriptors and its
 //!   backends' connection limits: with traffic spread over 100,000
@@ -88,20 +89,27 @@
 //!   comes at most one pass before the stamp, so the connection is closed
 //!   between `IDLE_TIMEOUT` and `IDLE_TIMEOUT + PRUNE_EVERY` after it
 //!   (90–120 s), as an idle HTTP/1.1 connection left to the sweep is.
-//! - **Per worker** (`run --thread-per-core`, `crate::workers`): each
-//!   instance's idle HTTP/1.1 list and HTTP/2 connection are kept per
-//!   worker, in a slot of their own (slot 0 serves every other thread: the
-//!   multi-threaded runtime of the default mode, which keeps one shared
-//!   list). A worker checks out, opens and returns connections in its own
+//! - **Per worker** (`run --thread-per-core`, `crate::workers`): the pools
+//!   are kept per worker slot (slot 0 serves every other thread: the
+//!   multi-threaded runtime of the default mode, which shares one): each
+//!   slot has its own map of instance pools, its own pool per instance
+//!   (idle HTTP/1.1 list, HTTP/2 connection) and its own idle count. A
+//!   worker looks up, checks out, opens and returns connections in its own
 //!   slot only, so a connection's I/O (HTTP/1.1: in the request's task;
 //!   HTTP/2: its connection task) runs on the worker whose requests use it,
 //!   registered with that worker's reactor: no cross-thread wake-up per
-//!   request, no lock or cache line shared between workers on the request
-//!   path. The idle cap is
-//!   split over the slots (`MAX_IDLE_PER_INSTANCE / slots`, at least 1), so
-//!   the per-instance total holds; HTTP/2 opens one connection per
-//!   instance per worker that sends to it (as Envoy's per-worker pools
-//!   do), so N workers may hold N connections to an instance.
+//!   request, and no lock, reference count or counter written by two
+//!   workers on the request path (one map and one pool per instance had
+//!   every request of every worker take the map's read lock, clone the
+//!   pool's `Arc` and move the service's idle count: six writes a request
+//!   to lines the other worker writes too). The idle caps are split over
+//!   the slots (`MAX_IDLE_PER_INSTANCE / slots`, at least 1, and the
+//!   service's bound likewise), so the totals hold; HTTP/2 opens one
+//!   connection per instance per worker that sends to it (as Envoy's
+//!   per-worker pools do), so N workers may hold N connections to an
+//!   instance. Under TLS each worker learns an instance's ALPN choice from
+//!   its own first connection, and a failing handshake is logged at warn
+//!   at most once a minute per instance and worker.
 //!
 //! Returning an HTTP/1.1 connection rides in the response body
 //! ([`PooledBody`]): the body reads from the connection as the client's
@@ -222,14 +230,27 @@ struct Inner {
     connect_timeout: Duration,
     /// Read by the sweep: which instances are still members.
     service: Option<Arc<Service>>,
-    instances: RwLock<HashMap<InstanceId, Arc<InstancePool>>>,
+    /// Per worker slot ([`workers::slot`]): the pools of the instances its
+    /// requests went to, and its share of the service's idle bound.
+    slots: Box<[WorkerPools]>,
     sweeping: AtomicBool,
-    /// Idle connections of every instance together, and their bound.
+}
+
+/// One worker slot's pools. Only that slot's requests (and the sweep) take
+/// its lock and its pools' reference counts, so no line of it is written
+/// from two cores per request; aligned to cache lines of its own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct WorkerPools {
+    instances: RwLock<HashMap<InstanceId, Arc<InstancePool>>>,
+    /// The slot's idle connections over every instance, and their bound.
     idle_total: Arc<IdleTotal>,
 }
 
-/// The count of a service's idle connections and its bound.
+/// The count of a slot's idle connections (every instance) and its bound;
+/// on cache lines of its own, as it is written per request.
 #[derive(Debug)]
+#[repr(align(128))]
 struct IdleTotal {
     count: AtomicUsize,
     limit: AtomicUsize,
@@ -260,7 +281,9 @@ impl Drop for IdlePlace {
     }
 }
 
-/// The connections of one instance.
+/// The connections of one instance that one worker slot uses: their I/O
+/// runs on that worker's runtime, so a request and its connection never
+/// cross threads.
 #[derive(Debug)]
 pub(crate) struct InstancePool {
     address: Arc<str>,
@@ -271,25 +294,21 @@ pub(crate) struct InstancePool {
     /// The same as a Host value.
     host: HeaderValue,
     connect_uri: Uri,
-    /// Slot 0: threads that are not thread-per-core workers (the
-    /// multi-threaded runtime's); slot `i + 1`: worker `i`.
-    slots: Box<[Slot]>,
-    /// Idle HTTP/1.1 connections kept per slot: the per-instance cap split
-    /// over the slots, so the instance's total holds.
-    idle_per_slot: usize,
+    /// Its idle HTTP/1.1 connections and HTTP/2 connection.
+    slot: Slot,
+    /// Idle HTTP/1.1 connections kept: the per-instance cap split over the
+    /// slots, so the instance's total holds.
+    idle_cap: usize,
     /// TLS: whether the server chose `h2` by ALPN (first connection).
     alpn_h2: OnceLock<bool>,
     /// TLS: when a handshake failure was last logged at warn.
     tls_warned: Mutex<Option<Instant>>,
-    /// The service's idle count, shared by all of its instances.
+    /// The slot's idle count, shared by all of its instances.
     idle_total: Arc<IdleTotal>,
 }
 
-/// The connections of one instance that one worker uses: their tasks run
-/// on that worker's runtime, so a request and its connection never cross
-/// threads. Aligned to its own cache lines: workers never share one.
+/// An instance's connections in one worker slot.
 #[derive(Debug, Default)]
-#[repr(align(128))]
 struct Slot {
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<H2Conn>>,
@@ -335,6 +354,19 @@ impl Pool {
         tls: Option<Arc<UpstreamTls>>,
         service: Option<Arc<Service>>,
     ) -> Self {
+        // Sized by the workers started so far: `run` starts its workers
+        // before it applies the config that makes pools.
+        Self::with_slots(connect_timeout, tls, service, 1 + workers::most_started())
+    }
+
+    /// [`new`](Self::new) with `slots` worker slots (at least one).
+    fn with_slots(
+        connect_timeout: Duration,
+        tls: Option<Arc<UpstreamTls>>,
+        service: Option<Arc<Service>>,
+        slots: usize,
+    ) -> Self {
+        let slots = slots.max(1);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -345,20 +377,30 @@ impl Pool {
                 tls,
                 connect_timeout,
                 service,
-                instances: RwLock::new(HashMap::new()),
+                slots: (0..slots)
+                    .map(|_| WorkerPools {
+                        instances: RwLock::new(HashMap::new()),
+                        idle_total: Arc::new(IdleTotal {
+                            count: AtomicUsize::new(0),
+                            limit: AtomicUsize::new(0),
+                        }),
+                    })
+                    .collect(),
                 sweeping: AtomicBool::new(false),
-                idle_total: Arc::new(IdleTotal {
-                    count: AtomicUsize::new(0),
-                    limit: AtomicUsize::new(DEFAULT_MAX_IDLE_PER_SERVICE),
-                }),
             }),
         }
+        .with_idle_limit(DEFAULT_MAX_IDLE_PER_SERVICE)
     }
 
     /// Keeps at most `limit` idle connections across all instances
-    /// (`max_idle_connections`; 0 keeps none).
+    /// (`max_idle_connections`; 0 keeps none), split evenly over the worker
+    /// slots (rounded up: each slot keeps at least one when `limit` is not
+    /// 0).
     pub(crate) fn with_idle_limit(self, limit: usize) -> Self {
-        self.inner.idle_total.limit.store(limit, Ordering::Relaxed);
+        let share = limit.div_ceil(self.inner.slots.len());
+        for slot in self.inner.slots.iter() {
+            slot.idle_total.limit.store(share, Ordering::Relaxed);
+        }
         self
     }
 
@@ -376,22 +418,33 @@ impl Pool {
     /// Idle connections kept now, every instance together.
     #[cfg(test)]
     fn idle_total(&self) -> usize {
-        self.inner.idle_total.count.load(Ordering::Acquire)
+        self.inner
+            .slots
+            .iter()
+            .map(|s| s.idle_total.count.load(Ordering::Acquire))
+            .sum()
     }
 
-    /// The connections of `instance`, created on first use.
+    /// The connections of `instance` in the calling thread's worker slot,
+    /// created on first use.
     pub(crate) fn instance(
         &self,
         instance: &ServiceInstance,
     ) -> Result<Arc<InstancePool>, SendError> {
-        if let Some(p) = self.inner.instances.read().get(instance.id()) {
+        let slots = &self.inner.slots;
+        let slot = &slots[workers::slot(slots.len())];
+        if let Some(p) = slot.instances.read().get(instance.id()) {
             if p.is(instance) {
                 return Ok(p.clone());
             }
         }
-        let fresh = Arc::new(InstancePool::new(instance, self.inner.idle_total.clone())?);
-        self.inner
-            .instances
+        let idle_cap = (MAX_IDLE_PER_INSTANCE / slots.len()).max(1);
+        let fresh = Arc::new(InstancePool::new(
+            instance,
+            slot.idle_total.clone(),
+            idle_cap,
+        )?);
+        slot.instances
             .write()
             .insert(instance.id().clone(), fresh.clone());
         self.start_sweep();
@@ -409,9 +462,8 @@ impl Pool {
         head: RequestHead<'_>,
         body: UpstreamBody,
     ) -> Result<Response<PooledBody>, Failed> {
-        let slot = to.slot();
         let conn = loop {
-            match to.checkout_h1(slot) {
+            match to.checkout_h1() {
                 Some(mut conn) => {
                     if conn.is_open() {
                         break conn;
@@ -432,7 +484,7 @@ impl Pool {
             }
         };
         match conn.send(head, body).await {
-            Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to, slot))),
+            Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to))),
             Err(e) => Err(Failed::sent(e)),
         }
     }
@@ -444,8 +496,7 @@ impl Pool {
         to: &InstancePool,
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
-        // The worker's slot, found once (a task stays on its worker).
-        let slot = &to.slots[to.slot()];
+        let slot = &to.slot;
         let (mut sender, mut hold) = match self.h2_sender(to, slot).await {
             Ok(taken) => taken,
             Err(error) => return Err(Failed::unsent(error, req)),
@@ -530,8 +581,7 @@ impl Pool {
         if let Some(h2) = to.alpn_h2.get() {
             return Ok(*h2);
         }
-        let index = to.slot();
-        let slot = &to.slots[index];
+        let slot = &to.slot;
         let _opening = slot.h2_opening.lock().await;
         if let Some(h2) = to.alpn_h2.get() {
             return Ok(*h2);
@@ -542,7 +592,7 @@ impl Pool {
             // Kept for the request that asked, which takes it next.
             drop(slot.keep_h2(handshake_h2(TokioIo::new(io)).await?));
         } else {
-            to.push_idle(index, H1Conn::new(io));
+            to.push_idle(H1Conn::new(io));
         }
         Ok(h2)
     }
@@ -623,7 +673,7 @@ async fn sweep(pool: Weak<Inner>) {
 impl Inner {
     /// Drops expired idle connections and the pools of departed instances.
     fn prune(&self, now: Instant) {
-        if self.instances.read().is_empty() {
+        if self.slots.iter().all(|s| s.instances.read().is_empty()) {
             return;
         }
         let members = self.service.as_ref().map(|s| s.members());
@@ -636,34 +686,34 @@ impl Inner {
                 .map(|m| (m.instance().id().as_str(), m.instance()))
                 .collect()
         });
-        let mut instances = self.instances.write();
-        instances.retain(|id, p| {
-            let member = by_id
-                .as_ref()
-                .is_none_or(|ms| ms.get(id.as_str()).is_some_and(|i| p.is(i)));
-            if !member {
-                return false;
-            }
-            let mut idle_left = false;
-            let mut h2_left = false;
-            for slot in &p.slots {
-                let mut idle = slot.idle.lock();
+        for slot in self.slots.iter() {
+            slot.instances.write().retain(|id, p| {
+                let member = by_id
+                    .as_ref()
+                    .is_none_or(|ms| ms.get(id.as_str()).is_some_and(|i| p.is(i)));
+                if !member {
+                    return false;
+                }
+                let h2_left = p.slot.sweep_h2(now);
+                let mut idle = p.slot.idle.lock();
                 idle.retain_mut(|i| now.duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_open());
-                idle_left |= !idle.is_empty();
-                h2_left |= slot.sweep_h2(now);
-            }
-            // A pool with no connection that nothing holds (no request in
-            // flight: the lock keeps `instance` from handing out a new
-            // reference) goes too, so the map holds the instances with
-            // connections, not every instance that ever took a request
-            // (~300 B each; all 100,000 under spread traffic).
-            idle_left || h2_left || Arc::strong_count(p) > 1
-        });
+                // A pool with no connection that nothing holds (no request
+                // in flight: the lock keeps `instance` from handing out a
+                // new reference) goes too, so the map holds the instances
+                // with connections, not every instance that ever took a
+                // request (~300 B each; all 100,000 under spread traffic).
+                !idle.is_empty() || h2_left || Arc::strong_count(p) > 1
+            });
+        }
     }
 }
 
 impl InstancePool {
-    fn new(instance: &ServiceInstance, idle_total: Arc<IdleTotal>) -> Result<Self, SendError> {
+    fn new(
+        instance: &ServiceInstance,
+        idle_total: Arc<IdleTotal>,
+        idle_cap: usize,
+    ) -> Result<Self, SendError> {
         let (address, port) = (instance.address(), instance.port());
         let text = if address.contains(':') {
             format!("[{address}]:{port}")
@@ -679,17 +729,14 @@ impl InstancePool {
             .build()
             .map_err(|e| bad(&e))?;
         let host = HeaderValue::from_str(&text).map_err(|e| bad(&e))?;
-        // Sized by the workers started so far: pools are created on first
-        // use, after `run` started its workers.
-        let slots = 1 + workers::most_started();
         Ok(Self {
             address: address.into(),
             port,
             authority,
             host,
             connect_uri,
-            slots: (0..slots).map(|_| Slot::default()).collect(),
-            idle_per_slot: (MAX_IDLE_PER_INSTANCE / slots).max(1),
+            slot: Slot::default(),
+            idle_cap,
             alpn_h2: OnceLock::new(),
             tls_warned: Mutex::new(None),
             idle_total,
@@ -727,20 +774,11 @@ impl InstancePool {
         &self.host
     }
 
-    /// The slot of the calling thread: its worker's, else the shared 0
-    /// (also for a worker started after this pool was made).
-    fn slot(&self) -> usize {
-        match workers::current() {
-            Some(i) if i + 1 < self.slots.len() => i + 1,
-            _ => 0,
-        }
-    }
-
-    /// The newest idle connection of `slot` not past [`IDLE_TIMEOUT`]
-    /// (the caller checks that it is still open, outside the lock).
-    fn checkout_h1(&self, slot: usize) -> Option<Box<H1Conn>> {
+    /// The newest idle connection not past [`IDLE_TIMEOUT`] (the caller
+    /// checks that it is still open, outside the lock).
+    fn checkout_h1(&self) -> Option<Box<H1Conn>> {
         let now = Instant::now();
-        let mut idle = self.slots[slot].idle.lock();
+        let mut idle = self.slot.idle.lock();
         let i = idle.pop()?;
         if now.duration_since(i.since) >= IDLE_TIMEOUT {
             // The rest are older still.
@@ -751,12 +789,12 @@ impl InstancePool {
     }
 
     /// Keeps `conn`, whose exchange ended and which may take another
-    /// request, idle in `slot` if both bounds allow (the slot's share of
-    /// the instance's cap, the service's total); else it is dropped, which
-    /// closes the connection.
-    fn push_idle(&self, slot: usize, conn: Box<H1Conn>) {
-        let mut idle = self.slots[slot].idle.lock();
-        if idle.len() >= self.idle_per_slot {
+    /// request, idle if both bounds allow (the slot's share of the
+    /// instance's cap, the slot's share of the service's total); else it is
+    /// dropped, which closes the connection.
+    fn push_idle(&self, conn: Box<H1Conn>) {
+        let mut idle = self.slot.idle.lock();
+        if idle.len() >= self.idle_cap {
             return;
         }
         if let Some(place) = self.idle_total.reserve() {
@@ -768,10 +806,10 @@ impl InstancePool {
         }
     }
 
-    /// Idle HTTP/1.1 connections over every slot.
+    /// Idle HTTP/1.1 connections.
     #[cfg(test)]
     fn idle_len(&self) -> usize {
-        self.slots.iter().map(|s| s.idle.lock().len()).sum()
+        self.slot.idle.lock().len()
     }
 }
 
@@ -863,9 +901,9 @@ pub(crate) struct PooledBody {
 enum Kind {
     H1 {
         body: H1Body,
-        /// Where its connection goes back: its instance and slot.
+        /// Where its connection goes back: its instance's pool in the
+        /// worker slot it came from.
         to: Arc<InstancePool>,
-        slot: usize,
     },
     H2 {
         body: Incoming,
@@ -876,12 +914,11 @@ enum Kind {
 }
 
 impl PooledBody {
-    fn h1(body: H1Body, to: &Arc<InstancePool>, slot: usize) -> Self {
+    fn h1(body: H1Body, to: &Arc<InstancePool>) -> Self {
         Self {
             kind: Kind::H1 {
                 body,
                 to: to.clone(),
-                slot,
             },
         }
     }
@@ -889,9 +926,9 @@ impl PooledBody {
     /// Checks an HTTP/1.1 connection in if its body ended and it is
     /// reusable (once: the body gives it up).
     fn check_in(&mut self) {
-        if let Kind::H1 { body, to, slot } = &mut self.kind {
+        if let Kind::H1 { body, to } = &mut self.kind {
             if let Some(conn) = body.take_reusable() {
-                to.push_idle(*slot, conn);
+                to.push_idle(conn);
             }
         }
     }
@@ -1013,7 +1050,7 @@ mod tests {
         let registry = Registry::builder().build().unwrap();
         let inst = ServiceInstance::try_new("a", "127.0.0.1", port).unwrap();
         registry.register_instance("api", inst.clone()).unwrap();
-        let pool = Pool::new(Duration::from_secs(1), None, registry.service("api"));
+        let pool = Pool::with_slots(Duration::from_secs(1), None, registry.service("api"), 1);
         let to = pool.instance(&inst).unwrap();
         for _ in 0..5 {
             exchange(&pool, &to).await;
@@ -1034,20 +1071,39 @@ mod tests {
         assert_eq!(to.idle_len(), 1, "young and a member: kept");
         pool.inner.prune(now + IDLE_TIMEOUT);
         assert_eq!(to.idle_len(), 0, "idle past the timeout: closed");
-        assert_eq!(pool.inner.instances.read().len(), 1);
+        assert_eq!(pool.inner.slots[0].instances.read().len(), 1);
         registry.deregister_instance("api", "a").unwrap();
         pool.inner.prune(now);
         assert_eq!(
-            pool.inner.instances.read().len(),
+            pool.inner.slots[0].instances.read().len(),
             0,
             "an instance that left the service loses its pool"
         );
     }
 
+    #[test]
+    fn the_services_idle_bound_is_split_over_the_worker_slots_rounded_up() {
+        let limits = |slots, limit| {
+            let pool =
+                Pool::with_slots(Duration::from_secs(1), None, None, slots).with_idle_limit(limit);
+            let l: Vec<usize> = pool
+                .inner
+                .slots
+                .iter()
+                .map(|s| s.idle_total.limit.load(Ordering::Relaxed))
+                .collect();
+            l
+        };
+        assert_eq!(limits(1, 2), [2]);
+        assert_eq!(limits(3, 2), [1, 1, 1]);
+        assert_eq!(limits(3, 300), [100, 100, 100]);
+        assert_eq!(limits(2, 0), [0, 0], "0 keeps none");
+    }
+
     #[tokio::test]
     async fn idle_connections_are_bounded_across_the_services_instances() {
         let (port, accepts) = h1_server().await;
-        let pool = Pool::new(Duration::from_secs(1), None, None).with_idle_limit(2);
+        let pool = Pool::with_slots(Duration::from_secs(1), None, None, 1).with_idle_limit(2);
         // Three instances (three ids: three pools) on one server.
         let to: Vec<_> = ["a", "b", "c"]
             .iter()
@@ -1090,7 +1146,7 @@ mod tests {
         registry
             .register_instances("api", insts.iter().cloned())
             .unwrap();
-        let pool = Pool::new(Duration::from_secs(1), None, registry.service("api"));
+        let pool = Pool::with_slots(Duration::from_secs(1), None, registry.service("api"), 1);
         let a = pool.instance(&insts[0]).unwrap();
         exchange(&pool, &a).await;
         idle_count(&a, 1).await;
@@ -1100,8 +1156,7 @@ mod tests {
         // c: held, as a request in flight holds it.
         let c = pool.instance(&insts[2]).unwrap();
         pool.inner.prune(Instant::now());
-        let mut kept: Vec<String> = pool
-            .inner
+        let mut kept: Vec<String> = pool.inner.slots[0]
             .instances
             .read()
             .keys()
@@ -1127,7 +1182,7 @@ mod tests {
             tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, svc));
         })
         .await;
-        let pool = Pool::new(Duration::from_secs(1), None, None);
+        let pool = Pool::with_slots(Duration::from_secs(1), None, None, 1);
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
@@ -1183,7 +1238,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_is_shared_and_reopened_after_goaway() {
         let (port, accepts) = h2_server_closing_after_one().await;
-        let pool = Pool::new(Duration::from_secs(1), None, None);
+        let pool = Pool::with_slots(Duration::from_secs(1), None, None, 1);
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
@@ -1222,7 +1277,7 @@ mod tests {
 
     /// Whether `to`'s slot 0 (this runtime's) keeps an HTTP/2 connection.
     fn keeps_h2(to: &InstancePool) -> bool {
-        to.slots[0].h2.lock().is_some()
+        to.slot.h2.lock().is_some()
     }
 
     /// Waits until `count` reaches `want`.
@@ -1266,7 +1321,7 @@ mod tests {
             })
             .await
         };
-        let pool = Arc::new(Pool::new(Duration::from_secs(1), None, None));
+        let pool = Arc::new(Pool::with_slots(Duration::from_secs(1), None, None, 1));
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
@@ -1362,7 +1417,7 @@ mod tests {
             );
         })
         .await;
-        let pool = Arc::new(Pool::new(Duration::from_secs(1), None, None));
+        let pool = Arc::new(Pool::with_slots(Duration::from_secs(1), None, None, 1));
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
@@ -1389,33 +1444,29 @@ mod tests {
         );
     }
 
-    /// Runs `f` on each of two thread-per-core workers, `times` times in a
-    /// row each, with `to`'s pool; returns the slot each run used.
+    /// Runs `f` on each of `workers`, `times` times in a row each, with
+    /// `inst`'s pool as the worker finds it.
     fn on_each_worker<F, Fut>(
         rt: &tokio::runtime::Runtime,
+        workers: &crate::workers::Workers,
         pool: &Arc<Pool>,
         inst: &ServiceInstance,
         times: usize,
         f: F,
-    ) -> Vec<usize>
-    where
+    ) where
         F: Fn(Arc<Pool>, Arc<InstancePool>) -> Fut + Clone + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let workers = crate::workers::Workers::start(2).unwrap();
-        let mut used = Vec::new();
         for handle in workers.handles() {
             for _ in 0..times {
                 let (pool, inst, f) = (pool.clone(), inst.clone(), f.clone());
                 let task = handle.spawn(async move {
                     let to = pool.instance(&inst).unwrap();
-                    f(pool, to.clone()).await;
-                    to.slot()
+                    f(pool, to).await;
                 });
-                used.push(rt.block_on(task).unwrap());
+                rt.block_on(task).unwrap();
             }
         }
-        used
     }
 
     #[test]
@@ -1426,29 +1477,38 @@ mod tests {
             .build()
             .unwrap();
         let (port, accepts) = rt.block_on(h1_server());
-        let pool = Arc::new(Pool::new(Duration::from_secs(1), None, None));
+        let workers = crate::workers::Workers::start(2).unwrap();
+        // Slot 0 for other threads, one per worker.
+        let pool = Arc::new(Pool::with_slots(Duration::from_secs(1), None, None, 3));
         let inst = ServiceInstance::try_new("a", "127.0.0.1", port).unwrap();
-        let used = on_each_worker(&rt, &pool, &inst, 3, |pool, to| async move {
+        on_each_worker(&rt, &workers, &pool, &inst, 3, |pool, to| async move {
             exchange(&pool, &to).await;
-            let slot = &to.slots[to.slot()];
             for _ in 0..200 {
-                if slot.idle.lock().len() == 1 {
+                if to.idle_len() == 1 {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            panic!("the connection did not return to its worker's slot");
+            panic!("the connection did not return to its worker's pool");
         });
-        assert_eq!(used, [1, 1, 1, 2, 2, 2], "worker i uses slot i + 1");
         assert_eq!(
             accepts.load(Ordering::SeqCst),
             2,
             "one connection per worker, reused by its next requests"
         );
-        let to = pool.instance(&inst).unwrap();
-        let idle: Vec<usize> = to.slots.iter().map(|s| s.idle.lock().len()).collect();
-        assert_eq!(&idle[..3], [0, 1, 1], "each back in its own worker's slot");
-        assert!(to.idle_per_slot * to.slots.len() <= MAX_IDLE_PER_INSTANCE);
+        let idle: Vec<usize> = pool
+            .inner
+            .slots
+            .iter()
+            .map(|s| s.instances.read().get("a").map_or(0, |p| p.idle_len()))
+            .collect();
+        assert_eq!(idle, [0, 1, 1], "worker i's connection in slot i + 1");
+        let p = pool.inner.slots[1].instances.read()["a"].clone();
+        assert!(p.idle_cap * 3 <= MAX_IDLE_PER_INSTANCE);
+        assert!(
+            !Arc::ptr_eq(&p, &pool.inner.slots[2].instances.read()["a"]),
+            "each worker has its own pool of the instance"
+        );
 
         // HTTP/2: one connection per worker, shared by its requests.
         let (port, accepts) = rt.block_on(server(|io| {
@@ -1459,7 +1519,7 @@ mod tests {
             );
         }));
         let inst = ServiceInstance::try_new("b", "127.0.0.1", port).unwrap();
-        on_each_worker(&rt, &pool, &inst, 3, |pool, to| async move {
+        on_each_worker(&rt, &workers, &pool, &inst, 3, |pool, to| async move {
             let mut r = get();
             *r.uri_mut() = Uri::from_static("http://api.example/");
             *r.version_mut() = http::Version::HTTP_2;
@@ -1479,7 +1539,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let pool = Pool::new(Duration::from_secs(1), None, None);
+        let pool = Pool::with_slots(Duration::from_secs(1), None, None, 1);
         let to = pool
             .instance(&ServiceInstance::try_new("a", "127.0.0.1", port).unwrap())
             .unwrap();
