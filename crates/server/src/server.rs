@@ -571,25 +571,22 @@ impl Server {
                 // One limit for all of the listener's accept loops.
                 let tracker = self.connections.for_listener(l.limits.max_connections);
                 let name: Arc<str> = Arc::from(l.name.as_str());
-                let ctx = Arc::new(HttpContext {
-                    listener: name.clone(),
-                    routing: self.routing.clone(),
-                    limits: l.limits,
-                    tls: tls.clone(),
-                });
                 for (runtime, socket) in socket {
                     let (stop_rx, tracker, accept_errors) =
                         (stop_rx.clone(), tracker.clone(), accept_errors.clone());
+                    // One per accept loop (per worker): every request clones
+                    // it, and a worker's own copy has a reference count no
+                    // other worker writes.
+                    let ctx = Arc::new(HttpContext {
+                        listener: name.clone(),
+                        routing: self.routing.clone(),
+                        limits: l.limits,
+                        tls: tls.clone(),
+                    });
                     match l.protocol {
                         Protocol::Http => spawn_on(
                             runtime.as_ref(),
-                            crate::proxy::http::serve(
-                                socket,
-                                ctx.clone(),
-                                stop_rx,
-                                tracker,
-                                accept_errors,
-                            ),
+                            crate::proxy::http::serve(socket, ctx, stop_rx, tracker, accept_errors),
                         ),
                         Protocol::Tcp => spawn_on(
                             runtime.as_ref(),

@@ -103,7 +103,7 @@ pub(crate) fn slot(n: usize) -> usize {
 
 /// A value on cache lines of its own (two: the adjacent-line prefetcher
 /// pairs them), so writes to a neighbour never invalidate it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 #[repr(align(128))]
 pub(crate) struct Aligned<T>(pub(crate) T);
 

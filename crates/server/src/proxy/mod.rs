@@ -53,6 +53,7 @@ use std::time::Duration;
 use datapunk_lb_core::Service;
 
 use crate::config::{Config, ListenerConfig, Route};
+use crate::workers::{Aligned, PerWorker};
 
 pub(crate) use self::error::ProxyError;
 pub(crate) use self::retry::RetryBudget;
@@ -98,9 +99,16 @@ pub(crate) struct Upstream {
 pub(crate) struct Routing {
     listeners: HashMap<String, ListenerConfig>,
     upstreams: HashMap<String, Arc<Upstream>>,
-    /// Per-request rules of each HTTP listener.
-    http: HashMap<String, Arc<HttpListener>>,
+    /// The same upstreams as each worker's request clones them: an `Arc`
+    /// per worker slot, so the clone and drop of every request write a
+    /// reference count no other worker writes.
+    routed: HashMap<String, PerWorker<Arc<Upstream>>>,
+    /// Per-request rules of each HTTP listener (per worker, as `routed`).
+    http: HashMap<String, PerWorker<Arc<HttpListener>>>,
 }
+
+/// What a request holds of its upstream (its worker's copy of the `Arc`).
+pub(crate) type RoutedUpstream = Arc<Aligned<Arc<Upstream>>>;
 
 /// An HTTP listener's per-request rules, resolved once per config.
 #[derive(Debug, Default)]
@@ -114,6 +122,10 @@ pub(crate) struct HttpListener {
 impl Routing {
     /// Builds routing for `config`; `upstreams` must hold every service.
     pub(crate) fn new(config: &Config, upstreams: HashMap<String, Arc<Upstream>>) -> Self {
+        let routed = upstreams
+            .iter()
+            .map(|(name, up)| (name.clone(), PerWorker::new(up.clone())))
+            .collect();
         Self {
             listeners: config
                 .listeners
@@ -121,6 +133,7 @@ impl Routing {
                 .map(|l| (l.name.clone(), l.clone()))
                 .collect(),
             upstreams,
+            routed,
             http: HashMap::new(),
         }
         .with_access_log(None)
@@ -140,15 +153,15 @@ impl Routing {
                     },
                     access_log: log.clone().filter(|_| l.access_log),
                 };
-                (l.name.clone(), Arc::new(rules))
+                (l.name.clone(), PerWorker::new(Arc::new(rules)))
             })
             .collect();
         self
     }
 
     /// The per-request rules of HTTP listener `listener`.
-    pub(crate) fn http_listener(&self, listener: &str) -> Option<&Arc<HttpListener>> {
-        self.http.get(listener)
+    pub(crate) fn http_listener(&self, listener: &str) -> Option<&Arc<Aligned<Arc<HttpListener>>>> {
+        self.http.get(listener).map(PerWorker::local)
     }
 
     /// The upstream for a request to `listener` with `host` and `path`.
@@ -157,10 +170,10 @@ impl Routing {
         listener: &str,
         host: Option<&str>,
         path: &str,
-    ) -> Option<&Arc<Upstream>> {
+    ) -> Option<&RoutedUpstream> {
         let l = self.listeners.get(listener)?;
         let r = matching_route(&l.routes, host, path)?;
-        self.upstreams.get(&r.service)
+        self.routed.get(&r.service).map(PerWorker::local)
     }
 
     /// The upstream of service `name` (a reload keeps an unchanged one,
