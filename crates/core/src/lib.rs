@@ -92,6 +92,7 @@ pub mod registry;
 pub mod selection;
 pub mod service;
 pub mod slow_start;
+pub mod snapshot;
 pub mod stats;
 pub mod strategy;
 

@@ -176,15 +176,6 @@ impl Slot {
     pub(crate) fn live(&self) -> &InstanceLive {
         &self.live
     }
-
-    /// Starts loading the member's reference count, which cloning the
-    /// member writes, while the caller reads the live line: a plain load,
-    /// so the two cache misses overlap, where the clone's locked
-    /// instruction would wait for the live line's miss first.
-    #[inline]
-    pub(crate) fn touch_member(&self) {
-        std::hint::black_box(Arc::strong_count(&self.member));
-    }
 }
 
 impl Members {

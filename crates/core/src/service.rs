@@ -78,9 +78,10 @@ use crate::member_index::MemberIndex;
 use crate::members::Members;
 use crate::per_thread::{Padded, PerThread};
 use crate::recorder::{Outcome, Recorder, Source};
-use crate::selection::{PickLocal, Selection};
+use crate::selection::{PickLocal, Selection, Target};
+pub use crate::snapshot::Snapshot;
 use crate::stats::{Availability, ServiceStats};
-use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind, Switch};
+use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
@@ -93,21 +94,15 @@ const LATEST_STEP_NS: u64 = 1_000_000;
 pub struct Service {
     recorder: Arc<Recorder>,
     snapshot: ArcSwap<Snapshot>,
+    /// The generation of the snapshot last stored, so a pick can tell
+    /// whether its thread's view is current without loading the snapshot.
+    published: Padded<AtomicU64>,
     writer: Mutex<Writer>,
     /// Per-thread pick state (recorder handle, RNG): see [`selection`](crate::selection).
     local: PerThread<PickLocal>,
     /// The latest clock reading of this service, in nanoseconds (module
     /// doc, "The clock on the pick path"); read by picks that read none.
     latest: Padded<AtomicU64>,
-}
-
-/// What selection reads: immutable, replaced on every change.
-#[derive(Debug)]
-pub struct Snapshot {
-    members: Members,
-    generation: u64,
-    strategy: Arc<dyn Strategy>,
-    config: Arc<LoadBalancerConfig>,
 }
 
 #[derive(Debug, Default)]
@@ -162,15 +157,17 @@ impl Service {
         let strategy = config.strategy.build_with(&config);
         let config = Arc::new(config);
         let recorder = Arc::new(Recorder::new(name, clock, config.clone(), seed));
+        let snapshot = Arc::new(Snapshot {
+            members: Members::default(),
+            generation: 0,
+            strategy,
+            config,
+        });
         Self {
-            local: PerThread::new(|_| PickLocal::new(&recorder)),
+            local: PerThread::new(|_| PickLocal::new(&recorder, &snapshot)),
             recorder,
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                members: Members::default(),
-                generation: 0,
-                strategy,
-                config,
-            }),
+            snapshot: ArcSwap::new(snapshot),
+            published: Padded(AtomicU64::new(0)),
             writer: Mutex::new(Writer::default()),
             latest: Padded(AtomicU64::new(0)),
         }
@@ -274,7 +271,13 @@ impl Service {
         key: Option<&[u8]>,
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Option<Selection> {
-        let snap = self.snapshot.load();
+        let local = self.local.local();
+        // The thread's view holds the snapshot (and the recorder) the
+        // selection keeps: no load of the shared `ArcSwap` per pick.
+        let view = local.view(self.published.load(Ordering::Acquire), || {
+            self.snapshot.load_full()
+        });
+        let snap = view.snapshot();
         let mut events = Vec::new();
         // Before the empty check: a service whose last instance left while
         // in panic must leave it (found by the `core_ops` fuzz target).
@@ -283,7 +286,6 @@ impl Service {
             return None;
         }
         let now = LazyNow::new(&*self.recorder.clock);
-        let local = self.local.local();
         let mut rng = local.take_rng(|| self.recorder.next_seed());
         let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
         let panic_filter =
@@ -308,7 +310,7 @@ impl Service {
                 switched: &mut switched,
                 accept,
             };
-            let member = snap.strategy.pick(&mut cx);
+            let picked = snap.strategy.pick(&mut cx);
             local.put_rng(&rng);
             if let Some(Switch { from, to, reason }) = switched.take() {
                 events.push(Event::StrategySwitch {
@@ -318,17 +320,28 @@ impl Service {
                     reason,
                 });
             }
-            let member = member?;
+            let picked = picked?;
+            let (member, live): (&Member, &InstanceLive) = match &picked {
+                Picked::At(i) => {
+                    let s = snap.members.slot(*i)?;
+                    (s.member(), s.live())
+                }
+                Picked::Member(m) => (m, m.live()),
+            };
             let kind = snap.strategy.effective_kind();
             // Panic mode ignores breakers, so it takes no probe slot.
             let probe = if panic {
                 false
             } else {
-                match self.admit(&member, &now, &snap.config, &mut events) {
+                match self.admit(member, live, &now, &snap.config, &mut events) {
                     Admission::Admitted => false,
                     Admission::Probe(_) => true,
                     Admission::Rejected => continue,
                 }
+            };
+            let target = match picked {
+                Picked::At(i) => Target::At(i),
+                Picked::Member(m) => Target::Held(m),
             };
             let used_at = match now.if_read() {
                 Some(t) => {
@@ -337,29 +350,24 @@ impl Service {
                 }
                 None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
             };
-            return Some(Selection::new(
-                local.recorder().clone(),
-                member,
-                used_at,
-                probe,
-                kind,
-                events,
-            ));
+            return Some(Selection::new(view, target, used_at, probe, kind, events));
         }
         None
     }
 
+    /// Asks `member`'s breaker (its live state `live`) to admit a request.
+    /// `member` is read only when the breaker is not closed.
     fn admit(
         &self,
         member: &Member,
+        live: &InstanceLive,
         now: &LazyNow<'_>,
         cfg: &LoadBalancerConfig,
         events: &mut Vec<Event>,
     ) -> Admission {
-        if member.circuit_state() == CircuitState::Closed {
+        if live.circuit_state() == CircuitState::Closed {
             return Admission::Admitted; // the common case: no lock, no clock
         }
-        let live = member.live();
         let mut trackers = live.trackers.lock();
         let admission = trackers.breaker.try_admit(now.get(), &cfg.breaker);
         if let Admission::Probe(Some(t)) = admission {
@@ -397,8 +405,17 @@ impl Service {
             config,
         };
         let members = snap.members.clone();
-        self.snapshot.store(Arc::new(snap));
+        self.publish(Arc::new(snap));
         strategy.prepare(&members, w.generation, self.now());
+    }
+
+    /// Stores `snap` as the current snapshot, then its generation as the
+    /// published one (in that order: a pick that reads the generation
+    /// loads a snapshot at least that new). Call under the writer lock.
+    fn publish(&self, snap: Arc<Snapshot>) {
+        let generation = snap.generation;
+        self.snapshot.store(snap);
+        self.published.store(generation, Ordering::Release);
     }
 
     /// Runs `f` on a copy of the member list under the writer lock, then
@@ -422,7 +439,7 @@ impl Service {
             strategy: old.strategy.clone(),
             config: old.config.clone(),
         });
-        self.snapshot.store(snap.clone());
+        self.publish(snap.clone());
         drop(w);
         drop(old);
         snap.strategy.prepare(&snap.members, generation, now);

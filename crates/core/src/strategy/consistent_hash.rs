@@ -38,9 +38,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 
-use super::{rebuild_inline, PickContext, Strategy, StrategyKind};
+use super::{rebuild_inline, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
-use crate::instance::Member;
 use crate::members::{Members, Slot};
 
 /// Candidate table sizes: primes, smallest first.
@@ -150,7 +149,10 @@ impl Table {
         }
     }
 
-    fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Arc<Member>> {
+    /// The key's instance by the walk of the module doc. A table of the
+    /// snapshot's generation lists the members in the snapshot's order, so
+    /// its owner index is the position (see `Picked`).
+    fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Picked> {
         let m = self.slots.len() as u64;
         if m == 0 {
             return None;
@@ -167,7 +169,11 @@ impl Table {
             last_owner = owner;
             let slot = self.members.get(owner as usize)?;
             if cx.slot_eligible(slot) {
-                return Some(slot.member().clone());
+                return Some(if self.generation == cx.generation {
+                    Picked::At(owner as usize)
+                } else {
+                    Picked::Member(slot.member().clone())
+                });
             }
             owners_tried += 1;
             if owners_tried == MAX_WALK {
@@ -196,9 +202,9 @@ impl Strategy for ConsistentHash {
         StrategyKind::ConsistentHash
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let Some(key) = cx.key else {
-            return cx.random_eligible();
+            return cx.random_eligible_at();
         };
         let hash = key_hash(key);
         // A guard, not `load_full`: an `Arc` clone per pick would be a
@@ -218,7 +224,7 @@ impl Strategy for ConsistentHash {
         table
             .as_ref()
             .and_then(|t| t.lookup(hash, cx))
-            .or_else(|| cx.random_eligible())
+            .or_else(|| cx.random_eligible_at())
     }
 
     fn prepare(&self, members: &Members, generation: u64, now: Timestamp) {

@@ -35,10 +35,8 @@
 //! Envoy's least-request balancer also uses, which keeps the maximum load
 //! within a small constant of the true minimum.
 
-use std::sync::Arc;
-
-use super::{per_weight, PickContext, Strategy, StrategyKind};
-use crate::instance::{InstanceLive, Member};
+use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
+use crate::instance::InstanceLive;
 use crate::members::Slot;
 
 /// Largest service picked by an exact scan.
@@ -63,7 +61,7 @@ fn load(live: &InstanceLive, f: f64) -> f64 {
 /// The least loaded member offered so far, ties drawn by configured weight.
 #[derive(Default)]
 struct Lowest<'m> {
-    best: Option<&'m Slot>,
+    best: Option<(usize, &'m Slot)>,
     load: f64,
     /// Sum of the configured weights of the members tied at `load`.
     tied: f64,
@@ -71,24 +69,24 @@ struct Lowest<'m> {
 
 impl<'m> Lowest<'m> {
     /// Offers `s` at factor `f`.
-    fn offer(&mut self, cx: &mut PickContext<'_>, s: &'m Slot, f: f64) {
+    fn offer(&mut self, cx: &mut PickContext<'_>, (i, s): (usize, &'m Slot), f: f64) {
         let weight = f64::from(s.live().weight());
         let load = load(s.live(), f);
         if self.best.is_none() || load < self.load {
-            self.best = Some(s);
+            self.best = Some((i, s));
             self.load = load;
             self.tied = weight;
         } else if load == self.load {
             self.tied += weight;
             // Weighted reservoir sampling: replace with chance w / Σw.
             if cx.rng.f64() * self.tied < weight {
-                self.best = Some(s);
+                self.best = Some((i, s));
             }
         }
     }
 
-    fn member(&self) -> Option<Arc<Member>> {
-        self.best.map(|s| s.member().clone())
+    fn picked(&self) -> Option<Picked> {
+        self.best.map(|(i, _)| Picked::At(i))
     }
 }
 
@@ -97,7 +95,7 @@ impl Strategy for LeastConnections {
         StrategyKind::LeastConnections
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         if cx.members.len() > EXACT_LIMIT {
             sampled(cx)
         } else {
@@ -108,32 +106,33 @@ impl Strategy for LeastConnections {
 
 /// The rule over every member: the lowest load among the eligible and
 /// admitted, else among every eligible one.
-fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
     let members = cx.members;
     let mut admitted = Lowest::default();
     let mut any = false;
-    for s in members.slots() {
+    // `slots()` runs in list order: `i` is the position.
+    for (i, s) in members.slots().enumerate() {
         if !cx.slot_eligible(s) {
             continue;
         }
         any = true;
         let f = cx.live_factor(s.live());
         if cx.accept(f) {
-            admitted.offer(cx, s, f);
+            admitted.offer(cx, (i, s), f);
         }
     }
     if admitted.best.is_some() || !any {
-        return admitted.member();
+        return admitted.picked();
     }
     // Nobody admitted (rare: every candidate ramps and drew "no").
     let mut all = Lowest::default();
-    for s in members.slots() {
+    for (i, s) in members.slots().enumerate() {
         if cx.slot_eligible(s) {
             let f = cx.live_factor(s.live());
-            all.offer(cx, s, f);
+            all.offer(cx, (i, s), f);
         }
     }
-    all.member()
+    all.picked()
 }
 
 /// The rule over [`SAMPLES`] random eligible members: an admitted one beats
@@ -141,10 +140,10 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
 /// so among equals the first wins and no tie draw is needed. A sample reads
 /// its list slot and its live state's line; only the winner's `Member` is
 /// read (for its reference count).
-fn sampled(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-    let mut best: Option<(bool, f64, &Slot)> = None;
+fn sampled(cx: &mut PickContext<'_>) -> Option<Picked> {
+    let mut best: Option<(bool, f64, usize)> = None;
     for _ in 0..SAMPLES {
-        let s = cx.random_eligible_slot(false)?;
+        let (i, s) = cx.random_eligible_slot()?;
         let f = cx.live_factor(s.live());
         let admitted = cx.accept(f);
         let load = load(s.live(), f);
@@ -152,8 +151,8 @@ fn sampled(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
             (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
         });
         if better {
-            best = Some((admitted, load, s));
+            best = Some((admitted, load, i));
         }
     }
-    best.map(|(_, _, s)| s.member().clone())
+    best.map(|(_, _, i)| Picked::At(i))
 }

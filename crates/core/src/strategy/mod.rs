@@ -63,14 +63,6 @@ use crate::stats::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
 pub const MAX_DRAWS: usize = 32;
-/// Smallest member list on which a random draw loads the candidate's
-/// member line beside its live line (`Slot::touch_member`): at 100,000
-/// members both are cache misses, and overlapping them took `p2c` and
-/// `peak_ewma` 10–25 % faster (`least_connections`, which keeps one of
-/// eight, 5 % slower: it does not); on a small service both lines are cached,
-/// and where another thread writes the member's count the extra read
-/// would cost a second coherence transfer before the clone's own.
-const TOUCH_MEMBER_FROM: usize = 4_096;
 /// Largest member list whose tables are rebuilt at once on a change.
 pub const EAGER_REBUILD_LIMIT: usize = 10_000;
 /// Shortest time between two rebuilds of a stale table on the request path.
@@ -93,7 +85,7 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     fn kind(&self) -> StrategyKind;
 
     /// Picks an eligible member, or `None` if there is none.
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>>;
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked>;
 
     /// Called by the writer after the member list changed. Table-based
     /// strategies rebuild here when that is cheap (at most
@@ -121,6 +113,22 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// Called when the service's configuration is replaced by one with the
     /// same strategy: take its tunables, keep the state.
     fn reconfigure(&self, _config: &LoadBalancerConfig) {}
+}
+
+/// What a strategy picked.
+///
+/// A position in the snapshot's member list is what the pick path wants:
+/// the [`Selection`](crate::Selection) then holds the snapshot (through its
+/// thread's pick view) and the position, and never writes the member's
+/// reference count. A strategy that picks from a table of its own that may
+/// be older than the snapshot (`weighted`'s schedule, a stale
+/// `consistent_hash` table) hands back the member itself.
+#[derive(Debug, Clone)]
+pub enum Picked {
+    /// The member at this position of [`PickContext::members`].
+    At(usize),
+    /// A member from the strategy's own table.
+    Member(Arc<Member>),
 }
 
 /// The name of a strategy, as written in config (`strategy = "p2c"`).
@@ -348,28 +356,30 @@ impl<'a> PickContext<'a> {
     /// A uniformly random eligible member: rejection sampling, then a scan
     /// from a random offset after [`MAX_DRAWS`] misses.
     pub fn random_eligible(&mut self) -> Option<Arc<Member>> {
-        self.random_eligible_slot(true).map(|s| s.member().clone())
+        self.random_eligible_slot().map(|(_, s)| s.member().clone())
     }
 
-    /// [`random_eligible`](Self::random_eligible)'s slot. `likely_kept`:
-    /// the caller keeps this candidate at least half the time (one of one
-    /// or two, not one of `least_connections`' eight), so on a large
-    /// service its member line is loaded early (see `TOUCH_MEMBER_FROM`).
+    /// [`random_eligible`](Self::random_eligible) as a position.
     #[inline]
-    pub(crate) fn random_eligible_slot(&mut self, likely_kept: bool) -> Option<&'a Slot> {
+    pub(crate) fn random_eligible_at(&mut self) -> Option<Picked> {
+        self.random_eligible_slot().map(|(i, _)| Picked::At(i))
+    }
+
+    /// [`random_eligible`](Self::random_eligible)'s position and slot: a
+    /// candidate is checked on its live line alone, its member never read
+    /// (the selection names it by position).
+    #[inline]
+    pub(crate) fn random_eligible_slot(&mut self) -> Option<(usize, &'a Slot)> {
         let members = self.members;
         let n = members.len();
         if n == 0 {
             return None;
         }
-        let touch = likely_kept && n >= TOUCH_MEMBER_FROM;
         for _ in 0..MAX_DRAWS {
-            let s = members.slot(self.rng.usize(..n))?;
-            if touch {
-                s.touch_member();
-            }
+            let i = self.rng.usize(..n);
+            let s = members.slot(i)?;
             if self.slot_eligible(s) {
-                return Some(s);
+                return Some((i, s));
             }
         }
         let start = self.rng.usize(..n);
@@ -378,31 +388,35 @@ impl<'a> PickContext<'a> {
 
     /// The first eligible member at or after `start`, wrapping around.
     pub fn scan_from(&self, start: usize) -> Option<Arc<Member>> {
-        self.scan_from_slot(start).map(|s| s.member().clone())
+        self.scan_from_slot(start).map(|(_, s)| s.member().clone())
     }
 
-    fn scan_from_slot(&self, start: usize) -> Option<&'a Slot> {
+    fn scan_from_slot(&self, start: usize) -> Option<(usize, &'a Slot)> {
         let members = self.members;
         let n = members.len();
         (0..n)
-            .filter_map(|i| members.slot((start + i) % n))
-            .find(|s| self.slot_eligible(s))
+            .map(|i| (start + i) % n)
+            .filter_map(|i| Some((i, members.slot(i)?)))
+            .find(|(_, s)| self.slot_eligible(s))
     }
 
     /// Two distinct eligible members at random (the second is `None` if only
     /// one could be found), for power-of-two-choices.
     pub fn random_pair(&mut self) -> Option<(Arc<Member>, Option<Arc<Member>>)> {
-        let (a, b) = self.random_pair_slots()?;
-        Some((a.member().clone(), b.map(|b| b.member().clone())))
+        let ((_, a), b) = self.random_pair_slots()?;
+        Some((a.member().clone(), b.map(|(_, b)| b.member().clone())))
     }
 
     /// [`random_pair`](Self::random_pair)'s slots: the caller compares
     /// their live states and clones only the member it keeps.
-    pub(crate) fn random_pair_slots(&mut self) -> Option<(&'a Slot, Option<&'a Slot>)> {
-        let a = self.random_eligible_slot(true)?;
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn random_pair_slots(
+        &mut self,
+    ) -> Option<((usize, &'a Slot), Option<(usize, &'a Slot)>)> {
+        let a = self.random_eligible_slot()?;
         for _ in 0..8 {
-            let b = self.random_eligible_slot(true)?;
-            if !std::ptr::eq(a.live(), b.live()) {
+            let b = self.random_eligible_slot()?;
+            if a.0 != b.0 {
                 return Some((a, Some(b)));
             }
         }
@@ -423,18 +437,18 @@ impl<'a> PickContext<'a> {
         }
     }
 
-    /// [`cheaper`](Self::cheaper) on slots, by a cost of the live state:
-    /// clones only the winner.
+    /// [`cheaper`](Self::cheaper) on positions, by a cost of the live
+    /// state: reads no member.
     #[inline]
-    pub(crate) fn cheaper_slot(
+    pub(crate) fn cheaper_at(
         &self,
-        a: &Slot,
-        b: Option<&Slot>,
+        a: (usize, &Slot),
+        b: Option<(usize, &Slot)>,
         cost: impl Fn(&Self, &InstanceLive) -> f64,
-    ) -> Arc<Member> {
+    ) -> Picked {
         match b {
-            Some(b) if cost(self, b.live()) < cost(self, a.live()) => b.member().clone(),
-            _ => a.member().clone(),
+            Some(b) if cost(self, b.1.live()) < cost(self, a.1.live()) => Picked::At(b.0),
+            _ => Picked::At(a.0),
         }
     }
 }
@@ -447,35 +461,39 @@ impl<'a> PickContext<'a> {
 /// else a random eligible member.
 #[derive(Default)]
 pub(crate) struct FactorDraw {
-    best: Option<(f64, Arc<Member>)>,
+    best: Option<(f64, Picked)>,
 }
 
 impl FactorDraw {
-    /// Offers `m`, whose live state is `live`; returns it if it is eligible
-    /// and accepted now.
+    /// Offers `m`, whose live state is `live` and which `picked` names;
+    /// returns it if it is eligible and accepted now. `m` is read only if
+    /// the caller's filter must see it.
     #[inline]
     pub(crate) fn offer(
         &mut self,
         cx: &mut PickContext<'_>,
-        m: &Arc<Member>,
+        m: &Member,
         live: &InstanceLive,
-    ) -> Option<Arc<Member>> {
+        picked: impl FnOnce() -> Picked,
+    ) -> Option<Picked> {
         if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| accept(m)) {
             return None;
         }
         let f = cx.live_factor(live);
         if cx.accept(f) {
-            return Some(m.clone());
+            return Some(picked());
         }
         if self.best.as_ref().is_none_or(|(best, _)| f > *best) {
-            self.best = Some((f, m.clone()));
+            self.best = Some((f, picked()));
         }
         None
     }
 
     /// The best member offered, else a random eligible one.
-    pub(crate) fn finish(self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        self.best.map(|(_, m)| m).or_else(|| cx.random_eligible())
+    pub(crate) fn finish(self, cx: &mut PickContext<'_>) -> Option<Picked> {
+        self.best
+            .map(|(_, m)| m)
+            .or_else(|| cx.random_eligible_at())
     }
 }
 

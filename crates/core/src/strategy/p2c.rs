@@ -8,10 +8,8 @@
 //! idle heavy instance preferable to an idle light one; dividing by effective
 //! weight makes unhealthy and slow-starting instances look more loaded.
 
-use std::sync::Arc;
-
-use super::{per_weight, PickContext, Strategy, StrategyKind};
-use crate::instance::{InstanceLive, Member};
+use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
+use crate::instance::InstanceLive;
 
 /// Power of two choices on connections / weight.
 #[derive(Debug, Default)]
@@ -32,8 +30,8 @@ impl Strategy for P2c {
         StrategyKind::P2c
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let (a, b) = cx.random_pair_slots()?;
-        Some(cx.cheaper_slot(a, b, load_cost))
+        Some(cx.cheaper_at(a, b, load_cost))
     }
 }

@@ -62,12 +62,11 @@
 //! measurement.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::{per_weight, PickContext, Strategy, StrategyKind};
+use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
-use crate::instance::{InstanceLive, Member};
+use crate::instance::InstanceLive;
 
 /// Latency ratio from which the slower of a pair is avoided (only probed).
 pub const AVOID_RATIO: f64 = 3.0;
@@ -108,24 +107,24 @@ impl Strategy for PeakEwma {
         StrategyKind::PeakEwma
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         // The costs need the time: read it before the candidates' cache
         // misses, which a clock read (an ordered `rdtsc`) would wait for.
         let now = cx.now();
         let (a, b) = cx.random_pair_slots()?;
         let Some(b) = b else {
-            return Some(a.member().clone());
+            return Some(Picked::At(a.0));
         };
         for (slow, fast) in [(a, b), (b, a)] {
-            if avoids(slow.live(), fast.live()) {
-                let chosen = if due_probe(slow.live(), now) {
+            if avoids(slow.1.live(), fast.1.live()) {
+                let chosen = if due_probe(slow.1.live(), now) {
                     slow
                 } else {
                     fast
                 };
-                return Some(chosen.member().clone());
+                return Some(Picked::At(chosen.0));
             }
         }
-        Some(cx.cheaper_slot(a, Some(b), latency_cost))
+        Some(cx.cheaper_at(a, Some(b), latency_cost))
     }
 }

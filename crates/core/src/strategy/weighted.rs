@@ -48,7 +48,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{rebuild_inline, FactorDraw, PickContext, Strategy, StrategyKind, EAGER_REBUILD_LIMIT};
+use super::{
+    rebuild_inline, FactorDraw, PickContext, Picked, Strategy, StrategyKind, EAGER_REBUILD_LIMIT,
+};
 use crate::clock::Timestamp;
 use crate::instance::Member;
 use crate::members::Members;
@@ -164,8 +166,9 @@ impl Schedule {
         self.eligible = BinaryHeap::from(v);
     }
 
-    /// The next member in the schedule.
-    fn next(&mut self) -> Option<&Arc<Member>> {
+    /// The next member in the schedule, with its position in the list the
+    /// schedule was built from.
+    fn next(&mut self) -> Option<(usize, &Arc<Member>)> {
         if self.members.is_empty() {
             return None;
         }
@@ -190,7 +193,7 @@ impl Schedule {
             idx: f.idx,
         }));
         self.t += 1;
-        self.members.get(i)
+        Some((i, self.members.get(i)?))
     }
 }
 
@@ -208,7 +211,7 @@ impl Weighted {
         }
     }
 
-    fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let n = cx.members.len().max(1);
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES.min(n * 2) {
@@ -216,14 +219,14 @@ impl Weighted {
             let Some(s) = cx.members.slot(i) else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, s.member(), s.live()) {
+            if let Some(m) = draw.offer(cx, s.member(), s.live(), || Picked::At(i)) {
                 return Some(m);
             }
         }
         draw.finish(cx)
     }
 
-    fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let mut guard = self.schedule.lock();
         let rebuild = guard
             .as_ref()
@@ -232,10 +235,20 @@ impl Weighted {
             *guard = Some(Schedule::build(cx.members, cx.generation, cx.now()));
         }
         let sched = guard.as_mut()?;
+        // A schedule of the snapshot's generation lists its members in the
+        // same order: name the pick by position (see `Picked`).
+        let fresh = sched.generation == cx.generation;
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES {
-            let Some(m) = sched.next() else { break };
-            if let Some(m) = draw.offer(cx, m, m.live()) {
+            let Some((i, m)) = sched.next() else { break };
+            let picked = || {
+                if fresh {
+                    Picked::At(i)
+                } else {
+                    Picked::Member(m.clone())
+                }
+            };
+            if let Some(m) = draw.offer(cx, m, m.live(), picked) {
                 return Some(m);
             }
         }
@@ -249,7 +262,7 @@ impl Strategy for Weighted {
         StrategyKind::Weighted
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         if cx.members.is_empty() {
             return None;
         }
