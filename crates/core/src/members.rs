@@ -27,7 +27,8 @@
 
 use std::sync::Arc;
 
-use crate::instance::{InstanceLive, Member};
+use crate::hot::{Hot, HotRef};
+use crate::instance::Member;
 
 /// Members per chunk.
 const CHUNK: usize = 256;
@@ -152,17 +153,17 @@ impl Slots {
     }
 }
 
-/// One member and its live state; see the module doc.
+/// One member and its hot line; see the module doc.
 #[derive(Debug, Clone)]
 pub(crate) struct Slot {
     member: Arc<Member>,
-    live: Arc<InstanceLive>,
+    hot: HotRef,
 }
 
 impl Slot {
     fn new(member: Arc<Member>) -> Self {
-        let live = member.live().clone();
-        Self { member, live }
+        let hot = member.live().hot_ref();
+        Self { member, hot }
     }
 
     /// The member.
@@ -171,10 +172,10 @@ impl Slot {
         &self.member
     }
 
-    /// The member's live state, without reading the member.
+    /// The member's hot line, without reading the member.
     #[inline]
-    pub(crate) fn live(&self) -> &InstanceLive {
-        &self.live
+    pub(crate) fn hot(&self) -> &Hot {
+        self.hot.get()
     }
 }
 
@@ -355,6 +356,7 @@ mod tests {
         Arc::new(Member::new(
             inst,
             Arc::new(InstanceLive::new(
+                &Default::default(),
                 Timestamp::default(),
                 false,
                 Weight::try_new(w).unwrap(),

@@ -69,7 +69,8 @@ use parking_lot::Mutex;
 
 use crate::clock::Timestamp;
 use crate::event::Event;
-use crate::instance::{InstanceLive, Member, ServiceInstance};
+use crate::hot::Hot;
+use crate::instance::{Member, ServiceInstance};
 pub use crate::recorder::{FailureKind, Outcome};
 use crate::recorder::{Recorder, Source};
 use crate::snapshot::Snapshot;
@@ -113,11 +114,9 @@ impl Selection {
             strategy,
             events,
         };
-        if let Some(live) = sel.live() {
-            live.hot.active.fetch_add(1, Ordering::AcqRel);
-            live.hot
-                .last_used
-                .store(used_at.as_nanos(), Ordering::Relaxed);
+        if let Some(hot) = sel.hot() {
+            hot.active.fetch_add(1, Ordering::AcqRel);
+            hot.last_used.store(used_at.as_nanos(), Ordering::Relaxed);
         }
         sel.view.recorder.stats.request_started();
         sel
@@ -136,13 +135,13 @@ impl Selection {
         }
     }
 
-    /// The chosen instance's live state, without reading its member when
+    /// The chosen instance's hot line, without reading its member when
     /// the selection holds a position.
     #[inline]
-    fn live(&self) -> Option<&InstanceLive> {
+    fn hot(&self) -> Option<&Hot> {
         match &self.target {
-            Target::Held(m) => Some(&**m.live()),
-            Target::At(i) => self.view.snapshot.members.slot(*i).map(|s| s.live()),
+            Target::Held(m) => Some(m.live().hot()),
+            Target::At(i) => self.view.snapshot.members.slot(*i).map(|s| s.hot()),
         }
     }
 
@@ -158,7 +157,7 @@ impl Selection {
 
     /// Active connections on the chosen instance, this one included.
     pub fn active_connections(&self) -> u32 {
-        self.live().map_or(0, InstanceLive::active_connections)
+        self.hot().map_or(0, Hot::active_connections)
     }
 
     /// The strategy that made the pick (for `adaptive`: the one in use).
@@ -275,8 +274,8 @@ impl PickLocal {
 impl Drop for Selection {
     #[inline]
     fn drop(&mut self) {
-        if let Some(live) = self.live() {
-            live.hot.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(hot) = self.hot() {
+            hot.active.fetch_sub(1, Ordering::AcqRel);
         }
         self.view.recorder.stats.request_finished();
         if self.probe {

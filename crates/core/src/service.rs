@@ -73,6 +73,7 @@ use crate::clock::{Clock, LazyNow, OptionalTimestamp, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::health::HealthScore;
+use crate::hot::{Hot, HotArena};
 use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
 use crate::member_index::MemberIndex;
 use crate::members::Members;
@@ -113,6 +114,8 @@ struct Writer {
     /// state: only draining members have one.
     draining: HashMap<InstanceId, OptionalTimestamp>,
     generation: u64,
+    /// The service's hot lines ([`hot`](crate::hot)).
+    arena: Arc<HotArena>,
 }
 
 /// Whether a registration added an instance or updated one.
@@ -321,19 +324,19 @@ impl Service {
                 });
             }
             let picked = picked?;
-            let (member, live): (&Member, &InstanceLive) = match &picked {
+            let (member, hot): (&Member, &Hot) = match &picked {
                 Picked::At(i) => {
                     let s = snap.members.slot(*i)?;
-                    (s.member(), s.live())
+                    (s.member(), s.hot())
                 }
-                Picked::Member(m) => (m, m.live()),
+                Picked::Member(m) => (m, m.live().hot()),
             };
             let kind = snap.strategy.effective_kind();
             // Panic mode ignores breakers, so it takes no probe slot.
             let probe = if panic {
                 false
             } else {
-                match self.admit(member, live, &now, &snap.config, &mut events) {
+                match self.admit(member, hot, &now, &snap.config, &mut events) {
                     Admission::Admitted => false,
                     Admission::Probe(_) => true,
                     Admission::Rejected => continue,
@@ -355,19 +358,20 @@ impl Service {
         None
     }
 
-    /// Asks `member`'s breaker (its live state `live`) to admit a request.
+    /// Asks `member`'s breaker (its hot line `hot`) to admit a request.
     /// `member` is read only when the breaker is not closed.
     fn admit(
         &self,
         member: &Member,
-        live: &InstanceLive,
+        hot: &Hot,
         now: &LazyNow<'_>,
         cfg: &LoadBalancerConfig,
         events: &mut Vec<Event>,
     ) -> Admission {
-        if live.circuit_state() == CircuitState::Closed {
+        if hot.circuit_state() == CircuitState::Closed {
             return Admission::Admitted; // the common case: no lock, no clock
         }
+        let live = member.live();
         let mut trackers = live.trackers.lock();
         let admission = trackers.breaker.try_admit(now.get(), &cfg.breaker);
         if let Admission::Probe(Some(t)) = admission {
@@ -568,7 +572,7 @@ impl Service {
     pub(crate) fn mark_all_removed(&self) {
         let snap = self.snapshot.load();
         for m in snap.members.iter() {
-            m.live().hot.removed.store(true, Ordering::Release);
+            m.live().hot().removed.store(true, Ordering::Release);
         }
     }
 
@@ -627,7 +631,7 @@ impl Writer {
             }
         }
         let id = instance.id().clone();
-        let live = Arc::new(InstanceLive::new(now, slow, instance.weight()));
+        let live = Arc::new(InstanceLive::new(&self.arena, now, slow, instance.weight()));
         stats.recount(&mut live.trackers.lock().counted, Availability::Available);
         let idx = members.push(Arc::new(Member::new(instance, live)));
         self.index.insert(members, id.as_str(), idx);
@@ -651,7 +655,7 @@ impl Writer {
         }
         let live = removed.live();
         let mut trackers = live.trackers.lock();
-        live.hot.removed.store(true, Ordering::Release);
+        live.hot().removed.store(true, Ordering::Release);
         stats.recount(&mut trackers.counted, Availability::Absent);
         Some(removed.instance().clone())
     }
@@ -838,7 +842,7 @@ mod tests {
             .expect("the elapsed window admits a probe");
         assert!(probe.is_probe());
         assert_eq!(
-            i0.live().hot.last_used.load(Ordering::Relaxed),
+            i0.live().hot().last_used.load(Ordering::Relaxed),
             t.as_nanos()
         );
     }

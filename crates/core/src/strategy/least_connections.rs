@@ -36,7 +36,7 @@
 //! within a small constant of the true minimum.
 
 use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
-use crate::instance::InstanceLive;
+use crate::hot::Hot;
 use crate::members::Slot;
 
 /// Largest service picked by an exact scan.
@@ -51,7 +51,7 @@ pub struct LeastConnections;
 /// `active / effective weight` of an instance at factor `f`, from its live
 /// state alone (one cache line per sample).
 #[inline]
-fn load(live: &InstanceLive, f: f64) -> f64 {
+fn load(live: &Hot, f: f64) -> f64 {
     per_weight(
         f64::from(live.active_connections()),
         f64::from(live.weight()) * f,
@@ -70,8 +70,8 @@ struct Lowest<'m> {
 impl<'m> Lowest<'m> {
     /// Offers `s` at factor `f`.
     fn offer(&mut self, cx: &mut PickContext<'_>, (i, s): (usize, &'m Slot), f: f64) {
-        let weight = f64::from(s.live().weight());
-        let load = load(s.live(), f);
+        let weight = f64::from(s.hot().weight());
+        let load = load(s.hot(), f);
         if self.best.is_none() || load < self.load {
             self.best = Some((i, s));
             self.load = load;
@@ -116,7 +116,7 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
             continue;
         }
         any = true;
-        let f = cx.live_factor(s.live());
+        let f = cx.live_factor(s.hot());
         if cx.accept(f) {
             admitted.offer(cx, (i, s), f);
         }
@@ -128,7 +128,7 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
     let mut all = Lowest::default();
     for (i, s) in members.slots().enumerate() {
         if cx.slot_eligible(s) {
-            let f = cx.live_factor(s.live());
+            let f = cx.live_factor(s.hot());
             all.offer(cx, (i, s), f);
         }
     }
@@ -144,9 +144,9 @@ fn sampled(cx: &mut PickContext<'_>) -> Option<Picked> {
     let mut best: Option<(bool, f64, usize)> = None;
     for _ in 0..SAMPLES {
         let (i, s) = cx.random_eligible_slot()?;
-        let f = cx.live_factor(s.live());
+        let f = cx.live_factor(s.hot());
         let admitted = cx.accept(f);
-        let load = load(s.live(), f);
+        let load = load(s.hot(), f);
         let better = best.as_ref().is_none_or(|&(was_admitted, was_load, _)| {
             (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
         });

@@ -57,7 +57,8 @@ pub use self::weighted::Weighted;
 
 use crate::clock::{LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
-use crate::instance::{InstanceLive, Member};
+use crate::hot::Hot;
+use crate::instance::Member;
 use crate::members::{Members, Slot};
 use crate::stats::ServiceStats;
 
@@ -293,18 +294,18 @@ impl<'a> PickContext<'a> {
     /// member only if a filter must see it.
     #[inline]
     pub(crate) fn slot_eligible(&self, s: &Slot) -> bool {
-        self.admits_live(s.live()) && self.accept.is_none_or(|accept| accept(s.member()))
+        self.admits_live(s.hot()) && self.accept.is_none_or(|accept| accept(s.member()))
     }
 
     /// Whether the service's rules let `m` take traffic now, ignoring the
     /// caller's filter (in panic mode: anything not draining).
     #[inline]
     pub fn admits(&self, m: &Member) -> bool {
-        self.admits_live(m.live())
+        self.admits_live(m.live().hot())
     }
 
     #[inline]
-    fn admits_live(&self, live: &InstanceLive) -> bool {
+    fn admits_live(&self, live: &Hot) -> bool {
         if self.panic {
             live.admits_panic_traffic()
         } else {
@@ -321,12 +322,12 @@ impl<'a> PickContext<'a> {
     /// instance counts fully, so the load spreads across all of them.
     #[inline]
     pub fn weight_factor(&self, m: &Member) -> f64 {
-        self.live_factor(m.live())
+        self.live_factor(m.live().hot())
     }
 
     /// [`weight_factor`](Self::weight_factor) from the live state alone.
     #[inline]
-    pub(crate) fn live_factor(&self, live: &InstanceLive) -> f64 {
+    pub(crate) fn live_factor(&self, live: &Hot) -> f64 {
         if self.panic {
             1.0
         } else {
@@ -343,7 +344,7 @@ impl<'a> PickContext<'a> {
     /// [`effective_weight`](Self::effective_weight) from the live state
     /// alone (its copy of the configured weight).
     #[inline]
-    pub(crate) fn live_effective_weight(&self, live: &InstanceLive) -> f64 {
+    pub(crate) fn live_effective_weight(&self, live: &Hot) -> f64 {
         f64::from(live.weight()) * self.live_factor(live)
     }
 
@@ -444,10 +445,10 @@ impl<'a> PickContext<'a> {
         &self,
         a: (usize, &Slot),
         b: Option<(usize, &Slot)>,
-        cost: impl Fn(&Self, &InstanceLive) -> f64,
+        cost: impl Fn(&Self, &Hot) -> f64,
     ) -> Picked {
         match b {
-            Some(b) if cost(self, b.1.live()) < cost(self, a.1.live()) => Picked::At(b.0),
+            Some(b) if cost(self, b.1.hot()) < cost(self, a.1.hot()) => Picked::At(b.0),
             _ => Picked::At(a.0),
         }
     }
@@ -473,7 +474,7 @@ impl FactorDraw {
         &mut self,
         cx: &mut PickContext<'_>,
         m: &Member,
-        live: &InstanceLive,
+        live: &Hot,
         picked: impl FnOnce() -> Picked,
     ) -> Option<Picked> {
         if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| accept(m)) {

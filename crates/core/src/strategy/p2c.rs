@@ -9,7 +9,7 @@
 //! weight makes unhealthy and slow-starting instances look more loaded.
 
 use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
-use crate::instance::InstanceLive;
+use crate::hot::Hot;
 
 /// Power of two choices on connections / weight.
 #[derive(Debug, Default)]
@@ -18,7 +18,7 @@ pub struct P2c;
 /// The p2c cost of an instance, from its live state alone (one cache
 /// line; see [`instance`](crate::instance)).
 #[inline]
-pub(crate) fn load_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
+pub(crate) fn load_cost(cx: &PickContext<'_>, live: &Hot) -> f64 {
     per_weight(
         f64::from(live.active_connections()) + 1.0,
         cx.live_effective_weight(live),

@@ -66,7 +66,7 @@ use std::time::Duration;
 
 use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
-use crate::instance::InstanceLive;
+use crate::hot::Hot;
 
 /// Latency ratio from which the slower of a pair is avoided (only probed).
 pub const AVOID_RATIO: f64 = 3.0;
@@ -79,7 +79,7 @@ pub struct PeakEwma;
 
 /// The peak-EWMA cost of `m`.
 #[inline]
-pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
+pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &Hot) -> f64 {
     let queue = f64::from(live.active_connections()) + 1.0;
     per_weight(
         live.latency_estimate_ns(cx.now()) * queue,
@@ -87,18 +87,18 @@ pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
     )
 }
 
-/// Whether `slow` is far enough behind `fast` to be avoided (the ratio
-/// first: it reads only the pick's line; the request count is off it).
+/// Whether `slow` is far enough behind `fast` to be avoided: the ratio,
+/// and `slow` answered a request (both on the pick's line).
 #[inline]
-fn avoids(slow: &InstanceLive, fast: &InstanceLive) -> bool {
+fn avoids(slow: &Hot, fast: &Hot) -> bool {
     slow.latency_ewma_ns() >= AVOID_RATIO * fast.latency_ewma_ns()
-        && slow.requests.load(Ordering::Relaxed) > 0
+        && slow.answered.load(Ordering::Relaxed)
 }
 
 /// Whether the avoided `live` is due its probe at `now`.
 #[inline]
-fn due_probe(live: &InstanceLive, now: Timestamp) -> bool {
-    let last = Timestamp::from_nanos(live.hot.last_used.load(Ordering::Relaxed));
+fn due_probe(live: &Hot, now: Timestamp) -> bool {
+    let last = Timestamp::from_nanos(live.last_used.load(Ordering::Relaxed));
     live.active_connections() == 0 && now.saturating_since(last) >= PROBE_INTERVAL
 }
 
@@ -116,8 +116,8 @@ impl Strategy for PeakEwma {
             return Some(Picked::At(a.0));
         };
         for (slow, fast) in [(a, b), (b, a)] {
-            if avoids(slow.1.live(), fast.1.live()) {
-                let chosen = if due_probe(slow.1.live(), now) {
+            if avoids(slow.1.hot(), fast.1.hot()) {
+                let chosen = if due_probe(slow.1.hot(), now) {
                     slow
                 } else {
                     fast

@@ -47,7 +47,7 @@ impl Strategy for WeightedRandom {
             else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, s.member(), s.live(), || Picked::At(i)) {
+            if let Some(m) = draw.offer(cx, s.member(), s.hot(), || Picked::At(i)) {
                 return Some(m);
             }
         }

@@ -59,7 +59,7 @@ impl Strategy for RoundRobin {
         for _ in 0..MAX_SKIPS {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
             if let Some(s) = cx.members.slot(i) {
-                if let Some(m) = draw.offer(cx, s.member(), s.live(), || Picked::At(i)) {
+                if let Some(m) = draw.offer(cx, s.member(), s.hot(), || Picked::At(i)) {
                     return Some(m);
                 }
             }

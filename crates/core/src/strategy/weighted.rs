@@ -219,7 +219,7 @@ impl Weighted {
             let Some(s) = cx.members.slot(i) else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, s.member(), s.live(), || Picked::At(i)) {
+            if let Some(m) = draw.offer(cx, s.member(), s.hot(), || Picked::At(i)) {
                 return Some(m);
             }
         }
@@ -248,7 +248,7 @@ impl Weighted {
                     Picked::Member(m.clone())
                 }
             };
-            if let Some(m) = draw.offer(cx, m, m.live(), picked) {
+            if let Some(m) = draw.offer(cx, m, m.live().hot(), picked) {
                 return Some(m);
             }
         }
