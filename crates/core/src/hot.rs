@@ -238,6 +238,22 @@ pub(crate) struct HotChunk {
     lines: [Hot; LINES_PER_CHUNK],
     /// Where a dropped line goes (module doc).
     arena: Weak<HotArena>,
+    /// The chunk's number in its arena: lines `number × 256 ..`.
+    number: u32,
+}
+
+impl HotChunk {
+    /// The chunk's number in its arena.
+    #[inline]
+    pub(crate) fn number(&self) -> usize {
+        self.number as usize
+    }
+
+    /// Line `i` of the chunk.
+    #[inline]
+    pub(crate) fn line(&self, i: usize) -> Option<&Hot> {
+        self.lines.get(i)
+    }
 }
 
 /// A reference to one line: its chunk and its index there. Cloning it
@@ -255,6 +271,16 @@ impl HotRef {
     pub(crate) fn get(&self) -> &Hot {
         // `index < LINES_PER_CHUNK`: `HotArena::take` makes every `HotRef`.
         &self.chunk.lines[self.index % LINES_PER_CHUNK]
+    }
+
+    /// The line's chunk.
+    pub(crate) fn chunk(&self) -> &Arc<HotChunk> {
+        &self.chunk
+    }
+
+    /// The line's number in its arena: chunk number × 256 + index.
+    pub(crate) fn number(&self) -> u32 {
+        self.chunk.number * LINES_PER_CHUNK as u32 + self.index as u32
     }
 }
 
@@ -298,7 +324,7 @@ struct ArenaInner {
     /// chunks are kept alive by their lines' owners and the free list.
     last: Option<Arc<HotChunk>>,
     used_in_last: usize,
-    /// Chunks allocated, for tests.
+    /// Chunks allocated: the next chunk's number.
     chunks: usize,
 }
 
@@ -322,6 +348,7 @@ impl HotArena {
                         let c = Arc::new(HotChunk {
                             lines: std::array::from_fn(|_| Hot::vacant()),
                             arena: Arc::downgrade(self),
+                            number: u32::try_from(inner.chunks).unwrap_or(u32::MAX),
                         });
                         inner.last = Some(c.clone());
                         inner.used_in_last = 0;

@@ -27,7 +27,7 @@
 
 use std::sync::Arc;
 
-use crate::hot::{Hot, HotRef};
+use crate::hot::{Hot, HotChunk, HotRef, LINES_PER_CHUNK};
 use crate::instance::Member;
 
 /// Members per chunk.
@@ -42,6 +42,9 @@ pub struct Members {
     len: usize,
     min_weight: u16,
     max_weight: u16,
+    /// The hot-line chunks of the members' lines, by chunk number: every
+    /// line a slot names is in a chunk listed here (module doc).
+    hot_chunks: Arc<Vec<Option<Arc<HotChunk>>>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -67,6 +70,9 @@ struct Slots {
     slots: [Option<Slot>; CHUNK],
     /// `cum[i]` = total configured weight of the members in slots `0..=i`.
     cum: [u32; CHUNK],
+    /// `lines[i]` = the hot line number of the member in slot `i`, dense
+    /// (module doc, "Where a pick looks").
+    lines: [u32; CHUNK],
 }
 
 impl Default for Slots {
@@ -75,6 +81,7 @@ impl Default for Slots {
             len: 0,
             slots: [const { None }; CHUNK],
             cum: [0; CHUNK],
+            lines: [0; CHUNK],
         }
     }
 }
@@ -115,6 +122,7 @@ impl Slots {
             // `*cum ≥ old`: a sum includes the weight it replaces.
             *cum = *cum - old + u32::from(weight);
         }
+        self.lines[i] = slot.line;
         self.slots[i].replace(slot)
     }
 
@@ -122,6 +130,7 @@ impl Slots {
     fn push(&mut self, slot: Slot, weight: u16) {
         let total = self.total();
         if let Some(free) = self.slots.get_mut(self.len) {
+            self.lines[self.len] = slot.line;
             *free = Some(slot);
             self.cum[self.len] = total + u32::from(weight);
             self.len += 1;
@@ -153,17 +162,19 @@ impl Slots {
     }
 }
 
-/// One member and its hot line; see the module doc.
+/// One member and its hot line's number; see the module doc.
 #[derive(Debug, Clone)]
 pub(crate) struct Slot {
     member: Arc<Member>,
-    hot: HotRef,
+    line: u32,
 }
 
 impl Slot {
-    fn new(member: Arc<Member>) -> Self {
-        let hot = member.live().hot_ref();
-        Self { member, hot }
+    fn new(member: Arc<Member>, hot: &HotRef) -> Self {
+        Self {
+            member,
+            line: hot.number(),
+        }
     }
 
     /// The member.
@@ -171,11 +182,24 @@ impl Slot {
     pub(crate) fn member(&self) -> &Arc<Member> {
         &self.member
     }
+}
 
-    /// The member's hot line, without reading the member.
+/// A member considered by a pick: its position and its hot line. The
+/// member itself is read only if asked for ([`member`](Self::member)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Candidate<'a> {
+    members: &'a Members,
+    /// The position in the member list.
+    pub(crate) index: usize,
+    /// The hot line.
+    pub(crate) hot: &'a Hot,
+}
+
+impl<'a> Candidate<'a> {
+    /// The member (a read of its list slot).
     #[inline]
-    pub(crate) fn hot(&self) -> &Hot {
-        self.hot.get()
+    pub(crate) fn member(&self) -> Option<&'a Arc<Member>> {
+        self.members.get(self.index)
     }
 }
 
@@ -200,6 +224,54 @@ impl Members {
     #[inline]
     pub(crate) fn slot(&self, index: usize) -> Option<&Slot> {
         self.chunks.get(index / CHUNK)?.members.get(index % CHUNK)
+    }
+
+    /// The hot line of the member at `index`: the chunk's dense line
+    /// number, then the line (module doc, "Where a pick looks").
+    #[inline]
+    pub(crate) fn hot(&self, index: usize) -> Option<&Hot> {
+        let chunk = &self.chunks.get(index / CHUNK)?.members;
+        let s = index % CHUNK;
+        if s >= chunk.len {
+            return None;
+        }
+        let line = chunk.lines[s] as usize;
+        self.hot_chunks
+            .get(line / LINES_PER_CHUNK)?
+            .as_ref()?
+            .line(line % LINES_PER_CHUNK)
+    }
+
+    /// The member at `index` as a pick's candidate.
+    #[inline]
+    pub(crate) fn candidate(&self, index: usize) -> Option<Candidate<'_>> {
+        Some(Candidate {
+            members: self,
+            index,
+            hot: self.hot(index)?,
+        })
+    }
+
+    /// Every member as a candidate, in list order (O(n)).
+    pub(crate) fn candidates(&self) -> impl Iterator<Item = Candidate<'_>> {
+        (0..self.len).filter_map(|i| self.candidate(i))
+    }
+
+    /// Records the chunk of `hot` in the list's table of line chunks.
+    fn note_chunk(&mut self, hot: &HotRef) {
+        let n = hot.chunk().number();
+        let known = self
+            .hot_chunks
+            .get(n)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| Arc::ptr_eq(c, hot.chunk()));
+        if !known {
+            let table = Arc::make_mut(&mut self.hot_chunks);
+            if table.len() <= n {
+                table.resize(n + 1, None);
+            }
+            table[n] = Some(hot.chunk().clone());
+        }
     }
 
     /// Iterates over all members (O(n); not for the selection path).
@@ -251,8 +323,10 @@ impl Members {
         let c = self.chunks.len() - 1;
         let w = member.instance().weight().get();
         let before = if c == 0 { 0 } else { self.chunk_cum[c - 1] };
+        let hot = member.live().hot_ref();
+        self.note_chunk(&hot);
         let chunk = Arc::make_mut(&mut self.chunks[c]);
-        chunk.members.push(Slot::new(member), w);
+        chunk.members.push(Slot::new(member, &hot), w);
         let sum = u64::from(chunk.members.total());
         chunk.min_weight = if chunk.members.len() == 1 {
             w
@@ -274,11 +348,13 @@ impl Members {
     /// Replaces the member at `index`.
     pub(crate) fn set(&mut self, index: usize, member: Arc<Member>) {
         let (c, s) = (index / CHUNK, index % CHUNK);
+        let hot = member.live().hot_ref();
+        self.note_chunk(&hot);
         if let Some(chunk) = self.chunks.get_mut(c) {
             let w = member.instance().weight().get();
             if Arc::make_mut(chunk)
                 .members
-                .replace(s, Slot::new(member), w)
+                .replace(s, Slot::new(member, &hot), w)
                 .is_some()
             {
                 self.refresh(&[c]);
@@ -347,7 +423,12 @@ impl Members {
 mod tests {
     use super::*;
     use crate::clock::Timestamp;
+    use crate::hot::HotArena;
     use crate::instance::{InstanceLive, ServiceInstance, Weight};
+
+    /// One arena for every test member, as a service has (the list's
+    /// table of line chunks is by the arena's chunk numbers).
+    static ARENA: std::sync::LazyLock<Arc<HotArena>> = std::sync::LazyLock::new(Arc::default);
 
     fn member(i: usize, w: u64) -> Arc<Member> {
         let inst = ServiceInstance::try_new(&format!("m{i}"), "h", 1)
@@ -356,7 +437,7 @@ mod tests {
         Arc::new(Member::new(
             inst,
             Arc::new(InstanceLive::new(
-                &Default::default(),
+                &ARENA,
                 Timestamp::default(),
                 false,
                 Weight::try_new(w).unwrap(),
@@ -388,8 +469,12 @@ mod tests {
             assert_eq!(m.len(), model.len());
         }
         for (i, (id, _)) in model.iter().enumerate() {
-            assert_eq!(m.get(i).unwrap().instance().id().as_str(), id);
+            let member = m.get(i).unwrap();
+            assert_eq!(member.instance().id().as_str(), id);
+            // The dense line numbers follow every push, swap and replace.
+            assert!(std::ptr::eq(m.hot(i).unwrap(), member.live().hot()), "{id}");
         }
+        assert!(m.hot(model.len()).is_none());
         let total: u64 = model.iter().map(|x| x.1).sum();
         assert_eq!(m.total_weight(), total);
         let max = model.iter().map(|x| x.1).max().unwrap_or(0);

@@ -141,7 +141,7 @@ impl Selection {
     fn hot(&self) -> Option<&Hot> {
         match &self.target {
             Target::Held(m) => Some(m.live().hot()),
-            Target::At(i) => self.view.snapshot.members.slot(*i).map(|s| s.hot()),
+            Target::At(i) => self.view.snapshot.members.hot(*i),
         }
     }
 

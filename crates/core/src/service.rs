@@ -324,12 +324,13 @@ impl Service {
                 });
             }
             let picked = picked?;
-            let (member, hot): (&Member, &Hot) = match &picked {
-                Picked::At(i) => {
-                    let s = snap.members.slot(*i)?;
-                    (s.member(), s.hot())
-                }
-                Picked::Member(m) => (m, m.live().hot()),
+            let hot: &Hot = match &picked {
+                Picked::At(i) => snap.members.hot(*i)?,
+                Picked::Member(m) => m.live().hot(),
+            };
+            let member = || match &picked {
+                Picked::At(i) => snap.members.get(*i).map(|m| &**m),
+                Picked::Member(m) => Some(&**m),
             };
             let kind = snap.strategy.effective_kind();
             // Panic mode ignores breakers, so it takes no probe slot.
@@ -358,11 +359,12 @@ impl Service {
         None
     }
 
-    /// Asks `member`'s breaker (its hot line `hot`) to admit a request.
-    /// `member` is read only when the breaker is not closed.
-    fn admit(
+    /// Asks the breaker of the member `member()` (its hot line `hot`) to
+    /// admit a request. The member is read only when the breaker is not
+    /// closed.
+    fn admit<'m>(
         &self,
-        member: &Member,
+        member: impl FnOnce() -> Option<&'m Member>,
         hot: &Hot,
         now: &LazyNow<'_>,
         cfg: &LoadBalancerConfig,
@@ -371,6 +373,9 @@ impl Service {
         if hot.circuit_state() == CircuitState::Closed {
             return Admission::Admitted; // the common case: no lock, no clock
         }
+        let Some(member) = member() else {
+            return Admission::Rejected;
+        };
         let live = member.live();
         let mut trackers = live.trackers.lock();
         let admission = trackers.breaker.try_admit(now.get(), &cfg.breaker);

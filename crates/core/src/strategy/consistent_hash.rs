@@ -151,8 +151,12 @@ impl Table {
 
     /// The key's instance by the walk of the module doc. A table of the
     /// snapshot's generation lists the members in the snapshot's order, so
-    /// its owner index is the position (see `Picked`).
+    /// its owner index is the position (see `Picked`), and an owner is
+    /// checked on its hot line through the snapshot's list: the table slot
+    /// and the line are the two cache misses. An older table checks its
+    /// own copy of the member.
     fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Picked> {
+        let fresh = self.generation == cx.generation;
         let m = self.slots.len() as u64;
         if m == 0 {
             return None;
@@ -167,13 +171,16 @@ impl Table {
                 continue;
             }
             last_owner = owner;
-            let slot = self.members.get(owner as usize)?;
-            if cx.slot_eligible(slot) {
-                return Some(if self.generation == cx.generation {
-                    Picked::At(owner as usize)
-                } else {
-                    Picked::Member(slot.member().clone())
-                });
+            if fresh {
+                let c = cx.members.candidate(owner as usize)?;
+                if cx.candidate_eligible(&c) {
+                    return Some(Picked::At(c.index));
+                }
+            } else {
+                let m = self.members.get(owner as usize)?.member();
+                if cx.is_eligible(m) {
+                    return Some(Picked::Member(m.clone()));
+                }
             }
             owners_tried += 1;
             if owners_tried == MAX_WALK {

@@ -37,7 +37,7 @@
 
 use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::hot::Hot;
-use crate::members::Slot;
+use crate::members::Candidate;
 
 /// Largest service picked by an exact scan.
 pub const EXACT_LIMIT: usize = 256;
@@ -61,7 +61,7 @@ fn load(live: &Hot, f: f64) -> f64 {
 /// The least loaded member offered so far, ties drawn by configured weight.
 #[derive(Default)]
 struct Lowest<'m> {
-    best: Option<(usize, &'m Slot)>,
+    best: Option<Candidate<'m>>,
     load: f64,
     /// Sum of the configured weights of the members tied at `load`.
     tied: f64,
@@ -69,24 +69,24 @@ struct Lowest<'m> {
 
 impl<'m> Lowest<'m> {
     /// Offers `s` at factor `f`.
-    fn offer(&mut self, cx: &mut PickContext<'_>, (i, s): (usize, &'m Slot), f: f64) {
-        let weight = f64::from(s.hot().weight());
-        let load = load(s.hot(), f);
+    fn offer(&mut self, cx: &mut PickContext<'_>, c: Candidate<'m>, f: f64) {
+        let weight = f64::from(c.hot.weight());
+        let load = load(c.hot, f);
         if self.best.is_none() || load < self.load {
-            self.best = Some((i, s));
+            self.best = Some(c);
             self.load = load;
             self.tied = weight;
         } else if load == self.load {
             self.tied += weight;
             // Weighted reservoir sampling: replace with chance w / Σw.
             if cx.rng.f64() * self.tied < weight {
-                self.best = Some((i, s));
+                self.best = Some(c);
             }
         }
     }
 
     fn picked(&self) -> Option<Picked> {
-        self.best.map(|(i, _)| Picked::At(i))
+        self.best.map(|c| Picked::At(c.index))
     }
 }
 
@@ -110,15 +110,14 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
     let members = cx.members;
     let mut admitted = Lowest::default();
     let mut any = false;
-    // `slots()` runs in list order: `i` is the position.
-    for (i, s) in members.slots().enumerate() {
-        if !cx.slot_eligible(s) {
+    for c in members.candidates() {
+        if !cx.candidate_eligible(&c) {
             continue;
         }
         any = true;
-        let f = cx.live_factor(s.hot());
+        let f = cx.live_factor(c.hot);
         if cx.accept(f) {
-            admitted.offer(cx, (i, s), f);
+            admitted.offer(cx, c, f);
         }
     }
     if admitted.best.is_some() || !any {
@@ -126,10 +125,10 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
     }
     // Nobody admitted (rare: every candidate ramps and drew "no").
     let mut all = Lowest::default();
-    for (i, s) in members.slots().enumerate() {
-        if cx.slot_eligible(s) {
-            let f = cx.live_factor(s.hot());
-            all.offer(cx, (i, s), f);
+    for c in members.candidates() {
+        if cx.candidate_eligible(&c) {
+            let f = cx.live_factor(c.hot);
+            all.offer(cx, c, f);
         }
     }
     all.picked()
@@ -143,10 +142,11 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
 fn sampled(cx: &mut PickContext<'_>) -> Option<Picked> {
     let mut best: Option<(bool, f64, usize)> = None;
     for _ in 0..SAMPLES {
-        let (i, s) = cx.random_eligible_slot()?;
-        let f = cx.live_factor(s.hot());
+        let c = cx.random_candidate()?;
+        let i = c.index;
+        let f = cx.live_factor(c.hot);
         let admitted = cx.accept(f);
-        let load = load(s.hot(), f);
+        let load = load(c.hot, f);
         let better = best.as_ref().is_none_or(|&(was_admitted, was_load, _)| {
             (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
         });

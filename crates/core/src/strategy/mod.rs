@@ -59,7 +59,7 @@ use crate::clock::{LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::hot::Hot;
 use crate::instance::Member;
-use crate::members::{Members, Slot};
+use crate::members::{Candidate, Members};
 use crate::stats::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
@@ -290,11 +290,14 @@ impl<'a> PickContext<'a> {
         self.admits(m) && self.accept.is_none_or(|accept| accept(m))
     }
 
-    /// [`is_eligible`](Self::is_eligible) for a list slot: reads the
+    /// [`is_eligible`](Self::is_eligible) for a candidate: reads the
     /// member only if a filter must see it.
     #[inline]
-    pub(crate) fn slot_eligible(&self, s: &Slot) -> bool {
-        self.admits_live(s.hot()) && self.accept.is_none_or(|accept| accept(s.member()))
+    pub(crate) fn candidate_eligible(&self, c: &Candidate<'_>) -> bool {
+        self.admits_live(c.hot)
+            && self
+                .accept
+                .is_none_or(|accept| c.member().is_some_and(|m| accept(m)))
     }
 
     /// Whether the service's rules let `m` take traffic now, ignoring the
@@ -357,67 +360,64 @@ impl<'a> PickContext<'a> {
     /// A uniformly random eligible member: rejection sampling, then a scan
     /// from a random offset after [`MAX_DRAWS`] misses.
     pub fn random_eligible(&mut self) -> Option<Arc<Member>> {
-        self.random_eligible_slot().map(|(_, s)| s.member().clone())
+        self.random_candidate()?.member().cloned()
     }
 
     /// [`random_eligible`](Self::random_eligible) as a position.
     #[inline]
     pub(crate) fn random_eligible_at(&mut self) -> Option<Picked> {
-        self.random_eligible_slot().map(|(i, _)| Picked::At(i))
+        self.random_candidate().map(|c| Picked::At(c.index))
     }
 
     /// [`random_eligible`](Self::random_eligible)'s position and slot: a
     /// candidate is checked on its live line alone, its member never read
     /// (the selection names it by position).
     #[inline]
-    pub(crate) fn random_eligible_slot(&mut self) -> Option<(usize, &'a Slot)> {
+    pub(crate) fn random_candidate(&mut self) -> Option<Candidate<'a>> {
         let members = self.members;
         let n = members.len();
         if n == 0 {
             return None;
         }
         for _ in 0..MAX_DRAWS {
-            let i = self.rng.usize(..n);
-            let s = members.slot(i)?;
-            if self.slot_eligible(s) {
-                return Some((i, s));
+            let c = members.candidate(self.rng.usize(..n))?;
+            if self.candidate_eligible(&c) {
+                return Some(c);
             }
         }
         let start = self.rng.usize(..n);
-        self.scan_from_slot(start)
+        self.scan_from_candidate(start)
     }
 
     /// The first eligible member at or after `start`, wrapping around.
     pub fn scan_from(&self, start: usize) -> Option<Arc<Member>> {
-        self.scan_from_slot(start).map(|(_, s)| s.member().clone())
+        self.scan_from_candidate(start)?.member().cloned()
     }
 
-    fn scan_from_slot(&self, start: usize) -> Option<(usize, &'a Slot)> {
+    fn scan_from_candidate(&self, start: usize) -> Option<Candidate<'a>> {
         let members = self.members;
         let n = members.len();
         (0..n)
-            .map(|i| (start + i) % n)
-            .filter_map(|i| Some((i, members.slot(i)?)))
-            .find(|(_, s)| self.slot_eligible(s))
+            .filter_map(|i| members.candidate((start + i) % n))
+            .find(|c| self.candidate_eligible(c))
     }
 
     /// Two distinct eligible members at random (the second is `None` if only
     /// one could be found), for power-of-two-choices.
     pub fn random_pair(&mut self) -> Option<(Arc<Member>, Option<Arc<Member>>)> {
-        let ((_, a), b) = self.random_pair_slots()?;
-        Some((a.member().clone(), b.map(|(_, b)| b.member().clone())))
+        let (a, b) = self.random_pair_candidates()?;
+        Some((a.member()?.clone(), b.and_then(|b| b.member().cloned())))
     }
 
     /// [`random_pair`](Self::random_pair)'s slots: the caller compares
     /// their live states and clones only the member it keeps.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn random_pair_slots(
+    pub(crate) fn random_pair_candidates(
         &mut self,
-    ) -> Option<((usize, &'a Slot), Option<(usize, &'a Slot)>)> {
-        let a = self.random_eligible_slot()?;
+    ) -> Option<(Candidate<'a>, Option<Candidate<'a>>)> {
+        let a = self.random_candidate()?;
         for _ in 0..8 {
-            let b = self.random_eligible_slot()?;
-            if a.0 != b.0 {
+            let b = self.random_candidate()?;
+            if a.index != b.index {
                 return Some((a, Some(b)));
             }
         }
@@ -443,13 +443,13 @@ impl<'a> PickContext<'a> {
     #[inline]
     pub(crate) fn cheaper_at(
         &self,
-        a: (usize, &Slot),
-        b: Option<(usize, &Slot)>,
+        a: Candidate<'_>,
+        b: Option<Candidate<'_>>,
         cost: impl Fn(&Self, &Hot) -> f64,
     ) -> Picked {
         match b {
-            Some(b) if cost(self, b.1.hot()) < cost(self, a.1.hot()) => Picked::At(b.0),
-            _ => Picked::At(a.0),
+            Some(b) if cost(self, b.hot) < cost(self, a.hot) => Picked::At(b.index),
+            _ => Picked::At(a.index),
         }
     }
 }
@@ -466,18 +466,18 @@ pub(crate) struct FactorDraw {
 }
 
 impl FactorDraw {
-    /// Offers `m`, whose live state is `live` and which `picked` names;
-    /// returns it if it is eligible and accepted now. `m` is read only if
-    /// the caller's filter must see it.
+    /// Offers the member `member()`, whose hot line is `live` and which
+    /// `picked` names; returns it if it is eligible and accepted now. The
+    /// member is read only if the caller's filter must see it.
     #[inline]
-    pub(crate) fn offer(
+    pub(crate) fn offer<'m>(
         &mut self,
         cx: &mut PickContext<'_>,
-        m: &Member,
         live: &Hot,
+        member: impl FnOnce() -> Option<&'m Member>,
         picked: impl FnOnce() -> Picked,
     ) -> Option<Picked> {
-        if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| accept(m)) {
+        if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| member().is_some_and(accept)) {
             return None;
         }
         let f = cx.live_factor(live);

@@ -31,7 +31,7 @@ impl Strategy for P2c {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
-        let (a, b) = cx.random_pair_slots()?;
+        let (a, b) = cx.random_pair_candidates()?;
         Some(cx.cheaper_at(a, b, load_cost))
     }
 }

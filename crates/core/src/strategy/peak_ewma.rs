@@ -111,18 +111,14 @@ impl Strategy for PeakEwma {
         // The costs need the time: read it before the candidates' cache
         // misses, which a clock read (an ordered `rdtsc`) would wait for.
         let now = cx.now();
-        let (a, b) = cx.random_pair_slots()?;
+        let (a, b) = cx.random_pair_candidates()?;
         let Some(b) = b else {
-            return Some(Picked::At(a.0));
+            return Some(Picked::At(a.index));
         };
         for (slow, fast) in [(a, b), (b, a)] {
-            if avoids(slow.1.hot(), fast.1.hot()) {
-                let chosen = if due_probe(slow.1.hot(), now) {
-                    slow
-                } else {
-                    fast
-                };
-                return Some(Picked::At(chosen.0));
+            if avoids(slow.hot, fast.hot) {
+                let chosen = if due_probe(slow.hot, now) { slow } else { fast };
+                return Some(Picked::At(chosen.index));
             }
         }
         Some(cx.cheaper_at(a, Some(b), latency_cost))

@@ -40,14 +40,15 @@ impl Strategy for WeightedRandom {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_DRAWS {
             let point = cx.rng.u64(..total);
-            let Some((i, s)) = cx
+            let Some(c) = cx
                 .members
                 .index_by_weight(point)
-                .and_then(|i| Some((i, cx.members.slot(i)?)))
+                .and_then(|i| cx.members.candidate(i))
             else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, s.member(), s.hot(), || Picked::At(i)) {
+            let member = || c.member().map(|m| &**m);
+            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(c.index)) {
                 return Some(m);
             }
         }

@@ -58,8 +58,9 @@ impl Strategy for RoundRobin {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_SKIPS {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            if let Some(s) = cx.members.slot(i) {
-                if let Some(m) = draw.offer(cx, s.member(), s.hot(), || Picked::At(i)) {
+            if let Some(c) = cx.members.candidate(i) {
+                let member = || c.member().map(|m| &**m);
+                if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
                     return Some(m);
                 }
             }

@@ -216,10 +216,11 @@ impl Weighted {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES.min(n * 2) {
             let i = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
-            let Some(s) = cx.members.slot(i) else {
+            let Some(c) = cx.members.candidate(i) else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, s.member(), s.hot(), || Picked::At(i)) {
+            let member = || c.member().map(|m| &**m);
+            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
                 return Some(m);
             }
         }
@@ -248,7 +249,7 @@ impl Weighted {
                     Picked::Member(m.clone())
                 }
             };
-            if let Some(m) = draw.offer(cx, m, m.live().hot(), picked) {
+            if let Some(m) = draw.offer(cx, m.live().hot(), || Some(&**m), picked) {
                 return Some(m);
             }
         }
