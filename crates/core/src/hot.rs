@@ -20,18 +20,18 @@
 //! 12,000 pages, so a random candidate cost a TLB miss (a two-dimensional
 //! page walk under KVM) on top of the line's own miss. Here a service's
 //! lines sit in chunks of [`LINES_PER_CHUNK`] (256 lines, 16 KiB, one
-//! allocation each): 6.4 MB over ~1,600 pages at 100,000. A member-list
-//! slot holds its line's chunk (an `Arc`) and index, so a candidate costs
-//! the slot and the line, and the line's page is far more often in the
-//! TLB.
+//! allocation each): 6.4 MB over ~1,600 pages at 100,000. A member list
+//! keeps its members' line numbers densely and a table of the arena's
+//! chunks (see [`members`](crate::members)), so a candidate costs its line
+//! number and its line, and the line's page is far more often in the TLB.
 //!
 //! ## Ownership and the rule for reusing a line
 //!
 //! A line belongs to one instance's live state ([`HotLine`], inside
 //! `InstanceLive`), which every snapshot, strategy table and selection
 //! that can reach the instance keeps alive through its `Member`. A chunk
-//! is shared (`Arc`) by the lines' owners and by the member-list slots;
-//! lines are atomics, so a shared chunk needs no lock.
+//! is shared (`Arc`) by the lines' owners and by the member lists' chunk
+//! tables; lines are atomics, so a shared chunk needs no lock.
 //!
 //! **Rule:** a line goes back to its arena's free list when its owner — the
 //! instance's live state — is dropped, and only then; a new instance takes
@@ -251,8 +251,8 @@ impl HotChunk {
 
     /// Line `i` of the chunk.
     #[inline]
-    pub(crate) fn line(&self, i: usize) -> Option<&Hot> {
-        self.lines.get(i)
+    pub(crate) fn line(&self, i: usize) -> &Hot {
+        &self.lines[i % LINES_PER_CHUNK]
     }
 }
 

@@ -8,7 +8,7 @@
 //! | [`InstanceId`] | a validated id (see [`ID_CHARS`]); the key everywhere |
 //! | [`Weight`] | a validated configured weight, `1..=1000` |
 //! | [`ServiceInstance`] | the description: id, address, port, weight, zone, tags; immutable |
-//! | [`InstanceLive`] | the live state: atomics selection reads, plus the trackers under a lock |
+//! | [`InstanceLive`] | the live state: its hot line (atomics selection reads), plus the trackers under a lock |
 //! | [`Member`] | a registered instance: description + `Arc` of its live state |
 //! | [`InstanceStatus`] | a point-in-time report of a member, for the admin API and tests |
 //! | [`InstanceError`] | why a description was refused |
@@ -30,31 +30,33 @@
 //! per-instance lock when an outcome is recorded, and publish what selection
 //! needs to those atomics.
 //!
-//! ## One cache line per pick
+//! ## One cache line per pick, in the service's arena
 //!
 //! Everything a pick reads or writes of an instance — the eligibility
 //! inputs (draining, removed, health, breaker state, open window, probes),
 //! the cost inputs (active count, weight, slow-start start, latency
-//! estimate) and `last_used` — is one 64-byte, 64-aligned block at the start
-//! of [`InstanceLive`] (`Hot`, 61 bytes used). The member list keeps an
-//! `Arc` of the live state next to each `Arc<Member>`, so a strategy checks
-//! a candidate with the list slot and that one line, not by following
-//! slot → `Member` → live state (three dependent cache misses per candidate
-//! at 100,000 instances, where the ~50 MB of instances is far out of
-//! cache); only the chosen member's own line is read, for its reference
-//! count. The weight is copied into the block (and updated when the
-//! instance is re-registered) so a cost needs no `Member` either.
+//! estimate, whether it ever answered) and `last_used` — is one 64-byte
+//! line ([`hot`](crate::hot)), kept in its service's arena of lines, not
+//! in this allocation: at 100,000 instances the arena's lines span ~1,600
+//! pages where lines at the head of each instance spanned ~12,000 (TLB
+//! misses). [`InstanceLive`] owns its line (it goes back to the arena when
+//! the live state is dropped: the rule is in [`hot`](crate::hot)). The
+//! member list keeps each member's line number densely beside its slot, so
+//! a strategy checks a candidate with that number and the line, reading no
+//! `Member` and no `InstanceLive`; the selection names its member by
+//! position (see [`selection`](crate::selection)). The weight is copied
+//! into the line (and updated when the instance is re-registered) so a
+//! cost needs no `Member` either.
 //!
 //! ## Bytes
 //!
 //! A service of 100,000 instances holds 100,000 of these, so their size is
 //! a budget (issue 11: ≤ 1 KiB of RSS per instance in the whole server).
-//! The hot line's 64-byte alignment puts the `Arc`'s two counts on a line
-//! of their own (std's `Arc` places a 64-aligned value 64 bytes in), so
-//! the live state's allocation is 64 + `size_of::<InstanceLive>()`, in
-//! steps of 64. `InstanceLive` is four lines, 256 bytes: the hot line, the
-//! outcome counters (56: no separate failure count, it is the sum over
-//! the kinds), and the trackers under their lock (136). The trackers keep
+//! `InstanceLive` is 208 bytes (an `Arc` allocation of 224, no longer
+//! 64-aligned: the line is elsewhere): the line's owner reference (16),
+//! the outcome counters (56: no separate failure count, it is the sum over
+//! the kinds), and the trackers under their lock (136). The line is 64
+//! more in the arena. The trackers keep
 //! no `Option<Timestamp>` (16 bytes) but an 8-byte `OptionalTimestamp`,
 //! the health tracker no failure credit (it is 0 at the last failure and
 //! refills from there), the breaker one run counter for its three runs,
@@ -63,9 +65,8 @@
 //! service's draining set, not in every instance. The description is 48
 //! bytes (zone and tags behind one optional pointer), so a `Member` is a
 //! 72-byte allocation. A test
-//! (`the_live_state_fits_four_lines_after_the_counts_line`) fails if a
-//! field pushes the state into a fifth line (another 64 bytes each) or
-//! the description grows.
+//! (`the_live_state_fits_its_budget_with_the_line_in_the_arena`) fails if
+//! a field grows the state or the description.
 //!
 //! *Time only when needed.* The eligibility and factor methods take the
 //! time as a closure: a closed breaker and an instance out of slow start
@@ -185,11 +186,10 @@ struct Metadata {
 
 /// A registered instance: its description plus its shared live state.
 ///
-/// `repr(C)`, `live` first: the pointer a selection follows to its
-/// instance's counters sits next to the `Arc`'s reference count, which the
-/// selection writes anyway, so both are on one cache line most of the time.
+/// Picks do not read it (they read the hot line, see the module doc); a
+/// selection reads it for [`instance`](crate::Selection::instance) and to
+/// record an outcome.
 #[derive(Debug)]
-#[repr(C)]
 pub struct Member {
     live: Arc<InstanceLive>,
     instance: ServiceInstance,

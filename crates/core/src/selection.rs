@@ -89,8 +89,14 @@ pub struct Selection {
 /// The member a selection is on.
 #[derive(Debug)]
 pub(crate) enum Target {
-    /// Its position in the view's snapshot.
-    At(usize),
+    /// Its position in the view's snapshot, and its hot line's number
+    /// there (the release goes straight to the line).
+    At {
+        /// The position.
+        index: usize,
+        /// The hot line's number.
+        line: u32,
+    },
     /// The member, from a strategy's table older than the snapshot.
     Held(Arc<Member>),
 }
@@ -126,7 +132,7 @@ impl Selection {
     fn member(&self) -> &Member {
         match &self.target {
             Target::Held(m) => m,
-            Target::At(i) => match self.view.snapshot.members.get(*i) {
+            Target::At { index, .. } => match self.view.snapshot.members.get(*index) {
                 Some(m) => m,
                 // `new`'s caller checked the position, and the snapshot the
                 // view holds never changes.
@@ -141,7 +147,7 @@ impl Selection {
     fn hot(&self) -> Option<&Hot> {
         match &self.target {
             Target::Held(m) => Some(m.live().hot()),
-            Target::At(i) => self.view.snapshot.members.hot(*i),
+            Target::At { line, .. } => self.view.snapshot.members.hot_line(*line),
         }
     }
 
@@ -353,8 +359,23 @@ mod tests {
         registry.deregister_instance("svc", "i0").unwrap();
         assert_eq!(sel.instance().id().as_str(), "i0");
         assert_eq!(sel.active_connections(), 1);
+        // New instances take free hot lines; i0's is not free while the
+        // selection can still release on it.
+        let fresh =
+            (0..20).map(|j| ServiceInstance::try_new(&format!("j{j}"), "10.0.0.1", 80).unwrap());
+        registry
+            .register_instances("svc", fresh.collect::<Vec<_>>())
+            .unwrap();
+        for j in 0..20 {
+            let status = registry.instance("svc", &format!("j{j}")).unwrap();
+            assert_eq!(status.active_connections, 0, "j{j} shares no line");
+        }
         drop(sel);
         assert_eq!(i0.active_connections(), 0);
+        for j in 0..20 {
+            let status = registry.instance("svc", &format!("j{j}")).unwrap();
+            assert_eq!(status.active_connections, 0, "j{j} after the release");
+        }
         // The thread's view follows the new snapshot: i0 is never picked.
         for _ in 0..50 {
             assert_ne!(svc.select(None).unwrap().instance().id().as_str(), "i0");

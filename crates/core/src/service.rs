@@ -7,7 +7,11 @@
 //! Each service publishes an immutable [`Snapshot`] (members, strategy,
 //! config, generation) behind one `ArcSwap`. Selection loads it without a
 //! lock; writers (registration, removal, strategy change) serialise on the
-//! service's writer lock, build a new snapshot and store it. Per-instance live
+//! service's writer lock, build a new snapshot and store it, then publish
+//! its generation. A pick does not load the `ArcSwap` itself: its thread
+//! slot keeps a view of the snapshot (see [`selection`](crate::selection))
+//! and replaces it when the published generation moved, so a pick reads
+//! one shared atomic that changes only with membership. Per-instance live
 //! state is shared between snapshots (see [`instance`](crate::instance)), so
 //! a reader holding an old snapshot still reports outcomes to the right
 //! place.
@@ -324,9 +328,12 @@ impl Service {
                 });
             }
             let picked = picked?;
-            let hot: &Hot = match &picked {
-                Picked::At(i) => snap.members.hot(*i)?,
-                Picked::Member(m) => m.live().hot(),
+            let (hot, line): (&Hot, u32) = match &picked {
+                Picked::At(i) => {
+                    let line = snap.members.line_number(*i)?;
+                    (snap.members.hot_line(line)?, line)
+                }
+                Picked::Member(m) => (m.live().hot(), 0),
             };
             let member = || match &picked {
                 Picked::At(i) => snap.members.get(*i).map(|m| &**m),
@@ -344,7 +351,7 @@ impl Service {
                 }
             };
             let target = match picked {
-                Picked::At(i) => Target::At(i),
+                Picked::At(index) => Target::At { index, line },
                 Picked::Member(m) => Target::Held(m),
             };
             let used_at = match now.if_read() {

@@ -237,20 +237,25 @@ impl Weighted {
         }
         let sched = guard.as_mut()?;
         // A schedule of the snapshot's generation lists its members in the
-        // same order: name the pick by position (see `Picked`).
+        // same order: check the member on its hot line through the
+        // snapshot's list and name the pick by position (see `Picked`),
+        // reading no `Member`. An older schedule goes through its own copy.
         let fresh = sched.generation == cx.generation;
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES {
             let Some((i, m)) = sched.next() else { break };
-            let picked = || {
-                if fresh {
-                    Picked::At(i)
-                } else {
-                    Picked::Member(m.clone())
-                }
+            let offered = if fresh {
+                let Some(c) = cx.members.candidate(i) else {
+                    continue;
+                };
+                let member = || c.member().map(|m| &**m);
+                draw.offer(cx, c.hot, member, || Picked::At(i))
+            } else {
+                let picked = || Picked::Member(m.clone());
+                draw.offer(cx, m.live().hot(), || Some(&**m), picked)
             };
-            if let Some(m) = draw.offer(cx, m.live().hot(), || Some(&**m), picked) {
-                return Some(m);
+            if offered.is_some() {
+                return offered;
             }
         }
         drop(guard); // the fallback may scan: not under the schedule's lock
