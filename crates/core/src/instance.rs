@@ -36,11 +36,11 @@
 //! inputs (draining, removed, health, breaker state, open window, probes),
 //! the cost inputs (active count, weight, slow-start start, latency
 //! estimate, whether it ever answered) and `last_used` — is one 64-byte
-//! line ([`hot`](crate::hot)), kept in its service's arena of lines, not
+//! line (module `hot`), kept in its service's arena of lines, not
 //! in this allocation: at 100,000 instances the arena's lines span ~1,600
 //! pages where lines at the head of each instance spanned ~12,000 (TLB
 //! misses). [`InstanceLive`] owns its line (it goes back to the arena when
-//! the live state is dropped: the rule is in [`hot`](crate::hot)). The
+//! the live state is dropped: the rule is in module `hot`). The
 //! member list keeps each member's line number densely beside its slot, so
 //! a strategy checks a candidate with that number and the line, reading no
 //! `Member` and no `InstanceLive`; the selection names its member by
@@ -201,7 +201,7 @@ pub struct Member {
 #[derive(Debug)]
 pub struct InstanceLive {
     /// What a pick touches: the instance's line in its service's arena
-    /// (module doc; [`hot`](crate::hot)).
+    /// (module doc; the `hot` module).
     line: HotLine,
     pub(crate) requests: AtomicU64,
     /// Failures by [`FailureKind::index`](crate::FailureKind::index); their

@@ -14,7 +14,7 @@
 //! ## Where a pick looks
 //!
 //! A pick checks a candidate on its instance's hot line
-//! ([`hot`](crate::hot)) and never reads the `Member` unless a filter or a
+//! (module `hot`) and never reads the `Member` unless a filter or a
 //! breaker that is not closed needs it. So each chunk keeps, beside its
 //! slots, the members' hot-line numbers densely (`u32`, 4 bytes a member:
 //! 400 KB at 100,000, against 1.6 MB of slots), and the list keeps a table

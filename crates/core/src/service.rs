@@ -118,7 +118,7 @@ struct Writer {
     /// state: only draining members have one.
     draining: HashMap<InstanceId, OptionalTimestamp>,
     generation: u64,
-    /// The service's hot lines ([`hot`](crate::hot)).
+    /// The service's hot lines (the `hot` module).
     arena: Arc<HotArena>,
 }
 
