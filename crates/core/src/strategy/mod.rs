@@ -411,9 +411,24 @@ impl<'a> PickContext<'a> {
 
     /// [`random_pair`](Self::random_pair)'s slots: the caller compares
     /// their live states and clones only the member it keeps.
+    ///
+    /// The common case first: two positions drawn before either line is
+    /// read, so the two candidates' cache misses overlap; if both are
+    /// eligible and distinct they are the pair (a uniform pair, as the
+    /// loop below gives: a rejected pair is drawn again from scratch).
     pub(crate) fn random_pair_candidates(
         &mut self,
     ) -> Option<(Candidate<'a>, Option<Candidate<'a>>)> {
+        let n = self.members.len();
+        if n >= 2 {
+            let (i, j) = (self.rng.usize(..n), self.rng.usize(..n));
+            let (a, b) = (self.members.candidate(i), self.members.candidate(j));
+            if let (Some(a), Some(b)) = (a, b) {
+                if i != j && self.candidate_eligible(&a) && self.candidate_eligible(&b) {
+                    return Some((a, Some(b)));
+                }
+            }
+        }
         let a = self.random_candidate()?;
         for _ in 0..8 {
             let b = self.random_candidate()?;
