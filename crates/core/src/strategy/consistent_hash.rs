@@ -161,11 +161,14 @@ impl Table {
         if m == 0 {
             return None;
         }
-        let start = hash % m;
+        let start = (hash % m) as usize;
+        let m = m as usize;
         let mut owners_tried = 0;
         let mut last_owner = u32::MAX;
-        for step in 0..MAX_WALK_SLOTS.min(m) {
-            let owner = self.slots[((start + step) % m) as usize];
+        for step in 0..MAX_WALK_SLOTS.min(m as u64) as usize {
+            // `start + step < 2m`: a wrap, not a second division.
+            let at = start + step;
+            let owner = self.slots[if at >= m { at - m } else { at }];
             // A run of slots with the owner just refused says nothing new.
             if owner == last_owner {
                 continue;
