@@ -44,11 +44,13 @@
 //! the one it added). No epoch and no `unsafe`: the reference counts that
 //! already keep an instance alive are the reclamation rule.
 //!
-//! A chunk refers back to its arena weakly (a service's arena owns its
-//! chunks; a line dropped after its service is gone has no list to return
-//! to, and its chunk is freed with the last line). Lines are never given
-//! back to the allocator while the service lives: an arena keeps the size of
-//! the service's largest membership, 64 bytes an instance.
+//! The arena holds its newest chunk and its free lines; every other chunk
+//! is held by its lines' owners and by the member lists' chunk tables. A
+//! chunk refers back to its arena weakly (no cycle: a line dropped after
+//! its service is gone has no list to return to and is freed with its
+//! chunk). Lines are not given back to the allocator while the service
+//! lives: an arena keeps the size of the service's largest membership, 64
+//! bytes an instance.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
