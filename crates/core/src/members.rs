@@ -189,23 +189,6 @@ impl Slot {
     }
 }
 
-/// A member's position in a snapshot's member list and its hot line's
-/// number there: what a strategy hands back for a member it picked from
-/// the snapshot (`strategy::Picked::At`). Only the crate makes them, from
-/// the list itself, so the two always agree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub(crate) index: usize,
-    pub(crate) line: u32,
-}
-
-impl Position {
-    /// The position in the member list.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-}
-
 /// A member considered by a pick: its position and its hot line. The
 /// member itself is read only if asked for ([`member`](Self::member)).
 #[derive(Debug, Clone, Copy)]
@@ -213,22 +196,11 @@ pub(crate) struct Candidate<'a> {
     members: &'a Members,
     /// The position in the member list.
     pub(crate) index: usize,
-    /// The hot line's number.
-    line: u32,
     /// The hot line.
     pub(crate) hot: &'a Hot,
 }
 
 impl<'a> Candidate<'a> {
-    /// The candidate as a pick's result.
-    #[inline]
-    pub(crate) fn position(&self) -> Position {
-        Position {
-            index: self.index,
-            line: self.line,
-        }
-    }
-
     /// The member (a read of its list slot).
     #[inline]
     pub(crate) fn member(&self) -> Option<&'a Arc<Member>> {
@@ -259,6 +231,13 @@ impl Members {
         self.chunks.get(index / CHUNK)?.members.get(index % CHUNK)
     }
 
+    /// The hot line of the member at `index`: the chunk's dense line
+    /// number, then the line (module doc, "Where a pick looks").
+    #[inline]
+    pub(crate) fn hot(&self, index: usize) -> Option<&Hot> {
+        self.hot_line(self.line_number(index)?)
+    }
+
     /// The hot-line number of the member at `index`.
     #[inline]
     pub(crate) fn line_number(&self, index: usize) -> Option<u32> {
@@ -278,18 +257,10 @@ impl Members {
     /// The member at `index` as a pick's candidate.
     #[inline]
     pub(crate) fn candidate(&self, index: usize) -> Option<Candidate<'_>> {
-        self.candidate_on_line(index, self.line_number(index)?)
-    }
-
-    /// The member at `index`, whose hot line's number the caller knows
-    /// (`line`, from this list at the same generation), as a candidate.
-    #[inline]
-    pub(crate) fn candidate_on_line(&self, index: usize, line: u32) -> Option<Candidate<'_>> {
         Some(Candidate {
             members: self,
             index,
-            line,
-            hot: self.hot_line(line)?,
+            hot: self.hot(index)?,
         })
     }
 
@@ -513,12 +484,9 @@ mod tests {
             let member = m.get(i).unwrap();
             assert_eq!(member.instance().id().as_str(), id);
             // The dense line numbers follow every push, swap and replace.
-            assert!(
-                std::ptr::eq(m.candidate(i).unwrap().hot, member.live().hot()),
-                "{id}"
-            );
+            assert!(std::ptr::eq(m.hot(i).unwrap(), member.live().hot()), "{id}");
         }
-        assert!(m.candidate(model.len()).is_none());
+        assert!(m.hot(model.len()).is_none());
         let total: u64 = model.iter().map(|x| x.1).sum();
         assert_eq!(m.total_weight(), total);
         let max = model.iter().map(|x| x.1).max().unwrap_or(0);

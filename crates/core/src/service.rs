@@ -328,12 +328,15 @@ impl Service {
                 });
             }
             let picked = picked?;
-            let hot: &Hot = match &picked {
-                Picked::At(p) => snap.members.hot_line(p.line)?,
-                Picked::Member(m) => m.live().hot(),
+            let (hot, line): (&Hot, u32) = match &picked {
+                Picked::At(i) => {
+                    let line = snap.members.line_number(*i)?;
+                    (snap.members.hot_line(line)?, line)
+                }
+                Picked::Member(m) => (m.live().hot(), 0),
             };
             let member = || match &picked {
-                Picked::At(p) => snap.members.get(p.index).map(|m| &**m),
+                Picked::At(i) => snap.members.get(*i).map(|m| &**m),
                 Picked::Member(m) => Some(&**m),
             };
             let kind = snap.strategy.effective_kind();
@@ -348,10 +351,7 @@ impl Service {
                 }
             };
             let target = match picked {
-                Picked::At(p) => Target::At {
-                    index: p.index,
-                    line: p.line,
-                },
+                Picked::At(index) => Target::At { index, line },
                 Picked::Member(m) => Target::Held(m),
             };
             let used_at = match now.if_read() {

@@ -177,7 +177,7 @@ impl Table {
             if fresh {
                 let c = cx.members.candidate(owner as usize)?;
                 if cx.candidate_eligible(&c) {
-                    return Some(Picked::At(c.position()));
+                    return Some(Picked::At(c.index));
                 }
             } else {
                 let m = self.members.get(owner as usize)?.member();

@@ -37,7 +37,7 @@
 
 use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::hot::Hot;
-use crate::members::{Candidate, Position};
+use crate::members::Candidate;
 
 /// Largest service picked by an exact scan.
 pub const EXACT_LIMIT: usize = 256;
@@ -86,7 +86,7 @@ impl<'m> Lowest<'m> {
     }
 
     fn picked(&self) -> Option<Picked> {
-        self.best.map(|c| Picked::At(c.position()))
+        self.best.map(|c| Picked::At(c.index))
     }
 }
 
@@ -140,9 +140,10 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
 /// its list slot and its live state's line; only the winner's `Member` is
 /// read (for its reference count).
 fn sampled(cx: &mut PickContext<'_>) -> Option<Picked> {
-    let mut best: Option<(bool, f64, Position)> = None;
+    let mut best: Option<(bool, f64, usize)> = None;
     for _ in 0..SAMPLES {
         let c = cx.random_candidate()?;
+        let i = c.index;
         let f = cx.live_factor(c.hot);
         let admitted = cx.accept(f);
         let load = load(c.hot, f);
@@ -150,8 +151,8 @@ fn sampled(cx: &mut PickContext<'_>) -> Option<Picked> {
             (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
         });
         if better {
-            best = Some((admitted, load, c.position()));
+            best = Some((admitted, load, i));
         }
     }
-    best.map(|(_, _, p)| Picked::At(p))
+    best.map(|(_, _, i)| Picked::At(i))
 }

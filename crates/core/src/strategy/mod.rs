@@ -59,7 +59,7 @@ use crate::clock::{LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::hot::Hot;
 use crate::instance::Member;
-use crate::members::{Candidate, Members, Position};
+use crate::members::{Candidate, Members};
 use crate::stats::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
@@ -127,7 +127,7 @@ pub trait Strategy: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone)]
 pub enum Picked {
     /// The member at this position of [`PickContext::members`].
-    At(Position),
+    At(usize),
     /// A member from the strategy's own table.
     Member(Arc<Member>),
 }
@@ -366,7 +366,7 @@ impl<'a> PickContext<'a> {
     /// [`random_eligible`](Self::random_eligible) as a position.
     #[inline]
     pub(crate) fn random_eligible_at(&mut self) -> Option<Picked> {
-        self.random_candidate().map(|c| Picked::At(c.position()))
+        self.random_candidate().map(|c| Picked::At(c.index))
     }
 
     /// [`random_eligible`](Self::random_eligible)'s position and slot: a
@@ -463,8 +463,8 @@ impl<'a> PickContext<'a> {
         cost: impl Fn(&Self, &Hot) -> f64,
     ) -> Picked {
         match b {
-            Some(b) if cost(self, b.hot) < cost(self, a.hot) => Picked::At(b.position()),
-            _ => Picked::At(a.position()),
+            Some(b) if cost(self, b.hot) < cost(self, a.hot) => Picked::At(b.index),
+            _ => Picked::At(a.index),
         }
     }
 }

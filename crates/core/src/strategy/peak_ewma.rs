@@ -113,12 +113,12 @@ impl Strategy for PeakEwma {
         let now = cx.now();
         let (a, b) = cx.random_pair_candidates()?;
         let Some(b) = b else {
-            return Some(Picked::At(a.position()));
+            return Some(Picked::At(a.index));
         };
         for (slow, fast) in [(a, b), (b, a)] {
             if avoids(slow.hot, fast.hot) {
                 let chosen = if due_probe(slow.hot, now) { slow } else { fast };
-                return Some(Picked::At(chosen.position()));
+                return Some(Picked::At(chosen.index));
             }
         }
         Some(cx.cheaper_at(a, Some(b), latency_cost))

@@ -48,7 +48,7 @@ impl Strategy for WeightedRandom {
                 continue;
             };
             let member = || c.member().map(|m| &**m);
-            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(c.position())) {
+            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(c.index)) {
                 return Some(m);
             }
         }

@@ -60,7 +60,7 @@ impl Strategy for RoundRobin {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
             if let Some(c) = cx.members.candidate(i) {
                 let member = || c.member().map(|m| &**m);
-                if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(c.position())) {
+                if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
                     return Some(m);
                 }
             }

@@ -220,7 +220,7 @@ impl Weighted {
                 continue;
             };
             let member = || c.member().map(|m| &**m);
-            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(c.position())) {
+            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
                 return Some(m);
             }
         }
@@ -249,7 +249,7 @@ impl Weighted {
                     continue;
                 };
                 let member = || c.member().map(|m| &**m);
-                draw.offer(cx, c.hot, member, || Picked::At(c.position()))
+                draw.offer(cx, c.hot, member, || Picked::At(i))
             } else {
                 let picked = || Picked::Member(m.clone());
                 draw.offer(cx, m.live().hot(), || Some(&**m), picked)
