@@ -8,7 +8,7 @@
 //! | [`InstanceId`] | a validated id (see [`ID_CHARS`]); the key everywhere |
 //! | [`Weight`] | a validated configured weight, `1..=1000` |
 //! | [`ServiceInstance`] | the description: id, address, port, weight, zone, tags; immutable |
-//! | [`InstanceLive`] | the live state: atomics selection reads, plus the trackers under a lock |
+//! | [`InstanceLive`] | the live state: its hot line (atomics selection reads), plus the trackers under a lock |
 //! | [`Member`] | a registered instance: description + `Arc` of its live state |
 //! | [`InstanceStatus`] | a point-in-time report of a member, for the admin API and tests |
 //! | [`InstanceError`] | why a description was refused |
@@ -30,31 +30,33 @@
 //! per-instance lock when an outcome is recorded, and publish what selection
 //! needs to those atomics.
 //!
-//! ## One cache line per pick
+//! ## One cache line per pick, in the service's arena
 //!
 //! Everything a pick reads or writes of an instance — the eligibility
 //! inputs (draining, removed, health, breaker state, open window, probes),
 //! the cost inputs (active count, weight, slow-start start, latency
-//! estimate) and `last_used` — is one 64-byte, 64-aligned block at the start
-//! of [`InstanceLive`] (`Hot`, 61 bytes used). The member list keeps an
-//! `Arc` of the live state next to each `Arc<Member>`, so a strategy checks
-//! a candidate with the list slot and that one line, not by following
-//! slot → `Member` → live state (three dependent cache misses per candidate
-//! at 100,000 instances, where the ~50 MB of instances is far out of
-//! cache); only the chosen member's own line is read, for its reference
-//! count. The weight is copied into the block (and updated when the
-//! instance is re-registered) so a cost needs no `Member` either.
+//! estimate, whether it ever answered) and `last_used` — is one 64-byte
+//! line (module `hot`), kept in its service's arena of lines, not
+//! in this allocation: at 100,000 instances the arena's lines span ~1,600
+//! pages where lines at the head of each instance spanned ~12,000 (TLB
+//! misses). [`InstanceLive`] owns its line (it goes back to the arena when
+//! the live state is dropped: the rule is in module `hot`). The
+//! member list keeps each member's line number densely beside its slot, so
+//! a strategy checks a candidate with that number and the line, reading no
+//! `Member` and no `InstanceLive`; the selection names its member by
+//! position (see [`selection`](crate::selection)). The weight is copied
+//! into the line (and updated when the instance is re-registered) so a
+//! cost needs no `Member` either.
 //!
 //! ## Bytes
 //!
 //! A service of 100,000 instances holds 100,000 of these, so their size is
 //! a budget (issue 11: ≤ 1 KiB of RSS per instance in the whole server).
-//! The hot line's 64-byte alignment puts the `Arc`'s two counts on a line
-//! of their own (std's `Arc` places a 64-aligned value 64 bytes in), so
-//! the live state's allocation is 64 + `size_of::<InstanceLive>()`, in
-//! steps of 64. `InstanceLive` is four lines, 256 bytes: the hot line, the
-//! outcome counters (56: no separate failure count, it is the sum over
-//! the kinds), and the trackers under their lock (136). The trackers keep
+//! `InstanceLive` is 208 bytes (an `Arc` allocation of 224, no longer
+//! 64-aligned: the line is elsewhere): the line's owner reference (16),
+//! the outcome counters (56: no separate failure count, it is the sum over
+//! the kinds), and the trackers under their lock (136). The line is 64
+//! more in the arena. The trackers keep
 //! no `Option<Timestamp>` (16 bytes) but an 8-byte `OptionalTimestamp`,
 //! the health tracker no failure credit (it is 0 at the last failure and
 //! refills from there), the breaker one run counter for its three runs,
@@ -63,9 +65,8 @@
 //! service's draining set, not in every instance. The description is 48
 //! bytes (zone and tags behind one optional pointer), so a `Member` is a
 //! 72-byte allocation. A test
-//! (`the_live_state_fits_four_lines_after_the_counts_line`) fails if a
-//! field pushes the state into a fifth line (another 64 bytes each) or
-//! the description grows.
+//! (`the_live_state_fits_its_budget_with_the_line_in_the_arena`) fails if
+//! a field grows the state or the description.
 //!
 //! *Time only when needed.* The eligibility and factor methods take the
 //! time as a closure: a closed breaker and an instance out of slow start
@@ -75,7 +76,7 @@
 //! not cost a clock read on every later pick.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,9 +85,9 @@ use thiserror::Error;
 
 use crate::breaker::{CircuitBreaker, CircuitState};
 use crate::clock::Timestamp;
-use crate::ewma::{self, LatencyEwma};
+use crate::ewma::LatencyEwma;
 use crate::health::{HealthScore, HealthTracker};
-use crate::slow_start;
+use crate::hot::{Hot, HotArena, HotLine, HotRef, NONE};
 use crate::stats::Availability;
 
 /// Longest instance id accepted, in bytes (a DNS name's limit).
@@ -151,9 +152,6 @@ impl InstanceError {
     }
 }
 
-/// "No timestamp" in the atomics.
-const NONE: u64 = u64::MAX;
-
 /// An instance id: 1..=[`MAX_ID_LEN`] characters from [`ID_CHARS`], not
 /// `.` and without `..`. Every id in the process is built through
 /// [`try_new`](Self::try_new), so every entry point agrees. Cheap to clone.
@@ -188,11 +186,10 @@ struct Metadata {
 
 /// A registered instance: its description plus its shared live state.
 ///
-/// `repr(C)`, `live` first: the pointer a selection follows to its
-/// instance's counters sits next to the `Arc`'s reference count, which the
-/// selection writes anyway, so both are on one cache line most of the time.
+/// Picks do not read it (they read the hot line, see the module doc); a
+/// selection reads it for [`instance`](crate::Selection::instance) and to
+/// record an outcome.
 #[derive(Debug)]
-#[repr(C)]
 pub struct Member {
     live: Arc<InstanceLive>,
     instance: ServiceInstance,
@@ -203,33 +200,14 @@ pub struct Member {
 /// read through [`Member`].
 #[derive(Debug)]
 pub struct InstanceLive {
-    /// What a pick touches, on its own line (module doc).
-    pub(crate) hot: Hot,
+    /// What a pick touches: the instance's line in its service's arena
+    /// (module doc; the `hot` module).
+    line: HotLine,
     pub(crate) requests: AtomicU64,
     /// Failures by [`FailureKind::index`](crate::FailureKind::index); their
     /// sum is the failure count (every failure has a kind).
     pub(crate) failures_by_kind: [AtomicU64; 6],
     pub(crate) trackers: Mutex<Trackers>,
-}
-
-/// The atomics a pick reads and writes, on one 64-byte line; see the module
-/// doc. `repr(C)`: the order below packs 61 bytes.
-#[derive(Debug)]
-#[repr(C, align(64))]
-pub(crate) struct Hot {
-    health_bits: AtomicU64,
-    open_until: AtomicU64,
-    slow_start_began: AtomicU64,
-    ewma_bits: AtomicU64,
-    ewma_at: AtomicU64,
-    pub(crate) last_used: AtomicU64,
-    pub(crate) active: AtomicU32,
-    probes: AtomicU32,
-    /// The configured weight of the member registered now.
-    weight: AtomicU16,
-    breaker_state: AtomicU8,
-    draining: AtomicBool,
-    pub(crate) removed: AtomicBool,
 }
 
 /// The trackers that change together when an outcome is recorded, under
@@ -481,7 +459,7 @@ impl Member {
 
     /// Whether the instance is draining.
     pub fn is_draining(&self) -> bool {
-        self.live.hot.draining.load(Ordering::Acquire)
+        self.live.hot().draining.load(Ordering::Acquire)
     }
 
     /// Whether normal (non-panic) selection may choose this instance at
@@ -526,7 +504,7 @@ impl Member {
 
     /// When the latency estimate last took a sample (or was created).
     pub fn latency_updated_at(&self) -> Timestamp {
-        Timestamp::from_nanos(self.live.hot.ewma_at.load(Ordering::Relaxed))
+        Timestamp::from_nanos(self.live.hot().ewma_at.load(Ordering::Relaxed))
     }
 
     /// Peak-EWMA latency as of the last sample, undecayed.
@@ -537,7 +515,7 @@ impl Member {
     /// A report of this instance at `now`.
     pub fn status(&self, now: Timestamp, slow_start: Duration, max_probes: u32) -> InstanceStatus {
         let s = &self.live;
-        let last = s.hot.last_used.load(Ordering::Relaxed);
+        let last = s.hot().last_used.load(Ordering::Relaxed);
         InstanceStatus {
             instance: self.instance.clone(),
             effective_weight: self.effective_weight(now, slow_start),
@@ -561,25 +539,17 @@ impl Member {
 // === impl InstanceLive ===
 
 impl InstanceLive {
-    /// Fresh state at `now` for an instance of configured weight `weight`;
-    /// `slow_start` starts a ramp now.
-    pub(crate) fn new(now: Timestamp, slow_start: bool, weight: Weight) -> Self {
+    /// Fresh state at `now` for an instance of configured weight `weight`,
+    /// its line taken from `arena`; `slow_start` starts a ramp now.
+    pub(crate) fn new(
+        arena: &Arc<HotArena>,
+        now: Timestamp,
+        slow_start: bool,
+        weight: Weight,
+    ) -> Self {
         let ewma = LatencyEwma::new(now);
         Self {
-            hot: Hot {
-                health_bits: AtomicU64::new(1.0f64.to_bits()),
-                open_until: AtomicU64::new(0),
-                slow_start_began: AtomicU64::new(if slow_start { now.as_nanos() } else { NONE }),
-                ewma_bits: AtomicU64::new(ewma.last_estimate_ns().to_bits()),
-                ewma_at: AtomicU64::new(now.as_nanos()),
-                last_used: AtomicU64::new(NONE),
-                active: AtomicU32::new(0),
-                probes: AtomicU32::new(0),
-                weight: AtomicU16::new(weight.get()),
-                breaker_state: AtomicU8::new(CircuitState::Closed.as_u8()),
-                draining: AtomicBool::new(false),
-                removed: AtomicBool::new(false),
-            },
+            line: arena.take(now, slow_start, weight.get(), ewma.last_estimate_ns()),
             requests: AtomicU64::new(0),
             failures_by_kind: Default::default(),
             trackers: Mutex::new(Trackers {
@@ -591,57 +561,50 @@ impl InstanceLive {
         }
     }
 
+    /// The instance's hot line.
+    #[inline]
+    pub(crate) fn hot(&self) -> &Hot {
+        self.line.get()
+    }
+
+    /// A reference to the hot line, for a member-list slot.
+    pub(crate) fn hot_ref(&self) -> HotRef {
+        self.line.share()
+    }
+
     #[inline]
     pub(crate) fn health(&self) -> f64 {
-        f64::from_bits(self.hot.health_bits.load(Ordering::Acquire))
+        self.hot().health()
     }
 
     /// Requests currently holding a selection on this instance.
     #[inline]
     pub(crate) fn active_connections(&self) -> u32 {
-        self.hot.active.load(Ordering::Relaxed)
-    }
-
-    /// The configured weight of the member registered now.
-    #[inline]
-    pub(crate) fn weight(&self) -> u16 {
-        self.hot.weight.load(Ordering::Relaxed)
+        self.hot().active_connections()
     }
 
     /// Records the configured weight of a re-registered member.
     pub(crate) fn set_weight(&self, weight: Weight) {
-        self.hot.weight.store(weight.get(), Ordering::Relaxed);
+        self.hot().weight.store(weight.get(), Ordering::Relaxed);
     }
 
     /// Current breaker state as last published.
     #[inline]
     pub(crate) fn circuit_state(&self) -> CircuitState {
-        CircuitState::from_u8(self.hot.breaker_state.load(Ordering::Acquire))
+        self.hot().circuit_state()
     }
 
     /// [`Member::admits_traffic`], reading the time only for a breaker
     /// that is open.
     #[inline]
     pub(crate) fn admits_traffic(&self, now: impl FnOnce() -> Timestamp, max_probes: u32) -> bool {
-        let s = &self.hot;
-        if s.draining.load(Ordering::Acquire) || s.removed.load(Ordering::Acquire) {
-            return false;
-        }
-        if self.health() <= 0.0 {
-            return false;
-        }
-        match CircuitState::from_u8(s.breaker_state.load(Ordering::Acquire)) {
-            CircuitState::Closed => true,
-            CircuitState::Open => now().as_nanos() >= s.open_until.load(Ordering::Acquire),
-            CircuitState::HalfOpen => s.probes.load(Ordering::Acquire) < max_probes,
-        }
+        self.hot().admits_traffic(now, max_probes)
     }
 
     /// [`Member::admits_panic_traffic`].
     #[inline]
     pub(crate) fn admits_panic_traffic(&self) -> bool {
-        let s = &self.hot;
-        !s.draining.load(Ordering::Acquire) && !s.removed.load(Ordering::Acquire)
+        self.hot().admits_panic_traffic()
     }
 
     /// [`Member::slow_start_factor`], reading the time only during a ramp.
@@ -652,21 +615,7 @@ impl InstanceLive {
         now: impl FnOnce() -> Timestamp,
         window: Duration,
     ) -> f64 {
-        let began = self.hot.slow_start_began.load(Ordering::Acquire);
-        if began == NONE || window.is_zero() {
-            return 1.0;
-        }
-        let f = slow_start::factor(Some(Timestamp::from_nanos(began)), now(), window);
-        if f >= 1.0 {
-            // A restarted ramp (another value) is left alone.
-            let _ = self.hot.slow_start_began.compare_exchange(
-                began,
-                NONE,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
-        }
-        f
+        self.hot().slow_start_factor(now, window)
     }
 
     /// [`Member::weight_factor`].
@@ -676,36 +625,34 @@ impl InstanceLive {
         now: impl FnOnce() -> Timestamp,
         slow_start: Duration,
     ) -> f64 {
-        self.health() * self.slow_start_factor(now, slow_start)
+        self.hot().weight_factor(now, slow_start)
     }
 
     /// [`Member::latency_ewma_ns`].
     #[inline]
     pub(crate) fn latency_ewma_ns(&self) -> f64 {
-        f64::from_bits(self.hot.ewma_bits.load(Ordering::Relaxed))
+        self.hot().latency_ewma_ns()
     }
 
     /// [`Member::latency_estimate_ns`].
     #[inline]
     pub(crate) fn latency_estimate_ns(&self, now: Timestamp) -> f64 {
-        let e = f64::from_bits(self.hot.ewma_bits.load(Ordering::Relaxed));
-        let at = Timestamp::from_nanos(self.hot.ewma_at.load(Ordering::Relaxed));
-        e * ewma::decay_weight(at, now)
+        self.hot().latency_estimate_ns(now)
     }
 
     pub(crate) fn set_draining(&self, draining: bool) {
-        self.hot.draining.store(draining, Ordering::Release);
+        self.hot().draining.store(draining, Ordering::Release);
     }
 
     pub(crate) fn start_slow_start(&self, now: Timestamp) {
-        self.hot
+        self.hot()
             .slow_start_began
             .store(now.as_nanos(), Ordering::Release);
     }
 
     /// Publishes what the selection path reads. Call with `inner` locked.
     pub(crate) fn publish(&self, inner: &Trackers) {
-        let s = &self.hot;
+        let s = self.hot();
         s.health_bits
             .store(inner.health.score().get().to_bits(), Ordering::Release);
         s.open_until
@@ -723,7 +670,7 @@ impl InstanceLive {
     /// How the service should count this instance now: draining wins;
     /// otherwise ejected (health 0) or breaker open is unavailable.
     pub(crate) fn availability(&self, trackers: &Trackers) -> Availability {
-        if self.hot.draining.load(Ordering::Acquire) {
+        if self.hot().draining.load(Ordering::Acquire) {
             Availability::Draining
         } else if trackers.health.score() == HealthScore::EJECTED
             || trackers.breaker.state() == CircuitState::Open
@@ -738,6 +685,10 @@ impl InstanceLive {
     /// (below 6: [`FailureKind::index`](crate::FailureKind::index)).
     pub(crate) fn count_outcome(&self, failure: Option<usize>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let answered = &self.hot().answered;
+        if !answered.load(Ordering::Relaxed) {
+            answered.store(true, Ordering::Relaxed);
+        }
         if let Some(c) = failure.and_then(|kind| self.failures_by_kind.get(kind)) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -758,13 +709,14 @@ mod tests {
 
     /// The bytes of an instance (module doc, "Bytes"): each step below is
     /// what a layout that grows back would lose. `Arc<InstanceLive>`'s
-    /// allocation is 64 (the counts' line) + `size_of::<InstanceLive>()`.
+    /// allocation is 16 (the counts) + `size_of::<InstanceLive>()`; the hot
+    /// line is 64 more, in the service's arena.
     #[test]
-    fn the_live_state_fits_four_lines_after_the_counts_line() {
+    fn the_live_state_fits_its_budget_with_the_line_in_the_arena() {
         use std::mem::{align_of, size_of};
-        assert_eq!(size_of::<InstanceLive>(), 256);
-        assert_eq!(align_of::<InstanceLive>(), 64);
-        assert!(size_of::<Trackers>() <= 128, "{}", size_of::<Trackers>());
+        assert_eq!(size_of::<InstanceLive>(), 208);
+        assert_eq!(align_of::<InstanceLive>(), 8);
+        assert!(size_of::<Trackers>() <= 136, "{}", size_of::<Trackers>());
         assert_eq!(size_of::<HealthTracker>(), 24);
         assert_eq!(size_of::<CircuitBreaker>(), 48);
         assert_eq!(size_of::<LatencyEwma>(), 48);
@@ -773,13 +725,13 @@ mod tests {
     }
 
     #[test]
-    fn what_a_pick_touches_is_one_aligned_cache_line() {
-        assert_eq!(std::mem::size_of::<Hot>(), 64);
-        assert_eq!(std::mem::align_of::<Hot>(), 64);
-        let live = InstanceLive::new(Timestamp::default(), false, Weight::DEFAULT);
-        assert_eq!(std::ptr::addr_of!(live.hot) as usize % 64, 0);
-        // The member's live pointer is next to its Arc's reference count.
-        assert_eq!(std::mem::offset_of!(Member, live), 0);
+    fn the_live_state_reaches_its_own_line_in_the_arena() {
+        let arena = Arc::default();
+        let live = InstanceLive::new(&arena, Timestamp::default(), false, Weight::DEFAULT);
+        assert_eq!(std::ptr::from_ref(live.hot()) as usize % 64, 0);
+        assert!(std::ptr::eq(live.hot(), live.hot_ref().get()));
+        let other = InstanceLive::new(&arena, Timestamp::default(), false, Weight::DEFAULT);
+        assert!(!std::ptr::eq(live.hot(), other.hot()));
     }
 
     #[test]

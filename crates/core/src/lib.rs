@@ -83,6 +83,7 @@ pub mod error;
 pub mod event;
 pub mod ewma;
 pub mod health;
+pub(crate) mod hot;
 pub mod instance;
 pub(crate) mod member_index;
 pub mod members;
@@ -92,6 +93,7 @@ pub mod registry;
 pub mod selection;
 pub mod service;
 pub mod slow_start;
+pub mod snapshot;
 pub mod stats;
 pub mod strategy;
 

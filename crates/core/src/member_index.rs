@@ -125,6 +125,7 @@ mod tests {
         Arc::new(Member::new(
             inst,
             Arc::new(InstanceLive::new(
+                &Default::default(),
                 Timestamp::default(),
                 false,
                 Weight::DEFAULT,

@@ -231,7 +231,7 @@ impl Recorder {
         events: &mut Vec<Event>,
     ) {
         let live = member.live();
-        if live.hot.removed.load(Ordering::Acquire) {
+        if live.hot().removed.load(Ordering::Acquire) {
             return;
         }
         let now = live.availability(trackers);

@@ -18,16 +18,34 @@
 //! only when a rule needs it (see [`service`](crate::service), "The clock on
 //! the pick path").
 //!
-//! ## Nothing service-wide is written per pick
+//! ## Nothing service-wide is written per pick, nor the member's line
 //!
-//! A guard must keep its service's [`Recorder`] alive, but cloning one
+//! A guard must keep its service's [`Recorder`] alive, and its member's
+//! description (for [`instance`](Selection::instance)). Cloning one
 //! `Arc<Recorder>` per selection would be a read-modify-write on one
-//! reference count from every thread, twice per request. So each thread
-//! slot (see `per_thread`) of a service holds its own `PickLocal`: an
-//! `Arc` of the recorder handle whose count only that slot's selections
-//! touch, and that slot's RNG state. A selection counts on its instance
-//! (`active`, `last_used`: the instance's own line) and on its thread's slot
-//! of the service's counters, nothing else.
+//! reference count from every thread, twice per request; cloning the
+//! chosen `Arc<Member>` would write the member's own allocation, a cache
+//! line apart from the instance's hot line, cold at 100,000 instances
+//! (issue 12: a third miss per pick). So each thread slot (see
+//! `per_thread`) of a service holds its own *pick view*: an `Arc` of the
+//! recorder and of the snapshot the slot picks from, replaced when the
+//! service publishes a new snapshot (the slot's next pick notices the
+//! generation changed: one allocation per thread and change). A selection
+//! clones its slot's view — a count only that slot's selections touch —
+//! and names its member by position in the view's snapshot, which is
+//! immutable and lives as long as the view; a strategy that picked from a
+//! table of its own older than the snapshot hands back the member's `Arc`
+//! instead (see [`Picked`](crate::strategy::Picked)). A selection counts on
+//! its instance (`active`, `last_used`: the instance's own line) and on its
+//! thread's slot of the service's counters, nothing else.
+//!
+//! *What it costs:* a thread slot keeps the last snapshot it picked from
+//! alive until its next pick (at most one per slot, 16 per service), and
+//! with it the members that snapshot listed; a selection keeps its pick's
+//! snapshot alive until it is dropped. Live state outlives a snapshot
+//! anyway (see [`instance`](crate::instance)), so nothing reads stale
+//! counters: a removed member is marked removed on its live state, which
+//! every snapshot shares.
 //!
 //! ## Randomness: one stream per thread, reproducible
 //!
@@ -47,59 +65,105 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
+
 use crate::clock::Timestamp;
 use crate::event::Event;
+use crate::hot::Hot;
 use crate::instance::{Member, ServiceInstance};
 pub use crate::recorder::{FailureKind, Outcome};
 use crate::recorder::{Recorder, Source};
+use crate::snapshot::Snapshot;
 use crate::strategy::StrategyKind;
 
 /// One request's claim on one instance. See the module doc.
 #[must_use = "dropping a Selection at once releases the connection it counts"]
 pub struct Selection {
-    recorder: Arc<RecorderHandle>,
-    member: Arc<Member>,
+    view: Arc<PickView>,
+    target: Target,
     probe: bool,
     strategy: StrategyKind,
     events: Vec<Event>,
 }
 
+/// The member a selection is on.
+#[derive(Debug)]
+pub(crate) enum Target {
+    /// Its position in the view's snapshot, and its hot line's number
+    /// there (the release goes straight to the line).
+    At {
+        /// The position.
+        index: usize,
+        /// The hot line's number.
+        line: u32,
+    },
+    /// The member, from a strategy's table older than the snapshot.
+    Held(Arc<Member>),
+}
+
 impl Selection {
+    /// A selection on `target` of `view`'s snapshot; the caller checked
+    /// that an `At` position is in the snapshot.
     #[inline]
     pub(crate) fn new(
-        recorder: Arc<RecorderHandle>,
-        member: Arc<Member>,
+        view: Arc<PickView>,
+        target: Target,
         used_at: Timestamp,
         probe: bool,
         strategy: StrategyKind,
         events: Vec<Event>,
     ) -> Self {
-        let live = &member.live().hot;
-        live.active.fetch_add(1, Ordering::AcqRel);
-        live.last_used.store(used_at.as_nanos(), Ordering::Relaxed);
-        recorder.stats.request_started();
-        Self {
-            recorder,
-            member,
+        let sel = Self {
+            view,
+            target,
             probe,
             strategy,
             events,
+        };
+        if let Some(hot) = sel.hot() {
+            hot.active.fetch_add(1, Ordering::AcqRel);
+            hot.last_used.store(used_at.as_nanos(), Ordering::Relaxed);
+        }
+        sel.view.recorder.stats.request_started();
+        sel
+    }
+
+    /// The chosen member.
+    fn member(&self) -> &Member {
+        match &self.target {
+            Target::Held(m) => m,
+            Target::At { index, .. } => match self.view.snapshot.members.get(*index) {
+                Some(m) => m,
+                // `new`'s caller checked the position, and the snapshot the
+                // view holds never changes.
+                None => unreachable!("a selection's position is in its snapshot"),
+            },
+        }
+    }
+
+    /// The chosen instance's hot line, without reading its member when
+    /// the selection holds a position.
+    #[inline]
+    fn hot(&self) -> Option<&Hot> {
+        match &self.target {
+            Target::Held(m) => Some(m.live().hot()),
+            Target::At { line, .. } => self.view.snapshot.members.hot_line(*line),
         }
     }
 
     /// The chosen instance.
     pub fn instance(&self) -> &ServiceInstance {
-        self.member.instance()
+        self.member().instance()
     }
 
     /// The service name.
     pub fn service(&self) -> &str {
-        self.recorder.name()
+        self.view.recorder.name()
     }
 
     /// Active connections on the chosen instance, this one included.
     pub fn active_connections(&self) -> u32 {
-        self.member.active_connections()
+        self.hot().map_or(0, Hot::active_connections)
     }
 
     /// The strategy that made the pick (for `adaptive`: the one in use).
@@ -125,51 +189,74 @@ impl Selection {
 
     /// Records a success with its latency and releases the connection.
     pub fn success(self, latency: Duration) -> Vec<Event> {
-        self.recorder
-            .record(&self.member, Outcome::Success(latency), Source::Request)
+        self.view
+            .recorder
+            .record(self.member(), Outcome::Success(latency), Source::Request)
     }
 
     /// Records a failure and releases the connection.
     pub fn failure(self, kind: FailureKind) -> Vec<Event> {
-        self.recorder
-            .record(&self.member, Outcome::Failure(kind), Source::Request)
+        self.view
+            .recorder
+            .record(self.member(), Outcome::Failure(kind), Source::Request)
     }
 }
 
-/// A thread slot's own reference to the service's recorder: selections
-/// clone the `Arc` around it, whose count is the slot's alone.
+/// A thread slot's view of its service: the recorder and the snapshot the
+/// slot picks from. Selections made on the slot clone the `Arc` around it,
+/// whose count is the slot's alone (module doc).
 #[derive(Debug)]
-pub(crate) struct RecorderHandle(Arc<Recorder>);
+pub(crate) struct PickView {
+    recorder: Arc<Recorder>,
+    snapshot: Arc<Snapshot>,
+}
 
-impl std::ops::Deref for RecorderHandle {
-    type Target = Recorder;
+impl PickView {
+    /// The snapshot this view picks from.
     #[inline]
-    fn deref(&self) -> &Recorder {
-        &self.0
+    pub(crate) fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 }
 
 /// One thread slot's state for picks on one service. See the module doc.
 #[derive(Debug)]
 pub(crate) struct PickLocal {
-    /// The handle selections made on this slot clone.
-    recorder: Arc<RecorderHandle>,
+    /// The view selections made on this slot clone. A lock, not an
+    /// `ArcSwap`: only the slot's own thread takes it (two threads share a
+    /// slot only beyond 16), for a clone, and it is a line of the slot's.
+    view: Mutex<Arc<PickView>>,
     /// The slot's RNG state; 0 until its first pick claims a seed.
     rng: AtomicU64,
 }
 
 impl PickLocal {
-    pub(crate) fn new(recorder: &Arc<Recorder>) -> Self {
+    pub(crate) fn new(recorder: &Arc<Recorder>, snapshot: &Arc<Snapshot>) -> Self {
         Self {
-            recorder: Arc::new(RecorderHandle(recorder.clone())),
+            view: Mutex::new(Arc::new(PickView {
+                recorder: recorder.clone(),
+                snapshot: snapshot.clone(),
+            })),
             rng: AtomicU64::new(0),
         }
     }
 
-    /// This slot's recorder handle.
+    /// This slot's view, first replaced by one of `load()` if the slot's
+    /// snapshot is not of `generation` (the service's latest).
     #[inline]
-    pub(crate) fn recorder(&self) -> &Arc<RecorderHandle> {
-        &self.recorder
+    pub(crate) fn view(
+        &self,
+        generation: u64,
+        load: impl FnOnce() -> Arc<Snapshot>,
+    ) -> Arc<PickView> {
+        let mut view = self.view.lock();
+        if view.snapshot.generation != generation {
+            *view = Arc::new(PickView {
+                recorder: view.recorder.clone(),
+                snapshot: load(),
+            });
+        }
+        view.clone()
     }
 
     /// The slot's RNG, seeded from `seed` on its first use; give it back
@@ -193,10 +280,12 @@ impl PickLocal {
 impl Drop for Selection {
     #[inline]
     fn drop(&mut self) {
-        self.member.live().hot.active.fetch_sub(1, Ordering::AcqRel);
-        self.recorder.stats.request_finished();
+        if let Some(hot) = self.hot() {
+            hot.active.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.view.recorder.stats.request_finished();
         if self.probe {
-            self.recorder.release_probe(&self.member);
+            self.view.recorder.release_probe(self.member());
         }
     }
 }
@@ -204,8 +293,8 @@ impl Drop for Selection {
 impl fmt::Debug for Selection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Selection")
-            .field("service", &self.recorder.name())
-            .field("instance", self.member.instance().id())
+            .field("service", &self.view.recorder.name())
+            .field("instance", self.member().instance().id())
             .field("probe", &self.probe)
             .finish()
     }
@@ -242,6 +331,55 @@ mod tests {
                 .unwrap()
             })
             .collect()
+    }
+
+    /// The guard names its member by position in the snapshot it holds:
+    /// a pick writes nothing of the member's allocation, and the member
+    /// stays readable (and its count exact) after it is deregistered.
+    #[test]
+    fn a_selection_holds_its_snapshot_not_its_members_count() {
+        let registry = Registry::builder().seed(1).build().unwrap();
+        let config = LoadBalancerConfig {
+            strategy: StrategyKind::P2c,
+            ..LoadBalancerConfig::default()
+        };
+        registry.configure_service("svc", config).unwrap();
+        for i in 0..4 {
+            let inst = ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80).unwrap();
+            registry.register_instance("svc", inst).unwrap();
+        }
+        let svc = registry.service("svc").unwrap();
+        let i0 = svc.member("i0").unwrap();
+        let count = std::sync::Arc::strong_count(&i0);
+        let sel = svc
+            .select_with(None, |m| m.instance().id().as_str() == "i0")
+            .unwrap();
+        assert_eq!(std::sync::Arc::strong_count(&i0), count, "no clone");
+        assert_eq!(i0.active_connections(), 1);
+        registry.deregister_instance("svc", "i0").unwrap();
+        assert_eq!(sel.instance().id().as_str(), "i0");
+        assert_eq!(sel.active_connections(), 1);
+        // New instances take free hot lines; i0's is not free while the
+        // selection can still release on it.
+        let fresh =
+            (0..20).map(|j| ServiceInstance::try_new(&format!("j{j}"), "10.0.0.1", 80).unwrap());
+        registry
+            .register_instances("svc", fresh.collect::<Vec<_>>())
+            .unwrap();
+        for j in 0..20 {
+            let status = registry.instance("svc", &format!("j{j}")).unwrap();
+            assert_eq!(status.active_connections, 0, "j{j} shares no line");
+        }
+        drop(sel);
+        assert_eq!(i0.active_connections(), 0);
+        for j in 0..20 {
+            let status = registry.instance("svc", &format!("j{j}")).unwrap();
+            assert_eq!(status.active_connections, 0, "j{j} after the release");
+        }
+        // The thread's view follows the new snapshot: i0 is never picked.
+        for _ in 0..50 {
+            assert_ne!(svc.select(None).unwrap().instance().id().as_str(), "i0");
+        }
     }
 
     #[test]

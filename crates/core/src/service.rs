@@ -7,7 +7,11 @@
 //! Each service publishes an immutable [`Snapshot`] (members, strategy,
 //! config, generation) behind one `ArcSwap`. Selection loads it without a
 //! lock; writers (registration, removal, strategy change) serialise on the
-//! service's writer lock, build a new snapshot and store it. Per-instance live
+//! service's writer lock, build a new snapshot and store it, then publish
+//! its generation. A pick does not load the `ArcSwap` itself: its thread
+//! slot keeps a view of the snapshot (see [`selection`](crate::selection))
+//! and replaces it when the published generation moved, so a pick reads
+//! one shared atomic that changes only with membership. Per-instance live
 //! state is shared between snapshots (see [`instance`](crate::instance)), so
 //! a reader holding an old snapshot still reports outcomes to the right
 //! place.
@@ -73,14 +77,16 @@ use crate::clock::{Clock, LazyNow, OptionalTimestamp, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::health::HealthScore;
+use crate::hot::{Hot, HotArena};
 use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
 use crate::member_index::MemberIndex;
 use crate::members::Members;
 use crate::per_thread::{Padded, PerThread};
 use crate::recorder::{Outcome, Recorder, Source};
-use crate::selection::{PickLocal, Selection};
+use crate::selection::{PickLocal, Selection, Target};
+pub use crate::snapshot::Snapshot;
 use crate::stats::{Availability, ServiceStats};
-use crate::strategy::{AdaptiveStatus, PickContext, Strategy, StrategyKind, Switch};
+use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
@@ -93,21 +99,15 @@ const LATEST_STEP_NS: u64 = 1_000_000;
 pub struct Service {
     recorder: Arc<Recorder>,
     snapshot: ArcSwap<Snapshot>,
+    /// The generation of the snapshot last stored, so a pick can tell
+    /// whether its thread's view is current without loading the snapshot.
+    published: Padded<AtomicU64>,
     writer: Mutex<Writer>,
     /// Per-thread pick state (recorder handle, RNG): see [`selection`](crate::selection).
     local: PerThread<PickLocal>,
     /// The latest clock reading of this service, in nanoseconds (module
     /// doc, "The clock on the pick path"); read by picks that read none.
     latest: Padded<AtomicU64>,
-}
-
-/// What selection reads: immutable, replaced on every change.
-#[derive(Debug)]
-pub struct Snapshot {
-    members: Members,
-    generation: u64,
-    strategy: Arc<dyn Strategy>,
-    config: Arc<LoadBalancerConfig>,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +118,8 @@ struct Writer {
     /// state: only draining members have one.
     draining: HashMap<InstanceId, OptionalTimestamp>,
     generation: u64,
+    /// The service's hot lines (the `hot` module).
+    arena: Arc<HotArena>,
 }
 
 /// Whether a registration added an instance or updated one.
@@ -162,15 +164,17 @@ impl Service {
         let strategy = config.strategy.build_with(&config);
         let config = Arc::new(config);
         let recorder = Arc::new(Recorder::new(name, clock, config.clone(), seed));
+        let snapshot = Arc::new(Snapshot {
+            members: Members::default(),
+            generation: 0,
+            strategy,
+            config,
+        });
         Self {
-            local: PerThread::new(|_| PickLocal::new(&recorder)),
+            local: PerThread::new(|_| PickLocal::new(&recorder, &snapshot)),
             recorder,
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                members: Members::default(),
-                generation: 0,
-                strategy,
-                config,
-            }),
+            snapshot: ArcSwap::new(snapshot),
+            published: Padded(AtomicU64::new(0)),
             writer: Mutex::new(Writer::default()),
             latest: Padded(AtomicU64::new(0)),
         }
@@ -274,7 +278,13 @@ impl Service {
         key: Option<&[u8]>,
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Option<Selection> {
-        let snap = self.snapshot.load();
+        let local = self.local.local();
+        // The thread's view holds the snapshot (and the recorder) the
+        // selection keeps: no load of the shared `ArcSwap` per pick.
+        let view = local.view(self.published.load(Ordering::Acquire), || {
+            self.snapshot.load_full()
+        });
+        let snap = view.snapshot();
         let mut events = Vec::new();
         // Before the empty check: a service whose last instance left while
         // in panic must leave it (found by the `core_ops` fuzz target).
@@ -283,7 +293,6 @@ impl Service {
             return None;
         }
         let now = LazyNow::new(&*self.recorder.clock);
-        let local = self.local.local();
         let mut rng = local.take_rng(|| self.recorder.next_seed());
         let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
         let panic_filter =
@@ -308,7 +317,7 @@ impl Service {
                 switched: &mut switched,
                 accept,
             };
-            let member = snap.strategy.pick(&mut cx);
+            let picked = snap.strategy.pick(&mut cx);
             local.put_rng(&rng);
             if let Some(Switch { from, to, reason }) = switched.take() {
                 events.push(Event::StrategySwitch {
@@ -318,17 +327,32 @@ impl Service {
                     reason,
                 });
             }
-            let member = member?;
+            let picked = picked?;
+            let (hot, line): (&Hot, u32) = match &picked {
+                Picked::At(i) => {
+                    let line = snap.members.line_number(*i)?;
+                    (snap.members.hot_line(line)?, line)
+                }
+                Picked::Member(m) => (m.live().hot(), 0),
+            };
+            let member = || match &picked {
+                Picked::At(i) => snap.members.get(*i).map(|m| &**m),
+                Picked::Member(m) => Some(&**m),
+            };
             let kind = snap.strategy.effective_kind();
             // Panic mode ignores breakers, so it takes no probe slot.
             let probe = if panic {
                 false
             } else {
-                match self.admit(&member, &now, &snap.config, &mut events) {
+                match self.admit(member, hot, &now, &snap.config, &mut events) {
                     Admission::Admitted => false,
                     Admission::Probe(_) => true,
                     Admission::Rejected => continue,
                 }
+            };
+            let target = match picked {
+                Picked::At(index) => Target::At { index, line },
+                Picked::Member(m) => Target::Held(m),
             };
             let used_at = match now.if_read() {
                 Some(t) => {
@@ -337,28 +361,28 @@ impl Service {
                 }
                 None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
             };
-            return Some(Selection::new(
-                local.recorder().clone(),
-                member,
-                used_at,
-                probe,
-                kind,
-                events,
-            ));
+            return Some(Selection::new(view, target, used_at, probe, kind, events));
         }
         None
     }
 
-    fn admit(
+    /// Asks the breaker of the member `member()` (its hot line `hot`) to
+    /// admit a request. The member is read only when the breaker is not
+    /// closed.
+    fn admit<'m>(
         &self,
-        member: &Member,
+        member: impl FnOnce() -> Option<&'m Member>,
+        hot: &Hot,
         now: &LazyNow<'_>,
         cfg: &LoadBalancerConfig,
         events: &mut Vec<Event>,
     ) -> Admission {
-        if member.circuit_state() == CircuitState::Closed {
+        if hot.circuit_state() == CircuitState::Closed {
             return Admission::Admitted; // the common case: no lock, no clock
         }
+        let Some(member) = member() else {
+            return Admission::Rejected;
+        };
         let live = member.live();
         let mut trackers = live.trackers.lock();
         let admission = trackers.breaker.try_admit(now.get(), &cfg.breaker);
@@ -397,8 +421,17 @@ impl Service {
             config,
         };
         let members = snap.members.clone();
-        self.snapshot.store(Arc::new(snap));
+        self.publish(Arc::new(snap));
         strategy.prepare(&members, w.generation, self.now());
+    }
+
+    /// Stores `snap` as the current snapshot, then its generation as the
+    /// published one (in that order: a pick that reads the generation
+    /// loads a snapshot at least that new). Call under the writer lock.
+    fn publish(&self, snap: Arc<Snapshot>) {
+        let generation = snap.generation;
+        self.snapshot.store(snap);
+        self.published.store(generation, Ordering::Release);
     }
 
     /// Runs `f` on a copy of the member list under the writer lock, then
@@ -422,7 +455,7 @@ impl Service {
             strategy: old.strategy.clone(),
             config: old.config.clone(),
         });
-        self.snapshot.store(snap.clone());
+        self.publish(snap.clone());
         drop(w);
         drop(old);
         snap.strategy.prepare(&snap.members, generation, now);
@@ -551,7 +584,7 @@ impl Service {
     pub(crate) fn mark_all_removed(&self) {
         let snap = self.snapshot.load();
         for m in snap.members.iter() {
-            m.live().hot.removed.store(true, Ordering::Release);
+            m.live().hot().removed.store(true, Ordering::Release);
         }
     }
 
@@ -610,7 +643,7 @@ impl Writer {
             }
         }
         let id = instance.id().clone();
-        let live = Arc::new(InstanceLive::new(now, slow, instance.weight()));
+        let live = Arc::new(InstanceLive::new(&self.arena, now, slow, instance.weight()));
         stats.recount(&mut live.trackers.lock().counted, Availability::Available);
         let idx = members.push(Arc::new(Member::new(instance, live)));
         self.index.insert(members, id.as_str(), idx);
@@ -634,7 +667,7 @@ impl Writer {
         }
         let live = removed.live();
         let mut trackers = live.trackers.lock();
-        live.hot.removed.store(true, Ordering::Release);
+        live.hot().removed.store(true, Ordering::Release);
         stats.recount(&mut trackers.counted, Availability::Absent);
         Some(removed.instance().clone())
     }
@@ -821,7 +854,7 @@ mod tests {
             .expect("the elapsed window admits a probe");
         assert!(probe.is_probe());
         assert_eq!(
-            i0.live().hot.last_used.load(Ordering::Relaxed),
+            i0.live().hot().last_used.load(Ordering::Relaxed),
             t.as_nanos()
         );
     }

@@ -55,17 +55,16 @@
 //! turns it into the event).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::{
-    LoadBalancerConfig, P2c, PeakEwma, PickContext, Strategy, StrategyKind, Switch, Weighted,
+    LoadBalancerConfig, P2c, PeakEwma, PickContext, Picked, Strategy, StrategyKind, Switch,
+    Weighted,
 };
 use crate::clock::Timestamp;
 use crate::error::ConfigError;
-use crate::instance::Member;
 use crate::members::Members;
 
 /// How often the signals are evaluated.
@@ -443,7 +442,7 @@ impl Strategy for Adaptive {
         StrategyKind::Adaptive
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let now = cx.now().as_nanos();
         if now >= self.next_eval.load(Ordering::Relaxed) {
             if let Some(mut st) = self.state.try_lock() {

@@ -38,9 +38,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 
-use super::{rebuild_inline, PickContext, Strategy, StrategyKind};
+use super::{rebuild_inline, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
-use crate::instance::Member;
 use crate::members::{Members, Slot};
 
 /// Candidate table sizes: primes, smallest first.
@@ -150,24 +149,41 @@ impl Table {
         }
     }
 
-    fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Arc<Member>> {
+    /// The key's instance by the walk of the module doc. A table of the
+    /// snapshot's generation lists the members in the snapshot's order, so
+    /// its owner index is the position (see `Picked`), and an owner is
+    /// checked on its hot line through the snapshot's list: the table slot
+    /// and the line are the two cache misses. An older table checks its
+    /// own copy of the member.
+    fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Picked> {
+        let fresh = self.generation == cx.generation;
         let m = self.slots.len() as u64;
         if m == 0 {
             return None;
         }
-        let start = hash % m;
+        let start = (hash % m) as usize;
+        let m = m as usize;
         let mut owners_tried = 0;
         let mut last_owner = u32::MAX;
-        for step in 0..MAX_WALK_SLOTS.min(m) {
-            let owner = self.slots[((start + step) % m) as usize];
+        for step in 0..MAX_WALK_SLOTS.min(m as u64) as usize {
+            // `start + step < 2m`: a wrap, not a second division.
+            let at = start + step;
+            let owner = self.slots[if at >= m { at - m } else { at }];
             // A run of slots with the owner just refused says nothing new.
             if owner == last_owner {
                 continue;
             }
             last_owner = owner;
-            let slot = self.members.get(owner as usize)?;
-            if cx.slot_eligible(slot) {
-                return Some(slot.member().clone());
+            if fresh {
+                let c = cx.members.candidate(owner as usize)?;
+                if cx.candidate_eligible(&c) {
+                    return Some(Picked::At(c.index));
+                }
+            } else {
+                let m = self.members.get(owner as usize)?.member();
+                if cx.is_eligible(m) {
+                    return Some(Picked::Member(m.clone()));
+                }
             }
             owners_tried += 1;
             if owners_tried == MAX_WALK {
@@ -196,9 +212,9 @@ impl Strategy for ConsistentHash {
         StrategyKind::ConsistentHash
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let Some(key) = cx.key else {
-            return cx.random_eligible();
+            return cx.random_eligible_at();
         };
         let hash = key_hash(key);
         // A guard, not `load_full`: an `Arc` clone per pick would be a
@@ -218,7 +234,7 @@ impl Strategy for ConsistentHash {
         table
             .as_ref()
             .and_then(|t| t.lookup(hash, cx))
-            .or_else(|| cx.random_eligible())
+            .or_else(|| cx.random_eligible_at())
     }
 
     fn prepare(&self, members: &Members, generation: u64, now: Timestamp) {

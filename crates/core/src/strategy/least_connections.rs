@@ -35,11 +35,9 @@
 //! Envoy's least-request balancer also uses, which keeps the maximum load
 //! within a small constant of the true minimum.
 
-use std::sync::Arc;
-
-use super::{per_weight, PickContext, Strategy, StrategyKind};
-use crate::instance::{InstanceLive, Member};
-use crate::members::Slot;
+use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
+use crate::hot::Hot;
+use crate::members::Candidate;
 
 /// Largest service picked by an exact scan.
 pub const EXACT_LIMIT: usize = 256;
@@ -53,7 +51,7 @@ pub struct LeastConnections;
 /// `active / effective weight` of an instance at factor `f`, from its live
 /// state alone (one cache line per sample).
 #[inline]
-fn load(live: &InstanceLive, f: f64) -> f64 {
+fn load(live: &Hot, f: f64) -> f64 {
     per_weight(
         f64::from(live.active_connections()),
         f64::from(live.weight()) * f,
@@ -63,7 +61,7 @@ fn load(live: &InstanceLive, f: f64) -> f64 {
 /// The least loaded member offered so far, ties drawn by configured weight.
 #[derive(Default)]
 struct Lowest<'m> {
-    best: Option<&'m Slot>,
+    best: Option<Candidate<'m>>,
     load: f64,
     /// Sum of the configured weights of the members tied at `load`.
     tied: f64,
@@ -71,24 +69,24 @@ struct Lowest<'m> {
 
 impl<'m> Lowest<'m> {
     /// Offers `s` at factor `f`.
-    fn offer(&mut self, cx: &mut PickContext<'_>, s: &'m Slot, f: f64) {
-        let weight = f64::from(s.live().weight());
-        let load = load(s.live(), f);
+    fn offer(&mut self, cx: &mut PickContext<'_>, c: Candidate<'m>, f: f64) {
+        let weight = f64::from(c.hot.weight());
+        let load = load(c.hot, f);
         if self.best.is_none() || load < self.load {
-            self.best = Some(s);
+            self.best = Some(c);
             self.load = load;
             self.tied = weight;
         } else if load == self.load {
             self.tied += weight;
             // Weighted reservoir sampling: replace with chance w / Σw.
             if cx.rng.f64() * self.tied < weight {
-                self.best = Some(s);
+                self.best = Some(c);
             }
         }
     }
 
-    fn member(&self) -> Option<Arc<Member>> {
-        self.best.map(|s| s.member().clone())
+    fn picked(&self) -> Option<Picked> {
+        self.best.map(|c| Picked::At(c.index))
     }
 }
 
@@ -97,7 +95,7 @@ impl Strategy for LeastConnections {
         StrategyKind::LeastConnections
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         if cx.members.len() > EXACT_LIMIT {
             sampled(cx)
         } else {
@@ -108,32 +106,32 @@ impl Strategy for LeastConnections {
 
 /// The rule over every member: the lowest load among the eligible and
 /// admitted, else among every eligible one.
-fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+fn exact(cx: &mut PickContext<'_>) -> Option<Picked> {
     let members = cx.members;
     let mut admitted = Lowest::default();
     let mut any = false;
-    for s in members.slots() {
-        if !cx.slot_eligible(s) {
+    for c in members.candidates() {
+        if !cx.candidate_eligible(&c) {
             continue;
         }
         any = true;
-        let f = cx.live_factor(s.live());
+        let f = cx.live_factor(c.hot);
         if cx.accept(f) {
-            admitted.offer(cx, s, f);
+            admitted.offer(cx, c, f);
         }
     }
     if admitted.best.is_some() || !any {
-        return admitted.member();
+        return admitted.picked();
     }
     // Nobody admitted (rare: every candidate ramps and drew "no").
     let mut all = Lowest::default();
-    for s in members.slots() {
-        if cx.slot_eligible(s) {
-            let f = cx.live_factor(s.live());
-            all.offer(cx, s, f);
+    for c in members.candidates() {
+        if cx.candidate_eligible(&c) {
+            let f = cx.live_factor(c.hot);
+            all.offer(cx, c, f);
         }
     }
-    all.member()
+    all.picked()
 }
 
 /// The rule over [`SAMPLES`] random eligible members: an admitted one beats
@@ -141,19 +139,20 @@ fn exact(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
 /// so among equals the first wins and no tie draw is needed. A sample reads
 /// its list slot and its live state's line; only the winner's `Member` is
 /// read (for its reference count).
-fn sampled(cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-    let mut best: Option<(bool, f64, &Slot)> = None;
+fn sampled(cx: &mut PickContext<'_>) -> Option<Picked> {
+    let mut best: Option<(bool, f64, usize)> = None;
     for _ in 0..SAMPLES {
-        let s = cx.random_eligible_slot(false)?;
-        let f = cx.live_factor(s.live());
+        let c = cx.random_candidate()?;
+        let i = c.index;
+        let f = cx.live_factor(c.hot);
         let admitted = cx.accept(f);
-        let load = load(s.live(), f);
+        let load = load(c.hot, f);
         let better = best.as_ref().is_none_or(|&(was_admitted, was_load, _)| {
             (admitted && !was_admitted) || (admitted == was_admitted && load < was_load)
         });
         if better {
-            best = Some((admitted, load, s));
+            best = Some((admitted, load, i));
         }
     }
-    best.map(|(_, _, s)| s.member().clone())
+    best.map(|(_, _, i)| Picked::At(i))
 }

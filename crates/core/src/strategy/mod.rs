@@ -57,20 +57,13 @@ pub use self::weighted::Weighted;
 
 use crate::clock::{LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
-use crate::instance::{InstanceLive, Member};
-use crate::members::{Members, Slot};
+use crate::hot::Hot;
+use crate::instance::Member;
+use crate::members::{Candidate, Members};
 use crate::stats::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
 pub const MAX_DRAWS: usize = 32;
-/// Smallest member list on which a random draw loads the candidate's
-/// member line beside its live line (`Slot::touch_member`): at 100,000
-/// members both are cache misses, and overlapping them took `p2c` and
-/// `peak_ewma` 10–25 % faster (`least_connections`, which keeps one of
-/// eight, 5 % slower: it does not); on a small service both lines are cached,
-/// and where another thread writes the member's count the extra read
-/// would cost a second coherence transfer before the clone's own.
-const TOUCH_MEMBER_FROM: usize = 4_096;
 /// Largest member list whose tables are rebuilt at once on a change.
 pub const EAGER_REBUILD_LIMIT: usize = 10_000;
 /// Shortest time between two rebuilds of a stale table on the request path.
@@ -93,7 +86,7 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     fn kind(&self) -> StrategyKind;
 
     /// Picks an eligible member, or `None` if there is none.
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>>;
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked>;
 
     /// Called by the writer after the member list changed. Table-based
     /// strategies rebuild here when that is cheap (at most
@@ -121,6 +114,22 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// Called when the service's configuration is replaced by one with the
     /// same strategy: take its tunables, keep the state.
     fn reconfigure(&self, _config: &LoadBalancerConfig) {}
+}
+
+/// What a strategy picked.
+///
+/// A position in the snapshot's member list is what the pick path wants:
+/// the [`Selection`](crate::Selection) then holds the snapshot (through its
+/// thread's pick view) and the position, and never writes the member's
+/// reference count. A strategy that picks from a table of its own that may
+/// be older than the snapshot (`weighted`'s schedule, a stale
+/// `consistent_hash` table) hands back the member itself.
+#[derive(Debug, Clone)]
+pub enum Picked {
+    /// The member at this position of [`PickContext::members`].
+    At(usize),
+    /// A member from the strategy's own table.
+    Member(Arc<Member>),
 }
 
 /// The name of a strategy, as written in config (`strategy = "p2c"`).
@@ -281,22 +290,25 @@ impl<'a> PickContext<'a> {
         self.admits(m) && self.accept.is_none_or(|accept| accept(m))
     }
 
-    /// [`is_eligible`](Self::is_eligible) for a list slot: reads the
+    /// [`is_eligible`](Self::is_eligible) for a candidate: reads the
     /// member only if a filter must see it.
     #[inline]
-    pub(crate) fn slot_eligible(&self, s: &Slot) -> bool {
-        self.admits_live(s.live()) && self.accept.is_none_or(|accept| accept(s.member()))
+    pub(crate) fn candidate_eligible(&self, c: &Candidate<'_>) -> bool {
+        self.admits_live(c.hot)
+            && self
+                .accept
+                .is_none_or(|accept| c.member().is_some_and(|m| accept(m)))
     }
 
     /// Whether the service's rules let `m` take traffic now, ignoring the
     /// caller's filter (in panic mode: anything not draining).
     #[inline]
     pub fn admits(&self, m: &Member) -> bool {
-        self.admits_live(m.live())
+        self.admits_live(m.live().hot())
     }
 
     #[inline]
-    fn admits_live(&self, live: &InstanceLive) -> bool {
+    fn admits_live(&self, live: &Hot) -> bool {
         if self.panic {
             live.admits_panic_traffic()
         } else {
@@ -313,12 +325,12 @@ impl<'a> PickContext<'a> {
     /// instance counts fully, so the load spreads across all of them.
     #[inline]
     pub fn weight_factor(&self, m: &Member) -> f64 {
-        self.live_factor(m.live())
+        self.live_factor(m.live().hot())
     }
 
     /// [`weight_factor`](Self::weight_factor) from the live state alone.
     #[inline]
-    pub(crate) fn live_factor(&self, live: &InstanceLive) -> f64 {
+    pub(crate) fn live_factor(&self, live: &Hot) -> f64 {
         if self.panic {
             1.0
         } else {
@@ -335,7 +347,7 @@ impl<'a> PickContext<'a> {
     /// [`effective_weight`](Self::effective_weight) from the live state
     /// alone (its copy of the configured weight).
     #[inline]
-    pub(crate) fn live_effective_weight(&self, live: &InstanceLive) -> f64 {
+    pub(crate) fn live_effective_weight(&self, live: &Hot) -> f64 {
         f64::from(live.weight()) * self.live_factor(live)
     }
 
@@ -348,61 +360,79 @@ impl<'a> PickContext<'a> {
     /// A uniformly random eligible member: rejection sampling, then a scan
     /// from a random offset after [`MAX_DRAWS`] misses.
     pub fn random_eligible(&mut self) -> Option<Arc<Member>> {
-        self.random_eligible_slot(true).map(|s| s.member().clone())
+        self.random_candidate()?.member().cloned()
     }
 
-    /// [`random_eligible`](Self::random_eligible)'s slot. `likely_kept`:
-    /// the caller keeps this candidate at least half the time (one of one
-    /// or two, not one of `least_connections`' eight), so on a large
-    /// service its member line is loaded early (see `TOUCH_MEMBER_FROM`).
+    /// [`random_eligible`](Self::random_eligible) as a position.
     #[inline]
-    pub(crate) fn random_eligible_slot(&mut self, likely_kept: bool) -> Option<&'a Slot> {
+    pub(crate) fn random_eligible_at(&mut self) -> Option<Picked> {
+        self.random_candidate().map(|c| Picked::At(c.index))
+    }
+
+    /// [`random_eligible`](Self::random_eligible)'s position and slot: a
+    /// candidate is checked on its live line alone, its member never read
+    /// (the selection names it by position).
+    #[inline]
+    pub(crate) fn random_candidate(&mut self) -> Option<Candidate<'a>> {
         let members = self.members;
         let n = members.len();
         if n == 0 {
             return None;
         }
-        let touch = likely_kept && n >= TOUCH_MEMBER_FROM;
         for _ in 0..MAX_DRAWS {
-            let s = members.slot(self.rng.usize(..n))?;
-            if touch {
-                s.touch_member();
-            }
-            if self.slot_eligible(s) {
-                return Some(s);
+            let c = members.candidate(self.rng.usize(..n))?;
+            if self.candidate_eligible(&c) {
+                return Some(c);
             }
         }
         let start = self.rng.usize(..n);
-        self.scan_from_slot(start)
+        self.scan_from_candidate(start)
     }
 
     /// The first eligible member at or after `start`, wrapping around.
     pub fn scan_from(&self, start: usize) -> Option<Arc<Member>> {
-        self.scan_from_slot(start).map(|s| s.member().clone())
+        self.scan_from_candidate(start)?.member().cloned()
     }
 
-    fn scan_from_slot(&self, start: usize) -> Option<&'a Slot> {
+    fn scan_from_candidate(&self, start: usize) -> Option<Candidate<'a>> {
         let members = self.members;
         let n = members.len();
         (0..n)
-            .filter_map(|i| members.slot((start + i) % n))
-            .find(|s| self.slot_eligible(s))
+            .filter_map(|i| members.candidate((start + i) % n))
+            .find(|c| self.candidate_eligible(c))
     }
 
     /// Two distinct eligible members at random (the second is `None` if only
     /// one could be found), for power-of-two-choices.
     pub fn random_pair(&mut self) -> Option<(Arc<Member>, Option<Arc<Member>>)> {
-        let (a, b) = self.random_pair_slots()?;
-        Some((a.member().clone(), b.map(|b| b.member().clone())))
+        let (a, b) = self.random_pair_candidates()?;
+        Some((a.member()?.clone(), b.and_then(|b| b.member().cloned())))
     }
 
     /// [`random_pair`](Self::random_pair)'s slots: the caller compares
     /// their live states and clones only the member it keeps.
-    pub(crate) fn random_pair_slots(&mut self) -> Option<(&'a Slot, Option<&'a Slot>)> {
-        let a = self.random_eligible_slot(true)?;
+    ///
+    /// The common case first: two positions drawn before either line is
+    /// read, so the two candidates' cache misses overlap; if both are
+    /// eligible and distinct they are the pair (a uniform pair, as the
+    /// loop below gives: a rejected pair is drawn again from scratch).
+    pub(crate) fn random_pair_candidates(
+        &mut self,
+    ) -> Option<(Candidate<'a>, Option<Candidate<'a>>)> {
+        let n = self.members.len();
+        if n >= 2 {
+            let (i, j) = (self.rng.usize(..n), self.rng.usize(..n));
+            let (a, b) = (self.members.candidate(i), self.members.candidate(j));
+            if let (Some(a), Some(b)) = (a, b) {
+                if i != j && self.candidate_eligible(&a) && self.candidate_eligible(&b) {
+                    return Some((a, Some(b)));
+                }
+            }
+        }
+        let a = self.random_candidate()?;
         for _ in 0..8 {
-            let b = self.random_eligible_slot(true)?;
-            if !std::ptr::eq(a.live(), b.live()) {
+            let b = self.random_candidate()?;
+            if a.index != b.index {
                 return Some((a, Some(b)));
             }
         }
@@ -423,18 +453,18 @@ impl<'a> PickContext<'a> {
         }
     }
 
-    /// [`cheaper`](Self::cheaper) on slots, by a cost of the live state:
-    /// clones only the winner.
+    /// [`cheaper`](Self::cheaper) on positions, by a cost of the live
+    /// state: reads no member.
     #[inline]
-    pub(crate) fn cheaper_slot(
+    pub(crate) fn cheaper_at(
         &self,
-        a: &Slot,
-        b: Option<&Slot>,
-        cost: impl Fn(&Self, &InstanceLive) -> f64,
-    ) -> Arc<Member> {
+        a: Candidate<'_>,
+        b: Option<Candidate<'_>>,
+        cost: impl Fn(&Self, &Hot) -> f64,
+    ) -> Picked {
         match b {
-            Some(b) if cost(self, b.live()) < cost(self, a.live()) => b.member().clone(),
-            _ => a.member().clone(),
+            Some(b) if cost(self, b.hot) < cost(self, a.hot) => Picked::At(b.index),
+            _ => Picked::At(a.index),
         }
     }
 }
@@ -447,35 +477,39 @@ impl<'a> PickContext<'a> {
 /// else a random eligible member.
 #[derive(Default)]
 pub(crate) struct FactorDraw {
-    best: Option<(f64, Arc<Member>)>,
+    best: Option<(f64, Picked)>,
 }
 
 impl FactorDraw {
-    /// Offers `m`, whose live state is `live`; returns it if it is eligible
-    /// and accepted now.
+    /// Offers the member `member()`, whose hot line is `live` and which
+    /// `picked` names; returns it if it is eligible and accepted now. The
+    /// member is read only if the caller's filter must see it.
     #[inline]
-    pub(crate) fn offer(
+    pub(crate) fn offer<'m>(
         &mut self,
         cx: &mut PickContext<'_>,
-        m: &Arc<Member>,
-        live: &InstanceLive,
-    ) -> Option<Arc<Member>> {
-        if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| accept(m)) {
+        live: &Hot,
+        member: impl FnOnce() -> Option<&'m Member>,
+        picked: impl FnOnce() -> Picked,
+    ) -> Option<Picked> {
+        if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| member().is_some_and(accept)) {
             return None;
         }
         let f = cx.live_factor(live);
         if cx.accept(f) {
-            return Some(m.clone());
+            return Some(picked());
         }
         if self.best.as_ref().is_none_or(|(best, _)| f > *best) {
-            self.best = Some((f, m.clone()));
+            self.best = Some((f, picked()));
         }
         None
     }
 
     /// The best member offered, else a random eligible one.
-    pub(crate) fn finish(self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        self.best.map(|(_, m)| m).or_else(|| cx.random_eligible())
+    pub(crate) fn finish(self, cx: &mut PickContext<'_>) -> Option<Picked> {
+        self.best
+            .map(|(_, m)| m)
+            .or_else(|| cx.random_eligible_at())
     }
 }
 

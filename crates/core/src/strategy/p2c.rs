@@ -8,10 +8,8 @@
 //! idle heavy instance preferable to an idle light one; dividing by effective
 //! weight makes unhealthy and slow-starting instances look more loaded.
 
-use std::sync::Arc;
-
-use super::{per_weight, PickContext, Strategy, StrategyKind};
-use crate::instance::{InstanceLive, Member};
+use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
+use crate::hot::Hot;
 
 /// Power of two choices on connections / weight.
 #[derive(Debug, Default)]
@@ -20,7 +18,7 @@ pub struct P2c;
 /// The p2c cost of an instance, from its live state alone (one cache
 /// line; see [`instance`](crate::instance)).
 #[inline]
-pub(crate) fn load_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
+pub(crate) fn load_cost(cx: &PickContext<'_>, live: &Hot) -> f64 {
     per_weight(
         f64::from(live.active_connections()) + 1.0,
         cx.live_effective_weight(live),
@@ -32,8 +30,8 @@ impl Strategy for P2c {
         StrategyKind::P2c
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        let (a, b) = cx.random_pair_slots()?;
-        Some(cx.cheaper_slot(a, b, load_cost))
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
+        let (a, b) = cx.random_pair_candidates()?;
+        Some(cx.cheaper_at(a, b, load_cost))
     }
 }

@@ -62,12 +62,11 @@
 //! measurement.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::{per_weight, PickContext, Strategy, StrategyKind};
+use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
-use crate::instance::{InstanceLive, Member};
+use crate::hot::Hot;
 
 /// Latency ratio from which the slower of a pair is avoided (only probed).
 pub const AVOID_RATIO: f64 = 3.0;
@@ -80,7 +79,7 @@ pub struct PeakEwma;
 
 /// The peak-EWMA cost of `m`.
 #[inline]
-pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
+pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &Hot) -> f64 {
     let queue = f64::from(live.active_connections()) + 1.0;
     per_weight(
         live.latency_estimate_ns(cx.now()) * queue,
@@ -88,18 +87,18 @@ pub(crate) fn latency_cost(cx: &PickContext<'_>, live: &InstanceLive) -> f64 {
     )
 }
 
-/// Whether `slow` is far enough behind `fast` to be avoided (the ratio
-/// first: it reads only the pick's line; the request count is off it).
+/// Whether `slow` is far enough behind `fast` to be avoided: the ratio,
+/// and `slow` answered a request (both on the pick's line).
 #[inline]
-fn avoids(slow: &InstanceLive, fast: &InstanceLive) -> bool {
+fn avoids(slow: &Hot, fast: &Hot) -> bool {
     slow.latency_ewma_ns() >= AVOID_RATIO * fast.latency_ewma_ns()
-        && slow.requests.load(Ordering::Relaxed) > 0
+        && slow.answered.load(Ordering::Relaxed)
 }
 
 /// Whether the avoided `live` is due its probe at `now`.
 #[inline]
-fn due_probe(live: &InstanceLive, now: Timestamp) -> bool {
-    let last = Timestamp::from_nanos(live.hot.last_used.load(Ordering::Relaxed));
+fn due_probe(live: &Hot, now: Timestamp) -> bool {
+    let last = Timestamp::from_nanos(live.last_used.load(Ordering::Relaxed));
     live.active_connections() == 0 && now.saturating_since(last) >= PROBE_INTERVAL
 }
 
@@ -108,24 +107,20 @@ impl Strategy for PeakEwma {
         StrategyKind::PeakEwma
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         // The costs need the time: read it before the candidates' cache
         // misses, which a clock read (an ordered `rdtsc`) would wait for.
         let now = cx.now();
-        let (a, b) = cx.random_pair_slots()?;
+        let (a, b) = cx.random_pair_candidates()?;
         let Some(b) = b else {
-            return Some(a.member().clone());
+            return Some(Picked::At(a.index));
         };
         for (slow, fast) in [(a, b), (b, a)] {
-            if avoids(slow.live(), fast.live()) {
-                let chosen = if due_probe(slow.live(), now) {
-                    slow
-                } else {
-                    fast
-                };
-                return Some(chosen.member().clone());
+            if avoids(slow.hot, fast.hot) {
+                let chosen = if due_probe(slow.hot, now) { slow } else { fast };
+                return Some(Picked::At(chosen.index));
             }
         }
-        Some(cx.cheaper_slot(a, Some(b), latency_cost))
+        Some(cx.cheaper_at(a, Some(b), latency_cost))
     }
 }

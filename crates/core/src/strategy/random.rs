@@ -7,10 +7,7 @@
 //! with probability health × slow-start factor, so the expected share of each
 //! eligible instance is proportional to its effective weight.
 
-use std::sync::Arc;
-
-use super::{FactorDraw, PickContext, Strategy, StrategyKind, MAX_DRAWS};
-use crate::instance::Member;
+use super::{FactorDraw, PickContext, Picked, Strategy, StrategyKind, MAX_DRAWS};
 
 /// Uniform random.
 #[derive(Debug, Default)]
@@ -25,8 +22,8 @@ impl Strategy for Random {
         StrategyKind::Random
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
-        cx.random_eligible()
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
+        cx.random_eligible_at()
     }
 }
 
@@ -35,7 +32,7 @@ impl Strategy for WeightedRandom {
         StrategyKind::WeightedRandom
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let total = cx.members.total_weight();
         if total == 0 {
             return None;
@@ -43,14 +40,15 @@ impl Strategy for WeightedRandom {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_DRAWS {
             let point = cx.rng.u64(..total);
-            let Some(s) = cx
+            let Some(c) = cx
                 .members
                 .index_by_weight(point)
-                .and_then(|i| cx.members.slot(i))
+                .and_then(|i| cx.members.candidate(i))
             else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, s.member(), s.live()) {
+            let member = || c.member().map(|m| &**m);
+            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(c.index)) {
                 return Some(m);
             }
         }

@@ -32,11 +32,8 @@
 //! pick's `now`, which the context already holds; a full-factor instance
 //! costs no random draw.
 
+use super::{FactorDraw, PickContext, Picked, Strategy, StrategyKind};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use super::{FactorDraw, PickContext, Strategy, StrategyKind};
-use crate::instance::Member;
 
 /// Steps the rotation may move on (ineligible or not admitted) before the
 /// fallback.
@@ -53,7 +50,7 @@ impl Strategy for RoundRobin {
         StrategyKind::RoundRobin
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let n = cx.members.len();
         if n == 0 {
             return None;
@@ -61,8 +58,9 @@ impl Strategy for RoundRobin {
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_SKIPS {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            if let Some(s) = cx.members.slot(i) {
-                if let Some(m) = draw.offer(cx, s.member(), s.live()) {
+            if let Some(c) = cx.members.candidate(i) {
+                let member = || c.member().map(|m| &**m);
+                if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
                     return Some(m);
                 }
             }

@@ -48,7 +48,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{rebuild_inline, FactorDraw, PickContext, Strategy, StrategyKind, EAGER_REBUILD_LIMIT};
+use super::{
+    rebuild_inline, FactorDraw, PickContext, Picked, Strategy, StrategyKind, EAGER_REBUILD_LIMIT,
+};
 use crate::clock::Timestamp;
 use crate::instance::Member;
 use crate::members::Members;
@@ -164,8 +166,9 @@ impl Schedule {
         self.eligible = BinaryHeap::from(v);
     }
 
-    /// The next member in the schedule.
-    fn next(&mut self) -> Option<&Arc<Member>> {
+    /// The next member in the schedule, with its position in the list the
+    /// schedule was built from.
+    fn next(&mut self) -> Option<(usize, &Arc<Member>)> {
         if self.members.is_empty() {
             return None;
         }
@@ -190,7 +193,7 @@ impl Schedule {
             idx: f.idx,
         }));
         self.t += 1;
-        self.members.get(i)
+        Some((i, self.members.get(i)?))
     }
 }
 
@@ -208,22 +211,23 @@ impl Weighted {
         }
     }
 
-    fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let n = cx.members.len().max(1);
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES.min(n * 2) {
             let i = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
-            let Some(s) = cx.members.slot(i) else {
+            let Some(c) = cx.members.candidate(i) else {
                 continue;
             };
-            if let Some(m) = draw.offer(cx, s.member(), s.live()) {
+            let member = || c.member().map(|m| &**m);
+            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
                 return Some(m);
             }
         }
         draw.finish(cx)
     }
 
-    fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let mut guard = self.schedule.lock();
         let rebuild = guard
             .as_ref()
@@ -232,11 +236,26 @@ impl Weighted {
             *guard = Some(Schedule::build(cx.members, cx.generation, cx.now()));
         }
         let sched = guard.as_mut()?;
+        // A schedule of the snapshot's generation lists its members in the
+        // same order: check the member on its hot line through the
+        // snapshot's list and name the pick by position (see `Picked`),
+        // reading no `Member`. An older schedule goes through its own copy.
+        let fresh = sched.generation == cx.generation;
         let mut draw = FactorDraw::default();
         for _ in 0..MAX_TRIES {
-            let Some(m) = sched.next() else { break };
-            if let Some(m) = draw.offer(cx, m, m.live()) {
-                return Some(m);
+            let Some((i, m)) = sched.next() else { break };
+            let offered = if fresh {
+                let Some(c) = cx.members.candidate(i) else {
+                    continue;
+                };
+                let member = || c.member().map(|m| &**m);
+                draw.offer(cx, c.hot, member, || Picked::At(i))
+            } else {
+                let picked = || Picked::Member(m.clone());
+                draw.offer(cx, m.live().hot(), || Some(&**m), picked)
+            };
+            if offered.is_some() {
+                return offered;
             }
         }
         drop(guard); // the fallback may scan: not under the schedule's lock
@@ -249,7 +268,7 @@ impl Strategy for Weighted {
         StrategyKind::Weighted
     }
 
-    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Arc<Member>> {
+    fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         if cx.members.is_empty() {
             return None;
         }

@@ -1,0 +1,24 @@
+//! [`Snapshot`]: what one pick of a service reads, immutable.
+//!
+//! A service publishes a new snapshot on every change (registration,
+//! removal, configuration) and never changes one in place, so a reader that
+//! holds one sees a consistent member list, strategy and configuration for
+//! as long as it holds it. A [`Selection`](crate::Selection) holds the
+//! snapshot its pick read (through its thread's pick view, see
+//! [`selection`](crate::selection)), which is what lets it name its member
+//! by position instead of holding the member's own `Arc`.
+
+use std::sync::Arc;
+
+use crate::config::LoadBalancerConfig;
+use crate::members::Members;
+use crate::strategy::Strategy;
+
+/// What selection reads: immutable, replaced on every change.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub(crate) members: Members,
+    pub(crate) generation: u64,
+    pub(crate) strategy: Arc<dyn Strategy>,
+    pub(crate) config: Arc<LoadBalancerConfig>,
+}
