@@ -4,12 +4,26 @@
 //!
 //! ## Per connection
 //!
+//! The protocol is read from the first bytes: the HTTP/2 preface (h2c by
+//! prior knowledge; over TLS the client sends it after ALPN `h2` too) →
+//! hyper's HTTP/2 server, its streams run in the connection's task
+//! ([`stream_tasks`](super::stream_tasks)); anything else → HTTP/1.1,
+//! whose common request (a plain HTTP/1.1 request with a body of at most
+//! 64 KiB and no upgrade, `Expect`, `Transfer-Encoding` or `TE`) our own
+//! loop serves ([`h1_server`](super::h1_server): no hyper dispatcher, no
+//! stream executor); the first request that is not hands the connection,
+//! with the bytes read so far, to hyper's HTTP/1.1 server for the rest of
+//! its life, so upgrades, `100-continue`, chunked uploads and every parse
+//! error keep hyper's answers. The bytes read before the choice are put
+//! back in front of the socket for whoever serves it.
+//!
 //! The listener's [client limits](super::client_limits): at most
 //! `max_connections` open (above it closed at once), a started request head
 //! complete within `header_read_timeout`, no request for `idle_timeout`
 //! closes it, a request body pausing longer than `request_body_timeout`
-//! ends it. Its HTTP/2 streams run in its own task
-//! ([`stream_tasks`](super::stream_tasks)), not a task each.
+//! ends it. A drain, and the idle close, ask the connection to finish
+//! ([`Shutdown`]): an idle one closes at once (HTTP/2: GOAWAY), one
+//! mid-request after its response.
 //!
 //! ## Per request
 //!
