@@ -63,6 +63,11 @@
 //!
 //! ## Keep-alive and drain (RFC 9112 §9)
 //!
+//! A client that closes its end while its request is being answered (the
+//! read buffer empty) is gone: the request is dropped, cancelling its
+//! upstream attempt, and the connection closed, as hyper (without
+//! half-close) does.
+//!
 //! The connection stays open after a response unless the request said
 //! `Connection: close`, the response did, the request body was not read to
 //! its end, or a drain ([`Shutdown`]) was asked for. Bytes after a request
@@ -427,7 +432,30 @@ where
             }
         };
         let head_request = parts.method == Method::HEAD;
-        let resp = respond(Request::from_parts(parts, body), guard).await;
+        let respond = respond(Request::from_parts(parts, body), guard);
+        let resp = if buf.is_empty() {
+            // Watch for the client leaving while the answer is prepared,
+            // as hyper does (no half-close): its end of stream drops the
+            // request, and with it the upstream attempt. Bytes instead
+            // are the next request (pipelined): kept, and no more
+            // watching. A socket with nothing to read costs no system
+            // call here (tokio knows it is drained).
+            let mut respond = pin!(respond);
+            let mut watching = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    resp = &mut respond => break resp,
+                    read = read_more(io, buf), if watching => match read {
+                        Ok(0) => return Ok(Served::Closed),
+                        Ok(_) => watching = false,
+                        Err(e) => return Err(e),
+                    },
+                }
+            }
+        } else {
+            respond.await
+        };
         close |= shutdown.requested();
         let (mut headers, keep_alive) =
             write_response(io, &mut out, resp, head_request, close).await?;
@@ -1304,5 +1332,49 @@ mod tests {
             enc(404, false, Some(Some(12)), None).0,
             "HTTP/1.1 404 Not Found\r\ndate: d\r\ncontent-length: 12\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_request_drops_it() {
+        // A handler that never answers, and tells when it is dropped.
+        struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (mut client, mut server) = duplex(1 << 16);
+        let flag = dropped.clone();
+        let task = tokio::spawn(async move {
+            let watch = ConnWatch::new(tokio::time::Instant::now());
+            let mut buf = BytesMut::new();
+            serve(
+                &mut server,
+                &mut buf,
+                &watch,
+                &Shutdown::default(),
+                Duration::from_secs(30),
+                |_req, _guard| {
+                    let mark = Dropped(flag.clone());
+                    async move {
+                        let _mark = mark;
+                        std::future::pending::<()>().await;
+                        answer(Answer::Hello)
+                    }
+                },
+            )
+            .await
+        });
+        client.write_all(GET).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!dropped.load(Ordering::SeqCst), "still being answered");
+        drop(client);
+        let served = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop ends when the client leaves")
+            .unwrap();
+        assert!(matches!(served.unwrap(), Served::Closed));
+        assert!(dropped.load(Ordering::SeqCst), "the request was dropped");
     }
 }
