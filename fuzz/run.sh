@@ -18,7 +18,7 @@ secs=${1:-30}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(config admin_body etcd_value state_file core_ops http_head client_hello hash_key cidr request_headers upstream_response)
+    targets=(config admin_body etcd_value state_file core_ops http_head client_hello hash_key cidr request_headers upstream_response client_request)
 fi
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$PWD/target}"
 

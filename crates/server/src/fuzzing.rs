@@ -502,6 +502,72 @@ fn decode_response(
     Ok((head.parts.status.as_u16(), body))
 }
 
+/// `client_request`: the client-side HTTP/1.1 fast path's request-head
+/// parse and its fast-path/hand-off decision (`proxy/h1_server.rs`,
+/// `take_request`). `data[0]` sets the size of the pieces the input is fed
+/// in (1 to 256 bytes); the rest is what a client sends. Heads are taken
+/// one after the other as the serving loop takes them (each one's body
+/// skipped), until the input ends or a head goes to hyper. Returns the
+/// number of heads taken and whether the connection went to hyper.
+///
+/// # Panics
+///
+/// When the input fed whole and fed in pieces is decided differently
+/// (other heads, another hand-off point or other bytes handed over): the
+/// decision must not depend on how reads split it. When a hand-off changed
+/// the buffer (hyper must see the request as it came), or a taken head
+/// consumed anything but a prefix of the buffer.
+pub fn client_request(data: &[u8]) -> (usize, bool) {
+    let piece = usize::from(data.first().copied().unwrap_or(0)) + 1;
+    let input = data.get(1..).unwrap_or_default();
+    let whole = decode_requests(input, input.len().max(1));
+    let pieces = decode_requests(input, piece);
+    assert_eq!(whole, pieces, "pieces of {piece} bytes decide differently");
+    (whole.0.len(), whole.1.is_some())
+}
+
+/// Feeds `input` to the client-side head parser `piece` bytes at a time;
+/// each head taken (as text) and, on a hand-off, the bytes hyper gets.
+fn decode_requests(input: &[u8], piece: usize) -> (Vec<String>, Option<Vec<u8>>) {
+    use crate::proxy::h1_server::{take_request, Taken};
+    let mut fed = input.chunks(piece);
+    let mut buf = bytes::BytesMut::new();
+    let mut room = None;
+    let mut heads = Vec::new();
+    loop {
+        let before = buf.to_vec();
+        match take_request(&mut buf, &mut room) {
+            Taken::Head(h) => {
+                assert!(
+                    buf.len() < before.len() && before.ends_with(&buf),
+                    "a head consumed more than a prefix"
+                );
+                heads.push(format!(
+                    "{} {} {:?} {} {}",
+                    h.parts.method, h.parts.uri, h.parts.headers, h.body_len, h.close
+                ));
+                while buf.len() < h.body_len {
+                    match fed.next() {
+                        Some(p) => buf.extend_from_slice(p),
+                        None => return (heads, None),
+                    }
+                }
+                let _ = buf.split_to(h.body_len);
+            }
+            Taken::HandOff => {
+                assert_eq!(&buf[..], &before[..], "a hand-off changed the buffer");
+                let mut rest = buf.to_vec();
+                fed.for_each(|p| rest.extend_from_slice(p));
+                return (heads, Some(rest));
+            }
+            Taken::Partial => match fed.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => return (heads, None),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -603,5 +669,17 @@ mod tests {
         // (hyper accepted it); the model had required text.
         let opaque = b"1.1 /x\n10.0.0.7:5000\n0.0.0.0/0, ::/0\n0\nhost: a\nforwarded: for=\"[2001:db8::2\xaa\xdd\"\nforwarded: for=1.2.3.4\nx-forwarded-proto: \xffhttps";
         assert_eq!(request_headers(opaque), Ok(()));
+    }
+
+    #[test]
+    fn client_requests_decide_the_same_whole_and_in_pieces() {
+        let pipelined = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nPOST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n";
+        for piece in [0u8, 1, 6, 255] {
+            let mut data = vec![piece];
+            data.extend_from_slice(pipelined);
+            assert_eq!(client_request(&data), (2, true), "piece {piece}");
+        }
+        assert_eq!(client_request(b""), (0, false));
+        assert_eq!(client_request(b"\x03GET / HTTP/1.1\r\nHo"), (0, false));
     }
 }

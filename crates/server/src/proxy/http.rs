@@ -4,12 +4,26 @@
 //!
 //! ## Per connection
 //!
+//! The protocol is read from the first bytes: the HTTP/2 preface (h2c by
+//! prior knowledge; over TLS the client sends it after ALPN `h2` too) →
+//! hyper's HTTP/2 server, its streams run in the connection's task
+//! ([`stream_tasks`](super::stream_tasks)); anything else → HTTP/1.1,
+//! whose common request (a plain HTTP/1.1 request with a body of at most
+//! 64 KiB and no upgrade, `Expect`, `Transfer-Encoding` or `TE`) our own
+//! loop serves ([`h1_server`](super::h1_server): no hyper dispatcher, no
+//! stream executor); the first request that is not hands the connection,
+//! with the bytes read so far, to hyper's HTTP/1.1 server for the rest of
+//! its life, so upgrades, `100-continue`, chunked uploads and every parse
+//! error keep hyper's answers. The bytes read before the choice are put
+//! back in front of the socket for whoever serves it.
+//!
 //! The listener's [client limits](super::client_limits): at most
 //! `max_connections` open (above it closed at once), a started request head
 //! complete within `header_read_timeout`, no request for `idle_timeout`
 //! closes it, a request body pausing longer than `request_body_timeout`
-//! ends it. Its HTTP/2 streams run in its own task
-//! ([`stream_tasks`](super::stream_tasks)), not a task each.
+//! ends it. A drain, and the idle close, ask the connection to finish
+//! ([`Shutdown`]): an idle one closes at once (HTTP/2: GOAWAY), one
+//! mid-request after its response.
 //!
 //! ## Per request
 //!
@@ -57,18 +71,20 @@
 //! head instead of cloning it.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::debug;
@@ -78,8 +94,9 @@ use super::access_log::{Counted, Entry};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::Watched;
 use super::client_limits::{
-    ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout, WatchedSocket,
+    ClientLimits, ConnWatch, Expiry, InFlight, RequestGuard, StallTimeout, WatchedSocket,
 };
+use super::h1_server::{self, BufferedBody, Prefixed, Served, Shutdown};
 use super::headers::{set_forwarding_from, strip_hop_by_hop, Forwarding, Peer};
 use super::hygiene;
 use super::pool::PooledBody;
@@ -100,8 +117,44 @@ pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// limit is 100 (HAProxy's default is 101; it was 128 before issue 12).
 pub(crate) const MAX_HEADERS: usize = 100;
 
-/// A client's request body, bounded by `request_body_timeout`.
-pub(crate) type ClientBody = StallTimeout<Incoming>;
+/// A client's request body: streamed through hyper, bounded by
+/// `request_body_timeout`, or read whole by our HTTP/1.1 loop
+/// ([`h1_server`]).
+pub(crate) enum ClientBody {
+    /// From hyper (HTTP/2, and HTTP/1.1 requests handed to it).
+    Streamed(StallTimeout<Incoming>),
+    /// Read by the fast path.
+    Buffered(BufferedBody),
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Streamed(b) => std::pin::Pin::new(b).poll_frame(cx),
+            ClientBody::Buffered(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Streamed(b) => b.is_end_stream(),
+            ClientBody::Buffered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ClientBody::Streamed(b) => b.size_hint(),
+            ClientBody::Buffered(b) => b.size_hint(),
+        }
+    }
+}
 
 /// The body of a response the proxy makes itself (errors, refusals, an
 /// upgrade's 101, the access log's wrapper): boxed, off the fast path.
@@ -182,55 +235,29 @@ pub(crate) async fn serve(
     let limits = ctx.limits;
     let draining = tracker.draining();
     let on_accept = |stream: TcpStream, peer: SocketAddr, permit: ConnPermit| {
-        let ctx = ctx.clone();
         let tls = ctx.tls.clone();
-        // The verified client certificate's name, set after the handshake
-        // (before any request), for the access log.
-        let identity = Arc::new(std::sync::OnceLock::<ClientIdentity>::new());
-        let svc_identity = identity.clone();
-        // Shared with upgrade tunnels, which outlive the connection task.
-        let permit = Arc::new(permit);
-        let conn_permit = permit.clone();
         let watch = ConnWatch::new(tokio::time::Instant::now());
-        let svc_watch = watch.clone();
-        // Its X-Forwarded-For value made once for all its requests.
-        let client = Peer::new(peer);
-        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            let ctx = ctx.clone();
-            let client = client.clone();
-            upgrade::attach_permit(&mut req, &conn_permit);
-            if let Some(id) = svc_identity.get() {
-                req.extensions_mut().insert(id.clone());
-            }
-            // In flight from the parsed head until the response body is sent.
-            let guard = svc_watch.request_started();
-            // Not boxed, though the future is a few KB and HTTP/2 moves it
-            // a few times (into hyper's stream future, into the connection's
-            // stream set): boxed, HTTP/2 cost 3 % less CPU per request and
-            // HTTP/1.1 3 % more (an allocation per request where hyper's
-            // dispatcher keeps the future in a buffer of its own). Before
-            // streams ran in their connection's task (`stream_tasks`), tokio
-            // copied it on spawn and at each stage change too, and the box
-            // paid ("Fourth pass" in docs/benchmarks.md).
-            async move {
-                let body_timeout = ctx.limits.request_body_timeout;
-                let req = req.map(|b| StallTimeout::new(b, body_timeout, "request body"));
-                let resp = handle(req, &ctx, &client).await;
-                // The guard rides in the body and drops with it.
-                let resp = resp.map(|b| InFlight::new(b, guard));
-                Ok::<_, Infallible>(resp)
-            }
+        let conn = Arc::new(ClientConn {
+            ctx: ctx.clone(),
+            // Its X-Forwarded-For value made once for all its requests.
+            client: Peer::new(peer),
+            // Shared with upgrade tunnels, which outlive the connection task.
+            permit: Arc::new(permit),
+            identity: std::sync::OnceLock::new(),
+            watch: watch.clone(),
+            shutdown: Shutdown::default(),
         });
         let mut draining = draining.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             // The handshake runs here, off the accept loop, bounded like a head.
             let stream = match tls {
                 None => ClientStream::Plain(stream),
                 Some(t) => match t.accept(stream, limits.header_read_timeout).await {
                     Ok(s) => {
+                        // The verified client certificate's name, set
+                        // before any request, for the access log.
                         if let Some(id) = ClientIdentity::of(&s) {
-                            let _ = identity.set(id);
+                            let _ = conn.identity.set(id);
                         }
                         ClientStream::Tls(Box::new(s))
                     }
@@ -240,12 +267,9 @@ pub(crate) async fn serve(
                     }
                 },
             };
-            let io = TokioIo::new(WatchedSocket::new(stream, watch.clone()));
-            // Per connection: its executor runs the HTTP/2 streams in this
-            // task (`stream_tasks`).
-            let tasks = StreamTasks::default();
-            let builder = conn_builder(tasks.clone());
-            let mut conn = WithStreams::new(builder.serve_connection_with_upgrades(io, svc), tasks);
+            let io = WatchedSocket::new(stream, watch.clone());
+            let serving = serve_connection(io, conn.clone());
+            tokio::pin!(serving);
             let sleep = tokio::time::sleep(limits.idle_timeout);
             tokio::pin!(sleep);
             let mut mode = Watchdog::Serving;
@@ -267,11 +291,9 @@ pub(crate) async fn serve(
                     sleep.as_mut().reset(at);
                 }
                 tokio::select! {
-                    r = &mut conn => break r,
+                    r = &mut serving => break r,
                     () = &mut drain, if mode != Watchdog::Draining => {
-                        if let Some(c) = conn.conn() {
-                            c.graceful_shutdown();
-                        }
+                        conn.shutdown.request();
                         mode = Watchdog::Draining;
                     }
                     () = sleep.as_mut(), if next.is_some() => match mode {
@@ -283,9 +305,7 @@ pub(crate) async fn serve(
                                 break Ok(());
                             }
                             Some(Expiry::Idle) => {
-                                if let Some(c) = conn.conn() {
-                                    c.graceful_shutdown();
-                                }
+                                conn.shutdown.request();
                                 let grace = tokio::time::Instant::now() + IDLE_CLOSE_GRACE;
                                 mode = Watchdog::IdleClosing(grace);
                             }
@@ -317,12 +337,154 @@ pub(crate) async fn serve(
     .await;
 }
 
-/// The connection builder of a client connection whose HTTP/2 streams go
-/// to `tasks`.
-fn conn_builder(tasks: StreamTasks) -> auto::Builder<StreamTasks> {
-    let mut builder = auto::Builder::new(tasks);
+/// One client connection's facts, shared by its requests.
+struct ClientConn {
+    ctx: Arc<HttpContext>,
+    client: Peer,
+    /// The drain permit, shared with its upgrade tunnels.
+    permit: Arc<ConnPermit>,
+    /// The verified client certificate's name (TLS), for the access log.
+    identity: std::sync::OnceLock<ClientIdentity>,
+    watch: Arc<ConnWatch>,
+    /// Drain or idle close asked by the watchdog.
+    shutdown: Shutdown,
+}
+
+impl ClientConn {
+    /// Serves one request of this connection; `guard` keeps it in flight
+    /// until the response body is dropped.
+    async fn respond(
+        &self,
+        mut req: Request<ClientBody>,
+        guard: RequestGuard,
+    ) -> Response<InFlight<ResponseBody>> {
+        if let Some(id) = self.identity.get() {
+            req.extensions_mut().insert(id.clone());
+        }
+        let resp = handle(req, &self.ctx, &self.client).await;
+        // The guard rides in the body and drops with it.
+        resp.map(|b| InFlight::new(b, guard))
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one client connection: HTTP/2 when it starts with the preface
+/// (h2c by prior knowledge, or `h2` by ALPN: the client sends the preface
+/// either way), else HTTP/1.1, the common request on our own loop
+/// ([`h1_server`]) and the rest of the connection on hyper's HTTP/1.1
+/// server from the first request that is not. Only HTTP/2 connections run
+/// under [`WithStreams`] (HTTP/1.1 has no streams to run).
+async fn serve_connection(
+    mut io: WatchedSocket<ClientStream>,
+    conn: Arc<ClientConn>,
+) -> Result<(), BoxError> {
+    let mut buf = BytesMut::with_capacity(READ_BUF_SIZE);
+    // Read until the bytes differ from the preface or hold all of it.
+    let h2 = loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            break false;
+        }
+        if n == H2_PREFACE.len() {
+            break true;
+        }
+        let read = tokio::select! {
+            r = io.read_buf(&mut buf) => r?,
+            // Nothing sent yet: a drain or idle close ends it.
+            () = conn.shutdown.wait() => return Ok(()),
+        };
+        if read == 0 {
+            return Ok(());
+        }
+    };
+    if h2 {
+        let io = TokioIo::new(Prefixed::new(buf.freeze(), io));
+        let tasks = StreamTasks::default();
+        let svc = hyper_service(&conn);
+        let mut builder = http2::Builder::new(tasks.clone());
+        builder.max_concurrent_streams(1024);
+        let served = WithStreams::new(builder.serve_connection(io, svc), tasks);
+        tokio::pin!(served);
+        tokio::select! {
+            r = &mut served => return r.map_err(Into::into),
+            () = conn.shutdown.wait() => {}
+        }
+        if let Some(c) = served.conn() {
+            c.graceful_shutdown();
+        }
+        return served.await.map_err(Into::into);
+    }
+    let limits = conn.ctx.limits;
+    let c = &*conn;
+    let served = h1_server::serve(
+        &mut io,
+        &mut buf,
+        &conn.watch,
+        &conn.shutdown,
+        limits.request_body_timeout,
+        |req, guard| c.respond(req.map(ClientBody::Buffered), guard),
+    )
+    .await?;
+    if let Served::Closed = served {
+        return Ok(());
+    }
+    // Not ours: hyper serves the rest, starting with the bytes we read.
+    let io = TokioIo::new(Prefixed::new(buf.freeze(), io));
+    let served = http1_builder()
+        .serve_connection(io, hyper_service(&conn))
+        .with_upgrades();
+    tokio::pin!(served);
+    if !conn.shutdown.requested() {
+        tokio::select! {
+            r = &mut served => return r.map_err(Into::into),
+            () = conn.shutdown.wait() => {}
+        }
+    }
+    served.as_mut().graceful_shutdown();
+    served.await.map_err(Into::into)
+}
+
+/// The first read of a connection (the sniff, then the fast path's buffer).
+const READ_BUF_SIZE: usize = 8 * 1024;
+
+/// hyper's service for `conn`: each request to [`ClientConn::respond`].
+fn hyper_service(
+    conn: &Arc<ClientConn>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<InFlight<ResponseBody>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<InFlight<ResponseBody>>, Infallible>> + Send,
+> + Clone {
+    let conn = conn.clone();
+    hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let conn = conn.clone();
+        upgrade::attach_permit(&mut req, &conn.permit);
+        // In flight from the parsed head until the response body is sent.
+        let guard = conn.watch.request_started();
+        // Not boxed, though the future is a few KB and HTTP/2 moves it
+        // a few times (into hyper's stream future, into the connection's
+        // stream set): boxed, HTTP/2 cost 3 % less CPU per request and
+        // HTTP/1.1 3 % more (an allocation per request where hyper's
+        // dispatcher keeps the future in a buffer of its own). Before
+        // streams ran in their connection's task (`stream_tasks`), tokio
+        // copied it on spawn and at each stage change too, and the box
+        // paid ("Fourth pass" in docs/benchmarks.md).
+        async move {
+            let body_timeout = conn.ctx.limits.request_body_timeout;
+            let req = req
+                .map(|b| ClientBody::Streamed(StallTimeout::new(b, body_timeout, "request body")));
+            Ok::<_, Infallible>(conn.respond(req, guard).await)
+        }
+    })
+}
+
+/// hyper's HTTP/1.1 server, for the connections our loop hands over.
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true)
@@ -332,7 +494,6 @@ fn conn_builder(tasks: StreamTasks) -> auto::Builder<StreamTasks> {
         // large one is copied by the kernel anyway ("Third pass" in
         // docs/benchmarks.md).
         .writev(false);
-    builder.http2().max_concurrent_streams(1024);
     builder
 }
 

@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Frame;
 
 use super::client_limits::body_error_response;
+use super::h1_server::BufferedBody;
 use super::http::{ClientBody, ProxyBody};
 use super::BoxError;
 
@@ -74,6 +75,14 @@ pub(crate) async fn read_body(
     if body.is_end_stream() {
         return Ok(ReadBody {
             body: ReqBody::Replayable(Bytes::new()),
+            waited: false,
+        });
+    }
+    // Read whole by the HTTP/1.1 fast path before the request began:
+    // nothing to await, nothing to copy.
+    if let ClientBody::Buffered(BufferedBody::Full(Some(bytes))) = body {
+        return Ok(ReadBody {
+            body: ReqBody::Replayable(bytes),
             waited: false,
         });
     }

@@ -63,8 +63,10 @@ pub(crate) struct StreamTasks {
     shared: Arc<Shared>,
 }
 
-/// Lock-free but for the queue itself, so that a connection that never
-/// opens a stream (HTTP/1.1) pays a few atomic loads and stores per poll.
+/// Lock-free but for the queue itself, so that a poll that opens no stream
+/// pays a few atomic loads and stores. (Client HTTP/1.1 connections no
+/// longer run under [`WithStreams`]: the listener picks HTTP/2 from the
+/// preface, `http.rs`.)
 #[derive(Default)]
 struct Shared {
     /// Opened and not yet taken by the runner.

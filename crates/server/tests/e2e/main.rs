@@ -15,6 +15,7 @@ mod etcd_tls;
 mod exhaustion;
 mod failover;
 mod forwarding;
+mod h1_fast_path;
 mod hashing;
 mod hygiene;
 mod lifecycle;
