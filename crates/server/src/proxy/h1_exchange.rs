@@ -674,23 +674,8 @@ fn parse_head(
         .reason
         .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
-    // Where each header lies in the head, so that the values can share
-    // its bytes instead of each being copied.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let spans = HeaderSpans::of(buf, parsed.headers);
     let count = parsed.headers.len();
-    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        // Within the head (at most `MAX_HEADER_BYTES`): fits a u32.
-        let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
-        *span = (
-            at(name),
-            at(name + h.name.len()),
-            at(value),
-            at(value + h.value.len()),
-        );
-    }
     let head = buf.split_to(len).freeze();
     // Room for a request's headers too: hyper's server keeps this map,
     // once the response head is written, for the next request it parses on
@@ -698,17 +683,9 @@ fn parse_head(
     // headers to. A map sized for the response alone grew twice per request
     // there (4 more allocations per request, `alloc_per_request`).
     let mut headers = HeaderMap::with_capacity(count.max(HEADER_MAP_ROOM));
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
-        // In range (spans of the head just parsed); checked all the same.
-        let (Some(name), Some(value)) = (head.get(ns..ne), head.get(vs..ve)) else {
-            return Err(ExchangeError::Head("header span"));
-        };
-        let name = HeaderName::from_bytes(name).map_err(|_| ExchangeError::Head("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(value))
-            .map_err(|_| ExchangeError::Head("header value"))?;
-        headers.append(name, value);
-    }
+    spans
+        .append_to(&head, &mut headers)
+        .map_err(ExchangeError::Head)?;
 
     let framing = if head_request
         || status.is_informational()
@@ -748,6 +725,63 @@ fn parse_head(
         framing,
         keep_alive,
     }))
+}
+
+/// Where each header of a parsed head lies in its buffer, kept across the
+/// split that ends `httparse`'s borrow, so that the header values share
+/// the head's bytes instead of each being copied (both directions: the
+/// response heads here, the request heads of `h1_server`).
+pub(crate) struct HeaderSpans {
+    /// Name start and end, value start and end; the first `count` are set.
+    spans: [(u32, u32, u32, u32); MAX_HEADERS],
+    count: usize,
+}
+
+impl HeaderSpans {
+    /// The spans of `headers`, parsed from `buf` (which they borrow).
+    pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        for (span, h) in spans.iter_mut().zip(headers) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            // Within the head (at most `MAX_HEADER_BYTES`): fits a u32.
+            let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+            *span = (
+                at(name),
+                at(name + h.name.len()),
+                at(value),
+                at(value + h.value.len()),
+            );
+        }
+        Self {
+            spans,
+            count: headers.len().min(MAX_HEADERS),
+        }
+    }
+
+    /// Appends the headers to `map`, their values slices of `head` (the
+    /// buffer the spans were taken from, split off and frozen). Errs with
+    /// what `http` refused.
+    pub(crate) fn append_to(&self, head: &Bytes, map: &mut HeaderMap) -> Result<(), &'static str> {
+        for &(ns, ne, vs, ve) in &self.spans[..self.count] {
+            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+            // In range (spans of the head just parsed); checked all the same.
+            let (Some(name), Some(value)) = (head.get(ns..ne), head.get(vs..ve)) else {
+                return Err("header span");
+            };
+            let name = HeaderName::from_bytes(name).map_err(|_| "header name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice_ref(value))
+                .map_err(|_| "header value")?;
+            map.append(name, value);
+        }
+        Ok(())
+    }
+
+    /// How many headers.
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
 }
 
 /// Whether the last `transfer-encoding` coding is `chunked`.

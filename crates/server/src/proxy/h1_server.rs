@@ -89,12 +89,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::client_limits::{ConnWatch, RequestGuard, StallTimeout};
+use super::h1_exchange::HeaderSpans;
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
 use super::BoxError;
 
@@ -282,24 +283,10 @@ pub(crate) fn take_request(buf: &mut BytesMut, room: &mut Option<HeaderMap>) -> 
     };
     // Where the target and each header lie in the head, so that they can
     // share its bytes once it is split off.
-    let base = buf.as_ptr() as usize;
-    let path_span = (path.as_ptr() as usize - base, path.len());
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        // Within the head (at most `MAX_HEADER_BYTES`): fits a u32.
-        let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
-        *span = (
-            at(name),
-            at(name + h.name.len()),
-            at(value),
-            at(value + h.value.len()),
-        );
-    }
+    let path_span = (path.as_ptr() as usize - buf.as_ptr() as usize, path.len());
+    let spans = HeaderSpans::of(buf, parsed.headers);
     let head = buf.split_to(len).freeze();
-    match build(&head, method, path_span, &spans[..count], room) {
+    match build(&head, method, path_span, &spans, room) {
         Some(parts) => Taken::Head(RequestHead {
             parts,
             body_len: body_len.unwrap_or(0),
@@ -323,7 +310,7 @@ fn build(
     head: &Bytes,
     method: Method,
     (path_at, path_len): (usize, usize),
-    spans: &[(u32, u32, u32, u32)],
+    spans: &HeaderSpans,
     room: &mut Option<HeaderMap>,
 ) -> Option<http::request::Parts> {
     let uri = Uri::from_maybe_shared(head.slice(path_at..path_at + path_len)).ok()?;
@@ -335,12 +322,7 @@ fn build(
         }
         None => HeaderMap::with_capacity(spans.len().max(HEADER_MAP_ROOM)),
     };
-    for &(ns, ne, vs, ve) in spans {
-        let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
-        let name = HeaderName::from_bytes(head.get(ns..ne)?).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
-        headers.append(name, value);
-    }
+    spans.append_to(head, &mut headers).ok()?;
     let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
     parts.uri = uri;
@@ -938,6 +920,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 
 #[cfg(test)]
 mod tests {
+    use http::header::HeaderValue;
     use std::sync::Arc;
 
     use parking_lot::Mutex;
