@@ -154,7 +154,7 @@ start_proxy() {
 	shift 3
 	if port_open "$LISTEN_PORT"; then die "port $LISTEN_PORT is already in use"; fi
 	case $kind in
-	haproxy)
+	haproxy | haproxy_fwd)
 		for p in "$@"; do
 			i=$((i + 1))
 			servers+="    server b$i 127.0.0.1:$p check inter 100ms"$'\n'
@@ -162,6 +162,12 @@ start_proxy() {
 		conf="$RUN_DIR/haproxy.cfg"
 		render "$BENCH_DIR/configs/haproxy.cfg" "$conf" LISTEN_PORT="$LISTEN_PORT" \
 			BALANCE="$balance" SERVERS="$servers"
+		if [[ $kind == haproxy_fwd ]]; then
+			# The same header work as datapunk-lb's defaults: X-Forwarded-For
+			# and -Proto on each request, a request id on the request and
+			# its response.
+			sed -i '/^    default_backend be$/r '"$BENCH_DIR/configs/haproxy-forwarding.cfg" "$conf"
+		fi
 		taskset -c "$LB_CPU" haproxy -db -f "$conf" >>"$RUN_DIR/haproxy.log" 2>&1 &
 		;;
 	nginx)

@@ -97,6 +97,7 @@ def parse(path: str) -> None:
 LABELS = {
     "haproxy-roundrobin": "HAProxy `roundrobin`",
     "haproxy-leastconn": "HAProxy `leastconn`",
+    "haproxy_fwd-roundrobin": "HAProxy `roundrobin`, forwarding headers + request id",
     "nginx-round_robin": "NGINX round robin",
     "nginx-least_conn": "NGINX `least_conn`",
     "datapunk-adaptive": "datapunk-lb `adaptive`",
@@ -304,7 +305,7 @@ def summarize(tsv: str, meta: str) -> None:
         out += ["## steady: three healthy backends", ""] + table(steady) + [""]
         out += ratio_lines(rows, "steady", steady,
                            ["datapunk-adaptive", "datapunk-round_robin", "datapunk_alt-adaptive", "datapunk_alt-round_robin"],
-                           ["haproxy-roundrobin", "nginx-round_robin", "datapunk-adaptive", "datapunk-round_robin"]) + [""]
+                           ["haproxy-roundrobin", "haproxy_fwd-roundrobin", "nginx-round_robin", "datapunk-adaptive", "datapunk-round_robin"]) + [""]
     for scen, title in (("metrics", "metrics on vs off (datapunk-lb `adaptive`, steady setup, ABBA pairs)"),
                         ("steady", "metrics on vs off (datapunk-lb `adaptive`, steady)")):
         lines = on_off(rows, scen, "datapunk-adaptive", "datapunk-adaptive-nometrics", title, "metrics")
