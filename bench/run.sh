@@ -32,8 +32,8 @@ ACCESS_LOG_FILE=${ACCESS_LOG_FILE:-$([[ -d /dev/shm && -w /dev/shm ]] && echo "/
 # variant of every scenario once, rotated so no proxy always goes first.
 # STEADY_VARIANTS (space-separated, from the environment) replaces the steady
 # list, e.g. "haproxy:roundrobin datapunk:adaptive datapunk_alt:adaptive"
-# (haproxy_fwd: HAProxy with the same forwarding headers and request id)
-# with DP_ALT_BIN=<another build> to compare two builds interleaved.
+# with DP_ALT_BIN=<another build> to compare two builds interleaved;
+# haproxy_fwd: HAProxy adding the same forwarding headers and request id.
 read -r -a STEADY_VARIANTS <<<"${STEADY_VARIANTS:-haproxy:roundrobin nginx:round_robin datapunk:adaptive datapunk:round_robin}"
 DEGRADED_VARIANTS=(haproxy:leastconn nginx:least_conn datapunk:adaptive datapunk:peak_ewma)
 KILL_VARIANTS=(haproxy:roundrobin nginx:round_robin datapunk:adaptive)
