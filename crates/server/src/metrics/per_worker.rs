@@ -23,29 +23,24 @@ use std::sync::Arc;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-use crate::workers;
+use crate::workers::{self, Aligned};
 
 /// How many shards a metric made now has.
 fn shard_count() -> usize {
     1 + workers::most_started()
 }
 
-/// One shard's value, alone on its cache lines (two: the adjacent-line
-/// prefetcher pairs them).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Padded(AtomicU64);
-
 /// A counter summed over per-worker shards.
 #[derive(Debug, Clone)]
 pub struct WorkerCounter {
-    shards: Arc<[Padded]>,
+    /// One per slot, each alone on its cache lines.
+    shards: Arc<[Aligned<AtomicU64>]>,
 }
 
 impl Default for WorkerCounter {
     fn default() -> Self {
         Self {
-            shards: (0..shard_count()).map(|_| Padded::default()).collect(),
+            shards: (0..shard_count()).map(|_| Aligned::default()).collect(),
         }
     }
 }

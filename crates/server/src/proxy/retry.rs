@@ -120,7 +120,7 @@ impl RetryBudget {
 
     /// The shard of the calling thread: its worker's (`1 + index`), else 0.
     fn local(&self) -> usize {
-        workers::current().map_or(0, |i| (i + 1) % self.shards.len())
+        workers::slot(self.shards.len())
     }
 
     /// Records a first attempt.
