@@ -56,6 +56,8 @@ ACCESS_LOG_FILE=/dev/null
 # variable for the proxy. Mode percore adds --thread-per-core, shared adds
 # --shared-runtime (builds since issue 12's per-worker pools: thread per
 # core is their default above one thread; before, one shared runtime was).
+# Kind haproxy_fwd is HAProxy doing datapunk-lb's default header work
+# (forwarding headers, a request id; bench/configs/haproxy-forwarding.cfg).
 # Kind datapunk_alt runs DP_ALT_BIN (a second build, e.g. the commit before
 # a change) with the same config.
 # VARIANTS="..." (space-separated) replaces the list.
@@ -85,7 +87,7 @@ start_variant() {
 	local kind=$1 threads=$2 mode=$3 env=$4 servers="" p i=0 flags=()
 	if port_open "$LISTEN_PORT"; then die "port $LISTEN_PORT is already in use"; fi
 	case $kind in
-	haproxy)
+	haproxy | haproxy_fwd)
 		for p in "${BACKEND_PORTS[@]}"; do
 			i=$((i + 1))
 			servers+="    server b$i 127.0.0.1:$p check inter 100ms"$'\n'
@@ -93,6 +95,10 @@ start_variant() {
 		render "$BENCH_DIR/configs/haproxy.cfg" "$RUN_DIR/haproxy.cfg" \
 			LISTEN_PORT="$LISTEN_PORT" BALANCE=roundrobin SERVERS="$servers"
 		sed -i "s/^    nbthread .*/    nbthread $threads/" "$RUN_DIR/haproxy.cfg"
+		if [[ $kind == haproxy_fwd ]]; then
+			# datapunk-lb's default header work (as in lib.sh's haproxy_fwd).
+			sed -i '/^    default_backend be$/r '"$BENCH_DIR/configs/haproxy-forwarding.cfg" "$RUN_DIR/haproxy.cfg"
+		fi
 		haproxy -db -f "$RUN_DIR/haproxy.cfg" >>"$RUN_DIR/haproxy.log" 2>&1 &
 		;;
 	datapunk | datapunk_alt)
