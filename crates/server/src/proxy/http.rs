@@ -74,6 +74,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -134,7 +135,7 @@ impl hyper::body::Body for ClientBody {
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Streamed(b) => std::pin::Pin::new(b).poll_frame(cx),
             ClientBody::Buffered(b) => std::pin::Pin::new(b).poll_frame(cx),
@@ -182,7 +183,7 @@ impl hyper::body::Body for ResponseBody {
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Answer(b) => std::pin::Pin::new(b).poll_frame(cx),
             ResponseBody::Other(b) => std::pin::Pin::new(b).poll_frame(cx),
@@ -248,6 +249,8 @@ pub(crate) async fn serve(
             shutdown: Shutdown::default(),
         });
         let mut draining = draining.clone();
+        // Read (never marked seen) to tell whether the drain can have begun.
+        let drain_moved = draining.clone();
         tokio::spawn(async move {
             // The handshake runs here, off the accept loop, bounded like a head.
             let stream = match tls {
@@ -290,13 +293,39 @@ pub(crate) async fn serve(
                 if let Some(at) = next {
                     sleep.as_mut().reset(at);
                 }
-                tokio::select! {
-                    r = &mut serving => break r,
-                    () = &mut drain, if mode != Watchdog::Draining => {
+                // Each polled once to register, then only when it can be
+                // ready: the drain when its watch moved, the timer when it
+                // elapsed. The connection's own task is woken either way; a
+                // `select!` polled both on every wake-up (the watch's
+                // `Notify` lock and the timer's state per request).
+                let mut registered = false;
+                let event = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = serving.as_mut().poll(cx) {
+                        return Poll::Ready(ConnEvent::Served(r));
+                    }
+                    if mode != Watchdog::Draining
+                        && (!registered || drain_moved.has_changed().unwrap_or(true))
+                        && drain.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(ConnEvent::Drain);
+                    }
+                    if next.is_some()
+                        && (!registered || sleep.is_elapsed())
+                        && sleep.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(ConnEvent::Due);
+                    }
+                    registered = true;
+                    Poll::Pending
+                })
+                .await;
+                match event {
+                    ConnEvent::Served(r) => break r,
+                    ConnEvent::Drain => {
                         conn.shutdown.request();
                         mode = Watchdog::Draining;
                     }
-                    () = sleep.as_mut(), if next.is_some() => match mode {
+                    ConnEvent::Due => match mode {
                         // The state may have moved on without a wake-up (a
                         // request began): act only on a deadline still due.
                         Watchdog::Serving => match watch.expired(&limits) {
@@ -519,6 +548,16 @@ enum Watchdog {
     /// Draining (or a request raced the idle close): hyper finishes what is
     /// in flight; the drain timeout bounds it.
     Draining,
+}
+
+/// What woke a client connection's task to act.
+enum ConnEvent<R> {
+    /// Its serving future ended.
+    Served(R),
+    /// The drain began.
+    Drain,
+    /// The watchdog's timer is due.
+    Due,
 }
 
 /// A short plain-text response.
