@@ -16,7 +16,8 @@
 #
 # Usage: bench/instructions.sh BIN [BIN ...]
 # Knobs: REQUESTS (20000), WARMUP (2000), CONNS (16), STRATEGY (adaptive),
-# METRICS (true), H2 (0), STREAMS (10).
+# METRICS (true), H2 (0), STREAMS (10), KEEP (a directory to keep each
+# build's dump in, for callgrind_annotate).
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -134,6 +135,7 @@ for bin in "$@"; do
 	# The dump of -d (PID.1) holds the measured window only; the one at
 	# exit holds the shutdown.
 	ir=$(awk '/^(summary|totals):/ {print $2; exit}' "$RUN_DIR/callgrind.out.$pid.1")
+	if [[ -n ${KEEP:-} ]]; then cp "$RUN_DIR/callgrind.out.$pid.1" "$KEEP/callgrind-$(basename "$bin")-$pid.out"; fi
 	rm -f "$RUN_DIR"/callgrind.out.*
 	printf '%s\t%.0f\n' "$bin" "$(awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN {print ir / n}')"
 done

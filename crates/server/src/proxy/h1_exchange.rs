@@ -674,8 +674,17 @@ fn parse_head(
         .reason
         .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
-    let spans = HeaderSpans::of(buf, parsed.headers);
-    let count = parsed.headers.len();
+    // `Connection` read here, off the parsed head: when it holds only
+    // `close`/`keep-alive` (nginx's `keep-alive` on every response) it
+    // names no other header and is not put in the map, where the response
+    // path would only look it up and strip it (hop-by-hop) again.
+    let connection = ConnectionTokens::of(parsed.headers);
+    let spans = if connection.names_others {
+        HeaderSpans::of(buf, parsed.headers)
+    } else {
+        HeaderSpans::of_without(buf, parsed.headers, &header::CONNECTION)
+    };
+    let count = spans.len();
     let head = buf.split_to(len).freeze();
     // Room for a request's headers too: hyper's server keeps this map,
     // once the response head is written, for the next request it parses on
@@ -706,8 +715,8 @@ fn parse_head(
         }
     };
     let keep_alive = match version {
-        Version::HTTP_11 => !has_token(&headers, b"close"),
-        _ => has_token(&headers, b"keep-alive"),
+        Version::HTTP_11 => !connection.close,
+        _ => connection.keep_alive,
     } && status != StatusCode::SWITCHING_PROTOCOLS
         && framing != ReadFraming::Close
         // Both: a smuggling shape (RFC 9112 §6.3 item 3): never reused.
@@ -725,6 +734,37 @@ fn parse_head(
         framing,
         keep_alive,
     }))
+}
+
+/// What the `Connection` headers of a parsed head say.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    /// A token other than those two (`upgrade`, a header name): the
+    /// headers stay in the map for the hop-by-hop rules.
+    names_others: bool,
+}
+
+impl ConnectionTokens {
+    fn of(headers: &[httparse::Header<'_>]) -> Self {
+        let mut tokens = Self::default();
+        for h in headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        {
+            for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    tokens.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    tokens.keep_alive = true;
+                } else if !token.is_empty() {
+                    tokens.names_others = true;
+                }
+            }
+        }
+        tokens
+    }
 }
 
 /// Where each header of a parsed head lies in its buffer, kept across the
@@ -776,6 +816,21 @@ impl HeaderSpans {
             map.append(name, value);
         }
         Ok(())
+    }
+
+    /// The spans of `headers` but those named `skip`.
+    fn of_without(buf: &[u8], headers: &[httparse::Header<'_>], skip: &HeaderName) -> Self {
+        let mut spans = Self::of(buf, headers);
+        let skip = skip.as_str();
+        let mut kept = 0;
+        for (i, h) in headers.iter().enumerate().take(spans.count) {
+            if !h.name.eq_ignore_ascii_case(skip) {
+                spans.spans[kept] = spans.spans[i];
+                kept += 1;
+            }
+        }
+        spans.count = kept;
+        spans
     }
 
     /// How many headers.
@@ -1317,6 +1372,44 @@ mod tests {
         );
         // None at all: the standard phrase is written.
         assert_eq!(reason(b"HTTP/1.1 404 \r\ncontent-length: 0\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn a_connection_of_close_or_keep_alive_only_is_read_and_left_out_of_the_map() {
+        let head = |head: &[u8]| {
+            let mut buf = BytesMut::from(head);
+            take_head(&mut buf, false).unwrap().unwrap()
+        };
+        let connection = |h: &ResponseHead| {
+            h.parts
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let kept = head(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert!(kept.keep_alive);
+        assert!(connection(&kept).is_empty());
+        assert_eq!(kept.parts.headers.len(), 2, "x-a and content-length stay");
+        let closed = head(b"HTTP/1.1 200 OK\r\nCONNECTION: Close\r\ncontent-length: 0\r\n\r\n");
+        assert!(!closed.keep_alive);
+        assert!(connection(&closed).is_empty());
+        // HTTP/1.0 keeps the connection only when asked to.
+        assert!(
+            head(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n")
+                .keep_alive
+        );
+        assert!(!head(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n").keep_alive);
+        // Naming another header: every `Connection` stays for the
+        // hop-by-hop rules, and `close` still counts.
+        let named = head(
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\nconnection: x-secret\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert!(!named.keep_alive);
+        assert_eq!(connection(&named), ["close", "x-secret"]);
     }
 
     #[tokio::test]

@@ -98,15 +98,22 @@ pub(crate) struct Upstream {
 /// whole on reload.
 #[derive(Debug, Default)]
 pub(crate) struct Routing {
-    listeners: HashMap<String, ListenerConfig>,
+    listeners: NameMap<ListenerConfig>,
     upstreams: HashMap<String, Arc<Upstream>>,
     /// The same upstreams as each worker's request clones them: an `Arc`
     /// per worker slot, so the clone and drop of every request write a
     /// reference count no other worker writes.
-    routed: HashMap<String, PerWorker<Arc<Upstream>>>,
+    routed: NameMap<PerWorker<Arc<Upstream>>>,
     /// Per-request rules of each HTTP listener (per worker, as `routed`).
-    http: HashMap<String, PerWorker<Arc<HttpListener>>>,
+    http: NameMap<PerWorker<Arc<HttpListener>>>,
 }
+
+/// A map looked up on every request by a name from the config (listener,
+/// service) or an instance id: FNV, not std's SipHash (three lookups a
+/// request took ~650 instructions, `bench/instructions.sh`). The keys come
+/// from the config and discovery, never from a client, so there is no
+/// flooding to defend against.
+pub(crate) type NameMap<V, K = String> = HashMap<K, V, fnv::FnvBuildHasher>;
 
 /// What a request holds of its upstream (its worker's copy of the `Arc`).
 pub(crate) type RoutedUpstream = Arc<Aligned<Arc<Upstream>>>;
@@ -135,7 +142,7 @@ impl Routing {
                 .collect(),
             upstreams,
             routed,
-            http: HashMap::new(),
+            http: NameMap::default(),
         }
         .with_access_log(None)
     }

@@ -242,7 +242,7 @@ struct Inner {
 #[derive(Debug)]
 #[repr(align(128))]
 struct WorkerPools {
-    instances: RwLock<HashMap<InstanceId, Arc<InstancePool>>>,
+    instances: RwLock<super::NameMap<Arc<InstancePool>, InstanceId>>,
     /// The slot's idle connections over every instance, and their bound.
     idle_total: Arc<IdleTotal>,
 }
@@ -379,7 +379,7 @@ impl Pool {
                 service,
                 slots: (0..slots)
                     .map(|_| WorkerPools {
-                        instances: RwLock::new(HashMap::new()),
+                        instances: RwLock::new(super::NameMap::default()),
                         idle_total: Arc::new(IdleTotal {
                             count: AtomicUsize::new(0),
                             limit: AtomicUsize::new(0),
