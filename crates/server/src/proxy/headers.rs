@@ -49,6 +49,21 @@ static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
 ];
 
 const HOP_BY_HOP_LEN: usize = 8;
+const TE_INDEX: usize = 5;
+
+/// The lengths of [`HOP_BY_HOP`]'s names, one bit each: most names are
+/// ruled out by their length alone, before the eight comparisons (a test
+/// checks it against the list).
+const HOP_BY_HOP_LENGTHS: u64 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+
+/// Whether `name` is one of [`HOP_BY_HOP`], and which.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let len = name.as_str().len();
+    if len >= 64 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| h == name)
+}
 
 /// Removes the hop-by-hop headers: those of [`HOP_BY_HOP`] and those named
 /// in `Connection` (a `TE: trailers` stays). One pass over the names first:
@@ -59,7 +74,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP_LEN];
     let mut any = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present[i] = true;
             any = true;
         }
@@ -71,9 +86,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present[0] {
         remove_connection_named(headers);
     }
-    let keep_te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let keep_te_trailers = present[TE_INDEX]
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(h);
     }
@@ -308,6 +324,20 @@ fn forwarded_element(out: &mut String, ip: IpAddr, scheme: &str, host: Option<&H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hop_by_hop_lengths_and_te_index_match_the_list() {
+        let mask = HOP_BY_HOP
+            .iter()
+            .fold(0u64, |m, h| m | 1 << h.as_str().len());
+        assert_eq!(mask, HOP_BY_HOP_LENGTHS);
+        assert_eq!(HOP_BY_HOP[TE_INDEX], header::TE);
+        for (i, h) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(h), Some(i));
+        }
+        assert_eq!(hop_by_hop_index(&header::USER_AGENT), None, "a length of the list");
+        assert_eq!(hop_by_hop_index(&header::HOST), None);
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
