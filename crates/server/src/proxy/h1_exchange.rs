@@ -598,7 +598,12 @@ fn has_token(headers: &HeaderMap, token: &[u8]) -> bool {
 /// The `content-length` of `headers`: `Ok(None)` without one, an error for
 /// an invalid value or values that differ (RFC 9110 §8.6, RFC 9112 §6.3).
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
-    content_length_of(headers.get_all(header::CONTENT_LENGTH).iter().map(HeaderValue::as_bytes))
+    content_length_of(
+        headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
 }
 
 /// [`content_length`] over the values of the `content-length` headers.
@@ -794,39 +799,67 @@ impl ConnectionTokens {
 /// the head's bytes instead of each being copied (both directions: the
 /// response heads here, the request heads of `h1_server`).
 pub(crate) struct HeaderSpans {
-    /// Name start and end, value start and end; the first `count` are set.
-    spans: [(u32, u32, u32, u32); MAX_HEADERS],
-    count: usize,
+    /// Name start and end, value start and end, per header.
+    spans: Vec<Span>,
+}
+
+type Span = (u32, u32, u32, u32);
+
+thread_local! {
+    /// The spans' buffer, taken by each parse and given back at its drop:
+    /// an array of `MAX_HEADERS` spans cleared and moved per head cost ~200
+    /// instructions each way, a fresh `Vec` an allocation.
+    static SPANS: std::cell::Cell<Vec<Span>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Drop for HeaderSpans {
+    fn drop(&mut self) {
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.clear();
+        SPANS.set(spans);
+    }
 }
 
 impl HeaderSpans {
     /// The spans of `headers`, parsed from `buf` (which they borrow).
     pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        Self::of_matching(buf, headers, |_| true)
+    }
+
+    /// The spans of `headers` but those named `skip`.
+    fn of_without(buf: &[u8], headers: &[httparse::Header<'_>], skip: &HeaderName) -> Self {
+        let skip = skip.as_str();
+        Self::of_matching(buf, headers, |h| !h.name.eq_ignore_ascii_case(skip))
+    }
+
+    fn of_matching(
+        buf: &[u8],
+        headers: &[httparse::Header<'_>],
+        keep: impl Fn(&httparse::Header<'_>) -> bool,
+    ) -> Self {
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        for (span, h) in spans.iter_mut().zip(headers) {
+        let mut spans = SPANS.take();
+        spans.clear();
+        // Within the head (at most `MAX_HEADER_BYTES`): fits a u32.
+        let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+        for h in headers.iter().take(MAX_HEADERS).filter(|h| keep(h)) {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
-            // Within the head (at most `MAX_HEADER_BYTES`): fits a u32.
-            let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
-            *span = (
+            spans.push((
                 at(name),
                 at(name + h.name.len()),
                 at(value),
                 at(value + h.value.len()),
-            );
+            ));
         }
-        Self {
-            spans,
-            count: headers.len().min(MAX_HEADERS),
-        }
+        Self { spans }
     }
 
     /// Appends the headers to `map`, their values slices of `head` (the
     /// buffer the spans were taken from, split off and frozen). Errs with
     /// what `http` refused.
     pub(crate) fn append_to(&self, head: &Bytes, map: &mut HeaderMap) -> Result<(), &'static str> {
-        for &(ns, ne, vs, ve) in &self.spans[..self.count] {
+        for &(ns, ne, vs, ve) in &self.spans {
             let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
             // In range (spans of the head just parsed); checked all the same.
             let (Some(name), Some(value)) = (head.get(ns..ne), head.get(vs..ve)) else {
@@ -840,24 +873,9 @@ impl HeaderSpans {
         Ok(())
     }
 
-    /// The spans of `headers` but those named `skip`.
-    fn of_without(buf: &[u8], headers: &[httparse::Header<'_>], skip: &HeaderName) -> Self {
-        let mut spans = Self::of(buf, headers);
-        let skip = skip.as_str();
-        let mut kept = 0;
-        for (i, h) in headers.iter().enumerate().take(spans.count) {
-            if !h.name.eq_ignore_ascii_case(skip) {
-                spans.spans[kept] = spans.spans[i];
-                kept += 1;
-            }
-        }
-        spans.count = kept;
-        spans
-    }
-
     /// How many headers.
     pub(crate) fn len(&self) -> usize {
-        self.count
+        self.spans.len()
     }
 }
 

@@ -335,7 +335,11 @@ mod tests {
         for (i, h) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_index(h), Some(i));
         }
-        assert_eq!(hop_by_hop_index(&header::USER_AGENT), None, "a length of the list");
+        assert_eq!(
+            hop_by_hop_index(&header::USER_AGENT),
+            None,
+            "a length of the list"
+        );
         assert_eq!(hop_by_hop_index(&header::HOST), None);
     }
 
