@@ -137,8 +137,9 @@ pub(crate) async fn handshake(io: UpstreamIo) -> Result<H2Sender, h2::Error> {
 #[derive(Debug)]
 pub(crate) enum SendFailure {
     /// The connection failed before it took the request: here it is, for
-    /// another connection.
-    Unsent(h2::Error, Request<UpstreamBody>),
+    /// another connection (boxed: a rare path, kept out of every send's
+    /// result).
+    Unsent(h2::Error, Box<Request<UpstreamBody>>),
     /// The connection took the request (it may have reached the server).
     Sent(h2::Error),
 }
@@ -163,7 +164,7 @@ impl H2Sender {
         req: Request<UpstreamBody>,
     ) -> Result<Response<H2Body>, SendFailure> {
         if let Err(e) = poll_fn(|cx| self.send.poll_ready(cx)).await {
-            return Err(SendFailure::Unsent(e, req));
+            return Err(SendFailure::Unsent(e, Box::new(req)));
         }
         let (head, mut body) = req.into_parts();
         let mut head = Request::from_parts(head, ());
@@ -496,5 +497,325 @@ impl Body for H2Body {
     fn size_hint(&self) -> SizeHint {
         self.remaining
             .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use h2::server::SendResponse;
+    use http::HeaderMap;
+    use http_body_util::BodyExt;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A request as an `h2` server took it.
+    type Taken = (Request<RecvStream>, SendResponse<Bytes>);
+
+    /// A real `h2` server on a free local port, one connection; the
+    /// requests it takes come out of the channel. Its windows are the
+    /// protocol's defaults (64 KiB), released only as the test reads.
+    async fn server() -> (u16, mpsc::UnboundedReceiver<Taken>) {
+        let (port, taken, _) = server_task().await;
+        (port, taken)
+    }
+
+    /// [`server`], and its task: aborted, it closes the connection.
+    async fn server_task() -> (
+        u16,
+        mpsc::UnboundedReceiver<Taken>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            while let Some(Ok(taken)) = conn.accept().await {
+                if tx.send(taken).is_err() {
+                    return;
+                }
+            }
+        });
+        (port, rx, task)
+    }
+
+    async fn client(port: u16) -> H2Sender {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        handshake(UpstreamIo::Plain(tcp)).await.unwrap()
+    }
+
+    fn request(body: UpstreamBody) -> Request<UpstreamBody> {
+        Request::builder()
+            .method(Method::POST)
+            .uri("http://api.test/upload")
+            .body(body)
+            .unwrap()
+    }
+
+    /// A streamed body (never "whole": no end known until its last frame
+    /// is taken) that counts the frames taken from it; a `None` frame is
+    /// one that never comes.
+    struct Frames {
+        left: VecDeque<Option<Frame<Bytes>>>,
+        taken: Arc<AtomicUsize>,
+    }
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.left.pop_front() {
+                Some(Some(frame)) => {
+                    self.taken.fetch_add(1, Ordering::SeqCst);
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(None) => {
+                    self.left.push_front(None);
+                    Poll::Pending
+                }
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn frames(
+        left: impl IntoIterator<Item = Option<Frame<Bytes>>>,
+    ) -> (UpstreamBody, Arc<AtomicUsize>) {
+        let taken = Arc::new(AtomicUsize::new(0));
+        let body = Frames {
+            left: left.into_iter().collect(),
+            taken: taken.clone(),
+        };
+        (BodyExt::boxed(body), taken)
+    }
+
+    #[tokio::test]
+    async fn a_large_body_is_piped_as_the_servers_window_allows() {
+        const CHUNK: usize = 16 * 1024;
+        const CHUNKS: usize = 64;
+        let (port, mut taken) = server().await;
+        let sender = client(port).await;
+        let (body, polled) =
+            frames((0..CHUNKS).map(|i| Some(Frame::data(Bytes::from(vec![i as u8; CHUNK])))));
+        let send = tokio::spawn(sender.send(request(body)));
+        let (req, mut respond) = tokio::time::timeout(WAIT, taken.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // The server reads nothing yet: its 64 KiB windows hold the pipe
+        // to four chunks sent, one more waiting for capacity (and one
+        // more in flight at most). A pipe that ignored flow control would
+        // take all 64 into `h2`'s buffer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let early = polled.load(Ordering::SeqCst);
+        assert!(
+            early <= 6,
+            "{early} chunks taken before the server read any"
+        );
+        let mut recv = req.into_body();
+        let mut got = Vec::new();
+        while let Some(data) = tokio::time::timeout(WAIT, recv.data()).await.unwrap() {
+            let data = data.unwrap();
+            recv.flow_control().release_capacity(data.len()).unwrap();
+            got.extend_from_slice(&data);
+        }
+        assert_eq!(got.len(), CHUNK * CHUNKS, "the whole body arrived");
+        assert!(
+            got.chunks(CHUNK)
+                .enumerate()
+                .all(|(i, c)| c.iter().all(|b| *b == i as u8)),
+            "in order"
+        );
+        respond.send_response(Response::new(()), true).unwrap();
+        let resp = tokio::time::timeout(WAIT, send)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(polled.load(Ordering::SeqCst), CHUNKS);
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_goes_with_its_length_and_ends_the_stream() {
+        let (port, mut taken) = server().await;
+        let sender = client(port).await;
+        let body = http_body_util::Full::new(Bytes::from_static(b"hello"))
+            .map_err(|never| match never {})
+            .boxed();
+        let send = tokio::spawn(sender.send(request(body)));
+        let (req, mut respond) = tokio::time::timeout(WAIT, taken.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.headers()[CONTENT_LENGTH], "5", "a known length is sent");
+        let mut recv = req.into_body();
+        assert_eq!(recv.data().await.unwrap().unwrap(), "hello");
+        assert!(recv.is_end_stream(), "the one DATA frame ended the stream");
+        respond.send_response(Response::new(()), true).unwrap();
+        let resp = tokio::time::timeout(WAIT, send)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(resp.body().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn trailers_pass_both_ways() {
+        let (port, mut taken) = server().await;
+        let sender = client(port).await;
+        let mut sent_trailers = HeaderMap::new();
+        sent_trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+        let (body, _) = frames([
+            Some(Frame::data(Bytes::from_static(b"ping"))),
+            Some(Frame::trailers(sent_trailers)),
+        ]);
+        let send = tokio::spawn(sender.send(request(body)));
+        let (req, mut respond) = tokio::time::timeout(WAIT, taken.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut recv = req.into_body();
+        assert_eq!(recv.data().await.unwrap().unwrap(), "ping");
+        assert!(recv.data().await.is_none());
+        let trailers = recv.trailers().await.unwrap().expect("request trailers");
+        assert_eq!(trailers["x-checksum"], "abc");
+        let mut stream = respond.send_response(Response::new(()), false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"pong"), false)
+            .unwrap();
+        let mut status = HeaderMap::new();
+        status.insert("grpc-status", HeaderValue::from_static("0"));
+        stream.send_trailers(status).unwrap();
+        let resp = tokio::time::timeout(WAIT, send)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let got = tokio::time::timeout(WAIT, resp.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got.trailers().expect("response trailers")["grpc-status"],
+            "0"
+        );
+        assert_eq!(got.to_bytes(), "pong");
+    }
+
+    #[tokio::test]
+    async fn a_response_body_dropped_early_resets_its_stream() {
+        let (port, mut taken) = server().await;
+        let sender = client(port).await;
+        let get = Request::get("http://api.test/stream")
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+        let send = tokio::spawn(sender.send(get));
+        let (_req, mut respond) = tokio::time::timeout(WAIT, taken.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut stream = respond.send_response(Response::new(()), false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"first"), false)
+            .unwrap();
+        let resp = tokio::time::timeout(WAIT, send)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        drop(body);
+        let reason = tokio::time::timeout(WAIT, poll_fn(|cx| stream.poll_reset(cx)))
+            .await
+            .expect("the stream was reset")
+            .unwrap();
+        assert_eq!(reason, Reason::CANCEL);
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_its_body_streams_resets_its_stream() {
+        let (port, mut taken) = server().await;
+        let sender = client(port).await;
+        // One chunk, then a body that never goes on.
+        let (body, _) = frames([Some(Frame::data(Bytes::from_static(b"part"))), None]);
+        let send = tokio::spawn(sender.send(request(body)));
+        let (req, _respond) = tokio::time::timeout(WAIT, taken.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut recv = req.into_body();
+        assert_eq!(recv.data().await.unwrap().unwrap(), "part");
+        // The request gives up (its deadline) before any response.
+        send.abort();
+        let after = tokio::time::timeout(WAIT, recv.data())
+            .await
+            .expect("the stream was reset")
+            .expect("an error, not an end");
+        assert_eq!(after.unwrap_err().reason(), Some(Reason::CANCEL));
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_gives_the_request_back_unsent() {
+        let (port, mut taken, task) = server_task().await;
+        let mut sender = client(port).await;
+        let first = Request::get("http://api.test/")
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+        let send = tokio::spawn(sender.clone().send(first));
+        let (_req, mut respond) = tokio::time::timeout(WAIT, taken.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        respond.send_response(Response::new(()), true).unwrap();
+        tokio::time::timeout(WAIT, send)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        // The server goes away (its task ends: the socket closes).
+        task.abort();
+        tokio::time::timeout(WAIT, async {
+            while !sender.is_closed() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the handle sees its connection closed");
+        let again = Request::get("http://api.test/again")
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+        match sender.send(again).await {
+            Err(SendFailure::Unsent(_, back)) => assert_eq!(back.uri().path(), "/again"),
+            other => panic!("expected the request back, got {other:?}"),
+        }
     }
 }

@@ -508,7 +508,7 @@ impl Pool {
             Err(SendFailure::Unsent(e, back)) => {
                 debug!(error = %e, "upstream HTTP/2 connection was closing; reopening");
                 slot.forget_h2();
-                let (resp, new_hold) = Box::pin(self.resend_h2(to, slot, back)).await?;
+                let (resp, new_hold) = Box::pin(self.resend_h2(to, slot, *back)).await?;
                 hold = new_hold;
                 resp
             }
