@@ -507,7 +507,7 @@ impl Pool {
             // new connection. Boxed, as a rare path.
             Err(SendFailure::Unsent(e, back)) => {
                 debug!(error = %e, "upstream HTTP/2 connection was closing; reopening");
-                slot.forget_h2();
+                slot.forget_closed_h2();
                 let (resp, new_hold) = Box::pin(self.resend_h2(to, slot, *back)).await?;
                 hold = new_hold;
                 resp
@@ -855,10 +855,16 @@ impl Slot {
         false
     }
 
-    /// Forgets the instance's HTTP/2 connection: the next request opens
-    /// one. (Requests still on the old one finish there.)
-    fn forget_h2(&self) {
-        *self.h2.lock() = None;
+    /// Forgets the instance's HTTP/2 connection if it is closed: the next
+    /// request opens one. (Requests still on the old one finish there.) One
+    /// already reopened by another request that met the same closed
+    /// connection is kept, so a GOAWAY met by several requests at once
+    /// opens one connection, not one each.
+    fn forget_closed_h2(&self) {
+        let mut slot = self.h2.lock();
+        if slot.as_mut().is_some_and(|c| c.sender.is_closed()) {
+            *slot = None;
+        }
     }
 }
 
@@ -1242,6 +1248,46 @@ mod tests {
             let resp = pool.send_h2(&to, h2_get()).await;
             assert!(resp.is_ok(), "request {i}: {resp:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn only_a_closed_http2_connection_is_forgotten() {
+        let pool = Pool::with_slots(Duration::from_secs(1), None, None, 1);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", 1).unwrap())
+            .unwrap();
+        // A server that closes every connection at once, and one that serves.
+        let (closing, _) = server(drop).await;
+        let (serving, _) = server(|io| {
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                    io,
+                    hyper::service::service_fn(|_req| ok_after(Duration::ZERO)),
+                ),
+            );
+        })
+        .await;
+        let open = |port: u16| async move {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            h2_upstream::handshake(UpstreamIo::Plain(tcp))
+                .await
+                .unwrap()
+        };
+        let (mut closed, _) = to.slot.keep_h2(open(closing).await);
+        for _ in 0..400 {
+            if closed.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(closed.is_closed(), "the server closed it");
+        to.slot.forget_closed_h2();
+        assert!(!keeps_h2(&to), "a closed connection is forgotten");
+        // Reopened by one request; another that met the same closed
+        // connection must not drop the new one.
+        drop(to.slot.keep_h2(open(serving).await));
+        to.slot.forget_closed_h2();
+        assert!(keeps_h2(&to), "an open connection is kept");
     }
 
     /// An HTTP/2 GET of `path` (absolute: its authority is sent).
