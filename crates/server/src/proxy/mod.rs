@@ -30,6 +30,7 @@ pub(crate) mod client_limits;
 pub(crate) mod error;
 pub(crate) mod h1_exchange;
 pub(crate) mod h1_server;
+pub(crate) mod h2_upstream;
 pub(crate) mod hash_key;
 pub(crate) mod headers;
 pub(crate) mod http;

@@ -2,8 +2,9 @@
 //! instance**, so the connection goes to the instance the core picked while
 //! the request keeps the authority the client sent. HTTP/1.1 runs on our
 //! own exchange (`h1_exchange.rs`: the request's task writes the request
-//! and reads the response, no connection task); HTTP/2 on hyper's
-//! connection-level API (`hyper::client::conn::http2`).
+//! and reads the response, no connection task); HTTP/2 on the `h2` crate
+//! (`h2_upstream.rs`: the request's task sends the request and awaits its
+//! response; one task per connection runs the connection).
 //!
 //! ## Rules
 //!
@@ -56,7 +57,7 @@
 //!   error, either side's idle close). A request refused before it was sent
 //!   (a GOAWAY racing it) is sent once more on a new connection. Beyond the
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, requests **wait** for a
-//!   stream inside hyper (under the request's deadline) rather than open a
+//!   stream inside `h2` (under the request's deadline) rather than open a
 //!   second connection: one connection per instance (per worker) is what
 //!   backends size for, and the deadline bounds the wait. Until the server's SETTINGS
 //!   arrive a new connection carries one stream at a time, so a burst never
@@ -85,7 +86,7 @@
 //!   when a request came since the last pass or a stream was in flight at
 //!   this pass or the last one, and a later pass finding it quiet
 //!   `IDLE_TIMEOUT` after the stamp drops the pool's handle, on which
-//!   hyper sends GOAWAY and closes it. The last request or stream end
+//!   `h2` sends GOAWAY and closes it. The last request or stream end
 //!   comes at most one pass before the stamp, so the connection is closed
 //!   between `IDLE_TIMEOUT` and `IDLE_TIMEOUT + PRUNE_EVERY` after it
 //!   (90–120 s), as an idle HTTP/1.1 connection left to the sweep is.
@@ -132,16 +133,15 @@ use datapunk_lb_core::{InstanceId, Service, ServiceInstance};
 use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Request, Response, Uri};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http2;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 use tower_service::Service as _;
 use tracing::{debug, warn};
 
 use super::h1_exchange::{ExchangeError, H1Body, H1Conn, RequestHead};
+use super::h2_upstream::{self, H2Body, H2Sender, SendFailure};
 use super::request_body::UpstreamBody;
 use super::upstream_tls::{UpstreamIo, UpstreamTls};
 use super::BoxError;
@@ -171,7 +171,7 @@ pub(crate) enum SendError {
     Connect(String),
     /// The HTTP/2 connection failed after the request was handed to it.
     #[error("{0}")]
-    Failed(#[from] hyper::Error),
+    Failed(#[from] h2::Error),
     /// The HTTP/1.1 exchange failed after the request was handed to its
     /// connection.
     #[error("{0}")]
@@ -180,8 +180,8 @@ pub(crate) enum SendError {
 
 /// A send that failed: why, and what of the request never left, handed
 /// back so that it can go to another instance without a copy: (HTTP/2) the
-/// request itself when no connection could be made or hyper refused it
-/// before writing it; (HTTP/1.1, which only borrows the head) the body,
+/// request itself when no connection could be made or the connection
+/// failed before it took it; (HTTP/1.1, which only borrows the head) the body,
 /// unpolled, when no connection could be made.
 #[derive(Debug)]
 pub(crate) struct Failed {
@@ -320,7 +320,7 @@ struct Slot {
 /// A slot's HTTP/2 connection and what the sweep needs to judge it idle.
 #[derive(Debug)]
 struct H2Conn {
-    sender: http2::SendRequest<UpstreamBody>,
+    sender: H2Sender,
     /// Its streams in flight, counted by reference: this handle plus one
     /// [`StreamHold`] per request, taken with the sender and held until its
     /// response body ends or is dropped (an unfinished body resets its
@@ -497,24 +497,22 @@ impl Pool {
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
         let slot = &to.slot;
-        let (mut sender, mut hold) = match self.h2_sender(to, slot).await {
+        let (sender, mut hold) = match self.h2_sender(to, slot).await {
             Ok(taken) => taken,
             Err(error) => return Err(Failed::unsent(error, req)),
         };
-        let resp = match sender.try_send_request(req).await {
+        let resp = match sender.send(req).await {
             Ok(resp) => resp,
-            Err(mut e) => match e.take_message() {
-                // Not sent (the connection was going away): once more on a
-                // new connection. Boxed, as a rare path.
-                Some(back) => {
-                    debug!(error = %e.error(), "upstream HTTP/2 connection was closing; reopening");
-                    slot.forget_h2();
-                    let (resp, new_hold) = Box::pin(self.resend_h2(to, slot, back)).await?;
-                    hold = new_hold;
-                    resp
-                }
-                None => return Err(Failed::sent(e.into_error())),
-            },
+            // Not taken (the connection was going away): once more on a
+            // new connection. Boxed, as a rare path.
+            Err(SendFailure::Unsent(e, back)) => {
+                debug!(error = %e, "upstream HTTP/2 connection was closing; reopening");
+                slot.forget_closed_h2();
+                let (resp, new_hold) = Box::pin(self.resend_h2(to, slot, *back)).await?;
+                hold = new_hold;
+                resp
+            }
+            Err(SendFailure::Sent(e)) => return Err(Failed::sent(e)),
         };
         // HTTP/2 streams need no check-in (the connection is shared); the
         // body holds its stream's place in the count until it ends.
@@ -529,13 +527,15 @@ impl Pool {
         to: &InstancePool,
         slot: &Slot,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, StreamHold), Failed> {
-        let (mut sender, hold) = match self.h2_sender(to, slot).await {
+    ) -> Result<(Response<H2Body>, StreamHold), Failed> {
+        let (sender, hold) = match self.h2_sender(to, slot).await {
             Ok(taken) => taken,
             Err(error) => return Err(Failed::unsent(error, req)),
         };
-        let resp = sender.send_request(req).await.map_err(Failed::sent)?;
-        Ok((resp, hold))
+        match sender.send(req).await {
+            Ok(resp) => Ok((resp, hold)),
+            Err(SendFailure::Unsent(e, _) | SendFailure::Sent(e)) => Err(Failed::sent(e)),
+        }
     }
 
     /// The instance's HTTP/2 connection, opened when it has none alive,
@@ -544,7 +544,7 @@ impl Pool {
         &self,
         to: &InstancePool,
         slot: &Slot,
-    ) -> Result<(http2::SendRequest<UpstreamBody>, StreamHold), SendError> {
+    ) -> Result<(H2Sender, StreamHold), SendError> {
         if let Some(taken) = slot.take_h2() {
             return Ok(taken);
         }
@@ -559,13 +559,13 @@ impl Pool {
         &self,
         to: &InstancePool,
         slot: &Slot,
-    ) -> Result<(http2::SendRequest<UpstreamBody>, StreamHold), SendError> {
+    ) -> Result<(H2Sender, StreamHold), SendError> {
         let _opening = slot.h2_opening.lock().await;
         if let Some(taken) = slot.take_h2() {
             return Ok(taken);
         }
         let io = self.connect(to).await?;
-        let sender = handshake_h2(TokioIo::new(io)).await?;
+        let sender = handshake_h2(io).await?;
         Ok(slot.keep_h2(sender))
     }
 
@@ -590,7 +590,7 @@ impl Pool {
         let h2 = self.inner.tls.as_ref().is_some_and(|t| t.speaks_h2(&io));
         if h2 {
             // Kept for the request that asked, which takes it next.
-            drop(slot.keep_h2(handshake_h2(TokioIo::new(io)).await?));
+            drop(slot.keep_h2(handshake_h2(io).await?));
         } else {
             to.push_idle(H1Conn::new(io));
         }
@@ -636,28 +636,10 @@ impl Pool {
 }
 
 /// HTTP/2 over a new connection; its task ends with the connection.
-async fn handshake_h2(
-    io: TokioIo<UpstreamIo>,
-) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
-    // Each request's wait for its response (and a streamed body's pipe)
-    // runs in the connection's task, not a task of its own
-    // (`super::stream_tasks`).
-    let tasks = super::stream_tasks::StreamTasks::default();
-    let (sender, conn) = http2::Builder::new(tasks.clone())
-        // One stream until the server's SETTINGS say how many: a burst
-        // on a new connection would otherwise exceed a small limit and
-        // be refused. Its SETTINGS replace this (no limit named: none).
-        .initial_max_send_streams(1)
-        .handshake(io)
+async fn handshake_h2(io: UpstreamIo) -> Result<H2Sender, SendError> {
+    h2_upstream::handshake(io)
         .await
-        .map_err(|e| SendError::Connect(e.to_string()))?;
-    let conn = super::stream_tasks::WithStreams::new(conn, tasks);
-    tokio::spawn(futures_util::FutureExt::map(conn, |ended| {
-        if let Err(e) = ended {
-            debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-        }
-    }));
-    Ok(sender)
+        .map_err(|e| SendError::Connect(e.to_string()))
 }
 
 async fn sweep(pool: Weak<Inner>) {
@@ -817,27 +799,20 @@ impl Slot {
     /// The slot's HTTP/2 connection if it is open, marked used, with a hold
     /// on its stream count (taken under the lock the sweep judges it by, so
     /// the sweep never drops a connection a request just took).
-    fn take_h2(&self) -> Option<(http2::SendRequest<UpstreamBody>, StreamHold)> {
+    fn take_h2(&self) -> Option<(H2Sender, StreamHold)> {
         let mut slot = self.h2.lock();
-        match &mut *slot {
-            Some(c) if !c.sender.is_closed() => {
-                c.used = true;
-                Some((c.sender.clone(), c.streams.clone()))
-            }
-            Some(_) => {
-                *slot = None;
-                None
-            }
-            None => None,
+        let c = slot.as_mut()?;
+        if c.sender.is_closed() {
+            *slot = None;
+            return None;
         }
+        c.used = true;
+        Some((c.sender.clone(), c.streams.clone()))
     }
 
     /// Keeps `sender`, a new connection, as the slot's HTTP/2 connection;
     /// returns it with a hold for the request that opened it.
-    fn keep_h2(
-        &self,
-        sender: http2::SendRequest<UpstreamBody>,
-    ) -> (http2::SendRequest<UpstreamBody>, StreamHold) {
+    fn keep_h2(&self, sender: H2Sender) -> (H2Sender, StreamHold) {
         let streams = StreamHold::default();
         let taken = (sender.clone(), streams.clone());
         *self.h2.lock() = Some(H2Conn {
@@ -873,17 +848,23 @@ impl Slot {
         if now.saturating_duration_since(c.busy_at) < IDLE_TIMEOUT {
             return true;
         }
-        // Dropping the pool's sender closes the connection (hyper sends
+        // Dropping the pool's sender closes the connection (`h2` sends
         // GOAWAY once no sender and no stream is left; none is, as
         // nothing holds its count).
         *slot = None;
         false
     }
 
-    /// Forgets the instance's HTTP/2 connection: the next request opens
-    /// one. (Requests still on the old one finish there.)
-    fn forget_h2(&self) {
-        *self.h2.lock() = None;
+    /// Forgets the instance's HTTP/2 connection if it is closed: the next
+    /// request opens one. (Requests still on the old one finish there.) One
+    /// already reopened by another request that met the same closed
+    /// connection is kept, so a GOAWAY met by several requests at once
+    /// opens one connection, not one each.
+    fn forget_closed_h2(&self) {
+        let mut slot = self.h2.lock();
+        if slot.as_mut().is_some_and(|c| c.sender.is_closed()) {
+            *slot = None;
+        }
     }
 }
 
@@ -906,7 +887,7 @@ enum Kind {
         to: Arc<InstancePool>,
     },
     H2 {
-        body: Incoming,
+        body: H2Body,
         /// The stream's place in its connection's count, held until the
         /// body is dropped (the sweep closes no connection with one held).
         _hold: StreamHold,
@@ -979,7 +960,9 @@ impl Drop for PooledBody {
 mod tests {
     use datapunk_lb_core::Registry;
     use http_body_util::{BodyExt, Empty, Full};
+    use hyper::body::Incoming;
     use hyper_util::rt::TokioExecutor;
+    use hyper_util::rt::TokioIo;
     use tokio::net::TcpStream;
 
     use super::*;
@@ -1265,6 +1248,46 @@ mod tests {
             let resp = pool.send_h2(&to, h2_get()).await;
             assert!(resp.is_ok(), "request {i}: {resp:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn only_a_closed_http2_connection_is_forgotten() {
+        let pool = Pool::with_slots(Duration::from_secs(1), None, None, 1);
+        let to = pool
+            .instance(&ServiceInstance::try_new("a", "127.0.0.1", 1).unwrap())
+            .unwrap();
+        // A server that closes every connection at once, and one that serves.
+        let (closing, _) = server(drop).await;
+        let (serving, _) = server(|io| {
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                    io,
+                    hyper::service::service_fn(|_req| ok_after(Duration::ZERO)),
+                ),
+            );
+        })
+        .await;
+        let open = |port: u16| async move {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            h2_upstream::handshake(UpstreamIo::Plain(tcp))
+                .await
+                .unwrap()
+        };
+        let (mut closed, _) = to.slot.keep_h2(open(closing).await);
+        for _ in 0..400 {
+            if closed.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(closed.is_closed(), "the server closed it");
+        to.slot.forget_closed_h2();
+        assert!(!keeps_h2(&to), "a closed connection is forgotten");
+        // Reopened by one request; another that met the same closed
+        // connection must not drop the new one.
+        drop(to.slot.keep_h2(open(serving).await));
+        to.slot.forget_closed_h2();
+        assert!(keeps_h2(&to), "an open connection is kept");
     }
 
     /// An HTTP/2 GET of `path` (absolute: its authority is sent).

@@ -14,6 +14,10 @@
 //! after, and the CPU per request fell by 0.84× over both sides ("Fourth
 //! pass" in docs/benchmarks.md).
 //!
+//! The upstream HTTP/2 client (`h2_upstream.rs`) no longer goes through
+//! hyper: its requests wait for their responses in their own tasks, and
+//! only a streamed request body's pipe runs here, next to its connection.
+//!
 //! Here a [`StreamTasks`] executor queues each future for the connection it
 //! belongs to (one executor per connection), and [`WithStreams`] runs the
 //! connection and its queued streams in the connection's one task: each
@@ -105,9 +109,10 @@ where
 /// A connection future and the streams its executor was given, run as one
 /// future (module doc).
 pub(crate) struct WithStreams<C: Future> {
-    /// Dropped as soon as it ends: hyper's HTTP/2 client runs the
-    /// connection itself as one of the "streams" and closes it only when
-    /// the dispatcher (`conn` there) is gone.
+    /// Dropped as soon as it ends: hyper's HTTP/2 client (no longer ours
+    /// upstream, kept as the rule) ran the connection itself as one of the
+    /// "streams" and closed it only when the dispatcher (`conn` there) was
+    /// gone.
     conn: Option<Pin<Box<C>>>,
     /// The connection's output, once it ended.
     ended: Option<C::Output>,
