@@ -82,6 +82,7 @@ use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceI
 use crate::member_index::MemberIndex;
 use crate::members::Members;
 use crate::per_thread::{Padded, PerThread};
+use crate::pick_view::{self, PickView, ServiceKey};
 use crate::recorder::{Outcome, Recorder, Source};
 use crate::selection::{PickLocal, Selection, Target};
 pub use crate::snapshot::Snapshot;
@@ -103,8 +104,10 @@ pub struct Service {
     /// whether its thread's view is current without loading the snapshot.
     published: Padded<AtomicU64>,
     writer: Mutex<Writer>,
-    /// Per-thread pick state (recorder handle, RNG): see [`selection`](crate::selection).
+    /// Per-thread pick state (the RNG): see [`selection`](crate::selection).
     local: PerThread<PickLocal>,
+    /// The service's key in the threads' view caches (see `pick_view`).
+    key: ServiceKey,
     /// The latest clock reading of this service, in nanoseconds (module
     /// doc, "The clock on the pick path"); read by picks that read none.
     latest: Padded<AtomicU64>,
@@ -171,7 +174,8 @@ impl Service {
             config,
         });
         Self {
-            local: PerThread::new(|_| PickLocal::new(&recorder, &snapshot)),
+            local: PerThread::default(),
+            key: ServiceKey::new(),
             recorder,
             snapshot: ArcSwap::new(snapshot),
             published: Padded(AtomicU64::new(0)),
@@ -279,10 +283,11 @@ impl Service {
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Option<Selection> {
         let local = self.local.local();
-        // The thread's view holds the snapshot (and the recorder) the
-        // selection keeps: no load of the shared `ArcSwap` per pick.
-        let view = local.view(self.published.load(Ordering::Acquire), || {
-            self.snapshot.load_full()
+        // A lease on the thread's view of the snapshot (and the recorder)
+        // the selection keeps: no load of the shared `ArcSwap`, no lock and
+        // no reference count per pick in the steady state (`pick_view`).
+        let view = pick_view::lease(&self.key, self.published.load(Ordering::Acquire), || {
+            PickView::new(&self.key, self.recorder.clone(), self.snapshot.load_full())
         });
         let snap = view.snapshot();
         let mut events = Vec::new();
@@ -290,6 +295,7 @@ impl Service {
         // in panic must leave it (found by the `core_ops` fuzz target).
         let panic = self.recorder.check_panic(&snap.config, &mut events);
         if snap.members.is_empty() {
+            pick_view::release(view);
             return None;
         }
         let now = LazyNow::new(&*self.recorder.clock);
@@ -327,7 +333,9 @@ impl Service {
                     reason,
                 });
             }
-            let picked = picked?;
+            let Some(picked) = picked else {
+                break;
+            };
             let (hot, line): (&Hot, u32) = match &picked {
                 Picked::At(i) => {
                     let line = snap.members.line_number(*i)?;
@@ -363,6 +371,8 @@ impl Service {
             };
             return Some(Selection::new(view, target, used_at, probe, kind, events));
         }
+        // No pick: the lease goes back unused.
+        pick_view::release(view);
         None
     }
 
