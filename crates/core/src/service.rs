@@ -172,6 +172,7 @@ impl Service {
             generation: 0,
             strategy,
             config,
+            table: Default::default(),
         });
         Self {
             local: PerThread::default(),
@@ -322,6 +323,7 @@ impl Service {
                 stats: &self.recorder.stats,
                 switched: &mut switched,
                 accept,
+                table: &snap.table,
             };
             let picked = snap.strategy.pick(&mut cx);
             local.put_rng(&rng);
@@ -429,6 +431,7 @@ impl Service {
             generation: w.generation,
             strategy: strategy.clone(),
             config,
+            table: Default::default(),
         };
         let members = snap.members.clone();
         self.publish(Arc::new(snap));
@@ -464,6 +467,7 @@ impl Service {
             generation,
             strategy: old.strategy.clone(),
             config: old.config.clone(),
+            table: Default::default(),
         });
         self.publish(snap.clone());
         drop(w);
@@ -771,6 +775,38 @@ mod tests {
             picks(&svc, 100);
             assert_eq!(clock.reads(), before, "{kind}: no rule needed the time");
         }
+    }
+
+    #[test]
+    fn a_snapshot_keeps_only_the_consistent_hash_table_built_for_it() {
+        let (registry, svc, _clock) = service(StrategyKind::ConsistentHash);
+        // Above the eager limit: tables are built by `maintain`.
+        let more = (4..2000).map(|i| ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80));
+        registry
+            .register_instances("svc", more.map(Result::unwrap).collect::<Vec<_>>())
+            .unwrap();
+        let key = b"user-1";
+        let cached = |svc: &Service| svc.snapshot.load().table.get().is_some();
+        drop(svc.select(Some(key)).unwrap());
+        assert!(!cached(&svc), "the table is older than the snapshot");
+        registry.maintain();
+        let owner = svc.select(Some(key)).unwrap().instance().id().clone();
+        assert!(cached(&svc), "a pick kept the fresh table");
+        for _ in 0..10 {
+            let again = svc.select(Some(key)).unwrap();
+            assert_eq!(again.instance().id(), &owner, "through the kept table");
+        }
+        // A change: the next snapshot starts without a table, and the old
+        // (stale) one is not kept in it, whose owner indices are not the
+        // new snapshot's positions.
+        registry.deregister_instance("svc", owner.as_str()).unwrap();
+        let moved = svc.select(Some(key)).unwrap().instance().id().clone();
+        assert_ne!(moved, owner);
+        assert!(!cached(&svc));
+        registry.maintain();
+        let rebuilt = svc.select(Some(key)).unwrap().instance().id().clone();
+        assert!(cached(&svc));
+        assert_ne!(rebuilt, owner);
     }
 
     #[test]

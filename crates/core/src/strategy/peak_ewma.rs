@@ -5,7 +5,7 @@
 //! ## Rule
 //!
 //! Draw two distinct eligible instances `a` and `b` at random, with latency
-//! estimates `la` and `lb` (see [`ewma`](crate::ewma): a peak-EWMA over
+//! estimates `la` and `lb` (see [`ewma`]: a peak-EWMA over
 //! window floors, so the proxy's own stalls do not count).
 //!
 //! 1. **Avoid**: if `la ≥ R·lb` ([`AVOID_RATIO`], `R` = 3) and `a` has
@@ -22,7 +22,7 @@
 //! ## Costs without the clock
 //!
 //! Both estimates decay toward zero at the same rate (`e·exp(−(t − s)/τ)`,
-//! see [`ewma::decay_weight`](crate::ewma::decay_weight)), so decaying
+//! see [`ewma::decay_weight`]), so decaying
 //! both to *any* common time `t` scales both costs by the same
 //! `exp(−t/τ)` and leaves their order unchanged. The pick therefore
 //! decays the older sample to the time of the newer one, not both to now:
@@ -61,7 +61,7 @@
 //! ## Recovery: how fast a recovered instance regains its share
 //!
 //! Each probe is a sample. The estimate moves toward a lower sample in the
-//! log domain with `τ` = 1 s ([`ewma::TAU`](crate::ewma::TAU)), so with one
+//! log domain with `τ` = 1 s ([`ewma::TAU`]), so with one
 //! probe a second an instance that was 50× slower and now answers like its
 //! peers is at 4.2× after one probe and 1.7× after two: no longer avoided.
 //! It then competes on cost and regains its full share as its estimate
@@ -71,7 +71,7 @@
 //! after its recovery, and a third ± 8 points again 4–6 s after it.
 //!
 //! An instance that has never answered is not avoided: its estimate is the
-//! default ([`ewma::DEFAULT_RTT`](crate::ewma::DEFAULT_RTT)), not a
+//! default ([`ewma::DEFAULT_RTT`]), not a
 //! measurement.
 
 use std::sync::atomic::Ordering;
@@ -187,6 +187,7 @@ mod tests {
             l.get().active.store(r.u32(..8), Ordering::Relaxed);
             l
         };
+        let table = crate::snapshot::StrategyTable::default();
         let mut differ = 0;
         for _ in 0..20_000 {
             let (a, b) = (line(), line());
@@ -202,6 +203,7 @@ mod tests {
                 stats: &stats,
                 switched: &mut switched,
                 accept: None,
+                table: &table,
             };
             let t = clock.now();
             let ca = latency_cost(&cx, a.get(), a.get().latency_estimate_ns(t));
