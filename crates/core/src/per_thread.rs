@@ -57,20 +57,30 @@ static CLAIMS: Mutex<Claims> = parking_lot::const_mutex(Claims {
     free: Vec::new(),
 });
 
-/// A thread's slot; gives a slot of its own back when the thread exits.
-struct Held(Cell<Option<usize>>);
+/// Gives the thread's slot of its own back when the thread exits.
+struct Held;
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Some(i) = self.0.get().filter(|&i| i < SLOTS) {
+        // Later uses on this thread (other thread-locals' destructors)
+        // take the shared slot: this one may soon be another thread's.
+        let i = SLOT.replace(SHARED);
+        if i < SLOTS {
             CLAIMS.lock().free.push(i);
         }
     }
 }
 
+/// [`SLOT`] before the thread's first call.
+const UNCLAIMED: usize = usize::MAX;
+
 thread_local! {
-    /// This thread's slot, claimed on first use.
-    static SLOT: Held = const { Held(Cell::new(None)) };
+    /// This thread's slot, claimed on first use. A plain `Cell` with no
+    /// destructor, so a pick reads it with one load; [`HELD`] gives it
+    /// back.
+    static SLOT: Cell<usize> = const { Cell::new(UNCLAIMED) };
+    /// Registered with the claim; its destructor frees the slot.
+    static HELD: Held = const { Held };
 }
 
 /// A slot of its own for the calling thread, or the shared one.
@@ -90,15 +100,25 @@ fn claim() -> usize {
 /// one): claimed on the thread's first call and held for its lifetime.
 #[inline]
 pub(crate) fn thread_slot() -> usize {
-    SLOT.try_with(|slot| match slot.0.get() {
-        Some(i) => i,
-        None => {
-            let i = claim();
-            slot.0.set(Some(i));
-            i
-        }
-    })
-    .unwrap_or(SHARED)
+    let i = SLOT.get();
+    if i != UNCLAIMED {
+        return i;
+    }
+    claim_slot()
+}
+
+/// [`thread_slot`]'s first call on a thread.
+#[cold]
+#[inline(never)]
+fn claim_slot() -> usize {
+    // The destructor that gives the slot back is registered first: a
+    // thread already exiting cannot register it, and takes the shared one.
+    let i = match HELD.try_with(|_| ()) {
+        Ok(()) => claim(),
+        Err(_) => SHARED,
+    };
+    SLOT.set(i);
+    i
 }
 
 /// A counter [`add`] moves.

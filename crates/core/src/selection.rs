@@ -56,10 +56,10 @@
 //! shared read-modify-write, once per thread and service). So with a seeded
 //! registry, the k-th thread slot to pick from a service draws the k-th
 //! stream of that seed: a test that picks from one thread gets the same
-//! sequence on every run, whichever slot its thread has. Two threads that
-//! share a slot (more than 16 threads) may reuse a state now and then: two
-//! picks with the same draws, which costs a little spread, never
-//! correctness.
+//! sequence on every run, whichever slot its thread has. Threads without
+//! a slot of their own (more than 16 live at once) share one and may
+//! reuse a state now and then: two picks with the same draws, which costs
+//! a little spread, never correctness.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -9,9 +9,9 @@
 //! lock; writers (registration, removal, strategy change) serialise on the
 //! service's writer lock, build a new snapshot and store it, then publish
 //! its generation. A pick does not load the `ArcSwap` itself: its thread
-//! slot keeps a view of the snapshot (see [`selection`](crate::selection))
-//! and replaces it when the published generation moved, so a pick reads
-//! one shared atomic that changes only with membership. Per-instance live
+//! keeps a view of the snapshot (see `pick_view`) and replaces it when the
+//! published generation moved, so a pick reads one shared atomic that
+//! changes only with membership. Per-instance live
 //! state is shared between snapshots (see [`instance`](crate::instance)), so
 //! a reader holding an old snapshot still reports outcomes to the right
 //! place.
@@ -47,8 +47,8 @@
 //! ## The clock on the pick path
 //!
 //! A pick reads the clock only if a rule it meets needs the time (a
-//! [`LazyNow`]: an open breaker, a slow-start ramp, a latency decay,
-//! `adaptive`'s evaluation, a stale table). The chosen instance's
+//! [`LazyNow`]: an open breaker, a slow-start ramp, a `peak_ewma` probe
+//! that may be due, `adaptive`'s evaluation, a stale table). The chosen instance's
 //! `last_used` gets the pick's time if it was read, else the service's
 //! latest reading: `latest`, which every clock read of the service (a
 //! pick that read it, a registration, `Registry::maintain`, a
