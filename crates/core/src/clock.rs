@@ -8,7 +8,7 @@
 //!
 //! A pick reads the clock through a [`LazyNow`]: at most once, and only if
 //! a rule it meets needs the time (an open breaker's window, a slow-start
-//! ramp, a latency decay, a stale table). A `SystemClock` read is about 100
+//! ramp, a `peak_ewma` probe that may be due, a stale table). A `SystemClock` read is about 100
 //! instructions (`clock_gettime` through the vDSO plus the `Instant`
 //! arithmetic), a fifth of a whole pick on a small service; a pick on
 //! closed breakers with no ramp under way needs none.

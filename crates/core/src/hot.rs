@@ -225,6 +225,16 @@ impl Hot {
         f64::from_bits(self.ewma_bits.load(Ordering::Relaxed))
     }
 
+    /// Peak-EWMA latency as of the last sample, and the sample's time.
+    #[inline]
+    pub(crate) fn latency_sample(&self) -> (f64, Timestamp) {
+        let e = f64::from_bits(self.ewma_bits.load(Ordering::Relaxed));
+        (
+            e,
+            Timestamp::from_nanos(self.ewma_at.load(Ordering::Relaxed)),
+        )
+    }
+
     /// Peak-EWMA latency estimate decayed to `now`.
     #[inline]
     pub(crate) fn latency_estimate_ns(&self, now: Timestamp) -> f64 {

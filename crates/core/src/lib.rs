@@ -88,6 +88,7 @@ pub mod instance;
 pub(crate) mod member_index;
 pub mod members;
 pub(crate) mod per_thread;
+pub(crate) mod pick_view;
 pub mod recorder;
 pub mod registry;
 pub mod selection;

@@ -20,32 +20,33 @@
 //!
 //! ## Nothing service-wide is written per pick, nor the member's line
 //!
-//! A guard must keep its service's [`Recorder`] alive, and its member's
-//! description (for [`instance`](Selection::instance)). Cloning one
-//! `Arc<Recorder>` per selection would be a read-modify-write on one
-//! reference count from every thread, twice per request; cloning the
-//! chosen `Arc<Member>` would write the member's own allocation, a cache
-//! line apart from the instance's hot line, cold at 100,000 instances
-//! (issue 12: a third miss per pick). So each thread slot (see
-//! `per_thread`) of a service holds its own *pick view*: an `Arc` of the
-//! recorder and of the snapshot the slot picks from, replaced when the
-//! service publishes a new snapshot (the slot's next pick notices the
-//! generation changed: one allocation per thread and change). A selection
-//! clones its slot's view — a count only that slot's selections touch —
-//! and names its member by position in the view's snapshot, which is
-//! immutable and lives as long as the view; a strategy that picked from a
-//! table of its own older than the snapshot hands back the member's `Arc`
-//! instead (see [`Picked`](crate::strategy::Picked)). A selection counts on
-//! its instance (`active`, `last_used`: the instance's own line) and on its
-//! thread's slot of the service's counters, nothing else.
+//! A guard must keep its service's [`Recorder`](crate::recorder::Recorder)
+//! alive, and its member's description (for
+//! [`instance`](Selection::instance)). Cloning one `Arc<Recorder>` per
+//! selection would be a read-modify-write on one reference count from
+//! every thread, twice per request; cloning the chosen `Arc<Member>` would
+//! write the member's own allocation, a cache line apart from the
+//! instance's hot line, cold at 100,000 instances (issue 12: a third miss
+//! per pick). So a selection holds a *lease* on its thread's *pick view*
+//! of the service: an `Arc` of the recorder and of the snapshot the pick
+//! read, which a thread keeps per service and hands out again when a
+//! selection released on it gives its lease back (see `pick_view`: in the
+//! steady state a select + release counts no reference and takes no
+//! lock). The selection names its member by position in the view's
+//! snapshot, which is immutable and lives as long as the view; a strategy
+//! that picked from a table of its own older than the snapshot hands back
+//! the member's `Arc` instead (see [`Picked`](crate::strategy::Picked)).
+//! A selection counts on its instance (`active`, `last_used`: the
+//! instance's own line) and on its thread's slot of the service's
+//! counters, nothing else.
 //!
-//! *What it costs:* a thread slot keeps the last snapshot it picked from
-//! alive until its next pick (at most one per slot, 16 per service), and
-//! with it the members that snapshot listed; a selection keeps its pick's
-//! snapshot alive until it is dropped. Live state outlives a snapshot
-//! anyway (see [`instance`](crate::instance)), so nothing reads stale
-//! counters: a removed member is marked removed on its live state, which
-//! every snapshot shares.
+//! *What it costs:* a thread keeps the views of the last few services it
+//! picked from alive until it picks from a newer snapshot of each (see
+//! `pick_view`), and with them the members those snapshots listed; a
+//! selection keeps its pick's snapshot alive until it is dropped. Live
+//! state outlives a snapshot anyway (see [`instance`](crate::instance)),
+//! so nothing reads stale counters: a removed member is marked removed on
+//! its live state, which every snapshot shares.
 //!
 //! ## Randomness: one stream per thread, reproducible
 //!
@@ -55,31 +56,31 @@
 //! shared read-modify-write, once per thread and service). So with a seeded
 //! registry, the k-th thread slot to pick from a service draws the k-th
 //! stream of that seed: a test that picks from one thread gets the same
-//! sequence on every run, whichever slot its thread has. Two threads that
-//! share a slot (more than 16 threads) may reuse a state now and then: two
-//! picks with the same draws, which costs a little spread, never
-//! correctness.
+//! sequence on every run, whichever slot its thread has. Threads without
+//! a slot of their own (more than 16 live at once) share one and may
+//! reuse a state now and then: two picks with the same draws, which costs
+//! a little spread, never correctness.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
 use crate::clock::Timestamp;
 use crate::event::Event;
 use crate::hot::Hot;
 use crate::instance::{Member, ServiceInstance};
+use crate::pick_view::{self, PickView};
+use crate::recorder::Source;
 pub use crate::recorder::{FailureKind, Outcome};
-use crate::recorder::{Recorder, Source};
-use crate::snapshot::Snapshot;
 use crate::strategy::StrategyKind;
 
 /// One request's claim on one instance. See the module doc.
 #[must_use = "dropping a Selection at once releases the connection it counts"]
 pub struct Selection {
-    view: Arc<PickView>,
+    /// The lease on the pick's view; `None` only while dropping (the
+    /// lease goes back to the thread's cache, see `pick_view`).
+    lease: Option<Arc<PickView>>,
     target: Target,
     probe: bool,
     strategy: StrategyKind,
@@ -114,7 +115,7 @@ impl Selection {
         events: Vec<Event>,
     ) -> Self {
         let sel = Self {
-            view,
+            lease: Some(view),
             target,
             probe,
             strategy,
@@ -124,15 +125,24 @@ impl Selection {
             hot.active.fetch_add(1, Ordering::AcqRel);
             hot.last_used.store(used_at.as_nanos(), Ordering::Relaxed);
         }
-        sel.view.recorder.stats.request_started();
+        sel.view().recorder.stats.request_started();
         sel
+    }
+
+    /// The pick's view.
+    #[inline]
+    fn view(&self) -> &PickView {
+        match &self.lease {
+            Some(view) => view,
+            None => unreachable!("the lease is taken only by drop"),
+        }
     }
 
     /// The chosen member.
     fn member(&self) -> &Member {
         match &self.target {
             Target::Held(m) => m,
-            Target::At { index, .. } => match self.view.snapshot.members.get(*index) {
+            Target::At { index, .. } => match self.view().snapshot.members.get(*index) {
                 Some(m) => m,
                 // `new`'s caller checked the position, and the snapshot the
                 // view holds never changes.
@@ -147,7 +157,7 @@ impl Selection {
     fn hot(&self) -> Option<&Hot> {
         match &self.target {
             Target::Held(m) => Some(m.live().hot()),
-            Target::At { line, .. } => self.view.snapshot.members.hot_line(*line),
+            Target::At { line, .. } => self.view().snapshot.members.hot_line(*line),
         }
     }
 
@@ -158,7 +168,7 @@ impl Selection {
 
     /// The service name.
     pub fn service(&self) -> &str {
-        self.view.recorder.name()
+        self.view().recorder.name()
     }
 
     /// Active connections on the chosen instance, this one included.
@@ -189,76 +199,28 @@ impl Selection {
 
     /// Records a success with its latency and releases the connection.
     pub fn success(self, latency: Duration) -> Vec<Event> {
-        self.view
+        self.view()
             .recorder
             .record(self.member(), Outcome::Success(latency), Source::Request)
     }
 
     /// Records a failure and releases the connection.
     pub fn failure(self, kind: FailureKind) -> Vec<Event> {
-        self.view
+        self.view()
             .recorder
             .record(self.member(), Outcome::Failure(kind), Source::Request)
     }
 }
 
-/// A thread slot's view of its service: the recorder and the snapshot the
-/// slot picks from. Selections made on the slot clone the `Arc` around it,
-/// whose count is the slot's alone (module doc).
-#[derive(Debug)]
-pub(crate) struct PickView {
-    recorder: Arc<Recorder>,
-    snapshot: Arc<Snapshot>,
-}
-
-impl PickView {
-    /// The snapshot this view picks from.
-    #[inline]
-    pub(crate) fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
-    }
-}
-
-/// One thread slot's state for picks on one service. See the module doc.
-#[derive(Debug)]
+/// One thread slot's RNG state for picks on one service. See the module
+/// doc.
+#[derive(Debug, Default)]
 pub(crate) struct PickLocal {
-    /// The view selections made on this slot clone. A lock, not an
-    /// `ArcSwap`: only the slot's own thread takes it (two threads share a
-    /// slot only beyond 16), for a clone, and it is a line of the slot's.
-    view: Mutex<Arc<PickView>>,
     /// The slot's RNG state; 0 until its first pick claims a seed.
     rng: AtomicU64,
 }
 
 impl PickLocal {
-    pub(crate) fn new(recorder: &Arc<Recorder>, snapshot: &Arc<Snapshot>) -> Self {
-        Self {
-            view: Mutex::new(Arc::new(PickView {
-                recorder: recorder.clone(),
-                snapshot: snapshot.clone(),
-            })),
-            rng: AtomicU64::new(0),
-        }
-    }
-
-    /// This slot's view, first replaced by one of `load()` if the slot's
-    /// snapshot is not of `generation` (the service's latest).
-    #[inline]
-    pub(crate) fn view(
-        &self,
-        generation: u64,
-        load: impl FnOnce() -> Arc<Snapshot>,
-    ) -> Arc<PickView> {
-        let mut view = self.view.lock();
-        if view.snapshot.generation != generation {
-            *view = Arc::new(PickView {
-                recorder: view.recorder.clone(),
-                snapshot: load(),
-            });
-        }
-        view.clone()
-    }
-
     /// The slot's RNG, seeded from `seed` on its first use; give it back
     /// with [`put_rng`](Self::put_rng).
     #[inline]
@@ -283,9 +245,12 @@ impl Drop for Selection {
         if let Some(hot) = self.hot() {
             hot.active.fetch_sub(1, Ordering::AcqRel);
         }
-        self.view.recorder.stats.request_finished();
+        self.view().recorder.stats.request_finished();
         if self.probe {
-            self.view.recorder.release_probe(self.member());
+            self.view().recorder.release_probe(self.member());
+        }
+        if let Some(lease) = self.lease.take() {
+            pick_view::release(lease);
         }
     }
 }
@@ -293,7 +258,7 @@ impl Drop for Selection {
 impl fmt::Debug for Selection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Selection")
-            .field("service", &self.view.recorder.name())
+            .field("service", &self.view().recorder.name())
             .field("instance", self.member().instance().id())
             .field("probe", &self.probe)
             .finish()

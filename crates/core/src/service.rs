@@ -9,9 +9,9 @@
 //! lock; writers (registration, removal, strategy change) serialise on the
 //! service's writer lock, build a new snapshot and store it, then publish
 //! its generation. A pick does not load the `ArcSwap` itself: its thread
-//! slot keeps a view of the snapshot (see [`selection`](crate::selection))
-//! and replaces it when the published generation moved, so a pick reads
-//! one shared atomic that changes only with membership. Per-instance live
+//! keeps a view of the snapshot (see `pick_view`) and replaces it when the
+//! published generation moved, so a pick reads one shared atomic that
+//! changes only with membership. Per-instance live
 //! state is shared between snapshots (see [`instance`](crate::instance)), so
 //! a reader holding an old snapshot still reports outcomes to the right
 //! place.
@@ -47,8 +47,8 @@
 //! ## The clock on the pick path
 //!
 //! A pick reads the clock only if a rule it meets needs the time (a
-//! [`LazyNow`]: an open breaker, a slow-start ramp, a latency decay,
-//! `adaptive`'s evaluation, a stale table). The chosen instance's
+//! [`LazyNow`]: an open breaker, a slow-start ramp, a `peak_ewma` probe
+//! that may be due, `adaptive`'s evaluation, a stale table). The chosen instance's
 //! `last_used` gets the pick's time if it was read, else the service's
 //! latest reading: `latest`, which every clock read of the service (a
 //! pick that read it, a registration, `Registry::maintain`, a
@@ -82,6 +82,7 @@ use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceI
 use crate::member_index::MemberIndex;
 use crate::members::Members;
 use crate::per_thread::{Padded, PerThread};
+use crate::pick_view::{self, PickView, ServiceKey};
 use crate::recorder::{Outcome, Recorder, Source};
 use crate::selection::{PickLocal, Selection, Target};
 pub use crate::snapshot::Snapshot;
@@ -103,8 +104,10 @@ pub struct Service {
     /// whether its thread's view is current without loading the snapshot.
     published: Padded<AtomicU64>,
     writer: Mutex<Writer>,
-    /// Per-thread pick state (recorder handle, RNG): see [`selection`](crate::selection).
+    /// Per-thread pick state (the RNG): see [`selection`](crate::selection).
     local: PerThread<PickLocal>,
+    /// The service's key in the threads' view caches (see `pick_view`).
+    key: ServiceKey,
     /// The latest clock reading of this service, in nanoseconds (module
     /// doc, "The clock on the pick path"); read by picks that read none.
     latest: Padded<AtomicU64>,
@@ -169,9 +172,11 @@ impl Service {
             generation: 0,
             strategy,
             config,
+            table: Default::default(),
         });
         Self {
-            local: PerThread::new(|_| PickLocal::new(&recorder, &snapshot)),
+            local: PerThread::default(),
+            key: ServiceKey::new(),
             recorder,
             snapshot: ArcSwap::new(snapshot),
             published: Padded(AtomicU64::new(0)),
@@ -279,10 +284,11 @@ impl Service {
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Option<Selection> {
         let local = self.local.local();
-        // The thread's view holds the snapshot (and the recorder) the
-        // selection keeps: no load of the shared `ArcSwap` per pick.
-        let view = local.view(self.published.load(Ordering::Acquire), || {
-            self.snapshot.load_full()
+        // A lease on the thread's view of the snapshot (and the recorder)
+        // the selection keeps: no load of the shared `ArcSwap`, no lock and
+        // no reference count per pick in the steady state (`pick_view`).
+        let view = pick_view::lease(&self.key, self.published.load(Ordering::Acquire), || {
+            PickView::new(&self.key, self.recorder.clone(), self.snapshot.load_full())
         });
         let snap = view.snapshot();
         let mut events = Vec::new();
@@ -290,6 +296,7 @@ impl Service {
         // in panic must leave it (found by the `core_ops` fuzz target).
         let panic = self.recorder.check_panic(&snap.config, &mut events);
         if snap.members.is_empty() {
+            pick_view::release(view);
             return None;
         }
         let now = LazyNow::new(&*self.recorder.clock);
@@ -316,6 +323,7 @@ impl Service {
                 stats: &self.recorder.stats,
                 switched: &mut switched,
                 accept,
+                table: &snap.table,
             };
             let picked = snap.strategy.pick(&mut cx);
             local.put_rng(&rng);
@@ -327,7 +335,9 @@ impl Service {
                     reason,
                 });
             }
-            let picked = picked?;
+            let Some(picked) = picked else {
+                break;
+            };
             let (hot, line): (&Hot, u32) = match &picked {
                 Picked::At(i) => {
                     let line = snap.members.line_number(*i)?;
@@ -363,6 +373,8 @@ impl Service {
             };
             return Some(Selection::new(view, target, used_at, probe, kind, events));
         }
+        // No pick: the lease goes back unused.
+        pick_view::release(view);
         None
     }
 
@@ -419,6 +431,7 @@ impl Service {
             generation: w.generation,
             strategy: strategy.clone(),
             config,
+            table: Default::default(),
         };
         let members = snap.members.clone();
         self.publish(Arc::new(snap));
@@ -454,6 +467,7 @@ impl Service {
             generation,
             strategy: old.strategy.clone(),
             config: old.config.clone(),
+            table: Default::default(),
         });
         self.publish(snap.clone());
         drop(w);
@@ -753,6 +767,7 @@ mod tests {
             StrategyKind::P2c,
             StrategyKind::ConsistentHash,
             StrategyKind::Weighted,
+            StrategyKind::PeakEwma,
         ] {
             let (_registry, svc, clock) = service(kind);
             picks(&svc, 1); // builds what a first pick builds
@@ -760,12 +775,38 @@ mod tests {
             picks(&svc, 100);
             assert_eq!(clock.reads(), before, "{kind}: no rule needed the time");
         }
-        // peak_ewma decays each candidate's latency to now: it needs one
-        // read per pick, not one per candidate.
-        let (_registry, svc, clock) = service(StrategyKind::PeakEwma);
-        let before = clock.reads();
-        picks(&svc, 100);
-        assert_eq!(clock.reads() - before, 100, "peak_ewma: one read per pick");
+    }
+
+    #[test]
+    fn a_snapshot_keeps_only_the_consistent_hash_table_built_for_it() {
+        let (registry, svc, _clock) = service(StrategyKind::ConsistentHash);
+        // Above the eager limit: tables are built by `maintain`.
+        let more = (4..2000).map(|i| ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80));
+        registry
+            .register_instances("svc", more.map(Result::unwrap).collect::<Vec<_>>())
+            .unwrap();
+        let key = b"user-1";
+        let cached = |svc: &Service| svc.snapshot.load().table.get().is_some();
+        drop(svc.select(Some(key)).unwrap());
+        assert!(!cached(&svc), "the table is older than the snapshot");
+        registry.maintain();
+        let owner = svc.select(Some(key)).unwrap().instance().id().clone();
+        assert!(cached(&svc), "a pick kept the fresh table");
+        for _ in 0..10 {
+            let again = svc.select(Some(key)).unwrap();
+            assert_eq!(again.instance().id(), &owner, "through the kept table");
+        }
+        // A change: the next snapshot starts without a table, and the old
+        // (stale) one is not kept in it, whose owner indices are not the
+        // new snapshot's positions.
+        registry.deregister_instance("svc", owner.as_str()).unwrap();
+        let moved = svc.select(Some(key)).unwrap().instance().id().clone();
+        assert_ne!(moved, owner);
+        assert!(!cached(&svc));
+        registry.maintain();
+        let rebuilt = svc.select(Some(key)).unwrap().instance().id().clone();
+        assert!(cached(&svc));
+        assert_ne!(rebuilt, owner);
     }
 
     #[test]

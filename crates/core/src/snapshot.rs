@@ -8,7 +8,8 @@
 //! [`selection`](crate::selection)), which is what lets it name its member
 //! by position instead of holding the member's own `Arc`.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::LoadBalancerConfig;
 use crate::members::Members;
@@ -21,4 +22,13 @@ pub struct Snapshot {
     pub(crate) generation: u64,
     pub(crate) strategy: Arc<dyn Strategy>,
     pub(crate) config: Arc<LoadBalancerConfig>,
+    /// The strategy's table built for this snapshot's generation, once a
+    /// pick found it (`consistent_hash`): later picks of this snapshot
+    /// reach it with one load instead of a load of the strategy's
+    /// `ArcSwap` (two locked instructions). It lives as long as the
+    /// snapshot, so a snapshot kept past the next rebuild keeps its table.
+    pub(crate) table: StrategyTable,
 }
+
+/// A strategy's table, of the strategy's own type; see [`Snapshot`].
+pub(crate) type StrategyTable = OnceLock<Arc<dyn Any + Send + Sync>>;

@@ -19,14 +19,16 @@
 //! atomic would be a read-modify-write on the same cache line from every
 //! thread on every pick — the line the panic check reads, too. The request
 //! counters are therefore striped by thread (`PerThread`): a thread adds to
-//! its own slot, and a reader sums the slots. A selection released on another
+//! its own slot — with a plain load and store, no locked instruction, as
+//! only it writes there (`per_thread`, "Owned slots") — and a reader sums
+//! the slots. A selection released on another
 //! thread than the one that made it subtracts from that thread's slot, so a
 //! slot may go negative; the sum is still exact, and is clamped at 0 only for
 //! a reader that races the two halves.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
-use crate::per_thread::PerThread;
+use crate::per_thread::{self, PerThread};
 
 /// How the service's counters count one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,27 +102,23 @@ impl ServiceStats {
     /// A selection was made: one more request in flight.
     #[inline]
     pub(crate) fn request_started(&self) {
-        self.requests
-            .local()
-            .inflight
-            .fetch_add(1, Ordering::Relaxed);
+        let (local, owned) = self.requests.local_owned();
+        per_thread::add(&local.inflight, 1, owned);
     }
 
     /// A selection was released.
     #[inline]
     pub(crate) fn request_finished(&self) {
-        self.requests
-            .local()
-            .inflight
-            .fetch_sub(1, Ordering::Relaxed);
+        let (local, owned) = self.requests.local_owned();
+        per_thread::add(&local.inflight, -1, owned);
     }
 
     /// A request's outcome was recorded.
     pub(crate) fn outcome(&self, failed: bool) {
-        let local = self.requests.local();
-        local.requests.fetch_add(1, Ordering::Relaxed);
+        let (local, owned) = self.requests.local_owned();
+        per_thread::add(&local.requests, 1, owned);
         if failed {
-            local.failures.fetch_add(1, Ordering::Relaxed);
+            per_thread::add(&local.failures, 1, owned);
         }
     }
 

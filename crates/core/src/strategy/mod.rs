@@ -60,6 +60,7 @@ use crate::config::LoadBalancerConfig;
 use crate::hot::Hot;
 use crate::instance::Member;
 use crate::members::{Candidate, Members};
+use crate::snapshot::StrategyTable;
 use crate::stats::ServiceStats;
 
 /// Random draws before a pick falls back to a scan.
@@ -194,6 +195,9 @@ pub struct PickContext<'a> {
     /// The caller's filter from [`Service::select_with`](crate::Service::select_with);
     /// `None` accepts every member, so a plain `select` pays one branch.
     pub(crate) accept: Option<&'a dyn Fn(&Member) -> bool>,
+    /// The snapshot's slot for a table of the strategy's built for
+    /// `generation` (see [`Snapshot`](crate::service::Snapshot)).
+    pub(crate) table: &'a StrategyTable,
 }
 
 // === impl StrategyKind ===
