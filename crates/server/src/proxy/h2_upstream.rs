@@ -553,6 +553,12 @@ mod tests {
         handshake(UpstreamIo::Plain(tcp)).await.unwrap()
     }
 
+    /// A GET with no body.
+    fn get(uri: &str) -> Request<UpstreamBody> {
+        let empty = http_body_util::Empty::new().map_err(|never| match never {});
+        Request::get(uri).body(empty.boxed()).unwrap()
+    }
+
     fn request(body: UpstreamBody) -> Request<UpstreamBody> {
         Request::builder()
             .method(Method::POST)
@@ -721,13 +727,7 @@ mod tests {
     async fn a_response_body_dropped_early_resets_its_stream() {
         let (port, mut taken) = server().await;
         let sender = client(port).await;
-        let get = Request::get("http://api.test/stream")
-            .body(
-                http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .unwrap();
+        let get = get("http://api.test/stream");
         let send = tokio::spawn(sender.send(get));
         let (_req, mut respond) = tokio::time::timeout(WAIT, taken.recv())
             .await
@@ -779,13 +779,7 @@ mod tests {
     async fn a_closed_connection_gives_the_request_back_unsent() {
         let (port, mut taken, task) = server_task().await;
         let mut sender = client(port).await;
-        let first = Request::get("http://api.test/")
-            .body(
-                http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .unwrap();
+        let first = get("http://api.test/");
         let send = tokio::spawn(sender.clone().send(first));
         let (_req, mut respond) = tokio::time::timeout(WAIT, taken.recv())
             .await
@@ -806,13 +800,7 @@ mod tests {
         })
         .await
         .expect("the handle sees its connection closed");
-        let again = Request::get("http://api.test/again")
-            .body(
-                http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .unwrap();
+        let again = get("http://api.test/again");
         match sender.send(again).await {
             Err(SendFailure::Unsent(_, back)) => assert_eq!(back.uri().path(), "/again"),
             other => panic!("expected the request back, got {other:?}"),
