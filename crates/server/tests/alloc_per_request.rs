@@ -39,20 +39,20 @@ const WARMUP: u64 = 500;
 /// since the upstream HTTP/1.1 exchange runs in the request's task
 /// (`proxy/h1_exchange.rs`, fourth pass), 5.9: hyper's client dispatch
 /// (its oneshot, the response body's channel and `want`) and the head copy
-/// kept for a retry are gone. The rest: the request and response header
-/// maps, hyper's server read buffer and head parse, the request id and the
-/// Host check. The bound catches the return of any one removed cost (a
-/// channel, the head copy, a response map too small for hyper's server to
-/// reuse for the next request's headers, which grew it twice per request)
-/// and leaves one allocation of room for a dependency update.
-const MAX_ALLOCATIONS_PER_GET: f64 = 7.0;
-/// The bound for a small `POST` (5-byte body): 10.9 by the count (12.9
-/// before the fourth pass, 13.9 before 33fa955, 15.5 before the proxy
-/// stopped copying the head of a request that cannot be retried once
-/// sent). Its body costs about 5 more than a GET (read, buffered for a
-/// connect-failure retry, boxed for the upstream). A copy kept again would
-/// exceed the bound.
-const MAX_ALLOCATIONS_PER_POST: f64 = 12.0;
+/// kept for a retry are gone; since the client side is our own loop
+/// (`proxy/h1_server.rs`, fifth pass), 3.8–4.0; since the last valid
+/// `Host` is remembered (sixth pass: `Authority`'s parse allocated a copy
+/// of it), 3.0 (the request id's buffer is one). The
+/// bound catches the return of any one removed cost (a channel, the head
+/// copy, the Host copy, a map too small to be reused) and leaves one
+/// allocation of room for a dependency update.
+const MAX_ALLOCATIONS_PER_GET: f64 = 4.0;
+/// The bound for a small `POST` (5-byte body): 4.0 by the count (5.0
+/// before the sixth pass, 10.9 before the fifth, 12.9 before the fourth,
+/// 15.5 before the proxy stopped copying the head of a request that cannot
+/// be retried once sent). Its body costs one more than a GET. A copy kept
+/// again would exceed the bound.
+const MAX_ALLOCATIONS_PER_POST: f64 = 5.0;
 
 /// A backend answering every request on a connection with `200 ok`;
 /// allocation-free per request.
