@@ -382,17 +382,23 @@ struct ClientConn {
 impl ClientConn {
     /// Serves one request of this connection; `guard` keeps it in flight
     /// until the response body is dropped.
-    async fn respond(
+    #[allow(clippy::manual_async_fn)] // not an `async fn`: see inside
+    fn respond(
         &self,
         mut req: Request<ClientBody>,
         guard: RequestGuard,
-    ) -> Response<InFlight<ResponseBody>> {
-        if let Some(id) = self.identity.get() {
-            req.extensions_mut().insert(id.clone());
+    ) -> impl Future<Output = Response<InFlight<ResponseBody>>> + '_ {
+        // An `async` block, not an `async fn`: an `async fn` keeps each
+        // argument twice in its future (as given, and moved into a local),
+        // and the request's future is moved whole a few times per request.
+        async move {
+            if let Some(id) = self.identity.get() {
+                req.extensions_mut().insert(id.clone());
+            }
+            let resp = handle(req, &self.ctx, &self.client).await;
+            // The guard rides in the body and drops with it.
+            resp.map(|b| InFlight::new(b, guard))
         }
-        let resp = handle(req, &self.ctx, &self.client).await;
-        // The guard rides in the body and drops with it.
-        resp.map(|b| InFlight::new(b, guard))
     }
 }
 
@@ -587,155 +593,163 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Serves one request.
-pub(crate) async fn handle(
+#[allow(clippy::manual_async_fn)] // see `ClientConn::respond`
+pub(crate) fn handle<'a>(
     mut req: Request<ClientBody>,
-    ctx: &HttpContext,
-    peer: &Peer,
-) -> Response<ResponseBody> {
-    let id = request_id(req.headers());
-    if let Err(why) = hygiene::check(&mut req) {
-        let mut resp = text(StatusCode::BAD_REQUEST, &why.to_string());
-        resp.headers_mut().insert(X_REQUEST_ID, id);
-        return resp.map(ResponseBody::Other);
-    }
-    // Route with borrowed host and path: no allocation per request.
-    let (up, rules) = {
-        let routing = ctx.routing.load();
-        let rules = routing
-            .http_listener(&ctx.listener)
-            .cloned()
-            .unwrap_or_default();
-        let host = req.uri().host().or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
+    ctx: &'a HttpContext,
+    peer: &'a Peer,
+) -> impl Future<Output = Response<ResponseBody>> + 'a {
+    // An `async` block for the reason given at `ClientConn::respond`.
+    async move {
+        let id = request_id(req.headers());
+        if let Err(why) = hygiene::check(&mut req) {
+            let mut resp = text(StatusCode::BAD_REQUEST, &why.to_string());
+            resp.headers_mut().insert(X_REQUEST_ID, id);
+            return resp.map(ResponseBody::Other);
+        }
+        // Route with borrowed host and path: no allocation per request.
+        let (up, rules) = {
+            let routing = ctx.routing.load();
+            let rules = routing
+                .http_listener(&ctx.listener)
+                .cloned()
+                .unwrap_or_default();
+            let host = req.uri().host().or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            });
+            let up = routing
+                .route(&ctx.listener, host, req.uri().path())
+                .cloned();
+            (up, rules)
+        };
+        // The request's one clock read before its first attempt: the access
+        // log's start, the deadline's base and, when no body has to be awaited,
+        // the first attempt's start (one read instead of three).
+        let received = std::time::Instant::now();
+        // Only with the access log on: the request's facts.
+        let mut entry = rules.access_log.as_ref().map(|log| {
+            let service = up.as_ref().map(|u| u.name.as_str());
+            log.entry(&req, peer.addr, &ctx.listener, service, &id, received)
         });
-        let up = routing
-            .route(&ctx.listener, host, req.uri().path())
-            .cloned();
-        (up, rules)
-    };
-    // The request's one clock read before its first attempt: the access
-    // log's start, the deadline's base and, when no body has to be awaited,
-    // the first attempt's start (one read instead of three).
-    let received = std::time::Instant::now();
-    // Only with the access log on: the request's facts.
-    let mut entry = rules.access_log.as_ref().map(|log| {
-        let service = up.as_ref().map(|u| u.name.as_str());
-        log.entry(&req, peer.addr, &ctx.listener, service, &id, received)
-    });
-    let mut resp = match up {
-        None => error_response(&ProxyError::NoRoute).map(ResponseBody::Other),
-        Some(up) => match proxy(
-            req,
-            &up,
-            peer,
-            (&rules.forwarding, ctx.tls.is_some()),
-            &id,
-            received,
-            entry.as_mut(),
-        )
-        .await
-        {
-            Ok(resp) => resp,
-            Err(e) => {
-                debug!(
-                    service = up.name.as_str(),
-                    outcome = e.outcome(),
-                    "request failed"
-                );
-                error_response(&e).map(ResponseBody::Other)
-            }
-        },
-    };
-    resp.headers_mut().insert(X_REQUEST_ID, id);
-    match entry {
-        Some(e) => e.respond(resp).map(ResponseBody::Other),
-        None => resp,
+        let mut resp = match up {
+            None => error_response(&ProxyError::NoRoute).map(ResponseBody::Other),
+            Some(up) => match proxy(
+                req,
+                &up,
+                peer,
+                (&rules.forwarding, ctx.tls.is_some()),
+                &id,
+                received,
+                entry.as_mut(),
+            )
+            .await
+            {
+                Ok(resp) => resp,
+                Err(e) => {
+                    debug!(
+                        service = up.name.as_str(),
+                        outcome = e.outcome(),
+                        "request failed"
+                    );
+                    error_response(&e).map(ResponseBody::Other)
+                }
+            },
+        };
+        resp.headers_mut().insert(X_REQUEST_ID, id);
+        match entry {
+            Some(e) => e.respond(resp).map(ResponseBody::Other),
+            None => resp,
+        }
     }
 }
 
-async fn proxy(
+#[allow(clippy::manual_async_fn)] // see `ClientConn::respond`
+fn proxy<'a>(
     req: Request<ClientBody>,
-    up: &Upstream,
-    peer: &Peer,
+    up: &'a Upstream,
+    peer: &'a Peer,
     // The rules, and whether the client came over TLS (`X-Forwarded-Proto`).
-    (forwarding, https): (&Forwarding, bool),
-    id: &HeaderValue,
+    (forwarding, https): (&'a Forwarding, bool),
+    id: &'a HeaderValue,
     // When the request was received (see `handle`).
     received: std::time::Instant,
-    mut entry: Option<&mut Entry>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let deadline = tokio::time::Instant::from_std(received) + up.request_timeout;
-    let (mut parts, body) = req.into_parts();
-    if let Some(resp) = up.clients.refuse_grpc(&parts, &up.name) {
-        return Ok(resp.map(ResponseBody::Other));
-    }
-    let upgrade = upgrade::requested(&parts);
-    let (mut body, waited) = match read_body(&parts, body).await {
-        Ok(read) => (read.body, read.waited),
-        Err(resp) => return Ok(resp.map(ResponseBody::Other)),
-    };
-    if let Some(e) = entry.as_deref_mut() {
-        e.count_request_body(&mut body);
-    }
-    let replay = Replay {
-        idempotent: is_idempotent(&parts.method),
-        replayable: body.replayable(),
-    };
-    let key = up
-        .hash_key
-        .as_ref()
-        .and_then(|k| k.digest(&parts, peer.addr));
-    strip_hop_by_hop(&mut parts.headers);
-    // After the strip: a client cannot name these in `Connection`.
-    let authority = parts.uri.authority().cloned();
-    set_forwarding_from(
-        &mut parts.headers,
-        peer,
-        if https { "https" } else { "http" },
-        authority.as_ref(),
-        forwarding,
-    );
-    parts.headers.insert(X_REQUEST_ID, id.clone());
-    if let Some(protocol) = upgrade {
-        let key = key.as_ref().map(|k| &k[..]);
-        // Boxed: the tunnel's state stays out of every request's future.
-        return Box::pin(upgrade::proxy(
-            parts, body, replay, protocol, deadline, up, key,
-        ))
-        .await
-        .map(|resp| resp.map(ResponseBody::Other));
-    }
-    let mut step = HttpStep {
-        parts,
-        body,
-        replay,
-        may_resend: may_resend(replay, up.retries, &up.budget),
-        headers_gone: false,
-        host_before: None,
-        deadline,
-        // The body's upload is the client's time, not the instance's.
-        first_attempt_at: (!waited).then_some(received),
-        per_try_timeout: up.per_try_timeout,
-        clients: &up.clients,
-        service: &up.name,
-    };
-    let key = key.as_ref().map(|k| &k[..]);
-    let ended = match entry {
-        Some(e) => {
-            let mut counted = Counted::new(&mut step);
-            let ended = attempt::run(up, &mut counted, key).await;
-            e.attempts(&counted);
-            ended
+    mut entry: Option<&'a mut Entry>,
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + 'a {
+    // An `async` block for the reason given at `ClientConn::respond`.
+    async move {
+        let deadline = tokio::time::Instant::from_std(received) + up.request_timeout;
+        let (mut parts, body) = req.into_parts();
+        if let Some(resp) = up.clients.refuse_grpc(&parts, &up.name) {
+            return Ok(resp.map(ResponseBody::Other));
         }
-        None => attempt::run(up, &mut step, key).await,
-    };
-    let (held, resp) = match ended? {
-        Ended::Success(held, resp) => (Some(held), resp),
-        Ended::Failed(resp) => (None, resp),
-    };
-    Ok(answer(resp, held, up).map(ResponseBody::Answer))
+        let upgrade = upgrade::requested(&parts);
+        let (mut body, waited) = match read_body(&parts, body).await {
+            Ok(read) => (read.body, read.waited),
+            Err(resp) => return Ok(resp.map(ResponseBody::Other)),
+        };
+        if let Some(e) = entry.as_deref_mut() {
+            e.count_request_body(&mut body);
+        }
+        let replay = Replay {
+            idempotent: is_idempotent(&parts.method),
+            replayable: body.replayable(),
+        };
+        let key = up
+            .hash_key
+            .as_ref()
+            .and_then(|k| k.digest(&parts, peer.addr));
+        strip_hop_by_hop(&mut parts.headers);
+        // After the strip: a client cannot name these in `Connection`.
+        let authority = parts.uri.authority().cloned();
+        set_forwarding_from(
+            &mut parts.headers,
+            peer,
+            if https { "https" } else { "http" },
+            authority.as_ref(),
+            forwarding,
+        );
+        parts.headers.insert(X_REQUEST_ID, id.clone());
+        if let Some(protocol) = upgrade {
+            let key = key.as_ref().map(|k| &k[..]);
+            // Boxed: the tunnel's state stays out of every request's future.
+            return Box::pin(upgrade::proxy(
+                parts, body, replay, protocol, deadline, up, key,
+            ))
+            .await
+            .map(|resp| resp.map(ResponseBody::Other));
+        }
+        let mut step = HttpStep {
+            parts,
+            body,
+            replay,
+            may_resend: may_resend(replay, up.retries, &up.budget),
+            headers_gone: false,
+            host_before: None,
+            deadline,
+            // The body's upload is the client's time, not the instance's.
+            first_attempt_at: (!waited).then_some(received),
+            per_try_timeout: up.per_try_timeout,
+            clients: &up.clients,
+            service: &up.name,
+        };
+        let key = key.as_ref().map(|k| &k[..]);
+        let ended = match entry {
+            Some(e) => {
+                let mut counted = Counted::new(&mut step);
+                let ended = attempt::run(up, &mut counted, key).await;
+                e.attempts(&counted);
+                ended
+            }
+            None => attempt::run(up, &mut step, key).await,
+        };
+        let (held, resp) = match ended? {
+            Ended::Success(held, resp) => (Some(held), resp),
+            Ended::Failed(resp) => (None, resp),
+        };
+        Ok(answer(resp, held, up).map(ResponseBody::Answer))
+    }
 }
 
 /// The response for the client; `held` (a success) rides in the body until
