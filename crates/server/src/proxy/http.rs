@@ -730,6 +730,7 @@ fn proxy<'a>(
             deadline,
             // The body's upload is the client's time, not the instance's.
             first_attempt_at: (!waited).then_some(received),
+            attempt_at: received,
             per_try_timeout: up.per_try_timeout,
             clients: &up.clients,
             service: &up.name,

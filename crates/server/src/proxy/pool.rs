@@ -39,7 +39,12 @@
 //!   instance had a turn, and unbounded idle lists held ~20,000 sockets
 //!   until `accept`, `connect` and the reload's own file read failed with
 //!   EMFILE (`docs/benchmarks.md`, "Scale (issue 11)"). One idle longer than
-//!   [`IDLE_TIMEOUT`] is closed. The newest
+//!   [`IDLE_TIMEOUT`] is closed. **Idle stamps**: a connection counts as
+//!   idle from the start of the attempt that last used it, and a checkout
+//!   judges its age by the start of the attempt checking it out: the clock
+//!   read each attempt makes anyway, not two more per request. The stamp
+//!   is never later than the truth, so a connection is at most closed one
+//!   exchange's duration early (a reconnect), never kept too long. The newest
 //!   idle connection is used first (it is the likeliest alive). Before a
 //!   request is written on an idle connection, the socket is read once
 //!   without waiting (`H1Conn::is_open`; no system call when the reactor
@@ -412,7 +417,8 @@ impl Pool {
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
         let (parts, body) = req.into_parts();
-        self.send_h1(to, RequestHead::of(&parts), body).await
+        self.send_h1(to, RequestHead::of(&parts), body, Instant::now())
+            .await
     }
 
     /// Idle connections kept now, every instance together.
@@ -455,15 +461,18 @@ impl Pool {
     /// newest idle connection that is still open, else a new one. The
     /// exchange runs in the caller's task (`h1_exchange.rs`) and only
     /// borrows the head: the caller keeps it, and a failed connect hands
-    /// back only the body ([`Failed::unsent_body`]).
+    /// back only the body ([`Failed::unsent_body`]). `began`: when the
+    /// attempt started, the time the connection's idle stamps are judged
+    /// and taken by (module doc, **Idle stamps**).
     pub(crate) async fn send_h1(
         &self,
         to: &Arc<InstancePool>,
         head: RequestHead<'_>,
         body: UpstreamBody,
+        began: Instant,
     ) -> Result<Response<PooledBody>, Failed> {
         let conn = loop {
-            match to.checkout_h1() {
+            match to.checkout_h1(began) {
                 Some(mut conn) => {
                     if conn.is_open() {
                         break conn;
@@ -484,7 +493,7 @@ impl Pool {
             }
         };
         match conn.send(head, body).await {
-            Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to))),
+            Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to, began))),
             Err(e) => Err(Failed::sent(e)),
         }
     }
@@ -592,7 +601,7 @@ impl Pool {
             // Kept for the request that asked, which takes it next.
             drop(slot.keep_h2(handshake_h2(io).await?));
         } else {
-            to.push_idle(H1Conn::new(io));
+            to.push_idle(H1Conn::new(io), Instant::now());
         }
         Ok(h2)
     }
@@ -758,8 +767,7 @@ impl InstancePool {
 
     /// The newest idle connection not past [`IDLE_TIMEOUT`] (the caller
     /// checks that it is still open, outside the lock).
-    fn checkout_h1(&self) -> Option<Box<H1Conn>> {
-        let now = Instant::now();
+    fn checkout_h1(&self, now: Instant) -> Option<Box<H1Conn>> {
         let mut idle = self.slot.idle.lock();
         let i = idle.pop()?;
         if now.duration_since(i.since) >= IDLE_TIMEOUT {
@@ -774,7 +782,7 @@ impl InstancePool {
     /// request, idle if both bounds allow (the slot's share of the
     /// instance's cap, the slot's share of the service's total); else it is
     /// dropped, which closes the connection.
-    fn push_idle(&self, conn: Box<H1Conn>) {
+    fn push_idle(&self, conn: Box<H1Conn>, since: Instant) {
         let mut idle = self.slot.idle.lock();
         if idle.len() >= self.idle_cap {
             return;
@@ -782,7 +790,7 @@ impl InstancePool {
         if let Some(place) = self.idle_total.reserve() {
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since,
                 _place: place,
             });
         }
@@ -885,6 +893,8 @@ enum Kind {
         /// Where its connection goes back: its instance's pool in the
         /// worker slot it came from.
         to: Arc<InstancePool>,
+        /// When its attempt began: the connection's idle stamp.
+        began: Instant,
     },
     H2 {
         body: H2Body,
@@ -895,11 +905,12 @@ enum Kind {
 }
 
 impl PooledBody {
-    fn h1(body: H1Body, to: &Arc<InstancePool>) -> Self {
+    fn h1(body: H1Body, to: &Arc<InstancePool>, began: Instant) -> Self {
         Self {
             kind: Kind::H1 {
                 body,
                 to: to.clone(),
+                began,
             },
         }
     }
@@ -907,9 +918,9 @@ impl PooledBody {
     /// Checks an HTTP/1.1 connection in if its body ended and it is
     /// reusable (once: the body gives it up).
     fn check_in(&mut self) {
-        if let Kind::H1 { body, to } = &mut self.kind {
+        if let Kind::H1 { body, to, began } = &mut self.kind {
             if let Some(conn) = body.take_reusable() {
-                to.push_idle(conn);
+                to.push_idle(conn, *began);
             }
         }
     }

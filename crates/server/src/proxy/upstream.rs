@@ -212,6 +212,9 @@ pub(crate) struct HttpStep<'a> {
     /// set from (nothing awaited since: the body came with the head); taken
     /// by the first attempt, the others read the clock.
     pub(crate) first_attempt_at: Option<std::time::Instant>,
+    /// When the current attempt started: the pool's connection stamps
+    /// (checkout, check-in) are taken from it, not from a clock read each.
+    pub(crate) attempt_at: std::time::Instant,
     /// `per_try_timeout`: one attempt's limit, within `deadline`.
     pub(crate) per_try_timeout: Option<Duration>,
     pub(crate) clients: &'a UpstreamClients,
@@ -321,9 +324,11 @@ impl Step for HttpStep<'_> {
     }
 
     fn attempt_started(&mut self) -> std::time::Instant {
-        self.first_attempt_at
+        self.attempt_at = self
+            .first_attempt_at
             .take()
-            .unwrap_or_else(std::time::Instant::now)
+            .unwrap_or_else(std::time::Instant::now);
+        self.attempt_at
     }
 
     async fn attempt(&mut self, instance: &ServiceInstance) -> Attempt<Response<PooledBody>> {
@@ -379,7 +384,8 @@ impl Step for HttpStep<'_> {
                 headers: &self.parts.headers,
                 host: host.as_ref(),
             };
-            tokio::time::timeout_at(until, pool.send_h1(&to, head, body)).await
+            let began = tokio::time::Instant::from_std(self.attempt_at);
+            tokio::time::timeout_at(until, pool.send_h1(&to, head, body, began)).await
         };
         match sent {
             Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
@@ -438,6 +444,7 @@ mod tests {
             host_before: None,
             deadline: tokio::time::Instant::now() + Duration::from_secs(1),
             first_attempt_at: None,
+            attempt_at: std::time::Instant::now(),
             per_try_timeout: None,
             clients,
             service: "api",
