@@ -710,7 +710,7 @@ fn parse_head(
     let spans = if connection.names_others {
         HeaderSpans::of(buf, parsed.headers)
     } else {
-        HeaderSpans::of_without(buf, parsed.headers, &header::CONNECTION)
+        HeaderSpans::of_without(buf, parsed.headers, header::CONNECTION.as_str())
     };
     let count = spans.len();
     let head = buf.split_to(len).freeze();
@@ -827,8 +827,7 @@ impl HeaderSpans {
     }
 
     /// The spans of `headers` but those named `skip`.
-    fn of_without(buf: &[u8], headers: &[httparse::Header<'_>], skip: &HeaderName) -> Self {
-        let skip = skip.as_str();
+    fn of_without(buf: &[u8], headers: &[httparse::Header<'_>], skip: &str) -> Self {
         Self::of_matching(buf, headers, |h| !h.name.eq_ignore_ascii_case(skip))
     }
 

@@ -516,6 +516,17 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(5);
 
+    /// The response to a send spawned by a test, within `WAIT`.
+    async fn answered(
+        send: tokio::task::JoinHandle<Result<Response<H2Body>, SendFailure>>,
+    ) -> Response<H2Body> {
+        tokio::time::timeout(WAIT, send)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+
     /// A request as an `h2` server took it.
     type Taken = (Request<RecvStream>, SendResponse<Bytes>);
 
@@ -646,11 +657,7 @@ mod tests {
             "in order"
         );
         respond.send_response(Response::new(()), true).unwrap();
-        let resp = tokio::time::timeout(WAIT, send)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let resp = answered(send).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(polled.load(Ordering::SeqCst), CHUNKS);
     }
@@ -672,11 +679,7 @@ mod tests {
         assert_eq!(recv.data().await.unwrap().unwrap(), "hello");
         assert!(recv.is_end_stream(), "the one DATA frame ended the stream");
         respond.send_response(Response::new(()), true).unwrap();
-        let resp = tokio::time::timeout(WAIT, send)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let resp = answered(send).await;
         assert!(resp.body().is_end_stream());
     }
 
@@ -707,11 +710,7 @@ mod tests {
         let mut status = HeaderMap::new();
         status.insert("grpc-status", HeaderValue::from_static("0"));
         stream.send_trailers(status).unwrap();
-        let resp = tokio::time::timeout(WAIT, send)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let resp = answered(send).await;
         let got = tokio::time::timeout(WAIT, resp.into_body().collect())
             .await
             .unwrap()
@@ -737,11 +736,7 @@ mod tests {
         stream
             .send_data(Bytes::from_static(b"first"), false)
             .unwrap();
-        let resp = tokio::time::timeout(WAIT, send)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let resp = answered(send).await;
         let mut body = resp.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "first");
@@ -786,11 +781,7 @@ mod tests {
             .unwrap()
             .unwrap();
         respond.send_response(Response::new(()), true).unwrap();
-        tokio::time::timeout(WAIT, send)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        answered(send).await;
         // The server goes away (its task ends: the socket closes).
         task.abort();
         tokio::time::timeout(WAIT, async {
