@@ -414,7 +414,9 @@ where
             }
         };
         let head_request = parts.method == Method::HEAD;
-        let respond = respond(Request::from_parts(parts, body), guard);
+        // Pinned where it is made: the future is a few KB, and a second
+        // binding (one per branch below) cost a copy of it per request.
+        let mut respond = pin!(respond(Request::from_parts(parts, body), guard));
         let resp = if buf.is_empty() {
             // Watch for the client leaving while the answer is prepared,
             // as hyper does (no half-close): its end of stream drops the
@@ -422,12 +424,11 @@ where
             // are the next request (pipelined): kept, and no more
             // watching. A socket with nothing to read costs no system
             // call here (tokio knows it is drained).
-            let mut respond = pin!(respond);
             let mut watching = true;
             loop {
                 tokio::select! {
                     biased;
-                    resp = &mut respond => break resp,
+                    resp = respond.as_mut() => break resp,
                     read = read_more(io, buf), if watching => match read {
                         Ok(0) => return Ok(Served::Closed),
                         Ok(_) => watching = false,
