@@ -42,17 +42,19 @@ const WARMUP: u64 = 500;
 /// kept for a retry are gone; since the client side is our own loop
 /// (`proxy/h1_server.rs`, fifth pass), 3.8–4.0; since the last valid
 /// `Host` is remembered (sixth pass: `Authority`'s parse allocated a copy
-/// of it), 3.0 (the request id's buffer is one). The
-/// bound catches the return of any one removed cost (a channel, the head
-/// copy, the Host copy, a map too small to be reused) and leaves one
+/// of it), 3.0; since a request's header map is kept for the next
+/// response head (`proxy/spare_maps.rs`, seventh pass: a map is two
+/// allocations), 0.9 (the request id's buffer). The bound catches the
+/// return of any one removed cost (a channel, the head copy, the Host
+/// copy, a map made per response or too small to be reused) and leaves one
 /// allocation of room for a dependency update.
-const MAX_ALLOCATIONS_PER_GET: f64 = 4.0;
-/// The bound for a small `POST` (5-byte body): 4.0 by the count (5.0
-/// before the sixth pass, 10.9 before the fifth, 12.9 before the fourth,
+const MAX_ALLOCATIONS_PER_GET: f64 = 2.0;
+/// The bound for a small `POST` (5-byte body): 1.9 by the count (4.0
+/// before the seventh pass, 5.0 before the sixth, 10.9 before the fifth, 12.9 before the fourth,
 /// 15.5 before the proxy stopped copying the head of a request that cannot
 /// be retried once sent). Its body costs one more than a GET. A copy kept
 /// again would exceed the bound.
-const MAX_ALLOCATIONS_PER_POST: f64 = 5.0;
+const MAX_ALLOCATIONS_PER_POST: f64 = 3.0;
 
 /// A backend answering every request on a connection with `200 ok`;
 /// allocation-free per request.

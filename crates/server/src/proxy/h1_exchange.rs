@@ -72,6 +72,7 @@ use tokio::io::AsyncWrite;
 
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
 use super::request_body::UpstreamBody;
+use super::spare_maps;
 use super::upstream_tls::UpstreamIo;
 use super::BoxError;
 
@@ -87,9 +88,6 @@ const READ_SIZE: usize = 8 * 1024;
 const MAX_READ_SIZE: usize = 64 * 1024;
 /// Free space below which the read buffer is grown before a read.
 const MIN_READ_SPACE: usize = 1024;
-/// Headers a parsed response's map has room for at least (see
-/// `parse_head`): a typical request's plus the proxy's own.
-const HEADER_MAP_ROOM: usize = 24;
 /// The longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -714,12 +712,11 @@ fn parse_head(
     };
     let count = spans.len();
     let head = buf.split_to(len).freeze();
-    // Room for a request's headers too: hyper's server keeps this map,
-    // once the response head is written, for the next request it parses on
-    // that client connection, which the proxy then adds its forwarding
-    // headers to. A map sized for the response alone grew twice per request
-    // there (4 more allocations per request, `alloc_per_request`).
-    let mut headers = HeaderMap::with_capacity(count.max(HEADER_MAP_ROOM));
+    // A spare map (the last request's, `spare_maps`), with room for a
+    // request's headers too: a client connection keeps this map, once the
+    // response head is written, for the next request it parses, which the
+    // proxy then adds its forwarding headers to.
+    let mut headers = spare_maps::take(count);
     spans
         .append_to(&head, &mut headers)
         .map_err(ExchangeError::Head)?;

@@ -97,6 +97,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::client_limits::{ConnWatch, RequestGuard, StallTimeout};
 use super::h1_exchange::HeaderSpans;
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
+use super::spare_maps;
 use super::BoxError;
 
 /// Largest request body read by the loop (a `Content-Length` above it goes
@@ -110,9 +111,6 @@ const COALESCE_BYTES: usize = 64 * 1024;
 const READ_SIZE: usize = 8 * 1024;
 /// Free space below which the read buffer is grown before a read.
 const MIN_READ_SPACE: usize = 1024;
-/// Headers a request's map has room for at least: a typical request's
-/// plus the forwarding headers the proxy adds (no growth on the way).
-const HEADER_MAP_ROOM: usize = 24;
 /// A write buffer larger than this after a response is not kept.
 const KEEP_WRITE_BUF: usize = 2 * COALESCE_BYTES;
 
@@ -320,7 +318,7 @@ fn build(
             map.reserve(spans.len());
             map
         }
-        None => HeaderMap::with_capacity(spans.len().max(HEADER_MAP_ROOM)),
+        None => spare_maps::take(spans.len()),
     };
     spans.append_to(head, &mut headers).ok()?;
     let mut parts = Request::new(()).into_parts().0;

@@ -103,6 +103,7 @@ use super::hygiene;
 use super::pool::PooledBody;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
+use super::spare_maps;
 use super::stream_tasks::{StreamTasks, WithStreams};
 use super::tls::{ClientIdentity, ClientStream, TlsListener};
 use super::upgrade;
@@ -745,6 +746,9 @@ fn proxy<'a>(
             }
             None => attempt::run(up, &mut step, key).await,
         };
+        // Its head's map is done with: the next response head parsed on
+        // this thread takes it (`spare_maps`).
+        spare_maps::give_back(std::mem::take(&mut step.parts.headers));
         let (held, resp) = match ended? {
             Ended::Success(held, resp) => (Some(held), resp),
             Ended::Failed(resp) => (None, resp),

@@ -41,6 +41,7 @@ pub(crate) mod request_body;
 pub(crate) mod request_id;
 pub(crate) mod retry;
 pub(crate) mod sni;
+pub(crate) mod spare_maps;
 pub(crate) mod stream_tasks;
 pub(crate) mod tcp;
 pub(crate) mod tls;

@@ -1,0 +1,112 @@
+//! Spare header maps: a request's map, once its exchange is over, is kept
+//! (emptied) on its thread for the next response head parsed there.
+//!
+//! ## Why
+//!
+//! On the HTTP/1.1 fast path a request's head arrives in the map its client
+//! connection kept from the last response ([`h1_server`](super::h1_server)),
+//! goes upstream, and is dropped when its attempts are over; the response's
+//! head is parsed into a new map ([`h1_exchange`](super::h1_exchange)). So in
+//! the steady state every request made one map and dropped one: two
+//! allocations, two frees and the new map's index table written twice
+//! (made, then filled). Kept here, the dropped map is the next one made.
+//!
+//! ## Rule and bounds
+//!
+//! A map given back is cleared and kept if its thread holds fewer than
+//! [`MAX_SPARES`] and it holds no more than [`MAX_KEPT_CAPACITY`] headers
+//! without growing (a map a very large head grew is freed: it would keep
+//! its memory for heads that do not need it); a map that holds nothing
+//! (one whose headers were moved out, as the HTTP/2 path does) is not kept.
+//! Taking one pops the newest spare and reserves what the caller asked
+//! for, else makes a new map. Per thread: at most 8 maps of at most 128
+//! headers, ~40 KiB in the worst case, freed with the thread.
+
+use std::cell::RefCell;
+
+use http::HeaderMap;
+
+/// Headers a new map has room for: a response's headers plus the
+/// forwarding headers the proxy adds when the map, kept by a client
+/// connection, carries that connection's next request (a map sized for
+/// the response alone grew twice per request there).
+pub(crate) const HEADER_MAP_ROOM: usize = 24;
+
+/// Spare maps a thread keeps.
+pub(crate) const MAX_SPARES: usize = 8;
+
+/// The largest capacity (headers without growing) a kept map may have.
+pub(crate) const MAX_KEPT_CAPACITY: usize = 128;
+
+thread_local! {
+    static SPARES: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty map with room for `want` headers: a spare if the thread has one.
+pub(crate) fn take(want: usize) -> HeaderMap {
+    let spare = SPARES.with(|s| s.borrow_mut().pop());
+    match spare {
+        Some(mut map) => {
+            map.reserve(want);
+            map
+        }
+        None => HeaderMap::with_capacity(want.max(HEADER_MAP_ROOM)),
+    }
+}
+
+/// Keeps `map`, emptied, for [`take`] on this thread (within the bounds of
+/// the module doc); frees it otherwise.
+pub(crate) fn give_back(mut map: HeaderMap) {
+    let capacity = map.capacity();
+    if capacity == 0 || capacity > MAX_KEPT_CAPACITY {
+        return;
+    }
+    map.clear();
+    SPARES.with(|s| {
+        let mut spares = s.borrow_mut();
+        if spares.len() < MAX_SPARES {
+            spares.push(map);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use http::header::{HeaderValue, HOST};
+
+    use super::*;
+
+    fn spares() -> usize {
+        SPARES.with(|s| s.borrow().len())
+    }
+
+    #[test]
+    fn a_map_given_back_comes_back_empty_with_its_room() {
+        let mut map = take(4);
+        map.insert(HOST, HeaderValue::from_static("a"));
+        let capacity = map.capacity();
+        assert!(capacity >= HEADER_MAP_ROOM, "new maps have the room");
+        give_back(map);
+        assert_eq!(spares(), 1);
+        let map = take(4);
+        assert!(map.is_empty(), "cleared");
+        assert_eq!(map.capacity(), capacity, "the same map, its room kept");
+        assert_eq!(spares(), 0);
+    }
+
+    #[test]
+    fn spares_are_bounded_in_number_and_size() {
+        for _ in 0..MAX_SPARES + 3 {
+            give_back(HeaderMap::with_capacity(HEADER_MAP_ROOM));
+        }
+        assert_eq!(spares(), MAX_SPARES, "at most MAX_SPARES kept");
+        while spares() > 0 {
+            take(1);
+        }
+        give_back(HeaderMap::with_capacity(MAX_KEPT_CAPACITY * 2));
+        give_back(HeaderMap::new());
+        assert_eq!(spares(), 0, "neither a grown map nor an empty one is kept");
+        let map = take(MAX_KEPT_CAPACITY);
+        assert!(map.capacity() >= MAX_KEPT_CAPACITY, "the room asked for");
+    }
+}
