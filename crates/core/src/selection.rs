@@ -67,6 +67,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Timestamp;
+use crate::draw_ahead::DrawAhead;
 use crate::event::Event;
 use crate::hot::Hot;
 use crate::instance::{Member, ServiceInstance};
@@ -218,6 +219,8 @@ impl Selection {
 pub(crate) struct PickLocal {
     /// The slot's RNG state; 0 until its first pick claims a seed.
     rng: AtomicU64,
+    /// The slot's draws for its next picks (see `draw_ahead`).
+    pub(crate) ahead: DrawAhead,
 }
 
 impl PickLocal {

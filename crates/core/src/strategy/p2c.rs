@@ -32,6 +32,9 @@ impl Strategy for P2c {
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let (a, b) = cx.random_pair_candidates()?;
-        Some(cx.cheaper_at(a, b, load_cost))
+        let chosen = cx.cheaper_at(a, b, load_cost);
+        // The next batch of draws when this one is used up (`draw_ahead`).
+        cx.draw_ahead();
+        Some(chosen)
     }
 }
