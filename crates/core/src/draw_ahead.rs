@@ -55,6 +55,8 @@
 //! *Costs:* a thread slot keeps `n` and 16 positions (72 bytes, inside its
 //! 128-byte block); a batch is 16 draws and 16 lines loaded every 16 (or
 //! 8) picks, and a batch drawn for a count that changed is thrown away.
+//! Below [`TOUCH_FROM`] members (4,096: 256 KiB of hot lines, which stay
+//! in the cache) the batch is drawn but not touched.
 //!
 //! ## Threads sharing a slot
 //!
@@ -71,6 +73,11 @@ use crate::members::Members;
 
 /// Draws remembered per batch: 16 `random` picks or 8 `p2c` pairs.
 pub(crate) const AHEAD: usize = 16;
+
+/// Smallest member list whose batches are touched: below it the hot
+/// lines (64 B each, 256 KiB at 4,096) and line numbers stay in the
+/// cache between picks, and a touch would be instructions for nothing.
+const TOUCH_FROM: usize = 4_096;
 
 /// A thread slot's draws for its next picks of one service; see the
 /// module doc.
@@ -120,14 +127,17 @@ impl DrawAhead {
         if n == 0 {
             return;
         }
+        let touch = n >= TOUCH_FROM;
         let mut seen = 0u32;
         for slot in &self.at {
             // `usize`, as a fresh draw makes it: the same stream, the same
             // positions. Below `n`, so it fits a `u32`.
             let at = rng.usize(..n);
             slot.store(at as u32, Ordering::Relaxed);
-            if let Some(hot) = members.hot(at) {
-                seen ^= hot.active.load(Ordering::Relaxed);
+            if touch {
+                if let Some(hot) = members.hot(at) {
+                    seen ^= hot.active.load(Ordering::Relaxed);
+                }
             }
         }
         black_box(seen);
@@ -139,6 +149,17 @@ impl DrawAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The batch lives in the thread slot's block beside the RNG state:
+    /// a service's per-thread pick state stays 17 × 128 bytes.
+    #[test]
+    fn the_batch_fits_the_thread_slots_block() {
+        assert!(std::mem::size_of::<crate::selection::PickLocal>() <= 128);
+        assert_eq!(
+            std::mem::size_of::<crate::per_thread::Padded<crate::selection::PickLocal>>(),
+            128
+        );
+    }
 
     #[test]
     fn a_batch_is_taken_once_in_order_and_only_for_its_member_count() {

@@ -5,10 +5,10 @@
 //! | `round_robin` | rotation over eligible instances, each admitted with probability health × slow-start factor | atomic counter, O(1) |
 //! | `least_connections` | fewest `active / effective weight` among instances admitted with probability health × slow-start factor, ties broken at random | exact scan up to 256 instances; above, best of 8 random samples |
 //! | `weighted` | smooth weighted round robin (WF²Q): exactly `wᵢ` picks in every window of `Σw` | binary heaps, O(log n) |
-//! | `random` | uniform | rejection sampling, O(1) expected |
+//! | `random` | uniform | rejection sampling, O(1) expected; the first draw from the thread's batch drawn ahead (`draw_ahead`) |
 //! | `weighted_random` | proportional to effective weight | two binary searches over prefix sums, O(log n) |
-//! | `p2c` | two random instances, fewer `(active + 1) / effective weight` wins | O(1) |
-//! | `peak_ewma` | two random instances, lower `peak-EWMA latency × (active + 1) / effective weight` wins | O(1) |
+//! | `p2c` | two random instances, fewer `(active + 1) / effective weight` wins | O(1); the pair from the thread's batch drawn ahead |
+//! | `peak_ewma` | two random instances, lower `peak-EWMA latency × (active + 1) / effective weight` wins | O(1); the pair from the thread's batch drawn ahead |
 //! | `consistent_hash` | Maglev table on the caller's key; one instance moving remaps ≈ 1/N of keys | table lookup, O(1) |
 //! | `adaptive` (default) | picks one of `weighted`, `p2c`, `peak_ewma` from latency spread, concurrency and error rate, with hysteresis | O(1) + the chosen one |
 //!

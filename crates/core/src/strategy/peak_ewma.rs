@@ -19,6 +19,10 @@
 //!    up for unhealthy or slow-starting ones (Finagle's and Linkerd's
 //!    rule). O(1) per pick.
 //!
+//! The pair is the thread's next two draws, made ahead in a batch whose
+//! candidates' lines are loaded together (see `draw_ahead`); the avoid
+//! rule and the costs are evaluated at the pick's own time.
+//!
 //! ## Costs without the clock
 //!
 //! Both estimates decay toward zero at the same rate (`e·exp(−(t − s)/τ)`,
