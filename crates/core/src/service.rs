@@ -344,10 +344,11 @@ impl Service {
                     let line = snap.members.line_number(*i)?;
                     (snap.members.hot_line(line)?, line)
                 }
+                Picked::AtLine(_, line) => (snap.members.hot_line(*line)?, *line),
                 Picked::Member(m) => (m.live().hot(), 0),
             };
             let member = || match &picked {
-                Picked::At(i) => snap.members.get(*i).map(|m| &**m),
+                Picked::At(i) | Picked::AtLine(i, _) => snap.members.get(*i).map(|m| &**m),
                 Picked::Member(m) => Some(&**m),
             };
             let kind = snap.strategy.effective_kind();
@@ -362,7 +363,7 @@ impl Service {
                 }
             };
             let target = match picked {
-                Picked::At(index) => Target::At { index, line },
+                Picked::At(index) | Picked::AtLine(index, _) => Target::At { index, line },
                 Picked::Member(m) => Target::Held(m),
             };
             let used_at = match now.if_read() {
