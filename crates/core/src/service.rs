@@ -325,8 +325,10 @@ impl Service {
                 accept,
                 table: &snap.table,
                 ahead: &local.ahead,
+                line_of_pick: None,
             };
             let picked = snap.strategy.pick(&mut cx);
+            let line_of_pick = cx.line_of_pick;
             local.put_rng(&rng);
             if let Some(Switch { from, to, reason }) = switched.take() {
                 events.push(Event::StrategySwitch {
@@ -341,14 +343,16 @@ impl Service {
             };
             let (hot, line): (&Hot, u32) = match &picked {
                 Picked::At(i) => {
-                    let line = snap.members.line_number(*i)?;
+                    let line = match line_of_pick {
+                        Some((at, line)) if at == *i => line,
+                        _ => snap.members.line_number(*i)?,
+                    };
                     (snap.members.hot_line(line)?, line)
                 }
-                Picked::AtLine(_, line) => (snap.members.hot_line(*line)?, *line),
                 Picked::Member(m) => (m.live().hot(), 0),
             };
             let member = || match &picked {
-                Picked::At(i) | Picked::AtLine(i, _) => snap.members.get(*i).map(|m| &**m),
+                Picked::At(i) => snap.members.get(*i).map(|m| &**m),
                 Picked::Member(m) => Some(&**m),
             };
             let kind = snap.strategy.effective_kind();
@@ -363,7 +367,7 @@ impl Service {
                 }
             };
             let target = match picked {
-                Picked::At(index) | Picked::AtLine(index, _) => Target::At { index, line },
+                Picked::At(index) => Target::At { index, line },
                 Picked::Member(m) => Target::Held(m),
             };
             let used_at = match now.if_read() {

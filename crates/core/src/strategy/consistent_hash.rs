@@ -182,7 +182,7 @@ impl Table {
     /// checked on its hot line, named by the slot, through the snapshot's
     /// list: the table slot and the line are the two cache misses. An
     /// older table checks its own copy of the member.
-    fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Picked> {
+    fn lookup(&self, hash: u64, cx: &mut PickContext<'_>) -> Option<Picked> {
         let fresh = self.generation == cx.generation;
         let m = self.slots.len() as u64;
         if m == 0 {
@@ -207,7 +207,8 @@ impl Table {
             if fresh {
                 let c = cx.members.candidate_on(owner, line)?;
                 if cx.candidate_eligible(&c) {
-                    return Some(Picked::AtLine(c.index, line));
+                    cx.line_of_pick = Some((c.index, line));
+                    return Some(Picked::At(c.index));
                 }
             } else {
                 let m = self.members.get(owner)?.member();

@@ -130,11 +130,6 @@ pub trait Strategy: Send + Sync + fmt::Debug {
 pub enum Picked {
     /// The member at this position of [`PickContext::members`].
     At(usize),
-    /// The member at this position of [`PickContext::members`], and its
-    /// hot line's number there, which the strategy read on its way (so
-    /// the pick does not read the list's line numbers again:
-    /// `consistent_hash`'s table names lines).
-    AtLine(usize, u32),
     /// A member from the strategy's own table.
     Member(Arc<Member>),
 }
@@ -208,6 +203,12 @@ pub struct PickContext<'a> {
     /// `draw_ahead`): the first draws of `random`, `p2c` and `peak_ewma`
     /// come from here when they were made for this member count.
     pub(crate) ahead: &'a DrawAhead,
+    /// The hot line number of the position picked, when the strategy read
+    /// it on its way (`consistent_hash`'s table names lines): the pick
+    /// then does not read the list's line numbers again. A hint beside
+    /// [`Picked`], not in it: a third variant there cost every strategy
+    /// ~12 ns at n = 10 (issue 12, fifth pass in `docs/benchmarks.md`).
+    pub(crate) line_of_pick: Option<(usize, u32)>,
 }
 
 // === impl StrategyKind ===
@@ -578,15 +579,6 @@ pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `AtLine` fits beside the `Arc` and the position: a pick's result
-    /// stays two words (a larger one measured 6–20 % slower at n = 10 in
-    /// the third pass of issue 12).
-    #[test]
-    fn a_pick_is_two_words() {
-        assert_eq!(std::mem::size_of::<Picked>(), 16);
-        assert_eq!(std::mem::size_of::<Option<Picked>>(), 16);
-    }
 
     #[test]
     fn names_round_trip() {

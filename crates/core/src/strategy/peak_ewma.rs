@@ -220,6 +220,7 @@ mod tests {
                 accept: None,
                 table: &table,
                 ahead: &ahead,
+                line_of_pick: None,
             };
             let t = clock.now();
             let ca = latency_cost(&cx, a.get(), a.get().latency_estimate_ns(t));
