@@ -1,7 +1,7 @@
 //! [`DrawAhead`]: a thread's random draws for its next picks of a service,
 //! made in batches of [`AHEAD`], with the drawn candidates' lines loaded
-//! together, so that their cache misses overlap each other instead of
-//! each pick waiting for its own.
+//! together (and their line numbers a batch earlier), so that their cache
+//! misses overlap each other instead of each pick waiting for its own.
 //!
 //! ## Rule
 //!
@@ -9,15 +9,19 @@
 //! them) begin a pick with one or two uniform positions in `0..n`, drawn
 //! from the thread's RNG stream (see [`selection`](crate::selection))
 //! independently of the service's state. So those draws can be made
-//! early: when a pick ends and its thread slot has no draw left
-//! ([`refill`](DrawAhead::refill)), it draws the first positions of the
-//! thread's next [`AHEAD`] draws (16 `random` picks, 8 pairs) from its
-//! stream, remembers them with `n`, and **touches** each candidate (a
-//! relaxed load of its line number and of its hot line, the result kept
-//! with [`black_box`] so it is not optimised away). The next picks of that
-//! thread and service take them in order ([`take`](DrawAhead::take)),
-//! **only while the member list still has `n` members**; a pick that
-//! finds another count (or no draw left) draws afresh.
+//! early. A thread slot keeps two batches of [`AHEAD`] positions (12
+//! `random` picks, 6 pairs), both drawn for `n` members: *the batch*, whose
+//! candidates are **touched** (a relaxed load of the hot line, the result
+//! kept with [`black_box`] so it is not optimised away), and *the batch
+//! after it*, drawn after it from the stream, whose candidates' line
+//! numbers are touched. The picks of that thread and service take the
+//! batch's positions in order ([`take`](DrawAhead::take)), **only while
+//! the member list still has `n` members**; a pick that finds another
+//! count throws both batches away and draws afresh. The pick that takes
+//! the batch's last position ([`refill`](DrawAhead::refill)) makes the
+//! batch after it the batch (touching its lines: their line numbers are
+//! in the cache by then) and draws a new batch after it (touching its
+//! line numbers); with no batch after it for `n`, it draws both.
 //!
 //! A position uniform in `0..n`, drawn independently of everything a later
 //! pick reads, is exactly the draw that pick would make itself; the
@@ -27,8 +31,8 @@
 //! pick's own time, as before: only *when* the random numbers are drawn
 //! moves, not *what* is done with them. A draw is taken once.
 //!
-//! The stream stays the thread's: the batch is the next values of its
-//! RNG, and the picks take them in order, each once (test
+//! The stream stays the thread's: the batches are its next values, in
+//! order, and the picks take them in order, each once (test
 //! `service::tests::drawing_ahead_keeps_the_seeded_stream`: a seeded
 //! thread picks exactly its stream's positions). The sequence differs
 //! from the one before draws were made ahead (the slot's state is stored
@@ -40,7 +44,7 @@
 //!
 //! At 100,000 instances a pick *is* its misses: the line number (the
 //! member list's 400 KB of them) and the hot line (the 6.4 MB arena),
-//! one dependent on the other, ~100 ns each here (issue 12,
+//! one dependent on the other, 65–210 ns each here (issue 12,
 //! `docs/benchmarks.md`). The core forbids `unsafe`, so there is no
 //! prefetch instruction (`_mm_prefetch` needs it), and a load cannot
 //! retire before its data arrives: a touch of only the *next* pick's
@@ -48,15 +52,18 @@
 //! hundred instructions, less than a pick and its release) and then
 //! stalls the thread as the pick would have — measured: no faster. Many
 //! independent loads issued together, though, are in flight at once, so a
-//! batch of 16 costs about the latency of one chain, not sixteen. The
-//! touch runs inside the pick, before the guard's locked `active` +1,
-//! which waits for it: the batch's misses are paid once, together.
+//! batch costs about the latency of one load, not twelve: the two levels
+//! of the chain are split over two batches (the line numbers of the batch
+//! after, the lines of the batch), so no load of a refill waits for
+//! another. The touch runs inside the pick, before the guard's locked
+//! `active` +1, which waits for it: the misses are paid once, together.
 //!
-//! *Costs:* a thread slot keeps `n` and 16 positions (72 bytes, inside its
-//! 128-byte block); a batch is 16 draws and 16 lines loaded every 16 (or
-//! 8) picks, and a batch drawn for a count that changed is thrown away.
-//! Below [`TOUCH_FROM`] members (4,096: 256 KiB of hot lines, which stay
-//! in the cache) the batch is drawn but not touched.
+//! *Costs:* a thread slot keeps `n`, a cursor and 24 positions (104
+//! bytes, inside its 128-byte block beside the RNG state); a refill is 12
+//! draws, 12 line numbers and 12 lines loaded every 12 (or 6) picks, and
+//! batches drawn for a count that changed are thrown away. Below
+//! [`TOUCH_FROM`] members (4,096: 256 KiB of hot lines, which stay in the
+//! cache) the batches are drawn but not touched.
 //!
 //! ## Threads sharing a slot
 //!
@@ -71,8 +78,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::members::Members;
 
-/// Draws remembered per batch: 16 `random` picks or 8 `p2c` pairs.
-pub(crate) const AHEAD: usize = 16;
+/// Draws per batch: 12 `random` picks or 6 `p2c` pairs (two batches fit
+/// the thread slot's block; 16, 24 and 32 in one batch measured no
+/// faster than 16).
+pub(crate) const AHEAD: usize = 12;
 
 /// Smallest member list whose batches are touched: below it the hot
 /// lines (64 B each, 256 KiB at 4,096) and line numbers stay in the
@@ -83,33 +92,39 @@ const TOUCH_FROM: usize = 4_096;
 /// module doc.
 #[derive(Debug, Default)]
 pub(crate) struct DrawAhead {
-    /// The member count the batch was drawn for; 0: none.
+    /// The member count both batches were drawn for; 0: none.
     n: AtomicU32,
     /// The next draw to take; `AHEAD` when the batch is used up.
     cursor: AtomicU32,
-    /// The batch: positions in `0..n`.
+    /// The batch: positions in `0..n`, their lines touched.
     at: [AtomicU32; AHEAD],
+    /// The batch after it, drawn after it from the stream: positions in
+    /// `0..n`, their line numbers touched.
+    then: [AtomicU32; AHEAD],
 }
 
 impl DrawAhead {
     /// The next draw of the batch for a list of `n` members; `None` if
-    /// the batch is used up or was drawn for another `n` (then it is
-    /// thrown away: the pick's end draws a new one).
+    /// the batch is used up or was drawn for another `n` (then both
+    /// batches are thrown away: the pick's end draws new ones).
     #[inline]
     pub(crate) fn take(&self, n: usize) -> Option<usize> {
         let i = self.cursor.load(Ordering::Relaxed);
         let at = self.at.get(i as usize)?.load(Ordering::Relaxed) as usize;
         if self.n.load(Ordering::Relaxed) as usize != n || at >= n {
             self.cursor.store(AHEAD as u32, Ordering::Relaxed);
+            self.n.store(0, Ordering::Relaxed);
             return None;
         }
         self.cursor.store(i + 1, Ordering::Relaxed);
         Some(at)
     }
 
-    /// If the batch is used up: draws a new one of [`AHEAD`] positions in
-    /// `0..members.len()` from `rng` and touches their candidates (module
-    /// doc). Lists beyond `u32::MAX` members are not drawn ahead for.
+    /// If the batch is used up: the batch after it becomes the batch and
+    /// its lines are touched, and a new batch after it is drawn from `rng`
+    /// and its line numbers touched (module doc); both are drawn afresh
+    /// if there is no batch after it for `members.len()`. Lists beyond
+    /// `u32::MAX` members are not drawn ahead for.
     #[inline]
     pub(crate) fn refill(&self, members: &Members, rng: &mut fastrand::Rng) {
         if (self.cursor.load(Ordering::Relaxed) as usize) < AHEAD {
@@ -128,16 +143,28 @@ impl DrawAhead {
             return;
         }
         let touch = n >= TOUCH_FROM;
+        let fresh = self.n.load(Ordering::Relaxed) != n32;
         let mut seen = 0u32;
-        for slot in &self.at {
+        for (slot, then) in self.at.iter().zip(&self.then) {
             // `usize`, as a fresh draw makes it: the same stream, the same
             // positions. Below `n`, so it fits a `u32`.
-            let at = rng.usize(..n);
+            let at = if fresh {
+                rng.usize(..n)
+            } else {
+                then.load(Ordering::Relaxed) as usize
+            };
             slot.store(at as u32, Ordering::Relaxed);
             if touch {
                 if let Some(hot) = members.hot(at) {
                     seen ^= hot.active.load(Ordering::Relaxed);
                 }
+            }
+        }
+        for then in &self.then {
+            let at = rng.usize(..n);
+            then.store(at as u32, Ordering::Relaxed);
+            if touch {
+                seen ^= members.line_number(at).unwrap_or(0);
             }
         }
         black_box(seen);

@@ -797,27 +797,38 @@ mod tests {
             .unwrap();
             // The stream of the first thread to pick from the same service:
             // the first pick draws its own (one position, or a pair whose
-            // first wins), then a batch of 16; the slot stores its state
-            // `| 1` after each pick (`PickLocal::put_rng`), which moves it
-            // only after a pick that drew.
+            // first wins), then two batches (the batch and the one after
+            // it); each pick that used up a batch draws one more batch.
+            // The slot stores its state `| 1` after each pick
+            // (`PickLocal::put_rng`), which moves it only after a pick
+            // that drew.
             let (_again, svc) = make();
             let mut rng = fastrand::Rng::with_seed(svc.recorder.next_seed() | 1);
             let per_pick = if kind == StrategyKind::Random { 1 } else { 2 };
-            let mut draws: Vec<usize> = (0..per_pick).map(|_| rng.usize(..N)).collect();
+            let ahead = crate::draw_ahead::AHEAD;
+            let mut queue: std::collections::VecDeque<usize> =
+                (0..per_pick).map(|_| rng.usize(..N)).collect();
+            let mut left = 0;
             let mut want = Vec::new();
             while want.len() < 100 {
+                let pick: Vec<usize> = queue.drain(..per_pick).collect();
                 assert!(
-                    per_pick == 1 || draws[0] != draws[1],
+                    per_pick == 1 || pick[0] != pick[1],
                     "a pair of one member: change the seed"
                 );
-                want.push(format!("i{}", draws[0]));
-                draws.drain(..per_pick);
-                if draws.is_empty() {
-                    draws = (0..crate::draw_ahead::AHEAD)
-                        .map(|_| rng.usize(..N))
-                        .collect();
-                    rng = fastrand::Rng::with_seed(rng.get_seed() | 1);
-                }
+                want.push(format!("i{}", pick[0]));
+                let draws = if want.len() == 1 {
+                    2 * ahead
+                } else {
+                    left -= per_pick;
+                    if left > 0 {
+                        continue;
+                    }
+                    ahead
+                };
+                queue.extend((0..draws).map(|_| rng.usize(..N)));
+                left = ahead;
+                rng = fastrand::Rng::with_seed(rng.get_seed() | 1);
             }
             assert_eq!(got, want, "{kind}");
         }
