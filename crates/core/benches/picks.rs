@@ -4,9 +4,16 @@
 //!
 //! ```sh
 //! cargo bench -p datapunk-lb-core --bench picks --no-run
-//! <binary> <strategy> <instances> <picks per thread> <threads>
+//! <binary> <strategy> <instances> <picks per thread> <threads> [<work KiB>]
 //! <binary> membership <strategy> <instances> <changes>
 //! ```
+//!
+//! `<work KiB>` (default 0) stands in for what a proxy does between two
+//! picks of a thread: while it holds each selection, the thread reads that
+//! many KiB of a private 16 MiB buffer, on from where the last pick
+//! stopped, which evicts lines the picks loaded as a request's own memory
+//! traffic would. Compare builds at the same work: the work's own time is
+//! in both.
 //!
 //! The `membership` form times changes instead of picks, on one thread: each
 //! change deregisters `inst-i` (i spread over the list; a swap-remove) and
@@ -59,6 +66,7 @@ fn main() {
     let n: usize = arg(2, "1000").parse().unwrap();
     let picks: u64 = arg(3, "100000").parse().unwrap();
     let threads: usize = arg(4, "1").parse().unwrap();
+    let work_kib: usize = arg(5, "0").parse().unwrap();
 
     let registry = service(kind, n);
     let svc = registry.service("svc").unwrap();
@@ -71,12 +79,21 @@ fn main() {
             .map(|t| {
                 let (svc, barrier) = (&svc, barrier.clone());
                 s.spawn(move || {
+                    let buffer: Vec<u64> = if work_kib > 0 {
+                        (0..WORK_BUFFER / 8).map(|i| i as u64).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let mut at = 0;
                     barrier.wait();
                     let cpu = thread_cpu_ns();
                     let wall = Instant::now();
                     for i in 0..picks {
                         let key = ((t << 48) + i).to_le_bytes();
                         let sel = svc.select(keyed.then_some(&key[..])).unwrap();
+                        if work_kib > 0 {
+                            at = work(&buffer, at, work_kib * 128);
+                        }
                         drop(black_box(sel));
                     }
                     let wall = wall.elapsed().as_nanos() as u64;
@@ -89,11 +106,35 @@ fn main() {
     let per = |x: u64| x as f64 / picks.max(1) as f64;
     let cpu: Vec<String> = results.iter().map(|r| format!("{:.0}", per(r.0))).collect();
     let wall: Vec<String> = results.iter().map(|r| format!("{:.0}", per(r.1))).collect();
+    let work = if work_kib > 0 {
+        format!(" work={work_kib}KiB")
+    } else {
+        String::new()
+    };
     println!(
-        "picks {kind} n={n} threads={threads} picks/thread={picks}: cpu ns/pick per thread [{}], wall ns/pick per thread [{}]",
+        "picks {kind} n={n} threads={threads} picks/thread={picks}{work}: cpu ns/pick per thread [{}], wall ns/pick per thread [{}]",
         cpu.join(", "),
         wall.join(", ")
     );
+}
+
+/// Bytes of each thread's buffer for `<work KiB>`.
+const WORK_BUFFER: usize = 16 << 20;
+
+/// Reads `words` words of `buffer` from `at` on (wrapping); where the next
+/// read starts.
+fn work(buffer: &[u64], at: usize, words: usize) -> usize {
+    let mut sum = 0u64;
+    let mut i = at;
+    for _ in 0..words {
+        sum = sum.wrapping_add(buffer[i]);
+        i += 1;
+        if i == buffer.len() {
+            i = 0;
+        }
+    }
+    black_box(sum);
+    i
 }
 
 /// The instance `inst-{i}` of the benches' services.

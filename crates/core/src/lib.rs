@@ -62,6 +62,7 @@
 //! | [`recorder`] | `Recorder`: a service's outcome recording (health, breaker, EWMA, counters, panic), `Outcome`, `FailureKind` |
 //! | [`config`] | `LoadBalancerConfig` and its defaults |
 //! | [`event`] | `Event`, the state changes reported to the caller |
+//! | `draw_ahead` | `DrawAhead`: a thread's random draws for its next picks of a service, in batches whose lines are loaded together |
 //! | [`members`] | the chunked copy-on-write member list |
 //! | [`instance`] | `InstanceId`, `Weight`, `ServiceInstance`, live `InstanceLive`, `Member`, `InstanceStatus`, `InstanceError` |
 //! | [`stats`] | `ServiceStats`: a service's counters and their one transition function |
@@ -79,6 +80,7 @@
 pub mod breaker;
 pub mod clock;
 pub mod config;
+pub(crate) mod draw_ahead;
 pub mod error;
 pub mod event;
 pub mod ewma;

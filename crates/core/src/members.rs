@@ -187,6 +187,12 @@ impl Slot {
     pub(crate) fn member(&self) -> &Arc<Member> {
         &self.member
     }
+
+    /// The member's hot line number.
+    #[inline]
+    pub(crate) fn line(&self) -> u32 {
+        self.line
+    }
 }
 
 /// A member considered by a pick: its position and its hot line. The
@@ -261,6 +267,17 @@ impl Members {
             members: self,
             index,
             hot: self.hot(index)?,
+        })
+    }
+
+    /// The member at `index`, whose hot line number the caller knows to be
+    /// `line`, as a pick's candidate: no read of the list's line numbers.
+    #[inline]
+    pub(crate) fn candidate_on(&self, index: usize, line: u32) -> Option<Candidate<'_>> {
+        Some(Candidate {
+            members: self,
+            index,
+            hot: self.hot_line(line)?,
         })
     }
 

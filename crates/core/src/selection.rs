@@ -60,6 +60,11 @@
 //! a slot of their own (more than 16 live at once) share one and may
 //! reuse a state now and then: two picks with the same draws, which costs
 //! a little spread, never correctness.
+//!
+//! `random`, `p2c` and `peak_ewma` take their first draws from a batch the
+//! slot drew ahead from the same stream (see `draw_ahead`: the batch's
+//! candidates are loaded together, so at 100,000 instances their cache
+//! misses overlap); the slot keeps the batch beside its RNG state.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +72,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Timestamp;
+use crate::draw_ahead::DrawAhead;
 use crate::event::Event;
 use crate::hot::Hot;
 use crate::instance::{Member, ServiceInstance};
@@ -218,6 +224,8 @@ impl Selection {
 pub(crate) struct PickLocal {
     /// The slot's RNG state; 0 until its first pick claims a seed.
     rng: AtomicU64,
+    /// The slot's draws for its next picks (see `draw_ahead`).
+    pub(crate) ahead: DrawAhead,
 }
 
 impl PickLocal {

@@ -324,8 +324,11 @@ impl Service {
                 switched: &mut switched,
                 accept,
                 table: &snap.table,
+                ahead: &local.ahead,
+                line_of_pick: None,
             };
             let picked = snap.strategy.pick(&mut cx);
+            let line_of_pick = cx.line_of_pick;
             local.put_rng(&rng);
             if let Some(Switch { from, to, reason }) = switched.take() {
                 events.push(Event::StrategySwitch {
@@ -340,7 +343,10 @@ impl Service {
             };
             let (hot, line): (&Hot, u32) = match &picked {
                 Picked::At(i) => {
-                    let line = snap.members.line_number(*i)?;
+                    let line = match line_of_pick {
+                        Some((at, line)) if at == *i => line,
+                        _ => snap.members.line_number(*i)?,
+                    };
                     (snap.members.hot_line(line)?, line)
                 }
                 Picked::Member(m) => (m.live().hot(), 0),
@@ -754,6 +760,77 @@ mod tests {
     fn picks(svc: &Service, n: usize) {
         for i in 0u64..n as u64 {
             drop(svc.select(Some(&i.to_le_bytes())).unwrap());
+        }
+    }
+
+    /// `random` and `p2c` take their first draws from batches drawn ahead
+    /// (`draw_ahead`). The batches are the thread's stream in order, so a
+    /// seeded thread whose first draws are all eligible (and, for `p2c`,
+    /// idle: ties go to the first of the pair) picks exactly the positions
+    /// of its stream: every draw used once, none skipped, none reordered.
+    #[test]
+    fn drawing_ahead_keeps_the_seeded_stream() {
+        const N: usize = 5_000;
+        for kind in [StrategyKind::Random, StrategyKind::P2c] {
+            let make = || {
+                let registry = Registry::builder().seed(11).build().unwrap();
+                let config = LoadBalancerConfig {
+                    strategy: kind,
+                    ..LoadBalancerConfig::default()
+                };
+                registry.configure_service("svc", config).unwrap();
+                let instances = (0..N)
+                    .map(|i| ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80).unwrap());
+                registry
+                    .register_instances("svc", instances.collect::<Vec<_>>())
+                    .unwrap();
+                let svc = registry.service("svc").unwrap();
+                (registry, svc)
+            };
+            let (_registry, svc) = make();
+            let got: Vec<String> = std::thread::spawn(move || {
+                (0..100)
+                    .map(|_| svc.select(None).unwrap().instance().id().to_string())
+                    .collect()
+            })
+            .join()
+            .unwrap();
+            // The stream of the first thread to pick from the same service:
+            // the first pick draws its own (one position, or a pair whose
+            // first wins), then two batches (the batch and the one after
+            // it); each pick that used up a batch draws one more batch.
+            // The slot stores its state `| 1` after each pick
+            // (`PickLocal::put_rng`), which moves it only after a pick
+            // that drew.
+            let (_again, svc) = make();
+            let mut rng = fastrand::Rng::with_seed(svc.recorder.next_seed() | 1);
+            let per_pick = if kind == StrategyKind::Random { 1 } else { 2 };
+            let ahead = crate::draw_ahead::AHEAD;
+            let mut queue: std::collections::VecDeque<usize> =
+                (0..per_pick).map(|_| rng.usize(..N)).collect();
+            let mut left = 0;
+            let mut want = Vec::new();
+            while want.len() < 100 {
+                let pick: Vec<usize> = queue.drain(..per_pick).collect();
+                assert!(
+                    per_pick == 1 || pick[0] != pick[1],
+                    "a pair of one member: change the seed"
+                );
+                want.push(format!("i{}", pick[0]));
+                let draws = if want.len() == 1 {
+                    2 * ahead
+                } else {
+                    left -= per_pick;
+                    if left > 0 {
+                        continue;
+                    }
+                    ahead
+                };
+                queue.extend((0..draws).map(|_| rng.usize(..N)));
+                left = ahead;
+                rng = fastrand::Rng::with_seed(rng.get_seed() | 1);
+            }
+            assert_eq!(got, want, "{kind}");
         }
     }
 

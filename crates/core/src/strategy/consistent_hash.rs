@@ -23,8 +23,14 @@
 //!
 //! ## Cost
 //!
-//! A pick hashes the key and reads the table's slot, the owner's line
-//! number and its line. It reaches the table through its snapshot: the
+//! A pick hashes the key and reads the table's slot, which holds the
+//! owner's *hot line number*, then the owner's line and its index (a
+//! table of the line's member, `index_of_line`): those two loads need only
+//! the slot, so they overlap, and the member list's line numbers are not
+//! read (one dependent miss fewer than a slot holding the position, which
+//! needs the list's line number before the line: issue 12, fifth pass in
+//! `docs/benchmarks.md`). Cost: 4 bytes per line of the arena per table
+//! (400 KB at 100,000). It reaches the table through its snapshot: the
 //! first pick that finds a table built for the snapshot's generation keeps
 //! it in the snapshot (`Snapshot::table`), and later picks of that
 //! snapshot read it with one load, not the strategy's `ArcSwap` (whose
@@ -78,7 +84,12 @@ struct Table {
     /// The members the table was built from, with their live state, so a
     /// lookup checks the owner without reading its `Member`.
     members: Vec<Slot>,
+    /// The table: each slot's owner, by its hot line number (module doc,
+    /// "Cost").
     slots: Vec<u32>,
+    /// Index in `members` of the member on each hot line number
+    /// (`u32::MAX` for a line of none).
+    index_of_line: Vec<u32>,
 }
 
 /// A stable 64-bit hash (FNV-1a, then a SplitMix64 finaliser for avalanche).
@@ -120,7 +131,13 @@ impl Table {
                 built_at,
                 members,
                 slots: Vec::new(),
+                index_of_line: Vec::new(),
             };
+        }
+        let lines = members.iter().map(|s| s.line() as usize).max().unwrap_or(0) + 1;
+        let mut index_of_line = vec![u32::MAX; lines];
+        for (i, slot) in members.iter().enumerate() {
+            index_of_line[slot.line() as usize] = i as u32;
         }
         let perms: Vec<(u64, u64)> = members
             .iter()
@@ -140,7 +157,7 @@ impl Table {
                     let c = ((offset + next[i] * skip) % m) as usize;
                     next[i] += 1;
                     if slots[c] == u32::MAX {
-                        slots[c] = i as u32;
+                        slots[c] = members[i].line();
                         break;
                     }
                 }
@@ -155,16 +172,17 @@ impl Table {
             built_at,
             members,
             slots,
+            index_of_line,
         }
     }
 
     /// The key's instance by the walk of the module doc. A table of the
     /// snapshot's generation lists the members in the snapshot's order, so
     /// its owner index is the position (see `Picked`), and an owner is
-    /// checked on its hot line through the snapshot's list: the table slot
-    /// and the line are the two cache misses. An older table checks its
-    /// own copy of the member.
-    fn lookup(&self, hash: u64, cx: &PickContext<'_>) -> Option<Picked> {
+    /// checked on its hot line, named by the slot, through the snapshot's
+    /// list: the table slot and the line are the two cache misses. An
+    /// older table checks its own copy of the member.
+    fn lookup(&self, hash: u64, cx: &mut PickContext<'_>) -> Option<Picked> {
         let fresh = self.generation == cx.generation;
         let m = self.slots.len() as u64;
         if m == 0 {
@@ -177,19 +195,23 @@ impl Table {
         for step in 0..MAX_WALK_SLOTS.min(m as u64) as usize {
             // `start + step < 2m`: a wrap, not a second division.
             let at = start + step;
-            let owner = self.slots[if at >= m { at - m } else { at }];
+            let line = self.slots[if at >= m { at - m } else { at }];
             // A run of slots with the owner just refused says nothing new.
-            if owner == last_owner {
+            if line == last_owner {
                 continue;
             }
-            last_owner = owner;
+            last_owner = line;
+            // The owner's index and its line load in parallel: both need
+            // only the slot.
+            let owner = *self.index_of_line.get(line as usize)? as usize;
             if fresh {
-                let c = cx.members.candidate(owner as usize)?;
+                let c = cx.members.candidate_on(owner, line)?;
                 if cx.candidate_eligible(&c) {
+                    cx.line_of_pick = Some((c.index, line));
                     return Some(Picked::At(c.index));
                 }
             } else {
-                let m = self.members.get(owner as usize)?.member();
+                let m = self.members.get(owner)?.member();
                 if cx.is_eligible(m) {
                     return Some(Picked::Member(m.clone()));
                 }

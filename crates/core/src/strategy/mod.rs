@@ -5,10 +5,10 @@
 //! | `round_robin` | rotation over eligible instances, each admitted with probability health × slow-start factor | atomic counter, O(1) |
 //! | `least_connections` | fewest `active / effective weight` among instances admitted with probability health × slow-start factor, ties broken at random | exact scan up to 256 instances; above, best of 8 random samples |
 //! | `weighted` | smooth weighted round robin (WF²Q): exactly `wᵢ` picks in every window of `Σw` | binary heaps, O(log n) |
-//! | `random` | uniform | rejection sampling, O(1) expected |
+//! | `random` | uniform | rejection sampling, O(1) expected; the first draw from the thread's batch drawn ahead (`draw_ahead`) |
 //! | `weighted_random` | proportional to effective weight | two binary searches over prefix sums, O(log n) |
-//! | `p2c` | two random instances, fewer `(active + 1) / effective weight` wins | O(1) |
-//! | `peak_ewma` | two random instances, lower `peak-EWMA latency × (active + 1) / effective weight` wins | O(1) |
+//! | `p2c` | two random instances, fewer `(active + 1) / effective weight` wins | O(1); the pair from the thread's batch drawn ahead |
+//! | `peak_ewma` | two random instances, lower `peak-EWMA latency × (active + 1) / effective weight` wins | O(1); the pair from the thread's batch drawn ahead |
 //! | `consistent_hash` | Maglev table on the caller's key; one instance moving remaps ≈ 1/N of keys | table lookup, O(1) |
 //! | `adaptive` (default) | picks one of `weighted`, `p2c`, `peak_ewma` from latency spread, concurrency and error rate, with hysteresis | O(1) + the chosen one |
 //!
@@ -57,6 +57,7 @@ pub use self::weighted::Weighted;
 
 use crate::clock::{LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
+use crate::draw_ahead::DrawAhead;
 use crate::hot::Hot;
 use crate::instance::Member;
 use crate::members::{Candidate, Members};
@@ -198,6 +199,16 @@ pub struct PickContext<'a> {
     /// The snapshot's slot for a table of the strategy's built for
     /// `generation` (see [`Snapshot`](crate::service::Snapshot)).
     pub(crate) table: &'a StrategyTable,
+    /// The thread's draws for its next picks of this service (see
+    /// `draw_ahead`): the first draws of `random`, `p2c` and `peak_ewma`
+    /// come from here when they were made for this member count.
+    pub(crate) ahead: &'a DrawAhead,
+    /// The hot line number of the position picked, when the strategy read
+    /// it on its way (`consistent_hash`'s table names lines): the pick
+    /// then does not read the list's line numbers again. A hint beside
+    /// [`Picked`], not in it: a third variant there cost every strategy
+    /// ~12 ns at n = 10 (issue 12, fifth pass in `docs/benchmarks.md`).
+    pub(crate) line_of_pick: Option<(usize, u32)>,
 }
 
 // === impl StrategyKind ===
@@ -378,19 +389,51 @@ impl<'a> PickContext<'a> {
     /// (the selection names it by position).
     #[inline]
     pub(crate) fn random_candidate(&mut self) -> Option<Candidate<'a>> {
+        self.random_candidate_from(None)
+    }
+
+    /// [`random_eligible_at`](Self::random_eligible_at) whose first draw
+    /// is the thread's next one drawn ahead, if any (`random`); draws the
+    /// next batch after it when the batch is used up (see `draw_ahead`).
+    #[inline]
+    pub(crate) fn random_eligible_ahead(&mut self) -> Option<Picked> {
+        let first = self.ahead.take(self.members.len());
+        let picked = self
+            .random_candidate_from(first)
+            .map(|c| Picked::At(c.index));
+        self.draw_ahead();
+        picked
+    }
+
+    /// Rejection sampling whose first draw is `first` if given.
+    #[inline]
+    fn random_candidate_from(&mut self, first: Option<usize>) -> Option<Candidate<'a>> {
         let members = self.members;
         let n = members.len();
         if n == 0 {
             return None;
         }
+        let mut first = first;
         for _ in 0..MAX_DRAWS {
-            let c = members.candidate(self.rng.usize(..n))?;
+            let at = match first.take() {
+                Some(at) => at,
+                None => self.rng.usize(..n),
+            };
+            let c = members.candidate(at)?;
             if self.candidate_eligible(&c) {
                 return Some(c);
             }
         }
         let start = self.rng.usize(..n);
         self.scan_from_candidate(start)
+    }
+
+    /// At the end of a pick that took its first draws from the thread's
+    /// batch: draws the next batch (from this pick's stream) and touches
+    /// its candidates if this one is used up (module doc of `draw_ahead`).
+    #[inline]
+    pub(crate) fn draw_ahead(&mut self) {
+        self.ahead.refill(self.members, self.rng);
     }
 
     /// The first eligible member at or after `start`, wrapping around.
@@ -420,12 +463,22 @@ impl<'a> PickContext<'a> {
     /// read, so the two candidates' cache misses overlap; if both are
     /// eligible and distinct they are the pair (a uniform pair, as the
     /// loop below gives: a rejected pair is drawn again from scratch).
+    /// The two positions are the thread's next two drawn ahead when there
+    /// are (see `draw_ahead`; `p2c` and `peak_ewma` draw the next batch at
+    /// their end).
     pub(crate) fn random_pair_candidates(
         &mut self,
     ) -> Option<(Candidate<'a>, Option<Candidate<'a>>)> {
         let n = self.members.len();
         if n >= 2 {
-            let (i, j) = (self.rng.usize(..n), self.rng.usize(..n));
+            let i = match self.ahead.take(n) {
+                Some(i) => i,
+                None => self.rng.usize(..n),
+            };
+            let j = match self.ahead.take(n) {
+                Some(j) => j,
+                None => self.rng.usize(..n),
+            };
             let (a, b) = (self.members.candidate(i), self.members.candidate(j));
             if let (Some(a), Some(b)) = (a, b) {
                 if i != j && self.candidate_eligible(&a) && self.candidate_eligible(&b) {

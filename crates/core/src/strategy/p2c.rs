@@ -7,6 +7,10 @@
 //! it does not stampede the single least-loaded instance. The `+ 1` makes an
 //! idle heavy instance preferable to an idle light one; dividing by effective
 //! weight makes unhealthy and slow-starting instances look more loaded.
+//!
+//! The pair is the thread's next two draws, made ahead in a batch whose
+//! candidates' lines are loaded together (see `draw_ahead`): only when the
+//! positions are drawn changes, the comparison is made at the pick's time.
 
 use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::hot::Hot;
@@ -32,6 +36,9 @@ impl Strategy for P2c {
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let (a, b) = cx.random_pair_candidates()?;
-        Some(cx.cheaper_at(a, b, load_cost))
+        let chosen = cx.cheaper_at(a, b, load_cost);
+        // The next batch of draws when this one is used up (`draw_ahead`).
+        cx.draw_ahead();
+        Some(chosen)
     }
 }

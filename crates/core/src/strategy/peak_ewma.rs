@@ -19,6 +19,10 @@
 //!    up for unhealthy or slow-starting ones (Finagle's and Linkerd's
 //!    rule). O(1) per pick.
 //!
+//! The pair is the thread's next two draws, made ahead in a batch whose
+//! candidates' lines are loaded together (see `draw_ahead`); the avoid
+//! rule and the costs are evaluated at the pick's own time.
+//!
 //! ## Costs without the clock
 //!
 //! Both estimates decay toward zero at the same rate (`e·exp(−(t − s)/τ)`,
@@ -81,6 +85,7 @@ use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
 use crate::ewma;
 use crate::hot::Hot;
+use crate::members::Candidate;
 
 /// Latency ratio from which the slower of a pair is avoided (only probed).
 pub const AVOID_RATIO: f64 = 3.0;
@@ -136,23 +141,32 @@ impl Strategy for PeakEwma {
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let (a, b) = cx.random_pair_candidates()?;
-        let Some(b) = b else {
-            return Some(Picked::At(a.index));
-        };
-        for (slow, fast) in [(a, b), (b, a)] {
-            if avoids(slow.hot, fast.hot) {
-                let chosen = if due_probe(slow.hot, cx.now()) {
-                    slow
-                } else {
-                    fast
-                };
-                return Some(Picked::At(chosen.index));
-            }
-        }
-        // Ties go to `a`, drawn at random.
-        let chosen = if cheaper(cx, a.hot, b.hot) { b } else { a };
-        Some(Picked::At(chosen.index))
+        let chosen = choose(cx, a, b);
+        // The next batch of draws when this one is used up (`draw_ahead`).
+        cx.draw_ahead();
+        Some(chosen)
     }
+}
+
+/// The rule of the module doc on the drawn pair `a`, `b`.
+#[inline]
+fn choose(cx: &PickContext<'_>, a: Candidate<'_>, b: Option<Candidate<'_>>) -> Picked {
+    let Some(b) = b else {
+        return Picked::At(a.index);
+    };
+    for (slow, fast) in [(a, b), (b, a)] {
+        if avoids(slow.hot, fast.hot) {
+            let chosen = if due_probe(slow.hot, cx.now()) {
+                slow
+            } else {
+                fast
+            };
+            return Picked::At(chosen.index);
+        }
+    }
+    // Ties go to `a`, drawn at random.
+    let chosen = if cheaper(cx, a.hot, b.hot) { b } else { a };
+    Picked::At(chosen.index)
 }
 
 #[cfg(test)]
@@ -188,6 +202,7 @@ mod tests {
             l
         };
         let table = crate::snapshot::StrategyTable::default();
+        let ahead = crate::draw_ahead::DrawAhead::default();
         let mut differ = 0;
         for _ in 0..20_000 {
             let (a, b) = (line(), line());
@@ -204,6 +219,8 @@ mod tests {
                 switched: &mut switched,
                 accept: None,
                 table: &table,
+                ahead: &ahead,
+                line_of_pick: None,
             };
             let t = clock.now();
             let ca = latency_cost(&cx, a.get(), a.get().latency_estimate_ns(t));

@@ -23,7 +23,7 @@ impl Strategy for Random {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
-        cx.random_eligible_at()
+        cx.random_eligible_ahead()
     }
 }
 

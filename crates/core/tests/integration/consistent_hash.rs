@@ -108,3 +108,34 @@ fn keys_of_an_ineligible_instance_spread_and_others_stay() {
         "displaced keys should spread, went to {targets:?}"
     );
 }
+
+/// The table names each slot's owner by its hot line and finds the
+/// owner's position from the line. After churn (swap-removes move
+/// positions; new instances take the freed lines) the instance a keyed
+/// selection reports must be the one whose connection it counts, and the
+/// same key must keep reaching it.
+#[test]
+fn after_churn_a_keyed_selection_counts_on_the_instance_it_reports() {
+    let (reg, _) = registry(StrategyKind::ConsistentHash);
+    populate(&reg, &[1; 40]);
+    for i in (0..40).step_by(3) {
+        reg.deregister_instance(SVC, &format!("i{i}")).unwrap();
+    }
+    for j in 0..10 {
+        reg.register_instance(SVC, instance(&format!("j{j}"), 1))
+            .unwrap();
+    }
+    let svc = reg.service(SVC).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for k in 0u32..2_000 {
+        let sel = svc.select(Some(&k.to_le_bytes())).unwrap();
+        let id = sel.instance().id().to_string();
+        let status = reg.instance(SVC, &id).unwrap();
+        assert_eq!(status.active_connections, 1, "key {k} → {id}");
+        let again = svc.select(Some(&k.to_le_bytes())).unwrap();
+        assert_eq!(again.instance().id().as_str(), id, "key {k}");
+        assert_eq!(again.active_connections(), 2, "key {k} → {id}");
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), 36, "every member owns keys");
+}
