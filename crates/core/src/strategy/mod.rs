@@ -428,6 +428,14 @@ impl<'a> PickContext<'a> {
         self.scan_from_candidate(start)
     }
 
+    /// The thread's next position in `0..n`: drawn ahead if there is one
+    /// for `n` (`draw_ahead`), else from the stream.
+    #[inline]
+    fn next_draw(&mut self, n: usize) -> usize {
+        let ahead = self.ahead;
+        ahead.take(n).unwrap_or_else(|| self.rng.usize(..n))
+    }
+
     /// At the end of a pick that took its first draws from the thread's
     /// batch: draws the next batch (from this pick's stream) and touches
     /// its candidates if this one is used up (module doc of `draw_ahead`).
@@ -471,14 +479,7 @@ impl<'a> PickContext<'a> {
     ) -> Option<(Candidate<'a>, Option<Candidate<'a>>)> {
         let n = self.members.len();
         if n >= 2 {
-            let i = match self.ahead.take(n) {
-                Some(i) => i,
-                None => self.rng.usize(..n),
-            };
-            let j = match self.ahead.take(n) {
-                Some(j) => j,
-                None => self.rng.usize(..n),
-            };
+            let (i, j) = (self.next_draw(n), self.next_draw(n));
             let (a, b) = (self.members.candidate(i), self.members.candidate(j));
             if let (Some(a), Some(b)) = (a, b) {
                 if i != j && self.candidate_eligible(&a) && self.candidate_eligible(&b) {
