@@ -532,11 +532,10 @@ fn decode_requests(input: &[u8], piece: usize) -> (Vec<String>, Option<Vec<u8>>)
     use crate::proxy::h1_server::{take_request, Taken};
     let mut fed = input.chunks(piece);
     let mut buf = bytes::BytesMut::new();
-    let mut room = None;
     let mut heads = Vec::new();
     loop {
         let before = buf.to_vec();
-        match take_request(&mut buf, &mut room) {
+        match take_request(&mut buf) {
             Taken::Head(h) => {
                 assert!(
                     buf.len() < before.len() && before.ends_with(&buf),

@@ -223,9 +223,9 @@ pub(crate) enum Taken {
 }
 
 /// Parses the request head at the front of `buf` and decides (module doc):
-/// consumed only when it is a [`Taken::Head`]. `room` is a map to reuse
-/// for the headers (the last response's, cleared).
-pub(crate) fn take_request(buf: &mut BytesMut, room: &mut Option<HeaderMap>) -> Taken {
+/// consumed only when it is a [`Taken::Head`]. The headers go into a
+/// spare map of the thread's (`spare_maps`: the last response's).
+pub(crate) fn take_request(buf: &mut BytesMut) -> Taken {
     let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -284,7 +284,7 @@ pub(crate) fn take_request(buf: &mut BytesMut, room: &mut Option<HeaderMap>) -> 
     let path_span = (path.as_ptr() as usize - buf.as_ptr() as usize, path.len());
     let spans = HeaderSpans::of(buf, parsed.headers);
     let head = buf.split_to(len).freeze();
-    match build(&head, method, path_span, &spans, room) {
+    match build(&head, method, path_span, &spans) {
         Some(parts) => Taken::Head(RequestHead {
             parts,
             body_len: body_len.unwrap_or(0),
@@ -309,17 +309,9 @@ fn build(
     method: Method,
     (path_at, path_len): (usize, usize),
     spans: &HeaderSpans,
-    room: &mut Option<HeaderMap>,
 ) -> Option<http::request::Parts> {
     let uri = Uri::from_maybe_shared(head.slice(path_at..path_at + path_len)).ok()?;
-    let mut headers = match room.take() {
-        Some(mut map) => {
-            map.clear();
-            map.reserve(spans.len());
-            map
-        }
-        None => spare_maps::take(spans.len()),
-    };
+    let mut headers = spare_maps::take(spans.len());
     spans.append_to(head, &mut headers).ok()?;
     let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
@@ -369,13 +361,12 @@ where
     B::Error: Into<BoxError>,
 {
     let mut out: Vec<u8> = Vec::new();
-    let mut room: Option<HeaderMap> = None;
     loop {
         // The next head: from what is buffered, else read (idle: a drain
         // or idle close ends the connection here).
         let head = loop {
             if !buf.is_empty() {
-                match take_request(buf, &mut room) {
+                match take_request(buf) {
                     Taken::Head(head) => break head,
                     Taken::HandOff => return Ok(Served::HandOff),
                     Taken::Partial => {}
@@ -438,12 +429,10 @@ where
             respond.await
         };
         close |= shutdown.requested();
-        let (mut headers, keep_alive) =
-            write_response(io, &mut out, resp, head_request, close).await?;
+        let (headers, keep_alive) = write_response(io, &mut out, resp, head_request, close).await?;
         // The map goes round again for the next request (hyper does the
         // same): one allocation less per request.
-        headers.clear();
-        room = Some(headers);
+        spare_maps::give_back(headers);
         if out.capacity() > KEEP_WRITE_BUF {
             out = Vec::new();
         }

@@ -1,15 +1,18 @@
-//! Spare header maps: a request's map, once its exchange is over, is kept
-//! (emptied) on its thread for the next response head parsed there.
+//! Spare header maps: a map whose head is done with (a request's once its
+//! attempts are over, a response's once it is written to the client) is
+//! kept, emptied, on its thread for the next head parsed there.
 //!
 //! ## Why
 //!
-//! On the HTTP/1.1 fast path a request's head arrives in the map its client
-//! connection kept from the last response ([`h1_server`](super::h1_server)),
-//! goes upstream, and is dropped when its attempts are over; the response's
-//! head is parsed into a new map ([`h1_exchange`](super::h1_exchange)). So in
-//! the steady state every request made one map and dropped one: two
-//! allocations, two frees and the new map's index table written twice
-//! (made, then filled). Kept here, the dropped map is the next one made.
+//! On the HTTP/1.1 fast path a request's head is parsed into a map
+//! ([`h1_server`](super::h1_server)) and goes upstream; the response's head
+//! is parsed into another ([`h1_exchange`](super::h1_exchange)) and written
+//! to the client. Without spares every request made two maps and dropped
+//! two: four allocations, four frees, and each new map's index table
+//! written twice (made, then filled). Both ends give their map back here
+//! and both parsers take one, so in the steady state no map is made. (The
+//! client loop used to keep its last response's map for its next request
+//! itself; this is that rule, for every map of the thread.)
 //!
 //! ## Rule and bounds
 //!
