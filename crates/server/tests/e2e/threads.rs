@@ -52,7 +52,18 @@ fn thread_per_core_runs_the_control_plane_on_two_threads_of_its_own() {
         return;
     }
     let mut lb = run_with_threads("2");
-    let names = thread_names(lb.id());
+    // A thread names itself once it runs: the last worker may be listed
+    // under the process's name for a moment after the listener is up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let names = loop {
+        let names = thread_names(lb.id());
+        if names.get("datapunk-worker").copied().unwrap_or(0) >= 2
+            || std::time::Instant::now() >= deadline
+        {
+            break names;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let count = |name: &str| names.get(name).copied().unwrap_or(0);
     // Two workers, and the control runtime's two threads beside them (its
     // blocking pool, which shares the name, may have started more).
