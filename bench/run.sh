@@ -105,6 +105,9 @@ DEGRADED_LOAD=${DEGRADED_LOAD:-h2load}
 # connections wait on the slow backend (Little's law), not by the proxy's
 # own delay: see "Degraded at a fixed rate" in docs/benchmarks.md.
 DEGRADED_RPS=${DEGRADED_RPS:-}
+# STEADY_RPS=N: the same fixed rate for the steady scenario (with
+# STEADY_LOAD=h2load): the proxies' own latency at equal throughput.
+STEADY_RPS=${STEADY_RPS:-}
 STEADY_LOAD=${STEADY_LOAD:-wrk}
 if [[ ($DEGRADED_LOAD == h2load && $SCENARIOS == *degraded*) || ($STEADY_LOAD == h2load && $SCENARIOS == *steady*) ]]; then
 	command -v h2load >/dev/null || die "h2load not found (or DEGRADED_LOAD=wrk)"
@@ -121,10 +124,11 @@ if [[ ($DEGRADED_LOAD == h2load && $SCENARIOS == *degraded*) || ($STEADY_LOAD ==
 		local reqlog=()
 		[[ $2 == *.warmup ]] || reqlog=(--log-file="$2.log")
 		[[ ${scenario:-} == degraded && -n $DEGRADED_RPS ]] && reqlog+=(--rps="$DEGRADED_RPS")
+		[[ ${scenario:-} == steady && -n $STEADY_RPS ]] && reqlog+=(--rps="$STEADY_RPS")
 		taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNS" -D"$1" "${reqlog[@]}" \
 			"http://127.0.0.1:$LISTEN_PORT/" >"$2" 2>&1
 	}
-	echo "- degraded scenario (DEGRADED_LOAD=$DEGRADED_LOAD), steady (STEADY_LOAD=$STEADY_LOAD): h2load means \`h2load --h1 -t1 -c$CONNS\` ($(h2load --version | head -1)), latency percentiles from its per-request log${DEGRADED_RPS:+; degraded at a fixed rate: \`--rps=$DEGRADED_RPS\` per connection}" >>"$META"
+	echo "- degraded scenario (DEGRADED_LOAD=$DEGRADED_LOAD), steady (STEADY_LOAD=$STEADY_LOAD): h2load means \`h2load --h1 -t1 -c$CONNS\` ($(h2load --version | head -1)), latency percentiles from its per-request log${DEGRADED_RPS:+; degraded at a fixed rate: \`--rps=$DEGRADED_RPS\` per connection}${STEADY_RPS:+; steady at a fixed rate: \`--rps=$STEADY_RPS\` per connection}" >>"$META"
 fi
 
 # run_one ROUND SCENARIO VARIANT
