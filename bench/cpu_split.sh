@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where a proxy's CPU per request goes: user space against the kernel, the
 # system calls it makes (by kind), the TCP segments and the context
-# switches, per request, for datapunk-lb and the proxies it is measured
+# switches, per request, and the load core's busy time per request, for datapunk-lb and the proxies it is measured
 # against, under the same fixed number of requests (h2load --h1 -n N -c
 # CONNS, closed loop) on the steady scenario's setup (bench/run.sh: proxy
 # on LB_CPU, three NGINX backends and the load on LOAD_CPU; ports
@@ -69,7 +69,7 @@ user_sys() {
 	echo "$u $s"
 }
 
-printf 'round\tproxy\treq_per_s\tuser_us\tsys_us\ttotal_us\tsyscalls\t%s\tctx_switches\ttcp_segments_out\tip_in_octets\n' \
+printf 'round\tproxy\treq_per_s\tuser_us\tsys_us\ttotal_us\tsyscalls\t%s\tctx_switches\ttcp_segments_out\tip_in_octets\tload_core_us\n' \
 	"$(IFS=$'\t'; echo "${SYSCALLS[*]}")" >"$TSV"
 hz=$(getconf CLK_TCK)
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -88,9 +88,11 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		fi
 		nstat -n >/dev/null
 		read -r u0 s0 < <(user_sys "$PROXY_PID")
+		l0=$(cpu_busy_ticks "$LOAD_CPU")
 		out=$(taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNS" -n "$REQUESTS" \
 			"http://127.0.0.1:$LISTEN_PORT/")
 		read -r u1 s1 < <(user_sys "$PROXY_PID")
+		l1=$(cpu_busy_ticks "$LOAD_CPU")
 		net=$(nstat 2>/dev/null)
 		if [[ -n $perf_pid ]]; then
 			kill -INT "$perf_pid"
@@ -111,8 +113,11 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		octets=$(awk -v n="$REQUESTS" '$1 == "IpExtInOctets" {printf "%.0f", $2 / n}' <<<"$net")
 		line=$(awk -v u="$((u1 - u0))" -v s="$((s1 - s0))" -v hz="$hz" -v n="$REQUESTS" \
 			'BEGIN {printf "%.2f\t%.2f\t%.2f", u / hz * 1e6 / n, s / hz * 1e6 / n, (u + s) / hz * 1e6 / n}')
-		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$kind-$balance" "${rps%.*}" "$line" \
-			"$(IFS=$'\t'; echo "${counts[*]}")" "${segs:-0}" "${octets:-0}" >>"$TSV"
+		# The load core's busy time per request: the load and the backends.
+		load_us=$(awk -v a="$l0" -v b="$l1" -v hz="$hz" -v n="$REQUESTS" \
+			'BEGIN {split(a, x, " "); split(b, y, " "); printf "%.2f", (y[1] - x[1]) / hz * 1e6 / n}')
+		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$kind-$balance" "${rps%.*}" "$line" \
+			"$(IFS=$'\t'; echo "${counts[*]}")" "${segs:-0}" "${octets:-0}" "$load_us" >>"$TSV"
 		log "round $round $kind-$balance: $(tail -n1 "$TSV" | cut -f3-6 | tr '\t' ' ') (req/s, user/sys/total µs per request)"
 	done
 done
