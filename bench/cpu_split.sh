@@ -15,7 +15,8 @@
 # Usage: flock /tmp/datapunk-bench.lock bench/cpu_split.sh
 # Knobs: VARIANTS ("haproxy:roundrobin datapunk:adaptive"; kinds as in
 # run.sh: haproxy, haproxy_fwd, nginx, datapunk, datapunk_alt with
-# DP_ALT_BIN), ROUNDS (3), REQUESTS (300000), CONNS (64), BUILD (1).
+# DP_ALT_BIN), ROUNDS (3), REQUESTS (300000), CONNS (64), RPS (none),
+# BUILD (1).
 # Per-syscall counts need `perf` with the syscalls tracepoints (else "-").
 set -euo pipefail
 
@@ -24,6 +25,9 @@ ROOT=$(dirname "$BENCH_DIR")
 ROUNDS=${ROUNDS:-3}
 REQUESTS=${REQUESTS:-300000}
 CONNS=${CONNS:-64}
+# RPS=N: each connection sends at most N requests a second (h2load --rps),
+# a fixed rate instead of the closed loop.
+RPS=${RPS:-}
 BUILD=${BUILD:-1}
 LB_CPU=${LB_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -89,7 +93,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		nstat -n >/dev/null
 		read -r u0 s0 < <(user_sys "$PROXY_PID")
 		l0=$(cpu_busy_ticks "$LOAD_CPU")
-		out=$(taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNS" -n "$REQUESTS" \
+		out=$(taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNS" -n "$REQUESTS" ${RPS:+--rps="$RPS"} \
 			"http://127.0.0.1:$LISTEN_PORT/")
 		read -r u1 s1 < <(user_sys "$PROXY_PID")
 		l1=$(cpu_busy_ticks "$LOAD_CPU")
