@@ -84,7 +84,7 @@ use crate::members::Members;
 use crate::per_thread::{Padded, PerThread};
 use crate::pick_view::{self, PickView, ServiceKey};
 use crate::recorder::{Outcome, Recorder, Source};
-use crate::selection::{PickLocal, Selection, Target};
+use crate::selection::{self, PickLocal, Selection, Target};
 pub use crate::snapshot::Snapshot;
 use crate::stats::{Availability, ServiceStats};
 use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
@@ -170,6 +170,7 @@ impl Service {
         let snapshot = Arc::new(Snapshot {
             members: Members::default(),
             generation: 0,
+            kind: strategy.kind(),
             strategy,
             config,
             table: Default::default(),
@@ -355,7 +356,11 @@ impl Service {
                 Picked::At(i) => snap.members.get(*i).map(|m| &**m),
                 Picked::Member(m) => Some(&**m),
             };
-            let kind = snap.strategy.effective_kind();
+            // Only `adaptive` changes the strategy it uses between picks.
+            let kind = match snap.kind {
+                StrategyKind::Adaptive => snap.strategy.effective_kind(),
+                kind => kind,
+            };
             // Panic mode ignores breakers, so it takes no probe slot.
             let probe = if panic {
                 false
@@ -366,10 +371,6 @@ impl Service {
                     Admission::Rejected => continue,
                 }
             };
-            let target = match picked {
-                Picked::At(index) => Target::At { index, line },
-                Picked::Member(m) => Target::Held(m),
-            };
             let used_at = match now.if_read() {
                 Some(t) => {
                     self.saw(t);
@@ -377,7 +378,14 @@ impl Service {
                 }
                 None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
             };
-            return Some(Selection::new(view, target, used_at, probe, kind, events));
+            // Counted on the line the pick holds, before the guard takes
+            // the view: the guard does not walk back to the line.
+            selection::count_on(hot, used_at);
+            let target = match picked {
+                Picked::At(index) => Target::At { index, line },
+                Picked::Member(m) => Target::Held(m),
+            };
+            return Some(Selection::new(view, target, probe, kind, events));
         }
         // No pick: the lease goes back unused.
         pick_view::release(view);
@@ -435,6 +443,7 @@ impl Service {
         let snap = Snapshot {
             members: old.members.clone(),
             generation: w.generation,
+            kind: strategy.kind(),
             strategy: strategy.clone(),
             config,
             table: Default::default(),
@@ -471,6 +480,7 @@ impl Service {
         let snap = Arc::new(Snapshot {
             members,
             generation,
+            kind: old.kind,
             strategy: old.strategy.clone(),
             config: old.config.clone(),
             table: Default::default(),
