@@ -109,13 +109,19 @@ pub(crate) enum Target {
 }
 
 impl Selection {
-    /// A selection on `target` of `view`'s snapshot, whose hot line the
-    /// caller just counted on with [`count_on`]; the caller checked that an
-    /// `At` position is in the snapshot.
+    /// A selection on `target` of `view`'s snapshot, picked at `used_at`;
+    /// the caller checked that an `At` position is in the snapshot.
+    ///
+    /// The guard counts on its line once it is built (walking back to the
+    /// line through its view, all cached by then). Counting earlier, in
+    /// the pick on the line it already held, executed fewer instructions
+    /// but measured 2-14 ns *slower* per select + release at n = 10 (issue
+    /// 12, sixth pass in `docs/benchmarks.md`).
     #[inline]
     pub(crate) fn new(
         view: Arc<PickView>,
         target: Target,
+        used_at: Timestamp,
         probe: bool,
         strategy: StrategyKind,
         events: Vec<Event>,
@@ -127,6 +133,10 @@ impl Selection {
             strategy,
             events,
         };
+        if let Some(hot) = sel.hot() {
+            hot.active.fetch_add(1, Ordering::AcqRel);
+            hot.last_used.store(used_at.as_nanos(), Ordering::Relaxed);
+        }
         sel.view().recorder.stats.request_started();
         sel
     }
@@ -212,17 +222,6 @@ impl Selection {
             .recorder
             .record(self.member(), Outcome::Failure(kind), Source::Request)
     }
-}
-
-/// Counts a new selection on its instance's hot line `hot`, picked at
-/// `used_at`: one more active connection, the time of use. Called by the
-/// pick right before [`Selection::new`], on the line it already holds (a
-/// selection releases on the same line: the snapshot's line of its
-/// position, or its held member's).
-#[inline]
-pub(crate) fn count_on(hot: &Hot, used_at: Timestamp) {
-    hot.active.fetch_add(1, Ordering::AcqRel);
-    hot.last_used.store(used_at.as_nanos(), Ordering::Relaxed);
 }
 
 /// One thread slot's RNG state for picks on one service. See the module

@@ -84,7 +84,7 @@ use crate::members::Members;
 use crate::per_thread::{Padded, PerThread};
 use crate::pick_view::{self, PickView, ServiceKey};
 use crate::recorder::{Outcome, Recorder, Source};
-use crate::selection::{self, PickLocal, Selection, Target};
+use crate::selection::{PickLocal, Selection, Target};
 pub use crate::snapshot::Snapshot;
 use crate::stats::{Availability, ServiceStats};
 use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
@@ -378,14 +378,11 @@ impl Service {
                 }
                 None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
             };
-            // Counted on the line the pick holds, before the guard takes
-            // the view: the guard does not walk back to the line.
-            selection::count_on(hot, used_at);
             let target = match picked {
                 Picked::At(index) => Target::At { index, line },
                 Picked::Member(m) => Target::Held(m),
             };
-            return Some(Selection::new(view, target, probe, kind, events));
+            return Some(Selection::new(view, target, used_at, probe, kind, events));
         }
         // No pick: the lease goes back unused.
         pick_view::release(view);
