@@ -371,16 +371,16 @@ impl Service {
                     Admission::Rejected => continue,
                 }
             };
+            let target = match picked {
+                Picked::At(index) => Target::At { index, line },
+                Picked::Member(m) => Target::Held(m),
+            };
             let used_at = match now.if_read() {
                 Some(t) => {
                     self.saw(t);
                     t
                 }
                 None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
-            };
-            let target = match picked {
-                Picked::At(index) => Target::At { index, line },
-                Picked::Member(m) => Target::Held(m),
             };
             return Some(Selection::new(view, target, used_at, probe, kind, events));
         }
