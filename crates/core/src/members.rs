@@ -49,7 +49,10 @@ pub struct Members {
     max_weight: u16,
     /// The hot-line chunks of the members' lines, by chunk number: every
     /// line a slot names is in a chunk listed here (module doc).
-    hot_chunks: Arc<Vec<Option<Arc<HotChunk>>>>,
+    /// A slice, not a `Vec`, behind the `Arc`: a line's lookup reads the
+    /// table's entry straight after the list, one dependent load fewer
+    /// than through a `Vec`'s header (issue 12, sixth pass).
+    hot_chunks: Arc<[Option<Arc<HotChunk>>]>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -202,6 +205,8 @@ pub(crate) struct Candidate<'a> {
     members: &'a Members,
     /// The position in the member list.
     pub(crate) index: usize,
+    /// The hot line's number (the selection keeps it for its release).
+    pub(crate) line: u32,
     /// The hot line.
     pub(crate) hot: &'a Hot,
 }
@@ -263,11 +268,7 @@ impl Members {
     /// The member at `index` as a pick's candidate.
     #[inline]
     pub(crate) fn candidate(&self, index: usize) -> Option<Candidate<'_>> {
-        Some(Candidate {
-            members: self,
-            index,
-            hot: self.hot(index)?,
-        })
+        self.candidate_on(index, self.line_number(index)?)
     }
 
     /// The member at `index`, whose hot line number the caller knows to be
@@ -277,6 +278,7 @@ impl Members {
         Some(Candidate {
             members: self,
             index,
+            line,
             hot: self.hot_line(line)?,
         })
     }
@@ -295,11 +297,15 @@ impl Members {
             .and_then(Option::as_ref)
             .is_some_and(|c| Arc::ptr_eq(c, hot.chunk()));
         if !known {
-            let table = Arc::make_mut(&mut self.hot_chunks);
+            // A new table (the old one may be shared with other snapshots,
+            // as `Arc::make_mut` would copy it too): once per chunk of 256
+            // lines added or replaced.
+            let mut table = self.hot_chunks.to_vec();
             if table.len() <= n {
                 table.resize(n + 1, None);
             }
             table[n] = Some(hot.chunk().clone());
+            self.hot_chunks = table.into();
         }
     }
 

@@ -109,8 +109,14 @@ pub(crate) enum Target {
 }
 
 impl Selection {
-    /// A selection on `target` of `view`'s snapshot; the caller checked
-    /// that an `At` position is in the snapshot.
+    /// A selection on `target` of `view`'s snapshot, picked at `used_at`;
+    /// the caller checked that an `At` position is in the snapshot.
+    ///
+    /// The guard counts on its line once it is built (walking back to the
+    /// line through its view, all cached by then). Counting earlier, in
+    /// the pick on the line it already held, executed fewer instructions
+    /// but measured 2-14 ns *slower* per select + release at n = 10 (issue
+    /// 12, sixth pass in `docs/benchmarks.md`).
     #[inline]
     pub(crate) fn new(
         view: Arc<PickView>,

@@ -170,6 +170,7 @@ impl Service {
         let snapshot = Arc::new(Snapshot {
             members: Members::default(),
             generation: 0,
+            kind: strategy.kind(),
             strategy,
             config,
             table: Default::default(),
@@ -355,7 +356,11 @@ impl Service {
                 Picked::At(i) => snap.members.get(*i).map(|m| &**m),
                 Picked::Member(m) => Some(&**m),
             };
-            let kind = snap.strategy.effective_kind();
+            // Only `adaptive` changes the strategy it uses between picks.
+            let kind = match snap.kind {
+                StrategyKind::Adaptive => snap.strategy.effective_kind(),
+                kind => kind,
+            };
             // Panic mode ignores breakers, so it takes no probe slot.
             let probe = if panic {
                 false
@@ -435,6 +440,7 @@ impl Service {
         let snap = Snapshot {
             members: old.members.clone(),
             generation: w.generation,
+            kind: strategy.kind(),
             strategy: strategy.clone(),
             config,
             table: Default::default(),
@@ -471,6 +477,7 @@ impl Service {
         let snap = Arc::new(Snapshot {
             members,
             generation,
+            kind: old.kind,
             strategy: old.strategy.clone(),
             config: old.config.clone(),
             table: Default::default(),

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::config::LoadBalancerConfig;
 use crate::members::Members;
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, StrategyKind};
 
 /// What selection reads: immutable, replaced on every change.
 #[derive(Debug)]
@@ -21,6 +21,9 @@ pub struct Snapshot {
     pub(crate) members: Members,
     pub(crate) generation: u64,
     pub(crate) strategy: Arc<dyn Strategy>,
+    /// `strategy.kind()`, read without a call: a pick asks the strategy
+    /// which one it used only for `adaptive`.
+    pub(crate) kind: StrategyKind,
     pub(crate) config: Arc<LoadBalancerConfig>,
     /// The strategy's table built for this snapshot's generation, once a
     /// pick found it (`consistent_hash`): later picks of this snapshot

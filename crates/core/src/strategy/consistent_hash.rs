@@ -207,8 +207,7 @@ impl Table {
             if fresh {
                 let c = cx.members.candidate_on(owner, line)?;
                 if cx.candidate_eligible(&c) {
-                    cx.line_of_pick = Some((c.index, line));
-                    return Some(Picked::At(c.index));
+                    return Some(cx.choose(c));
                 }
             } else {
                 let m = self.members.get(owner)?.member();

@@ -203,11 +203,12 @@ pub struct PickContext<'a> {
     /// `draw_ahead`): the first draws of `random`, `p2c` and `peak_ewma`
     /// come from here when they were made for this member count.
     pub(crate) ahead: &'a DrawAhead,
-    /// The hot line number of the position picked, when the strategy read
-    /// it on its way (`consistent_hash`'s table names lines): the pick
-    /// then does not read the list's line numbers again. A hint beside
-    /// [`Picked`], not in it: a third variant there cost every strategy
-    /// ~12 ns at n = 10 (issue 12, fifth pass in `docs/benchmarks.md`).
+    /// The position picked and its hot line number, when the strategy
+    /// checked that candidate on its way (`random`, `p2c`, `peak_ewma`,
+    /// `consistent_hash`): the pick then does not read the list's line
+    /// numbers again. A hint beside [`Picked`], not in it: a third variant
+    /// there cost every strategy ~12 ns at n = 10 (issue 12, fifth pass in
+    /// `docs/benchmarks.md`).
     pub(crate) line_of_pick: Option<(usize, u32)>,
 }
 
@@ -381,7 +382,16 @@ impl<'a> PickContext<'a> {
     /// [`random_eligible`](Self::random_eligible) as a position.
     #[inline]
     pub(crate) fn random_eligible_at(&mut self) -> Option<Picked> {
-        self.random_candidate().map(|c| Picked::At(c.index))
+        let c = self.random_candidate()?;
+        Some(self.choose(c))
+    }
+
+    /// Picks the candidate `c`: its position, with its line number kept
+    /// as the hint ([`line_of_pick`](Self::line_of_pick)).
+    #[inline]
+    pub(crate) fn choose(&mut self, c: Candidate<'_>) -> Picked {
+        self.line_of_pick = Some((c.index, c.line));
+        Picked::At(c.index)
     }
 
     /// [`random_eligible`](Self::random_eligible)'s position and slot: a
@@ -398,9 +408,7 @@ impl<'a> PickContext<'a> {
     #[inline]
     pub(crate) fn random_eligible_ahead(&mut self) -> Option<Picked> {
         let first = self.ahead.take(self.members.len());
-        let picked = self
-            .random_candidate_from(first)
-            .map(|c| Picked::At(c.index));
+        let picked = self.random_candidate_from(first).map(|c| self.choose(c));
         self.draw_ahead();
         picked
     }
@@ -511,18 +519,19 @@ impl<'a> PickContext<'a> {
         }
     }
 
-    /// [`cheaper`](Self::cheaper) on positions, by a cost of the live
-    /// state: reads no member.
+    /// [`cheaper`](Self::cheaper) on candidates, by `b_cheaper(cx, a, b)`
+    /// (whether `b` costs less than `a`) on their live states: reads no
+    /// member. Ties go to `a`.
     #[inline]
     pub(crate) fn cheaper_at(
-        &self,
+        &mut self,
         a: Candidate<'_>,
         b: Option<Candidate<'_>>,
-        cost: impl Fn(&Self, &Hot) -> f64,
+        b_cheaper: impl Fn(&Self, &Hot, &Hot) -> bool,
     ) -> Picked {
         match b {
-            Some(b) if cost(self, b.hot) < cost(self, a.hot) => Picked::At(b.index),
-            _ => Picked::At(a.index),
+            Some(b) if b_cheaper(self, a.hot, b.hot) => self.choose(b),
+            _ => self.choose(a),
         }
     }
 }
@@ -577,9 +586,56 @@ pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
     load / effective_weight.max(1e-9)
 }
 
+/// Whether `per_weight(load_b, weight_b) < per_weight(load_a, weight_a)`,
+/// without dividing: `load_b · w_a < load_a · w_b` with each weight
+/// floored as [`per_weight`] floors it (both positive, so the order is
+/// the same; loads and weights are finite and non-negative). Two
+/// multiplications instead of two divisions on the pair strategies' path.
+#[inline]
+pub(crate) fn less_per_weight(load_b: f64, weight_b: f64, load_a: f64, weight_a: f64) -> bool {
+    load_b * weight_a.max(1e-9) < load_a * weight_b.max(1e-9)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cross-multiplied comparison orders as the divided costs do, on
+    /// 100,000 seeded pairs: loads 1–64 (a queue, or a latency in ns ×
+    /// queue up to 10 s), effective weights 0–1,000 with health and ramp
+    /// factors (0 included, floored as `per_weight` floors it). Only
+    /// near-ties (costs within 1e-12 relative, rounding) may differ.
+    #[test]
+    fn comparing_cross_multiplied_orders_as_dividing() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let weight = |rng: &mut fastrand::Rng| match rng.u8(..10) {
+            0 => 0.0,
+            1 => f64::from(rng.u16(1..=1000)),
+            _ => f64::from(rng.u16(1..=5)) * rng.f64(),
+        };
+        let mut differ = 0;
+        for i in 0..100_000 {
+            let load = |rng: &mut fastrand::Rng| {
+                let q = f64::from(rng.u32(1..=64));
+                if i % 2 == 0 {
+                    q
+                } else {
+                    q * 1e10 * rng.f64()
+                }
+            };
+            let (la, lb) = (load(&mut rng), load(&mut rng));
+            let (wa, wb) = (weight(&mut rng), weight(&mut rng));
+            let (ca, cb) = (per_weight(la, wa), per_weight(lb, wb));
+            if less_per_weight(lb, wb, la, wa) != (cb < ca) {
+                assert!((ca - cb).abs() <= 1e-12 * ca.max(cb), "{ca} vs {cb}");
+                differ += 1;
+            }
+        }
+        assert!(differ <= 5, "{differ} near-ties differ");
+        // Equal costs are a tie either way (the first drawn keeps it).
+        assert!(!less_per_weight(2.0, 6.0, 1.0, 3.0));
+        assert!(!less_per_weight(1.0, 0.0, 1.0, 0.0));
+    }
 
     #[test]
     fn names_round_trip() {

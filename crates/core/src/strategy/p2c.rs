@@ -12,20 +12,26 @@
 //! candidates' lines are loaded together (see `draw_ahead`): only when the
 //! positions are drawn changes, the comparison is made at the pick's time.
 
-use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
+use super::{less_per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::hot::Hot;
 
 /// Power of two choices on connections / weight.
 #[derive(Debug, Default)]
 pub struct P2c;
 
-/// The p2c cost of an instance, from its live state alone (one cache
-/// line; see [`instance`](crate::instance)).
+/// Whether `b`'s p2c cost, `(active + 1) / effective weight`, is below
+/// `a`'s, from their live states alone (one cache line each; see
+/// [`instance`](crate::instance)). Compared cross-multiplied, not
+/// divided (`strategy::less_per_weight`): the same order, two
+/// multiplications instead of two divisions.
 #[inline]
-pub(crate) fn load_cost(cx: &PickContext<'_>, live: &Hot) -> f64 {
-    per_weight(
-        f64::from(live.active_connections()) + 1.0,
-        cx.live_effective_weight(live),
+pub(crate) fn cheaper_load(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
+    let load = |live: &Hot| f64::from(live.active_connections()) + 1.0;
+    less_per_weight(
+        load(b),
+        cx.live_effective_weight(b),
+        load(a),
+        cx.live_effective_weight(a),
     )
 }
 
@@ -36,7 +42,7 @@ impl Strategy for P2c {
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
         let (a, b) = cx.random_pair_candidates()?;
-        let chosen = cx.cheaper_at(a, b, load_cost);
+        let chosen = cx.cheaper_at(a, b, cheaper_load);
         // The next batch of draws when this one is used up (`draw_ahead`).
         cx.draw_ahead();
         Some(chosen)

@@ -81,7 +81,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{per_weight, PickContext, Picked, Strategy, StrategyKind};
+use super::{less_per_weight, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
 use crate::ewma;
 use crate::hot::Hot;
@@ -97,15 +97,19 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct PeakEwma;
 
 /// The peak-EWMA cost of `live` with its latency estimate `latency_ns`:
-/// latency × (active + 1) / effective weight.
-#[inline]
+/// latency × (active + 1) / effective weight (the tests' reference; a pick
+/// compares costs cross-multiplied, see [`cheaper`]).
+#[cfg(test)]
 fn latency_cost(cx: &PickContext<'_>, live: &Hot, latency_ns: f64) -> f64 {
     let queue = f64::from(live.active_connections()) + 1.0;
-    per_weight(latency_ns * queue, cx.live_effective_weight(live))
+    super::per_weight(latency_ns * queue, cx.live_effective_weight(live))
 }
 
 /// Whether `b` costs less than `a`, their estimates decayed to the later
-/// of their two sample times (module doc, "Costs without the clock").
+/// of their two sample times (module doc, "Costs without the clock"),
+/// compared cross-multiplied rather than divided
+/// (`strategy::less_per_weight`: the same order, two multiplications
+/// instead of two divisions).
 #[inline]
 fn cheaper(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
     let ((ea, ta), (eb, tb)) = (a.latency_sample(), b.latency_sample());
@@ -116,7 +120,13 @@ fn cheaper(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
     } else {
         (ea, eb)
     };
-    latency_cost(cx, b, eb) < latency_cost(cx, a, ea)
+    let queue = |live: &Hot| f64::from(live.active_connections()) + 1.0;
+    less_per_weight(
+        eb * queue(b),
+        cx.live_effective_weight(b),
+        ea * queue(a),
+        cx.live_effective_weight(a),
+    )
 }
 
 /// Whether `slow` is far enough behind `fast` to be avoided: the ratio,
@@ -150,9 +160,9 @@ impl Strategy for PeakEwma {
 
 /// The rule of the module doc on the drawn pair `a`, `b`.
 #[inline]
-fn choose(cx: &PickContext<'_>, a: Candidate<'_>, b: Option<Candidate<'_>>) -> Picked {
+fn choose(cx: &mut PickContext<'_>, a: Candidate<'_>, b: Option<Candidate<'_>>) -> Picked {
     let Some(b) = b else {
-        return Picked::At(a.index);
+        return cx.choose(a);
     };
     for (slow, fast) in [(a, b), (b, a)] {
         if avoids(slow.hot, fast.hot) {
@@ -161,12 +171,12 @@ fn choose(cx: &PickContext<'_>, a: Candidate<'_>, b: Option<Candidate<'_>>) -> P
             } else {
                 fast
             };
-            return Picked::At(chosen.index);
+            return cx.choose(chosen);
         }
     }
     // Ties go to `a`, drawn at random.
     let chosen = if cheaper(cx, a.hot, b.hot) { b } else { a };
-    Picked::At(chosen.index)
+    cx.choose(chosen)
 }
 
 #[cfg(test)]

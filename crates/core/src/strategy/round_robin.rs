@@ -61,6 +61,9 @@ impl Strategy for RoundRobin {
             if let Some(c) = cx.members.candidate(i) {
                 let member = || c.member().map(|m| &**m);
                 if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
+                    // The line number is read: the pick need not read it
+                    // again (`PickContext::line_of_pick`).
+                    cx.line_of_pick = Some((i, c.line));
                     return Some(m);
                 }
             }
