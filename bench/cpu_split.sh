@@ -77,7 +77,9 @@ printf 'round\tproxy\treq_per_s\tuser_us\tsys_us\ttotal_us\tsyscalls\t%s\tctx_sw
 	"$(IFS=$'\t'; echo "${SYSCALLS[*]}")" >"$TSV"
 hz=$(getconf CLK_TCK)
 for ((round = 1; round <= ROUNDS; round++)); do
-	for v in "${VARIANTS[@]}"; do
+	# Rotated each round, so no proxy always runs first.
+	for ((k = 0; k < ${#VARIANTS[@]}; k++)); do
+		v=${VARIANTS[$(((k + round - 1) % ${#VARIANTS[@]}))]}
 		IFS=: read -r kind balance <<<"$v"
 		start_proxy "$kind" "$balance" true "${BACKEND_PORTS[@]}"
 		taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNS" -n $((REQUESTS / 10)) \
