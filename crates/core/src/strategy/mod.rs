@@ -387,11 +387,19 @@ impl<'a> PickContext<'a> {
     }
 
     /// Picks the candidate `c`: its position, with its line number kept
-    /// as the hint ([`line_of_pick`](Self::line_of_pick)).
+    /// as the hint ([`keep_line`](Self::keep_line)).
     #[inline]
     pub(crate) fn choose(&mut self, c: Candidate<'_>) -> Picked {
-        self.line_of_pick = Some((c.index, c.line));
+        self.keep_line(&c);
         Picked::At(c.index)
+    }
+
+    /// Keeps `c`'s line number as the hint for the pick of `c`
+    /// ([`line_of_pick`](Self::line_of_pick)), for a strategy that builds
+    /// its [`Picked`] itself.
+    #[inline]
+    pub(crate) fn keep_line(&mut self, c: &Candidate<'_>) {
+        self.line_of_pick = Some((c.index, c.line));
     }
 
     /// [`random_eligible`](Self::random_eligible)'s position and slot: a
@@ -580,10 +588,22 @@ impl FactorDraw {
     }
 }
 
+/// The floor of an effective weight divided by (or multiplied into a
+/// comparison): it may be 0 at the start of slow start.
+const MIN_WEIGHT: f64 = 1e-9;
+
 /// Divides by an effective weight that may be 0 (start of slow start).
 #[inline]
 pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
-    load / effective_weight.max(1e-9)
+    load / effective_weight.max(MIN_WEIGHT)
+}
+
+/// The queue a request picking `live` joins: its requests in flight and
+/// this one (`active + 1`, so an idle heavy instance beats an idle light
+/// one; `p2c`'s and `peak_ewma`'s costs).
+#[inline]
+pub(crate) fn queue_joined(live: &Hot) -> f64 {
+    f64::from(live.active_connections()) + 1.0
 }
 
 /// Whether `per_weight(load_b, weight_b) < per_weight(load_a, weight_a)`,
@@ -593,7 +613,7 @@ pub(crate) fn per_weight(load: f64, effective_weight: f64) -> f64 {
 /// multiplications instead of two divisions on the pair strategies' path.
 #[inline]
 pub(crate) fn less_per_weight(load_b: f64, weight_b: f64, load_a: f64, weight_a: f64) -> bool {
-    load_b * weight_a.max(1e-9) < load_a * weight_b.max(1e-9)
+    load_b * weight_a.max(MIN_WEIGHT) < load_a * weight_b.max(MIN_WEIGHT)
 }
 
 #[cfg(test)]

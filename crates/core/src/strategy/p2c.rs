@@ -12,7 +12,7 @@
 //! candidates' lines are loaded together (see `draw_ahead`): only when the
 //! positions are drawn changes, the comparison is made at the pick's time.
 
-use super::{less_per_weight, PickContext, Picked, Strategy, StrategyKind};
+use super::{less_per_weight, queue_joined, PickContext, Picked, Strategy, StrategyKind};
 use crate::hot::Hot;
 
 /// Power of two choices on connections / weight.
@@ -26,11 +26,10 @@ pub struct P2c;
 /// multiplications instead of two divisions.
 #[inline]
 pub(crate) fn cheaper_load(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
-    let load = |live: &Hot| f64::from(live.active_connections()) + 1.0;
     less_per_weight(
-        load(b),
+        queue_joined(b),
         cx.live_effective_weight(b),
-        load(a),
+        queue_joined(a),
         cx.live_effective_weight(a),
     )
 }

@@ -81,7 +81,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{less_per_weight, PickContext, Picked, Strategy, StrategyKind};
+use super::{less_per_weight, queue_joined, PickContext, Picked, Strategy, StrategyKind};
 use crate::clock::Timestamp;
 use crate::ewma;
 use crate::hot::Hot;
@@ -101,8 +101,10 @@ pub struct PeakEwma;
 /// compares costs cross-multiplied, see [`cheaper`]).
 #[cfg(test)]
 fn latency_cost(cx: &PickContext<'_>, live: &Hot, latency_ns: f64) -> f64 {
-    let queue = f64::from(live.active_connections()) + 1.0;
-    super::per_weight(latency_ns * queue, cx.live_effective_weight(live))
+    super::per_weight(
+        latency_ns * queue_joined(live),
+        cx.live_effective_weight(live),
+    )
 }
 
 /// Whether `b` costs less than `a`, their estimates decayed to the later
@@ -120,11 +122,10 @@ fn cheaper(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
     } else {
         (ea, eb)
     };
-    let queue = |live: &Hot| f64::from(live.active_connections()) + 1.0;
     less_per_weight(
-        eb * queue(b),
+        eb * queue_joined(b),
         cx.live_effective_weight(b),
-        ea * queue(a),
+        ea * queue_joined(a),
         cx.live_effective_weight(a),
     )
 }

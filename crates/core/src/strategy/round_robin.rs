@@ -62,8 +62,8 @@ impl Strategy for RoundRobin {
                 let member = || c.member().map(|m| &**m);
                 if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
                     // The line number is read: the pick need not read it
-                    // again (`PickContext::line_of_pick`).
-                    cx.line_of_pick = Some((i, c.line));
+                    // again.
+                    cx.keep_line(&c);
                     return Some(m);
                 }
             }

@@ -64,10 +64,11 @@ pub(crate) fn give_back(mut map: HeaderMap) {
     if capacity == 0 || capacity > MAX_KEPT_CAPACITY {
         return;
     }
-    map.clear();
     SPARES.with(|s| {
         let mut spares = s.borrow_mut();
         if spares.len() < MAX_SPARES {
+            // Emptied only when kept: a map over the bound is just freed.
+            map.clear();
             spares.push(map);
         }
     });
