@@ -46,9 +46,7 @@ source "$BENCH_DIR/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in h2load nginx haproxy nstat taskset; do
-	command -v "$tool" >/dev/null || die "needs $tool"
-done
+need_tools h2load nginx haproxy nstat taskset
 SYSCALLS=(recvfrom sendto read write readv writev epoll_wait epoll_ctl futex clock_gettime)
 perf_events=""
 if command -v perf >/dev/null && perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then

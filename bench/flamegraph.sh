@@ -43,9 +43,7 @@ source "$BENCH_DIR/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in perf nginx wrk h2load taskset inferno-collapse-perf inferno-flamegraph; do
-	command -v "$tool" >/dev/null || die "$tool not found"
-done
+need_tools perf nginx wrk h2load taskset inferno-collapse-perf inferno-flamegraph
 
 case $SCENARIO in
 steady) load() { run_wrk "$@"; } ;;

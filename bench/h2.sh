@@ -49,9 +49,7 @@ source "$BENCH_DIR/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in haproxy nginx h2load taskset python3 curl; do
-	command -v "$tool" >/dev/null || die "$tool not found"
-done
+need_tools haproxy nginx h2load taskset python3 curl
 
 private_binary
 

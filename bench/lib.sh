@@ -11,6 +11,14 @@ PROXY_PID=""
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# need_tools TOOL...: dies naming the first TOOL not on the PATH.
+need_tools() {
+	local tool
+	for tool in "$@"; do
+		command -v "$tool" >/dev/null || die "$tool not found"
+	done
+}
+
 # port_open PORT: true if something accepts on 127.0.0.1:PORT.
 port_open() { bash -c "</dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 

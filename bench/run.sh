@@ -58,9 +58,7 @@ source "$BENCH_DIR/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in haproxy nginx wrk taskset python3 curl; do
-	command -v "$tool" >/dev/null || die "$tool not found"
-done
+need_tools haproxy nginx wrk taskset python3 curl
 (($(nproc) > LB_CPU && $(nproc) > LOAD_CPU)) || die "need CPUs $LB_CPU and $LOAD_CPU"
 
 private_binary

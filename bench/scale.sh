@@ -60,9 +60,7 @@ source "$BENCH_DIR/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in nginx wrk taskset python3 curl; do
-	command -v "$tool" >/dev/null || die "$tool not found"
-done
+need_tools nginx wrk taskset python3 curl
 for p in "$LISTEN_PORT" "${BACKEND_PORTS[@]}" "$ADMIN_PORT"; do
 	if port_open "$p"; then die "port $p is already in use"; fi
 done

@@ -55,9 +55,7 @@ if ((ETCD)); then
 	TOOLS+=(etcd)
 	PORTS+=($ETCD_PORT $ETCD_PEER_PORT "${DISC_BACKENDS[@]}")
 fi
-for tool in "${TOOLS[@]}"; do
-	command -v "$tool" >/dev/null || die "$tool not found"
-done
+need_tools "${TOOLS[@]}"
 for p in "${PORTS[@]}"; do
 	if port_open "$p"; then die "port $p is already in use"; fi
 done
