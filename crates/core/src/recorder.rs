@@ -32,7 +32,12 @@ use crate::clock::{Clock, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
 use crate::instance::{Member, Trackers};
+use crate::per_thread::Padded;
 use crate::stats::{Availability, ServiceStats};
+
+/// How much newer a clock reading must be to move a service's
+/// [`latest`](Recorder::latest).
+const LATEST_STEP_NS: u64 = 1_000_000;
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +84,9 @@ pub struct Recorder {
     pub(crate) stats: ServiceStats,
     panic: AtomicBool,
     rng: AtomicU64,
+    /// The service's latest clock reading, in nanoseconds: see
+    /// [`latest`](Self::latest).
+    latest: Padded<AtomicU64>,
 }
 
 impl FailureKind {
@@ -135,6 +143,7 @@ impl Recorder {
             stats: ServiceStats::default(),
             panic: AtomicBool::new(false),
             rng: AtomicU64::new(seed),
+            latest: Padded(AtomicU64::new(0)),
         }
     }
 
@@ -143,10 +152,41 @@ impl Recorder {
         &self.name
     }
 
-    /// Now, on the service's clock.
+    /// Now, on the service's clock; the reading becomes the service's
+    /// [`latest`](Self::latest).
     #[inline]
     pub(crate) fn now(&self) -> Timestamp {
-        self.clock.now()
+        let now = self.clock.now();
+        self.saw(now);
+        now
+    }
+
+    /// The service's latest clock reading, without reading the clock:
+    /// every reading of the service's clock (a recorded outcome, a pick
+    /// that needed the time, `Registry::maintain`, a registration, a
+    /// report) moves it forward when it is a millisecond or more newer.
+    /// So it is at most a millisecond older than the last reading: while
+    /// requests complete, about now; under the server, which calls
+    /// `Registry::maintain` every 100 ms, at most 100 ms old. (`service`'s
+    /// module doc, "The clock on the pick path".)
+    #[inline]
+    pub(crate) fn latest(&self) -> &AtomicU64 {
+        &self.latest
+    }
+
+    /// Moves [`latest`](Self::latest) to `now` if that is a millisecond or
+    /// more newer: a shared write at most once a millisecond, however many
+    /// threads read the clock.
+    #[inline]
+    pub(crate) fn saw(&self, now: Timestamp) {
+        let t = now.as_nanos();
+        if t >= self
+            .latest
+            .load(Ordering::Relaxed)
+            .saturating_add(LATEST_STEP_NS)
+        {
+            self.latest.store(t, Ordering::Relaxed);
+        }
     }
 
     /// Whether the service was in panic mode at the last pick or change.
@@ -170,7 +210,7 @@ impl Recorder {
 
     /// Records an outcome on `member` and returns the events it caused.
     pub(crate) fn record(&self, member: &Member, outcome: Outcome, source: Source) -> Vec<Event> {
-        let now = self.clock.now();
+        let now = self.now();
         let cfg = self.config.load();
         let live = member.live();
         let request = source == Source::Request;

@@ -48,15 +48,20 @@
 //!
 //! A pick reads the clock only if a rule it meets needs the time (a
 //! [`LazyNow`]: an open breaker, a slow-start ramp, a `peak_ewma` probe
-//! that may be due, `adaptive`'s evaluation, a stale table). The chosen instance's
-//! `last_used` gets the pick's time if it was read, else the service's
-//! latest reading: `latest`, which every clock read of the service (a
-//! pick that read it, a registration, `Registry::maintain`, a
-//! report) moves forward when it is a millisecond or more newer. So
-//! `last_used` is exact when the pick read the clock, and otherwise at
-//! most as old as the service's last clock read (to a millisecond) — under
-//! the server, which calls `Registry::maintain` every 100 ms, at most
-//! 100 ms. Nothing but reports reads `last_used`.
+//! that may be due, `adaptive`'s evaluation once it is due, a stale
+//! table); a select + release in the steady state reads none, whatever
+//! the strategy, and a recorded outcome reads it once (the integration
+//! test `clock_reads`). The service keeps its *latest* clock reading
+//! (`Recorder::latest`), which every read of its clock (a recorded
+//! outcome, a pick that read it, a registration, `Registry::maintain`, a
+//! report) moves forward when it is a millisecond or more newer. The
+//! chosen instance's `last_used` gets the pick's time if it was read,
+//! else that latest reading; `adaptive` asks it whether its evaluation is
+//! due ([`PickContext::latest`](crate::strategy::PickContext::latest)). So `last_used` is exact when the pick read the clock, and
+//! otherwise at most as old as the service's last clock read (to a
+//! millisecond): about now while requests complete, at most 100 ms under
+//! the server, which calls `Registry::maintain` every 100 ms. Only reports
+//! and `peak_ewma`'s probe rule read `last_used`.
 //!
 //! ## Identity
 //!
@@ -91,8 +96,6 @@ use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch}
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
-/// How much newer a clock reading must be to move a service's `latest`.
-const LATEST_STEP_NS: u64 = 1_000_000;
 
 /// One service: its snapshot and writer state, and the [`Recorder`] its
 /// selections report to.
@@ -108,9 +111,6 @@ pub struct Service {
     local: PerThread<PickLocal>,
     /// The service's key in the threads' view caches (see `pick_view`).
     key: ServiceKey,
-    /// The latest clock reading of this service, in nanoseconds (module
-    /// doc, "The clock on the pick path"); read by picks that read none.
-    latest: Padded<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -182,30 +182,12 @@ impl Service {
             snapshot: ArcSwap::new(snapshot),
             published: Padded(AtomicU64::new(0)),
             writer: Mutex::new(Writer::default()),
-            latest: Padded(AtomicU64::new(0)),
         }
     }
 
     /// Reads the clock and keeps the reading as the service's latest.
     fn now(&self) -> Timestamp {
-        let now = self.recorder.now();
-        self.saw(now);
-        now
-    }
-
-    /// Moves `latest` to `now` if that is a millisecond or more newer: a
-    /// shared write at most once a millisecond, however many picks read
-    /// the clock.
-    #[inline]
-    fn saw(&self, now: Timestamp) {
-        let t = now.as_nanos();
-        if t >= self
-            .latest
-            .load(Ordering::Relaxed)
-            .saturating_add(LATEST_STEP_NS)
-        {
-            self.latest.store(t, Ordering::Relaxed);
-        }
+        self.recorder.now()
     }
 
     /// The service name.
@@ -318,6 +300,7 @@ impl Service {
                 key,
                 rng: &mut rng,
                 now: &now,
+                latest: self.recorder.latest(),
                 panic,
                 slow_start: snap.config.slow_start,
                 max_probes: snap.config.breaker.half_open_max_probes,
@@ -377,10 +360,10 @@ impl Service {
             };
             let used_at = match now.if_read() {
                 Some(t) => {
-                    self.saw(t);
+                    self.recorder.saw(t);
                     t
                 }
-                None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
+                None => Timestamp::from_nanos(self.recorder.latest().load(Ordering::Relaxed)),
             };
             return Some(Selection::new(view, target, used_at, probe, kind, events));
         }
@@ -571,7 +554,7 @@ impl Service {
     /// Upkeep at `now`: rebuilds stale strategy tables and removes drained
     /// instances, appending a `Removed` event for each.
     pub(crate) fn maintain(&self, now: Timestamp, events: &mut Vec<Event>) {
-        self.saw(now);
+        self.recorder.saw(now);
         let snap = self.snapshot.load_full();
         snap.strategy.maintain(&snap.members, snap.generation, now);
         if self.writer.lock().draining.is_empty() {
@@ -843,16 +826,7 @@ mod tests {
 
     #[test]
     fn picks_on_closed_breakers_with_no_ramp_read_no_clock() {
-        for kind in [
-            StrategyKind::RoundRobin,
-            StrategyKind::LeastConnections,
-            StrategyKind::Random,
-            StrategyKind::WeightedRandom,
-            StrategyKind::P2c,
-            StrategyKind::ConsistentHash,
-            StrategyKind::Weighted,
-            StrategyKind::PeakEwma,
-        ] {
+        for kind in StrategyKind::ALL {
             let (_registry, svc, clock) = service(kind);
             picks(&svc, 1); // builds what a first pick builds
             let before = clock.reads();

@@ -32,6 +32,34 @@
 //! and the strategy changes at most once per 5 s, so noise around a
 //! threshold does not make it flap.
 //!
+//! ## When: an evaluation is due, and no pick reads the clock to see it
+//!
+//! An evaluation is due `eval_interval` (1 s) after the last one began. A
+//! pick does not read the clock to find out: it compares the due time with
+//! the service's *latest clock reading* ([`PickContext::latest`]), one
+//! relaxed load of a line written at most once a millisecond. Every read
+//! of the service's clock moves that reading forward: each recorded
+//! outcome (`Selection::success` / `failure`), `Registry::maintain`, a
+//! registration, a pick that needed the time for another rule. The first
+//! pick that finds the evaluation due takes the lock (`try_lock`: a pick
+//! that finds it taken does not wait), reads the clock once, evaluates at
+//! that time, and sets the next due time from it, so evaluations stay at
+//! least `eval_interval` apart and the dwell is measured on the clock
+//! itself. An evaluation therefore runs at most about a millisecond late
+//! while requests complete, and at most 100 ms late under the server,
+//! which calls `Registry::maintain` every 100 ms whatever the traffic. A
+//! service whose clock nobody reads (no outcomes recorded, no `maintain`)
+//! is not evaluated: call `maintain` as the registry asks.
+//!
+//! *Why:* reading the clock on every pick to compare it with the due time
+//! was one vDSO `clock_gettime` (about 100 instructions) per request: the
+//! proxy's profile put the vDSO clock at 0.84 % of its CPU, the core's
+//! pick being one of its 6.6 reads a request (`docs/benchmarks.md`), and
+//! issue 12 asks for no clock read on a pick that does not need one.
+//! Only the evaluation needs the time: the pick of the mode in use reads
+//! the clock only where that strategy's own rules do (see the `strategy`
+//! module doc).
+//!
 //! In `peak_ewma` mode the exploration rule of
 //! [`peak_ewma`](super::peak_ewma) applies: an instance 3× or more slower
 //! than its pair peer gets one probe a second (under 0.1 % of the requests
@@ -354,6 +382,24 @@ impl Adaptive {
         signals
     }
 
+    /// The evaluation, by the one pick that takes the lock; at its own
+    /// time (the one clock read), from which the next one is due.
+    #[cold]
+    #[inline(never)]
+    fn evaluate_if_due(&self, cx: &mut PickContext<'_>) {
+        let Some(mut st) = self.state.try_lock() else {
+            return; // another pick is evaluating
+        };
+        let now = cx.now();
+        if now.as_nanos() >= self.next_eval.load(Ordering::Relaxed) {
+            self.next_eval.store(
+                (now + st.config.eval_interval).as_nanos(),
+                Ordering::Relaxed,
+            );
+            self.evaluate(&mut st, cx);
+        }
+    }
+
     fn evaluate(&self, st: &mut State, cx: &mut PickContext<'_>) {
         let s = self.measure(st, cx);
         let c = st.config;
@@ -443,17 +489,10 @@ impl Strategy for Adaptive {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
-        let now = cx.now().as_nanos();
-        if now >= self.next_eval.load(Ordering::Relaxed) {
-            if let Some(mut st) = self.state.try_lock() {
-                if now >= self.next_eval.load(Ordering::Relaxed) {
-                    self.next_eval.store(
-                        (cx.now() + st.config.eval_interval).as_nanos(),
-                        Ordering::Relaxed,
-                    );
-                    self.evaluate(&mut st, cx);
-                }
-            }
+        // The service's latest clock reading, not the clock (module doc,
+        // "When"): a pick with no evaluation due reads no clock.
+        if cx.latest().as_nanos() >= self.next_eval.load(Ordering::Relaxed) {
+            self.evaluate_if_due(cx);
         }
         self.strategy(self.mode()).pick(cx)
     }

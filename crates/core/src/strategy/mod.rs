@@ -43,6 +43,7 @@ pub mod weighted;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -187,6 +188,8 @@ pub struct PickContext<'a> {
     pub rng: &'a mut fastrand::Rng,
     /// The pick's time, read on first use: see [`now`](Self::now).
     pub(crate) now: &'a LazyNow<'a>,
+    /// The service's latest clock reading: see [`latest`](Self::latest).
+    pub(crate) latest: &'a AtomicU64,
     pub(crate) panic: bool,
     pub(crate) slow_start: Duration,
     pub(crate) max_probes: u32,
@@ -295,6 +298,21 @@ impl<'a> PickContext<'a> {
     #[inline]
     pub fn now(&self) -> Timestamp {
         self.now.get()
+    }
+
+    /// A time no later than now, without reading the clock: the pick's
+    /// time if it read the clock, else the service's latest reading (at
+    /// most a millisecond older than the service's last clock read — a
+    /// recorded outcome, `Registry::maintain`, a pick that needed the
+    /// time; see `Recorder::latest`). For a rule that only asks whether a
+    /// period has surely passed, and may answer a little late: `adaptive`'s
+    /// evaluation being due.
+    #[inline]
+    pub fn latest(&self) -> Timestamp {
+        match self.now.if_read() {
+            Some(t) => t,
+            None => Timestamp::from_nanos(self.latest.load(Ordering::Relaxed)),
+        }
     }
 
     /// Whether `m` may be picked now: [`admits`](Self::admits) it and the

@@ -202,6 +202,7 @@ mod tests {
         let (members, stats) = (Members::default(), ServiceStats::default());
         let mut rng = fastrand::Rng::with_seed(12);
         let mut switched = None;
+        let latest = std::sync::atomic::AtomicU64::new(0);
         let arena = Arc::new(HotArena::default());
         let mut draw_rng = fastrand::Rng::with_seed(34);
         let mut line = || {
@@ -223,6 +224,7 @@ mod tests {
                 key: None,
                 rng: &mut rng,
                 now: &now,
+                latest: &latest,
                 panic: false,
                 slow_start: Duration::ZERO,
                 max_probes: 1,

@@ -77,6 +77,9 @@ fn switches_when_the_load_pattern_changes() {
         held.push(reg.get_instance(SVC).unwrap());
     }
     clock.advance(Duration::from_secs(6));
+    // Nothing completes, so nothing reads the clock but the server's
+    // upkeep: the evaluation is due once `maintain` saw the time.
+    reg.maintain();
     let _ = reg.get_instance(SVC).unwrap();
     assert_eq!(
         mode(&reg),
@@ -182,6 +185,7 @@ fn the_spread_threshold_is_the_configured_one() {
 fn burst(reg: &Registry, clock: &ManualClock, n: usize) -> Timestamp {
     let held: Vec<_> = (0..n).map(|_| reg.get_instance(SVC).unwrap()).collect();
     clock.advance(Duration::from_millis(1100));
+    reg.maintain(); // the only clock read while nothing completes
     let _ = reg.get_instance(SVC).unwrap();
     assert_eq!(mode(reg), StrategyKind::P2c, "20 in flight on 4 instances");
     drop(held);
@@ -189,11 +193,12 @@ fn burst(reg: &Registry, clock: &ManualClock, n: usize) -> Timestamp {
 }
 
 /// After a burst, how long (in 100 ms steps, up to 20 s) the mode stays
-/// `p2c` with nothing in flight.
+/// `p2c` with nothing in flight; `maintain` every step, as the server.
 fn p2c_held_for(reg: &Registry, clock: &ManualClock) -> Duration {
     let start = burst(reg, clock, 20);
     while clock.now().saturating_since(start) < Duration::from_secs(20) {
         clock.advance(Duration::from_millis(100));
+        reg.maintain();
         let _ = reg.get_instance(SVC).unwrap();
         if mode(reg) != StrategyKind::P2c {
             break;

@@ -7,6 +7,7 @@
 mod adaptive;
 mod bad_input;
 mod breaker_lifecycle;
+mod clock_reads;
 mod consistent_hash;
 mod counts;
 mod exploration;
