@@ -8,16 +8,15 @@
 //!
 //! A pick reads the clock through a [`LazyNow`]: at most once, and only if
 //! a rule it meets needs the time (an open breaker's window, a slow-start
-//! ramp, a `peak_ewma` probe that may be due, `adaptive`'s evaluation once
-//! due, a stale table). A `SystemClock`
+//! ramp, `adaptive`'s evaluation once due, a stale table). A `SystemClock`
 //! read is about 100 instructions (`clock_gettime` through the vDSO plus
 //! the `Instant` arithmetic), a fifth of a whole pick on a small service; a
 //! pick on closed breakers with no ramp under way needs none. A rule that
 //! only asks whether a period has surely passed (`adaptive`'s evaluation
-//! being due) asks the service's latest
-//! clock reading instead, never later than now and about a millisecond
-//! old while requests complete ([`service`](crate::service), "The clock on
-//! the pick path").
+//! being due, a `peak_ewma` probe being due) asks the service's latest
+//! clock reading instead, never later than now and about a millisecond old
+//! while requests complete ([`service`](crate::service), "The clock on the
+//! pick path").
 
 use std::cell::Cell;
 use std::fmt;

@@ -47,21 +47,23 @@
 //! ## The clock on the pick path
 //!
 //! A pick reads the clock only if a rule it meets needs the time (a
-//! [`LazyNow`]: an open breaker, a slow-start ramp, a `peak_ewma` probe
-//! that may be due, `adaptive`'s evaluation once it is due, a stale
-//! table); a select + release in the steady state reads none, whatever
-//! the strategy, and a recorded outcome reads it once (the integration
-//! test `clock_reads`). The service keeps its *latest* clock reading
-//! (`Recorder::latest`), which every read of its clock (a recorded
-//! outcome, a pick that read it, a registration, `Registry::maintain`, a
-//! report) moves forward when it is a millisecond or more newer. The
-//! chosen instance's `last_used` gets the pick's time if it was read,
-//! else that latest reading; `adaptive` asks it whether its evaluation is
-//! due ([`PickContext::latest`](crate::strategy::PickContext::latest)). So `last_used` is exact when the pick read the clock, and
-//! otherwise at most as old as the service's last clock read (to a
-//! millisecond): about now while requests complete, at most 100 ms under
-//! the server, which calls `Registry::maintain` every 100 ms. Only reports
-//! and `peak_ewma`'s probe rule read `last_used`.
+//! [`LazyNow`]: an open breaker, a slow-start ramp, `adaptive`'s evaluation
+//! once it is due, a stale table); a select + release in the steady state
+//! reads none, whatever the strategy, and a recorded outcome reads it once
+//! (the integration test `clock_reads`). The service keeps its *latest*
+//! clock reading (`Recorder::latest`), which every read of its clock (a
+//! recorded outcome, a pick that read it, a registration,
+//! `Registry::maintain`, a report) moves forward when it is a millisecond
+//! or more newer. The chosen instance's `last_used` gets the pick's time if
+//! it was read, else that latest reading; `adaptive` asks it whether its
+//! evaluation is due, and `peak_ewma` whether an avoided instance is due
+//! its probe
+//! ([`PickContext::latest`](crate::strategy::PickContext::latest)). So
+//! `last_used` is exact when the pick read the clock, and otherwise at most
+//! as old as the service's last clock read (to a millisecond): about now
+//! while requests complete, at most 100 ms under the server, which calls
+//! `Registry::maintain` every 100 ms. Only reports and `peak_ewma`'s probe
+//! rule read `last_used`.
 //!
 //! ## Identity
 //!

@@ -306,7 +306,7 @@ impl<'a> PickContext<'a> {
     /// recorded outcome, `Registry::maintain`, a pick that needed the
     /// time; see `Recorder::latest`). For a rule that only asks whether a
     /// period has surely passed, and may answer a little late: `adaptive`'s
-    /// evaluation being due.
+    /// evaluation being due, `peak_ewma`'s probe of an avoided instance.
     #[inline]
     pub fn latest(&self) -> Timestamp {
         match self.now.if_read() {

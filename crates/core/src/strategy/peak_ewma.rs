@@ -31,10 +31,21 @@
 //! `exp(−t/τ)` and leaves their order unchanged. The pick therefore
 //! decays the older sample to the time of the newer one, not both to now:
 //! the same winner as with now (whenever now is at or after both samples)
-//! for one `exp` instead of two, and no clock read. The clock is read only
-//! where the time itself matters: whether an avoided instance is due its
-//! probe, and the rules of eligibility and slow start that need it for
-//! any strategy (an open breaker, a ramp).
+//! for one `exp` instead of two, and no clock read.
+//!
+//! Whether an avoided instance is due its probe is asked of the service's
+//! latest clock reading ([`PickContext::latest`]), not of the clock: that
+//! reading is never later than now, so an instance it finds due is due,
+//! and one it does not is probed at most the reading's age late — about a
+//! millisecond while requests complete (every recorded outcome reads the
+//! clock), at most 100 ms under the server's 100 ms upkeep; the probe's
+//! `last_used` is stamped from the same reading. *Why:* the check runs on
+//! every pick whose pair holds an avoided instance — two picks in three
+//! with one slow instance among three — and a clock read there is a vDSO
+//! `clock_gettime` (~100 instructions) for a question a millisecond-old
+//! time answers as well. So a pick reads the clock only for the rules of
+//! eligibility and slow start that need it for any strategy (an open
+//! breaker, a ramp).
 //!
 //! ## Exploration: how often a slow instance is still tried
 //!
@@ -138,7 +149,9 @@ fn avoids(slow: &Hot, fast: &Hot) -> bool {
         && slow.answered.load(Ordering::Relaxed)
 }
 
-/// Whether the avoided `live` is due its probe at `now`.
+/// Whether the avoided `live` is due its probe at `now` (the pick's
+/// [`latest`](PickContext::latest) time: module doc, "Costs without the
+/// clock").
 #[inline]
 fn due_probe(live: &Hot, now: Timestamp) -> bool {
     let last = Timestamp::from_nanos(live.last_used.load(Ordering::Relaxed));
@@ -167,7 +180,7 @@ fn choose(cx: &mut PickContext<'_>, a: Candidate<'_>, b: Option<Candidate<'_>>) 
     };
     for (slow, fast) in [(a, b), (b, a)] {
         if avoids(slow.hot, fast.hot) {
-            let chosen = if due_probe(slow.hot, cx.now()) {
+            let chosen = if due_probe(slow.hot, cx.latest()) {
                 slow
             } else {
                 fast

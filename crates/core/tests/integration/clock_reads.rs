@@ -107,3 +107,41 @@ fn adaptive_reads_the_clock_once_per_evaluation_when_a_reading_shows_it_due() {
     assert_eq!(status.signals.concurrency, 0.0, "evaluated: {status:?}");
     assert_eq!(status.mode, StrategyKind::P2c, "the dwell holds it");
 }
+
+/// `n` sequential requests a millisecond apart, `i0` answering in 50 ms
+/// and the others in 1 ms; how many went to `i0`.
+fn slow_i0_traffic(reg: &Registry, clock: &CountingClock, n: usize) -> usize {
+    let mut to_i0 = 0;
+    for _ in 0..n {
+        let s = reg.get_instance(SVC).unwrap();
+        let slow = s.instance().id().as_str() == "i0";
+        to_i0 += usize::from(slow);
+        let _ = s.success(Duration::from_millis(if slow { 50 } else { 1 }));
+        clock.advance(STEP);
+    }
+    to_i0
+}
+
+#[test]
+fn peak_ewma_probes_an_avoided_instance_once_a_second_without_reading_the_clock() {
+    let (reg, clock) = counting_registry(StrategyKind::PeakEwma);
+    populate(&reg, &[1, 1, 1]);
+    // Each answers once (one that never answered is not avoided), then
+    // the estimates settle: i0 is avoided.
+    let svc = reg.service(SVC).unwrap();
+    for (id, ms) in [("i0", 50), ("i1", 1), ("i2", 1)] {
+        let s = svc.select_with(None, |m| m.instance().id().as_str() == id);
+        let _ = s.unwrap().success(Duration::from_millis(ms));
+    }
+    slow_i0_traffic(&reg, &clock, 3000);
+    // Two picks in three meet i0 in their pair, avoid it and ask whether
+    // it is due its probe: of the service's latest reading, which each
+    // request's record moved, not of the clock.
+    let before = clock.reads();
+    let to_i0 = slow_i0_traffic(&reg, &clock, 5000);
+    assert_eq!(clock.reads() - before, 5000, "the records' reads only");
+    assert!(
+        (4..=6).contains(&to_i0),
+        "one probe a second: {to_i0} in 5 s"
+    );
+}
