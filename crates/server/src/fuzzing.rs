@@ -447,32 +447,40 @@ pub fn request_headers(data: &[u8]) -> Result<(), String> {
 ///
 /// When the body holds more bytes than the input, or when the response fed
 /// in one piece and in small pieces parses differently (other head, body
-/// bytes or outcome): parsing must not depend on how reads split it.
+/// bytes or outcome): parsing must not depend on how reads split it. The
+/// whole is parsed into a header map, the pieces with the head kept as its
+/// lines (`proxy::raw_head`) where the rule allows: the two must give the
+/// same headers (but the framing ones the writer sets itself).
 pub fn upstream_response(data: &[u8]) -> Result<usize, String> {
     let head_request = data.first().is_some_and(|b| b & 1 == 1);
     let piece = usize::from(data.get(1).copied().unwrap_or(0)) + 1;
     let response = data.get(2..).unwrap_or_default();
-    let whole = decode_response(response, response.len().max(1), head_request);
-    let pieces = decode_response(response, piece, head_request);
+    let whole = decode_response(response, response.len().max(1), head_request, false);
+    let pieces = decode_response(response, piece, head_request, true);
     assert_eq!(whole, pieces, "pieces of {piece} bytes parse differently");
-    let (status, body) = whole?;
+    let (_, _, body) = whole?;
     assert!(body.len() <= response.len(), "more body than input");
-    let _ = status;
     Ok(body.len())
 }
 
+/// A decoded response: its status, headers (name, value) and body.
+type Decoded = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
+
 /// Feeds `response` to the upstream parser `piece` bytes at a time; the
-/// final status and body, or the error.
+/// final status, headers and body, or the error.
 fn decode_response(
     response: &[u8],
     piece: usize,
     head_request: bool,
-) -> Result<(u16, Vec<u8>), String> {
+    raw_ok: bool,
+) -> Result<Decoded, String> {
     use crate::proxy::h1_exchange::{take_head, Decoder, Step};
     let mut fed = response.chunks(piece);
     let mut buf = bytes::BytesMut::new();
+    let mut kept = None;
     let head = loop {
-        if let Some(head) = take_head(&mut buf, head_request).map_err(|e| e.to_string())? {
+        let keep = raw_ok.then_some(&mut kept);
+        if let Some(head) = take_head(&mut buf, head_request, keep).map_err(|e| e.to_string())? {
             break head;
         }
         match fed.next() {
@@ -499,7 +507,26 @@ fn decode_response(
             },
         }
     }
-    Ok((head.parts.status.as_u16(), body))
+    // The headers a client would be sent, the framing ones aside; by name
+    // (a map groups a name's values, the lines keep the instance's order).
+    let framing = |n: &str| matches!(n, "content-length" | "transfer-encoding" | "connection");
+    let headers = match &kept {
+        Some(raw) => raw
+            .lines()
+            .map(|(n, v)| (String::from_utf8_lossy(n).to_ascii_lowercase(), v.to_vec()))
+            .filter(|(n, _)| !framing(n))
+            .collect(),
+        None => head
+            .parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .filter(|(n, _)| !framing(n))
+            .collect(),
+    };
+    let mut headers: Vec<(String, Vec<u8>)> = headers;
+    headers.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((head.parts.status.as_u16(), headers, body))
 }
 
 /// `client_request`: the client-side HTTP/1.1 fast path's request-head

@@ -59,6 +59,11 @@ impl<B: Body, W: Watch> Watched<B, W> {
         }
     }
 
+    /// The wrapped body.
+    pub(crate) fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
     fn end(&mut self, how: BodyEnd) {
         if let Some(w) = self.watch.take() {
             w.end(how);

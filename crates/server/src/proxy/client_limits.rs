@@ -204,6 +204,11 @@ impl<B> InFlight<B> {
             _guard: guard,
         }
     }
+
+    /// The wrapped body.
+    pub(crate) fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
 }
 
 impl<B: Body + Unpin> Body for InFlight<B> {
@@ -332,6 +337,11 @@ impl<B> StallTimeout<B> {
             sleep: None,
             armed: false,
         }
+    }
+
+    /// The wrapped body.
+    pub(crate) fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
     }
 }
 

@@ -70,7 +70,9 @@ use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
+use super::headers::{is_hop_by_hop_name, name_is};
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
+use super::raw_head::RawHeaders;
 use super::request_body::UpstreamBody;
 use super::spare_maps;
 use super::upstream_tls::UpstreamIo;
@@ -135,6 +137,12 @@ pub(crate) struct H1Conn {
     write_buf: Vec<u8>,
     /// How much the read buffer is grown by when it runs short.
     read_size: usize,
+    /// The current exchange's [`RequestHead::raw_response`].
+    raw_response: bool,
+    /// The current response's head kept as lines, until the writer takes
+    /// it ([`H1Body::take_kept_head`]). Here, boxed with the connection,
+    /// rather than in the body, which is moved a few times.
+    kept_head: Option<RawHeaders>,
 }
 
 impl fmt::Debug for H1Conn {
@@ -155,6 +163,9 @@ pub(crate) struct RequestHead<'a> {
     /// Sent instead of the headers' Host (in its place; last when they
     /// have none).
     pub(crate) host: Option<&'a HeaderValue>,
+    /// The response head may be kept as its lines ([`raw_head`](super::raw_head)): the
+    /// client is answered by `h1_server`'s writer.
+    pub(crate) raw_response: bool,
 }
 
 impl<'a> RequestHead<'a> {
@@ -166,6 +177,7 @@ impl<'a> RequestHead<'a> {
             uri: &parts.uri,
             headers: &parts.headers,
             host: None,
+            raw_response: false,
         }
     }
 }
@@ -214,6 +226,8 @@ impl H1Conn {
             read_buf: BytesMut::new(),
             write_buf: Vec::new(),
             read_size: READ_SIZE,
+            raw_response: false,
+            kept_head: None,
         })
     }
 
@@ -285,6 +299,8 @@ impl H1Conn {
         mut body: UpstreamBody,
     ) -> Result<Response<H1Body>, ExchangeError> {
         let head_request = head.method == Method::HEAD;
+        self.raw_response = head.raw_response;
+        self.kept_head = None;
         let close_asked = has_token(head.headers, b"close");
         let framing = send_framing(&head, &body);
         let declared = (framing == SendFraming::Chunked)
@@ -369,7 +385,11 @@ impl H1Conn {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(ExchangeError::ClosedBeforeHead)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Ready(Ok(_)) => {
-                    if let Some(head) = take_head(&mut self.read_buf, head_request)? {
+                    if let Some(head) = take_head(
+                        &mut self.read_buf,
+                        head_request,
+                        self.raw_response.then_some(&mut self.kept_head),
+                    )? {
                         *early = Some(head);
                         return Poll::Ready(Ok(()));
                     }
@@ -385,7 +405,11 @@ impl H1Conn {
         head_request: bool,
     ) -> Poll<Result<ResponseHead, ExchangeError>> {
         loop {
-            if let Some(head) = take_head(&mut self.read_buf, head_request)? {
+            if let Some(head) = take_head(
+                &mut self.read_buf,
+                head_request,
+                self.raw_response.then_some(&mut self.kept_head),
+            )? {
                 return Poll::Ready(Ok(head));
             }
             match self.poll_read_more(cx) {
@@ -626,13 +650,17 @@ fn content_length_of<'a>(
 }
 
 /// Parses a final response head off the front of `buf`, skipping 1xx
-/// heads other than 101; `Ok(None)` while it is incomplete.
+/// heads other than 101; `Ok(None)` while it is incomplete. With `kept`,
+/// the head may be kept there as its lines, its map left empty
+/// ([`raw_head`](super::raw_head)): an out-parameter rather than a field of
+/// the head, which is moved out of each parse, complete or not.
 pub(crate) fn take_head(
     buf: &mut BytesMut,
     head_request: bool,
+    mut kept: Option<&mut Option<RawHeaders>>,
 ) -> Result<Option<ResponseHead>, ExchangeError> {
     loop {
-        let Some(head) = parse_head(buf, head_request)? else {
+        let Some(head) = parse_head(buf, head_request, kept.as_deref_mut())? else {
             return Ok(None);
         };
         let status = head.parts.status;
@@ -647,6 +675,7 @@ pub(crate) fn take_head(
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
+    kept: Option<&mut Option<RawHeaders>>,
 ) -> Result<Option<ResponseHead>, ExchangeError> {
     // Uninitialised slots: nothing to clear per parse (httparse's own
     // safe API for them).
@@ -695,7 +724,7 @@ fn parse_head(
         parsed
             .headers
             .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .filter(move |h| name_is(h.name.as_bytes(), name))
             .map(|h| h.value)
     };
     // Whether there is a `transfer-encoding`, and its last coding chunked.
@@ -705,7 +734,31 @@ fn parse_head(
     let content_length = named("content-length");
     let has_content_length = content_length.clone().next().is_some();
     let length = content_length_of(content_length);
-    let spans = if connection.names_others {
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    // Both framings: a smuggling shape, left to the map path's rules.
+    let both_framings = transfer_encoding.is_some() && has_content_length;
+    let other_hop_by_hop = || {
+        parsed.headers.iter().any(|h| {
+            is_hop_by_hop_name(h.name)
+                && !name_is(h.name.as_bytes(), "connection")
+                && !name_is(h.name.as_bytes(), "transfer-encoding")
+        })
+    };
+    let keep_raw = kept.is_some()
+        && !(bodiless || connection.names_others || both_framings)
+        && !other_hop_by_hop();
+    let spans = if keep_raw {
+        // What the writer frames itself, and `Connection`, read above.
+        HeaderSpans::of_matching(buf, parsed.headers, |h| {
+            let name = h.name.as_bytes();
+            !(name_is(name, "connection")
+                || name_is(name, "content-length")
+                || name_is(name, "transfer-encoding"))
+        })
+    } else if connection.names_others {
         HeaderSpans::of(buf, parsed.headers)
     } else {
         HeaderSpans::of_without(buf, parsed.headers, header::CONNECTION.as_str())
@@ -717,15 +770,14 @@ fn parse_head(
     // response head is written, for the next request it parses, which the
     // proxy then adds its forwarding headers to.
     let mut headers = spare_maps::take(count);
-    spans
-        .append_to(&head, &mut headers)
-        .map_err(ExchangeError::Head)?;
+    match kept {
+        Some(kept) if keep_raw => *kept = Some(RawHeaders::new(head, spans)),
+        _ => spans
+            .append_to(&head, &mut headers)
+            .map_err(ExchangeError::Head)?,
+    }
 
-    let framing = if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    let framing = if bodiless {
         ReadFraming::Empty
     } else if let Some(chunked) = transfer_encoding {
         if chunked {
@@ -775,7 +827,7 @@ impl ConnectionTokens {
         let mut tokens = Self::default();
         for h in headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .filter(|h| name_is(h.name.as_bytes(), "connection"))
         {
             for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -817,7 +869,22 @@ impl Drop for HeaderSpans {
     }
 }
 
+impl Clone for HeaderSpans {
+    fn clone(&self) -> Self {
+        Self {
+            spans: self.spans.clone(),
+        }
+    }
+}
+
 impl HeaderSpans {
+    /// Each header's name start and end, value start and end.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        self.spans
+            .iter()
+            .map(|&(ns, ne, vs, ve)| (ns as usize, ne as usize, vs as usize, ve as usize))
+    }
+
     /// The spans of `headers`, parsed from `buf` (which they borrow).
     pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
         Self::of_matching(buf, headers, |_| true)
@@ -825,10 +892,11 @@ impl HeaderSpans {
 
     /// The spans of `headers` but those named `skip`.
     fn of_without(buf: &[u8], headers: &[httparse::Header<'_>], skip: &str) -> Self {
-        Self::of_matching(buf, headers, |h| !h.name.eq_ignore_ascii_case(skip))
+        Self::of_matching(buf, headers, |h| !name_is(h.name.as_bytes(), skip))
     }
 
-    fn of_matching(
+    /// The spans of the `headers` that `keep` keeps.
+    pub(crate) fn of_matching(
         buf: &[u8],
         headers: &[httparse::Header<'_>],
         keep: impl Fn(&httparse::Header<'_>) -> bool,
@@ -1130,9 +1198,16 @@ impl H1Body {
         if !(self.decoder.is_done() && self.reusable) {
             return None;
         }
-        let conn = self.conn.take()?;
+        let mut conn = self.conn.take()?;
+        // An idle connection holds no head.
+        conn.kept_head = None;
         // Bytes after the response: the server is out of step. Not reused.
         conn.read_buf.is_empty().then_some(conn)
+    }
+
+    /// The response head kept as lines, if it was (taken once).
+    pub(crate) fn take_kept_head(&mut self) -> Option<RawHeaders> {
+        self.conn.as_mut()?.kept_head.take()
     }
 
     fn fail(&mut self, e: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
@@ -1391,7 +1466,7 @@ mod tests {
     fn a_reason_phrase_of_its_own_is_kept_and_the_standard_one_is_not() {
         let reason = |head: &[u8]| {
             let mut buf = BytesMut::from(head);
-            let head = take_head(&mut buf, false).unwrap().unwrap();
+            let head = take_head(&mut buf, false, None).unwrap().unwrap();
             head.parts
                 .extensions
                 .get::<hyper::ext::ReasonPhrase>()
@@ -1413,7 +1488,7 @@ mod tests {
     fn a_connection_of_close_or_keep_alive_only_is_read_and_left_out_of_the_map() {
         let head = |head: &[u8]| {
             let mut buf = BytesMut::from(head);
-            take_head(&mut buf, false).unwrap().unwrap()
+            take_head(&mut buf, false, None).unwrap().unwrap()
         };
         let connection = |h: &ResponseHead| {
             h.parts

@@ -47,7 +47,9 @@
 //! ## The response (as hyper 1 writes it for HTTP/1.1, `writev(false)`)
 //!
 //! Status line (a `ReasonPhrase` extension, passed on from the instance,
-//! replaces the standard phrase), the headers in their order, then the
+//! replaces the standard phrase), the headers in their order (an
+//! instance's head kept as its lines, [`raw_head`](super::raw_head): those
+//! lines as it spelled them, then the map's, which replace theirs), then the
 //! framing: the response's `Content-Length` when its body has an exact
 //! size or the value is valid; else `content-length` from the body's exact
 //! size; else `transfer-encoding: chunked`. HEAD, 204 and 304 have no body
@@ -96,7 +98,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::client_limits::{ConnWatch, RequestGuard, StallTimeout};
 use super::h1_exchange::HeaderSpans;
+use super::headers::name_is;
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
+use super::raw_head::{KeptHead, RawHeaders};
 use super::spare_maps;
 use super::BoxError;
 
@@ -251,7 +255,7 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Taken {
     let mut close = false;
     for h in parsed.headers.iter() {
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name_is(name, "content-length") {
             if body_len.is_some() {
                 return Taken::HandOff;
             }
@@ -259,7 +263,7 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Taken {
                 Some(n) if n <= MAX_FAST_BODY => body_len = Some(n),
                 _ => return Taken::HandOff,
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if name_is(name, "connection") {
             for token in h.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
@@ -268,10 +272,10 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Taken {
                     return Taken::HandOff;
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-            || name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"te")
+        } else if name_is(name, "upgrade")
+            || name_is(name, "expect")
+            || name_is(name, "transfer-encoding")
+            || name_is(name, "te")
         {
             return Taken::HandOff;
         }
@@ -357,7 +361,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<BufferedBody>, RequestGuard) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + KeptHead,
     B::Error: Into<BoxError>,
 {
     let mut out: Vec<u8> = Vec::new();
@@ -535,15 +539,17 @@ enum Framing {
 async fn write_response<IO, B>(
     io: &mut IO,
     out: &mut Vec<u8>,
-    resp: Response<B>,
+    mut resp: Response<B>,
     head_request: bool,
     mut close: bool,
 ) -> io::Result<(HeaderMap, bool)>
 where
     IO: AsyncWrite + Unpin,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + KeptHead,
     B::Error: Into<BoxError>,
 {
+    // First: the body may hand its connection back once it has ended.
+    let raw = resp.body_mut().take_kept_head();
     let (mut parts, body) = resp.into_parts();
     let body = pin!(body);
     let mut body = Some(body);
@@ -553,7 +559,7 @@ where
         Some(body.as_ref().and_then(|b| b.size_hint().exact()))
     };
     out.clear();
-    let Some(framing) = encode_head(out, &mut parts, length, head_request, &mut close) else {
+    let Some(framing) = encode_head(out, &mut parts, length, head_request, &mut close, raw) else {
         // A response hyper would not write either (an invalid length).
         return Err(io::Error::other("invalid content-length in a response"));
     };
@@ -666,6 +672,7 @@ fn encode_head(
     length: Option<Option<u64>>,
     head_request: bool,
     close: &mut bool,
+    raw: Option<RawHeaders>,
 ) -> Option<Framing> {
     let status = parts.status;
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
@@ -693,7 +700,12 @@ fn encode_head(
         *close = true;
     }
     let mut framing: Option<Framing> = None;
-    let mut wrote_date = false;
+    // An instance's head kept as its lines (`raw_head`): those first, then
+    // the map's (which replace theirs).
+    let mut wrote_date = match raw {
+        Some(raw) => raw.encode(&parts.headers, out),
+        None => false,
+    };
     let mut said_close = false;
     for (name, value) in &parts.headers {
         match *name {
@@ -1255,7 +1267,7 @@ mod tests {
             let (mut parts, ()) = resp.into_parts();
             let mut out = Vec::new();
             let mut close = false;
-            let framing = encode_head(&mut out, &mut parts, length, head, &mut close);
+            let framing = encode_head(&mut out, &mut parts, length, head, &mut close, None);
             (String::from_utf8(out).unwrap(), framing)
         };
         // An empty body: `content-length: 0`, except on HEAD, 204 and 304.

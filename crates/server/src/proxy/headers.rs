@@ -65,6 +65,48 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     HOP_BY_HOP.iter().position(|h| h == name)
 }
 
+/// Whether the header name `name`, as httparse parsed it (any case), is
+/// one of [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop_name(name: &str) -> bool {
+    let len = name.len();
+    len < 64
+        && HOP_BY_HOP_LENGTHS & (1 << len) != 0
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| name_is(name.as_bytes(), h.as_str()))
+}
+
+/// Whether the header name `name`, as httparse parsed it, is `lower` (a
+/// lowercase name of letters, digits and `-`), in any case. Eight bytes at
+/// a time: setting bit 5 of each byte lowercases an ASCII letter and
+/// leaves a digit or `-` as it is, and the only other byte it maps onto
+/// one of those is CR (onto `-`), which httparse lets into no name. A
+/// byte-by-byte `eq_ignore_ascii_case` per name and head was ~1,000
+/// instructions a request (callgrind).
+pub(crate) fn name_is(name: &[u8], lower: &str) -> bool {
+    let lower = lower.as_bytes();
+    if name.len() != lower.len() {
+        return false;
+    }
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    let mut names = name.chunks(8);
+    let mut lowers = lower.chunks(8);
+    loop {
+        match (names.next(), lowers.next()) {
+            (Some(n), Some(l)) => {
+                if word(n) | 0x2020_2020_2020_2020 != word(l) | 0x2020_2020_2020_2020 {
+                    return false;
+                }
+            }
+            _ => return true,
+        }
+    }
+}
+
 /// Removes the hop-by-hop headers: those of [`HOP_BY_HOP`] and those named
 /// in `Connection` (a `TE: trailers` stays). One pass over the names first:
 /// most requests carry none of them (and most responses only
@@ -324,6 +366,35 @@ fn forwarded_element(out: &mut String, ip: IpAddr, scheme: &str, host: Option<&H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_is_agrees_with_eq_ignore_ascii_case_on_token_names() {
+        // Every token byte (what httparse lets into a name) in every place
+        // of every name it is asked about, in both cases.
+        let tchar: Vec<u8> = (0u8..=255)
+            .filter(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+            .collect();
+        let mut names: Vec<&str> = HOP_BY_HOP.iter().map(|h| h.as_str()).collect();
+        names.extend(["content-length", "expect", "x-request-id", "a", "abcdefgh"]);
+        for lower in names {
+            let upper = lower.to_ascii_uppercase();
+            assert!(name_is(upper.as_bytes(), lower), "{upper}");
+            for at in 0..lower.len() {
+                for &b in &tchar {
+                    let mut name = lower.as_bytes().to_vec();
+                    name[at] = b;
+                    assert_eq!(
+                        name_is(&name, lower),
+                        name.eq_ignore_ascii_case(lower.as_bytes()),
+                        "{:?} against {lower}",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+            assert!(!name_is(&lower.as_bytes()[1..], lower));
+            assert!(!name_is(format!("{lower}x").as_bytes(), lower));
+        }
+    }
 
     #[test]
     fn the_hop_by_hop_lengths_and_te_index_match_the_list() {

@@ -101,6 +101,7 @@ use super::h1_server::{self, BufferedBody, Prefixed, Served, Shutdown};
 use super::headers::{set_forwarding_from, strip_hop_by_hop, Forwarding, Peer};
 use super::hygiene;
 use super::pool::PooledBody;
+use super::raw_head::KeptHead;
 use super::request_body::read_body;
 use super::request_id::{request_id, X_REQUEST_ID};
 use super::spare_maps;
@@ -660,7 +661,14 @@ pub(crate) fn handle<'a>(
         };
         resp.headers_mut().insert(X_REQUEST_ID, id);
         match entry {
-            Some(e) => e.respond(resp).map(ResponseBody::Other),
+            Some(e) => {
+                // Boxed below, where `h1_server`'s writer cannot reach a
+                // head kept as lines: into the map it goes.
+                if let Some(raw) = resp.body_mut().take_kept_head() {
+                    raw.into_map(resp.headers_mut());
+                }
+                e.respond(resp).map(ResponseBody::Other)
+            }
             None => resp,
         }
     }
@@ -686,6 +694,8 @@ fn proxy<'a>(
             return Ok(resp.map(ResponseBody::Other));
         }
         let upgrade = upgrade::requested(&parts);
+        // `h1_server`'s fast path: its writer takes a head kept as lines.
+        let raw_response = matches!(body, ClientBody::Buffered(_));
         let (mut body, waited) = match read_body(&parts, body).await {
             Ok(read) => (read.body, read.waited),
             Err(resp) => return Ok(resp.map(ResponseBody::Other)),
@@ -735,6 +745,7 @@ fn proxy<'a>(
             per_try_timeout: up.per_try_timeout,
             clients: &up.clients,
             service: &up.name,
+            raw_response,
         };
         let key = key.as_ref().map(|k| &k[..]);
         let ended = match entry {

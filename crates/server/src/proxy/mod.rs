@@ -37,6 +37,7 @@ pub(crate) mod http;
 pub(crate) mod hygiene;
 pub(crate) mod maybe_tls;
 pub(crate) mod pool;
+pub(crate) mod raw_head;
 pub(crate) mod request_body;
 pub(crate) mod request_id;
 pub(crate) mod retry;

@@ -147,6 +147,7 @@ use tracing::{debug, warn};
 
 use super::h1_exchange::{ExchangeError, H1Body, H1Conn, RequestHead};
 use super::h2_upstream::{self, H2Body, H2Sender, SendFailure};
+use super::raw_head::RawHeaders;
 use super::request_body::UpstreamBody;
 use super::upstream_tls::{UpstreamIo, UpstreamTls};
 use super::BoxError;
@@ -912,6 +913,15 @@ impl PooledBody {
                 to: to.clone(),
                 began,
             },
+        }
+    }
+
+    /// Its HTTP/1.1 response head kept as lines, if it was (taken once;
+    /// `raw_head`).
+    pub(crate) fn take_kept_head(&mut self) -> Option<RawHeaders> {
+        match &mut self.kind {
+            Kind::H1 { body, .. } => body.take_kept_head(),
+            Kind::H2 { .. } => None,
         }
     }
 

@@ -219,6 +219,9 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) per_try_timeout: Option<Duration>,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
+    /// An HTTP/1.1 answer may keep its head as lines
+    /// ([`raw_head`](super::raw_head)): the client is `h1_server`'s.
+    pub(crate) raw_response: bool,
 }
 
 /// Whether a request, once it reached an instance, may be sent to another:
@@ -383,6 +386,7 @@ impl Step for HttpStep<'_> {
                 uri: &self.parts.uri,
                 headers: &self.parts.headers,
                 host: host.as_ref(),
+                raw_response: self.raw_response,
             };
             let began = tokio::time::Instant::from_std(self.attempt_at);
             tokio::time::timeout_at(until, pool.send_h1(&to, head, body, began)).await
@@ -448,6 +452,7 @@ mod tests {
             per_try_timeout: None,
             clients,
             service: "api",
+            raw_response: false,
         }
     }
 

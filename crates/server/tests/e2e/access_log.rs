@@ -75,6 +75,14 @@ async fn each_request_is_logged_with_every_field() {
     assert_eq!(line["request_id"], sent[0].as_str());
     assert_eq!(line["request_id"], resp["x-request-id"].to_str().unwrap());
     assert_eq!(backend.seen.lock()[0].body_len, 5);
+    // The instance's own headers reach the client (the log's boxed body
+    // takes a head kept as lines into the map: `raw_head`), its
+    // `x-request-id` replaced by the proxy's.
+    assert_eq!(
+        resp.get_all("x-recorder").iter().collect::<Vec<_>>(),
+        ["seen", "twice"]
+    );
+    assert_eq!(resp.get_all("x-request-id").iter().count(), 1);
     for (field, want) in [
         ("listener", Value::from("web")),
         ("service", "api".into()),
@@ -127,8 +135,17 @@ async fn with_the_log_off_nothing_is_written() {
     let backend = Recorder::start("ok").await;
     let log = temp_path("access-off.log");
     let lb = Lb::start(&config(&log, "", &backend));
-    let (status, _, _) = exchange(lb.addr("web"), "GET", "/", &[], "").await;
+    let (status, resp, _) = exchange(lb.addr("web"), "GET", "/", &[], "").await;
     assert_eq!(status, 200);
+    // Without the log, the same headers (the head's lines written as they
+    // came: `raw_head`).
+    assert_eq!(
+        resp.get_all("x-recorder").iter().collect::<Vec<_>>(),
+        ["seen", "twice"]
+    );
+    let ids: Vec<_> = resp.get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1);
+    assert_ne!(ids[0], "backend");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!log.exists(), "the log was created");
 }

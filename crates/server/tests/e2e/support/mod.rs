@@ -777,7 +777,13 @@ impl Recorder {
                             let got = req.into_body().collect().await.map(|b| b.to_bytes());
                             let body_len = got.map_or(0, |b| b.len());
                             seen.lock().push(Seen { headers, body_len });
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                            // Headers of its own, and an id the proxy replaces.
+                            let mut resp = Response::new(Full::new(Bytes::from(body)));
+                            let h = resp.headers_mut();
+                            h.insert("x-recorder", http::HeaderValue::from_static("seen"));
+                            h.append("x-recorder", http::HeaderValue::from_static("twice"));
+                            h.insert("x-request-id", http::HeaderValue::from_static("backend"));
+                            Ok::<_, Infallible>(resp)
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
