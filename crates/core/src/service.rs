@@ -94,7 +94,7 @@ use crate::recorder::{Outcome, Recorder, Source};
 use crate::selection::{PickLocal, Selection, Target};
 pub use crate::snapshot::Snapshot;
 use crate::stats::{Availability, ServiceStats};
-use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
+use crate::strategy::{drawn, AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
@@ -284,6 +284,43 @@ impl Service {
             pick_view::release(view);
             return None;
         }
+        // The common case of the strategies that draw ahead, decided
+        // without a context (`strategy::drawn`: the same outcome).
+        let draws_ahead = matches!(
+            snap.kind,
+            StrategyKind::Random | StrategyKind::P2c | StrategyKind::PeakEwma
+        );
+        if draws_ahead && accept.is_none() && !panic && events.is_empty() {
+            let latest = self.recorder.latest();
+            let slow_start = snap.config.slow_start;
+            if let Some(c) = drawn::pick(snap.kind, &snap.members, &local.ahead, slow_start, latest)
+            {
+                local.refill(&snap.members, || self.recorder.next_seed());
+                let target = Target::At {
+                    index: c.index,
+                    line: c.line,
+                };
+                let (kind, used_at) = (snap.kind, latest.load(Ordering::Relaxed));
+                let used_at = Timestamp::from_nanos(used_at);
+                return Some(Selection::new(view, target, used_at, false, kind, events));
+            }
+        }
+        self.pick_general(key, accept, local, view, panic, events)
+    }
+
+    /// [`pick`](Self::pick) past its common case: every rule, through the
+    /// strategy's [`pick`](crate::strategy::Strategy::pick).
+    #[inline]
+    fn pick_general(
+        &self,
+        key: Option<&[u8]>,
+        accept: Option<&dyn Fn(&Member) -> bool>,
+        local: &PickLocal,
+        view: Arc<PickView>,
+        panic: bool,
+        mut events: Vec<Event>,
+    ) -> Option<Selection> {
+        let snap = view.snapshot();
         let now = LazyNow::new(&*self.recorder.clock);
         let mut rng = local.take_rng(|| self.recorder.next_seed());
         let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
@@ -823,6 +860,99 @@ mod tests {
                 rng = fastrand::Rng::with_seed(rng.get_seed() | 1);
             }
             assert_eq!(got, want, "{kind}");
+        }
+    }
+
+    /// A plain `select` takes the common case of `strategy::drawn` where
+    /// it applies; `select_with` an accept-all filter always takes the
+    /// general path. Two services built alike from one seed, picked from
+    /// alike (selections held to vary the loads, the clock moved to end
+    /// windows and make probes due), must pick alike: among weights 1–5,
+    /// latencies 1–50 ms, and draining, ejected, half-healthy, open,
+    /// ramping instances. Fails if the common case decides one pick
+    /// otherwise, or takes a draw the general path would not.
+    #[test]
+    fn plain_selects_pick_as_the_general_path() {
+        const N: usize = 40;
+        for kind in [
+            StrategyKind::Random,
+            StrategyKind::P2c,
+            StrategyKind::PeakEwma,
+        ] {
+            let run = |plain: bool| -> Vec<String> {
+                let clock = Arc::new(ManualClock::default());
+                let registry = Registry::builder()
+                    .clock(clock.clone())
+                    .seed(5)
+                    .build()
+                    .unwrap();
+                let config = LoadBalancerConfig {
+                    strategy: kind,
+                    ..LoadBalancerConfig::default()
+                };
+                registry.configure_service("svc", config).unwrap();
+                let instances = (0..N).map(|i| {
+                    ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80)
+                        .unwrap()
+                        .with_weight(crate::Weight::try_new(1 + (i % 5) as u64).unwrap())
+                });
+                registry
+                    .register_instances("svc", instances.collect::<Vec<_>>())
+                    .unwrap();
+                for i in 0..N {
+                    let ms = if i % 7 == 0 { 50 } else { 1 + i as u64 % 4 };
+                    let ok = Outcome::Success(Duration::from_millis(ms));
+                    drop(registry.report_outcome("svc", &format!("i{i}"), ok));
+                }
+                registry
+                    .drain_instance("svc", "i1", Duration::from_secs(3600))
+                    .unwrap();
+                let ejected = HealthScore::EJECTED.get();
+                registry
+                    .update_instance_health("svc", "i2", ejected)
+                    .unwrap();
+                registry.update_instance_health("svc", "i3", 0.5).unwrap();
+                registry
+                    .update_instance_health("svc", "i5", ejected)
+                    .unwrap();
+                registry.update_instance_health("svc", "i5", 1.0).unwrap(); // ramps
+                for id in ["i4", "i6"] {
+                    for _ in 0..20 {
+                        let failed = Outcome::Failure(crate::FailureKind::Connect);
+                        drop(registry.report_outcome("svc", id, failed));
+                    }
+                }
+                let svc = registry.service("svc").unwrap();
+                std::thread::spawn(move || {
+                    let mut held = std::collections::VecDeque::new();
+                    let mut got = Vec::new();
+                    for p in 0..4000 {
+                        let sel = if plain {
+                            svc.select(None)
+                        } else {
+                            svc.select_with(None, |_| true)
+                        };
+                        let sel = sel.unwrap();
+                        got.push(sel.instance().id().to_string());
+                        held.push_back(sel);
+                        while held.len() > 3 + p % 11 {
+                            drop(held.pop_front());
+                        }
+                        if p % 400 == 0 {
+                            clock.advance(Duration::from_millis(900));
+                        }
+                    }
+                    got
+                })
+                .join()
+                .unwrap()
+            };
+            let (plain, general) = (run(true), run(false));
+            let distinct: std::collections::HashSet<_> = plain.iter().collect();
+            assert!(distinct.len() > N / 2, "{kind}: {} picked", distinct.len());
+            let differ = plain.iter().zip(&general).position(|(p, g)| p != g);
+            assert_eq!(differ, None, "{kind}: the first pick that differs");
+            assert_eq!(plain.len(), general.len());
         }
     }
 

@@ -34,6 +34,7 @@
 
 pub mod adaptive;
 pub mod consistent_hash;
+pub(crate) mod drawn;
 pub mod least_connections;
 pub mod p2c;
 pub mod peak_ewma;

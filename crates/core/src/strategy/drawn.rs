@@ -1,0 +1,118 @@
+//! The common case of a `random`, `p2c` or `peak_ewma` pick, decided
+//! without a [`PickContext`](super::PickContext): the thread's draws made
+//! ahead, checked on their hot lines, compared by the strategy's own rule.
+//!
+//! ## Rule
+//!
+//! A plain [`select`](crate::Service::select) (no filter) outside panic
+//! mode, with no event from the panic check, of a service whose strategy
+//! is `random`, `p2c` or `peak_ewma` first looks at its thread's next
+//! draws for the member list's count ([`DrawAhead::peek`]: one, or a pair)
+//! *without taking them*. The pick is decided here if the pair is two
+//! distinct positions and each candidate is **plainly eligible**
+//! ([`Hot::plain_factor`]): not draining or removed, health above 0,
+//! breaker closed, no slow-start ramp. Then:
+//!
+//! - `random` takes its one draw; `p2c` and `peak_ewma` take the pair
+//!   and send the request where their rule says
+//!   ([`p2c::cheaper_by`](super::p2c::cheaper_by),
+//!   [`peak_ewma::second_wins`](super::peak_ewma::second_wins): the
+//!   functions the general pick calls), each effective weight the
+//!   configured weight × the health;
+//! - the next batch is drawn if this one is used up, from the slot's
+//!   stream (`PickLocal::refill`);
+//! - the selection counts on the winner, not a probe, stamped with the
+//!   service's latest clock reading.
+//!
+//! In any other case nothing is taken and the pick runs the general path
+//! (`Service::pick_general`), which takes the same draws and applies every
+//! rule as before.
+//!
+//! **The same outcome as the general path.** When both candidates are
+//! plainly eligible, every step of the general path is determined: the
+//! first draws are eligible and distinct, so the pair is theirs (no
+//! redraw, no RNG draw); their eligibility and weight factors (health × 1)
+//! need no clock; `peak_ewma`'s probe rule asks the service's latest
+//! reading, as the pick's `latest()` does when it read no clock; the
+//! winner's breaker is closed, so admission admits it without a lock, no
+//! probe slot and no event; no clock read, so `last_used` is the latest
+//! reading. The RNG is touched only by the refill, as in the general path.
+//! Test `service::tests::plain_selects_pick_as_the_general_path`: a
+//! seeded sequence of plain selects picks exactly what the general path
+//! (`select_with` an accept-all filter) picks, among draining, ejected,
+//! open, half-open and ramping instances and varied loads and latencies.
+//!
+//! ## Why
+//!
+//! At 100,000 instances a `p2c` or `peak_ewma` pick was its fixed cost
+//! (65–83 ns, ~750 instructions a select + release at n = 10) plus its
+//! share of the refills' misses (issue 12, sixth pass in
+//! `docs/benchmarks.md`). The general path builds a 13-field context for a
+//! virtual call, runs the admission loop, the `adaptive` switch check,
+//! the line hint and the filter's plumbing, most of it for rules the
+//! common case does not meet. This path is the pick with those taken out
+//! (seventh pass: the numbers are there).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{p2c, peak_ewma, StrategyKind};
+use crate::clock::Timestamp;
+use crate::draw_ahead::DrawAhead;
+use crate::hot::Hot;
+use crate::members::{Candidate, Members};
+
+/// The candidate the common case picked (module doc), its draws taken;
+/// `None` (nothing taken) when the general path must decide.
+/// `slow_start` is the configured window, `latest` the service's latest
+/// clock reading.
+#[inline]
+pub(crate) fn pick<'a>(
+    kind: StrategyKind,
+    members: &'a Members,
+    ahead: &DrawAhead,
+    slow_start: Duration,
+    latest: &AtomicU64,
+) -> Option<Candidate<'a>> {
+    let n = members.len();
+    match kind {
+        StrategyKind::Random => {
+            let [i] = ahead.peek::<1>(n)?;
+            let (c, _) = plain(members, i, slow_start)?;
+            ahead.skip(1);
+            Some(c)
+        }
+        StrategyKind::P2c | StrategyKind::PeakEwma => {
+            let [i, j] = ahead.peek::<2>(n)?;
+            if i == j {
+                return None;
+            }
+            let (a, factor_a) = plain(members, i, slow_start)?;
+            let (b, factor_b) = plain(members, j, slow_start)?;
+            let weight_a = f64::from(a.hot.weight()) * factor_a;
+            let weight_b = f64::from(b.hot.weight()) * factor_b;
+            let b_wins = if kind == StrategyKind::P2c {
+                p2c::cheaper_by(a.hot, weight_a, b.hot, weight_b)
+            } else {
+                peak_ewma::second_wins(
+                    a.hot,
+                    b.hot,
+                    || Timestamp::from_nanos(latest.load(Ordering::Relaxed)),
+                    || (weight_a, weight_b),
+                )
+            };
+            ahead.skip(2);
+            Some(if b_wins { b } else { a })
+        }
+        _ => None,
+    }
+}
+
+/// The member at `at` as a candidate and its weight factor, if it is
+/// plainly eligible ([`Hot::plain_factor`]).
+#[inline]
+fn plain(members: &Members, at: usize, slow_start: Duration) -> Option<(Candidate<'_>, f64)> {
+    let c = members.candidate(at)?;
+    let factor = Hot::plain_factor(c.hot, slow_start)?;
+    Some((c, factor))
+}
