@@ -94,7 +94,8 @@ use crate::recorder::{Outcome, Recorder, Source};
 use crate::selection::{PickLocal, Selection, Target};
 pub use crate::snapshot::Snapshot;
 use crate::stats::{Availability, ServiceStats};
-use crate::strategy::{drawn, AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
+use crate::strategy::drawn::{self, Drawn};
+use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
 const ADMISSION_ATTEMPTS: usize = 3;
@@ -290,27 +291,35 @@ impl Service {
             snap.kind,
             StrategyKind::Random | StrategyKind::P2c | StrategyKind::PeakEwma
         );
-        if draws_ahead && accept.is_none() && !panic && events.is_empty() {
+        let mut first_refused = false;
+        if draws_ahead && !panic && events.is_empty() && !general_only() {
             let latest = self.recorder.latest();
             let slow_start = snap.config.slow_start;
-            if let Some(c) = drawn::pick(snap.kind, &snap.members, &local.ahead, slow_start, latest)
-            {
-                local.refill(&snap.members, || self.recorder.next_seed());
-                let target = Target::At {
-                    index: c.index,
-                    line: c.line,
-                };
-                let (kind, used_at) = (snap.kind, latest.load(Ordering::Relaxed));
-                let used_at = Timestamp::from_nanos(used_at);
-                return Some(Selection::new(view, target, used_at, false, kind, events));
+            let ahead = &local.ahead;
+            match drawn::pick(snap.kind, &snap.members, ahead, slow_start, latest, accept) {
+                Drawn::Picked(c) => {
+                    local.refill(&snap.members, || self.recorder.next_seed());
+                    let target = Target::At {
+                        index: c.index,
+                        line: c.line,
+                    };
+                    let (kind, used_at) = (snap.kind, latest.load(Ordering::Relaxed));
+                    let used_at = Timestamp::from_nanos(used_at);
+                    return Some(Selection::new(view, target, used_at, false, kind, events));
+                }
+                Drawn::Refused => first_refused = true,
+                Drawn::General => {}
             }
         }
-        self.pick_general(key, accept, local, view, panic, events)
+        self.pick_general(key, accept, local, view, panic, events, first_refused)
     }
 
     /// [`pick`](Self::pick) past its common case: every rule, through the
-    /// strategy's [`pick`](crate::strategy::Strategy::pick).
+    /// strategy's [`pick`](crate::strategy::Strategy::pick);
+    /// `first_refused`: the common case took the first draws and the
+    /// filter refused them (`PickContext::first_refused`).
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn pick_general(
         &self,
         key: Option<&[u8]>,
@@ -319,6 +328,7 @@ impl Service {
         view: Arc<PickView>,
         panic: bool,
         mut events: Vec<Event>,
+        first_refused: bool,
     ) -> Option<Selection> {
         let snap = view.snapshot();
         let now = LazyNow::new(&*self.recorder.clock);
@@ -332,7 +342,7 @@ impl Service {
             accept
         };
         let mut switched = None;
-        for _ in 0..ADMISSION_ATTEMPTS {
+        for attempt in 0..ADMISSION_ATTEMPTS {
             let mut cx = PickContext {
                 members: &snap.members,
                 generation: snap.generation,
@@ -349,6 +359,8 @@ impl Service {
                 table: &snap.table,
                 ahead: &local.ahead,
                 line_of_pick: None,
+                // Only the first attempt's draws were the common case's.
+                first_refused: first_refused && attempt == 0,
             };
             let picked = snap.strategy.pick(&mut cx);
             let line_of_pick = cx.line_of_pick;
@@ -722,6 +734,22 @@ impl Writer {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set by tests: this thread's picks skip the common case.
+    static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread's picks skip the common case (`strategy::drawn`):
+/// only tests, to compare it with the general path.
+#[inline]
+fn general_only() -> bool {
+    #[cfg(test)]
+    return GENERAL_ONLY.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    false
+}
+
 /// Whether `m` is a panic candidate (module doc, "Panic candidates
 /// first"): its breaker is not open, or its latest active check passed.
 fn is_panic_candidate(m: &Member) -> bool {
@@ -863,23 +891,25 @@ mod tests {
         }
     }
 
-    /// A plain `select` takes the common case of `strategy::drawn` where
-    /// it applies; `select_with` an accept-all filter always takes the
-    /// general path. Two services built alike from one seed, picked from
-    /// alike (selections held to vary the loads, the clock moved to end
-    /// windows and make probes due), must pick alike: among weights 1–5,
-    /// latencies 1–50 ms, and draining, ejected, half-healthy, open,
-    /// ramping instances. Fails if the common case decides one pick
-    /// otherwise, or takes a draw the general path would not.
+    /// Picks take the common case of `strategy::drawn` where it applies; a
+    /// thread with `GENERAL_ONLY` set always takes the general path. Two
+    /// services built alike from one seed, picked from alike (selections
+    /// held to vary the loads, the clock moved to end windows and make
+    /// probes due), must pick alike, with no filter and with one that
+    /// refuses a tenth of the instances: among weights 1–5, latencies
+    /// 1–50 ms, and draining, ejected, half-healthy, open, ramping
+    /// instances. Fails if the common case decides one pick otherwise,
+    /// takes a draw the general path would not, or asks the filter about
+    /// other members than the general path does.
     #[test]
-    fn plain_selects_pick_as_the_general_path() {
+    fn the_common_case_picks_as_the_general_path() {
         const N: usize = 40;
         for kind in [
             StrategyKind::Random,
             StrategyKind::P2c,
             StrategyKind::PeakEwma,
         ] {
-            let run = |plain: bool| -> Vec<String> {
+            let run = |common: bool, filtered: bool| -> Vec<String> {
                 let clock = Arc::new(ManualClock::default());
                 let registry = Registry::builder()
                     .clock(clock.clone())
@@ -924,13 +954,20 @@ mod tests {
                 }
                 let svc = registry.service("svc").unwrap();
                 std::thread::spawn(move || {
+                    GENERAL_ONLY.with(|g| g.set(!common));
                     let mut held = std::collections::VecDeque::new();
                     let mut got = Vec::new();
+                    let asked = std::cell::RefCell::new(Vec::new());
+                    let filter = |m: &Member| {
+                        let id = m.instance().id().as_str();
+                        asked.borrow_mut().push(id.to_owned());
+                        !id.ends_with('3')
+                    };
                     for p in 0..4000 {
-                        let sel = if plain {
-                            svc.select(None)
+                        let sel = if filtered {
+                            svc.select_with(None, filter)
                         } else {
-                            svc.select_with(None, |_| true)
+                            svc.select(None)
                         };
                         let sel = sel.unwrap();
                         got.push(sel.instance().id().to_string());
@@ -942,17 +979,24 @@ mod tests {
                             clock.advance(Duration::from_millis(900));
                         }
                     }
+                    // The filter's questions, in order, after the picks.
+                    got.extend(asked.take());
                     got
                 })
                 .join()
                 .unwrap()
             };
-            let (plain, general) = (run(true), run(false));
-            let distinct: std::collections::HashSet<_> = plain.iter().collect();
-            assert!(distinct.len() > N / 2, "{kind}: {} picked", distinct.len());
-            let differ = plain.iter().zip(&general).position(|(p, g)| p != g);
-            assert_eq!(differ, None, "{kind}: the first pick that differs");
-            assert_eq!(plain.len(), general.len());
+            for filtered in [false, true] {
+                let (common, general) = (run(true, filtered), run(false, filtered));
+                let distinct: std::collections::HashSet<_> = common.iter().collect();
+                assert!(distinct.len() > N / 2, "{kind}: {} picked", distinct.len());
+                let differ = common.iter().zip(&general).position(|(c, g)| c != g);
+                assert_eq!(
+                    differ, None,
+                    "{kind}, filtered {filtered}: first difference"
+                );
+                assert_eq!(common.len(), general.len(), "{kind}, filtered {filtered}");
+            }
         }
     }
 

@@ -1,28 +1,34 @@
 //! The common case of a `random`, `p2c` or `peak_ewma` pick, decided
 //! without a [`PickContext`](super::PickContext): the thread's draws made
-//! ahead, checked on their hot lines, compared by the strategy's own rule.
+//! ahead, checked on their hot lines (and by the caller's filter),
+//! compared by the strategy's own rule.
 //!
 //! ## Rule
 //!
-//! A plain [`select`](crate::Service::select) (no filter) outside panic
-//! mode, with no event from the panic check, of a service whose strategy
-//! is `random`, `p2c` or `peak_ewma` first looks at its thread's next
-//! draws for the member list's count ([`DrawAhead::peek`]: one, or a pair)
-//! *without taking them*. The pick is decided here if the pair is two
-//! distinct positions and each candidate is **plainly eligible**
-//! ([`Hot::plain_factor`]): not draining or removed, health above 0,
-//! breaker closed, no slow-start ramp. Then:
+//! A pick outside panic mode, with no event from the panic check, of a
+//! service whose strategy is `random`, `p2c` or `peak_ewma` first looks at
+//! its thread's next draws for the member list's count
+//! ([`DrawAhead::peek`]: one, or a pair) *without taking them*. It goes on
+//! here only if the pair is two distinct positions and each candidate is
+//! **plainly eligible** ([`Hot::plain_factor`]): not draining or removed,
+//! health above 0, breaker closed, no slow-start ramp. Then it takes the
+//! draws and asks the caller's filter, if any (`Service::select_with`),
+//! about each candidate in the general path's order (the first, then the
+//! second only if the first passed):
 //!
-//! - `random` takes its one draw; `p2c` and `peak_ewma` take the pair
-//!   and send the request where their rule says
+//! - both accepted: `random` picks its one candidate; `p2c` and
+//!   `peak_ewma` send the request where their rule says
 //!   ([`p2c::cheaper_by`](super::p2c::cheaper_by),
 //!   [`peak_ewma::second_wins`](super::peak_ewma::second_wins): the
 //!   functions the general pick calls), each effective weight the
-//!   configured weight × the health;
-//! - the next batch is drawn if this one is used up, from the slot's
-//!   stream (`PickLocal::refill`);
-//! - the selection counts on the winner, not a probe, stamped with the
-//!   service's latest clock reading.
+//!   configured weight × the health; the next batch is drawn if this one
+//!   is used up, from the slot's stream (`PickLocal::refill`); the
+//!   selection counts on the winner, not a probe, stamped with the
+//!   service's latest clock reading;
+//! - one refused: the general path goes on from there, as after refused
+//!   first draws ([`PickContext::first_refused`](super::PickContext)):
+//!   `random`'s rejection sampling with the draws it has left, the pair
+//!   strategies' redraw.
 //!
 //! In any other case nothing is taken and the pick runs the general path
 //! (`Service::pick_general`), which takes the same draws and applies every
@@ -30,16 +36,18 @@
 //!
 //! **The same outcome as the general path.** When both candidates are
 //! plainly eligible, every step of the general path is determined: the
-//! first draws are eligible and distinct, so the pair is theirs (no
-//! redraw, no RNG draw); their eligibility and weight factors (health × 1)
-//! need no clock; `peak_ewma`'s probe rule asks the service's latest
-//! reading, as the pick's `latest()` does when it read no clock; the
-//! winner's breaker is closed, so admission admits it without a lock, no
-//! probe slot and no event; no clock read, so `last_used` is the latest
-//! reading. The RNG is touched only by the refill, as in the general path.
-//! Test `service::tests::plain_selects_pick_as_the_general_path`: a
-//! seeded sequence of plain selects picks exactly what the general path
-//! (`select_with` an accept-all filter) picks, among draining, ejected,
+//! first draws pass the service's rules, so only the filter can refuse
+//! them (asked the same questions in the same order); their eligibility
+//! and weight factors (health × 1) need no clock; `peak_ewma`'s probe rule
+//! asks the service's latest reading, as the pick's `latest()` does when
+//! it read no clock; the winner's breaker is closed, so admission admits
+//! it without a lock, no probe slot and no event; no clock read, so
+//! `last_used` is the latest reading. The RNG is touched only by the
+//! refill, as in the general path. Test
+//! `service::tests::the_common_case_picks_as_the_general_path`: seeded
+//! sequences of picks, with no filter and with one refusing a tenth of
+//! the instances, pick exactly what the general path picks (and ask the
+//! filter the same questions), among draining, ejected, half-healthy,
 //! open, half-open and ramping instances and varied loads and latencies.
 //!
 //! ## Why
@@ -60,12 +68,23 @@ use super::{p2c, peak_ewma, StrategyKind};
 use crate::clock::Timestamp;
 use crate::draw_ahead::DrawAhead;
 use crate::hot::Hot;
+use crate::instance::Member;
 use crate::members::{Candidate, Members};
 
-/// The candidate the common case picked (module doc), its draws taken;
-/// `None` (nothing taken) when the general path must decide.
-/// `slow_start` is the configured window, `latest` the service's latest
-/// clock reading.
+/// What the common case made of a pick (module doc).
+pub(crate) enum Drawn<'a> {
+    /// Picked this candidate; its draws are taken.
+    Picked(Candidate<'a>),
+    /// Took the first draws and the caller's filter refused them: the
+    /// general pick goes on from there (`PickContext::first_refused`).
+    Refused,
+    /// Took nothing: the general pick decides.
+    General,
+}
+
+/// The common case of the pick (module doc): `slow_start` is the
+/// configured window, `latest` the service's latest clock reading,
+/// `accept` the caller's filter.
 #[inline]
 pub(crate) fn pick<'a>(
     kind: StrategyKind,
@@ -73,22 +92,42 @@ pub(crate) fn pick<'a>(
     ahead: &DrawAhead,
     slow_start: Duration,
     latest: &AtomicU64,
-) -> Option<Candidate<'a>> {
+    accept: Option<&dyn Fn(&Member) -> bool>,
+) -> Drawn<'a> {
+    // The filter sees a member in the general path's order, once, and
+    // only once its candidate passed the service's rules.
+    let refuses = |c: &Candidate<'_>| accept.is_some_and(|f| !c.member().is_some_and(|m| f(m)));
     let n = members.len();
     match kind {
         StrategyKind::Random => {
-            let [i] = ahead.peek::<1>(n)?;
-            let (c, _) = plain(members, i, slow_start)?;
+            let Some([i]) = ahead.peek::<1>(n) else {
+                return Drawn::General;
+            };
+            let Some((c, _)) = plain(members, i, slow_start) else {
+                return Drawn::General;
+            };
             ahead.skip(1);
-            Some(c)
+            if refuses(&c) {
+                return Drawn::Refused;
+            }
+            Drawn::Picked(c)
         }
         StrategyKind::P2c | StrategyKind::PeakEwma => {
-            let [i, j] = ahead.peek::<2>(n)?;
+            let Some([i, j]) = ahead.peek::<2>(n) else {
+                return Drawn::General;
+            };
+            let (Some((a, factor_a)), Some((b, factor_b))) =
+                (plain(members, i, slow_start), plain(members, j, slow_start))
+            else {
+                return Drawn::General;
+            };
             if i == j {
-                return None;
+                return Drawn::General;
             }
-            let (a, factor_a) = plain(members, i, slow_start)?;
-            let (b, factor_b) = plain(members, j, slow_start)?;
+            ahead.skip(2);
+            if refuses(&a) || refuses(&b) {
+                return Drawn::Refused;
+            }
             let weight_a = f64::from(a.hot.weight()) * factor_a;
             let weight_b = f64::from(b.hot.weight()) * factor_b;
             let b_wins = if kind == StrategyKind::P2c {
@@ -101,10 +140,9 @@ pub(crate) fn pick<'a>(
                     || (weight_a, weight_b),
                 )
             };
-            ahead.skip(2);
-            Some(if b_wins { b } else { a })
+            Drawn::Picked(if b_wins { b } else { a })
         }
-        _ => None,
+        _ => Drawn::General,
     }
 }
 

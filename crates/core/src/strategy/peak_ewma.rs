@@ -278,6 +278,7 @@ mod tests {
                 table: &table,
                 ahead: &ahead,
                 line_of_pick: None,
+                first_refused: false,
             };
             let t = clock.now();
             let ca = latency_cost(&cx, a.get(), a.get().latency_estimate_ns(t));
