@@ -65,6 +65,14 @@
 //! `Registry::maintain` every 100 ms. Only reports and `peak_ewma`'s probe
 //! rule read `last_used`.
 //!
+//! ## The common case of a pick
+//!
+//! A `random`, `p2c` or `peak_ewma` pick outside panic mode whose drawn
+//! candidates are plainly eligible (not draining or removed, health above
+//! 0, breaker closed, no ramp) is decided without the strategy's context
+//! (`strategy::drawn`), with the same outcome; every other
+//! pick runs the general path (`pick_general`).
+//!
 //! ## Identity
 //!
 //! Registering an id that exists updates its description and keeps its live

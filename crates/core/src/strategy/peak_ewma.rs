@@ -131,7 +131,7 @@ fn cheaper(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
     })
 }
 
-/// [`cheaper`] with the effective weights `(a's, b's)` from `weights`.
+/// `cheaper` with the effective weights `(a's, b's)` from `weights`.
 #[inline]
 fn cheaper_by(a: &Hot, b: &Hot, weights: impl FnOnce() -> (f64, f64)) -> bool {
     let ((ea, ta), (eb, tb)) = (a.latency_sample(), b.latency_sample());
