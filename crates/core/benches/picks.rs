@@ -8,6 +8,10 @@
 //! <binary> membership <strategy> <instances> <changes>
 //! ```
 //!
+//! `<binary> <strategy> <instances> <picks per thread> <threads> <work KiB> filter`
+//! selects with `select_with` and a filter like the proxy's (the member's
+//! active connections under a limit; it reads the member).
+//!
 //! `<work KiB>` (default 0) stands in for what a proxy does between two
 //! picks of a thread: while it holds each selection, the thread reads that
 //! many KiB of a private 16 MiB buffer, on from where the last pick
@@ -67,6 +71,7 @@ fn main() {
     let picks: u64 = arg(3, "100000").parse().unwrap();
     let threads: usize = arg(4, "1").parse().unwrap();
     let work_kib: usize = arg(5, "0").parse().unwrap();
+    let filtered = arg(6, "") == "filter";
 
     let registry = service(kind, n);
     let svc = registry.service("svc").unwrap();
@@ -90,7 +95,13 @@ fn main() {
                     let wall = Instant::now();
                     for i in 0..picks {
                         let key = ((t << 48) + i).to_le_bytes();
-                        let sel = svc.select(keyed.then_some(&key[..])).unwrap();
+                        let key = keyed.then_some(&key[..]);
+                        let sel = if filtered {
+                            svc.select_with(key, |m| m.active_connections() < 10_000)
+                        } else {
+                            svc.select(key)
+                        };
+                        let sel = sel.unwrap();
                         if work_kib > 0 {
                             at = work(&buffer, at, work_kib * 128);
                         }

@@ -120,6 +120,43 @@ impl DrawAhead {
         Some(at)
     }
 
+    /// The next `K` draws of the batch for a list of `n` members, without
+    /// taking them (see [`skip`](Self::skip)); `None` if fewer than `K`
+    /// are left or the batch was drawn for another `n` (nothing is thrown
+    /// away then: a [`take`](Self::take) does that). For the common case
+    /// of a pick (`strategy::drawn`), which takes them only if it decides
+    /// the pick; else the general pick takes the same draws.
+    #[inline]
+    pub(crate) fn peek<const K: usize>(&self, n: usize) -> Option<[usize; K]> {
+        let i = self.cursor.load(Ordering::Relaxed) as usize;
+        let drawn = self.at.get(i..i.checked_add(K)?)?;
+        if self.n.load(Ordering::Relaxed) as usize != n {
+            return None;
+        }
+        let mut out = [0; K];
+        for (out, at) in out.iter_mut().zip(drawn) {
+            *out = at.load(Ordering::Relaxed) as usize;
+            if *out >= n {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// Takes the `k` draws [`peek`](Self::peek) returned.
+    #[inline]
+    pub(crate) fn skip(&self, k: usize) {
+        let i = self.cursor.load(Ordering::Relaxed);
+        self.cursor.store(i + k as u32, Ordering::Relaxed);
+    }
+
+    /// Whether the batch is used up (the pick that used it up draws the
+    /// next: [`refill`](Self::refill)).
+    #[inline]
+    pub(crate) fn used_up(&self) -> bool {
+        self.cursor.load(Ordering::Relaxed) as usize >= AHEAD
+    }
+
     /// If the batch is used up: the batch after it becomes the batch and
     /// its lines are touched, and a new batch after it is drawn from `rng`
     /// and its line numbers touched (module doc); both are drawn afresh

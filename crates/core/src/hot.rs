@@ -177,6 +177,28 @@ impl Hot {
         }
     }
 
+    /// The weight factor of an instance that normal selection may choose
+    /// without reading the time: not draining or removed, health above 0,
+    /// breaker closed and no slow-start ramp (or a zero window). Then
+    /// [`admits_traffic`](Self::admits_traffic) is true and
+    /// [`weight_factor`](Self::weight_factor) is the health (× 1), and
+    /// neither reads the clock. `None` for any other instance, eligible or
+    /// not: those rules are left to the general pick (`strategy::drawn`).
+    #[inline]
+    pub(crate) fn plain_factor(&self, slow_start: Duration) -> Option<f64> {
+        if self.draining.load(Ordering::Acquire) || self.removed.load(Ordering::Acquire) {
+            return None;
+        }
+        let health = self.health();
+        if health <= 0.0 || self.circuit_state() != CircuitState::Closed {
+            return None;
+        }
+        if self.slow_start_began.load(Ordering::Acquire) != NONE && !slow_start.is_zero() {
+            return None;
+        }
+        Some(health)
+    }
+
     /// Whether panic-mode selection may choose this instance: anything not
     /// draining or removed.
     #[inline]

@@ -76,6 +76,7 @@ use crate::draw_ahead::DrawAhead;
 use crate::event::Event;
 use crate::hot::Hot;
 use crate::instance::{Member, ServiceInstance};
+use crate::members::Members;
 use crate::pick_view::{self, PickView};
 use crate::recorder::Source;
 pub use crate::recorder::{FailureKind, Outcome};
@@ -117,7 +118,7 @@ impl Selection {
     /// the pick on the line it already held, executed fewer instructions
     /// but measured 2-14 ns *slower* per select + release at n = 10 (issue
     /// 12, sixth pass in `docs/benchmarks.md`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(
         view: Arc<PickView>,
         target: Target,
@@ -250,6 +251,18 @@ impl PickLocal {
     #[inline]
     pub(crate) fn put_rng(&self, rng: &fastrand::Rng) {
         self.rng.store(rng.get_seed() | 1, Ordering::Relaxed);
+    }
+
+    /// Draws the next batch from the slot's stream if the batch is used
+    /// up (`draw_ahead`), as a pick that drew its first draws from it
+    /// does at its end.
+    #[inline]
+    pub(crate) fn refill(&self, members: &Members, seed: impl FnOnce() -> u64) {
+        if self.ahead.used_up() {
+            let mut rng = self.take_rng(seed);
+            self.ahead.refill(members, &mut rng);
+            self.put_rng(&rng);
+        }
     }
 }
 

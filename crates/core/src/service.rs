@@ -65,6 +65,14 @@
 //! `Registry::maintain` every 100 ms. Only reports and `peak_ewma`'s probe
 //! rule read `last_used`.
 //!
+//! ## The common case of a pick
+//!
+//! A `random`, `p2c` or `peak_ewma` pick outside panic mode whose drawn
+//! candidates are plainly eligible (not draining or removed, health above
+//! 0, breaker closed, no ramp) is decided without the strategy's context
+//! (`strategy::drawn`), with the same outcome; every other
+//! pick runs the general path (`pick_general`).
+//!
 //! ## Identity
 //!
 //! Registering an id that exists updates its description and keeps its live
@@ -94,6 +102,7 @@ use crate::recorder::{Outcome, Recorder, Source};
 use crate::selection::{PickLocal, Selection, Target};
 pub use crate::snapshot::Snapshot;
 use crate::stats::{Availability, ServiceStats};
+use crate::strategy::drawn::{self, Drawn};
 use crate::strategy::{AdaptiveStatus, PickContext, Picked, StrategyKind, Switch};
 
 /// Picks attempted when the chosen instance's breaker refuses admission.
@@ -284,6 +293,52 @@ impl Service {
             pick_view::release(view);
             return None;
         }
+        // The common case of the strategies that draw ahead, decided
+        // without a context (`strategy::drawn`: the same outcome).
+        let draws_ahead = matches!(
+            snap.kind,
+            StrategyKind::Random | StrategyKind::P2c | StrategyKind::PeakEwma
+        );
+        let mut first_refused = false;
+        if draws_ahead && !panic && events.is_empty() && !general_only() {
+            let latest = self.recorder.latest();
+            let slow_start = snap.config.slow_start;
+            let ahead = &local.ahead;
+            match drawn::pick(snap.kind, &snap.members, ahead, slow_start, latest, accept) {
+                Drawn::Picked(c) => {
+                    local.refill(&snap.members, || self.recorder.next_seed());
+                    let target = Target::At {
+                        index: c.index,
+                        line: c.line,
+                    };
+                    let (kind, used_at) = (snap.kind, latest.load(Ordering::Relaxed));
+                    let used_at = Timestamp::from_nanos(used_at);
+                    return Some(Selection::new(view, target, used_at, false, kind, events));
+                }
+                Drawn::Refused => first_refused = true,
+                Drawn::General => {}
+            }
+        }
+        self.pick_general(key, accept, local, view, panic, events, first_refused)
+    }
+
+    /// [`pick`](Self::pick) past its common case: every rule, through the
+    /// strategy's [`pick`](crate::strategy::Strategy::pick);
+    /// `first_refused`: the common case took the first draws and the
+    /// filter refused them (`PickContext::first_refused`).
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn pick_general(
+        &self,
+        key: Option<&[u8]>,
+        accept: Option<&dyn Fn(&Member) -> bool>,
+        local: &PickLocal,
+        view: Arc<PickView>,
+        panic: bool,
+        mut events: Vec<Event>,
+        first_refused: bool,
+    ) -> Option<Selection> {
+        let snap = view.snapshot();
         let now = LazyNow::new(&*self.recorder.clock);
         let mut rng = local.take_rng(|| self.recorder.next_seed());
         let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
@@ -295,7 +350,7 @@ impl Service {
             accept
         };
         let mut switched = None;
-        for _ in 0..ADMISSION_ATTEMPTS {
+        for attempt in 0..ADMISSION_ATTEMPTS {
             let mut cx = PickContext {
                 members: &snap.members,
                 generation: snap.generation,
@@ -312,6 +367,8 @@ impl Service {
                 table: &snap.table,
                 ahead: &local.ahead,
                 line_of_pick: None,
+                // Only the first attempt's draws were the common case's.
+                first_refused: first_refused && attempt == 0,
             };
             let picked = snap.strategy.pick(&mut cx);
             let line_of_pick = cx.line_of_pick;
@@ -685,6 +742,22 @@ impl Writer {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set by tests: this thread's picks skip the common case.
+    static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread's picks skip the common case (`strategy::drawn`):
+/// only tests, to compare it with the general path.
+#[inline]
+fn general_only() -> bool {
+    #[cfg(test)]
+    return GENERAL_ONLY.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    false
+}
+
 /// Whether `m` is a panic candidate (module doc, "Panic candidates
 /// first"): its breaker is not open, or its latest active check passed.
 fn is_panic_candidate(m: &Member) -> bool {
@@ -823,6 +896,115 @@ mod tests {
                 rng = fastrand::Rng::with_seed(rng.get_seed() | 1);
             }
             assert_eq!(got, want, "{kind}");
+        }
+    }
+
+    /// Picks take the common case of `strategy::drawn` where it applies; a
+    /// thread with `GENERAL_ONLY` set always takes the general path. Two
+    /// services built alike from one seed, picked from alike (selections
+    /// held to vary the loads, the clock moved to end windows and make
+    /// probes due), must pick alike, with no filter and with one that
+    /// refuses a tenth of the instances: among weights 1–5, latencies
+    /// 1–50 ms, and draining, ejected, half-healthy, open, ramping
+    /// instances. Fails if the common case decides one pick otherwise,
+    /// takes a draw the general path would not, or asks the filter about
+    /// other members than the general path does.
+    #[test]
+    fn the_common_case_picks_as_the_general_path() {
+        const N: usize = 40;
+        for kind in [
+            StrategyKind::Random,
+            StrategyKind::P2c,
+            StrategyKind::PeakEwma,
+        ] {
+            let run = |common: bool, filtered: bool| -> Vec<String> {
+                let clock = Arc::new(ManualClock::default());
+                let registry = Registry::builder()
+                    .clock(clock.clone())
+                    .seed(5)
+                    .build()
+                    .unwrap();
+                let config = LoadBalancerConfig {
+                    strategy: kind,
+                    ..LoadBalancerConfig::default()
+                };
+                registry.configure_service("svc", config).unwrap();
+                let instances = (0..N).map(|i| {
+                    ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80)
+                        .unwrap()
+                        .with_weight(crate::Weight::try_new(1 + (i % 5) as u64).unwrap())
+                });
+                registry
+                    .register_instances("svc", instances.collect::<Vec<_>>())
+                    .unwrap();
+                for i in 0..N {
+                    let ms = if i % 7 == 0 { 50 } else { 1 + i as u64 % 4 };
+                    let ok = Outcome::Success(Duration::from_millis(ms));
+                    drop(registry.report_outcome("svc", &format!("i{i}"), ok));
+                }
+                registry
+                    .drain_instance("svc", "i1", Duration::from_secs(3600))
+                    .unwrap();
+                let ejected = HealthScore::EJECTED.get();
+                registry
+                    .update_instance_health("svc", "i2", ejected)
+                    .unwrap();
+                registry.update_instance_health("svc", "i3", 0.5).unwrap();
+                registry
+                    .update_instance_health("svc", "i5", ejected)
+                    .unwrap();
+                registry.update_instance_health("svc", "i5", 1.0).unwrap(); // ramps
+                for id in ["i4", "i6"] {
+                    for _ in 0..20 {
+                        let failed = Outcome::Failure(crate::FailureKind::Connect);
+                        drop(registry.report_outcome("svc", id, failed));
+                    }
+                }
+                let svc = registry.service("svc").unwrap();
+                std::thread::spawn(move || {
+                    GENERAL_ONLY.with(|g| g.set(!common));
+                    let mut held = std::collections::VecDeque::new();
+                    let mut got = Vec::new();
+                    let asked = std::cell::RefCell::new(Vec::new());
+                    let filter = |m: &Member| {
+                        let id = m.instance().id().as_str();
+                        asked.borrow_mut().push(id.to_owned());
+                        !id.ends_with('3')
+                    };
+                    for p in 0..4000 {
+                        let sel = if filtered {
+                            svc.select_with(None, filter)
+                        } else {
+                            svc.select(None)
+                        };
+                        let sel = sel.unwrap();
+                        got.push(sel.instance().id().to_string());
+                        held.push_back(sel);
+                        while held.len() > 3 + p % 11 {
+                            drop(held.pop_front());
+                        }
+                        if p % 400 == 0 {
+                            clock.advance(Duration::from_millis(900));
+                        }
+                    }
+                    // The filter's questions, in order, after the picks.
+                    got.extend(asked.take());
+                    got
+                })
+                .join()
+                .unwrap()
+            };
+            for filtered in [false, true] {
+                let (common, general) = (run(true, filtered), run(false, filtered));
+                let distinct: std::collections::HashSet<_> = common.iter().collect();
+                assert!(distinct.len() > N / 2, "{kind}: {} picked", distinct.len());
+                let differ = common.iter().zip(&general).position(|(c, g)| c != g);
+                assert_eq!(
+                    differ, None,
+                    "{kind}, filtered {filtered}: first difference"
+                );
+                assert_eq!(common.len(), general.len(), "{kind}, filtered {filtered}");
+            }
         }
     }
 

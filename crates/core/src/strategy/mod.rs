@@ -34,6 +34,7 @@
 
 pub mod adaptive;
 pub mod consistent_hash;
+pub(crate) mod drawn;
 pub mod least_connections;
 pub mod p2c;
 pub mod peak_ewma;
@@ -213,6 +214,12 @@ pub struct PickContext<'a> {
     /// there cost every strategy ~12 ns at n = 10 (issue 12, fifth pass in
     /// `docs/benchmarks.md`).
     pub(crate) line_of_pick: Option<(usize, u32)>,
+    /// Set when the common case (`strategy::drawn`) took this pick's first
+    /// draws from the batch and the caller's filter refused them: the
+    /// first draws are then counted as drawn and refused, and the pick goes
+    /// on from there (`random`: the rest of its rejection sampling; `p2c`,
+    /// `peak_ewma`: the redraw after a refused pair).
+    pub(crate) first_refused: bool,
 }
 
 // === impl StrategyKind ===
@@ -433,8 +440,14 @@ impl<'a> PickContext<'a> {
     /// next batch after it when the batch is used up (see `draw_ahead`).
     #[inline]
     pub(crate) fn random_eligible_ahead(&mut self) -> Option<Picked> {
-        let first = self.ahead.take(self.members.len());
-        let picked = self.random_candidate_from(first).map(|c| self.choose(c));
+        let picked = if self.first_refused {
+            // The first draw was taken and refused (`first_refused`).
+            self.random_candidate_after(None, MAX_DRAWS - 1)
+        } else {
+            let first = self.ahead.take(self.members.len());
+            self.random_candidate_from(first)
+        };
+        let picked = picked.map(|c| self.choose(c));
         self.draw_ahead();
         picked
     }
@@ -442,13 +455,24 @@ impl<'a> PickContext<'a> {
     /// Rejection sampling whose first draw is `first` if given.
     #[inline]
     fn random_candidate_from(&mut self, first: Option<usize>) -> Option<Candidate<'a>> {
+        self.random_candidate_after(first, MAX_DRAWS)
+    }
+
+    /// [`random_candidate_from`](Self::random_candidate_from) with `draws`
+    /// draws before the scan.
+    #[inline]
+    fn random_candidate_after(
+        &mut self,
+        first: Option<usize>,
+        draws: usize,
+    ) -> Option<Candidate<'a>> {
         let members = self.members;
         let n = members.len();
         if n == 0 {
             return None;
         }
         let mut first = first;
-        for _ in 0..MAX_DRAWS {
+        for _ in 0..draws {
             let at = match first.take() {
                 Some(at) => at,
                 None => self.rng.usize(..n),
@@ -512,7 +536,9 @@ impl<'a> PickContext<'a> {
         &mut self,
     ) -> Option<(Candidate<'a>, Option<Candidate<'a>>)> {
         let n = self.members.len();
-        if n >= 2 {
+        // A pair taken and refused by the common case (`first_refused`)
+        // goes on as a refused pair here.
+        if n >= 2 && !self.first_refused {
             let (i, j) = (self.next_draw(n), self.next_draw(n));
             let (a, b) = (self.members.candidate(i), self.members.candidate(j));
             if let (Some(a), Some(b)) = (a, b) {

@@ -26,12 +26,16 @@ pub struct P2c;
 /// multiplications instead of two divisions.
 #[inline]
 pub(crate) fn cheaper_load(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
-    less_per_weight(
-        queue_joined(b),
-        cx.live_effective_weight(b),
-        queue_joined(a),
-        cx.live_effective_weight(a),
-    )
+    let weight_b = cx.live_effective_weight(b);
+    let weight_a = cx.live_effective_weight(a);
+    cheaper_by(a, weight_a, b, weight_b)
+}
+
+/// [`cheaper_load`] with the effective weights given: the rule itself,
+/// which the context-free common case (`strategy::drawn`) shares.
+#[inline]
+pub(crate) fn cheaper_by(a: &Hot, weight_a: f64, b: &Hot, weight_b: f64) -> bool {
+    less_per_weight(queue_joined(b), weight_b, queue_joined(a), weight_a)
 }
 
 impl Strategy for P2c {

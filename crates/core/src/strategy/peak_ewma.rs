@@ -123,8 +123,17 @@ fn latency_cost(cx: &PickContext<'_>, live: &Hot, latency_ns: f64) -> f64 {
 /// compared cross-multiplied rather than divided
 /// (`strategy::less_per_weight`: the same order, two multiplications
 /// instead of two divisions).
-#[inline]
+#[cfg(test)]
 fn cheaper(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
+    cheaper_by(a, b, || {
+        let weight_b = cx.live_effective_weight(b);
+        (cx.live_effective_weight(a), weight_b)
+    })
+}
+
+/// `cheaper` with the effective weights `(a's, b's)` from `weights`.
+#[inline]
+fn cheaper_by(a: &Hot, b: &Hot, weights: impl FnOnce() -> (f64, f64)) -> bool {
     let ((ea, ta), (eb, tb)) = (a.latency_sample(), b.latency_sample());
     let (ea, eb) = if ta < tb {
         (ea * ewma::decay_weight(ta, tb), eb)
@@ -133,11 +142,12 @@ fn cheaper(cx: &PickContext<'_>, a: &Hot, b: &Hot) -> bool {
     } else {
         (ea, eb)
     };
+    let (weight_a, weight_b) = weights();
     less_per_weight(
         eb * queue_joined(b),
-        cx.live_effective_weight(b),
+        weight_b,
         ea * queue_joined(a),
-        cx.live_effective_weight(a),
+        weight_a,
     )
 }
 
@@ -178,19 +188,40 @@ fn choose(cx: &mut PickContext<'_>, a: Candidate<'_>, b: Option<Candidate<'_>>) 
     let Some(b) = b else {
         return cx.choose(a);
     };
-    for (slow, fast) in [(a, b), (b, a)] {
-        if avoids(slow.hot, fast.hot) {
-            let chosen = if due_probe(slow.hot, cx.latest()) {
-                slow
-            } else {
-                fast
-            };
-            return cx.choose(chosen);
-        }
+    let b_wins = second_wins(
+        a.hot,
+        b.hot,
+        || cx.latest(),
+        || {
+            // `b`'s first, as the costs were always written.
+            let weight_b = cx.live_effective_weight(b.hot);
+            (cx.live_effective_weight(a.hot), weight_b)
+        },
+    );
+    cx.choose(if b_wins { b } else { a })
+}
+
+/// Whether the rule of the module doc sends the request to `b` rather than
+/// `a` (ties go to `a`, drawn at random): `latest` is the pick's
+/// [`latest`](PickContext::latest) time, asked only for a probe, and
+/// `weights` the pair's effective weights `(a's, b's)`, asked only when
+/// the costs decide. The general pick and its context-free common case
+/// (`strategy::drawn`) share it.
+#[inline]
+pub(crate) fn second_wins(
+    a: &Hot,
+    b: &Hot,
+    latest: impl FnOnce() -> Timestamp,
+    weights: impl FnOnce() -> (f64, f64),
+) -> bool {
+    if avoids(a, b) {
+        // `a` is slow: it gets the request only if due its probe.
+        return !due_probe(a, latest());
     }
-    // Ties go to `a`, drawn at random.
-    let chosen = if cheaper(cx, a.hot, b.hot) { b } else { a };
-    cx.choose(chosen)
+    if avoids(b, a) {
+        return due_probe(b, latest());
+    }
+    cheaper_by(a, b, weights)
 }
 
 #[cfg(test)]
@@ -247,6 +278,7 @@ mod tests {
                 table: &table,
                 ahead: &ahead,
                 line_of_pick: None,
+                first_refused: false,
             };
             let t = clock.now();
             let ca = latency_cost(&cx, a.get(), a.get().latency_estimate_ns(t));
