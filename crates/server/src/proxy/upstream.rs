@@ -51,6 +51,7 @@ use tracing::debug;
 
 use super::attempt::{Attempt, Class, NoAnswer, Replay, Step};
 use super::h1_exchange::RequestHead;
+use super::headers::ProxyHeaders;
 use super::http::ProxyBody;
 use super::pool::{Failed, InstancePool, Pool, PooledBody, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
@@ -217,6 +218,9 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) attempt_at: std::time::Instant,
     /// `per_try_timeout`: one attempt's limit, within `deadline`.
     pub(crate) per_try_timeout: Option<Duration>,
+    /// The forwarding headers and request id not yet in `parts`: HTTP/1.1
+    /// encodes them with the head, HTTP/2 sets them in its map.
+    pub(crate) added: Option<&'a ProxyHeaders>,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
 }
@@ -270,6 +274,9 @@ impl HttpStep<'_> {
             self.headers_gone = true;
             std::mem::take(&mut self.parts.headers)
         };
+        if let Some(added) = self.added {
+            added.apply(&mut headers);
+        }
         // h2 carries the authority in the URI; a stale Host would conflict.
         let host_before = Some(headers.remove(header::HOST));
         if self.headers_gone {
@@ -383,6 +390,7 @@ impl Step for HttpStep<'_> {
                 uri: &self.parts.uri,
                 headers: &self.parts.headers,
                 host: host.as_ref(),
+                added: self.added,
             };
             let began = tokio::time::Instant::from_std(self.attempt_at);
             tokio::time::timeout_at(until, pool.send_h1(&to, head, body, began)).await
@@ -446,6 +454,7 @@ mod tests {
             first_attempt_at: None,
             attempt_at: std::time::Instant::now(),
             per_try_timeout: None,
+            added: None,
             clients,
             service: "api",
         }
