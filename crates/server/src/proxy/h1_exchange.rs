@@ -393,8 +393,13 @@ impl H1Conn {
         head_request: bool,
     ) -> Poll<Result<ResponseHead, ExchangeError>> {
         loop {
-            if let Some(head) = take_head(&mut self.read_buf, head_request)? {
-                return Poll::Ready(Ok(head));
+            // An empty buffer (the usual case right after the request went
+            // out, and at the wake-up before the read) holds no head: no
+            // parse.
+            if !self.read_buf.is_empty() {
+                if let Some(head) = take_head(&mut self.read_buf, head_request)? {
+                    return Poll::Ready(Ok(head));
+                }
             }
             match self.poll_read_more(cx) {
                 Poll::Pending => return Poll::Pending,
