@@ -201,7 +201,7 @@ pub(crate) fn set_forwarding_from(
     authority: Option<&Authority>,
     rules: &Forwarding,
 ) {
-    ProxyHeaders::new(headers, peer, scheme, authority, rules, None).apply(headers);
+    ProxyHeaders::new(headers, peer, scheme, authority, rules, None).set_in(headers);
 }
 
 /// What one forwarding header of the request the instance gets is.
@@ -317,20 +317,25 @@ impl ProxyHeaders {
     }
 
     /// Sets them in `headers`, the map they were worked out from (as
-    /// [`set_forwarding`] always did, then `X-Request-Id`). Applying them
-    /// again changes nothing.
+    /// [`set_forwarding`] always did, then `X-Request-Id`), keeping them for
+    /// more. Applying them again changes nothing.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
-        set(headers, X_FORWARDED_FOR, Line::Set(self.xff.clone()));
-        set(headers, X_FORWARDED_PROTO, self.xfp.clone());
-        set(headers, X_FORWARDED_HOST, self.xfh.clone());
+        self.clone().set_in(headers);
+    }
+
+    /// [`apply`](Self::apply), the values moved into the map.
+    pub(crate) fn set_in(self, headers: &mut HeaderMap) {
+        set(headers, X_FORWARDED_FOR, Line::Set(self.xff));
+        set(headers, X_FORWARDED_PROTO, self.xfp);
+        set(headers, X_FORWARDED_HOST, self.xfh);
         if !self.trusted {
             headers.remove(header::FORWARDED);
         }
-        if let Line::Set(Some(v)) = &self.forwarded {
-            headers.insert(header::FORWARDED, v.clone());
+        if let Line::Set(Some(v)) = self.forwarded {
+            headers.insert(header::FORWARDED, v);
         }
-        if let Some(id) = &self.request_id {
-            headers.insert(X_REQUEST_ID, id.clone());
+        if let Some(id) = self.request_id {
+            headers.insert(X_REQUEST_ID, id);
         }
     }
 

@@ -711,8 +711,15 @@ fn proxy<'a>(
             forwarding,
             Some(id.clone()),
         );
+        // Set in the map now when no attempt encodes an HTTP/1.1 head (an
+        // upgrade, HTTP/2 out): moved in, not copied at an attempt.
+        let added = if upgrade.is_some() || up.clients.always_http2(parts.version) {
+            added.set_in(&mut parts.headers);
+            None
+        } else {
+            Some(added)
+        };
         if let Some(protocol) = upgrade {
-            added.apply(&mut parts.headers);
             let key = key.as_ref().map(|k| &k[..]);
             // Boxed: the tunnel's state stays out of every request's future.
             return Box::pin(upgrade::proxy(
@@ -735,7 +742,7 @@ fn proxy<'a>(
             per_try_timeout: up.per_try_timeout,
             // Set at each attempt: in the HTTP/1.1 head as it is encoded,
             // in an HTTP/2 attempt's map.
-            added: Some(&added),
+            added: added.as_ref(),
             clients: &up.clients,
             service: &up.name,
         };

@@ -145,6 +145,12 @@ impl UpstreamClients {
         self.pool.tls()
     }
 
+    /// Whether a request that came in as `inbound` goes out as HTTP/2
+    /// whichever instance it goes to (no ALPN choice to learn first).
+    pub(crate) fn always_http2(&self, inbound: Version) -> bool {
+        !self.alpn_decides() && self.http2_out(inbound)
+    }
+
     /// Whether the instance's ALPN choice sets the version: `auto` over TLS.
     fn alpn_decides(&self) -> bool {
         self.protocol == UpstreamProtocol::Auto && self.pool.tls().is_some()
@@ -219,7 +225,8 @@ pub(crate) struct HttpStep<'a> {
     /// `per_try_timeout`: one attempt's limit, within `deadline`.
     pub(crate) per_try_timeout: Option<Duration>,
     /// The forwarding headers and request id not yet in `parts`: HTTP/1.1
-    /// encodes them with the head, HTTP/2 sets them in its map.
+    /// encodes them with the head; the first HTTP/2 attempt (`auto` over
+    /// TLS) sets them in `parts` (and takes them).
     pub(crate) added: Option<&'a ProxyHeaders>,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
@@ -268,15 +275,17 @@ impl HttpStep<'_> {
         if self.headers_gone {
             return None;
         }
+        // Set in the request's own map, once (a copy of it has no room to
+        // grow into): later attempts, HTTP/1.1 ones too, send it as it is.
+        if let Some(added) = self.added.take() {
+            added.apply(&mut self.parts.headers);
+        }
         let mut headers = if self.may_resend {
             self.parts.headers.clone()
         } else {
             self.headers_gone = true;
             std::mem::take(&mut self.parts.headers)
         };
-        if let Some(added) = self.added {
-            added.apply(&mut headers);
-        }
         // h2 carries the authority in the URI; a stale Host would conflict.
         let host_before = Some(headers.remove(header::HOST));
         if self.headers_gone {
