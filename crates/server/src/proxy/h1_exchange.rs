@@ -162,7 +162,7 @@ pub(crate) struct RequestHead<'a> {
     pub(crate) host: Option<&'a HeaderValue>,
     /// The proxy's forwarding headers and request id, sent instead of the
     /// client's lines of those names, after the others (`headers.rs`).
-    pub(crate) added: Option<&'a ProxyHeaders>,
+    pub(crate) added: Option<&'a ProxyHeaders<'a>>,
 }
 
 impl<'a> RequestHead<'a> {
@@ -1847,11 +1847,12 @@ mod tests {
                         forwarded_header,
                     };
                     let id = HeaderValue::from_static("ours-1");
-                    let added = ProxyHeaders::new(&map, &peer, scheme, authority, &rules, Some(id));
+                    let added =
+                        ProxyHeaders::new(&map, &peer, scheme, authority, &rules, Some(&id));
                     let mut set = map.clone();
                     added.apply(&mut set);
                     let uri = http::Uri::from_static("/p?q=1");
-                    let head = |headers: &HeaderMap, added: Option<&ProxyHeaders>| {
+                    let head = |headers: &HeaderMap, added: Option<&ProxyHeaders<'_>>| {
                         let head = RequestHead {
                             method: &Method::GET,
                             uri: &uri,

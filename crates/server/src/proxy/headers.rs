@@ -221,22 +221,25 @@ enum Line {
 /// client's lines [replaced](Self::replaces) and [writes](Self::write_to)
 /// ours after the others (module doc). The same value encodes every
 /// attempt of the request the same way.
+/// Kept small, borrowing what it can: it lives in every request's future,
+/// which HTTP/2 moves a few times.
 #[derive(Debug, Clone)]
-pub(crate) struct ProxyHeaders {
+pub(crate) struct ProxyHeaders<'a> {
     trusted: bool,
     /// `X-Forwarded-For`: always ours (a trusted proxy's list with the
     /// client appended).
     xff: Option<HeaderValue>,
-    xfp: Line,
+    /// `X-Forwarded-Proto`: the scheme, or `None` to keep the client's.
+    xfp: Option<&'static str>,
     xfh: Line,
     forwarded: Line,
-    request_id: Option<HeaderValue>,
+    request_id: Option<&'a HeaderValue>,
     /// One bit per length of a name whose client lines are dropped: most
     /// names are ruled out by their length alone.
     replaced_lengths: u32,
 }
 
-impl ProxyHeaders {
+impl<'a> ProxyHeaders<'a> {
     /// The headers for a request with `headers` from `peer` that spoke
     /// `scheme` (see the module doc and [`set_forwarding`]), and
     /// `request_id` as its `X-Request-Id`.
@@ -246,7 +249,7 @@ impl ProxyHeaders {
         scheme: &'static str,
         authority: Option<&Authority>,
         rules: &Forwarding,
-        request_id: Option<HeaderValue>,
+        request_id: Option<&'a HeaderValue>,
     ) -> Self {
         let ip = peer.ip;
         let trusted = rules.trusts(ip);
@@ -267,9 +270,9 @@ impl ProxyHeaders {
             peer.ip_value.clone()
         };
         let xfp = if trusted && headers.contains_key(&X_FORWARDED_PROTO) {
-            Line::Keep
+            None
         } else {
-            Line::Set(Some(scheme_value(scheme)))
+            Some(scheme)
         };
         let xfh = if trusted && headers.contains_key(&X_FORWARDED_HOST) {
             Line::Keep
@@ -293,11 +296,10 @@ impl ProxyHeaders {
             Line::Set(None)
         };
         let mut replaced_lengths = 1 << X_FORWARDED_FOR.as_str().len();
-        for (line, name) in [
-            (&xfp, &X_FORWARDED_PROTO),
-            (&xfh, &X_FORWARDED_HOST),
-            (&forwarded, &header::FORWARDED),
-        ] {
+        if xfp.is_some() {
+            replaced_lengths |= 1 << X_FORWARDED_PROTO.as_str().len();
+        }
+        for (line, name) in [(&xfh, &X_FORWARDED_HOST), (&forwarded, &header::FORWARDED)] {
             if *line != Line::Keep {
                 replaced_lengths |= 1 << name.as_str().len();
             }
@@ -326,7 +328,9 @@ impl ProxyHeaders {
     /// [`apply`](Self::apply), the values moved into the map.
     pub(crate) fn set_in(self, headers: &mut HeaderMap) {
         set(headers, X_FORWARDED_FOR, Line::Set(self.xff));
-        set(headers, X_FORWARDED_PROTO, self.xfp);
+        if let Some(scheme) = self.xfp {
+            headers.insert(X_FORWARDED_PROTO, scheme_value(scheme));
+        }
         set(headers, X_FORWARDED_HOST, self.xfh);
         if !self.trusted {
             headers.remove(header::FORWARDED);
@@ -335,7 +339,7 @@ impl ProxyHeaders {
             headers.insert(header::FORWARDED, v);
         }
         if let Some(id) = self.request_id {
-            headers.insert(X_REQUEST_ID, id);
+            headers.insert(X_REQUEST_ID, id.clone());
         }
     }
 
@@ -349,7 +353,7 @@ impl ProxyHeaders {
         let line = match name {
             "x-forwarded-for" => return true,
             "x-request-id" => return self.request_id.is_some(),
-            "x-forwarded-proto" => &self.xfp,
+            "x-forwarded-proto" => return self.xfp.is_some(),
             "x-forwarded-host" => &self.xfh,
             "forwarded" => &self.forwarded,
             _ => return false,
@@ -364,8 +368,8 @@ impl ProxyHeaders {
         if let Some(v) = &self.xff {
             write_line(out, b"x-forwarded-for: ", v.as_bytes());
         }
-        if let Some(v) = self.xfp.ours() {
-            write_line(out, b"x-forwarded-proto: ", v.as_bytes());
+        if let Some(scheme) = self.xfp {
+            write_line(out, b"x-forwarded-proto: ", scheme.as_bytes());
         }
         if let Some(v) = self.xfh.ours() {
             write_line(out, b"x-forwarded-host: ", v.as_bytes());
@@ -373,7 +377,7 @@ impl ProxyHeaders {
         if let Some(v) = self.forwarded.ours() {
             write_line(out, b"forwarded: ", v.as_bytes());
         }
-        if let Some(v) = &self.request_id {
+        if let Some(v) = self.request_id {
             write_line(out, b"x-request-id: ", v.as_bytes());
         }
     }

@@ -709,7 +709,7 @@ fn proxy<'a>(
             if https { "https" } else { "http" },
             parts.uri.authority(),
             forwarding,
-            Some(id.clone()),
+            Some(id),
         );
         // Set in the map now when no attempt encodes an HTTP/1.1 head (an
         // upgrade, HTTP/2 out): moved in, not copied at an attempt.

@@ -227,7 +227,7 @@ pub(crate) struct HttpStep<'a> {
     /// The forwarding headers and request id not yet in `parts`: HTTP/1.1
     /// encodes them with the head; the first HTTP/2 attempt (`auto` over
     /// TLS) sets them in `parts` (and takes them).
-    pub(crate) added: Option<&'a ProxyHeaders>,
+    pub(crate) added: Option<&'a ProxyHeaders<'a>>,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
 }
