@@ -13,7 +13,11 @@
 //!
 //! - Request line `METHOD origin-form HTTP/1.1` (the URI's path and query;
 //!   `/` when it has none), then the headers as they are, encoded straight
-//!   into the connection's write buffer.
+//!   into the connection's write buffer; the proxy's forwarding headers and
+//!   `X-Request-Id` ([`ProxyHeaders`], worked out once per request) are
+//!   written after them, the client's lines of the names they replace
+//!   skipped: the map is never changed, so every attempt encodes the same
+//!   head.
 //! - Body framing: a body that is empty and says so (`is_end_stream`) has
 //!   none (its own `content-length`, if any, is kept); a `content-length`
 //!   header present sets the length; else a body of known length gets a
@@ -70,7 +74,7 @@ use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
-use super::headers::{is_hop_by_hop_name, name_is};
+use super::headers::{is_hop_by_hop_name, name_is, write_line, ProxyHeaders};
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
 use super::raw_head::RawHeaders;
 use super::request_body::UpstreamBody;
@@ -163,9 +167,13 @@ pub(crate) struct RequestHead<'a> {
     /// Sent instead of the headers' Host (in its place; last when they
     /// have none).
     pub(crate) host: Option<&'a HeaderValue>,
-    /// The response head may be kept as its lines ([`raw_head`](super::raw_head)): the
-    /// client is answered by `h1_server`'s writer.
+    /// The response head may be kept as its lines
+    /// ([`raw_head`](super::raw_head)): the client is answered by
+    /// `h1_server`'s writer.
     pub(crate) raw_response: bool,
+    /// The proxy's forwarding headers and request id, sent instead of the
+    /// client's lines of those names, after the others (`headers.rs`).
+    pub(crate) added: Option<&'a ProxyHeaders<'a>>,
 }
 
 impl<'a> RequestHead<'a> {
@@ -178,6 +186,7 @@ impl<'a> RequestHead<'a> {
             headers: &parts.headers,
             host: None,
             raw_response: false,
+            added: None,
         }
     }
 }
@@ -301,7 +310,6 @@ impl H1Conn {
         let head_request = head.method == Method::HEAD;
         self.raw_response = head.raw_response;
         self.kept_head = None;
-        let close_asked = has_token(head.headers, b"close");
         let framing = send_framing(&head, &body);
         let declared = (framing == SendFraming::Chunked)
             .then(|| trailer_names(head.headers))
@@ -311,7 +319,7 @@ impl H1Conn {
             self.write_buf = Vec::new();
         }
         self.write_buf.clear();
-        encode_head(&head, framing, &mut self.write_buf);
+        let close_asked = encode_head(&head, framing, &mut self.write_buf);
 
         let mut sender = BodySender {
             framing,
@@ -405,12 +413,17 @@ impl H1Conn {
         head_request: bool,
     ) -> Poll<Result<ResponseHead, ExchangeError>> {
         loop {
-            if let Some(head) = take_head(
-                &mut self.read_buf,
-                head_request,
-                self.raw_response.then_some(&mut self.kept_head),
-            )? {
-                return Poll::Ready(Ok(head));
+            // An empty buffer (the usual case right after the request went
+            // out, and at the wake-up before the read) holds no head: no
+            // parse.
+            if !self.read_buf.is_empty() {
+                if let Some(head) = take_head(
+                    &mut self.read_buf,
+                    head_request,
+                    self.raw_response.then_some(&mut self.kept_head),
+                )? {
+                    return Poll::Ready(Ok(head));
+                }
             }
             match self.poll_read_more(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -537,8 +550,10 @@ fn send_framing(parts: &RequestHead<'_>, body: &UpstreamBody) -> SendFraming {
 }
 
 /// Encodes the request line and headers of `parts` with `framing`'s
-/// headers into `out`.
-fn encode_head(parts: &RequestHead<'_>, framing: SendFraming, out: &mut Vec<u8>) {
+/// headers into `out`; returns whether a `connection` header names `close`
+/// (read in the same pass over the headers: a lookup of `content-length`
+/// and of `connection` fewer).
+fn encode_head(parts: &RequestHead<'_>, framing: SendFraming, out: &mut Vec<u8>) -> bool {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     match parts.uri.path_and_query() {
@@ -546,7 +561,8 @@ fn encode_head(parts: &RequestHead<'_>, framing: SendFraming, out: &mut Vec<u8>)
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let mut has_length = false;
+    let mut close_asked = false;
     let mut host = parts.host;
     for (name, mut value) in parts.headers {
         if name == header::TRANSFER_ENCODING {
@@ -559,18 +575,26 @@ fn encode_head(parts: &RequestHead<'_>, framing: SendFraming, out: &mut Vec<u8>)
                 None => continue,
             }
         }
-        if name == header::CONTENT_LENGTH && framing == SendFraming::Chunked {
+        if name == header::CONTENT_LENGTH {
+            has_length = true;
+            if framing == SendFraming::Chunked {
+                continue;
+            }
+        }
+        if name == header::CONNECTION && has_token(value, b"close") {
+            close_asked = true;
+        }
+        let name = name.as_str();
+        if parts.added.is_some_and(|a| a.replaces(name)) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_header(out, name.as_bytes(), value.as_bytes());
+    }
+    if let Some(added) = parts.added {
+        added.write_to(out);
     }
     if let Some(h) = host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(h.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_line(out, b"host: ", h.as_bytes());
     }
     match framing {
         SendFraming::Length(n) if !has_length => {
@@ -581,6 +605,16 @@ fn encode_head(parts: &RequestHead<'_>, framing: SendFraming, out: &mut Vec<u8>)
         SendFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
     }
+    out.extend_from_slice(b"\r\n");
+    close_asked
+}
+
+/// Appends `name: value\r\n`, growing `out` at most once.
+fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -608,13 +642,12 @@ fn write_hex(out: &mut Vec<u8>, n: usize) {
     }
 }
 
-/// Whether a `connection` header of `headers` names `token`.
-fn has_token(headers: &HeaderMap, token: &[u8]) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
+/// Whether a `connection` header value names `token`.
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The `content-length` of `headers`: `Ok(None)` without one, an error for
@@ -767,8 +800,8 @@ fn parse_head(
     let head = buf.split_to(len).freeze();
     // A spare map (the last request's, `spare_maps`), with room for a
     // request's headers too: a client connection keeps this map, once the
-    // response head is written, for the next request it parses, which the
-    // proxy then adds its forwarding headers to.
+    // response head is written, for the next request it parses (to which
+    // an HTTP/2 attempt or an upgrade adds the forwarding headers).
     let mut headers = spare_maps::take(count);
     match kept {
         Some(kept) if keep_raw => *kept = Some(RawHeaders::new(head, spans)),
@@ -1811,5 +1844,128 @@ mod tests {
             write_decimal(&mut dec, n);
             assert_eq!(dec, n.to_string().as_bytes());
         }
+    }
+
+    /// The lines of an encoded head after its request line, each name's
+    /// lines in their order, the names sorted.
+    fn lines_by_name(head: &[u8]) -> Vec<(String, String)> {
+        let text = std::str::from_utf8(head).unwrap();
+        let mut lines: Vec<(String, String)> = text
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(": ").unwrap();
+                (n.to_owned(), v.to_owned())
+            })
+            .collect();
+        lines.sort_by(|a, b| a.0.cmp(&b.0));
+        lines
+    }
+
+    /// The forwarding headers and request id written by the encoder are
+    /// the lines the instance got when they were set in the map (issue
+    /// 12): the same lines of each name in the same order, for every rule
+    /// (trusted or not, `Forwarded` on or off, IPv4 and IPv6 peers, Host or
+    /// authority, a replaced Host) and whatever the client sent; without
+    /// client lines of those names (the common request), the same bytes.
+    /// Encoding again (a retry), or from a map they were applied to (the
+    /// head back from an HTTP/2 attempt that never left), changes nothing.
+    #[test]
+    fn added_headers_encode_as_the_map_they_are_set_in() {
+        use super::super::headers::{Forwarding, Peer, ProxyHeaders};
+        let common: &[(&str, &str)] = &[("host", "shop.example"), ("accept", "*/*")];
+        let forged: &[(&str, &str)] = &[
+            ("host", "shop.example"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("accept", "*/*"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=1.2.3.4;proto=https"),
+            ("x-request-id", "theirs"),
+            ("content-length", "3"),
+        ];
+        let hostless: &[(&str, &str)] = &[
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "a"),
+            ("x-request-id", "b"),
+        ];
+        let authority: http::uri::Authority = "[::1]:8080".parse().unwrap();
+        let replaced_host = HeaderValue::from_static("backend:80");
+        let mut cases = 0;
+        for (client, is_common) in [(common, true), (forged, false), (hostless, false)] {
+            let mut map = HeaderMap::new();
+            for (k, v) in client {
+                map.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            for peer in ["203.0.113.7:5", "10.1.2.3:5", "[2001:db8::1]:443"] {
+                let peer = Peer::new(peer.parse().unwrap());
+                for (trusted, forwarded_header, authority, host, scheme) in [
+                    (false, false, None, None, "http"),
+                    (false, true, Some(&authority), Some(&replaced_host), "https"),
+                    (true, false, Some(&authority), None, "http"),
+                    (true, true, None, Some(&replaced_host), "http"),
+                ] {
+                    let rules = Forwarding {
+                        trusted_proxies: if trusted {
+                            vec![
+                                "10.0.0.0/8".parse().unwrap(),
+                                "2001:db8::/32".parse().unwrap(),
+                            ]
+                        } else {
+                            Vec::new()
+                        },
+                        forwarded_header,
+                    };
+                    let id = HeaderValue::from_static("ours-1");
+                    let added =
+                        ProxyHeaders::new(&map, &peer, scheme, authority, &rules, Some(&id));
+                    let mut set = map.clone();
+                    added.apply(&mut set);
+                    let uri = http::Uri::from_static("/p?q=1");
+                    let head = |headers: &HeaderMap, added: Option<&ProxyHeaders<'_>>| {
+                        let head = RequestHead {
+                            method: &Method::GET,
+                            uri: &uri,
+                            headers,
+                            host,
+                            raw_response: false,
+                            added,
+                        };
+                        let mut out = Vec::new();
+                        let close = encode_head(&head, SendFraming::Length(3), &mut out);
+                        assert!(!close);
+                        out
+                    };
+                    let before = head(&set, None);
+                    let now = head(&map, Some(&added));
+                    let case = format!("{client:?} {peer:?} {trusted} {forwarded_header} {host:?}");
+                    assert_eq!(lines_by_name(&now), lines_by_name(&before), "{case}");
+                    assert_eq!(&now[..20], &before[..20], "{case}");
+                    if is_common {
+                        assert_eq!(
+                            String::from_utf8_lossy(&now),
+                            String::from_utf8_lossy(&before),
+                            "{case}"
+                        );
+                    }
+                    assert_eq!(head(&map, Some(&added)), now, "{case}: again");
+                    assert_eq!(
+                        lines_by_name(&head(&set, Some(&added))),
+                        lines_by_name(&before),
+                        "{case}: applied already"
+                    );
+                    let mut twice = set.clone();
+                    added.apply(&mut twice);
+                    assert_eq!(twice, set, "{case}: applied twice");
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 36);
     }
 }

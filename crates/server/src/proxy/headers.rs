@@ -25,6 +25,19 @@
 //! networks: an internal listener behind a CDN trusts the CDN, a public one
 //! trusts nobody. The functions are pure over the header map and the
 //! listener's facts, so the HTTP path and the WebSocket upgrade share them.
+//!
+//! ## Where they are set ([`ProxyHeaders`])
+//!
+//! What the four headers (and `X-Request-Id`) must be is worked out once
+//! per request, from its headers after the hop-by-hop strip. An HTTP/1.1
+//! attempt writes them as it encodes the head, after the client's other
+//! headers, skipping the client's lines they replace; an HTTP/2 attempt
+//! and an upgrade set them in the map (what [`set_forwarding`] does). The
+//! instance gets the same lines either way; on HTTP/1.1 ours come last
+//! instead of where a client's replaced line stood. Inserting four custom
+//! names into every request's map hashed each name and grew the map:
+//! ~1,000 of the proxy's ~24,500 instructions per request (issue 12,
+//! `docs/benchmarks.md`).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -32,6 +45,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 
+use super::request_id::X_REQUEST_ID;
 use crate::config::cidr::{canonical, Cidr};
 
 /// Names, not strings: removing by a `&str` parses the name again on
@@ -229,60 +243,234 @@ pub(crate) fn set_forwarding_from(
     authority: Option<&Authority>,
     rules: &Forwarding,
 ) {
-    let ip = peer.ip;
-    let trusted = rules.trusts(ip);
-    let host = headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    ProxyHeaders::new(headers, peer, scheme, authority, rules, None).set_in(headers);
+}
 
-    if trusted {
-        let mut xff = joined(headers, &X_FORWARDED_FOR);
-        if !xff.is_empty() {
-            xff.push_str(", ");
-        }
-        let _ = write!(xff, "{ip}");
-        insert(headers, X_FORWARDED_FOR, &xff);
-    } else {
-        match &peer.ip_value {
-            Some(v) => headers.insert(X_FORWARDED_FOR, v.clone()),
-            None => headers.remove(X_FORWARDED_FOR),
-        };
-    }
+/// What one forwarding header of the request the instance gets is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Line {
+    /// The client's lines, as they are (a trusted proxy's).
+    Keep,
+    /// Ours instead of every line of the client's; `None`: no line.
+    Set(Option<HeaderValue>),
+}
 
-    if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-    }
-    if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
-        match &host {
-            Some(h) => {
-                headers.insert(X_FORWARDED_HOST, h.clone());
+/// The headers the proxy sets on one request ([`set_forwarding`]'s, and
+/// `X-Request-Id` when given), worked out once from the request's headers
+/// as they are after [`strip_hop_by_hop`]: either [applied](Self::apply) to
+/// the map (HTTP/2 upstream, upgrades, [`set_forwarding`]), or, for an
+/// HTTP/1.1 upstream, written by the head's encoder, which skips the
+/// client's lines [replaced](Self::replaces) and [writes](Self::write_to)
+/// ours after the others (module doc). The same value encodes every
+/// attempt of the request the same way.
+/// Kept small, borrowing what it can: it lives in every request's future,
+/// which HTTP/2 moves a few times.
+#[derive(Debug, Clone)]
+pub(crate) struct ProxyHeaders<'a> {
+    trusted: bool,
+    /// `X-Forwarded-For`: always ours (a trusted proxy's list with the
+    /// client appended).
+    xff: Option<HeaderValue>,
+    /// `X-Forwarded-Proto`: the scheme, or `None` to keep the client's.
+    xfp: Option<&'static str>,
+    xfh: Line,
+    forwarded: Line,
+    request_id: Option<&'a HeaderValue>,
+    /// One bit per length of a name whose client lines are dropped: most
+    /// names are ruled out by their length alone.
+    replaced_lengths: u32,
+}
+
+impl<'a> ProxyHeaders<'a> {
+    /// The headers for a request with `headers` from `peer` that spoke
+    /// `scheme` (see the module doc and [`set_forwarding`]), and
+    /// `request_id` as its `X-Request-Id`.
+    pub(crate) fn new(
+        headers: &HeaderMap,
+        peer: &Peer,
+        scheme: &'static str,
+        authority: Option<&Authority>,
+        rules: &Forwarding,
+        request_id: Option<&'a HeaderValue>,
+    ) -> Self {
+        let ip = peer.ip;
+        let trusted = rules.trusts(ip);
+        let host = headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let xff = if trusted {
+            let mut xff = joined(headers, &X_FORWARDED_FOR);
+            if !xff.is_empty() {
+                xff.push_str(", ");
             }
-            None => {
-                headers.remove(X_FORWARDED_HOST);
-            }
-        }
-    }
-
-    if !trusted {
-        headers.remove(header::FORWARDED);
-    }
-    if rules.forwarded_header {
-        let mut fwd = if trusted {
-            joined(headers, &header::FORWARDED)
+            let _ = write!(xff, "{ip}");
+            // Only kept text went in, so this cannot fail; never forward
+            // a stale value if it does.
+            HeaderValue::from_str(&xff).ok()
         } else {
-            String::new()
+            peer.ip_value.clone()
         };
-        if !fwd.is_empty() {
-            fwd.push_str(", ");
+        let xfp = if trusted && headers.contains_key(&X_FORWARDED_PROTO) {
+            None
+        } else {
+            Some(scheme)
+        };
+        let xfh = if trusted && headers.contains_key(&X_FORWARDED_HOST) {
+            Line::Keep
+        } else {
+            Line::Set(host.clone())
+        };
+        let forwarded = if rules.forwarded_header {
+            let mut fwd = if trusted {
+                joined(headers, &header::FORWARDED)
+            } else {
+                String::new()
+            };
+            if !fwd.is_empty() {
+                fwd.push_str(", ");
+            }
+            forwarded_element(&mut fwd, ip, scheme, host.as_ref());
+            Line::Set(HeaderValue::from_str(&fwd).ok())
+        } else if trusted {
+            Line::Keep
+        } else {
+            Line::Set(None)
+        };
+        let mut replaced_lengths = 1 << X_FORWARDED_FOR.as_str().len();
+        if xfp.is_some() {
+            replaced_lengths |= 1 << X_FORWARDED_PROTO.as_str().len();
         }
-        forwarded_element(&mut fwd, ip, scheme, host.as_ref());
-        insert(headers, header::FORWARDED, &fwd);
+        for (line, name) in [(&xfh, &X_FORWARDED_HOST), (&forwarded, &header::FORWARDED)] {
+            if *line != Line::Keep {
+                replaced_lengths |= 1 << name.as_str().len();
+            }
+        }
+        if request_id.is_some() {
+            replaced_lengths |= 1 << X_REQUEST_ID.as_str().len();
+        }
+        Self {
+            trusted,
+            xff,
+            xfp,
+            xfh,
+            forwarded,
+            request_id,
+            replaced_lengths,
+        }
+    }
+
+    /// Sets them in `headers`, the map they were worked out from (as
+    /// [`set_forwarding`] always did, then `X-Request-Id`), keeping them for
+    /// more. Applying them again changes nothing.
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        self.clone().set_in(headers);
+    }
+
+    /// [`apply`](Self::apply), the values moved into the map.
+    pub(crate) fn set_in(self, headers: &mut HeaderMap) {
+        set(headers, X_FORWARDED_FOR, Line::Set(self.xff));
+        if let Some(scheme) = self.xfp {
+            headers.insert(X_FORWARDED_PROTO, scheme_value(scheme));
+        }
+        set(headers, X_FORWARDED_HOST, self.xfh);
+        if !self.trusted {
+            headers.remove(header::FORWARDED);
+        }
+        if let Line::Set(Some(v)) = self.forwarded {
+            headers.insert(header::FORWARDED, v);
+        }
+        if let Some(id) = self.request_id {
+            headers.insert(X_REQUEST_ID, id.clone());
+        }
+    }
+
+    /// Whether the client's lines named `name` (lowercase, as a map's
+    /// names are) are dropped for ours.
+    pub(crate) fn replaces(&self, name: &str) -> bool {
+        let len = name.len();
+        if len >= 32 || self.replaced_lengths & (1 << len) == 0 {
+            return false;
+        }
+        let line = match name {
+            "x-forwarded-for" => return true,
+            "x-request-id" => return self.request_id.is_some(),
+            "x-forwarded-proto" => return self.xfp.is_some(),
+            "x-forwarded-host" => &self.xfh,
+            "forwarded" => &self.forwarded,
+            _ => return false,
+        };
+        *line != Line::Keep
+    }
+
+    /// Appends our lines, `name: value\r\n` each, in the order
+    /// [`apply`](Self::apply) adds them to a map without them.
+    pub(crate) fn write_to(&self, out: &mut Vec<u8>) {
+        // One call per name, each a literal: its copy is a fixed-size move.
+        if let Some(v) = &self.xff {
+            write_line(out, b"x-forwarded-for: ", v.as_bytes());
+        }
+        if let Some(scheme) = self.xfp {
+            write_line(out, b"x-forwarded-proto: ", scheme.as_bytes());
+        }
+        if let Some(v) = self.xfh.ours() {
+            write_line(out, b"x-forwarded-host: ", v.as_bytes());
+        }
+        if let Some(v) = self.forwarded.ours() {
+            write_line(out, b"forwarded: ", v.as_bytes());
+        }
+        if let Some(v) = self.request_id {
+            write_line(out, b"x-request-id: ", v.as_bytes());
+        }
     }
 }
 
-/// Every value of `name`, joined as one list (a header may come on several
-/// lines); values that are not text are skipped.
+impl Line {
+    /// The line we send, if any.
+    fn ours(&self) -> Option<&HeaderValue> {
+        match self {
+            Line::Set(v) => v.as_ref(),
+            Line::Keep => None,
+        }
+    }
+}
+
+/// Appends `name` (with its `": "`), `value` and CRLF, growing `out` at
+/// most once. Always inlined: a literal `name`'s copy is then a fixed-size
+/// move, not a call to `memcpy`.
+#[inline(always)]
+pub(crate) fn write_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 2);
+    out.extend_from_slice(name);
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `scheme` as a header value: the two schemes without checking their
+/// bytes again per request.
+fn scheme_value(scheme: &'static str) -> HeaderValue {
+    const HTTP: HeaderValue = HeaderValue::from_static("http");
+    const HTTPS: HeaderValue = HeaderValue::from_static("https");
+    match scheme {
+        "http" => HTTP,
+        "https" => HTTPS,
+        other => HeaderValue::from_static(other),
+    }
+}
+
+/// Sets `name` as `line` says, replacing every earlier line of it.
+fn set(headers: &mut HeaderMap, name: HeaderName, line: Line) {
+    match line {
+        Line::Keep => {}
+        Line::Set(Some(v)) => {
+            headers.insert(name, v);
+        }
+        Line::Set(None) => {
+            headers.remove(name);
+        }
+    }
+}
+
 /// `ip` as a header value, formatted in place: one allocation per
 /// connection ([`Peer`]), shared by the value's clones (one per request,
 /// and per attempt that may be retried).
@@ -314,6 +502,8 @@ impl AsRef<[u8]> for IpText {
     }
 }
 
+/// Every value of `name`, joined as one list (a header may come on several
+/// lines); values that are not text are skipped.
 fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
     let mut out = String::new();
     for v in headers.get_all(name) {
@@ -328,20 +518,6 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
         out.push_str(v);
     }
     out
-}
-
-/// Sets `name` to `value`, replacing every earlier line of it.
-fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
-        Ok(v) => {
-            headers.insert(name, v);
-        }
-        // Only kept text went in, so this cannot happen; never forward a
-        // stale value if it does.
-        Err(_) => {
-            headers.remove(name);
-        }
-    }
 }
 
 /// One RFC 7239 element: `for=192.0.2.1;proto=http;host="example.com"`.

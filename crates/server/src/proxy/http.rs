@@ -98,7 +98,7 @@ use super::client_limits::{
     ClientLimits, ConnWatch, Expiry, InFlight, RequestGuard, StallTimeout, WatchedSocket,
 };
 use super::h1_server::{self, BufferedBody, Prefixed, Served, Shutdown};
-use super::headers::{set_forwarding_from, strip_hop_by_hop, Forwarding, Peer};
+use super::headers::{strip_hop_by_hop, Forwarding, Peer, ProxyHeaders};
 use super::hygiene;
 use super::pool::PooledBody;
 use super::raw_head::KeptHead;
@@ -713,15 +713,22 @@ fn proxy<'a>(
             .and_then(|k| k.digest(&parts, peer.addr));
         strip_hop_by_hop(&mut parts.headers);
         // After the strip: a client cannot name these in `Connection`.
-        let authority = parts.uri.authority().cloned();
-        set_forwarding_from(
-            &mut parts.headers,
+        let added = ProxyHeaders::new(
+            &parts.headers,
             peer,
             if https { "https" } else { "http" },
-            authority.as_ref(),
+            parts.uri.authority(),
             forwarding,
+            Some(id),
         );
-        parts.headers.insert(X_REQUEST_ID, id.clone());
+        // Set in the map now when no attempt encodes an HTTP/1.1 head (an
+        // upgrade, HTTP/2 out): moved in, not copied at an attempt.
+        let added = if upgrade.is_some() || up.clients.always_http2(parts.version) {
+            added.set_in(&mut parts.headers);
+            None
+        } else {
+            Some(added)
+        };
         if let Some(protocol) = upgrade {
             let key = key.as_ref().map(|k| &k[..]);
             // Boxed: the tunnel's state stays out of every request's future.
@@ -743,6 +750,9 @@ fn proxy<'a>(
             first_attempt_at: (!waited).then_some(received),
             attempt_at: received,
             per_try_timeout: up.per_try_timeout,
+            // Set at each attempt: in the HTTP/1.1 head as it is encoded,
+            // in an HTTP/2 attempt's map.
+            added: added.as_ref(),
             clients: &up.clients,
             service: &up.name,
             raw_response,

@@ -37,7 +37,13 @@ pub(crate) const MAX_LEN: usize = 128;
 /// The request's id: the client's when valid (module doc), else a new one.
 /// Marked sensitive: never indexed by HPACK (module doc).
 pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
-    let mut lines = headers.get_all(&X_REQUEST_ID).iter();
+    // A walk over the lines, not `get_all`: hashing the custom name cost
+    // more than comparing the few names a request has (most of them
+    // standard, told apart from a custom one without reading its bytes).
+    let mut lines = headers
+        .iter()
+        .filter(|(name, _)| name.as_str() == X_REQUEST_ID.as_str())
+        .map(|(_, v)| v);
     let mut id = match (lines.next(), lines.next()) {
         (Some(v), None) if is_valid(v.as_bytes()) => v.clone(),
         _ => generate(),

@@ -51,6 +51,7 @@ use tracing::debug;
 
 use super::attempt::{Attempt, Class, NoAnswer, Replay, Step};
 use super::h1_exchange::RequestHead;
+use super::headers::ProxyHeaders;
 use super::http::ProxyBody;
 use super::pool::{Failed, InstancePool, Pool, PooledBody, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
@@ -144,6 +145,12 @@ impl UpstreamClients {
         self.pool.tls()
     }
 
+    /// Whether a request that came in as `inbound` goes out as HTTP/2
+    /// whichever instance it goes to (no ALPN choice to learn first).
+    pub(crate) fn always_http2(&self, inbound: Version) -> bool {
+        !self.alpn_decides() && self.http2_out(inbound)
+    }
+
     /// Whether the instance's ALPN choice sets the version: `auto` over TLS.
     fn alpn_decides(&self) -> bool {
         self.protocol == UpstreamProtocol::Auto && self.pool.tls().is_some()
@@ -217,6 +224,10 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) attempt_at: std::time::Instant,
     /// `per_try_timeout`: one attempt's limit, within `deadline`.
     pub(crate) per_try_timeout: Option<Duration>,
+    /// The forwarding headers and request id not yet in `parts`: HTTP/1.1
+    /// encodes them with the head; the first HTTP/2 attempt (`auto` over
+    /// TLS) sets them in `parts` (and takes them).
+    pub(crate) added: Option<&'a ProxyHeaders<'a>>,
     pub(crate) clients: &'a UpstreamClients,
     pub(crate) service: &'a str,
     /// An HTTP/1.1 answer may keep its head as lines
@@ -266,6 +277,11 @@ impl HttpStep<'_> {
         let uri = Uri::from_parts(u).ok()?;
         if self.headers_gone {
             return None;
+        }
+        // Set in the request's own map, once (a copy of it has no room to
+        // grow into): later attempts, HTTP/1.1 ones too, send it as it is.
+        if let Some(added) = self.added.take() {
+            added.apply(&mut self.parts.headers);
         }
         let mut headers = if self.may_resend {
             self.parts.headers.clone()
@@ -387,6 +403,7 @@ impl Step for HttpStep<'_> {
                 headers: &self.parts.headers,
                 host: host.as_ref(),
                 raw_response: self.raw_response,
+                added: self.added,
             };
             let began = tokio::time::Instant::from_std(self.attempt_at);
             tokio::time::timeout_at(until, pool.send_h1(&to, head, body, began)).await
@@ -450,6 +467,7 @@ mod tests {
             first_attempt_at: None,
             attempt_at: std::time::Instant::now(),
             per_try_timeout: None,
+            added: None,
             clients,
             service: "api",
             raw_response: false,
