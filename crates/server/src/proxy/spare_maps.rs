@@ -31,8 +31,9 @@ use http::HeaderMap;
 
 /// Headers a new map has room for: a response's headers plus the
 /// forwarding headers the proxy adds when the map, kept by a client
-/// connection, carries that connection's next request (a map sized for
-/// the response alone grew twice per request there).
+/// connection, carries that connection's next request to an HTTP/2
+/// instance or an upgrade (a map sized for the response alone grew twice
+/// per request there; HTTP/1.1 writes them with the head, `ProxyHeaders`).
 pub(crate) const HEADER_MAP_ROOM: usize = 24;
 
 /// Spare maps a thread keeps.
