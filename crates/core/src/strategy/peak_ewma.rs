@@ -259,6 +259,7 @@ mod tests {
         };
         let table = crate::snapshot::StrategyTable::default();
         let ahead = crate::draw_ahead::DrawAhead::default();
+        let over_limit = std::cell::Cell::new(false);
         let mut differ = 0;
         for _ in 0..20_000 {
             let (a, b) = (line(), line());
@@ -274,7 +275,7 @@ mod tests {
                 max_probes: 1,
                 stats: &stats,
                 switched: &mut switched,
-                accept: None,
+                filter: crate::filter::Filter::new(u32::MAX, None, &over_limit),
                 table: &table,
                 ahead: &ahead,
                 line_of_pick: None,
