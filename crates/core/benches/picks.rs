@@ -81,6 +81,12 @@ fn main() {
     let filter = arg(6, "");
     let tried = [datapunk_lb_core::InstanceId::try_new("tried").unwrap()];
     let untried = |m: &Member| !tried.contains(m.instance().id());
+    let mode = match filter.as_str() {
+        "filter" => Mode::Filter,
+        "limit" => Mode::Limit,
+        "retry" => Mode::Retry,
+        _ => Mode::Select,
+    };
 
     let registry = service(kind, n);
     let svc = registry.service("svc").unwrap();
@@ -91,7 +97,7 @@ fn main() {
     let results: Vec<(u64, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads as u64)
             .map(|t| {
-                let (svc, barrier, filter, untried) = (&svc, barrier.clone(), &filter, &untried);
+                let (svc, barrier, untried) = (&svc, barrier.clone(), &untried);
                 s.spawn(move || {
                     let buffer: Vec<u64> = if work_kib > 0 {
                         (0..WORK_BUFFER / 8).map(|i| i as u64).collect()
@@ -105,11 +111,13 @@ fn main() {
                     for i in 0..picks {
                         let key = ((t << 48) + i).to_le_bytes();
                         let key = keyed.then_some(&key[..]);
-                        let sel = match filter.as_str() {
-                            "filter" => svc.select_with(key, |m| m.active_connections() < 10_000),
-                            "limit" => svc.select_within(key, 10_000, None).ok(),
-                            "retry" => svc.select_within(key, 10_000, Some(untried)).ok(),
-                            _ => svc.select(key),
+                        let sel = match mode {
+                            Mode::Filter => {
+                                svc.select_with(key, |m| m.active_connections() < 10_000)
+                            }
+                            Mode::Limit => svc.select_within(key, 10_000, None).ok(),
+                            Mode::Retry => svc.select_within(key, 10_000, Some(untried)).ok(),
+                            Mode::Select => svc.select(key),
                         };
                         let sel = sel.unwrap();
                         if work_kib > 0 {
@@ -140,6 +148,15 @@ fn main() {
         cpu.join(", "),
         wall.join(", ")
     );
+}
+
+/// How the loop selects (the sixth argument; module doc).
+#[derive(Clone, Copy)]
+enum Mode {
+    Select,
+    Filter,
+    Limit,
+    Retry,
 }
 
 /// Bytes of each thread's buffer for `<work KiB>`.

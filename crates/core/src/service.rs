@@ -240,7 +240,8 @@ impl Service {
     /// The same as [`select_with`](Self::select_with) with a filter that
     /// accepts all.
     pub fn select(&self, key: Option<&[u8]>) -> Option<Selection> {
-        self.pick(key, u32::MAX, None).ok()
+        let over_limit = Cell::new(false);
+        self.pick(key, &Filter::new(u32::MAX, None, &over_limit))
     }
 
     /// Selects an instance that `accept` accepts, or `None` if no eligible
@@ -273,7 +274,8 @@ impl Service {
         key: Option<&[u8]>,
         accept: impl Fn(&Member) -> bool,
     ) -> Option<Selection> {
-        self.pick(key, u32::MAX, Some(&accept)).ok()
+        let over_limit = Cell::new(false);
+        self.pick(key, &Filter::new(u32::MAX, Some(&accept), &over_limit))
     }
 
     /// Selects an instance with fewer than `max_active` active selections
@@ -310,18 +312,15 @@ impl Service {
         max_active: u32,
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Result<Selection, NoSelection> {
-        self.pick(key, max_active, accept)
-    }
-
-    #[inline]
-    fn pick(
-        &self,
-        key: Option<&[u8]>,
-        max_active: u32,
-        accept: Option<&dyn Fn(&Member) -> bool>,
-    ) -> Result<Selection, NoSelection> {
         let over_limit = Cell::new(false);
         let filter = Filter::new(max_active, accept, &over_limit);
+        self.pick(key, &filter).ok_or_else(|| filter.no_selection())
+    }
+
+    /// The pick of every `select`: `None` when `filter` (with the
+    /// service's rules) accepted no candidate; the filter noted whether
+    /// one was refused for its limit.
+    fn pick(&self, key: Option<&[u8]>, filter: &Filter<'_>) -> Option<Selection> {
         let local = self.local.local();
         // A lease on the thread's view of the snapshot (and the recorder)
         // the selection keeps: no load of the shared `ArcSwap`, no lock and
@@ -336,7 +335,7 @@ impl Service {
         let panic = self.recorder.check_panic(&snap.config, &mut events);
         if snap.members.is_empty() {
             pick_view::release(view);
-            return Err(NoSelection::NoneAcceptable);
+            return None;
         }
         // The common case of the strategies that draw ahead, decided
         // without a context (`strategy::drawn`: the same outcome).
@@ -358,15 +357,13 @@ impl Service {
                     };
                     let (kind, used_at) = (snap.kind, latest.load(Ordering::Relaxed));
                     let used_at = Timestamp::from_nanos(used_at);
-                    let s = Selection::new(view, target, used_at, false, kind, events);
-                    return Ok(s);
+                    return Some(Selection::new(view, target, used_at, false, kind, events));
                 }
                 Drawn::Refused => first_refused = true,
                 Drawn::General => {}
             }
         }
-        let picked = self.pick_general(key, filter, local, view, panic, events, first_refused);
-        picked.ok_or_else(|| filter.no_selection())
+        self.pick_general(key, filter, local, view, panic, events, first_refused)
     }
 
     /// [`pick`](Self::pick) past its common case: every rule, through the
@@ -378,7 +375,7 @@ impl Service {
     fn pick_general(
         &self,
         key: Option<&[u8]>,
-        filter: Filter<'_>,
+        filter: &Filter<'_>,
         local: &PickLocal,
         view: Arc<PickView>,
         panic: bool,
@@ -394,8 +391,10 @@ impl Service {
         let accept = filter.accept;
         let panic_filter =
             move |m: &Member| is_panic_candidate(m) && accept.is_none_or(|accept| accept(m));
+        let candidates;
         let filter = if candidates_only {
-            filter.with_accept(&panic_filter)
+            candidates = filter.with_accept(&panic_filter);
+            &candidates
         } else {
             filter
         };

@@ -96,7 +96,7 @@ pub(crate) fn pick<'a>(
     ahead: &DrawAhead,
     slow_start: Duration,
     latest: &AtomicU64,
-    filter: Filter<'_>,
+    filter: &Filter<'_>,
 ) -> Drawn<'a> {
     // The filter sees a member in the general path's order, once, and
     // only once its candidate passed the service's rules; the limit reads

@@ -203,7 +203,7 @@ pub struct PickContext<'a> {
     /// doc of [`filter`](crate::filter)); without a filter a candidate's
     /// member is not read for it, so a plain `select` pays one branch and
     /// one comparison.
-    pub(crate) filter: Filter<'a>,
+    pub(crate) filter: &'a Filter<'a>,
     /// The snapshot's slot for a table of the strategy's built for
     /// `generation` (see [`Snapshot`](crate::service::Snapshot)).
     pub(crate) table: &'a StrategyTable,

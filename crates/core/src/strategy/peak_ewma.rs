@@ -260,6 +260,7 @@ mod tests {
         let table = crate::snapshot::StrategyTable::default();
         let ahead = crate::draw_ahead::DrawAhead::default();
         let over_limit = std::cell::Cell::new(false);
+        let filter = crate::filter::Filter::new(u32::MAX, None, &over_limit);
         let mut differ = 0;
         for _ in 0..20_000 {
             let (a, b) = (line(), line());
@@ -275,7 +276,7 @@ mod tests {
                 max_probes: 1,
                 stats: &stats,
                 switched: &mut switched,
-                filter: crate::filter::Filter::new(u32::MAX, None, &over_limit),
+                filter: &filter,
                 table: &table,
                 ahead: &ahead,
                 line_of_pick: None,
