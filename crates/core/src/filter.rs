@@ -35,7 +35,7 @@
 //! gives a filter only on a retry (not an instance already tried), so a
 //! first attempt reads no member.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::hot::Hot;
 use crate::instance::Member;
@@ -61,17 +61,30 @@ pub(crate) struct Filter<'a> {
     /// The caller's filter on the member; `None` accepts every member, so
     /// a pick without one reads no member for it.
     pub(crate) accept: Option<&'a dyn Fn(&Member) -> bool>,
-    /// Set when a candidate was refused for the limit.
-    over_limit: &'a Cell<bool>,
+    /// Set when a candidate was refused for the limit (an atomic only so
+    /// that [`OPEN`](Self::OPEN) can be a constant; one thread writes it).
+    over_limit: &'a AtomicBool,
 }
 
+/// The note of [`Filter::OPEN`], which refuses nothing and so never
+/// writes it.
+static NEVER_NOTED: AtomicBool = AtomicBool::new(false);
+
 impl<'a> Filter<'a> {
+    /// No filter and no limit (`select`): a constant, so a pick without a
+    /// filter builds none.
+    pub(crate) const OPEN: Filter<'static> = Filter {
+        max_active: u32::MAX,
+        accept: None,
+        over_limit: &NEVER_NOTED,
+    };
+
     /// A filter of `max_active` and `accept` that notes a refusal for the
     /// limit in `over_limit`.
     pub(crate) fn new(
         max_active: u32,
         accept: Option<&'a dyn Fn(&Member) -> bool>,
-        over_limit: &'a Cell<bool>,
+        over_limit: &'a AtomicBool,
     ) -> Self {
         Filter {
             max_active,
@@ -109,7 +122,7 @@ impl<'a> Filter<'a> {
             }
         }
         if hot.active_connections() >= self.max_active {
-            self.over_limit.set(true);
+            self.over_limit.store(true, Ordering::Relaxed);
             return false;
         }
         true
@@ -123,7 +136,7 @@ impl<'a> Filter<'a> {
 
     /// Why a pick with this filter that selected nothing did.
     pub(crate) fn no_selection(&self) -> NoSelection {
-        if self.over_limit.get() {
+        if self.over_limit.load(Ordering::Relaxed) {
             NoSelection::OverLimit
         } else {
             NoSelection::NoneAcceptable

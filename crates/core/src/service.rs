@@ -79,9 +79,8 @@
 //! state (health, breaker, counts). Deregistering forgets it; an instance
 //! registered again later starts fresh, with slow start.
 
-use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -240,8 +239,7 @@ impl Service {
     /// The same as [`select_with`](Self::select_with) with a filter that
     /// accepts all.
     pub fn select(&self, key: Option<&[u8]>) -> Option<Selection> {
-        let over_limit = Cell::new(false);
-        self.pick(key, &Filter::new(u32::MAX, None, &over_limit))
+        self.pick(key, &Filter::OPEN)
     }
 
     /// Selects an instance that `accept` accepts, or `None` if no eligible
@@ -274,7 +272,7 @@ impl Service {
         key: Option<&[u8]>,
         accept: impl Fn(&Member) -> bool,
     ) -> Option<Selection> {
-        let over_limit = Cell::new(false);
+        let over_limit = AtomicBool::new(false);
         self.pick(key, &Filter::new(u32::MAX, Some(&accept), &over_limit))
     }
 
@@ -306,13 +304,14 @@ impl Service {
     /// assert_eq!(none, Some(NoSelection::NoneAcceptable));
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    #[inline]
     pub fn select_within(
         &self,
         key: Option<&[u8]>,
         max_active: u32,
         accept: Option<&dyn Fn(&Member) -> bool>,
     ) -> Result<Selection, NoSelection> {
-        let over_limit = Cell::new(false);
+        let over_limit = AtomicBool::new(false);
         let filter = Filter::new(max_active, accept, &over_limit);
         self.pick(key, &filter).ok_or_else(|| filter.no_selection())
     }
@@ -1127,7 +1126,7 @@ mod tests {
                             let accept = filtered.then_some(&tried as &dyn Fn(&Member) -> bool);
                             svc.select_within(key, LIMIT, accept)
                         } else {
-                            let over = Cell::new(false);
+                            let over = std::cell::Cell::new(false);
                             let old = |m: &Member| {
                                 if filtered && !tried(m) {
                                     return false;

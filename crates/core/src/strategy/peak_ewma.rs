@@ -259,8 +259,6 @@ mod tests {
         };
         let table = crate::snapshot::StrategyTable::default();
         let ahead = crate::draw_ahead::DrawAhead::default();
-        let over_limit = std::cell::Cell::new(false);
-        let filter = crate::filter::Filter::new(u32::MAX, None, &over_limit);
         let mut differ = 0;
         for _ in 0..20_000 {
             let (a, b) = (line(), line());
@@ -276,7 +274,7 @@ mod tests {
                 max_probes: 1,
                 stats: &stats,
                 switched: &mut switched,
-                filter: &filter,
+                filter: &crate::filter::Filter::OPEN,
                 table: &table,
                 ahead: &ahead,
                 line_of_pick: None,
