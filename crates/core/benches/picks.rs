@@ -9,8 +9,13 @@
 //! ```
 //!
 //! `<binary> <strategy> <instances> <picks per thread> <threads> <work KiB> filter`
-//! selects with `select_with` and a filter like the proxy's (the member's
-//! active connections under a limit; it reads the member).
+//! selects with `select_with` and a filter like the proxy's before
+//! `select_within` (the member's active connections under 10,000; it reads
+//! the member). `limit` instead of `filter` selects as the proxy's first
+//! attempt does now, `select_within(key, 10_000, None)` (the limit on the
+//! hot line, no member read); `retry` as its retry, the same with a filter
+//! refusing one tried instance (not in the service; it reads the member).
+//! `limit` and `retry` need a core with `select_within`.
 //!
 //! `<work KiB>` (default 0) stands in for what a proxy does between two
 //! picks of a thread: while it holds each selection, the thread reads that
@@ -40,7 +45,9 @@ use std::hint::black_box;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
-use datapunk_lb_core::{LoadBalancerConfig, Registry, ServiceInstance, StrategyKind, Weight};
+use datapunk_lb_core::{
+    LoadBalancerConfig, Member, Registry, ServiceInstance, StrategyKind, Weight,
+};
 
 /// Nanoseconds the calling thread has run on a CPU (0 if unreadable).
 fn thread_cpu_ns() -> u64 {
@@ -71,7 +78,15 @@ fn main() {
     let picks: u64 = arg(3, "100000").parse().unwrap();
     let threads: usize = arg(4, "1").parse().unwrap();
     let work_kib: usize = arg(5, "0").parse().unwrap();
-    let filtered = arg(6, "") == "filter";
+    let filter = arg(6, "");
+    let tried = [datapunk_lb_core::InstanceId::try_new("tried").unwrap()];
+    let untried = |m: &Member| !tried.contains(m.instance().id());
+    let mode = match filter.as_str() {
+        "filter" => Mode::Filter,
+        "limit" => Mode::Limit,
+        "retry" => Mode::Retry,
+        _ => Mode::Select,
+    };
 
     let registry = service(kind, n);
     let svc = registry.service("svc").unwrap();
@@ -82,7 +97,7 @@ fn main() {
     let results: Vec<(u64, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads as u64)
             .map(|t| {
-                let (svc, barrier) = (&svc, barrier.clone());
+                let (svc, barrier, untried) = (&svc, barrier.clone(), &untried);
                 s.spawn(move || {
                     let buffer: Vec<u64> = if work_kib > 0 {
                         (0..WORK_BUFFER / 8).map(|i| i as u64).collect()
@@ -96,10 +111,13 @@ fn main() {
                     for i in 0..picks {
                         let key = ((t << 48) + i).to_le_bytes();
                         let key = keyed.then_some(&key[..]);
-                        let sel = if filtered {
-                            svc.select_with(key, |m| m.active_connections() < 10_000)
-                        } else {
-                            svc.select(key)
+                        let sel = match mode {
+                            Mode::Filter => {
+                                svc.select_with(key, |m| m.active_connections() < 10_000)
+                            }
+                            Mode::Limit => svc.select_within(key, 10_000, None).ok(),
+                            Mode::Retry => svc.select_within(key, 10_000, Some(untried)).ok(),
+                            Mode::Select => svc.select(key),
                         };
                         let sel = sel.unwrap();
                         if work_kib > 0 {
@@ -117,16 +135,28 @@ fn main() {
     let per = |x: u64| x as f64 / picks.max(1) as f64;
     let cpu: Vec<String> = results.iter().map(|r| format!("{:.0}", per(r.0))).collect();
     let wall: Vec<String> = results.iter().map(|r| format!("{:.0}", per(r.1))).collect();
-    let work = if work_kib > 0 {
+    let mut work = if work_kib > 0 {
         format!(" work={work_kib}KiB")
     } else {
         String::new()
     };
+    if !filter.is_empty() {
+        work.push_str(&format!(" {filter}"));
+    }
     println!(
         "picks {kind} n={n} threads={threads} picks/thread={picks}{work}: cpu ns/pick per thread [{}], wall ns/pick per thread [{}]",
         cpu.join(", "),
         wall.join(", ")
     );
+}
+
+/// How the loop selects (the sixth argument; module doc).
+#[derive(Clone, Copy)]
+enum Mode {
+    Select,
+    Filter,
+    Limit,
+    Retry,
 }
 
 /// Bytes of each thread's buffer for `<work KiB>`.

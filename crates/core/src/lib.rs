@@ -62,6 +62,7 @@
 //! | [`recorder`] | `Recorder`: a service's outcome recording (health, breaker, EWMA, counters, panic), `Outcome`, `FailureKind` |
 //! | [`config`] | `LoadBalancerConfig` and its defaults |
 //! | [`event`] | `Event`, the state changes reported to the caller |
+//! | [`filter`] | the caller's limit and filter in a pick (`Service::select_within`), `NoSelection` |
 //! | `draw_ahead` | `DrawAhead`: a thread's random draws for its next picks of a service, in batches whose lines are loaded together |
 //! | [`members`] | the chunked copy-on-write member list |
 //! | [`instance`] | `InstanceId`, `Weight`, `ServiceInstance`, live `InstanceLive`, `Member`, `InstanceStatus`, `InstanceError` |
@@ -84,6 +85,7 @@ pub(crate) mod draw_ahead;
 pub mod error;
 pub mod event;
 pub mod ewma;
+pub mod filter;
 pub mod health;
 pub(crate) mod hot;
 pub mod instance;
@@ -106,6 +108,7 @@ pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::LoadBalancerConfig;
 pub use error::{ConfigError, HealthScoreError};
 pub use event::Event;
+pub use filter::NoSelection;
 pub use health::{HealthScore, HealthTracker};
 pub use instance::{InstanceError, InstanceId, InstanceStatus, Member, ServiceInstance, Weight};
 pub use members::Members;

@@ -80,7 +80,7 @@
 //! registered again later starts fresh, with slow start.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +91,7 @@ use crate::breaker::{Admission, CircuitState};
 use crate::clock::{Clock, LazyNow, OptionalTimestamp, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::event::Event;
+use crate::filter::{Filter, NoSelection};
 use crate::health::HealthScore;
 use crate::hot::{Hot, HotArena};
 use crate::instance::{InstanceId, InstanceLive, InstanceStatus, Member, ServiceInstance};
@@ -238,7 +239,7 @@ impl Service {
     /// The same as [`select_with`](Self::select_with) with a filter that
     /// accepts all.
     pub fn select(&self, key: Option<&[u8]>) -> Option<Selection> {
-        self.pick(key, None)
+        self.pick(key, &Filter::OPEN)
     }
 
     /// Selects an instance that `accept` accepts, or `None` if no eligible
@@ -247,7 +248,9 @@ impl Service {
     /// `accept` is consulted inside the pick, like eligibility: the strategy
     /// skips refused members, so the caller never re-draws (Pingora's
     /// `select_with`). Use it for "not an instance this request already
-    /// tried" or "under its connection limit". Round robin moves past a
+    /// tried". (A connection limit is cheaper as
+    /// [`select_within`](Self::select_within)'s `max_active`, which reads
+    /// no member.) Round robin moves past a
     /// refused instance in its rotation; `consistent_hash` falls over to the
     /// next instance in its table order for the key, the same one every
     /// time; panic mode and half-open probe limits apply as in
@@ -269,14 +272,55 @@ impl Service {
         key: Option<&[u8]>,
         accept: impl Fn(&Member) -> bool,
     ) -> Option<Selection> {
-        self.pick(key, Some(&accept))
+        let over_limit = AtomicBool::new(false);
+        self.pick(key, &Filter::new(u32::MAX, Some(&accept), &over_limit))
     }
 
-    fn pick(
+    /// Selects an instance with fewer than `max_active` active selections
+    /// that `accept`, if given, accepts; else says whether some candidate
+    /// was refused for the limit ([`NoSelection::OverLimit`]) or none was
+    /// acceptable ([`NoSelection::NoneAcceptable`]).
+    ///
+    /// The rule is [`select_with`](Self::select_with)'s with the limit as
+    /// part of the filter, asked after `accept` (module doc of
+    /// [`filter`](crate::filter)): a candidate at or over the limit is
+    /// skipped as a refused one. The limit is checked on the instance's
+    /// hot line, which the pick reads anyway, so a pick with a limit and
+    /// no `accept` reads no member (the proxy's first attempt under
+    /// `max_connections`); `u32::MAX` is no limit.
+    ///
+    /// ```
+    /// use datapunk_lb_core::filter::NoSelection;
+    /// use datapunk_lb_core::{Registry, ServiceInstance};
+    ///
+    /// let registry = Registry::new();
+    /// registry.register_instance("api", ServiceInstance::try_new("api-1", "10.0.0.1", 80)?)?;
+    /// let svc = registry.service("api").expect("registered");
+    /// let held = svc.select_within(None, 1, None).expect("api-1 is idle");
+    /// assert_eq!(svc.select_within(None, 1, None).err(), Some(NoSelection::OverLimit));
+    /// drop(held);
+    /// let not_api_1 = |m: &datapunk_lb_core::Member| m.instance().id().as_str() != "api-1";
+    /// let none = svc.select_within(None, 1, Some(&not_api_1)).err();
+    /// assert_eq!(none, Some(NoSelection::NoneAcceptable));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[inline]
+    pub fn select_within(
         &self,
         key: Option<&[u8]>,
+        max_active: u32,
         accept: Option<&dyn Fn(&Member) -> bool>,
-    ) -> Option<Selection> {
+    ) -> Result<Selection, NoSelection> {
+        let over_limit = AtomicBool::new(false);
+        let filter = Filter::new(max_active, accept, &over_limit);
+        self.pick(key, &filter)
+    }
+
+    /// The pick of every `select`, answered as the caller's `R`
+    /// ([`PickAnswer`]): none when `filter` (with the service's rules)
+    /// accepted no candidate; the filter noted whether one was refused for
+    /// its limit.
+    fn pick<R: PickAnswer>(&self, key: Option<&[u8]>, filter: &Filter<'_>) -> R {
         let local = self.local.local();
         // A lease on the thread's view of the snapshot (and the recorder)
         // the selection keeps: no load of the shared `ArcSwap`, no lock and
@@ -291,7 +335,7 @@ impl Service {
         let panic = self.recorder.check_panic(&snap.config, &mut events);
         if snap.members.is_empty() {
             pick_view::release(view);
-            return None;
+            return R::none(filter);
         }
         // The common case of the strategies that draw ahead, decided
         // without a context (`strategy::drawn`: the same outcome).
@@ -304,7 +348,7 @@ impl Service {
             let latest = self.recorder.latest();
             let slow_start = snap.config.slow_start;
             let ahead = &local.ahead;
-            match drawn::pick(snap.kind, &snap.members, ahead, slow_start, latest, accept) {
+            match drawn::pick(snap.kind, &snap.members, ahead, slow_start, latest, filter) {
                 Drawn::Picked(c) => {
                     local.refill(&snap.members, || self.recorder.next_seed());
                     let target = Target::At {
@@ -313,13 +357,16 @@ impl Service {
                     };
                     let (kind, used_at) = (snap.kind, latest.load(Ordering::Relaxed));
                     let used_at = Timestamp::from_nanos(used_at);
-                    return Some(Selection::new(view, target, used_at, false, kind, events));
+                    return R::picked(Selection::new(view, target, used_at, false, kind, events));
                 }
                 Drawn::Refused => first_refused = true,
                 Drawn::General => {}
             }
         }
-        self.pick_general(key, accept, local, view, panic, events, first_refused)
+        match self.pick_general(key, filter, local, view, panic, events, first_refused) {
+            Some(s) => R::picked(s),
+            None => R::none(filter),
+        }
     }
 
     /// [`pick`](Self::pick) past its common case: every rule, through the
@@ -331,7 +378,7 @@ impl Service {
     fn pick_general(
         &self,
         key: Option<&[u8]>,
-        accept: Option<&dyn Fn(&Member) -> bool>,
+        filter: &Filter<'_>,
         local: &PickLocal,
         view: Arc<PickView>,
         panic: bool,
@@ -342,12 +389,17 @@ impl Service {
         let now = LazyNow::new(&*self.recorder.clock);
         let mut rng = local.take_rng(|| self.recorder.next_seed());
         let candidates_only = panic && enough_panic_candidates(&snap.members, &snap.config);
+        // The caller's filter is asked only about panic candidates; the
+        // limit stays the caller's.
+        let accept = filter.accept;
         let panic_filter =
             move |m: &Member| is_panic_candidate(m) && accept.is_none_or(|accept| accept(m));
-        let accept: Option<&dyn Fn(&Member) -> bool> = if candidates_only {
-            Some(&panic_filter)
+        let candidates;
+        let filter = if candidates_only {
+            candidates = filter.with_accept(&panic_filter);
+            &candidates
         } else {
-            accept
+            filter
         };
         let mut switched = None;
         for attempt in 0..ADMISSION_ATTEMPTS {
@@ -363,7 +415,7 @@ impl Service {
                 max_probes: snap.config.breaker.half_open_max_probes,
                 stats: &self.recorder.stats,
                 switched: &mut switched,
-                accept,
+                filter,
                 table: &snap.table,
                 ahead: &local.ahead,
                 line_of_pick: None,
@@ -742,6 +794,40 @@ impl Writer {
     }
 }
 
+/// What a pick answers, built where the caller takes it: the selection
+/// of the common case is written once, not moved from an `Option` into a
+/// `Result` (a move that cost `select_within` ~5 ns a pick at n = 10).
+trait PickAnswer {
+    /// A selection.
+    fn picked(s: Selection) -> Self;
+    /// No selection, after `filter`'s questions.
+    fn none(filter: &Filter<'_>) -> Self;
+}
+
+impl PickAnswer for Option<Selection> {
+    #[inline]
+    fn picked(s: Selection) -> Self {
+        Some(s)
+    }
+
+    #[inline]
+    fn none(_: &Filter<'_>) -> Self {
+        None
+    }
+}
+
+impl PickAnswer for Result<Selection, NoSelection> {
+    #[inline]
+    fn picked(s: Selection) -> Self {
+        Ok(s)
+    }
+
+    #[inline]
+    fn none(filter: &Filter<'_>) -> Self {
+        Err(filter.no_selection())
+    }
+}
+
 #[cfg(test)]
 thread_local! {
     /// Set by tests: this thread's picks skip the common case.
@@ -903,12 +989,14 @@ mod tests {
     /// thread with `GENERAL_ONLY` set always takes the general path. Two
     /// services built alike from one seed, picked from alike (selections
     /// held to vary the loads, the clock moved to end windows and make
-    /// probes due), must pick alike, with no filter and with one that
-    /// refuses a tenth of the instances: among weights 1–5, latencies
-    /// 1–50 ms, and draining, ejected, half-healthy, open, ramping
-    /// instances. Fails if the common case decides one pick otherwise,
-    /// takes a draw the general path would not, or asks the filter about
-    /// other members than the general path does.
+    /// probes due), must pick alike, with no filter, with one that
+    /// refuses a tenth of the instances, with a limit of one selection
+    /// held (`select_within`), and with both: among weights 1–5,
+    /// latencies 1–50 ms, and draining, ejected, half-healthy, open,
+    /// ramping instances. Fails if the common case decides one pick
+    /// otherwise, takes a draw the general path would not, asks the filter
+    /// about other members than the general path does, or either picks an
+    /// instance at the limit.
     #[test]
     fn the_common_case_picks_as_the_general_path() {
         const N: usize = 40;
@@ -917,7 +1005,8 @@ mod tests {
             StrategyKind::P2c,
             StrategyKind::PeakEwma,
         ] {
-            let run = |common: bool, filtered: bool| -> Vec<String> {
+            // (filter, limit) of each run.
+            let run = |common: bool, (filtered, limit): (bool, u32)| -> Vec<String> {
                 let clock = Arc::new(ManualClock::default());
                 let registry = Registry::builder()
                     .clock(clock.clone())
@@ -971,14 +1060,24 @@ mod tests {
                         asked.borrow_mut().push(id.to_owned());
                         !id.ends_with('3')
                     };
+                    let mut over_limit = 0;
                     for p in 0..4000 {
-                        let sel = if filtered {
-                            svc.select_with(None, filter)
-                        } else {
-                            svc.select(None)
+                        let sel = match (filtered, limit) {
+                            (false, u32::MAX) => svc.select(None),
+                            (true, u32::MAX) => svc.select_with(None, filter),
+                            (filtered, limit) => {
+                                let accept =
+                                    filtered.then_some(&filter as &dyn Fn(&Member) -> bool);
+                                svc.select_within(None, limit, accept).ok()
+                            }
                         };
                         let sel = sel.unwrap();
-                        got.push(sel.instance().id().to_string());
+                        let id = sel.instance().id().to_string();
+                        // Counted on the winner: at most the limit now.
+                        let active = svc.member(&id).unwrap().active_connections();
+                        assert!(active <= limit, "{kind}: {id} over the limit");
+                        over_limit += usize::from(active == limit);
+                        got.push(id);
                         held.push_back(sel);
                         while held.len() > 3 + p % 11 {
                             drop(held.pop_front());
@@ -987,6 +1086,12 @@ mod tests {
                             clock.advance(Duration::from_millis(900));
                         }
                     }
+                    if limit != u32::MAX {
+                        assert!(
+                            over_limit > 100,
+                            "{kind}: the limit binds {over_limit} times"
+                        );
+                    }
                     // The filter's questions, in order, after the picks.
                     got.extend(asked.take());
                     got
@@ -994,16 +1099,115 @@ mod tests {
                 .join()
                 .unwrap()
             };
-            for filtered in [false, true] {
+            for filtered in [(false, u32::MAX), (true, u32::MAX), (false, 1), (true, 1)] {
                 let (common, general) = (run(true, filtered), run(false, filtered));
                 let distinct: std::collections::HashSet<_> = common.iter().collect();
                 assert!(distinct.len() > N / 2, "{kind}: {} picked", distinct.len());
                 let differ = common.iter().zip(&general).position(|(c, g)| c != g);
                 assert_eq!(
                     differ, None,
+                    "{kind}, (filter, limit) {filtered:?}: first difference"
+                );
+                let case = format!("{kind}, (filter, limit) {filtered:?}");
+                assert_eq!(common.len(), general.len(), "{case}");
+            }
+        }
+    }
+
+    /// `select_within`'s limit is the filter the proxy gave `select_with`
+    /// before (`active < limit`, asked after the caller's filter, noting a
+    /// refusal for the limit): two services built alike from one seed,
+    /// one picked from each way, pick alike and fail alike (`OverLimit`
+    /// only when a candidate the caller's filter accepted was at the
+    /// limit), for every strategy, keyed, with loads that often fill every
+    /// instance to the limit. Fails if the limit changed a fallback path,
+    /// a draw or the order of the filter's questions.
+    #[test]
+    fn a_limit_picks_as_the_same_limit_in_a_filter() {
+        const N: usize = 12;
+        const LIMIT: u32 = 2;
+        for kind in StrategyKind::ALL {
+            let run = |within: bool, filtered: bool| -> Vec<String> {
+                let registry = Registry::builder()
+                    .clock(Arc::new(ManualClock::default()))
+                    .seed(9)
+                    .build()
+                    .unwrap();
+                let config = LoadBalancerConfig {
+                    strategy: kind,
+                    ..LoadBalancerConfig::default()
+                };
+                registry.configure_service("svc", config).unwrap();
+                let instances = (0..N).map(|i| {
+                    ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80)
+                        .unwrap()
+                        .with_weight(crate::Weight::try_new(1 + (i % 3) as u64).unwrap())
+                });
+                registry
+                    .register_instances("svc", instances.collect::<Vec<_>>())
+                    .unwrap();
+                registry.update_instance_health("svc", "i2", 0.5).unwrap();
+                let svc = registry.service("svc").unwrap();
+                std::thread::spawn(move || {
+                    let asked = std::cell::RefCell::new(Vec::new());
+                    let tried = |m: &Member| {
+                        let id = m.instance().id().as_str();
+                        asked.borrow_mut().push(id.to_owned());
+                        !id.ends_with('3')
+                    };
+                    let mut held = std::collections::VecDeque::new();
+                    let mut got = Vec::new();
+                    for p in 0u64..3000 {
+                        let key = p.to_le_bytes();
+                        let key = Some(&key[..]);
+                        let picked = if within {
+                            let accept = filtered.then_some(&tried as &dyn Fn(&Member) -> bool);
+                            svc.select_within(key, LIMIT, accept)
+                        } else {
+                            let over = std::cell::Cell::new(false);
+                            let old = |m: &Member| {
+                                if filtered && !tried(m) {
+                                    return false;
+                                }
+                                if m.active_connections() >= LIMIT {
+                                    over.set(true);
+                                    return false;
+                                }
+                                true
+                            };
+                            match svc.select_with(key, old) {
+                                Some(s) => Ok(s),
+                                None if over.get() => Err(NoSelection::OverLimit),
+                                None => Err(NoSelection::NoneAcceptable),
+                            }
+                        };
+                        match picked {
+                            Ok(sel) => {
+                                got.push(sel.instance().id().to_string());
+                                held.push_back(sel);
+                            }
+                            Err(e) => got.push(format!("{e:?}")),
+                        }
+                        while held.len() > (p % 31) as usize {
+                            drop(held.pop_front());
+                        }
+                    }
+                    got.extend(asked.take());
+                    got
+                })
+                .join()
+                .unwrap()
+            };
+            for filtered in [false, true] {
+                let (within, with) = (run(true, filtered), run(false, filtered));
+                let full = within.iter().filter(|g| *g == "OverLimit").count();
+                assert!(full > 50, "{kind}: every instance full {full} times");
+                let differ = within.iter().zip(&with).position(|(a, b)| a != b);
+                assert_eq!(
+                    differ, None,
                     "{kind}, filtered {filtered}: first difference"
                 );
-                assert_eq!(common.len(), general.len(), "{kind}, filtered {filtered}");
+                assert_eq!(within.len(), with.len(), "{kind}, filtered {filtered}");
             }
         }
     }

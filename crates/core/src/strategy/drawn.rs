@@ -1,7 +1,7 @@
 //! The common case of a `random`, `p2c` or `peak_ewma` pick, decided
 //! without a [`PickContext`](super::PickContext): the thread's draws made
-//! ahead, checked on their hot lines (and by the caller's filter),
-//! compared by the strategy's own rule.
+//! ahead, checked on their hot lines (and by the caller's limit and
+//! filter), compared by the strategy's own rule.
 //!
 //! ## Rule
 //!
@@ -12,9 +12,10 @@
 //! here only if the pair is two distinct positions and each candidate is
 //! **plainly eligible** ([`Hot::plain_factor`]): not draining or removed,
 //! health above 0, breaker closed, no slow-start ramp. Then it takes the
-//! draws and asks the caller's filter, if any (`Service::select_with`),
-//! about each candidate in the general path's order (the first, then the
-//! second only if the first passed):
+//! draws and asks the caller's filter, if any, and limit
+//! (`Service::select_within`, module doc of [`filter`](crate::filter): the
+//! limit is checked on the hot line) about each candidate in the general
+//! path's order (the first, then the second only if the first passed):
 //!
 //! - both accepted: `random` picks its one candidate; `p2c` and
 //!   `peak_ewma` send the request where their rule says
@@ -25,7 +26,7 @@
 //!   is used up, from the slot's stream (`PickLocal::refill`); the
 //!   selection counts on the winner, not a probe, stamped with the
 //!   service's latest clock reading;
-//! - one refused: the general path goes on from there, as after refused
+//! - one refused (by the filter or the limit): the general path goes on from there, as after refused
 //!   first draws ([`PickContext::first_refused`](super::PickContext)):
 //!   `random`'s rejection sampling with the draws it has left, the pair
 //!   strategies' redraw.
@@ -36,8 +37,8 @@
 //!
 //! **The same outcome as the general path.** When both candidates are
 //! plainly eligible, every step of the general path is determined: the
-//! first draws pass the service's rules, so only the filter can refuse
-//! them (asked the same questions in the same order); their eligibility
+//! first draws pass the service's rules, so only the filter or the limit
+//! can refuse them (asked the same questions in the same order); their eligibility
 //! and weight factors (health × 1) need no clock; `peak_ewma`'s probe rule
 //! asks the service's latest reading, as the pick's `latest()` does when
 //! it read no clock; the winner's breaker is closed, so admission admits
@@ -45,9 +46,10 @@
 //! `last_used` is the latest reading. The RNG is touched only by the
 //! refill, as in the general path. Test
 //! `service::tests::the_common_case_picks_as_the_general_path`: seeded
-//! sequences of picks, with no filter and with one refusing a tenth of
-//! the instances, pick exactly what the general path picks (and ask the
-//! filter the same questions), among draining, ejected, half-healthy,
+//! sequences of picks, with no filter, with one refusing a tenth of the
+//! instances and with a limit that refuses the busiest, pick exactly what
+//! the general path picks (and ask the filter the same questions, and
+//! refuse for the limit alike), among draining, ejected, half-healthy,
 //! open, half-open and ramping instances and varied loads and latencies.
 //!
 //! ## Why
@@ -69,15 +71,15 @@ use std::time::Duration;
 use super::{p2c, peak_ewma, StrategyKind};
 use crate::clock::Timestamp;
 use crate::draw_ahead::DrawAhead;
+use crate::filter::Filter;
 use crate::hot::Hot;
-use crate::instance::Member;
 use crate::members::{Candidate, Members};
 
 /// What the common case made of a pick (module doc).
 pub(crate) enum Drawn<'a> {
     /// Picked this candidate; its draws are taken.
     Picked(Candidate<'a>),
-    /// Took the first draws and the caller's filter refused them: the
+    /// Took the first draws and the caller's filter or limit refused them: the
     /// general pick goes on from there (`PickContext::first_refused`).
     Refused,
     /// Took nothing: the general pick decides.
@@ -86,7 +88,7 @@ pub(crate) enum Drawn<'a> {
 
 /// The common case of the pick (module doc): `slow_start` is the
 /// configured window, `latest` the service's latest clock reading,
-/// `accept` the caller's filter.
+/// `filter` the caller's limit and filter.
 #[inline]
 pub(crate) fn pick<'a>(
     kind: StrategyKind,
@@ -94,11 +96,12 @@ pub(crate) fn pick<'a>(
     ahead: &DrawAhead,
     slow_start: Duration,
     latest: &AtomicU64,
-    accept: Option<&dyn Fn(&Member) -> bool>,
+    filter: &Filter<'_>,
 ) -> Drawn<'a> {
     // The filter sees a member in the general path's order, once, and
-    // only once its candidate passed the service's rules.
-    let refuses = |c: &Candidate<'_>| accept.is_some_and(|f| !c.member().is_some_and(|m| f(m)));
+    // only once its candidate passed the service's rules; the limit reads
+    // the hot line.
+    let refuses = |c: &Candidate<'_>| !filter.accepts(c.hot, || c.member().map(|m| &**m));
     let n = members.len();
     match kind {
         StrategyKind::Random => {

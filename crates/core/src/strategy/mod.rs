@@ -60,6 +60,7 @@ pub use self::weighted::Weighted;
 use crate::clock::{LazyNow, Timestamp};
 use crate::config::LoadBalancerConfig;
 use crate::draw_ahead::DrawAhead;
+use crate::filter::Filter;
 use crate::hot::Hot;
 use crate::instance::Member;
 use crate::members::{Candidate, Members};
@@ -197,9 +198,12 @@ pub struct PickContext<'a> {
     pub(crate) stats: &'a ServiceStats,
     /// Set by `adaptive` when this pick changed the strategy it uses.
     pub(crate) switched: &'a mut Option<Switch>,
-    /// The caller's filter from [`Service::select_with`](crate::Service::select_with);
-    /// `None` accepts every member, so a plain `select` pays one branch.
-    pub(crate) accept: Option<&'a dyn Fn(&Member) -> bool>,
+    /// The caller's limit and filter from
+    /// [`Service::select_within`](crate::Service::select_within) (module
+    /// doc of [`filter`](crate::filter)); without a filter a candidate's
+    /// member is not read for it, so a plain `select` pays one branch and
+    /// one comparison.
+    pub(crate) filter: &'a Filter<'a>,
     /// The snapshot's slot for a table of the strategy's built for
     /// `generation` (see [`Snapshot`](crate::service::Snapshot)).
     pub(crate) table: &'a StrategyTable,
@@ -328,17 +332,14 @@ impl<'a> PickContext<'a> {
     /// ineligible one and the caller never re-draws.
     #[inline]
     pub fn is_eligible(&self, m: &Member) -> bool {
-        self.admits(m) && self.accept.is_none_or(|accept| accept(m))
+        self.admits(m) && self.filter.accepts_member(m)
     }
 
     /// [`is_eligible`](Self::is_eligible) for a candidate: reads the
     /// member only if a filter must see it.
     #[inline]
     pub(crate) fn candidate_eligible(&self, c: &Candidate<'_>) -> bool {
-        self.admits_live(c.hot)
-            && self
-                .accept
-                .is_none_or(|accept| c.member().is_some_and(|m| accept(m)))
+        self.admits_live(c.hot) && self.filter.accepts(c.hot, || c.member().map(|m| &**m))
     }
 
     /// Whether the service's rules let `m` take traffic now, ignoring the
@@ -611,7 +612,7 @@ impl FactorDraw {
         member: impl FnOnce() -> Option<&'m Member>,
         picked: impl FnOnce() -> Picked,
     ) -> Option<Picked> {
-        if !cx.admits_live(live) || !cx.accept.is_none_or(|accept| member().is_some_and(accept)) {
+        if !cx.admits_live(live) || !cx.filter.accepts(live, member) {
             return None;
         }
         let f = cx.live_factor(live);

@@ -274,7 +274,7 @@ mod tests {
                 max_probes: 1,
                 stats: &stats,
                 switched: &mut switched,
-                accept: None,
+                filter: &crate::filter::Filter::OPEN,
                 table: &table,
                 ahead: &ahead,
                 line_of_pick: None,

@@ -3,12 +3,15 @@
 //!
 //! ## The loop
 //!
-//! 1. **Select inside the core** with `Service::select_with` (keyed by the
-//!    request's `hash_key`, if the service has one), accepting an
+//! 1. **Select inside the core** with `Service::select_within` (keyed by
+//!    the request's `hash_key`, if the service has one), accepting an
 //!    instance this request has not tried yet and that is under the
-//!    service's `max_connections`. None accepted → the request ends: counted
-//!    as `over_limit` when some instance was refused for its limit, else as
-//!    `no_instance` (HTTP answers 503; TCP closes the connection at once).
+//!    service's `max_connections`. The limit is the core's `max_active`,
+//!    checked on the instance's hot line; the "not tried" filter is given
+//!    only on a retry, so a first attempt reads no member. None accepted →
+//!    the request ends: counted as `over_limit` when some untried instance
+//!    was refused for its limit, else as `no_instance` (HTTP answers 503;
+//!    TCP closes the connection at once).
 //! 2. **Attempt** through the protocol's [`Step`]: HTTP sends the request
 //!    and awaits the response headers (under `request_timeout`, one deadline
 //!    over all attempts, and `per_try_timeout` per attempt when set, so that
@@ -50,11 +53,10 @@
 //! The list of tried instances is filled only when a retry follows, so a
 //! request that succeeds at once allocates nothing here.
 
-use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datapunk_lb_core::{FailureKind, InstanceId, Member, Selection, ServiceInstance};
+use datapunk_lb_core::{FailureKind, InstanceId, Member, NoSelection, Selection, ServiceInstance};
 use http::StatusCode;
 
 use super::{ProxyError, Upstream};
@@ -317,27 +319,26 @@ fn select(
     tried: &[InstanceId],
     key: Option<&[u8]>,
 ) -> Result<Selection, ProxyError> {
-    let over_limit = Cell::new(false);
-    let accept = |m: &Member| {
-        if tried.contains(m.instance().id()) {
-            return false;
+    let untried = untried(tried);
+    let accept = untried.as_ref().map(|f| f as &dyn Fn(&Member) -> bool);
+    match up.service.select_within(key, up.max_connections, accept) {
+        Ok(s) => Ok(s),
+        Err(NoSelection::OverLimit) => {
+            up.metrics.over_limit();
+            Err(ProxyError::OverLimit(up.name.clone()))
         }
-        if m.active_connections() >= up.max_connections {
-            over_limit.set(true);
-            return false;
+        Err(NoSelection::NoneAcceptable) => {
+            up.metrics.no_instance();
+            Err(ProxyError::NoEligibleInstance(up.name.clone()))
         }
-        true
-    };
-    if let Some(s) = up.service.select_with(key, accept) {
-        return Ok(s);
     }
-    if over_limit.get() {
-        up.metrics.over_limit();
-        Err(ProxyError::OverLimit(up.name.clone()))
-    } else {
-        up.metrics.no_instance();
-        Err(ProxyError::NoEligibleInstance(up.name.clone()))
-    }
+}
+
+/// The filter of a selection after the instances `tried`: not one of
+/// them. `None` when nothing was tried (a first attempt), so the pick
+/// reads no member.
+fn untried(tried: &[InstanceId]) -> Option<impl Fn(&Member) -> bool + '_> {
+    (!tried.is_empty()).then_some(move |m: &Member| !tried.contains(m.instance().id()))
 }
 
 #[cfg(test)]
@@ -705,6 +706,60 @@ mod tests {
         first.succeed();
         second.succeed();
         assert_eq!(registry.instance("api", "a").unwrap().requests, 1);
+    }
+
+    /// The limit is the core's, checked on the hot line: on the common
+    /// case of `random`, `p2c` and `peak_ewma` as on the general path of
+    /// the others, an instance at `max_connections` is skipped and all at
+    /// it end the request `OverLimit`.
+    #[tokio::test(start_paused = true)]
+    async fn every_strategy_skips_instances_at_the_limit_and_all_full_is_over_limit() {
+        for kind in StrategyKind::ALL {
+            let (registry, up) = upstream(&["a", "b"], 0, 1);
+            registry.set_strategy("api", kind).unwrap();
+            let mut step = scripted(GET, |_| Attempt::Answer(StatusCode::OK));
+            let key = Some(&b"user-1"[..]);
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                let Ok(Ended::Success(h, _)) = run(&up, &mut step, key).await else {
+                    panic!("{kind}: an instance under the limit answers");
+                };
+                held.push(h);
+            }
+            let mut sent_to = step.sent_to.clone();
+            sent_to.sort();
+            assert_eq!(sent_to, ["a", "b"], "{kind}: each once");
+            let r = run(&up, &mut step, key).await;
+            assert_eq!(r.err(), Some(ProxyError::OverLimit("api".into())), "{kind}");
+            assert_eq!(step.sent_to.len(), 2, "{kind}: nothing sent over the limit");
+            held.into_iter().for_each(Held::succeed);
+        }
+    }
+
+    /// On a retry: an untried instance at the limit makes `OverLimit`; a
+    /// tried one at the limit does not (the filter refuses it first, as
+    /// before the limit moved into the core).
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_counts_over_limit_only_for_untried_instances() {
+        let (registry, up) = upstream(&["a", "b"], 0, 1);
+        let ids = |s: &[&str]| -> Vec<InstanceId> {
+            s.iter()
+                .map(|id| registry.instance("api", id).unwrap().instance.id().clone())
+                .collect()
+        };
+        let first = select(&up, &[], None).unwrap();
+        let tried_first = ids(&[first.instance().id().as_str()]);
+        // The other one, untried, under the limit.
+        let second = select(&up, &tried_first, None).unwrap();
+        assert_ne!(second.instance().id(), first.instance().id());
+        // Both at the limit: the untried one was refused for it.
+        let r = select(&up, &tried_first, None).err();
+        assert_eq!(r, Some(ProxyError::OverLimit("api".into())));
+        // Both tried: refused as tried, not for the limit.
+        let r = select(&up, &ids(&["a", "b"]), None).err();
+        assert_eq!(r, Some(ProxyError::NoEligibleInstance("api".into())));
+        drop((first, second));
+        assert!(untried(&[]).is_none(), "a first attempt has no filter");
     }
 
     #[tokio::test(start_paused = true)]
