@@ -20,7 +20,7 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A point in time, in nanoseconds since the origin of the clock that made it.
@@ -216,6 +216,43 @@ impl Default for ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp(self.nanos.load(Ordering::SeqCst))
+    }
+}
+
+/// A [`ManualClock`] that counts its reads: for tests of what reads the
+/// clock (a pick that needs no time reads none; issue 12).
+#[derive(Debug, Default)]
+pub struct CountingClock {
+    time: ManualClock,
+    reads: AtomicUsize,
+}
+
+impl Clock for CountingClock {
+    fn now(&self) -> Timestamp {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.time.now()
+    }
+}
+
+impl CountingClock {
+    /// At 1 s, no read yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads so far.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Moves the clock forward by `d` (not a read).
+    pub fn advance(&self, d: Duration) {
+        self.time.advance(d);
+    }
+
+    /// The clock underneath: reading it counts no read.
+    pub fn manual(&self) -> &ManualClock {
+        &self.time
     }
 }
 

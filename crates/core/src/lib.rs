@@ -72,7 +72,7 @@
 //! | [`ewma`] | `LatencyEwma`, the peak-EWMA latency estimate |
 //! | [`slow_start`] | the linear ramp |
 //! | [`error`] | the leaf errors `ConfigError`, `HealthScoreError` |
-//! | [`clock`] | `Clock`, `SystemClock`, `ManualClock`, `Timestamp` |
+//! | [`clock`] | `Clock`, `SystemClock`, `ManualClock`, `CountingClock`, `Timestamp` |
 //! | `member_index` | `MemberIndex`: a service's id → position map, positions only |
 //! | `per_thread` | `PerThread`: state striped by thread (request counters, pick RNG and recorder handle) |
 
@@ -104,7 +104,7 @@ pub mod strategy;
 
 pub use breaker::BreakerConfig;
 pub use breaker::{CircuitBreaker, CircuitState, Transition, TransitionReason};
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use clock::{Clock, CountingClock, ManualClock, SystemClock, Timestamp};
 pub use config::LoadBalancerConfig;
 pub use error::{ConfigError, HealthScoreError};
 pub use event::Event;

@@ -863,29 +863,38 @@ fn enough_panic_candidates(members: &Members, cfg: &LoadBalancerConfig) -> bool 
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::{HealthScore, ManualClock, Registry};
+    use crate::{CountingClock, HealthScore, ManualClock, Registry};
 
-    /// A manual clock that counts its reads.
-    #[derive(Debug, Default)]
-    struct CountingClock {
-        time: ManualClock,
-        reads: AtomicUsize,
-    }
-
-    impl Clock for CountingClock {
-        fn now(&self) -> Timestamp {
-            self.reads.fetch_add(1, Ordering::Relaxed);
-            self.time.now()
-        }
-    }
-
-    impl CountingClock {
-        fn reads(&self) -> usize {
-            self.reads.load(Ordering::Relaxed)
-        }
+    /// A registry on a manual clock with `seed`, and the service `svc` of
+    /// `kind` with the instances `i0`..`i{n-1}`, `i` of weight `weight(i)`.
+    fn weighted_registry(
+        kind: StrategyKind,
+        seed: u64,
+        n: usize,
+        weight: impl Fn(usize) -> u64,
+    ) -> (Registry, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::default());
+        let registry = Registry::builder()
+            .clock(clock.clone())
+            .seed(seed)
+            .build()
+            .unwrap();
+        let config = LoadBalancerConfig {
+            strategy: kind,
+            ..LoadBalancerConfig::default()
+        };
+        registry.configure_service("svc", config).unwrap();
+        let instances = (0..n).map(|i| {
+            ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80)
+                .unwrap()
+                .with_weight(crate::Weight::try_new(weight(i)).unwrap())
+        });
+        registry
+            .register_instances("svc", instances.collect::<Vec<_>>())
+            .unwrap();
+        (registry, clock)
     }
 
     fn service(kind: StrategyKind) -> (Registry, Arc<Service>, Arc<CountingClock>) {
@@ -1007,25 +1016,7 @@ mod tests {
         ] {
             // (filter, limit) of each run.
             let run = |common: bool, (filtered, limit): (bool, u32)| -> Vec<String> {
-                let clock = Arc::new(ManualClock::default());
-                let registry = Registry::builder()
-                    .clock(clock.clone())
-                    .seed(5)
-                    .build()
-                    .unwrap();
-                let config = LoadBalancerConfig {
-                    strategy: kind,
-                    ..LoadBalancerConfig::default()
-                };
-                registry.configure_service("svc", config).unwrap();
-                let instances = (0..N).map(|i| {
-                    ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80)
-                        .unwrap()
-                        .with_weight(crate::Weight::try_new(1 + (i % 5) as u64).unwrap())
-                });
-                registry
-                    .register_instances("svc", instances.collect::<Vec<_>>())
-                    .unwrap();
+                let (registry, clock) = weighted_registry(kind, 5, N, |i| 1 + (i % 5) as u64);
                 for i in 0..N {
                     let ms = if i % 7 == 0 { 50 } else { 1 + i as u64 % 4 };
                     let ok = Outcome::Success(Duration::from_millis(ms));
@@ -1128,24 +1119,7 @@ mod tests {
         const LIMIT: u32 = 2;
         for kind in StrategyKind::ALL {
             let run = |within: bool, filtered: bool| -> Vec<String> {
-                let registry = Registry::builder()
-                    .clock(Arc::new(ManualClock::default()))
-                    .seed(9)
-                    .build()
-                    .unwrap();
-                let config = LoadBalancerConfig {
-                    strategy: kind,
-                    ..LoadBalancerConfig::default()
-                };
-                registry.configure_service("svc", config).unwrap();
-                let instances = (0..N).map(|i| {
-                    ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80)
-                        .unwrap()
-                        .with_weight(crate::Weight::try_new(1 + (i % 3) as u64).unwrap())
-                });
-                registry
-                    .register_instances("svc", instances.collect::<Vec<_>>())
-                    .unwrap();
+                let (registry, _) = weighted_registry(kind, 9, N, |i| 1 + (i % 3) as u64);
                 registry.update_instance_health("svc", "i2", 0.5).unwrap();
                 let svc = registry.service("svc").unwrap();
                 std::thread::spawn(move || {
@@ -1287,7 +1261,7 @@ mod tests {
         let before = clock.reads();
         picks(&svc, 200);
         assert!(clock.reads() > before, "picks meeting i0 read the time");
-        clock.time.advance(Duration::from_secs(11));
+        clock.advance(Duration::from_secs(11));
         picks(&svc, 200); // some pick meets i0 at the ramp's end and clears it
         let before = clock.reads();
         picks(&svc, 200);
@@ -1300,8 +1274,8 @@ mod tests {
     #[test]
     fn last_used_is_the_picks_time_or_the_services_latest_clock_reading() {
         let (registry, svc, clock) = service(StrategyKind::RoundRobin);
-        let registered = clock.time.now();
-        clock.time.advance(Duration::from_secs(5));
+        let registered = clock.manual().now();
+        clock.advance(Duration::from_secs(5));
         let last_used = |svc: &Service| {
             svc.instances()
                 .iter()
@@ -1315,7 +1289,7 @@ mod tests {
         assert_eq!(last_used(&svc), registered);
         // `maintain` reads the clock (the server calls it every 100 ms).
         registry.maintain();
-        clock.time.advance(Duration::from_millis(300));
+        clock.advance(Duration::from_millis(300));
         drop(svc.select(None).unwrap());
         let maintained = registered + Duration::from_secs(5);
         assert_eq!(last_used(&svc), maintained);
@@ -1334,8 +1308,8 @@ mod tests {
             }
         }
         assert_eq!(i0.circuit_state(), CircuitState::Open);
-        clock.time.advance(Duration::from_secs(600));
-        let t = clock.time.now();
+        clock.advance(Duration::from_secs(600));
+        let t = clock.manual().now();
         let probe = svc
             .select_with(None, |m| m.instance().id().as_str() == "i0")
             .expect("the elapsed window admits a probe");

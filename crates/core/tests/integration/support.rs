@@ -1,14 +1,12 @@
 //! Helpers shared by the integration tests.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use datapunk_lb_core::clock::Timestamp;
+pub(crate) use datapunk_lb_core::CountingClock;
 use datapunk_lb_core::{
-    Clock, FailureKind, LoadBalancerConfig, ManualClock, Registry, ServiceInstance, StrategyKind,
-    Weight,
+    FailureKind, LoadBalancerConfig, ManualClock, Registry, ServiceInstance, StrategyKind, Weight,
 };
 
 pub(crate) const SVC: &str = "svc";
@@ -31,33 +29,6 @@ pub(crate) fn registry_with(config: LoadBalancerConfig) -> (Registry, Arc<Manual
         .build()
         .expect("valid config");
     (reg, clock)
-}
-
-/// A [`ManualClock`] that counts its reads, for tests of what reads the
-/// clock.
-#[derive(Debug, Default)]
-pub(crate) struct CountingClock {
-    time: ManualClock,
-    reads: AtomicUsize,
-}
-
-impl Clock for CountingClock {
-    fn now(&self) -> Timestamp {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.time.now()
-    }
-}
-
-impl CountingClock {
-    /// Reads so far.
-    pub(crate) fn reads(&self) -> usize {
-        self.reads.load(Ordering::Relaxed)
-    }
-
-    /// Moves the clock forward by `d` (not a read).
-    pub(crate) fn advance(&self, d: Duration) {
-        self.time.advance(d);
-    }
 }
 
 /// [`registry`] on a [`CountingClock`].
