@@ -867,20 +867,16 @@ mod tests {
     use super::*;
     use crate::{CountingClock, HealthScore, ManualClock, Registry};
 
-    /// A registry on a manual clock with `seed`, and the service `svc` of
-    /// `kind` with the instances `i0`..`i{n-1}`, `i` of weight `weight(i)`.
+    /// A registry on `clock` with `seed`, and the service `svc` of `kind`
+    /// with the instances `i0`..`i{n-1}`, `i` of weight `weight(i)`.
     fn weighted_registry(
         kind: StrategyKind,
+        clock: Arc<dyn Clock>,
         seed: u64,
         n: usize,
         weight: impl Fn(usize) -> u64,
-    ) -> (Registry, Arc<ManualClock>) {
-        let clock = Arc::new(ManualClock::default());
-        let registry = Registry::builder()
-            .clock(clock.clone())
-            .seed(seed)
-            .build()
-            .unwrap();
+    ) -> Registry {
+        let registry = Registry::builder().clock(clock).seed(seed).build().unwrap();
         let config = LoadBalancerConfig {
             strategy: kind,
             ..LoadBalancerConfig::default()
@@ -894,25 +890,12 @@ mod tests {
         registry
             .register_instances("svc", instances.collect::<Vec<_>>())
             .unwrap();
-        (registry, clock)
+        registry
     }
 
     fn service(kind: StrategyKind) -> (Registry, Arc<Service>, Arc<CountingClock>) {
         let clock = Arc::new(CountingClock::default());
-        let registry = Registry::builder()
-            .clock(clock.clone())
-            .seed(3)
-            .build()
-            .unwrap();
-        let config = LoadBalancerConfig {
-            strategy: kind,
-            ..LoadBalancerConfig::default()
-        };
-        registry.configure_service("svc", config).unwrap();
-        let instances = (0..4)
-            .map(|i| ServiceInstance::try_new(&format!("i{i}"), "10.0.0.1", 80).unwrap())
-            .collect::<Vec<_>>();
-        registry.register_instances("svc", instances).unwrap();
+        let registry = weighted_registry(kind, clock.clone(), 3, 4, |_| 1);
         let svc = registry.service("svc").unwrap();
         (registry, svc, clock)
     }
@@ -1016,7 +999,8 @@ mod tests {
         ] {
             // (filter, limit) of each run.
             let run = |common: bool, (filtered, limit): (bool, u32)| -> Vec<String> {
-                let (registry, clock) = weighted_registry(kind, 5, N, |i| 1 + (i % 5) as u64);
+                let clock = Arc::new(ManualClock::default());
+                let registry = weighted_registry(kind, clock.clone(), 5, N, |i| 1 + (i % 5) as u64);
                 for i in 0..N {
                     let ms = if i % 7 == 0 { 50 } else { 1 + i as u64 % 4 };
                     let ok = Outcome::Success(Duration::from_millis(ms));
@@ -1119,7 +1103,8 @@ mod tests {
         const LIMIT: u32 = 2;
         for kind in StrategyKind::ALL {
             let run = |within: bool, filtered: bool| -> Vec<String> {
-                let (registry, _) = weighted_registry(kind, 9, N, |i| 1 + (i % 3) as u64);
+                let clock = Arc::new(ManualClock::default());
+                let registry = weighted_registry(kind, clock, 9, N, |i| 1 + (i % 3) as u64);
                 registry.update_instance_health("svc", "i2", 0.5).unwrap();
                 let svc = registry.service("svc").unwrap();
                 std::thread::spawn(move || {
