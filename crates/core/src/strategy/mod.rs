@@ -2,7 +2,7 @@
 //!
 //! | name | rule | structure per pick at 100,000 instances |
 //! | --- | --- | --- |
-//! | `round_robin` | rotation over eligible instances, each admitted with probability health × slow-start factor | atomic counter, O(1) |
+//! | `round_robin` | rotation over eligible instances, each admitted with probability health × slow-start factor; one rotation per thread | a counter per thread, O(1) |
 //! | `least_connections` | fewest `active / effective weight` among instances admitted with probability health × slow-start factor, ties broken at random | exact scan up to 256 instances; above, best of 8 random samples |
 //! | `weighted` | smooth weighted round robin (WF²Q): exactly `wᵢ` picks in every window of `Σw` | binary heaps, O(log n) |
 //! | `random` | uniform | rejection sampling, O(1) expected; the first draw from the thread's batch drawn ahead (`draw_ahead`) |
