@@ -53,10 +53,10 @@
 //! thread but 164-183 ns per thread on two, and 130-134 ns per thread on two
 //! at n = 10 (issue 12 asks ≤ 100 ns; `random`, which writes nothing
 //! shared, took 45-55 ns on two). With a rotation per thread (the picks
-//! bench, CPU time, medians of 5 alternating runs): at 100,000 instances 80
-//! → 56 ns on one thread and 172 → 66 ns per thread on two; at n = 10, 78 →
-//! 56 and 128 → 90 (what remains at n = 10 is the ten instances' own lines,
-//! which both threads write). One thread gains too: a plain store instead
+//! bench, CPU time, medians of alternating runs, the two threads running at
+//! once): at 100,000 instances 79 → 52 ns on one thread and 170 → 60 ns per
+//! thread on two; at n = 10, 78 → 55 and 134 → 87 (what remains at n = 10
+//! is the ten instances' own lines, which both threads write). One thread gains too: a plain store instead
 //! of a locked read-modify-write (a full fence) per step, and no division
 //! per step on a slot of its own. NGINX (per worker process) and Envoy (per worker thread)
 //! rotate the same way; HAProxy takes a lock.
@@ -78,8 +78,15 @@ const MAX_SKIPS: usize = 16;
 const UNSTARTED: usize = usize::MAX;
 
 /// Rotation over eligible instances.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RoundRobin {
+    rotation: Rotation,
+}
+
+/// A rotation per thread over a member list: the module doc's *Threads*
+/// (`weighted` rotates with one when all weights are equal).
+#[derive(Debug)]
+pub(crate) struct Rotation {
     /// Each thread slot's rotation: for a slot of its own, the next
     /// position; for the shared slot, a counter taken `mod n`.
     next: PerThread<AtomicUsize>,
@@ -87,7 +94,7 @@ pub struct RoundRobin {
     started: AtomicUsize,
 }
 
-impl Default for RoundRobin {
+impl Default for Rotation {
     fn default() -> Self {
         Self {
             next: PerThread::new(|_| AtomicUsize::new(UNSTARTED)),
@@ -96,11 +103,74 @@ impl Default for RoundRobin {
     }
 }
 
-impl RoundRobin {
+impl Rotation {
+    /// The calling thread's rotation over `n > 0` members, from its next
+    /// position on; the positions taken are kept when it is dropped.
+    #[inline]
+    pub(crate) fn steps(&self, n: usize) -> Steps<'_> {
+        let (counter, owned) = self.next.local_owned();
+        let mut at = counter.load(Ordering::Relaxed);
+        if at == UNSTARTED {
+            at = self.start();
+            if !owned {
+                // Another sharer may start it first: then this start is
+                // unused.
+                let _ =
+                    counter.compare_exchange(UNSTARTED, at, Ordering::Relaxed, Ordering::Relaxed);
+            }
+        }
+        if owned && at >= n {
+            at %= n; // a new slot, or fewer members than before
+        }
+        Steps {
+            counter,
+            owned,
+            at,
+            n,
+        }
+    }
+
     /// Where a slot's first pick starts: once per slot, not per pick.
     #[cold]
     fn start(&self) -> usize {
         self.started.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// One pick's steps along a thread's [`Rotation`]: an endless iterator of
+/// positions.
+pub(crate) struct Steps<'r> {
+    counter: &'r AtomicUsize,
+    /// A slot of the thread's own: `at` is the next position, stored back
+    /// on drop. Else the shared slot's counter moves with every step.
+    owned: bool,
+    at: usize,
+    n: usize,
+}
+
+impl Iterator for Steps<'_> {
+    type Item = usize;
+
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        if self.owned {
+            // Only this thread writes its slot: no division per step, one
+            // store when the pick is done.
+            let i = self.at;
+            self.at = if i + 1 == self.n { 0 } else { i + 1 };
+            Some(i)
+        } else {
+            Some(self.counter.fetch_add(1, Ordering::Relaxed) % self.n)
+        }
+    }
+}
+
+impl Drop for Steps<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.owned {
+            self.counter.store(self.at, Ordering::Relaxed);
+        }
     }
 }
 
@@ -114,57 +184,20 @@ impl Strategy for RoundRobin {
         if n == 0 {
             return None;
         }
-        let (counter, owned) = self.next.local_owned();
-        if owned {
-            // Only this thread writes its slot, so it keeps the next
-            // position itself (no division per step) and stores it once.
-            let mut at = counter.load(Ordering::Relaxed);
-            if at == UNSTARTED {
-                at = self.start();
-            }
-            if at >= n {
-                at %= n; // a new slot, or fewer members than before
-            }
-            let picked = rotate(cx, || {
-                let i = at;
-                at = if i + 1 == n { 0 } else { i + 1 };
-                i
-            });
-            counter.store(at, Ordering::Relaxed);
-            picked
-        } else {
-            if counter.load(Ordering::Relaxed) == UNSTARTED {
-                // Another sharer may start it first: then this start is
-                // unused.
-                let _ = counter.compare_exchange(
-                    UNSTARTED,
-                    self.start(),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
-            rotate(cx, || counter.fetch_add(1, Ordering::Relaxed) % n)
-        }
-    }
-}
-
-/// The rule, each step landing on the position `next()` gives.
-#[inline(always)]
-fn rotate(cx: &mut PickContext<'_>, mut next: impl FnMut() -> usize) -> Option<Picked> {
-    let mut draw = FactorDraw::default();
-    for _ in 0..MAX_SKIPS {
-        let i = next();
-        if let Some(c) = cx.members.candidate(i) {
-            let member = || c.member().map(|m| &**m);
-            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
-                // The line number is read: the pick need not read it
-                // again.
-                cx.keep_line(&c);
-                return Some(m);
+        let mut draw = FactorDraw::default();
+        for i in self.rotation.steps(n).take(MAX_SKIPS) {
+            if let Some(c) = cx.members.candidate(i) {
+                let member = || c.member().map(|m| &**m);
+                if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
+                    // The line number is read: the pick need not read it
+                    // again.
+                    cx.keep_line(&c);
+                    return Some(m);
+                }
             }
         }
+        draw.finish(cx)
     }
-    draw.finish(cx)
 }
 
 #[cfg(test)]
@@ -176,11 +209,14 @@ mod tests {
     use crate::per_thread::{thread_slot, SLOTS};
     use crate::{LoadBalancerConfig, Registry, Service, ServiceInstance, StrategyKind};
 
-    /// A round-robin service of `n` instances.
-    fn service(n: usize) -> (Registry, Arc<Service>) {
+    /// `round_robin`, and `weighted` over equal weights: the same rotation.
+    const ROTATING: [StrategyKind; 2] = [StrategyKind::RoundRobin, StrategyKind::Weighted];
+
+    /// A service of `n` instances of equal weight picking with `kind`.
+    fn service(kind: StrategyKind, n: usize) -> (Registry, Arc<Service>) {
         let registry = Registry::builder().seed(1).build().unwrap();
         let config = LoadBalancerConfig {
-            strategy: StrategyKind::RoundRobin,
+            strategy: kind,
             ..LoadBalancerConfig::default()
         };
         registry.configure_service("svc", config).unwrap();
@@ -242,87 +278,99 @@ mod tests {
     /// are within the bound.
     #[test]
     fn two_threads_taking_turns_each_rotate_exactly() {
-        let n = 4;
-        let (_registry, svc) = service(n);
-        let turn = Barrier::new(2);
-        let counts: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-        let run = |first: bool| {
-            let slot = thread_slot();
-            let mut seq = Vec::new();
-            // Each round: the first thread picks, then the second.
-            for _ in 0..200 {
-                if !first {
+        for kind in ROTATING {
+            let n = 4;
+            let (_registry, svc) = service(kind, n);
+            let turn = Barrier::new(2);
+            let counts: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            let run = |first: bool| {
+                let slot = thread_slot();
+                let mut seq = Vec::new();
+                // Each round: the first thread picks, then the second.
+                for _ in 0..200 {
+                    if !first {
+                        turn.wait();
+                    }
+                    let p = pick(&svc);
+                    counts[p].fetch_add(1, Ordering::Relaxed);
+                    seq.push(p);
+                    if first {
+                        turn.wait();
+                    }
                     turn.wait();
                 }
-                let p = pick(&svc);
-                counts[p].fetch_add(1, Ordering::Relaxed);
-                seq.push(p);
-                if first {
-                    turn.wait();
-                }
-                turn.wait();
+                (slot, seq)
+            };
+            let counts_now = || -> Vec<u64> {
+                counts
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed) as u64)
+                    .collect()
+            };
+            let ((slot_a, a), (slot_b, b)) = std::thread::scope(|s| {
+                let a = s.spawn(|| run(true));
+                let b = s.spawn(|| run(false));
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            // Threads on the shared slot (all 16 held by other tests' threads)
+            // rotate only together.
+            if slot_a != SLOTS {
+                assert_rotation(&a, n, &format!("{kind}, first thread"));
             }
-            (slot, seq)
-        };
-        let counts_now = || -> Vec<u64> {
-            counts
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed) as u64)
-                .collect()
-        };
-        let ((slot_a, a), (slot_b, b)) = std::thread::scope(|s| {
-            let a = s.spawn(|| run(true));
-            let b = s.spawn(|| run(false));
-            (a.join().unwrap(), b.join().unwrap())
-        });
-        // Threads on the shared slot (all 16 held by other tests' threads)
-        // rotate only together.
-        if slot_a != SLOTS {
-            assert_rotation(&a, n, "first thread");
+            if slot_b != SLOTS {
+                assert_rotation(&b, n, &format!("{kind}, second thread"));
+            }
+            // Replay the turns: the totals after every pick.
+            let mut replay = vec![0u64; n];
+            for (k, (&pa, &pb)) in a.iter().zip(&b).enumerate() {
+                replay[pa] += 1;
+                assert_within_bound(
+                    &replay,
+                    slots_in_use(slot_a, slot_b),
+                    &format!("{kind}, turn {k}"),
+                );
+                replay[pb] += 1;
+                assert_within_bound(
+                    &replay,
+                    slots_in_use(slot_a, slot_b),
+                    &format!("{kind}, turn {k}"),
+                );
+            }
+            assert_eq!(replay, counts_now(), "{kind}");
         }
-        if slot_b != SLOTS {
-            assert_rotation(&b, n, "second thread");
-        }
-        // Replay the turns: the totals after every pick.
-        let mut replay = vec![0u64; n];
-        for (k, (&pa, &pb)) in a.iter().zip(&b).enumerate() {
-            replay[pa] += 1;
-            assert_within_bound(&replay, slots_in_use(slot_a, slot_b), &format!("turn {k}"));
-            replay[pb] += 1;
-            assert_within_bound(&replay, slots_in_use(slot_a, slot_b), &format!("turn {k}"));
-        }
-        assert_eq!(replay, counts_now());
     }
 
     /// Two threads picking at once, free-running: each thread's sequence
     /// is an exact rotation and the totals end within the bound.
     #[test]
     fn two_threads_picking_at_once_each_rotate_exactly() {
-        let n = 7;
-        let (_registry, svc) = service(n);
-        let start = Barrier::new(2);
-        let run = || {
-            let slot = thread_slot();
-            start.wait();
-            let seq: Vec<usize> = (0..20_000).map(|_| pick(&svc)).collect();
-            (slot, seq)
-        };
-        let ((slot_a, a), (slot_b, b)) = std::thread::scope(|s| {
-            let a = s.spawn(run);
-            let b = s.spawn(run);
-            (a.join().unwrap(), b.join().unwrap())
-        });
-        if slot_a != SLOTS {
-            assert_rotation(&a, n, "first thread");
+        for kind in ROTATING {
+            let n = 7;
+            let (_registry, svc) = service(kind, n);
+            let start = Barrier::new(2);
+            let run = || {
+                let slot = thread_slot();
+                start.wait();
+                let seq: Vec<usize> = (0..20_000).map(|_| pick(&svc)).collect();
+                (slot, seq)
+            };
+            let ((slot_a, a), (slot_b, b)) = std::thread::scope(|s| {
+                let a = s.spawn(run);
+                let b = s.spawn(run);
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            if slot_a != SLOTS {
+                assert_rotation(&a, n, &format!("{kind}, first thread"));
+            }
+            if slot_b != SLOTS {
+                assert_rotation(&b, n, &format!("{kind}, second thread"));
+            }
+            let mut counts = vec![0u64; n];
+            for &p in a.iter().chain(&b) {
+                counts[p] += 1;
+            }
+            assert_within_bound(&counts, slots_in_use(slot_a, slot_b), &kind.to_string());
         }
-        if slot_b != SLOTS {
-            assert_rotation(&b, n, "second thread");
-        }
-        let mut counts = vec![0u64; n];
-        for &p in a.iter().chain(&b) {
-            counts[p] += 1;
-        }
-        assert_within_bound(&counts, slots_in_use(slot_a, slot_b), "at the end");
     }
 
     /// The first slot to pick from a service starts at its first
@@ -331,26 +379,28 @@ mod tests {
     /// at 0, both would pick the first).
     #[test]
     fn fresh_threads_start_on_different_instances() {
-        let (_registry, svc) = service(3);
-        // The first picks, then the second; both live until both picked
-        // (an exited thread's slot goes to the next thread).
-        let turn = Barrier::new(2);
-        let picked = std::thread::scope(|s| {
-            let first = s.spawn(|| {
-                let p = pick(&svc);
-                turn.wait();
-                turn.wait();
-                p
+        for kind in ROTATING {
+            let (_registry, svc) = service(kind, 3);
+            // The first picks, then the second; both live until both picked
+            // (an exited thread's slot goes to the next thread).
+            let turn = Barrier::new(2);
+            let picked = std::thread::scope(|s| {
+                let first = s.spawn(|| {
+                    let p = pick(&svc);
+                    turn.wait();
+                    turn.wait();
+                    p
+                });
+                let second = s.spawn(|| {
+                    turn.wait();
+                    let p = pick(&svc);
+                    turn.wait();
+                    p
+                });
+                (first.join().unwrap(), second.join().unwrap())
             });
-            let second = s.spawn(|| {
-                turn.wait();
-                let p = pick(&svc);
-                turn.wait();
-                p
-            });
-            (first.join().unwrap(), second.join().unwrap())
-        });
-        assert_eq!(picked, (0, 1));
+            assert_eq!(picked, (0, 1), "{kind}");
+        }
     }
 
     /// More threads than slots of their own, picking at once: those with a
@@ -358,32 +408,34 @@ mod tests {
     /// bound over the slots in use (the shared one counts once).
     #[test]
     fn more_threads_than_slots_stay_within_the_bound() {
-        let n = 7;
-        let threads = SLOTS + 8;
-        let (_registry, svc) = service(n);
-        let start = Barrier::new(threads);
-        let runs: Vec<(usize, Vec<usize>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let slot = thread_slot();
-                        start.wait();
-                        (slot, (0..1_000).map(|_| pick(&svc)).collect())
+        for kind in ROTATING {
+            let n = 7;
+            let threads = SLOTS + 8;
+            let (_registry, svc) = service(kind, n);
+            let start = Barrier::new(threads);
+            let runs: Vec<(usize, Vec<usize>)> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let slot = thread_slot();
+                            start.wait();
+                            (slot, (0..1_000).map(|_| pick(&svc)).collect())
+                        })
                     })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let mut counts = vec![0u64; n];
-        for (slot, seq) in &runs {
-            if *slot != SLOTS {
-                assert_rotation(seq, n, &format!("slot {slot}"));
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let mut counts = vec![0u64; n];
+            for (slot, seq) in &runs {
+                if *slot != SLOTS {
+                    assert_rotation(seq, n, &format!("{kind}, slot {slot}"));
+                }
+                for &p in seq {
+                    counts[p] += 1;
+                }
             }
-            for &p in seq {
-                counts[p] += 1;
-            }
+            let slots: HashSet<usize> = runs.iter().map(|(slot, _)| *slot).collect();
+            assert_within_bound(&counts, slots.len() as u64, &kind.to_string());
         }
-        let slots: HashSet<usize> = runs.iter().map(|(slot, _)| *slot).collect();
-        assert_within_bound(&counts, slots.len() as u64, "at the end");
     }
 }
