@@ -3,67 +3,65 @@
 //!
 //! ## Rule
 //!
-//! Each thread keeps its own rotation (see *Threads*), which steps to the
-//! next position `mod n` on every step. An eligible instance it lands on is taken with probability equal to its
-//! factor `f` = health score × slow-start factor (the seeded RNG of the
-//! pick; `f = 1` takes it without a draw), else the rotation moves on to the
-//! next. Ineligible instances are skipped the same way. After 16 steps
-//! without a taker the pick takes the eligible instance with the highest
-//! factor it saw (so a service whose instances all ramp still gets picks),
-//! else a random eligible one.
+//! Each thread keeps its own rotation (see *Threads*), which steps to the next
+//! position `mod n` on every step. An eligible instance it lands on is taken
+//! with probability equal to its factor `f` = health score × slow-start factor
+//! (the seeded RNG of the pick; `f = 1` takes it without a draw), else the
+//! rotation moves on to the next. Ineligible instances are skipped the same
+//! way. After 16 steps without a taker the pick takes the eligible instance
+//! with the highest factor it saw (so a service whose instances all ramp still
+//! gets picks), else a random eligible one.
 //!
-//! So with every instance eligible at full factor each gets exactly one of
-//! a thread's picks in every `n` consecutive picks of that thread; an
-//! instance at factor `f` among `n − 1` full ones gets `f / (n − 1 + f)` of
-//! the picks, the share `weighted` gives it: a recovering instance (slow
-//! start, lowered health score) ramps up instead of taking a full share at
-//! once — the bug Envoy fixed for its round robin in issue 19437.
-//! Configured weights do not change the rotation (use `weighted` for that).
+//! So with every instance eligible at full factor each gets exactly one of a
+//! thread's picks in every `n` consecutive picks of that thread; an instance at
+//! factor `f` among `n − 1` full ones gets `f / (n − 1 + f)` of the picks, the
+//! share `weighted` gives it: a recovering instance (slow start, lowered health
+//! score) ramps up instead of taking a full share at once — the bug Envoy fixed
+//! for its round robin in issue 19437. Configured weights do not change the
+//! rotation (use `weighted` for that).
 //!
-//! *Threads.* The rotation is per thread, in the core's per-thread
-//! striping (`per_thread`): a thread with a slot of its own keeps its next
-//! position there with a plain load and one store per pick (only it writes
-//! there); the threads
-//! beyond the 16 slots of their own share one slot and move it with a
-//! read-modify-write per step, so together they rotate exactly as one. A
-//! slot starts, at its first pick from the service, at the number of slots
-//! that started before it, `mod n` (one shared read-modify-write per slot,
-//! not per pick): the first thread starts at the first instance, as the one
-//! counter did, and the first `n` threads to pick start on `n` different
-//! instances instead of all on the first. (Starting at the slot's index
-//! instead would make a fresh service's first pick depend on which slot a
-//! thread holds, and two threads collide whenever their slots are equal
-//! mod `n`.)
+//! *Threads.* The rotation is per thread, in the core's per-thread striping
+//! (`per_thread`): a thread with a slot of its own keeps its next position
+//! there with a plain load and one store per pick (only it writes there); the
+//! threads beyond the 16 slots of their own share one slot and move it with a
+//! read-modify-write per step, so together they rotate exactly as one. A slot
+//! starts, at its first pick from the service, at the number of slots that
+//! started before it, `mod n` (one shared read-modify-write per slot, not per
+//! pick): the first thread starts at the first instance, as the one counter
+//! did, and the first `n` threads to pick start on `n` different instances
+//! instead of all on the first. (Starting at the slot's index instead would
+//! make a fresh service's first pick depend on which slot a thread holds, and
+//! two threads collide whenever their slots are equal mod `n`.)
 //!
-//! The bound: with every instance eligible at full factor and the member
-//! list unchanged since the slots started, each slot's picks are one run of consecutive positions `mod n`, so each instance
-//! holds `⌊p/n⌋` or `⌈p/n⌉` of a slot's `p` picks. Summed over the `T`
-//! slots in use (threads with a slot of their own, plus one if any thread
-//! is on the shared slot), at any moment every instance is within
-//! `T·(n − 1)/n < T` picks of its exact share `P/n` of the `P` picks so
-//! far, and any two instances' counts differ by at most `T`. A single
-//! thread still rotates exactly, and one client connection is served start
-//! to end by one worker thread (the proxy's thread per core), so the
+//! The bound: with every instance eligible at full factor and the member list
+//! unchanged since the slots started, each slot's picks are one run of
+//! consecutive positions `mod n`, so each instance holds `⌊p/n⌋` or `⌈p/n⌉` of
+//! a slot's `p` picks. Summed over the `T` slots in use (threads with a slot of
+//! their own, plus one if any thread is on the shared slot), at any moment
+//! every instance is within `T·(n − 1)/n < T` picks of its exact share `P/n` of
+//! the `P` picks so far, and any two instances' counts differ by at most `T`. A
+//! single thread still rotates exactly, and one client connection is served
+//! start to end by one worker thread (the proxy's thread per core), so the
 //! requests of one connection rotate exactly (the proxy's e2e test counts
 //! 100/100/100 over 300 requests on one keep-alive connection).
 //!
-//! *Why:* the one service-wide counter was the only shared
-//! read-modify-write a pick made, and its line moved between the cores on
-//! every pick: at 100,000 instances a select + release took 71-77 ns on one
-//! thread but 164-183 ns per thread on two, and 130-134 ns per thread on two
-//! at n = 10 (issue 12 asks ≤ 100 ns; `random`, which writes nothing
-//! shared, took 45-55 ns on two). With a rotation per thread (the picks
-//! bench, CPU time, medians of alternating runs, the two threads running at
-//! once): at 100,000 instances 79 → 52 ns on one thread and 170 → 60 ns per
-//! thread on two; at n = 10, 78 → 55 and 134 → 87 (what remains at n = 10
-//! is the ten instances' own lines, which both threads write). One thread gains too: a plain store instead
-//! of a locked read-modify-write (a full fence) per step, and no division
-//! per step on a slot of its own. NGINX (per worker process) and Envoy (per worker thread)
+//! *Why:* the one service-wide counter was the only shared read-modify-write a
+//! pick made, and its line moved between the cores on every pick: at 100,000
+//! instances a select + release took 71-77 ns on one thread but 164-183 ns per
+//! thread on two, and 130-134 ns per thread on two at n = 10 (issue 12 asks ≤
+//! 100 ns; `random`, which writes nothing shared, took 45-55 ns on two). With a
+//! rotation per thread (the picks bench, CPU time, medians of alternating runs,
+//! the two threads running at once): at 100,000 instances 79 → 52 ns on one
+//! thread and 170 → 60 ns per thread on two; at n = 10, 78 → 55 and 134 → 87
+//! (what remains at n = 10 is the ten instances' own lines, which both threads
+//! write). One thread gains too: a plain store instead of a locked
+//! read-modify-write (a full fence) per step, and no division per step on a
+//! slot of its own. NGINX (per worker process) and Envoy (per worker thread)
 //! rotate the same way; HAProxy takes a lock.
 //!
 //! *Cost:* the factor is a health-score load and the slow-start ramp at the
-//! pick's `now`, which the context already holds; a full-factor instance
-//! costs no random draw.
+//! pick's `now`, which the context already holds; a full-factor instance costs
+//! no random draw.
 
 use super::{FactorDraw, PickContext, Picked, Strategy, StrategyKind};
 use crate::per_thread::PerThread;
