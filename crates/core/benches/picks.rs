@@ -24,6 +24,10 @@
 //! traffic would. Compare builds at the same work: the work's own time is
 //! in both.
 //!
+//! Instances weigh `1 + i % 5`; with `PICKS_WEIGHTS=equal` in the
+//! environment they all weigh 1 (`weighted` then rotates, as `adaptive`'s
+//! calm mode does over equal weights).
+//!
 //! The `membership` form times changes instead of picks, on one thread: each
 //! change deregisters `inst-i` (i spread over the list; a swap-remove) and
 //! registers it again (an append), two snapshot rebuilds, and reports CPU
@@ -178,11 +182,15 @@ fn work(buffer: &[u64], at: usize, words: usize) -> usize {
     i
 }
 
-/// The instance `inst-{i}` of the benches' services.
+/// The instance `inst-{i}` of the benches' services: weight `1 + i % 5`,
+/// or 1 with `PICKS_WEIGHTS=equal` in the environment (module doc).
 fn instance(i: usize) -> ServiceInstance {
+    static EQUAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let equal = *EQUAL.get_or_init(|| std::env::var("PICKS_WEIGHTS").is_ok_and(|w| w == "equal"));
+    let weight = if equal { 1 } else { 1 + (i % 5) as u64 };
     ServiceInstance::try_new(&format!("inst-{i}"), "10.0.0.1", 1024 + (i % 60_000) as u16)
         .unwrap()
-        .with_weight(Weight::try_new(1 + (i % 5) as u64).unwrap())
+        .with_weight(Weight::try_new(weight).unwrap())
 }
 
 /// A registry whose service `svc` has `n` instances, tables built.

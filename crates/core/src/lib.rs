@@ -74,7 +74,7 @@
 //! | [`error`] | the leaf errors `ConfigError`, `HealthScoreError` |
 //! | [`clock`] | `Clock`, `SystemClock`, `ManualClock`, `CountingClock`, `Timestamp` |
 //! | `member_index` | `MemberIndex`: a service's id → position map, positions only |
-//! | `per_thread` | `PerThread`: state striped by thread (request counters, pick RNG and recorder handle) |
+//! | `per_thread` | `PerThread`: state striped by thread (request counters, pick RNG and recorder handle, `round_robin`'s rotations) |
 
 #![warn(missing_docs)]
 

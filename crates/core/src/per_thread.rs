@@ -30,8 +30,9 @@
 //!
 //! The proxy runs one thread per core; 16 covers the machines it is
 //! benchmarked on with room to spare, and costs 17 × 128 B per `PerThread` (a
-//! service has two: its request counters and its pick state), small next to
-//! the ~500 B per instance a service already holds.
+//! service has two: its request counters and its pick state; a
+//! `round_robin` service a third, its rotations), small next to the ~500 B
+//! per instance a service already holds.
 
 use std::cell::Cell;
 use std::ops::Deref;

@@ -2,9 +2,9 @@
 //!
 //! | name | rule | structure per pick at 100,000 instances |
 //! | --- | --- | --- |
-//! | `round_robin` | rotation over eligible instances, each admitted with probability health × slow-start factor | atomic counter, O(1) |
+//! | `round_robin` | rotation over eligible instances, each admitted with probability health × slow-start factor; one rotation per thread | a counter per thread, O(1) |
 //! | `least_connections` | fewest `active / effective weight` among instances admitted with probability health × slow-start factor, ties broken at random | exact scan up to 256 instances; above, best of 8 random samples |
-//! | `weighted` | smooth weighted round robin (WF²Q): exactly `wᵢ` picks in every window of `Σw` | binary heaps, O(log n) |
+//! | `weighted` | smooth weighted round robin (WF²Q): exactly `wᵢ` picks in every window of `Σw`; equal weights: one rotation per thread, as `round_robin` | binary heaps, O(log n); equal weights: a counter per thread, O(1) |
 //! | `random` | uniform | rejection sampling, O(1) expected; the first draw from the thread's batch drawn ahead (`draw_ahead`) |
 //! | `weighted_random` | proportional to effective weight | two binary searches over prefix sums, O(log n) |
 //! | `p2c` | two random instances, fewer `(active + 1) / effective weight` wins | O(1); the pair from the thread's batch drawn ahead |
