@@ -47,7 +47,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use super::body::Watched;
-use super::client_limits::{InFlight, StallTimeout};
+use super::client_limits::StallTimeout;
 use super::h1_exchange::HeaderSpans;
 use super::http::ResponseBody;
 use super::pool::PooledBody;
@@ -170,12 +170,6 @@ impl KeptHead for ResponseBody {
 impl KeptHead for super::http::ProxyBody {
     fn take_kept_head(&mut self) -> Option<RawHeaders> {
         None
-    }
-}
-
-impl<B: KeptHead> KeptHead for InFlight<B> {
-    fn take_kept_head(&mut self) -> Option<RawHeaders> {
-        self.inner_mut().take_kept_head()
     }
 }
 
