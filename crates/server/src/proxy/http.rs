@@ -647,7 +647,20 @@ pub(crate) fn handle<'a>(
                 }
             },
         };
-        resp.headers_mut().insert(X_REQUEST_ID, id);
+        match resp.body_mut().kept_head_mut() {
+            // A head kept as lines for `h1_server`'s writer: the id goes
+            // with them (`raw_head`), not into a map.
+            Some(raw) if entry.is_none() => raw.set_request_id(id),
+            _ => {
+                let map = resp.headers_mut();
+                if map.capacity() == 0 {
+                    // A kept head's empty map, filled from the lines for
+                    // the access log below: a spare, as before.
+                    *map = spare_maps::take(0);
+                }
+                map.insert(X_REQUEST_ID, id);
+            }
+        }
         match entry {
             Some(e) => {
                 // Boxed below, where `h1_server`'s writer cannot reach a
