@@ -204,11 +204,6 @@ impl<B> InFlight<B> {
             _guard: guard,
         }
     }
-
-    /// The wrapped body.
-    pub(crate) fn inner_mut(&mut self) -> &mut B {
-        &mut self.inner
-    }
 }
 
 impl<B: Body + Unpin> Body for InFlight<B> {

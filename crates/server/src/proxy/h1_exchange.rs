@@ -798,17 +798,26 @@ fn parse_head(
     };
     let count = spans.len();
     let head = buf.split_to(len).freeze();
-    // A spare map (the last request's, `spare_maps`), with room for a
-    // request's headers too: a client connection keeps this map, once the
-    // response head is written, for the next request it parses (to which
-    // an HTTP/2 attempt or an upgrade adds the forwarding headers).
-    let mut headers = spare_maps::take(count);
-    match kept {
-        Some(kept) if keep_raw => *kept = Some(RawHeaders::new(head, spans)),
-        _ => spans
-            .append_to(&head, &mut headers)
-            .map_err(ExchangeError::Head)?,
-    }
+    let headers = match kept {
+        Some(kept) if keep_raw => {
+            *kept = Some(RawHeaders::new(head, spans));
+            // Kept as lines: the map stays empty (no spare taken; the
+            // request id goes with the lines, `raw_head`).
+            HeaderMap::new()
+        }
+        _ => {
+            // A spare map (the last request's, `spare_maps`), with room
+            // for a request's headers too: a client connection keeps this
+            // map, once the response head is written, for the next request
+            // it parses (to which an HTTP/2 attempt or an upgrade adds the
+            // forwarding headers).
+            let mut headers = spare_maps::take(count);
+            spans
+                .append_to(&head, &mut headers)
+                .map_err(ExchangeError::Head)?;
+            headers
+        }
+    };
 
     let framing = if bodiless {
         ReadFraming::Empty
@@ -1241,6 +1250,11 @@ impl H1Body {
     /// The response head kept as lines, if it was (taken once).
     pub(crate) fn take_kept_head(&mut self) -> Option<RawHeaders> {
         self.conn.as_mut()?.kept_head.take()
+    }
+
+    /// The response head kept as lines, left in place.
+    pub(crate) fn kept_head_mut(&mut self) -> Option<&mut RawHeaders> {
+        self.conn.as_mut()?.kept_head.as_mut()
     }
 
     fn fail(&mut self, e: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {

@@ -95,7 +95,7 @@ use super::access_log::{Counted, Entry};
 use super::attempt::{self, Ended, Held, Replay};
 use super::body::Watched;
 use super::client_limits::{
-    ClientLimits, ConnWatch, Expiry, InFlight, RequestGuard, StallTimeout, WatchedSocket,
+    ClientLimits, ConnWatch, Expiry, InFlight, StallTimeout, WatchedSocket,
 };
 use super::h1_server::{self, BufferedBody, Prefixed, Served, Shutdown};
 use super::headers::{strip_hop_by_hop, Forwarding, Peer, ProxyHeaders};
@@ -381,29 +381,6 @@ struct ClientConn {
     shutdown: Shutdown,
 }
 
-impl ClientConn {
-    /// Serves one request of this connection; `guard` keeps it in flight
-    /// until the response body is dropped.
-    #[allow(clippy::manual_async_fn)] // not an `async fn`: see inside
-    fn respond(
-        &self,
-        mut req: Request<ClientBody>,
-        guard: RequestGuard,
-    ) -> impl Future<Output = Response<InFlight<ResponseBody>>> + '_ {
-        // An `async` block, not an `async fn`: an `async fn` keeps each
-        // argument twice in its future (as given, and moved into a local),
-        // and the request's future is moved whole a few times per request.
-        async move {
-            if let Some(id) = self.identity.get() {
-                req.extensions_mut().insert(id.clone());
-            }
-            let resp = handle(req, &self.ctx, &self.client).await;
-            // The guard rides in the body and drops with it.
-            resp.map(|b| InFlight::new(b, guard))
-        }
-    }
-}
-
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -461,7 +438,16 @@ async fn serve_connection(
         &conn.watch,
         &conn.shutdown,
         limits.request_body_timeout,
-        |req, guard| c.respond(req.map(ClientBody::Buffered), guard),
+        // `handle`'s own future, not one around it: the response is not
+        // moved through another layer (the loop holds the request in
+        // flight until the response is written).
+        |req| {
+            let mut req = req.map(ClientBody::Buffered);
+            if let Some(id) = c.identity.get() {
+                req.extensions_mut().insert(id.clone());
+            }
+            handle(req, &c.ctx, &c.client)
+        },
     )
     .await?;
     if let Served::Closed = served {
@@ -486,7 +472,7 @@ async fn serve_connection(
 /// The first read of a connection (the sniff, then the fast path's buffer).
 const READ_BUF_SIZE: usize = 8 * 1024;
 
-/// hyper's service for `conn`: each request to [`ClientConn::respond`].
+/// hyper's service for `conn`: each request to [`handle`].
 fn hyper_service(
     conn: &Arc<ClientConn>,
 ) -> impl hyper::service::Service<
@@ -512,7 +498,7 @@ fn hyper_service(
         // streams ran in their connection's task (`stream_tasks`), tokio
         // copied it on spawn and at each stage change too, and the box
         // paid ("Fourth pass" in docs/benchmarks.md).
-        // `handle` awaited here, not through `ClientConn::respond`: the
+        // `handle` awaited here, not through a function around it: the
         // nested future made this one larger, and HTTP/2 copies it (+0.8 %
         // of the h2c bench's CPU in `memcpy`).
         async move {
@@ -595,13 +581,15 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Serves one request.
-#[allow(clippy::manual_async_fn)] // see `ClientConn::respond`
+#[allow(clippy::manual_async_fn)] // not an `async fn`: see inside
 pub(crate) fn handle<'a>(
     mut req: Request<ClientBody>,
     ctx: &'a HttpContext,
     peer: &'a Peer,
 ) -> impl Future<Output = Response<ResponseBody>> + 'a {
-    // An `async` block for the reason given at `ClientConn::respond`.
+    // An `async` block, not an `async fn`: an `async fn` keeps each
+    // argument twice in its future (as given, and moved into a local),
+    // and the request's future is moved whole a few times per request.
     async move {
         let id = request_id(req.headers());
         if let Err(why) = hygiene::check(&mut req) {
@@ -659,7 +647,20 @@ pub(crate) fn handle<'a>(
                 }
             },
         };
-        resp.headers_mut().insert(X_REQUEST_ID, id);
+        match resp.body_mut().kept_head_mut() {
+            // A head kept as lines for `h1_server`'s writer: the id goes
+            // with them (`raw_head`), not into a map.
+            Some(raw) if entry.is_none() => raw.set_request_id(id),
+            _ => {
+                let map = resp.headers_mut();
+                if map.capacity() == 0 {
+                    // A kept head's empty map, filled from the lines for
+                    // the access log below: a spare, as before.
+                    *map = spare_maps::take(0);
+                }
+                map.insert(X_REQUEST_ID, id);
+            }
+        }
         match entry {
             Some(e) => {
                 // Boxed below, where `h1_server`'s writer cannot reach a
@@ -674,7 +675,7 @@ pub(crate) fn handle<'a>(
     }
 }
 
-#[allow(clippy::manual_async_fn)] // see `ClientConn::respond`
+#[allow(clippy::manual_async_fn)] // see `handle`
 fn proxy<'a>(
     req: Request<ClientBody>,
     up: &'a Upstream,
@@ -686,7 +687,7 @@ fn proxy<'a>(
     received: std::time::Instant,
     mut entry: Option<&'a mut Entry>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + 'a {
-    // An `async` block for the reason given at `ClientConn::respond`.
+    // An `async` block for the reason given at `handle`.
     async move {
         let deadline = tokio::time::Instant::from_std(received) + up.request_timeout;
         let (mut parts, body) = req.into_parts();

@@ -925,6 +925,14 @@ impl PooledBody {
         }
     }
 
+    /// Its HTTP/1.1 response head kept as lines, left in place.
+    pub(crate) fn kept_head_mut(&mut self) -> Option<&mut RawHeaders> {
+        match &mut self.kind {
+            Kind::H1 { body, .. } => body.kept_head_mut(),
+            Kind::H2 { .. } => None,
+        }
+    }
+
     /// Checks an HTTP/1.1 connection in if its body ended and it is
     /// reusable (once: the body gives it up).
     fn check_in(&mut self) {

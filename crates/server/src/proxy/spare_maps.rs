@@ -17,13 +17,23 @@
 //! ## Rule and bounds
 //!
 //! A map given back is cleared and kept if its thread holds fewer than
-//! [`MAX_SPARES`] and it holds no more than [`MAX_KEPT_CAPACITY`] headers
-//! without growing (a map a very large head grew is freed: it would keep
-//! its memory for heads that do not need it); a map that holds nothing
-//! (one whose headers were moved out, as the HTTP/2 path does) is not kept.
+//! [`MAX_SPARES`] (64) and it has the room of a new map
+//! ([`HEADER_MAP_ROOM`], 24 headers), or fewer than [`MAX_LARGE_SPARES`]
+//! (8) and it holds no more than [`MAX_KEPT_CAPACITY`] headers without
+//! growing (a map a very large head grew is freed: it would keep its
+//! memory for heads that do not need it); a map that holds nothing (one
+//! whose headers were moved out, as the HTTP/2 path does) is not kept.
 //! Taking one pops the newest spare and reserves what the caller asked
-//! for, else makes a new map. Per thread: at most 8 maps of at most 128
-//! headers, ~40 KiB in the worst case, freed with the thread.
+//! for, else makes a new map. Per thread: at most 64 maps, 8 of them of
+//! up to 128 headers (~10 KiB each) and the rest of 24 (~2.6 KiB), ~230
+//! KiB in the worst case, freed with the thread.
+//!
+//! 64, not 8: a thread's requests in flight each hold their head's map
+//! until their attempts end, and with 16 client connections on one thread
+//! (`bench/instructions.sh`) 8 spares ran out: a third of the requests
+//! made a new map and a third of the maps given back were freed (~130
+//! instructions a request, callgrind; more with the 64 connections of
+//! `bench/cpu_split.sh`).
 
 use std::cell::RefCell;
 
@@ -37,7 +47,10 @@ use http::HeaderMap;
 pub(crate) const HEADER_MAP_ROOM: usize = 24;
 
 /// Spare maps a thread keeps.
-pub(crate) const MAX_SPARES: usize = 8;
+pub(crate) const MAX_SPARES: usize = 64;
+
+/// Spare maps a thread keeps, counting those larger than a new map.
+pub(crate) const MAX_LARGE_SPARES: usize = 8;
 
 /// The largest capacity (headers without growing) a kept map may have.
 pub(crate) const MAX_KEPT_CAPACITY: usize = 128;
@@ -67,7 +80,12 @@ pub(crate) fn give_back(mut map: HeaderMap) {
     }
     SPARES.with(|s| {
         let mut spares = s.borrow_mut();
-        if spares.len() < MAX_SPARES {
+        let bound = if capacity <= HEADER_MAP_ROOM {
+            MAX_SPARES
+        } else {
+            MAX_LARGE_SPARES
+        };
+        if spares.len() < bound {
             // Emptied only when kept: a map over the bound is just freed.
             map.clear();
             spares.push(map);
@@ -105,6 +123,14 @@ mod tests {
             give_back(HeaderMap::with_capacity(HEADER_MAP_ROOM));
         }
         assert_eq!(spares(), MAX_SPARES, "at most MAX_SPARES kept");
+        while spares() > 0 {
+            take(1);
+        }
+        // Larger ones: only while fewer than MAX_LARGE_SPARES are kept.
+        for _ in 0..MAX_LARGE_SPARES + 3 {
+            give_back(HeaderMap::with_capacity(MAX_KEPT_CAPACITY / 2));
+        }
+        assert_eq!(spares(), MAX_LARGE_SPARES);
         while spares() > 0 {
             take(1);
         }
