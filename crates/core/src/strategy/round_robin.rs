@@ -102,10 +102,34 @@ impl Default for Rotation {
 }
 
 impl Rotation {
+    /// One pick along the calling thread's rotation (module doc's rule):
+    /// at most `max_steps` positions, then [`FactorDraw`]'s fallback.
+    /// `round_robin`'s pick, and `weighted`'s over equal weights.
+    #[inline]
+    pub(crate) fn pick(&self, cx: &mut PickContext<'_>, max_steps: usize) -> Option<Picked> {
+        let n = cx.members.len();
+        if n == 0 {
+            return None;
+        }
+        let mut draw = FactorDraw::default();
+        for i in self.steps(n).take(max_steps) {
+            if let Some(c) = cx.members.candidate(i) {
+                let member = || c.member().map(|m| &**m);
+                if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
+                    // The line number is read: the pick need not read it
+                    // again.
+                    cx.keep_line(&c);
+                    return Some(m);
+                }
+            }
+        }
+        draw.finish(cx)
+    }
+
     /// The calling thread's rotation over `n > 0` members, from its next
     /// position on; the positions taken are kept when it is dropped.
     #[inline]
-    pub(crate) fn steps(&self, n: usize) -> Steps<'_> {
+    fn steps(&self, n: usize) -> Steps<'_> {
         let (counter, owned) = self.next.local_owned();
         let mut at = counter.load(Ordering::Relaxed);
         if at == UNSTARTED {
@@ -178,23 +202,7 @@ impl Strategy for RoundRobin {
     }
 
     fn pick(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
-        let n = cx.members.len();
-        if n == 0 {
-            return None;
-        }
-        let mut draw = FactorDraw::default();
-        for i in self.rotation.steps(n).take(MAX_SKIPS) {
-            if let Some(c) = cx.members.candidate(i) {
-                let member = || c.member().map(|m| &**m);
-                if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
-                    // The line number is read: the pick need not read it
-                    // again.
-                    cx.keep_line(&c);
-                    return Some(m);
-                }
-            }
-        }
-        draw.finish(cx)
+        self.rotation.pick(cx, MAX_SKIPS)
     }
 }
 
@@ -260,6 +268,17 @@ mod tests {
         assert!(max.unwrap() - min.unwrap() <= slots, "{when}: {counts:?}");
     }
 
+    /// Each thread's picks, `(its slot, its sequence)`, are one rotation;
+    /// threads on the shared slot (all 16 held by other tests' threads)
+    /// rotate only together, so theirs are not checked alone.
+    fn assert_each_rotates(threads: &[(usize, &Vec<usize>)], n: usize, kind: StrategyKind) {
+        for (k, (slot, seq)) in threads.iter().enumerate() {
+            if *slot != SLOTS {
+                assert_rotation(seq, n, &format!("{kind}, thread {k}"));
+            }
+        }
+    }
+
     /// The number of slots `a` and `b` use: a thread of its own each, or
     /// one if both are on the shared slot (which rotates as one).
     fn slots_in_use(a: usize, b: usize) -> u64 {
@@ -310,14 +329,7 @@ mod tests {
                 let b = s.spawn(|| run(false));
                 (a.join().unwrap(), b.join().unwrap())
             });
-            // Threads on the shared slot (all 16 held by other tests' threads)
-            // rotate only together.
-            if slot_a != SLOTS {
-                assert_rotation(&a, n, &format!("{kind}, first thread"));
-            }
-            if slot_b != SLOTS {
-                assert_rotation(&b, n, &format!("{kind}, second thread"));
-            }
+            assert_each_rotates(&[(slot_a, &a), (slot_b, &b)], n, kind);
             // Replay the turns: the totals after every pick.
             let mut replay = vec![0u64; n];
             for (k, (&pa, &pb)) in a.iter().zip(&b).enumerate() {
@@ -357,12 +369,7 @@ mod tests {
                 let b = s.spawn(run);
                 (a.join().unwrap(), b.join().unwrap())
             });
-            if slot_a != SLOTS {
-                assert_rotation(&a, n, &format!("{kind}, first thread"));
-            }
-            if slot_b != SLOTS {
-                assert_rotation(&b, n, &format!("{kind}, second thread"));
-            }
+            assert_each_rotates(&[(slot_a, &a), (slot_b, &b)], n, kind);
             let mut counts = vec![0u64; n];
             for &p in a.iter().chain(&b) {
                 counts[p] += 1;

@@ -222,18 +222,8 @@ impl Weighted {
     }
 
     fn pick_rotation(&self, cx: &mut PickContext<'_>) -> Option<Picked> {
-        let n = cx.members.len().max(1);
-        let mut draw = FactorDraw::default();
-        for i in self.rotation.steps(n).take(MAX_TRIES.min(n * 2)) {
-            let Some(c) = cx.members.candidate(i) else {
-                continue;
-            };
-            let member = || c.member().map(|m| &**m);
-            if let Some(m) = draw.offer(cx, c.hot, member, || Picked::At(i)) {
-                return Some(m);
-            }
-        }
-        draw.finish(cx)
+        let steps = MAX_TRIES.min(cx.members.len() * 2);
+        self.rotation.pick(cx, steps)
     }
 
     fn pick_schedule(&self, cx: &mut PickContext<'_>) -> Option<Picked> {

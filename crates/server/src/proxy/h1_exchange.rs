@@ -74,7 +74,7 @@ use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
-use super::headers::{is_hop_by_hop_name, name_is, write_line, ProxyHeaders};
+use super::headers::{is_hop_by_hop_name, name_is, write_header, write_line, ProxyHeaders};
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
 use super::raw_head::RawHeaders;
 use super::request_body::UpstreamBody;
@@ -499,10 +499,7 @@ impl BodySender {
                     if let Some(declared) = &self.declared {
                         for (name, value) in &trailers {
                             if declared.contains(name) {
-                                out.extend_from_slice(name.as_str().as_bytes());
-                                out.extend_from_slice(b": ");
-                                out.extend_from_slice(value.as_bytes());
-                                out.extend_from_slice(b"\r\n");
+                                write_header(out, name.as_str().as_bytes(), value.as_bytes());
                             }
                         }
                     }
@@ -607,15 +604,6 @@ fn encode_head(parts: &RequestHead<'_>, framing: SendFraming, out: &mut Vec<u8>)
     }
     out.extend_from_slice(b"\r\n");
     close_asked
-}
-
-/// Appends `name: value\r\n`, growing `out` at most once.
-fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.reserve(name.len() + value.len() + 4);
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends `n` in decimal (no allocation, unlike `to_string`).

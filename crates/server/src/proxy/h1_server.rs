@@ -98,7 +98,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::client_limits::{ConnWatch, StallTimeout};
 use super::h1_exchange::HeaderSpans;
-use super::headers::name_is;
+use super::headers::{name_is, write_header};
 use super::http::{MAX_HEADERS, MAX_HEADER_BYTES};
 use super::raw_head::{KeptHead, RawHeaders};
 use super::spare_maps;
@@ -766,10 +766,7 @@ fn encode_head<B>(
             header::TRAILER if !may_have_body => continue,
             _ => {}
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let framing = match framing {
         Some(f) => f,

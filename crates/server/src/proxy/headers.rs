@@ -446,6 +446,17 @@ pub(crate) fn write_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends `name: value\r\n` for a name known only at run time, growing
+/// `out` at most once (a literal name goes through [`write_line`]).
+#[inline]
+pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// `scheme` as a header value: the two schemes without checking their
 /// bytes again per request.
 fn scheme_value(scheme: &'static str) -> HeaderValue {

@@ -647,26 +647,24 @@ pub(crate) fn handle<'a>(
                 }
             },
         };
+        // A head kept as lines carries the id (`raw_head`); else the map.
         match resp.body_mut().kept_head_mut() {
-            // A head kept as lines for `h1_server`'s writer: the id goes
-            // with them (`raw_head`), not into a map.
-            Some(raw) if entry.is_none() => raw.set_request_id(id),
-            _ => {
-                let map = resp.headers_mut();
-                if map.capacity() == 0 {
-                    // A kept head's empty map, filled from the lines for
-                    // the access log below: a spare, as before.
-                    *map = spare_maps::take(0);
-                }
-                map.insert(X_REQUEST_ID, id);
+            Some(raw) => raw.set_request_id(id),
+            None => {
+                resp.headers_mut().insert(X_REQUEST_ID, id);
             }
         }
         match entry {
             Some(e) => {
                 // Boxed below, where `h1_server`'s writer cannot reach a
-                // head kept as lines: into the map it goes.
+                // head kept as lines: into the map they go, id and all. A
+                // kept head's map is empty with no room: a spare instead.
                 if let Some(raw) = resp.body_mut().take_kept_head() {
-                    raw.into_map(resp.headers_mut());
+                    let map = resp.headers_mut();
+                    if map.capacity() == 0 {
+                        *map = spare_maps::take(0);
+                    }
+                    raw.into_map(map);
                 }
                 e.respond(resp).map(ResponseBody::Other)
             }

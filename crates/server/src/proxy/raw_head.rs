@@ -56,7 +56,7 @@ use http::HeaderMap;
 use super::body::Watched;
 use super::client_limits::StallTimeout;
 use super::h1_exchange::HeaderSpans;
-use super::headers::{name_is, write_line};
+use super::headers::{name_is, write_header, write_line};
 use super::http::ResponseBody;
 use super::pool::PooledBody;
 use super::request_id::X_REQUEST_ID;
@@ -120,11 +120,7 @@ impl RawHeaders {
                 continue;
             }
             has_date |= name.eq_ignore_ascii_case(b"date");
-            out.reserve(name.len() + value.len() + 4);
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            write_header(out, name, value);
         }
         if let Some(id) = &self.request_id {
             write_line(out, b"x-request-id: ", id.as_bytes());
@@ -136,9 +132,9 @@ impl RawHeaders {
     /// a writer that needs a map (the access log's boxed body hides the
     /// lines from `h1_server`'s writer). A line `http` refused would be
     /// left out; the parse refuses whatever `http` does (module doc).
-    pub(crate) fn into_map(self, map: &mut HeaderMap) {
-        if let Some(id) = &self.request_id {
-            map.insert(X_REQUEST_ID, id.clone());
+    pub(crate) fn into_map(mut self, map: &mut HeaderMap) {
+        if let Some(id) = self.request_id.take() {
+            map.insert(X_REQUEST_ID, id);
         }
         let had: Vec<HeaderName> = map.keys().cloned().collect();
         for (name, value) in self.lines() {
