@@ -43,7 +43,8 @@
 //! single thread still rotates exactly, and one client connection is served
 //! start to end by one worker thread (the proxy's thread per core), so the
 //! requests of one connection rotate exactly (the proxy's e2e test counts
-//! 100/100/100 over 300 requests on one keep-alive connection).
+//! 100/100/100 over 300 requests on one keep-alive connection, and 99-101
+//! each over 300 connections on two workers).
 //!
 //! *Why:* the one service-wide counter was the only shared read-modify-write a
 //! pick made, and its line moved between the cores on every pick: at 100,000

@@ -226,9 +226,8 @@ async fn etcd_outage_keeps_the_last_set_and_resyncs_every_change() {
             "ready stays ready through an outage"
         );
     }
-    let c = client();
     for n in [&n1, &n2] {
-        let seen = bodies(&c, n, 30).await;
+        let seen = bodies(n, 30).await;
         for who in ["base", "x-1", "x-2"] {
             assert!(seen.iter().any(|b| b == who), "{who} not served: {seen:?}");
         }
@@ -455,7 +454,7 @@ async fn etcd_bad_values_are_skipped_and_reported() {
     );
     // The valid instances keep serving, `good` with its last valid value.
     assert_eq!(live(&n).await, vec!["base", "good"]);
-    let seen = bodies(&client(), &n, 10).await;
+    let seen = bodies(&n, 10).await;
     assert_eq!(seen.iter().filter(|b| *b == "good").count(), 5, "{seen:?}");
     assert_eq!(seen.iter().filter(|b| *b == "base").count(), 5, "{seen:?}");
     // A fixed value is picked up.
@@ -571,7 +570,7 @@ async fn etcd_node_started_before_etcd_is_not_ready_until_its_first_sync() {
     );
     assert_eq!(metric(&n, "datapunk_lb_discovery_stale").await, Some(1.0));
     assert_eq!(
-        bodies(&client(), &n, 2).await,
+        bodies(&n, 2).await,
         vec!["base".to_owned(), "base".to_owned()]
     );
     etcd.start_again().await;

@@ -152,7 +152,7 @@ prefix = "{PREFIX}"
             && m.get("old").is_none_or(|(_, draining)| *draining)
     })
     .await;
-    let seen = bodies(&client(), &lb, 12).await;
+    let seen = bodies(&lb, 12).await;
     assert!(
         seen.iter().all(|b| b == "override"),
         "only the override serves: {seen:?}"

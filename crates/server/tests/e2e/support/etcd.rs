@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::{
     admin, client, get, lb_command, read_json_log, require, signal, temp_path, wait_exit, Backend,
-    HttpClient, Lb, WEB_TO_API,
+    Lb, OneConnection, WEB_TO_API,
 };
 
 /// The key prefix the test nodes watch.
@@ -362,11 +362,13 @@ pub(crate) async fn start_node(base: &Backend, etcd_url: &str) -> Lb {
     lb
 }
 
-/// The backends `n` requests through `lb` reached.
-pub(crate) async fn bodies(c: &HttpClient, lb: &Lb, n: usize) -> Vec<String> {
+/// The backends `n` requests through `lb` reached, on one connection (so
+/// one worker's rotation: see [`OneConnection`]).
+pub(crate) async fn bodies(lb: &Lb, n: usize) -> Vec<String> {
+    let mut c = OneConnection::open(lb.addr("web")).await;
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
-        match get(c, lb.addr("web"), "/").await {
+        match c.get("/").await {
             Ok((200, body)) => v.push(body),
             other => v.push(format!("{other:?}")),
         }
@@ -378,10 +380,9 @@ pub(crate) async fn bodies(c: &HttpClient, lb: &Lb, n: usize) -> Vec<String> {
 /// when `present` is false: then `n` requests in a row miss it). Returns
 /// the time it took, or panics after `limit`.
 pub(crate) async fn until_routes(lb: &Lb, who: &str, present: bool, limit: Duration) -> Duration {
-    let c = client();
     let t = Instant::now();
     loop {
-        let seen = bodies(&c, lb, if present { 2 } else { 8 }).await;
+        let seen = bodies(lb, if present { 2 } else { 8 }).await;
         let hit = seen.iter().any(|b| b == who);
         if hit == present {
             return t.elapsed();

@@ -161,12 +161,19 @@ impl Lb {
     /// Writes `config` to a file and runs the binary on it; waits until
     /// every listener logged its address.
     pub(crate) fn start(config: &str) -> Lb {
+        Lb::start_with(config, &[])
+    }
+
+    /// [`Lb::start`] with more arguments to `run` (`--threads 2`, say).
+    pub(crate) fn start_with(config: &str, run_args: &[&str]) -> Lb {
         let config_path = temp_path("lb.toml");
         let config = with_free_admin(config);
         std::fs::write(&config_path, &config).unwrap();
         // Every `[[listener]]`, then the admin endpoint (always started, last).
         let listeners = config.matches("[[listener]]").count() + 1;
-        let mut child = lb_command(&["run", "--config"])
+        let mut child = lb_command(&["run"])
+            .args(run_args)
+            .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
             .spawn()
@@ -341,6 +348,46 @@ pub(crate) async fn get(
         .get(uri.parse().unwrap())
         .await
         .map_err(|e| format!("{e:?}"))?;
+    status_and_body(resp).await
+}
+
+/// One HTTP/1.1 keep-alive connection. The proxy serves a connection on
+/// one worker thread, so its requests follow that thread's rotation; a
+/// pooled [`client`] may open a second connection (when the first is not
+/// back in its pool yet), which the other worker may serve.
+pub(crate) struct OneConnection {
+    addr: SocketAddr,
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl OneConnection {
+    pub(crate) async fn open(addr: SocketAddr) -> OneConnection {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        OneConnection { addr, send }
+    }
+
+    /// GET `path` on this connection; returns status and body.
+    pub(crate) async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        self.send.ready().await.map_err(|e| format!("{e:?}"))?;
+        let req = Request::get(path)
+            .header("host", self.addr.to_string())
+            .body(Full::default())
+            .unwrap();
+        let resp = self
+            .send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        status_and_body(resp).await
+    }
+}
+
+/// A response's status and its body read whole.
+async fn status_and_body(resp: Response<Incoming>) -> Result<(u16, String), String> {
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
