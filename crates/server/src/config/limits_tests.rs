@@ -114,6 +114,15 @@ fn a_tcp_listener_takes_max_connections_but_not_the_http_timeouts() {
         e.contains("line 6: listener[0].idle_timeout: only for an http listener"),
         "{e}"
     );
+    // Plain TCP has no head to time; a `tls` listener's handshake and a
+    // passthrough's ClientHello do (the e2e `tls` and `sni` tests).
+    let e = tcp("header_read_timeout = \"5s\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 6: listener[0].header_read_timeout: only for an http listener"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1115,9 +1115,10 @@ fn client_limits(
     ];
     if protocol == Protocol::Tcp {
         for (k, v) in timeouts {
-            // A passthrough listener waits for the ClientHello this long.
-            let passthrough = k == "header_read_timeout" && !l.sni_route.is_empty();
-            if let (Some(v), false) = (v, passthrough) {
+            // A passthrough listener waits for the ClientHello this long,
+            // a `tls` listener for the handshake.
+            let hello = k == "header_read_timeout" && (!l.sni_route.is_empty() || l.tls.is_some());
+            if let (Some(v), false) = (v, hello) {
                 ck.issue(format!("{key}.{k}"), v, "only for an http listener");
             }
         }

@@ -377,6 +377,42 @@ async fn a_tls_listener_terminates_and_carries_tcp() {
 }
 
 #[tokio::test]
+async fn a_tls_listener_closes_a_stalled_handshake_at_its_header_read_timeout() {
+    let ca = Ca::new("test ca");
+    let leaf = ca.leaf(&["echo.test"], 5);
+    let port = echo_server().await;
+    let lb = Lb::start(&format!(
+        "[[listener]]\nname = \"echo\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tls\"\n\
+         service = \"echo\"\nheader_read_timeout = \"1s\"\n[listener.tls]\n{}\n{}",
+        cert_entry(&leaf),
+        unchecked_service("echo", "e", port)
+    ));
+    // A client that connects and never says hello: closed at 1 s, not at
+    // the 10 s default.
+    let mut stalled = TcpStream::connect(lb.addr("echo")).await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(8), stalled.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "not closed within 8 s: {read:?}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "closed before its timeout: {:?}",
+        t.elapsed()
+    );
+    // A client that says hello in time still gets through.
+    let mut s = connect(lb.addr("echo"), client_config(&ca, &[]), "echo.test", true)
+        .await
+        .unwrap();
+    s.write_all(b"in time").await.unwrap();
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"in time");
+}
+
+#[tokio::test]
 async fn certificates_reload_from_disk_and_a_broken_one_keeps_the_old() {
     let ca = Ca::new("test ca");
     let first = ca.leaf(&["api.test"], 5);
