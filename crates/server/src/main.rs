@@ -14,7 +14,7 @@ use datapunk_lb::server::Server;
 use datapunk_lb::telemetry;
 use datapunk_lb::workers::Workers;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// With the `mimalloc` feature (default), mimalloc serves every allocation
 /// of the binary: less CPU per request than the system allocator (see
@@ -75,6 +75,40 @@ fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the control runtime")
 }
 
+/// Raises the soft limit on open descriptors to the hard one before any
+/// listener opens, as HAProxy (from its `maxconn`), NGINX
+/// (`worker_rlimit_nofile`) and Go's runtime do: shells and containers
+/// often start a process at a soft 1,024, and each proxied connection
+/// holds two descriptors (the client's and an upstream one), so a default
+/// soft limit refuses connections at about 500. Logs the limit in effect;
+/// warns when it is below two per connection the listeners'
+/// `max_connections` admit (only the hard limit, `LimitNOFILE=` or
+/// `ulimit -Hn`, can lift it further). A failure to raise is a warning:
+/// the process runs on the limit it has.
+fn raise_open_file_limit(cfg: &Config) {
+    let before = rlimit::Resource::NOFILE.get().map_or(0, |(soft, _)| soft);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            let may_need: u64 = cfg
+                .listeners
+                .iter()
+                .map(|l| 2 * u64::from(l.limits.max_connections))
+                .sum();
+            info!(limit, raised_from = before, "open file limit");
+            if limit < may_need {
+                warn!(
+                    limit,
+                    listeners_may_need = may_need,
+                    "open file limit below two descriptors per connection the listeners' \
+                     max_connections admit: raise the hard limit (LimitNOFILE=, ulimit -Hn) \
+                     or lower max_connections"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, limit = before, "could not raise the open file limit"),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
@@ -97,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = config;
             let cfg = Config::load(&path)
                 .map_err(|e| anyhow::anyhow!("{}: invalid config:\n{e}", path.display()))?;
+            raise_open_file_limit(&cfg);
             let threads = threads.map(usize::from).unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
             });

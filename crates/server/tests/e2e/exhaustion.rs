@@ -29,6 +29,86 @@ async fn tcp_listener_out_of_descriptors_logs_once_a_second_keeps_serving_and_re
     exhaust("raw").await;
 }
 
+/// `run` under `prlimit --nofile=256:4096` (a shell's low soft limit):
+/// the process raises its soft limit to the hard one before it listens,
+/// logs it, and warns only when the listeners' `max_connections` may need
+/// more (two descriptors a connection).
+#[test]
+fn run_raises_its_soft_open_file_limit_to_the_hard_one() {
+    let Some(prlimit) = require("prlimit", "/usr/bin/prlimit", "util-linux") else {
+        return;
+    };
+    for (max_connections, warns) in [(1_000, false), (4_000, true)] {
+        let config_path = temp_path("nofile.toml");
+        let config = WEB_TO_API.replace(
+            "protocol = \"http\"\n",
+            &format!("protocol = \"http\"\nmax_connections = {max_connections}\n"),
+        );
+        std::fs::write(
+            &config_path,
+            with_free_admin(&format!("{config}\n[service.api]\n")),
+        )
+        .unwrap();
+        let mut child = Command::new(&prlimit)
+            .arg("--nofile=256:4096")
+            .arg(env!("CARGO_BIN_EXE_datapunk-lb"))
+            .args(["--log-format", "json", "run", "--threads", "1", "--config"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        read_json_log(&mut child, "lb", move |v| {
+            let _ = tx.send(v);
+        });
+        let mut lines = Vec::new();
+        let t = Instant::now();
+        while lines
+            .iter()
+            .filter(|v: &&serde_json::Value| v["message"] == "listening")
+            .count()
+            < 2
+        {
+            let left = Duration::from_secs(20).saturating_sub(t.elapsed());
+            lines.push(rx.recv_timeout(left).expect("datapunk-lb did not listen"));
+        }
+        // prlimit execs the binary: the same process.
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&config_path);
+        let open_files = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .collect::<Vec<_>>();
+        assert_eq!(open_files, ["4096", "4096"], "{limits}");
+        let logged = lines
+            .iter()
+            .find(|v| v["message"] == "open file limit")
+            .unwrap_or_else(|| panic!("no open file limit line: {lines:?}"));
+        assert_eq!(
+            (&logged["limit"], &logged["raised_from"]),
+            (&4096.into(), &256.into())
+        );
+        let warned = lines.iter().any(|v| {
+            v["level"] == "WARN"
+                && v["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("open file limit")
+        });
+        assert_eq!(
+            warned, warns,
+            "max_connections {max_connections}: {lines:?}"
+        );
+    }
+}
+
 /// The scenario on `listener`: `web` (HTTP) or `raw` (TCP).
 async fn exhaust(listener: &str) {
     let Some(prlimit) = require("prlimit", "/usr/bin/prlimit", "util-linux") else {

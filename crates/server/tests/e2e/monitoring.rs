@@ -337,6 +337,17 @@ fn systemd_unit_verifies() {
         stop > datapunk_lb::config::DEFAULT_DRAIN_TIMEOUT,
         "{stop:?}"
     );
+    // Two descriptors per connection a default listener admits: the hard
+    // limit `run` raises its soft limit to.
+    let nofile: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .and_then(|v| v.parse().ok())
+        .expect("LimitNOFILE");
+    assert!(
+        nofile >= 2 * u64::from(datapunk_lb::config::DEFAULT_LISTENER_MAX_CONNECTIONS),
+        "LimitNOFILE={nofile}"
+    );
 
     let dir = temp_path("unit");
     std::fs::create_dir_all(&dir).unwrap();
