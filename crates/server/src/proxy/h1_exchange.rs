@@ -1232,7 +1232,19 @@ impl H1Body {
         // An idle connection holds no head.
         conn.kept_head = None;
         // Bytes after the response: the server is out of step. Not reused.
-        conn.read_buf.is_empty().then_some(conn)
+        if !conn.read_buf.is_empty() {
+            return None;
+        }
+        // An idle connection keeps no large read buffer (the write buffer
+        // has the same rule, in `send`): the idle connections of every
+        // instance would otherwise each hold up to twice MAX_READ_SIZE.
+        // `read_size` is kept, so the next large body's first read gets
+        // its size at once: one allocation for such a response; a small
+        // response's buffer stays under the bound and is kept.
+        if conn.read_buf.capacity() > 2 * READ_SIZE {
+            conn.read_buf = BytesMut::new();
+        }
+        Some(conn)
     }
 
     /// The response head kept as lines, if it was (taken once).
@@ -1803,8 +1815,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let (data, _) = read(&mut body).await.unwrap();
         assert_eq!(data.len(), 1 << 20);
+        let grown = body.conn.as_ref().map(|c| c.read_size);
+        assert_eq!(grown, Some(MAX_READ_SIZE), "grown to the largest read");
+        // Idle, it keeps no more than a small response needs.
         let conn = body.take_reusable().expect("reusable");
-        assert_eq!(conn.read_size, MAX_READ_SIZE, "grown to the largest read");
+        assert_eq!(conn.read_size, MAX_READ_SIZE, "the size is kept");
+        assert!(
+            conn.read_buf.capacity() <= 2 * READ_SIZE,
+            "{}",
+            conn.read_buf.capacity()
+        );
     }
 
     #[tokio::test]
