@@ -57,7 +57,11 @@
 //!   drops (closes) the connection; so does any error, and so does a
 //!   future dropped mid-exchange (the client left, a deadline).
 //! - An idle connection is checked before reuse ([`H1Conn::is_open`]): one
-//!   the server closed, reset, or wrote to while idle is not used.
+//!   the server closed, reset, or wrote to while idle is not used. A close
+//!   or reset that arrives before any byte of a response is
+//!   [`ExchangeError::Unanswered`]: on a reused connection that is the race
+//!   with the server's idle close, which the pool tells apart (`pool.rs`,
+//!   **HTTP/1.1**).
 //!
 //! No input from the backend can panic here: every length is checked, every
 //! parse failure is an [`ExchangeError`].
@@ -106,6 +110,10 @@ pub(crate) enum ExchangeError {
     /// The instance closed before a whole response head arrived.
     #[error("upstream closed the connection before a complete response head")]
     ClosedBeforeHead,
+    /// The instance closed or reset the connection before any byte of a
+    /// response arrived (`None`: closed; else the reset's error).
+    #[error("upstream closed the connection before any byte of a response{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Unanswered(Option<io::Error>),
     /// The instance closed in the middle of a body framed by length or
     /// chunks.
     #[error("upstream closed the connection in the middle of the response body")]
@@ -143,6 +151,8 @@ pub(crate) struct H1Conn {
     read_size: usize,
     /// The current exchange's [`RequestHead::raw_response`].
     raw_response: bool,
+    /// A byte of the current exchange's response has been read.
+    heard: bool,
     /// The current response's head kept as lines, until the writer takes
     /// it ([`H1Body::take_kept_head`]). Here, boxed with the connection,
     /// rather than in the body, which is moved a few times.
@@ -236,6 +246,7 @@ impl H1Conn {
             write_buf: Vec::new(),
             read_size: READ_SIZE,
             raw_response: false,
+            heard: false,
             kept_head: None,
         })
     }
@@ -259,8 +270,11 @@ impl H1Conn {
         let space = self.read_buf.capacity() - self.read_buf.len();
         let read = tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.read_buf);
         let polled = pin!(read).poll(cx);
-        if matches!(polled, Poll::Ready(Ok(n)) if n == space) {
-            self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.heard |= n > 0;
+            if n == space {
+                self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
+            }
         }
         polled
     }
@@ -309,6 +323,7 @@ impl H1Conn {
     ) -> Result<Response<H1Body>, ExchangeError> {
         let head_request = head.method == Method::HEAD;
         self.raw_response = head.raw_response;
+        self.heard = false;
         self.kept_head = None;
         let framing = send_framing(&head, &body);
         let declared = (framing == SendFraming::Chunked)
@@ -335,7 +350,8 @@ impl H1Conn {
         std::future::poll_fn(|cx| {
             self.poll_send(cx, &mut body, &mut sender, head_request, &mut early)
         })
-        .await?;
+        .await
+        .map_err(|e| self.unanswered(e))?;
         drop(body);
 
         // A response before the request was sent whole: the server's place
@@ -343,13 +359,37 @@ impl H1Conn {
         let sent_whole = early.is_none();
         let head = match early {
             Some(head) => head,
-            None => std::future::poll_fn(|cx| self.poll_head(cx, head_request)).await?,
+            None => std::future::poll_fn(|cx| self.poll_head(cx, head_request))
+                .await
+                .map_err(|e| self.unanswered(e))?,
         };
         let reusable = head.keep_alive && !close_asked && sent_whole;
         Ok(Response::from_parts(
             head.parts,
             H1Body::new(self, head.framing, reusable),
         ))
+    }
+
+    /// `e` as [`ExchangeError::Unanswered`] when it is a close or a reset
+    /// and no byte of the response has arrived.
+    fn unanswered(&self, e: ExchangeError) -> ExchangeError {
+        if self.heard {
+            return e;
+        }
+        match e {
+            ExchangeError::ClosedBeforeHead => ExchangeError::Unanswered(None),
+            ExchangeError::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                ExchangeError::Unanswered(Some(e))
+            }
+            e => e,
+        }
     }
 
     /// Writes the request: what is buffered, then the body's frames as they

@@ -53,9 +53,19 @@
 //!   or a fresh connection, so an idle close that has reached us never
 //!   fails a request, idempotent or not (hyper's legacy client did the same
 //!   with `retry_canceled_requests`). A close still in flight while the
-//!   request is written is a `Reset` like any other: the request may have
-//!   arrived. A failed connect is `Connect` and the request is not lost:
-//!   the caller still holds its head (HTTP/1.1 only borrows it).
+//!   request is written (the server closed the connection as idle while
+//!   the request was on its way: nginx drains idle keep-alive connections
+//!   when it runs short of `worker_connections`, and every server at its
+//!   keep-alive timeout) reaches us as a close or reset before any byte of
+//!   a response: the send fails [`Failed::stale`]. The request may have
+//!   arrived, so only an idempotent request with a buffered body is sent
+//!   again, once, on a new connection to the same instance, within the
+//!   same attempt (`upstream.rs`): no retry of the attempt table, no retry
+//!   budget, no outcome charged to the instance, as nginx gives a request
+//!   that failed on a cached connection an extra try. Any other request
+//!   gets the `Reset` (502). A failed connect is `Connect` and the request
+//!   is not lost: the caller still holds its head (HTTP/1.1 only borrows
+//!   it).
 //! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per
 //!   instance (per worker under thread per core, see below), shared by
 //!   every request; reopened when it closed (GOAWAY,
@@ -194,6 +204,10 @@ pub(crate) struct Failed {
     pub(crate) error: SendError,
     pub(crate) unsent: Option<Request<UpstreamBody>>,
     pub(crate) unsent_body: Option<UpstreamBody>,
+    /// HTTP/1.1: the connection was an idle one reused, and the server
+    /// closed or reset it before any byte of a response (module doc,
+    /// **HTTP/1.1**: the race with its idle close).
+    pub(crate) stale: bool,
 }
 
 impl Failed {
@@ -202,6 +216,7 @@ impl Failed {
             error,
             unsent: Some(req),
             unsent_body: None,
+            stale: false,
         }
     }
 
@@ -210,6 +225,7 @@ impl Failed {
             error,
             unsent: None,
             unsent_body: Some(body),
+            stale: false,
         }
     }
 
@@ -218,6 +234,7 @@ impl Failed {
             error: error.into(),
             unsent: None,
             unsent_body: None,
+            stale: false,
         }
     }
 }
@@ -418,7 +435,7 @@ impl Pool {
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
         let (parts, body) = req.into_parts();
-        self.send_h1(to, RequestHead::of(&parts), body, Instant::now())
+        self.send_h1(to, RequestHead::of(&parts), body, Instant::now(), true)
             .await
     }
 
@@ -464,18 +481,25 @@ impl Pool {
     /// borrows the head: the caller keeps it, and a failed connect hands
     /// back only the body ([`Failed::unsent_body`]). `began`: when the
     /// attempt started, the time the connection's idle stamps are judged
-    /// and taken by (module doc, **Idle stamps**).
+    /// and taken by (module doc, **Idle stamps**). `reuse`: an idle
+    /// connection may be taken (else a new one is opened).
     pub(crate) async fn send_h1(
         &self,
         to: &Arc<InstancePool>,
         head: RequestHead<'_>,
         body: UpstreamBody,
         began: Instant,
+        reuse: bool,
     ) -> Result<Response<PooledBody>, Failed> {
+        let mut reused = false;
         let conn = loop {
-            match to.checkout_h1(began) {
+            // Not `checkout_h1(..).filter(..)`: that would close the idle
+            // connection it took.
+            let idle = if reuse { to.checkout_h1(began) } else { None };
+            match idle {
                 Some(mut conn) => {
                     if conn.is_open() {
+                        reused = true;
                         break conn;
                     }
                     // Closed while idle (or the server wrote to it): the next.
@@ -495,7 +519,10 @@ impl Pool {
         };
         match conn.send(head, body).await {
             Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to, began))),
-            Err(e) => Err(Failed::sent(e)),
+            Err(e) => Err(Failed {
+                stale: reused && matches!(e, ExchangeError::Unanswered(_)),
+                ..Failed::sent(e)
+            }),
         }
     }
 

@@ -406,7 +406,25 @@ impl Step for HttpStep<'_> {
                 added: self.added,
             };
             let began = tokio::time::Instant::from_std(self.attempt_at);
-            tokio::time::timeout_at(until, pool.send_h1(&to, head, body, began)).await
+            let resend = self.replay();
+            let send = async {
+                match pool.send_h1(&to, head, body, began, true).await {
+                    // The server closed the reused connection as idle while
+                    // the request was on its way (pool's module doc): once
+                    // more on a new connection, if it may be sent again.
+                    Err(failed) if failed.stale && resend.idempotent && resend.replayable => {
+                        debug!(service = self.service, error = %failed.error, "reused upstream connection closed unanswered; sending again on a new connection");
+                        let body = self.body.take()?;
+                        Some(pool.send_h1(&to, head, body, began, false).await)
+                    }
+                    sent => Some(sent),
+                }
+            };
+            match tokio::time::timeout_at(until, send).await {
+                Ok(None) => return unsendable(),
+                Ok(Some(sent)) => Ok(sent),
+                Err(elapsed) => Err(elapsed),
+            }
         };
         match sent {
             Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
@@ -416,6 +434,7 @@ impl Step for HttpStep<'_> {
                 error: e,
                 unsent,
                 unsent_body,
+                ..
             })) => {
                 if let Some(req) = unsent {
                     self.headers_back(req);

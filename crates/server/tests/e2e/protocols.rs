@@ -334,6 +334,107 @@ async fn keep_alive_connections_are_reused_and_idle_closes_fail_nothing() {
     }
 }
 
+/// A backend that answers the first request of its first connection
+/// (`first`, kept alive), then reads the second request and closes without
+/// a byte, as a server closing an idle connection that a request raced
+/// (nginx short of `worker_connections`); later connections answer
+/// `again` and stay open. Returns its address and the requests it read.
+async fn closes_the_second_request_unanswered() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// Reads one request (head, then a `content-length` body); false at
+    /// the end of the stream.
+    async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        loop {
+            let text = String::from_utf8_lossy(buf).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    buf.drain(..end + 4 + len);
+                    return true;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (answer, then_close) = if std::mem::take(&mut first) {
+                ("first", true)
+            } else {
+                ("again", false)
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while read_request(&mut s, &mut buf).await {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                        answer.len()
+                    );
+                    if s.write_all(format!("{head}{answer}").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if then_close {
+                        // The next request arrives, and the connection
+                        // closes under it.
+                        if read_request(&mut s, &mut buf).await {
+                            seen.fetch_add(1, Ordering::SeqCst);
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_closed_under_a_request_resends_only_what_may_be_resent() {
+    // A GET: sent again on a new connection, once, within the attempt; the
+    // instance is not charged (one instance and retries = 0: no retry of
+    // the attempt table could have saved it).
+    let (addr, requests) = closes_the_second_request_unanswered().await;
+    let lb = Lb::start(&raw_config("", "retries = 0", &[("p1", addr)]));
+    let mut one = OneConnection::open(lb.addr("web")).await;
+    assert_eq!(one.get("/").await.unwrap(), (200, "first".to_owned()));
+    assert_eq!(one.get("/").await.unwrap(), (200, "again".to_owned()));
+    assert_eq!(requests.load(Ordering::SeqCst), 3, "the GET went out twice");
+    assert_eq!(recorded(&lb, "api", "p1").await, (2, 0));
+
+    // A POST may have been acted on: 502, sent once, the failure charged.
+    let (addr, requests) = closes_the_second_request_unanswered().await;
+    let lb = Lb::start(&raw_config("", "retries = 0", &[("p1", addr)]));
+    let mut one = OneConnection::open(lb.addr("web")).await;
+    assert_eq!(
+        one.request("POST", "/pay", "n1").await.unwrap(),
+        (200, "first".to_owned())
+    );
+    assert_eq!(one.request("POST", "/pay", "n2").await.unwrap().0, 502);
+    assert_eq!(requests.load(Ordering::SeqCst), 2, "the POST went out once");
+    assert_eq!(recorded(&lb, "api", "p1").await, (2, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_speak_the_service_protocol() {
     let b = ProtoBackend::start(Speaks::H2).await;

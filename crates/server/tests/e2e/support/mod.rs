@@ -372,10 +372,23 @@ impl OneConnection {
 
     /// GET `path` on this connection; returns status and body.
     pub(crate) async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        self.request("GET", path, "").await
+    }
+
+    /// `method` `path` with `body` on this connection; returns status and
+    /// body.
+    pub(crate) async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &'static str,
+    ) -> Result<(u16, String), String> {
         self.send.ready().await.map_err(|e| format!("{e:?}"))?;
-        let req = Request::get(path)
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
             .header("host", self.addr.to_string())
-            .body(Full::default())
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap();
         let resp = self
             .send
