@@ -30,8 +30,12 @@
 //! - **Unsent**: a connection that reports an error before the request was
 //!   handed to it (GOAWAY received, closed) gives the request back
 //!   ([`SendFailure::Unsent`]) for a new connection. Once `h2` has taken
-//!   the head, an error is [`SendFailure::Sent`] (a refused stream too, as
-//!   under hyper: the retry policy decides).
+//!   the head, an error is [`SendFailure::Sent`], except a stream the
+//!   server says it did not process (RFC 9113 §8.7): one above the last
+//!   stream id of a graceful GOAWAY (`NO_ERROR`; nginx sends one after
+//!   `keepalive_requests`, 1,000 by default, refusing the streams in flight
+//!   past it) or reset with `REFUSED_STREAM`: [`SendFailure::Refused`],
+//!   which the attempt sends once more (`upstream.rs`) whatever its method.
 //! - **Headers**: the caller has stripped the hop-by-hop headers
 //!   (`headers.rs`, all of those HTTP/2 forbids; `TE: trailers` stays);
 //!   `h2` refuses a request still carrying one. As hyper did, a body of
@@ -142,6 +146,32 @@ pub(crate) enum SendFailure {
     Unsent(h2::Error, Box<Request<UpstreamBody>>),
     /// The connection took the request (it may have reached the server).
     Sent(h2::Error),
+    /// The connection took the request and the server refused its stream
+    /// unprocessed (module doc, **Unsent**).
+    Refused(h2::Error),
+}
+
+impl SendFailure {
+    /// An error after `h2` took the request: [`Refused`](Self::Refused)
+    /// when the server says the stream was not processed, else
+    /// [`Sent`](Self::Sent). `h2` gives a graceful GOAWAY's error (remote,
+    /// `NO_ERROR`) only to the streams above its last stream id, and to
+    /// requests sent after it: the streams up to it end or fail on their
+    /// own (a close under them is an I/O error, an error GOAWAY carries
+    /// its reason).
+    fn after_send(e: h2::Error) -> Self {
+        let refused = e.is_remote()
+            && match e.reason() {
+                Some(Reason::NO_ERROR) => e.is_go_away(),
+                Some(Reason::REFUSED_STREAM) => e.is_reset(),
+                _ => false,
+            };
+        if refused {
+            SendFailure::Refused(e)
+        } else {
+            SendFailure::Sent(e)
+        }
+    }
 }
 
 impl H2Sender {
@@ -180,7 +210,7 @@ impl H2Sender {
         let (response, mut stream) = self
             .send
             .send_request(head, eos)
-            .map_err(SendFailure::Sent)?;
+            .map_err(SendFailure::after_send)?;
         let mut cancel = None;
         if !eos {
             // Polled once here: a buffered body gives all of itself at once.
@@ -188,12 +218,14 @@ impl H2Sender {
             match first {
                 Poll::Ready(Some(Ok(frame))) if frame.is_data() && body.is_end_stream() => {
                     let data = frame.into_data().unwrap_or_default();
-                    stream.send_data(data, true).map_err(SendFailure::Sent)?;
+                    stream
+                        .send_data(data, true)
+                        .map_err(SendFailure::after_send)?;
                 }
                 Poll::Ready(None) => {
                     stream
                         .send_data(Bytes::new(), true)
-                        .map_err(SendFailure::Sent)?;
+                        .map_err(SendFailure::after_send)?;
                 }
                 first => {
                     let (tx, rx) = oneshot::channel();
@@ -215,7 +247,7 @@ impl H2Sender {
         // Dropped before the response (the deadline, the client gone), the
         // future drops `cancel`, which resets a piped stream; with no pipe,
         // the stream's last handle goes with `response`, which resets it.
-        let resp = response.await.map_err(SendFailure::Sent)?;
+        let resp = response.await.map_err(SendFailure::after_send)?;
         let (parts, recv) = resp.into_parts();
         let body = H2Body::new(recv, cancel).with_length(&parts.headers);
         Ok(Response::from_parts(parts, body))

@@ -208,6 +208,9 @@ pub(crate) struct Failed {
     /// closed or reset it before any byte of a response (module doc,
     /// **HTTP/1.1**: the race with its idle close).
     pub(crate) stale: bool,
+    /// HTTP/2: the server refused the stream unprocessed (a graceful
+    /// GOAWAY's or `REFUSED_STREAM`: `h2_upstream.rs`, **Unsent**).
+    pub(crate) refused: bool,
 }
 
 impl Failed {
@@ -217,6 +220,7 @@ impl Failed {
             unsent: Some(req),
             unsent_body: None,
             stale: false,
+            refused: false,
         }
     }
 
@@ -226,6 +230,7 @@ impl Failed {
             unsent: None,
             unsent_body: Some(body),
             stale: false,
+            refused: false,
         }
     }
 
@@ -235,6 +240,7 @@ impl Failed {
             unsent: None,
             unsent_body: None,
             stale: false,
+            refused: false,
         }
     }
 }
@@ -550,6 +556,12 @@ impl Pool {
                 resp
             }
             Err(SendFailure::Sent(e)) => return Err(Failed::sent(e)),
+            Err(SendFailure::Refused(e)) => {
+                return Err(Failed {
+                    refused: true,
+                    ..Failed::sent(e)
+                })
+            }
         };
         // HTTP/2 streams need no check-in (the connection is shared); the
         // body holds its stream's place in the count until it ends.
@@ -571,7 +583,9 @@ impl Pool {
         };
         match sender.send(req).await {
             Ok(resp) => Ok((resp, hold)),
-            Err(SendFailure::Unsent(e, _) | SendFailure::Sent(e)) => Err(Failed::sent(e)),
+            Err(SendFailure::Unsent(e, _) | SendFailure::Sent(e) | SendFailure::Refused(e)) => {
+                Err(Failed::sent(e))
+            }
         }
     }
 

@@ -201,9 +201,11 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) body: ReqBody,
     pub(crate) replay: Replay,
     /// Whether a request that reached an instance may be sent again (see
-    /// [`may_resend`]): only then does an HTTP/2 attempt send a copy of the
-    /// headers and keep them; otherwise it takes them, and gets them back
-    /// only from a send that never left ([`Failed::unsent`]). An HTTP/1.1
+    /// [`may_resend`]): then, or when the body is buffered (a stream the
+    /// server refuses unprocessed is sent again whatever the method,
+    /// `h2_upstream.rs`), an HTTP/2 attempt sends a copy of the headers and
+    /// keeps them; otherwise it takes them, and gets them back only from a
+    /// send that never left ([`Failed::unsent`]). An HTTP/1.1
     /// attempt encodes the head from these parts as they are (Host
     /// replaced on the wire): no copy, nothing taken.
     pub(crate) may_resend: bool,
@@ -283,7 +285,7 @@ impl HttpStep<'_> {
         if let Some(added) = self.added.take() {
             added.apply(&mut self.parts.headers);
         }
-        let mut headers = if self.may_resend {
+        let mut headers = if self.may_resend || self.replay.replayable {
             self.parts.headers.clone()
         } else {
             self.headers_gone = true;
@@ -386,7 +388,24 @@ impl Step for HttpStep<'_> {
             let Some(out) = self.build_h2(&to) else {
                 return unsendable();
             };
-            tokio::time::timeout_at(until, pool.send_h2(&to, out)).await
+            let send = async {
+                match pool.send_h2(&to, out).await {
+                    // Refused unprocessed (a graceful GOAWAY, REFUSED_STREAM):
+                    // once more, whatever the method, if it can be built
+                    // again (headers kept, body buffered).
+                    Err(failed) if failed.refused && self.replay().replayable => {
+                        debug!(service = self.service, error = %failed.error, "upstream HTTP/2 stream refused unprocessed; sending again");
+                        let out = self.build_h2(&to)?;
+                        Some(pool.send_h2(&to, out).await)
+                    }
+                    sent => Some(sent),
+                }
+            };
+            match tokio::time::timeout_at(until, send).await {
+                Ok(None) => return unsendable(),
+                Ok(Some(sent)) => Ok(sent),
+                Err(elapsed) => Err(elapsed),
+            }
         } else {
             if self.headers_gone {
                 return unsendable();
@@ -462,8 +481,8 @@ impl Step for HttpStep<'_> {
 mod tests {
     use super::*;
 
-    /// A GET from an HTTP/1.1 client to `api.test`, sent without a copy of
-    /// its head.
+    /// A GET from an HTTP/1.1 client to `api.test` with a streamed body,
+    /// sent without a copy of its head.
     fn uncopied_step(clients: &UpstreamClients) -> HttpStep<'_> {
         let (mut parts, ()) = Request::get("/p?q=1").body(()).unwrap().into_parts();
         parts
@@ -474,10 +493,10 @@ mod tests {
             .insert("x-custom", HeaderValue::from_static("1"));
         HttpStep {
             parts,
-            body: ReqBody::Replayable(Bytes::new()),
+            body: ReqBody::Stream(Some(Empty::new().map_err(|never| match never {}).boxed())),
             replay: Replay {
                 idempotent: false,
-                replayable: true,
+                replayable: false,
             },
             may_resend: false,
             headers_gone: false,
@@ -521,6 +540,23 @@ mod tests {
                 assert_eq!(step.parts.headers["x-custom"], "1", "{case}");
                 assert_eq!(step.parts.headers.len(), 2, "{case}");
             }
+            // A buffered body: the headers are copied, kept for a resend
+            // of a stream the server refuses unprocessed.
+            let mut step = HttpStep {
+                body: ReqBody::Replayable(Bytes::from_static(b"n1")),
+                replay: Replay {
+                    idempotent: false,
+                    replayable: true,
+                },
+                ..uncopied_step(&clients)
+            };
+            step.build_h2(&to).expect("built");
+            assert_eq!(
+                step.parts.headers.len(),
+                2,
+                "{protocol:?} {host_header:?}: kept"
+            );
+            assert!(step.replay().replayable);
         }
     }
 

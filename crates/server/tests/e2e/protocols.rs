@@ -435,6 +435,62 @@ async fn a_reused_connection_closed_under_a_request_resends_only_what_may_be_res
     assert_eq!(recorded(&lb, "api", "p1").await, (2, 1));
 }
 
+/// An HTTP/2 backend (`h2` directly) that resets its second stream with
+/// `REFUSED_STREAM` (RFC 9113 §8.7: not processed) and answers every other
+/// with `ok`. Returns its address and the streams it took.
+async fn refuses_the_second_stream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let taken = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let taken = taken.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if taken.fetch_add(1, Ordering::SeqCst) == 1 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let resp = Response::builder().status(200).body(()).unwrap();
+                    if let Ok(mut body) = respond.send_response(resp, false) {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_refused_unprocessed_is_sent_again() {
+    let (addr, streams) = refuses_the_second_stream().await;
+    // retries = 0: the attempt table retries nothing; one instance.
+    let lb = Lb::start(&raw_config(
+        "",
+        "upstream_protocol = \"h2c\"\nretries = 0",
+        &[("p1", addr)],
+    ));
+    let mut one = OneConnection::open(lb.addr("web")).await;
+    for i in 0..3 {
+        assert_eq!(
+            one.get("/").await.unwrap(),
+            (200, "ok".to_owned()),
+            "GET {i}"
+        );
+    }
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        4,
+        "the refused GET went out twice"
+    );
+    assert_eq!(recorded(&lb, "api", "p1").await, (3, 0), "nothing charged");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_speak_the_service_protocol() {
     let b = ProtoBackend::start(Speaks::H2).await;
