@@ -25,6 +25,7 @@
 //!    | `ConnectFailed` | no connection (HTTP: its connect timeout too) | `Connect` | the request is replayable |
 //!    | `ConnectTimedOut` | TCP: `connect_timeout` passed | `Timeout` | the request is replayable |
 //!    | `Reset` | HTTP: the connection failed after the request went out | `Reset` | idempotent and replayable |
+//!    | `Stale` | HTTP/1.1: a reused keep-alive connection the instance closed or reset before any byte of a response (its idle close racing the request), the request not sent again on a new one (`pool.rs`) | nothing: the instance's idle close, not its failure | idempotent and replayable |
 //!    | `TryTimedOut` | HTTP: `per_try_timeout` passed, `request_timeout` not yet | `Timeout` | idempotent and replayable |
 //!    | `DeadlineExceeded` | HTTP: `request_timeout` passed | `Timeout` | never: no time is left |
 //!    | `ServerError` | HTTP: a 5xx | `ServerError` | 502, 503 or 504, idempotent and replayable |
@@ -83,6 +84,9 @@ pub(crate) enum NoAnswer {
     ConnectTimedOut,
     /// The connection failed after the request went out (HTTP).
     Reset,
+    /// A reused HTTP/1.1 connection closed or reset by the instance before
+    /// any byte of a response, and not sent again (module doc).
+    Stale,
     /// `per_try_timeout` passed before the response headers, with time
     /// left before `request_timeout` (HTTP).
     TryTimedOut,
@@ -109,6 +113,7 @@ impl Class {
                 NoAnswer::ConnectTimedOut | NoAnswer::TryTimedOut | NoAnswer::DeadlineExceeded,
             ) => Some(FailureKind::Timeout),
             Class::NoAnswer(NoAnswer::Reset) => Some(FailureKind::Reset),
+            Class::NoAnswer(NoAnswer::Stale) => None,
             Class::ServerError(_) => Some(FailureKind::ServerError),
         }
     }
@@ -121,7 +126,7 @@ impl Class {
                 replay.replayable
             }
             // A timed-out try may have been acted on: like a reset.
-            Class::NoAnswer(NoAnswer::Reset | NoAnswer::TryTimedOut) => {
+            Class::NoAnswer(NoAnswer::Reset | NoAnswer::Stale | NoAnswer::TryTimedOut) => {
                 replay.idempotent && replay.replayable
             }
             Class::ServerError(status) => {
@@ -400,6 +405,7 @@ mod tests {
                 Some(FailureKind::Timeout),
             ),
             (no_answer(NoAnswer::Reset), Some(FailureKind::Reset)),
+            (no_answer(NoAnswer::Stale), None),
             (no_answer(NoAnswer::TryTimedOut), Some(FailureKind::Timeout)),
             (
                 no_answer(NoAnswer::DeadlineExceeded),
@@ -429,6 +435,7 @@ mod tests {
             (no_answer(NoAnswer::ConnectFailed), connect),
             (no_answer(NoAnswer::ConnectTimedOut), connect),
             (no_answer(NoAnswer::Reset), idempotent_and_replayable),
+            (no_answer(NoAnswer::Stale), idempotent_and_replayable),
             (no_answer(NoAnswer::TryTimedOut), idempotent_and_replayable),
             (no_answer(NoAnswer::DeadlineExceeded), never),
             (Class::ServerError(status(500)), never),

@@ -63,7 +63,8 @@
 //!   same attempt (`upstream.rs`): no retry of the attempt table, no retry
 //!   budget, no outcome charged to the instance, as nginx gives a request
 //!   that failed on a cached connection an extra try. Any other request
-//!   gets the `Reset` (502). A failed connect is `Connect` and the request
+//!   fails the attempt as `Stale` (`attempt.rs`): 502 unless the attempt
+//!   table retries it, and not charged to the instance either. A failed connect is `Connect` and the request
 //!   is not lost: the caller still holds its head (HTTP/1.1 only borrows
 //!   it).
 //! - **HTTP/2** (h2c, prior knowledge): one multiplexed connection per

@@ -453,6 +453,7 @@ impl Step for HttpStep<'_> {
                 error: e,
                 unsent,
                 unsent_body,
+                stale,
                 ..
             })) => {
                 if let Some(req) = unsent {
@@ -462,9 +463,11 @@ impl Step for HttpStep<'_> {
                     self.body.give_back(body);
                 }
                 let connect = matches!(e, SendError::Connect(_));
-                debug!(service = self.service, error = %e, connect, "upstream attempt failed");
+                debug!(service = self.service, error = %e, connect, stale, "upstream attempt failed");
                 Attempt::NoAnswer(if connect {
                     NoAnswer::ConnectFailed
+                } else if stale {
+                    NoAnswer::Stale
                 } else {
                     NoAnswer::Reset
                 })
