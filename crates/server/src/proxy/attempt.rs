@@ -25,7 +25,7 @@
 //!    | `ConnectFailed` | no connection (HTTP: its connect timeout too) | `Connect` | the request is replayable |
 //!    | `ConnectTimedOut` | TCP: `connect_timeout` passed | `Timeout` | the request is replayable |
 //!    | `Reset` | HTTP: the connection failed after the request went out | `Reset` | idempotent and replayable |
-//!    | `Stale` | HTTP/1.1: a reused keep-alive connection the instance closed or reset before any byte of a response (its idle close racing the request), the request not sent again on a new one (`pool.rs`) | nothing: the instance's idle close, not its failure | idempotent and replayable |
+//!    | `Stale` | HTTP/1.1: a reused keep-alive connection the instance closed or reset before any byte of a response (its idle close racing the request); HTTP/2: a stream it refused unprocessed; either way not sent again within the attempt (`pool.rs`) | nothing: not the instance's failure | idempotent and replayable |
 //!    | `TryTimedOut` | HTTP: `per_try_timeout` passed, `request_timeout` not yet | `Timeout` | idempotent and replayable |
 //!    | `DeadlineExceeded` | HTTP: `request_timeout` passed | `Timeout` | never: no time is left |
 //!    | `ServerError` | HTTP: a 5xx | `ServerError` | 502, 503 or 504, idempotent and replayable |
@@ -85,7 +85,8 @@ pub(crate) enum NoAnswer {
     /// The connection failed after the request went out (HTTP).
     Reset,
     /// A reused HTTP/1.1 connection closed or reset by the instance before
-    /// any byte of a response, and not sent again (module doc).
+    /// any byte of a response, or an HTTP/2 stream it refused unprocessed,
+    /// and not sent again (module doc).
     Stale,
     /// `per_try_timeout` passed before the response headers, with time
     /// left before `request_timeout` (HTTP).

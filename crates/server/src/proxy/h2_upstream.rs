@@ -35,7 +35,8 @@
 //!   stream id of a graceful GOAWAY (`NO_ERROR`; nginx sends one after
 //!   `keepalive_requests`, 1,000 by default, refusing the streams in flight
 //!   past it) or reset with `REFUSED_STREAM`: [`SendFailure::Refused`],
-//!   which the attempt sends once more (`upstream.rs`) whatever its method.
+//!   which the pool sends once more (`pool.rs`) whatever its method, when the
+//!   attempt can build it again.
 //! - **Headers**: the caller has stripped the hop-by-hop headers
 //!   (`headers.rs`, all of those HTTP/2 forbids; `TE: trailers` stays);
 //!   `h2` refuses a request still carrying one. As hyper did, a body of

@@ -71,14 +71,17 @@
 //!   instance (per worker under thread per core, see below), shared by
 //!   every request; reopened when it closed (GOAWAY,
 //!   error, either side's idle close). A request refused before it was sent
-//!   (a GOAWAY racing it) is sent once more on a new connection. Beyond the
+//!   (a GOAWAY racing it) is sent once more on a new connection, and so is
+//!   one whose stream the server refused unprocessed (above a graceful
+//!   GOAWAY's last stream id, or `REFUSED_STREAM`; `h2_upstream.rs`), if
+//!   the attempt can build it again (its body buffered), else it fails
+//!   [`Failed::stale`]. Beyond the
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, requests **wait** for a
 //!   stream inside `h2` (under the request's deadline) rather than open a
 //!   second connection: one connection per instance (per worker) is what
 //!   backends size for, and the deadline bounds the wait. Until the server's SETTINGS
 //!   arrive a new connection carries one stream at a time, so a burst never
-//!   overruns a limit it has not heard yet (a refused stream would be a
-//!   `Reset`).
+//!   overruns a limit it has not heard yet.
 //! - **Closed when**: every [`PRUNE_EVERY`], idle HTTP/1.1 connections past
 //!   [`IDLE_TIMEOUT`], idle HTTP/2 connections (below) and every connection
 //!   of an instance no longer in the service (discovery removed it) are
@@ -205,13 +208,13 @@ pub(crate) struct Failed {
     pub(crate) error: SendError,
     pub(crate) unsent: Option<Request<UpstreamBody>>,
     pub(crate) unsent_body: Option<UpstreamBody>,
-    /// HTTP/1.1: the connection was an idle one reused, and the server
-    /// closed or reset it before any byte of a response (module doc,
-    /// **HTTP/1.1**: the race with its idle close).
+    /// The instance turned the request away without an answer and without
+    /// a failure of its own, and it was not sent again: HTTP/1.1, an idle
+    /// connection reused and closed or reset before any byte of a response
+    /// (module doc, **HTTP/1.1**: the race with its idle close); HTTP/2, the
+    /// stream refused unprocessed (a graceful GOAWAY's or `REFUSED_STREAM`:
+    /// `h2_upstream.rs`, **Unsent**).
     pub(crate) stale: bool,
-    /// HTTP/2: the server refused the stream unprocessed (a graceful
-    /// GOAWAY's or `REFUSED_STREAM`: `h2_upstream.rs`, **Unsent**).
-    pub(crate) refused: bool,
 }
 
 impl Failed {
@@ -221,7 +224,6 @@ impl Failed {
             unsent: Some(req),
             unsent_body: None,
             stale: false,
-            refused: false,
         }
     }
 
@@ -231,7 +233,6 @@ impl Failed {
             unsent: None,
             unsent_body: Some(body),
             stale: false,
-            refused: false,
         }
     }
 
@@ -241,7 +242,6 @@ impl Failed {
             unsent: None,
             unsent_body: None,
             stale: false,
-            refused: false,
         }
     }
 }
@@ -442,7 +442,7 @@ impl Pool {
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
         let (parts, body) = req.into_parts();
-        self.send_h1(to, RequestHead::of(&parts), body, Instant::now(), true)
+        self.send_h1(to, RequestHead::of(&parts), body, Instant::now(), || None)
             .await
     }
 
@@ -488,57 +488,82 @@ impl Pool {
     /// borrows the head: the caller keeps it, and a failed connect hands
     /// back only the body ([`Failed::unsent_body`]). `began`: when the
     /// attempt started, the time the connection's idle stamps are judged
-    /// and taken by (module doc, **Idle stamps**). `reuse`: an idle
-    /// connection may be taken (else a new one is opened).
+    /// and taken by (module doc, **Idle stamps**). When a reused
+    /// connection closes unanswered (module doc, **HTTP/1.1**), `again`
+    /// gives the body to send once more, on a new connection, or `None`
+    /// when the request may not go out again: then the send fails
+    /// [`Failed::stale`].
     pub(crate) async fn send_h1(
         &self,
         to: &Arc<InstancePool>,
         head: RequestHead<'_>,
         body: UpstreamBody,
         began: Instant,
-        reuse: bool,
+        again: impl FnOnce() -> Option<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failed> {
-        let mut reused = false;
-        let conn = loop {
-            // Not `checkout_h1(..).filter(..)`: that would close the idle
-            // connection it took.
-            let idle = if reuse { to.checkout_h1(began) } else { None };
-            match idle {
-                Some(mut conn) => {
-                    if conn.is_open() {
-                        reused = true;
-                        break conn;
+        let mut again = Some(again);
+        let mut body = body;
+        // The one loop sends at most twice: a second send takes no idle
+        // connection, so it cannot be stale.
+        let mut reuse = true;
+        loop {
+            let mut reused = false;
+            let conn = loop {
+                // Not `checkout_h1(..).filter(..)`: that would close the idle
+                // connection it took.
+                let idle = if reuse { to.checkout_h1(began) } else { None };
+                match idle {
+                    Some(mut conn) => {
+                        if conn.is_open() {
+                            reused = true;
+                            break conn;
+                        }
+                        // Closed while idle (or the server wrote to it): the next.
+                        debug!("idle upstream connection was closed; trying another");
                     }
-                    // Closed while idle (or the server wrote to it): the next.
-                    debug!("idle upstream connection was closed; trying another");
+                    None => {
+                        // Boxed: the connect's state (TCP, TLS) would otherwise
+                        // sit in every send's future, moved and copied with it
+                        // on the reuse path too.
+                        match Box::pin(self.connect(to)).await {
+                            Ok(io) => break H1Conn::new(io),
+                            // Nothing was read from the body: it goes back.
+                            Err(error) => return Err(Failed::unsent_body(error, body)),
+                        }
+                    }
+                }
+            };
+            let e = match conn.send(head, body).await {
+                Ok(resp) => return Ok(resp.map(|body| PooledBody::h1(body, to, began))),
+                Err(e) => e,
+            };
+            let stale = reused && matches!(e, ExchangeError::Unanswered(_));
+            match again.take().filter(|_| stale).and_then(|again| again()) {
+                Some(next) => {
+                    debug!(error = %e, "reused upstream connection closed unanswered; sending again on a new connection");
+                    body = next;
+                    reuse = false;
                 }
                 None => {
-                    // Boxed: the connect's state (TCP, TLS) would otherwise
-                    // sit in every send's future, moved and copied with it
-                    // on the reuse path too.
-                    match Box::pin(self.connect(to)).await {
-                        Ok(io) => break H1Conn::new(io),
-                        // Nothing was read from the body: it goes back.
-                        Err(error) => return Err(Failed::unsent_body(error, body)),
-                    }
+                    return Err(Failed {
+                        stale,
+                        ..Failed::sent(e)
+                    })
                 }
             }
-        };
-        match conn.send(head, body).await {
-            Ok(resp) => Ok(resp.map(|body| PooledBody::h1(body, to, began))),
-            Err(e) => Err(Failed {
-                stale: reused && matches!(e, ExchangeError::Unanswered(_)),
-                ..Failed::sent(e)
-            }),
         }
     }
 
     /// Sends `req` as HTTP/2 to `to` (absolute URI: its authority is the
     /// `:authority` sent).
+    /// A stream the server refuses unprocessed goes out once more as the
+    /// request `again` builds, or, when that is `None`, fails
+    /// [`Failed::stale`].
     pub(crate) async fn send_h2(
         &self,
         to: &InstancePool,
         req: Request<UpstreamBody>,
+        again: impl FnOnce() -> Option<Request<UpstreamBody>>,
     ) -> Result<Response<PooledBody>, Failed> {
         let slot = &to.slot;
         let (sender, mut hold) = match self.h2_sender(to, slot).await {
@@ -557,12 +582,22 @@ impl Pool {
                 resp
             }
             Err(SendFailure::Sent(e)) => return Err(Failed::sent(e)),
-            Err(SendFailure::Refused(e)) => {
-                return Err(Failed {
-                    refused: true,
-                    ..Failed::sent(e)
-                })
-            }
+            // Refused unprocessed: once more, if the caller can build it
+            // again. Boxed, as a rare path.
+            Err(SendFailure::Refused(e)) => match again() {
+                Some(req) => {
+                    debug!(error = %e, "upstream HTTP/2 stream refused unprocessed; sending again");
+                    let (resp, new_hold) = Box::pin(self.resend_h2(to, slot, req)).await?;
+                    hold = new_hold;
+                    resp
+                }
+                None => {
+                    return Err(Failed {
+                        stale: true,
+                        ..Failed::sent(e)
+                    })
+                }
+            },
         };
         // HTTP/2 streams need no check-in (the connection is shared); the
         // body holds its stream's place in the count until it ends.
@@ -571,7 +606,9 @@ impl Pool {
         }))
     }
 
-    /// Sends `req`, refused by a closing connection, on a new one.
+    /// Sends `req`, refused by a closing connection (or its stream refused
+    /// unprocessed), on the instance's connection: a new one when that one
+    /// is going away.
     async fn resend_h2(
         &self,
         to: &InstancePool,
@@ -1303,7 +1340,7 @@ mod tests {
             r
         };
         for i in 1..=3 {
-            let resp = pool.send_h2(&to, h2_get()).await.unwrap();
+            let resp = pool.send_h2(&to, h2_get(), || None).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok", "request {i}");
             // Let the GOAWAY arrive before the next request.
@@ -1316,7 +1353,7 @@ mod tests {
         );
         // Back to back, racing the GOAWAYs: still no failure.
         for i in 0..10 {
-            let resp = pool.send_h2(&to, h2_get()).await;
+            let resp = pool.send_h2(&to, h2_get(), || None).await;
             assert!(resp.is_ok(), "request {i}: {resp:?}");
         }
     }
@@ -1426,7 +1463,7 @@ mod tests {
 
         // Idle: one exchange, then no stream and no request.
         read(
-            pool.send_h2(&to, h2_get("http://api.example/"))
+            pool.send_h2(&to, h2_get("http://api.example/"), || None)
                 .await
                 .unwrap(),
         )
@@ -1446,7 +1483,10 @@ mod tests {
         // (a long stream), across sweeps spanning three timeouts.
         let slow = {
             let (pool, to) = (pool.clone(), to.clone());
-            tokio::spawn(async move { pool.send_h2(&to, h2_get("http://api.example/slow")).await })
+            tokio::spawn(async move {
+                pool.send_h2(&to, h2_get("http://api.example/slow"), || None)
+                    .await
+            })
         };
         reaches(&slow_got, 1, "/slow requests at the server").await;
         assert_eq!(accepts.load(Ordering::SeqCst), 2, "a new connection");
@@ -1456,7 +1496,7 @@ mod tests {
             assert!(keeps_h2(&to), "a slow response in flight: kept");
         }
         let unread = pool
-            .send_h2(&to, h2_get("http://api.example/"))
+            .send_h2(&to, h2_get("http://api.example/"), || None)
             .await
             .unwrap();
         release.add_permits(1);
@@ -1488,7 +1528,7 @@ mod tests {
         assert!(!keeps_h2(&to), "quiet since: dropped");
         reaches(&closed, 2, "connections closed by the sweep").await;
         read(
-            pool.send_h2(&to, h2_get("http://api.example/"))
+            pool.send_h2(&to, h2_get("http://api.example/"), || None)
                 .await
                 .unwrap(),
         )
@@ -1521,7 +1561,7 @@ mod tests {
                 let mut r = get();
                 *r.uri_mut() = Uri::from_static("http://api.example/");
                 *r.version_mut() = http::Version::HTTP_2;
-                let resp = pool.send_h2(&to, r).await.unwrap();
+                let resp = pool.send_h2(&to, r, || None).await.unwrap();
                 resp.into_body().collect().await.unwrap().to_bytes()
             })
         };
@@ -1617,7 +1657,7 @@ mod tests {
             let mut r = get();
             *r.uri_mut() = Uri::from_static("http://api.example/");
             *r.version_mut() = http::Version::HTTP_2;
-            let resp = pool.send_h2(&to, r).await.unwrap();
+            let resp = pool.send_h2(&to, r, || None).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
         });
@@ -1640,7 +1680,7 @@ mod tests {
         for (sent, handed_back) in [
             // HTTP/1.1 borrows the head: nothing to hand back.
             (pool.send_h1_request(&to, get()).await, false),
-            (pool.send_h2(&to, get()).await, true),
+            (pool.send_h2(&to, get(), || None).await, true),
         ] {
             let Err(failed) = sent else {
                 panic!("nothing listens")

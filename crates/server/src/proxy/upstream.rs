@@ -331,68 +331,6 @@ impl HttpStep<'_> {
     }
 }
 
-/// A send's result: `Err` when `until` passed first.
-type Sent = Result<Result<Response<PooledBody>, Failed>, tokio::time::error::Elapsed>;
-
-impl HttpStep<'_> {
-    /// Sends the request as HTTP/1.1 to `to` within `until`, on an idle
-    /// connection when `reuse` (else a new one); `None` when it cannot be
-    /// sent (its body or headers are gone).
-    async fn send_h1(
-        &mut self,
-        to: &Arc<InstancePool>,
-        until: tokio::time::Instant,
-        reuse: bool,
-    ) -> Option<Sent> {
-        if self.headers_gone {
-            return None;
-        }
-        let body = self.body.take()?;
-        let host = self
-            .clients
-            .http1_host(&self.parts.uri, &self.parts.headers, to);
-        let head = RequestHead {
-            method: &self.parts.method,
-            uri: &self.parts.uri,
-            headers: &self.parts.headers,
-            host: host.as_ref(),
-            raw_response: self.raw_response,
-            added: self.added,
-        };
-        let began = tokio::time::Instant::from_std(self.attempt_at);
-        let send = self.clients.pool.send_h1(to, head, body, began, reuse);
-        Some(tokio::time::timeout_at(until, send).await)
-    }
-
-    /// Whether a send that `failed` goes out once more within the attempt
-    /// (`pool.rs`, **HTTP/1.1**; `h2_upstream.rs`, **Unsent**): a reused
-    /// HTTP/1.1 connection closed unanswered under an idempotent request,
-    /// or an HTTP/2 stream refused unprocessed, whatever the method; either
-    /// only when the request can be built again.
-    fn may_send_again(&self, failed: &Failed) -> bool {
-        let replay = self.replay();
-        replay.replayable && (failed.refused || (failed.stale && replay.idempotent))
-    }
-
-    /// The send again of [`may_send_again`](Self::may_send_again), on a
-    /// new HTTP/1.1 connection, or on the instance's HTTP/2 connection
-    /// (a new one when the refusing one is going away).
-    async fn send_again(
-        &mut self,
-        to: &Arc<InstancePool>,
-        until: tokio::time::Instant,
-        http2: bool,
-        failed: &Failed,
-    ) -> Option<Sent> {
-        debug!(service = self.service, error = %failed.error, "upstream send failed unanswered; sending again");
-        if !http2 {
-            return self.send_h1(to, until, false).await;
-        }
-        let out = self.build_h2(to)?;
-        Some(tokio::time::timeout_at(until, self.clients.pool.send_h2(to, out)).await)
-    }
-}
-
 impl Step for HttpStep<'_> {
     type Answer = Response<PooledBody>;
 
@@ -446,26 +384,50 @@ impl Step for HttpStep<'_> {
         };
         let pool = &self.clients.pool;
         // The body is always there: a streamed body is never resent.
-        let mut sent = if http2 {
+        // A send that fails unanswered may go out once more within the
+        // attempt (`pool.rs`, **HTTP/1.1**; `h2_upstream.rs`, **Unsent**):
+        // the pool asks for the request again through these closures, from
+        // inside its one send, so each send future has one caller and is
+        // built in place in the attempt's (a second call site left it out
+        // of line: +500 instructions a request).
+        let replay = self.replay();
+        let sent = if http2 {
             let Some(out) = self.build_h2(&to) else {
                 return unsendable();
             };
-            tokio::time::timeout_at(until, pool.send_h2(&to, out)).await
+            // Refused unprocessed: whatever the method, if it can be built
+            // again (headers kept, body buffered).
+            let again = || replay.replayable.then(|| self.build_h2(&to)).flatten();
+            tokio::time::timeout_at(until, pool.send_h2(&to, out, again)).await
         } else {
-            match self.send_h1(&to, until, true).await {
-                Some(sent) => sent,
-                None => return unsendable(),
+            if self.headers_gone {
+                return unsendable();
             }
+            let Some(body) = self.body.take() else {
+                return unsendable();
+            };
+            let host = self
+                .clients
+                .http1_host(&self.parts.uri, &self.parts.headers, &to);
+            let head = RequestHead {
+                method: &self.parts.method,
+                uri: &self.parts.uri,
+                headers: &self.parts.headers,
+                host: host.as_ref(),
+                raw_response: self.raw_response,
+                added: self.added,
+            };
+            let began = tokio::time::Instant::from_std(self.attempt_at);
+            // A reused connection closed unanswered: the request may have
+            // arrived, so only an idempotent one goes out again.
+            let body_slot = &mut self.body;
+            let again = || {
+                (replay.idempotent && replay.replayable)
+                    .then(|| body_slot.take())
+                    .flatten()
+            };
+            tokio::time::timeout_at(until, pool.send_h1(&to, head, body, began, again)).await
         };
-        if let Ok(Err(failed)) = &sent {
-            if self.may_send_again(failed) {
-                // Boxed: a rare path, kept out of every attempt's future.
-                match Box::pin(self.send_again(&to, until, http2, failed)).await {
-                    Some(again) => sent = again,
-                    None => return unsendable(),
-                }
-            }
-        }
         match sent {
             Err(_) if until < self.deadline => Attempt::NoAnswer(NoAnswer::TryTimedOut),
             Err(_) => Attempt::NoAnswer(NoAnswer::DeadlineExceeded),
