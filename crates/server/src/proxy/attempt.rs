@@ -33,9 +33,9 @@
 //!    Idempotent: GET, HEAD, OPTIONS, TRACE, PUT, DELETE. Replayable: an
 //!    HTTP body that was buffered (empty, or up to 64 KiB), or a streamed
 //!    one nothing has read from yet (a send that reached no instance hands
-//!    it back), whose head is at hand (an HTTP attempt keeps a copy of the
-//!    head only when a retry after sending is possible,
-//!    `upstream::may_resend`; a request that never left comes back whole);
+//!    it back), whose head is at hand (an HTTP/2 attempt keeps a copy of the
+//!    head only when the body is buffered, `upstream::HttpStep`; a request
+//!    that never left comes back whole);
 //!    a TCP stream before its connect (nothing of it has been read). A connect failure
 //!    needs no idempotency: nothing reached the instance.
 //! 4. **Decide** once ([`retry`]): retry when the class allows it, fewer

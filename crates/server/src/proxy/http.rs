@@ -108,7 +108,7 @@ use super::spare_maps;
 use super::stream_tasks::{StreamTasks, WithStreams};
 use super::tls::{ClientIdentity, ClientStream, TlsListener};
 use super::upgrade;
-use super::upstream::{may_resend, HttpStep};
+use super::upstream::HttpStep;
 use super::{BoxError, ProxyError, Routing, Upstream};
 
 /// Largest request head accepted (HTTP/1.1); larger gets 431.
@@ -741,7 +741,6 @@ fn proxy<'a>(
             parts,
             body,
             replay,
-            may_resend: may_resend(replay, up.retries, &up.budget),
             headers_gone: false,
             host_before: None,
             deadline,

@@ -59,8 +59,8 @@
 //!   keep-alive timeout) reaches us as a close or reset before any byte of
 //!   a response: the send fails [`Failed::stale`]. The request may have
 //!   arrived, so only an idempotent request with a buffered body is sent
-//!   again, once, on a new connection to the same instance, within the
-//!   same attempt (`upstream.rs`): no retry of the attempt table, no retry
+//!   again, once, on a new connection to the same instance, inside this
+//!   send (the attempt hands the body over again): no retry of the attempt table, no retry
 //!   budget, no outcome charged to the instance, as nginx gives a request
 //!   that failed on a cached connection an extra try. Any other request
 //!   fails the attempt as `Stale` (`attempt.rs`): 502 unless the attempt

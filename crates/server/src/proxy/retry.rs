@@ -17,16 +17,12 @@
 //!
 //! ## Sharded, exact
 //!
-//! Every request deposits, and every idempotent one also asks whether a
-//! retry would be granted (`upstream::may_resend`, before it pays for a
-//! copy of its head), so the request path must not share a line between
-//! workers. The balance is therefore held in **shards**, one per worker
+//! Every request deposits, so the request path must not share a line
+//! between workers. The balance is therefore held in **shards**, one per worker
 //! thread plus one for every other thread (`crate::workers`), each on its
 //! own cache lines; the service's balance is their sum, capped. A
 //! request touches only its worker's shard: a deposit is one atomic add on
-//! it (none once it holds the cap), and asking is one load of it when it
-//! holds a whole token (in a healthy service, after its worker's first
-//! five requests).
+//! it (none once it holds the cap).
 //!
 //! The rule stays exactly the single-balance rule above, because the cap is
 //! applied where it can be observed: deposits only add, and a saturating
@@ -129,7 +125,10 @@ impl RetryBudget {
     }
 
     /// Whether [`try_withdraw`](Self::try_withdraw) would grant a retry
-    /// now; withdraws nothing.
+    /// now; withdraws nothing. (Tests only: the request path asked it
+    /// before paying for a copy of an HTTP/2 head; it now copies whenever
+    /// the body is buffered.)
+    #[cfg(test)]
     pub(crate) fn holds_one(&self) -> bool {
         self.holds_one_on(self.local())
     }
@@ -139,6 +138,7 @@ impl RetryBudget {
         self.try_withdraw_on(self.local(), Instant::now())
     }
 
+    #[cfg(test)]
     fn holds_one_on(&self, shard: usize) -> bool {
         // A whole token here is a whole token in the sum, and neither the
         // cap (≥ 1,000) nor the refill (which only adds) can take it away:
@@ -176,6 +176,7 @@ impl RetryBudget {
         held.saturating_add(refill).min(self.floor)
     }
 
+    #[cfg(test)]
     fn holds_one_at(&self, now: Instant) -> bool {
         self.refilled(self.sum().min(self.cap), now) >= MICROS
     }

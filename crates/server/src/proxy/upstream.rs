@@ -56,7 +56,7 @@ use super::http::ProxyBody;
 use super::pool::{Failed, InstancePool, Pool, PooledBody, SendError};
 use super::request_body::{ReqBody, UpstreamBody};
 use super::upstream_tls::UpstreamTls;
-use super::{ProxyError, RetryBudget};
+use super::ProxyError;
 use crate::config::{HostHeader, UpstreamProtocol};
 
 /// The connections of one service and how requests go out on them.
@@ -200,17 +200,14 @@ pub(crate) struct HttpStep<'a> {
     pub(crate) parts: http::request::Parts,
     pub(crate) body: ReqBody,
     pub(crate) replay: Replay,
-    /// Whether a request that reached an instance may be sent again (see
-    /// [`may_resend`]): then, or when the body is buffered (a stream the
-    /// server refuses unprocessed is sent again whatever the method,
-    /// `h2_upstream.rs`), an HTTP/2 attempt sends a copy of the headers and
-    /// keeps them; otherwise it takes them, and gets them back only from a
-    /// send that never left ([`Failed::unsent`]). An HTTP/1.1
-    /// attempt encodes the head from these parts as they are (Host
-    /// replaced on the wire): no copy, nothing taken.
-    pub(crate) may_resend: bool,
     /// The headers went out with an HTTP/2 attempt and did not come back:
-    /// no further attempt can be built.
+    /// no further attempt can be built. An HTTP/2 attempt sends a copy of
+    /// the headers and keeps them when the body is buffered (a retry, or a
+    /// stream the server refuses unprocessed, sent again whatever the
+    /// method: `h2_upstream.rs`); otherwise it takes them, and gets them
+    /// back only from a send that never left ([`Failed::unsent`]). An
+    /// HTTP/1.1 attempt encodes the head from these parts as they are (Host
+    /// replaced on the wire): no copy, nothing taken.
     pub(crate) headers_gone: bool,
     /// The Host header the taken headers had before the attempt changed it
     /// (`Some(None)`: none), to put back if they come back.
@@ -235,16 +232,6 @@ pub(crate) struct HttpStep<'a> {
     /// An HTTP/1.1 answer may keep its head as lines
     /// ([`raw_head`](super::raw_head)): the client is `h1_server`'s.
     pub(crate) raw_response: bool,
-}
-
-/// Whether a request, once it reached an instance, may be sent to another:
-/// it is idempotent and replayable (the only requests the attempt table
-/// retries after a `Reset`, a timed-out try or a 502/503/504), a retry is
-/// configured, and the service's retry budget holds one now. Only then does
-/// an attempt pay for a copy of the request head. A connect failure needs
-/// no copy: the request comes back unsent.
-pub(crate) fn may_resend(replay: Replay, retries: u32, budget: &RetryBudget) -> bool {
-    replay.idempotent && replay.replayable && retries > 0 && budget.holds_one()
 }
 
 impl HttpStep<'_> {
@@ -285,7 +272,7 @@ impl HttpStep<'_> {
         if let Some(added) = self.added.take() {
             added.apply(&mut self.parts.headers);
         }
-        let mut headers = if self.may_resend || self.replay.replayable {
+        let mut headers = if self.replay.replayable {
             self.parts.headers.clone()
         } else {
             self.headers_gone = true;
@@ -484,7 +471,6 @@ mod tests {
                 idempotent: false,
                 replayable: false,
             },
-            may_resend: false,
             headers_gone: false,
             host_before: None,
             deadline: tokio::time::Instant::now() + Duration::from_secs(1),
